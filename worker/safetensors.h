@@ -3,6 +3,7 @@
 // Every header is validated before any tensor is used; every error names the file and tensor.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -67,7 +68,8 @@ class SafetensorsFile {
   std::map<std::string, size_t> index_by_name_;
   std::map<std::string, std::string> metadata_;
   uint64_t file_size_ = 0;
-  std::shared_ptr<uint64_t> bytes_read_ = std::make_shared<uint64_t>(0);
+  // Shared so copies count together; atomic so threads may read different tensors at once.
+  std::shared_ptr<std::atomic<uint64_t>> bytes_read_ = std::make_shared<std::atomic<uint64_t>>(0);
 };
 
 // Writes one .safetensors file: add tensors, then write(). Data is written in the order added.
