@@ -180,6 +180,8 @@ def make_case(out_root, case, seed):
     params = dict(BASE, **overrides)
     config = Qwen3MoeConfig(**params)
     config._attn_implementation = "eager"
+    # The plain per-expert loop: grouped_mm kernels have no float64 path.
+    config._experts_implementation = "eager"
     model = Qwen3MoeForCausalLM(config).eval()
     assert config.rope_parameters["rope_theta"] == params["rope_theta"], config.rope_parameters
     assert config.decoder_sparse_step == params["decoder_sparse_step"]

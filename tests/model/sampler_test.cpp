@@ -1,0 +1,61 @@
+// Greedy picks the argmax; sampling is reproducible per seed and follows the distribution.
+#include <cmath>
+
+#include <gtest/gtest.h>
+
+#include "kernels/error.h"
+#include "worker/npy_file.h"
+#include "worker/sampler.h"
+#include "temp_dir.h"
+
+namespace epic {
+namespace {
+
+TEST(Sampler, GreedyIsArgmaxWithLowestIdOnTies) {
+  Sampler greedy(SamplingOptions{});
+  const std::vector<float> logits = {0.1f, 3.0f, -2.0f, 3.0f};
+  EXPECT_EQ(greedy.sample(logits), 1);
+}
+
+TEST(Sampler, SameSeedSameTokensAndFrequenciesFollowSoftmax) {
+  const std::vector<float> logits = {0.0f, std::log(2.0f), std::log(5.0f), -30.0f};
+  Sampler a({1.0, 1.0, 42}), b({1.0, 1.0, 42});
+  std::vector<int> counts(4, 0);
+  const int draws = 40000;
+  for (int i = 0; i < draws; ++i) {
+    const int32_t token = a.sample(logits);
+    ASSERT_EQ(token, b.sample(logits));
+    counts[token]++;
+  }
+  // Probabilities 1/8, 2/8, 5/8, ~0; 40000 draws: 5 sigma is under 0.013.
+  EXPECT_NEAR(counts[0] / double(draws), 0.125, 0.013);
+  EXPECT_NEAR(counts[1] / double(draws), 0.25, 0.013);
+  EXPECT_NEAR(counts[2] / double(draws), 0.625, 0.013);
+}
+
+TEST(Sampler, TopPKeepsOnlyTheNucleus) {
+  const std::vector<float> logits = {0.0f, std::log(2.0f), std::log(5.0f)};
+  Sampler sampler({1.0, 0.6, 7});  // 5/8 >= 0.6: only token 2 is kept
+  for (int i = 0; i < 200; ++i) EXPECT_EQ(sampler.sample(logits), 2);
+}
+
+TEST(Sampler, RejectsBadOptions) {
+  EXPECT_THROW(Sampler({-1.0, 1.0, 0}), Error);
+  EXPECT_THROW(Sampler({NAN, 1.0, 0}), Error);
+  EXPECT_THROW(Sampler({1.0, 0.0, 0}), Error);
+  EXPECT_THROW(Sampler({1.0, 1.5, 0}), Error);
+}
+
+TEST(NpyFile, RoundTripsShapeAndValues) {
+  testing::TempDir temp;
+  const std::vector<float> values = {1.5f, -2.0f, 3.25f, 0.0f, 7.0f, -0.5f};
+  write_npy_f32(temp.path() / "a.npy", {2, 3}, values);
+  const NpyArray array = read_npy_f32(temp.path() / "a.npy");
+  EXPECT_EQ(array.shape, (std::vector<int64_t>{2, 3}));
+  EXPECT_EQ(array.values, values);
+  // The header is padded so the data starts on a 64-byte boundary, as NumPy writes it.
+  EXPECT_EQ(std::filesystem::file_size(temp.path() / "a.npy") % 64, (values.size() * 4) % 64);
+}
+
+}  // namespace
+}  // namespace epic

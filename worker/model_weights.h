@@ -1,0 +1,69 @@
+// The model's weights in fp32 host memory, loaded selectively: a worker reads the dense
+// weights and only the experts it hosts. Missing experts are an error unless masked.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "worker/checkpoint.h"
+#include "worker/model_config.h"
+
+namespace epic {
+
+struct ExpertWeights {
+  std::vector<float> gate;  // [moe_intermediate, hidden]
+  std::vector<float> up;    // [moe_intermediate, hidden]
+  std::vector<float> down;  // [hidden, moe_intermediate]
+};
+
+struct MoeLayerWeights {
+  int64_t num_experts = 0;       // the router's rows: this layer's expert count
+  std::vector<float> router;     // [num_experts, hidden]
+  std::vector<uint8_t> present;  // [num_experts]: 1 when the checkpoint has the expert
+  std::map<int64_t, ExpertWeights> experts;  // the hosted (and present) experts only
+  int64_t num_present() const;
+};
+
+struct DenseMlpWeights {
+  std::vector<float> gate, up;  // [intermediate, hidden]
+  std::vector<float> down;      // [hidden, intermediate]
+};
+
+struct LayerWeights {
+  std::vector<float> input_norm, post_attention_norm;  // [hidden]
+  std::vector<float> q_proj, k_proj, v_proj;           // [heads * head_dim, hidden]
+  std::vector<float> o_proj;                           // [hidden, heads * head_dim]
+  std::vector<float> q_norm, k_norm;                   // [head_dim]
+  bool is_moe = false;
+  MoeLayerWeights moe;
+  DenseMlpWeights dense;
+};
+
+struct ModelWeights {
+  std::vector<float> embed;       // [vocab, hidden]
+  std::vector<float> final_norm;  // [hidden]
+  std::vector<float> lm_head;     // [vocab, hidden]; empty when tied to embed
+  std::vector<LayerWeights> layers;
+  uint64_t bytes_read = 0;        // checkpoint bytes read to build these weights
+  uint64_t resident_bytes() const;
+  const std::vector<float>& output_projection() const { return lm_head.empty() ? embed : lm_head; }
+};
+
+struct LoadOptions {
+  // Mask experts the checkpoint lacks out of routing instead of failing.
+  bool allow_missing_experts = false;
+  // Which experts this process hosts (reads); every expert when empty.
+  std::function<bool(int64_t layer, int64_t expert_id)> hosts_expert;
+};
+
+// Throws Error(kMissingExperts) listing every missing (layer, expert) and the shard the index
+// points at, Error(kInvalidCheckpoint) for absent dense tensors or wrong shapes/dtypes.
+ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint, const LoadOptions& options);
+
+// The tensor names of one expert: gate_proj, up_proj, down_proj.
+std::vector<std::string> expert_tensor_names(const ModelConfig& config, int64_t layer, int64_t expert_id);
+
+}  // namespace epic

@@ -1,0 +1,56 @@
+// Greedy and top-p sampling; probabilities in double so tiny tails are not lost.
+#include "worker/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kernels/error.h"
+
+namespace epic {
+
+int32_t argmax(std::span<const float> logits) {
+  EPIC_CHECK(!logits.empty(), ErrorCode::kInvalidArgument, "argmax of empty logits");
+  int32_t best = 0;
+  for (size_t i = 1; i < logits.size(); ++i)
+    if (logits[i] > logits[best]) best = static_cast<int32_t>(i);
+  return best;
+}
+
+Sampler::Sampler(const SamplingOptions& options) : options_(options), generator_(options.seed) {
+  if (!std::isfinite(options.temperature) || options.temperature < 0)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--temperature must be a finite number >= 0 (0 means greedy), got " + std::to_string(options.temperature));
+  if (!std::isfinite(options.top_p) || options.top_p <= 0 || options.top_p > 1)
+    throw Error(ErrorCode::kInvalidArgument, "--top-p must be in (0, 1], got " + std::to_string(options.top_p));
+}
+
+int32_t Sampler::sample(std::span<const float> logits) {
+  if (options_.temperature == 0.0) return argmax(logits);
+  const double max_logit = *std::max_element(logits.begin(), logits.end());
+  std::vector<double> probabilities(logits.size());
+  double total = 0;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    probabilities[i] = std::exp((logits[i] - max_logit) / options_.temperature);
+    total += probabilities[i];
+  }
+  std::vector<int32_t> order(logits.size());
+  std::iota(order.begin(), order.end(), 0);
+  // Descending probability, ties to the lower id, so the kept set is well defined.
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return probabilities[a] > probabilities[b]; });
+  size_t kept = 0;
+  double kept_mass = 0;
+  while (kept < order.size() && (kept == 0 || kept_mass < options_.top_p * total)) kept_mass += probabilities[order[kept++]];
+  std::uniform_real_distribution<double> uniform(0.0, kept_mass);
+  double target = uniform(generator_);
+  for (size_t i = 0; i < kept; ++i) {
+    target -= probabilities[order[i]];
+    if (target < 0) return order[i];
+  }
+  return order[kept - 1];
+}
+
+}  // namespace epic
