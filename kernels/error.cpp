@@ -11,6 +11,8 @@ const char* error_code_name(ErrorCode code) {
     case ErrorCode::kMissingExperts: return "missing-experts";
     case ErrorCode::kIo: return "io";
     case ErrorCode::kUnsupported: return "unsupported";
+    case ErrorCode::kTimeout: return "timeout";
+    case ErrorCode::kCommunication: return "communication";
     case ErrorCode::kInternal: return "internal";
   }
   return "unknown";

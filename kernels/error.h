@@ -14,6 +14,8 @@ enum class ErrorCode {
   kMissingExperts,     // experts the router has are absent from the checkpoint
   kIo,                 // a file could not be opened, read or written
   kUnsupported,        // valid input that this build cannot handle
+  kTimeout,            // a bounded wait across processes ran out (names the rank and operation)
+  kCommunication,      // a collective or transport failed
   kInternal,           // a broken invariant inside epic (a bug)
 };
 

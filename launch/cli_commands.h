@@ -5,6 +5,8 @@
 #include <optional>
 #include <string>
 
+#include "kernels/error.h"
+
 namespace epic::cli {
 
 struct MakeModelArgs {
@@ -19,12 +21,31 @@ struct RunArgs {
   std::string model_dir;
   std::optional<std::string> prompt;
   std::optional<std::string> prompt_ids;
+  std::optional<std::string> prompts_file;     // one text prompt per line
+  std::optional<std::string> prompt_ids_file;  // one id list per line
   int64_t max_new_tokens = 16;
   double temperature = 0.0;
   double top_p = 1.0;
   uint64_t seed = 0;
   std::string logits_out;
   bool allow_missing_experts = false;
+  // Placement of the experts over the workers (the ranks of the job).
+  std::optional<int64_t> slots;
+  std::optional<uint64_t> budget_bytes;
+  std::string load_profile;      // plan from a profile recorded by an earlier run
+  std::string load_profile_out;  // record this run's tokens per (layer, expert)
+  std::string placement_out;     // save the plan used, as JSON
+  double comm_timeout_seconds = 300;
+};
+
+struct PlanArgs {
+  std::string model_dir;
+  int workers = 1;
+  std::optional<int64_t> slots;
+  std::optional<uint64_t> budget_bytes;
+  std::string load_profile;
+  bool allow_missing_experts = false;
+  std::string out;  // also save the plan JSON here
 };
 
 struct TokenizeArgs {
@@ -38,8 +59,12 @@ struct DetokenizeArgs {
   std::string ids;
 };
 
+// 2 for bad flags or input, 1 for failures of the system (I/O, communication, bugs).
+int exit_code_for(ErrorCode code);
+
 int make_model_command(const MakeModelArgs& args);
 int run_command(const RunArgs& args);
+int plan_command(const PlanArgs& args);
 int tokenize_command(const TokenizeArgs& args);
 int detokenize_command(const DetokenizeArgs& args);
 

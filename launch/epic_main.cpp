@@ -1,4 +1,4 @@
-// The `epic` executable: subcommands make-model, run, tokenize, detokenize.
+// The `epic` executable: subcommands make-model, run, plan, tokenize, detokenize.
 // Exit codes: 0 success, 2 bad flags or input, 1 any other failure.
 #include <cstdio>
 
@@ -6,6 +6,23 @@
 
 #include "kernels/error.h"
 #include "launch/cli_commands.h"
+#include "launch/rank_agreement.h"
+
+namespace epic::cli {
+
+int exit_code_for(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kIo:
+    case ErrorCode::kInternal:
+    case ErrorCode::kTimeout:
+    case ErrorCode::kCommunication:
+      return 1;
+    default:
+      return 2;
+  }
+}
+
+}  // namespace epic::cli
 
 int main(int argc, char** argv) {
   using namespace epic::cli;
@@ -25,7 +42,12 @@ int main(int argc, char** argv) {
   run->add_option("--model", run_args.model_dir, "Hugging Face model directory")->required();
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
-  prompt->excludes(prompt_ids);
+  auto* prompts_file = run->add_option("--prompts-file", run_args.prompts_file, "File with one text prompt per line");
+  auto* prompt_ids_file =
+      run->add_option("--prompt-ids-file", run_args.prompt_ids_file, "File with one id list (1,2,3) per line");
+  prompt->excludes(prompt_ids)->excludes(prompts_file)->excludes(prompt_ids_file);
+  prompt_ids->excludes(prompts_file)->excludes(prompt_ids_file);
+  prompts_file->excludes(prompt_ids_file);
   run->add_option("--max-new-tokens", run_args.max_new_tokens, "Tokens to generate")->capture_default_str();
   run->add_option("--temperature", run_args.temperature, "0 = greedy")->capture_default_str();
   run->add_option("--top-p", run_args.top_p, "Nucleus sampling mass in (0, 1]")->capture_default_str();
@@ -33,6 +55,24 @@ int main(int argc, char** argv) {
   run->add_option("--logits-out", run_args.logits_out, "Write prompt logits [prompt_len, vocab] as float32 .npy");
   run->add_flag("--allow-missing-experts", run_args.allow_missing_experts,
                 "Mask experts absent from the checkpoint out of routing instead of failing");
+  run->add_option("--slots", run_args.slots, "Expert slots per worker per MoE layer (spare slots hold replicas)");
+  run->add_option("--budget-bytes", run_args.budget_bytes, "Expert memory per worker, instead of --slots");
+  run->add_option("--load-profile", run_args.load_profile, "Plan the placement from this load profile (JSON)");
+  run->add_option("--load-profile-out", run_args.load_profile_out, "Write tokens per (layer, expert) as JSON");
+  run->add_option("--placement-out", run_args.placement_out, "Write the placement plan used, as JSON");
+  run->add_option("--comm-timeout", run_args.comm_timeout_seconds, "Seconds any wait between ranks may take")
+      ->capture_default_str();
+
+  PlanArgs plan_args;
+  CLI::App* plan = app.add_subcommand("plan", "Plan the expert placement over N workers and print it as JSON");
+  plan->add_option("--model", plan_args.model_dir, "Hugging Face model directory")->required();
+  plan->add_option("--workers", plan_args.workers, "Number of workers")->required();
+  auto* plan_slots = plan->add_option("--slots", plan_args.slots, "Expert slots per worker per MoE layer");
+  auto* plan_budget = plan->add_option("--budget-bytes", plan_args.budget_bytes, "Expert memory per worker");
+  plan_slots->excludes(plan_budget);
+  plan->add_option("--load-profile", plan_args.load_profile, "Load profile JSON from `epic run --load-profile-out`");
+  plan->add_flag("--allow-missing-experts", plan_args.allow_missing_experts, "Leave missing experts unplaced");
+  plan->add_option("--out", plan_args.out, "Also save the plan JSON to this file");
 
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
@@ -55,12 +95,14 @@ int main(int argc, char** argv) {
   try {
     if (*make) return make_model_command(make_args);
     if (*run) return run_command(run_args);
+    if (*plan) return plan_command(plan_args);
     if (*tokenize) return tokenize_command(tokenize_args);
     if (*detokenize) return detokenize_command(detokenize_args);
+  } catch (const SilentFailure& failure) {
+    return failure.exit_code;  // rank 0 reports an error that every rank raised
   } catch (const epic::Error& e) {
     std::fprintf(stderr, "epic: error [%s]: %s\n", epic::error_code_name(e.code()), e.what());
-    const bool bad_input = e.code() != epic::ErrorCode::kInternal && e.code() != epic::ErrorCode::kIo;
-    return bad_input ? 2 : 1;
+    return exit_code_for(e.code());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "epic: error [internal]: %s\n", e.what());
     return 1;

@@ -10,15 +10,29 @@
 
 namespace epic {
 
-ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend)
-    : config_(config), weights_(weights), backend_(backend) {}
+void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size) {
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    if (tokens[t] < 0 || tokens[t] >= vocab_size)
+      throw Error(ErrorCode::kInvalidArgument, "token id " + std::to_string(tokens[t]) + " at position " +
+                                                   std::to_string(t) + " is outside the vocabulary [0, " +
+                                                   std::to_string(vocab_size) + ")");
+  }
+}
 
-void ModelRunner::attention_block(int64_t layer, const float* normed, int64_t num_tokens, KvCache& cache,
-                                  float* out) {
+ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
+                         MoeExecutor* executor)
+    : config_(config), weights_(weights), backend_(backend) {
+  if (executor == nullptr) local_executor_ = std::make_unique<LocalMoeExecutor>(config, weights, backend);
+  executor_ = executor != nullptr ? executor : local_executor_.get();
+}
+
+void ModelRunner::attention_block(int64_t layer, const float* normed, const SequenceChunk& chunk, float* out) {
   const LayerWeights& w = weights_.layers[layer];
+  const int64_t num_tokens = static_cast<int64_t>(chunk.tokens.size());
   const int64_t hidden = config_.hidden_size, head_dim = config_.head_dim;
   const int64_t num_heads = config_.num_attention_heads, num_kv_heads = config_.num_key_value_heads;
   const int64_t q_dim = num_heads * head_dim, kv_dim = num_kv_heads * head_dim;
+  KvCache& cache = *chunk.cache;
   const int64_t first_position = cache.length;
 
   std::vector<float> q(num_tokens * q_dim), k(num_tokens * kv_dim), v(num_tokens * kv_dim);
@@ -44,52 +58,70 @@ void ModelRunner::attention_block(int64_t layer, const float* normed, int64_t nu
   backend_.linear(attended.data(), w.o_proj.data(), out, num_tokens, q_dim, hidden);
 }
 
-void ModelRunner::mlp_block(int64_t layer, const float* normed, int64_t num_tokens, float* out) {
-  const LayerWeights& w = weights_.layers[layer];
-  if (w.is_moe) {
-    moe_block_forward(backend_, w.moe, normed, num_tokens, config_.hidden_size, config_.moe_intermediate_size,
-                      config_.num_experts_per_tok, config_.norm_topk_prob, out);
-  } else {
-    swiglu_ffn(backend_, normed, w.dense.gate.data(), w.dense.up.data(), w.dense.down.data(), num_tokens,
-               config_.hidden_size, config_.intermediate_size, out);
+std::vector<std::vector<float>> ModelRunner::forward_batch(std::span<const SequenceChunk> chunks) {
+  const int64_t hidden = config_.hidden_size;
+  std::vector<int64_t> first_row(chunks.size() + 1, 0);
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    EPIC_CHECK(!chunks[c].tokens.empty() && chunks[c].cache != nullptr, ErrorCode::kInvalidArgument,
+               "every sequence in a batch needs at least one token and a KV cache");
+    check_token_ids(chunks[c].tokens, config_.vocab_size);
+    first_row[c + 1] = first_row[c] + static_cast<int64_t>(chunks[c].tokens.size());
   }
+  const int64_t num_rows = first_row.back();
+  std::vector<float> x(num_rows * hidden);
+  for (size_t c = 0; c < chunks.size(); ++c)
+    for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
+      std::memcpy(&x[(first_row[c] + t) * hidden], &weights_.embed[static_cast<int64_t>(chunks[c].tokens[t]) * hidden],
+                  hidden * sizeof(float));
+
+  std::vector<float> normed(num_rows * hidden), block_out(num_rows * hidden);
+  for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+    const LayerWeights& w = weights_.layers[layer];
+    backend_.rms_norm(x.data(), w.input_norm.data(), normed.data(), num_rows, hidden, config_.rms_norm_eps);
+    for (size_t c = 0; c < chunks.size(); ++c)
+      attention_block(layer, &normed[first_row[c] * hidden], chunks[c], &block_out[first_row[c] * hidden]);
+    backend_.add(block_out.data(), x.data(), num_rows * hidden);
+    backend_.rms_norm(x.data(), w.post_attention_norm.data(), normed.data(), num_rows, hidden, config_.rms_norm_eps);
+    if (w.is_moe) {
+      executor_->forward(layer, normed.data(), num_rows, block_out.data());
+    } else {
+      swiglu_ffn(backend_, normed.data(), w.dense.gate.data(), w.dense.up.data(), w.dense.down.data(), num_rows,
+                 hidden, config_.intermediate_size, block_out.data());
+    }
+    backend_.add(block_out.data(), x.data(), num_rows * hidden);
+  }
+
+  // Final norm and lm_head on the rows whose logits are wanted, gathered into one batch.
+  std::vector<int64_t> wanted_rows;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    chunks[c].cache->length += static_cast<int64_t>(chunks[c].tokens.size());
+    const int64_t begin = chunks[c].all_positions ? first_row[c] : first_row[c + 1] - 1;
+    for (int64_t row = begin; row < first_row[c + 1]; ++row) wanted_rows.push_back(row);
+  }
+  const int64_t num_wanted = static_cast<int64_t>(wanted_rows.size());
+  std::vector<float> selected(num_wanted * hidden);
+  for (int64_t i = 0; i < num_wanted; ++i)
+    std::memcpy(&selected[i * hidden], &x[wanted_rows[i] * hidden], hidden * sizeof(float));
+  backend_.rms_norm(selected.data(), weights_.final_norm.data(), selected.data(), num_wanted, hidden,
+                    config_.rms_norm_eps);
+  const int64_t vocab = config_.vocab_size;
+  std::vector<float> logits(num_wanted * vocab);
+  backend_.linear(selected.data(), weights_.output_projection().data(), logits.data(), num_wanted, hidden, vocab);
+
+  std::vector<std::vector<float>> per_chunk(chunks.size());
+  int64_t cursor = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const int64_t count = chunks[c].all_positions ? static_cast<int64_t>(chunks[c].tokens.size()) : 1;
+    per_chunk[c].assign(logits.begin() + cursor * vocab, logits.begin() + (cursor + count) * vocab);
+    cursor += count;
+  }
+  return per_chunk;
 }
 
 std::vector<float> ModelRunner::forward(std::span<const int32_t> tokens, KvCache& cache, bool all_positions) {
-  const int64_t num_tokens = static_cast<int64_t>(tokens.size());
-  const int64_t hidden = config_.hidden_size;
-  EPIC_CHECK(num_tokens > 0, ErrorCode::kInvalidArgument, "forward needs at least one token");
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    if (tokens[t] < 0 || tokens[t] >= config_.vocab_size)
-      throw Error(ErrorCode::kInvalidArgument, "token id " + std::to_string(tokens[t]) + " at position " +
-                                                   std::to_string(t) + " is outside the vocabulary [0, " +
-                                                   std::to_string(config_.vocab_size) + ")");
-  }
-  std::vector<float> x(num_tokens * hidden);
-  for (int64_t t = 0; t < num_tokens; ++t)
-    std::memcpy(&x[t * hidden], &weights_.embed[static_cast<int64_t>(tokens[t]) * hidden], hidden * sizeof(float));
-
-  std::vector<float> normed(num_tokens * hidden), block_out(num_tokens * hidden);
-  for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
-    const LayerWeights& w = weights_.layers[layer];
-    backend_.rms_norm(x.data(), w.input_norm.data(), normed.data(), num_tokens, hidden, config_.rms_norm_eps);
-    attention_block(layer, normed.data(), num_tokens, cache, block_out.data());
-    backend_.add(block_out.data(), x.data(), num_tokens * hidden);
-    backend_.rms_norm(x.data(), w.post_attention_norm.data(), normed.data(), num_tokens, hidden,
-                      config_.rms_norm_eps);
-    mlp_block(layer, normed.data(), num_tokens, block_out.data());
-    backend_.add(block_out.data(), x.data(), num_tokens * hidden);
-  }
-  cache.length += num_tokens;
-
-  const int64_t first_row = all_positions ? 0 : num_tokens - 1;
-  const int64_t num_rows = num_tokens - first_row;
-  backend_.rms_norm(x.data() + first_row * hidden, weights_.final_norm.data(), normed.data(), num_rows, hidden,
-                    config_.rms_norm_eps);
-  std::vector<float> logits(num_rows * config_.vocab_size);
-  backend_.linear(normed.data(), weights_.output_projection().data(), logits.data(), num_rows, hidden,
-                  config_.vocab_size);
-  return logits;
+  EPIC_CHECK(!tokens.empty(), ErrorCode::kInvalidArgument, "forward needs at least one token");
+  const SequenceChunk chunk{&cache, tokens, all_positions};
+  return std::move(forward_batch(std::span<const SequenceChunk>(&chunk, 1))[0]);
 }
 
 GenerationResult generate(ModelRunner& runner, std::span<const int32_t> prompt, int64_t max_new_tokens,

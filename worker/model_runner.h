@@ -1,13 +1,17 @@
-// The Qwen3-MoE forward pass over one sequence with a KV cache, and greedy/sampled generation.
+// The Qwen3-MoE forward pass over a batch of sequences, each with its own KV cache, and
+// greedy/sampled generation. Attention runs per sequence; every other op runs over the batch's
+// rows at once, and the MoE blocks go through a MoeExecutor (local or expert-parallel).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
 #include "kernels/backend.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
+#include "worker/moe_executor.h"
 #include "worker/sampler.h"
 
 namespace epic {
@@ -19,24 +23,38 @@ struct KvCache {
   explicit KvCache(const ModelConfig& config) : keys(config.num_hidden_layers), values(config.num_hidden_layers) {}
 };
 
+// The next tokens of one sequence in a batched forward pass.
+struct SequenceChunk {
+  KvCache* cache = nullptr;
+  std::span<const int32_t> tokens;
+  bool all_positions = false;  // logits of every token, else of the last only
+};
+
 class ModelRunner {
  public:
-  ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend);
+  // With no executor the MoE blocks run locally.
+  ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
+              MoeExecutor* executor = nullptr);
 
   // Runs tokens at positions cache.length, cache.length + 1, ... and appends them to the cache.
   // Returns logits [tokens.size(), vocab] when all_positions, else [1, vocab] for the last token.
   // Ids outside [0, vocab_size) -> Error(kInvalidArgument) naming the id and its position.
   std::vector<float> forward(std::span<const int32_t> tokens, KvCache& cache, bool all_positions);
 
+  // One step over several sequences; an empty batch still runs every MoE layer (with no rows) so
+  // that an expert-parallel executor's collectives see this worker. Returns each chunk's logits.
+  std::vector<std::vector<float>> forward_batch(std::span<const SequenceChunk> chunks);
+
   const ModelConfig& config() const { return config_; }
 
  private:
-  void attention_block(int64_t layer, const float* normed, int64_t num_tokens, KvCache& cache, float* out);
-  void mlp_block(int64_t layer, const float* normed, int64_t num_tokens, float* out);
+  void attention_block(int64_t layer, const float* normed, const SequenceChunk& chunk, float* out);
 
   const ModelConfig& config_;
   const ModelWeights& weights_;
   Backend& backend_;
+  std::unique_ptr<MoeExecutor> local_executor_;
+  MoeExecutor* executor_;
 };
 
 struct GenerationResult {
@@ -44,8 +62,11 @@ struct GenerationResult {
   std::vector<int32_t> new_ids;      // generated ids (stops after an eos id, which is included)
 };
 
-// Prefill the prompt, then generate up to max_new_tokens with the sampler.
+// Prefill the prompt, then generate up to max_new_tokens with the sampler (one sequence, local).
 GenerationResult generate(ModelRunner& runner, std::span<const int32_t> prompt, int64_t max_new_tokens,
                           Sampler& sampler, bool want_prompt_logits);
+
+// Validates ids against the vocabulary: Error(kInvalidArgument) naming the id and its position.
+void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size);
 
 }  // namespace epic

@@ -52,16 +52,10 @@ std::vector<std::string> expert_tensor_names(const ModelConfig& config, int64_t 
   return {base + "gate_proj.weight", base + "up_proj.weight", base + "down_proj.weight"};
 }
 
-ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint, const LoadOptions& options) {
+ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint, bool allow_missing_experts) {
   const int64_t hidden = config.hidden_size;
-  const int64_t q_dim = config.num_attention_heads * config.head_dim;
-  const int64_t kv_dim = config.num_key_value_heads * config.head_dim;
-  const uint64_t bytes_before = checkpoint.bytes_read();
-  ModelWeights weights;
-
-  // Check experts first: a missing expert should fail before minutes of reading.
+  ExpertInventory inventory;
   std::vector<MissingExpert> missing;
-  std::vector<int64_t> router_rows(config.num_hidden_layers, 0);
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
     if (!config.is_moe_layer(layer)) continue;
     const std::string router_name = config.layer_prefix(layer) + "mlp.gate.weight";
@@ -74,7 +68,9 @@ ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoin
                       "; expected [E, " + std::to_string(hidden) + "] with 1 <= E <= num_experts (" +
                       std::to_string(config.num_experts) + "). Check config.json against the checkpoint.");
     }
-    router_rows[layer] = router.shape[0];
+    LayerExpertInventory& experts = inventory[layer];
+    experts.num_experts = router.shape[0];
+    experts.present.assign(experts.num_experts, 1);
     for (int64_t expert = 0; expert < router.shape[0]; ++expert) {
       std::string where;
       for (const std::string& name : expert_tensor_names(config, layer, expert)) {
@@ -91,11 +87,34 @@ ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoin
                      : "the index puts this expert's other tensors in " + sibling_shard);
         break;
       }
-      if (!where.empty()) missing.push_back({layer, expert, where});
+      if (!where.empty()) {
+        missing.push_back({layer, expert, where});
+        experts.present[expert] = 0;
+      }
     }
   }
-  if (!missing.empty() && !options.allow_missing_experts)
+  if (!missing.empty() && !allow_missing_experts)
     throw Error(ErrorCode::kMissingExperts, checkpoint.directory().string() + ": " + missing_report(missing));
+  for (const auto& [layer, experts] : inventory) {
+    int64_t num_present = 0;
+    for (uint8_t p : experts.present) num_present += p;
+    if (num_present < config.num_experts_per_tok)
+      throw Error(ErrorCode::kMissingExperts,
+                  checkpoint.directory().string() + ": layer " + std::to_string(layer) + " has " +
+                      std::to_string(num_present) + " present experts but num_experts_per_tok is " +
+                      std::to_string(config.num_experts_per_tok) + "; top-k needs at least that many experts");
+  }
+  return inventory;
+}
+
+ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint, const LoadOptions& options) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t q_dim = config.num_attention_heads * config.head_dim;
+  const int64_t kv_dim = config.num_key_value_heads * config.head_dim;
+  const uint64_t bytes_before = checkpoint.bytes_read();
+  ModelWeights weights;
+  // Check experts first: a missing expert should fail before minutes of reading.
+  const ExpertInventory inventory = inspect_experts(config, checkpoint, options.allow_missing_experts);
 
   weights.embed = checkpoint.read_f32(config.tensor_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
   weights.final_norm = checkpoint.read_f32(config.tensor_prefix + "norm.weight", {hidden});
@@ -123,17 +142,9 @@ ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoin
       continue;
     }
     MoeLayerWeights& moe = w.moe;
-    moe.num_experts = router_rows[layer];
+    moe.num_experts = inventory.at(layer).num_experts;
+    moe.present = inventory.at(layer).present;
     moe.router = checkpoint.read_f32(p + "mlp.gate.weight", {moe.num_experts, hidden});
-    moe.present.assign(moe.num_experts, 1);
-    for (const MissingExpert& m : missing)
-      if (m.layer == layer) moe.present[m.expert_id] = 0;
-    if (moe.num_present() < config.num_experts_per_tok) {
-      throw Error(ErrorCode::kMissingExperts,
-                  checkpoint.directory().string() + ": layer " + std::to_string(layer) + " has " +
-                      std::to_string(moe.num_present()) + " present experts but num_experts_per_tok is " +
-                      std::to_string(config.num_experts_per_tok) + "; top-k needs at least that many experts");
-    }
     const int64_t inter = config.moe_intermediate_size;
     for (int64_t expert = 0; expert < moe.num_experts; ++expert) {
       if (!moe.present[expert]) continue;

@@ -59,8 +59,21 @@ struct LoadOptions {
   std::function<bool(int64_t layer, int64_t expert_id)> hosts_expert;
 };
 
+// The experts of every MoE layer as the checkpoint has them, from the index and shard headers
+// alone (no tensor data is read): the router's row count and which experts are present.
+struct LayerExpertInventory {
+  int64_t num_experts = 0;       // router rows
+  std::vector<uint8_t> present;  // [num_experts]
+};
+using ExpertInventory = std::map<int64_t, LayerExpertInventory>;  // MoE layer -> its experts
+
 // Throws Error(kMissingExperts) listing every missing (layer, expert) and the shard the index
-// points at, Error(kInvalidCheckpoint) for absent dense tensors or wrong shapes/dtypes.
+// points at unless allow_missing_experts; Error(kInvalidCheckpoint) for a router of the wrong
+// shape; Error(kMissingExperts) when a layer keeps fewer present experts than top-k.
+ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint, bool allow_missing_experts);
+
+// Throws what inspect_experts throws, and Error(kInvalidCheckpoint) for absent dense tensors or
+// wrong shapes/dtypes (naming file, tensor, found and expected shape).
 ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint, const LoadOptions& options);
 
 // The tensor names of one expert: gate_proj, up_proj, down_proj.

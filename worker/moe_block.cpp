@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "kernels/error.h"
+#include "worker/moe_executor.h"
 
 namespace epic {
 
@@ -96,6 +97,11 @@ void moe_block_forward(Backend& backend, const MoeLayerWeights& layer, const flo
   std::vector<float> slot_outputs(num_tokens * top_k * hidden_size);
   run_expert_ffn(backend, layer, groups, hidden, hidden_size, intermediate_size, top_k, slot_outputs.data());
   combine_top_k(routing, slot_outputs.data(), hidden_size, out);
+}
+
+void LocalMoeExecutor::forward(int64_t layer, const float* hidden, int64_t num_tokens, float* out) {
+  moe_block_forward(backend_, weights_.layers[layer].moe, hidden, num_tokens, config_.hidden_size,
+                    config_.moe_intermediate_size, config_.num_experts_per_tok, config_.norm_topk_prob, out);
 }
 
 }  // namespace epic

@@ -1,0 +1,81 @@
+// Expert placement: which worker hosts which experts of every MoE layer. Each layer has its own
+// expert count (a pruned router has fewer rows; masked missing experts are not placed). A plan
+// gives every worker a fixed number of slots per layer (or derives them from a memory budget),
+// places every present expert once, fills spare slots with replicas of the hottest experts
+// (never two replicas of one expert on one worker), and balances the expected load with greedy
+// largest-first packing (as DeepSeek's EPLB). Plans print as JSON, save/load as JSON, and travel
+// to workers serialised with cereal.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace epic {
+
+// The experts of one MoE layer as the checkpoint has them.
+struct LayerExperts {
+  int64_t layer = 0;             // decoder layer index
+  int64_t num_experts = 0;       // router rows
+  std::vector<uint8_t> present;  // [num_experts]; 0 = masked missing expert (never routed, not placed)
+};
+
+// Tokens per (layer, expert), recorded by `epic run --load-profile-out`, read by `epic plan`.
+struct LoadProfile {
+  std::map<int64_t, std::vector<double>> load;  // layer -> [num_experts]
+  // JSON: {"format": "epic-load-profile-v1", "layers": {"0": [12, 0, 7, ...], ...}}
+  std::string to_json_text() const;
+  // Error(kInvalidArgument) naming the file and the problem (bad format tag, negative or
+  // non-finite counts, a layer whose count list does not match the model's expert count).
+  static LoadProfile from_json_text(const std::string& text, const std::string& source);
+  static LoadProfile load_file(const std::filesystem::path& path);
+  void save_file(const std::filesystem::path& path) const;
+};
+
+struct PlacementRequest {
+  std::vector<LayerExperts> layers;
+  int num_workers = 1;
+  std::optional<int64_t> slots_per_worker;  // per layer; default ceil(present / workers)
+  std::optional<uint64_t> budget_bytes;     // per worker over all MoE layers, instead of slots
+  uint64_t expert_bytes = 0;                // bytes of one expert (for budget_bytes)
+  LoadProfile profile;                      // uniform load where a layer has no entry
+};
+
+struct LayerPlacement {
+  int64_t layer = 0;
+  int64_t num_experts = 0;
+  int64_t slots_per_worker = 0;
+  std::vector<std::vector<int64_t>> worker_experts;  // worker -> hosted expert ids (ascending)
+  std::vector<std::vector<int>> expert_workers;      // expert -> workers holding a replica (ascending); empty if masked
+  std::vector<double> expert_load;                   // expected load used for planning
+  std::vector<double> worker_load;                   // expected load per worker (replica share = load / replicas)
+  double max_over_mean_load() const;                 // 1.0 = perfect balance
+};
+
+struct PlacementPlan {
+  int num_workers = 1;
+  std::vector<LayerPlacement> layers;  // MoE layers only, ascending layer index
+
+  const LayerPlacement& layer(int64_t layer_index) const;  // Error(kInternal) if absent
+  bool hosts(int worker, int64_t layer_index, int64_t expert_id) const;
+  // Worker that serves the given occurrence of an expert: the replicas split the occurrences
+  // evenly and deterministically: replica (occurrence_key mod replicas), replicas ascending.
+  int worker_for(int64_t layer_index, int64_t expert_id, uint64_t occurrence_key) const;
+
+  std::string to_json_text() const;  // human-readable, includes balance figures per layer
+  static PlacementPlan from_json_text(const std::string& text, const std::string& source);
+  std::string to_cereal_bytes() const;  // binary, versioned
+  static PlacementPlan from_cereal_bytes(const std::string& bytes);
+};
+
+// Throws Error(kInvalidArgument) when the slots cannot hold every present expert
+// (num_workers * slots < present experts), slots exceed the layer's experts, the budget is too
+// small for one slot per layer, or num_workers < 1; the message says the minimum that works.
+PlacementPlan plan_placement(const PlacementRequest& request);
+// The baseline: expert e on worker e mod num_workers, no replicas (for comparisons).
+PlacementPlan round_robin_placement(const PlacementRequest& request);
+
+}  // namespace epic

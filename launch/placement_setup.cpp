@@ -1,0 +1,54 @@
+// Placement flags -> PlacementRequest -> plan; plan -> routing table.
+#include "launch/placement_setup.h"
+
+#include <cstdio>
+#include <sstream>
+
+#include "kernels/error.h"
+
+namespace epic::cli {
+
+uint64_t resident_expert_bytes(const ModelConfig& config) {
+  return 3ull * config.moe_intermediate_size * config.hidden_size * sizeof(float);
+}
+
+PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory, const PlacementFlags& flags) {
+  if (flags.slots && flags.budget_bytes)
+    throw Error(ErrorCode::kInvalidArgument, "give --slots or --budget-bytes, not both");
+  PlacementRequest request;
+  request.num_workers = flags.num_workers;
+  request.slots_per_worker = flags.slots;
+  request.budget_bytes = flags.budget_bytes;
+  request.expert_bytes = resident_expert_bytes(config);
+  for (const auto& [layer, experts] : inventory) request.layers.push_back({layer, experts.num_experts, experts.present});
+  if (!flags.load_profile.empty()) request.profile = LoadProfile::load_file(flags.load_profile);
+  return plan_placement(request);
+}
+
+ExpertRoutingTable routing_table_from_plan(const PlacementPlan& plan) {
+  ExpertRoutingTable table;
+  table.num_workers = plan.num_workers;
+  for (const LayerPlacement& layer : plan.layers) table.expert_workers[layer.layer] = layer.expert_workers;
+  return table;
+}
+
+std::string balance_table(const PlacementPlan& plan) {
+  std::ostringstream out;
+  char line[160];
+  std::snprintf(line, sizeof(line), "%6s %8s %6s %9s %14s\n", "layer", "experts", "slots", "replicas", "max/mean load");
+  out << line;
+  for (const LayerPlacement& layer : plan.layers) {
+    int64_t placed = 0, distinct = 0;
+    for (const auto& workers : layer.expert_workers) {
+      placed += static_cast<int64_t>(workers.size());
+      distinct += workers.empty() ? 0 : 1;
+    }
+    std::snprintf(line, sizeof(line), "%6lld %8lld %6lld %9lld %14.3f\n", static_cast<long long>(layer.layer),
+                  static_cast<long long>(layer.num_experts), static_cast<long long>(layer.slots_per_worker),
+                  static_cast<long long>(placed - distinct), layer.max_over_mean_load());
+    out << line;
+  }
+  return out.str();
+}
+
+}  // namespace epic::cli

@@ -1,0 +1,32 @@
+// From a model directory and the placement flags to a PlacementPlan, and from a plan to the
+// worker-side routing table. Shared by `epic run` and `epic plan`.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "coordinator/placement.h"
+#include "worker/expert_routing_table.h"
+#include "worker/model_config.h"
+#include "worker/model_weights.h"
+
+namespace epic::cli {
+
+struct PlacementFlags {
+  int num_workers = 1;
+  std::optional<int64_t> slots;
+  std::optional<uint64_t> budget_bytes;
+  std::string load_profile;  // path, or empty for uniform
+};
+
+// Bytes one expert occupies on a worker (fp32 on the CPU backend): what --budget-bytes counts.
+uint64_t resident_expert_bytes(const ModelConfig& config);
+
+PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory, const PlacementFlags& flags);
+
+ExpertRoutingTable routing_table_from_plan(const PlacementPlan& plan);
+
+// Text table of the per-layer balance: layer, experts, slots, replicas, max/mean load.
+std::string balance_table(const PlacementPlan& plan);
+
+}  // namespace epic::cli

@@ -1,0 +1,33 @@
+// Making every rank fail together: an error on one rank (a bad prompt read by the coordinator, a
+// corrupt shard only one worker reads) reaches every rank at the next agreement point, instead of
+// leaving the others waiting in a collective until their timeout.
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "comm/communicator.h"
+#include "kernels/error.h"
+
+namespace epic::cli {
+
+// An error every rank raised together: rank 0 reports it, the other ranks exit quietly.
+class AgreedError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Thrown instead of an AgreedError on ranks other than 0: exit with this code, print nothing.
+struct SilentFailure {
+  int exit_code;
+};
+
+// Runs produce() on root only and broadcasts its result; if it threw an epic::Error, every rank
+// throws the same AgreedError.
+std::string broadcast_from_root(Communicator& comm, int root, const std::function<std::string()>& produce);
+
+// Runs phase() on every rank, then agrees: if any rank threw, every rank throws (as AgreedError) the error of the
+// lowest failing rank, its message prefixed with "rank R: " when there are several ranks.
+void run_on_all_ranks(Communicator& comm, const std::function<void()>& phase);
+
+}  // namespace epic::cli

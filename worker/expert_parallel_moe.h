@@ -1,0 +1,52 @@
+// One MoE layer across workers: route locally -> map each (token, slot) to the worker holding
+// its expert (replicas split deterministically) -> exchange counts -> all-to-all-v of token rows
+// -> grouped expert FFN on the received rows -> all-to-all-v back -> combine in fixed top-k order.
+// The result for a token does not depend on the number of workers or the placement: each row's
+// FFN is computed alone (the backend's linear is row-independent) and combined in slot order.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kernels/backend.h"
+#include "worker/expert_routing_table.h"
+#include "worker/moe_executor.h"
+
+namespace epic {
+
+// Per-phase wall time (seconds) and traffic of this worker, summed over calls.
+struct MoePhaseStats {
+  double route_seconds = 0;
+  double dispatch_seconds = 0;  // count exchange + all-to-all-v of rows
+  double expert_seconds = 0;    // grouped expert FFN
+  double combine_seconds = 0;   // all-to-all-v back + weighted sum
+  uint64_t bytes_sent = 0;      // to other workers
+  uint64_t bytes_received = 0;  // from other workers
+  int64_t rows_sent = 0;        // (token, slot) rows sent to experts (self included)
+  int64_t rows_computed = 0;    // rows this worker's experts computed
+  int64_t calls = 0;
+};
+
+class ExpertParallelMoeExecutor final : public MoeExecutor {
+ public:
+  ExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
+                            Communicator& comm, const ExpertRoutingTable& table);
+  void forward(int64_t layer, const float* hidden, int64_t num_tokens, float* out) override;
+
+  const MoePhaseStats& stats() const { return stats_; }
+  // Rows each hosted (layer, expert) of this worker computed: its load, for the next plan.
+  const std::map<int64_t, std::vector<int64_t>>& expert_rows() const { return expert_rows_; }
+
+ private:
+  const ModelConfig& config_;
+  const ModelWeights& weights_;
+  Backend& backend_;
+  Communicator& comm_;
+  const ExpertRoutingTable& table_;
+  MoePhaseStats stats_;
+  std::map<int64_t, std::vector<int64_t>> expert_rows_;
+};
+
+}  // namespace epic
