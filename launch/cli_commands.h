@@ -35,6 +35,7 @@ struct RunArgs {
   std::string load_profile;      // plan from a profile recorded by an earlier run
   std::string load_profile_out;  // record this run's tokens per (layer, expert)
   std::string placement_out;     // save the plan used, as JSON
+  std::string report_out;        // per-worker report (bytes, phases, load) as JSON
   double comm_timeout_seconds = 300;
 };
 

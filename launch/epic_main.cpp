@@ -60,6 +60,7 @@ int main(int argc, char** argv) {
   run->add_option("--load-profile", run_args.load_profile, "Plan the placement from this load profile (JSON)");
   run->add_option("--load-profile-out", run_args.load_profile_out, "Write tokens per (layer, expert) as JSON");
   run->add_option("--placement-out", run_args.placement_out, "Write the placement plan used, as JSON");
+  run->add_option("--report-out", run_args.report_out, "Write the per-worker report (bytes, phase times) as JSON");
   run->add_option("--comm-timeout", run_args.comm_timeout_seconds, "Seconds any wait between ranks may take")
       ->capture_default_str();
 

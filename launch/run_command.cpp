@@ -100,7 +100,7 @@ void check_flags(const RunArgs& args) {
   Sampler check({args.temperature, args.top_p, args.seed});  // validates the sampling flags
   if (!(args.comm_timeout_seconds > 0))
     throw Error(ErrorCode::kInvalidArgument, "--comm-timeout must be > 0 seconds");
-  for (const std::string* out : {&args.logits_out, &args.load_profile_out, &args.placement_out}) {
+  for (const std::string* out : {&args.logits_out, &args.load_profile_out, &args.placement_out, &args.report_out}) {
     if (out->empty()) continue;
     const fs::path parent = fs::absolute(*out).parent_path();
     if (!fs::is_directory(parent))
@@ -184,6 +184,23 @@ void print_results(const RunArgs& args, const ModelConfig& config, const std::op
         for (size_t e = 0; e < rows.size(); ++e) load[e] += static_cast<double>(rows[e]);
       }
     profile.save_file(args.load_profile_out);
+  }
+  if (!args.report_out.empty()) {
+    nlohmann::json workers = nlohmann::json::array();
+    for (const wire::WorkerReport& r : reports) {
+      workers.push_back({{"rank", r.rank}, {"sequences", r.sequences}, {"tokens_processed", r.tokens_processed},
+                         {"steps", r.steps}, {"experts_hosted", r.experts_hosted}, {"bytes_read", r.bytes_read},
+                         {"resident_bytes", r.resident_bytes}, {"load_seconds", r.load_seconds},
+                         {"run_seconds", r.run_seconds}, {"route_seconds", r.route_seconds},
+                         {"dispatch_seconds", r.dispatch_seconds}, {"expert_seconds", r.expert_seconds},
+                         {"combine_seconds", r.combine_seconds}, {"bytes_sent", r.bytes_sent},
+                         {"bytes_received", r.bytes_received}, {"rows_computed", r.rows_computed}});
+    }
+    nlohmann::json report = {{"format", "epic-run-report-v1"}, {"workers", workers}, {"run_seconds", run_seconds},
+                             {"sequences", prompts.size()}};
+    std::ofstream file(args.report_out);
+    file << report.dump(2) << "\n";
+    if (!file) throw Error(ErrorCode::kIo, args.report_out + ": cannot write the report");
   }
   std::fprintf(stderr, "epic run: %lld prompt tokens, %lld generated in %.3f s; %zu sequence(s) on %zu worker(s)\n",
                static_cast<long long>(prompt_tokens), static_cast<long long>(generated), run_seconds, prompts.size(),

@@ -1,0 +1,171 @@
+// `epic run` as an N-worker cluster under mpirun against the single-process run: identical text
+// and ids, bitwise-identical prompt logits, for 2, 3 and 5 workers, uneven per-layer expert
+// counts (pruned router, masked missing experts), replicas, and workers that receive no tokens.
+// Also: each worker reads only the experts the plan gives it (bytes counted from shard headers).
+#include <sys/wait.h>
+
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "../model/temp_dir.h"
+#include "worker/checkpoint.h"
+
+namespace epic {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct Outcome {
+  int exit_code = -1;
+  std::string out, err;
+};
+
+std::string read_file(const fs::path& path) {
+  std::ifstream file(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(file), {});
+}
+
+// Runs epic with `workers` ranks (1: directly, no mpirun) in dir; outputs land in dir.
+Outcome run_epic(int workers, const std::string& args, const fs::path& dir) {
+  const std::string launcher =
+      workers == 1 ? std::string() : std::string(EPIC_MPIEXEC) + " -np " + std::to_string(workers) + " ";
+  const std::string command = launcher + EPIC_BINARY + " " + args + " >" + (dir / "out.txt").string() + " 2>" +
+                              (dir / "err.txt").string();
+  const int status = std::system(command.c_str());
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_file(dir / "out.txt"), read_file(dir / "err.txt")};
+}
+
+struct ClusterCase {
+  std::string name;
+  std::string model;  // fixture name
+  std::string args;   // prompt and run flags
+  std::string cluster_args;  // extra flags for the multi-worker runs only (placement)
+};
+
+class ClusterMatchesOneProcess : public ::testing::TestWithParam<std::tuple<ClusterCase, int>> {};
+
+TEST_P(ClusterMatchesOneProcess, SameTokensAndBitwiseLogits) {
+  const auto& [c, workers] = GetParam();
+  testing::TempDir temp;
+  const fs::path model = fs::path(EPIC_GOLDEN_DIR) / c.model;
+  fs::create_directories(temp.path() / "one");
+  fs::create_directories(temp.path() / "many");
+  const std::string common = "run --model " + model.string() + " " + c.args;
+  const Outcome one = run_epic(1, common + " --logits-out " + (temp.path() / "one/logits.npy").string(), temp.path() / "one");
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const Outcome many = run_epic(workers,
+                                common + " " + c.cluster_args + " --logits-out " + (temp.path() / "many/logits.npy").string() +
+                                    " --report-out " + (temp.path() / "many/report.json").string(),
+                                temp.path() / "many");
+  ASSERT_EQ(many.exit_code, 0) << many.err;
+  EXPECT_EQ(many.out, one.out);
+  EXPECT_EQ(read_file(temp.path() / "many/logits.npy"), read_file(temp.path() / "one/logits.npy"))
+      << "prompt logits differ from the single-process run";
+  std::ifstream report_file(temp.path() / "many/report.json");
+  const json report = json::parse(report_file);
+  ASSERT_EQ(report["workers"].size(), static_cast<size_t>(workers));
+  int64_t rows = 0;
+  for (const json& worker : report["workers"]) rows += worker["rows_computed"].get<int64_t>();
+  EXPECT_GT(rows, 0);
+}
+
+const std::vector<ClusterCase> kCases = {
+    {"OnePrompt", "qwen3_moe_f32", "--prompt-ids 1,5,7,9,20,33 --max-new-tokens 6", ""},
+    {"SeveralPromptsFromFile", "qwen3_moe_bf16", "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4", ""},
+    {"OmniLayout", "qwen3_omni_thinker_f16", "--prompt-ids 3,1,4,1,5,9,2,6 --max-new-tokens 4", ""},
+    {"PrunedRouter", "pruned_router", "--prompt-ids 11,22,33,44 --max-new-tokens 5", ""},
+    {"MaskedMissingExperts", "missing_experts", "--prompt-ids 8,6,7,5,3,0,9 --max-new-tokens 5 --allow-missing-experts", ""},
+    {"Replicas", "qwen3_moe_f32", "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 3", "--slots 6"},
+    {"Sampling", "qwen3_moe_f32", "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 6 --temperature 0.9 --top-p 0.8 --seed 17", ""},
+    // One token, top-2: in every MoE layer at most two workers receive rows, the rest none.
+    {"WorkersWithoutTokens", "qwen3_moe_f32", "--prompt-ids 42 --max-new-tokens 1", ""},
+};
+
+INSTANTIATE_TEST_SUITE_P(Golden, ClusterMatchesOneProcess,
+                         ::testing::Combine(::testing::ValuesIn(kCases), ::testing::Values(2, 3, 5)),
+                         [](const auto& info) {
+                           return std::get<0>(info.param).name + "_" + std::to_string(std::get<1>(info.param)) + "workers";
+                         });
+
+TEST(Cluster, EachWorkerReadsOnlyItsExperts) {
+  testing::TempDir temp;
+  const fs::path model = fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32";
+  const Outcome run = run_epic(3,
+                               "run --model " + model.string() + " --prompt-ids 1,2,3 --max-new-tokens 2 --slots 4" +
+                                   " --placement-out " + (temp.path() / "plan.json").string() + " --report-out " +
+                                   (temp.path() / "report.json").string(),
+                               temp.path());
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  std::ifstream plan_file(temp.path() / "plan.json"), report_file(temp.path() / "report.json");
+  const json plan = json::parse(plan_file), report = json::parse(report_file);
+  Checkpoint checkpoint = Checkpoint::open(model);
+  uint64_t dense_bytes = 0;
+  std::map<std::pair<int64_t, int64_t>, uint64_t> expert_bytes;
+  for (const std::string& name : checkpoint.tensor_names()) {
+    const uint64_t bytes = checkpoint.info(name).num_bytes();
+    const size_t at = name.find(".mlp.experts.");
+    if (at == std::string::npos) {
+      dense_bytes += bytes;
+      continue;
+    }
+    const int64_t layer = std::stoll(name.substr(name.find("layers.") + 7));
+    const int64_t expert = std::stoll(name.substr(at + 13));
+    expert_bytes[{layer, expert}] += bytes;
+  }
+  for (int worker = 0; worker < 3; ++worker) {
+    uint64_t expected = dense_bytes;
+    for (const json& layer : plan["layers"])
+      for (const json& expert : layer["workers"][worker]) expected += expert_bytes.at({layer["layer"], expert});
+    EXPECT_EQ(report["workers"][worker]["bytes_read"].get<uint64_t>(), expected) << "worker " << worker;
+  }
+}
+
+TEST(Cluster, LoadProfileFeedsTheNextPlanWithoutChangingResults) {
+  testing::TempDir temp;
+  const fs::path model = fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32";
+  const std::string prompts = " --prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4";
+  const Outcome first = run_epic(
+      2, "run --model " + model.string() + prompts + " --load-profile-out " + (temp.path() / "profile.json").string(),
+      temp.path());
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  std::ifstream profile_file(temp.path() / "profile.json");
+  const json profile = json::parse(profile_file);
+  double total = 0;
+  for (const auto& [layer, counts] : profile["layers"].items())
+    for (const json& count : counts) total += count.get<double>();
+  EXPECT_GT(total, 0);
+  const Outcome second = run_epic(3,
+                                  "run --model " + model.string() + prompts + " --slots 4 --load-profile " +
+                                      (temp.path() / "profile.json").string(),
+                                  temp.path());
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_EQ(second.out, first.out);
+}
+
+TEST(Cluster, ErrorOnTheCoordinatorStopsEveryRankWithOneMessage) {
+  testing::TempDir temp;
+  const Outcome outcome = run_epic(
+      3, "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32").string() + " --prompt-ids 1,99999", temp.path());
+  EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
+  // Reported once (by rank 0), not once per rank.
+  const std::string needle = "outside the model's vocabulary";
+  const size_t first = outcome.err.find(needle);
+  ASSERT_NE(first, std::string::npos) << outcome.err;
+  EXPECT_EQ(outcome.err.find(needle, first + 1), std::string::npos) << outcome.err;
+}
+
+TEST(Cluster, MissingExpertsFailOnEveryRankWithoutTheFlag) {
+  testing::TempDir temp;
+  const Outcome outcome = run_epic(
+      2, "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "missing_experts").string() + " --prompt-ids 1,2", temp.path());
+  EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
+  EXPECT_NE(outcome.err.find("--allow-missing-experts"), std::string::npos) << outcome.err;
+}
+
+}  // namespace
+}  // namespace epic
