@@ -2,7 +2,7 @@
 // broadcast, barrier between the worker ranks. MpiCommunicator moves host buffers; an NCCL
 // implementation on device buffers slots in beside it (same calls, device pointers).
 // Every wait is bounded by CommOptions::timeout_seconds and fails with Error(kTimeout) naming
-// this rank, the operation and the peers that did not answer where known.
+// this rank and the operation (and the peers that did not answer, where the transport knows them).
 #pragma once
 
 #include <cstddef>
@@ -30,7 +30,8 @@ class Communicator {
   // recv + recv_offsets[r]. Sizes must agree pairwise (send_bytes[r] here == recv_bytes[me] on r).
   virtual void all_to_all_v(const void* send, const std::vector<int64_t>& send_bytes,
                             const std::vector<int64_t>& send_offsets, void* recv,
-                            const std::vector<int64_t>& recv_bytes, const std::vector<int64_t>& recv_offsets) = 0;
+                            const std::vector<int64_t>& recv_bytes,
+                            const std::vector<int64_t>& recv_offsets) = 0;
   // recv holds size() * bytes: rank r's contribution at recv + r * bytes.
   virtual void all_gather(const void* send, int64_t bytes, void* recv) = 0;
   virtual void broadcast(void* data, int64_t bytes, int root) = 0;
@@ -55,6 +56,8 @@ class Communicator {
   // Broadcast a byte string (e.g. a cereal-serialised plan) from root.
   std::string broadcast_bytes(const std::string& data, int root);
 
+  // Payload bytes to and from other ranks (never this rank's own block), counted when a collective
+  // completes: a broadcast root sends bytes * (size() - 1), whatever tree MPI uses underneath.
   uint64_t bytes_sent() const { return bytes_sent_; }
   uint64_t bytes_received() const { return bytes_received_; }
 
@@ -68,8 +71,8 @@ class Communicator {
 std::unique_ptr<Communicator> make_communicator(const CommOptions& options);
 // A one-rank communicator (single process, no MPI).
 std::unique_ptr<Communicator> make_self_communicator();
-// True when the environment shows an MPI launcher (OMPI_COMM_WORLD_SIZE, PMIX_RANK, PMI_RANK,
-// SLURM_STEP_ID with SLURM_NTASKS > 1 and PMIX).
+// True when the environment shows an MPI launcher: OMPI_COMM_WORLD_SIZE (mpirun), PMIX_RANK
+// (srun --mpi=pmix and other PMIx launchers), PMI_RANK or PMI_SIZE (PMI-1/2 launchers).
 bool launched_under_mpi();
 
 }  // namespace epic
