@@ -63,6 +63,21 @@ struct DetokenizeArgs {
 // 2 for bad flags or input, 1 for failures of the system (I/O, communication, bugs).
 int exit_code_for(ErrorCode code);
 
+struct BenchMoeArgs {
+  std::string preset = "qwen3-30b-a3b";
+  int64_t tokens_per_worker = 64;
+  int64_t layers = 1;
+  int64_t iterations = 5;
+  int64_t warmup = 1;
+  std::optional<int64_t> slots;
+  uint64_t seed = 1;
+  int threads = 0;  // CPU threads per rank; 0 = cores / ranks on the node
+  std::string csv_out;
+  std::string json_out;
+  double comm_timeout_seconds = 300;
+};
+int bench_moe_command(const BenchMoeArgs& args);
+
 int make_model_command(const MakeModelArgs& args);
 int run_command(const RunArgs& args);
 int plan_command(const PlanArgs& args);

@@ -1,4 +1,4 @@
-// The `epic` executable: subcommands make-model, run, plan, tokenize, detokenize.
+// The `epic` executable: subcommands make-model, run, plan, bench-moe, tokenize, detokenize.
 // Exit codes: 0 success, 2 bad flags or input, 1 any other failure.
 #include <cstdio>
 
@@ -75,6 +75,21 @@ int main(int argc, char** argv) {
   plan->add_flag("--allow-missing-experts", plan_args.allow_missing_experts, "Leave missing experts unplaced");
   plan->add_option("--out", plan_args.out, "Also save the plan JSON to this file");
 
+  BenchMoeArgs bench_args;
+  CLI::App* bench = app.add_subcommand("bench-moe", "Time MoE layers across the ranks of the job, per phase");
+  bench->add_option("--preset", bench_args.preset, "Shapes from this preset")->capture_default_str();
+  bench->add_option("--tokens-per-worker", bench_args.tokens_per_worker, "Token rows each worker routes")
+      ->capture_default_str();
+  bench->add_option("--layers", bench_args.layers, "MoE layers per iteration")->capture_default_str();
+  bench->add_option("--iterations", bench_args.iterations, "Timed iterations")->capture_default_str();
+  bench->add_option("--warmup", bench_args.warmup, "Untimed iterations first")->capture_default_str();
+  bench->add_option("--slots", bench_args.slots, "Expert slots per worker per layer (spare slots: replicas)");
+  bench->add_option("--seed", bench_args.seed, "Seed of the random weights and tokens")->capture_default_str();
+  bench->add_option("--threads", bench_args.threads, "CPU threads per rank (0: cores / ranks on the node)");
+  bench->add_option("--csv", bench_args.csv_out, "Append one CSV line per worker to this file");
+  bench->add_option("--json", bench_args.json_out, "Write the results as JSON");
+  bench->add_option("--comm-timeout", bench_args.comm_timeout_seconds, "Seconds any wait between ranks may take");
+
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
   tokenize->add_option("--model", tokenize_args.model_dir, "Directory holding tokenizer.json")->required();
@@ -97,6 +112,7 @@ int main(int argc, char** argv) {
     if (*make) return make_model_command(make_args);
     if (*run) return run_command(run_args);
     if (*plan) return plan_command(plan_args);
+    if (*bench) return bench_moe_command(bench_args);
     if (*tokenize) return tokenize_command(tokenize_args);
     if (*detokenize) return detokenize_command(detokenize_args);
   } catch (const SilentFailure& failure) {

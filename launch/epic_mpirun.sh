@@ -55,8 +55,8 @@ mpirun_args=(-np "$num_ranks"
   --bind-to none
   # NVLink SHARP (multicast) must stay off on the lent GPU machines; harmless elsewhere.
   -x NCCL_NVLS_ENABLE=0)
-[[ $(id -u) -eq 0 ]] && mpirun_args+=(--allow-run-as-root)
-[[ "${EPIC_OVERSUBSCRIBE:-0}" == "1" ]] && mpirun_args+=(--oversubscribe)
+if [[ $(id -u) -eq 0 ]]; then mpirun_args+=(--allow-run-as-root); fi
+if [[ "${EPIC_OVERSUBSCRIBE:-0}" == "1" ]]; then mpirun_args+=(--oversubscribe); fi
 if [[ -n "${EPIC_MPIRUN_ARGS:-}" ]]; then
   read -r -a extra_args <<<"$EPIC_MPIRUN_ARGS"
   mpirun_args+=("${extra_args[@]}")

@@ -16,6 +16,7 @@
 #include "kernels/backend.h"
 #include "kernels/error.h"
 #include "launch/cli_commands.h"
+#include "launch/cpu_threads.h"
 #include "launch/id_list.h"
 #include "launch/placement_setup.h"
 #include "launch/rank_agreement.h"
@@ -272,7 +273,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     if (s.worker != comm->rank()) continue;
     mine.push_back({s.sequence_id, s.prompt, s.max_new_tokens, s.want_prompt_logits, {s.temperature, s.top_p, s.seed}});
   }
-  auto backend = make_cpu_backend();
+  auto backend = make_cpu_backend(default_cpu_threads());
   ExpertParallelMoeExecutor executor(*config, weights, *backend, *comm, table);
   ModelRunner runner(*config, weights, *backend, &executor);
   comm->barrier();  // time the generation alone, from a common start

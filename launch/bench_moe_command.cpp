@@ -1,0 +1,171 @@
+// `epic bench-moe`: MoE layers of a preset's shapes on every rank of the job, with random weights
+// made in memory (no checkpoint) and random token rows, timed per phase (route, dispatch, expert
+// compute, combine) with bytes moved and per-worker load. A scaling-study tool: run it under
+// mpirun with 1, 2, 4, ... ranks and collect the CSV/JSON lines.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <random>
+
+#include <nlohmann/json.hpp>
+
+#include "comm/communicator.h"
+#include "kernels/backend.h"
+#include "kernels/error.h"
+#include "launch/cli_commands.h"
+#include "launch/cpu_threads.h"
+#include "launch/default_paths.h"
+#include "launch/placement_setup.h"
+#include "worker/expert_parallel_moe.h"
+#include "worker/model_writer.h"
+
+namespace epic::cli {
+namespace {
+
+// Uniform values with variance 1/fan_in (so routing and activations look like a real layer's).
+void fill_random(std::vector<float>& values, int64_t count, int64_t fan_in, uint64_t seed) {
+  values.resize(count);
+  std::mt19937_64 generator(seed);
+  const float half_width = static_cast<float>(std::sqrt(3.0 / fan_in));
+  std::uniform_real_distribution<float> uniform(-half_width, half_width);
+  for (float& v : values) v = uniform(generator);
+}
+
+struct PhaseTotals {
+  double route = 0, dispatch = 0, expert = 0, combine = 0, total = 0;
+  uint64_t bytes_sent = 0, bytes_received = 0;
+  int64_t rows_computed = 0, rows_sent = 0, experts_hosted = 0;
+};
+
+}  // namespace
+
+int bench_moe_command(const BenchMoeArgs& args) {
+  using clock_type = std::chrono::steady_clock;
+  if (args.tokens_per_worker < 0 || args.layers < 1 || args.iterations < 1 || args.warmup < 0)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--tokens-per-worker must be >= 0, --layers and --iterations >= 1, --warmup >= 0");
+  std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
+  const int rank = comm->rank(), num_workers = comm->size();
+  ModelPreset preset = load_preset(args.preset, presets_dir());
+  ModelConfig config = preset.config;
+  // A model of `layers` MoE layers with the preset's shapes.
+  config.num_hidden_layers = args.layers;
+  config.mlp_only_layers.clear();
+  config.decoder_sparse_step = 1;
+  const int64_t hidden = config.hidden_size, inter = config.moe_intermediate_size;
+
+  ExpertInventory inventory;
+  for (int64_t layer = 0; layer < args.layers; ++layer)
+    inventory[layer] = {config.num_experts, std::vector<uint8_t>(config.num_experts, 1)};
+  const PlacementPlan plan = make_placement(config, inventory, {num_workers, args.slots, std::nullopt, ""});
+  const ExpertRoutingTable table = routing_table_from_plan(plan);
+
+  // Every rank makes the same router (seeded by layer) and only the experts it hosts.
+  ModelWeights weights;
+  weights.layers.resize(args.layers);
+  PhaseTotals totals;
+  for (int64_t layer = 0; layer < args.layers; ++layer) {
+    LayerWeights& w = weights.layers[layer];
+    w.is_moe = true;
+    w.moe.num_experts = config.num_experts;
+    w.moe.present.assign(config.num_experts, 1);
+    fill_random(w.moe.router, config.num_experts * hidden, hidden, args.seed * 1000003 + layer);
+    for (int64_t expert = 0; expert < config.num_experts; ++expert) {
+      if (!table.hosts(rank, layer, expert)) continue;
+      ExpertWeights& e = w.moe.experts[expert];
+      const uint64_t base = (args.seed * 1000003 + layer) * 4096 + expert * 3;
+      fill_random(e.gate, inter * hidden, hidden, base);
+      fill_random(e.up, inter * hidden, hidden, base + 1);
+      fill_random(e.down, hidden * inter, inter, base + 2);
+      ++totals.experts_hosted;
+    }
+  }
+  std::vector<float> tokens;
+  fill_random(tokens, args.tokens_per_worker * hidden, 1, args.seed * 7919 + rank);
+  for (float& v : tokens) v *= std::sqrt(3.0f) * 0.5f;  // unit-ish activations
+
+  const int threads = args.threads > 0 ? args.threads : default_cpu_threads();
+  auto backend = make_cpu_backend(threads);
+  std::vector<float> out(args.tokens_per_worker * hidden);
+  for (int64_t i = 0; i < args.warmup; ++i) {
+    ExpertParallelMoeExecutor warm(config, weights, *backend, *comm, table);
+    for (int64_t layer = 0; layer < args.layers; ++layer) warm.forward(layer, tokens.data(), args.tokens_per_worker, out.data());
+  }
+  ExpertParallelMoeExecutor executor(config, weights, *backend, *comm, table);
+  comm->barrier();
+  const auto start = clock_type::now();
+  for (int64_t i = 0; i < args.iterations; ++i)
+    for (int64_t layer = 0; layer < args.layers; ++layer)
+      executor.forward(layer, tokens.data(), args.tokens_per_worker, out.data());
+  totals.total = std::chrono::duration<double>(clock_type::now() - start).count();
+  const MoePhaseStats& stats = executor.stats();
+  const double calls = static_cast<double>(stats.calls);
+  const std::vector<double> mine = {stats.route_seconds / calls * 1e3,    stats.dispatch_seconds / calls * 1e3,
+                                    stats.expert_seconds / calls * 1e3,   stats.combine_seconds / calls * 1e3,
+                                    totals.total / calls * 1e3,           stats.bytes_sent / calls,
+                                    stats.bytes_received / calls,         stats.rows_computed / calls,
+                                    stats.rows_sent / calls,              static_cast<double>(totals.experts_hosted)};
+  const std::vector<std::vector<double>> all = comm->all_gather_v<double>(std::span<const double>(mine));
+  if (rank != 0) return 0;
+
+  const std::string shape = preset.name + " hidden " + std::to_string(hidden) + ", " +
+                            std::to_string(config.num_experts) + " experts top-" +
+                            std::to_string(config.num_experts_per_tok) + ", moe_intermediate " + std::to_string(inter);
+  std::printf("bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s), backend %s\n",
+              shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
+              static_cast<long long>(args.layers), static_cast<long long>(args.iterations), backend->name().c_str());
+  std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s\n", "worker", "route", "dispatch",
+              "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts");
+  double max_total = 0, max_rows = 0, sum_rows = 0;
+  for (int w = 0; w < num_workers; ++w) {
+    const std::vector<double>& r = all[w];
+    std::printf("%6d %9.3f %9.3f %9.3f %9.3f %9.3f %10.3f %10.3f %10.0f %8.0f\n", w, r[0], r[1], r[2], r[3], r[4],
+                r[5] / 1e6, r[6] / 1e6, r[7], r[9]);
+    max_total = std::max(max_total, r[4]);
+    max_rows = std::max(max_rows, r[7]);
+    sum_rows += r[7];
+  }
+  const double tokens_per_second = num_workers * args.tokens_per_worker / (max_total / 1e3);
+  std::printf("slowest worker %.3f ms per layer; %.0f tokens/s per layer over the cluster; expert load max/mean %.3f\n",
+              max_total, tokens_per_second, sum_rows > 0 ? max_rows / (sum_rows / num_workers) : 1.0);
+
+  const char* columns[] = {"route_ms", "dispatch_ms", "expert_ms", "combine_ms", "total_ms", "bytes_sent",
+                           "bytes_received", "rows_computed", "rows_sent", "experts_hosted"};
+  if (!args.csv_out.empty()) {
+    const bool fresh = !std::filesystem::exists(args.csv_out);
+    std::ofstream csv(args.csv_out, std::ios::app);
+    if (!csv) throw Error(ErrorCode::kIo, args.csv_out + ": cannot open for appending");
+    if (fresh) {
+      csv << "preset,workers,tokens_per_worker,layers,iterations,threads,rank";
+      for (const char* column : columns) csv << "," << column;
+      csv << "\n";
+    }
+    for (int w = 0; w < num_workers; ++w) {
+      csv << preset.name << "," << num_workers << "," << args.tokens_per_worker << "," << args.layers << ","
+          << args.iterations << "," << threads << "," << w;
+      for (double value : all[w]) csv << "," << value;
+      csv << "\n";
+    }
+  }
+  if (!args.json_out.empty()) {
+    nlohmann::json workers = nlohmann::json::array();
+    for (int w = 0; w < num_workers; ++w) {
+      nlohmann::json row = {{"rank", w}};
+      for (size_t c = 0; c < std::size(columns); ++c) row[columns[c]] = all[w][c];
+      workers.push_back(row);
+    }
+    nlohmann::json result = {{"format", "epic-bench-moe-v1"}, {"preset", preset.name}, {"shape", shape},
+                             {"workers", num_workers}, {"tokens_per_worker", args.tokens_per_worker},
+                             {"layers", args.layers}, {"iterations", args.iterations}, {"threads_per_rank", threads},
+                             {"backend", backend->name()}, {"per_worker", workers},
+                             {"tokens_per_second", tokens_per_second}};
+    std::ofstream file(args.json_out);
+    file << result.dump(2) << "\n";
+    if (!file) throw Error(ErrorCode::kIo, args.json_out + ": cannot write");
+  }
+  return 0;
+}
+
+}  // namespace epic::cli
