@@ -138,6 +138,9 @@ struct BadInput {
   std::string message;  // must appear on stderr
 };
 
+// Test names show the case name, not the struct's bytes.
+void PrintTo(const BadInput& input, std::ostream* out) { *out << input.name; }
+
 class CliBadInput : public Cli, public ::testing::WithParamInterface<BadInput> {};
 
 TEST_P(CliBadInput, ClearErrorAndNonZeroExit) {

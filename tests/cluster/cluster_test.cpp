@@ -4,6 +4,7 @@
 // Also: each worker reads only the experts the plan gives it (bytes counted from shard headers).
 #include <sys/wait.h>
 
+#include <cstdlib>
 #include <fstream>
 #include <map>
 #include <set>
@@ -30,6 +31,20 @@ std::string read_file(const fs::path& path) {
   return std::string(std::istreambuf_iterator<char>(file), {});
 }
 
+// OpenMPI on one small machine, as root, in containers (ENVIRONMENT.md): allowed as root,
+// oversubscribed, shared memory without cross-memory attach. A value already set wins.
+[[maybe_unused]] const bool kMpiEnvironmentSet = [] {
+  for (const auto& [name, value] : std::vector<std::pair<const char*, const char*>>{
+           {"OMPI_ALLOW_RUN_AS_ROOT", "1"},
+           {"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"},
+           {"OMPI_MCA_rmaps_base_oversubscribe", "1"},
+           {"OMPI_MCA_btl", "self,vader"},
+           {"OMPI_MCA_pml", "ob1"},
+           {"OMPI_MCA_btl_vader_single_copy_mechanism", "none"}})
+    setenv(name, value, /*overwrite=*/0);
+  return true;
+}();
+
 // Runs epic with `workers` ranks (1: directly, no mpirun) in dir; outputs land in dir.
 Outcome run_epic(int workers, const std::string& args, const fs::path& dir) {
   const std::string launcher =
@@ -46,6 +61,9 @@ struct ClusterCase {
   std::string args;   // prompt and run flags
   std::string cluster_args;  // extra flags for the multi-worker runs only (placement)
 };
+
+// Test names show the case name, not the struct's bytes.
+void PrintTo(const ClusterCase& c, std::ostream* out) { *out << c.name; }
 
 class ClusterMatchesOneProcess : public ::testing::TestWithParam<std::tuple<ClusterCase, int>> {};
 

@@ -16,6 +16,7 @@
 
 #include "coordinator/placement.h"
 #include "kernels/error.h"
+#include "tests/support/expect_error.h"
 
 namespace epic::testing {
 
@@ -128,26 +129,6 @@ inline PlacementRequest random_request(std::mt19937_64& rng, std::string& descri
   return request;
 }
 
-// Runs body and checks it throws epic::Error with `code` and a message containing every word.
-template <typename Body>
-void expect_error(Body&& body, ErrorCode code, std::initializer_list<std::string> words) {
-  try {
-    body();
-  } catch (const Error& error) {
-    const std::string message = error.what();
-    EXPECT_EQ(code, error.code()) << "got code " << error_code_name(error.code())
-                                  << " with message: " << message;
-    for (const std::string& word : words) {
-      EXPECT_NE(std::string::npos, message.find(word)) << "message lacks '" << word << "': " << message;
-    }
-    return;
-  } catch (const std::exception& other) {
-    ADD_FAILURE() << "expected epic::Error(" << error_code_name(code)
-                  << "), got another exception: " << other.what();
-    return;
-  }
-  ADD_FAILURE() << "expected epic::Error(" << error_code_name(code) << "), but nothing was thrown";
-}
 
 // Two plans are the same when every field is equal, loads bit for bit.
 inline void expect_same_plan(const PlacementPlan& expected, const PlacementPlan& actual) {
