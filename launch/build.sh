@@ -6,7 +6,8 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 build_dir="${EPIC_BUILD_DIR:-$repo_root/build}"
 jobs="${EPIC_BUILD_JOBS:-$(nproc)}"
-cmake -S "$repo_root" -B "$build_dir" -G Ninja "$@" >"$build_dir.configure.log" 2>&1 || {
-  cat "$build_dir.configure.log"; echo "build: cmake configure failed (log above)"; exit 1; }
-grep -E "^-- epic:" "$build_dir.configure.log" || true
+mkdir -p "$build_dir"
+cmake -S "$repo_root" -B "$build_dir" -G Ninja "$@" >"$build_dir/configure.log" 2>&1 || {
+  cat "$build_dir/configure.log"; echo "build: cmake configure failed (log above)"; exit 1; }
+grep -E "^-- epic:" "$build_dir/configure.log" || true
 cmake --build "$build_dir" -j "$jobs"
