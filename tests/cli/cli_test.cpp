@@ -174,8 +174,15 @@ INSTANTIATE_TEST_SUITE_P(
                  "does not exist"},
         BadInput{"UnknownPreset", "make-model --preset huge --out /tmp/epic-never", "unknown preset"},
         BadInput{"TokenizeWithoutTokenizer", "tokenize --model {golden}/qwen3_moe_f32 --text hi", "tokenizer.json"},
-        BadInput{"DetokenizeBadId", "detokenize --model {tiny} --ids 99999999", "99999999"}),
+        BadInput{"DetokenizeBadIdList", "detokenize --model {tiny} --ids 1,,2", "(element 2)"}),
     [](const auto& info) { return info.param.name; });
+
+TEST_F(Cli, DetokenizeRejectsIdsOutsideTheVocabulary) {
+  if (!has_tokenizer()) GTEST_SKIP() << "no Qwen3 tokenizer.json: run launch/setup_debian.sh";
+  const Outcome outcome = run_epic("detokenize --model " + tiny().string() + " --ids 99999999", scratch());
+  EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
+  EXPECT_NE(outcome.err.find("99999999"), std::string::npos) << outcome.err;
+}
 
 TEST_F(Cli, MissingExpertsRunWithTheFlag) {
   const Outcome outcome = run_epic(

@@ -4,6 +4,7 @@
 // Also: each worker reads only the experts the plan gives it (bytes counted from shard headers).
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <map>
@@ -183,6 +184,67 @@ TEST(Cluster, MissingExpertsFailOnEveryRankWithoutTheFlag) {
       2, "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "missing_experts").string() + " --prompt-ids 1,2", temp.path());
   EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
   EXPECT_NE(outcome.err.find("--allow-missing-experts"), std::string::npos) << outcome.err;
+}
+
+TEST(Plan, PrintsAPlanCoveringEveryPresentExpertWithinTheSlots) {
+  testing::TempDir temp;
+  const fs::path model = fs::path(EPIC_GOLDEN_DIR) / "pruned_router";
+  const Outcome outcome =
+      run_epic(1, "plan --model " + model.string() + " --workers 3 --slots 4 --out " + (temp.path() / "plan.json").string(),
+               temp.path());
+  ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
+  const json plan = json::parse(outcome.out);
+  EXPECT_EQ(plan, json::parse(read_file(temp.path() / "plan.json")));
+  EXPECT_NE(outcome.err.find("max/mean load"), std::string::npos) << outcome.err;
+  ASSERT_EQ(plan["layers"].size(), 4u);
+  for (const json& layer : plan["layers"]) {
+    // Layer 1's router was pruned to 5 experts; the others have 8.
+    const int64_t num_experts = layer["layer"] == 1 ? 5 : 8;
+    EXPECT_EQ(layer["num_experts"], num_experts);
+    std::set<int64_t> placed;
+    for (const json& worker : layer["workers"]) {
+      EXPECT_LE(worker.size(), 4u);
+      std::set<int64_t> on_worker;
+      for (const json& expert : worker) {
+        EXPECT_TRUE(on_worker.insert(expert.get<int64_t>()).second) << "two replicas on one worker";
+        placed.insert(expert.get<int64_t>());
+      }
+    }
+    EXPECT_EQ(placed.size(), static_cast<size_t>(num_experts)) << "layer " << layer["layer"];
+  }
+}
+
+TEST(Plan, TooFewSlotsIsAClearError) {
+  testing::TempDir temp;
+  const Outcome outcome = run_epic(
+      1, "plan --model " + (fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32").string() + " --workers 2 --slots 3", temp.path());
+  EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
+  EXPECT_NE(outcome.err.find("slots"), std::string::npos) << outcome.err;
+}
+
+TEST(BenchMoe, ReportsEveryPhasePerWorkerAsJsonAndCsv) {
+  testing::TempDir temp;
+  const Outcome outcome = run_epic(2,
+                                   "bench-moe --preset tiny --tokens-per-worker 16 --layers 2 --iterations 2 --json " +
+                                       (temp.path() / "bench.json").string() + " --csv " +
+                                       (temp.path() / "bench.csv").string(),
+                                   temp.path());
+  ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
+  EXPECT_NE(outcome.out.find("per MoE layer call"), std::string::npos) << outcome.out;
+  const json bench = json::parse(read_file(temp.path() / "bench.json"));
+  EXPECT_EQ(bench["workers"], 2);
+  ASSERT_EQ(bench["per_worker"].size(), 2u);
+  double rows = 0;
+  for (const json& worker : bench["per_worker"]) {
+    for (const char* field : {"route_ms", "dispatch_ms", "expert_ms", "combine_ms", "total_ms", "bytes_sent"})
+      EXPECT_TRUE(worker.contains(field)) << field;
+    EXPECT_GT(worker["bytes_sent"].get<double>(), 0) << "two workers must exchange rows";
+    rows += worker["rows_computed"].get<double>();
+  }
+  // 16 tokens x top-2 per worker, over 2 workers: every (token, slot) row is computed once.
+  EXPECT_DOUBLE_EQ(rows, 2 * 16 * 2);
+  const std::string csv = read_file(temp.path() / "bench.csv");
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 3) << csv;  // header + one line per worker
 }
 
 }  // namespace
