@@ -44,8 +44,8 @@ struct PlacementRequest {
   // Per worker over all MoE layers, instead of slots: floor(budget / (expert_bytes * MoE layers))
   // slots per layer, each layer capped at its present count.
   std::optional<uint64_t> budget_bytes;
-  uint64_t expert_bytes = 0;                // bytes of one expert (for budget_bytes)
-  LoadProfile profile;                      // uniform load where a layer has no entry or only zeros
+  uint64_t expert_bytes = 0;  // bytes of one expert (for budget_bytes)
+  LoadProfile profile;        // uniform load where a layer has no entry or only zeros
 };
 
 struct LayerPlacement {
@@ -53,17 +53,18 @@ struct LayerPlacement {
   int64_t num_experts = 0;
   int64_t slots_per_worker = 0;
   std::vector<std::vector<int64_t>> worker_experts;  // worker -> hosted expert ids (ascending)
-  std::vector<std::vector<int>> expert_workers;      // expert -> workers holding a replica (ascending); empty if masked
-  std::vector<double> expert_load;                   // expected load used for planning
-  std::vector<double> worker_load;                   // expected load per worker (replica share = load / replicas)
-  double max_over_mean_load() const;                 // 1.0 = perfect balance
+  std::vector<std::vector<int>>
+      expert_workers;                 // expert -> workers holding a replica (ascending); empty if masked
+  std::vector<double> expert_load;    // expected load used for planning
+  std::vector<double> worker_load;    // expected load per worker (replica share = load / replicas)
+  double max_over_mean_load() const;  // 1.0 = perfect balance
 };
 
 struct PlacementPlan {
   int num_workers = 1;
   std::vector<LayerPlacement> layers;  // MoE layers only, ascending layer index
 
-  const LayerPlacement& layer(int64_t layer_index) const;  // Error(kInternal) if absent
+  const LayerPlacement& layer(int64_t layer_index) const;                // Error(kInternal) if absent
   bool hosts(int worker, int64_t layer_index, int64_t expert_id) const;  // Error(kInternal): bad worker
   // Worker that serves the given occurrence of an expert: the replicas split the occurrences
   // evenly and deterministically: replica (occurrence_key mod replicas), replicas ascending.

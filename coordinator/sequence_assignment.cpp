@@ -19,7 +19,8 @@ std::vector<int> assign_sequences(const std::vector<int64_t>& sequence_costs, in
   std::vector<int64_t> worker_load(num_workers, 0);
   std::vector<int> worker_of(sequence_costs.size(), 0);
   for (size_t sequence : order) {
-    const int worker = static_cast<int>(std::min_element(worker_load.begin(), worker_load.end()) - worker_load.begin());
+    const int worker =
+        static_cast<int>(std::min_element(worker_load.begin(), worker_load.end()) - worker_load.begin());
     worker_of[sequence] = worker;
     worker_load[worker] += sequence_costs[sequence];
   }

@@ -23,8 +23,7 @@ const char* error_code_name(ErrorCode code);
 
 class Error : public std::runtime_error {
  public:
-  Error(ErrorCode code, const std::string& message)
-      : std::runtime_error(message), code_(code) {}
+  Error(ErrorCode code, const std::string& message) : std::runtime_error(message), code_(code) {}
   ErrorCode code() const { return code_; }
 
  private:
@@ -32,9 +31,9 @@ class Error : public std::runtime_error {
 };
 
 // Throws Error(code, message) when condition is false; the message is only built on failure.
-#define EPIC_CHECK(condition, code, message)                         \
-  do {                                                               \
-    if (!(condition)) throw ::epic::Error((code), (message));        \
+#define EPIC_CHECK(condition, code, message)                  \
+  do {                                                        \
+    if (!(condition)) throw ::epic::Error((code), (message)); \
   } while (0)
 
 }  // namespace epic

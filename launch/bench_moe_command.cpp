@@ -7,9 +7,8 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-#include <random>
-
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "comm/communicator.h"
 #include "kernels/backend.h"
@@ -91,7 +90,8 @@ int bench_moe_command(const BenchMoeArgs& args) {
   std::vector<float> out(args.tokens_per_worker * hidden);
   for (int64_t i = 0; i < args.warmup; ++i) {
     ExpertParallelMoeExecutor warm(config, weights, *backend, *comm, table);
-    for (int64_t layer = 0; layer < args.layers; ++layer) warm.forward(layer, tokens.data(), args.tokens_per_worker, out.data());
+    for (int64_t layer = 0; layer < args.layers; ++layer)
+      warm.forward(layer, tokens.data(), args.tokens_per_worker, out.data());
   }
   ExpertParallelMoeExecutor executor(config, weights, *backend, *comm, table);
   comm->barrier();
@@ -102,37 +102,46 @@ int bench_moe_command(const BenchMoeArgs& args) {
   totals.total = std::chrono::duration<double>(clock_type::now() - start).count();
   const MoePhaseStats& stats = executor.stats();
   const double calls = static_cast<double>(stats.calls);
-  const std::vector<double> mine = {stats.route_seconds / calls * 1e3,    stats.dispatch_seconds / calls * 1e3,
-                                    stats.expert_seconds / calls * 1e3,   stats.combine_seconds / calls * 1e3,
-                                    totals.total / calls * 1e3,           stats.bytes_sent / calls,
-                                    stats.bytes_received / calls,         stats.rows_computed / calls,
-                                    stats.rows_sent / calls,              static_cast<double>(totals.experts_hosted)};
+  const std::vector<double> mine = {stats.route_seconds / calls * 1e3,
+                                    stats.dispatch_seconds / calls * 1e3,
+                                    stats.expert_seconds / calls * 1e3,
+                                    stats.combine_seconds / calls * 1e3,
+                                    totals.total / calls * 1e3,
+                                    stats.bytes_sent / calls,
+                                    stats.bytes_received / calls,
+                                    stats.rows_computed / calls,
+                                    stats.rows_sent / calls,
+                                    static_cast<double>(totals.experts_hosted)};
   const std::vector<std::vector<double>> all = comm->all_gather_v<double>(std::span<const double>(mine));
   if (rank != 0) return 0;
 
   const std::string shape = preset.name + " hidden " + std::to_string(hidden) + ", " +
                             std::to_string(config.num_experts) + " experts top-" +
-                            std::to_string(config.num_experts_per_tok) + ", moe_intermediate " + std::to_string(inter);
-  std::printf("bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s), backend %s\n",
-              shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
-              static_cast<long long>(args.layers), static_cast<long long>(args.iterations), backend->name().c_str());
-  std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s\n", "worker", "route", "dispatch",
-              "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts");
+                            std::to_string(config.num_experts_per_tok) + ", moe_intermediate " +
+                            std::to_string(inter);
+  std::printf(
+      "bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s), backend %s\n",
+      shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
+      static_cast<long long>(args.layers), static_cast<long long>(args.iterations), backend->name().c_str());
+  std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s\n", "worker", "route",
+              "dispatch", "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts");
   double max_total = 0, max_rows = 0, sum_rows = 0;
   for (int w = 0; w < num_workers; ++w) {
     const std::vector<double>& r = all[w];
-    std::printf("%6d %9.3f %9.3f %9.3f %9.3f %9.3f %10.3f %10.3f %10.0f %8.0f\n", w, r[0], r[1], r[2], r[3], r[4],
-                r[5] / 1e6, r[6] / 1e6, r[7], r[9]);
+    std::printf("%6d %9.3f %9.3f %9.3f %9.3f %9.3f %10.3f %10.3f %10.0f %8.0f\n", w, r[0], r[1], r[2], r[3],
+                r[4], r[5] / 1e6, r[6] / 1e6, r[7], r[9]);
     max_total = std::max(max_total, r[4]);
     max_rows = std::max(max_rows, r[7]);
     sum_rows += r[7];
   }
   const double tokens_per_second = num_workers * args.tokens_per_worker / (max_total / 1e3);
-  std::printf("slowest worker %.3f ms per layer; %.0f tokens/s per layer over the cluster; expert load max/mean %.3f\n",
-              max_total, tokens_per_second, sum_rows > 0 ? max_rows / (sum_rows / num_workers) : 1.0);
+  std::printf(
+      "slowest worker %.3f ms per layer; %.0f tokens/s per layer over the cluster; expert load max/mean "
+      "%.3f\n",
+      max_total, tokens_per_second, sum_rows > 0 ? max_rows / (sum_rows / num_workers) : 1.0);
 
-  const char* columns[] = {"route_ms", "dispatch_ms", "expert_ms", "combine_ms", "total_ms", "bytes_sent",
-                           "bytes_received", "rows_computed", "rows_sent", "experts_hosted"};
+  const char* columns[] = {"route_ms",   "dispatch_ms",    "expert_ms",     "combine_ms", "total_ms",
+                           "bytes_sent", "bytes_received", "rows_computed", "rows_sent",  "experts_hosted"};
   if (!args.csv_out.empty()) {
     const bool fresh = !std::filesystem::exists(args.csv_out);
     std::ofstream csv(args.csv_out, std::ios::app);
@@ -156,10 +165,16 @@ int bench_moe_command(const BenchMoeArgs& args) {
       for (size_t c = 0; c < std::size(columns); ++c) row[columns[c]] = all[w][c];
       workers.push_back(row);
     }
-    nlohmann::json result = {{"format", "epic-bench-moe-v1"}, {"preset", preset.name}, {"shape", shape},
-                             {"workers", num_workers}, {"tokens_per_worker", args.tokens_per_worker},
-                             {"layers", args.layers}, {"iterations", args.iterations}, {"threads_per_rank", threads},
-                             {"backend", backend->name()}, {"per_worker", workers},
+    nlohmann::json result = {{"format", "epic-bench-moe-v1"},
+                             {"preset", preset.name},
+                             {"shape", shape},
+                             {"workers", num_workers},
+                             {"tokens_per_worker", args.tokens_per_worker},
+                             {"layers", args.layers},
+                             {"iterations", args.iterations},
+                             {"threads_per_rank", threads},
+                             {"backend", backend->name()},
+                             {"per_worker", workers},
                              {"tokens_per_second", tokens_per_second}};
     std::ofstream file(args.json_out);
     file << result.dump(2) << "\n";

@@ -13,8 +13,8 @@ struct MakeModelArgs {
   std::string preset;
   std::string out_dir;
   uint64_t seed = 0;
-  std::string tokenizer_json;      // empty: the default location, if present
-  std::optional<int64_t> layers;   // override num_hidden_layers (a slice of a big preset)
+  std::string tokenizer_json;     // empty: the default location, if present
+  std::optional<int64_t> layers;  // override num_hidden_layers (a slice of a big preset)
 };
 
 struct RunArgs {

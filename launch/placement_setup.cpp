@@ -12,7 +12,8 @@ uint64_t resident_expert_bytes(const ModelConfig& config) {
   return 3ull * config.moe_intermediate_size * config.hidden_size * sizeof(float);
 }
 
-PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory, const PlacementFlags& flags) {
+PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory,
+                             const PlacementFlags& flags) {
   if (flags.slots && flags.budget_bytes)
     throw Error(ErrorCode::kInvalidArgument, "give --slots or --budget-bytes, not both");
   PlacementRequest request;
@@ -20,7 +21,8 @@ PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& i
   request.slots_per_worker = flags.slots;
   request.budget_bytes = flags.budget_bytes;
   request.expert_bytes = resident_expert_bytes(config);
-  for (const auto& [layer, experts] : inventory) request.layers.push_back({layer, experts.num_experts, experts.present});
+  for (const auto& [layer, experts] : inventory)
+    request.layers.push_back({layer, experts.num_experts, experts.present});
   if (!flags.load_profile.empty()) request.profile = LoadProfile::load_file(flags.load_profile);
   return plan_placement(request);
 }
@@ -35,7 +37,8 @@ ExpertRoutingTable routing_table_from_plan(const PlacementPlan& plan) {
 std::string balance_table(const PlacementPlan& plan) {
   std::ostringstream out;
   char line[160];
-  std::snprintf(line, sizeof(line), "%6s %8s %6s %9s %14s\n", "layer", "experts", "slots", "replicas", "max/mean load");
+  std::snprintf(line, sizeof(line), "%6s %8s %6s %9s %14s\n", "layer", "experts", "slots", "replicas",
+                "max/mean load");
   out << line;
   for (const LayerPlacement& layer : plan.layers) {
     int64_t placed = 0, distinct = 0;

@@ -22,7 +22,8 @@ struct PlacementFlags {
 // Bytes one expert occupies on a worker (fp32 on the CPU backend): what --budget-bytes counts.
 uint64_t resident_expert_bytes(const ModelConfig& config);
 
-PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory, const PlacementFlags& flags);
+PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory,
+                             const PlacementFlags& flags);
 
 ExpertRoutingTable routing_table_from_plan(const PlacementPlan& plan);
 

@@ -14,7 +14,8 @@
 namespace epic::cli {
 
 int plan_command(const PlanArgs& args) {
-  if (args.workers < 1) throw Error(ErrorCode::kInvalidArgument, "--workers must be >= 1, got " + std::to_string(args.workers));
+  if (args.workers < 1)
+    throw Error(ErrorCode::kInvalidArgument, "--workers must be >= 1, got " + std::to_string(args.workers));
   const ModelConfig config = ModelConfig::load(args.model_dir);
   Checkpoint checkpoint = Checkpoint::open(args.model_dir);
   const ExpertInventory inventory = inspect_experts(config, checkpoint, args.allow_missing_experts);
@@ -27,8 +28,9 @@ int plan_command(const PlanArgs& args) {
     file << json << "\n";
     if (!file) throw Error(ErrorCode::kIo, args.out + ": cannot write the plan");
   }
-  std::fprintf(stderr, "epic plan: %d workers, %zu MoE layers, %.1f MB per expert (fp32 resident)\n%s", args.workers,
-               plan.layers.size(), resident_expert_bytes(config) / 1e6, balance_table(plan).c_str());
+  std::fprintf(stderr, "epic plan: %d workers, %zu MoE layers, %.1f MB per expert (fp32 resident)\n%s",
+               args.workers, plan.layers.size(), resident_expert_bytes(config) / 1e6,
+               balance_table(plan).c_str());
   return 0;
 }
 

@@ -40,7 +40,8 @@ void run_on_all_ranks(Communicator& comm, const std::function<void()>& phase) {
     phase();
     return std::string();
   });
-  const std::vector<std::vector<char>> all = comm.all_gather_v<char>(std::span<const char>(mine.data(), mine.size()));
+  const std::vector<std::vector<char>> all =
+      comm.all_gather_v<char>(std::span<const char>(mine.data(), mine.size()));
   for (size_t rank = 0; rank < all.size(); ++rank) {
     const std::string wire(all[rank].begin(), all[rank].end());
     if (!wire.empty() && wire[0] == 'E')

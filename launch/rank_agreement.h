@@ -26,8 +26,8 @@ struct SilentFailure {
 // throws the same AgreedError.
 std::string broadcast_from_root(Communicator& comm, int root, const std::function<std::string()>& produce);
 
-// Runs phase() on every rank, then agrees: if any rank threw, every rank throws (as AgreedError) the error of the
-// lowest failing rank, its message prefixed with "rank R: " when there are several ranks.
+// Runs phase() on every rank, then agrees: if any rank threw, every rank throws (as AgreedError) the error of
+// the lowest failing rank, its message prefixed with "rank R: " when there are several ranks.
 void run_on_all_ranks(Communicator& comm, const std::function<void()>& phase);
 
 }  // namespace epic::cli

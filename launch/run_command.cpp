@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-
 #include <nlohmann/json.hpp>
 
 #include "comm/communicator.h"
@@ -57,17 +56,20 @@ std::vector<std::string> read_lines(const std::string& path, const std::string& 
 
 // The prompts of the run as token ids (coordinator side).
 std::vector<std::vector<int32_t>> read_prompts(const RunArgs& args, const ModelConfig& config,
-                                               const std::optional<Tokenizer>& tokenizer, const fs::path& model_dir) {
+                                               const std::optional<Tokenizer>& tokenizer,
+                                               const fs::path& model_dir) {
   const int given = args.prompt.has_value() + args.prompt_ids.has_value() + args.prompts_file.has_value() +
                     args.prompt_ids_file.has_value();
   if (given != 1)
     throw Error(ErrorCode::kInvalidArgument,
-                "give exactly one of --prompt TEXT, --prompt-ids 1,2,3, --prompts-file FILE or --prompt-ids-file FILE");
+                "give exactly one of --prompt TEXT, --prompt-ids 1,2,3, --prompts-file FILE or "
+                "--prompt-ids-file FILE");
   auto encode = [&](const std::string& text, const std::string& where) {
     if (text.empty()) throw Error(ErrorCode::kInvalidArgument, where + " is empty; give some text");
     if (!tokenizer)
-      throw Error(ErrorCode::kInvalidArgument, model_dir.string() + " has no tokenizer.json, so " + where +
-                                                   " cannot be encoded; use --prompt-ids or --prompt-ids-file");
+      throw Error(ErrorCode::kInvalidArgument,
+                  model_dir.string() + " has no tokenizer.json, so " + where +
+                      " cannot be encoded; use --prompt-ids or --prompt-ids-file");
     std::vector<int32_t> ids = tokenizer->encode(text);
     if (ids.empty()) throw Error(ErrorCode::kInvalidArgument, where + " encodes to no tokens");
     return ids;
@@ -89,19 +91,21 @@ std::vector<std::vector<int32_t>> read_prompts(const RunArgs& args, const ModelC
     for (size_t i = 0; i < prompts[p].size(); ++i)
       if (prompts[p][i] >= config.vocab_size)
         throw Error(ErrorCode::kInvalidArgument,
-                    (prompts.size() > 1 ? "prompt " + std::to_string(p + 1) + ": " : std::string()) + "token " +
-                        std::to_string(prompts[p][i]) + " (position " + std::to_string(i) +
+                    (prompts.size() > 1 ? "prompt " + std::to_string(p + 1) + ": " : std::string()) +
+                        "token " + std::to_string(prompts[p][i]) + " (position " + std::to_string(i) +
                         ") is outside the model's vocabulary [0, " + std::to_string(config.vocab_size) + ")");
   return prompts;
 }
 
 void check_flags(const RunArgs& args) {
   if (args.max_new_tokens < 0)
-    throw Error(ErrorCode::kInvalidArgument, "--max-new-tokens must be >= 0, got " + std::to_string(args.max_new_tokens));
+    throw Error(ErrorCode::kInvalidArgument,
+                "--max-new-tokens must be >= 0, got " + std::to_string(args.max_new_tokens));
   Sampler check({args.temperature, args.top_p, args.seed});  // validates the sampling flags
   if (!(args.comm_timeout_seconds > 0))
     throw Error(ErrorCode::kInvalidArgument, "--comm-timeout must be > 0 seconds");
-  for (const std::string* out : {&args.logits_out, &args.load_profile_out, &args.placement_out, &args.report_out}) {
+  for (const std::string* out :
+       {&args.logits_out, &args.load_profile_out, &args.placement_out, &args.report_out}) {
     if (out->empty()) continue;
     const fs::path parent = fs::absolute(*out).parent_path();
     if (!fs::is_directory(parent))
@@ -128,7 +132,8 @@ CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConf
     std::ofstream(args.placement_out) << placement.to_json_text();
   }
   std::vector<int64_t> costs;
-  for (const auto& prompt : output.prompts) costs.push_back(static_cast<int64_t>(prompt.size()) + args.max_new_tokens);
+  for (const auto& prompt : output.prompts)
+    costs.push_back(static_cast<int64_t>(prompt.size()) + args.max_new_tokens);
   const std::vector<int> worker_of = assign_sequences(costs, num_workers);
   output.plan.placement = placement.to_cereal_bytes();
   output.plan.allow_missing_experts = args.allow_missing_experts;
@@ -149,8 +154,8 @@ CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConf
 
 // Rank 0: results in prompt order, logits, load profile, per-worker report.
 void print_results(const RunArgs& args, const ModelConfig& config, const std::optional<Tokenizer>& tokenizer,
-                   const std::vector<std::vector<int32_t>>& prompts, const std::vector<wire::WorkerReport>& reports,
-                   double run_seconds) {
+                   const std::vector<std::vector<int32_t>>& prompts,
+                   const std::vector<wire::WorkerReport>& reports, double run_seconds) {
   std::vector<const wire::Result*> by_sequence(prompts.size(), nullptr);
   for (const wire::WorkerReport& report : reports)
     for (const wire::Result& result : report.results) by_sequence.at(result.sequence_id) = &result;
@@ -161,7 +166,8 @@ void print_results(const RunArgs& args, const ModelConfig& config, const std::op
     const wire::Result& result = *by_sequence.at(i);
     prompt_tokens += static_cast<int64_t>(prompts[i].size());
     generated += static_cast<int64_t>(result.new_ids.size());
-    if (!args.logits_out.empty()) logits.insert(logits.end(), result.prompt_logits.begin(), result.prompt_logits.end());
+    if (!args.logits_out.empty())
+      logits.insert(logits.end(), result.prompt_logits.begin(), result.prompt_logits.end());
     if (several) {
       // One JSON object per line: safe for text with newlines, easy to collect in scaling studies.
       nlohmann::json line = {{"sequence", i}, {"ids", result.new_ids}};
@@ -174,8 +180,7 @@ void print_results(const RunArgs& args, const ModelConfig& config, const std::op
     }
   }
   std::fflush(stdout);
-  if (!args.logits_out.empty())
-    write_npy_f32(args.logits_out, {prompt_tokens, config.vocab_size}, logits);
+  if (!args.logits_out.empty()) write_npy_f32(args.logits_out, {prompt_tokens, config.vocab_size}, logits);
   if (!args.load_profile_out.empty()) {
     LoadProfile profile;
     for (const wire::WorkerReport& report : reports)
@@ -189,32 +194,45 @@ void print_results(const RunArgs& args, const ModelConfig& config, const std::op
   if (!args.report_out.empty()) {
     nlohmann::json workers = nlohmann::json::array();
     for (const wire::WorkerReport& r : reports) {
-      workers.push_back({{"rank", r.rank}, {"sequences", r.sequences}, {"tokens_processed", r.tokens_processed},
-                         {"steps", r.steps}, {"experts_hosted", r.experts_hosted}, {"bytes_read", r.bytes_read},
-                         {"resident_bytes", r.resident_bytes}, {"load_seconds", r.load_seconds},
-                         {"run_seconds", r.run_seconds}, {"route_seconds", r.route_seconds},
-                         {"dispatch_seconds", r.dispatch_seconds}, {"expert_seconds", r.expert_seconds},
-                         {"combine_seconds", r.combine_seconds}, {"bytes_sent", r.bytes_sent},
-                         {"bytes_received", r.bytes_received}, {"rows_computed", r.rows_computed}});
+      workers.push_back({{"rank", r.rank},
+                         {"sequences", r.sequences},
+                         {"tokens_processed", r.tokens_processed},
+                         {"steps", r.steps},
+                         {"experts_hosted", r.experts_hosted},
+                         {"bytes_read", r.bytes_read},
+                         {"resident_bytes", r.resident_bytes},
+                         {"load_seconds", r.load_seconds},
+                         {"run_seconds", r.run_seconds},
+                         {"route_seconds", r.route_seconds},
+                         {"dispatch_seconds", r.dispatch_seconds},
+                         {"expert_seconds", r.expert_seconds},
+                         {"combine_seconds", r.combine_seconds},
+                         {"bytes_sent", r.bytes_sent},
+                         {"bytes_received", r.bytes_received},
+                         {"rows_computed", r.rows_computed}});
     }
-    nlohmann::json report = {{"format", "epic-run-report-v1"}, {"workers", workers}, {"run_seconds", run_seconds},
+    nlohmann::json report = {{"format", "epic-run-report-v1"},
+                             {"workers", workers},
+                             {"run_seconds", run_seconds},
                              {"sequences", prompts.size()}};
     std::ofstream file(args.report_out);
     file << report.dump(2) << "\n";
     if (!file) throw Error(ErrorCode::kIo, args.report_out + ": cannot write the report");
   }
-  std::fprintf(stderr, "epic run: %lld prompt tokens, %lld generated in %.3f s; %zu sequence(s) on %zu worker(s)\n",
-               static_cast<long long>(prompt_tokens), static_cast<long long>(generated), run_seconds, prompts.size(),
-               reports.size());
+  std::fprintf(stderr,
+               "epic run: %lld prompt tokens, %lld generated in %.3f s; %zu sequence(s) on %zu worker(s)\n",
+               static_cast<long long>(prompt_tokens), static_cast<long long>(generated), run_seconds,
+               prompts.size(), reports.size());
   std::fprintf(stderr, "%6s %5s %7s %6s %8s %11s %12s %11s %9s %9s %9s %9s %9s\n", "worker", "seqs", "tokens",
                "steps", "experts", "MB read", "MB resident", "rows done", "MB sent", "route s", "dispatch s",
                "expert s", "combine s");
   for (const wire::WorkerReport& r : reports) {
-    std::fprintf(stderr, "%6d %5lld %7lld %6lld %8lld %11.3f %12.3f %11lld %9.3f %9.4f %9.4f %9.4f %9.4f\n", r.rank,
-                 static_cast<long long>(r.sequences), static_cast<long long>(r.tokens_processed),
-                 static_cast<long long>(r.steps), static_cast<long long>(r.experts_hosted), r.bytes_read / 1e6,
-                 r.resident_bytes / 1e6, static_cast<long long>(r.rows_computed), r.bytes_sent / 1e6, r.route_seconds,
-                 r.dispatch_seconds, r.expert_seconds, r.combine_seconds);
+    std::fprintf(stderr, "%6d %5lld %7lld %6lld %8lld %11.3f %12.3f %11lld %9.3f %9.4f %9.4f %9.4f %9.4f\n",
+                 r.rank, static_cast<long long>(r.sequences), static_cast<long long>(r.tokens_processed),
+                 static_cast<long long>(r.steps), static_cast<long long>(r.experts_hosted),
+                 r.bytes_read / 1e6, r.resident_bytes / 1e6, static_cast<long long>(r.rows_computed),
+                 r.bytes_sent / 1e6, r.route_seconds, r.dispatch_seconds, r.expert_seconds,
+                 r.combine_seconds);
   }
 }
 
@@ -271,7 +289,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   std::vector<SequenceRequest> mine;
   for (const wire::Sequence& s : plan.sequences) {
     if (s.worker != comm->rank()) continue;
-    mine.push_back({s.sequence_id, s.prompt, s.max_new_tokens, s.want_prompt_logits, {s.temperature, s.top_p, s.seed}});
+    mine.push_back(
+        {s.sequence_id, s.prompt, s.max_new_tokens, s.want_prompt_logits, {s.temperature, s.top_p, s.seed}});
   }
   auto backend = make_cpu_backend(default_cpu_threads());
   ExpertParallelMoeExecutor executor(*config, weights, *backend, *comm, table);
@@ -286,7 +305,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.rank = comm->rank();
   report.bytes_read = weights.bytes_read;
   report.resident_bytes = weights.resident_bytes();
-  for (const LayerWeights& layer : weights.layers) report.experts_hosted += static_cast<int64_t>(layer.moe.experts.size());
+  for (const LayerWeights& layer : weights.layers)
+    report.experts_hosted += static_cast<int64_t>(layer.moe.experts.size());
   report.sequences = static_cast<int64_t>(mine.size());
   report.steps = stats.steps;
   report.tokens_processed = stats.tokens_processed;

@@ -2,16 +2,15 @@
 // back after it (its results and report), serialised with cereal. Versioned: a mismatch is an error.
 #pragma once
 
+#include <cereal/archives/binary.hpp>
+#include <cereal/types/map.hpp>
+#include <cereal/types/string.hpp>
+#include <cereal/types/vector.hpp>
 #include <cstdint>
 #include <map>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <cereal/archives/binary.hpp>
-#include <cereal/types/map.hpp>
-#include <cereal/types/string.hpp>
-#include <cereal/types/vector.hpp>
 
 #include "kernels/error.h"
 
@@ -68,9 +67,9 @@ struct WorkerReport {
   std::vector<Result> results;
   template <class Archive>
   void serialize(Archive& ar) {
-    ar(version, rank, bytes_read, resident_bytes, experts_hosted, sequences, steps, tokens_processed, load_seconds,
-       run_seconds, route_seconds, dispatch_seconds, expert_seconds, combine_seconds, bytes_sent, bytes_received,
-       rows_computed, expert_rows, results);
+    ar(version, rank, bytes_read, resident_bytes, experts_hosted, sequences, steps, tokens_processed,
+       load_seconds, run_seconds, route_seconds, dispatch_seconds, expert_seconds, combine_seconds,
+       bytes_sent, bytes_received, rows_computed, expert_rows, results);
   }
 };
 
@@ -96,9 +95,9 @@ T from_bytes(const std::string& bytes, uint32_t expected_version, const char* wh
     throw Error(ErrorCode::kCommunication, std::string("corrupt ") + what + " message (" + e.what() + ")");
   }
   if (value.version != expected_version)
-    throw Error(ErrorCode::kCommunication, std::string(what) + " message has version " + std::to_string(value.version) +
-                                               ", expected " + std::to_string(expected_version) +
-                                               "; every rank must run the same epic build");
+    throw Error(ErrorCode::kCommunication,
+                std::string(what) + " message has version " + std::to_string(value.version) + ", expected " +
+                    std::to_string(expected_version) + "; every rank must run the same epic build");
   return value;
 }
 

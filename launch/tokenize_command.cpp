@@ -14,7 +14,8 @@ namespace {
 Tokenizer load_tokenizer(const std::string& model_dir) {
   const std::filesystem::path path = std::filesystem::path(model_dir) / "tokenizer.json";
   if (!std::filesystem::exists(path))
-    throw Error(ErrorCode::kInvalidArgument, path.string() + " does not exist; --model must name a directory holding tokenizer.json");
+    throw Error(ErrorCode::kInvalidArgument,
+                path.string() + " does not exist; --model must name a directory holding tokenizer.json");
   return Tokenizer::load(path);
 }
 

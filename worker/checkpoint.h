@@ -40,8 +40,8 @@ class Checkpoint {
   // shape/dtype found, what the config expects, and a hint to fix the config or checkpoint.
   std::vector<float> read_f32(const std::string& tensor_name, const std::vector<int64_t>& expected_shape);
 
-  uint64_t bytes_read() const;   // tensor data bytes read, summed over every shard
-  size_t num_shards() const;     // distinct shard files the index names
+  uint64_t bytes_read() const;  // tensor data bytes read, summed over every shard
+  size_t num_shards() const;    // distinct shard files the index names
 
  private:
   SafetensorsFile& shard(const std::string& file_name);

@@ -35,7 +35,8 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const float* hidden, int6
 
   // Route: every worker holds the router, so routing needs no communication.
   auto start = clock::now();
-  const Routing routing = route_tokens(backend_, moe, hidden, num_tokens, hidden_size, top_k, config_.norm_topk_prob);
+  const Routing routing =
+      route_tokens(backend_, moe, hidden, num_tokens, hidden_size, top_k, config_.norm_topk_prob);
   const int64_t num_slots = num_tokens * top_k;
   // Destination of every slot. Occurrences of one expert rotate over its replicas, starting at an
   // offset given by this rank, so replicas share the rows evenly across the whole cluster.
@@ -60,7 +61,8 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const float* hidden, int6
   for (int64_t i = 0; i < num_slots; ++i) {
     const int64_t slot = send_order[i];
     send_experts[i] = routing.expert_ids[slot];
-    std::memcpy(&send_rows[i * hidden_size], hidden + (slot / top_k) * hidden_size, hidden_size * sizeof(float));
+    std::memcpy(&send_rows[i * hidden_size], hidden + (slot / top_k) * hidden_size,
+                hidden_size * sizeof(float));
   }
   stats_.route_seconds += seconds_since(start);
   stats_.rows_sent += num_slots;
@@ -110,7 +112,8 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const float* hidden, int6
       comm_.all_to_all_v_known<float>(std::span<const float>(computed), recv_floats, send_floats);
   std::vector<float> slot_outputs(num_slots * hidden_size);
   for (int64_t i = 0; i < num_slots; ++i)
-    std::memcpy(&slot_outputs[send_order[i] * hidden_size], &returned[i * hidden_size], hidden_size * sizeof(float));
+    std::memcpy(&slot_outputs[send_order[i] * hidden_size], &returned[i * hidden_size],
+                hidden_size * sizeof(float));
   combine_top_k(routing, slot_outputs.data(), hidden_size, out);
   stats_.combine_seconds += seconds_since(start);
   stats_.bytes_sent += comm_.bytes_sent() - sent_before;

@@ -26,7 +26,8 @@ int ExpertRoutingTable::worker_for(int64_t layer, int64_t expert_id, uint64_t oc
   return workers[occurrence_key % workers.size()];
 }
 
-ExpertRoutingTable ExpertRoutingTable::single_worker(const std::map<int64_t, std::vector<uint8_t>>& present_by_layer) {
+ExpertRoutingTable ExpertRoutingTable::single_worker(
+    const std::map<int64_t, std::vector<uint8_t>>& present_by_layer) {
   ExpertRoutingTable table;
   for (const auto& [layer, present] : present_by_layer) {
     std::vector<std::vector<int>>& experts = table.expert_workers[layer];

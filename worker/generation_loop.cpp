@@ -40,7 +40,8 @@ std::vector<SequenceResult> run_generation(ModelRunner& runner, const std::vecto
     if (static_cast<int64_t>(results[i].new_ids.size()) >= sequences[i].max_new_tokens) return false;
     const int32_t next = samplers[i].sample(std::span<const float>(last_logits, vocab));
     results[i].new_ids.push_back(next);
-    const bool eos = std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) != config.eos_token_ids.end();
+    const bool eos = std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
+                     config.eos_token_ids.end();
     return !eos && static_cast<int64_t>(results[i].new_ids.size()) < sequences[i].max_new_tokens;
   };
 
@@ -75,7 +76,8 @@ std::vector<SequenceResult> run_generation(ModelRunner& runner, const std::vecto
     }
     local_stats.tokens_processed += static_cast<int64_t>(chunks.size());
     std::vector<std::vector<float>> logits = runner.forward_batch(chunks);
-    for (size_t c = 0; c < chunks.size(); ++c) active[chunk_sequence[c]] = advance(chunk_sequence[c], logits[c].data());
+    for (size_t c = 0; c < chunks.size(); ++c)
+      active[chunk_sequence[c]] = advance(chunk_sequence[c], logits[c].data());
     ++local_stats.steps;
   }
   if (stats) *stats = local_stats;

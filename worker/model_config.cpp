@@ -3,10 +3,9 @@
 
 #include <cmath>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "kernels/error.h"
 
@@ -54,8 +53,7 @@ class FieldReader {
   int64_t integer(const std::string& key) const {
     require(key);
     const json& value = object_[key];
-    if (!value.is_number_integer())
-      fail(source_, where(key) + " must be an integer, got " + value.dump());
+    if (!value.is_number_integer()) fail(source_, where(key) + " must be an integer, got " + value.dump());
     return value.get<int64_t>();
   }
   double finite_number(const std::string& key) const {
@@ -114,8 +112,9 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
   } else if (root.contains("thinker_config")) {
     architecture = "Qwen3OmniMoeForConditionalGeneration";
   } else {
-    fail(source, "has no \"architectures\" list naming the model class; supported: Qwen3MoeForCausalLM, "
-                 "Qwen3OmniMoeForConditionalGeneration");
+    fail(source,
+         "has no \"architectures\" list naming the model class; supported: Qwen3MoeForCausalLM, "
+         "Qwen3OmniMoeForConditionalGeneration");
   }
   config.architecture_name = architecture;
 
@@ -161,7 +160,8 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     tie = field.boolean_or("tie_word_embeddings", false);
   } else if (config.architecture == Architecture::kQwen3OmniThinker &&
              root["thinker_config"].contains("tie_word_embeddings")) {
-    tie = FieldReader(root["thinker_config"], source, "thinker_config.").boolean_or("tie_word_embeddings", false);
+    tie = FieldReader(root["thinker_config"], source, "thinker_config.")
+              .boolean_or("tie_word_embeddings", false);
   } else if (root.contains("tie_word_embeddings")) {
     tie = FieldReader(root, source, "").boolean_or("tie_word_embeddings", false);
   }
@@ -174,7 +174,8 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
       if (!layer.is_number_integer() || layer.get<int64_t>() < 0 ||
           layer.get<int64_t>() >= config.num_hidden_layers)
         fail(source, field.where("mlp_only_layers") + " holds " + layer.dump() +
-                         ", which is not a layer index in [0, " + std::to_string(config.num_hidden_layers) + ")");
+                         ", which is not a layer index in [0, " + std::to_string(config.num_hidden_layers) +
+                         ")");
       config.mlp_only_layers.push_back(layer.get<int64_t>());
     }
   }
@@ -190,8 +191,8 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     for (const char* type_key : {"rope_type", "type"})
       if (rope.contains(type_key) && rope[type_key].is_string()) type = rope[type_key].get<std::string>();
     if (type != "default" && type != "mrope")
-      throw Error(ErrorCode::kUnsupported, source + ": " + field.where(key) + " asks for rope type \"" + type +
-                                               "\"; epic implements the default rope only");
+      throw Error(ErrorCode::kUnsupported, source + ": " + field.where(key) + " asks for rope type \"" +
+                                               type + "\"; epic implements the default rope only");
     if (rope_field.has("rope_theta")) config.rope_theta = rope_field.finite_number("rope_theta");
   }
   if (field.has("rope_theta")) config.rope_theta = field.finite_number("rope_theta");
@@ -200,12 +201,14 @@ ModelConfig ModelConfig::from_json_text(const std::string& text, const std::stri
     throw Error(ErrorCode::kUnsupported, source + ": " + field.where("use_sliding_window") +
                                              " is true; epic implements full causal attention only");
   if (field.boolean_or("attention_bias", false))
-    throw Error(ErrorCode::kUnsupported, source + ": " + field.where("attention_bias") +
-                                             " is true; Qwen3-MoE attention has no bias and epic does not load one");
+    throw Error(ErrorCode::kUnsupported,
+                source + ": " + field.where("attention_bias") +
+                    " is true; Qwen3-MoE attention has no bias and epic does not load one");
 
   if (config.num_attention_heads % config.num_key_value_heads != 0)
     fail(source, "num_attention_heads (" + std::to_string(config.num_attention_heads) +
-                     ") must be a multiple of num_key_value_heads (" + std::to_string(config.num_key_value_heads) + ")");
+                     ") must be a multiple of num_key_value_heads (" +
+                     std::to_string(config.num_key_value_heads) + ")");
   if (config.head_dim % 2 != 0) fail(source, field.where("head_dim") + " must be even for rotary embeddings");
 
   bool any_moe = false, any_dense = false;
@@ -237,8 +240,9 @@ ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {
   const std::filesystem::path path = model_dir / "config.json";
   std::ifstream file(path, std::ios::binary);
   if (!file) {
-    throw Error(ErrorCode::kIo, path.string() + ": cannot open; --model must name a Hugging Face model "
-                                                "directory holding config.json and the safetensors weights");
+    throw Error(ErrorCode::kIo, path.string() +
+                                    ": cannot open; --model must name a Hugging Face model "
+                                    "directory holding config.json and the safetensors weights");
   }
   std::stringstream buffer;
   buffer << file.rdbuf();
@@ -264,7 +268,8 @@ std::string ModelConfig::to_json_text() const {
   text["tie_word_embeddings"] = tie_word_embeddings;
   text["hidden_act"] = "silu";
   text["attention_bias"] = false;
-  if (!eos_token_ids.empty()) text["eos_token_id"] = eos_token_ids.size() == 1 ? json(eos_token_ids[0]) : json(eos_token_ids);
+  if (!eos_token_ids.empty())
+    text["eos_token_id"] = eos_token_ids.size() == 1 ? json(eos_token_ids[0]) : json(eos_token_ids);
   json root;
   if (architecture == Architecture::kQwen3Moe) {
     root = text;

@@ -26,7 +26,8 @@ ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights,
   executor_ = executor != nullptr ? executor : local_executor_.get();
 }
 
-void ModelRunner::attention_block(int64_t layer, const float* normed, const SequenceChunk& chunk, float* out) {
+void ModelRunner::attention_block(int64_t layer, const float* normed, const SequenceChunk& chunk,
+                                  float* out) {
   const LayerWeights& w = weights_.layers[layer];
   const int64_t num_tokens = static_cast<int64_t>(chunk.tokens.size());
   const int64_t hidden = config_.hidden_size, head_dim = config_.head_dim;
@@ -40,8 +41,10 @@ void ModelRunner::attention_block(int64_t layer, const float* normed, const Sequ
   backend_.linear(normed, w.k_proj.data(), k.data(), num_tokens, hidden, kv_dim);
   backend_.linear(normed, w.v_proj.data(), v.data(), num_tokens, hidden, kv_dim);
   // q_norm / k_norm act on each head's vector, before rotary embedding.
-  backend_.rms_norm(q.data(), w.q_norm.data(), q.data(), num_tokens * num_heads, head_dim, config_.rms_norm_eps);
-  backend_.rms_norm(k.data(), w.k_norm.data(), k.data(), num_tokens * num_kv_heads, head_dim, config_.rms_norm_eps);
+  backend_.rms_norm(q.data(), w.q_norm.data(), q.data(), num_tokens * num_heads, head_dim,
+                    config_.rms_norm_eps);
+  backend_.rms_norm(k.data(), w.k_norm.data(), k.data(), num_tokens * num_kv_heads, head_dim,
+                    config_.rms_norm_eps);
   std::vector<int32_t> positions(num_tokens);
   for (int64_t t = 0; t < num_tokens; ++t) positions[t] = static_cast<int32_t>(first_position + t);
   backend_.rope(q.data(), positions.data(), num_tokens, num_heads, head_dim, config_.rope_theta);
@@ -53,8 +56,8 @@ void ModelRunner::attention_block(int64_t layer, const float* normed, const Sequ
   values.insert(values.end(), v.begin(), v.end());
 
   std::vector<float> attended(num_tokens * q_dim);
-  backend_.attention(q.data(), keys.data(), values.data(), attended.data(), num_tokens, first_position + num_tokens,
-                     first_position, num_heads, num_kv_heads, head_dim);
+  backend_.attention(q.data(), keys.data(), values.data(), attended.data(), num_tokens,
+                     first_position + num_tokens, first_position, num_heads, num_kv_heads, head_dim);
   backend_.linear(attended.data(), w.o_proj.data(), out, num_tokens, q_dim, hidden);
 }
 
@@ -71,7 +74,8 @@ std::vector<std::vector<float>> ModelRunner::forward_batch(std::span<const Seque
   std::vector<float> x(num_rows * hidden);
   for (size_t c = 0; c < chunks.size(); ++c)
     for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
-      std::memcpy(&x[(first_row[c] + t) * hidden], &weights_.embed[static_cast<int64_t>(chunks[c].tokens[t]) * hidden],
+      std::memcpy(&x[(first_row[c] + t) * hidden],
+                  &weights_.embed[static_cast<int64_t>(chunks[c].tokens[t]) * hidden],
                   hidden * sizeof(float));
 
   std::vector<float> normed(num_rows * hidden), block_out(num_rows * hidden);
@@ -81,12 +85,13 @@ std::vector<std::vector<float>> ModelRunner::forward_batch(std::span<const Seque
     for (size_t c = 0; c < chunks.size(); ++c)
       attention_block(layer, &normed[first_row[c] * hidden], chunks[c], &block_out[first_row[c] * hidden]);
     backend_.add(block_out.data(), x.data(), num_rows * hidden);
-    backend_.rms_norm(x.data(), w.post_attention_norm.data(), normed.data(), num_rows, hidden, config_.rms_norm_eps);
+    backend_.rms_norm(x.data(), w.post_attention_norm.data(), normed.data(), num_rows, hidden,
+                      config_.rms_norm_eps);
     if (w.is_moe) {
       executor_->forward(layer, normed.data(), num_rows, block_out.data());
     } else {
-      swiglu_ffn(backend_, normed.data(), w.dense.gate.data(), w.dense.up.data(), w.dense.down.data(), num_rows,
-                 hidden, config_.intermediate_size, block_out.data());
+      swiglu_ffn(backend_, normed.data(), w.dense.gate.data(), w.dense.up.data(), w.dense.down.data(),
+                 num_rows, hidden, config_.intermediate_size, block_out.data());
     }
     backend_.add(block_out.data(), x.data(), num_rows * hidden);
   }
@@ -106,7 +111,8 @@ std::vector<std::vector<float>> ModelRunner::forward_batch(std::span<const Seque
                     config_.rms_norm_eps);
   const int64_t vocab = config_.vocab_size;
   std::vector<float> logits(num_wanted * vocab);
-  backend_.linear(selected.data(), weights_.output_projection().data(), logits.data(), num_wanted, hidden, vocab);
+  backend_.linear(selected.data(), weights_.output_projection().data(), logits.data(), num_wanted, hidden,
+                  vocab);
 
   std::vector<std::vector<float>> per_chunk(chunks.size());
   int64_t cursor = 0;
@@ -138,7 +144,8 @@ GenerationResult generate(ModelRunner& runner, std::span<const int32_t> prompt, 
   for (int64_t step = 0; step < max_new_tokens; ++step) {
     const int32_t next = sampler.sample(last);
     result.new_ids.push_back(next);
-    if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) != config.eos_token_ids.end())
+    if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
+        config.eos_token_ids.end())
       break;
     if (step + 1 == max_new_tokens) break;
     const int32_t token[1] = {next};

@@ -20,7 +20,8 @@ namespace epic {
 struct KvCache {
   std::vector<std::vector<float>> keys, values;
   int64_t length = 0;
-  explicit KvCache(const ModelConfig& config) : keys(config.num_hidden_layers), values(config.num_hidden_layers) {}
+  explicit KvCache(const ModelConfig& config)
+      : keys(config.num_hidden_layers), values(config.num_hidden_layers) {}
 };
 
 // The next tokens of one sequence in a batched forward pass.

@@ -52,7 +52,8 @@ std::vector<std::string> expert_tensor_names(const ModelConfig& config, int64_t 
   return {base + "gate_proj.weight", base + "up_proj.weight", base + "down_proj.weight"};
 }
 
-ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint, bool allow_missing_experts) {
+ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint,
+                                bool allow_missing_experts) {
   const int64_t hidden = config.hidden_size;
   ExpertInventory inventory;
   std::vector<MissingExpert> missing;
@@ -81,10 +82,9 @@ ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoin
         for (const std::string& sibling : expert_tensor_names(config, layer, expert))
           if (auto shard = checkpoint.shard_of(sibling)) sibling_shard = *shard;
         where = name + " is not in the checkpoint; " +
-                (sibling_shard.empty()
-                     ? "the index puts layer " + std::to_string(layer) + "'s router in " +
-                           checkpoint.shard_of(router_name).value_or("?")
-                     : "the index puts this expert's other tensors in " + sibling_shard);
+                (sibling_shard.empty() ? "the index puts layer " + std::to_string(layer) + "'s router in " +
+                                             checkpoint.shard_of(router_name).value_or("?")
+                                       : "the index puts this expert's other tensors in " + sibling_shard);
         break;
       }
       if (!where.empty()) {
@@ -102,12 +102,14 @@ ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoin
       throw Error(ErrorCode::kMissingExperts,
                   checkpoint.directory().string() + ": layer " + std::to_string(layer) + " has " +
                       std::to_string(num_present) + " present experts but num_experts_per_tok is " +
-                      std::to_string(config.num_experts_per_tok) + "; top-k needs at least that many experts");
+                      std::to_string(config.num_experts_per_tok) +
+                      "; top-k needs at least that many experts");
   }
   return inventory;
 }
 
-ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint, const LoadOptions& options) {
+ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint,
+                                const LoadOptions& options) {
   const int64_t hidden = config.hidden_size;
   const int64_t q_dim = config.num_attention_heads * config.head_dim;
   const int64_t kv_dim = config.num_key_value_heads * config.head_dim;
@@ -116,7 +118,8 @@ ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoin
   // Check experts first: a missing expert should fail before minutes of reading.
   const ExpertInventory inventory = inspect_experts(config, checkpoint, options.allow_missing_experts);
 
-  weights.embed = checkpoint.read_f32(config.tensor_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
+  weights.embed =
+      checkpoint.read_f32(config.tensor_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
   weights.final_norm = checkpoint.read_f32(config.tensor_prefix + "norm.weight", {hidden});
   if (!config.tie_word_embeddings)
     weights.lm_head = checkpoint.read_f32(config.lm_head_name, {config.vocab_size, hidden});

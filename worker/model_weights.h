@@ -20,9 +20,9 @@ struct ExpertWeights {
 };
 
 struct MoeLayerWeights {
-  int64_t num_experts = 0;       // the router's rows: this layer's expert count
-  std::vector<float> router;     // [num_experts, hidden]
-  std::vector<uint8_t> present;  // [num_experts]: 1 when the checkpoint has the expert
+  int64_t num_experts = 0;                   // the router's rows: this layer's expert count
+  std::vector<float> router;                 // [num_experts, hidden]
+  std::vector<uint8_t> present;              // [num_experts]: 1 when the checkpoint has the expert
   std::map<int64_t, ExpertWeights> experts;  // the hosted (and present) experts only
   int64_t num_present() const;
 };
@@ -47,7 +47,7 @@ struct ModelWeights {
   std::vector<float> final_norm;  // [hidden]
   std::vector<float> lm_head;     // [vocab, hidden]; empty when tied to embed
   std::vector<LayerWeights> layers;
-  uint64_t bytes_read = 0;        // checkpoint bytes read to build these weights
+  uint64_t bytes_read = 0;  // checkpoint bytes read to build these weights
   uint64_t resident_bytes() const;
   const std::vector<float>& output_projection() const { return lm_head.empty() ? embed : lm_head; }
 };
@@ -70,11 +70,13 @@ using ExpertInventory = std::map<int64_t, LayerExpertInventory>;  // MoE layer -
 // Throws Error(kMissingExperts) listing every missing (layer, expert) and the shard the index
 // points at unless allow_missing_experts; Error(kInvalidCheckpoint) for a router of the wrong
 // shape; Error(kMissingExperts) when a layer keeps fewer present experts than top-k.
-ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint, bool allow_missing_experts);
+ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint,
+                                bool allow_missing_experts);
 
 // Throws what inspect_experts throws, and Error(kInvalidCheckpoint) for absent dense tensors or
 // wrong shapes/dtypes (naming file, tensor, found and expected shape).
-ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint, const LoadOptions& options);
+ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint,
+                                const LoadOptions& options);
 
 // The tensor names of one expert: gate_proj, up_proj, down_proj.
 std::vector<std::string> expert_tensor_names(const ModelConfig& config, int64_t layer, int64_t expert_id);

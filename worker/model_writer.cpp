@@ -4,10 +4,9 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
-
-#include <nlohmann/json.hpp>
 
 #include "kernels/error.h"
 
@@ -46,7 +45,8 @@ std::vector<float> random_values(const TensorPlan& plan, uint64_t seed) {
                             : plan.init == TensorPlan::Init::kEmbedding ? std::sqrt(3.0)
                                                                         : std::sqrt(3.0 / plan.shape.back());
   const double center = plan.init == TensorPlan::Init::kNorm ? 1.0 : 0.0;
-  const int64_t num_threads = std::clamp<int64_t>(count / (1 << 20), 1, std::max(1u, std::thread::hardware_concurrency()));
+  const int64_t num_threads =
+      std::clamp<int64_t>(count / (1 << 20), 1, std::max(1u, std::thread::hardware_concurrency()));
   std::vector<std::thread> threads;
   for (int64_t t = 0; t < num_threads; ++t) {
     threads.emplace_back([&, t] {
@@ -62,7 +62,8 @@ std::vector<float> random_values(const TensorPlan& plan, uint64_t seed) {
 
 std::vector<TensorPlan> plan_tensors(const ModelConfig& c) {
   using Init = TensorPlan::Init;
-  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim, kv = c.num_key_value_heads * c.head_dim;
+  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim,
+                kv = c.num_key_value_heads * c.head_dim;
   std::vector<TensorPlan> plan;
   plan.push_back({c.tensor_prefix + "embed_tokens.weight", {c.vocab_size, h}, Init::kEmbedding});
   for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
@@ -106,7 +107,8 @@ DType parse_storage(const std::string& text, const std::string& source) {
   if (text == "bf16" || text == "bfloat16") return DType::kBF16;
   if (text == "f16" || text == "float16") return DType::kF16;
   if (text == "f32" || text == "float32") return DType::kF32;
-  throw Error(ErrorCode::kInvalidConfig, source + ": storage_dtype \"" + text + "\" is not one of bf16, f16, f32");
+  throw Error(ErrorCode::kInvalidConfig,
+              source + ": storage_dtype \"" + text + "\" is not one of bf16, f16, f32");
 }
 
 }  // namespace
@@ -121,7 +123,8 @@ ModelPreset load_preset(const std::string& name_or_path, const std::filesystem::
       for (const auto& entry : std::filesystem::directory_iterator(presets_dir))
         if (entry.path().extension() == ".json") known += " " + entry.path().stem().string();
     throw Error(ErrorCode::kInvalidArgument, "unknown preset \"" + name_or_path + "\"; presets in " +
-                                                 presets_dir.string() + ":" + (known.empty() ? " (none)" : known));
+                                                 presets_dir.string() + ":" +
+                                                 (known.empty() ? " (none)" : known));
   }
   std::ifstream file(path);
   std::stringstream buffer;
@@ -133,7 +136,8 @@ ModelPreset load_preset(const std::string& name_or_path, const std::filesystem::
     throw Error(ErrorCode::kInvalidConfig, path.string() + ": not valid JSON (" + e.what() + ")");
   }
   if (!root.is_object() || !root.contains("config") || !root["config"].is_object())
-    throw Error(ErrorCode::kInvalidConfig, path.string() + ": a preset needs a \"config\" object (a config.json)");
+    throw Error(ErrorCode::kInvalidConfig,
+                path.string() + ": a preset needs a \"config\" object (a config.json)");
   ModelPreset preset;
   preset.name = path.stem().string();
   preset.description = root.value("description", "");
@@ -153,14 +157,17 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
   std::error_code ec;
   if (fs::exists(out_dir)) {
     if (!fs::is_directory(out_dir))
-      throw Error(ErrorCode::kInvalidArgument, out_dir.string() + " exists and is not a directory; choose another --out");
+      throw Error(ErrorCode::kInvalidArgument,
+                  out_dir.string() + " exists and is not a directory; choose another --out");
     for (const auto& entry : fs::directory_iterator(out_dir)) {
       const std::string file = entry.path().filename().string();
-      const bool ours = file == "config.json" || file == "tokenizer.json" || file == "model.safetensors.index.json" ||
-                        file == "model.safetensors" || (file.rfind("model-", 0) == 0 && entry.path().extension() == ".safetensors");
+      const bool ours = file == "config.json" || file == "tokenizer.json" ||
+                        file == "model.safetensors.index.json" || file == "model.safetensors" ||
+                        (file.rfind("model-", 0) == 0 && entry.path().extension() == ".safetensors");
       if (!ours)
-        throw Error(ErrorCode::kInvalidArgument, out_dir.string() + " already holds " + file +
-                                                     ", which make-model did not write; choose an empty or new --out");
+        throw Error(ErrorCode::kInvalidArgument,
+                    out_dir.string() + " already holds " + file +
+                        ", which make-model did not write; choose an empty or new --out");
     }
     for (const auto& entry : fs::directory_iterator(out_dir)) fs::remove(entry.path(), ec);
   }
@@ -198,12 +205,17 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
     SafetensorsWriter writer;
     writer.set_metadata("format", "pt");
     for (size_t index : shards[s]) {
-      writer.add_f32(plan[index].name, preset.storage, plan[index].shape, random_values(plan[index], options.seed));
+      writer.add_f32(plan[index].name, preset.storage, plan[index].shape,
+                     random_values(plan[index], options.seed));
       weight_map[plan[index].name] = name_buffer;
+      if (options.progress)
+        options.progress(static_cast<int64_t>(s), result.num_shards, written + writer.data_bytes(),
+                         total_bytes);
     }
     written += writer.data_bytes();
     writer.write(out_dir / name_buffer);
-    if (options.progress) options.progress(static_cast<int64_t>(s + 1), result.num_shards, written, total_bytes);
+    if (options.progress)
+      options.progress(static_cast<int64_t>(s + 1), result.num_shards, written, total_bytes);
   }
   json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
   write_text(out_dir / "model.safetensors.index.json", index.dump(2) + "\n");
@@ -215,9 +227,11 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
     json tokenizer = json::parse(file, nullptr, false);
     int64_t max_id = -1;
     if (!tokenizer.is_discarded() && tokenizer.contains("model") && tokenizer["model"].contains("vocab")) {
-      for (const auto& [token, id] : tokenizer["model"]["vocab"].items()) max_id = std::max<int64_t>(max_id, id.get<int64_t>());
+      for (const auto& [token, id] : tokenizer["model"]["vocab"].items())
+        max_id = std::max<int64_t>(max_id, id.get<int64_t>());
       if (tokenizer.contains("added_tokens"))
-        for (const json& added : tokenizer["added_tokens"]) max_id = std::max<int64_t>(max_id, added.value("id", 0));
+        for (const json& added : tokenizer["added_tokens"])
+          max_id = std::max<int64_t>(max_id, added.value("id", 0));
     }
     if (max_id < 0) {
       result.tokenizer_note = options.tokenizer_json->string() + " is not a BPE tokenizer.json; none written";
@@ -225,7 +239,8 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
       result.tokenizer_note = "the tokenizer's ids reach " + std::to_string(max_id) + " but vocab_size is " +
                               std::to_string(config.vocab_size) + "; no tokenizer written (use --prompt-ids)";
     } else {
-      fs::copy_file(*options.tokenizer_json, out_dir / "tokenizer.json", fs::copy_options::overwrite_existing);
+      fs::copy_file(*options.tokenizer_json, out_dir / "tokenizer.json",
+                    fs::copy_options::overwrite_existing);
       result.wrote_tokenizer = true;
     }
   } else {

@@ -30,7 +30,8 @@ ModelPreset load_preset(const std::string& name_or_path, const std::filesystem::
 struct MakeModelOptions {
   uint64_t seed = 0;
   std::optional<std::filesystem::path> tokenizer_json;  // copied when its vocabulary fits
-  // Called after each shard: (shards written, total shards, bytes written, total bytes).
+  // Called after each tensor made and each shard written:
+  // (shards written, total shards, bytes made so far, total bytes).
   std::function<void(int64_t, int64_t, uint64_t, uint64_t)> progress;
 };
 

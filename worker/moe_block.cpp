@@ -60,8 +60,8 @@ void run_expert_ffn(Backend& backend, const MoeLayerWeights& layer, const Expert
     const int64_t expert_id = groups.expert_ids[g];
     auto expert = layer.experts.find(expert_id);
     if (expert == layer.experts.end())
-      throw Error(ErrorCode::kInternal, "expert " + std::to_string(expert_id) +
-                                            " received rows but is not loaded on this process");
+      throw Error(ErrorCode::kInternal,
+                  "expert " + std::to_string(expert_id) + " received rows but is not loaded on this process");
     const int64_t begin = groups.offsets[g], num_rows = groups.offsets[g + 1] - begin;
     rows_in.resize(num_rows * hidden_size);
     rows_out.resize(num_rows * hidden_size);
@@ -89,10 +89,11 @@ void combine_top_k(const Routing& routing, const float* slot_outputs, int64_t hi
   }
 }
 
-void moe_block_forward(Backend& backend, const MoeLayerWeights& layer, const float* hidden, int64_t num_tokens,
-                       int64_t hidden_size, int64_t intermediate_size, int64_t top_k, bool normalize_top_k,
-                       float* out) {
-  const Routing routing = route_tokens(backend, layer, hidden, num_tokens, hidden_size, top_k, normalize_top_k);
+void moe_block_forward(Backend& backend, const MoeLayerWeights& layer, const float* hidden,
+                       int64_t num_tokens, int64_t hidden_size, int64_t intermediate_size, int64_t top_k,
+                       bool normalize_top_k, float* out) {
+  const Routing routing =
+      route_tokens(backend, layer, hidden, num_tokens, hidden_size, top_k, normalize_top_k);
   const ExpertGroups groups = group_rows_by_expert(routing);
   std::vector<float> slot_outputs(num_tokens * top_k * hidden_size);
   run_expert_ffn(backend, layer, groups, hidden, hidden_size, intermediate_size, top_k, slot_outputs.data());

@@ -41,9 +41,9 @@ void run_expert_ffn(Backend& backend, const MoeLayerWeights& layer, const Expert
 void combine_top_k(const Routing& routing, const float* slot_outputs, int64_t hidden_size, float* out);
 
 // The whole block on one process: out[num_tokens, hidden] (overwritten).
-void moe_block_forward(Backend& backend, const MoeLayerWeights& layer, const float* hidden, int64_t num_tokens,
-                       int64_t hidden_size, int64_t intermediate_size, int64_t top_k, bool normalize_top_k,
-                       float* out);
+void moe_block_forward(Backend& backend, const MoeLayerWeights& layer, const float* hidden,
+                       int64_t num_tokens, int64_t hidden_size, int64_t intermediate_size, int64_t top_k,
+                       bool normalize_top_k, float* out);
 
 // SwiGLU FFN on contiguous rows: out[rows, hidden] = down(silu(gate x) * up x).
 void swiglu_ffn(Backend& backend, const float* x, const float* gate, const float* up, const float* down,

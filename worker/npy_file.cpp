@@ -28,7 +28,9 @@ void write_npy_f32(const std::filesystem::path& path, const std::vector<int64_t>
   const std::filesystem::path temp = path.string() + ".partial";
   {
     std::ofstream file(temp, std::ios::binary | std::ios::trunc);
-    if (!file) throw Error(ErrorCode::kIo, path.string() + ": cannot open for writing; check the folder exists and is writable");
+    if (!file)
+      throw Error(ErrorCode::kIo,
+                  path.string() + ": cannot open for writing; check the folder exists and is writable");
     const char magic[8] = {'\x93', 'N', 'U', 'M', 'P', 'Y', 1, 0};
     const uint16_t header_len = static_cast<uint16_t>(header.size());
     file.write(magic, 8);
@@ -58,8 +60,10 @@ NpyArray read_npy_f32(const std::filesystem::path& path) {
   }
   std::string header(header_len, '\0');
   file.read(header.data(), header_len);
-  if (header.find("'descr': '<f4'") == std::string::npos || header.find("'fortran_order': False") == std::string::npos)
-    throw Error(ErrorCode::kInvalidArgument, path.string() + ": expected a C-order float32 array, header is " + header);
+  if (header.find("'descr': '<f4'") == std::string::npos ||
+      header.find("'fortran_order': False") == std::string::npos)
+    throw Error(ErrorCode::kInvalidArgument,
+                path.string() + ": expected a C-order float32 array, header is " + header);
   std::smatch match;
   if (!std::regex_search(header, match, std::regex(R"('shape': \(([0-9, ]*)\))")))
     throw Error(ErrorCode::kInvalidArgument, path.string() + ": no shape in header " + header);

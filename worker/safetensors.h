@@ -17,9 +17,9 @@ namespace epic {
 // Storage dtypes epic computes with (others are recognised so errors can name them).
 enum class DType { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool, kF8E4M3, kF8E5M2 };
 
-const char* dtype_name(DType dtype);            // safetensors spelling: "F32", "BF16", ...
-size_t dtype_size(DType dtype);                 // bytes per element
-bool dtype_is_float_storage(DType dtype);       // F32, F16 or BF16: the dtypes weights may use
+const char* dtype_name(DType dtype);       // safetensors spelling: "F32", "BF16", ...
+size_t dtype_size(DType dtype);            // bytes per element
+bool dtype_is_float_storage(DType dtype);  // F32, F16 or BF16: the dtypes weights may use
 
 // Scalar conversions (round-to-nearest-even for float -> bf16 / f16).
 float bf16_to_f32(uint16_t bits);

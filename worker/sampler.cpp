@@ -22,9 +22,11 @@ int32_t argmax(std::span<const float> logits) {
 Sampler::Sampler(const SamplingOptions& options) : options_(options), generator_(options.seed) {
   if (!std::isfinite(options.temperature) || options.temperature < 0)
     throw Error(ErrorCode::kInvalidArgument,
-                "--temperature must be a finite number >= 0 (0 means greedy), got " + std::to_string(options.temperature));
+                "--temperature must be a finite number >= 0 (0 means greedy), got " +
+                    std::to_string(options.temperature));
   if (!std::isfinite(options.top_p) || options.top_p <= 0 || options.top_p > 1)
-    throw Error(ErrorCode::kInvalidArgument, "--top-p must be in (0, 1], got " + std::to_string(options.top_p));
+    throw Error(ErrorCode::kInvalidArgument,
+                "--top-p must be in (0, 1], got " + std::to_string(options.top_p));
 }
 
 int32_t Sampler::sample(std::span<const float> logits) {
@@ -43,7 +45,8 @@ int32_t Sampler::sample(std::span<const float> logits) {
                    [&](int32_t a, int32_t b) { return probabilities[a] > probabilities[b]; });
   size_t kept = 0;
   double kept_mass = 0;
-  while (kept < order.size() && (kept == 0 || kept_mass < options_.top_p * total)) kept_mass += probabilities[order[kept++]];
+  while (kept < order.size() && (kept == 0 || kept_mass < options_.top_p * total))
+    kept_mass += probabilities[order[kept++]];
   std::uniform_real_distribution<double> uniform(0.0, kept_mass);
   double target = uniform(generator_);
   for (size_t i = 0; i < kept; ++i) {

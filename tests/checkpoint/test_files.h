@@ -58,5 +58,4 @@ inline std::string safetensors_bytes(const std::string& header_json, const std::
   return le_u64(header_json.size()) + header_json + data;
 }
 
-
 }  // namespace epic::testing

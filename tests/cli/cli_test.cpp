@@ -1,13 +1,12 @@
 // The `epic` command line end to end: make-model -> run -> tokenize/detokenize, --logits-out
 // against the golden reference, and clear errors with non-zero exits for bad flags and inputs.
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <array>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "../model/temp_dir.h"
@@ -27,7 +26,8 @@ struct Outcome {
 // Runs `epic ARGS` with stdout and stderr captured to files in dir.
 Outcome run_epic(const std::string& args, const fs::path& dir) {
   const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
-  const std::string command = std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
+  const std::string command =
+      std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
   const int status = std::system(command.c_str());
   Outcome outcome;
   outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -48,8 +48,8 @@ class Cli : public ::testing::Test {
   // One tiny model for the suite (make-model with the real tokenizer when set-up installed it).
   static void SetUpTestSuite() {
     temp_ = new testing::TempDir();
-    const Outcome made = run_epic("make-model --preset tiny --seed 3 --out " + (temp_->path() / "tiny").string(),
-                                  temp_->path());
+    const Outcome made = run_epic(
+        "make-model --preset tiny --seed 3 --out " + (temp_->path() / "tiny").string(), temp_->path());
     ASSERT_EQ(made.exit_code, 0) << made.err;
     made_output_ = new std::string(made.out);
   }
@@ -73,8 +73,10 @@ TEST_F(Cli, MakeModelReportsWhatItWrote) {
 }
 
 TEST_F(Cli, RunWithPromptIdsIsDeterministicAndPrintsIdsOrText) {
-  const Outcome a = run_epic("run --model " + tiny().string() + " --prompt-ids 1,2,3 --max-new-tokens 6", scratch());
-  const Outcome b = run_epic("run --model " + tiny().string() + " --prompt-ids 1,2,3 --max-new-tokens 6", scratch());
+  const Outcome a =
+      run_epic("run --model " + tiny().string() + " --prompt-ids 1,2,3 --max-new-tokens 6", scratch());
+  const Outcome b =
+      run_epic("run --model " + tiny().string() + " --prompt-ids 1,2,3 --max-new-tokens 6", scratch());
   ASSERT_EQ(a.exit_code, 0) << a.err;
   EXPECT_EQ(a.out, b.out);
   EXPECT_NE(a.err.find("3 prompt tokens, 6 generated"), std::string::npos) << a.err;
@@ -82,7 +84,8 @@ TEST_F(Cli, RunWithPromptIdsIsDeterministicAndPrintsIdsOrText) {
 }
 
 TEST_F(Cli, SamplingIsReproducibleFromTheSeed) {
-  const std::string base = "run --model " + tiny().string() + " --prompt-ids 5,6 --max-new-tokens 8 --temperature 1.5 --top-p 0.9";
+  const std::string base =
+      "run --model " + tiny().string() + " --prompt-ids 5,6 --max-new-tokens 8 --temperature 1.5 --top-p 0.9";
   const Outcome a = run_epic(base + " --seed 11", scratch());
   const Outcome b = run_epic(base + " --seed 11", scratch());
   ASSERT_EQ(a.exit_code, 0) << a.err;
@@ -91,20 +94,22 @@ TEST_F(Cli, SamplingIsReproducibleFromTheSeed) {
 
 TEST_F(Cli, TextPromptTokenizeAndDetokenize) {
   if (!has_tokenizer()) GTEST_SKIP() << "no Qwen3 tokenizer.json: run launch/setup_debian.sh";
-  const Outcome run = run_epic("run --model " + tiny().string() + " --prompt " + quote("Hello, MoE world!") +
-                                   " --max-new-tokens 4",
-                               scratch());
+  const Outcome run = run_epic(
+      "run --model " + tiny().string() + " --prompt " + quote("Hello, MoE world!") + " --max-new-tokens 4",
+      scratch());
   ASSERT_EQ(run.exit_code, 0) << run.err;
-  const Outcome ids = run_epic("tokenize --model " + tiny().string() + " --text " + quote("Hello world<|im_end|>"),
-                               scratch());
+  const Outcome ids = run_epic(
+      "tokenize --model " + tiny().string() + " --text " + quote("Hello world<|im_end|>"), scratch());
   ASSERT_EQ(ids.exit_code, 0) << ids.err;
   // "Hello", " world", then the special token's own id.
   EXPECT_EQ(ids.out, "9707,1879,151645\n");
-  const Outcome text = run_epic("detokenize --model " + tiny().string() + " --ids 9707,1879,151645", scratch());
+  const Outcome text =
+      run_epic("detokenize --model " + tiny().string() + " --ids 9707,1879,151645", scratch());
   ASSERT_EQ(text.exit_code, 0) << text.err;
   EXPECT_EQ(text.out, "Hello world<|im_end|>\n");
   std::ofstream(scratch() / "text.txt") << "Hello world";
-  const Outcome from_file = run_epic("tokenize --model " + tiny().string() + " --file " + (scratch() / "text.txt").string(), scratch());
+  const Outcome from_file = run_epic(
+      "tokenize --model " + tiny().string() + " --file " + (scratch() / "text.txt").string(), scratch());
   EXPECT_EQ(from_file.out, "9707,1879\n");
 }
 
@@ -119,7 +124,8 @@ TEST_F(Cli, LogitsOutMatchesTheGoldenReference) {
                                    " --max-new-tokens 5 --logits-out " + out.string(),
                                scratch());
   ASSERT_EQ(run.exit_code, 0) << run.err;
-  const NpyArray actual = read_npy_f32(out), expected = read_npy_f32(golden / prompt["logits"].get<std::string>());
+  const NpyArray actual = read_npy_f32(out),
+                 expected = read_npy_f32(golden / prompt["logits"].get<std::string>());
   ASSERT_EQ(actual.shape, expected.shape);
   double diff = 0, norm = 0;
   for (size_t i = 0; i < actual.values.size(); ++i) {
@@ -128,7 +134,8 @@ TEST_F(Cli, LogitsOutMatchesTheGoldenReference) {
   }
   EXPECT_LE(std::sqrt(diff / norm), 1e-4);
   std::string greedy;
-  for (const auto& id : prompt["greedy"]) greedy += (greedy.empty() ? "" : ",") + std::to_string(id.get<int>());
+  for (const auto& id : prompt["greedy"])
+    greedy += (greedy.empty() ? "" : ",") + std::to_string(id.get<int>());
   EXPECT_EQ(run.out, greedy + "\n");  // no tokenizer in the fixture: ids are printed
 }
 
@@ -163,17 +170,22 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"EmptyIds", "run --model {tiny} --prompt-ids ''", "--prompt-ids is empty"},
         BadInput{"NonNumericId", "run --model {tiny} --prompt-ids 1,x,3", "\"x\" (element 2)"},
         BadInput{"NegativeId", "run --model {tiny} --prompt-ids 1,-4", "\"-4\""},
-        BadInput{"IdOutsideVocab", "run --model {tiny} --prompt-ids 1,999999", "outside the model's vocabulary"},
-        BadInput{"NegativeTemperature", "run --model {tiny} --prompt-ids 1 --temperature -1", "--temperature"},
+        BadInput{"IdOutsideVocab", "run --model {tiny} --prompt-ids 1,999999",
+                 "outside the model's vocabulary"},
+        BadInput{"NegativeTemperature", "run --model {tiny} --prompt-ids 1 --temperature -1",
+                 "--temperature"},
         BadInput{"TopPTooLarge", "run --model {tiny} --prompt-ids 1 --top-p 2", "--top-p"},
         BadInput{"NotANumber", "run --model {tiny} --prompt-ids 1 --max-new-tokens many", "max-new-tokens"},
         BadInput{"MissingModelDir", "run --model /nonexistent/model --prompt-ids 1", "config.json"},
-        BadInput{"TextPromptWithoutTokenizer", "run --model {golden}/qwen3_moe_f32 --prompt hi", "--prompt-ids"},
-        BadInput{"MissingExperts", "run --model {golden}/missing_experts --prompt-ids 1", "--allow-missing-experts"},
-        BadInput{"LogitsOutFolderMissing", "run --model {tiny} --prompt-ids 1 --logits-out /nonexistent/x.npy",
-                 "does not exist"},
+        BadInput{"TextPromptWithoutTokenizer", "run --model {golden}/qwen3_moe_f32 --prompt hi",
+                 "--prompt-ids"},
+        BadInput{"MissingExperts", "run --model {golden}/missing_experts --prompt-ids 1",
+                 "--allow-missing-experts"},
+        BadInput{"LogitsOutFolderMissing",
+                 "run --model {tiny} --prompt-ids 1 --logits-out /nonexistent/x.npy", "does not exist"},
         BadInput{"UnknownPreset", "make-model --preset huge --out /tmp/epic-never", "unknown preset"},
-        BadInput{"TokenizeWithoutTokenizer", "tokenize --model {golden}/qwen3_moe_f32 --text hi", "tokenizer.json"},
+        BadInput{"TokenizeWithoutTokenizer", "tokenize --model {golden}/qwen3_moe_f32 --text hi",
+                 "tokenizer.json"},
         BadInput{"DetokenizeBadIdList", "detokenize --model {tiny} --ids 1,,2", "(element 2)"}),
     [](const auto& info) { return info.param.name; });
 
@@ -185,9 +197,9 @@ TEST_F(Cli, DetokenizeRejectsIdsOutsideTheVocabulary) {
 }
 
 TEST_F(Cli, MissingExpertsRunWithTheFlag) {
-  const Outcome outcome = run_epic(
-      "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "missing_experts").string() + " --prompt-ids 1,2 --allow-missing-experts",
-      scratch());
+  const Outcome outcome = run_epic("run --model " + (fs::path(EPIC_GOLDEN_DIR) / "missing_experts").string() +
+                                       " --prompt-ids 1,2 --allow-missing-experts",
+                                   scratch());
   EXPECT_EQ(outcome.exit_code, 0) << outcome.err;
 }
 

@@ -2,16 +2,15 @@
 // and ids, bitwise-identical prompt logits, for 2, 3 and 5 workers, uneven per-layer expert
 // counts (pruned router, masked missing experts), replicas, and workers that receive no tokens.
 // Also: each worker reads only the experts the plan gives it (bytes counted from shard headers).
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <map>
-#include <set>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "../model/temp_dir.h"
 #include "worker/checkpoint.h"
@@ -35,13 +34,13 @@ std::string read_file(const fs::path& path) {
 // OpenMPI on one small machine, as root, in containers (ENVIRONMENT.md): allowed as root,
 // oversubscribed, shared memory without cross-memory attach. A value already set wins.
 [[maybe_unused]] const bool kMpiEnvironmentSet = [] {
-  for (const auto& [name, value] : std::vector<std::pair<const char*, const char*>>{
-           {"OMPI_ALLOW_RUN_AS_ROOT", "1"},
-           {"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"},
-           {"OMPI_MCA_rmaps_base_oversubscribe", "1"},
-           {"OMPI_MCA_btl", "self,vader"},
-           {"OMPI_MCA_pml", "ob1"},
-           {"OMPI_MCA_btl_vader_single_copy_mechanism", "none"}})
+  for (const auto& [name, value] :
+       std::vector<std::pair<const char*, const char*>>{{"OMPI_ALLOW_RUN_AS_ROOT", "1"},
+                                                        {"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"},
+                                                        {"OMPI_MCA_rmaps_base_oversubscribe", "1"},
+                                                        {"OMPI_MCA_btl", "self,vader"},
+                                                        {"OMPI_MCA_pml", "ob1"},
+                                                        {"OMPI_MCA_btl_vader_single_copy_mechanism", "none"}})
     setenv(name, value, /*overwrite=*/0);
   return true;
 }();
@@ -50,16 +49,17 @@ std::string read_file(const fs::path& path) {
 Outcome run_epic(int workers, const std::string& args, const fs::path& dir) {
   const std::string launcher =
       workers == 1 ? std::string() : std::string(EPIC_MPIEXEC) + " -np " + std::to_string(workers) + " ";
-  const std::string command = launcher + EPIC_BINARY + " " + args + " >" + (dir / "out.txt").string() + " 2>" +
-                              (dir / "err.txt").string();
+  const std::string command = launcher + EPIC_BINARY + " " + args + " >" + (dir / "out.txt").string() +
+                              " 2>" + (dir / "err.txt").string();
   const int status = std::system(command.c_str());
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_file(dir / "out.txt"), read_file(dir / "err.txt")};
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_file(dir / "out.txt"),
+          read_file(dir / "err.txt")};
 }
 
 struct ClusterCase {
   std::string name;
-  std::string model;  // fixture name
-  std::string args;   // prompt and run flags
+  std::string model;         // fixture name
+  std::string args;          // prompt and run flags
   std::string cluster_args;  // extra flags for the multi-worker runs only (placement)
 };
 
@@ -75,12 +75,14 @@ TEST_P(ClusterMatchesOneProcess, SameTokensAndBitwiseLogits) {
   fs::create_directories(temp.path() / "one");
   fs::create_directories(temp.path() / "many");
   const std::string common = "run --model " + model.string() + " " + c.args;
-  const Outcome one = run_epic(1, common + " --logits-out " + (temp.path() / "one/logits.npy").string(), temp.path() / "one");
+  const Outcome one =
+      run_epic(1, common + " --logits-out " + (temp.path() / "one/logits.npy").string(), temp.path() / "one");
   ASSERT_EQ(one.exit_code, 0) << one.err;
-  const Outcome many = run_epic(workers,
-                                common + " " + c.cluster_args + " --logits-out " + (temp.path() / "many/logits.npy").string() +
-                                    " --report-out " + (temp.path() / "many/report.json").string(),
-                                temp.path() / "many");
+  const Outcome many =
+      run_epic(workers,
+               common + " " + c.cluster_args + " --logits-out " + (temp.path() / "many/logits.npy").string() +
+                   " --report-out " + (temp.path() / "many/report.json").string(),
+               temp.path() / "many");
   ASSERT_EQ(many.exit_code, 0) << many.err;
   EXPECT_EQ(many.out, one.out);
   EXPECT_EQ(read_file(temp.path() / "many/logits.npy"), read_file(temp.path() / "one/logits.npy"))
@@ -95,12 +97,18 @@ TEST_P(ClusterMatchesOneProcess, SameTokensAndBitwiseLogits) {
 
 const std::vector<ClusterCase> kCases = {
     {"OnePrompt", "qwen3_moe_f32", "--prompt-ids 1,5,7,9,20,33 --max-new-tokens 6", ""},
-    {"SeveralPromptsFromFile", "qwen3_moe_bf16", "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4", ""},
+    {"SeveralPromptsFromFile", "qwen3_moe_bf16",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4", ""},
     {"OmniLayout", "qwen3_omni_thinker_f16", "--prompt-ids 3,1,4,1,5,9,2,6 --max-new-tokens 4", ""},
     {"PrunedRouter", "pruned_router", "--prompt-ids 11,22,33,44 --max-new-tokens 5", ""},
-    {"MaskedMissingExperts", "missing_experts", "--prompt-ids 8,6,7,5,3,0,9 --max-new-tokens 5 --allow-missing-experts", ""},
-    {"Replicas", "qwen3_moe_f32", "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 3", "--slots 6"},
-    {"Sampling", "qwen3_moe_f32", "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 6 --temperature 0.9 --top-p 0.8 --seed 17", ""},
+    {"MaskedMissingExperts", "missing_experts",
+     "--prompt-ids 8,6,7,5,3,0,9 --max-new-tokens 5 --allow-missing-experts", ""},
+    {"Replicas", "qwen3_moe_f32",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 3", "--slots 6"},
+    {"Sampling", "qwen3_moe_f32",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR
+     "/../prompts_ids.txt --max-new-tokens 6 --temperature 0.9 --top-p 0.8 --seed 17",
+     ""},
     // One token, top-2: in every MoE layer at most two workers receive rows, the rest none.
     {"WorkersWithoutTokens", "qwen3_moe_f32", "--prompt-ids 42 --max-new-tokens 1", ""},
 };
@@ -108,17 +116,19 @@ const std::vector<ClusterCase> kCases = {
 INSTANTIATE_TEST_SUITE_P(Golden, ClusterMatchesOneProcess,
                          ::testing::Combine(::testing::ValuesIn(kCases), ::testing::Values(2, 3, 5)),
                          [](const auto& info) {
-                           return std::get<0>(info.param).name + "_" + std::to_string(std::get<1>(info.param)) + "workers";
+                           return std::get<0>(info.param).name + "_" +
+                                  std::to_string(std::get<1>(info.param)) + "workers";
                          });
 
 TEST(Cluster, EachWorkerReadsOnlyItsExperts) {
   testing::TempDir temp;
   const fs::path model = fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32";
-  const Outcome run = run_epic(3,
-                               "run --model " + model.string() + " --prompt-ids 1,2,3 --max-new-tokens 2 --slots 4" +
-                                   " --placement-out " + (temp.path() / "plan.json").string() + " --report-out " +
-                                   (temp.path() / "report.json").string(),
-                               temp.path());
+  const Outcome run =
+      run_epic(3,
+               "run --model " + model.string() + " --prompt-ids 1,2,3 --max-new-tokens 2 --slots 4" +
+                   " --placement-out " + (temp.path() / "plan.json").string() + " --report-out " +
+                   (temp.path() / "report.json").string(),
+               temp.path());
   ASSERT_EQ(run.exit_code, 0) << run.err;
   std::ifstream plan_file(temp.path() / "plan.json"), report_file(temp.path() / "report.json");
   const json plan = json::parse(plan_file), report = json::parse(report_file);
@@ -139,7 +149,8 @@ TEST(Cluster, EachWorkerReadsOnlyItsExperts) {
   for (int worker = 0; worker < 3; ++worker) {
     uint64_t expected = dense_bytes;
     for (const json& layer : plan["layers"])
-      for (const json& expert : layer["workers"][worker]) expected += expert_bytes.at({layer["layer"], expert});
+      for (const json& expert : layer["workers"][worker])
+        expected += expert_bytes.at({layer["layer"], expert});
     EXPECT_EQ(report["workers"][worker]["bytes_read"].get<uint64_t>(), expected) << "worker " << worker;
   }
 }
@@ -148,9 +159,10 @@ TEST(Cluster, LoadProfileFeedsTheNextPlanWithoutChangingResults) {
   testing::TempDir temp;
   const fs::path model = fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32";
   const std::string prompts = " --prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4";
-  const Outcome first = run_epic(
-      2, "run --model " + model.string() + prompts + " --load-profile-out " + (temp.path() / "profile.json").string(),
-      temp.path());
+  const Outcome first = run_epic(2,
+                                 "run --model " + model.string() + prompts + " --load-profile-out " +
+                                     (temp.path() / "profile.json").string(),
+                                 temp.path());
   ASSERT_EQ(first.exit_code, 0) << first.err;
   std::ifstream profile_file(temp.path() / "profile.json");
   const json profile = json::parse(profile_file);
@@ -169,7 +181,8 @@ TEST(Cluster, LoadProfileFeedsTheNextPlanWithoutChangingResults) {
 TEST(Cluster, ErrorOnTheCoordinatorStopsEveryRankWithOneMessage) {
   testing::TempDir temp;
   const Outcome outcome = run_epic(
-      3, "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32").string() + " --prompt-ids 1,99999", temp.path());
+      3, "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32").string() + " --prompt-ids 1,99999",
+      temp.path());
   EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
   // Reported once (by rank 0), not once per rank.
   const std::string needle = "outside the model's vocabulary";
@@ -181,7 +194,8 @@ TEST(Cluster, ErrorOnTheCoordinatorStopsEveryRankWithOneMessage) {
 TEST(Cluster, MissingExpertsFailOnEveryRankWithoutTheFlag) {
   testing::TempDir temp;
   const Outcome outcome = run_epic(
-      2, "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "missing_experts").string() + " --prompt-ids 1,2", temp.path());
+      2, "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "missing_experts").string() + " --prompt-ids 1,2",
+      temp.path());
   EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
   EXPECT_NE(outcome.err.find("--allow-missing-experts"), std::string::npos) << outcome.err;
 }
@@ -189,9 +203,10 @@ TEST(Cluster, MissingExpertsFailOnEveryRankWithoutTheFlag) {
 TEST(Plan, PrintsAPlanCoveringEveryPresentExpertWithinTheSlots) {
   testing::TempDir temp;
   const fs::path model = fs::path(EPIC_GOLDEN_DIR) / "pruned_router";
-  const Outcome outcome =
-      run_epic(1, "plan --model " + model.string() + " --workers 3 --slots 4 --out " + (temp.path() / "plan.json").string(),
-               temp.path());
+  const Outcome outcome = run_epic(1,
+                                   "plan --model " + model.string() + " --workers 3 --slots 4 --out " +
+                                       (temp.path() / "plan.json").string(),
+                                   temp.path());
   ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
   const json plan = json::parse(outcome.out);
   EXPECT_EQ(plan, json::parse(read_file(temp.path() / "plan.json")));
@@ -217,18 +232,19 @@ TEST(Plan, PrintsAPlanCoveringEveryPresentExpertWithinTheSlots) {
 TEST(Plan, TooFewSlotsIsAClearError) {
   testing::TempDir temp;
   const Outcome outcome = run_epic(
-      1, "plan --model " + (fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32").string() + " --workers 2 --slots 3", temp.path());
+      1, "plan --model " + (fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32").string() + " --workers 2 --slots 3",
+      temp.path());
   EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
   EXPECT_NE(outcome.err.find("slots"), std::string::npos) << outcome.err;
 }
 
 TEST(BenchMoe, ReportsEveryPhasePerWorkerAsJsonAndCsv) {
   testing::TempDir temp;
-  const Outcome outcome = run_epic(2,
-                                   "bench-moe --preset tiny --tokens-per-worker 16 --layers 2 --iterations 2 --json " +
-                                       (temp.path() / "bench.json").string() + " --csv " +
-                                       (temp.path() / "bench.csv").string(),
-                                   temp.path());
+  const Outcome outcome =
+      run_epic(2,
+               "bench-moe --preset tiny --tokens-per-worker 16 --layers 2 --iterations 2 --json " +
+                   (temp.path() / "bench.json").string() + " --csv " + (temp.path() / "bench.csv").string(),
+               temp.path());
   ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
   EXPECT_NE(outcome.out.find("per MoE layer call"), std::string::npos) << outcome.out;
   const json bench = json::parse(read_file(temp.path() / "bench.json"));

@@ -1,12 +1,12 @@
 // epic's CPU forward pass against Hugging Face transformers' logits (float64 reference) for every
 // golden case: relative L2 error <= 1e-4 over all prompt positions, and identical greedy tokens.
+#include <gtest/gtest.h>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
-
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "kernels/error.h"
 #include "worker/checkpoint.h"
@@ -67,8 +67,8 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
 
     Sampler greedy(SamplingOptions{});
     const std::vector<int32_t> expected_greedy = prompt["greedy"].get<std::vector<int32_t>>();
-    const GenerationResult result =
-        generate(runner, ids, static_cast<int64_t>(expected_greedy.size()), greedy, /*want_prompt_logits=*/true);
+    const GenerationResult result = generate(runner, ids, static_cast<int64_t>(expected_greedy.size()),
+                                             greedy, /*want_prompt_logits=*/true);
     const double error = relative_l2(result.prompt_logits, expected.values);
     EXPECT_LE(error, kMaxRelativeL2) << "relative L2 error of the prompt logits";
     std::ostringstream shown;
@@ -92,8 +92,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenCase, ::testing::ValuesIn(golden_cases(
 
 TEST(GoldenFixtures, AllCasesArePresent) {
   // The cases the issue asks for; a lost fixture must not silently shrink the suite.
-  const std::vector<std::string> expected = {"missing_experts", "pruned_router", "qwen3_moe_bf16", "qwen3_moe_f32",
-                                             "qwen3_omni_thinker_f16"};
+  const std::vector<std::string> expected = {"missing_experts", "pruned_router", "qwen3_moe_bf16",
+                                             "qwen3_moe_f32", "qwen3_omni_thinker_f16"};
   EXPECT_EQ(golden_cases(), expected);
 }
 
@@ -116,7 +116,8 @@ TEST(GoldenMissingExperts, FailsWithoutTheFlagNamingEveryMissingExpertAndShard) 
           index["weight_map"]["model.layers." + layer + ".mlp.gate.weight"].get<std::string>();
       EXPECT_NE(message.find(shard), std::string::npos) << message;
       for (const json& expert : experts)
-        EXPECT_NE(message.find("layer " + layer + " expert " + std::to_string(expert.get<int>())), std::string::npos)
+        EXPECT_NE(message.find("layer " + layer + " expert " + std::to_string(expert.get<int>())),
+                  std::string::npos)
             << message;
     }
   }

@@ -1,8 +1,9 @@
 // config.json validation: each bad input gets an Error whose message names the field and the fix.
+#include "worker/model_config.h"
+
 #include <gtest/gtest.h>
 
 #include "kernels/error.h"
-#include "worker/model_config.h"
 
 namespace epic {
 namespace {
@@ -32,7 +33,8 @@ void expect_error(const std::string& text, ErrorCode code, const std::vector<std
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), code) << e.what();
     EXPECT_NE(std::string(e.what()).find("model/config.json"), std::string::npos) << e.what();
-    for (const std::string& word : words) EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    for (const std::string& word : words)
+      EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
   }
 }
 
@@ -63,10 +65,12 @@ TEST(ModelConfig, OmniThinkerLayoutAndRopeParameters) {
   // The Omni thinker nests its text config and names rope theta in rope_parameters.
   std::string inner = kValid;
   inner.replace(inner.find("\"rope_theta\": 10000.0,"), 22, "");
-  inner = inner.substr(0, inner.size() - 1) +
-          R"(, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0, "mrope_section": [2, 3, 3]}})";
+  inner =
+      inner.substr(0, inner.size() - 1) +
+      R"(, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0, "mrope_section": [2, 3, 3]}})";
   const ModelConfig c = ModelConfig::from_json_text(
-      R"({"architectures": ["Qwen3OmniMoeForConditionalGeneration"], "thinker_config": {"text_config": )" + inner + "}}",
+      R"({"architectures": ["Qwen3OmniMoeForConditionalGeneration"], "thinker_config": {"text_config": )" +
+          inner + "}}",
       "config.json");
   EXPECT_EQ(c.architecture, Architecture::kQwen3OmniThinker);
   EXPECT_EQ(c.tensor_prefix, "thinker.model.");
@@ -99,21 +103,25 @@ TEST(ModelConfig, RejectsMissingAndMistypedFields) {
   std::string text = kValid;
   text.replace(text.find("\"hidden_size\": 32,"), 18, "");
   expect_error(text, ErrorCode::kInvalidConfig, {"hidden_size", "missing"});
-  expect_error(with("num_hidden_layers", "\"four\""), ErrorCode::kInvalidConfig, {"num_hidden_layers", "integer"});
+  expect_error(with("num_hidden_layers", "\"four\""), ErrorCode::kInvalidConfig,
+               {"num_hidden_layers", "integer"});
   expect_error(with("num_attention_heads", "0"), ErrorCode::kInvalidConfig, {"num_attention_heads", "> 0"});
   expect_error(with("norm_topk_prob", "1"), ErrorCode::kInvalidConfig, {"norm_topk_prob", "true or false"});
   expect_error("{not json", ErrorCode::kInvalidConfig, {"not valid JSON"});
 }
 
 TEST(ModelConfig, RejectsInconsistentShapes) {
-  expect_error(with("num_key_value_heads", "3"), ErrorCode::kInvalidConfig, {"num_key_value_heads", "multiple"});
-  expect_error(with("num_experts_per_tok", "9"), ErrorCode::kInvalidConfig, {"num_experts_per_tok", "exceeds"});
+  expect_error(with("num_key_value_heads", "3"), ErrorCode::kInvalidConfig,
+               {"num_key_value_heads", "multiple"});
+  expect_error(with("num_experts_per_tok", "9"), ErrorCode::kInvalidConfig,
+               {"num_experts_per_tok", "exceeds"});
   expect_error(with("mlp_only_layers", "[7]"), ErrorCode::kInvalidConfig, {"mlp_only_layers", "7"});
   expect_error(with("head_dim", "15"), ErrorCode::kInvalidConfig, {"head_dim", "even"});
 }
 
 TEST(ModelConfig, RejectsUnsupportedFeatures) {
-  expect_error(with("rope_scaling", R"({"rope_type": "yarn", "factor": 4.0})"), ErrorCode::kUnsupported, {"yarn"});
+  expect_error(with("rope_scaling", R"({"rope_type": "yarn", "factor": 4.0})"), ErrorCode::kUnsupported,
+               {"yarn"});
   expect_error(with("use_sliding_window", "true"), ErrorCode::kUnsupported, {"use_sliding_window"});
 }
 

@@ -1,14 +1,15 @@
 // Selective weight loading: a process reads only the experts it hosts (bytes counted exactly),
 // and a checkpoint that disagrees with config.json fails with a message naming the tensor.
-#include <fstream>
+#include "worker/model_weights.h"
 
 #include <gtest/gtest.h>
+
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "kernels/error.h"
 #include "temp_dir.h"
 #include "worker/checkpoint.h"
-#include "worker/model_weights.h"
 
 namespace epic {
 namespace {
@@ -73,7 +74,8 @@ void expect_load_error(const fs::path& dir, ErrorCode code, const std::vector<st
     FAIL() << "loaded a checkpoint that does not match its config";
   } catch (const Error& e) {
     EXPECT_EQ(e.code(), code) << e.what();
-    for (const std::string& word : words) EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    for (const std::string& word : words)
+      EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
   }
 }
 
@@ -90,13 +92,15 @@ TEST(ModelWeights, RouterWithMoreRowsThanNumExpertsIsRejected) {
     c["num_experts"] = 6;
     c["num_experts_per_tok"] = 2;
   });
-  expect_load_error(temp.path() / "m", ErrorCode::kInvalidCheckpoint, {"mlp.gate.weight", "[8, 32]", "num_experts"});
+  expect_load_error(temp.path() / "m", ErrorCode::kInvalidCheckpoint,
+                    {"mlp.gate.weight", "[8, 32]", "num_experts"});
 }
 
 TEST(ModelWeights, MissingDenseTensorIsAnError) {
   testing::TempDir temp;
   // Layer 1 is dense in this fixture; claiming it is MoE asks for a router that does not exist.
-  copy_with_config(temp.path() / "m", [](nlohmann::json& c) { c["mlp_only_layers"] = nlohmann::json::array(); });
+  copy_with_config(temp.path() / "m",
+                   [](nlohmann::json& c) { c["mlp_only_layers"] = nlohmann::json::array(); });
   expect_load_error(temp.path() / "m", ErrorCode::kInvalidCheckpoint, {"model.layers.1.mlp.gate.weight"});
 }
 

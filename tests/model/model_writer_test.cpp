@@ -1,14 +1,15 @@
 // make-model: deterministic per seed, loadable, sharded through an index, never overwrites
 // files it did not write.
-#include <fstream>
+#include "worker/model_writer.h"
 
 #include <gtest/gtest.h>
+
+#include <fstream>
 
 #include "kernels/error.h"
 #include "temp_dir.h"
 #include "worker/checkpoint.h"
 #include "worker/model_runner.h"
-#include "worker/model_writer.h"
 
 namespace epic {
 namespace {

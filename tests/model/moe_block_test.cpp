@@ -1,12 +1,13 @@
 // The MoE block's four steps against a direct per-token loop (the ARCHITECTURE.md formula),
 // on random data with a fresh seed, including masked experts.
-#include <cmath>
-#include <random>
+#include "worker/moe_block.h"
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <random>
+
 #include "kernels/backend.h"
-#include "worker/moe_block.h"
 
 namespace epic {
 namespace {
@@ -42,7 +43,8 @@ TEST(MoeBlock, StepsEqualTheDirectFormula) {
   for (bool normalize : {false, true}) {
     SCOPED_TRACE(normalize ? "norm_topk_prob" : "no renormalisation");
     std::vector<float> out(num_tokens * hidden, NAN);
-    moe_block_forward(*backend, layer, tokens.data(), num_tokens, hidden, inter, top_k, normalize, out.data());
+    moe_block_forward(*backend, layer, tokens.data(), num_tokens, hidden, inter, top_k, normalize,
+                      out.data());
     for (int64_t t = 0; t < num_tokens; ++t) {
       const float* x = &tokens[t * hidden];
       // Softmax over present experts, top-k by probability.
@@ -60,7 +62,8 @@ TEST(MoeBlock, StepsEqualTheDirectFormula) {
         if (layer.present[e]) total += probability[e] = std::exp(logits[e] - max_logit);
       std::vector<int64_t> order;
       for (int64_t e = 0; e < num_experts; ++e) order.push_back(e);
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return probability[a] > probability[b]; });
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return probability[a] > probability[b]; });
       double chosen_mass = 0;
       for (int64_t j = 0; j < top_k; ++j) chosen_mass += probability[order[j]] / total;
       std::vector<double> expected(hidden, 0.0);

@@ -1,12 +1,13 @@
 // Greedy picks the argmax; sampling is reproducible per seed and follows the distribution.
-#include <cmath>
+#include "worker/sampler.h"
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "kernels/error.h"
-#include "worker/npy_file.h"
-#include "worker/sampler.h"
 #include "temp_dir.h"
+#include "worker/npy_file.h"
 
 namespace epic {
 namespace {

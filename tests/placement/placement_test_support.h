@@ -129,7 +129,6 @@ inline PlacementRequest random_request(std::mt19937_64& rng, std::string& descri
   return request;
 }
 
-
 // Two plans are the same when every field is equal, loads bit for bit.
 inline void expect_same_plan(const PlacementPlan& expected, const PlacementPlan& actual) {
   ASSERT_EQ(expected.num_workers, actual.num_workers);
