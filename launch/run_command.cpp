@@ -333,6 +333,15 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       reports.push_back(wire::from_bytes<wire::WorkerReport>(std::string(bytes.begin(), bytes.end()),
                                                              wire::kWorkerReportVersion, "worker report"));
     print_results(args, *config, tokenizer, coordinator_output.prompts, reports, run_seconds);
+    double worst_balance = 1.0;
+    int64_t max_slots = 0;
+    for (const LayerPlacement& layer : placement.layers) {
+      worst_balance = std::max(worst_balance, layer.max_over_mean_load());
+      max_slots = std::max(max_slots, layer.slots_per_worker);
+    }
+    std::fprintf(stderr, "placement: %zu MoE layers on %d worker(s), up to %lld expert slots per worker per layer, "
+                 "expected max/mean load %.3f in the worst layer (epic plan prints every layer)\n",
+                 placement.layers.size(), placement.num_workers, static_cast<long long>(max_slots), worst_balance);
   }
   return 0;
 }
