@@ -62,6 +62,8 @@ struct DetokenizeArgs {
 
 // 2 for bad flags or input, 1 for failures of the system (I/O, communication, bugs).
 int exit_code_for(ErrorCode code);
+// "epic: error [code]: message" on stderr.
+void print_error(const Error& error);
 
 struct BenchMoeArgs {
   std::string preset = "qwen3-30b-a3b";

@@ -21,6 +21,11 @@ int exit_code_for(ErrorCode code) {
   }
 }
 
+void print_error(const Error& error) {
+  std::fprintf(stderr, "epic: error [%s]: %s\n", error_code_name(error.code()), error.what());
+  std::fflush(stderr);
+}
+
 }  // namespace epic::cli
 
 int main(int argc, char** argv) {
@@ -133,7 +138,7 @@ int main(int argc, char** argv) {
   } catch (const SilentFailure& failure) {
     return failure.exit_code;  // rank 0 reports an error that every rank raised
   } catch (const epic::Error& e) {
-    std::fprintf(stderr, "epic: error [%s]: %s\n", epic::error_code_name(e.code()), e.what());
+    print_error(e);
     return exit_code_for(e.code());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "epic: error [internal]: %s\n", e.what());

@@ -246,8 +246,15 @@ int run_command(const RunArgs& args) {
   try {
     return run_on_cluster(args, *comm);
   } catch (const AgreedError& e) {
-    if (comm->rank() != 0) throw SilentFailure{exit_code_for(e.code())};
-    throw;
+    // Rank 0 reports the error every rank raised. Then all ranks meet once more before exiting,
+    // because mpirun aborts the job at the first non-zero exit and would cut rank 0's report off.
+    if (comm->rank() == 0) print_error(e);
+    try {
+      comm->barrier();
+    } catch (const Error&) {
+      // A rank already gone: nothing left to coordinate; exit with the agreed code anyway.
+    }
+    throw SilentFailure{exit_code_for(e.code())};
   }
 }
 
@@ -339,9 +346,11 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       worst_balance = std::max(worst_balance, layer.max_over_mean_load());
       max_slots = std::max(max_slots, layer.slots_per_worker);
     }
-    std::fprintf(stderr, "placement: %zu MoE layers on %d worker(s), up to %lld expert slots per worker per layer, "
+    std::fprintf(stderr,
+                 "placement: %zu MoE layers on %d worker(s), up to %lld expert slots per worker per layer, "
                  "expected max/mean load %.3f in the worst layer (epic plan prints every layer)\n",
-                 placement.layers.size(), placement.num_workers, static_cast<long long>(max_slots), worst_balance);
+                 placement.layers.size(), placement.num_workers, static_cast<long long>(max_slots),
+                 worst_balance);
   }
   return 0;
 }
