@@ -130,29 +130,4 @@ std::vector<float> ModelRunner::forward(std::span<const int32_t> tokens, KvCache
   return std::move(forward_batch(std::span<const SequenceChunk>(&chunk, 1))[0]);
 }
 
-GenerationResult generate(ModelRunner& runner, std::span<const int32_t> prompt, int64_t max_new_tokens,
-                          Sampler& sampler, bool want_prompt_logits) {
-  EPIC_CHECK(!prompt.empty(), ErrorCode::kInvalidArgument, "the prompt is empty; give at least one token");
-  EPIC_CHECK(max_new_tokens >= 0, ErrorCode::kInvalidArgument, "max_new_tokens must be >= 0");
-  const ModelConfig& config = runner.config();
-  KvCache cache(config);
-  GenerationResult result;
-  std::vector<float> logits = runner.forward(prompt, cache, want_prompt_logits);
-  const int64_t vocab = config.vocab_size;
-  std::span<const float> last(logits.data() + logits.size() - vocab, vocab);
-  if (want_prompt_logits) result.prompt_logits = logits;
-  for (int64_t step = 0; step < max_new_tokens; ++step) {
-    const int32_t next = sampler.sample(last);
-    result.new_ids.push_back(next);
-    if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
-        config.eos_token_ids.end())
-      break;
-    if (step + 1 == max_new_tokens) break;
-    const int32_t token[1] = {next};
-    logits = runner.forward(token, cache, false);
-    last = std::span<const float>(logits.data(), vocab);
-  }
-  return result;
-}
-
 }  // namespace epic

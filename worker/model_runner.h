@@ -1,5 +1,5 @@
-// The Qwen3-MoE forward pass over a batch of sequences, each with its own KV cache, and
-// greedy/sampled generation. Attention runs per sequence; every other op runs over the batch's
+// The Qwen3-MoE forward pass over a batch of sequences, each with its own KV cache (generation
+// over it: generation_loop.h). Attention runs per sequence; every other op runs over the batch's
 // rows at once, and the MoE blocks go through a MoeExecutor (local or expert-parallel).
 #pragma once
 
@@ -12,7 +12,6 @@
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
 #include "worker/moe_executor.h"
-#include "worker/sampler.h"
 
 namespace epic {
 
@@ -57,15 +56,6 @@ class ModelRunner {
   std::unique_ptr<MoeExecutor> local_executor_;
   MoeExecutor* executor_;
 };
-
-struct GenerationResult {
-  std::vector<float> prompt_logits;  // [prompt_len, vocab] when asked for, else empty
-  std::vector<int32_t> new_ids;      // generated ids (stops after an eos id, which is included)
-};
-
-// Prefill the prompt, then generate up to max_new_tokens with the sampler (one sequence, local).
-GenerationResult generate(ModelRunner& runner, std::span<const int32_t> prompt, int64_t max_new_tokens,
-                          Sampler& sampler, bool want_prompt_logits);
 
 // Validates ids against the vocabulary: Error(kInvalidArgument) naming the id and its position.
 void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size);

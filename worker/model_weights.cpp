@@ -28,7 +28,7 @@ std::string missing_report(const std::vector<MissingExpert>& missing) {
 
 }  // namespace
 
-int64_t MoeLayerWeights::num_present() const {
+int64_t LayerExpertInventory::num_present() const {
   int64_t count = 0;
   for (uint8_t p : present) count += p;
   return count;
@@ -96,8 +96,7 @@ ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoin
   if (!missing.empty() && !allow_missing_experts)
     throw Error(ErrorCode::kMissingExperts, checkpoint.directory().string() + ": " + missing_report(missing));
   for (const auto& [layer, experts] : inventory) {
-    int64_t num_present = 0;
-    for (uint8_t p : experts.present) num_present += p;
+    const int64_t num_present = experts.num_present();
     if (num_present < config.num_experts_per_tok)
       throw Error(ErrorCode::kMissingExperts,
                   checkpoint.directory().string() + ": layer " + std::to_string(layer) + " has " +

@@ -24,7 +24,6 @@ struct MoeLayerWeights {
   std::vector<float> router;                 // [num_experts, hidden]
   std::vector<uint8_t> present;              // [num_experts]: 1 when the checkpoint has the expert
   std::map<int64_t, ExpertWeights> experts;  // the hosted (and present) experts only
-  int64_t num_present() const;
 };
 
 struct DenseMlpWeights {
@@ -64,6 +63,7 @@ struct LoadOptions {
 struct LayerExpertInventory {
   int64_t num_experts = 0;       // router rows
   std::vector<uint8_t> present;  // [num_experts]
+  int64_t num_present() const;
 };
 using ExpertInventory = std::map<int64_t, LayerExpertInventory>;  // MoE layer -> its experts
 

@@ -8,8 +8,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "comm/communicator.h"
 #include "kernels/error.h"
 #include "worker/checkpoint.h"
+#include "worker/generation_loop.h"
 #include "worker/model_runner.h"
 #include "worker/npy_file.h"
 
@@ -59,16 +61,19 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
 
   auto backend = make_cpu_backend();
   ModelRunner runner(config, weights, *backend);
+  const auto comm = make_self_communicator();
   for (const json& prompt : golden["prompts"]) {
     const std::vector<int32_t> ids = prompt["ids"].get<std::vector<int32_t>>();
     SCOPED_TRACE("prompt of " + std::to_string(ids.size()) + " tokens");
     const NpyArray expected = read_npy_f32(dir() / prompt["logits"].get<std::string>());
     ASSERT_EQ(expected.shape, (std::vector<int64_t>{static_cast<int64_t>(ids.size()), config.vocab_size}));
 
-    Sampler greedy(SamplingOptions{});
     const std::vector<int32_t> expected_greedy = prompt["greedy"].get<std::vector<int32_t>>();
-    const GenerationResult result = generate(runner, ids, static_cast<int64_t>(expected_greedy.size()),
-                                             greedy, /*want_prompt_logits=*/true);
+    SequenceRequest request;  // greedy: default sampling options
+    request.prompt = ids;
+    request.max_new_tokens = static_cast<int64_t>(expected_greedy.size());
+    request.want_prompt_logits = true;
+    const SequenceResult result = run_generation(runner, {request}, *comm).at(0);
     const double error = relative_l2(result.prompt_logits, expected.values);
     EXPECT_LE(error, kMaxRelativeL2) << "relative L2 error of the prompt logits";
     std::ostringstream shown;
