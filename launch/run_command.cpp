@@ -87,13 +87,10 @@ std::vector<std::vector<int32_t>> read_prompts(const RunArgs& args, const ModelC
     for (size_t i = 0; i < lines.size(); ++i)
       prompts.push_back(parse_id_list(lines[i], "--prompt-ids-file line " + std::to_string(i + 1)));
   }
+  // Checked here, before any weight is read, with the prompt named.
   for (size_t p = 0; p < prompts.size(); ++p)
-    for (size_t i = 0; i < prompts[p].size(); ++i)
-      if (prompts[p][i] >= config.vocab_size)
-        throw Error(ErrorCode::kInvalidArgument,
-                    (prompts.size() > 1 ? "prompt " + std::to_string(p + 1) + ": " : std::string()) +
-                        "token " + std::to_string(prompts[p][i]) + " (position " + std::to_string(i) +
-                        ") is outside the model's vocabulary [0, " + std::to_string(config.vocab_size) + ")");
+    check_token_ids(prompts[p], config.vocab_size,
+                    prompts.size() > 1 ? "prompt " + std::to_string(p + 1) + ": " : std::string());
   return prompts;
 }
 
@@ -120,11 +117,10 @@ struct CoordinatorOutput {
 
 // Rank 0: prompts -> ids, placement plan, sequence assignment.
 CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConfig& config,
-                           const std::optional<Tokenizer>& tokenizer) {
+                           const std::optional<Tokenizer>& tokenizer, Checkpoint& checkpoint) {
   const fs::path model_dir = args.model_dir;
   CoordinatorOutput output;
   output.prompts = read_prompts(args, config, tokenizer, model_dir);
-  Checkpoint checkpoint = Checkpoint::open(model_dir);
   const ExpertInventory inventory = inspect_experts(config, checkpoint, args.allow_missing_experts);
   const PlacementPlan placement =
       make_placement(config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile});
@@ -265,14 +261,19 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   const bool coordinator = comm->rank() == 0;
   const fs::path model_dir = args.model_dir;
 
-  // Every rank reads config.json (small); only the coordinator reads prompts and the tokenizer.
+  // Every rank reads config.json and the checkpoint index (small; shard headers are read on first
+  // use and kept); only the coordinator reads prompts and the tokenizer.
   std::optional<ModelConfig> config;
+  std::optional<Checkpoint> checkpoint;
   std::optional<Tokenizer> tokenizer;
-  run_on_all_ranks(*comm, [&] { config = ModelConfig::load(model_dir); });
+  run_on_all_ranks(*comm, [&] {
+    config = ModelConfig::load(model_dir);
+    checkpoint.emplace(Checkpoint::open(model_dir));
+  });
   CoordinatorOutput coordinator_output;
   const std::string plan_bytes = broadcast_from_root(*comm, 0, [&] {
     if (fs::exists(model_dir / "tokenizer.json")) tokenizer = Tokenizer::load(model_dir / "tokenizer.json");
-    coordinator_output = plan_run(args, comm->size(), *config, tokenizer);
+    coordinator_output = plan_run(args, comm->size(), *config, tokenizer, *checkpoint);
     return wire::to_bytes(coordinator_output.plan);
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");
@@ -282,9 +283,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   // Each worker reads the dense weights and only the experts the plan gives it.
   const auto load_start = clock_type::now();
   ModelWeights weights;
-  std::optional<Checkpoint> checkpoint;
   run_on_all_ranks(*comm, [&] {
-    checkpoint.emplace(Checkpoint::open(model_dir));
     LoadOptions options;
     options.allow_missing_experts = plan.allow_missing_experts;
     const int rank = comm->rank();

@@ -10,12 +10,12 @@
 
 namespace epic {
 
-void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size) {
+void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size, const std::string& context) {
   for (size_t t = 0; t < tokens.size(); ++t) {
     if (tokens[t] < 0 || tokens[t] >= vocab_size)
-      throw Error(ErrorCode::kInvalidArgument, "token id " + std::to_string(tokens[t]) + " at position " +
-                                                   std::to_string(t) + " is outside the vocabulary [0, " +
-                                                   std::to_string(vocab_size) + ")");
+      throw Error(ErrorCode::kInvalidArgument,
+                  context + "token id " + std::to_string(tokens[t]) + " at position " + std::to_string(t) +
+                      " is outside the model's vocabulary [0, " + std::to_string(vocab_size) + ")");
   }
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -57,7 +58,8 @@ class ModelRunner {
   MoeExecutor* executor_;
 };
 
-// Validates ids against the vocabulary: Error(kInvalidArgument) naming the id and its position.
-void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size);
+// Validates ids against the vocabulary: Error(kInvalidArgument) naming the id and its position,
+// after `context` (e.g. "prompt 3: ") when given.
+void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size, const std::string& context = "");
 
 }  // namespace epic
