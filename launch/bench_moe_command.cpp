@@ -4,11 +4,9 @@
 // mpirun with 1, 2, 4, ... ranks and collect the CSV/JSON lines.
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <random>
 
 #include "comm/communicator.h"
 #include "kernels/backend.h"
@@ -19,18 +17,10 @@
 #include "launch/placement_setup.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/model_writer.h"
+#include "worker/random_values.h"
 
 namespace epic::cli {
 namespace {
-
-// Uniform values with variance 1/fan_in (so routing and activations look like a real layer's).
-void fill_random(std::vector<float>& values, int64_t count, int64_t fan_in, uint64_t seed) {
-  values.resize(count);
-  std::mt19937_64 generator(seed);
-  const float half_width = static_cast<float>(std::sqrt(3.0 / fan_in));
-  std::uniform_real_distribution<float> uniform(-half_width, half_width);
-  for (float& v : values) v = uniform(generator);
-}
 
 struct PhaseTotals {
   double route = 0, dispatch = 0, expert = 0, combine = 0, total = 0;
@@ -61,7 +51,8 @@ int bench_moe_command(const BenchMoeArgs& args) {
   const PlacementPlan plan = make_placement(config, inventory, {num_workers, args.slots, std::nullopt, ""});
   const ExpertRoutingTable table = routing_table_from_plan(plan);
 
-  // Every rank makes the same router (seeded by layer) and only the experts it hosts.
+  // Every rank makes the same router and only the experts it hosts, with the values make-model
+  // would write for this preset and seed.
   ModelWeights weights;
   weights.layers.resize(args.layers);
   PhaseTotals totals;
@@ -70,20 +61,22 @@ int bench_moe_command(const BenchMoeArgs& args) {
     w.is_moe = true;
     w.moe.num_experts = config.num_experts;
     w.moe.present.assign(config.num_experts, 1);
-    fill_random(w.moe.router, config.num_experts * hidden, hidden, args.seed * 1000003 + layer);
+    w.moe.router = random_tensor_values(config.layer_prefix(layer) + "mlp.gate.weight",
+                                        {config.num_experts, hidden}, RandomInit::kLinear, args.seed);
     for (int64_t expert = 0; expert < config.num_experts; ++expert) {
       if (!table.hosts(rank, layer, expert)) continue;
+      const std::vector<std::string> names = expert_tensor_names(config, layer, expert);
       ExpertWeights& e = w.moe.experts[expert];
-      const uint64_t base = (args.seed * 1000003 + layer) * 4096 + expert * 3;
-      fill_random(e.gate, inter * hidden, hidden, base);
-      fill_random(e.up, inter * hidden, hidden, base + 1);
-      fill_random(e.down, hidden * inter, inter, base + 2);
+      e.gate = random_tensor_values(names[0], {inter, hidden}, RandomInit::kLinear, args.seed);
+      e.up = random_tensor_values(names[1], {inter, hidden}, RandomInit::kLinear, args.seed);
+      e.down = random_tensor_values(names[2], {hidden, inter}, RandomInit::kLinear, args.seed);
       ++totals.experts_hosted;
     }
   }
-  std::vector<float> tokens;
-  fill_random(tokens, args.tokens_per_worker * hidden, 1, args.seed * 7919 + rank);
-  for (float& v : tokens) v *= std::sqrt(3.0f) * 0.5f;  // unit-ish activations
+  // Unit-variance token rows, different on every rank.
+  const std::vector<float> tokens =
+      random_tensor_values("bench-moe.tokens.rank" + std::to_string(rank), {args.tokens_per_worker, hidden},
+                           RandomInit::kEmbedding, args.seed);
 
   const int threads = args.threads > 0 ? args.threads : default_cpu_threads();
   auto backend = make_cpu_backend(threads);

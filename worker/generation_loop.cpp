@@ -4,14 +4,12 @@
 #include <algorithm>
 
 #include "kernels/error.h"
+#include "worker/random_values.h"
 
 namespace epic {
 
 uint64_t sequence_seed(uint64_t seed, int64_t sequence_id) {
-  uint64_t x = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(sequence_id + 1);
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
+  return splitmix64(seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(sequence_id));
 }
 
 std::vector<SequenceResult> run_generation(ModelRunner& runner, const std::vector<SequenceRequest>& sequences,

@@ -2,13 +2,12 @@
 #include "worker/model_writer.h"
 
 #include <algorithm>
-#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
-#include <thread>
 
 #include "kernels/error.h"
+#include "worker/random_values.h"
 
 namespace epic {
 namespace {
@@ -18,50 +17,11 @@ using nlohmann::json;
 struct TensorPlan {
   std::string name;
   std::vector<int64_t> shape;
-  enum class Init { kNorm, kEmbedding, kLinear } init;
+  RandomInit init;
 };
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-uint64_t name_hash(const std::string& name) {
-  uint64_t hash = 1469598103934665603ull;  // FNV-1a
-  for (unsigned char c : name) hash = (hash ^ c) * 1099511628211ull;
-  return hash;
-}
-
-// Uniform values with the tensor's scale: norms in [0.5, 1.5], embeddings with unit variance,
-// linear layers with variance 1/fan_in so activations stay O(1) through the layers.
-std::vector<float> random_values(const TensorPlan& plan, uint64_t seed) {
-  int64_t count = 1;
-  for (int64_t d : plan.shape) count *= d;
-  std::vector<float> values(count);
-  const uint64_t base = splitmix64(seed ^ name_hash(plan.name));
-  const double half_width = plan.init == TensorPlan::Init::kNorm        ? 0.5
-                            : plan.init == TensorPlan::Init::kEmbedding ? std::sqrt(3.0)
-                                                                        : std::sqrt(3.0 / plan.shape.back());
-  const double center = plan.init == TensorPlan::Init::kNorm ? 1.0 : 0.0;
-  const int64_t num_threads =
-      std::clamp<int64_t>(count / (1 << 20), 1, std::max(1u, std::thread::hardware_concurrency()));
-  std::vector<std::thread> threads;
-  for (int64_t t = 0; t < num_threads; ++t) {
-    threads.emplace_back([&, t] {
-      for (int64_t i = count * t / num_threads; i < count * (t + 1) / num_threads; ++i) {
-        const double unit = (splitmix64(base + static_cast<uint64_t>(i)) >> 11) * (1.0 / 9007199254740992.0);
-        values[i] = static_cast<float>(center + (2.0 * unit - 1.0) * half_width);
-      }
-    });
-  }
-  for (auto& thread : threads) thread.join();
-  return values;
-}
-
 std::vector<TensorPlan> plan_tensors(const ModelConfig& c) {
-  using Init = TensorPlan::Init;
+  using Init = RandomInit;
   const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim,
                 kv = c.num_key_value_heads * c.head_dim;
   std::vector<TensorPlan> plan;
@@ -205,8 +165,9 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
     SafetensorsWriter writer;
     writer.set_metadata("format", "pt");
     for (size_t index : shards[s]) {
-      writer.add_f32(plan[index].name, preset.storage, plan[index].shape,
-                     random_values(plan[index], options.seed));
+      writer.add_f32(
+          plan[index].name, preset.storage, plan[index].shape,
+          random_tensor_values(plan[index].name, plan[index].shape, plan[index].init, options.seed));
       weight_map[plan[index].name] = name_buffer;
       if (options.progress)
         options.progress(static_cast<int64_t>(s), result.num_shards, written + writer.data_bytes(),
