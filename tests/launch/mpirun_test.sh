@@ -6,6 +6,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "$here/../.." && pwd)"
 launcher="$repo_root/launch/epic_mpirun.sh"
+# shellcheck source=tests/launch/reference_run.sh
+source "$here/reference_run.sh"
 
 epic_binary="${1:-${EPIC_BINARY:-}}"
 num_ranks="${2:-${EPIC_LAUNCH_TEST_NUM_TASKS:-1}}"
@@ -52,17 +54,7 @@ export OMPI_MCA_btl=self,vader OMPI_MCA_pml=ob1 OMPI_MCA_btl_vader_single_copy_m
 # Oversubscribe only when it is needed, through the launcher's own switch.
 ((num_ranks <= $(nproc))) || export EPIC_OVERSUBSCRIBE=1
 
-model_dir="$work_dir/model"
-# Prompts of different lengths, greedy: the output is a pure function of model and prompts, and
-# with several ranks the sequences spread over workers whose outputs must come back in order.
-printf '%s\n' 1,2,3 150,40 7,7,7,7,7,7,7,7,7 33 12,99,5,61 >"$work_dir/prompt_ids.txt"
-epic_run_args=(--prompt-ids-file "$work_dir/prompt_ids.txt" --max-new-tokens 8)
-"$epic_binary" make-model --preset tiny --seed 1 --out "$model_dir" >"$work_dir/make_model.log" 2>&1 ||
-  { cat "$work_dir/make_model.log" >&2; fail "epic make-model failed (log above)"; }
-"$epic_binary" run --model "$model_dir" "${epic_run_args[@]}" \
-  >"$work_dir/reference.out" 2>"$work_dir/reference.err" ||
-  { cat "$work_dir/reference.err" >&2; fail "the single-process reference run failed (stderr above)"; }
-[[ -s "$work_dir/reference.out" ]] || fail "the reference run printed nothing: nothing to compare"
+make_reference_run "$work_dir" "$epic_binary"
 
 rc=0
 EPIC_BINARY="$epic_binary" timeout "$run_timeout_s" "$launcher" -n "$num_ranks" \
@@ -72,12 +64,4 @@ if [[ $rc -ne 0 ]]; then
   [[ $rc -eq 124 ]] && fail "epic_mpirun.sh -n $num_ranks did not finish within ${run_timeout_s}s"
   fail "epic_mpirun.sh -n $num_ranks exited $rc (stderr above)"
 fi
-if ! cmp -s "$work_dir/reference.out" "$work_dir/mpirun.out"; then
-  log "mpirun stdout differs from the single-process run (--- reference, +++ mpirun):"
-  diff -u "$work_dir/reference.out" "$work_dir/mpirun.out" >&2 || true
-  log "mpirun stderr:"
-  cat "$work_dir/mpirun.err" >&2
-  fail "$num_ranks-rank mpirun output != single-process output"
-fi
-log "PASS: $num_ranks-rank epic_mpirun.sh printed exactly the single-process output" \
-  "($(wc -c <"$work_dir/reference.out") bytes)"
+expect_reference_output "$work_dir" "$work_dir/mpirun.out" "$work_dir/mpirun.err" "$num_ranks-rank epic_mpirun.sh"

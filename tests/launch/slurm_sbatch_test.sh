@@ -27,6 +27,8 @@ epic_binary="$(cd "$(dirname "$epic_binary")" && pwd)/$(basename "$epic_binary")
 
 # shellcheck source=tests/launch/local_slurm.sh
 source "$here/local_slurm.sh"
+# shellcheck source=tests/launch/reference_run.sh
+source "$here/reference_run.sh"
 local_slurm_require_installed ||
   fail "Slurm is not installed: run 'bash launch/setup_debian.sh' (it installs slurm-wlm)"
 # The OpenMPI settings of a root, 2-core, loopback-only host (ENVIRONMENT.md); srun passes them on.
@@ -40,18 +42,7 @@ if ((num_tasks > $(nproc))); then export LOCAL_SLURM_NUM_CPUS="$num_tasks"; fi
 local_slurm_start || fail "the local Slurm cluster did not start"
 work_dir="$LOCAL_SLURM_DIR/work"
 mkdir -p "$work_dir"
-model_dir="$work_dir/model"
-# Prompts of different lengths, greedy: the output is a pure function of model and prompts, and
-# with several ranks the sequences spread over workers whose outputs must come back in order.
-printf '%s\n' 1,2,3 150,40 7,7,7,7,7,7,7,7,7 33 12,99,5,61 >"$work_dir/prompt_ids.txt"
-epic_run_args=(--prompt-ids-file "$work_dir/prompt_ids.txt" --max-new-tokens 8)
-
-"$epic_binary" make-model --preset tiny --seed 1 --out "$model_dir" >"$work_dir/make_model.log" 2>&1 ||
-  { cat "$work_dir/make_model.log" >&2; fail "epic make-model failed (log above)"; }
-"$epic_binary" run --model "$model_dir" "${epic_run_args[@]}" \
-  >"$work_dir/reference.out" 2>"$work_dir/reference.err" ||
-  { cat "$work_dir/reference.err" >&2; fail "the single-process reference run failed (stderr above)"; }
-[[ -s "$work_dir/reference.out" ]] || fail "the reference run printed nothing: nothing to compare"
+make_reference_run "$work_dir" "$epic_binary"
 
 # The template's #SBATCH lines are overridden here; its variables come through the environment.
 sbatch_options=(--parsable --job-name=epic-launch-test --chdir="$work_dir"
@@ -94,12 +85,4 @@ if [[ "$job_state" != COMPLETED || "$exit_code" != "0:0" ]]; then
   fail "job $job_id did not succeed: JobState=$job_state ExitCode=$exit_code"
 fi
 
-if ! cmp -s "$work_dir/reference.out" "$work_dir/job.out"; then
-  log "job stdout differs from the single-process run (--- reference, +++ slurm job):"
-  diff -u "$work_dir/reference.out" "$work_dir/job.out" >&2 || true
-  log "job stderr:"
-  cat "$work_dir/job.err" >&2
-  fail "$num_tasks-task Slurm job output != single-process output"
-fi
-log "PASS: $num_tasks-task sbatch job printed exactly the single-process output" \
-  "($(wc -c <"$work_dir/reference.out") bytes)"
+expect_reference_output "$work_dir" "$work_dir/job.out" "$work_dir/job.err" "$num_tasks-task sbatch job"
