@@ -9,62 +9,11 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "../model/temp_dir.h"
+#include "tests/cli/cli_support.h"
 #include "worker/npy_file.h"
 
 namespace epic {
 namespace {
-
-namespace fs = std::filesystem;
-
-struct Outcome {
-  int exit_code = -1;
-  std::string out;  // stdout
-  std::string err;  // stderr
-};
-
-// Runs `epic ARGS` with stdout and stderr captured to files in dir.
-Outcome run_epic(const std::string& args, const fs::path& dir) {
-  const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
-  const std::string command =
-      std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
-  const int status = std::system(command.c_str());
-  Outcome outcome;
-  outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream o(out), e(err);
-  outcome.out.assign(std::istreambuf_iterator<char>(o), {});
-  outcome.err.assign(std::istreambuf_iterator<char>(e), {});
-  return outcome;
-}
-
-std::string quote(const std::string& text) {
-  std::string quoted = "'";
-  for (char c : text) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return quoted + "'";
-}
-
-class Cli : public ::testing::Test {
- protected:
-  // One tiny model for the suite (make-model with the real tokenizer when set-up installed it).
-  static void SetUpTestSuite() {
-    temp_ = new testing::TempDir();
-    const Outcome made = run_epic(
-        "make-model --preset tiny --seed 3 --out " + (temp_->path() / "tiny").string(), temp_->path());
-    ASSERT_EQ(made.exit_code, 0) << made.err;
-    made_output_ = new std::string(made.out);
-  }
-  static void TearDownTestSuite() {
-    delete temp_;
-    delete made_output_;
-  }
-  static fs::path tiny() { return temp_->path() / "tiny"; }
-  static fs::path scratch() { return temp_->path(); }
-  static bool has_tokenizer() { return fs::exists(tiny() / "tokenizer.json"); }
-  static testing::TempDir* temp_;
-  static std::string* made_output_;
-};
-testing::TempDir* Cli::temp_ = nullptr;
-std::string* Cli::made_output_ = nullptr;
 
 TEST_F(Cli, MakeModelReportsWhatItWrote) {
   EXPECT_NE(made_output_->find("preset tiny"), std::string::npos) << *made_output_;
@@ -139,21 +88,9 @@ TEST_F(Cli, LogitsOutMatchesTheGoldenReference) {
   EXPECT_EQ(run.out, greedy + "\n");  // no tokenizer in the fixture: ids are printed
 }
 
-struct BadInput {
-  std::string name;
-  std::string args;     // {tiny} is replaced by the model directory
-  std::string message;  // must appear on stderr
-};
-
-// Test names show the case name, not the struct's bytes.
-void PrintTo(const BadInput& input, std::ostream* out) { *out << input.name; }
-
-class CliBadInput : public Cli, public ::testing::WithParamInterface<BadInput> {};
-
+// One test body for every bad-input table (each test file instantiates it with its own cases).
 TEST_P(CliBadInput, ClearErrorAndNonZeroExit) {
-  std::string args = GetParam().args;
-  for (size_t at; (at = args.find("{tiny}")) != std::string::npos;) args.replace(at, 6, tiny().string());
-  for (size_t at; (at = args.find("{golden}")) != std::string::npos;) args.replace(at, 8, EPIC_GOLDEN_DIR);
+  const std::string args = expand_placeholders(GetParam().args, tiny());
   const Outcome outcome = run_epic(args, scratch());
   EXPECT_NE(outcome.exit_code, 0) << outcome.out;
   EXPECT_NE(outcome.err.find(GetParam().message), std::string::npos) << outcome.err;

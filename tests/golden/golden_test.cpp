@@ -97,8 +97,9 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenCase, ::testing::ValuesIn(golden_cases(
 
 TEST(GoldenFixtures, AllCasesArePresent) {
   // The cases the issue asks for; a lost fixture must not silently shrink the suite.
-  const std::vector<std::string> expected = {"missing_experts", "pruned_router", "qwen3_moe_bf16",
-                                             "qwen3_moe_f32", "qwen3_omni_thinker_f16"};
+  const std::vector<std::string> expected = {"missing_experts",           "pruned_router",
+                                             "qwen3_moe_bf16",            "qwen3_moe_f32",
+                                             "qwen3_moe_hub_config_bf16", "qwen3_omni_thinker_f16"};
   EXPECT_EQ(golden_cases(), expected);
 }
 

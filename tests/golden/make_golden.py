@@ -6,9 +6,16 @@ Runs where torch + transformers + safetensors exist (the GPU machine's python3; 
     python3 tests/golden/make_golden.py --out tests/golden/fixtures
 Every weight is redrawn at random (norms included) so no term of the math can hide behind a
 constant. The reference is computed in float64 from the exact stored weights (after rounding to
-the storage dtype), so the comparison measures epic's error alone. Checkpoints are written in the
-published per-expert layout (transformers 5 keeps experts fused: gate_up_proj [E, 2I, H] with the
-gate rows first, down_proj [E, H, I]).
+the storage dtype), so the comparison measures epic's error alone.
+
+Checkpoints and config.json are written by transformers itself (`save_pretrained`, which saves
+the published per-expert layout although transformers 5 keeps experts fused in memory), so the
+fixtures hold what real tools write: transformers 5 spells the expert count `num_local_experts`
+for Qwen3-MoE and `num_experts` for the Omni text config, and the rope theta inside
+`rope_parameters`. One case converts a saved config to the spelling of published hub configs
+(transformers 4: `num_experts`, `rope_theta`, `torch_dtype`), which transformers 5 cannot write.
+Cases with missing experts or a pruned router edit the saved shards afterwards (a tool that
+prunes experts would do the same).
 """
 import argparse
 import json
@@ -19,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from safetensors.torch import save_file
-from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, Qwen3OmniMoeConfig
 
 STORAGE = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -33,6 +40,8 @@ BASE = dict(
 )
 
 # name, config overrides, storage, layout, sharded, missing {layer: [experts]}, pruned {layer: rows}
+# layout: "qwen3_moe" (transformers 5 spelling), "hub" (published transformers 4 spelling),
+# "omni" (Qwen3-Omni thinker: thinker_config.text_config, tensors under thinker.).
 CASES = [
     ("qwen3_moe_f32", dict(mlp_only_layers=[1]), "f32", "qwen3_moe", True, {}, {}),
     ("qwen3_moe_bf16", dict(decoder_sparse_step=2, norm_topk_prob=False, tie_word_embeddings=True,
@@ -40,6 +49,8 @@ CASES = [
     ("qwen3_omni_thinker_f16", dict(num_experts_per_tok=4, rope_theta=1000000.0), "f16", "omni", True, {}, {}),
     ("missing_experts", dict(), "f32", "qwen3_moe", True, {0: [3], 2: [5, 6]}, {}),
     ("pruned_router", dict(), "bf16", "qwen3_moe", True, {}, {1: 5}),
+    ("qwen3_moe_hub_config_bf16", dict(rope_theta=1000000.0, max_position_embeddings=512), "bf16", "hub", True,
+     {}, {}),
 ]
 
 PROMPT_LENGTHS = [1, 4, 11]
@@ -77,92 +88,91 @@ def mask_router(router, masked_experts):
     router.forward = forward
 
 
-def per_expert_state_dict(model, prefix, missing, pruned, tie):
-    """transformers' fused state_dict -> the published per-expert tensor names."""
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if tie and name == "lm_head.weight":
-            continue
-        if name.startswith("model."):
-            out_name = prefix + name
-        else:
-            out_name = prefix + name  # lm_head.weight -> [thinker.]lm_head.weight
-        if ".mlp.experts.gate_up_proj" in name or ".mlp.experts.down_proj" in name:
-            layer = int(name.split(".")[2])
-            base = out_name.rsplit(".experts.", 1)[0] + ".experts"
-            num_experts = tensor.shape[0]
-            for expert in range(num_experts):
-                if expert in missing.get(layer, []) or expert >= pruned.get(layer, num_experts):
-                    continue
-                if name.endswith("gate_up_proj"):
-                    inter = tensor.shape[1] // 2
-                    tensors[f"{base}.{expert}.gate_proj.weight"] = tensor[expert, :inter]
-                    tensors[f"{base}.{expert}.up_proj.weight"] = tensor[expert, inter:]
-                else:
-                    tensors[f"{base}.{expert}.down_proj.weight"] = tensor[expert]
-            continue
-        if name.endswith(".mlp.gate.weight"):
-            layer = int(name.split(".")[2])
-            if layer in pruned:
-                tensor = tensor[: pruned[layer]]
-        tensors[out_name] = tensor
-    return tensors
+def shard_size(model, storage):
+    """About a quarter of the checkpoint, so one layer's experts straddle two files as in real
+    checkpoints."""
+    total = sum(p.numel() for p in model.parameters()) * torch.tensor([], dtype=STORAGE[storage]).element_size()
+    return total // 4 + 1
 
 
-def layer_key(name):
-    parts = name.split(".")
-    if "layers" in parts:
-        index = parts.index("layers")
-        expert = int(parts[index + 4]) if len(parts) > index + 4 and parts[index + 3] == "experts" else -1
-        return (1, int(parts[index + 1]), expert, name)
-    return (0 if "embed" in name else 2, 0, 0, name)
-
-
-def write_checkpoint(directory, tensors, storage, sharded):
-    names = sorted(tensors, key=layer_key)
-    stored = {n: tensors[n].to(STORAGE[storage]).contiguous() for n in names}
-    if not sharded:
-        save_file(stored, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        return
-    # Small shards so that one layer's experts straddle two files, as in real checkpoints.
-    shard_budget = sum(t.numel() * t.element_size() for t in stored.values()) // 4 + 1
-    shards, current, size = [], [], 0
-    for n in names:
-        nbytes = stored[n].numel() * stored[n].element_size()
-        if current and size + nbytes > shard_budget:
-            shards.append(current)
-            current, size = [], 0
-        current.append(n)
-        size += nbytes
-    shards.append(current)
+def edit_saved_checkpoint(directory, missing, pruned):
+    """Drops missing experts and pruned router rows from the shards transformers wrote, and keeps
+    the index (weight_map, total_size) true."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
     weight_map = {}
-    for i, shard in enumerate(shards):
-        file_name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: stored[n] for n in shard}, os.path.join(directory, file_name), metadata={"format": "pt"})
-        for n in shard:
-            weight_map[n] = file_name
-    total = sum(t.numel() * t.element_size() for t in stored.values())
+    total = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        path = os.path.join(directory, shard)
+        tensors = load_file(path)
+        kept = {}
+        for name, tensor in tensors.items():
+            parts = name.split(".")
+            if "layers" in parts:
+                layer = int(parts[parts.index("layers") + 1])
+                if ".mlp.experts." in name:
+                    expert = int(parts[parts.index("experts") + 1])
+                    if expert in missing.get(layer, []) or expert >= pruned.get(layer, 1 << 30):
+                        continue
+                if name.endswith(".mlp.gate.weight") and layer in pruned:
+                    tensor = tensor[: pruned[layer]].contiguous()
+            kept[name] = tensor
+            weight_map[name] = shard
+            total += tensor.numel() * tensor.element_size()
+        save_file(kept, path, metadata={"format": "pt"})
+    index["weight_map"] = weight_map
+    index["metadata"]["total_size"] = total
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def to_hub_spelling(directory):
+    """The saved transformers 5 config.json rewritten in the published hub (transformers 4)
+    spelling of Qwen3-30B-A3B's config.json: num_experts, rope_theta + rope_scaling null,
+    torch_dtype; every value stays as transformers wrote it."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    spelled = {}
+    for key, value in config.items():
+        if key == "num_local_experts":
+            spelled["num_experts"] = value
+        elif key == "rope_parameters":
+            assert value["rope_type"] == "default", value
+            spelled["rope_theta"] = value["rope_theta"]
+            spelled["rope_scaling"] = None
+        elif key == "dtype":
+            spelled["torch_dtype"] = value
+        else:
+            spelled[key] = value
+    with open(path, "w") as f:
+        json.dump(spelled, f, indent=2, sort_keys=True)
+
+
+def save_omni(model, directory, params, storage, max_shard_size):
+    """The Qwen3-Omni thinker layout: config.json by transformers' own Qwen3OmniMoeConfig (the text
+    model's values under thinker_config.text_config), tensors saved by transformers under a
+    temporary folder, then renamed to thinker.* (the thinker's text model computes exactly
+    Qwen3MoeForCausalLM's math for text-only positions)."""
+    text = {k: v for k, v in params.items() if k != "rope_theta"}
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": params["rope_theta"],
+                               "mrope_section": [2, 3, 3], "interleaved": True}
+    omni = Qwen3OmniMoeConfig(thinker_config={"text_config": text}, enable_audio_output=False)
+    omni.architectures = ["Qwen3OmniMoeForConditionalGeneration"]
+    omni.save_pretrained(directory)
+    staging = directory + ".staging"
+    model.save_pretrained(staging, max_shard_size=max_shard_size)
+    with open(os.path.join(staging, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(os.path.join(staging, shard))
+        save_file({"thinker." + n: t for n, t in tensors.items()}, os.path.join(directory, shard),
+                  metadata={"format": "pt"})
+    index["weight_map"] = {"thinker." + n: s for n, s in index["weight_map"].items()}
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-def config_json(cfg, layout):
-    text = {k: v for k, v in BASE.items()}
-    text.update(cfg)
-    if layout == "qwen3_moe":
-        out = dict(text, architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", torch_dtype="float32")
-        return out
-    # Qwen3-Omni: the thinker's text model config nests under thinker_config.text_config and
-    # names its rope theta in rope_parameters (with the multimodal rope sections).
-    theta = text.pop("rope_theta")
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": [2, 3, 3],
-                               "interleaved": True}
-    text["model_type"] = "qwen3_omni_moe_text"
-    return {"architectures": ["Qwen3OmniMoeForConditionalGeneration"], "model_type": "qwen3_omni_moe",
-            "thinker_config": {"model_type": "qwen3_omni_moe_thinker", "text_config": text,
-                               "audio_config": {"model_type": "qwen3_omni_moe_audio_encoder"},
-                               "vision_config": {"model_type": "qwen3_omni_moe_vision_encoder"}},
-            "talker_config": {"model_type": "qwen3_omni_moe_talker"}, "enable_audio_output": False}
+        json.dump(index, f, indent=2)
+    shutil.rmtree(staging)
 
 
 @torch.no_grad()
@@ -191,11 +201,20 @@ def make_case(out_root, case, seed):
     # Round to the storage dtype first, so the reference sees exactly the stored weights.
     for p in model.parameters():
         p.data.copy_(p.data.to(STORAGE[storage]).to(torch.float32))
-    prefix = "thinker." if layout == "omni" else ""
-    tensors = per_expert_state_dict(model, prefix, missing, pruned, params["tie_word_embeddings"])
-    write_checkpoint(directory, tensors, storage, sharded)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(config_json(overrides, layout), f, indent=2)
+    model = model.to(STORAGE[storage])
+    max_shard_size = shard_size(model, storage) if sharded else "10GB"
+    if layout == "omni":
+        save_omni(model, directory, params, storage, max_shard_size)
+    else:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        if layout == "hub":
+            to_hub_spelling(directory)
+    if missing or pruned:
+        edit_saved_checkpoint(directory, missing, pruned)
+    num_tensors = 0
+    for shard in os.listdir(directory):
+        if shard.endswith(".safetensors"):
+            num_tensors += len(load_file(os.path.join(directory, shard)))
 
     model = model.double()
     masked = {layer: list(experts) for layer, experts in missing.items()}
@@ -220,8 +239,12 @@ def make_case(out_root, case, seed):
                    "needs_allow_missing_experts": bool(missing),
                    "reference": f"transformers {transformers.__version__} Qwen3MoeForCausalLM, float64, eager "
                                 "attention; masked experts get -inf router logits",
+                   "written_by": f"transformers {transformers.__version__} save_pretrained"
+                                 + (", config converted to the hub spelling" if layout == "hub" else "")
+                                 + (", tensors renamed to thinker.*" if layout == "omni" else "")
+                                 + (", experts/router rows removed afterwards" if missing or pruned else ""),
                    "seed": seed, "prompts": prompts}, f, indent=2)
-    print(f"{name}: {len(tensors)} tensors, storage {storage}, layout {layout}")
+    print(f"{name}: {num_tensors} tensors, storage {storage}, layout {layout}")
 
 
 def main():
