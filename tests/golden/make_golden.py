@@ -18,6 +18,7 @@ Cases with missing experts or a pruned router edit the saved shards afterwards (
 prunes experts would do the same).
 """
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -201,12 +202,14 @@ def make_case(out_root, case, seed):
     # Round to the storage dtype first, so the reference sees exactly the stored weights.
     for p in model.parameters():
         p.data.copy_(p.data.to(STORAGE[storage]).to(torch.float32))
-    model = model.to(STORAGE[storage])
-    max_shard_size = shard_size(model, storage) if sharded else "10GB"
+    # Save a copy cast to the storage dtype; the reference keeps the float32 model, whose buffers
+    # (rotary inv_freq) a cast to bf16 would round and so degrade the reference itself.
+    stored = copy.deepcopy(model).to(STORAGE[storage])
+    max_shard_size = shard_size(stored, storage) if sharded else "10GB"
     if layout == "omni":
-        save_omni(model, directory, params, storage, max_shard_size)
+        save_omni(stored, directory, params, storage, max_shard_size)
     else:
-        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        stored.save_pretrained(directory, max_shard_size=max_shard_size)
         if layout == "hub":
             to_hub_spelling(directory)
     if missing or pruned:

@@ -122,7 +122,150 @@ TEST(ModelConfig, RejectsInconsistentShapes) {
 TEST(ModelConfig, RejectsUnsupportedFeatures) {
   expect_error(with("rope_scaling", R"({"rope_type": "yarn", "factor": 4.0})"), ErrorCode::kUnsupported,
                {"yarn"});
-  expect_error(with("use_sliding_window", "true"), ErrorCode::kUnsupported, {"use_sliding_window"});
+  expect_error(with("use_sliding_window", "true, \"sliding_window\": 4096"), ErrorCode::kUnsupported,
+               {"use_sliding_window"});
+}
+
+// --- Spellings of transformers 4 and 5 -------------------------------------------------------
+
+std::string without(const std::string& key) {
+  std::string text = kValid;
+  const size_t at = text.find("\"" + key + "\": ");
+  const size_t end = text.find_first_of(",}", at);
+  return text.substr(0, at) + text.substr(end + (text[end] == ',' ? 2 : 0));
+}
+
+TEST(ModelConfig, ReadsTransformers5NumLocalExperts) {
+  // transformers 5's Qwen3MoeConfig maps num_experts to num_local_experts and writes that; read
+  // as all-dense before, the model then failed on a missing dense MLP tensor.
+  const ModelConfig c = ModelConfig::from_json_text(
+      without("num_experts").substr(0, without("num_experts").size() - 1) + ", \"num_local_experts\": 8}",
+      "c.json");
+  EXPECT_EQ(c.num_experts, 8);
+  EXPECT_EQ(c.expert_count_field, "num_local_experts");
+  EXPECT_TRUE(c.is_moe_layer(0));
+  EXPECT_EQ(ModelConfig::from_json_text(kValid, "c.json").expert_count_field, "num_experts");
+}
+
+TEST(ModelConfig, BothExpertSpellingsMustAgree) {
+  EXPECT_EQ(ModelConfig::from_json_text(with("num_local_experts", "8"), "c.json").num_experts, 8);
+  expect_error(with("num_local_experts", "16"), ErrorCode::kInvalidConfig,
+               {"num_experts", "num_local_experts", "8", "16"});
+}
+
+TEST(ModelConfig, NoExpertCountIsVisible) {
+  // All layers read as dense; the weight loader refuses a checkpoint with routers on this mark.
+  const ModelConfig c = ModelConfig::from_json_text(without("num_experts"), "c.json");
+  EXPECT_EQ(c.num_experts, 0);
+  EXPECT_EQ(c.expert_count_field, "");
+  EXPECT_FALSE(c.is_moe_layer(0));
+}
+
+TEST(ModelConfig, ReadsRopeParametersOnQwen3Moe) {
+  const std::string text = without("rope_theta");
+  const ModelConfig c = ModelConfig::from_json_text(
+      text.substr(0, text.size() - 1) +
+          R"(, "rope_parameters": {"rope_theta": 10000000, "rope_type": "default"}})",
+      "c.json");
+  EXPECT_DOUBLE_EQ(c.rope_theta, 1e7);
+}
+
+TEST(ModelConfig, AcceptsHarmlessRealWorldValues) {
+  std::string text = kValid;
+  text =
+      text.substr(0, text.size() - 1) +
+      R"(, "rope_scaling": null, "sliding_window": 4096, "use_sliding_window": false, "attention_dropout": 0.0,
+             "max_window_layers": 28, "hidden_act": "silu", "attention_bias": false, "layer_types": ["full_attention"],
+             "eos_token_id": [151645, 151643]})";
+  const ModelConfig c = ModelConfig::from_json_text(text, "c.json");
+  EXPECT_EQ(c.eos_token_ids, (std::vector<int64_t>{151645, 151643}));
+  // Qwen2-VL style rope_scaling {"type": "mrope"} and a theta agreeing with rope_theta.
+  EXPECT_NO_THROW(ModelConfig::from_json_text(
+      with("rope_scaling", R"({"type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})"),
+      "c.json"));
+}
+
+TEST(ModelConfig, RopeSpellingsMustNotContradict) {
+  expect_error(with("rope_parameters", R"({"rope_type": "default", "rope_theta": 5000.0})"),
+               ErrorCode::kInvalidConfig, {"rope_parameters.rope_theta", "rope_theta"});
+  expect_error(with("rope_scaling", R"({"rope_type": "default", "rope_theta": 1.0})"),
+               ErrorCode::kInvalidConfig, {"rope_scaling.rope_theta"});
+  expect_error(with("rope_scaling", R"({"rope_type": "default", "type": "yarn"})"), ErrorCode::kInvalidConfig,
+               {"rope_type", "type"});
+}
+
+TEST(ModelConfig, RefusesEveryRopeScaling) {
+  for (const char* type : {"linear", "dynamic", "yarn", "longrope", "llama3", "ntk"})
+    expect_error(with("rope_scaling", std::string(R"({"rope_type": ")") + type + R"(", "factor": 2.0})"),
+                 ErrorCode::kUnsupported, {"rope_scaling", type});
+  // transformers 4 spelling "type", and transformers 5's rope_parameters.
+  expect_error(with("rope_scaling", R"({"type": "linear", "factor": 2.0})"), ErrorCode::kUnsupported,
+               {"linear"});
+  expect_error(with("rope_parameters", R"({"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0})"),
+               ErrorCode::kUnsupported, {"rope_parameters", "yarn"});
+  // A scaling dict that names no type: which scaling it means is unknown.
+  expect_error(with("rope_scaling", R"({"factor": 4.0})"), ErrorCode::kUnsupported,
+               {"rope_scaling", "factor"});
+  expect_error(with("rope_scaling", "4"), ErrorCode::kInvalidConfig, {"rope_scaling", "object"});
+  expect_error(with("partial_rotary_factor", "0.5"), ErrorCode::kUnsupported, {"partial_rotary_factor"});
+}
+
+TEST(ModelConfig, RefusesFeaturesTheForwardPassIgnores) {
+  for (const char* act : {"\"gelu\"", "\"relu\"", "\"gelu_pytorch_tanh\""})
+    expect_error(with("hidden_act", act), ErrorCode::kUnsupported, {"hidden_act", "silu"});
+  expect_error(with("hidden_act", "7"), ErrorCode::kInvalidConfig, {"hidden_act", "string"});
+  expect_error(with("attention_bias", "true"), ErrorCode::kUnsupported, {"attention_bias"});
+  expect_error(with("mlp_bias", "true"), ErrorCode::kUnsupported, {"mlp_bias"});
+  expect_error(
+      with("layer_types", R"(["full_attention", "sliding_attention", "full_attention", "full_attention"])"),
+      ErrorCode::kUnsupported, {"layer_types", "sliding_attention"});
+  expect_error(with("quantization_config", R"({"quant_method": "fp8", "weight_block_size": [128, 128]})"),
+               ErrorCode::kUnsupported, {"quantization_config", "fp8"});
+  // use_sliding_window true without a window is no sliding window in transformers.
+  EXPECT_NO_THROW(
+      ModelConfig::from_json_text(with("use_sliding_window", "true, \"sliding_window\": null"), "c"));
+}
+
+TEST(ModelConfig, EosTokenIdMustBeTokenIds) {
+  for (const char* bad : {"\"151645\"", "151645.0", "true", "-1", "[151645, \"x\"]", "[1.5]", "[false]",
+                          "[-3]", "{\"id\": 1}", "18446744073709551615"})
+    expect_error(with("eos_token_id", bad), ErrorCode::kInvalidConfig, {"eos_token_id"});
+  EXPECT_EQ(ModelConfig::from_json_text(with("eos_token_id", "7"), "c").eos_token_ids,
+            std::vector<int64_t>{7});
+  EXPECT_TRUE(ModelConfig::from_json_text(with("eos_token_id", "null"), "c").eos_token_ids.empty());
+}
+
+TEST(ModelConfig, ReadsMaxPositionEmbeddings) {
+  EXPECT_EQ(
+      ModelConfig::from_json_text(with("max_position_embeddings", "40960"), "c").max_position_embeddings,
+      40960);
+  // Absent: transformers' Qwen3MoeConfig default.
+  EXPECT_EQ(ModelConfig::from_json_text(kValid, "c").max_position_embeddings, 32768);
+  expect_error(with("max_position_embeddings", "0"), ErrorCode::kInvalidConfig, {"max_position_embeddings"});
+  expect_error(with("max_position_embeddings", "-5"), ErrorCode::kInvalidConfig, {"max_position_embeddings"});
+  expect_error(with("max_position_embeddings", "4096.5"), ErrorCode::kInvalidConfig,
+               {"max_position_embeddings"});
+  const ModelConfig c = ModelConfig::from_json_text(with("max_position_embeddings", "40960"), "c");
+  EXPECT_EQ(ModelConfig::from_json_text(c.to_json_text(), "again").max_position_embeddings, 40960);
+}
+
+TEST(ModelConfig, OmniTextConfigDefaultsFollowItsClass) {
+  // Qwen3OmniMoeTextConfig: norm_topk_prob defaults to true and rope theta to 1e6, unlike
+  // Qwen3MoeConfig; a missing field must not silently take the other class's default.
+  std::string inner = without("rope_theta");
+  inner.replace(inner.find("\"norm_topk_prob\": true, "), 24, "");
+  const ModelConfig c = ModelConfig::from_json_text(
+      R"({"architectures": ["Qwen3OmniMoeForConditionalGeneration"], "thinker_config": {"text_config": )" +
+          inner + "}}",
+      "c");
+  EXPECT_TRUE(c.norm_topk_prob);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 1e6);
+  // The Omni text config has no use_sliding_window switch: a window is used as it stands.
+  inner = inner.substr(0, inner.size() - 1) + R"(, "sliding_window": 4096})";
+  expect_error(
+      R"({"architectures": ["Qwen3OmniMoeForConditionalGeneration"], "thinker_config": {"text_config": )" +
+          inner + "}}",
+      ErrorCode::kUnsupported, {"thinker_config.text_config.sliding_window"});
 }
 
 }  // namespace
