@@ -624,7 +624,27 @@ ModelConfig ModelConfig::load(const std::filesystem::path& model_dir) {
     throw Error(ErrorCode::kInvalidArgument, path.string() +
                                                  ": no such file; --model must name a Hugging Face model "
                                                  "directory holding config.json and the safetensors weights");
-  return from_json_text(files::read_file(path, "config.json", limits::kMaxConfigFileBytes), path.string());
+  ModelConfig config =
+      from_json_text(files::read_file(path, "config.json", limits::kMaxConfigFileBytes), path.string());
+  // transformers' generate() stops at generation_config.json's eos_token_id when the file has one
+  // (published Qwen3 models list both <|im_end|> and <|endoftext|> there, config.json only one).
+  const std::filesystem::path generation_path = model_dir / "generation_config.json";
+  if (std::filesystem::exists(std::filesystem::symlink_status(generation_path, error))) {
+    const std::string text =
+        files::read_file(generation_path, "generation_config.json", limits::kMaxConfigFileBytes);
+    const std::string source = generation_path.string();
+    LiteralScanner(text, source).run();
+    json generation;
+    try {
+      generation = json::parse(text);
+    } catch (const json::exception& e) {
+      fail(source, std::string("is not valid JSON (") + e.what() + "); fix or remove the file");
+    }
+    if (!generation.is_object()) fail(source, "must hold a JSON object");
+    std::vector<int64_t> eos = read_eos_token_ids(generation, generation, "", source);
+    if (!eos.empty()) config.eos_token_ids = std::move(eos);
+  }
+  return config;
 }
 
 std::string ModelConfig::to_json_text() const {

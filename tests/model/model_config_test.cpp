@@ -2,6 +2,10 @@
 #include "worker/model_config.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
 
 #include "kernels/error.h"
 
@@ -266,6 +270,54 @@ TEST(ModelConfig, OmniTextConfigDefaultsFollowItsClass) {
       R"({"architectures": ["Qwen3OmniMoeForConditionalGeneration"], "thinker_config": {"text_config": )" +
           inner + "}}",
       ErrorCode::kUnsupported, {"thinker_config.text_config.sliding_window"});
+}
+
+}  // namespace
+}  // namespace epic
+
+namespace epic {
+namespace {
+
+// A model folder with config.json (eos 7) and optionally generation_config.json.
+class GenerationConfigEos : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() / ("epic-gencfg-" + std::to_string(::getpid()) + "-" +
+                                                      ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+    std::ofstream(dir_ / "config.json") << with("eos_token_id", "7");
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void write_generation_config(const std::string& text) { std::ofstream(dir_ / "generation_config.json") << text; }
+  std::filesystem::path dir_;
+};
+
+TEST_F(GenerationConfigEos, ConfigJsonAloneGivesItsEos) {
+  EXPECT_EQ(ModelConfig::load(dir_).eos_token_ids, std::vector<int64_t>{7});
+}
+
+TEST_F(GenerationConfigEos, GenerationConfigListWinsAsInTransformersGenerate) {
+  write_generation_config(R"({"bos_token_id": 1, "eos_token_id": [151645, 151643], "do_sample": true})");
+  EXPECT_EQ(ModelConfig::load(dir_).eos_token_ids, (std::vector<int64_t>{151645, 151643}));
+}
+
+TEST_F(GenerationConfigEos, GenerationConfigWithoutEosKeepsConfigJsons) {
+  // What transformers 5 save_pretrained writes beside a config without eos ids.
+  write_generation_config(R"({"_from_model_config": true, "transformers_version": "5.17.0", "use_cache": true})");
+  EXPECT_EQ(ModelConfig::load(dir_).eos_token_ids, std::vector<int64_t>{7});
+}
+
+TEST_F(GenerationConfigEos, BadGenerationConfigIsNamed) {
+  write_generation_config(R"({"eos_token_id": "</s>"})");
+  try {
+    ModelConfig::load(dir_);
+    FAIL() << "a string eos_token_id in generation_config.json was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("generation_config.json"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("eos_token_id"), std::string::npos) << e.what();
+  }
+  write_generation_config("{not json");
+  EXPECT_THROW(ModelConfig::load(dir_), Error);
 }
 
 }  // namespace
