@@ -2,12 +2,11 @@
 // opens shards lazily and checks shapes against what the config expects.
 #include "worker/checkpoint.h"
 
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
-#include <sstream>
 
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 
 namespace epic {
 
@@ -17,6 +16,11 @@ using nlohmann::json;
 
 constexpr const char* kIndexName = "model.safetensors.index.json";
 constexpr const char* kSingleFileName = "model.safetensors";
+// The index of a trillion-parameter model is a few MB; a bigger one is not an index.
+constexpr uint64_t kMaxIndexBytes = uint64_t{256} << 20;
+// {"metadata": {...}, "weight_map": {name: shard}} nests 2 levels; deeper JSON is not an index, and
+// the bound keeps the parser's stack small on hostile input.
+constexpr int kMaxIndexDepth = 8;
 
 [[noreturn]] void throw_bad_index(const std::filesystem::path& index_path, const std::string& what) {
   throw Error(ErrorCode::kInvalidCheckpoint, "invalid checkpoint index " + index_path.string() + ": " + what +
@@ -29,16 +33,37 @@ bool is_plain_file_name(const std::string& name) {
          name.find("..") == std::string::npos && name.find('\0') == std::string::npos && name != ".";
 }
 
-std::string read_text_file(const std::filesystem::path& path) {
-  std::ifstream stream(path, std::ios::binary);
-  if (!stream) {
-    throw Error(ErrorCode::kIo, "cannot open " + path.string() + "; check that it exists and is readable");
+// Parses the index, refusing what nlohmann would silently accept: a tensor named twice in
+// "weight_map" (the last shard named would win) and absurd nesting.
+json parse_index(const std::filesystem::path& index_path, const std::string& text) {
+  std::string top_level_key, duplicate;
+  std::set<std::string> mapped_tensors;
+  auto callback = [&](int depth, json::parse_event_t event, json& parsed) {
+    if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
+        depth >= kMaxIndexDepth) {
+      throw_bad_index(index_path, "it nests deeper than " + std::to_string(kMaxIndexDepth) +
+                                      " levels, which no index does");
+    }
+    if (event == json::parse_event_t::key && parsed.is_string()) {
+      if (depth == 1) top_level_key = parsed.get<std::string>();
+      if (depth == 2 && top_level_key == "weight_map" &&
+          !mapped_tensors.insert(parsed.get<std::string>()).second && duplicate.empty()) {
+        duplicate = parsed.get<std::string>();
+      }
+    }
+    return true;
+  };
+  json index;
+  try {
+    index = json::parse(text, callback, /*allow_exceptions=*/true);
+  } catch (const json::exception& parse_error) {
+    throw_bad_index(index_path, std::string("it is not valid JSON (") + parse_error.what() + ")");
   }
-  std::ostringstream text;
-  text << stream.rdbuf();
-  if (stream.bad())
-    throw Error(ErrorCode::kIo, "cannot read " + path.string() + "; check the file and the disk");
-  return text.str();
+  if (!duplicate.empty()) {
+    throw_bad_index(index_path, "\"weight_map\" names tensor '" + duplicate +
+                                    "' twice; a tensor must live in exactly one shard");
+  }
+  return index;
 }
 
 }  // namespace
@@ -50,13 +75,10 @@ Checkpoint Checkpoint::open(const std::filesystem::path& model_dir) {
   const std::filesystem::path single_path = model_dir / kSingleFileName;
   std::error_code error;
 
-  if (std::filesystem::is_regular_file(index_path, error)) {
-    json index;
-    try {
-      index = json::parse(read_text_file(index_path));
-    } catch (const json::exception& parse_error) {
-      throw_bad_index(index_path, std::string("it is not valid JSON (") + parse_error.what() + ")");
-    }
+  // Present but not a regular file (a FIFO, a directory, a device): refused by type, never read.
+  if (std::filesystem::exists(index_path, error)) {
+    const json index =
+        parse_index(index_path, files::read_file(index_path, "checkpoint index", kMaxIndexBytes));
     if (!index.is_object()) {
       throw_bad_index(index_path, std::string("it is JSON of type ") + index.type_name() +
                                       " but must be an object with a \"weight_map\"");
@@ -87,7 +109,7 @@ Checkpoint Checkpoint::open(const std::filesystem::path& model_dir) {
     return checkpoint;
   }
 
-  if (std::filesystem::is_regular_file(single_path, error)) {
+  if (std::filesystem::exists(single_path, error)) {
     auto file = std::make_unique<SafetensorsFile>(SafetensorsFile::open(single_path));
     for (const TensorInfo& tensor : file->tensors()) checkpoint.weight_map_[tensor.name] = kSingleFileName;
     checkpoint.open_shards_[kSingleFileName] = std::move(file);
@@ -126,6 +148,18 @@ SafetensorsFile& Checkpoint::shard(const std::string& file_name) {
   auto it = open_shards_.find(file_name);
   if (it != open_shards_.end()) return *it->second;
   auto file = std::make_unique<SafetensorsFile>(SafetensorsFile::open(directory_ / file_name));
+  // A tensor stored in two shards means shards of different exports were mixed: which copy is
+  // right cannot be known, so neither is used. Checked from the header alone, for each shard opened.
+  for (const TensorInfo& tensor : file->tensors()) {
+    auto mapped = weight_map_.find(tensor.name);
+    if (mapped != weight_map_.end() && mapped->second != file_name) {
+      throw Error(ErrorCode::kInvalidCheckpoint,
+                  "tensor '" + tensor.name + "' is stored in two shards of " + directory_.string() + ": in " +
+                      file_name + " and in " + mapped->second + ", where " + kIndexName +
+                      " places it; the shards come from different exports. Re-download the model directory "
+                      "(every shard and the index from one export)");
+    }
+  }
   return *open_shards_.emplace(file_name, std::move(file)).first->second;
 }
 
@@ -165,7 +199,8 @@ const TensorInfo& Checkpoint::info(const std::string& tensor_name) {
 }
 
 std::vector<float> Checkpoint::read_f32(const std::string& tensor_name,
-                                        const std::vector<int64_t>& expected_shape) {
+                                        const std::vector<int64_t>& expected_shape,
+                                        NonFiniteWeights non_finite) {
   const TensorInfo& tensor = info(tensor_name);
   SafetensorsFile& file = shard(weight_map_.at(tensor_name));
   if (tensor.shape != expected_shape || !dtype_is_float_storage(tensor.dtype)) {
@@ -176,7 +211,7 @@ std::vector<float> Checkpoint::read_f32(const std::string& tensor_name,
             ", but the model config expects shape " + shape_to_string(expected_shape) +
             " of F32, F16 or BF16; check config.json against the checkpoint (is it this model's config?)");
   }
-  return file.read_f32(tensor);
+  return file.read_f32(tensor, non_finite);
 }
 
 uint64_t Checkpoint::bytes_read() const {

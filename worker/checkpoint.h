@@ -19,7 +19,9 @@ class Checkpoint {
  public:
   // Opens DIR/model.safetensors.index.json when present, else DIR/model.safetensors.
   // Throws Error(kInvalidCheckpoint) when neither exists, when the index is not valid JSON or
-  // lacks a "weight_map" object of string values, or names a shard outside DIR.
+  // lacks a "weight_map" object of string values, names a tensor twice, or names a shard outside
+  // DIR; Error(kInvalidArgument) when the index or model.safetensors is a directory, FIFO or
+  // device (refused by type, never read).
   static Checkpoint open(const std::filesystem::path& model_dir);
 
   const std::filesystem::path& directory() const { return directory_; }
@@ -31,14 +33,16 @@ class Checkpoint {
   std::vector<std::string> tensor_names() const;  // sorted
 
   // The tensor's header entry, opening its shard. Throws Error(kInvalidCheckpoint) naming the
-  // tensor and the shard when the index names a shard that lacks the tensor, or the shard file
-  // is missing or invalid.
+  // tensor and the shard when the index names a shard that lacks the tensor, the shard file is
+  // missing or invalid, or the shard holds a tensor the index places in another shard.
   const TensorInfo& info(const std::string& tensor_name);
 
   // Reads a float tensor (F32/F16/BF16) as f32 after checking its shape equals expected_shape.
   // Wrong shape or a non-float dtype -> Error(kInvalidCheckpoint) naming file, tensor, the
-  // shape/dtype found, what the config expects, and a hint to fix the config or checkpoint.
-  std::vector<float> read_f32(const std::string& tensor_name, const std::vector<int64_t>& expected_shape);
+  // shape/dtype found, what the config expects, and a hint to fix the config or checkpoint; so is
+  // a NaN or Inf value unless non_finite is kAllow (see SafetensorsFile::read_f32).
+  std::vector<float> read_f32(const std::string& tensor_name, const std::vector<int64_t>& expected_shape,
+                              NonFiniteWeights non_finite = NonFiniteWeights::kReject);
 
   uint64_t bytes_read() const;  // tensor data bytes read, summed over every shard
   size_t num_shards() const;    // distinct shard files the index names

@@ -55,6 +55,22 @@ std::vector<std::string> expert_tensor_names(const ModelConfig& config, int64_t 
 ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint,
                                 bool allow_missing_experts) {
   const int64_t hidden = config.hidden_size;
+  // Without an expert count every layer reads as dense, and the run would fail later on a missing
+  // dense MLP tensor, or worse, silently skip the routers; name the real cause instead.
+  if (config.num_experts == 0) {
+    for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+      const std::string router_name = config.layer_prefix(layer) + "mlp.gate.weight";
+      if (!checkpoint.contains(router_name)) continue;
+      throw Error(
+          ErrorCode::kInvalidConfig,
+          checkpoint.directory().string() +
+              ": config.json names no expert count (num_experts / num_local_experts) but the checkpoint "
+              "has routers, e.g. " +
+              router_name +
+              "; add the expert count to config.json (\"num_experts\": the row count of "
+              "the largest router)");
+    }
+  }
   ExpertInventory inventory;
   std::vector<MissingExpert> missing;
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
@@ -113,49 +129,53 @@ ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoin
   const int64_t q_dim = config.num_attention_heads * config.head_dim;
   const int64_t kv_dim = config.num_key_value_heads * config.head_dim;
   const uint64_t bytes_before = checkpoint.bytes_read();
+  const NonFiniteWeights non_finite =
+      options.allow_nonfinite_weights ? NonFiniteWeights::kAllow : NonFiniteWeights::kReject;
+  // Every tensor goes through this, so none can skip the NaN/Inf check.
+  auto read = [&](const std::string& name, const std::vector<int64_t>& shape) {
+    return checkpoint.read_f32(name, shape, non_finite);
+  };
   ModelWeights weights;
   // Check experts first: a missing expert should fail before minutes of reading.
   const ExpertInventory inventory = inspect_experts(config, checkpoint, options.allow_missing_experts);
 
-  weights.embed =
-      checkpoint.read_f32(config.tensor_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
-  weights.final_norm = checkpoint.read_f32(config.tensor_prefix + "norm.weight", {hidden});
-  if (!config.tie_word_embeddings)
-    weights.lm_head = checkpoint.read_f32(config.lm_head_name, {config.vocab_size, hidden});
+  weights.embed = read(config.tensor_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
+  weights.final_norm = read(config.tensor_prefix + "norm.weight", {hidden});
+  if (!config.tie_word_embeddings) weights.lm_head = read(config.lm_head_name, {config.vocab_size, hidden});
 
   weights.layers.resize(config.num_hidden_layers);
   for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
     LayerWeights& w = weights.layers[layer];
     const std::string p = config.layer_prefix(layer);
-    w.input_norm = checkpoint.read_f32(p + "input_layernorm.weight", {hidden});
-    w.post_attention_norm = checkpoint.read_f32(p + "post_attention_layernorm.weight", {hidden});
-    w.q_proj = checkpoint.read_f32(p + "self_attn.q_proj.weight", {q_dim, hidden});
-    w.k_proj = checkpoint.read_f32(p + "self_attn.k_proj.weight", {kv_dim, hidden});
-    w.v_proj = checkpoint.read_f32(p + "self_attn.v_proj.weight", {kv_dim, hidden});
-    w.o_proj = checkpoint.read_f32(p + "self_attn.o_proj.weight", {hidden, q_dim});
-    w.q_norm = checkpoint.read_f32(p + "self_attn.q_norm.weight", {config.head_dim});
-    w.k_norm = checkpoint.read_f32(p + "self_attn.k_norm.weight", {config.head_dim});
+    w.input_norm = read(p + "input_layernorm.weight", {hidden});
+    w.post_attention_norm = read(p + "post_attention_layernorm.weight", {hidden});
+    w.q_proj = read(p + "self_attn.q_proj.weight", {q_dim, hidden});
+    w.k_proj = read(p + "self_attn.k_proj.weight", {kv_dim, hidden});
+    w.v_proj = read(p + "self_attn.v_proj.weight", {kv_dim, hidden});
+    w.o_proj = read(p + "self_attn.o_proj.weight", {hidden, q_dim});
+    w.q_norm = read(p + "self_attn.q_norm.weight", {config.head_dim});
+    w.k_norm = read(p + "self_attn.k_norm.weight", {config.head_dim});
     w.is_moe = config.is_moe_layer(layer);
     if (!w.is_moe) {
       const int64_t inter = config.intermediate_size;
-      w.dense.gate = checkpoint.read_f32(p + "mlp.gate_proj.weight", {inter, hidden});
-      w.dense.up = checkpoint.read_f32(p + "mlp.up_proj.weight", {inter, hidden});
-      w.dense.down = checkpoint.read_f32(p + "mlp.down_proj.weight", {hidden, inter});
+      w.dense.gate = read(p + "mlp.gate_proj.weight", {inter, hidden});
+      w.dense.up = read(p + "mlp.up_proj.weight", {inter, hidden});
+      w.dense.down = read(p + "mlp.down_proj.weight", {hidden, inter});
       continue;
     }
     MoeLayerWeights& moe = w.moe;
     moe.num_experts = inventory.at(layer).num_experts;
     moe.present = inventory.at(layer).present;
-    moe.router = checkpoint.read_f32(p + "mlp.gate.weight", {moe.num_experts, hidden});
+    moe.router = read(p + "mlp.gate.weight", {moe.num_experts, hidden});
     const int64_t inter = config.moe_intermediate_size;
     for (int64_t expert = 0; expert < moe.num_experts; ++expert) {
       if (!moe.present[expert]) continue;
       if (options.hosts_expert && !options.hosts_expert(layer, expert)) continue;
       const std::vector<std::string> names = expert_tensor_names(config, layer, expert);
       ExpertWeights& e = moe.experts[expert];
-      e.gate = checkpoint.read_f32(names[0], {inter, hidden});
-      e.up = checkpoint.read_f32(names[1], {inter, hidden});
-      e.down = checkpoint.read_f32(names[2], {hidden, inter});
+      e.gate = read(names[0], {inter, hidden});
+      e.up = read(names[1], {inter, hidden});
+      e.down = read(names[2], {hidden, inter});
     }
   }
   weights.bytes_read = checkpoint.bytes_read() - bytes_before;

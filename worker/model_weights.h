@@ -54,6 +54,9 @@ struct ModelWeights {
 struct LoadOptions {
   // Mask experts the checkpoint lacks out of routing instead of failing.
   bool allow_missing_experts = false;
+  // Load weights holding NaN or Inf instead of failing (`epic run --allow-nonfinite-weights`); the
+  // run then stops at the first step whose logits are not finite.
+  bool allow_nonfinite_weights = false;
   // Which experts this process hosts (reads); every expert when empty.
   std::function<bool(int64_t layer, int64_t expert_id)> hosts_expert;
 };
@@ -69,12 +72,14 @@ using ExpertInventory = std::map<int64_t, LayerExpertInventory>;  // MoE layer -
 
 // Throws Error(kMissingExperts) listing every missing (layer, expert) and the shard the index
 // points at unless allow_missing_experts; Error(kInvalidCheckpoint) for a router of the wrong
-// shape; Error(kMissingExperts) when a layer keeps fewer present experts than top-k.
+// shape; Error(kMissingExperts) when a layer keeps fewer present experts than top-k;
+// Error(kInvalidConfig) when config.json names no expert count but the checkpoint has routers.
 ExpertInventory inspect_experts(const ModelConfig& config, Checkpoint& checkpoint,
                                 bool allow_missing_experts);
 
-// Throws what inspect_experts throws, and Error(kInvalidCheckpoint) for absent dense tensors or
-// wrong shapes/dtypes (naming file, tensor, found and expected shape).
+// Throws what inspect_experts throws, and Error(kInvalidCheckpoint) for absent dense tensors,
+// wrong shapes/dtypes (naming file, tensor, found and expected shape) and, unless
+// allow_nonfinite_weights, a NaN or Inf weight (naming tensor, shard and element).
 ModelWeights load_model_weights(const ModelConfig& config, Checkpoint& checkpoint,
                                 const LoadOptions& options);
 

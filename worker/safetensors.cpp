@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -17,6 +18,7 @@
 #include <set>
 
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 
 namespace epic {
 
@@ -73,10 +75,12 @@ class FileDescriptor {
   int fd_;
 };
 
+// O_NONBLOCK: a FIFO put where a shard was expected must not make open() wait for a writer; on a
+// regular file the flag changes nothing.
 FileDescriptor open_for_reading(const std::filesystem::path& path) {
   int fd;
   do {
-    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   } while (fd < 0 && errno == EINTR);
   if (fd < 0) throw_io(path, "open", errno);
   return FileDescriptor(fd);
@@ -133,12 +137,14 @@ bool parse_dtype(const std::string& text, DType* dtype) {
 }
 
 // Element count of a shape, or nullopt when it overflows (a corrupt header can claim anything).
+// Every partial product must fit int64_t, so TensorInfo::num_elements() (which multiplies the
+// dims in the same order in int64_t) cannot overflow on a shape this accepted, zeros included.
 std::optional<uint64_t> checked_num_elements(const std::vector<int64_t>& shape) {
+  constexpr uint64_t kMaxCount = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
   uint64_t count = 1;
   for (int64_t dim : shape) {
     if (dim < 0) return std::nullopt;
-    if (dim != 0 && count > std::numeric_limits<uint64_t>::max() / static_cast<uint64_t>(dim))
-      return std::nullopt;
+    if (dim != 0 && count > kMaxCount / static_cast<uint64_t>(dim)) return std::nullopt;
     count *= static_cast<uint64_t>(dim);
   }
   return count;
@@ -158,6 +164,46 @@ std::optional<uint64_t> as_unsigned(const json& value) {
   if (value.is_number_integer() && value.get<int64_t>() >= 0)
     return static_cast<uint64_t>(value.get<int64_t>());
   return std::nullopt;
+}
+
+// NaN/Inf detection that rides on the pass converting the values: a value is NaN or Inf exactly
+// when its exponent is all ones, which is exactly when adding one exponent ulp to its magnitude
+// carries into the sign bit. So the check is an and/add/or per value, OR-ed over the chunk, and
+// the loops run over blocks of a fixed length, which GCC vectorises at -O2 (a loop of unknown
+// length it does not): the checked conversion runs faster than the old unchecked scalar loop.
+constexpr size_t kBlock = 64;
+
+bool has_non_finite_f32(const float* values, size_t count) {
+  uint32_t carries = 0;
+  size_t i = 0;
+  for (; i + kBlock <= count; i += kBlock)
+    for (size_t j = 0; j < kBlock; ++j)
+      carries |= (std::bit_cast<uint32_t>(values[i + j]) & 0x7FFFFFFFu) + 0x00800000u;
+  for (; i < count; ++i) carries |= (std::bit_cast<uint32_t>(values[i]) & 0x7FFFFFFFu) + 0x00800000u;
+  return (carries & 0x80000000u) != 0;
+}
+
+// Converts BF16 or F16 values to f32 into out, and says (in the same pass) whether any is NaN or Inf.
+template <float (*kToF32)(uint16_t), uint16_t kExponentUlp>
+bool convert_16_bit(const uint16_t* halves, size_t count, float* out) {
+  uint16_t carries = 0;
+  size_t i = 0;
+  for (; i + kBlock <= count; i += kBlock) {
+    for (size_t j = 0; j < kBlock; ++j) {
+      out[i + j] = kToF32(halves[i + j]);
+      carries |= static_cast<uint16_t>((halves[i + j] & 0x7FFFu) + kExponentUlp);
+    }
+  }
+  for (; i < count; ++i) {
+    out[i] = kToF32(halves[i]);
+    carries |= static_cast<uint16_t>((halves[i] & 0x7FFFu) + kExponentUlp);
+  }
+  return (carries & 0x8000u) != 0;
+}
+
+bool convert_16_bit_chunk(DType dtype, const uint16_t* halves, size_t count, float* out) {
+  return dtype == DType::kBF16 ? convert_16_bit<bf16_to_f32, 0x0080>(halves, count, out)
+                               : convert_16_bit<f16_to_f32, 0x0400>(halves, count, out);
 }
 
 json parse_header(const std::filesystem::path& path, const std::string& text) {
@@ -323,12 +369,17 @@ std::string shape_to_string(const std::vector<int64_t>& shape) {
 SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
   SafetensorsFile file;
   file.path_ = path;
+  // A directory, FIFO or device is refused by type before any open (a missing file is left to
+  // open(), whose errno names the cause); fstat below catches one swapped in after the check.
+  std::error_code ignored;
+  if (std::filesystem::exists(path, ignored)) files::require_regular_file(path, "safetensors file");
   FileDescriptor fd = open_for_reading(path);
   struct stat file_status {};
   if (::fstat(fd.get(), &file_status) != 0) throw_io(path, "stat", errno);
   if (!S_ISREG(file_status.st_mode)) {
-    throw Error(ErrorCode::kIo, "cannot read " + path.string() +
-                                    ": it is not a regular file; pass the path of a .safetensors file");
+    throw Error(ErrorCode::kInvalidArgument,
+                "safetensors file " + path.string() + " is " + files::describe_file_type(path) +
+                    ", not a regular file; give the path of a .safetensors file");
   }
   file.file_size_ = static_cast<uint64_t>(file_status.st_size);
   if (file.file_size_ < 8) {
@@ -430,35 +481,59 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
     }
     const auto expected_bytes = checked_num_bytes(info.shape, info.dtype);
     if (!expected_bytes || *expected_bytes != *end - *begin) {
-      throw_invalid(path,
-                    where + " has data_offsets [" + std::to_string(*begin) + ", " + std::to_string(*end) +
-                        "] spanning " + std::to_string(*end - *begin) + " bytes, but shape " +
-                        shape_to_string(info.shape) + " of " + dtype_name(info.dtype) + " needs " +
-                        (expected_bytes ? std::to_string(*expected_bytes) : std::string("more than 2^64")) +
-                        " bytes (byte length != element count x dtype size)");
+      throw_invalid(
+          path, where + " has data_offsets [" + std::to_string(*begin) + ", " + std::to_string(*end) +
+                    "] spanning " + std::to_string(*end - *begin) + " bytes, but shape " +
+                    shape_to_string(info.shape) + " of " + dtype_name(info.dtype) + " needs " +
+                    (expected_bytes ? std::to_string(*expected_bytes) + " bytes"
+                                    : std::string("over 2^63 elements or 2^64 bytes, which no file holds")) +
+                    " (byte length != element count x dtype size)");
     }
     info.data_begin = data_start + *begin;
     info.data_end = data_start + *end;
     file.tensors_.push_back(std::move(info));
   }
 
-  // File order; empty tensors first at equal offsets so only non-empty ranges are compared.
+  // The tensors must tile the data section exactly, as the reference implementation requires: a
+  // gap or bytes after the last tensor mean the header length or the offsets are wrong. (A header
+  // length one byte short still parses, but shifts every tensor by one byte and turns every
+  // weight into garbage; only this check catches it.) File order, empty tensors first at equal
+  // offsets; every offset is <= the file size here, so nothing below can overflow.
   std::sort(file.tensors_.begin(), file.tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
     if (a.data_begin != b.data_begin) return a.data_begin < b.data_begin;
     return a.data_end < b.data_end;
   });
-  const TensorInfo* previous = nullptr;  // the non-empty tensor ending last so far
+  auto offsets_of = [&](const TensorInfo& tensor) {
+    return in_quotes(tensor.name) + " (data_offsets [" + std::to_string(tensor.data_begin - data_start) +
+           ", " + std::to_string(tensor.data_end - data_start) + "])";
+  };
+  const std::string layout_cause =
+      "; the header length field (" + std::to_string(header_length) + ") or the header's offsets are wrong";
+  const TensorInfo* previous = nullptr;
+  uint64_t covered_end = data_start;  // absolute: the data bytes [data_start, covered_end) belong to tensors
   for (const TensorInfo& tensor : file.tensors_) {
-    if (tensor.num_bytes() == 0) continue;
-    if (previous && tensor.data_begin < previous->data_end) {
-      throw_invalid(path, "tensors " + in_quotes(previous->name) + " (data_offsets [" +
-                              std::to_string(previous->data_begin - data_start) + ", " +
-                              std::to_string(previous->data_end - data_start) + "]) and " +
-                              in_quotes(tensor.name) + " (data_offsets [" +
-                              std::to_string(tensor.data_begin - data_start) + ", " +
-                              std::to_string(tensor.data_end - data_start) + "]) overlap");
+    if (tensor.data_begin < covered_end) {
+      throw_invalid(path, "tensors " + offsets_of(*previous) + " and " + offsets_of(tensor) + " overlap");
     }
-    if (!previous || tensor.data_end > previous->data_end) previous = &tensor;
+    if (tensor.data_begin > covered_end) {
+      const std::string before = previous ? "after tensor " + offsets_of(*previous)
+                                          : std::string("at the start of the data section");
+      throw_invalid(path, std::to_string(tensor.data_begin - covered_end) + " bytes " + before +
+                              " belong to no tensor: the next tensor is " + offsets_of(tensor) +
+                              " (the tensors must cover the data section without gaps" + layout_cause + ")");
+    }
+    covered_end = tensor.data_end;
+    previous = &tensor;
+  }
+  if (covered_end != file.file_size_) {
+    throw_invalid(path,
+                  "the file is " + std::to_string(file.file_size_) + " bytes but 8 + header length " +
+                      std::to_string(header_length) + " + the tensors' " +
+                      std::to_string(covered_end - data_start) + " bytes = " + std::to_string(covered_end) +
+                      ": " + std::to_string(file.file_size_ - covered_end) +
+                      " trailing bytes belong to no tensor" +
+                      (previous ? " (the last tensor is " + offsets_of(*previous) + ")" : std::string()) +
+                      layout_cause);
   }
   for (size_t i = 0; i < file.tensors_.size(); ++i) file.index_by_name_[file.tensors_[i].name] = i;
   return file;
@@ -469,7 +544,7 @@ const TensorInfo* SafetensorsFile::find(std::string_view name) const {
   return it == index_by_name_.end() ? nullptr : &tensors_[it->second];
 }
 
-void SafetensorsFile::read_raw(const TensorInfo& tensor, void* dst) const {
+void SafetensorsFile::require_inside_file(const TensorInfo& tensor) const {
   // The TensorInfo may come from another file; never read outside what this header validated.
   if (tensor.data_begin > tensor.data_end || tensor.data_end > file_size_) {
     throw Error(ErrorCode::kInvalidArgument, "tensor " + in_quotes(tensor.name) + " with byte range [" +
@@ -478,13 +553,17 @@ void SafetensorsFile::read_raw(const TensorInfo& tensor, void* dst) const {
                                                  path_.string() + " (" + std::to_string(file_size_) +
                                                  " bytes); pass a TensorInfo from this file's tensors()");
   }
+}
+
+void SafetensorsFile::read_raw(const TensorInfo& tensor, void* dst) const {
+  require_inside_file(tensor);
   if (tensor.num_bytes() == 0) return;
   FileDescriptor fd = open_for_reading(path_);
   pread_exact(fd.get(), path_, dst, tensor.num_bytes(), tensor.data_begin);
   *bytes_read_ += tensor.num_bytes();
 }
 
-std::vector<float> SafetensorsFile::read_f32(const TensorInfo& tensor) const {
+std::vector<float> SafetensorsFile::read_f32(const TensorInfo& tensor, NonFiniteWeights non_finite) const {
   if (!dtype_is_float_storage(tensor.dtype)) {
     throw Error(
         ErrorCode::kInvalidCheckpoint,
@@ -492,17 +571,45 @@ std::vector<float> SafetensorsFile::read_f32(const TensorInfo& tensor) const {
             dtype_name(tensor.dtype) +
             ", but epic reads weights only as F32, F16 or BF16; convert the checkpoint to one of these");
   }
-  const uint64_t num_elements = tensor.num_bytes() / dtype_size(tensor.dtype);
+  require_inside_file(tensor);
+  const size_t element_size = dtype_size(tensor.dtype);
+  const uint64_t num_elements = tensor.num_bytes() / element_size;
   std::vector<float> values(static_cast<size_t>(num_elements));
-  if (tensor.dtype == DType::kF32) {
-    read_raw(tensor, values.data());
-    return values;
+  if (num_elements == 0) return values;
+  // Read in chunks small enough to stay in cache, and convert and check each chunk while it is
+  // there: one pass over memory, and 16-bit tensors need no full-size staging copy.
+  constexpr uint64_t kChunkElements = uint64_t{1} << 18;
+  std::vector<uint16_t> halves(element_size == 2 ? static_cast<size_t>(std::min(num_elements, kChunkElements))
+                                                 : 0);
+  FileDescriptor fd = open_for_reading(path_);
+  for (uint64_t first = 0; first < num_elements; first += kChunkElements) {
+    const size_t count = static_cast<size_t>(std::min(kChunkElements, num_elements - first));
+    float* out = values.data() + first;
+    const uint64_t offset = tensor.data_begin + first * element_size;
+    bool any_non_finite;
+    if (tensor.dtype == DType::kF32) {
+      pread_exact(fd.get(), path_, out, count * sizeof(float), offset);
+      any_non_finite = has_non_finite_f32(out, count);
+    } else {
+      pread_exact(fd.get(), path_, halves.data(), count * 2, offset);
+      any_non_finite = convert_16_bit_chunk(tensor.dtype, halves.data(), count, out);
+    }
+    if (any_non_finite && non_finite == NonFiniteWeights::kReject) {
+      const size_t bad = static_cast<size_t>(
+          std::find_if(out, out + count, [](float v) { return !std::isfinite(v); }) - out);
+      const float value = out[bad];
+      const char* kind = std::isnan(value) ? "NaN" : value > 0 ? "+Inf" : "-Inf";
+      throw Error(
+          ErrorCode::kInvalidCheckpoint,
+          "tensor " + in_quotes(tensor.name) + " in " + path_.string() + " (" + dtype_name(tensor.dtype) +
+              ", shape " + shape_to_string(tensor.shape) + ") holds non-finite weights: element " +
+              std::to_string(first + bad) + " (flat index, of " + std::to_string(num_elements) + ") is " +
+              kind +
+              ", which would turn every output it reaches into NaN or Inf; re-export the checkpoint, or "
+              "pass --allow-nonfinite-weights to load it anyway");
+    }
+    *bytes_read_ += count * element_size;
   }
-  std::vector<uint16_t> halves(static_cast<size_t>(num_elements));
-  read_raw(tensor, halves.data());
-  const bool is_bf16 = tensor.dtype == DType::kBF16;
-  for (size_t i = 0; i < halves.size(); ++i)
-    values[i] = is_bf16 ? bf16_to_f32(halves[i]) : f16_to_f32(halves[i]);
   return values;
 }
 

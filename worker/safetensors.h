@@ -39,15 +39,22 @@ struct TensorInfo {
 
 std::string shape_to_string(const std::vector<int64_t>& shape);  // "[8, 64]"
 
+// What read_f32 does with a NaN or an infinity among the stored values. A weight that is not
+// finite turns every logit it reaches into NaN, so it is refused unless the user says otherwise.
+enum class NonFiniteWeights { kReject, kAllow };
+
 // One .safetensors file. Opening reads and validates only the header; tensor data is read on
 // demand, and every byte of tensor data read is counted (bytes_read()).
 class SafetensorsFile {
  public:
   // Throws Error(kInvalidCheckpoint) for: a file shorter than 8 bytes, a header length past the
   // end of the file, a header that is not JSON / not an object, an entry without dtype, shape
-  // or data_offsets, an unknown dtype, negative dims, offsets outside the data section or not
-  // matching dtype size x element count, and two tensors whose byte ranges overlap.
-  // Throws Error(kIo) when the file cannot be opened.
+  // or data_offsets, an unknown dtype, negative dims, an element count over 2^63, offsets
+  // outside the data section or not matching dtype size x element count, and tensors that do
+  // not tile the data section exactly (an overlap, a gap, or bytes after the last tensor: the
+  // file length must be 8 + header length + the tensors' bytes, as the reference requires).
+  // Throws Error(kInvalidArgument) when the path is a directory, FIFO or device (never opened
+  // in a way that could block), Error(kIo) when the file cannot be opened.
   static SafetensorsFile open(const std::filesystem::path& path);
 
   const std::filesystem::path& path() const { return path_; }
@@ -57,12 +64,17 @@ class SafetensorsFile {
 
   // Reads the raw bytes of one tensor into dst (num_bytes() long).
   void read_raw(const TensorInfo& tensor, void* dst) const;
-  // Reads one tensor of a float storage dtype (F32/F16/BF16) converted to f32.
-  std::vector<float> read_f32(const TensorInfo& tensor) const;
+  // Reads one tensor of a float storage dtype (F32/F16/BF16) converted to f32. With kReject, a
+  // NaN or +-Inf is Error(kInvalidCheckpoint) naming the tensor, the file, the first bad
+  // element's index and kind; the check rides on the conversion (no second pass over memory).
+  std::vector<float> read_f32(const TensorInfo& tensor,
+                              NonFiniteWeights non_finite = NonFiniteWeights::kReject) const;
 
   uint64_t bytes_read() const { return *bytes_read_; }
 
  private:
+  // Throws Error(kInvalidArgument) unless the tensor's byte range lies inside this file.
+  void require_inside_file(const TensorInfo& tensor) const;
   std::filesystem::path path_;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_by_name_;

@@ -11,6 +11,37 @@
 
 namespace epic {
 
+namespace {
+
+// "NaN at token id 5 (2 of 1000 logits are not finite)", or "" when every logit is finite.
+std::string describe_non_finite(std::span<const float> logits) {
+  size_t first = logits.size(), count = 0;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (std::isfinite(logits[i])) continue;
+    if (count++ == 0) first = i;
+  }
+  if (count == 0) return "";
+  const float value = logits[first];
+  const char* kind = std::isnan(value) ? "NaN" : value > 0 ? "+Inf" : "-Inf";
+  return std::string(kind) + " at token id " + std::to_string(first) + " (" + std::to_string(count) + " of " +
+         std::to_string(logits.size()) + " logits are not finite)";
+}
+
+constexpr const char* kNonFiniteCause =
+    ": the weights or activations overflowed (or the checkpoint holds NaN/Inf weights), so no token can be "
+    "chosen; check the checkpoint (re-export it, in f32 or bf16 rather than f16 if it was converted)";
+
+}  // namespace
+
+void check_logits_finite(std::span<const float> logits, int64_t sequence_id, int64_t step) {
+  const std::string problem = describe_non_finite(logits);
+  if (problem.empty()) return;
+  const std::string where =
+      "sequence " + std::to_string(sequence_id) + ", " +
+      (step == 0 ? std::string("prefill (step 0)") : "decode step " + std::to_string(step));
+  throw Error(ErrorCode::kInvalidCheckpoint, where + ": the logits hold " + problem + kNonFiniteCause);
+}
+
 int32_t argmax(std::span<const float> logits) {
   EPIC_CHECK(!logits.empty(), ErrorCode::kInvalidArgument, "argmax of empty logits");
   int32_t best = 0;
@@ -30,6 +61,10 @@ Sampler::Sampler(const SamplingOptions& options) : options_(options), generator_
 }
 
 int32_t Sampler::sample(std::span<const float> logits) {
+  const std::string problem = describe_non_finite(logits);
+  if (!problem.empty())
+    throw Error(ErrorCode::kInvalidCheckpoint,
+                "the logits given to the sampler hold " + problem + kNonFiniteCause);
   if (options_.temperature == 0.0) return argmax(logits);
   const double max_logit = *std::max_element(logits.begin(), logits.end());
   std::vector<double> probabilities(logits.size());

@@ -18,6 +18,8 @@ class Sampler {
  public:
   // Throws Error(kInvalidArgument) for a negative or non-finite temperature or top_p outside (0, 1].
   explicit Sampler(const SamplingOptions& options);
+  // Throws Error(kInvalidCheckpoint) for logits holding NaN or Inf (an argmax over NaN would
+  // silently pick token 0); callers that know the sequence and step check first, to name them.
   int32_t sample(std::span<const float> logits);
 
  private:
@@ -27,5 +29,10 @@ class Sampler {
 
 // The lowest id among the maximal logits.
 int32_t argmax(std::span<const float> logits);
+
+// Throws Error(kInvalidCheckpoint) unless every logit is finite, naming the sequence, the step
+// (0 is the prefill, then decode steps 1, 2, ...), the first bad token id and its kind: NaN or
+// Inf logits mean the weights or activations overflowed, and no token choice is meaningful.
+void check_logits_finite(std::span<const float> logits, int64_t sequence_id, int64_t step);
 
 }  // namespace epic

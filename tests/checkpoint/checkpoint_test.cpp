@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <random>
 
@@ -93,6 +94,102 @@ TEST(CheckpointOpen, ShardNamesOutsideTheDirectoryAreRejected) {
         [&] { Checkpoint::open(dir.path()); }, kBad,
         {"model.safetensors.index.json", "'model.norm.weight'", "'" + shard + "'", "not a plain file name"});
   }
+}
+
+TEST(CheckpointOpen, IndexNamingATensorTwiceIsRejected) {
+  TempDir dir;
+  // nlohmann would keep the last of two equal keys: the first shard named would silently lose.
+  write_bytes(dir / "model.safetensors.index.json",
+              R"({"weight_map": {"w": ")" + kShard1 + R"(", "w": ")" + kShard2 + R"("}})");
+  expect_error([&] { Checkpoint::open(dir.path()); }, kBad, {"model.safetensors.index.json", "'w'", "twice"});
+}
+
+TEST(CheckpointOpen, DeeplyNestedIndexIsRejected) {
+  TempDir dir;
+  write_bytes(dir / "model.safetensors.index.json",
+              R"({"metadata": )" + std::string(10000, '[') + std::string(10000, ']') + "}");
+  expect_error([&] { Checkpoint::open(dir.path()); }, kBad, {"model.safetensors.index.json", "nests deeper"});
+}
+
+// Where the index, model.safetensors or a shard should be, a FIFO or a directory is refused at once
+// by its type, never opened as a file (a FIFO would block forever).
+TEST(CheckpointOpen, IndexThatIsAFifoOrADirectoryIsRefusedByType) {
+  {
+    TempDir dir;
+    const auto index = dir / "model.safetensors.index.json";
+    testing::make_fifo(index);
+    testing::expect_refused_without_blocking(index, [&] { Checkpoint::open(dir.path()); },
+                                             ErrorCode::kInvalidArgument,
+                                             {index.string(), "FIFO", "not a regular file"});
+  }
+  {
+    TempDir dir;
+    std::filesystem::create_directory(dir / "model.safetensors.index.json");
+    expect_error([&] { Checkpoint::open(dir.path()); }, ErrorCode::kInvalidArgument,
+                 {"model.safetensors.index.json", "a directory"});
+  }
+}
+
+TEST(CheckpointOpen, SingleFileThatIsAFifoOrADirectoryIsRefusedByType) {
+  {
+    TempDir dir;
+    const auto single = dir / "model.safetensors";
+    testing::make_fifo(single);
+    testing::expect_refused_without_blocking(single, [&] { Checkpoint::open(dir.path()); },
+                                             ErrorCode::kInvalidArgument,
+                                             {single.string(), "FIFO", "not a regular file"});
+  }
+  {
+    TempDir dir;
+    std::filesystem::create_directory(dir / "model.safetensors");
+    expect_error([&] { Checkpoint::open(dir.path()); }, ErrorCode::kInvalidArgument,
+                 {"model.safetensors", "a directory"});
+  }
+}
+
+TEST(CheckpointInfo, ShardThatIsAFifoOrADirectoryIsRefusedByType) {
+  TempDir dir;
+  write_index(dir, {{"layers.0.w", kShard1}, {"layers.1.w", kShard2}});
+  testing::make_fifo(dir / kShard1);
+  std::filesystem::create_directory(dir / kShard2);
+  Checkpoint checkpoint = Checkpoint::open(dir.path());
+  testing::expect_refused_without_blocking(dir / kShard1, [&] { checkpoint.info("layers.0.w"); },
+                                           ErrorCode::kInvalidArgument,
+                                           {kShard1, "FIFO", "not a regular file", "'layers.0.w'"});
+  expect_error([&] { checkpoint.info("layers.1.w"); }, ErrorCode::kInvalidArgument,
+               {kShard2, "a directory", "'layers.1.w'"});
+}
+
+TEST(CheckpointInfo, TensorStoredInTwoShardsIsRejected) {
+  TempDir dir;
+  SafetensorsWriter first, second;
+  first.add_f32("layers.0.w", DType::kF32, {1}, {1.0f});
+  first.add_f32("layers.0.stale", DType::kF32, {1}, {2.0f});
+  first.write(dir / kShard1);
+  second.add_f32("layers.0.stale", DType::kF32, {1}, {3.0f});
+  second.write(dir / kShard2);
+  write_index(dir, {{"layers.0.w", kShard1}, {"layers.0.stale", kShard2}});
+  Checkpoint checkpoint = Checkpoint::open(dir.path());
+  // Reading any tensor of the shard with the second copy fails: that shard came from another export.
+  expect_error([&] { checkpoint.info("layers.0.w"); }, kBad,
+               {"'layers.0.stale'", "two shards", kShard1, kShard2, "Re-download"});
+}
+
+TEST(CheckpointRead, NonFiniteWeightNamesTensorShardAndElementUnlessAllowed) {
+  TempDir dir;
+  SafetensorsWriter writer;
+  writer.add_f32("layers.0.w", DType::kBF16, {2, 2},
+                 {1.0f, 2.0f, -std::numeric_limits<float>::infinity(), 4.0f});
+  writer.write(dir / kShard1);
+  write_index(dir, {{"layers.0.w", kShard1}});
+  Checkpoint checkpoint = Checkpoint::open(dir.path());
+  expect_error(
+      [&] {
+        checkpoint.read_f32("layers.0.w", {2, 2});
+      },
+      kBad, {"'layers.0.w'", kShard1, "element 2 ", "-Inf", "--allow-nonfinite-weights"});
+  const std::vector<float> allowed = checkpoint.read_f32("layers.0.w", {2, 2}, NonFiniteWeights::kAllow);
+  EXPECT_EQ(-std::numeric_limits<float>::infinity(), allowed[2]);
 }
 
 TEST(CheckpointInfo, MissingShardNamesShardAndTensor) {

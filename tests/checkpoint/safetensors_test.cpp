@@ -8,6 +8,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <random>
 
@@ -178,7 +179,17 @@ TEST(SafetensorsOpen, ElementCountOverflowIsAMismatchNotACrash) {
       safetensors_bytes(
           R"({"layer.w":{"dtype":"F64","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}})",
           kEightBytes),
-      {"'layer.w'", "more than 2^64"});
+      {"'layer.w'", "which no file holds"});
+}
+
+TEST(SafetensorsOpen, ElementCountOverInt64IsRejectedEvenWhenAZeroDimFollows) {
+  TempDir dir;
+  // 3 x 2^62 fits uint64 but not int64: TensorInfo::num_elements() would overflow before the 0.
+  expect_open_fails(
+      dir, "int64_overflow.safetensors",
+      safetensors_bytes(
+          R"({"layer.w":{"dtype":"F32","shape":[3,4611686018427387904,0],"data_offsets":[0,0]}})", ""),
+      {"'layer.w'", "which no file holds"});
 }
 
 TEST(SafetensorsOpen, OverlappingTensors) {
@@ -188,6 +199,82 @@ TEST(SafetensorsOpen, OverlappingTensors) {
                                       R"("second":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
                                       std::string(16, '\0')),
                     {"'first'", "'second'", "overlap", "[0, 8]", "[4, 12]"});
+}
+
+TEST(SafetensorsOpen, OverlapOfEqualRangesAndOfAnEmptyTensorInsideAnother) {
+  TempDir dir;
+  expect_open_fails(dir, "same_range.safetensors",
+                    safetensors_bytes(R"({"first":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                      R"("second":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+                                      std::string(8, '\0')),
+                    {"'first'", "'second'", "overlap"});
+  expect_open_fails(dir, "empty_inside.safetensors",
+                    safetensors_bytes(R"({"full":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                      R"("empty":{"dtype":"F32","shape":[0],"data_offsets":[4,4]}})",
+                                      std::string(8, '\0')),
+                    {"'full'", "'empty'", "overlap"});
+}
+
+// The tensors must tile the data section: 8 + header length + the tensors' bytes is the file length.
+TEST(SafetensorsOpen, GapBetweenTensors) {
+  TempDir dir;
+  expect_open_fails(dir, "gap.safetensors",
+                    safetensors_bytes(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[12,20]}})",
+                                      std::string(20, '\0')),
+                    {"4 bytes after tensor 'a'", "[0, 8]", "belong to no tensor", "'b'", "[12, 20]"});
+}
+
+TEST(SafetensorsOpen, GapBeforeTheFirstTensor) {
+  TempDir dir;
+  expect_open_fails(
+      dir, "leading_gap.safetensors",
+      safetensors_bytes(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", std::string(12, '\0')),
+      {"4 bytes at the start of the data section", "belong to no tensor", "'a'"});
+}
+
+TEST(SafetensorsOpen, TrailingBytesAfterTheLastTensor) {
+  TempDir dir;
+  const std::string header = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  expect_open_fails(
+      dir, "trailing.safetensors", safetensors_bytes(header, std::string(11, '\0')),
+      {"3 trailing bytes", "'a'", "header length field (" + std::to_string(header.size()) + ")"});
+  // No tensors at all, yet data after the header.
+  expect_open_fails(dir, "only_trailing.safetensors", safetensors_bytes("{}", "xyz"), {"3 trailing bytes"});
+}
+
+TEST(SafetensorsOpen, HeaderLengthOneByteShortIsCaught) {
+  TempDir dir;
+  // The header ends in padding, so one byte less still parses as JSON: every tensor would then
+  // start one byte early (garbage weights, NaN logits). The byte left over at the end shows it.
+  const std::string header = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}} )";
+  const std::string data = std::string(8, '\x01');
+  write_bytes(dir / "exact.safetensors", safetensors_bytes(header, data));
+  EXPECT_NO_THROW(SafetensorsFile::open(dir / "exact.safetensors"));
+  expect_open_fails(dir, "short_length.safetensors", testing::le_u64(header.size() - 1) + header + data,
+                    {"1 trailing bytes", "header length field (" + std::to_string(header.size() - 1) + ")"});
+}
+
+TEST(SafetensorsOpen, HeaderLengthOneByteLongIsCaught) {
+  TempDir dir;
+  const std::string header = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  // The first data byte is a space, so the longer header still parses: the data section is then
+  // one byte short of the tensor.
+  const std::string data = " " + std::string(7, '\x01');
+  expect_open_fails(dir, "long_length.safetensors", testing::le_u64(header.size() + 1) + header + data,
+                    {"'a'", "past the data section", "7 bytes", "truncated"});
+  // Otherwise the header is not JSON.
+  expect_open_fails(dir, "long_length_garbage.safetensors",
+                    testing::le_u64(header.size() + 1) + header + std::string(8, '\x01'), {"not valid JSON"});
+}
+
+TEST(SafetensorsOpen, FileTruncatedInsideTheData) {
+  TempDir dir;
+  expect_open_fails(dir, "cut_second.safetensors",
+                    safetensors_bytes(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+                                      std::string(13, '\0')),
+                    {"'b'", "[8, 16]", "past the data section", "13 bytes", "truncated"});
 }
 
 TEST(SafetensorsOpen, DuplicateTensorName) {
@@ -240,10 +327,24 @@ TEST(SafetensorsOpen, MissingFileIsIo) {
                {"absent.safetensors", "cannot open"});
 }
 
-TEST(SafetensorsOpen, DirectoryIsIo) {
+TEST(SafetensorsOpen, DirectoryIsRefusedByType) {
   TempDir dir;
-  expect_error([&] { SafetensorsFile::open(dir.path()); }, ErrorCode::kIo,
-               {dir.path().string(), "not a regular file"});
+  expect_error([&] { SafetensorsFile::open(dir.path()); }, ErrorCode::kInvalidArgument,
+               {dir.path().string(), "is a directory", "not a regular file"});
+}
+
+TEST(SafetensorsOpen, FifoIsRefusedAtOnceNotRead) {
+  TempDir dir;
+  const auto fifo = dir / "model.safetensors";
+  testing::make_fifo(fifo);
+  testing::expect_refused_without_blocking(fifo, [fifo] { SafetensorsFile::open(fifo); },
+                                           ErrorCode::kInvalidArgument,
+                                           {fifo.string(), "FIFO", "not a regular file"});
+}
+
+TEST(SafetensorsOpen, CharacterDeviceIsRefused) {
+  expect_error([] { SafetensorsFile::open("/dev/zero"); }, ErrorCode::kInvalidArgument,
+               {"/dev/zero", "character device"});
 }
 
 TEST(SafetensorsRead, NonFloatDtypeIsRejectedByName) {
@@ -348,7 +449,8 @@ TEST(SafetensorsRoundTrip, RandomF32F16Bf16ReadBackExactly) {
     EXPECT_EQ(c.dtype, info->dtype);
     EXPECT_EQ(c.shape, info->shape);
     EXPECT_EQ(c.values.size() * dtype_size(c.dtype), info->num_bytes());
-    expect_bitwise_equal(stored_as(c.dtype, c.values), file.read_f32(*info));
+    // f16 overflows to Inf for the largest values: allowed here, this test is about exact bits.
+    expect_bitwise_equal(stored_as(c.dtype, c.values), file.read_f32(*info, NonFiniteWeights::kAllow));
     expected_bytes_read += info->num_bytes();
     EXPECT_EQ(expected_bytes_read, file.bytes_read());
   }
@@ -408,6 +510,78 @@ TEST(SafetensorsRoundTrip, ReadingOneTensorCountsOnlyItsBytesAndCopiesShareTheCo
   copy.read_f32(*copy.find("expert.0"));
   EXPECT_EQ(6u + 64u, file.bytes_read());
   EXPECT_EQ(file.bytes_read(), copy.bytes_read());
+}
+
+// Tensors larger than the read chunk (2^18 elements) are read in pieces: every piece lands in place.
+TEST(SafetensorsRoundTrip, TensorsSpanningSeveralReadChunksReadBackExactly) {
+  TempDir dir;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> values(3 * (1 << 18) + 7);
+  for (float& value : values) value = normal(rng);
+  SafetensorsWriter writer;
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16})
+    writer.add_f32(dtype_name(dtype), dtype, {static_cast<int64_t>(values.size())}, values);
+  writer.write(dir / "big.safetensors");
+  SafetensorsFile file = SafetensorsFile::open(dir / "big.safetensors");
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    expect_bitwise_equal(stored_as(dtype, values), file.read_f32(*file.find(dtype_name(dtype))));
+  }
+  EXPECT_EQ(values.size() * 8, file.bytes_read());
+}
+
+// One non-finite value in each storage dtype, placed past the first read chunk so the reported
+// index is the tensor's, not the chunk's.
+TEST(SafetensorsRead, NonFiniteWeightIsRefusedNamingTensorFileIndexAndKind) {
+  TempDir dir;
+  const size_t count = (1 << 18) + 100, bad_index = (1 << 18) + 42;
+  struct Case {
+    DType dtype;
+    float bad_value;
+    const char* kind;
+  };
+  const Case cases[] = {{DType::kF32, std::numeric_limits<float>::quiet_NaN(), "is NaN"},
+                        {DType::kBF16, std::numeric_limits<float>::infinity(), "is +Inf"},
+                        {DType::kF16, -std::numeric_limits<float>::infinity(), "is -Inf"},
+                        {DType::kF16, 1e6f, "is +Inf"}};  // finite in f32, Inf once stored as f16
+  SafetensorsWriter writer;
+  std::vector<std::vector<float>> all_values;
+  for (size_t i = 0; i < std::size(cases); ++i) {
+    std::vector<float> values(count, 0.25f);
+    values[bad_index] = cases[i].bad_value;
+    values[bad_index + 1] = std::numeric_limits<float>::quiet_NaN();  // only the first is named
+    writer.add_f32("layers.0.w" + std::to_string(i), cases[i].dtype, {static_cast<int64_t>(count)}, values);
+    all_values.push_back(values);
+  }
+  writer.write(dir / "nonfinite.safetensors");
+  SafetensorsFile file = SafetensorsFile::open(dir / "nonfinite.safetensors");
+  for (size_t i = 0; i < std::size(cases); ++i) {
+    SCOPED_TRACE(dtype_name(cases[i].dtype));
+    const TensorInfo& tensor = *file.find("layers.0.w" + std::to_string(i));
+    expect_error([&] { file.read_f32(tensor); }, kBad,
+                 {"'layers.0.w" + std::to_string(i) + "'", "nonfinite.safetensors",
+                  "element " + std::to_string(bad_index) + " ", cases[i].kind, "re-export the checkpoint",
+                  "--allow-nonfinite-weights"});
+    // Allowed: the values come back as stored, NaN and Inf included.
+    expect_bitwise_equal(stored_as(cases[i].dtype, all_values[i]),
+                         file.read_f32(tensor, NonFiniteWeights::kAllow));
+  }
+}
+
+TEST(SafetensorsRead, LargestFiniteValuesAreNotMistakenForInf) {
+  TempDir dir;
+  SafetensorsWriter writer;
+  const float f32_max = std::numeric_limits<float>::max();
+  writer.add_f32("f32", DType::kF32, {2}, {f32_max, -f32_max});
+  writer.add_f32("bf16", DType::kBF16, {2}, {bf16_to_f32(0x7F7F), bf16_to_f32(0xFF7F)});
+  writer.add_f32("f16", DType::kF16, {2}, {65504.0f, -65504.0f});
+  writer.write(dir / "edges.safetensors");
+  SafetensorsFile file = SafetensorsFile::open(dir / "edges.safetensors");
+  EXPECT_EQ(std::vector<float>({f32_max, -f32_max}), file.read_f32(*file.find("f32")));
+  EXPECT_EQ(std::vector<float>({bf16_to_f32(0x7F7F), bf16_to_f32(0xFF7F)}),
+            file.read_f32(*file.find("bf16")));
+  EXPECT_EQ(std::vector<float>({65504.0f, -65504.0f}), file.read_f32(*file.find("f16")));
 }
 
 TEST(SafetensorsWriter, WriteIntoMissingDirectoryIsIoAndLeavesNoFile) {

@@ -4,11 +4,15 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "kernels/error.h"
 #include "temp_dir.h"
+#include "tests/checkpoint/rewrite_tensor.h"
 #include "worker/checkpoint.h"
 
 namespace epic {
@@ -89,6 +93,7 @@ TEST(ModelWeights, WrongShapeForTheConfigNamesTensorAndShapes) {
 TEST(ModelWeights, RouterWithMoreRowsThanNumExpertsIsRejected) {
   testing::TempDir temp;
   copy_with_config(temp.path() / "m", [](nlohmann::json& c) {
+    c.erase("num_local_experts");  // the fixture's transformers 5 spelling; one spelling at a time
     c["num_experts"] = 6;
     c["num_experts_per_tok"] = 2;
   });
@@ -123,6 +128,66 @@ TEST(ModelWeights, TooFewPresentExpertsForTopKIsAnError) {
     EXPECT_EQ(e.code(), ErrorCode::kMissingExperts);
     EXPECT_NE(std::string(e.what()).find("layer 2 has 6 present experts"), std::string::npos) << e.what();
   }
+}
+
+// Without an expert count every layer reads as dense; the routers in the checkpoint show the
+// config is what is wrong, and the message must say so (not "mlp.gate_proj.weight is missing").
+TEST(ModelWeights, ConfigWithoutExpertCountButRoutersInTheCheckpointIsAConfigError) {
+  testing::TempDir temp;
+  copy_with_config(temp.path() / "m", [](nlohmann::json& c) {
+    c.erase("num_experts");
+    c.erase("num_local_experts");
+  });
+  const ModelConfig config = ModelConfig::load(temp.path() / "m");
+  ASSERT_EQ(config.num_experts, 0);
+  Checkpoint checkpoint = Checkpoint::open(temp.path() / "m");
+  for (auto body :
+       std::vector<std::function<void()>>{[&] { inspect_experts(config, checkpoint, false); },
+                                          [&] { load_model_weights(config, checkpoint, LoadOptions{}); }}) {
+    try {
+      body();
+      FAIL() << "a config without an expert count was accepted for a checkpoint with routers";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidConfig) << e.what();
+      for (const std::string word : {"config.json names no expert count (num_experts / num_local_experts)",
+                                     "model.layers.0.mlp.gate.weight", "add the expert count to config.json"})
+        EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(ModelWeights, NonFiniteWeightIsRefusedUnlessAllowed) {
+  testing::TempDir temp;
+  const std::string tensor = "model.layers.2.mlp.experts.5.down_proj.weight";
+  testing::copy_with_edited_tensor(kCase, temp.path() / "m", tensor, [](std::vector<float>& values) {
+    values[17] = std::numeric_limits<float>::quiet_NaN();
+  });
+  const ModelConfig config = ModelConfig::load(temp.path() / "m");
+  {
+    Checkpoint checkpoint = Checkpoint::open(temp.path() / "m");
+    try {
+      load_model_weights(config, checkpoint, LoadOptions{});
+      FAIL() << "a NaN weight was loaded without --allow-nonfinite-weights";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidCheckpoint) << e.what();
+      for (const std::string& word :
+           std::vector<std::string>{"'" + tensor + "'", checkpoint.shard_of(tensor).value(), "element 17 ",
+                                    "NaN", "--allow-nonfinite-weights"})
+        EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << e.what();
+    }
+  }
+  {
+    // A worker that does not host the expert never reads it, so it loads without the flag.
+    Checkpoint checkpoint = Checkpoint::open(temp.path() / "m");
+    LoadOptions options;
+    options.hosts_expert = [](int64_t layer, int64_t expert) { return !(layer == 2 && expert == 5); };
+    EXPECT_NO_THROW(load_model_weights(config, checkpoint, options));
+  }
+  Checkpoint checkpoint = Checkpoint::open(temp.path() / "m");
+  LoadOptions options;
+  options.allow_nonfinite_weights = true;
+  const ModelWeights weights = load_model_weights(config, checkpoint, options);
+  EXPECT_TRUE(std::isnan(weights.layers[2].moe.experts.at(5).down[17]));
 }
 
 }  // namespace

@@ -4,9 +4,12 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
+#include <vector>
 
 #include "kernels/error.h"
 #include "temp_dir.h"
+#include "tests/support/expect_error.h"
 #include "worker/npy_file.h"
 
 namespace epic {
@@ -45,6 +48,35 @@ TEST(Sampler, RejectsBadOptions) {
   EXPECT_THROW(Sampler({NAN, 1.0, 0}), Error);
   EXPECT_THROW(Sampler({1.0, 0.0, 0}), Error);
   EXPECT_THROW(Sampler({1.0, 1.5, 0}), Error);
+}
+
+// An argmax over NaN would give token 0 (no comparison with NaN is true): that must be an error.
+TEST(Sampler, NonFiniteLogitsAreAnErrorNeverToken0) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  for (double temperature : {0.0, 1.0}) {
+    Sampler sampler({temperature, 0.9, 1});
+    for (const std::vector<float>& logits :
+         {std::vector<float>{nan, nan, nan}, std::vector<float>{nan, 5.0f, 1.0f},
+          std::vector<float>{1.0f, inf, 2.0f}, std::vector<float>{-inf, 0.0f}}) {
+      testing::expect_error([&] { sampler.sample(logits); }, ErrorCode::kInvalidCheckpoint,
+                            {"logits", "not finite", "overflowed"});
+    }
+  }
+}
+
+TEST(CheckLogitsFinite, NamesSequenceStepFirstBadTokenAndKind) {
+  std::vector<float> logits(100, 0.5f);
+  EXPECT_NO_THROW(check_logits_finite(logits, 3, 7));
+  logits[41] = std::numeric_limits<float>::quiet_NaN();
+  logits[60] = std::numeric_limits<float>::infinity();
+  testing::expect_error([&] { check_logits_finite(logits, 3, 7); }, ErrorCode::kInvalidCheckpoint,
+                        {"sequence 3, decode step 7", "NaN at token id 41", "2 of 100", "overflowed"});
+  logits[41] = 0.0f;
+  testing::expect_error([&] { check_logits_finite(logits, 0, 0); }, ErrorCode::kInvalidCheckpoint,
+                        {"sequence 0, prefill (step 0)", "+Inf at token id 60", "1 of 100"});
+  logits[60] = -std::numeric_limits<float>::infinity();
+  testing::expect_error([&] { check_logits_finite(logits, 2, 1); }, ErrorCode::kInvalidCheckpoint,
+                        {"sequence 2, decode step 1", "-Inf at token id 60"});
 }
 
 TEST(NpyFile, RoundTripsShapeAndValues) {
