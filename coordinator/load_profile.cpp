@@ -1,15 +1,12 @@
 // Load profiles (tokens per layer and expert) as JSON files: written by `epic run
 // --load-profile-out`, read by `epic plan`. Whether a layer's count list fits the model is checked
 // by the planner, which knows the model's expert counts.
-#include <cerrno>
 #include <cmath>
-#include <cstring>
-#include <fstream>
-#include <sstream>
 
 #include "coordinator/placement.h"
 #include "coordinator/placement_rules.h"
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 
 namespace epic {
 namespace {
@@ -88,28 +85,21 @@ LoadProfile LoadProfile::from_json_text(const std::string& text, const std::stri
   return profile;
 }
 
+// Through epic::files: a FIFO, directory or device is refused at once (never read or waited on),
+// and the profile is written atomically, every write checked (a full disk is an error, not an
+// empty file).
 LoadProfile LoadProfile::load_file(const std::filesystem::path& path) {
-  std::ifstream stream(path, std::ios::binary);
-  if (!stream) {
-    throw Error(ErrorCode::kIo,
-                "load profile '" + path.string() + "': cannot open (" + std::strerror(errno) + ")");
-  }
-  std::ostringstream text;
-  text << stream.rdbuf();
-  if (stream.bad()) throw Error(ErrorCode::kIo, "load profile '" + path.string() + "': read failed");
-  return from_json_text(text.str(), path.string());
+  // A missing profile stays Error(kIo) "cannot open", as callers and tests expect.
+  if (files::describe_file_type(path) == "missing")
+    throw Error(ErrorCode::kIo, "load profile '" + path.string() +
+                                    "': cannot open (no such file); check the path, or record one with "
+                                    "`epic run --load-profile-out`");
+  // A profile holds one count per (layer, expert): 64 MiB is thousands of times a real one.
+  return from_json_text(files::read_file(path, "load profile", uint64_t{64} << 20), path.string());
 }
 
 void LoadProfile::save_file(const std::filesystem::path& path) const {
-  const std::string text = to_json_text();
-  std::ofstream stream(path, std::ios::binary | std::ios::trunc);
-  if (!stream) {
-    throw Error(ErrorCode::kIo,
-                "load profile '" + path.string() + "': cannot create (" + std::strerror(errno) + ")");
-  }
-  stream.write(text.data(), static_cast<std::streamsize>(text.size()));
-  stream.close();
-  if (!stream) throw Error(ErrorCode::kIo, "load profile '" + path.string() + "': write failed (disk full?)");
+  files::write_file_atomically(path, to_json_text(), "load profile");
 }
 
 }  // namespace epic

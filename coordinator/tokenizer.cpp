@@ -4,9 +4,6 @@
 #include "coordinator/tokenizer.h"
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -15,6 +12,7 @@
 #include "coordinator/qwen2_pretokenizer.h"
 #include "coordinator/unicode_text.h"
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 
 namespace epic {
 namespace {
@@ -254,25 +252,6 @@ void load_added_tokens(const json& root, TokenizerState& impl) {
   }
 }
 
-std::string read_file(const std::filesystem::path& path) {
-  std::error_code error;
-  if (!std::filesystem::is_regular_file(path, error)) {
-    throw Error(ErrorCode::kIo, "tokenizer: '" + path.string() +
-                                    "' is not a readable file; pass the path of the model's tokenizer.json "
-                                    "(for Qwen3 it sits next to config.json)");
-  }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    throw Error(ErrorCode::kIo, "tokenizer: cannot open '" + path.string() + "': " + std::strerror(errno) +
-                                    "; check the path and its read permission");
-  }
-  std::string contents((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) {
-    throw Error(ErrorCode::kIo, "tokenizer: reading '" + path.string() + "' failed: " + std::strerror(errno));
-  }
-  return contents;
-}
-
 }  // namespace
 
 struct Tokenizer::Impl : TokenizerState {};
@@ -280,7 +259,9 @@ struct Tokenizer::Impl : TokenizerState {};
 Tokenizer Tokenizer::load(const std::filesystem::path& tokenizer_json) {
   auto impl = std::make_unique<Impl>();
   impl->source = tokenizer_json.string();
-  const std::string contents = read_file(tokenizer_json);
+  // Through epic::files: a FIFO, directory or device is refused at once, never read or waited on.
+  // Qwen3's tokenizer.json is 11 MB; 1 GiB bounds a wrong path to a huge file.
+  const std::string contents = files::read_file(tokenizer_json, "tokenizer.json", uint64_t{1} << 30);
   json root;
   try {
     root = json::parse(contents);
@@ -349,13 +330,15 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
   std::string bytes;
   for (size_t i = 0; i < ids.size(); ++i) {
     const int32_t id = ids[i];
-    if (id < 0 || static_cast<size_t>(id) >= impl_->has_token.size() || !impl_->has_token[id]) {
-      throw Error(ErrorCode::kInvalidArgument,
-                  "tokenizer: cannot decode token id " + std::to_string(id) + " (position " +
-                      std::to_string(i) + "): it is not in the vocabulary of '" + impl_->source +
-                      "' (ids 0.." + std::to_string(vocab_size() - 1) +
-                      "); the model produced an id past the tokenizer, or the ids come from another model");
+    if (id < 0) {
+      throw Error(ErrorCode::kInvalidArgument, "tokenizer: cannot decode token id " + std::to_string(id) +
+                                                   " (position " + std::to_string(i) +
+                                                   "): token ids are non-negative");
     }
+    // An id with no text (past the tokenizer's last id, as Qwen3's padded vocabulary rows 151669..
+    // 151935 are, or a gap) decodes to nothing, as Hugging Face tokenizers' decode skips ids
+    // id_to_token does not know. Whether an id fits the model is the caller's check.
+    if (static_cast<size_t>(id) >= impl_->has_token.size() || !impl_->has_token[id]) continue;
     bytes += impl_->id_to_bytes[id];
   }
   return unicode::utf8_lossy(bytes);

@@ -16,8 +16,10 @@ namespace epic {
 
 class Tokenizer {
  public:
-  // Throws Error(kIo) when the file cannot be read and Error(kInvalidConfig) when it is not a
-  // byte-level BPE tokenizer.json (the message says which field is missing or unsupported).
+  // Throws Error(kInvalidArgument) when the path is missing or not a regular file (a FIFO,
+  // directory or device is refused without being opened), Error(kIo) when reading fails and
+  // Error(kInvalidConfig) when it is not a byte-level BPE tokenizer.json (the message says which
+  // field is missing or unsupported).
   static Tokenizer load(const std::filesystem::path& tokenizer_json);
 
   Tokenizer(Tokenizer&&) noexcept;
@@ -26,8 +28,10 @@ class Tokenizer {
 
   // No special tokens are added; added-token strings in the text map to their ids.
   std::vector<int32_t> encode(std::string_view text) const;
-  // Ids outside the vocabulary -> Error(kInvalidArgument) naming the id. Byte sequences that
-  // are not valid UTF-8 decode to U+FFFD, as Hugging Face tokenizers do.
+  // As Hugging Face tokenizers' decode: an id the tokenizer has no text for (past its last id,
+  // e.g. Qwen3's padded vocabulary rows, or a gap) decodes to nothing, and byte sequences that
+  // are not valid UTF-8 decode to U+FFFD. A negative id -> Error(kInvalidArgument) naming it;
+  // whether ids fit the model's vocabulary is the caller's check.
   std::string decode(std::span<const int32_t> ids) const;
 
   // One past the largest token id (regular vocabulary and added tokens).

@@ -2,19 +2,28 @@
 // made in memory (no checkpoint) and random token rows, timed per phase (route, dispatch, expert
 // compute, combine) with bytes moved and per-worker load. A scaling-study tool: run it under
 // mpirun with 1, 2, 4, ... ranks and collect the CSV/JSON lines.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <fstream>
+#include <cstring>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "comm/communicator.h"
 #include "kernels/backend.h"
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/default_paths.h"
+#include "launch/flag_checks.h"
 #include "launch/placement_setup.h"
+#include "launch/rank_agreement.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/model_writer.h"
 #include "worker/random_values.h"
@@ -28,16 +37,77 @@ struct PhaseTotals {
   int64_t rows_computed = 0, rows_sent = 0, experts_hosted = 0;
 };
 
+// --csv appends (one file collects a scaling study), so it cannot be written atomically; it is
+// still only ever a regular file (checked again on the open descriptor: a FIFO swapped in is never
+// waited on), and every write and the close are checked, so a full disk is an error.
+void append_to_regular_file(const std::string& path, const std::string& text, const std::string& what) {
+  files::check_output_path(path, what);
+  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NONBLOCK, 0666);
+  auto fail = [&](const std::string& operation, int error_number) {
+    throw Error(ErrorCode::kIo, what + " " + path + ": cannot " + operation + " (" +
+                                    std::strerror(error_number) +
+                                    "); check the folder is writable and has space");
+  };
+  if (fd < 0) fail("open for appending", errno);
+  struct stat info {};
+  if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
+    ::close(fd);
+    throw Error(ErrorCode::kInvalidArgument, what + " " + path + " is " + files::describe_file_type(path) +
+                                                 ", not a regular file; give a file path");
+  }
+  for (size_t done = 0; done < text.size();) {
+    const ssize_t written = ::write(fd, text.data() + done, text.size() - done);
+    if (written < 0 && errno == EINTR) continue;
+    if (written <= 0) {
+      const int saved = written < 0 ? errno : EIO;
+      ::close(fd);
+      fail("append", saved);
+    }
+    done += static_cast<size_t>(written);
+  }
+  if (::fsync(fd) != 0 && errno != EINVAL) {
+    const int saved = errno;
+    ::close(fd);
+    fail("sync", saved);
+  }
+  if (::close(fd) != 0) fail("close", errno);
+}
+
+// Rank 0's output files, checked before any work; every rank learns the outcome, so a bad path
+// ends the job at once with one message instead of leaving the other ranks waiting.
+void check_outputs_on_root(const BenchMoeArgs& args, Communicator& comm) {
+  try {
+    broadcast_from_root(comm, 0, [&] {
+      if (!args.csv_out.empty()) check_output_flag(args.csv_out, "--csv");
+      if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
+      return std::string();
+    });
+  } catch (const AgreedError& error) {
+    if (comm.rank() == 0) print_error(error);
+    try {
+      comm.barrier();  // mpirun ends the job at the first non-zero exit: let rank 0's line out first
+    } catch (const Error&) {
+    }
+    throw SilentFailure{exit_code_for(error.code())};
+  }
+}
+
 }  // namespace
 
 int bench_moe_command(const BenchMoeArgs& args) {
   using clock_type = std::chrono::steady_clock;
-  if (args.tokens_per_worker < 0 || args.layers < 1 || args.iterations < 1 || args.warmup < 0)
-    throw Error(ErrorCode::kInvalidArgument,
-                "--tokens-per-worker must be >= 0, --layers and --iterations >= 1, --warmup >= 0");
+  // Every bound before any work, the same on every rank (see flag_checks.h).
+  check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
+  check_int_flag("--tokens-per-worker", args.tokens_per_worker, 0, kMaxBenchTokensPerWorker);
+  check_int_flag("--iterations", args.iterations, 1, kMaxBenchIterations);
+  check_int_flag("--warmup", args.warmup, 0, kMaxBenchIterations);
+  check_int_flag("--threads", args.threads, 0, kMaxThreads);
+  ModelPreset preset = load_preset(args.preset, presets_dir());
+  // More layers than the preset has would only repeat its shapes, each costing all its experts.
+  check_int_flag("--layers (of preset " + preset.name + ")", args.layers, 1, preset.config.num_hidden_layers);
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   const int rank = comm->rank(), num_workers = comm->size();
-  ModelPreset preset = load_preset(args.preset, presets_dir());
+  check_outputs_on_root(args, *comm);
   ModelConfig config = preset.config;
   // A model of `layers` MoE layers with the preset's shapes.
   config.num_hidden_layers = args.layers;
@@ -136,10 +206,9 @@ int bench_moe_command(const BenchMoeArgs& args) {
   const char* columns[] = {"route_ms",   "dispatch_ms",    "expert_ms",     "combine_ms", "total_ms",
                            "bytes_sent", "bytes_received", "rows_computed", "rows_sent",  "experts_hosted"};
   if (!args.csv_out.empty()) {
-    const bool fresh = !std::filesystem::exists(args.csv_out);
-    std::ofstream csv(args.csv_out, std::ios::app);
-    if (!csv) throw Error(ErrorCode::kIo, args.csv_out + ": cannot open for appending");
-    if (fresh) {
+    std::ostringstream csv;
+    std::error_code ignored;
+    if (!std::filesystem::exists(args.csv_out) || std::filesystem::file_size(args.csv_out, ignored) == 0) {
       csv << "preset,workers,tokens_per_worker,layers,iterations,threads,rank";
       for (const char* column : columns) csv << "," << column;
       csv << "\n";
@@ -150,6 +219,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
       for (double value : all[w]) csv << "," << value;
       csv << "\n";
     }
+    append_to_regular_file(args.csv_out, csv.str(), "--csv");
   }
   if (!args.json_out.empty()) {
     nlohmann::json workers = nlohmann::json::array();
@@ -169,9 +239,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
                              {"backend", backend->name()},
                              {"per_worker", workers},
                              {"tokens_per_second", tokens_per_second}};
-    std::ofstream file(args.json_out);
-    file << result.dump(2) << "\n";
-    if (!file) throw Error(ErrorCode::kIo, args.json_out + ": cannot write");
+    files::write_file_atomically(args.json_out, result.dump(2) + "\n", "--json");
   }
   return 0;
 }

@@ -1,9 +1,9 @@
 // `epic make-model`: a random checkpoint from a preset, with progress on stderr.
 #include <chrono>
 #include <cstdio>
-#include <iostream>
 
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 #include "launch/cli_commands.h"
 #include "launch/default_paths.h"
 #include "worker/model_writer.h"
@@ -22,10 +22,10 @@ int make_model_command(const MakeModelArgs& args) {
   }
   MakeModelOptions options;
   options.seed = args.seed;
+  options.force = args.force;
   options.tokenizer_json =
       args.tokenizer_json.empty() ? default_tokenizer_json() : std::filesystem::path(args.tokenizer_json);
-  if (!args.tokenizer_json.empty() && !std::filesystem::is_regular_file(args.tokenizer_json))
-    throw Error(ErrorCode::kInvalidArgument, "--tokenizer " + args.tokenizer_json + " is not a file");
+  if (!args.tokenizer_json.empty()) files::require_regular_file(args.tokenizer_json, "--tokenizer");
   const auto start = std::chrono::steady_clock::now();
   auto last_print = start - std::chrono::hours(1);
   int64_t last_shard = -1;

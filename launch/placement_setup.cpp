@@ -2,9 +2,11 @@
 #include "launch/placement_setup.h"
 
 #include <cstdio>
+#include <limits>
 #include <sstream>
 
 #include "kernels/error.h"
+#include "launch/flag_checks.h"
 
 namespace epic::cli {
 
@@ -16,6 +18,9 @@ PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& i
                              const PlacementFlags& flags) {
   if (flags.slots && flags.budget_bytes)
     throw Error(ErrorCode::kInvalidArgument, "give --slots or --budget-bytes, not both");
+  // The planner's tables grow with workers x experts: bound the count before they are made.
+  check_int_flag("number of workers", flags.num_workers, 1, kMaxWorkers);
+  if (flags.slots) check_int_flag("--slots", *flags.slots, 1, std::numeric_limits<int64_t>::max());
   PlacementRequest request;
   request.num_workers = flags.num_workers;
   request.slots_per_worker = flags.slots;

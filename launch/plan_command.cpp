@@ -1,11 +1,12 @@
 // `epic plan`: the expert placement for N workers, printed as JSON with its balance figures.
 // Reads only config.json, the index and shard headers (no tensor data).
 #include <cstdio>
-#include <fstream>
 
 #include "coordinator/placement.h"
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 #include "launch/cli_commands.h"
+#include "launch/flag_checks.h"
 #include "launch/placement_setup.h"
 #include "worker/checkpoint.h"
 #include "worker/model_config.h"
@@ -14,8 +15,10 @@
 namespace epic::cli {
 
 int plan_command(const PlanArgs& args) {
-  if (args.workers < 1)
-    throw Error(ErrorCode::kInvalidArgument, "--workers must be >= 1, got " + std::to_string(args.workers));
+  check_int_flag("--workers", args.workers, 1, kMaxWorkers);
+  // Before any work: the plan's file can be written atomically, the profile is a regular file.
+  if (!args.out.empty()) check_output_flag(args.out, "--out");
+  if (!args.load_profile.empty()) files::require_regular_file(args.load_profile, "--load-profile");
   const ModelConfig config = ModelConfig::load(args.model_dir);
   Checkpoint checkpoint = Checkpoint::open(args.model_dir);
   const ExpertInventory inventory = inspect_experts(config, checkpoint, args.allow_missing_experts);
@@ -23,11 +26,7 @@ int plan_command(const PlanArgs& args) {
       make_placement(config, inventory, {args.workers, args.slots, args.budget_bytes, args.load_profile});
   const std::string json = plan.to_json_text();
   std::printf("%s\n", json.c_str());
-  if (!args.out.empty()) {
-    std::ofstream file(args.out);
-    file << json << "\n";
-    if (!file) throw Error(ErrorCode::kIo, args.out + ": cannot write the plan");
-  }
+  if (!args.out.empty()) files::write_file_atomically(args.out, json + "\n", "--out");
   std::fprintf(stderr, "epic plan: %d workers, %zu MoE layers, %.1f MB per expert (fp32 resident)\n%s",
                args.workers, plan.layers.size(), resident_expert_bytes(config) / 1e6,
                balance_table(plan).c_str());

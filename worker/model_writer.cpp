@@ -2,11 +2,10 @@
 #include "worker/model_writer.h"
 
 #include <algorithm>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 #include "worker/random_values.h"
 
 namespace epic {
@@ -57,10 +56,52 @@ std::vector<TensorPlan> plan_tensors(const ModelConfig& c) {
   return plan;
 }
 
-void write_text(const std::filesystem::path& path, const std::string& text) {
-  std::ofstream file(path, std::ios::binary | std::ios::trunc);
-  file << text;
-  if (!file) throw Error(ErrorCode::kIo, path.string() + ": write failed");
+// The files make-model writes (and only these may be replaced by a later make-model), with the
+// temporary files a killed make-model leaves beside them ("<name>.tmp.*", "<name>.epic-tmp.*").
+bool written_by_make_model(const std::filesystem::path& file) {
+  std::string name = file.filename().string();
+  for (const char* temporary : {".tmp.", ".epic-tmp."})
+    if (const size_t at = name.find(temporary); at != std::string::npos) name.resize(at);
+  return name == "config.json" || name == "tokenizer.json" || name == "model.safetensors.index.json" ||
+         name == "model.safetensors" || (name.rfind("model-", 0) == 0 && name.ends_with(".safetensors"));
+}
+
+// --out must be a new or empty folder, or one holding only an earlier make-model output: a
+// finished one (with config.json) is replaced only with --force; an unfinished one (config.json is
+// written last, so a killed or failed make-model leaves none) is no model and is replaced. It is
+// removed first, so no stale shard of another shard count stays behind. Files make-model did not
+// write are never touched, --force or not.
+void prepare_output_folder(const std::filesystem::path& out_dir, bool force) {
+  namespace fs = std::filesystem;
+  const std::string type = files::describe_file_type(out_dir);
+  if (type != "missing" && type != "a directory")
+    throw Error(ErrorCode::kInvalidArgument,
+                "--out " + out_dir.string() + " is " + type + ", not a folder; give a new or empty folder");
+  std::error_code ec;
+  if (type == "a directory") {
+    std::vector<fs::path> earlier_output;
+    for (const auto& entry : fs::directory_iterator(out_dir)) {
+      if (!written_by_make_model(entry.path()) || !entry.is_regular_file())
+        throw Error(ErrorCode::kInvalidArgument,
+                    "--out " + out_dir.string() + " already holds " + entry.path().filename().string() +
+                        ", which make-model did not write; choose an empty or new --out");
+      earlier_output.push_back(entry.path());
+    }
+    if (fs::exists(out_dir / "config.json") && !force)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "--out " + out_dir.string() + " is not empty: it holds an earlier make-model output (" +
+                      std::to_string(earlier_output.size()) +
+                      " files, config.json among them); pass --force to replace it, or choose a new --out");
+    for (const fs::path& file : earlier_output) {
+      fs::remove(file, ec);
+      if (ec)
+        throw Error(ErrorCode::kIo, file.string() + ": cannot remove the earlier output: " + ec.message());
+    }
+  }
+  fs::create_directories(out_dir, ec);
+  if (ec)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--out " + out_dir.string() + ": cannot create the folder (" + ec.message() + ")");
 }
 
 DType parse_storage(const std::string& text, const std::string& source) {
@@ -74,10 +115,12 @@ DType parse_storage(const std::string& text, const std::string& source) {
 }  // namespace
 
 ModelPreset load_preset(const std::string& name_or_path, const std::filesystem::path& presets_dir) {
+  // A path to a preset file (which must be a regular file: a FIFO is refused, never read), or a
+  // name in presets_dir.
   std::filesystem::path path = name_or_path;
-  if (!std::filesystem::exists(path) || std::filesystem::is_directory(path))
-    path = presets_dir / (name_or_path + ".json");
-  if (!std::filesystem::is_regular_file(path)) {
+  const std::string type = files::describe_file_type(path);
+  if (type == "missing" || type == "a directory") path = presets_dir / (name_or_path + ".json");
+  if (files::describe_file_type(path) == "missing") {
     std::string known;
     if (std::filesystem::is_directory(presets_dir))
       for (const auto& entry : std::filesystem::directory_iterator(presets_dir))
@@ -86,12 +129,10 @@ ModelPreset load_preset(const std::string& name_or_path, const std::filesystem::
                                                  presets_dir.string() + ":" +
                                                  (known.empty() ? " (none)" : known));
   }
-  std::ifstream file(path);
-  std::stringstream buffer;
-  buffer << file.rdbuf();
+  const std::string text = files::read_file(path, "preset", uint64_t{1} << 24);
   json root;
   try {
-    root = json::parse(buffer.str());
+    root = json::parse(text);
   } catch (const json::parse_error& e) {
     throw Error(ErrorCode::kInvalidConfig, path.string() + ": not valid JSON (" + e.what() + ")");
   }
@@ -114,25 +155,7 @@ ModelPreset load_preset(const std::string& name_or_path, const std::filesystem::
 MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::path& out_dir,
                            const MakeModelOptions& options) {
   namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::exists(out_dir)) {
-    if (!fs::is_directory(out_dir))
-      throw Error(ErrorCode::kInvalidArgument,
-                  out_dir.string() + " exists and is not a directory; choose another --out");
-    for (const auto& entry : fs::directory_iterator(out_dir)) {
-      const std::string file = entry.path().filename().string();
-      const bool ours = file == "config.json" || file == "tokenizer.json" ||
-                        file == "model.safetensors.index.json" || file == "model.safetensors" ||
-                        (file.rfind("model-", 0) == 0 && entry.path().extension() == ".safetensors");
-      if (!ours)
-        throw Error(ErrorCode::kInvalidArgument,
-                    out_dir.string() + " already holds " + file +
-                        ", which make-model did not write; choose an empty or new --out");
-    }
-    for (const auto& entry : fs::directory_iterator(out_dir)) fs::remove(entry.path(), ec);
-  }
-  fs::create_directories(out_dir, ec);
-  if (ec) throw Error(ErrorCode::kIo, out_dir.string() + ": cannot create the directory: " + ec.message());
+  prepare_output_folder(out_dir, options.force);
 
   const ModelConfig& config = preset.config;
   const std::vector<TensorPlan> plan = plan_tensors(config);
@@ -174,18 +197,25 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
                          total_bytes);
     }
     written += writer.data_bytes();
+    // SafetensorsWriter writes beside the target and renames; the target was checked to be absent
+    // or a regular file (never a device, FIFO or folder) just before.
+    files::check_output_path(out_dir / name_buffer, "make-model shard");
     writer.write(out_dir / name_buffer);
     if (options.progress)
       options.progress(static_cast<int64_t>(s + 1), result.num_shards, written, total_bytes);
   }
   json index = {{"metadata", {{"total_size", total_bytes}}}, {"weight_map", weight_map}};
-  write_text(out_dir / "model.safetensors.index.json", index.dump(2) + "\n");
-  write_text(out_dir / "config.json", config.to_json_text());
+  // config.json last: a folder cut short by a crash or a full disk has none, so no loader takes
+  // it for a model.
+  files::write_file_atomically(out_dir / "model.safetensors.index.json", index.dump(2) + "\n",
+                               "make-model index");
+  files::write_file_atomically(out_dir / "config.json", config.to_json_text(), "make-model config.json");
 
-  if (options.tokenizer_json && fs::is_regular_file(*options.tokenizer_json)) {
+  if (options.tokenizer_json && files::describe_file_type(*options.tokenizer_json) != "missing") {
     // The tokenizer fits when its largest id is inside the model's vocabulary.
-    std::ifstream file(*options.tokenizer_json);
-    json tokenizer = json::parse(file, nullptr, false);
+    const std::string tokenizer_text =
+        files::read_file(*options.tokenizer_json, "--tokenizer", uint64_t{1} << 30);
+    json tokenizer = json::parse(tokenizer_text, nullptr, false);
     int64_t max_id = -1;
     if (!tokenizer.is_discarded() && tokenizer.contains("model") && tokenizer["model"].contains("vocab")) {
       for (const auto& [token, id] : tokenizer["model"]["vocab"].items())
@@ -200,8 +230,7 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
       result.tokenizer_note = "the tokenizer's ids reach " + std::to_string(max_id) + " but vocab_size is " +
                               std::to_string(config.vocab_size) + "; no tokenizer written (use --prompt-ids)";
     } else {
-      fs::copy_file(*options.tokenizer_json, out_dir / "tokenizer.json",
-                    fs::copy_options::overwrite_existing);
+      files::write_file_atomically(out_dir / "tokenizer.json", tokenizer_text, "make-model tokenizer.json");
       result.wrote_tokenizer = true;
     }
   } else {

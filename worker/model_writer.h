@@ -33,6 +33,8 @@ struct MakeModelOptions {
   // Called after each tensor made and each shard written:
   // (shards written, total shards, bytes made so far, total bytes).
   std::function<void(int64_t, int64_t, uint64_t, uint64_t)> progress;
+  // Replace an earlier finished make-model output in out_dir (other files there still refuse).
+  bool force = false;
 };
 
 struct MakeModelResult {
@@ -43,8 +45,11 @@ struct MakeModelResult {
   std::string tokenizer_note;  // why no tokenizer was written, when none was
 };
 
-// Refuses (Error(kInvalidArgument)) to write into a non-empty directory holding files other
-// than a previous make-model output, so no user data is overwritten.
+// out_dir must be new or empty; with options.force it may hold an earlier make-model output,
+// which is replaced (an unfinished one, without config.json, is replaced without force). Anything else there
+// (files make-model did not write), or an out_dir that is a file or FIFO -> Error(kInvalidArgument), so no
+// user data is overwritten. Every file is written atomically (temporary file, checked writes, rename),
+// config.json last.
 MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::path& out_dir,
                            const MakeModelOptions& options);
 

@@ -3,6 +3,7 @@
 // 256 byte tokens, 256.. for merges in rank order, 266.. for added tokens). Its expected ids were
 // checked against Hugging Face tokenizers 0.23.2 (npm "tokenizers") on the same JSON.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -144,14 +145,26 @@ std::string error_message(Statement statement, ErrorCode expected_code) {
   return "";
 }
 
-TEST(TokenizerLoadError, MissingFileIsIoErrorNamingThePath) {
+// A wrong path is bad input (exit 2), named with what it is; a FIFO is refused without being
+// opened (an open() would wait for a writer forever).
+TEST(TokenizerLoadError, MissingFileIsInvalidArgumentNamingThePath) {
   const fs::path missing = scratch().path() / "no_such_dir" / "tokenizer.json";
-  const std::string message = error_message([&] { Tokenizer::load(missing); }, ErrorCode::kIo);
+  const std::string message = error_message([&] { Tokenizer::load(missing); }, ErrorCode::kInvalidArgument);
   EXPECT_NE(message.find(missing.string()), std::string::npos) << message;
+  EXPECT_NE(message.find("no such file"), std::string::npos) << message;
 }
 
-TEST(TokenizerLoadError, DirectoryIsIoError) {
-  error_message([&] { Tokenizer::load(scratch().path()); }, ErrorCode::kIo);
+TEST(TokenizerLoadError, DirectoryFifoOrDeviceIsRefusedNamingWhatItIs) {
+  const fs::path fifo = scratch().path() / "fifo_tokenizer.json";
+  fs::remove(fifo);
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const std::pair<fs::path, std::string> refused[] = {
+      {scratch().path(), "a directory"}, {fifo, "a FIFO"}, {"/dev/zero", "a character device"}};
+  for (const auto& [path, kind] : refused) {
+    const std::string message = error_message([&] { Tokenizer::load(path); }, ErrorCode::kInvalidArgument);
+    EXPECT_NE(message.find(path.string() + " is " + kind), std::string::npos) << message;
+  }
+  fs::remove(fifo);
 }
 
 TEST(TokenizerLoadError, NonJsonFileIsInvalidConfig) {
@@ -218,14 +231,29 @@ TEST(TokenizerLoadError, AddedTokenWithOtherIdThanItsVocabularyTokenIsInvalidCon
   EXPECT_NE(message.find("259"), std::string::npos) << message;
 }
 
-TEST(TokenizerArgumentError, DecodeOfIdOutsideVocabularyNamesTheId) {
+TEST(TokenizerArgumentError, DecodeOfANegativeIdNamesTheId) {
   const Tokenizer tokenizer = load_json(tiny_tokenizer_json());
-  ASSERT_EQ(tokenizer.vocab_size(), 272);
-  for (const int32_t bad_id : {272, -1, 1000000}) {
+  for (const int32_t bad_id : {-1, INT32_MIN}) {
     const Ids ids = {104, bad_id};
     const std::string message = error_message([&] { tokenizer.decode(ids); }, ErrorCode::kInvalidArgument);
     EXPECT_NE(message.find(std::to_string(bad_id)), std::string::npos) << message;
+    EXPECT_NE(message.find("position 1"), std::string::npos) << message;
   }
+}
+
+// Hugging Face tokenizers' decode skips ids its id_to_token does not know (Qwen3's model
+// vocabulary has 267 rows past the tokenizer's last id, which a model can sample): they decode
+// to nothing, and the text around them is kept (the Qwen3 test below has the cases checked with
+// tokenizers 0.23.2 itself).
+TEST(TinyTokenizer, IdsWithoutTextDecodeToNothing) {
+  const Tokenizer tokenizer = load_json(tiny_tokenizer_json());
+  ASSERT_EQ(tokenizer.vocab_size(), 272);
+  EXPECT_EQ(tokenizer.decode(Ids{104, 272, 105}), "hi");
+  EXPECT_EQ(tokenizer.decode(Ids{104, 1000000, INT32_MAX, 105}), "hi");
+  EXPECT_EQ(tokenizer.decode(Ids{272}), "");
+  // Bytes of one character split by an unknown id still join: the unknown id is skipped before
+  // the byte-level decoder sees the tokens, as in Hugging Face.
+  EXPECT_EQ(tokenizer.decode(Ids{195, 272, 169}), "\u00e9");
 }
 
 TEST(TokenizerArgumentError, EncodeOfInvalidUtf8NamesTheOffset) {
@@ -328,6 +356,13 @@ TEST(Qwen3Tokenizer, WhitespaceFollowsHuggingFaceNotJavaScript) {
   EXPECT_EQ(tokenizer.token_to_id("<|im_end|>"), 151645);
   EXPECT_EQ(tokenizer.token_to_id("<think>"), 151667);
   EXPECT_EQ(tokenizer.decode(Ids{14990, 151644, 14615}), "hello<|im_start|>world");
+  // Ids inside the model's vocabulary (151936) past the tokenizer's last id (151668) decode to
+  // nothing; Hugging Face tokenizers 0.23.2 (npm "tokenizers") on this file gives the same:
+  // [9707,151700,151935,1879] -> "Hello world", [127,151700,102] -> "é", [127,151700] -> U+FFFD.
+  EXPECT_EQ(tokenizer.decode(Ids{9707, 151700, 151935, 1879}), "Hello world");
+  EXPECT_EQ(tokenizer.decode(Ids{127, 151700, 102}), "\u00e9");
+  EXPECT_EQ(tokenizer.decode(Ids{127, 151700}), "\ufffd");
+  EXPECT_EQ(tokenizer.decode(Ids{151669}), "");
 }
 
 }  // namespace
