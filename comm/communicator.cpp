@@ -3,6 +3,7 @@
 
 #include <mpi.h>
 
+#include <cstdio>
 #include <cstdlib>
 
 #include "comm/mpi_communicator.h"
@@ -17,6 +18,20 @@ std::string Communicator::broadcast_bytes(const std::string& data, int root) {
   std::string result = rank() == root ? data : std::string(static_cast<size_t>(length), '\0');
   broadcast(result.data(), length, root);
   return result;
+}
+
+void Communicator::end_job_after_error(const std::function<void()>& report, int exit_code) {
+  end_job(report, exit_code);
+  std::fflush(stdout);
+  std::fflush(stderr);
+  std::_Exit(exit_code);
+}
+
+void Communicator::end_job(const std::function<void()>& report, int exit_code) {
+  report();
+  std::fflush(stdout);
+  std::fflush(stderr);
+  std::exit(exit_code);
 }
 
 bool launched_under_mpi() {

@@ -3,13 +3,16 @@
 // implementation on device buffers slots in beside it (same calls, device pointers).
 // Every wait is bounded by CommOptions::timeout_seconds and fails with Error(kTimeout) naming
 // this rank and the operation (and the peers that did not answer, where the transport knows them).
+// A peer that dies fails the wait at once with Error(kCommunication) naming it (where it can be seen).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace epic {
@@ -61,9 +64,36 @@ class Communicator {
   uint64_t bytes_sent() const { return bytes_sent_; }
   uint64_t bytes_received() const { return bytes_received_; }
 
+  // Names what the collectives in its scope are for ("MoE layer dispatch"): timeout and failure messages
+  // say it, on this rank and on the ranks that wait for it. Restores the previous name at scope end.
+  class Activity {
+   public:
+    Activity(Communicator& comm, std::string name)
+        : comm_(comm), previous_(std::exchange(comm.activity_, std::move(name))) {}
+    ~Activity() { comm_.activity_ = std::move(previous_); }
+    Activity(const Activity&) = delete;
+    Activity& operator=(const Activity&) = delete;
+
+   private:
+    Communicator& comm_;
+    std::string previous_;
+  };
+  const std::string& activity() const { return activity_; }
+
+  // Ends the whole job after an error the ranks did not raise together (a timeout, a stuck or dead
+  // peer, a failure on this rank alone), without waiting for any peer: a barrier or MPI_Finalize would
+  // wait for the rank that is gone. report() prints the error; it runs on one rank only (one per host,
+  // for what a host can see), so the job says it once. Never returns. The one-rank communicator runs
+  // report() and exits with exit_code.
+  [[noreturn]] void end_job_after_error(const std::function<void()>& report, int exit_code);
+
  protected:
+  // The implementation's part of end_job_after_error (it should not return; if it does, the process exits).
+  virtual void end_job(const std::function<void()>& report, int exit_code);
+
   uint64_t bytes_sent_ = 0;
   uint64_t bytes_received_ = 0;
+  std::string activity_;
 };
 
 // MPI when launched under mpirun/srun (or when MPI is already initialised), else a one-rank

@@ -2,16 +2,21 @@
 // the process-wide MPI init/finalize bookkeeping.
 #include "comm/mpi_communicator.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <sstream>
 #include <thread>
 
+#include "comm/fault_injection.h"
 #include "comm/mpi_check.h"
 #include "kernels/error.h"
 
@@ -24,12 +29,21 @@ namespace {
 std::mutex g_mpi_lifetime_mutex;
 int g_live_mpi_communicators = 0;
 bool g_epic_initialized_mpi = false;
+int g_communicators_created = 0;    // numbers them: the same order, so the same index, on every rank
+bool g_peer_monitor_tried = false;  // the first communicator sets the monitor up, whether or not it works
 
 constexpr int64_t kMaxMpiCount = INT_MAX;
 // Poll in a tight loop this long (most collectives finish well within it), then sleep between polls so
 // ranks waiting on a slow peer leave the core to it: tests oversubscribe 5 ranks on 2 cores.
 constexpr auto kSpinDuration = std::chrono::milliseconds(1);
 constexpr auto kPollSleep = std::chrono::microseconds(50);
+// Start-up (every process launched and past MPI_Init) and MPI_Finalize wait at least this long, whatever
+// the data-plane timeout: launching processes on a loaded machine takes far longer than a tight
+// --comm-timeout, and a start-up that fails on a timeout could not even name the stuck rank yet.
+constexpr double kStartupAndShutdownFloorSeconds = 10.0;
+// A rank that does not report a job-ending error waits this long for the reporter's MPI_Abort before it
+// aborts the job itself (a report cut off by the abort would leave the user with mpirun's text alone).
+constexpr auto kReporterGrace = std::chrono::seconds(2);
 
 std::string format_seconds(double seconds) {
   std::ostringstream text;
@@ -98,13 +112,23 @@ MpiCommunicator::MpiCommunicator(const CommOptions& options) : options_(options)
     // We own MPI in this process: make world errors reportable too (the default aborts the job).
     EPIC_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
   }
-  // Our own context: our collectives never match another library's traffic on MPI_COMM_WORLD.
-  EPIC_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &comm_));
+  EPIC_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
+  // Our own context: our collectives never match another library's traffic on MPI_COMM_WORLD. The
+  // non-blocking form, so a rank that never arrives fails this rank's start-up instead of hanging it.
+  MPI_Request duplicating = MPI_REQUEST_NULL;
+  EPIC_MPI_CHECK(MPI_Comm_idup(MPI_COMM_WORLD, &comm_, &duplicating));
+  wait_for_startup(&duplicating, "creating the communicator (MPI_Comm_idup)");
   ++g_live_mpi_communicators;
+  comm_index_ = g_communicators_created++;
   try {
     EPIC_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     EPIC_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     EPIC_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    if (!g_peer_monitor_tried) {
+      g_peer_monitor_tried = true;
+      set_up_peer_monitor();
+    }
+    monitor_ = PeerMonitor::instance();
   } catch (...) {
     --g_live_mpi_communicators;
     MPI_Comm_free(&comm_);
@@ -112,13 +136,68 @@ MpiCommunicator::MpiCommunicator(const CommOptions& options) : options_(options)
   }
 }
 
+void MpiCommunicator::wait_for_startup(MPI_Request* request, const std::string& what) {
+  const double bound = std::max(options_.timeout_seconds, kStartupAndShutdownFloorSeconds);
+  if (test_until_deadline(request, bound) != WaitResult::kDone) {
+    throw Error(ErrorCode::kTimeout, rank_prefix(rank_) + what + " did not complete within " +
+                                         format_seconds(bound) +
+                                         " s: a peer rank did not start or is stuck (every rank must "
+                                         "create its communicators in the same order)");
+  }
+}
+
+void MpiCommunicator::set_up_peer_monitor() {
+  // Every rank's pid and host, then the host's shared table; its name goes once every rank of the host
+  // has mapped it (after the barrier), so nothing is left in /dev/shm however the job ends.
+  const PeerIdentity mine = PeerMonitor::my_identity();
+  std::vector<PeerIdentity> identities(static_cast<size_t>(size_));
+  MPI_Request request = MPI_REQUEST_NULL;
+  EPIC_MPI_CHECK(MPI_Iallgather(&mine, sizeof(PeerIdentity), MPI_BYTE, identities.data(),
+                                sizeof(PeerIdentity), MPI_BYTE, comm_, &request));
+  wait_for_startup(&request, "exchanging the pid and host of every rank");
+  PeerMonitor* monitor = PeerMonitor::create(rank_, identities);
+  EPIC_MPI_CHECK(MPI_Ibarrier(comm_, &request));
+  wait_for_startup(&request, "mapping the host's table of ranks");
+  if (monitor != nullptr) monitor->unlink_name();
+}
+
+namespace {
+
+// MPI_Finalize waits for every rank (OpenMPI fences): if a peer never gets there (stuck between its last
+// collective and the end), end this process with a message instead of hanging the job.
+void finalize_within(double seconds, int rank) {
+  std::mutex mutex;
+  std::condition_variable finished_condition;
+  bool finished = false;
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (finished_condition.wait_for(lock, std::chrono::duration<double>(seconds), [&] { return finished; }))
+      return;
+    std::fprintf(
+        stderr,
+        "epic: error [timeout]: rank %d: MPI_Finalize did not complete within %g s: a peer rank never "
+        "reached it (stuck or dead); this rank exits without it\n",
+        rank, seconds);
+    std::fflush(stderr);
+    std::_Exit(1);
+  });
+  EPIC_MPI_WARN(MPI_Finalize());
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    finished = true;
+  }
+  finished_condition.notify_one();
+  watchdog.join();
+}
+
+}  // namespace
+
 MpiCommunicator::~MpiCommunicator() {
   if (pending_) {
-    try {
-      finish_pending("shutdown");
-    } catch (const std::exception& error) {
-      std::fprintf(stderr, "epic: %s\n", error.what());
-    }
+    // One look, no wait: the timeout that left it pending was reported already, and waiting a second
+    // timeout here would only delay the end of a broken job.
+    int done = 0;
+    if (MPI_Test(&pending_->request, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || done) pending_.reset();
   }
   std::lock_guard<std::mutex> lock(g_mpi_lifetime_mutex);
   --g_live_mpi_communicators;
@@ -130,13 +209,35 @@ MpiCommunicator::~MpiCommunicator() {
                  "job is broken\n",
                  rank_, pending_->name.c_str());
     (void)pending_.release();
+    if (monitor_ != nullptr && g_live_mpi_communicators == 0) monitor_->set_state(RankState::kEnding);
     return;
   }
   EPIC_MPI_WARN(MPI_Comm_free(&comm_));
-  if (g_live_mpi_communicators == 0 && g_epic_initialized_mpi) {
-    EPIC_MPI_WARN(MPI_Finalize());
-    g_epic_initialized_mpi = false;
+  if (g_live_mpi_communicators == 0) {
+    // From here on this rank's exit is orderly: its peers must not report it as dead.
+    if (monitor_ != nullptr) monitor_->set_state(RankState::kLeft);
+    if (g_epic_initialized_mpi) {
+      finalize_within(std::max(options_.timeout_seconds, kStartupAndShutdownFloorSeconds), rank_);
+      g_epic_initialized_mpi = false;
+    }
   }
+}
+
+void MpiCommunicator::end_job(const std::function<void()>& report, int exit_code) {
+  const PeerMonitor::Claim claim =
+      monitor_ != nullptr ? monitor_->claim_report() : PeerMonitor::Claim::kClaimed;
+  if (claim == PeerMonitor::Claim::kClaimed) report();
+  std::fflush(stdout);
+  std::fflush(stderr);
+  if (claim == PeerMonitor::Claim::kReportedElsewhere ||
+      (monitor_ != nullptr && monitor_->dead_peer() >= 0)) {
+    // The reporting rank prints and aborts the job, or the launcher, which saw the peer die, is ending
+    // it already: either ends this process too, without MPI_Abort's own text on top. If that does not
+    // come (the reporter is stuck itself), abort from here.
+    std::this_thread::sleep_for(kReporterGrace);
+  }
+  MPI_Abort(comm_, exit_code);
+  std::_Exit(exit_code);  // MPI_Abort does not return; if it ever did, end anyway
 }
 
 void MpiCommunicator::set_timeout_seconds(double timeout_seconds) {
@@ -152,34 +253,53 @@ std::string MpiCommunicator::timeout_message(const std::string& what) const {
          "before its next collective";
 }
 
-bool MpiCommunicator::test_until_deadline(MPI_Request* request) {
+std::string MpiCommunicator::fault_message(WaitResult result, const Operation& operation) const {
+  if (result == WaitResult::kPeerDied) {
+    return monitor_->death_report(monitor_->dead_peer()) + " (rank " + std::to_string(rank_) +
+           " was waiting for it in " + operation.name + ")";
+  }
+  if (monitor_ == nullptr) return timeout_message(operation.name + " did not complete");
+  return rank_prefix(rank_) + operation.name + " did not complete within " +
+         format_seconds(options_.timeout_seconds) +
+         " s: " + monitor_->who_did_not_reach(comm_index_, operation.sequence) +
+         ". Every rank must enter the same collectives in the same order; if the ranks are only slow, raise "
+         "the timeout (CommOptions::timeout_seconds; epic run --comm-timeout)";
+}
+
+MpiCommunicator::WaitResult MpiCommunicator::test_until_deadline(MPI_Request* request,
+                                                                 double timeout_seconds) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
-                                    std::chrono::duration<double>(std::min(options_.timeout_seconds, 1.0e7)));
+                                    std::chrono::duration<double>(std::min(timeout_seconds, 1.0e7)));
   const auto spin_until = start + kSpinDuration;
   while (true) {
     int done = 0;
     // MPI_Test also drives OpenMPI's progress engine: a non-blocking collective advances only inside MPI
     // calls.
     EPIC_MPI_CHECK(MPI_Test(request, &done, MPI_STATUS_IGNORE));
-    if (done) return true;
+    if (done) return WaitResult::kDone;
+    // A dead peer never answers: stop at once rather than at the deadline (the launcher is about to end
+    // the job, and the report must come first).
+    if (monitor_ != nullptr && monitor_->dead_peer() >= 0) return WaitResult::kPeerDied;
     const auto now = Clock::now();
-    if (now >= deadline) return false;
+    if (now >= deadline) return WaitResult::kTimedOut;
     if (now >= spin_until) std::this_thread::sleep_for(kPollSleep);
   }
 }
 
 void MpiCommunicator::finish_pending(const char* operation) {
   if (!pending_) return;
-  bool done = false;
+  WaitResult result = WaitResult::kDone;
   try {
-    done = test_until_deadline(&pending_->request);
+    result = test_until_deadline(&pending_->request, options_.timeout_seconds);
   } catch (...) {
     pending_.reset();  // a request that failed is complete (and freed) in MPI's eyes
     throw;
   }
-  if (!done) {
+  if (result == WaitResult::kPeerDied)
+    throw Error(ErrorCode::kCommunication, fault_message(result, *pending_));
+  if (result == WaitResult::kTimedOut) {
     throw Error(ErrorCode::kTimeout,
                 timeout_message(std::string(operation) + " could not start: the earlier " + pending_->name +
                                 " that timed out still did not complete"));
@@ -191,9 +311,14 @@ void MpiCommunicator::finish_pending(const char* operation) {
   pending_.reset();
 }
 
-MpiCommunicator::Operation& MpiCommunicator::begin(const char* operation) {
-  finish_pending(operation);
-  current_.name = operation;
+MpiCommunicator::Operation& MpiCommunicator::begin(CollectiveKind kind) {
+  finish_pending(collective_kind_name(kind));
+  ++sequence_;
+  inject_test_fault(comm_index_, rank_, sequence_);
+  if (monitor_ != nullptr) monitor_->entering(comm_index_, sequence_, kind, activity_);
+  current_.name = std::string(collective_kind_name(kind)) + " #" + std::to_string(sequence_) +
+                  (activity_.empty() ? "" : " (" + activity_ + ")");
+  current_.sequence = sequence_;
   current_.request = MPI_REQUEST_NULL;
   current_.bytes_sent = 0;
   current_.bytes_received = 0;
@@ -201,18 +326,23 @@ MpiCommunicator::Operation& MpiCommunicator::begin(const char* operation) {
 }
 
 void MpiCommunicator::wait_for_current() {
-  bool done = false;
+  WaitResult result = WaitResult::kDone;
   try {
-    done = test_until_deadline(&current_.request);
+    result = test_until_deadline(&current_.request, options_.timeout_seconds);
   } catch (...) {
     current_.request = MPI_REQUEST_NULL;
+    if (monitor_ != nullptr) monitor_->set_state(RankState::kGaveUp);
     throw;
   }
-  if (!done) {
+  if (result != WaitResult::kDone) {
     pending_ = std::make_unique<Operation>(std::move(current_));
     current_ = Operation{};
-    throw Error(ErrorCode::kTimeout, timeout_message(pending_->name + " did not complete"));
+    // Reached it, gave up: the ranks diagnosing the same fault must not take this rank for the stuck one.
+    if (monitor_ != nullptr) monitor_->set_state(RankState::kGaveUp);
+    throw Error(result == WaitResult::kPeerDied ? ErrorCode::kCommunication : ErrorCode::kTimeout,
+                fault_message(result, *pending_));
   }
+  if (monitor_ != nullptr) monitor_->set_state(RankState::kComputing);
   bytes_sent_ += current_.bytes_sent;
   bytes_received_ += current_.bytes_received;
 }
@@ -259,7 +389,7 @@ void MpiCommunicator::all_to_all_v(const void* send, const std::vector<int64_t>&
     throw_count_too_large(rank_, "all_to_all_v: the blocks from other ranks add up to", recv_total);
   }
 
-  Operation& operation = begin("all_to_all_v");
+  Operation& operation = begin(CollectiveKind::kAllToAllV);
   grow(&operation.send_staging, send_end - send_begin);
   grow(&operation.recv_staging, recv_total);
   operation.send_counts.assign(size_, 0);
@@ -306,7 +436,7 @@ void MpiCommunicator::all_gather(const void* send, int64_t bytes, void* recv) {
                 rank_prefix(rank_) + "all_gather: bytes = " + std::to_string(bytes) + " is negative");
   }
   if (bytes > kMaxMpiCount) throw_count_too_large(rank_, "all_gather would send every rank", bytes);
-  Operation& operation = begin("all_gather");
+  Operation& operation = begin(CollectiveKind::kAllGather);
   const int64_t total = bytes * size_;
   grow(&operation.recv_staging, total);
   // In place: our block goes straight into its slot, so only one staging buffer is needed.
@@ -330,7 +460,7 @@ void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
                 rank_prefix(rank_) + "broadcast: bytes = " + std::to_string(bytes) + " is negative");
   }
   if (bytes > kMaxMpiCount) throw_count_too_large(rank_, "broadcast would move", bytes);
-  Operation& operation = begin("broadcast");
+  Operation& operation = begin(CollectiveKind::kBroadcast);
   grow(&operation.send_staging, bytes);
   if (rank_ == root) {
     if (bytes > 0) std::memcpy(operation.send_staging.data(), data, static_cast<size_t>(bytes));
@@ -345,7 +475,7 @@ void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
 }
 
 void MpiCommunicator::barrier() {
-  Operation& operation = begin("barrier");
+  Operation& operation = begin(CollectiveKind::kBarrier);
   EPIC_MPI_CHECK(MPI_Ibarrier(comm_, &operation.request));
   wait_for_current();
 }

@@ -2,6 +2,9 @@
 // completes or CommOptions::timeout_seconds runs out (then Error(kTimeout)). One caller at a time.
 // MPI lets a rank finish a collective locally when it needs nothing from a missing peer (an all-to-all-v
 // with nothing to receive from it), so a timeout fires only where this rank really waits.
+// Collectives are numbered per communicator; through the host's PeerMonitor a timeout names the ranks
+// that did not reach the collective and what they are doing, and a same-host peer's death ends the wait
+// at once with Error(kCommunication) naming it.
 #pragma once
 
 #include <mpi.h>
@@ -12,14 +15,18 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/peer_monitor.h"
 
 namespace epic {
 
 class MpiCommunicator final : public Communicator {
  public:
   // Initialises MPI (MPI_THREAD_SERIALIZED) unless someone already did; the last MpiCommunicator of
-  // the process finalises it only if one of them initialised it. Works on a duplicate of
-  // MPI_COMM_WORLD with MPI_ERRORS_RETURN, so MPI failures become Error(kCommunication).
+  // the process finalises it only if one of them initialised it (bounded: a peer that never reaches
+  // MPI_Finalize ends this process with a message instead of hanging it). Works on a duplicate of
+  // MPI_COMM_WORLD with MPI_ERRORS_RETURN, so MPI failures become Error(kCommunication). The first one
+  // of the process also sets up the PeerMonitor (a collective: every rank creates its communicators
+  // in the same order).
   explicit MpiCommunicator(const CommOptions& options = {});
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
@@ -49,6 +56,10 @@ class MpiCommunicator final : public Communicator {
   // True after a collective timed out and its peers have not joined yet. The next collective first
   // waits (bounded) for it; the data it delivers late is dropped, the byte counters count it.
   bool has_pending_operation() const { return pending_ != nullptr; }
+  // Collectives started on this communicator so far (the number in messages: "all_to_all_v #23").
+  int64_t collectives_started() const { return sequence_; }
+  // Which communicator of the process this is (0 = the first created), the same on every rank.
+  int comm_index() const { return comm_index_; }
 
  private:
   // One collective in flight with everything MPI may still touch: staging buffers (a timed-out request
@@ -56,7 +67,8 @@ class MpiCommunicator final : public Communicator {
   // peers arrive, long after the caller's own buffers are gone) and the count arrays (MPI-3 requires
   // them unchanged until completion).
   struct Operation {
-    std::string name;
+    std::string name;  // "all_to_all_v #23 (MoE layer dispatch)"
+    int64_t sequence = 0;
     MPI_Request request = MPI_REQUEST_NULL;
     std::vector<std::byte> send_staging;
     std::vector<std::byte> recv_staging;
@@ -65,21 +77,36 @@ class MpiCommunicator final : public Communicator {
     uint64_t bytes_received = 0;  // from other ranks
   };
 
+  // end_job_after_error: claims the report through the PeerMonitor (one rank per host prints), then
+  // MPI_Abort. A rank that does not report waits a moment for the reporter's abort, so the report is not
+  // cut off.
+  void end_job(const std::function<void()>& report, int exit_code) override;
+
+  enum class WaitResult { kDone, kTimedOut, kPeerDied };
+
   // Completes an operation left pending by a timeout, or throws Error(kTimeout) naming `operation`.
   void finish_pending(const char* operation);
-  // Starts tracking a new collective in current_ (after finish_pending).
-  Operation& begin(const char* operation);
-  // Polls current_.request until done (adds its bytes to the counters) or the deadline (moves it to
-  // pending_ and throws Error(kTimeout)).
+  // Starts tracking a new collective in current_ (after finish_pending): numbers it, publishes it.
+  Operation& begin(CollectiveKind kind);
+  // Polls current_.request until done (adds its bytes to the counters), the deadline or a peer's death
+  // (moves it to pending_ and throws Error(kTimeout) or Error(kCommunication)).
   void wait_for_current();
-  // MPI_Test until done (true) or timeout_seconds passed (false); spins ~1 ms, then sleeps between polls.
-  bool test_until_deadline(MPI_Request* request);
+  // MPI_Test until done, timeout_seconds passed or a same-host peer died; spins ~1 ms, then sleeps
+  // between polls.
+  WaitResult test_until_deadline(MPI_Request* request, double timeout_seconds);
+  // Start-up waits (MPI_Comm_idup, the PeerMonitor exchange): throws Error(kTimeout) naming `what`.
+  void wait_for_startup(MPI_Request* request, const std::string& what);
+  void set_up_peer_monitor();
   std::string timeout_message(const std::string& what) const;
+  std::string fault_message(WaitResult result, const Operation& operation) const;
 
   CommOptions options_;
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 0;
+  int comm_index_ = 0;
+  int64_t sequence_ = 0;
+  PeerMonitor* monitor_ = nullptr;  // null when shared memory is unavailable
   Operation current_;
   std::unique_ptr<Operation> pending_;
 };

@@ -70,15 +70,19 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const float* hidden, int6
   // Dispatch: counts, then the expert id of each row, then the rows.
   start = clock::now();
   std::vector<int64_t> recv_counts;
-  const std::vector<int32_t> recv_experts =
-      comm_.all_to_all_v<int32_t>(std::span<const int32_t>(send_experts), send_counts, &recv_counts);
   std::vector<int64_t> send_floats(num_workers), recv_floats(num_workers);
-  for (int w = 0; w < num_workers; ++w) {
-    send_floats[w] = send_counts[w] * hidden_size;
-    recv_floats[w] = recv_counts[w] * hidden_size;
+  std::vector<float> recv_rows;
+  std::vector<int32_t> recv_experts;
+  {
+    // Names the collectives in timeout and dead-peer messages.
+    const Communicator::Activity activity(comm_, "MoE layer " + std::to_string(layer) + " dispatch");
+    recv_experts = comm_.all_to_all_v<int32_t>(std::span<const int32_t>(send_experts), send_counts, &recv_counts);
+    for (int w = 0; w < num_workers; ++w) {
+      send_floats[w] = send_counts[w] * hidden_size;
+      recv_floats[w] = recv_counts[w] * hidden_size;
+    }
+    recv_rows = comm_.all_to_all_v_known<float>(std::span<const float>(send_rows), send_floats, recv_floats);
   }
-  const std::vector<float> recv_rows =
-      comm_.all_to_all_v_known<float>(std::span<const float>(send_rows), send_floats, recv_floats);
   stats_.dispatch_seconds += seconds_since(start);
 
   // Expert compute: received rows grouped by expert, each row's FFN computed alone.
@@ -108,8 +112,11 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const float* hidden, int6
 
   // Combine: outputs travel back in the order their rows came, then the weighted sum in slot order.
   start = clock::now();
-  const std::vector<float> returned =
-      comm_.all_to_all_v_known<float>(std::span<const float>(computed), recv_floats, send_floats);
+  std::vector<float> returned;
+  {
+    const Communicator::Activity activity(comm_, "MoE layer " + std::to_string(layer) + " combine");
+    returned = comm_.all_to_all_v_known<float>(std::span<const float>(computed), recv_floats, send_floats);
+  }
   std::vector<float> slot_outputs(num_slots * hidden_size);
   for (int64_t i = 0; i < num_slots; ++i)
     std::memcpy(&slot_outputs[send_order[i] * hidden_size], &returned[i * hidden_size],

@@ -425,16 +425,21 @@ TEST_F(MpiCommTest, TimeoutNamesRankAndOperationThenRanksResynchronise) {
       // Buffers that die with this scope: the pending operation may touch only the communicator's copies.
       const std::vector<int32_t> scoped_send = send;
       const auto start = std::chrono::steady_clock::now();
+      const Communicator::Activity activity(short_comm, "test exchange");
+      // Numbered and labelled; the rank that stayed away is named with what it does instead (it waits in
+      // a barrier of the first communicator), seen through the host's PeerMonitor.
       expect_error(
           [&] {
             short_comm.all_to_all_v_known(std::span<const int32_t>(scoped_send), send_counts, recv_counts);
           },
           ErrorCode::kTimeout,
-          {me + "all_to_all_v did not complete within 0.5 s", "a peer rank is stuck or dead"});
+          {me + "all_to_all_v #1 (test exchange) did not complete within 0.5 s", "stuck or dead",
+           "rank 0 (pid ", "waiting in barrier #", "of communicator 0"});
       const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       EXPECT_GE(waited, kShortTimeoutSeconds * 0.9);
       EXPECT_LT(waited, kShortTimeoutSeconds + 5.0);
     }
+    EXPECT_EQ(short_comm.activity(), "") << "Activity restores the previous name";
     EXPECT_TRUE(short_comm.has_pending_operation());
     // The next collective first waits for the stuck one, and says which one.
     expect_error([&] { short_comm.barrier(); }, ErrorCode::kTimeout,
@@ -459,7 +464,7 @@ TEST_F(MpiCommTest, TimeoutNamesRankAndOperationThenRanksResynchronise) {
   if (rank_ != 0) {
     short_comm.set_timeout_seconds(kShortTimeoutSeconds);
     expect_error([&] { short_comm.barrier(); }, ErrorCode::kTimeout,
-                 {me + "barrier did not complete within 0.5 s"});
+                 {me + "barrier #3 did not complete within 0.5 s", "rank 0 (pid "});
   }
   short_comm.set_timeout_seconds(kTestTimeoutSeconds);
   comm().barrier();
