@@ -15,6 +15,7 @@ struct MakeModelArgs {
   uint64_t seed = 0;
   std::string tokenizer_json;     // empty: the default location, if present
   std::optional<int64_t> layers;  // override num_hidden_layers (a slice of a big preset)
+  bool force = false;             // replace an earlier make-model output in out_dir
 };
 
 struct RunArgs {
@@ -29,6 +30,7 @@ struct RunArgs {
   uint64_t seed = 0;
   std::string logits_out;
   bool allow_missing_experts = false;
+  bool allow_nonfinite_weights = false;  // load NaN/Inf weights instead of failing
   // Placement of the experts over the workers (the ranks of the job).
   std::optional<int64_t> slots;
   std::optional<uint64_t> budget_bytes;
@@ -37,6 +39,7 @@ struct RunArgs {
   std::string placement_out;     // save the plan used, as JSON
   std::string report_out;        // per-worker report (bytes, phases, load) as JSON
   double comm_timeout_seconds = 300;
+  int64_t max_active_sequences = 64;  // per worker; worker/generation_loop.h kDefaultMaxActiveSequences
 };
 
 struct PlanArgs {

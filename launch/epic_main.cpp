@@ -1,10 +1,13 @@
 // The `epic` executable: subcommands make-model, run, plan, bench-moe, tokenize, detokenize.
 // Exit codes: 0 success, 2 bad flags or input, 1 any other failure.
 #include <CLI/CLI.hpp>
+#include <charconv>
 #include <cstdio>
+#include <limits>
 
 #include "kernels/error.h"
 #include "launch/cli_commands.h"
+#include "launch/flag_checks.h"
 #include "launch/rank_agreement.h"
 
 namespace epic::cli {
@@ -26,10 +29,37 @@ void print_error(const Error& error) {
   std::fflush(stderr);
 }
 
+namespace {
+
+// CLI11 2.1 converts integers with strtoll/strtoull, base 0: "010" is 8, "0x10" is 16, "-1" given
+// to an unsigned flag wraps to 2^64-1 and an overflowing value clamps silently. Every integer flag
+// goes through this first: plain decimal digits (a leading '-' only where T is signed) inside T's
+// range, rewritten without leading zeros; anything else is an error naming the flag's type range.
+template <typename T>
+CLI::Validator strict_integer() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        T value{};
+        const char* end = text.data() + text.size();
+        const auto [ptr, error] = std::from_chars(text.data(), end, value);
+        if (!text.empty() && error == std::errc() && ptr == end) {
+          text = std::to_string(value);
+          return "";
+        }
+        return "\"" + text + "\" is not a decimal integer in [" +
+               std::to_string(std::numeric_limits<T>::min()) + ", " +
+               std::to_string(std::numeric_limits<T>::max()) + "]";
+      },
+      "");
+}
+
+}  // namespace
 }  // namespace epic::cli
 
 int main(int argc, char** argv) {
   using namespace epic::cli;
+  const std::string comm_timeout_help = "Seconds any wait between ranks may take, in (0, " +
+                                        std::to_string(static_cast<int64_t>(kMaxCommTimeoutSeconds)) + "]";
   CLI::App app{"epic: Expert-Parallel Inference Cluster for Mixture-of-Experts models"};
   app.require_subcommand(1);
 
@@ -40,10 +70,15 @@ int main(int argc, char** argv) {
                    "Preset name (tiny, qwen3-30b-a3b, qwen3-omni-30b-a3b-thinker) or file")
       ->required();
   make->add_option("--out", make_args.out_dir, "Output model directory (new or empty)")->required();
-  make->add_option("--seed", make_args.seed, "Random seed; same seed, same weights")->capture_default_str();
+  make->add_option("--seed", make_args.seed, "Random seed; same seed, same weights")
+      ->transform(strict_integer<uint64_t>())
+      ->capture_default_str();
   make->add_option("--tokenizer", make_args.tokenizer_json,
                    "tokenizer.json to copy (default: the Qwen3 one set-up installed)");
-  make->add_option("--layers", make_args.layers, "Keep only the first N layers (a slice of a large preset)");
+  make->add_option("--layers", make_args.layers, "Keep only the first N layers (a slice of a large preset)")
+      ->transform(strict_integer<int64_t>());
+  make->add_flag("--force", make_args.force,
+                 "Replace an earlier make-model output in --out (other files there are still refused)");
 
   RunArgs run_args;
   CLI::App* run = app.add_subcommand("run", "Generate from a prompt (one-shot job)");
@@ -57,17 +92,26 @@ int main(int argc, char** argv) {
   prompt->excludes(prompt_ids)->excludes(prompts_file)->excludes(prompt_ids_file);
   prompt_ids->excludes(prompts_file)->excludes(prompt_ids_file);
   prompts_file->excludes(prompt_ids_file);
-  run->add_option("--max-new-tokens", run_args.max_new_tokens, "Tokens to generate")->capture_default_str();
+  run->add_option("--max-new-tokens", run_args.max_new_tokens,
+                  "Tokens to generate; prompt + these must fit max_position_embeddings")
+      ->transform(strict_integer<int64_t>())
+      ->capture_default_str();
   run->add_option("--temperature", run_args.temperature, "0 = greedy")->capture_default_str();
   run->add_option("--top-p", run_args.top_p, "Nucleus sampling mass in (0, 1]")->capture_default_str();
-  run->add_option("--seed", run_args.seed, "Sampling seed")->capture_default_str();
+  run->add_option("--seed", run_args.seed, "Sampling seed")
+      ->transform(strict_integer<uint64_t>())
+      ->capture_default_str();
   run->add_option("--logits-out", run_args.logits_out,
                   "Write prompt logits [prompt_len, vocab] as float32 .npy");
   run->add_flag("--allow-missing-experts", run_args.allow_missing_experts,
                 "Mask experts absent from the checkpoint out of routing instead of failing");
+  run->add_flag("--allow-nonfinite-weights", run_args.allow_nonfinite_weights,
+                "Load weights holding NaN or Inf instead of failing (the run stops at non-finite logits)");
   run->add_option("--slots", run_args.slots,
-                  "Expert slots per worker per MoE layer (spare slots hold replicas)");
-  run->add_option("--budget-bytes", run_args.budget_bytes, "Expert memory per worker, instead of --slots");
+                  "Expert slots per worker per MoE layer (spare slots hold replicas)")
+      ->transform(strict_integer<int64_t>());
+  run->add_option("--budget-bytes", run_args.budget_bytes, "Expert memory per worker, instead of --slots")
+      ->transform(strict_integer<uint64_t>());
   run->add_option("--load-profile", run_args.load_profile,
                   "Plan the placement from this load profile (JSON)");
   run->add_option("--load-profile-out", run_args.load_profile_out,
@@ -75,16 +119,23 @@ int main(int argc, char** argv) {
   run->add_option("--placement-out", run_args.placement_out, "Write the placement plan used, as JSON");
   run->add_option("--report-out", run_args.report_out,
                   "Write the per-worker report (bytes, phase times) as JSON");
-  run->add_option("--comm-timeout", run_args.comm_timeout_seconds, "Seconds any wait between ranks may take")
+  run->add_option("--comm-timeout", run_args.comm_timeout_seconds, comm_timeout_help)->capture_default_str();
+  run->add_option("--max-active-sequences", run_args.max_active_sequences,
+                  "Sequences each worker prefills/decodes at once; the rest wait (bounds KV cache memory)")
+      ->transform(strict_integer<int64_t>())
       ->capture_default_str();
 
   PlanArgs plan_args;
   CLI::App* plan =
       app.add_subcommand("plan", "Plan the expert placement over N workers and print it as JSON");
   plan->add_option("--model", plan_args.model_dir, "Hugging Face model directory")->required();
-  plan->add_option("--workers", plan_args.workers, "Number of workers")->required();
-  auto* plan_slots = plan->add_option("--slots", plan_args.slots, "Expert slots per worker per MoE layer");
-  auto* plan_budget = plan->add_option("--budget-bytes", plan_args.budget_bytes, "Expert memory per worker");
+  plan->add_option("--workers", plan_args.workers, "Number of workers, 1 to " + std::to_string(kMaxWorkers))
+      ->transform(strict_integer<int>())
+      ->required();
+  auto* plan_slots = plan->add_option("--slots", plan_args.slots, "Expert slots per worker per MoE layer")
+                         ->transform(strict_integer<int64_t>());
+  auto* plan_budget = plan->add_option("--budget-bytes", plan_args.budget_bytes, "Expert memory per worker")
+                          ->transform(strict_integer<uint64_t>());
   plan_slots->excludes(plan_budget);
   plan->add_option("--load-profile", plan_args.load_profile,
                    "Load profile JSON from `epic run --load-profile-out`");
@@ -95,19 +146,38 @@ int main(int argc, char** argv) {
   BenchMoeArgs bench_args;
   CLI::App* bench = app.add_subcommand("bench-moe", "Time MoE layers across the ranks of the job, per phase");
   bench->add_option("--preset", bench_args.preset, "Shapes from this preset")->capture_default_str();
-  bench->add_option("--tokens-per-worker", bench_args.tokens_per_worker, "Token rows each worker routes")
+  bench
+      ->add_option("--tokens-per-worker", bench_args.tokens_per_worker,
+                   "Token rows each worker routes, 0 to " + std::to_string(kMaxBenchTokensPerWorker))
+      ->transform(strict_integer<int64_t>())
       ->capture_default_str();
-  bench->add_option("--layers", bench_args.layers, "MoE layers per iteration")->capture_default_str();
-  bench->add_option("--iterations", bench_args.iterations, "Timed iterations")->capture_default_str();
-  bench->add_option("--warmup", bench_args.warmup, "Untimed iterations first")->capture_default_str();
-  bench->add_option("--slots", bench_args.slots, "Expert slots per worker per layer (spare slots: replicas)");
+  bench->add_option("--layers", bench_args.layers, "MoE layers per iteration, 1 to the preset's layer count")
+      ->transform(strict_integer<int64_t>())
+      ->capture_default_str();
+  bench
+      ->add_option("--iterations", bench_args.iterations,
+                   "Timed iterations, 1 to " + std::to_string(kMaxBenchIterations))
+      ->transform(strict_integer<int64_t>())
+      ->capture_default_str();
+  bench
+      ->add_option("--warmup", bench_args.warmup,
+                   "Untimed iterations first, 0 to " + std::to_string(kMaxBenchIterations))
+      ->transform(strict_integer<int64_t>())
+      ->capture_default_str();
+  bench->add_option("--slots", bench_args.slots, "Expert slots per worker per layer (spare slots: replicas)")
+      ->transform(strict_integer<int64_t>());
   bench->add_option("--seed", bench_args.seed, "Seed of the random weights and tokens")
+      ->transform(strict_integer<uint64_t>())
       ->capture_default_str();
-  bench->add_option("--threads", bench_args.threads, "CPU threads per rank (0: cores / ranks on the node)");
+  bench
+      ->add_option(
+          "--threads", bench_args.threads,
+          "CPU threads per rank, 0 to " + std::to_string(kMaxThreads) + " (0: cores / ranks on the node)")
+      ->transform(strict_integer<int>());
   bench->add_option("--csv", bench_args.csv_out, "Append one CSV line per worker to this file");
   bench->add_option("--json", bench_args.json_out, "Write the results as JSON");
-  bench->add_option("--comm-timeout", bench_args.comm_timeout_seconds,
-                    "Seconds any wait between ranks may take");
+  bench->add_option("--comm-timeout", bench_args.comm_timeout_seconds, comm_timeout_help)
+      ->capture_default_str();
 
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");

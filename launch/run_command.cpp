@@ -3,9 +3,12 @@
 // assigns sequences to workers, sends the run plan (cereal) to all, and prints the results.
 // Output is the same for every number of workers and every placement.
 #include <chrono>
+#include <cstdlib>
+#include <thread>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 
 #include "comm/communicator.h"
@@ -14,18 +17,21 @@
 #include "coordinator/tokenizer.h"
 #include "kernels/backend.h"
 #include "kernels/error.h"
+#include "kernels/file_io.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
+#include "launch/flag_checks.h"
 #include "launch/id_list.h"
+#include "launch/peak_memory.h"
 #include "launch/placement_setup.h"
 #include "launch/rank_agreement.h"
+#include "launch/result_printer.h"
 #include "launch/run_wire.h"
 #include "worker/checkpoint.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/generation_loop.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
-#include "worker/npy_file.h"
 
 namespace epic::cli {
 namespace {
@@ -37,13 +43,18 @@ double seconds_since(clock_type::time_point start) {
   return std::chrono::duration<double>(clock_type::now() - start).count();
 }
 
+// The lines of a prompts file; a FIFO, directory or device is refused at once (never read or
+// waited on), and a file over 1 GiB is refused rather than read into memory.
 std::vector<std::string> read_lines(const std::string& path, const std::string& flag) {
-  std::ifstream file(path, std::ios::binary);
-  if (!file) throw Error(ErrorCode::kInvalidArgument, flag + " " + path + ": cannot open for reading");
+  const std::string text = files::read_file(path, flag, uint64_t{1} << 30);
   std::vector<std::string> lines;
-  for (std::string line; std::getline(file, line);) {
+  for (size_t start = 0; start < text.size();) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    std::string line = text.substr(start, end - start);
     if (!line.empty() && line.back() == '\r') line.pop_back();
-    lines.push_back(line);
+    lines.push_back(std::move(line));
+    start = end + 1;
   }
   while (!lines.empty() && lines.back().empty()) lines.pop_back();  // trailing blank lines
   if (lines.empty()) throw Error(ErrorCode::kInvalidArgument, flag + " " + path + " holds no prompts");
@@ -52,6 +63,27 @@ std::vector<std::string> read_lines(const std::string& path, const std::string& 
       throw Error(ErrorCode::kInvalidArgument, flag + " " + path + ": line " + std::to_string(i + 1) +
                                                    " is empty; every line must hold one prompt");
   return lines;
+}
+
+// Every prompt plus --max-new-tokens must fit the model's context (max_position_embeddings, the
+// longest sequence the model is made for). Checked before any weight is read, naming the longest
+// prompt, without overflow for any --max-new-tokens.
+void check_context_length(const std::vector<std::vector<int32_t>>& prompts, int64_t max_new_tokens,
+                          int64_t max_position_embeddings) {
+  size_t longest = 0;
+  for (size_t p = 1; p < prompts.size(); ++p)
+    if (prompts[p].size() > prompts[longest].size()) longest = p;
+  const int64_t prompt_tokens = static_cast<int64_t>(prompts[longest].size());
+  if (prompt_tokens <= max_position_embeddings && max_new_tokens <= max_position_embeddings - prompt_tokens)
+    return;
+  const std::string prompt_name = prompts.size() > 1 ? "prompt " + std::to_string(longest + 1) : "the prompt";
+  throw Error(ErrorCode::kInvalidArgument,
+              prompt_name + " (" + std::to_string(prompt_tokens) + " tokens) plus --max-new-tokens " +
+                  std::to_string(max_new_tokens) + " exceeds the model's context of " +
+                  std::to_string(max_position_embeddings) +
+                  " positions (max_position_embeddings in config.json); lower --max-new-tokens to at most " +
+                  std::to_string(std::max<int64_t>(0, max_position_embeddings - prompt_tokens)) +
+                  " or shorten the prompt");
 }
 
 // The prompts of the run as token ids (coordinator side).
@@ -91,23 +123,42 @@ std::vector<std::vector<int32_t>> read_prompts(const RunArgs& args, const ModelC
   for (size_t p = 0; p < prompts.size(); ++p)
     check_token_ids(prompts[p], config.vocab_size,
                     prompts.size() > 1 ? "prompt " + std::to_string(p + 1) + ": " : std::string());
+  check_context_length(prompts, args.max_new_tokens, config.max_position_embeddings);
   return prompts;
 }
 
+// The flags every rank can check alike before anything starts (no file is touched here: output
+// and input paths are the coordinator's, checked first thing in plan_run, so a path that exists
+// only on rank 0's node is no error and the message is printed once).
 void check_flags(const RunArgs& args) {
   if (args.max_new_tokens < 0)
     throw Error(ErrorCode::kInvalidArgument,
                 "--max-new-tokens must be >= 0, got " + std::to_string(args.max_new_tokens));
   Sampler check({args.temperature, args.top_p, args.seed});  // validates the sampling flags
-  if (!(args.comm_timeout_seconds > 0))
-    throw Error(ErrorCode::kInvalidArgument, "--comm-timeout must be > 0 seconds");
-  for (const std::string* out :
-       {&args.logits_out, &args.load_profile_out, &args.placement_out, &args.report_out}) {
-    if (out->empty()) continue;
-    const fs::path parent = fs::absolute(*out).parent_path();
-    if (!fs::is_directory(parent))
-      throw Error(ErrorCode::kInvalidArgument, *out + ": folder " + parent.string() + " does not exist");
+  check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
+}
+
+// Rank 0, before any weight is read: every output path can be written atomically (absent or a
+// regular file in a writable folder, never a device, FIFO or directory), no two outputs share a
+// path, and the input files are regular files.
+void check_coordinator_files(const RunArgs& args) {
+  const std::pair<const char*, const std::string*> outputs[] = {
+      {"--logits-out", &args.logits_out},
+      {"--load-profile-out", &args.load_profile_out},
+      {"--placement-out", &args.placement_out},
+      {"--report-out", &args.report_out}};
+  std::map<fs::path, std::string> flag_of_path;
+  for (const auto& [flag, path] : outputs) {
+    if (path->empty()) continue;
+    check_output_flag(*path, flag);
+    const auto [at, fresh] = flag_of_path.emplace(fs::absolute(*path).lexically_normal(), flag);
+    if (!fresh)
+      throw Error(ErrorCode::kInvalidArgument, std::string(flag) + " and " + at->second + " both name " +
+                                                   *path + "; give each output its own file");
   }
+  if (args.prompts_file) files::require_regular_file(*args.prompts_file, "--prompts-file");
+  if (args.prompt_ids_file) files::require_regular_file(*args.prompt_ids_file, "--prompt-ids-file");
+  if (!args.load_profile.empty()) files::require_regular_file(args.load_profile, "--load-profile");
 }
 
 struct CoordinatorOutput {
@@ -120,13 +171,13 @@ CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConf
                            const std::optional<Tokenizer>& tokenizer, Checkpoint& checkpoint) {
   const fs::path model_dir = args.model_dir;
   CoordinatorOutput output;
+  check_coordinator_files(args);
   output.prompts = read_prompts(args, config, tokenizer, model_dir);
   const ExpertInventory inventory = inspect_experts(config, checkpoint, args.allow_missing_experts);
   const PlacementPlan placement =
       make_placement(config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile});
-  if (!args.placement_out.empty()) {
-    std::ofstream(args.placement_out) << placement.to_json_text();
-  }
+  if (!args.placement_out.empty())
+    files::write_file_atomically(args.placement_out, placement.to_json_text(), "--placement-out");
   std::vector<int64_t> costs;
   for (const auto& prompt : output.prompts)
     costs.push_back(static_cast<int64_t>(prompt.size()) + args.max_new_tokens);
@@ -148,35 +199,10 @@ CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConf
   return output;
 }
 
-// Rank 0: results in prompt order, logits, load profile, per-worker report.
-void print_results(const RunArgs& args, const ModelConfig& config, const std::optional<Tokenizer>& tokenizer,
-                   const std::vector<std::vector<int32_t>>& prompts,
+// Rank 0, after every worker finished: load profile, per-worker report, the summary on stderr (the
+// results themselves were printed as they arrived, by the ResultPrinter).
+void print_results(const RunArgs& args, const ResultPrinter& printer, size_t num_prompts,
                    const std::vector<wire::WorkerReport>& reports, double run_seconds) {
-  std::vector<const wire::Result*> by_sequence(prompts.size(), nullptr);
-  for (const wire::WorkerReport& report : reports)
-    for (const wire::Result& result : report.results) by_sequence.at(result.sequence_id) = &result;
-  const bool several = prompts.size() > 1 || args.prompts_file || args.prompt_ids_file;
-  int64_t prompt_tokens = 0, generated = 0;
-  std::vector<float> logits;
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    const wire::Result& result = *by_sequence.at(i);
-    prompt_tokens += static_cast<int64_t>(prompts[i].size());
-    generated += static_cast<int64_t>(result.new_ids.size());
-    if (!args.logits_out.empty())
-      logits.insert(logits.end(), result.prompt_logits.begin(), result.prompt_logits.end());
-    if (several) {
-      // One JSON object per line: safe for text with newlines, easy to collect in scaling studies.
-      nlohmann::json line = {{"sequence", i}, {"ids", result.new_ids}};
-      if (tokenizer) line["text"] = tokenizer->decode(result.new_ids);
-      std::printf("%s\n", line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
-    } else if (tokenizer) {
-      std::printf("%s\n", tokenizer->decode(result.new_ids).c_str());
-    } else {
-      std::printf("%s\n", join_ids(result.new_ids).c_str());
-    }
-  }
-  std::fflush(stdout);
-  if (!args.logits_out.empty()) write_npy_f32(args.logits_out, {prompt_tokens, config.vocab_size}, logits);
   if (!args.load_profile_out.empty()) {
     LoadProfile profile;
     for (const wire::WorkerReport& report : reports)
@@ -194,9 +220,11 @@ void print_results(const RunArgs& args, const ModelConfig& config, const std::op
                          {"sequences", r.sequences},
                          {"tokens_processed", r.tokens_processed},
                          {"steps", r.steps},
+                         {"most_active_sequences", r.most_active_sequences},
                          {"experts_hosted", r.experts_hosted},
                          {"bytes_read", r.bytes_read},
                          {"resident_bytes", r.resident_bytes},
+                         {"peak_resident_bytes", r.peak_resident_bytes},
                          {"load_seconds", r.load_seconds},
                          {"run_seconds", r.run_seconds},
                          {"route_seconds", r.route_seconds},
@@ -210,15 +238,15 @@ void print_results(const RunArgs& args, const ModelConfig& config, const std::op
     nlohmann::json report = {{"format", "epic-run-report-v1"},
                              {"workers", workers},
                              {"run_seconds", run_seconds},
-                             {"sequences", prompts.size()}};
-    std::ofstream file(args.report_out);
-    file << report.dump(2) << "\n";
-    if (!file) throw Error(ErrorCode::kIo, args.report_out + ": cannot write the report");
+                             {"max_active_sequences", args.max_active_sequences},
+                             {"results_held_at_once", printer.most_waiting()},
+                             {"sequences", num_prompts}};
+    files::write_file_atomically(args.report_out, report.dump(2) + "\n", "--report-out");
   }
   std::fprintf(stderr,
                "epic run: %lld prompt tokens, %lld generated in %.3f s; %zu sequence(s) on %zu worker(s)\n",
-               static_cast<long long>(prompt_tokens), static_cast<long long>(generated), run_seconds,
-               prompts.size(), reports.size());
+               static_cast<long long>(printer.prompt_tokens()),
+               static_cast<long long>(printer.generated_tokens()), run_seconds, num_prompts, reports.size());
   std::fprintf(stderr, "%6s %5s %7s %6s %8s %11s %12s %11s %9s %9s %9s %9s %9s\n", "worker", "seqs", "tokens",
                "steps", "experts", "MB read", "MB resident", "rows done", "MB sent", "route s", "dispatch s",
                "expert s", "combine s");
@@ -234,10 +262,31 @@ void print_results(const RunArgs& args, const ModelConfig& config, const std::op
 
 int run_on_cluster(const RunArgs& args, Communicator& communicator);
 
+// This process's rank as the launcher's environment tells it before MPI starts (0 when none does).
+int launcher_rank() {
+  for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"}) {
+    const char* value = std::getenv(name);
+    if (value != nullptr && *value != '\0') return std::atoi(value);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int run_command(const RunArgs& args) {
-  check_flags(args);
+  try {
+    check_flags(args);
+    check_int_flag("--max-active-sequences", args.max_active_sequences, 1, kMaxActiveSequencesBound);
+  } catch (const Error& e) {
+    // Every rank checks the same flags before MPI starts: only the launcher's rank 0 reports, so the
+    // message appears once. The others wait a moment first, because mpirun ends the job at the first
+    // non-zero exit and could cut rank 0's message off.
+    if (launcher_rank() > 0) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      throw SilentFailure{exit_code_for(e.code())};
+    }
+    throw;
+  }
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   try {
     return run_on_cluster(args, *comm);
@@ -251,6 +300,16 @@ int run_command(const RunArgs& args) {
       // A rank already gone: nothing left to coordinate; exit with the agreed code anyway.
     }
     throw SilentFailure{exit_code_for(e.code())};
+  } catch (const Error& e) {
+    if (comm->size() == 1) throw;
+    // Raised on this rank alone (a timeout, a stuck or dead peer, a failure of its own): no agreement
+    // point comes, and the peers may be waiting in a collective for this rank. End the whole job now,
+    // reported once, instead of leaving them to their timeouts or to a barrier or MPI_Finalize that
+    // waits on a rank that is gone.
+    comm->end_job_after_error([&] { print_error(e); }, exit_code_for(e.code()));
+  } catch (const std::exception& e) {
+    if (comm->size() == 1) throw;
+    comm->end_job_after_error([&] { print_error(Error(ErrorCode::kInternal, e.what())); }, 1);
   }
 }
 
@@ -286,11 +345,26 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   run_on_all_ranks(*comm, [&] {
     LoadOptions options;
     options.allow_missing_experts = plan.allow_missing_experts;
+    options.allow_nonfinite_weights = args.allow_nonfinite_weights;  // every rank parses the same flags
     const int rank = comm->rank();
     options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
     weights = load_model_weights(*config, *checkpoint, options);
   });
   const double load_seconds = seconds_since(load_start);
+
+  // Rank 0 prints each result as soon as every earlier prompt's is printed and writes its logits
+  // rows at once; it holds only results waiting for an earlier prompt (ids, never logits).
+  std::optional<ResultPrinter> printer;
+  run_on_all_ranks(*comm, [&] {
+    if (!coordinator) return;
+    std::vector<int64_t> prompt_lengths;
+    for (const std::vector<int32_t>& prompt : coordinator_output.prompts)
+      prompt_lengths.push_back(static_cast<int64_t>(prompt.size()));
+    const bool one_line_per_prompt =
+        coordinator_output.prompts.size() > 1 || args.prompts_file || args.prompt_ids_file;
+    printer.emplace(prompt_lengths, one_line_per_prompt, tokenizer ? &*tokenizer : nullptr, args.logits_out,
+                    config->vocab_size);
+  });
 
   std::vector<SequenceRequest> mine;
   for (const wire::Sequence& s : plan.sequences) {
@@ -303,19 +377,25 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   ModelRunner runner(*config, weights, *backend, &executor);
   comm->barrier();  // time the generation alone, from a common start
   const auto run_start = clock_type::now();
-  GenerationStats stats;
-  const std::vector<SequenceResult> results = run_generation(runner, mine, *comm, &stats);
+  GenerationOptions generation;
+  generation.max_active_sequences = args.max_active_sequences;
+  generation.result_root = 0;
+  // The sink runs on rank 0 only, the one rank with a printer.
+  const GenerationStats stats = run_generation(
+      runner, mine, *comm, generation, [&](SequenceResult&& result) { printer->add(std::move(result)); });
   const double run_seconds = seconds_since(run_start);
 
   wire::WorkerReport report;
   report.rank = comm->rank();
   report.bytes_read = weights.bytes_read;
   report.resident_bytes = weights.resident_bytes();
+  report.peak_resident_bytes = peak_resident_bytes();
   for (const LayerWeights& layer : weights.layers)
     report.experts_hosted += static_cast<int64_t>(layer.moe.experts.size());
   report.sequences = static_cast<int64_t>(mine.size());
   report.steps = stats.steps;
   report.tokens_processed = stats.tokens_processed;
+  report.most_active_sequences = stats.most_active_sequences;
   report.load_seconds = load_seconds;
   report.run_seconds = run_seconds;
   const MoePhaseStats& phases = executor.stats();
@@ -327,8 +407,6 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.bytes_received = phases.bytes_received;
   report.rows_computed = phases.rows_computed;
   report.expert_rows = executor.expert_rows();
-  for (const SequenceResult& result : results)
-    report.results.push_back({result.sequence_id, result.new_ids, result.prompt_logits});
   const std::string report_bytes = wire::to_bytes(report);
   const std::vector<std::vector<char>> gathered =
       comm->all_gather_v<char>(std::span<const char>(report_bytes.data(), report_bytes.size()));
@@ -338,7 +416,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     for (const std::vector<char>& bytes : gathered)
       reports.push_back(wire::from_bytes<wire::WorkerReport>(std::string(bytes.begin(), bytes.end()),
                                                              wire::kWorkerReportVersion, "worker report"));
-    print_results(args, *config, tokenizer, coordinator_output.prompts, reports, run_seconds);
+    printer->finish();  // every rank succeeded: the logits file goes into place, complete
+    print_results(args, *printer, coordinator_output.prompts.size(), reports, run_seconds);
     double worst_balance = 1.0;
     int64_t max_slots = 0;
     for (const LayerPlacement& layer : placement.layers) {

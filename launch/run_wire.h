@@ -1,5 +1,6 @@
 // What the coordinator sends every worker before a run (the run plan) and what each worker sends
-// back after it (its results and report), serialised with cereal. Versioned: a mismatch is an error.
+// back after it (its report: statistics only; results stream to rank 0 during the run, see
+// worker/generation_loop.h), serialised with cereal. Versioned: a mismatch is an error.
 #pragma once
 
 #include <cereal/archives/binary.hpp>
@@ -7,9 +8,12 @@
 #include <cereal/types/string.hpp>
 #include <cereal/types/vector.hpp>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <sstream>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/error.h"
@@ -17,7 +21,7 @@
 namespace epic::wire {
 
 constexpr uint32_t kRunPlanVersion = 1;
-constexpr uint32_t kWorkerReportVersion = 1;
+constexpr uint32_t kWorkerReportVersion = 2;  // 2: results stream out during the run, not in here
 
 struct Sequence {
   int64_t sequence_id = 0;
@@ -44,32 +48,23 @@ struct RunPlan {
   }
 };
 
-struct Result {
-  int64_t sequence_id = 0;
-  std::vector<int32_t> new_ids;
-  std::vector<float> prompt_logits;
-  template <class Archive>
-  void serialize(Archive& ar) {
-    ar(sequence_id, new_ids, prompt_logits);
-  }
-};
-
 struct WorkerReport {
   uint32_t version = kWorkerReportVersion;
   int32_t rank = 0;
   uint64_t bytes_read = 0, resident_bytes = 0;
+  uint64_t peak_resident_bytes = 0;  // the process's high-water mark (VmHWM) at the end of the run
   int64_t experts_hosted = 0, sequences = 0, steps = 0, tokens_processed = 0;
+  int64_t most_active_sequences = 0;  // the most sequences live at once (bounded by --max-active-sequences)
   double load_seconds = 0, run_seconds = 0;
   double route_seconds = 0, dispatch_seconds = 0, expert_seconds = 0, combine_seconds = 0;
   uint64_t bytes_sent = 0, bytes_received = 0;
   int64_t rows_computed = 0;
   std::map<int64_t, std::vector<int64_t>> expert_rows;  // layer -> rows per expert computed here
-  std::vector<Result> results;
   template <class Archive>
   void serialize(Archive& ar) {
-    ar(version, rank, bytes_read, resident_bytes, experts_hosted, sequences, steps, tokens_processed,
-       load_seconds, run_seconds, route_seconds, dispatch_seconds, expert_seconds, combine_seconds,
-       bytes_sent, bytes_received, rows_computed, expert_rows, results);
+    ar(version, rank, bytes_read, resident_bytes, peak_resident_bytes, experts_hosted, sequences, steps,
+       tokens_processed, most_active_sequences, load_seconds, run_seconds, route_seconds, dispatch_seconds,
+       expert_seconds, combine_seconds, bytes_sent, bytes_received, rows_computed, expert_rows);
   }
 };
 
@@ -83,14 +78,76 @@ std::string to_bytes(const T& value) {
   return out.str();
 }
 
-// Error(kCommunication) when the bytes are not a T of the expected version.
+// Reads what cereal::BinaryOutputArchive wrote, trusting nothing: cereal's own BinaryInputArchive
+// resizes a container to whatever count the bytes claim before reading an element, so a few corrupt
+// bytes could make a rank allocate and construct billions of elements. Here a count above the bytes
+// left is refused (every element takes at least one byte), and a bool must be 0 or 1 (any other
+// byte is not a bool value; loading it would be undefined behaviour).
+class CheckedBinaryInputArchive
+    : public cereal::InputArchive<CheckedBinaryInputArchive, cereal::AllowEmptyClassElision> {
+ public:
+  explicit CheckedBinaryInputArchive(std::string_view bytes) : InputArchive(this), bytes_(bytes) {}
+
+  void loadBinary(void* data, size_t size) {
+    if (size > bytes_left()) {
+      throw cereal::Exception("truncated: needs " + std::to_string(size) + " bytes at offset " +
+                              std::to_string(position_) + " of " + std::to_string(bytes_.size()));
+    }
+    if (size != 0) std::memcpy(data, bytes_.data() + position_, size);
+    position_ += size;
+  }
+  void check_count(uint64_t count) const {
+    if (count > bytes_left()) {
+      throw cereal::Exception("a count of " + std::to_string(count) + " elements at offset " +
+                              std::to_string(position_) + " exceeds the " + std::to_string(bytes_left()) +
+                              " bytes left");
+    }
+  }
+  size_t bytes_left() const { return bytes_.size() - position_; }
+
+ private:
+  std::string_view bytes_;
+  size_t position_ = 0;
+};
+
+template <class T>
+std::enable_if_t<std::is_arithmetic_v<T> && !std::is_same_v<T, bool>> CEREAL_LOAD_FUNCTION_NAME(
+    CheckedBinaryInputArchive& archive, T& value) {
+  archive.loadBinary(std::addressof(value), sizeof(value));
+}
+inline void CEREAL_LOAD_FUNCTION_NAME(CheckedBinaryInputArchive& archive, bool& value) {
+  uint8_t byte = 0;
+  archive.loadBinary(&byte, 1);
+  if (byte > 1) throw cereal::Exception("a bool holds byte " + std::to_string(byte) + ", not 0 or 1");
+  value = byte == 1;
+}
+template <class T>
+void CEREAL_LOAD_FUNCTION_NAME(CheckedBinaryInputArchive& archive, cereal::NameValuePair<T>& pair) {
+  archive(pair.value);
+}
+template <class T>
+void CEREAL_LOAD_FUNCTION_NAME(CheckedBinaryInputArchive& archive, cereal::SizeTag<T>& tag) {
+  archive(tag.size);
+  archive.check_count(static_cast<uint64_t>(tag.size));
+}
+template <class T>
+void CEREAL_LOAD_FUNCTION_NAME(CheckedBinaryInputArchive& archive, cereal::BinaryData<T>& data) {
+  archive.loadBinary(data.data, static_cast<size_t>(data.size));
+}
+
+// Error(kCommunication) when the bytes are not exactly one T of the expected version.
 template <typename T>
 T from_bytes(const std::string& bytes, uint32_t expected_version, const char* what) {
   T value;
   try {
-    std::istringstream in(bytes);
-    cereal::BinaryInputArchive archive(in);
+    CheckedBinaryInputArchive archive(bytes);
     archive(value);
+    if (archive.bytes_left() != 0) {
+      throw cereal::Exception(std::to_string(archive.bytes_left()) + " unexpected bytes after the message");
+    }
+    // to_bytes has one encoding per value; any other (a map key twice, whose second entry cereal
+    // drops; keys out of order) is corruption, not a message to half-trust.
+    if (to_bytes(value) != bytes) throw cereal::Exception("the bytes are not the encoding of the values they hold");
   } catch (const std::exception& e) {
     throw Error(ErrorCode::kCommunication, std::string("corrupt ") + what + " message (" + e.what() + ")");
   }

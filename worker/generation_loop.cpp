@@ -1,84 +1,237 @@
-// Lockstep prefill + decode over this worker's sequences (see generation_loop.h).
+// Lockstep prefill + decode over this worker's sequences, a bounded number live at once, results
+// streamed to the result root as they finish (see generation_loop.h).
 #include "worker/generation_loop.h"
 
 #include <algorithm>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
 
 #include "kernels/error.h"
 #include "worker/random_values.h"
 
 namespace epic {
+namespace {
+
+// One live sequence: its cache and sampler exist only while it is admitted.
+struct LiveSequence {
+  const SequenceRequest* request;
+  KvCache cache;
+  Sampler sampler;
+  SequenceResult result;
+  bool prefilled = false;
+  bool done = false;
+  LiveSequence(const SequenceRequest& sequence, const ModelConfig& config)
+      : request(&sequence), cache(config), sampler([&] {
+          SamplingOptions sampling = sequence.sampling;
+          sampling.seed = sequence_seed(sampling.seed, sequence.sequence_id);
+          return sampling;
+        }()) {
+    result.sequence_id = sequence.sequence_id;
+  }
+};
+
+// What every worker tells every other at the start of a step: sequences it has not finished yet
+// (live or waiting), and the bytes of finished results it sends the root in this step.
+struct StepStatus {
+  int64_t unfinished = 0;
+  int64_t result_bytes = 0;
+};
+
+// Results on the wire: per result its id, then the ids and the logits, each count first.
+template <typename T>
+void append_array(std::vector<char>& bytes, const std::vector<T>& values) {
+  const int64_t count = static_cast<int64_t>(values.size());
+  const size_t at = bytes.size();
+  bytes.resize(at + sizeof(count) + values.size() * sizeof(T));
+  std::memcpy(bytes.data() + at, &count, sizeof(count));
+  if (!values.empty())
+    std::memcpy(bytes.data() + at + sizeof(count), values.data(), values.size() * sizeof(T));
+}
+
+void pack_result(const SequenceResult& result, std::vector<char>& bytes) {
+  append_array(bytes, std::vector<int64_t>{result.sequence_id});
+  append_array(bytes, result.new_ids);
+  append_array(bytes, result.prompt_logits);
+}
+
+class ResultReader {
+ public:
+  ResultReader(const char* data, size_t size, int from_rank)
+      : data_(data), size_(size), from_rank_(from_rank) {}
+  bool at_end() const { return at_ == size_; }
+  SequenceResult next() {
+    SequenceResult result;
+    std::vector<int64_t> id;
+    read_array(id);
+    if (id.size() != 1) corrupt();
+    result.sequence_id = id[0];
+    read_array(result.new_ids);
+    read_array(result.prompt_logits);
+    return result;
+  }
+
+ private:
+  template <typename T>
+  void read_array(std::vector<T>& values) {
+    int64_t count = 0;
+    if (size_ - at_ < sizeof(count)) corrupt();
+    std::memcpy(&count, data_ + at_, sizeof(count));
+    at_ += sizeof(count);
+    if (count < 0 || static_cast<uint64_t>(count) > (size_ - at_) / sizeof(T)) corrupt();
+    values.resize(static_cast<size_t>(count));
+    if (count > 0) std::memcpy(values.data(), data_ + at_, values.size() * sizeof(T));
+    at_ += values.size() * sizeof(T);
+  }
+  [[noreturn]] void corrupt() const {
+    throw Error(ErrorCode::kCommunication, "corrupt finished-sequence message from rank " +
+                                               std::to_string(from_rank_) + " at byte " +
+                                               std::to_string(at_) + " of " + std::to_string(size_) +
+                                               "; every rank must run the same epic build");
+  }
+  const char* data_;
+  size_t size_;
+  int from_rank_;
+  size_t at_ = 0;
+};
+
+// One collective per step, on every rank: agrees on the work left and moves the results finished
+// in the last step to the root (a gather: every other rank sends only to the root, the root to
+// nobody). Returns the sequences unfinished on all workers together.
+int64_t agree_and_deliver(Communicator& comm, int root, int64_t unfinished,
+                          std::vector<SequenceResult>& finished, const ResultSink& sink) {
+  const bool is_root = comm.rank() == root;
+  std::vector<char> packed;
+  if (!is_root)
+    for (const SequenceResult& result : finished) pack_result(result, packed);
+  const std::vector<StepStatus> all =
+      comm.all_gather_value(StepStatus{unfinished, static_cast<int64_t>(packed.size())});
+  int64_t total_unfinished = 0, total_bytes = 0;
+  for (const StepStatus& status : all) {
+    total_unfinished += status.unfinished;
+    total_bytes += status.result_bytes;
+  }
+  if (is_root) {
+    for (SequenceResult& result : finished) sink(std::move(result));
+  }
+  finished.clear();
+  if (total_bytes == 0) return total_unfinished;  // nothing finished off the root: skip the exchange
+
+  const int num_ranks = comm.size();
+  std::vector<int64_t> send_bytes(num_ranks, 0), send_offsets(num_ranks, 0);
+  std::vector<int64_t> recv_bytes(num_ranks, 0), recv_offsets(num_ranks, 0);
+  send_bytes[root] = static_cast<int64_t>(packed.size());
+  int64_t received_total = 0;
+  if (is_root) {
+    for (int rank = 0; rank < num_ranks; ++rank) {
+      recv_offsets[rank] = received_total;
+      recv_bytes[rank] = all[rank].result_bytes;
+      received_total += all[rank].result_bytes;
+    }
+  }
+  std::vector<char> received(static_cast<size_t>(received_total));
+  comm.all_to_all_v(packed.data(), send_bytes, send_offsets, received.data(), recv_bytes, recv_offsets);
+  packed = {};
+  if (is_root) {
+    for (int rank = 0; rank < num_ranks; ++rank) {
+      ResultReader reader(received.data() + recv_offsets[rank], static_cast<size_t>(recv_bytes[rank]), rank);
+      while (!reader.at_end()) sink(reader.next());
+    }
+  }
+  return total_unfinished;
+}
+
+}  // namespace
 
 uint64_t sequence_seed(uint64_t seed, int64_t sequence_id) {
   return splitmix64(seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(sequence_id));
 }
 
-std::vector<SequenceResult> run_generation(ModelRunner& runner, const std::vector<SequenceRequest>& sequences,
-                                           Communicator& comm, GenerationStats* stats) {
+GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequest> sequences,
+                               Communicator& comm, const GenerationOptions& options, const ResultSink& sink) {
   const ModelConfig& config = runner.config();
-  const int64_t vocab = config.vocab_size;
-  const size_t count = sequences.size();
-  std::vector<SequenceResult> results(count);
-  std::vector<KvCache> caches;
-  std::vector<Sampler> samplers;
-  std::vector<bool> active(count, false);
-  caches.reserve(count);
-  samplers.reserve(count);
-  for (size_t i = 0; i < count; ++i) {
-    EPIC_CHECK(!sequences[i].prompt.empty(), ErrorCode::kInvalidArgument,
-               "sequence " + std::to_string(sequences[i].sequence_id) + " has an empty prompt");
-    results[i].sequence_id = sequences[i].sequence_id;
-    caches.emplace_back(config);
-    SamplingOptions sampling = sequences[i].sampling;
-    sampling.seed = sequence_seed(sampling.seed, sequences[i].sequence_id);
-    samplers.emplace_back(sampling);
-  }
+  EPIC_CHECK(options.max_active_sequences >= 1 && options.max_active_sequences <= kMaxActiveSequencesBound,
+             ErrorCode::kInvalidArgument,
+             "--max-active-sequences must be in [1, " + std::to_string(kMaxActiveSequencesBound) + "], got " +
+                 std::to_string(options.max_active_sequences));
+  EPIC_CHECK(options.result_root >= 0 && options.result_root < comm.size(), ErrorCode::kInvalidArgument,
+             "result root " + std::to_string(options.result_root) + " is not a rank of this " +
+                 std::to_string(comm.size()) + "-rank job");
+  for (const SequenceRequest& sequence : sequences)
+    EPIC_CHECK(!sequence.prompt.empty(), ErrorCode::kInvalidArgument,
+               "sequence " + std::to_string(sequence.sequence_id) + " has an empty prompt");
 
-  // Samples the next token of sequence i from its last logits; false when it is finished.
-  auto advance = [&](size_t i, const float* last_logits) {
-    if (static_cast<int64_t>(results[i].new_ids.size()) >= sequences[i].max_new_tokens) return false;
-    const int32_t next = samplers[i].sample(std::span<const float>(last_logits, vocab));
-    results[i].new_ids.push_back(next);
+  // Samples the next token of a live sequence from its last logits; marks it done when finished.
+  auto advance = [&](LiveSequence& live, std::span<const float> last_logits) {
+    check_logits_finite(last_logits, live.request->sequence_id,
+                        static_cast<int64_t>(live.result.new_ids.size()));
+    SequenceResult& result = live.result;
+    if (static_cast<int64_t>(result.new_ids.size()) >= live.request->max_new_tokens) {
+      live.done = true;
+      return;
+    }
+    const int32_t next = live.sampler.sample(last_logits);
+    result.new_ids.push_back(next);
     const bool eos = std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
                      config.eos_token_ids.end();
-    return !eos && static_cast<int64_t>(results[i].new_ids.size()) < sequences[i].max_new_tokens;
+    live.done = eos || static_cast<int64_t>(result.new_ids.size()) >= live.request->max_new_tokens;
   };
 
-  GenerationStats local_stats;
-  // Step 0: prefill every sequence at once.
-  {
-    std::vector<SequenceChunk> chunks;
-    for (size_t i = 0; i < count; ++i) {
-      chunks.push_back({&caches[i], sequences[i].prompt, sequences[i].want_prompt_logits});
-      local_stats.tokens_processed += static_cast<int64_t>(sequences[i].prompt.size());
-    }
-    std::vector<std::vector<float>> logits = runner.forward_batch(chunks);
-    for (size_t i = 0; i < count; ++i) {
-      if (sequences[i].want_prompt_logits) results[i].prompt_logits = logits[i];
-      active[i] = advance(i, logits[i].data() + logits[i].size() - vocab);
-    }
-    ++local_stats.steps;
-  }
-  // Decode steps until every worker is done.
+  GenerationStats stats;
+  std::vector<std::unique_ptr<LiveSequence>> live;  // in admission order
+  size_t next_waiting = 0;
+  std::vector<SequenceResult> finished;  // in the last step, not yet at the root
   while (true) {
-    const int64_t my_active = std::count(active.begin(), active.end(), true);
-    const std::vector<int64_t> all_active = comm.all_gather_value<int64_t>(my_active);
-    int64_t total_active = 0;
-    for (int64_t a : all_active) total_active += a;
-    if (total_active == 0) break;
+    const int64_t unfinished = static_cast<int64_t>(live.size() + (sequences.size() - next_waiting));
+    if (agree_and_deliver(comm, options.result_root, unfinished, finished, sink) == 0) break;
+
+    while (static_cast<int64_t>(live.size()) < options.max_active_sequences &&
+           next_waiting < sequences.size())
+      live.push_back(std::make_unique<LiveSequence>(sequences[next_waiting++], config));
+    stats.most_active_sequences = std::max(stats.most_active_sequences, static_cast<int64_t>(live.size()));
+
+    // A new sequence feeds its whole prompt, a prefilled one its last token.
     std::vector<SequenceChunk> chunks;
-    std::vector<size_t> chunk_sequence;
-    for (size_t i = 0; i < count; ++i) {
-      if (!active[i]) continue;
-      chunks.push_back({&caches[i], std::span<const int32_t>(&results[i].new_ids.back(), 1), false});
-      chunk_sequence.push_back(i);
+    chunks.reserve(live.size());
+    for (const auto& sequence : live) {
+      if (sequence->prefilled) {
+        chunks.push_back(
+            {&sequence->cache, std::span<const int32_t>(&sequence->result.new_ids.back(), 1), false});
+      } else {
+        chunks.push_back(
+            {&sequence->cache, sequence->request->prompt, sequence->request->want_prompt_logits});
+      }
+      stats.tokens_processed += static_cast<int64_t>(chunks.back().tokens.size());
     }
-    local_stats.tokens_processed += static_cast<int64_t>(chunks.size());
-    std::vector<std::vector<float>> logits = runner.forward_batch(chunks);
-    for (size_t c = 0; c < chunks.size(); ++c)
-      active[chunk_sequence[c]] = advance(chunk_sequence[c], logits[c].data());
-    ++local_stats.steps;
+    const BatchLogits logits = runner.forward_batch(chunks);
+    for (size_t c = 0; c < live.size(); ++c) {
+      LiveSequence& sequence = *live[c];
+      if (!sequence.prefilled && sequence.request->want_prompt_logits) {
+        const std::span<const float> rows = logits.of_chunk(c);
+        sequence.result.prompt_logits.assign(rows.begin(), rows.end());
+      }
+      sequence.prefilled = true;
+      advance(sequence, logits.last_row(c));
+    }
+    // Finished sequences leave now: their caches are freed, their results wait for the next step.
+    for (auto& sequence : live)
+      if (sequence->done) finished.push_back(std::move(sequence->result));
+    std::erase_if(live, [](const std::unique_ptr<LiveSequence>& sequence) { return sequence->done; });
+    ++stats.steps;
   }
+  return stats;
+}
+
+std::vector<SequenceResult> run_generation(ModelRunner& runner, const std::vector<SequenceRequest>& sequences,
+                                           Communicator& comm, GenerationStats* stats) {
+  std::map<int64_t, SequenceResult> by_id;
+  const GenerationStats local_stats =
+      run_generation(runner, sequences, comm, GenerationOptions{},
+                     [&](SequenceResult&& result) { by_id[result.sequence_id] = std::move(result); });
   if (stats) *stats = local_stats;
+  std::vector<SequenceResult> results;
+  for (auto& [id, result] : by_id) results.push_back(std::move(result));
   return results;
 }
 

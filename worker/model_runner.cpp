@@ -19,6 +19,11 @@ void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size, const 
   }
 }
 
+int64_t kv_cache_bytes_per_token(const ModelConfig& config) {
+  return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim *
+         static_cast<int64_t>(sizeof(float));
+}
+
 ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
                          MoeExecutor* executor)
     : config_(config), weights_(weights), backend_(backend) {
@@ -61,7 +66,7 @@ void ModelRunner::attention_block(int64_t layer, const float* normed, const Sequ
   backend_.linear(attended.data(), w.o_proj.data(), out, num_tokens, q_dim, hidden);
 }
 
-std::vector<std::vector<float>> ModelRunner::forward_batch(std::span<const SequenceChunk> chunks) {
+BatchLogits ModelRunner::forward_batch(std::span<const SequenceChunk> chunks) {
   const int64_t hidden = config_.hidden_size;
   std::vector<int64_t> first_row(chunks.size() + 1, 0);
   for (size_t c = 0; c < chunks.size(); ++c) {
@@ -109,25 +114,22 @@ std::vector<std::vector<float>> ModelRunner::forward_batch(std::span<const Seque
     std::memcpy(&selected[i * hidden], &x[wanted_rows[i] * hidden], hidden * sizeof(float));
   backend_.rms_norm(selected.data(), weights_.final_norm.data(), selected.data(), num_wanted, hidden,
                     config_.rms_norm_eps);
-  const int64_t vocab = config_.vocab_size;
-  std::vector<float> logits(num_wanted * vocab);
-  backend_.linear(selected.data(), weights_.output_projection().data(), logits.data(), num_wanted, hidden,
-                  vocab);
-
-  std::vector<std::vector<float>> per_chunk(chunks.size());
-  int64_t cursor = 0;
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    const int64_t count = chunks[c].all_positions ? static_cast<int64_t>(chunks[c].tokens.size()) : 1;
-    per_chunk[c].assign(logits.begin() + cursor * vocab, logits.begin() + (cursor + count) * vocab);
-    cursor += count;
-  }
-  return per_chunk;
+  BatchLogits logits;
+  logits.vocab = config_.vocab_size;
+  logits.values.resize(num_wanted * logits.vocab);
+  backend_.linear(selected.data(), weights_.output_projection().data(), logits.values.data(), num_wanted,
+                  hidden, logits.vocab);
+  logits.first_row.assign(chunks.size() + 1, 0);
+  for (size_t c = 0; c < chunks.size(); ++c)
+    logits.first_row[c + 1] =
+        logits.first_row[c] + (chunks[c].all_positions ? static_cast<int64_t>(chunks[c].tokens.size()) : 1);
+  return logits;
 }
 
 std::vector<float> ModelRunner::forward(std::span<const int32_t> tokens, KvCache& cache, bool all_positions) {
   EPIC_CHECK(!tokens.empty(), ErrorCode::kInvalidArgument, "forward needs at least one token");
   const SequenceChunk chunk{&cache, tokens, all_positions};
-  return std::move(forward_batch(std::span<const SequenceChunk>(&chunk, 1))[0]);
+  return std::move(forward_batch(std::span<const SequenceChunk>(&chunk, 1)).values);
 }
 
 }  // namespace epic

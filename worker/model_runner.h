@@ -24,11 +24,29 @@ struct KvCache {
       : keys(config.num_hidden_layers), values(config.num_hidden_layers) {}
 };
 
+// Keys and values of every layer, per token of a sequence: 2 x layers x kv_heads x head_dim floats.
+int64_t kv_cache_bytes_per_token(const ModelConfig& config);
+
 // The next tokens of one sequence in a batched forward pass.
 struct SequenceChunk {
   KvCache* cache = nullptr;
   std::span<const int32_t> tokens;
   bool all_positions = false;  // logits of every token, else of the last only
+};
+
+// The logits of a batch in one buffer (no copy per chunk: with many prompt rows the logits are
+// the largest thing a step holds), chunk after chunk.
+struct BatchLogits {
+  std::vector<float> values;       // [rows, vocab]
+  std::vector<int64_t> first_row;  // chunk c's rows are [first_row[c], first_row[c + 1])
+  int64_t vocab = 0;
+  std::span<const float> of_chunk(size_t c) const {
+    return {values.data() + first_row[c] * vocab,
+            static_cast<size_t>((first_row[c + 1] - first_row[c]) * vocab)};
+  }
+  std::span<const float> last_row(size_t c) const {
+    return {values.data() + (first_row[c + 1] - 1) * vocab, static_cast<size_t>(vocab)};
+  }
 };
 
 class ModelRunner {
@@ -44,7 +62,7 @@ class ModelRunner {
 
   // One step over several sequences; an empty batch still runs every MoE layer (with no rows) so
   // that an expert-parallel executor's collectives see this worker. Returns each chunk's logits.
-  std::vector<std::vector<float>> forward_batch(std::span<const SequenceChunk> chunks);
+  BatchLogits forward_batch(std::span<const SequenceChunk> chunks);
 
   const ModelConfig& config() const { return config_; }
 

@@ -6,11 +6,15 @@
 #include <sys/wait.h>
 
 #include <algorithm>
+#include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <thread>
 
 #include "../model/temp_dir.h"
 #include "worker/checkpoint.h"
@@ -111,6 +115,14 @@ const std::vector<ClusterCase> kCases = {
      ""},
     // One token, top-2: in every MoE layer at most two workers receive rows, the rest none.
     {"WorkersWithoutTokens", "qwen3_moe_f32", "--prompt-ids 42 --max-new-tokens 1", ""},
+    // Few live sequences per worker: prompts wait, are admitted as others finish, prefill beside
+    // other sequences' decode steps, and results stream to rank 0 out of prompt order.
+    {"OneLiveSequencePerWorker", "qwen3_moe_bf16",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4",
+     "--max-active-sequences 1"},
+    {"TwoLiveSequencesSampling", "qwen3_moe_f32",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 7 --temperature 0.9 --seed 3",
+     "--max-active-sequences 2"},
 };
 
 INSTANTIATE_TEST_SUITE_P(Golden, ClusterMatchesOneProcess,
@@ -176,6 +188,80 @@ TEST(Cluster, LoadProfileFeedsTheNextPlanWithoutChangingResults) {
                                   temp.path());
   ASSERT_EQ(second.exit_code, 0) << second.err;
   EXPECT_EQ(second.out, first.out);
+}
+
+// Processes whose command line contains `needle` and whose environment names them MPI rank `rank`.
+std::vector<pid_t> find_rank_processes(const std::string& needle, int rank) {
+  std::vector<pid_t> found;
+  const std::string rank_entry = "OMPI_COMM_WORLD_RANK=" + std::to_string(rank);
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string cmdline = read_file(entry.path() / "cmdline");
+    if (cmdline.find(needle) == std::string::npos || cmdline.find(EPIC_BINARY) == std::string::npos) continue;
+    std::string environ = read_file(entry.path() / "environ");
+    std::replace(environ.begin(), environ.end(), '\0', '\n');
+    if (("\n" + environ).find("\n" + rank_entry + "\n") != std::string::npos)
+      found.push_back(std::stoi(name));
+  }
+  return found;
+}
+
+// Waits up to `seconds` for done() to hold.
+bool wait_for(double seconds, const std::function<bool()>& done) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+// No lost output: rank 1 is killed after rank 0 has printed some results. What was printed stays
+// printed (whole lines, a prefix of the full run's output) and --logits-out never appears half
+// written at its path.
+TEST(Cluster, AKilledRankKeepsPrintedResultsAndLeavesNoLogitsFile) {
+  testing::TempDir temp;
+  const fs::path model = fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32";
+  {
+    std::ofstream prompts(temp.path() / "prompts.txt");
+    for (int p = 0; p < 1500; ++p)
+      prompts << (p % 150) + 1 << "," << (p * 7) % 160 << "," << (p * 13) % 160 << "\n";
+  }
+  // One live sequence per worker: ~12,000 lockstep steps, seconds of run after the first line.
+  const std::string args = "run --model " + model.string() + " --prompt-ids-file " +
+                           (temp.path() / "prompts.txt").string() + " --max-new-tokens 16";
+  fs::create_directories(temp.path() / "full");
+  const Outcome full = run_epic(1, args, temp.path() / "full");
+  ASSERT_EQ(full.exit_code, 0) << full.err;
+
+  const fs::path logits = temp.path() / "logits.npy";
+  const fs::path out = temp.path() / "out.txt", err = temp.path() / "err.txt", rc = temp.path() / "rc.txt";
+  const std::string command = "(" + std::string(EPIC_MPIEXEC) + " -np 2 " + EPIC_BINARY + " " + args +
+                              " --max-active-sequences 1 --comm-timeout 10 --logits-out " + logits.string() +
+                              " >" + out.string() + " 2>" + err.string() + "; echo $? >" + rc.string() +
+                              ") &";
+  ASSERT_EQ(std::system(command.c_str()), 0);
+  auto lines_printed = [&] {
+    const std::string text = read_file(out);
+    return std::count(text.begin(), text.end(), '\n');
+  };
+  std::vector<pid_t> rank1;  // found first, so the kill follows the third line at once
+  ASSERT_TRUE(wait_for(60, [&] { return !(rank1 = find_rank_processes(logits.string(), 1)).empty(); }))
+      << read_file(err);
+  ASSERT_TRUE(wait_for(120, [&] { return lines_printed() >= 3 || fs::exists(rc); })) << read_file(err);
+  for (pid_t pid : rank1) kill(pid, SIGKILL);
+  ASSERT_FALSE(fs::exists(rc)) << "the run ended before a rank could be killed: " << read_file(err);
+  ASSERT_TRUE(wait_for(120, [&] { return fs::exists(rc) && !read_file(rc).empty(); }))
+      << "the job did not end";
+
+  EXPECT_NE(std::stoi(read_file(rc)), 0) << "a run that lost a rank must fail";
+  const std::string printed = read_file(out);
+  EXPECT_GE(std::count(printed.begin(), printed.end(), '\n'), 3);
+  EXPECT_LT(printed.size(), full.out.size()) << "the run was not cut short";
+  EXPECT_EQ(printed, full.out.substr(0, printed.size())) << "printed results differ from the full run's";
+  EXPECT_TRUE(printed.empty() || printed.back() == '\n') << "a result line was printed in part";
+  EXPECT_FALSE(fs::exists(logits)) << "--logits-out appeared although the run failed";
 }
 
 TEST(Cluster, ErrorOnTheCoordinatorStopsEveryRankWithOneMessage) {
