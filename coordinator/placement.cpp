@@ -67,8 +67,10 @@ std::vector<LayerExperts> checked_layers(const PlacementRequest& request) {
     }
   }
   for (const auto& [profile_layer, counts] : request.profile.load) {
-    const bool known = std::any_of(layers.begin(), layers.end(),
-                                   [&](const LayerExperts& layer) { return layer.layer == profile_layer; });
+    // Captured by copy: clang before 16 cannot capture a structured binding (the fuzz build uses clang 14).
+    const bool known = std::any_of(layers.begin(), layers.end(), [&, wanted = profile_layer](const LayerExperts& layer) {
+      return layer.layer == wanted;
+    });
     if (!known) {
       fail_request("the load profile has layer " + std::to_string(profile_layer) +
                    ", which is not a MoE layer of this model; record the profile with the same model");
