@@ -104,18 +104,7 @@ class HostileCheckpoints : public ::testing::Environment {
     ::testing::AddGlobalTestEnvironment(new HostileCheckpoints);
 
 // `timeout 20 epic ARGS`: exit 124 means epic blocked (on a FIFO it should have refused).
-Outcome run_epic_bounded(const std::string& args, const fs::path& dir) {
-  const fs::path out = dir / "bounded_stdout.txt", err = dir / "bounded_stderr.txt";
-  const std::string command =
-      "timeout 20 " + std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
-  const int status = std::system(command.c_str());
-  Outcome outcome;
-  outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream o(out), e(err);
-  outcome.out.assign(std::istreambuf_iterator<char>(o), {});
-  outcome.err.assign(std::istreambuf_iterator<char>(e), {});
-  return outcome;
-}
+Outcome run_epic_bounded(const std::string& args, const fs::path& dir) { return run_epic(args, dir, 20); }
 
 INSTANTIATE_TEST_SUITE_P(
     Checkpoints, CliBadInput,

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "tests/support/file_contents.h"
 #include "tests/cli/cli_support.h"
 
 namespace epic {
@@ -168,34 +169,22 @@ INSTANTIATE_TEST_SUITE_P(
                  "tokenizer.json {scratch}/fifo_tokenizer/tokenizer.json is a FIFO"},
         BadInput{"DetokenizeNegativeId", "detokenize --model {tiny} --ids -1", "\"-1\""}));
 
-std::string read_text(const fs::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(file), {});
-}
-
-int count_temporaries(const fs::path& folder) {
-  int count = 0;
-  for (const auto& entry : fs::directory_iterator(folder))
-    count += entry.path().filename().string().find(".epic-tmp.") != std::string::npos;
-  return count;
-}
-
 TEST_F(CliOutputs, MakeModelRefusesANonEmptyOutUnlessForced) {
   const std::string make = "make-model --preset tiny --seed 3 --out " + (scratch() / "again").string();
   ASSERT_EQ(run_epic(make, scratch()).exit_code, 0);
-  const std::string config = read_text(scratch() / "again" / "config.json");
+  const std::string config = testing::read_whole_file(scratch() / "again" / "config.json");
   const Outcome refused = run_epic(make, scratch());
   EXPECT_EQ(refused.exit_code, 2) << refused.err;
   EXPECT_NE(refused.err.find("is not empty"), std::string::npos) << refused.err;
   EXPECT_NE(refused.err.find("pass --force"), std::string::npos) << refused.err;
   const Outcome forced = run_epic(make + " --force", scratch());
   EXPECT_EQ(forced.exit_code, 0) << forced.err;
-  EXPECT_EQ(read_text(scratch() / "again" / "config.json"), config);
+  EXPECT_EQ(testing::read_whole_file(scratch() / "again" / "config.json"), config);
   // Same seed, same bytes: the replaced checkpoint equals the suite's model, shard by shard.
   for (const auto& entry : fs::directory_iterator(tiny()))
-    EXPECT_EQ(read_text(entry.path()), read_text(scratch() / "again" / entry.path().filename()))
+    EXPECT_EQ(testing::read_whole_file(entry.path()), testing::read_whole_file(scratch() / "again" / entry.path().filename()))
         << entry.path().filename();
-  EXPECT_EQ(count_temporaries(scratch() / "again"), 0);
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(scratch() / "again"), 0);
 }
 
 // As root, access() grants a 0555 folder and the write really succeeds there, so accepting it is
@@ -237,8 +226,8 @@ TEST_F(CliOutputs, OutputsReplaceRegularFilesAtomically) {
   ASSERT_EQ(plan.exit_code, 0) << plan.err;
   EXPECT_EQ(fs::file_size(folder / "logits.npy"), 128u + 3u * 151936u * 4u);
   for (const char* name : {"profile.json", "placement.json", "report.json", "plan.json"})
-    EXPECT_NO_THROW((void)nlohmann::json::parse(read_text(folder / name))) << name;
-  EXPECT_EQ(count_temporaries(folder), 0);
+    EXPECT_NO_THROW((void)nlohmann::json::parse(testing::read_whole_file(folder / name))) << name;
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(folder), 0);
 }
 
 // --csv appends (a header only on a new file); --json is replaced whole.
@@ -249,10 +238,10 @@ TEST_F(CliOutputs, BenchCsvAppendsAndJsonIsReplaced) {
   ASSERT_EQ(run_epic(bench, scratch()).exit_code, 0);
   const Outcome second = run_epic(bench, scratch());
   ASSERT_EQ(second.exit_code, 0) << second.err;
-  const std::string lines = read_text(csv);
+  const std::string lines = testing::read_whole_file(csv);
   EXPECT_EQ(std::count(lines.begin(), lines.end(), '\n'), 3) << lines;  // header + one line per run
   EXPECT_EQ(lines.rfind("preset,", 0), 0u) << lines;
-  EXPECT_EQ(nlohmann::json::parse(read_text(json)).at("format"), "epic-bench-moe-v1");
+  EXPECT_EQ(nlohmann::json::parse(testing::read_whole_file(json)).at("format"), "epic-bench-moe-v1");
 }
 
 // A real full disk (a 64 KiB tmpfs; root only, skipped visibly otherwise): the logits do not fit,
@@ -269,7 +258,7 @@ TEST_F(CliOutputs, FullDiskIsAnErrorNotAnEmptyFile) {
                    logits.string(),
                scratch());
   const bool left_a_file = fs::exists(logits);
-  const int temporaries = count_temporaries(mount_point);
+  const int temporaries = testing::count_atomic_writer_temporaries(mount_point);
   std::system(("umount " + mount_point.string()).c_str());
   EXPECT_EQ(outcome.exit_code, 1) << outcome.err;
   EXPECT_NE(outcome.err.find("No space left on device"), std::string::npos) << outcome.err;

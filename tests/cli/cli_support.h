@@ -22,11 +22,13 @@ struct Outcome {
   std::string err;  // stderr
 };
 
-// Runs `epic ARGS` with stdout and stderr captured to files in dir.
-inline Outcome run_epic(const std::string& args, const fs::path& dir) {
+// Runs `epic ARGS` with stdout and stderr captured to files in dir. With timeout_seconds > 0 it runs
+// under `timeout`, so a test of something that must not block fails (exit 124) instead of hanging.
+inline Outcome run_epic(const std::string& args, const fs::path& dir, int timeout_seconds = 0) {
   const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
+  const std::string limit = timeout_seconds > 0 ? "timeout " + std::to_string(timeout_seconds) + " " : "";
   const std::string command =
-      std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
+      limit + std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
   const int status = std::system(command.c_str());
   Outcome outcome;
   outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;

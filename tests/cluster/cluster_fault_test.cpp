@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "tests/support/mpi_test_environment.h"
 #include "../model/temp_dir.h"
 
 namespace epic {
@@ -29,18 +30,7 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-// OpenMPI as root, oversubscribed, over shared memory (as cluster_test.cpp); a value already set wins.
-[[maybe_unused]] const bool kMpiEnvironmentSet = [] {
-  for (const auto& [name, value] :
-       std::vector<std::pair<const char*, const char*>>{{"OMPI_ALLOW_RUN_AS_ROOT", "1"},
-                                                        {"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"},
-                                                        {"OMPI_MCA_rmaps_base_oversubscribe", "1"},
-                                                        {"OMPI_MCA_btl", "self,vader"},
-                                                        {"OMPI_MCA_pml", "ob1"},
-                                                        {"OMPI_MCA_btl_vader_single_copy_mechanism", "none"}})
-    setenv(name, value, /*overwrite=*/0);
-  return true;
-}();
+[[maybe_unused]] const bool kMpiEnvironmentSet = testing::set_mpi_test_environment();
 
 constexpr double kRunDeadlineSeconds = 60.0;  // a run still going after this has hung
 

@@ -16,6 +16,7 @@
 #include <set>
 #include <thread>
 
+#include "tests/support/mpi_test_environment.h"
 #include "../model/temp_dir.h"
 #include "worker/checkpoint.h"
 
@@ -35,19 +36,7 @@ std::string read_file(const fs::path& path) {
   return std::string(std::istreambuf_iterator<char>(file), {});
 }
 
-// OpenMPI on one small machine, as root, in containers (ENVIRONMENT.md): allowed as root,
-// oversubscribed, shared memory without cross-memory attach. A value already set wins.
-[[maybe_unused]] const bool kMpiEnvironmentSet = [] {
-  for (const auto& [name, value] :
-       std::vector<std::pair<const char*, const char*>>{{"OMPI_ALLOW_RUN_AS_ROOT", "1"},
-                                                        {"OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"},
-                                                        {"OMPI_MCA_rmaps_base_oversubscribe", "1"},
-                                                        {"OMPI_MCA_btl", "self,vader"},
-                                                        {"OMPI_MCA_pml", "ob1"},
-                                                        {"OMPI_MCA_btl_vader_single_copy_mechanism", "none"}})
-    setenv(name, value, /*overwrite=*/0);
-  return true;
-}();
+[[maybe_unused]] const bool kMpiEnvironmentSet = testing::set_mpi_test_environment();
 
 // Runs epic with `workers` ranks (1: directly, no mpirun) in dir; outputs land in dir.
 Outcome run_epic(int workers, const std::string& args, const fs::path& dir) {

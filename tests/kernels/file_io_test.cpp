@@ -1,6 +1,7 @@
 // kernels/file_io.h: inputs must be regular files (a FIFO, directory, device or dangling link is
 // refused at once, never opened), outputs are checked before any work, and AtomicFileWriter never
 // leaves a partial file or a temporary behind and never renames over a device, FIFO or directory.
+#include "tests/support/file_contents.h"
 #include "kernels/file_io.h"
 
 #include <gtest/gtest.h>
@@ -35,19 +36,6 @@ std::string error_of(Action action, ErrorCode code) {
 
 void write_plain(const fs::path& path, const std::string& text) {
   std::ofstream(path, std::ios::binary) << text;
-}
-
-std::string read_plain(const fs::path& path) {
-  std::ifstream file(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(file), {});
-}
-
-// Files in `folder` whose name contains ".epic-tmp." (AtomicFileWriter's temporaries).
-int count_temporaries(const fs::path& folder) {
-  int count = 0;
-  for (const auto& entry : fs::directory_iterator(folder))
-    count += entry.path().filename().string().find(".epic-tmp.") != std::string::npos;
-  return count;
 }
 
 class FileIo : public ::testing::Test {
@@ -166,14 +154,14 @@ TEST_F(FileIo, AtomicWriterCommitRenamesIntoPlaceAndLeavesNoTemporary) {
     const char patch[] = "H";
     writer.write_at(0, patch, 1);
     EXPECT_FALSE(fs::exists(target)) << "visible before commit";
-    EXPECT_EQ(count_temporaries(dir()), 1);
+    EXPECT_EQ(testing::count_atomic_writer_temporaries(dir()), 1);
     writer.commit();
   }
-  EXPECT_EQ(read_plain(target), "Hello world");
-  EXPECT_EQ(count_temporaries(dir()), 0);
+  EXPECT_EQ(testing::read_whole_file(target), "Hello world");
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(dir()), 0);
   write_file_atomically(target, "replaced", "--out");  // over a regular file
-  EXPECT_EQ(read_plain(target), "replaced");
-  EXPECT_EQ(count_temporaries(dir()), 0);
+  EXPECT_EQ(testing::read_whole_file(target), "replaced");
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(dir()), 0);
 }
 
 TEST_F(FileIo, AtomicWriterDroppedLeavesTheTargetUntouchedAndRemovesItsTemporary) {
@@ -181,8 +169,8 @@ TEST_F(FileIo, AtomicWriterDroppedLeavesTheTargetUntouchedAndRemovesItsTemporary
     AtomicFileWriter writer(regular_, "--out");
     writer.write("half of a new file");
   }
-  EXPECT_EQ(read_plain(regular_), "contents");
-  EXPECT_EQ(count_temporaries(dir()), 0);
+  EXPECT_EQ(testing::read_whole_file(regular_), "contents");
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(dir()), 0);
   try {
     AtomicFileWriter writer(dir() / "never.bin", "--out");
     writer.write("partial");
@@ -190,7 +178,7 @@ TEST_F(FileIo, AtomicWriterDroppedLeavesTheTargetUntouchedAndRemovesItsTemporary
   } catch (const std::runtime_error&) {
   }
   EXPECT_FALSE(fs::exists(dir() / "never.bin"));
-  EXPECT_EQ(count_temporaries(dir()), 0);
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(dir()), 0);
 }
 
 // The regression of the issue: `--logits-out /dev/full` renamed a file over the device node.
@@ -202,7 +190,7 @@ TEST_F(FileIo, AtomicWriterNeverReplacesADeviceFifoOrFolder) {
   EXPECT_TRUE(fs::is_character_file("/dev/full"));
   EXPECT_TRUE(fs::is_fifo(fifo_));
   EXPECT_TRUE(fs::is_directory(folder_));
-  EXPECT_EQ(count_temporaries(dir()), 0);
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(dir()), 0);
 }
 
 // The target turned into a FIFO between the check and the commit: nothing is renamed over it.
@@ -214,7 +202,7 @@ TEST_F(FileIo, AtomicWriterLooksAgainAtCommit) {
   const std::string message = error_of([&] { writer.commit(); }, ErrorCode::kInvalidArgument);
   EXPECT_NE(message.find("FIFO"), std::string::npos) << message;
   EXPECT_TRUE(fs::is_fifo(target));
-  EXPECT_EQ(count_temporaries(dir()), 0);
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(dir()), 0);
 }
 
 // A real full file system: a 64 KiB tmpfs mounted for the test (root only; skipped visibly
@@ -235,10 +223,10 @@ TEST_F(FileIo, FullDiskIsAnIoErrorAndLeavesNoFile) {
   EXPECT_NE(message.find("No space left on device"), std::string::npos) << message;
   EXPECT_NE(message.find("--logits-out"), std::string::npos) << message;
   EXPECT_FALSE(fs::exists(target));
-  EXPECT_EQ(count_temporaries(mount_point), 0);
+  EXPECT_EQ(testing::count_atomic_writer_temporaries(mount_point), 0);
   // A small file still fits once the failed one's temporary is gone.
   write_file_atomically(target, "fits", "--logits-out");
-  EXPECT_EQ(read_plain(target), "fits");
+  EXPECT_EQ(testing::read_whole_file(target), "fits");
 }
 
 // A link to /dev/full is followed: the target is the device, refused before any byte is written,
