@@ -380,6 +380,9 @@ void check_layer(const LayerPlacement& layer, const std::vector<uint8_t>& presen
                  const std::string& source) {
   const std::string where = source + ": layer " + std::to_string(layer.layer) + ": ";
   auto fail = [&](const std::string& what) { throw Error(ErrorCode::kInvalidArgument, where + what); };
+  // Both readers (JSON and cereal bytes) apply every rule here, so neither accepts a plan the other
+  // would refuse (a fuzz finding: the bytes reader took a negative layer index the JSON reader refused).
+  if (layer.layer < 0) fail("the layer index is negative; layers are numbered from 0");
   if (layer.num_experts < 1)
     fail("num_experts is " + std::to_string(layer.num_experts) + "; it must be at least 1");
   if (static_cast<int64_t>(present.size()) != layer.num_experts) {

@@ -4,7 +4,8 @@
 # exception other than epic::Error, a broken property, a timeout, an allocation over the limit)
 # fails the run and prints the input (base64 and hex) so the log alone reproduces it.
 # Usage: tests/fuzz/run_fuzzers.sh BUILD_DIR [TARGET...]
-# Knobs: EPIC_FUZZ_SECONDS (per target, default 60), EPIC_FUZZ_TIMEOUT (per input, default 25 s),
+# Knobs: EPIC_FUZZ_SECONDS (per target, default 60), EPIC_FUZZ_SEED (default 20261126),
+# EPIC_FUZZ_TIMEOUT (per input, default 25 s),
 # EPIC_FUZZ_RSS_MB (default 2048; also the largest single allocation).
 set -uo pipefail
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -37,7 +38,9 @@ for target in "${targets[@]}"; do
   log="$work/$target.log"
   start=$(date +%s)
   # Saved regression inputs run first as part of the corpus; new inputs go to the first folder.
-  "$binary" -max_total_time="$seconds" -timeout="${EPIC_FUZZ_TIMEOUT:-25}" \
+  # A fixed seed (EPIC_FUZZ_SEED) makes CI explore the same mutations as a developer's run of this
+  # script; set another seed locally to explore further.
+  "$binary" -seed="${EPIC_FUZZ_SEED:-20261126}" -max_total_time="$seconds" -timeout="${EPIC_FUZZ_TIMEOUT:-25}" \
     -rss_limit_mb="${EPIC_FUZZ_RSS_MB:-2048}" -malloc_limit_mb="${EPIC_FUZZ_RSS_MB:-2048}" \
     -print_final_stats=1 -artifact_prefix="$work/artifacts/$target/" \
     "$work/corpus/$target" "$fuzz_dir/corpus/$target" \
