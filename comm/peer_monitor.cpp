@@ -257,16 +257,22 @@ bool PeerMonitor::died(int rank) const {
   return process_gone(process_state(identities_[rank].pid));
 }
 
+namespace {
+
+// "rank R (pid P on host H) died <position>": one text for the signal-safe report and the message.
+void add_death_description(FixedText& text, int rank, const PeerIdentity& identity, const RankSlot& slot) {
+  text.add("rank ").add(static_cast<int64_t>(rank)).add(" (pid ").add(static_cast<int64_t>(identity.pid));
+  text.add(" on host ").add(identity.host).add(") died ");
+  add_position(text, slot);
+}
+
+}  // namespace
+
 void PeerMonitor::write_death_report(int rank) const {
   FixedText text;
   // The same form as epic's print_error, which reports every other error.
   text.add("epic: error [communication]: ");
-  text.add("rank ")
-      .add(static_cast<int64_t>(rank))
-      .add(" (pid ")
-      .add(static_cast<int64_t>(identities_[rank].pid));
-  text.add(" on host ").add(identities_[rank].host).add(") died ");
-  add_position(text, slot_of(table_, rank));
+  add_death_description(text, rank, identities_[rank], slot_of(table_, rank));
   text.add("; rank ").add(static_cast<int64_t>(rank_)).add(" saw it exit without leaving the job in order\n");
   ssize_t ignored = write(STDERR_FILENO, text.c_str(), text.size());
   (void)ignored;
@@ -274,12 +280,7 @@ void PeerMonitor::write_death_report(int rank) const {
 
 std::string PeerMonitor::death_report(int rank) const {
   FixedText text;
-  text.add("rank ")
-      .add(static_cast<int64_t>(rank))
-      .add(" (pid ")
-      .add(static_cast<int64_t>(identities_[rank].pid));
-  text.add(" on host ").add(identities_[rank].host).add(") died ");
-  add_position(text, slot_of(table_, rank));
+  add_death_description(text, rank, identities_[rank], slot_of(table_, rank));
   return text.c_str();
 }
 
