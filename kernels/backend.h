@@ -1,75 +1,167 @@
-// The math of one Qwen3-MoE forward pass, behind one interface so the CPU reference and the
-// CUDA backend are interchangeable and testable against each other. All activations are fp32,
-// row-major. Pointers are host memory for the CPU backend and device memory for CUDA.
-// Every op validates its sizes before touching memory and throws Error(kInvalidArgument) on
-// arguments that would read or write out of bounds (negative sizes, top_k > present experts,
-// num_heads not a multiple of num_kv_heads, ...); see kernels/backend_checks.h.
+// The math of one Qwen3-MoE forward pass behind one interface, over tensors the backend owns.
+// A backend allocates its memory (Buffer), moves bytes between it and the host, and runs ops on
+// its own stream: the CPU backend computes at once on host memory (the fp32 reference); the CUDA
+// backend enqueues kernels on one GPU and never touches host memory inside an op, so a whole step
+// runs without host synchronisation and can be captured as a graph.
+//
+// Types: activations are F32 or BF16 ("act" below; the ops of one model use one activation type,
+// with fp32 accumulation everywhere); weights F32 or BF16, as the checkpoint stores them; routing
+// weights F32; ids, positions and tables I32; masks U8. Every op validates its tensors' types,
+// shapes and memory space before touching memory and throws Error(kInvalidArgument) naming the op
+// and the offending tensor (kernels/backend_checks.h), or Error(kUnsupported) for a type
+// combination the backend does not implement.
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 
+#include "kernels/tensor.h"
+
 namespace epic {
+
+// A recorded sequence of ops replayed as one unit (a CUDA graph).
+class Graph {
+ public:
+  virtual ~Graph() = default;
+  virtual void replay() = 0;  // enqueues the recorded ops on the backend's stream
+};
+
+// The attention geometry of a model, shared by the ops that read q, k and v out of the fused
+// projection output qkv[rows, (num_heads + 2 * num_kv_heads) * head_dim] (q heads, then k, then v).
+struct AttentionShape {
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t q_dim() const { return num_heads * head_dim; }
+  int64_t kv_dim() const { return num_kv_heads * head_dim; }
+  int64_t qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+};
+
+// Keys and values live in fixed-size blocks of a pool (the paged KV cache): one pool tensor per
+// layer and kind, [num_blocks, kKvBlockSize, num_kv_heads, head_dim] of the activation type. A
+// sequence's block table lists the blocks holding its positions 0.., kKvBlockSize at a time.
+constexpr int64_t kKvBlockSize = 16;
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  virtual MemorySpace memory_space() const = 0;  // where allocate() puts memory
 
-  // y[rows, out_dim] = x[rows, in_dim] * w[out_dim, in_dim]^T   (nn.Linear without bias)
-  virtual void linear(const float* x, const float* w, float* y, int64_t rows, int64_t in_dim,
-                      int64_t out_dim) = 0;
+  // ---- Memory -------------------------------------------------------------------------------
+  // Uninitialised memory of this backend. Throws Error(kUnsupported) when the memory is not
+  // there (naming the size asked and what is free).
+  virtual std::unique_ptr<Buffer> allocate(size_t bytes) = 0;
+  // Host memory that copies to and from this backend can use asynchronously (pinned for cuda).
+  virtual std::unique_ptr<Buffer> allocate_staging(size_t bytes) = 0;
+  OwnedTensor new_tensor(ScalarType type, std::initializer_list<int64_t> shape);
+  // dst (this backend's memory) bytes [dst_offset, dst_offset + bytes) <- host src. Asynchronous
+  // where the backend is: src must stay valid and unchanged until synchronize() returns.
+  virtual void copy_from_host(const Tensor& dst, size_t dst_offset, const void* src, size_t bytes) = 0;
+  // host dst <- src bytes [src_offset, src_offset + bytes); returns when dst holds them (it waits
+  // for the ops enqueued before).
+  virtual void copy_to_host(const Tensor& src, size_t src_offset, void* dst, size_t bytes) = 0;
+  // dst <- src, both this backend's memory, same byte count.
+  virtual void copy(const Tensor& src, const Tensor& dst) = 0;
+  // Waits until every op and copy enqueued so far has finished.
+  virtual void synchronize() = 0;
 
-  // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:]    (Qwen3RMSNorm, fp32)
-  // x and y may alias.
-  virtual void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim,
-                        float eps) = 0;
+  // ---- Graphs -------------------------------------------------------------------------------
+  // Records the ops `record` enqueues (without running them) for replay; nullptr when the backend
+  // has no graphs (the caller then runs the ops directly). The ops must not synchronise or copy
+  // to the host; the tensors they use must outlive the graph.
+  virtual std::unique_ptr<Graph> capture(const std::function<void()>& /*record*/) { return nullptr; }
 
-  // Rotary embedding in place, rotate-half layout (HF apply_rotary_pos_emb):
-  // x[t, h, :] for token t at positions[t]; inv_freq[i] = theta^(-2i/head_dim), i < head_dim/2,
-  // angle = positions[t] * inv_freq[i], half = head_dim / 2 (head_dim must be even, theta > 0):
-  //   x[i] <- x[i] * cos(angle) - x[i + half] * sin(angle)
-  //   x[i + half] <- x[i + half] * cos(angle) + x[i] * sin(angle)
-  // The angle, cos and sin are computed in double and rounded to fp32 (HF rounds inv_freq and
-  // the angle to fp32 first, which at position ~30000 moves cos/sin by up to ~2e-3; we keep the
-  // exact rotation so backends agree to a few ulp at every position).
-  virtual void rope(float* x, const int32_t* positions, int64_t num_tokens, int64_t num_heads,
-                    int64_t head_dim, double theta) = 0;
+  // ---- Dense ops ----------------------------------------------------------------------------
+  // out[r, :] = table[ids[r], :]; ids I32 [rows] within [0, vocab) (checked by the caller).
+  virtual void embed(const Tensor& ids, const Tensor& table, const Tensor& out) = 0;
 
-  // Causal grouped-query attention for one sequence.
-  // q[num_queries, num_heads, head_dim]: the queries at positions first_position .. +num_queries-1.
-  // k, v[num_keys, num_kv_heads, head_dim]: every key of the sequence so far (num_keys =
-  // first_position + num_queries). Query i attends keys 0 .. first_position + i.
-  // Head h uses kv head h / (num_heads / num_kv_heads). Scale is head_dim^-0.5.
-  // out[num_queries, num_heads, head_dim].
-  virtual void attention(const float* q, const float* k, const float* v, float* out, int64_t num_queries,
-                         int64_t num_keys, int64_t first_position, int64_t num_heads, int64_t num_kv_heads,
-                         int64_t head_dim) = 0;
+  // y[rows, out_dim] = x[rows, in_dim] * w[out_dim, in_dim]^T (nn.Linear without bias), fp32
+  // accumulation; y may be F32 when x is BF16 (router and lm_head logits).
+  virtual void linear(const Tensor& x, const Tensor& w, const Tensor& y) = 0;
 
-  // out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g))
-  virtual void silu_mul(const float* gate, const float* up, float* out, int64_t n) = 0;
+  // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:] (Qwen3RMSNorm, in fp32).
+  // x [rows, dim], weight [dim], y [rows, dim]; x and y may alias; types may differ.
+  virtual void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps) = 0;
 
-  // MoE routing for rows of router logits [num_tokens, num_experts]:
-  // probabilities = fp32 softmax (max-subtracted) over the experts with present[e] != 0 (others
-  // never chosen and not in the denominator), top-k by probability (ties: lower expert id
-  // first), renormalised to sum 1 when normalize_top_k. Writes expert_ids[num_tokens, top_k]
-  // (descending probability) and weights[num_tokens, top_k]. present[num_experts] lives where
-  // the other pointers do. Requires 1 <= top_k <= number of present experts (else throws).
-  // The CUDA backend reads present back to the host to check this (a synchronising copy).
-  virtual void route_top_k(const float* logits, const uint8_t* present, int32_t* expert_ids, float* weights,
-                           int64_t num_tokens, int64_t num_experts, int64_t top_k, bool normalize_top_k) = 0;
+  // In place on the fused projection output qkv[rows, shape.qkv_dim()]: each q and k head vector
+  // is RMS-normed with q_norm / k_norm [head_dim] and then rotated by its row's position (rotary
+  // embedding, rotate-half layout as HF apply_rotary_pos_emb; angle = position * theta^(-2i/d),
+  // computed in double and rounded to fp32). positions I32 [rows]. v is untouched.
+  virtual void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
+                            const Tensor& positions, const AttentionShape& shape, float eps, double theta) = 0;
 
-  // y[r, :] += scale[r] * x[r, :]
-  virtual void scaled_add_rows(const float* x, const float* scale, float* y, int64_t rows, int64_t dim) = 0;
+  // Writes each row's k and v (from qkv) to the pools at slot_mapping[r] (block * kKvBlockSize +
+  // offset); rows with slot_mapping[r] < 0 (padding) are skipped.
+  virtual void store_kv(const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool,
+                        const Tensor& value_pool, const AttentionShape& shape) = 0;
 
-  // y[i] += x[i]
-  virtual void add(const float* x, float* y, int64_t n) = 0;
+  // Causal grouped-query attention of every row over its own sequence's cached keys: row r is
+  // position positions[r] of sequence row_sequence[r] and attends that sequence's positions
+  // 0 .. positions[r] (already stored), found through block_tables I32 [num_sequences,
+  // max_blocks]. q is read from qkv; out [rows, shape.q_dim()]. Head h uses kv head
+  // h / (num_heads / num_kv_heads); scale head_dim^-0.5; softmax in fp32.
+  virtual void attention(const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
+                         const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
+                         const AttentionShape& shape, const Tensor& out) = 0;
+
+  // out[r, i] = silu(gate_up[r, i]) * gate_up[r, I + i] for gate_up [rows, 2I], out [rows, I].
+  virtual void silu_mul(const Tensor& gate_up, const Tensor& out) = 0;
+
+  // y += x elementwise (same shape; types may differ; fp32 add, rounded to y's type).
+  virtual void add(const Tensor& x, const Tensor& y) = 0;
+
+  // out[i, :] = x[index[i], :]; index I32 [m] within [0, x.rows()).
+  virtual void gather_rows(const Tensor& x, const Tensor& index, const Tensor& out) = 0;
+
+  // ids[r] = the lowest id among the largest logits[r, :]; logits [rows, vocab] F32 or BF16.
+  // A row holding a NaN or an infinity gets ids[r] = -1 (no choice is meaningful; the caller
+  // reports it), so greedy decoding needs no logits on the host to stay checked.
+  virtual void argmax(const Tensor& logits, const Tensor& ids) = 0;
+
+  // ---- MoE ops ------------------------------------------------------------------------------
+  // Router: probabilities = fp32 softmax (max-subtracted) of logits [tokens, E] over the experts
+  // with present[e] != 0 (U8 [E]; others are never chosen and not in the denominator), top-k by
+  // probability (ties: lower expert id first), renormalised to sum 1 when normalize. Writes
+  // expert_ids I32 [tokens, k] in descending probability and weights F32 [tokens, k]. The caller
+  // guarantees 1 <= k <= the number of present experts (checked once at load).
+  virtual void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
+                           const Tensor& weights, bool normalize) = 0;
+
+  // The permutation that groups (token, slot) rows by expert: sorts the slots s = t * k + j of
+  // expert_ids I32 [slots] by expert, stable (slot order within an expert). Writes
+  // expert_offsets I32 [num_experts + 1] (expert e's rows are [offsets[e], offsets[e + 1])),
+  // source_row I32 [slots] (the token, s / top_k, of each sorted row) and sorted_position I32
+  // [slots] (where slot s went). Deterministic.
+  virtual void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
+                               const Tensor& expert_offsets, const Tensor& source_row,
+                               const Tensor& sorted_position) = 0;
+
+  // The SwiGLU FFN of every hosted expert over its group of rows, all experts in one call:
+  // for rows r in [offsets[e], offsets[e + 1]): y[r] = down_e(silu(gate_e x[r]) * up_e x[r]).
+  // x, y [rows, H]; expert_offsets I32 [E + 1] with offsets[E] == rows; gate_up [L, 2I, H] (gate
+  // rows first, as transformers' fused experts) and down [L, H, I] hold the L hosted experts;
+  // local_index I32 [E] maps an expert to its slot in them, -1 when not hosted (such an expert
+  // must have no rows). intermediate [rows, I] (activation type) is the caller's scratch for
+  // silu(gate x) * up x. Each row is computed alone, so its result does not depend on the others.
+  virtual void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up,
+                          const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
+                          const Tensor& y) = 0;
+
+  // out[t, :] = sum over j = 0 .. k-1, in that order and in fp32, of
+  //   weights[t, j] * expert_out[sorted_position[t * k + j], :]
+  // weights F32 [tokens, k], expert_out [slots, H], out [tokens, H] (overwritten).
+  virtual void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
+                             const Tensor& out) = 0;
 };
 
 // The fp32 CPU reference: clear loops (linear and attention are blocked and multi-threaded for
-// speed but sum in a fixed order, so results do not depend on the thread count).
-// num_threads <= 0 picks std::thread::hardware_concurrency(), capped at 16.
+// speed but sum in a fixed order, so results do not depend on the thread count). Takes F32
+// activations; BF16 weights are widened block by block (exactly), so results are those of an fp32
+// copy of the weights. num_threads <= 0 picks std::thread::hardware_concurrency(), capped at 16.
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);
 
 }  // namespace epic

@@ -9,89 +9,385 @@
 namespace epic::backend_checks {
 namespace {
 
-[[noreturn]] void fail(const char* backend, const char* op, const std::string& what) {
-  throw Error(ErrorCode::kInvalidArgument, std::string(backend) + " backend " + op + ": " + what);
+// The scalar types a tensor may have in its role.
+enum class Types {
+  kActivation,  // F32 or BF16 (one per model)
+  kWeight,      // F32 or BF16 (as the checkpoint stores it)
+  kF32,
+  kI32,
+  kU8,
+  kAny,
+};
+
+const char* types_text(Types types) {
+  switch (types) {
+    case Types::kActivation:
+      return "f32 or bf16 (an activation)";
+    case Types::kWeight:
+      return "f32 or bf16 (a weight)";
+    case Types::kF32:
+      return "f32";
+    case Types::kI32:
+      return "i32";
+    case Types::kU8:
+      return "u8";
+    case Types::kAny:
+      return "any type";
+  }
+  return "?";
 }
 
-void check_non_negative(const char* backend, const char* op, const char* name, int64_t value) {
-  if (value < 0) {
-    fail(backend, op, std::string(name) + " = " + std::to_string(value) + " is negative");
+bool has_type(const Tensor& t, Types types) {
+  switch (types) {
+    case Types::kActivation:
+    case Types::kWeight:
+      return t.type == ScalarType::kF32 || t.type == ScalarType::kBF16;
+    case Types::kF32:
+      return t.type == ScalarType::kF32;
+    case Types::kI32:
+      return t.type == ScalarType::kI32;
+    case Types::kU8:
+      return t.type == ScalarType::kU8;
+    case Types::kAny:
+      return true;
   }
+  return false;
 }
+
+const char* space_name(MemorySpace space) { return space == MemorySpace::kDevice ? "device" : "host"; }
+
+// The checks of one op call: every failure names the op and the tensors involved.
+class OpCheck {
+ public:
+  OpCheck(const char* op, MemorySpace space) : op_(op), space_(space) {}
+
+  [[noreturn]] void fail(const std::string& what) const {
+    throw Error(ErrorCode::kInvalidArgument, std::string(op_) + ": " + what);
+  }
+
+  // t lives in this backend's memory, has memory behind it when non-empty, the given rank
+  // (layout spells the dimensions out for the message) and a type of the set.
+  void tensor(const char* name, const Tensor& t, int rank, const char* layout, Types types) const {
+    const std::string prefix = std::string(name) + " is " + t.describe();
+    if (t.space != space_) {
+      fail(prefix + " but this backend's memory is on " + space_name(space_) +
+           "; allocate it through the backend (Backend::new_tensor) or copy it there first");
+    }
+    if (t.data == nullptr && t.numel() > 0) fail(prefix + " with no memory behind it (data is null)");
+    if (t.rank != rank) fail(prefix + "; it must have rank " + std::to_string(rank) + ": " + layout);
+    if (!has_type(t, types)) fail(prefix + "; it must be " + types_text(types));
+  }
+
+  // "w is bf16[64, 32] on host but x is f32[4, 48] on host: in_dim differs"
+  [[noreturn]] void fail_pair(const char* a_name, const Tensor& a, const char* b_name, const Tensor& b,
+                              const std::string& what) const {
+    fail(std::string(a_name) + " is " + a.describe() + " but " + b_name + " is " + b.describe() + ": " +
+         what);
+  }
+
+  void same_dim(const char* a_name, const Tensor& a, int a_dim, const char* b_name, const Tensor& b,
+                int b_dim, const char* what) const {
+    if (a.dim(a_dim) != b.dim(b_dim)) fail_pair(a_name, a, b_name, b, std::string(what) + " differs");
+  }
+
+  void dim_is(const char* name, const Tensor& t, int dim, int64_t expected, const std::string& what) const {
+    if (t.dim(dim) != expected) {
+      fail(std::string(name) + " is " + t.describe() + ": dimension " + std::to_string(dim) + " must be " +
+           std::to_string(expected) + " (" + what + ")");
+    }
+  }
+
+  void same_type(const char* a_name, const Tensor& a, const char* b_name, const Tensor& b,
+                 const char* why) const {
+    if (a.type != b.type) fail_pair(a_name, a, b_name, b, std::string("the types differ (") + why + ")");
+  }
+
+  void same_shape(const char* a_name, const Tensor& a, const char* b_name, const Tensor& b) const {
+    bool same = a.rank == b.rank;
+    for (int i = 0; same && i < a.rank; ++i) same = a.dim(i) == b.dim(i);
+    if (!same) fail_pair(a_name, a, b_name, b, "the shapes differ");
+  }
+
+  void attention_shape(const AttentionShape& shape) const {
+    const std::string text = "attention shape (num_heads " + std::to_string(shape.num_heads) +
+                             ", num_kv_heads " + std::to_string(shape.num_kv_heads) + ", head_dim " +
+                             std::to_string(shape.head_dim) + ")";
+    if (shape.num_heads < 1 || shape.num_kv_heads < 1 || shape.head_dim < 1) {
+      fail(text + ": every count must be >= 1");
+    }
+    if (shape.num_heads % shape.num_kv_heads != 0) {
+      fail(text + ": num_heads = " + std::to_string(shape.num_heads) +
+           " is not a multiple of num_kv_heads = " + std::to_string(shape.num_kv_heads) +
+           "; each kv head must serve a whole group of query heads");
+    }
+  }
+
+  // Fused q/k/v rows of the attention geometry.
+  void qkv(const Tensor& qkv, const AttentionShape& shape) const {
+    tensor("qkv", qkv, 2, "[rows, (num_heads + 2 * num_kv_heads) * head_dim]", Types::kActivation);
+    dim_is("qkv", qkv, 1, shape.qkv_dim(),
+           "(num_heads + 2 * num_kv_heads) * head_dim of the attention shape");
+  }
+
+  // Row-aligned I32 vector: one entry per row of `rows_of`.
+  void per_row(const char* name, const Tensor& t, const char* rows_name, const Tensor& rows_of) const {
+    tensor(name, t, 1, "[rows]", Types::kI32);
+    if (t.dim(0) != rows_of.dim(0)) fail_pair(name, t, rows_name, rows_of, "one entry per row is needed");
+  }
+
+  void kv_pools(const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
+                const AttentionShape& shape) const {
+    constexpr const char* kLayout = "[num_blocks, kKvBlockSize, num_kv_heads, head_dim]";
+    tensor("key_pool", key_pool, 4, kLayout, Types::kActivation);
+    tensor("value_pool", value_pool, 4, kLayout, Types::kActivation);
+    dim_is("key_pool", key_pool, 1, kKvBlockSize, "kKvBlockSize positions per block");
+    dim_is("key_pool", key_pool, 2, shape.num_kv_heads, "num_kv_heads of the attention shape");
+    dim_is("key_pool", key_pool, 3, shape.head_dim, "head_dim of the attention shape");
+    same_shape("value_pool", value_pool, "key_pool", key_pool);
+    same_type("key_pool", key_pool, "qkv", qkv, "the KV cache holds the activation type");
+    same_type("value_pool", value_pool, "qkv", qkv, "the KV cache holds the activation type");
+  }
+
+ private:
+  const char* op_;
+  MemorySpace space_;
+};
 
 }  // namespace
 
-void check_linear(const char* backend, int64_t rows, int64_t in_dim, int64_t out_dim) {
-  check_non_negative(backend, "linear", "rows", rows);
-  check_non_negative(backend, "linear", "in_dim", in_dim);
-  check_non_negative(backend, "linear", "out_dim", out_dim);
+void check_copy_range(const char* op, MemorySpace space, const Tensor& t, size_t offset, size_t bytes) {
+  const OpCheck check(op, space);
+  if (t.space != space) {
+    check.fail("the tensor is " + t.describe() + " but this backend's memory is on " + space_name(space));
+  }
+  if (bytes > 0 && t.data == nullptr)
+    check.fail("the tensor " + t.describe() + " has no memory (data is null)");
+  if (offset > t.bytes() || bytes > t.bytes() - offset) {
+    check.fail("bytes [" + std::to_string(offset) + ", " + std::to_string(offset + bytes) + ") are outside " +
+               t.describe() + " (" + std::to_string(t.bytes()) + " bytes)");
+  }
 }
 
-void check_rms_norm(const char* backend, int64_t rows, int64_t dim) {
-  check_non_negative(backend, "rms_norm", "rows", rows);
-  check_non_negative(backend, "rms_norm", "dim", dim);
+void check_copy(const char* op, MemorySpace space, const Tensor& src, const Tensor& dst) {
+  const OpCheck check(op, space);
+  if (src.space != space || dst.space != space) {
+    check.fail_pair("src", src, "dst", dst,
+                    std::string("both must be in this backend's memory, on ") + space_name(space));
+  }
+  if (src.bytes() != dst.bytes()) check.fail_pair("src", src, "dst", dst, "the byte counts differ");
+  if (src.bytes() > 0 && (src.data == nullptr || dst.data == nullptr)) {
+    check.fail_pair("src", src, "dst", dst, "one has no memory (data is null)");
+  }
 }
 
-void check_rope(const char* backend, int64_t num_tokens, int64_t num_heads, int64_t head_dim, double theta) {
-  check_non_negative(backend, "rope", "num_tokens", num_tokens);
-  check_non_negative(backend, "rope", "num_heads", num_heads);
-  check_non_negative(backend, "rope", "head_dim", head_dim);
-  if (head_dim % 2 != 0) {
-    fail(backend, "rope",
-         "head_dim = " + std::to_string(head_dim) +
-             " is odd; rotate-half pairs element i with i + head_dim/2, so head_dim must be even");
+void check_embed(MemorySpace space, const Tensor& ids, const Tensor& table, const Tensor& out) {
+  const OpCheck check("embed", space);
+  check.tensor("ids", ids, 1, "[rows]", Types::kI32);
+  check.tensor("table", table, 2, "[vocab, hidden]", Types::kWeight);
+  check.tensor("out", out, 2, "[rows, hidden]", Types::kActivation);
+  check.same_dim("out", out, 0, "ids", ids, 0, "the row count");
+  check.same_dim("out", out, 1, "table", table, 1, "hidden");
+}
+
+void check_linear(MemorySpace space, const Tensor& x, const Tensor& w, const Tensor& y) {
+  const OpCheck check("linear", space);
+  check.tensor("x", x, 2, "[rows, in_dim]", Types::kActivation);
+  check.tensor("w", w, 2, "[out_dim, in_dim]", Types::kWeight);
+  check.tensor("y", y, 2, "[rows, out_dim]", Types::kActivation);
+  check.same_dim("w", w, 1, "x", x, 1, "in_dim");
+  check.same_dim("y", y, 0, "x", x, 0, "the row count");
+  check.same_dim("y", y, 1, "w", w, 0, "out_dim");
+  if (y.type != x.type && y.type != ScalarType::kF32) {
+    check.fail_pair("y", y, "x", x, "y must have x's type or be f32 (logits)");
+  }
+}
+
+void check_rms_norm(MemorySpace space, const Tensor& x, const Tensor& weight, const Tensor& y) {
+  const OpCheck check("rms_norm", space);
+  check.tensor("x", x, 2, "[rows, dim]", Types::kActivation);
+  check.tensor("weight", weight, 1, "[dim]", Types::kWeight);
+  check.tensor("y", y, 2, "[rows, dim]", Types::kActivation);
+  check.same_dim("weight", weight, 0, "x", x, 1, "dim");
+  check.same_shape("y", y, "x", x);
+}
+
+void check_qk_norm_rope(MemorySpace space, const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
+                        const Tensor& positions, const AttentionShape& shape, double theta) {
+  const OpCheck check("qk_norm_rope", space);
+  check.attention_shape(shape);
+  if (shape.head_dim % 2 != 0) {
+    check.fail("head_dim = " + std::to_string(shape.head_dim) +
+               " is odd; rotate-half pairs element i with i + head_dim/2, so head_dim must be even");
   }
   if (!(theta > 0.0) || !std::isfinite(theta)) {
-    fail(backend, "rope",
-         "theta = " + std::to_string(theta) + " must be finite and > 0 (rope_theta in config.json)");
+    check.fail("theta = " + std::to_string(theta) + " must be finite and > 0 (rope_theta in config.json)");
+  }
+  check.qkv(qkv, shape);
+  check.tensor("q_norm", q_norm, 1, "[head_dim]", Types::kWeight);
+  check.tensor("k_norm", k_norm, 1, "[head_dim]", Types::kWeight);
+  check.dim_is("q_norm", q_norm, 0, shape.head_dim, "head_dim of the attention shape");
+  check.dim_is("k_norm", k_norm, 0, shape.head_dim, "head_dim of the attention shape");
+  check.per_row("positions", positions, "qkv", qkv);
+}
+
+void check_store_kv(MemorySpace space, const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool,
+                    const Tensor& value_pool, const AttentionShape& shape) {
+  const OpCheck check("store_kv", space);
+  check.attention_shape(shape);
+  check.qkv(qkv, shape);
+  check.per_row("slot_mapping", slot_mapping, "qkv", qkv);
+  check.kv_pools(qkv, key_pool, value_pool, shape);
+}
+
+void check_attention(MemorySpace space, const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
+                     const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
+                     const AttentionShape& shape, const Tensor& out) {
+  const OpCheck check("attention", space);
+  check.attention_shape(shape);
+  check.qkv(qkv, shape);
+  check.kv_pools(qkv, key_pool, value_pool, shape);
+  check.tensor("block_tables", block_tables, 2, "[num_sequences, max_blocks]", Types::kI32);
+  check.per_row("row_sequence", row_sequence, "qkv", qkv);
+  check.per_row("positions", positions, "qkv", qkv);
+  check.tensor("out", out, 2, "[rows, num_heads * head_dim]", Types::kActivation);
+  check.same_dim("out", out, 0, "qkv", qkv, 0, "the row count");
+  check.dim_is("out", out, 1, shape.q_dim(), "num_heads * head_dim of the attention shape");
+  check.same_type("out", out, "qkv", qkv, "one activation type");
+}
+
+void check_silu_mul(MemorySpace space, const Tensor& gate_up, const Tensor& out) {
+  const OpCheck check("silu_mul", space);
+  check.tensor("gate_up", gate_up, 2, "[rows, 2 * intermediate]", Types::kActivation);
+  check.tensor("out", out, 2, "[rows, intermediate]", Types::kActivation);
+  check.same_dim("out", out, 0, "gate_up", gate_up, 0, "the row count");
+  if (gate_up.dim(1) != 2 * out.dim(1)) {
+    check.fail_pair("gate_up", gate_up, "out", out, "gate_up must hold 2 * out's columns (gate, then up)");
+  }
+  check.same_type("out", out, "gate_up", gate_up, "one activation type");
+}
+
+void check_add(MemorySpace space, const Tensor& x, const Tensor& y) {
+  const OpCheck check("add", space);
+  check.tensor("x", x, x.rank, "any", Types::kActivation);
+  check.tensor("y", y, y.rank, "any", Types::kActivation);
+  check.same_shape("x", x, "y", y);
+}
+
+void check_gather_rows(MemorySpace space, const Tensor& x, const Tensor& index, const Tensor& out) {
+  const OpCheck check("gather_rows", space);
+  if (x.rank < 1) check.fail("x is " + x.describe() + "; it must have rows (rank >= 1)");
+  check.tensor("x", x, x.rank, "[rows, ...]", Types::kAny);
+  check.tensor("index", index, 1, "[m]", Types::kI32);
+  check.tensor("out", out, x.rank, "[m, ...] like x", Types::kAny);
+  check.same_type("out", out, "x", x, "rows are copied as they are");
+  check.same_dim("out", out, 0, "index", index, 0, "the row count");
+  if (out.row_elements() != x.row_elements()) check.fail_pair("out", out, "x", x, "the row size differs");
+  for (int i = 1; i < x.rank; ++i) check.same_dim("out", out, i, "x", x, i, "a row dimension");
+}
+
+void check_argmax(MemorySpace space, const Tensor& logits, const Tensor& ids) {
+  const OpCheck check("argmax", space);
+  check.tensor("logits", logits, 2, "[rows, vocab]", Types::kActivation);
+  check.tensor("ids", ids, 1, "[rows]", Types::kI32);
+  if (logits.dim(1) < 1) check.fail("logits is " + logits.describe() + ": the vocabulary must not be empty");
+  check.same_dim("ids", ids, 0, "logits", logits, 0, "the row count");
+}
+
+void check_route_top_k(MemorySpace space, const Tensor& logits, const Tensor& present,
+                       const Tensor& expert_ids, const Tensor& weights) {
+  const OpCheck check("route_top_k", space);
+  check.tensor("logits", logits, 2, "[tokens, num_experts]", Types::kActivation);
+  check.tensor("present", present, 1, "[num_experts]", Types::kU8);
+  check.tensor("expert_ids", expert_ids, 2, "[tokens, top_k]", Types::kI32);
+  check.tensor("weights", weights, 2, "[tokens, top_k]", Types::kF32);
+  check.same_dim("present", present, 0, "logits", logits, 1, "num_experts");
+  check.same_dim("expert_ids", expert_ids, 0, "logits", logits, 0, "the token count");
+  check.same_shape("weights", weights, "expert_ids", expert_ids);
+  const int64_t top_k = expert_ids.dim(1);
+  if (top_k < 1) check.fail("top_k = " + std::to_string(top_k) + " (expert_ids' columns) must be >= 1");
+  if (top_k > logits.dim(1)) {
+    check.fail_pair(
+        "expert_ids", expert_ids, "logits", logits,
+        "top_k = " + std::to_string(top_k) + " exceeds the " + std::to_string(logits.dim(1)) + " experts");
   }
 }
 
-void check_attention(const char* backend, int64_t num_queries, int64_t num_keys, int64_t first_position,
-                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim) {
-  check_non_negative(backend, "attention", "num_queries", num_queries);
-  check_non_negative(backend, "attention", "num_keys", num_keys);
-  check_non_negative(backend, "attention", "first_position", first_position);
-  check_non_negative(backend, "attention", "num_heads", num_heads);
-  check_non_negative(backend, "attention", "head_dim", head_dim);
-  if (num_kv_heads <= 0) {
-    fail(backend, "attention", "num_kv_heads = " + std::to_string(num_kv_heads) + " must be >= 1");
+void check_group_by_expert(MemorySpace space, const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
+                           const Tensor& expert_offsets, const Tensor& source_row,
+                           const Tensor& sorted_position) {
+  const OpCheck check("group_by_expert", space);
+  if (num_experts < 1) check.fail("num_experts = " + std::to_string(num_experts) + " must be >= 1");
+  if (top_k < 1) check.fail("top_k = " + std::to_string(top_k) + " must be >= 1");
+  if (expert_ids.rank == 2) {
+    check.tensor("expert_ids", expert_ids, 2, "[tokens, top_k]", Types::kI32);
+    check.dim_is("expert_ids", expert_ids, 1, top_k, "top_k");
+  } else {
+    check.tensor("expert_ids", expert_ids, 1, "[slots] (or [tokens, top_k])", Types::kI32);
   }
-  if (num_heads % num_kv_heads != 0) {
-    fail(backend, "attention",
-         "num_heads = " + std::to_string(num_heads) + " is not a multiple of num_kv_heads = " +
-             std::to_string(num_kv_heads) + "; each kv head must serve a whole group of query heads");
+  const int64_t slots = expert_ids.numel();
+  if (slots % top_k != 0) {
+    check.fail("expert_ids is " + expert_ids.describe() + ": " + std::to_string(slots) +
+               " slots are not a whole number of tokens of top_k = " + std::to_string(top_k));
   }
-  // Query i reads keys 0 .. first_position + i, so fewer keys would read past the end of k and v.
-  if (num_keys != first_position + num_queries) {
-    fail(backend, "attention",
-         "num_keys = " + std::to_string(num_keys) +
-             " must equal first_position + num_queries = " + std::to_string(first_position) + " + " +
-             std::to_string(num_queries) + " (k and v hold every key of the sequence so far)");
-  }
+  check.tensor("expert_offsets", expert_offsets, 1, "[num_experts + 1]", Types::kI32);
+  check.dim_is("expert_offsets", expert_offsets, 0, num_experts + 1, "num_experts + 1");
+  check.tensor("source_row", source_row, 1, "[slots]", Types::kI32);
+  check.dim_is("source_row", source_row, 0, slots, "one entry per slot of expert_ids");
+  check.tensor("sorted_position", sorted_position, 1, "[slots]", Types::kI32);
+  check.dim_is("sorted_position", sorted_position, 0, slots, "one entry per slot of expert_ids");
 }
 
-void check_silu_mul(const char* backend, int64_t n) { check_non_negative(backend, "silu_mul", "n", n); }
-
-void check_route_top_k(const char* backend, int64_t num_tokens, int64_t num_experts, int64_t top_k,
-                       int64_t num_present) {
-  check_non_negative(backend, "route_top_k", "num_tokens", num_tokens);
-  check_non_negative(backend, "route_top_k", "num_experts", num_experts);
-  if (top_k < 1) {
-    fail(backend, "route_top_k", "top_k = " + std::to_string(top_k) + " must be >= 1");
+void check_expert_ffn(MemorySpace space, const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up,
+                      const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
+                      const Tensor& y) {
+  const OpCheck check("expert_ffn", space);
+  check.tensor("x", x, 2, "[rows, hidden]", Types::kActivation);
+  check.tensor("expert_offsets", expert_offsets, 1, "[num_experts + 1]", Types::kI32);
+  check.tensor("gate_up", gate_up, 3, "[hosted experts, 2 * intermediate, hidden]", Types::kWeight);
+  check.tensor("down", down, 3, "[hosted experts, hidden, intermediate]", Types::kWeight);
+  check.tensor("local_index", local_index, 1, "[num_experts]", Types::kI32);
+  check.tensor("intermediate", intermediate, 2, "[rows, intermediate]", Types::kActivation);
+  check.tensor("y", y, 2, "[rows, hidden]", Types::kActivation);
+  if (expert_offsets.dim(0) != local_index.dim(0) + 1) {
+    check.fail_pair("expert_offsets", expert_offsets, "local_index", local_index,
+                    "expert_offsets needs num_experts + 1 entries for local_index's num_experts");
   }
-  if (top_k > num_present) {
-    fail(backend, "route_top_k",
-         "top_k = " + std::to_string(top_k) + " exceeds the " + std::to_string(num_present) +
-             " present experts (of " + std::to_string(num_experts) + "); load more experts or lower top_k");
+  if (gate_up.dim(1) % 2 != 0) {
+    check.fail("gate_up is " + gate_up.describe() + ": dimension 1 must be even (gate rows, then up rows)");
   }
+  check.same_type("down", down, "gate_up", gate_up, "one weight type per layer");
+  check.same_dim("down", down, 0, "gate_up", gate_up, 0, "the number of hosted experts");
+  check.same_dim("gate_up", gate_up, 2, "x", x, 1, "hidden");
+  check.same_dim("down", down, 1, "x", x, 1, "hidden");
+  if (down.dim(2) * 2 != gate_up.dim(1)) {
+    check.fail_pair("down", down, "gate_up", gate_up,
+                    "the intermediate size differs (down's I, gate_up's 2I)");
+  }
+  check.same_dim("intermediate", intermediate, 0, "x", x, 0, "the row count");
+  check.same_dim("intermediate", intermediate, 1, "down", down, 2, "the intermediate size");
+  check.same_type("intermediate", intermediate, "x", x, "one activation type");
+  check.same_shape("y", y, "x", x);
+  check.same_type("y", y, "x", x, "one activation type");
 }
 
-void check_scaled_add_rows(const char* backend, int64_t rows, int64_t dim) {
-  check_non_negative(backend, "scaled_add_rows", "rows", rows);
-  check_non_negative(backend, "scaled_add_rows", "dim", dim);
+void check_combine_top_k(MemorySpace space, const Tensor& expert_out, const Tensor& sorted_position,
+                         const Tensor& weights, const Tensor& out) {
+  const OpCheck check("combine_top_k", space);
+  check.tensor("weights", weights, 2, "[tokens, top_k]", Types::kF32);
+  check.tensor("sorted_position", sorted_position, sorted_position.rank == 2 ? 2 : 1, "[tokens * top_k]",
+               Types::kI32);
+  check.tensor("expert_out", expert_out, 2, "[tokens * top_k, hidden]", Types::kActivation);
+  check.tensor("out", out, 2, "[tokens, hidden]", Types::kActivation);
+  if (sorted_position.numel() != weights.numel()) {
+    check.fail_pair("sorted_position", sorted_position, "weights", weights,
+                    "one entry per (token, slot) is needed");
+  }
+  if (expert_out.dim(0) != weights.numel()) {
+    check.fail_pair("expert_out", expert_out, "weights", weights, "one row per (token, slot) is needed");
+  }
+  check.same_dim("out", out, 0, "weights", weights, 0, "the token count");
+  check.same_dim("out", out, 1, "expert_out", expert_out, 1, "hidden");
+  check.same_type("out", out, "expert_out", expert_out, "one activation type");
 }
-
-void check_add(const char* backend, int64_t n) { check_non_negative(backend, "add", "n", n); }
 
 }  // namespace epic::backend_checks

@@ -1,21 +1,51 @@
-// Argument checks shared by every Backend: each throws Error(kInvalidArgument) naming the backend,
-// the op and the offending values before an op could read or write out of bounds.
+// Argument checks shared by every Backend: each checks an op's tensors (memory space, scalar type,
+// rank and shape, and how the shapes relate) before the op touches memory, and throws
+// Error(kInvalidArgument) naming the op and the offending tensor, e.g.
+//   "linear: w is bf16[64, 32] on host but x is f32[4, 48] on host: in_dim differs".
+// `space` is where the calling backend's memory lives; every tensor must be there. Only shapes
+// and types are checked here (values such as ids or offsets may sit on a device); a backend that
+// can read values cheaply (the CPU) checks them itself.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+
+#include "kernels/backend.h"
+#include "kernels/tensor.h"
 
 namespace epic::backend_checks {
 
-void check_linear(const char* backend, int64_t rows, int64_t in_dim, int64_t out_dim);
-void check_rms_norm(const char* backend, int64_t rows, int64_t dim);
-void check_rope(const char* backend, int64_t num_tokens, int64_t num_heads, int64_t head_dim, double theta);
-void check_attention(const char* backend, int64_t num_queries, int64_t num_keys, int64_t first_position,
-                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim);
-void check_silu_mul(const char* backend, int64_t n);
-// num_present: how many of the num_experts entries of present are non-zero.
-void check_route_top_k(const char* backend, int64_t num_tokens, int64_t num_experts, int64_t top_k,
-                       int64_t num_present);
-void check_scaled_add_rows(const char* backend, int64_t rows, int64_t dim);
-void check_add(const char* backend, int64_t n);
+// Bytes [offset, offset + bytes) of t, t in space. op names the copy in the message.
+void check_copy_range(const char* op, MemorySpace space, const Tensor& t, size_t offset, size_t bytes);
+// src and dst in space with the same byte count.
+void check_copy(const char* op, MemorySpace space, const Tensor& src, const Tensor& dst);
+
+// ---- dense ops (Backend's contract in kernels/backend.h) ----
+void check_embed(MemorySpace space, const Tensor& ids, const Tensor& table, const Tensor& out);
+void check_linear(MemorySpace space, const Tensor& x, const Tensor& w, const Tensor& y);
+void check_rms_norm(MemorySpace space, const Tensor& x, const Tensor& weight, const Tensor& y);
+void check_qk_norm_rope(MemorySpace space, const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
+                        const Tensor& positions, const AttentionShape& shape, double theta);
+void check_store_kv(MemorySpace space, const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool,
+                    const Tensor& value_pool, const AttentionShape& shape);
+void check_attention(MemorySpace space, const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
+                     const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
+                     const AttentionShape& shape, const Tensor& out);
+void check_silu_mul(MemorySpace space, const Tensor& gate_up, const Tensor& out);
+void check_add(MemorySpace space, const Tensor& x, const Tensor& y);
+void check_gather_rows(MemorySpace space, const Tensor& x, const Tensor& index, const Tensor& out);
+void check_argmax(MemorySpace space, const Tensor& logits, const Tensor& ids);
+
+// ---- MoE ops ----
+void check_route_top_k(MemorySpace space, const Tensor& logits, const Tensor& present,
+                       const Tensor& expert_ids, const Tensor& weights);
+void check_group_by_expert(MemorySpace space, const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
+                           const Tensor& expert_offsets, const Tensor& source_row,
+                           const Tensor& sorted_position);
+void check_expert_ffn(MemorySpace space, const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up,
+                      const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
+                      const Tensor& y);
+void check_combine_top_k(MemorySpace space, const Tensor& expert_out, const Tensor& sorted_position,
+                         const Tensor& weights, const Tensor& out);
 
 }  // namespace epic::backend_checks

@@ -18,6 +18,7 @@
 #include "kernels/backend.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
+#include "launch/backend_choice.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/default_paths.h"
@@ -26,7 +27,9 @@
 #include "launch/rank_agreement.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/model_writer.h"
+#include "worker/moe_block.h"
 #include "worker/random_values.h"
+#include "worker/weight_source.h"
 
 namespace epic::cli {
 namespace {
@@ -121,49 +124,61 @@ int bench_moe_command(const BenchMoeArgs& args) {
   const PlacementPlan plan = make_placement(config, inventory, {num_workers, args.slots, std::nullopt, ""});
   const ExpertRoutingTable table = routing_table_from_plan(plan);
 
-  // Every rank makes the same router and only the experts it hosts, with the values make-model
-  // would write for this preset and seed.
-  ModelWeights weights;
-  weights.layers.resize(args.layers);
+  // Every rank draws the same router and only the experts it hosts, with the values make-model
+  // would write for this preset and seed, straight into its backend's memory.
   PhaseTotals totals;
-  for (int64_t layer = 0; layer < args.layers; ++layer) {
-    LayerWeights& w = weights.layers[layer];
-    w.is_moe = true;
-    w.moe.num_experts = config.num_experts;
-    w.moe.present.assign(config.num_experts, 1);
-    w.moe.router = random_tensor_values(config.layer_prefix(layer) + "mlp.gate.weight",
-                                        {config.num_experts, hidden}, RandomInit::kLinear, args.seed);
-    for (int64_t expert = 0; expert < config.num_experts; ++expert) {
-      if (!table.hosts(rank, layer, expert)) continue;
-      const std::vector<std::string> names = expert_tensor_names(config, layer, expert);
-      ExpertWeights& e = w.moe.experts[expert];
-      e.gate = random_tensor_values(names[0], {inter, hidden}, RandomInit::kLinear, args.seed);
-      e.up = random_tensor_values(names[1], {inter, hidden}, RandomInit::kLinear, args.seed);
-      e.down = random_tensor_values(names[2], {hidden, inter}, RandomInit::kLinear, args.seed);
-      ++totals.experts_hosted;
-    }
-  }
-  // Unit-variance token rows, different on every rank.
-  const std::vector<float> tokens =
+  const BackendFlags backend_flags{args.backend, args.device, args.precision};
+  ChosenBackend chosen = choose_backend(backend_flags, launcher_local_rank(),
+                                        args.threads > 0 ? args.threads : default_cpu_threads());
+  const int threads = args.threads > 0 ? args.threads : default_cpu_threads();
+  Backend& backend = *chosen.backend;
+  const ScalarType act = chosen.activation_type;
+  std::unique_ptr<WeightSource> source =
+      make_random_source(config, preset.storage, args.seed, "bench-moe weights of preset " + preset.name);
+  LoadOptions load_options;
+  load_options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
+  if (act == ScalarType::kBF16) load_options.weight_type = ScalarType::kBF16;
+  const ModelWeights weights = load_moe_layers(config, *source, backend, load_options);
+  totals.experts_hosted = weights.experts_hosted();
+  // Unit-variance token rows, different on every rank, in the activation type.
+  const std::vector<float> token_values =
       random_tensor_values("bench-moe.tokens.rank" + std::to_string(rank), {args.tokens_per_worker, hidden},
                            RandomInit::kEmbedding, args.seed);
-
-  const int threads = args.threads > 0 ? args.threads : default_cpu_threads();
-  auto backend = make_cpu_backend(threads);
-  std::vector<float> out(args.tokens_per_worker * hidden);
-  for (int64_t i = 0; i < args.warmup; ++i) {
-    ExpertParallelMoeExecutor warm(config, weights, *backend, *comm, table);
-    for (int64_t layer = 0; layer < args.layers; ++layer)
-      warm.forward(layer, tokens.data(), args.tokens_per_worker, out.data());
+  const OwnedTensor tokens = backend.new_tensor(act, {args.tokens_per_worker, hidden});
+  if (act == ScalarType::kBF16) {
+    std::vector<uint16_t> bits(token_values.size());
+    for (size_t i = 0; i < bits.size(); ++i) bits[i] = f32_to_bf16(token_values[i]);
+    backend.copy_from_host(tokens, 0, bits.data(), bits.size() * sizeof(uint16_t));
+  } else {
+    backend.copy_from_host(tokens, 0, token_values.data(), token_values.size() * sizeof(float));
   }
-  ExpertParallelMoeExecutor executor(config, weights, *backend, *comm, table);
+  backend.synchronize();
+  const OwnedTensor out = backend.new_tensor(act, {args.tokens_per_worker, hidden});
+  Workspace workspace(backend);
+  // One GPU worker times the device path (local executor: no host round trips); otherwise the
+  // expert-parallel executor with its per-phase clocks.
+  const bool local = num_workers == 1 && backend.memory_space() == MemorySpace::kDevice;
+  LocalMoeExecutor local_executor(config, weights, backend);
+  for (int64_t i = 0; i < args.warmup; ++i) {
+    ExpertParallelMoeExecutor warm(config, weights, backend, *comm, table);
+    MoeExecutor& executor = local ? static_cast<MoeExecutor&>(local_executor) : warm;
+    for (int64_t layer = 0; layer < args.layers; ++layer) executor.forward(layer, tokens, out, workspace);
+  }
+  backend.synchronize();
+  ExpertParallelMoeExecutor executor(config, weights, backend, *comm, table);
+  MoeExecutor& timed = local ? static_cast<MoeExecutor&>(local_executor) : executor;
   comm->barrier();
   const auto start = clock_type::now();
   for (int64_t i = 0; i < args.iterations; ++i)
-    for (int64_t layer = 0; layer < args.layers; ++layer)
-      executor.forward(layer, tokens.data(), args.tokens_per_worker, out.data());
+    for (int64_t layer = 0; layer < args.layers; ++layer) timed.forward(layer, tokens, out, workspace);
+  backend.synchronize();
   totals.total = std::chrono::duration<double>(clock_type::now() - start).count();
-  const MoePhaseStats& stats = executor.stats();
+  MoePhaseStats stats = executor.stats();
+  if (local) {  // one worker on the device: the whole block is "expert" time, no traffic
+    stats.calls = args.iterations * args.layers;
+    stats.expert_seconds = totals.total;
+    stats.rows_computed = stats.rows_sent = stats.calls * args.tokens_per_worker * config.num_experts_per_tok;
+  }
   const double calls = static_cast<double>(stats.calls);
   const std::vector<double> mine = {stats.route_seconds / calls * 1e3,
                                     stats.dispatch_seconds / calls * 1e3,
@@ -185,7 +200,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
   std::printf(
       "bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s), backend %s\n",
       shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
-      static_cast<long long>(args.layers), static_cast<long long>(args.iterations), backend->name().c_str());
+      static_cast<long long>(args.layers), static_cast<long long>(args.iterations), chosen.description.c_str());
   std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s\n", "worker", "route",
               "dispatch", "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts");
   double max_total = 0, max_rows = 0, sum_rows = 0;
@@ -236,7 +251,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
                              {"layers", args.layers},
                              {"iterations", args.iterations},
                              {"threads_per_rank", threads},
-                             {"backend", backend->name()},
+                             {"backend", chosen.description},
                              {"per_worker", workers},
                              {"tokens_per_second", tokens_per_second}};
     files::write_file_atomically(args.json_out, result.dump(2) + "\n", "--json");

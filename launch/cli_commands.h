@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "kernels/error.h"
 
@@ -40,6 +41,15 @@ struct RunArgs {
   std::string report_out;        // per-worker report (bytes, phases, load) as JSON
   double comm_timeout_seconds = 300;
   int64_t max_active_sequences = 64;  // per worker; worker/generation_loop.h kDefaultMaxActiveSequences
+  // Random weights of a preset instead of --model (launch/model_source.h).
+  std::string random_weights;
+  std::optional<int64_t> layers;
+  uint64_t weights_seed = 0;
+  // Where and in which precision to compute (launch/backend_choice.h).
+  std::string backend = "auto";
+  std::optional<int> device;
+  std::string precision = "auto";
+  bool cuda_graphs = true;
 };
 
 struct PlanArgs {
@@ -80,8 +90,35 @@ struct BenchMoeArgs {
   std::string csv_out;
   std::string json_out;
   double comm_timeout_seconds = 300;
+  std::string backend = "auto";  // auto | cpu | cuda (launch/backend_choice.h)
+  std::optional<int> device;
+  std::string precision = "auto";
 };
 int bench_moe_command(const BenchMoeArgs& args);
+
+struct BenchLoadArgs {
+  std::string model_dir;
+  int threads = 0;  // reader threads; 0 = min(8, cores)
+  bool allow_nonfinite_weights = false;
+};
+int bench_load_command(const BenchLoadArgs& args);
+
+struct BenchDecodeArgs {
+  std::string model_dir;       // or random_weights
+  std::string random_weights;  // a preset
+  std::optional<int64_t> layers;
+  uint64_t weights_seed = 0;
+  std::string backend = "auto";
+  std::optional<int> device;
+  std::string precision = "auto";
+  std::vector<int64_t> batches = {1};  // each timed in turn on the one loaded model
+  int64_t prompt_tokens = 32;
+  int64_t new_tokens = 64;
+  int64_t prefill_tokens = 0;  // > 0: also time one prefill of this many tokens
+  bool cuda_graphs = true;
+  std::string json_out;
+};
+int bench_decode_command(const BenchDecodeArgs& args);
 
 int make_model_command(const MakeModelArgs& args);
 int run_command(const RunArgs& args);

@@ -1,4 +1,4 @@
-// The `epic` executable: subcommands make-model, run, plan, bench-moe, tokenize, detokenize.
+// The `epic` executable: subcommands make-model, run, plan, bench-moe, bench-load, tokenize, detokenize.
 // Exit codes: 0 success, 2 bad flags or input, 1 any other failure.
 #include <CLI/CLI.hpp>
 #include <charconv>
@@ -82,7 +82,23 @@ int main(int argc, char** argv) {
 
   RunArgs run_args;
   CLI::App* run = app.add_subcommand("run", "Generate from a prompt (one-shot job)");
-  run->add_option("--model", run_args.model_dir, "Hugging Face model directory")->required();
+  run->add_option("--model", run_args.model_dir, "Hugging Face model directory (or --random-weights)");
+  run->add_option("--random-weights", run_args.random_weights,
+                  "Random weights of a preset (configs/presets), drawn in memory as make-model writes them");
+  run->add_option("--layers", run_args.layers, "With --random-weights: keep the preset's first N layers")
+      ->transform(strict_integer<int64_t>());
+  run->add_option("--weights-seed", run_args.weights_seed, "With --random-weights: make-model's --seed")
+      ->capture_default_str()
+      ->transform(strict_integer<uint64_t>());
+  run->add_option("--backend", run_args.backend, "cpu or cuda (default: cuda where a GPU is visible)")
+      ->capture_default_str();
+  run->add_option("--device", run_args.device, "CUDA device (default: the local rank's)")
+      ->transform(strict_integer<int>());
+  run->add_option("--precision", run_args.precision,
+                  "fp32 (verification; the cpu backend's only mode) or bf16 (serving; default on cuda)")
+      ->capture_default_str();
+  run->add_flag("--cuda-graphs,!--no-cuda-graphs", run_args.cuda_graphs,
+                "Replay decode steps from captured CUDA graphs (default on)");
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   auto* prompts_file =
@@ -174,10 +190,53 @@ int main(int argc, char** argv) {
           "--threads", bench_args.threads,
           "CPU threads per rank, 0 to " + std::to_string(kMaxThreads) + " (0: cores / ranks on the node)")
       ->transform(strict_integer<int>());
+  bench->add_option("--backend", bench_args.backend, "cpu, cuda or auto")->capture_default_str();
+  bench->add_option("--device", bench_args.device, "CUDA device (default: the local rank's)")
+      ->transform(strict_integer<int>());
+  bench->add_option("--precision", bench_args.precision, "fp32 or bf16 (cuda; default bf16 there)")
+      ->capture_default_str();
   bench->add_option("--csv", bench_args.csv_out, "Append one CSV line per worker to this file");
   bench->add_option("--json", bench_args.json_out, "Write the results as JSON");
   bench->add_option("--comm-timeout", bench_args.comm_timeout_seconds, comm_timeout_help)
       ->capture_default_str();
+
+  BenchLoadArgs load_args;
+  CLI::App* bench_load =
+      app.add_subcommand("bench-load", "Time loading a checkpoint onto the CPU against reading its files");
+  bench_load->add_option("--model", load_args.model_dir, "Hugging Face model directory")->required();
+  bench_load
+      ->add_option("--threads", load_args.threads,
+                   "Reader threads, 0 to " + std::to_string(kMaxThreads) + " (0: min(8, cores))")
+      ->transform(strict_integer<int>());
+  bench_load->add_flag("--allow-nonfinite-weights", load_args.allow_nonfinite_weights,
+                       "Load NaN/Inf weights instead of failing");
+
+  BenchDecodeArgs decode_args;
+  CLI::App* bench_decode = app.add_subcommand(
+      "bench-decode", "Time whole-model decode steps of a batch (and a long prefill) on one process");
+  bench_decode->add_option("--model", decode_args.model_dir, "Hugging Face model directory (or --random-weights)");
+  bench_decode->add_option("--random-weights", decode_args.random_weights, "Random weights of a preset, in memory");
+  bench_decode->add_option("--layers", decode_args.layers, "With --random-weights: the preset's first N layers")
+      ->transform(strict_integer<int64_t>());
+  bench_decode->add_option("--weights-seed", decode_args.weights_seed, "make-model's --seed")
+      ->capture_default_str()
+      ->transform(strict_integer<uint64_t>());
+  bench_decode->add_option("--backend", decode_args.backend, "cpu, cuda or auto")->capture_default_str();
+  bench_decode->add_option("--device", decode_args.device, "CUDA device")->transform(strict_integer<int>());
+  bench_decode->add_option("--precision", decode_args.precision, "fp32 or bf16")->capture_default_str();
+  bench_decode->add_option("--batch", decode_args.batches, "Sequences decoded together, e.g. 1,16,64,256")
+      ->delimiter(',');
+  bench_decode->add_option("--prompt-tokens", decode_args.prompt_tokens, "Prompt length of each sequence")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  bench_decode->add_option("--new-tokens", decode_args.new_tokens, "Tokens generated per sequence")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  bench_decode->add_option("--prefill-tokens", decode_args.prefill_tokens, "Also time one prefill this long")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  bench_decode->add_flag("--cuda-graphs,!--no-cuda-graphs", decode_args.cuda_graphs, "Replay decode graphs");
+  bench_decode->add_option("--json", decode_args.json_out, "Also write the results as a JSON array");
 
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
@@ -203,6 +262,8 @@ int main(int argc, char** argv) {
     if (*run) return run_command(run_args);
     if (*plan) return plan_command(plan_args);
     if (*bench) return bench_moe_command(bench_args);
+    if (*bench_load) return bench_load_command(load_args);
+    if (*bench_decode) return bench_decode_command(decode_args);
     if (*tokenize) return tokenize_command(tokenize_args);
     if (*detokenize) return detokenize_command(detokenize_args);
   } catch (const SilentFailure& failure) {

@@ -8,7 +8,7 @@
 #include "launch/cli_commands.h"
 #include "launch/flag_checks.h"
 #include "launch/placement_setup.h"
-#include "worker/checkpoint.h"
+#include "worker/weight_source.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
 
@@ -20,8 +20,8 @@ int plan_command(const PlanArgs& args) {
   if (!args.out.empty()) check_output_flag(args.out, "--out");
   if (!args.load_profile.empty()) files::require_regular_file(args.load_profile, "--load-profile");
   const ModelConfig config = ModelConfig::load(args.model_dir);
-  Checkpoint checkpoint = Checkpoint::open(args.model_dir);
-  const ExpertInventory inventory = inspect_experts(config, checkpoint, args.allow_missing_experts);
+  const std::unique_ptr<WeightSource> checkpoint = open_checkpoint_source(args.model_dir);
+  const ExpertInventory inventory = inspect_experts(config, *checkpoint, args.allow_missing_experts);
   const PlacementPlan plan =
       make_placement(config, inventory, {args.workers, args.slots, args.budget_bytes, args.load_profile});
   const std::string json = plan.to_json_text();

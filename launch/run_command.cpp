@@ -21,13 +21,14 @@
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/flag_checks.h"
+#include "launch/backend_choice.h"
 #include "launch/id_list.h"
+#include "launch/model_source.h"
 #include "launch/peak_memory.h"
 #include "launch/placement_setup.h"
 #include "launch/rank_agreement.h"
 #include "launch/result_printer.h"
 #include "launch/run_wire.h"
-#include "worker/checkpoint.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/generation_loop.h"
 #include "worker/model_config.h"
@@ -127,6 +128,12 @@ std::vector<std::vector<int32_t>> read_prompts(const RunArgs& args, const ModelC
   return prompts;
 }
 
+ModelSourceFlags model_source_flags(const RunArgs& args) {
+  return {args.model_dir, args.random_weights, args.layers, args.weights_seed};
+}
+
+BackendFlags backend_flags(const RunArgs& args) { return {args.backend, args.device, args.precision}; }
+
 // The flags every rank can check alike before anything starts (no file is touched here: output
 // and input paths are the coordinator's, checked first thing in plan_run, so a path that exists
 // only on rank 0's node is no error and the message is printed once).
@@ -136,6 +143,8 @@ void check_flags(const RunArgs& args) {
                 "--max-new-tokens must be >= 0, got " + std::to_string(args.max_new_tokens));
   Sampler check({args.temperature, args.top_p, args.seed});  // validates the sampling flags
   check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
+  check_model_source_flags(model_source_flags(args));
+  check_backend_flags(backend_flags(args));
 }
 
 // Rank 0, before any weight is read: every output path can be written atomically (absent or a
@@ -168,12 +177,13 @@ struct CoordinatorOutput {
 
 // Rank 0: prompts -> ids, placement plan, sequence assignment.
 CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConfig& config,
-                           const std::optional<Tokenizer>& tokenizer, Checkpoint& checkpoint) {
-  const fs::path model_dir = args.model_dir;
+                           const std::optional<Tokenizer>& tokenizer, WeightSource& source) {
+  const fs::path model_dir = args.model_dir.empty() ? fs::path("--random-weights " + args.random_weights)
+                                                    : fs::path(args.model_dir);
   CoordinatorOutput output;
   check_coordinator_files(args);
   output.prompts = read_prompts(args, config, tokenizer, model_dir);
-  const ExpertInventory inventory = inspect_experts(config, checkpoint, args.allow_missing_experts);
+  const ExpertInventory inventory = inspect_experts(config, source, args.allow_missing_experts);
   const PlacementPlan placement =
       make_placement(config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile});
   if (!args.placement_out.empty())
@@ -318,21 +328,23 @@ namespace {
 int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   Communicator* comm = &communicator;
   const bool coordinator = comm->rank() == 0;
-  const fs::path model_dir = args.model_dir;
 
   // Every rank reads config.json and the checkpoint index (small; shard headers are read on first
-  // use and kept); only the coordinator reads prompts and the tokenizer.
+  // use and kept), or the preset; only the coordinator reads prompts and the tokenizer.
+  OpenedModel model;
   std::optional<ModelConfig> config;
-  std::optional<Checkpoint> checkpoint;
   std::optional<Tokenizer> tokenizer;
+  ChosenBackend chosen;
   run_on_all_ranks(*comm, [&] {
-    config = ModelConfig::load(model_dir);
-    checkpoint.emplace(Checkpoint::open(model_dir));
+    model = open_model(model_source_flags(args));
+    config = model.config;
+    chosen = choose_backend(backend_flags(args), launcher_local_rank(), default_cpu_threads());
   });
   CoordinatorOutput coordinator_output;
   const std::string plan_bytes = broadcast_from_root(*comm, 0, [&] {
-    if (fs::exists(model_dir / "tokenizer.json")) tokenizer = Tokenizer::load(model_dir / "tokenizer.json");
-    coordinator_output = plan_run(args, comm->size(), *config, tokenizer, *checkpoint);
+    if (model.model_dir && fs::exists(*model.model_dir / "tokenizer.json"))
+      tokenizer = Tokenizer::load(*model.model_dir / "tokenizer.json");
+    coordinator_output = plan_run(args, comm->size(), *config, tokenizer, *model.source);
     return wire::to_bytes(coordinator_output.plan);
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");
@@ -348,7 +360,9 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     options.allow_nonfinite_weights = args.allow_nonfinite_weights;  // every rank parses the same flags
     const int rank = comm->rank();
     options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
-    weights = load_model_weights(*config, *checkpoint, options);
+    // bf16 activations need bf16 weights; fp32 keeps the checkpoint's type (bf16 widened per block).
+    if (chosen.activation_type == ScalarType::kBF16) options.weight_type = ScalarType::kBF16;
+    weights = load_model_weights(*config, *model.source, *chosen.backend, options);
   });
   const double load_seconds = seconds_since(load_start);
 
@@ -372,9 +386,26 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     mine.push_back(
         {s.sequence_id, s.prompt, s.max_new_tokens, s.want_prompt_logits, {s.temperature, s.top_p, s.seed}});
   }
-  auto backend = make_cpu_backend(default_cpu_threads());
-  ExpertParallelMoeExecutor executor(*config, weights, *backend, *comm, table);
-  ModelRunner runner(*config, weights, *backend, &executor);
+  Backend& backend = *chosen.backend;
+  ExpertParallelMoeExecutor executor(*config, weights, backend, *comm, table);
+  RunnerOptions runner_options;
+  runner_options.activation_type = chosen.activation_type;
+  runner_options.max_sequences = args.max_active_sequences;
+  runner_options.max_context = 1;
+  for (const SequenceRequest& sequence : mine)
+    runner_options.max_context = std::max<int64_t>(
+        runner_options.max_context, static_cast<int64_t>(sequence.prompt.size()) + sequence.max_new_tokens);
+  runner_options.use_graphs = args.cuda_graphs;
+  // One GPU worker computes its MoE blocks locally: device ops only, so decode steps can be captured
+  // as graphs. Otherwise (several workers, the cpu reference, or a load profile to record, which
+  // needs the per-expert row counts) the expert-parallel executor runs them.
+  const bool local_moe =
+      comm->size() == 1 && backend.memory_space() == MemorySpace::kDevice && args.load_profile_out.empty();
+  std::optional<ModelRunner> runner;
+  run_on_all_ranks(*comm, [&] {
+    runner.emplace(*config, weights, backend, runner_options, local_moe ? nullptr : &executor);
+  });
+  if (coordinator) std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());
   comm->barrier();  // time the generation alone, from a common start
   const auto run_start = clock_type::now();
   GenerationOptions generation;
@@ -382,16 +413,15 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   generation.result_root = 0;
   // The sink runs on rank 0 only, the one rank with a printer.
   const GenerationStats stats = run_generation(
-      runner, mine, *comm, generation, [&](SequenceResult&& result) { printer->add(std::move(result)); });
+      *runner, mine, *comm, generation, [&](SequenceResult&& result) { printer->add(std::move(result)); });
   const double run_seconds = seconds_since(run_start);
 
   wire::WorkerReport report;
   report.rank = comm->rank();
   report.bytes_read = weights.bytes_read;
-  report.resident_bytes = weights.resident_bytes();
+  report.resident_bytes = weights.resident_bytes + runner->kv_cache_bytes() + runner->workspace_bytes();
   report.peak_resident_bytes = peak_resident_bytes();
-  for (const LayerWeights& layer : weights.layers)
-    report.experts_hosted += static_cast<int64_t>(layer.moe.experts.size());
+  report.experts_hosted = weights.experts_hosted();
   report.sequences = static_cast<int64_t>(mine.size());
   report.steps = stats.steps;
   report.tokens_processed = stats.tokens_processed;

@@ -1,4 +1,5 @@
-// The dispatch / expert compute / combine of one MoE layer over a Communicator.
+// The dispatch / expert compute / combine of one MoE layer over a Communicator. Routing and the
+// expert FFN are backend ops; the rows travel through host buffers around each all-to-all.
 #include "worker/expert_parallel_moe.h"
 
 #include <chrono>
@@ -14,6 +15,13 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+template <typename T>
+std::vector<T> download(Backend& backend, const Tensor& tensor) {
+  std::vector<T> values(static_cast<size_t>(tensor.numel()));
+  backend.copy_to_host(tensor, 0, values.data(), tensor.bytes());
+  return values;
+}
+
 }  // namespace
 
 ExpertParallelMoeExecutor::ExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights,
@@ -25,85 +33,103 @@ ExpertParallelMoeExecutor::ExpertParallelMoeExecutor(const ModelConfig& config, 
                  std::to_string(comm.size()) + " ranks");
 }
 
-void ExpertParallelMoeExecutor::forward(int64_t layer, const float* hidden, int64_t num_tokens, float* out) {
+void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& out,
+                                        Workspace& workspace) {
   using clock = std::chrono::steady_clock;
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
+  const int64_t num_tokens = hidden.dim(0), num_slots = num_tokens * top_k;
+  const ScalarType act = hidden.type;
+  const size_t row_bytes = static_cast<size_t>(hidden_size) * scalar_size(act);
   const int num_workers = comm_.size(), rank = comm_.rank();
   const uint64_t sent_before = comm_.bytes_sent(), received_before = comm_.bytes_received();
   ++stats_.calls;
 
   // Route: every worker holds the router, so routing needs no communication.
   auto start = clock::now();
-  const Routing routing =
-      route_tokens(backend_, moe, hidden, num_tokens, hidden_size, top_k, config_.norm_topk_prob);
-  const int64_t num_slots = num_tokens * top_k;
+  const RoutedTokens routed = route_tokens(backend_, config_, moe, hidden, workspace);
+  const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
   // Destination of every slot. Occurrences of one expert rotate over its replicas, starting at an
   // offset given by this rank, so replicas share the rows evenly across the whole cluster.
   std::vector<int> destination(num_slots);
   std::vector<uint64_t> occurrences(moe.num_experts, 0);
   std::vector<int64_t> send_counts(num_workers, 0);
   for (int64_t slot = 0; slot < num_slots; ++slot) {
-    const int64_t expert = routing.expert_ids[slot];
+    const int64_t expert = expert_ids[slot];
     destination[slot] = table_.worker_for(layer, expert, occurrences[expert]++ + static_cast<uint64_t>(rank));
     ++send_counts[destination[slot]];
   }
-  // Slots ordered by destination worker (stable: slot order within a worker).
+  // Slots ordered by destination worker (stable: slot order within a worker); returned_position is
+  // the inverse (where each slot's output comes back).
   std::vector<int64_t> send_offsets(num_workers + 1, 0);
   for (int w = 0; w < num_workers; ++w) send_offsets[w + 1] = send_offsets[w] + send_counts[w];
-  std::vector<int64_t> send_order(num_slots);
+  std::vector<int32_t> send_source_row(num_slots), returned_position(num_slots), send_experts(num_slots);
   {
     std::vector<int64_t> cursor(send_offsets.begin(), send_offsets.end() - 1);
-    for (int64_t slot = 0; slot < num_slots; ++slot) send_order[cursor[destination[slot]]++] = slot;
+    for (int64_t slot = 0; slot < num_slots; ++slot) {
+      const int64_t i = cursor[destination[slot]]++;
+      send_source_row[i] = static_cast<int32_t>(slot / top_k);
+      send_experts[i] = expert_ids[slot];
+      returned_position[slot] = static_cast<int32_t>(i);
+    }
   }
-  std::vector<int32_t> send_experts(num_slots);
-  std::vector<float> send_rows(num_slots * hidden_size);
-  for (int64_t i = 0; i < num_slots; ++i) {
-    const int64_t slot = send_order[i];
-    send_experts[i] = routing.expert_ids[slot];
-    std::memcpy(&send_rows[i * hidden_size], hidden + (slot / top_k) * hidden_size,
-                hidden_size * sizeof(float));
-  }
+  // The rows to send, gathered on the backend in send order and brought to the host.
+  const Tensor send_index = workspace.get(kSlotSourceRow, ScalarType::kI32, {num_slots});
+  backend_.copy_from_host(send_index, 0, send_source_row.data(), send_index.bytes());
+  const Tensor send_rows_device = workspace.get(kSlotSortedRows, act, {num_slots, hidden_size});
+  backend_.gather_rows(hidden, send_index, send_rows_device);
+  std::vector<char> send_rows(send_rows_device.bytes());
+  backend_.copy_to_host(send_rows_device, 0, send_rows.data(), send_rows.size());
   stats_.route_seconds += seconds_since(start);
   stats_.rows_sent += num_slots;
 
   // Dispatch: counts, then the expert id of each row, then the rows.
   start = clock::now();
   std::vector<int64_t> recv_counts;
-  std::vector<int64_t> send_floats(num_workers), recv_floats(num_workers);
-  std::vector<float> recv_rows;
+  std::vector<int64_t> send_bytes(num_workers), recv_bytes(num_workers), send_at(num_workers), recv_at(num_workers);
+  std::vector<char> recv_rows;
   std::vector<int32_t> recv_experts;
   {
     // Names the collectives in timeout and dead-peer messages.
     const Communicator::Activity activity(comm_, "MoE layer " + std::to_string(layer) + " dispatch");
     recv_experts = comm_.all_to_all_v<int32_t>(std::span<const int32_t>(send_experts), send_counts, &recv_counts);
+    int64_t sent = 0, received = 0;
     for (int w = 0; w < num_workers; ++w) {
-      send_floats[w] = send_counts[w] * hidden_size;
-      recv_floats[w] = recv_counts[w] * hidden_size;
+      send_bytes[w] = send_counts[w] * static_cast<int64_t>(row_bytes);
+      recv_bytes[w] = recv_counts[w] * static_cast<int64_t>(row_bytes);
+      send_at[w] = sent;
+      recv_at[w] = received;
+      sent += send_bytes[w];
+      received += recv_bytes[w];
     }
-    recv_rows = comm_.all_to_all_v_known<float>(std::span<const float>(send_rows), send_floats, recv_floats);
+    recv_rows.resize(static_cast<size_t>(received));
+    comm_.all_to_all_v(send_rows.data(), send_bytes, send_at, recv_rows.data(), recv_bytes, recv_at);
   }
   stats_.dispatch_seconds += seconds_since(start);
 
   // Expert compute: received rows grouped by expert, each row's FFN computed alone.
   start = clock::now();
   const int64_t num_received = static_cast<int64_t>(recv_experts.size());
-  Routing received;  // one "token" per received row, top-1, so the grouping code can be reused
-  received.num_tokens = num_received;
-  received.top_k = 1;
-  received.expert_ids = recv_experts;
-  received.weights.assign(num_received, 1.0f);
   for (int64_t i = 0; i < num_received; ++i) {
     const int32_t expert = recv_experts[i];
-    if (expert < 0 || expert >= moe.num_experts || !table_.hosts(rank, layer, expert))
+    if (expert < 0 || expert >= moe.num_experts || !table_.hosts(rank, layer, expert) || !moe.hosts(expert))
       throw Error(ErrorCode::kInternal, "rank " + std::to_string(rank) + ": received a row for layer " +
                                             std::to_string(layer) + " expert " + std::to_string(expert) +
                                             ", which this worker does not host");
   }
-  const ExpertGroups groups = group_rows_by_expert(received);
-  std::vector<float> computed(num_received * hidden_size);
-  run_expert_ffn(backend_, moe, groups, recv_rows.data(), hidden_size, config_.moe_intermediate_size, 1,
-                 computed.data());
+  const Tensor received_experts = workspace.get(kSlotReceivedExperts, ScalarType::kI32, {num_received});
+  backend_.copy_from_host(received_experts, 0, recv_experts.data(), received_experts.bytes());
+  const Tensor received_rows = workspace.get(kSlotReceivedRows, act, {num_received, hidden_size});
+  backend_.copy_from_host(received_rows, 0, recv_rows.data(), received_rows.bytes());
+  const GroupedRows grouped = group_rows(backend_, received_experts, moe.num_experts, 1, workspace);
+  const Tensor sorted_rows = workspace.get(kSlotSortedRows, act, {num_received, hidden_size});
+  backend_.gather_rows(received_rows, grouped.source_row, sorted_rows);
+  const Tensor expert_out = workspace.get(kSlotExpertOut, act, {num_received, hidden_size});
+  run_experts(backend_, config_, moe, sorted_rows, grouped.expert_offsets, expert_out, workspace);
+  // Back to the order the rows came in.
+  backend_.gather_rows(expert_out, grouped.sorted_position, received_rows);
+  std::vector<char> computed(received_rows.bytes());
+  backend_.copy_to_host(received_rows, 0, computed.data(), computed.size());
   std::vector<int64_t>& rows_per_expert = expert_rows_[layer];
   rows_per_expert.resize(moe.num_experts, 0);
   for (int32_t expert : recv_experts) ++rows_per_expert[expert];
@@ -112,16 +138,17 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const float* hidden, int6
 
   // Combine: outputs travel back in the order their rows came, then the weighted sum in slot order.
   start = clock::now();
-  std::vector<float> returned;
+  std::vector<char> returned(send_rows.size());
   {
     const Communicator::Activity activity(comm_, "MoE layer " + std::to_string(layer) + " combine");
-    returned = comm_.all_to_all_v_known<float>(std::span<const float>(computed), recv_floats, send_floats);
+    comm_.all_to_all_v(computed.data(), recv_bytes, recv_at, returned.data(), send_bytes, send_at);
   }
-  std::vector<float> slot_outputs(num_slots * hidden_size);
-  for (int64_t i = 0; i < num_slots; ++i)
-    std::memcpy(&slot_outputs[send_order[i] * hidden_size], &returned[i * hidden_size],
-                hidden_size * sizeof(float));
-  combine_top_k(routing, slot_outputs.data(), hidden_size, out);
+  const Tensor returned_rows = workspace.get(kSlotSortedRows, act, {num_slots, hidden_size});
+  backend_.copy_from_host(returned_rows, 0, returned.data(), returned.size());
+  const Tensor positions = workspace.get(kSlotSortedPosition, ScalarType::kI32, {num_slots});
+  backend_.copy_from_host(positions, 0, returned_position.data(), positions.bytes());
+  backend_.combine_top_k(returned_rows, positions, routed.weights, out);
+  backend_.synchronize();  // the host buffers above are the sources of asynchronous copies
   stats_.combine_seconds += seconds_since(start);
   stats_.bytes_sent += comm_.bytes_sent() - sent_before;
   stats_.bytes_received += comm_.bytes_received() - received_before;

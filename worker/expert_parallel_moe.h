@@ -2,7 +2,10 @@
 // its expert (replicas split deterministically) -> exchange counts -> all-to-all-v of token rows
 // -> grouped expert FFN on the received rows -> all-to-all-v back -> combine in fixed top-k order.
 // The result for a token does not depend on the number of workers or the placement: each row's
-// FFN is computed alone (the backend's linear is row-independent) and combined in slot order.
+// FFN is computed alone and combined in slot order.
+// The exchange goes through host memory (MPI): with a device backend the routing and the rows are
+// copied to the host and back around each all-to-all (NCCL on device memory is issue 8), so this
+// executor is not capturable in a graph.
 #pragma once
 
 #include <cstdint>
@@ -33,7 +36,8 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
  public:
   ExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
                             Communicator& comm, const ExpertRoutingTable& table);
-  void forward(int64_t layer, const float* hidden, int64_t num_tokens, float* out) override;
+  void forward(int64_t layer, const Tensor& hidden, const Tensor& out, Workspace& workspace) override;
+  bool capturable() const override { return false; }
 
   const MoePhaseStats& stats() const { return stats_; }
   // Rows each hosted (layer, expert) of this worker computed: its load, for the next plan.

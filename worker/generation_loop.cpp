@@ -17,13 +17,13 @@ namespace {
 // One live sequence: its cache and sampler exist only while it is admitted.
 struct LiveSequence {
   const SequenceRequest* request;
-  KvCache cache;
+  KvSequence cache;
   Sampler sampler;
   SequenceResult result;
   bool prefilled = false;
   bool done = false;
-  LiveSequence(const SequenceRequest& sequence, const ModelConfig& config)
-      : request(&sequence), cache(config), sampler([&] {
+  LiveSequence(const SequenceRequest& sequence, ModelRunner& runner)
+      : request(&sequence), cache(runner.new_sequence()), sampler([&] {
           SamplingOptions sampling = sequence.sampling;
           sampling.seed = sequence_seed(sampling.seed, sequence.sequence_id);
           return sampling;
@@ -162,16 +162,21 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
     EPIC_CHECK(!sequence.prompt.empty(), ErrorCode::kInvalidArgument,
                "sequence " + std::to_string(sequence.sequence_id) + " has an empty prompt");
 
-  // Samples the next token of a live sequence from its last logits; marks it done when finished.
-  auto advance = [&](LiveSequence& live, std::span<const float> last_logits) {
-    check_logits_finite(last_logits, live.request->sequence_id,
-                        static_cast<int64_t>(live.result.new_ids.size()));
+  // Picks the next token of a live sequence (the device's greedy choice, or sampled from its last
+  // logits when it samples); marks it done when finished. A greedy id of -1 means the logits were
+  // not finite: they are fetched to name the first bad one.
+  auto advance = [&](LiveSequence& live, int32_t greedy_id, const BatchLogits* logits, size_t chunk) {
+    const int64_t step = static_cast<int64_t>(live.result.new_ids.size());
+    if (logits != nullptr) check_logits_finite(logits->last_row(chunk), live.request->sequence_id, step);
+    EPIC_CHECK(greedy_id >= 0, ErrorCode::kInternal,
+               "sequence " + std::to_string(live.request->sequence_id) + " step " + std::to_string(step) +
+                   ": the logits are not finite but were not fetched to report it");
     SequenceResult& result = live.result;
     if (static_cast<int64_t>(result.new_ids.size()) >= live.request->max_new_tokens) {
       live.done = true;
       return;
     }
-    const int32_t next = live.sampler.sample(last_logits);
+    const int32_t next = live.request->sampling.temperature == 0.0 ? greedy_id : live.sampler.sample(logits->last_row(chunk));
     result.new_ids.push_back(next);
     const bool eos = std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
                      config.eos_token_ids.end();
@@ -188,13 +193,16 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
 
     while (static_cast<int64_t>(live.size()) < options.max_active_sequences &&
            next_waiting < sequences.size())
-      live.push_back(std::make_unique<LiveSequence>(sequences[next_waiting++], config));
+      live.push_back(std::make_unique<LiveSequence>(sequences[next_waiting++], runner));
     stats.most_active_sequences = std::max(stats.most_active_sequences, static_cast<int64_t>(live.size()));
 
     // A new sequence feeds its whole prompt, a prefilled one its last token.
     std::vector<SequenceChunk> chunks;
     chunks.reserve(live.size());
+    bool want_logits = false;  // only sampling and prompt logits need them on the host
     for (const auto& sequence : live) {
+      want_logits = want_logits || sequence->request->sampling.temperature != 0.0 ||
+                    (!sequence->prefilled && sequence->request->want_prompt_logits);
       if (sequence->prefilled) {
         chunks.push_back(
             {&sequence->cache, std::span<const int32_t>(&sequence->result.new_ids.back(), 1), false});
@@ -204,15 +212,16 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
       }
       stats.tokens_processed += static_cast<int64_t>(chunks.back().tokens.size());
     }
-    const BatchLogits logits = runner.forward_batch(chunks);
+    StepOutput output = runner.forward_batch(chunks, want_logits);
+    const BatchLogits* logits = output.logits.values.empty() ? nullptr : &output.logits;
     for (size_t c = 0; c < live.size(); ++c) {
       LiveSequence& sequence = *live[c];
       if (!sequence.prefilled && sequence.request->want_prompt_logits) {
-        const std::span<const float> rows = logits.of_chunk(c);
+        const std::span<const float> rows = logits->of_chunk(c);
         sequence.result.prompt_logits.assign(rows.begin(), rows.end());
       }
       sequence.prefilled = true;
-      advance(sequence, logits.last_row(c));
+      advance(sequence, output.greedy_ids[c], logits, c);
     }
     // Finished sequences leave now: their caches are freed, their results wait for the next step.
     for (auto& sequence : live)

@@ -1,12 +1,13 @@
 // embed -> N x [RMSNorm -> GQA attention -> residual -> RMSNorm -> MoE or dense MLP -> residual]
-// -> RMSNorm -> lm_head, exactly as transformers' Qwen3MoeForCausalLM.
+// -> RMSNorm -> lm_head -> argmax, exactly as transformers' Qwen3MoeForCausalLM, as backend ops.
+// The residual stream is kept in fp32 whatever the activation type (bf16 mode rounds each block's
+// input and output, not the running sum).
 #include "worker/model_runner.h"
 
 #include <algorithm>
 #include <cstring>
 
 #include "kernels/error.h"
-#include "worker/moe_block.h"
 
 namespace epic {
 
@@ -19,117 +20,218 @@ void check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size, const 
   }
 }
 
-int64_t kv_cache_bytes_per_token(const ModelConfig& config) {
-  return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim *
-         static_cast<int64_t>(sizeof(float));
-}
+// The sizes of one step, and where its tables live inside the uploaded table buffer. Rows are
+// padded up to a graph bucket for captured decode steps (padding rows feed token 0 at position 0
+// through the pool's padding block and their logits are ignored).
+struct ModelRunner::StepShape {
+  int64_t rows = 0;       // token rows computed (padded)
+  int64_t sequences = 0;  // block-table rows (padded)
+  int64_t wanted = 0;     // rows whose logits / argmax are computed
+  int64_t max_blocks = 0;
+  // Views into the table tensor (I32): ids, positions, row_sequence, slot_mapping [rows];
+  // wanted_rows [wanted]; block_tables [sequences, max_blocks].
+  Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables;
+  int64_t table_elements() const { return 4 * rows + wanted + sequences * max_blocks; }
+};
 
 ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
-                         MoeExecutor* executor)
-    : config_(config), weights_(weights), backend_(backend) {
+                         const RunnerOptions& options, MoeExecutor* executor)
+    : config_(config), weights_(weights), backend_(backend), options_(options), workspace_(backend) {
+  EPIC_CHECK(options.max_sequences >= 1 && options.max_context >= 1, ErrorCode::kInvalidArgument,
+             "the model runner needs at least one sequence of at least one position");
   if (executor == nullptr) local_executor_ = std::make_unique<LocalMoeExecutor>(config, weights, backend);
   executor_ = executor != nullptr ? executor : local_executor_.get();
+  // Every live sequence at the longest context, plus the padding block.
+  const int64_t blocks = options.max_sequences * KvCachePool::blocks_for(options.max_context) + 1;
+  kv_pool_ = std::make_unique<KvCachePool>(backend, config, options.activation_type, std::max<int64_t>(blocks, 2));
 }
 
-void ModelRunner::attention_block(int64_t layer, const float* normed, const SequenceChunk& chunk,
-                                  float* out) {
-  const LayerWeights& w = weights_.layers[layer];
-  const int64_t num_tokens = static_cast<int64_t>(chunk.tokens.size());
-  const int64_t hidden = config_.hidden_size, head_dim = config_.head_dim;
-  const int64_t num_heads = config_.num_attention_heads, num_kv_heads = config_.num_key_value_heads;
-  const int64_t q_dim = num_heads * head_dim, kv_dim = num_kv_heads * head_dim;
-  KvCache& cache = *chunk.cache;
-  const int64_t first_position = cache.length;
+ModelRunner::~ModelRunner() = default;
 
-  std::vector<float> q(num_tokens * q_dim), k(num_tokens * kv_dim), v(num_tokens * kv_dim);
-  backend_.linear(normed, w.q_proj.data(), q.data(), num_tokens, hidden, q_dim);
-  backend_.linear(normed, w.k_proj.data(), k.data(), num_tokens, hidden, kv_dim);
-  backend_.linear(normed, w.v_proj.data(), v.data(), num_tokens, hidden, kv_dim);
-  // q_norm / k_norm act on each head's vector, before rotary embedding.
-  backend_.rms_norm(q.data(), w.q_norm.data(), q.data(), num_tokens * num_heads, head_dim,
-                    config_.rms_norm_eps);
-  backend_.rms_norm(k.data(), w.k_norm.data(), k.data(), num_tokens * num_kv_heads, head_dim,
-                    config_.rms_norm_eps);
-  std::vector<int32_t> positions(num_tokens);
-  for (int64_t t = 0; t < num_tokens; ++t) positions[t] = static_cast<int32_t>(first_position + t);
-  backend_.rope(q.data(), positions.data(), num_tokens, num_heads, head_dim, config_.rope_theta);
-  backend_.rope(k.data(), positions.data(), num_tokens, num_kv_heads, head_dim, config_.rope_theta);
-
-  std::vector<float>& keys = cache.keys[layer];
-  std::vector<float>& values = cache.values[layer];
-  keys.insert(keys.end(), k.begin(), k.end());
-  values.insert(values.end(), v.begin(), v.end());
-
-  std::vector<float> attended(num_tokens * q_dim);
-  backend_.attention(q.data(), keys.data(), values.data(), attended.data(), num_tokens,
-                     first_position + num_tokens, first_position, num_heads, num_kv_heads, head_dim);
-  backend_.linear(attended.data(), w.o_proj.data(), out, num_tokens, q_dim, hidden);
-}
-
-BatchLogits ModelRunner::forward_batch(std::span<const SequenceChunk> chunks) {
-  const int64_t hidden = config_.hidden_size;
-  std::vector<int64_t> first_row(chunks.size() + 1, 0);
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    EPIC_CHECK(!chunks[c].tokens.empty() && chunks[c].cache != nullptr, ErrorCode::kInvalidArgument,
-               "every sequence in a batch needs at least one token and a KV cache");
-    check_token_ids(chunks[c].tokens, config_.vocab_size);
-    first_row[c + 1] = first_row[c] + static_cast<int64_t>(chunks[c].tokens.size());
+void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, const StepShape& shape) {
+  const size_t bytes = static_cast<size_t>(shape.table_elements()) * sizeof(int32_t);
+  if (!table_staging_ || table_staging_->size() < bytes) {
+    table_staging_.reset();
+    table_staging_ = backend_.allocate_staging(std::max<size_t>(bytes, 4096) * 2);
   }
-  const int64_t num_rows = first_row.back();
-  std::vector<float> x(num_rows * hidden);
-  for (size_t c = 0; c < chunks.size(); ++c)
-    for (size_t t = 0; t < chunks[c].tokens.size(); ++t)
-      std::memcpy(&x[(first_row[c] + t) * hidden],
-                  &weights_.embed[static_cast<int64_t>(chunks[c].tokens[t]) * hidden],
-                  hidden * sizeof(float));
+  int32_t* ids = static_cast<int32_t*>(table_staging_->data());
+  int32_t* positions = ids + shape.rows;
+  int32_t* row_sequence = positions + shape.rows;
+  int32_t* slot_mapping = row_sequence + shape.rows;
+  int32_t* wanted_rows = slot_mapping + shape.rows;
+  int32_t* block_tables = wanted_rows + shape.wanted;
+  const int32_t padding_slot = kv_pool_->padding_block() * static_cast<int32_t>(kKvBlockSize);
+  int64_t row = 0, wanted = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const KvSequence& sequence = *chunks[c].sequence;
+    const int64_t first_position = sequence.length;
+    const int64_t count = static_cast<int64_t>(chunks[c].tokens.size());
+    for (int64_t t = 0; t < count; ++t, ++row) {
+      const int64_t position = first_position + t;
+      ids[row] = chunks[c].tokens[t];
+      positions[row] = static_cast<int32_t>(position);
+      row_sequence[row] = static_cast<int32_t>(c);
+      slot_mapping[row] = sequence.blocks[position / kKvBlockSize] * static_cast<int32_t>(kKvBlockSize) +
+                          static_cast<int32_t>(position % kKvBlockSize);
+      if (chunks[c].all_positions || t == count - 1) wanted_rows[wanted++] = static_cast<int32_t>(row);
+    }
+    int32_t* table_row = block_tables + c * shape.max_blocks;
+    for (int64_t b = 0; b < shape.max_blocks; ++b)
+      table_row[b] = b < static_cast<int64_t>(sequence.blocks.size()) ? sequence.blocks[b] : kv_pool_->padding_block();
+  }
+  for (int64_t s = static_cast<int64_t>(chunks.size()); s < shape.sequences; ++s)
+    for (int64_t b = 0; b < shape.max_blocks; ++b) block_tables[s * shape.max_blocks + b] = kv_pool_->padding_block();
+  for (; row < shape.rows; ++row) {  // padding rows: their own (empty) sequence, position 0
+    ids[row] = 0;
+    positions[row] = 0;
+    row_sequence[row] = static_cast<int32_t>(std::min<int64_t>(row, shape.sequences - 1));
+    slot_mapping[row] = padding_slot;
+    wanted_rows[wanted++] = static_cast<int32_t>(row);
+  }
+  EPIC_CHECK(wanted == shape.wanted, ErrorCode::kInternal, "step tables: wanted rows miscounted");
+  backend_.copy_from_host(shape.tables, 0, table_staging_->data(), bytes);
+}
 
-  std::vector<float> normed(num_rows * hidden), block_out(num_rows * hidden);
+void ModelRunner::attention_block(int64_t layer, const StepShape& shape, const Tensor& normed, const Tensor& out) {
+  const LayerWeights& w = weights_.layers[layer];
+  const AttentionShape geometry{config_.num_attention_heads, config_.num_key_value_heads, config_.head_dim};
+  const ScalarType act = options_.activation_type;
+  const Tensor qkv = workspace_.get(kSlotQkv, act, {shape.rows, geometry.qkv_dim()});
+  backend_.linear(normed, w.qkv_proj, qkv);
+  backend_.qk_norm_rope(qkv, w.q_norm, w.k_norm, shape.positions, geometry, config_.rms_norm_eps, config_.rope_theta);
+  backend_.store_kv(qkv, shape.slot_mapping, kv_pool_->keys(layer), kv_pool_->values(layer), geometry);
+  const Tensor attended = workspace_.get(kSlotAttention, act, {shape.rows, geometry.q_dim()});
+  backend_.attention(qkv, kv_pool_->keys(layer), kv_pool_->values(layer), shape.block_tables, shape.row_sequence,
+                     shape.positions, geometry, attended);
+  backend_.linear(attended, w.o_proj, out);
+}
+
+void ModelRunner::enqueue_forward(const StepShape& shape) {
+  const int64_t hidden = config_.hidden_size, rows = shape.rows;
+  const ScalarType act = options_.activation_type;
+  const Tensor x = workspace_.get(kSlotResidual, ScalarType::kF32, {rows, hidden});
+  const Tensor normed = workspace_.get(kSlotNormed, act, {rows, hidden});
+  const Tensor block_out = workspace_.get(kSlotBlockOut, act, {rows, hidden});
+  backend_.embed(shape.ids, weights_.embed, x);
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
     const LayerWeights& w = weights_.layers[layer];
-    backend_.rms_norm(x.data(), w.input_norm.data(), normed.data(), num_rows, hidden, config_.rms_norm_eps);
-    for (size_t c = 0; c < chunks.size(); ++c)
-      attention_block(layer, &normed[first_row[c] * hidden], chunks[c], &block_out[first_row[c] * hidden]);
-    backend_.add(block_out.data(), x.data(), num_rows * hidden);
-    backend_.rms_norm(x.data(), w.post_attention_norm.data(), normed.data(), num_rows, hidden,
-                      config_.rms_norm_eps);
+    backend_.rms_norm(x, w.input_norm, normed, config_.rms_norm_eps);
+    attention_block(layer, shape, normed, block_out);
+    backend_.add(block_out, x);
+    backend_.rms_norm(x, w.post_attention_norm, normed, config_.rms_norm_eps);
     if (w.is_moe) {
-      executor_->forward(layer, normed.data(), num_rows, block_out.data());
+      executor_->forward(layer, normed, block_out, workspace_);
     } else {
-      swiglu_ffn(backend_, normed.data(), w.dense.gate.data(), w.dense.up.data(), w.dense.down.data(),
-                 num_rows, hidden, config_.intermediate_size, block_out.data());
+      const int64_t inter = config_.intermediate_size;
+      const Tensor gate_up = workspace_.get(kSlotDenseGateUp, act, {rows, 2 * inter});
+      const Tensor activated = workspace_.get(kSlotDenseIntermediate, act, {rows, inter});
+      backend_.linear(normed, w.dense_gate_up, gate_up);
+      backend_.silu_mul(gate_up, activated);
+      backend_.linear(activated, w.dense_down, block_out);
     }
-    backend_.add(block_out.data(), x.data(), num_rows * hidden);
+    backend_.add(block_out, x);
   }
-
   // Final norm and lm_head on the rows whose logits are wanted, gathered into one batch.
-  std::vector<int64_t> wanted_rows;
-  for (size_t c = 0; c < chunks.size(); ++c) {
-    chunks[c].cache->length += static_cast<int64_t>(chunks[c].tokens.size());
-    const int64_t begin = chunks[c].all_positions ? first_row[c] : first_row[c + 1] - 1;
-    for (int64_t row = begin; row < first_row[c + 1]; ++row) wanted_rows.push_back(row);
-  }
-  const int64_t num_wanted = static_cast<int64_t>(wanted_rows.size());
-  std::vector<float> selected(num_wanted * hidden);
-  for (int64_t i = 0; i < num_wanted; ++i)
-    std::memcpy(&selected[i * hidden], &x[wanted_rows[i] * hidden], hidden * sizeof(float));
-  backend_.rms_norm(selected.data(), weights_.final_norm.data(), selected.data(), num_wanted, hidden,
-                    config_.rms_norm_eps);
-  BatchLogits logits;
-  logits.vocab = config_.vocab_size;
-  logits.values.resize(num_wanted * logits.vocab);
-  backend_.linear(selected.data(), weights_.output_projection().data(), logits.values.data(), num_wanted,
-                  hidden, logits.vocab);
-  logits.first_row.assign(chunks.size() + 1, 0);
-  for (size_t c = 0; c < chunks.size(); ++c)
-    logits.first_row[c + 1] =
-        logits.first_row[c] + (chunks[c].all_positions ? static_cast<int64_t>(chunks[c].tokens.size()) : 1);
-  return logits;
+  const Tensor selected = workspace_.get(kSlotSelected, ScalarType::kF32, {shape.wanted, hidden});
+  const Tensor selected_normed = workspace_.get(kSlotSelectedNormed, act, {shape.wanted, hidden});
+  backend_.gather_rows(x, shape.wanted_rows, selected);
+  backend_.rms_norm(selected, weights_.final_norm, selected_normed, config_.rms_norm_eps);
+  const Tensor logits = workspace_.get(kSlotLogits, ScalarType::kF32, {shape.wanted, config_.vocab_size});
+  backend_.linear(selected_normed, weights_.output_projection(), logits);
+  backend_.argmax(logits, workspace_.get(kSlotNextIds, ScalarType::kI32, {shape.wanted}));
 }
 
-std::vector<float> ModelRunner::forward(std::span<const int32_t> tokens, KvCache& cache, bool all_positions) {
+StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, bool want_logits) {
+  StepShape shape;
+  std::vector<int64_t> first_wanted(chunks.size() + 1, 0);
+  bool decode_only = !chunks.empty();
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const SequenceChunk& chunk = chunks[c];
+    EPIC_CHECK(!chunk.tokens.empty() && chunk.sequence != nullptr, ErrorCode::kInvalidArgument,
+               "every sequence in a batch needs at least one token and a KV cache");
+    check_token_ids(chunk.tokens, config_.vocab_size);
+    const int64_t count = static_cast<int64_t>(chunk.tokens.size());
+    const int64_t length = chunk.sequence->length + count;
+    EPIC_CHECK(length <= options_.max_context, ErrorCode::kInvalidArgument,
+               "a sequence reaches " + std::to_string(length) + " positions but the runner was sized for " +
+                   std::to_string(options_.max_context) + " (prompt + new tokens)");
+    shape.rows += count;
+    first_wanted[c + 1] = first_wanted[c] + (chunk.all_positions ? count : 1);
+    decode_only = decode_only && count == 1 && !chunk.all_positions;
+  }
+  for (const SequenceChunk& chunk : chunks)
+    kv_pool_->reserve(*chunk.sequence, chunk.sequence->length + static_cast<int64_t>(chunk.tokens.size()));
+  shape.sequences = std::max<int64_t>(static_cast<int64_t>(chunks.size()), 1);
+  shape.wanted = first_wanted.back();
+  shape.max_blocks = KvCachePool::blocks_for(options_.max_context);
+
+  // Decode steps are replayed from a graph captured per power-of-two bucket of rows.
+  int64_t bucket = 0;
+  if (decode_only && options_.use_graphs && executor_->capturable() &&
+      shape.rows <= options_.max_graph_batch) {
+    bucket = 1;
+    while (bucket < shape.rows) bucket *= 2;
+    shape.rows = shape.sequences = shape.wanted = bucket;
+  }
+  shape.tables = workspace_.get(kSlotStepTables, ScalarType::kI32, {shape.table_elements()});
+  int64_t at = 0;
+  auto take = [&](int64_t count) {
+    const Tensor view = shape.tables.rows_view(at, count);
+    at += count;
+    return view;
+  };
+  shape.ids = take(shape.rows);
+  shape.positions = take(shape.rows);
+  shape.row_sequence = take(shape.rows);
+  shape.slot_mapping = take(shape.rows);
+  shape.wanted_rows = take(shape.wanted);
+  shape.block_tables = take(shape.sequences * shape.max_blocks).reshaped({shape.sequences, shape.max_blocks});
+  upload_step_tables(chunks, shape);
+
+  if (bucket > 0) {
+    // The tables view starts at the slot's base, so a bucket's views are the same every step; a
+    // grown workspace moves buffers, which makes every graph stale.
+    if (graphs_generation_ != workspace_.generation()) decode_graphs_.clear();
+    auto graph = decode_graphs_.find(bucket);
+    if (graph == decode_graphs_.end()) {
+      enqueue_forward(shape);  // sizes the workspace for this bucket (and computes this step)
+      if (graphs_generation_ != workspace_.generation()) decode_graphs_.clear();
+      graphs_generation_ = workspace_.generation();
+      std::unique_ptr<Graph> captured = backend_.capture([&] { enqueue_forward(shape); });
+      if (captured) decode_graphs_.emplace(bucket, std::move(captured));
+    } else {
+      graph->second->replay();
+      ++graph_replays_;
+    }
+  } else {
+    enqueue_forward(shape);
+  }
+
+  StepOutput output;
+  std::vector<int32_t> wanted_ids(shape.wanted);
+  const Tensor next_ids = workspace_.get(kSlotNextIds, ScalarType::kI32, {shape.wanted});
+  backend_.copy_to_host(next_ids, 0, wanted_ids.data(), wanted_ids.size() * sizeof(int32_t));
+  for (size_t c = 0; c < chunks.size(); ++c) output.greedy_ids.push_back(wanted_ids[first_wanted[c + 1] - 1]);
+  // A row with a NaN or Inf (argmax -1): fetch the logits anyway, so the caller can name the first
+  // bad value, its sequence and step.
+  if (std::find(output.greedy_ids.begin(), output.greedy_ids.end(), -1) != output.greedy_ids.end())
+    want_logits = true;
+  if (want_logits) {
+    const int64_t real_wanted = first_wanted.back();
+    output.logits.vocab = config_.vocab_size;
+    output.logits.first_row = first_wanted;
+    output.logits.values.resize(static_cast<size_t>(real_wanted * config_.vocab_size));
+    const Tensor logits = workspace_.get(kSlotLogits, ScalarType::kF32, {shape.wanted, config_.vocab_size});
+    backend_.copy_to_host(logits, 0, output.logits.values.data(), output.logits.values.size() * sizeof(float));
+  }
+  for (const SequenceChunk& chunk : chunks) chunk.sequence->length += static_cast<int64_t>(chunk.tokens.size());
+  return output;
+}
+
+std::vector<float> ModelRunner::forward(std::span<const int32_t> tokens, KvSequence& sequence, bool all_positions) {
   EPIC_CHECK(!tokens.empty(), ErrorCode::kInvalidArgument, "forward needs at least one token");
-  const SequenceChunk chunk{&cache, tokens, all_positions};
-  return std::move(forward_batch(std::span<const SequenceChunk>(&chunk, 1)).values);
+  const SequenceChunk chunk{&sequence, tokens, all_positions};
+  return std::move(forward_batch(std::span<const SequenceChunk>(&chunk, 1), true).logits.values);
 }
 
 }  // namespace epic

@@ -1,79 +1,104 @@
-// The Qwen3-MoE forward pass over a batch of sequences, each with its own KV cache (generation
-// over it: generation_loop.h). Attention runs per sequence; every other op runs over the batch's
-// rows at once, and the MoE blocks go through a MoeExecutor (local or expert-parallel).
+// The Qwen3-MoE forward pass over a batch of sequences on one backend: every op of every layer is
+// a backend op on backend memory (the residual stream, the paged KV cache, the work buffers); the
+// host only builds the step's small tables (token ids, positions, block tables), uploads them in
+// one copy and reads back the next token ids (and logits when asked). A decode step (one new token
+// per sequence) is captured as a graph per batch-size bucket and replayed, so it costs kernel time,
+// not launch time. The MoE blocks go through a MoeExecutor (local or expert-parallel).
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "kernels/backend.h"
+#include "worker/kv_cache.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
 #include "worker/moe_executor.h"
+#include "worker/workspace.h"
 
 namespace epic {
 
-// Keys and values of every position seen so far, per layer: [length, num_kv_heads * head_dim].
-struct KvCache {
-  std::vector<std::vector<float>> keys, values;
-  int64_t length = 0;
-  explicit KvCache(const ModelConfig& config)
-      : keys(config.num_hidden_layers), values(config.num_hidden_layers) {}
-};
-
-// Keys and values of every layer, per token of a sequence: 2 x layers x kv_heads x head_dim floats.
-int64_t kv_cache_bytes_per_token(const ModelConfig& config);
-
 // The next tokens of one sequence in a batched forward pass.
 struct SequenceChunk {
-  KvCache* cache = nullptr;
+  KvSequence* sequence = nullptr;
   std::span<const int32_t> tokens;
   bool all_positions = false;  // logits of every token, else of the last only
 };
 
-// The logits of a batch in one buffer (no copy per chunk: with many prompt rows the logits are
-// the largest thing a step holds), chunk after chunk.
+// The logits of a batch in one host buffer (no copy per chunk), chunk after chunk.
 struct BatchLogits {
   std::vector<float> values;       // [rows, vocab]
   std::vector<int64_t> first_row;  // chunk c's rows are [first_row[c], first_row[c + 1])
   int64_t vocab = 0;
   std::span<const float> of_chunk(size_t c) const {
-    return {values.data() + first_row[c] * vocab,
-            static_cast<size_t>((first_row[c + 1] - first_row[c]) * vocab)};
+    return {values.data() + first_row[c] * vocab, static_cast<size_t>((first_row[c + 1] - first_row[c]) * vocab)};
   }
   std::span<const float> last_row(size_t c) const {
     return {values.data() + (first_row[c + 1] - 1) * vocab, static_cast<size_t>(vocab)};
   }
 };
 
+struct StepOutput {
+  std::vector<int32_t> greedy_ids;  // per chunk: argmax of its last row (lowest id among the maxima)
+  BatchLogits logits;               // filled only when the step was asked for logits
+};
+
+struct RunnerOptions {
+  ScalarType activation_type = ScalarType::kF32;  // BF16: the cuda serving mode
+  int64_t max_sequences = 64;                     // live at once (KV cache and block-table rows)
+  int64_t max_context = 4096;                     // positions per sequence (prompt + new tokens)
+  bool use_graphs = true;                         // capture decode steps where the backend can
+  int64_t max_graph_batch = 512;                  // the largest decode batch captured
+};
+
 class ModelRunner {
  public:
-  // With no executor the MoE blocks run locally.
+  // With no executor the MoE blocks run locally. Allocates the KV cache for options.max_sequences
+  // x options.max_context positions (Error(kUnsupported) when it does not fit).
   ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
-              MoeExecutor* executor = nullptr);
+              const RunnerOptions& options = {}, MoeExecutor* executor = nullptr);
+  ~ModelRunner();
 
-  // Runs tokens at positions cache.length, cache.length + 1, ... and appends them to the cache.
-  // Returns logits [tokens.size(), vocab] when all_positions, else [1, vocab] for the last token.
-  // Ids outside [0, vocab_size) -> Error(kInvalidArgument) naming the id and its position.
-  std::vector<float> forward(std::span<const int32_t> tokens, KvCache& cache, bool all_positions);
+  KvSequence new_sequence() { return KvSequence(*kv_pool_); }
 
-  // One step over several sequences; an empty batch still runs every MoE layer (with no rows) so
-  // that an expert-parallel executor's collectives see this worker. Returns each chunk's logits.
-  BatchLogits forward_batch(std::span<const SequenceChunk> chunks);
+  // One step over several sequences: each chunk's tokens run at positions sequence.length, ... and
+  // are appended to its cache. An empty batch still runs every MoE layer (with no rows) so that an
+  // expert-parallel executor's collectives see this worker. Ids outside [0, vocab) ->
+  // Error(kInvalidArgument) naming the id and its position; a sequence longer than max_context ->
+  // Error(kInvalidArgument).
+  StepOutput forward_batch(std::span<const SequenceChunk> chunks, bool want_logits);
+
+  // One sequence: logits [tokens.size(), vocab] when all_positions, else [1, vocab].
+  std::vector<float> forward(std::span<const int32_t> tokens, KvSequence& sequence, bool all_positions);
 
   const ModelConfig& config() const { return config_; }
+  const RunnerOptions& options() const { return options_; }
+  size_t kv_cache_bytes() const { return kv_pool_->bytes(); }
+  size_t workspace_bytes() const { return workspace_.bytes(); }
+  int64_t graph_replays() const { return graph_replays_; }
 
  private:
-  void attention_block(int64_t layer, const float* normed, const SequenceChunk& chunk, float* out);
+  struct StepShape;
+  void upload_step_tables(std::span<const SequenceChunk> chunks, const StepShape& shape);
+  void enqueue_forward(const StepShape& shape);
+  void attention_block(int64_t layer, const StepShape& shape, const Tensor& normed, const Tensor& out);
 
   const ModelConfig& config_;
   const ModelWeights& weights_;
   Backend& backend_;
+  RunnerOptions options_;
   std::unique_ptr<MoeExecutor> local_executor_;
   MoeExecutor* executor_;
+  std::unique_ptr<KvCachePool> kv_pool_;
+  Workspace workspace_;
+  std::unique_ptr<Buffer> table_staging_;  // host copy of the step tables (pinned for cuda)
+  std::map<int64_t, std::unique_ptr<Graph>> decode_graphs_;  // by bucket (rows)
+  uint64_t graphs_generation_ = 0;                           // the workspace generation they were made at
+  int64_t graph_replays_ = 0;
 };
 
 // Validates ids against the vocabulary: Error(kInvalidArgument) naming the id and its position,

@@ -6,55 +6,13 @@
 
 #include "kernels/error.h"
 #include "kernels/file_io.h"
+#include "worker/model_tensors.h"
 #include "worker/random_values.h"
 
 namespace epic {
 namespace {
 
 using nlohmann::json;
-
-struct TensorPlan {
-  std::string name;
-  std::vector<int64_t> shape;
-  RandomInit init;
-};
-
-std::vector<TensorPlan> plan_tensors(const ModelConfig& c) {
-  using Init = RandomInit;
-  const int64_t h = c.hidden_size, q = c.num_attention_heads * c.head_dim,
-                kv = c.num_key_value_heads * c.head_dim;
-  std::vector<TensorPlan> plan;
-  plan.push_back({c.tensor_prefix + "embed_tokens.weight", {c.vocab_size, h}, Init::kEmbedding});
-  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
-    const std::string p = c.layer_prefix(layer);
-    plan.push_back({p + "input_layernorm.weight", {h}, Init::kNorm});
-    plan.push_back({p + "self_attn.q_proj.weight", {q, h}, Init::kLinear});
-    plan.push_back({p + "self_attn.k_proj.weight", {kv, h}, Init::kLinear});
-    plan.push_back({p + "self_attn.v_proj.weight", {kv, h}, Init::kLinear});
-    plan.push_back({p + "self_attn.o_proj.weight", {h, q}, Init::kLinear});
-    plan.push_back({p + "self_attn.q_norm.weight", {c.head_dim}, Init::kNorm});
-    plan.push_back({p + "self_attn.k_norm.weight", {c.head_dim}, Init::kNorm});
-    plan.push_back({p + "post_attention_layernorm.weight", {h}, Init::kNorm});
-    if (c.is_moe_layer(layer)) {
-      const int64_t i = c.moe_intermediate_size;
-      plan.push_back({p + "mlp.gate.weight", {c.num_experts, h}, Init::kLinear});
-      for (int64_t e = 0; e < c.num_experts; ++e) {
-        const std::string ep = p + "mlp.experts." + std::to_string(e) + ".";
-        plan.push_back({ep + "gate_proj.weight", {i, h}, Init::kLinear});
-        plan.push_back({ep + "up_proj.weight", {i, h}, Init::kLinear});
-        plan.push_back({ep + "down_proj.weight", {h, i}, Init::kLinear});
-      }
-    } else {
-      const int64_t i = c.intermediate_size;
-      plan.push_back({p + "mlp.gate_proj.weight", {i, h}, Init::kLinear});
-      plan.push_back({p + "mlp.up_proj.weight", {i, h}, Init::kLinear});
-      plan.push_back({p + "mlp.down_proj.weight", {h, i}, Init::kLinear});
-    }
-  }
-  plan.push_back({c.tensor_prefix + "norm.weight", {h}, Init::kNorm});
-  if (!c.tie_word_embeddings) plan.push_back({c.lm_head_name, {c.vocab_size, h}, Init::kLinear});
-  return plan;
-}
 
 // The files make-model writes (and only these may be replaced by a later make-model), with the
 // temporary files a killed make-model leaves beside them ("<name>.tmp.*", "<name>.epic-tmp.*").
@@ -158,7 +116,7 @@ MakeModelResult make_model(const ModelPreset& preset, const std::filesystem::pat
   prepare_output_folder(out_dir, options.force);
 
   const ModelConfig& config = preset.config;
-  const std::vector<TensorPlan> plan = plan_tensors(config);
+  const std::vector<ModelTensorSpec> plan = model_tensor_specs(config);
   const size_t element_size = dtype_size(preset.storage);
 
   // Assign tensors to shards by byte budget first, so file names can carry the shard count.

@@ -1,5 +1,6 @@
-// Who computes a MoE block: LocalMoeExecutor runs all four steps in this process;
-// ExpertParallelMoeExecutor (expert_parallel_moe.h) puts an all-to-all between them.
+// Who computes a MoE block: LocalMoeExecutor runs route -> group -> grouped expert FFN -> combine
+// on this process's backend (every step a device op, no host synchronisation, capturable in a
+// graph); ExpertParallelMoeExecutor (expert_parallel_moe.h) puts an all-to-all between them.
 // Every worker calls forward() for every MoE layer of every step, with zero rows if it has none,
 // because the expert-parallel executor's collectives need every rank.
 #pragma once
@@ -9,21 +10,27 @@
 #include "kernels/backend.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
+#include "worker/workspace.h"
 
 namespace epic {
 
 class MoeExecutor {
  public:
   virtual ~MoeExecutor() = default;
-  // out[num_tokens, hidden] = the MoE block of `layer` applied to hidden[num_tokens, hidden].
-  virtual void forward(int64_t layer, const float* hidden, int64_t num_tokens, float* out) = 0;
+  // out[rows, hidden] = the MoE block of `layer` applied to hidden[rows, hidden] (activation
+  // type), work buffers from `workspace`.
+  virtual void forward(int64_t layer, const Tensor& hidden, const Tensor& out, Workspace& workspace) = 0;
+  // Whether forward() only enqueues backend ops (no host copies or communication), so a decode
+  // step that calls it can be captured as a graph.
+  virtual bool capturable() const = 0;
 };
 
 class LocalMoeExecutor final : public MoeExecutor {
  public:
   LocalMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend)
       : config_(config), weights_(weights), backend_(backend) {}
-  void forward(int64_t layer, const float* hidden, int64_t num_tokens, float* out) override;
+  void forward(int64_t layer, const Tensor& hidden, const Tensor& out, Workspace& workspace) override;
+  bool capturable() const override { return true; }
 
  private:
   const ModelConfig& config_;

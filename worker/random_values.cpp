@@ -23,29 +23,54 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+namespace {
+
+// One tensor's draw: element i is center + (2u - 1) * half_width, u uniform in [0, 1) from
+// splitmix64(base + i). Shared by the whole-tensor and the range draws so they agree bit for bit.
+struct TensorDraw {
+  uint64_t base;
+  double half_width;
+  double center;
+
+  TensorDraw(const std::string& name, const std::vector<int64_t>& shape, RandomInit init, uint64_t seed)
+      : base(splitmix64(seed ^ name_hash(name))),
+        half_width(init == RandomInit::kNorm        ? 0.5
+                   : init == RandomInit::kEmbedding ? std::sqrt(3.0)
+                                                    : std::sqrt(3.0 / shape.back())),
+        center(init == RandomInit::kNorm ? 1.0 : 0.0) {}
+
+  void fill(uint64_t first, size_t count, float* out) const {
+    for (size_t k = 0; k < count; ++k) {
+      const double unit = (splitmix64(base + first + k) >> 11) * (1.0 / 9007199254740992.0);
+      out[k] = static_cast<float>(center + (2.0 * unit - 1.0) * half_width);
+    }
+  }
+};
+
+}  // namespace
+
 std::vector<float> random_tensor_values(const std::string& name, const std::vector<int64_t>& shape,
                                         RandomInit init, uint64_t seed) {
   int64_t count = 1;
   for (int64_t d : shape) count *= d;
   std::vector<float> values(count);
-  const uint64_t base = splitmix64(seed ^ name_hash(name));
-  const double half_width = init == RandomInit::kNorm        ? 0.5
-                            : init == RandomInit::kEmbedding ? std::sqrt(3.0)
-                                                             : std::sqrt(3.0 / shape.back());
-  const double center = init == RandomInit::kNorm ? 1.0 : 0.0;
+  const TensorDraw draw(name, shape, init, seed);
   const int64_t num_threads =
       std::clamp<int64_t>(count / (1 << 20), 1, std::max(1u, std::thread::hardware_concurrency()));
   std::vector<std::thread> threads;
   for (int64_t t = 0; t < num_threads; ++t) {
     threads.emplace_back([&, t] {
-      for (int64_t i = count * t / num_threads; i < count * (t + 1) / num_threads; ++i) {
-        const double unit = (splitmix64(base + static_cast<uint64_t>(i)) >> 11) * (1.0 / 9007199254740992.0);
-        values[i] = static_cast<float>(center + (2.0 * unit - 1.0) * half_width);
-      }
+      const int64_t begin = count * t / num_threads, end = count * (t + 1) / num_threads;
+      draw.fill(static_cast<uint64_t>(begin), static_cast<size_t>(end - begin), values.data() + begin);
     });
   }
   for (auto& thread : threads) thread.join();
   return values;
+}
+
+void random_tensor_values_range(const std::string& name, const std::vector<int64_t>& shape, RandomInit init,
+                                uint64_t seed, uint64_t first, size_t count, float* out) {
+  TensorDraw(name, shape, init, seed).fill(first, count, out);
 }
 
 }  // namespace epic

@@ -18,4 +18,10 @@ enum class RandomInit { kNorm, kEmbedding, kLinear };
 std::vector<float> random_tensor_values(const std::string& name, const std::vector<int64_t>& shape,
                                         RandomInit init, uint64_t seed);
 
+// Elements [first, first + count) (flat, row-major) of random_tensor_values(name, shape, init,
+// seed), written to out; costs only those elements (each value depends on its index alone), so
+// a loader can draw any slice of a 57 GB model without the rest. shape must be non-empty.
+void random_tensor_values_range(const std::string& name, const std::vector<int64_t>& shape, RandomInit init,
+                                uint64_t seed, uint64_t first, size_t count, float* out);
+
 }  // namespace epic

@@ -1,152 +1,52 @@
-// The fp32 CPU reference backend: plain loops, every sum in a fixed order that does not depend on
-// the thread count, so it is the yardstick the other backends are tested against.
+// The fp32 CPU reference backend: host memory, ops computed at once (synchronize is a no-op, no
+// graphs), every sum in a fixed order that does not depend on the thread count, so it is the
+// yardstick the other backends are tested against. The op bodies live in cpu_dense_ops.cpp,
+// cpu_moe_ops.cpp and cpu_dot_kernels.cpp; this file owns memory, validation and dispatch.
 #include <algorithm>
-#include <cmath>
-#include <cstdint>
 #include <cstring>
-#include <functional>
-#include <limits>
 #include <memory>
+#include <new>
 #include <string>
-#include <system_error>
 #include <thread>
-#include <vector>
 
 #include "kernels/backend.h"
 #include "kernels/backend_checks.h"
+#include "kernels/cpu/cpu_ops.h"
 #include "kernels/error.h"
 
 namespace epic {
 namespace {
 
-constexpr const char* kBackendName = "cpu";
 constexpr int kMaxThreads = 16;
-// Below this many multiply-adds per thread, starting a thread costs more than it saves.
-constexpr int64_t kMinWorkPerThread = int64_t{1} << 20;
-// Dot products keep this many partial sums: lane j adds the terms i with i % kDotLanes == j in
-// increasing i, and the lanes are then added pairwise. The compiler can map the lanes onto SIMD
-// registers without reassociating anything, so the result is the same on every machine.
-constexpr int kDotLanes = 8;
-// linear() hands out blocks of this many weight rows (128 KiB at in_dim 2048, so a block stays in
-// L2 while every input row passes over it).
-constexpr int64_t kLinearOutBlock = 16;
+constexpr MemorySpace kSpace = MemorySpace::kHost;
+// Cache-line aligned, and enough for any SIMD load.
+constexpr size_t kAlignment = 64;
 
-// kDotLanes floats as one value: GCC/Clang vector extensions keep the partial sums in registers
-// (two SSE or one AVX register) with the same per-lane IEEE adds and multiplies as scalar code.
-typedef float DotLanes __attribute__((vector_size(kDotLanes * sizeof(float))));
+// Aligned host memory, left uninitialised: the pages of a large weight buffer are first touched
+// when the weights are copied in, so they are written once, not zeroed and then written.
+class HostBuffer final : public Buffer {
+ public:
+  HostBuffer(void* data, size_t size) : Buffer(data, size, MemorySpace::kHost) {}
+  ~HostBuffer() override { ::operator delete(data(), std::align_val_t(kAlignment)); }
+};
 
-// The hot loops are also compiled for AVX2 and picked at run time (GCC ifunc). Only the register
-// width changes: the same lane-wise multiplies and adds (no FMA: -ffp-contract=off), so the same
-// bits as the baseline SSE2 build. The helpers below are internal, so the vector ABI note of
-// -Wpsabi does not apply.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EPIC_CPU_HOT_LOOP __attribute__((target_clones("avx2", "default")))
-#pragma GCC diagnostic ignored "-Wpsabi"
-#else
-#define EPIC_CPU_HOT_LOOP
-#endif
-#define EPIC_ALWAYS_INLINE inline __attribute__((always_inline))
-
-EPIC_ALWAYS_INLINE DotLanes load_lanes(const float* source) {
-  DotLanes lanes;
-  std::memcpy(&lanes, source, sizeof(lanes));  // unaligned load
-  return lanes;
-}
-
-// The ragged end of a row: lanes past n are zero, so they add +0 (which leaves every sum intact).
-EPIC_ALWAYS_INLINE DotLanes load_tail(const float* source, int64_t count) {
-  DotLanes lanes = {};
-  for (int64_t j = 0; j < count; ++j) lanes[j] = source[j];
-  return lanes;
-}
-
-EPIC_ALWAYS_INLINE float reduce_lanes(const DotLanes& lanes) {
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
-EPIC_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
-  DotLanes sum = {};
-  int64_t i = 0;
-  for (; i + kDotLanes <= n; i += kDotLanes) sum += load_lanes(a + i) * load_lanes(b + i);
-  if (i < n) sum += load_tail(a + i, n - i) * load_tail(b + i, n - i);
-  return reduce_lanes(sum);
-}
-
-// Four dot products of a with the rows b, b + stride, b + 2*stride, b + 3*stride: a is loaded
-// once for four weight rows. Each output follows exactly the order of dot(), so whichever path
-// computes an element, it gets the same bits.
-EPIC_ALWAYS_INLINE void dot4(const float* a, const float* b, int64_t stride, int64_t n, float* out) {
-  const float* b0 = b;
-  const float* b1 = b + stride;
-  const float* b2 = b + 2 * stride;
-  const float* b3 = b + 3 * stride;
-  DotLanes sum0 = {}, sum1 = {}, sum2 = {}, sum3 = {};
-  int64_t i = 0;
-  for (; i + kDotLanes <= n; i += kDotLanes) {
-    const DotLanes a_lanes = load_lanes(a + i);
-    sum0 += a_lanes * load_lanes(b0 + i);
-    sum1 += a_lanes * load_lanes(b1 + i);
-    sum2 += a_lanes * load_lanes(b2 + i);
-    sum3 += a_lanes * load_lanes(b3 + i);
+std::unique_ptr<Buffer> allocate_host(size_t bytes) {
+  void* data = ::operator new(std::max<size_t>(bytes, 1), std::align_val_t(kAlignment), std::nothrow);
+  if (data == nullptr) {
+    throw Error(ErrorCode::kUnsupported, "cpu backend: cannot allocate " + std::to_string(bytes) +
+                                             " bytes of host memory; lower the batch or the model size");
   }
-  if (i < n) {
-    const DotLanes a_lanes = load_tail(a + i, n - i);
-    sum0 += a_lanes * load_tail(b0 + i, n - i);
-    sum1 += a_lanes * load_tail(b1 + i, n - i);
-    sum2 += a_lanes * load_tail(b2 + i, n - i);
-    sum3 += a_lanes * load_tail(b3 + i, n - i);
-  }
-  out[0] = reduce_lanes(sum0);
-  out[1] = reduce_lanes(sum1);
-  out[2] = reduce_lanes(sum2);
-  out[3] = reduce_lanes(sum3);
+  return std::make_unique<HostBuffer>(data, bytes);
 }
 
-// y[:, out_begin:out_end] of linear(): every input row against a block of weight rows that stays
-// in cache meanwhile.
-EPIC_CPU_HOT_LOOP void linear_block(const float* x, const float* w, float* y, int64_t rows, int64_t in_dim,
-                                    int64_t out_dim, int64_t out_begin, int64_t out_end) {
-  for (int64_t row = 0; row < rows; ++row) {
-    const float* x_row = x + row * in_dim;
-    float* y_row = y + row * out_dim;
-    int64_t out = out_begin;
-    for (; out + 4 <= out_end; out += 4) dot4(x_row, w + out * in_dim, in_dim, in_dim, y_row + out);
-    for (; out < out_end; ++out) y_row[out] = dot(x_row, w + out * in_dim, in_dim);
+// The CPU backend is the fp32 reference: bf16 activations are the CUDA serving mode's.
+void require_f32(const char* op, const char* name, const Tensor& t) {
+  if (t.type != ScalarType::kF32) {
+    throw Error(ErrorCode::kUnsupported,
+                std::string(op) + ": " + name + " is " + t.describe() +
+                    "; the CPU backend is the fp32 reference and takes f32 activations "
+                    "only (bf16 activations are the CUDA backend's serving mode)");
   }
-}
-
-// Scores of one (query, head) of attention(): scores[key] = dot(q_row, k row) * scale.
-EPIC_CPU_HOT_LOOP void attention_scores(const float* q_row, const float* k, int64_t num_visible,
-                                        int64_t key_stride, int64_t head_dim, float scale, float* scores) {
-  for (int64_t key = 0; key < num_visible; ++key)
-    scores[key] = dot(q_row, k + key * key_stride, head_dim) * scale;
-}
-
-// Runs body(begin, end) over [0, num_items) in contiguous chunks on up to max_threads threads (the
-// caller's thread takes the first chunk). body must compute each item independently of the
-// others; then the split, and so the thread count, cannot change the result.
-void parallel_for(int64_t num_items, int64_t work_per_item, int max_threads,
-                  const std::function<void(int64_t, int64_t)>& body) {
-  if (num_items <= 0) return;
-  const int64_t total_work = num_items * std::max<int64_t>(work_per_item, 1);
-  const int64_t useful_threads = std::max<int64_t>(1, total_work / kMinWorkPerThread);
-  const int64_t num_threads = std::min<int64_t>({max_threads, useful_threads, num_items});
-  if (num_threads <= 1) {
-    body(0, num_items);
-    return;
-  }
-  const auto chunk_begin = [&](int64_t chunk) { return num_items * chunk / num_threads; };
-  std::vector<std::thread> threads;
-  threads.reserve(static_cast<size_t>(num_threads - 1));
-  for (int64_t chunk = 1; chunk < num_threads; ++chunk) {
-    try {
-      threads.emplace_back(body, chunk_begin(chunk), chunk_begin(chunk + 1));
-    } catch (const std::system_error&) {  // no thread to be had: do the chunk here, same result
-      body(chunk_begin(chunk), chunk_begin(chunk + 1));
-    }
-  }
-  body(0, chunk_begin(1));
-  for (std::thread& thread : threads) thread.join();
 }
 
 class CpuBackend final : public Backend {
@@ -154,159 +54,124 @@ class CpuBackend final : public Backend {
   explicit CpuBackend(int num_threads) : num_threads_(num_threads) {}
 
   std::string name() const override { return "cpu(" + std::to_string(num_threads_) + " threads)"; }
+  MemorySpace memory_space() const override { return kSpace; }
 
-  // Each y element is dot() of an x row and a w row (fp32, kDotLanes partial sums). Threads split
-  // the out dimension in blocks of kLinearOutBlock rows of w.
-  void linear(const float* x, const float* w, float* y, int64_t rows, int64_t in_dim,
-              int64_t out_dim) override {
-    backend_checks::check_linear(kBackendName, rows, in_dim, out_dim);
-    if (rows == 0 || out_dim == 0) return;
-    const int64_t num_blocks = (out_dim + kLinearOutBlock - 1) / kLinearOutBlock;
-    parallel_for(num_blocks, rows * in_dim * kLinearOutBlock, num_threads_, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) {
-        const int64_t out_begin = block * kLinearOutBlock;
-        linear_block(x, w, y, rows, in_dim, out_dim, out_begin,
-                     std::min(out_dim, out_begin + kLinearOutBlock));
-      }
-    });
+  // ---- memory ----
+  std::unique_ptr<Buffer> allocate(size_t bytes) override { return allocate_host(bytes); }
+  std::unique_ptr<Buffer> allocate_staging(size_t bytes) override { return allocate_host(bytes); }
+
+  void copy_from_host(const Tensor& dst, size_t dst_offset, const void* src, size_t bytes) override {
+    backend_checks::check_copy_range("copy_from_host", kSpace, dst, dst_offset, bytes);
+    if (bytes > 0) std::memcpy(static_cast<char*>(dst.data) + dst_offset, src, bytes);
+  }
+  void copy_to_host(const Tensor& src, size_t src_offset, void* dst, size_t bytes) override {
+    backend_checks::check_copy_range("copy_to_host", kSpace, src, src_offset, bytes);
+    if (bytes > 0) std::memcpy(dst, static_cast<const char*>(src.data) + src_offset, bytes);
+  }
+  void copy(const Tensor& src, const Tensor& dst) override {
+    backend_checks::check_copy("copy", kSpace, src, dst);
+    if (src.bytes() > 0 && src.data != dst.data) std::memmove(dst.data, src.data, src.bytes());
+  }
+  void synchronize() override {}
+
+  // ---- dense ops ----
+  void embed(const Tensor& ids, const Tensor& table, const Tensor& out) override {
+    backend_checks::check_embed(kSpace, ids, table, out);
+    require_f32("embed", "out", out);
+    cpu::embed(ids, table, out);
   }
 
-  // The mean square is summed in double (cheap, and it removes the summation order from the
-  // error); the scaling follows HF: (x * rsqrt(mean + eps)) * weight in fp32.
-  void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim,
-                float eps) override {
-    backend_checks::check_rms_norm(kBackendName, rows, dim);
-    if (dim == 0) return;
-    for (int64_t row = 0; row < rows; ++row) {
-      const float* x_row = x + row * dim;
-      float* y_row = y + row * dim;
-      double sum_squares = 0.0;
-      for (int64_t i = 0; i < dim; ++i) sum_squares += static_cast<double>(x_row[i]) * x_row[i];
-      const float inv_rms = static_cast<float>(
-          1.0 / std::sqrt(sum_squares / static_cast<double>(dim) + static_cast<double>(eps)));
-      for (int64_t i = 0; i < dim; ++i) y_row[i] = (x_row[i] * inv_rms) * weight[i];
-    }
+  void linear(const Tensor& x, const Tensor& w, const Tensor& y) override {
+    backend_checks::check_linear(kSpace, x, w, y);
+    require_f32("linear", "x", x);
+    require_f32("linear", "y", y);
+    cpu::linear(x.as<const float>(), w.data, w.type, y.as<float>(), x.dim(0), x.dim(1), w.dim(0),
+                num_threads_);
   }
 
-  // Angles, cos and sin in double (see backend.h for why), the rotation itself in fp32.
-  void rope(float* x, const int32_t* positions, int64_t num_tokens, int64_t num_heads, int64_t head_dim,
-            double theta) override {
-    backend_checks::check_rope(kBackendName, num_tokens, num_heads, head_dim, theta);
-    const int64_t half = head_dim / 2;
-    std::vector<double> inv_freq(static_cast<size_t>(half));
-    for (int64_t i = 0; i < half; ++i) {
-      inv_freq[i] = std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
-    }
-    std::vector<float> cos_values(static_cast<size_t>(half)), sin_values(static_cast<size_t>(half));
-    for (int64_t token = 0; token < num_tokens; ++token) {
-      for (int64_t i = 0; i < half; ++i) {
-        const double angle = static_cast<double>(positions[token]) * inv_freq[i];
-        cos_values[i] = static_cast<float>(std::cos(angle));
-        sin_values[i] = static_cast<float>(std::sin(angle));
-      }
-      for (int64_t head = 0; head < num_heads; ++head) {
-        float* x_head = x + (token * num_heads + head) * head_dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float first = x_head[i];
-          const float second = x_head[i + half];
-          x_head[i] = first * cos_values[i] - second * sin_values[i];
-          x_head[i + half] = second * cos_values[i] + first * sin_values[i];
-        }
-      }
-    }
+  void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps) override {
+    backend_checks::check_rms_norm(kSpace, x, weight, y);
+    require_f32("rms_norm", "x", x);
+    require_f32("rms_norm", "y", y);
+    cpu::rms_norm(x, weight, y, eps);
   }
 
-  // Per (query, head): fp32 scores (dot() then * head_dim^-0.5, as HF scales after the matmul),
-  // fp32 exp(score - max), and the softmax denominator and the weighted sum of values in double.
-  void attention(const float* q, const float* k, const float* v, float* out, int64_t num_queries,
-                 int64_t num_keys, int64_t first_position, int64_t num_heads, int64_t num_kv_heads,
-                 int64_t head_dim) override {
-    backend_checks::check_attention(kBackendName, num_queries, num_keys, first_position, num_heads,
-                                    num_kv_heads, head_dim);
-    const int64_t heads_per_kv_head = num_heads / num_kv_heads;
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-    const int64_t work_per_item = 2 * num_keys * head_dim;
-    parallel_for(num_queries * num_heads, work_per_item, num_threads_, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      std::vector<double> sum(static_cast<size_t>(head_dim));
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t query = item / num_heads;
-        const int64_t head = item % num_heads;
-        const int64_t kv_head = head / heads_per_kv_head;
-        const int64_t num_visible = first_position + query + 1;
-        const float* q_row = q + item * head_dim;
-        scores.resize(static_cast<size_t>(num_visible));
-        attention_scores(q_row, k + kv_head * head_dim, num_visible, num_kv_heads * head_dim, head_dim, scale,
-                         scores.data());
-        const float max_score = *std::max_element(scores.begin(), scores.end());
-        double denominator = 0.0;
-        std::fill(sum.begin(), sum.end(), 0.0);
-        for (int64_t key = 0; key < num_visible; ++key) {
-          const float probability = std::exp(scores[key] - max_score);
-          denominator += probability;
-          const float* v_row = v + (key * num_kv_heads + kv_head) * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) sum[d] += static_cast<double>(probability) * v_row[d];
-        }
-        float* out_row = out + item * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) out_row[d] = static_cast<float>(sum[d] / denominator);
-      }
-    });
+  void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
+                    const AttentionShape& shape, float eps, double theta) override {
+    backend_checks::check_qk_norm_rope(kSpace, qkv, q_norm, k_norm, positions, shape, theta);
+    require_f32("qk_norm_rope", "qkv", qkv);
+    cpu::qk_norm_rope(qkv, q_norm, k_norm, positions, shape, eps, theta);
   }
 
-  void silu_mul(const float* gate, const float* up, float* out, int64_t n) override {
-    backend_checks::check_silu_mul(kBackendName, n);
-    for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  void store_kv(const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool,
+                const Tensor& value_pool, const AttentionShape& shape) override {
+    backend_checks::check_store_kv(kSpace, qkv, slot_mapping, key_pool, value_pool, shape);
+    require_f32("store_kv", "qkv", qkv);
+    cpu::store_kv(qkv, slot_mapping, key_pool, value_pool, shape);
   }
 
-  // fp32 throughout, sums in ascending expert id (the denominator) or selection order (the
-  // renormalisation), so a backend computing the same expressions gets the same bits.
-  void route_top_k(const float* logits, const uint8_t* present, int32_t* expert_ids, float* weights,
-                   int64_t num_tokens, int64_t num_experts, int64_t top_k, bool normalize_top_k) override {
-    std::vector<int32_t> present_ids;
-    for (int64_t expert = 0; expert < std::max<int64_t>(num_experts, 0); ++expert) {
-      if (present[expert] != 0) present_ids.push_back(static_cast<int32_t>(expert));
-    }
-    backend_checks::check_route_top_k(kBackendName, num_tokens, num_experts, top_k,
-                                      static_cast<int64_t>(present_ids.size()));
-    std::vector<float> probabilities(static_cast<size_t>(num_experts));
-    std::vector<int32_t> order;
-    for (int64_t token = 0; token < num_tokens; ++token) {
-      const float* row = logits + token * num_experts;
-      float max_logit = -std::numeric_limits<float>::infinity();
-      for (int32_t expert : present_ids) max_logit = std::max(max_logit, row[expert]);
-      float denominator = 0.0f;
-      for (int32_t expert : present_ids) denominator += std::exp(row[expert] - max_logit);
-      for (int32_t expert : present_ids)
-        probabilities[expert] = std::exp(row[expert] - max_logit) / denominator;
-
-      order = present_ids;
-      std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int32_t a, int32_t b) {
-        return probabilities[a] > probabilities[b] || (probabilities[a] == probabilities[b] && a < b);
-      });
-      int32_t* ids_row = expert_ids + token * top_k;
-      float* weights_row = weights + token * top_k;
-      float selected_sum = 0.0f;
-      for (int64_t j = 0; j < top_k; ++j) {
-        ids_row[j] = order[j];
-        weights_row[j] = probabilities[order[j]];
-        selected_sum += weights_row[j];
-      }
-      if (normalize_top_k) {
-        for (int64_t j = 0; j < top_k; ++j) weights_row[j] /= selected_sum;
-      }
-    }
+  void attention(const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
+                 const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
+                 const AttentionShape& shape, const Tensor& out) override {
+    backend_checks::check_attention(kSpace, qkv, key_pool, value_pool, block_tables, row_sequence, positions,
+                                    shape, out);
+    require_f32("attention", "qkv", qkv);
+    cpu::attention(qkv, key_pool, value_pool, block_tables, row_sequence, positions, shape, out,
+                   num_threads_);
   }
 
-  void scaled_add_rows(const float* x, const float* scale, float* y, int64_t rows, int64_t dim) override {
-    backend_checks::check_scaled_add_rows(kBackendName, rows, dim);
-    for (int64_t row = 0; row < rows; ++row) {
-      for (int64_t i = 0; i < dim; ++i) y[row * dim + i] += scale[row] * x[row * dim + i];
-    }
+  void silu_mul(const Tensor& gate_up, const Tensor& out) override {
+    backend_checks::check_silu_mul(kSpace, gate_up, out);
+    require_f32("silu_mul", "gate_up", gate_up);
+    cpu::silu_mul(gate_up, out);
   }
 
-  void add(const float* x, float* y, int64_t n) override {
-    backend_checks::check_add(kBackendName, n);
-    for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+  void add(const Tensor& x, const Tensor& y) override {
+    backend_checks::check_add(kSpace, x, y);
+    require_f32("add", "x", x);
+    require_f32("add", "y", y);
+    cpu::add(x, y);
+  }
+
+  void gather_rows(const Tensor& x, const Tensor& index, const Tensor& out) override {
+    backend_checks::check_gather_rows(kSpace, x, index, out);
+    cpu::gather_rows(x, index, out);
+  }
+
+  void argmax(const Tensor& logits, const Tensor& ids) override {
+    backend_checks::check_argmax(kSpace, logits, ids);
+    require_f32("argmax", "logits", logits);
+    cpu::argmax(logits, ids);
+  }
+
+  // ---- MoE ops ----
+  void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
+                   const Tensor& weights, bool normalize) override {
+    backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);
+    require_f32("route_top_k", "logits", logits);
+    cpu::route_top_k(logits, present, expert_ids, weights, normalize);
+  }
+
+  void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
+                       const Tensor& expert_offsets, const Tensor& source_row,
+                       const Tensor& sorted_position) override {
+    backend_checks::check_group_by_expert(kSpace, expert_ids, num_experts, top_k, expert_offsets, source_row,
+                                          sorted_position);
+    cpu::group_by_expert(expert_ids, num_experts, top_k, expert_offsets, source_row, sorted_position);
+  }
+
+  void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
+                  const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override {
+    backend_checks::check_expert_ffn(kSpace, x, expert_offsets, gate_up, down, local_index, intermediate, y);
+    require_f32("expert_ffn", "x", x);
+    cpu::expert_ffn(x, expert_offsets, gate_up, down, local_index, intermediate, y, num_threads_);
+  }
+
+  void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
+                     const Tensor& out) override {
+    backend_checks::check_combine_top_k(kSpace, expert_out, sorted_position, weights, out);
+    require_f32("combine_top_k", "expert_out", expert_out);
+    cpu::combine_top_k(expert_out, sorted_position, weights, out);
   }
 
  private:

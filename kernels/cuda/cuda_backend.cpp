@@ -1,8 +1,8 @@
-// CudaBackend: owns a stream and a cuBLAS handle on one device, validates arguments on the host
-// and launches the kernels of cuda_kernels.h (linear goes to cuBLAS sgemm).
+// CudaBackend: owns a stream, a cuBLAS handle (with a fixed workspace, so cuBLAS calls can be
+// captured in graphs) and the device memory it hands out; validates every op on the host
+// (backend_checks) and enqueues the kernels of cuda_kernels.h.
 #include "kernels/cuda/cuda_backend.h"
 
-#include <algorithm>
 #include <climits>
 #include <string>
 #include <vector>
@@ -15,7 +15,7 @@
 namespace epic {
 namespace {
 
-constexpr const char* kBackendName = "cuda";
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
 
 // Makes device current for one scope and restores the caller's device after it, so a backend
 // works whatever device the calling thread had selected.
@@ -36,146 +36,380 @@ class DeviceScope {
   int previous_device_ = 0;
 };
 
+std::string gib_text(size_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.2f GiB", static_cast<double>(bytes) / (1ull << 30));
+  return text;
+}
+
+class DeviceBuffer final : public Buffer {
+ public:
+  DeviceBuffer(void* data, size_t size, int device) : Buffer(data, size, MemorySpace::kDevice), device_(device) {}
+  ~DeviceBuffer() override {
+    if (data() == nullptr) return;
+    int previous = 0;
+    const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device_ &&
+                          cudaSetDevice(device_) == cudaSuccess;
+    cudaFree(data());
+    if (switched) cudaSetDevice(previous);
+  }
+
+ private:
+  int device_;
+};
+
+class PinnedBuffer final : public Buffer {
+ public:
+  PinnedBuffer(void* data, size_t size) : Buffer(data, size, MemorySpace::kHost) {}
+  ~PinnedBuffer() override {
+    if (data() != nullptr) cudaFreeHost(data());
+  }
+};
+
+class CudaGraph final : public Graph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, int device) : exec_(exec), stream_(stream), device_(device) {}
+  ~CudaGraph() override { cudaGraphExecDestroy(exec_); }
+  void replay() override {
+    DeviceScope scope(device_);
+    EPIC_CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+  }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+  int device_;
+};
+
 void check_fits_int(const char* op, const char* name, int64_t value) {
-  if (value > INT_MAX) {
+  if (value > INT_MAX)
     throw Error(ErrorCode::kUnsupported, std::string("cuda backend ") + op + ": " + name + " = " +
                                              std::to_string(value) + " exceeds the 32-bit sizes of cuBLAS");
-  }
 }
+
+cudaDataType cuda_type(ScalarType type) { return type == ScalarType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
 
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
     DeviceScope scope(device_);
-    // A blocking stream: it synchronises with the legacy default stream, so callers' plain
-    // cudaMemcpy calls are ordered after the ops.
-    EPIC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
+    // Non-blocking: the legacy default stream must not serialise with our work (and a graph can
+    // only be captured from a stream other than it). Every copy goes through this stream.
+    EPIC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     try {
       EPIC_CUBLAS_CHECK(cublasCreate(&cublas_));
       EPIC_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
-      // Plain fp32: no TF32 tensor-op math, so linear stays within fp32 rounding of the CPU.
+      // Plain fp32 in the verification mode: no TF32 tensor-op math.
       EPIC_CUBLAS_CHECK(cublasSetMathMode(cublas_, CUBLAS_DEFAULT_MATH));
+      // A workspace of our own: cuBLAS would otherwise allocate one lazily, which a graph capture
+      // cannot do.
+      EPIC_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
+      EPIC_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
+      EPIC_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_groups_), sizeof(int32_t) * 2 * kMaxHostGroupEntries));
     } catch (...) {
-      if (cublas_ != nullptr) cublasDestroy(cublas_);
-      cudaStreamDestroy(stream_);
+      release();
       throw;
     }
   }
 
   ~CudaBackend() override {
-    int previous_device = 0;
-    const bool switched = cudaGetDevice(&previous_device) == cudaSuccess && previous_device != device_ &&
+    int previous = 0;
+    const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device_ &&
                           cudaSetDevice(device_) == cudaSuccess;
-    cublasDestroy(cublas_);
-    cudaStreamDestroy(stream_);
-    if (switched) cudaSetDevice(previous_device);
+    release();
+    if (switched) cudaSetDevice(previous);
   }
 
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override { return "cuda(device " + std::to_string(device_) + ")"; }
+  MemorySpace memory_space() const override { return MemorySpace::kDevice; }
+
+  std::unique_ptr<Buffer> allocate(size_t bytes) override {
+    DeviceScope scope(device_);
+    void* data = nullptr;
+    if (bytes > 0) {
+      const cudaError_t status = cudaMalloc(&data, bytes);
+      if (status != cudaSuccess) {
+        cudaGetLastError();
+        size_t free_bytes = 0, total_bytes = 0;
+        cudaMemGetInfo(&free_bytes, &total_bytes);
+        throw Error(ErrorCode::kUnsupported,
+                    "cuda device " + std::to_string(device_) + ": cannot allocate " + gib_text(bytes) + " (" +
+                        cudaGetErrorString(status) + "; " + gib_text(free_bytes) + " free of " +
+                        gib_text(total_bytes) +
+                        "); host fewer experts per GPU (more workers), fewer layers, or a smaller "
+                        "--max-active-sequences / --kv-cache-gb");
+      }
+    }
+    return std::make_unique<DeviceBuffer>(data, bytes, device_);
+  }
+
+  std::unique_ptr<Buffer> allocate_staging(size_t bytes) override {
+    DeviceScope scope(device_);
+    void* data = nullptr;
+    if (bytes > 0) EPIC_CUDA_CHECK(cudaMallocHost(&data, bytes));
+    return std::make_unique<PinnedBuffer>(data, bytes);
+  }
+
+  void copy_from_host(const Tensor& dst, size_t dst_offset, const void* src, size_t bytes) override {
+    backend_checks::check_copy_range("copy_from_host", MemorySpace::kDevice, dst, dst_offset, bytes);
+    if (bytes == 0) return;
+    DeviceScope scope(device_);
+    EPIC_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst.data) + dst_offset, src, bytes,
+                                    cudaMemcpyHostToDevice, stream_));
+  }
+
+  void copy_to_host(const Tensor& src, size_t src_offset, void* dst, size_t bytes) override {
+    backend_checks::check_copy_range("copy_to_host", MemorySpace::kDevice, src, src_offset, bytes);
+    if (bytes == 0) return;
+    DeviceScope scope(device_);
+    EPIC_CUDA_CHECK(cudaMemcpyAsync(dst, static_cast<const char*>(src.data) + src_offset, bytes,
+                                    cudaMemcpyDeviceToHost, stream_));
+    EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  void copy(const Tensor& src, const Tensor& dst) override {
+    backend_checks::check_copy("copy", MemorySpace::kDevice, src, dst);
+    if (src.bytes() == 0) return;
+    DeviceScope scope(device_);
+    EPIC_CUDA_CHECK(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  void synchronize() override {
+    DeviceScope scope(device_);
+    EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+
+  std::unique_ptr<Graph> capture(const std::function<void()>& record) override {
+    DeviceScope scope(device_);
+    EPIC_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    cudaGraph_t graph = nullptr;
+    try {
+      record();
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);  // leave capture mode before reporting
+      if (graph != nullptr) cudaGraphDestroy(graph);
+      cudaGetLastError();
+      throw;
+    }
+    EPIC_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    EPIC_CUDA_CHECK(status);
+    return std::make_unique<CudaGraph>(exec, stream_, device_);
+  }
+
+  void embed(const Tensor& ids, const Tensor& table, const Tensor& out) override {
+    backend_checks::check_embed(kSpace, ids, table, out);
+    if (out.numel() == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::embed(ids.as<int32_t>(), ids.dim(0), table.data, table.type, table.dim(1), out.data, out.type,
+                        stream_);
+  }
 
   // Row-major y[rows, out] = x[rows, in] * w[out, in]^T is, in cuBLAS's column-major terms,
   // y^T[out, rows] = op_T(w as [in, out]) * (x as [in, rows]).
-  void linear(const float* x, const float* w, float* y, int64_t rows, int64_t in_dim,
-              int64_t out_dim) override {
-    backend_checks::check_linear(kBackendName, rows, in_dim, out_dim);
-    check_fits_int("linear", "rows", rows);
-    check_fits_int("linear", "in_dim", in_dim);
-    check_fits_int("linear", "out_dim", out_dim);
+  void linear(const Tensor& x, const Tensor& w, const Tensor& y) override {
+    backend_checks::check_linear(kSpace, x, w, y);
+    const int64_t rows = x.dim(0), in_dim = x.dim(1), out_dim = w.dim(0);
     if (rows == 0 || out_dim == 0) return;
     DeviceScope scope(device_);
     if (in_dim == 0) {  // an empty sum; cuBLAS rejects a leading dimension of 0
-      EPIC_CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(rows * out_dim) * sizeof(float), stream_));
+      EPIC_CUDA_CHECK(cudaMemsetAsync(y.data, 0, y.bytes(), stream_));
       return;
     }
-    const float alpha = 1.0f;
-    const float beta = 0.0f;
-    EPIC_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim),
-                                   static_cast<int>(rows), static_cast<int>(in_dim), &alpha, w, CUDA_R_32F,
-                                   static_cast<int>(in_dim), x, CUDA_R_32F, static_cast<int>(in_dim), &beta,
-                                   y, CUDA_R_32F, static_cast<int>(out_dim), CUBLAS_COMPUTE_32F,
-                                   CUBLAS_GEMM_DEFAULT));
-  }
-
-  void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim,
-                float eps) override {
-    backend_checks::check_rms_norm(kBackendName, rows, dim);
-    if (rows == 0 || dim == 0) return;
-    DeviceScope scope(device_);
-    cuda_kernels::rms_norm(x, weight, y, rows, dim, eps, stream_);
-  }
-
-  void rope(float* x, const int32_t* positions, int64_t num_tokens, int64_t num_heads, int64_t head_dim,
-            double theta) override {
-    backend_checks::check_rope(kBackendName, num_tokens, num_heads, head_dim, theta);
-    if (num_tokens == 0 || num_heads == 0 || head_dim == 0) return;
-    DeviceScope scope(device_);
-    cuda_kernels::rope(x, positions, num_tokens, num_heads, head_dim, theta, stream_);
-  }
-
-  void attention(const float* q, const float* k, const float* v, float* out, int64_t num_queries,
-                 int64_t num_keys, int64_t first_position, int64_t num_heads, int64_t num_kv_heads,
-                 int64_t head_dim) override {
-    backend_checks::check_attention(kBackendName, num_queries, num_keys, first_position, num_heads,
-                                    num_kv_heads, head_dim);
-    if (head_dim > cuda_kernels::kMaxAttentionHeadDim) {
-      throw Error(ErrorCode::kUnsupported, "cuda backend attention: head_dim = " + std::to_string(head_dim) +
-                                               " exceeds the supported " +
-                                               std::to_string(cuda_kernels::kMaxAttentionHeadDim));
+    if (x.type == ScalarType::kF32 && w.type == ScalarType::kBF16) {
+      // cuBLAS has no f32 x bf16 GEMM, and widening the weights would put an fp32 copy of them
+      // on the device: a kernel of our own widens them tile by tile.
+      cuda_kernels::linear_f32(x.as<float>(), w.data, w.type, y.as<float>(), rows, in_dim, out_dim, stream_);
+      return;
     }
-    check_fits_int("attention", "num_queries * num_heads", num_queries * num_heads);
-    if (num_queries == 0 || num_heads == 0 || head_dim == 0) return;
-    DeviceScope scope(device_);
-    cuda_kernels::attention(q, k, v, out, num_queries, first_position, num_heads, num_kv_heads, head_dim,
-                            stream_);
+    if (x.type != w.type)
+      throw Error(ErrorCode::kUnsupported, "cuda backend linear: " + x.describe() + " activations with " +
+                                               w.describe() + " weights; bf16 activations need bf16 weights");
+    check_fits_int("linear", "rows", rows);
+    check_fits_int("linear", "in_dim", in_dim);
+    check_fits_int("linear", "out_dim", out_dim);
+    const float alpha = 1.0f, beta = 0.0f;
+    EPIC_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim),
+                                   static_cast<int>(rows), static_cast<int>(in_dim), &alpha, w.data,
+                                   cuda_type(w.type), static_cast<int>(in_dim), x.data, cuda_type(x.type),
+                                   static_cast<int>(in_dim), &beta, y.data, cuda_type(y.type),
+                                   static_cast<int>(out_dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   }
 
-  void silu_mul(const float* gate, const float* up, float* out, int64_t n) override {
-    backend_checks::check_silu_mul(kBackendName, n);
-    if (n == 0) return;
+  void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps) override {
+    backend_checks::check_rms_norm(kSpace, x, weight, y);
+    if (x.numel() == 0) return;
     DeviceScope scope(device_);
-    cuda_kernels::silu_mul(gate, up, out, n, stream_);
+    cuda_kernels::rms_norm(x.data, x.type, weight.data, weight.type, y.data, y.type, x.dim(0), weight.dim(0), eps,
+                           stream_);
   }
 
-  void route_top_k(const float* logits, const uint8_t* present, int32_t* expert_ids, float* weights,
-                   int64_t num_tokens, int64_t num_experts, int64_t top_k, bool normalize_top_k) override {
+  void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
+                    const AttentionShape& shape, float eps, double theta) override {
+    backend_checks::check_qk_norm_rope(kSpace, qkv, q_norm, k_norm, positions, shape, theta);
+    check_head_dim("qk_norm_rope", shape.head_dim);
+    if (qkv.dim(0) == 0) return;
     DeviceScope scope(device_);
-    // top_k must not exceed the present experts, or the kernel would run out of candidates; the
-    // mask is small, so read it back (this waits for the stream).
-    int64_t num_present = 0;
-    if (num_experts > 0) {
-      std::vector<uint8_t> present_host(static_cast<size_t>(num_experts));
-      EPIC_CUDA_CHECK(cudaMemcpyAsync(present_host.data(), present, present_host.size(),
+    cuda_kernels::qk_norm_rope(qkv.data, qkv.type, q_norm.data, k_norm.data, q_norm.type, positions.as<int32_t>(),
+                               qkv.dim(0), shape.num_heads, shape.num_kv_heads, shape.head_dim, eps, theta,
+                               stream_);
+  }
+
+  void store_kv(const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool, const Tensor& value_pool,
+                const AttentionShape& shape) override {
+    backend_checks::check_store_kv(kSpace, qkv, slot_mapping, key_pool, value_pool, shape);
+    if (qkv.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::store_kv(qkv.data, qkv.type, slot_mapping.as<int32_t>(), qkv.dim(0), key_pool.data,
+                           value_pool.data, shape.num_heads, shape.num_kv_heads, shape.head_dim, stream_);
+  }
+
+  void attention(const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool, const Tensor& block_tables,
+                 const Tensor& row_sequence, const Tensor& positions, const AttentionShape& shape,
+                 const Tensor& out) override {
+    backend_checks::check_attention(kSpace, qkv, key_pool, value_pool, block_tables, row_sequence, positions,
+                                    shape, out);
+    check_head_dim("attention", shape.head_dim);
+    if (qkv.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::attention(qkv.data, qkv.type, key_pool.data, value_pool.data, block_tables.as<int32_t>(),
+                            block_tables.dim(1), row_sequence.as<int32_t>(), positions.as<int32_t>(), qkv.dim(0),
+                            shape.num_heads, shape.num_kv_heads, shape.head_dim, out.data, stream_);
+  }
+
+  void silu_mul(const Tensor& gate_up, const Tensor& out) override {
+    backend_checks::check_silu_mul(kSpace, gate_up, out);
+    if (out.numel() == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::silu_mul(gate_up.data, out.data, out.type, out.dim(0), out.dim(1), stream_);
+  }
+
+  void add(const Tensor& x, const Tensor& y) override {
+    backend_checks::check_add(kSpace, x, y);
+    if (x.numel() == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::add(x.data, x.type, y.data, y.type, x.numel(), stream_);
+  }
+
+  void gather_rows(const Tensor& x, const Tensor& index, const Tensor& out) override {
+    backend_checks::check_gather_rows(kSpace, x, index, out);
+    if (out.numel() == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::gather_rows(x.data, index.as<int32_t>(), out.data, out.dim(0), out.row_bytes(), stream_);
+  }
+
+  void argmax(const Tensor& logits, const Tensor& ids) override {
+    backend_checks::check_argmax(kSpace, logits, ids);
+    if (logits.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::argmax(logits.data, logits.type, ids.as<int32_t>(), logits.dim(0), logits.dim(1), stream_);
+  }
+
+  void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids, const Tensor& weights,
+                   bool normalize) override {
+    backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);
+    if (logits.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::route_top_k(logits.data, logits.type, present.as<uint8_t>(), expert_ids.as<int32_t>(),
+                              weights.as<float>(), logits.dim(0), logits.dim(1), expert_ids.dim(1), normalize,
+                              stream_);
+  }
+
+  void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k, const Tensor& expert_offsets,
+                       const Tensor& source_row, const Tensor& sorted_position) override {
+    backend_checks::check_group_by_expert(kSpace, expert_ids, num_experts, top_k, expert_offsets, source_row,
+                                          sorted_position);
+    DeviceScope scope(device_);
+    cuda_kernels::group_by_expert(expert_ids.as<int32_t>(), expert_ids.numel(), num_experts, top_k,
+                                  expert_offsets.as<int32_t>(), source_row.as<int32_t>(),
+                                  sorted_position.as<int32_t>(), stream_);
+  }
+
+  void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
+                  const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override {
+    backend_checks::check_expert_ffn(kSpace, x, expert_offsets, gate_up, down, local_index, intermediate, y);
+    if (x.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::ExpertFfnArgs args;
+    args.x = x.data;
+    args.expert_offsets = expert_offsets.as<int32_t>();
+    args.gate_up = gate_up.data;
+    args.down = down.data;
+    args.local_index = local_index.as<int32_t>();
+    args.intermediate = intermediate.data;
+    args.y = y.data;
+    args.rows = x.dim(0);
+    args.num_experts = local_index.dim(0);
+    args.num_local = gate_up.dim(0);
+    args.hidden = x.dim(1);
+    args.inter = down.dim(2);
+    args.act_type = x.type;
+    args.weight_type = gate_up.type;
+    const bool bf16 = x.type == ScalarType::kBF16 && gate_up.type == ScalarType::kBF16;
+    if (bf16 && args.rows >= kCublasExpertFfnMinRows && !capturing() &&
+        args.num_experts + 1 <= kMaxHostGroupEntries) {
+      // Prefill sizes: one read-back of the group sizes buys cuBLAS GEMMs of the exact shapes.
+      int32_t* host_offsets = host_groups_;
+      int32_t* host_local = host_groups_ + kMaxHostGroupEntries;
+      EPIC_CUDA_CHECK(cudaMemcpyAsync(host_offsets, args.expert_offsets, sizeof(int32_t) * (args.num_experts + 1),
+                                      cudaMemcpyDeviceToHost, stream_));
+      EPIC_CUDA_CHECK(cudaMemcpyAsync(host_local, args.local_index, sizeof(int32_t) * args.num_experts,
                                       cudaMemcpyDeviceToHost, stream_));
       EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
-      num_present = std::count_if(present_host.begin(), present_host.end(), [](uint8_t p) { return p != 0; });
+      cuda_kernels::expert_ffn_cublas(args, host_offsets, host_local, cublas_, stream_);
+      return;
     }
-    backend_checks::check_route_top_k(kBackendName, num_tokens, num_experts, top_k, num_present);
-    if (num_tokens == 0) return;
-    cuda_kernels::route_top_k(logits, present, expert_ids, weights, num_tokens, num_experts, top_k,
-                              normalize_top_k, stream_);
+    cuda_kernels::expert_ffn_device_scheduled(args, stream_);
   }
 
-  void scaled_add_rows(const float* x, const float* scale, float* y, int64_t rows, int64_t dim) override {
-    backend_checks::check_scaled_add_rows(kBackendName, rows, dim);
-    if (rows == 0 || dim == 0) return;
+  void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
+                     const Tensor& out) override {
+    backend_checks::check_combine_top_k(kSpace, expert_out, sorted_position, weights, out);
+    if (out.numel() == 0) return;
     DeviceScope scope(device_);
-    cuda_kernels::scaled_add_rows(x, scale, y, rows, dim, stream_);
-  }
-
-  void add(const float* x, float* y, int64_t n) override {
-    backend_checks::check_add(kBackendName, n);
-    if (n == 0) return;
-    DeviceScope scope(device_);
-    cuda_kernels::add(x, y, n, stream_);
+    cuda_kernels::combine_top_k(expert_out.data, expert_out.type, sorted_position.as<int32_t>(), weights.as<float>(),
+                                weights.dim(0), weights.dim(1), out.dim(1), out.data, stream_);
   }
 
  private:
+  static constexpr MemorySpace kSpace = MemorySpace::kDevice;
+  // Room for the group offsets and local indices of layers with up to this many experts - 1.
+  static constexpr int64_t kMaxHostGroupEntries = 4097;
+
+  bool capturing() const {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    EPIC_CUDA_CHECK(cudaStreamIsCapturing(stream_, &status));
+    return status != cudaStreamCaptureStatusNone;
+  }
+
+  static void check_head_dim(const char* op, int64_t head_dim) {
+    if (head_dim > cuda_kernels::kMaxHeadDim)
+      throw Error(ErrorCode::kUnsupported, std::string("cuda backend ") + op + ": head_dim " +
+                                               std::to_string(head_dim) + " exceeds the supported " +
+                                               std::to_string(cuda_kernels::kMaxHeadDim));
+  }
+
+  void release() {
+    if (host_groups_ != nullptr) cudaFreeHost(host_groups_);
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+    host_groups_ = nullptr;
+    cublas_ = nullptr;
+    cublas_workspace_ = nullptr;
+    stream_ = nullptr;
+  }
+
   int device_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
+  void* cublas_workspace_ = nullptr;
+  int32_t* host_groups_ = nullptr;  // pinned: [offsets | local indices]
 };
 
 }  // namespace
@@ -191,18 +425,33 @@ int cuda_device_count() {
   return count;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device) {
+namespace {
+
+void require_device(int device) {
   const int count = cuda_device_count();
-  if (count == 0) {
+  if (count == 0)
     throw Error(ErrorCode::kUnsupported,
                 "cuda backend: no CUDA device is visible (no driver or no GPU; check nvidia-smi and "
-                "CUDA_VISIBLE_DEVICES), use the cpu backend instead");
-  }
-  if (device < 0 || device >= count) {
+                "CUDA_VISIBLE_DEVICES); use --backend cpu");
+  if (device < 0 || device >= count)
     throw Error(ErrorCode::kInvalidArgument, "cuda backend: device " + std::to_string(device) +
                                                  " is out of range; " + std::to_string(count) +
-                                                 " CUDA device(s) are visible");
-  }
+                                                 " CUDA device(s) are visible (0 .. " + std::to_string(count - 1) +
+                                                 ")");
+}
+
+}  // namespace
+
+std::string cuda_device_description(int device) {
+  require_device(device);
+  cudaDeviceProp properties{};
+  EPIC_CUDA_CHECK(cudaGetDeviceProperties(&properties, device));
+  return std::string(properties.name) + " (" + gib_text(properties.totalGlobalMem) + ", sm_" +
+         std::to_string(properties.major) + std::to_string(properties.minor) + ")";
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  require_device(device);
   return std::make_unique<CudaBackend>(device);
 }
 

@@ -1,9 +1,11 @@
-// The CUDA backend: the Backend ops on device pointers (fp32) for one GPU; linear through cuBLAS
-// (fp32, no TF32), the rest as plain kernels. Ops are asynchronous on the backend's own stream,
-// which synchronises with the legacy default stream, so a plain cudaMemcpy sees their results.
+// The CUDA backend: tensors in one GPU's memory, every op a kernel (or cuBLAS call) enqueued on the
+// backend's own stream, graphs captured from that stream. Nothing inside an op synchronises or
+// touches host memory, except the prefill-sized expert FFN, which reads the group sizes back once
+// per MoE layer to hand cuBLAS exact GEMM shapes (never while capturing a graph).
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "kernels/backend.h"
 
@@ -12,8 +14,16 @@ namespace epic {
 // The number of visible CUDA devices; 0 when there is no driver or no GPU. Never throws.
 int cuda_device_count();
 
+// "NVIDIA H200 (139.8 GiB, sm_90)"; throws like make_cuda_backend for a bad device.
+std::string cuda_device_description(int device);
+
 // Throws Error(kUnsupported) when there is no CUDA device, Error(kInvalidArgument) when device is
 // out of range, Error(kInternal) when a CUDA or cuBLAS call fails.
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+
+// From this many expert rows on (and when not capturing a graph), expert_ffn with BF16 tensors
+// reads the group sizes back and runs cuBLAS GEMMs per expert; below it, one device-scheduled
+// kernel that never synchronises. Measured on H100/H200 (BENCHMARKS.md).
+constexpr int64_t kCublasExpertFfnMinRows = 4096;
 
 }  // namespace epic

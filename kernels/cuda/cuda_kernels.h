@@ -1,29 +1,92 @@
-// Host entry points of the CUDA kernels behind CudaBackend: device pointers plus a stream, sizes
-// already validated by backend_checks. Each launches asynchronously and checks the launch.
+// Host entry points of the CUDA kernels behind CudaBackend (kernels/backend.h states each op's
+// math). Device pointers plus a stream; the backend has already validated types, shapes and
+// memory spaces (kernels/backend_checks.h), so these only launch. Each launches asynchronously,
+// checks the launch (EPIC_CUDA_CHECK_LAUNCH), never synchronises, never allocates and never
+// copies to the host: every one of them may be recorded into a CUDA graph.
+// `type` arguments are ScalarType::kF32 or kBF16 (bf16 stored as __nv_bfloat16 / uint16_t bits).
+// Accumulation is fp32 everywhere; a bf16 result is rounded to nearest even once, at the end.
 #pragma once
 
 #include <cuda_runtime_api.h>
+#include <cublas_v2.h>
 
+#include <cstddef>
 #include <cstdint>
+
+#include "kernels/tensor.h"
 
 namespace epic::cuda_kernels {
 
-// attention supports head_dim up to this (the per-lane accumulators live in registers).
-constexpr int64_t kMaxAttentionHeadDim = 256;
+// attention and qk_norm_rope support head_dim up to this (per-lane accumulators in registers).
+constexpr int64_t kMaxHeadDim = 256;
 
-void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps,
-              cudaStream_t stream);
-void rope(float* x, const int32_t* positions, int64_t num_tokens, int64_t num_heads, int64_t head_dim,
-          double theta, cudaStream_t stream);
-void attention(const float* q, const float* k, const float* v, float* out, int64_t num_queries,
-               int64_t first_position, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-               cudaStream_t stream);
-void silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream);
-void route_top_k(const float* logits, const uint8_t* present, int32_t* expert_ids, float* weights,
-                 int64_t num_tokens, int64_t num_experts, int64_t top_k, bool normalize_top_k,
+// ---- elementwise_kernels.cu / dense ops (helper A) -------------------------------------------
+void embed(const int32_t* ids, int64_t rows, const void* table, ScalarType table_type, int64_t hidden,
+           void* out, ScalarType out_type, cudaStream_t stream);
+void rms_norm(const void* x, ScalarType x_type, const void* weight, ScalarType weight_type, void* y,
+              ScalarType y_type, int64_t rows, int64_t dim, float eps, cudaStream_t stream);
+// qkv [rows, (num_heads + 2 * num_kv_heads) * head_dim] of `type`, in place on the q and k heads.
+void qk_norm_rope(void* qkv, ScalarType type, const void* q_norm, const void* k_norm, ScalarType norm_type,
+                  const int32_t* positions, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                  int64_t head_dim, float eps, double theta, cudaStream_t stream);
+void silu_mul(const void* gate_up, void* out, ScalarType type, int64_t rows, int64_t inter, cudaStream_t stream);
+void add(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream);
+void gather_rows(const void* x, const int32_t* index, void* out, int64_t rows, size_t row_bytes,
                  cudaStream_t stream);
-void scaled_add_rows(const float* x, const float* scale, float* y, int64_t rows, int64_t dim,
-                     cudaStream_t stream);
-void add(const float* x, float* y, int64_t n, cudaStream_t stream);
+void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab, cudaStream_t stream);
+// Element conversion (f32 <-> bf16, or a plain copy when the types match).
+void convert(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream);
+
+// ---- attention_kernel.cu (helper A) ------------------------------------------------------------
+// key_pool / value_pool [num_blocks, kKvBlockSize, num_kv_heads, head_dim] of `type`.
+void store_kv(const void* qkv, ScalarType type, const int32_t* slot_mapping, int64_t rows, void* key_pool,
+              void* value_pool, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, cudaStream_t stream);
+// block_tables [num_sequences, max_blocks]; out [rows, num_heads * head_dim] of `type`.
+void attention(const void* qkv, ScalarType type, const void* key_pool, const void* value_pool,
+               const int32_t* block_tables, int64_t max_blocks, const int32_t* row_sequence,
+               const int32_t* positions, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+               int64_t head_dim, void* out, cudaStream_t stream);
+
+// ---- moe_routing_kernels.cu (helper A) ---------------------------------------------------------
+void route_top_k(const void* logits, ScalarType type, const uint8_t* present, int32_t* expert_ids,
+                 float* weights, int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
+                 cudaStream_t stream);
+// Stable counting sort of slots by expert; uses only its outputs as scratch.
+void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
+                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position, cudaStream_t stream);
+void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position, const float* weights,
+                   int64_t tokens, int64_t top_k, int64_t hidden, void* out, cudaStream_t stream);
+
+// ---- gemm kernels (helper B): linear_f32.cu, expert_ffn_*.cu -----------------------------------
+// y[rows, out] = x[rows, in] * w[out, in]^T with f32 x and y and f32 or bf16 w, fp32 FMA: the
+// verification mode's GEMM when the weights are bf16 (cuBLAS has no f32 x bf16 GEMM).
+void linear_f32(const float* x, const void* w, ScalarType w_type, float* y, int64_t rows, int64_t in_dim,
+                int64_t out_dim, cudaStream_t stream);
+
+// One call of the grouped expert FFN (Backend::expert_ffn). Offsets and local_index are device
+// arrays; `rows` is the host's count of x's rows (offsets[num_experts] == rows).
+struct ExpertFfnArgs {
+  const void* x = nullptr;             // [rows, hidden] of act_type
+  const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
+  const void* gate_up = nullptr;       // [num_local, 2 * inter, hidden] of weight_type
+  const void* down = nullptr;          // [num_local, hidden, inter] of weight_type
+  const int32_t* local_index = nullptr;  // [num_experts], device; -1 = not hosted
+  void* intermediate = nullptr;        // [rows, inter] of act_type, scratch
+  void* y = nullptr;                   // [rows, hidden] of act_type
+  int64_t rows = 0, num_experts = 0, num_local = 0, hidden = 0, inter = 0;
+  ScalarType act_type = ScalarType::kBF16;
+  ScalarType weight_type = ScalarType::kBF16;
+};
+
+// Device-scheduled: the group sizes are read on the device, so this never synchronises and can be
+// captured in a graph. Each expert's weights are read once per tile of its rows (memory bound at
+// decode sizes). Any act/weight type combination of F32 and BF16 (BF16 x BF16 on tensor cores).
+void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream);
+
+// For large row counts: the group sizes are known on the host (host_offsets [num_experts + 1] and
+// host_local_index [num_experts], copied back by the caller), and each expert's GEMMs go to cuBLAS
+// (bf16 in, fp32 accumulation) on the handle's stream. BF16 activations and weights only.
+void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets, const int32_t* host_local_index,
+                       cublasHandle_t cublas, cudaStream_t stream);
 
 }  // namespace epic::cuda_kernels

@@ -1,132 +1,443 @@
-// The row- and element-wise CUDA kernels: rms_norm, rope, silu_mul, scaled_add_rows, add.
-#include <algorithm>
+// The row- and element-wise CUDA kernels of the dense ops: embed, rms_norm, qk_norm_rope, silu_mul,
+// add, gather_rows, argmax and convert, over F32 or BF16 tensors with fp32 math. Memory-bound ones
+// take 16-byte vector loads when every pointer is aligned and rows are multiples of 8 elements,
+// and scalar ones otherwise (the host picks the variant).
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
 
-constexpr int kWarpSize = 32;
+using access::kFullWarpMask;
+using access::kVectorElements;
+using access::kWarpSize;
+
 constexpr int kElementwiseThreads = 256;
-constexpr int kRmsNormThreads = 256;
-// Grid-stride loops cover any n; more blocks than this only add scheduling overhead.
-constexpr int64_t kMaxElementwiseBlocks = 65536;
+constexpr int kRowThreads = 256;  // rms_norm: one block per row
+constexpr int kArgmaxThreads = 1024;
+constexpr int kQkNormRopeWarps = 4;  // one block per row, a warp per head
+// qk_norm_rope: each lane holds pairs (i, i + head_dim / 2) for i = lane, lane + 32, ...
+constexpr int kMaxRopePairsPerLane = static_cast<int>(kMaxHeadDim) / (2 * kWarpSize);
 
-int elementwise_blocks(int64_t n, int threads) {
-  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, kMaxElementwiseBlocks));
+// ---- row copies with conversion (embed, convert) -------------------------------------------
+
+// out[r, :] = table[ids[r], :] for r < rows, converted; kVec elements per step.
+template <int kVec, class In, class Out>
+__global__ void embed_kernel(const int32_t* ids, const In* table, Out* out, int64_t rows, int64_t hidden) {
+  const int64_t vectors_per_row = hidden / kVec;
+  const int64_t total = rows * vectors_per_row;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = v / vectors_per_row;
+    const int64_t column = (v - row * vectors_per_row) * kVec;
+    float values[kVec];
+    access::load_vector<kVec>(table + static_cast<int64_t>(ids[row]) * hidden + column, values);
+    access::store_vector<kVec>(out + row * hidden + column, values);
+  }
 }
 
-__device__ float warp_sum(float value) {
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
+// y[i] = x[i] (converted) for i < n; the vector part covers n / kVec vectors, the first threads
+// then take the n % kVec tail elements.
+template <int kVec, class In, class Out>
+__global__ void convert_kernel(const In* x, Out* y, int64_t n) {
+  const int64_t num_vectors = n / kVec;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = first; v < num_vectors; v += stride) {
+    float values[kVec];
+    access::load_vector<kVec>(x + v * kVec, values);
+    access::store_vector<kVec>(y + v * kVec, values);
+  }
+  for (int64_t i = num_vectors * kVec + first; i < n; i += stride)
+    y[i] = access::from_float<Out>(access::to_float(x[i]));
 }
 
-// One block per row: the block sums x^2 in fp32, then every thread scales its strided elements.
-// x and y may alias: each element is read before it is written by the same thread.
-__global__ void rms_norm_kernel(const float* x, const float* weight, float* y, int64_t dim, float eps) {
-  __shared__ float warp_sums[kRmsNormThreads / kWarpSize];
+// y[i] = y[i] + x[i] in fp32, rounded to y's type; same vector/tail split as convert_kernel.
+template <int kVec, class In, class Out>
+__global__ void add_kernel(const In* x, Out* y, int64_t n) {
+  const int64_t num_vectors = n / kVec;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t v = first; v < num_vectors; v += stride) {
+    float x_values[kVec], y_values[kVec];
+    access::load_vector<kVec>(x + v * kVec, x_values);
+    access::load_vector<kVec>(y + v * kVec, y_values);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) y_values[i] += x_values[i];
+    access::store_vector<kVec>(y + v * kVec, y_values);
+  }
+  for (int64_t i = num_vectors * kVec + first; i < n; i += stride)
+    y[i] = access::from_float<Out>(access::to_float(y[i]) + access::to_float(x[i]));
+}
+
+// ---- rms_norm ----------------------------------------------------------------------------------
+
+// One block per row: the block sums x^2 in fp32, inv_rms = 1 / sqrt(mean + eps) in double (as the
+// reference), then y = (x * inv_rms) * weight in fp32. x and y may alias (same type then): every
+// element is read by the thread that later writes it, and all reads of the sum pass end at the
+// barrier before any write.
+template <int kVec, class X, class W, class Y>
+__global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, float eps) {
+  __shared__ float warp_sums[kRowThreads / kWarpSize];
   __shared__ float inv_rms_shared;
-  const float* x_row = x + static_cast<int64_t>(blockIdx.x) * dim;
-  float* y_row = y + static_cast<int64_t>(blockIdx.x) * dim;
+  const X* x_row = x + static_cast<int64_t>(blockIdx.x) * dim;
+  Y* y_row = y + static_cast<int64_t>(blockIdx.x) * dim;
   float sum_squares = 0.0f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) sum_squares += x_row[i] * x_row[i];
-  sum_squares = warp_sum(sum_squares);
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float values[kVec];
+    access::load_vector<kVec>(x_row + i, values);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sum_squares += values[j] * values[j];
+  }
+  sum_squares = access::warp_sum(sum_squares);
   if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = sum_squares;
   __syncthreads();
   if (threadIdx.x == 0) {
     float total = 0.0f;
-    for (int w = 0; w < kRmsNormThreads / kWarpSize; ++w) total += warp_sums[w];
-    inv_rms_shared = 1.0f / sqrtf(total / static_cast<float>(dim) + eps);
+    for (int w = 0; w < kRowThreads / kWarpSize; ++w) total += warp_sums[w];
+    inv_rms_shared = static_cast<float>(
+        1.0 / sqrt(static_cast<double>(total) / static_cast<double>(dim) + static_cast<double>(eps)));
   }
   __syncthreads();
   const float inv_rms = inv_rms_shared;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) y_row[i] = (x_row[i] * inv_rms) * weight[i];
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float values[kVec], weights[kVec];
+    access::load_vector<kVec>(x_row + i, values);
+    access::load_vector<kVec>(weight + i, weights);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) values[j] = (values[j] * inv_rms) * weights[j];
+    access::store_vector<kVec>(y_row + i, values);
+  }
 }
 
-// One thread per (token, i < head_dim/2), looping over the heads: the angle, cos and sin are
-// computed once in double (as the CPU reference does) and rounded to fp32.
-__global__ void rope_kernel(float* x, const int32_t* positions, int64_t num_tokens, int64_t num_heads,
-                            int64_t head_dim, double theta) {
+// ---- qk_norm_rope ------------------------------------------------------------------------------
+
+// One block per row. The row's cos / sin table (angle = position * theta^(-2i/d) in double,
+// rounded to fp32 as the reference) is built once in shared memory; then one warp per q or k head
+// RMS-norms the head in fp32 and rotates it (rotate-half: pairs i, i + d/2).
+template <class T, class N>
+__global__ void qk_norm_rope_kernel(T* qkv, const N* q_norm, const N* k_norm, const int32_t* positions,
+                                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float eps,
+                                    double theta) {
+  __shared__ float cos_table[kMaxHeadDim / 2];
+  __shared__ float sin_table[kMaxHeadDim / 2];
+  const int64_t row = blockIdx.x;
   const int64_t half = head_dim / 2;
-  const int64_t total = num_tokens * half;
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
-       index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t token = index / half;
-    const int64_t i = index % half;
+  const double position = static_cast<double>(positions[row]);
+  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
     const double inv_freq = pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
-    const double angle = static_cast<double>(positions[token]) * inv_freq;
-    double sin_double, cos_double;
-    sincos(angle, &sin_double, &cos_double);
-    const float cos_value = static_cast<float>(cos_double);
-    const float sin_value = static_cast<float>(sin_double);
-    for (int64_t head = 0; head < num_heads; ++head) {
-      float* x_head = x + (token * num_heads + head) * head_dim;
-      const float first = x_head[i];
-      const float second = x_head[i + half];
-      x_head[i] = first * cos_value - second * sin_value;
-      x_head[i + half] = second * cos_value + first * sin_value;
+    double sin_value, cos_value;
+    sincos(position * inv_freq, &sin_value, &cos_value);
+    cos_table[i] = static_cast<float>(cos_value);
+    sin_table[i] = static_cast<float>(sin_value);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  T* row_data = qkv + row * (num_heads + 2 * num_kv_heads) * head_dim;
+  for (int64_t head = warp; head < num_heads + num_kv_heads; head += blockDim.x / kWarpSize) {
+    T* x = row_data + head * head_dim;  // k heads follow the q heads directly
+    const N* norm_weight = head < num_heads ? q_norm : k_norm;
+    float first[kMaxRopePairsPerLane], second[kMaxRopePairsPerLane];
+    float sum_squares = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kMaxRopePairsPerLane; ++c) {
+      const int64_t i = lane + c * kWarpSize;
+      first[c] = i < half ? access::to_float(x[i]) : 0.0f;
+      second[c] = i < half ? access::to_float(x[i + half]) : 0.0f;
+      sum_squares += first[c] * first[c] + second[c] * second[c];
+    }
+    sum_squares = access::warp_sum(sum_squares);
+    const float inv_rms =
+        static_cast<float>(1.0 / sqrt(static_cast<double>(sum_squares) / static_cast<double>(head_dim) +
+                                      static_cast<double>(eps)));
+#pragma unroll
+    for (int c = 0; c < kMaxRopePairsPerLane; ++c) {
+      const int64_t i = lane + c * kWarpSize;
+      if (i >= half) continue;
+      const float a = (first[c] * inv_rms) * access::to_float(norm_weight[i]);
+      const float b = (second[c] * inv_rms) * access::to_float(norm_weight[i + half]);
+      // Rounded product by product (no FMA contraction), as the reference computes the rotation.
+      x[i] = access::from_float<T>(__fsub_rn(__fmul_rn(a, cos_table[i]), __fmul_rn(b, sin_table[i])));
+      x[i + half] = access::from_float<T>(__fadd_rn(__fmul_rn(b, cos_table[i]), __fmul_rn(a, sin_table[i])));
     }
   }
 }
 
-__global__ void silu_mul_kernel(const float* gate, const float* up, float* out, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
+// ---- silu_mul ----------------------------------------------------------------------------------
+
+// out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i]; kVec elements per step.
+template <int kVec, class T>
+__global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t inter) {
+  const int64_t vectors_per_row = inter / kVec;
+  const int64_t total = rows * vectors_per_row;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = v / vectors_per_row;
+    const int64_t column = (v - row * vectors_per_row) * kVec;
+    const T* gate_row = gate_up + row * 2 * inter;
+    float gate[kVec], up[kVec];
+    access::load_vector<kVec>(gate_row + column, gate);
+    access::load_vector<kVec>(gate_row + inter + column, up);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+    access::store_vector<kVec>(out + row * inter + column, gate);
   }
 }
 
-__global__ void scaled_add_rows_kernel(const float* x, const float* scale, float* y, int64_t rows,
-                                       int64_t dim) {
-  const int64_t n = rows * dim;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    y[i] += scale[i / dim] * x[i];
+// ---- gather_rows -------------------------------------------------------------------------------
+
+// out row i = x row index[i], copied in Unit-sized pieces (uint4, uint32_t or uint8_t).
+template <class Unit>
+__global__ void gather_rows_kernel(const Unit* x, const int32_t* index, Unit* out, int64_t rows,
+                                   int64_t units_per_row) {
+  const int64_t total = rows * units_per_row;
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = u / units_per_row;
+    const int64_t column = u - row * units_per_row;
+    out[u] = x[static_cast<int64_t>(index[row]) * units_per_row + column];
   }
 }
 
-__global__ void add_kernel(const float* x, float* y, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    y[i] += x[i];
+// ---- argmax ------------------------------------------------------------------------------------
+
+struct Candidate {
+  float value;
+  int32_t index;  // -1: no element seen (a thread past the end of a short row)
+};
+
+// a is better than b: larger value, or equal value and lower index. NaN never compares larger, so
+// a NaN is only kept where it came first in a thread's scan; the result is deterministic anyway.
+__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
+  if (a.index < 0) return false;
+  if (b.index < 0) return true;
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+// One block per row. Each thread scans its elements in increasing index (strict > keeps the
+// first of equal values), then the block reduces (value desc, index asc).
+template <int kVec, class T>
+__global__ void argmax_kernel(const T* logits, int32_t* ids, int64_t vocab) {
+  __shared__ Candidate warp_best[kArgmaxThreads / kWarpSize];
+  const T* row = logits + static_cast<int64_t>(blockIdx.x) * vocab;
+  Candidate best{-INFINITY, -1};
+  int non_finite = 0;  // a NaN or Inf anywhere in the row makes the result -1 (backend.h)
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vocab;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float values[kVec];
+    access::load_vector<kVec>(row + i, values);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const Candidate candidate{values[j], static_cast<int32_t>(i + j)};
+      non_finite |= !isfinite(values[j]);
+      if (better(candidate, best)) best = candidate;
+    }
+  }
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const Candidate other{__shfl_xor_sync(kFullWarpMask, best.value, offset),
+                          __shfl_xor_sync(kFullWarpMask, best.index, offset)};
+    if (better(other, best)) best = other;
+  }
+  const int warp = threadIdx.x / kWarpSize;
+  if (threadIdx.x % kWarpSize == 0) warp_best[warp] = best;
+  const int row_non_finite = __syncthreads_or(non_finite);
+  if (warp == 0) {
+    const int num_warps = blockDim.x / kWarpSize;
+    best = threadIdx.x < num_warps ? warp_best[threadIdx.x] : Candidate{-INFINITY, -1};
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      const Candidate other{__shfl_xor_sync(kFullWarpMask, best.value, offset),
+                            __shfl_xor_sync(kFullWarpMask, best.index, offset)};
+      if (better(other, best)) best = other;
+    }
+    if (threadIdx.x == 0) ids[blockIdx.x] = row_non_finite ? -1 : best.index;
   }
 }
 
 }  // namespace
 
-void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t dim, float eps,
+// ---- host entry points ---------------------------------------------------------------------------
+// Each picks the template variant (types; vector or scalar by alignment) and launches.
+
+void embed(const int32_t* ids, int64_t rows, const void* table, ScalarType table_type, int64_t hidden,
+           void* out, ScalarType out_type, cudaStream_t stream) {
+  if (rows == 0 || hidden == 0) return;
+  const bool vector = hidden % kVectorElements == 0 && access::aligned16(table) && access::aligned16(out);
+  access::dispatch_float_type(table_type, "embed", [&](auto in_tag) {
+    access::dispatch_float_type(out_type, "embed", [&](auto out_tag) {
+      using In = typename decltype(in_tag)::type;
+      using Out = typename decltype(out_tag)::type;
+      const auto* in_data = static_cast<const In*>(table);
+      auto* out_data = static_cast<Out*>(out);
+      if (vector) {
+        embed_kernel<kVectorElements>
+            <<<access::capped_blocks(rows * hidden / kVectorElements, kElementwiseThreads),
+               kElementwiseThreads, 0, stream>>>(ids, in_data, out_data, rows, hidden);
+      } else {
+        embed_kernel<1>
+            <<<access::capped_blocks(rows * hidden, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+                ids, in_data, out_data, rows, hidden);
+      }
+    });
+  });
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void rms_norm(const void* x, ScalarType x_type, const void* weight, ScalarType weight_type, void* y,
+              ScalarType y_type, int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
+  if (rows == 0 || dim == 0) return;
+  const bool vector =
+      dim % kVectorElements == 0 && access::aligned16(x) && access::aligned16(weight) && access::aligned16(y);
+  access::dispatch_float_type(x_type, "rms_norm", [&](auto x_tag) {
+    access::dispatch_float_type(weight_type, "rms_norm", [&](auto weight_tag) {
+      access::dispatch_float_type(y_type, "rms_norm", [&](auto y_tag) {
+        using X = typename decltype(x_tag)::type;
+        using W = typename decltype(weight_tag)::type;
+        using Y = typename decltype(y_tag)::type;
+        // rows is the grid size; gridDim.x allows 2^31 - 1, far above any batch of tokens.
+        const auto blocks = static_cast<unsigned>(rows);
+        if (vector) {
+          rms_norm_kernel<kVectorElements><<<blocks, kRowThreads, 0, stream>>>(
+              static_cast<const X*>(x), static_cast<const W*>(weight), static_cast<Y*>(y), dim, eps);
+        } else {
+          rms_norm_kernel<1><<<blocks, kRowThreads, 0, stream>>>(
+              static_cast<const X*>(x), static_cast<const W*>(weight), static_cast<Y*>(y), dim, eps);
+        }
+      });
+    });
+  });
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void qk_norm_rope(void* qkv, ScalarType type, const void* q_norm, const void* k_norm, ScalarType norm_type,
+                  const int32_t* positions, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                  int64_t head_dim, float eps, double theta, cudaStream_t stream) {
+  if (rows == 0 || head_dim == 0 || num_heads + num_kv_heads == 0) return;
+  EPIC_CHECK(head_dim <= kMaxHeadDim && head_dim % 2 == 0, ErrorCode::kUnsupported,
+             "qk_norm_rope: the CUDA kernel takes an even head_dim up to " + std::to_string(kMaxHeadDim) +
+                 ", not " + std::to_string(head_dim));
+  access::dispatch_float_type(type, "qk_norm_rope", [&](auto type_tag) {
+    access::dispatch_float_type(norm_type, "qk_norm_rope", [&](auto norm_tag) {
+      using T = typename decltype(type_tag)::type;
+      using N = typename decltype(norm_tag)::type;
+      qk_norm_rope_kernel<<<static_cast<unsigned>(rows), kQkNormRopeWarps * kWarpSize, 0, stream>>>(
+          static_cast<T*>(qkv), static_cast<const N*>(q_norm), static_cast<const N*>(k_norm), positions,
+          num_heads, num_kv_heads, head_dim, eps, theta);
+    });
+  });
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void silu_mul(const void* gate_up, void* out, ScalarType type, int64_t rows, int64_t inter,
               cudaStream_t stream) {
-  // rows is the grid size; gridDim.x allows 2^31 - 1, far above any batch of tokens.
-  rms_norm_kernel<<<static_cast<unsigned>(rows), kRmsNormThreads, 0, stream>>>(x, weight, y, dim, eps);
+  if (rows == 0 || inter == 0) return;
+  const bool vector = inter % kVectorElements == 0 && access::aligned16(gate_up) && access::aligned16(out);
+  access::dispatch_float_type(type, "silu_mul", [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    if (vector) {
+      silu_mul_kernel<kVectorElements>
+          <<<access::capped_blocks(rows * inter / kVectorElements, kElementwiseThreads), kElementwiseThreads,
+             0, stream>>>(static_cast<const T*>(gate_up), static_cast<T*>(out), rows, inter);
+    } else {
+      silu_mul_kernel<1>
+          <<<access::capped_blocks(rows * inter, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+              static_cast<const T*>(gate_up), static_cast<T*>(out), rows, inter);
+    }
+  });
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
-void rope(float* x, const int32_t* positions, int64_t num_tokens, int64_t num_heads, int64_t head_dim,
-          double theta, cudaStream_t stream) {
-  const int64_t total = num_tokens * (head_dim / 2);
-  rope_kernel<<<elementwise_blocks(total, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
-      x, positions, num_tokens, num_heads, head_dim, theta);
+void add(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  const bool vector = access::aligned16(x) && access::aligned16(y);
+  access::dispatch_float_type(x_type, "add", [&](auto x_tag) {
+    access::dispatch_float_type(y_type, "add", [&](auto y_tag) {
+      using X = typename decltype(x_tag)::type;
+      using Y = typename decltype(y_tag)::type;
+      if (vector) {
+        add_kernel<kVectorElements>
+            <<<access::capped_blocks((n + kVectorElements - 1) / kVectorElements, kElementwiseThreads),
+               kElementwiseThreads, 0, stream>>>(static_cast<const X*>(x), static_cast<Y*>(y), n);
+      } else {
+        add_kernel<1><<<access::capped_blocks(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+            static_cast<const X*>(x), static_cast<Y*>(y), n);
+      }
+    });
+  });
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
-void silu_mul(const float* gate, const float* up, float* out, int64_t n, cudaStream_t stream) {
-  silu_mul_kernel<<<elementwise_blocks(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(gate, up,
-                                                                                                  out, n);
+void convert(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  const bool vector = access::aligned16(x) && access::aligned16(y);
+  access::dispatch_float_type(x_type, "convert", [&](auto x_tag) {
+    access::dispatch_float_type(y_type, "convert", [&](auto y_tag) {
+      using X = typename decltype(x_tag)::type;
+      using Y = typename decltype(y_tag)::type;
+      if (vector) {
+        convert_kernel<kVectorElements>
+            <<<access::capped_blocks((n + kVectorElements - 1) / kVectorElements, kElementwiseThreads),
+               kElementwiseThreads, 0, stream>>>(static_cast<const X*>(x), static_cast<Y*>(y), n);
+      } else {
+        convert_kernel<1><<<access::capped_blocks(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+            static_cast<const X*>(x), static_cast<Y*>(y), n);
+      }
+    });
+  });
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
-void scaled_add_rows(const float* x, const float* scale, float* y, int64_t rows, int64_t dim,
-                     cudaStream_t stream) {
-  scaled_add_rows_kernel<<<elementwise_blocks(rows * dim, kElementwiseThreads), kElementwiseThreads, 0,
-                           stream>>>(x, scale, y, rows, dim);
+void gather_rows(const void* x, const int32_t* index, void* out, int64_t rows, size_t row_bytes,
+                 cudaStream_t stream) {
+  if (rows == 0 || row_bytes == 0) return;
+  const uintptr_t alignment_bits =
+      reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out) | row_bytes;
+  if (alignment_bits % sizeof(uint4) == 0) {
+    const auto units = static_cast<int64_t>(row_bytes / sizeof(uint4));
+    gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
+                         stream>>>(static_cast<const uint4*>(x), index, static_cast<uint4*>(out), rows,
+                                   units);
+  } else if (alignment_bits % sizeof(uint32_t) == 0) {
+    const auto units = static_cast<int64_t>(row_bytes / sizeof(uint32_t));
+    gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
+                         stream>>>(static_cast<const uint32_t*>(x), index, static_cast<uint32_t*>(out), rows,
+                                   units);
+  } else {
+    const auto units = static_cast<int64_t>(row_bytes);
+    gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
+                         stream>>>(static_cast<const uint8_t*>(x), index, static_cast<uint8_t*>(out), rows,
+                                   units);
+  }
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
-void add(const float* x, float* y, int64_t n, cudaStream_t stream) {
-  add_kernel<<<elementwise_blocks(n, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(x, y, n);
+void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab,
+            cudaStream_t stream) {
+  if (rows == 0) return;
+  EPIC_CHECK(vocab > 0 && vocab <= INT32_MAX, ErrorCode::kInvalidArgument,
+             "argmax: vocab must be in [1, 2^31), not " + std::to_string(vocab));
+  const bool vector = vocab % kVectorElements == 0 && access::aligned16(logits);
+  access::dispatch_float_type(type, "argmax", [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    const auto blocks = static_cast<unsigned>(rows);
+    if (vector) {
+      argmax_kernel<kVectorElements>
+          <<<blocks, kArgmaxThreads, 0, stream>>>(static_cast<const T*>(logits), ids, vocab);
+    } else {
+      argmax_kernel<1><<<blocks, kArgmaxThreads, 0, stream>>>(static_cast<const T*>(logits), ids, vocab);
+    }
+  });
   EPIC_CUDA_CHECK_LAUNCH();
 }
 

@@ -69,8 +69,9 @@ TEST_F(Cli, LogitsOutMatchesTheGoldenReference) {
   std::string ids;
   for (const auto& id : prompt["ids"]) ids += (ids.empty() ? "" : ",") + std::to_string(id.get<int>());
   const fs::path out = scratch() / "logits.npy";
+  // fp32: the verification mode on whichever backend is the default here (cpu, or cuda on a GPU machine).
   const Outcome run = run_epic("run --model " + golden.string() + " --prompt-ids " + ids +
-                                   " --max-new-tokens 5 --logits-out " + out.string(),
+                                   " --precision fp32 --max-new-tokens 5 --logits-out " + out.string(),
                                scratch());
   ASSERT_EQ(run.exit_code, 0) << run.err;
   const NpyArray actual = read_npy_f32(out),

@@ -79,7 +79,7 @@ def mask_router(router, masked_experts):
 
     def forward(hidden_states):
         hidden_states = hidden_states.reshape(-1, router.hidden_dim)
-        router_logits = F.linear(hidden_states, router.weight) + mask.to(router.weight.dtype)
+        router_logits = F.linear(hidden_states, router.weight) + mask.to(router.weight.device, router.weight.dtype)
         router_probs = torch.nn.functional.softmax(router_logits, dtype=torch.float, dim=-1)
         top_value, indices = torch.topk(router_probs, router.top_k, dim=-1)
         if router.norm_topk_prob:
@@ -219,18 +219,30 @@ def make_case(out_root, case, seed):
         if shard.endswith(".safetensors"):
             num_tensors += len(load_file(os.path.join(directory, shard)))
 
+    # transformers' own bf16 run of the same weights (the bar for epic's cuda bf16 mode): the model
+    # cast to bf16 as a user would serve it, on the GPU with grouped_mm experts where there is one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16).to(device)
+    bf16_model.config._experts_implementation = "grouped_mm" if device == "cuda" else "eager"
+    bf16_model.config._attn_implementation = "sdpa"
+
     model = model.double()
     masked = {layer: list(experts) for layer, experts in missing.items()}
     for layer, rows in pruned.items():
         masked[layer] = list(range(rows, params["num_experts"]))
     for layer, experts in masked.items():
         mask_router(model.model.layers[layer].mlp.gate, experts)
+        mask_router(bf16_model.model.layers[layer].mlp.gate, experts)
+    bf16_errors = []
 
     prompts = []
     for i, length in enumerate(PROMPT_LENGTHS):
         ids = torch.randint(0, params["vocab_size"], (length,), generator=generator).tolist()
         logits = reference(model, ids)
         np.save(os.path.join(directory, f"logits_{i}.npy"), logits.to(torch.float32).numpy())
+        with torch.no_grad():
+            bf16_logits = bf16_model(torch.tensor([ids], device=device)).logits[0].double().cpu()
+        bf16_errors.append({"relative_l2": float((bf16_logits - logits).norm() / logits.norm())})
         generated = list(ids)
         for _ in range(NUM_NEW_TOKENS):  # greedy, full recompute (no cache): epic's KV cache must agree
             generated.append(int(reference(model, generated)[-1].argmax()))
@@ -247,7 +259,14 @@ def make_case(out_root, case, seed):
                                  + (", tensors renamed to thinker.*" if layout == "omni" else "")
                                  + (", experts/router rows removed afterwards" if missing or pruned else ""),
                    "seed": seed, "prompts": prompts}, f, indent=2)
-    print(f"{name}: {num_tensors} tensors, storage {storage}, layout {layout}")
+    with open(os.path.join(directory, "bf16_reference.json"), "w") as f:
+        json.dump({"what": "relative L2 of transformers' own bf16 logits against the float64 reference, per prompt",
+                   "transformers": transformers.__version__, "torch": torch.__version__,
+                   "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   "experts_implementation": bf16_model.config._experts_implementation,
+                   "attention": "sdpa", "prompts": bf16_errors}, f, indent=2)
+    print(f"{name}: {num_tensors} tensors, storage {storage}, layout {layout}, "
+          f"transformers bf16 rel L2 {[round(e['relative_l2'], 6) for e in bf16_errors]}")
 
 
 def main():

@@ -1,6 +1,6 @@
 // Shared by the kernel tests: the per-run seed, random inputs that are never zero, NaN-filled
-// outputs, the shape tables, double-precision reference ops and an element-wise comparison
-// that reports the worst element and how many were never written.
+// outputs, bf16 rounding, double-precision reference ops and an element-wise comparison that
+// reports the worst element and how many were never written.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -123,143 +124,30 @@ inline std::vector<double> absolute(const std::vector<double>& values) {
   return result;
 }
 
-// ---- shape tables (shared by the CPU and CUDA tests) ----
-
-struct LinearShape {
-  int64_t rows, in_dim, out_dim;
-};
-inline const std::vector<LinearShape> kLinearShapes = {
-    {1, 1, 1},        {1, 3, 17},    {3, 17, 130}, {17, 130, 3},
-    {2, 2048, 1},     {5, 128, 257}, {130, 17, 5}, {3, 0, 5},  // in_dim 0: an empty sum, every y must be 0
-    {64, 2048, 2053},                                          // large enough for the multi-threaded path
-};
-
-struct RmsNormShape {
-  int64_t rows, dim;
-};
-inline const std::vector<RmsNormShape> kRmsNormShapes = {{1, 1}, {3, 17}, {17, 130}, {5, 2048}, {130, 128}};
-constexpr float kRmsNormEps = 1e-6f;
-
-struct RopeShape {
-  int64_t num_tokens, num_heads, head_dim;
-  double theta;
-  int32_t max_position;  // positions are random in [0, max_position], in no particular order
-};
-inline const std::vector<RopeShape> kRopeShapes = {
-    {1, 1, 2, 1e4, 0},    {3, 4, 18, 1e4, 17},     {17, 32, 128, 1e6, 40000},
-    {5, 4, 64, 1e4, 130}, {130, 1, 130, 1e6, 130}, {2, 4, 128, 1e6, 1000000},  // far beyond any context
-};
-
-struct AttentionShape {
-  int64_t num_queries, first_position, num_heads, num_kv_heads, head_dim;
-  float amplitude;        // of q and k: 50 gives scores of several hundred, which overflow exp() unless
-                          // the max is subtracted
-  double cpu_tolerance;   // vs the double reference, relative to sum_j p_j |v_j|
-  double cuda_tolerance;  // vs the CPU backend, same scale
-};
-inline const std::vector<AttentionShape> kAttentionShapes = {
-    {1, 0, 1, 1, 1, 1.0f, 1e-5, 2e-5},
-    {3, 0, 4, 2, 17, 1.0f, 1e-5, 2e-5},
-    {1, 129, 32, 4, 128, 1.0f, 1e-5, 2e-5},  // decode step at position 129 (130 keys)
-    {17, 5, 32, 4, 128, 1.0f, 1e-5, 2e-5},   // a prefill chunk after 5 cached tokens
-    {130, 0, 8, 8, 64, 1.0f, 1e-5, 2e-5},    // plain multi-head
-    {5, 12, 6, 3, 130, 1.0f, 1e-5, 2e-5},
-    // Scores of ~+-15: a sharp but not one-hot softmax. Loosened 2x: the fp32 error of a score
-    // grows with |q| |k| (16x here), measured up to 2.4e-6 vs double.
-    {9, 40, 16, 2, 128, 4.0f, 2e-5, 4e-5},
-    // Scores of several hundred (exp overflows fp32 above 88 without the max subtracted).
-    // Loosened: the fp32 error of such a score (~1e-7 of sum |q_d k_d| * scale, up to ~1e-4
-    // absolute) becomes a relative error of the probabilities when two keys nearly tie.
-    {4, 3, 4, 1, 128, 20.0f, 3e-4, 3e-4},
-};
-
-struct SiluMulShape {
-  int64_t n;
-  float gate_amplitude;  // 20: silu far into both tails (silu(-20) ~ -4e-8, still a normal float)
-};
-inline const std::vector<SiluMulShape> kSiluMulShapes = {
-    {1, 1.0f}, {3, 1.0f}, {17, 5.0f}, {130, 20.0f}, {100003, 8.0f}};
-
-enum class PresentPattern {
-  kAll,
-  kEveryThirdAbsent,      // experts 0, 3, 6, ... absent
-  kEveryThirdAbsentHigh,  // same, and the absent experts get the highest logits (+100)
-  kExactlyTopK,           // only top_k experts present (spread over the range)
-  kRandomHalf,            // each expert present with probability 1/2 (at least top_k present)
-};
-enum class LogitPattern {
-  kSeparated,    // a random permutation of distinct logits 0.05 apart: no near-ties anywhere
-  kLargeOffset,  // kSeparated + 1000: exp() overflows unless the max is subtracted
-  kAllEqual,     // exact ties: the lower expert ids must win
-};
-struct RouteShape {
-  int64_t num_tokens, num_experts, top_k;
-  bool normalize_top_k;
-  PresentPattern present;
-  LogitPattern logits;
-};
-inline const std::vector<RouteShape> kRouteShapes = {
-    {1, 1, 1, true, PresentPattern::kAll, LogitPattern::kSeparated},
-    {3, 17, 3, false, PresentPattern::kEveryThirdAbsent, LogitPattern::kSeparated},
-    {17, 128, 8, true, PresentPattern::kAll, LogitPattern::kSeparated},
-    {5, 128, 8, false, PresentPattern::kEveryThirdAbsentHigh, LogitPattern::kSeparated},
-    {130, 128, 8, true, PresentPattern::kExactlyTopK, LogitPattern::kSeparated},
-    {4, 60, 4, true, PresentPattern::kRandomHalf, LogitPattern::kLargeOffset},
-    {3, 128, 8, true, PresentPattern::kAll, LogitPattern::kAllEqual},
-    {2, 130, 1, false, PresentPattern::kEveryThirdAbsent, LogitPattern::kAllEqual},
-    {1, 128, 128, true, PresentPattern::kAll, LogitPattern::kSeparated},
-};
-
-inline std::vector<uint8_t> make_present(std::mt19937_64& generator, const RouteShape& shape) {
-  std::vector<uint8_t> present(static_cast<size_t>(shape.num_experts), 1);
-  switch (shape.present) {
-    case PresentPattern::kAll:
-      break;
-    case PresentPattern::kEveryThirdAbsent:
-    case PresentPattern::kEveryThirdAbsentHigh:
-      for (int64_t e = 0; e < shape.num_experts; e += 3) present[e] = 0;
-      break;
-    case PresentPattern::kExactlyTopK:
-      std::fill(present.begin(), present.end(), 0);
-      for (int64_t j = 0; j < shape.top_k; ++j) present[j * shape.num_experts / shape.top_k] = 1;
-      break;
-    case PresentPattern::kRandomHalf: {
-      std::bernoulli_distribution coin(0.5);
-      do {
-        for (uint8_t& p : present) p = coin(generator) ? 1 : 0;
-      } while (std::count(present.begin(), present.end(), 1) < shape.top_k);
-      break;
-    }
-  }
-  return present;
+// bf16 (round to nearest even) and back: inputs of a bf16 run are rounded once on the host, so the
+// reference and every backend compute from the same values.
+inline uint16_t to_bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if (std::isnan(value)) return static_cast<uint16_t>((bits >> 16) | 0x40);  // stays a quiet NaN
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
 }
-
-inline std::vector<float> make_router_logits(std::mt19937_64& generator, const RouteShape& shape,
-                                             const std::vector<uint8_t>& present) {
-  std::vector<float> logits(static_cast<size_t>(shape.num_tokens * shape.num_experts));
-  std::vector<int> rank(static_cast<size_t>(shape.num_experts));
-  std::uniform_real_distribution<float> offset(-2.0f, 2.0f);
-  for (int64_t token = 0; token < shape.num_tokens; ++token) {
-    std::iota(rank.begin(), rank.end(), 0);
-    std::shuffle(rank.begin(), rank.end(), generator);
-    const float base = offset(generator) + (shape.logits == LogitPattern::kLargeOffset ? 1000.0f : 0.0f);
-    for (int64_t e = 0; e < shape.num_experts; ++e) {
-      float& logit = logits[token * shape.num_experts + e];
-      logit = shape.logits == LogitPattern::kAllEqual ? 0.5f : base + 0.05f * static_cast<float>(rank[e]);
-      if (shape.present == PresentPattern::kEveryThirdAbsentHigh && present[e] == 0) logit = 100.0f;
-    }
-  }
-  return logits;
+inline float from_bf16_bits(uint16_t bits) {
+  const uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, sizeof(value));
+  return value;
+}
+inline void round_to_bf16(std::vector<float>& values) {
+  for (float& value : values) value = from_bf16_bits(to_bf16_bits(value));
 }
 
 // ---- double-precision references, written independently of the backends ----
 
 // y = x w^T; magnitude[r, o] = sum_i |x[r, i] w[o, i]|, the scale of the fp32 summation error.
-inline void reference_linear(const std::vector<float>& x, const std::vector<float>& w, int64_t rows,
-                             int64_t in_dim, int64_t out_dim, std::vector<double>& y,
-                             std::vector<double>& magnitude) {
-  y.assign(static_cast<size_t>(rows * out_dim), 0.0);
-  magnitude.assign(y.size(), 0.0);
+inline void reference_linear(const float* x, const float* w, int64_t rows, int64_t in_dim, int64_t out_dim,
+                             double* y, double* magnitude) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t o = 0; o < out_dim; ++o) {
       double sum = 0.0, abs_sum = 0.0;
@@ -274,111 +162,72 @@ inline void reference_linear(const std::vector<float>& x, const std::vector<floa
   }
 }
 
-inline std::vector<double> reference_rms_norm(const std::vector<float>& x, const std::vector<float>& weight,
-                                              int64_t rows, int64_t dim, double eps) {
-  std::vector<double> y(x.size());
-  for (int64_t r = 0; r < rows; ++r) {
-    double mean_square = 0.0;
-    for (int64_t i = 0; i < dim; ++i) mean_square += static_cast<double>(x[r * dim + i]) * x[r * dim + i];
-    mean_square /= static_cast<double>(dim);
-    for (int64_t i = 0; i < dim; ++i)
-      y[r * dim + i] = x[r * dim + i] / std::sqrt(mean_square + eps) * weight[i];
-  }
-  return y;
+// One row: x / sqrt(mean(x^2) + eps) * weight.
+inline void reference_rms_norm_row(const float* x, const float* weight, int64_t dim, double eps, double* y) {
+  double mean_square = 0.0;
+  for (int64_t i = 0; i < dim; ++i) mean_square += static_cast<double>(x[i]) * x[i];
+  mean_square /= static_cast<double>(dim);
+  for (int64_t i = 0; i < dim; ++i) y[i] = x[i] / std::sqrt(mean_square + eps) * weight[i];
 }
 
-// magnitude = |x_i cos| + |x_{i+half} sin| (the terms the rotation adds).
-inline void reference_rope(const std::vector<float>& x, const std::vector<int32_t>& positions,
-                           int64_t num_tokens, int64_t num_heads, int64_t head_dim, double theta,
-                           std::vector<double>& y, std::vector<double>& magnitude) {
-  y.assign(x.size(), 0.0);
-  magnitude.assign(x.size(), 0.0);
+// Rotate-half rotary embedding of one head vector x (double) at a position; magnitude = |x_i cos| +
+// |x_{i+half} sin| (the terms the rotation adds).
+inline void reference_rope_head(const double* x, int64_t head_dim, int32_t position, double theta, double* y,
+                                double* magnitude) {
   const int64_t half = head_dim / 2;
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    for (int64_t h = 0; h < num_heads; ++h) {
-      const int64_t base = (t * num_heads + h) * head_dim;
-      for (int64_t i = 0; i < half; ++i) {
-        const double angle = positions[t] * std::pow(theta, -2.0 * static_cast<double>(i) / head_dim);
-        const double c = std::cos(angle), s = std::sin(angle);
-        const double first = x[base + i], second = x[base + i + half];
-        y[base + i] = first * c - second * s;
-        y[base + i + half] = second * c + first * s;
-        magnitude[base + i] = std::abs(first * c) + std::abs(second * s);
-        magnitude[base + i + half] = std::abs(second * c) + std::abs(first * s);
-      }
-    }
+  for (int64_t i = 0; i < half; ++i) {
+    const double angle =
+        position * std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
+    const double c = std::cos(angle), s = std::sin(angle);
+    const double first = x[i], second = x[i + half];
+    y[i] = first * c - second * s;
+    y[i + half] = second * c + first * s;
+    magnitude[i] = std::abs(first * c) + std::abs(second * s);
+    magnitude[i + half] = std::abs(second * c) + std::abs(first * s);
   }
 }
 
-// Builds the full masked score matrix per head, softmaxes each row, multiplies by V.
-// magnitude[q, h, d] = sum_j p_j |v_j[d]|.
-inline void reference_attention(const std::vector<float>& q, const std::vector<float>& k,
-                                const std::vector<float>& v, const AttentionShape& shape,
-                                std::vector<double>& out, std::vector<double>& magnitude) {
-  const int64_t num_keys = shape.first_position + shape.num_queries;
-  const int64_t group = shape.num_heads / shape.num_kv_heads;
-  const int64_t head_dim = shape.head_dim;
-  out.assign(static_cast<size_t>(shape.num_queries * shape.num_heads * head_dim), 0.0);
-  magnitude.assign(out.size(), 0.0);
-  std::vector<double> scores(static_cast<size_t>(shape.num_queries * num_keys));
-  for (int64_t h = 0; h < shape.num_heads; ++h) {
-    const int64_t kv = h / group;
-    for (int64_t i = 0; i < shape.num_queries; ++i) {
-      for (int64_t j = 0; j < num_keys; ++j) {
-        double dot = 0.0;
-        for (int64_t d = 0; d < head_dim; ++d) {
-          dot += static_cast<double>(q[(i * shape.num_heads + h) * head_dim + d]) *
-                 k[(j * shape.num_kv_heads + kv) * head_dim + d];
-        }
-        const bool visible = j <= shape.first_position + i;
-        scores[i * num_keys + j] = visible ? dot / std::sqrt(static_cast<double>(head_dim)) : -INFINITY;
-      }
+// Softmax attention of one query head vector q over keys given by row pointers (num_keys of
+// them), each key's head vector of head_dim; out and magnitude (= sum_j p_j |v_j[d]|) of head_dim.
+inline void reference_attention_head(const float* q, const std::vector<const float*>& keys,
+                                     const std::vector<const float*>& values, int64_t head_dim, double* out,
+                                     double* magnitude) {
+  std::vector<double> scores(keys.size());
+  for (size_t j = 0; j < keys.size(); ++j) {
+    double dot = 0.0;
+    for (int64_t d = 0; d < head_dim; ++d) dot += static_cast<double>(q[d]) * keys[j][d];
+    scores[j] = dot / std::sqrt(static_cast<double>(head_dim));
+  }
+  const double max_score = *std::max_element(scores.begin(), scores.end());
+  double total = 0.0;
+  for (double& score : scores) total += (score = std::exp(score - max_score));
+  for (int64_t d = 0; d < head_dim; ++d) {
+    double sum = 0.0, abs_sum = 0.0;
+    for (size_t j = 0; j < keys.size(); ++j) {
+      sum += scores[j] / total * values[j][d];
+      abs_sum += scores[j] / total * std::abs(values[j][d]);
     }
-    for (int64_t i = 0; i < shape.num_queries; ++i) {
-      double* row = &scores[i * num_keys];
-      const double max_score = *std::max_element(row, row + num_keys);
-      double total = 0.0;
-      for (int64_t j = 0; j < num_keys; ++j) total += (row[j] = std::exp(row[j] - max_score));
-      for (int64_t j = 0; j < num_keys; ++j) row[j] /= total;
-      for (int64_t d = 0; d < head_dim; ++d) {
-        double sum = 0.0, abs_sum = 0.0;
-        for (int64_t j = 0; j < num_keys; ++j) {
-          const double value = v[(j * shape.num_kv_heads + kv) * head_dim + d];
-          sum += row[j] * value;
-          abs_sum += row[j] * std::abs(value);
-        }
-        out[(i * shape.num_heads + h) * head_dim + d] = sum;
-        magnitude[(i * shape.num_heads + h) * head_dim + d] = abs_sum;
-      }
-    }
+    out[d] = sum;
+    magnitude[d] = abs_sum;
   }
 }
 
-inline std::vector<double> reference_silu_mul(const std::vector<float>& gate, const std::vector<float>& up) {
-  std::vector<double> out(gate.size());
-  for (size_t i = 0; i < gate.size(); ++i) {
-    const double g = gate[i];
-    out[i] = g / (1.0 + std::exp(-g)) * up[i];
-  }
-  return out;
-}
+inline double reference_silu(double g) { return g / (1.0 + std::exp(-g)); }
 
 // Full sort of the present experts by (probability descending, id ascending).
-inline void reference_route_top_k(const std::vector<float>& logits, const std::vector<uint8_t>& present,
-                                  const RouteShape& shape, std::vector<int32_t>& ids,
-                                  std::vector<double>& weights) {
-  ids.assign(static_cast<size_t>(shape.num_tokens * shape.top_k), -1);
-  weights.assign(ids.size(), 0.0);
-  for (int64_t t = 0; t < shape.num_tokens; ++t) {
+inline void reference_route_top_k(const float* logits, const uint8_t* present, int64_t num_tokens,
+                                  int64_t num_experts, int64_t top_k, bool normalize, int32_t* ids,
+                                  double* weights) {
+  for (int64_t t = 0; t < num_tokens; ++t) {
     std::vector<std::pair<double, int32_t>> candidates;
     double max_logit = -INFINITY;
-    for (int64_t e = 0; e < shape.num_experts; ++e) {
-      if (present[e]) max_logit = std::max<double>(max_logit, logits[t * shape.num_experts + e]);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (present[e]) max_logit = std::max<double>(max_logit, logits[t * num_experts + e]);
     }
     double total = 0.0;
-    for (int64_t e = 0; e < shape.num_experts; ++e) {
+    for (int64_t e = 0; e < num_experts; ++e) {
       if (!present[e]) continue;
-      const double p = std::exp(logits[t * shape.num_experts + e] - max_logit);
+      const double p = std::exp(logits[t * num_experts + e] - max_logit);
       total += p;
       candidates.emplace_back(p, static_cast<int32_t>(e));
     }
@@ -387,59 +236,12 @@ inline void reference_route_top_k(const std::vector<float>& logits, const std::v
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     });
     double selected = 0.0;
-    for (int64_t j = 0; j < shape.top_k; ++j) selected += candidates[j].first;
-    for (int64_t j = 0; j < shape.top_k; ++j) {
-      ids[t * shape.top_k + j] = candidates[j].second;
-      weights[t * shape.top_k + j] = candidates[j].first / (shape.normalize_top_k ? selected : 1.0);
+    for (int64_t j = 0; j < top_k; ++j) selected += candidates[j].first;
+    for (int64_t j = 0; j < top_k; ++j) {
+      ids[t * top_k + j] = candidates[j].second;
+      weights[t * top_k + j] = candidates[j].first / (normalize ? selected : 1.0);
     }
   }
-}
-
-// ---- calls every backend must reject with kInvalidArgument before touching memory ----
-
-struct InvalidCall {
-  std::string name;
-  std::string expected_text;  // must appear in the error message
-  // present3of8 points to 8 bytes {1, 1, 1, 0, 0, 0, 0, 0} in the backend's memory; the other
-  // pointers are null, so a call that reads or writes before validating crashes the test.
-  std::function<void(Backend&, const uint8_t* present3of8)> call;
-};
-
-inline std::vector<InvalidCall> invalid_calls() {
-  return {
-      {"linear negative rows", "rows = -1 is negative",
-       [](Backend& b, const uint8_t*) { b.linear(nullptr, nullptr, nullptr, -1, 4, 4); }},
-      {"rms_norm negative dim", "dim = -2 is negative",
-       [](Backend& b, const uint8_t*) { b.rms_norm(nullptr, nullptr, nullptr, 1, -2, 1e-6f); }},
-      {"rope odd head_dim", "head_dim = 3 is odd",
-       [](Backend& b, const uint8_t*) { b.rope(nullptr, nullptr, 1, 1, 3, 1e4); }},
-      {"rope theta 0", "theta = 0",
-       [](Backend& b, const uint8_t*) { b.rope(nullptr, nullptr, 1, 1, 4, 0.0); }},
-      {"attention heads not a multiple of kv heads", "num_heads = 6 is not a multiple of num_kv_heads = 4",
-       [](Backend& b, const uint8_t*) { b.attention(nullptr, nullptr, nullptr, nullptr, 1, 1, 0, 6, 4, 8); }},
-      {"attention zero kv heads", "num_kv_heads = 0 must be >= 1",
-       [](Backend& b, const uint8_t*) { b.attention(nullptr, nullptr, nullptr, nullptr, 1, 1, 0, 4, 0, 8); }},
-      {"attention too few keys", "num_keys = 5 must equal first_position + num_queries = 3 + 4",
-       [](Backend& b, const uint8_t*) { b.attention(nullptr, nullptr, nullptr, nullptr, 4, 5, 3, 4, 2, 8); }},
-      {"attention negative first_position", "first_position = -1 is negative",
-       [](Backend& b, const uint8_t*) {
-         b.attention(nullptr, nullptr, nullptr, nullptr, 2, 1, -1, 4, 2, 8);
-       }},
-      {"silu_mul negative n", "n = -1 is negative",
-       [](Backend& b, const uint8_t*) { b.silu_mul(nullptr, nullptr, nullptr, -1); }},
-      {"route_top_k top_k above present experts", "top_k = 4 exceeds the 3 present experts (of 8)",
-       [](Backend& b, const uint8_t* present) {
-         b.route_top_k(nullptr, present, nullptr, nullptr, 2, 8, 4, true);
-       }},
-      {"route_top_k top_k 0", "top_k = 0 must be >= 1",
-       [](Backend& b, const uint8_t* present) {
-         b.route_top_k(nullptr, present, nullptr, nullptr, 2, 8, 0, true);
-       }},
-      {"scaled_add_rows negative rows", "rows = -3 is negative",
-       [](Backend& b, const uint8_t*) { b.scaled_add_rows(nullptr, nullptr, nullptr, -3, 4); }},
-      {"add negative n", "n = -5 is negative",
-       [](Backend& b, const uint8_t*) { b.add(nullptr, nullptr, -5); }},
-  };
 }
 
 // Hash of the running test's full name: a stable per-case index for case_generator().
@@ -447,60 +249,5 @@ inline uint64_t current_case_index() {
   const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
   return std::hash<std::string>{}(std::string(info->test_suite_name()) + "." + info->name());
 }
-
-// ---- parameter names for the shape tables ----
-
-inline std::string name_of(const LinearShape& s) {
-  return "rows" + std::to_string(s.rows) + "_in" + std::to_string(s.in_dim) + "_out" +
-         std::to_string(s.out_dim);
-}
-inline std::string name_of(const RmsNormShape& s) {
-  return "rows" + std::to_string(s.rows) + "_dim" + std::to_string(s.dim);
-}
-inline std::string name_of(const RopeShape& s) {
-  return "tokens" + std::to_string(s.num_tokens) + "_heads" + std::to_string(s.num_heads) + "_dim" +
-         std::to_string(s.head_dim) + "_theta" + std::to_string(static_cast<int64_t>(s.theta)) + "_maxpos" +
-         std::to_string(s.max_position);
-}
-inline std::string name_of(const AttentionShape& s) {
-  return "q" + std::to_string(s.num_queries) + "_from" + std::to_string(s.first_position) + "_heads" +
-         std::to_string(s.num_heads) + "_kv" + std::to_string(s.num_kv_heads) + "_dim" +
-         std::to_string(s.head_dim) + "_amp" + std::to_string(static_cast<int>(s.amplitude));
-}
-inline std::string name_of(const SiluMulShape& s) {
-  return "n" + std::to_string(s.n) + "_amp" + std::to_string(static_cast<int>(s.gate_amplitude));
-}
-inline std::string name_of(const RouteShape& s) {
-  static const char* kPresentNames[] = {"all", "third_absent", "third_absent_high", "exactly_k",
-                                        "random_half"};
-  static const char* kLogitNames[] = {"separated", "offset1000", "ties"};
-  return "tokens" + std::to_string(s.num_tokens) + "_experts" + std::to_string(s.num_experts) + "_k" +
-         std::to_string(s.top_k) + (s.normalize_top_k ? "_norm_" : "_raw_") +
-         kPresentNames[static_cast<int>(s.present)] + "_" + kLogitNames[static_cast<int>(s.logits)];
-}
-// gtest prints parameters with these (found by ADL) instead of as raw bytes.
-inline void PrintTo(const LinearShape& s, std::ostream* os) { *os << name_of(s); }
-inline void PrintTo(const RmsNormShape& s, std::ostream* os) { *os << name_of(s); }
-inline void PrintTo(const RopeShape& s, std::ostream* os) { *os << name_of(s); }
-inline void PrintTo(const AttentionShape& s, std::ostream* os) { *os << name_of(s); }
-inline void PrintTo(const SiluMulShape& s, std::ostream* os) { *os << name_of(s); }
-inline void PrintTo(const RouteShape& s, std::ostream* os) { *os << name_of(s); }
-
-struct ParamName {
-  template <typename T>
-  std::string operator()(const ::testing::TestParamInfo<T>& info) const {
-    return name_of(info.param);
-  }
-};
-
-// Rows x dim for scaled_add_rows, and n for add (as rows 1).
-struct RowsShape {
-  int64_t rows, dim;
-};
-inline const std::vector<RowsShape> kRowsShapes = {{1, 1}, {3, 17}, {17, 130}, {130, 3}, {1, 100003}};
-inline std::string name_of(const RowsShape& s) {
-  return "rows" + std::to_string(s.rows) + "_dim" + std::to_string(s.dim);
-}
-inline void PrintTo(const RowsShape& s, std::ostream* os) { *os << name_of(s); }
 
 }  // namespace epic::kernel_test

@@ -11,10 +11,11 @@
 #include "comm/communicator.h"
 #include "kernels/backend.h"
 #include "kernels/error.h"
-#include "worker/checkpoint.h"
+#include "worker/kv_cache.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
 #include "worker/model_weights.h"
+#include "worker/weight_source.h"
 
 namespace epic {
 namespace {
@@ -26,12 +27,22 @@ class GenerationLoop : public ::testing::Test {
   static void SetUpTestSuite() {
     const fs::path dir = fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32";
     config_ = new ModelConfig(ModelConfig::load(dir));
-    Checkpoint checkpoint = Checkpoint::open(dir);
-    weights_ = new ModelWeights(load_model_weights(*config_, checkpoint, LoadOptions{}));
+    backend_ = make_cpu_backend().release();
+    const std::unique_ptr<WeightSource> source = open_checkpoint_source(dir);
+    weights_ = new ModelWeights(load_model_weights(*config_, *source, *backend_, LoadOptions{}));
   }
   static void TearDownTestSuite() {
     delete weights_;
+    delete backend_;
     delete config_;
+  }
+
+  // Room for every test's sequences: 7 live at once, prompts + new tokens well under 64 positions.
+  static RunnerOptions runner_options() {
+    RunnerOptions options;
+    options.max_sequences = 8;
+    options.max_context = 64;
+    return options;
   }
 
   // Seven prompts of different lengths (ids identify the prompt), mixed greedy and sampled, with
@@ -55,8 +66,7 @@ class GenerationLoop : public ::testing::Test {
     GenerationStats stats;
   };
   static Run run(const std::vector<SequenceRequest>& sequences, int64_t max_active) {
-    auto backend = make_cpu_backend();
-    ModelRunner runner(*config_, *weights_, *backend);
+    ModelRunner runner(*config_, *weights_, *backend_, runner_options());
     const auto comm = make_self_communicator();
     Run out;
     GenerationOptions options;
@@ -67,9 +77,11 @@ class GenerationLoop : public ::testing::Test {
   }
 
   static ModelConfig* config_;
+  static Backend* backend_;  // the weights live in its memory
   static ModelWeights* weights_;
 };
 ModelConfig* GenerationLoop::config_ = nullptr;
+Backend* GenerationLoop::backend_ = nullptr;
 ModelWeights* GenerationLoop::weights_ = nullptr;
 
 TEST_F(GenerationLoop, AnyBoundOnLiveSequencesGivesBitwiseTheSameResults) {
@@ -113,8 +125,7 @@ TEST_F(GenerationLoop, ResultsDeliveredBeforeALaterFailureStayDelivered) {
   std::vector<SequenceRequest> sequences = requests();
   sequences.resize(3);
   sequences[2].prompt = {1, static_cast<int32_t>(config_->vocab_size)};  // fails when admitted
-  auto backend = make_cpu_backend();
-  ModelRunner runner(*config_, *weights_, *backend);
+  ModelRunner runner(*config_, *weights_, *backend_, runner_options());
   const auto comm = make_self_communicator();
   std::vector<int64_t> delivered;
   GenerationOptions options;
@@ -142,12 +153,14 @@ TEST_F(GenerationLoop, BoundOutsideItsRangeIsRefused) {
   }
 }
 
-TEST(KvCacheBytes, TwoTensorsPerLayerOfKvHeadsTimesHeadDimFloats) {
+TEST(KvCacheBytes, TwoTensorsPerLayerOfKvHeadsTimesHeadDimOfTheCacheType) {
   ModelConfig config;
   config.num_hidden_layers = 48;
   config.num_key_value_heads = 4;
   config.head_dim = 128;
   EXPECT_EQ(kv_cache_bytes_per_token(config), 2 * 48 * 4 * 128 * 4);  // Qwen3-30B-A3B: 192 KiB
+  EXPECT_EQ(kv_cache_bytes_per_token(config, ScalarType::kF32), 2 * 48 * 4 * 128 * 4);
+  EXPECT_EQ(kv_cache_bytes_per_token(config, ScalarType::kBF16), 2 * 48 * 4 * 128 * 2);  // the cuda bf16 mode
 }
 
 }  // namespace

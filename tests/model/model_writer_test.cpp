@@ -13,6 +13,7 @@
 #include "worker/checkpoint.h"
 #include "worker/model_runner.h"
 #include "worker/npy_file.h"
+#include "worker/weight_source.h"
 
 namespace epic {
 namespace {
@@ -54,14 +55,18 @@ TEST(ModelWriter, WrittenModelLoadsAndRuns) {
   const ModelConfig config = ModelConfig::load(temp.path() / "m");
   EXPECT_EQ(config.num_experts, preset.config.num_experts);
   EXPECT_EQ(config.mlp_only_layers, preset.config.mlp_only_layers);
-  Checkpoint checkpoint = Checkpoint::open(temp.path() / "m");
-  EXPECT_GT(checkpoint.num_shards(), 2u);
-  const ModelWeights weights = load_model_weights(config, checkpoint, LoadOptions{});
-  auto backend = make_cpu_backend();
-  ModelRunner runner(config, weights, *backend);
-  KvCache cache(config);
+  EXPECT_GT(Checkpoint::open(temp.path() / "m").num_shards(), 2u);
+  const std::unique_ptr<WeightSource> source = open_checkpoint_source(temp.path() / "m");
+  const auto backend = make_cpu_backend();
+  const ModelWeights weights = load_model_weights(config, *source, *backend, LoadOptions{});
+  RunnerOptions options;
+  options.max_sequences = 1;
+  options.max_context = 16;
+  ModelRunner runner(config, weights, *backend, options);
+  KvSequence sequence = runner.new_sequence();
   const std::vector<int32_t> ids = {1, 2, 3};
-  const std::vector<float> logits = runner.forward(ids, cache, true);
+  const std::vector<float> logits = runner.forward(ids, sequence, true);
+  EXPECT_EQ(sequence.length, 3);
   ASSERT_EQ(logits.size(), 3u * config.vocab_size);
   for (float v : logits) ASSERT_TRUE(std::isfinite(v));
 }

@@ -1,110 +1,271 @@
-// The MoE block's four steps against a direct per-token loop (the ARCHITECTURE.md formula),
-// on random data with a fresh seed, including masked experts.
+// The MoE block (the local executor, and its steps route -> group -> experts -> combine one by one)
+// against a direct per-token loop in double precision (the ARCHITECTURE.md formula), on random
+// data with a fresh seed, with a masked expert the router would otherwise choose.
 #include "worker/moe_block.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <map>
 #include <random>
 
 #include "kernels/backend.h"
+#include "worker/moe_executor.h"
+#include "worker/workspace.h"
 
 namespace epic {
 namespace {
 
 double silu(double x) { return x / (1.0 + std::exp(-x)); }
 
-TEST(MoeBlock, StepsEqualTheDirectFormula) {
-  const unsigned seed = std::random_device{}();
-  SCOPED_TRACE("seed " + std::to_string(seed));
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  const int64_t hidden = 24, inter = 10, num_experts = 7, top_k = 3, num_tokens = 13;
+// One expert's matrices on the host, row-major as the checkpoint stores them.
+struct HostExpert {
+  std::vector<float> gate, up;  // [I, H]
+  std::vector<float> down;      // [H, I]
+};
 
+template <class T>
+OwnedTensor upload(Backend& backend, ScalarType type, std::initializer_list<int64_t> shape,
+                   const std::vector<T>& values) {
+  OwnedTensor tensor = backend.new_tensor(type, shape);
+  EXPECT_EQ(tensor.view().bytes(), values.size() * sizeof(T)) << tensor.view().describe();
+  backend.copy_from_host(tensor, 0, values.data(), values.size() * sizeof(T));
+  return tensor;
+}
+
+// A MoE layer as load_model_weights lays it out: every present expert hosted, stacked in ascending
+// id order into gate_up [L, 2I, H] (gate rows, then up rows) and down [L, H, I].
+MoeLayerWeights make_moe_layer(Backend& backend, int64_t hidden, int64_t inter,
+                               const std::vector<float>& router, const std::vector<uint8_t>& present,
+                               const std::map<int64_t, HostExpert>& experts) {
   MoeLayerWeights layer;
-  layer.num_experts = num_experts;
-  layer.router.resize(num_experts * hidden);
-  for (float& v : layer.router) v = normal(rng) / std::sqrt(float(hidden));
-  layer.present = {1, 1, 0, 1, 1, 1, 1};  // expert 2 masked out
-  for (int64_t e = 0; e < num_experts; ++e) {
-    if (!layer.present[e]) continue;
-    ExpertWeights& w = layer.experts[e];
-    for (auto* v : {&w.gate, &w.up}) {
-      v->resize(inter * hidden);
-      for (float& x : *v) x = normal(rng) / std::sqrt(float(hidden));
-    }
-    w.down.resize(hidden * inter);
-    for (float& x : w.down) x = normal(rng) / std::sqrt(float(inter));
+  layer.num_experts = static_cast<int64_t>(present.size());
+  layer.present = present;
+  std::vector<float> gate_up, down;
+  std::vector<int32_t> local_index(present.size(), -1);
+  for (const auto& [expert, w] : experts) {
+    EXPECT_TRUE(present[expert]) << "expert " << expert << " has weights but is not present";
+    local_index[expert] = static_cast<int32_t>(layer.hosted.size());
+    layer.hosted.push_back(expert);
+    gate_up.insert(gate_up.end(), w.gate.begin(), w.gate.end());
+    gate_up.insert(gate_up.end(), w.up.begin(), w.up.end());
+    down.insert(down.end(), w.down.begin(), w.down.end());
   }
-  std::vector<float> tokens(num_tokens * hidden);
-  for (float& v : tokens) v = normal(rng);
+  const int64_t num_hosted = static_cast<int64_t>(layer.hosted.size());
+  layer.router = upload(backend, ScalarType::kF32, {layer.num_experts, hidden}, router);
+  layer.present_mask = upload(backend, ScalarType::kU8, {layer.num_experts}, present);
+  layer.gate_up = upload(backend, ScalarType::kF32, {num_hosted, 2 * inter, hidden}, gate_up);
+  layer.down = upload(backend, ScalarType::kF32, {num_hosted, hidden, inter}, down);
+  layer.local_index = upload(backend, ScalarType::kI32, {layer.num_experts}, local_index);
+  backend.synchronize();  // the host vectors die here
+  return layer;
+}
 
-  auto backend = make_cpu_backend();
-  for (bool normalize : {false, true}) {
-    SCOPED_TRACE(normalize ? "norm_topk_prob" : "no renormalisation");
-    std::vector<float> out(num_tokens * hidden, NAN);
-    moe_block_forward(*backend, layer, tokens.data(), num_tokens, hidden, inter, top_k, normalize,
-                      out.data());
-    for (int64_t t = 0; t < num_tokens; ++t) {
-      const float* x = &tokens[t * hidden];
-      // Softmax over present experts, top-k by probability.
-      std::vector<double> logits(num_experts, -INFINITY);
-      double max_logit = -INFINITY;
-      for (int64_t e = 0; e < num_experts; ++e) {
-        if (!layer.present[e]) continue;
-        logits[e] = 0;
-        for (int64_t i = 0; i < hidden; ++i) logits[e] += double(layer.router[e * hidden + i]) * x[i];
-        max_logit = std::max(max_logit, logits[e]);
+std::vector<float> download(Backend& backend, const Tensor& tensor) {
+  std::vector<float> values(static_cast<size_t>(tensor.numel()));
+  backend.copy_to_host(tensor, 0, values.data(), values.size() * sizeof(float));
+  return values;
+}
+
+class MoeBlock : public ::testing::Test {
+ protected:
+  static constexpr int64_t kHidden = 24, kInter = 10, kNumExperts = 7, kTopK = 3, kTokens = 13;
+  static constexpr int64_t kMasked = 2;
+
+  void SetUp() override {
+    const unsigned seed = std::random_device{}();
+    seed_trace_ =
+        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, "seed " + std::to_string(seed));
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    tokens_.resize(kTokens * kHidden);
+    for (float& v : tokens_) v = normal(rng);
+    router_.resize(kNumExperts * kHidden);
+    for (float& v : router_) v = normal(rng) / std::sqrt(float(kHidden));
+    // The masked expert's router row points along the tokens' sum, so unmasked it would win for
+    // most tokens: masking must be what keeps it out.
+    for (int64_t i = 0; i < kHidden; ++i) {
+      double sum = 0;
+      for (int64_t t = 0; t < kTokens; ++t) sum += tokens_[t * kHidden + i];
+      router_[kMasked * kHidden + i] = static_cast<float>(sum);
+    }
+    present_.assign(kNumExperts, 1);
+    present_[kMasked] = 0;
+    for (int64_t e = 0; e < kNumExperts; ++e) {
+      if (!present_[e]) continue;
+      HostExpert& w = experts_[e];
+      for (auto* v : {&w.gate, &w.up}) {
+        v->resize(kInter * kHidden);
+        for (float& x : *v) x = normal(rng) / std::sqrt(float(kHidden));
       }
-      std::vector<double> probability(num_experts, 0.0);
+      w.down.resize(kHidden * kInter);
+      for (float& x : w.down) x = normal(rng) / std::sqrt(float(kInter));
+    }
+  }
+
+  // Router logits of token t for every expert (masked ones too), in double.
+  std::vector<double> router_logits(int64_t t) const {
+    std::vector<double> logits(kNumExperts, 0.0);
+    for (int64_t e = 0; e < kNumExperts; ++e)
+      for (int64_t i = 0; i < kHidden; ++i)
+        logits[e] += double(router_[e * kHidden + i]) * tokens_[t * kHidden + i];
+    return logits;
+  }
+
+  // Experts by descending probability (ties: lower id), over `allowed` experts only.
+  static std::vector<int64_t> ranked(const std::vector<double>& logits, const std::vector<uint8_t>& allowed) {
+    std::vector<int64_t> order;
+    for (int64_t e = 0; e < kNumExperts; ++e)
+      if (allowed[e]) order.push_back(e);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return logits[a] > logits[b]; });
+    return order;
+  }
+
+  // The block's output for every token, straight from the formula.
+  std::vector<double> expected_output(bool normalize) const {
+    std::vector<double> expected(kTokens * kHidden, 0.0);
+    for (int64_t t = 0; t < kTokens; ++t) {
+      const float* x = &tokens_[t * kHidden];
+      const std::vector<double> logits = router_logits(t);
+      double max_logit = -INFINITY;
+      for (int64_t e = 0; e < kNumExperts; ++e)
+        if (present_[e]) max_logit = std::max(max_logit, logits[e]);
+      std::vector<double> probability(kNumExperts, 0.0);
       double total = 0;
-      for (int64_t e = 0; e < num_experts; ++e)
-        if (layer.present[e]) total += probability[e] = std::exp(logits[e] - max_logit);
-      std::vector<int64_t> order;
-      for (int64_t e = 0; e < num_experts; ++e) order.push_back(e);
-      std::stable_sort(order.begin(), order.end(),
-                       [&](int64_t a, int64_t b) { return probability[a] > probability[b]; });
+      for (int64_t e = 0; e < kNumExperts; ++e)
+        if (present_[e]) total += probability[e] = std::exp(logits[e] - max_logit);
+      const std::vector<int64_t> order = ranked(logits, present_);
       double chosen_mass = 0;
-      for (int64_t j = 0; j < top_k; ++j) chosen_mass += probability[order[j]] / total;
-      std::vector<double> expected(hidden, 0.0);
-      for (int64_t j = 0; j < top_k; ++j) {
+      for (int64_t j = 0; j < kTopK; ++j) chosen_mass += probability[order[j]] / total;
+      for (int64_t j = 0; j < kTopK; ++j) {
         const int64_t e = order[j];
-        ASSERT_TRUE(layer.present[e]) << "a masked expert was chosen";
         double weight = probability[e] / total;
         if (normalize) weight /= chosen_mass;
-        const ExpertWeights& w = layer.experts.at(e);
-        std::vector<double> act(inter);
-        for (int64_t r = 0; r < inter; ++r) {
+        const HostExpert& w = experts_.at(e);
+        std::vector<double> act(kInter);
+        for (int64_t r = 0; r < kInter; ++r) {
           double g = 0, u = 0;
-          for (int64_t i = 0; i < hidden; ++i) {
-            g += double(w.gate[r * hidden + i]) * x[i];
-            u += double(w.up[r * hidden + i]) * x[i];
+          for (int64_t i = 0; i < kHidden; ++i) {
+            g += double(w.gate[r * kHidden + i]) * x[i];
+            u += double(w.up[r * kHidden + i]) * x[i];
           }
           act[r] = silu(g) * u;
         }
-        for (int64_t i = 0; i < hidden; ++i) {
+        for (int64_t i = 0; i < kHidden; ++i) {
           double y = 0;
-          for (int64_t r = 0; r < inter; ++r) y += double(w.down[i * inter + r]) * act[r];
-          expected[i] += weight * y;
+          for (int64_t r = 0; r < kInter; ++r) y += double(w.down[i * kInter + r]) * act[r];
+          expected[t * kHidden + i] += weight * y;
         }
       }
-      for (int64_t i = 0; i < hidden; ++i)
-        EXPECT_NEAR(out[t * hidden + i], expected[i], 1e-5 * (1 + std::abs(expected[i])))
-            << "token " << t << " element " << i;
     }
+    return expected;
+  }
+
+  ModelConfig config(bool normalize) const {
+    ModelConfig c;
+    c.hidden_size = kHidden;
+    c.moe_intermediate_size = kInter;
+    c.num_experts = kNumExperts;
+    c.num_experts_per_tok = kTopK;
+    c.norm_topk_prob = normalize;
+    c.num_hidden_layers = 1;
+    return c;
+  }
+
+  static void expect_near(const std::vector<float>& actual, const std::vector<double>& expected) {
+    ASSERT_EQ(actual.size(), expected.size());
+    for (size_t k = 0; k < expected.size(); ++k)
+      EXPECT_NEAR(actual[k], expected[k], 1e-5 * (1 + std::abs(expected[k])))
+          << "token " << k / kHidden << " element " << k % kHidden;
+  }
+
+  std::unique_ptr<::testing::ScopedTrace> seed_trace_;
+  std::vector<float> tokens_, router_;
+  std::vector<uint8_t> present_;
+  std::map<int64_t, HostExpert> experts_;
+};
+
+TEST_F(MoeBlock, TheMaskedExpertWouldBeChosenWithoutItsMask) {
+  int64_t would_win = 0;
+  for (int64_t t = 0; t < kTokens; ++t) {
+    const std::vector<int64_t> order = ranked(router_logits(t), std::vector<uint8_t>(kNumExperts, 1));
+    would_win += std::find(order.begin(), order.begin() + kTopK, kMasked) != order.begin() + kTopK;
+  }
+  EXPECT_GT(would_win, 0) << "the test data does not exercise the mask";
+}
+
+TEST_F(MoeBlock, LocalExecutorEqualsTheDirectFormula) {
+  const auto backend = make_cpu_backend();
+  ModelWeights weights;
+  weights.layers.resize(1);
+  weights.layers[0].is_moe = true;
+  weights.layers[0].moe = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
+  EXPECT_EQ(weights.layers[0].moe.hosted, (std::vector<int64_t>{0, 1, 3, 4, 5, 6}));
+  const OwnedTensor hidden = upload(*backend, ScalarType::kF32, {kTokens, kHidden}, tokens_);
+  for (bool normalize : {false, true}) {
+    SCOPED_TRACE(normalize ? "norm_topk_prob" : "no renormalisation");
+    const ModelConfig c = config(normalize);
+    LocalMoeExecutor executor(c, weights, *backend);
+    Workspace workspace(*backend);
+    const OwnedTensor out =
+        upload(*backend, ScalarType::kF32, {kTokens, kHidden}, std::vector<float>(kTokens * kHidden, NAN));
+    executor.forward(0, hidden, out, workspace);
+    expect_near(download(*backend, out), expected_output(normalize));
+
+    // A worker with no rows still runs the block (the expert-parallel collectives need it).
+    const OwnedTensor none_in = backend->new_tensor(ScalarType::kF32, {0, kHidden});
+    const OwnedTensor none_out = backend->new_tensor(ScalarType::kF32, {0, kHidden});
+    EXPECT_NO_THROW(executor.forward(0, none_in, none_out, workspace));
   }
 }
 
-TEST(MoeBlock, GroupingKeepsEveryRowOnceInExpertOrder) {
-  Routing routing;
-  routing.num_tokens = 4;
-  routing.top_k = 2;
-  routing.expert_ids = {3, 1, 1, 0, 3, 0, 2, 1};
-  routing.weights.assign(8, 0.5f);
-  const ExpertGroups groups = group_rows_by_expert(routing);
-  EXPECT_EQ(groups.expert_ids, (std::vector<int64_t>{0, 1, 2, 3}));
-  EXPECT_EQ(groups.offsets, (std::vector<int64_t>{0, 2, 5, 6, 8}));
-  EXPECT_EQ(groups.slots, (std::vector<int64_t>{3, 5, 1, 2, 7, 6, 0, 4}));
+TEST_F(MoeBlock, StepsOneByOneEqualTheDirectFormula) {
+  const auto backend = make_cpu_backend();
+  const MoeLayerWeights layer = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
+  const OwnedTensor hidden = upload(*backend, ScalarType::kF32, {kTokens, kHidden}, tokens_);
+  const int64_t slots = kTokens * kTopK;
+  for (bool normalize : {false, true}) {
+    SCOPED_TRACE(normalize ? "norm_topk_prob" : "no renormalisation");
+    const ModelConfig c = config(normalize);
+    Workspace workspace(*backend);
+    const RoutedTokens routed = route_tokens(*backend, c, layer, hidden, workspace);
+    std::vector<int32_t> expert_ids(slots);
+    backend->copy_to_host(routed.expert_ids, 0, expert_ids.data(), expert_ids.size() * sizeof(int32_t));
+    for (int64_t t = 0; t < kTokens; ++t) {
+      const std::vector<int64_t> order = ranked(router_logits(t), present_);
+      for (int64_t j = 0; j < kTopK; ++j)
+        EXPECT_EQ(expert_ids[t * kTopK + j], order[j]) << "token " << t << " slot " << j;
+    }
+
+    const GroupedRows grouped = group_rows(*backend, routed.expert_ids, kNumExperts, kTopK, workspace);
+    const OwnedTensor sorted = backend->new_tensor(ScalarType::kF32, {slots, kHidden});
+    backend->gather_rows(hidden, grouped.source_row, sorted);
+    const OwnedTensor expert_out = backend->new_tensor(ScalarType::kF32, {slots, kHidden});
+    run_experts(*backend, c, layer, sorted, grouped.expert_offsets, expert_out, workspace);
+    const OwnedTensor out =
+        upload(*backend, ScalarType::kF32, {kTokens, kHidden}, std::vector<float>(kTokens * kHidden, NAN));
+    backend->combine_top_k(expert_out, grouped.sorted_position, routed.weights, out);
+    expect_near(download(*backend, out), expected_output(normalize));
+  }
+}
+
+TEST(MoeGrouping, KeepsEveryRowOnceInExpertOrder) {
+  const auto backend = make_cpu_backend();
+  Workspace workspace(*backend);
+  // 4 tokens, top-2: token t's slots are 2t and 2t + 1.
+  const OwnedTensor expert_ids =
+      upload(*backend, ScalarType::kI32, {4, 2}, std::vector<int32_t>{3, 1, 1, 0, 3, 0, 2, 1});
+  const GroupedRows grouped = group_rows(*backend, expert_ids, 4, 2, workspace);
+  auto ints = [&](const Tensor& tensor) {
+    std::vector<int32_t> values(static_cast<size_t>(tensor.numel()));
+    backend->copy_to_host(tensor, 0, values.data(), values.size() * sizeof(int32_t));
+    return values;
+  };
+  EXPECT_EQ(ints(grouped.expert_offsets), (std::vector<int32_t>{0, 2, 5, 6, 8}));
+  // Sorted rows come from slots 3, 5 | 1, 2, 7 | 6 | 0, 4: their tokens, and where each slot went.
+  EXPECT_EQ(ints(grouped.source_row), (std::vector<int32_t>{1, 2, 0, 1, 3, 3, 0, 2}));
+  EXPECT_EQ(ints(grouped.sorted_position), (std::vector<int32_t>{6, 2, 3, 0, 7, 1, 5, 4}));
 }
 
 }  // namespace

@@ -1,0 +1,513 @@
+// Micro-benchmark of the grouped expert FFN at Qwen3-30B-A3B shapes (H 2048, I 768, 128 experts,
+// top-8, bf16): expert_ffn_device_scheduled and expert_ffn_cublas per token count, each checked
+// against an fp32 host computation. First it checks every kernel of the GEMM group (both expert FFN
+// paths, every type pair, ragged shapes, graph capture, linear_f32) on small shapes, element by
+// element. Exit status 1 on any failed check.
+// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 128 tokens) | --checks-only]
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace epic::cuda_kernels {
+namespace {
+
+constexpr int64_t kHidden = 2048;
+constexpr int64_t kInter = 768;
+constexpr int64_t kNumExperts = 128;
+constexpr int64_t kTopK = 8;
+constexpr int kWarmupCalls = 3;
+constexpr int kTimedCalls = 20;
+constexpr int64_t kMaxCheckedRows = 128;  // host fp32 reference rows per benchmark size
+constexpr double kBenchTolerance = 2e-2;  // relative L2, bf16 activations and outputs
+
+int g_failures = 0;
+
+uint16_t to_bf16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);                  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+float from_bf16_bits(uint16_t value) {
+  const uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, 4);
+  return result;
+}
+
+// Device memory owned for the program's life of one check or size.
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    EPIC_CUDA_CHECK(cudaMalloc(&data_, bytes > 0 ? bytes : 1));
+  }
+  ~DeviceBuffer() { cudaFree(data_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <typename T = void>
+  T* get() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Host values (floats) stored on the device as `type`; for bf16 the host copy is rounded too, so
+// the reference sees exactly the device's inputs.
+struct TypedArray {
+  ScalarType type;
+  std::vector<float> host;
+  DeviceBuffer device;
+  TypedArray(ScalarType array_type, std::vector<float> values)
+      : type(array_type), host(std::move(values)), device(host.size() * scalar_size(array_type)) {
+    if (type == ScalarType::kBF16) {
+      std::vector<uint16_t> bits(host.size());
+      for (size_t i = 0; i < host.size(); ++i) {
+        bits[i] = to_bf16_bits(host[i]);
+        host[i] = from_bf16_bits(bits[i]);
+      }
+      EPIC_CUDA_CHECK(cudaMemcpy(device.get(), bits.data(), bits.size() * 2, cudaMemcpyHostToDevice));
+    } else {
+      EPIC_CUDA_CHECK(cudaMemcpy(device.get(), host.data(), host.size() * 4, cudaMemcpyHostToDevice));
+    }
+  }
+};
+
+std::vector<float> read_back(const void* device, ScalarType type, size_t count) {
+  std::vector<float> values(count);
+  if (type == ScalarType::kBF16) {
+    std::vector<uint16_t> bits(count);
+    EPIC_CUDA_CHECK(cudaMemcpy(bits.data(), device, count * 2, cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < count; ++i) values[i] = from_bf16_bits(bits[i]);
+  } else {
+    EPIC_CUDA_CHECK(cudaMemcpy(values.data(), device, count * 4, cudaMemcpyDeviceToHost));
+  }
+  return values;
+}
+
+std::vector<float> random_values(std::mt19937_64& rng, size_t count, float scale) {
+  std::uniform_real_distribution<float> uniform(-scale, scale);
+  std::vector<float> values(count);
+  for (float& value : values) value = uniform(rng);
+  return values;
+}
+
+float silu(float value) { return value / (1.0f + std::exp(-value)); }
+
+// fp32 reference of one row: y[h] = sum_j silu(x . gate_j) * (x . up_j) * down[h, j].
+void reference_row(const float* x, const float* gate_up, const float* down, int64_t hidden, int64_t inter,
+                   float* y) {
+  std::vector<float> intermediate(inter);
+  for (int64_t j = 0; j < inter; ++j) {
+    float gate = 0.0f;
+    float up = 0.0f;
+    for (int64_t k = 0; k < hidden; ++k) {
+      gate += x[k] * gate_up[j * hidden + k];
+      up += x[k] * gate_up[(inter + j) * hidden + k];
+    }
+    intermediate[j] = silu(gate) * up;
+  }
+  for (int64_t h = 0; h < hidden; ++h) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < inter; ++j) sum += intermediate[j] * down[h * inter + j];
+    y[h] = sum;
+  }
+}
+
+// Each element within tolerance x the RMS of its reference row (dot products cancel, so a plain
+// relative bound would fail on near-zero elements); NaN (an unwritten, NaN-filled output) fails.
+bool rows_match(const std::string& name, const float* got, const float* want, int64_t rows, int64_t cols,
+                double tolerance) {
+  double worst = 0.0;
+  int64_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum_squares = 0.0;
+    for (int64_t c = 0; c < cols; ++c)
+      sum_squares += static_cast<double>(want[r * cols + c]) * want[r * cols + c];
+    const double rms = std::sqrt(sum_squares / static_cast<double>(cols)) + 1e-30;
+    for (int64_t c = 0; c < cols; ++c) {
+      const double error = std::fabs(static_cast<double>(got[r * cols + c]) - want[r * cols + c]) / rms;
+      if (!(error <= tolerance)) ++bad;
+      if (!(error <= worst)) worst = error;  // NaN sticks
+    }
+  }
+  std::printf("  %-58s worst %.2e (x row RMS, limit %.0e)  %s\n", name.c_str(), worst, tolerance,
+              bad == 0 ? "ok" : "WRONG");
+  if (bad != 0) {
+    std::printf("    %lld of %lld elements off\n", static_cast<long long>(bad),
+                static_cast<long long>(rows * cols));
+    ++g_failures;
+  }
+  return bad == 0;
+}
+
+// ---- correctness on small ragged shapes -----------------------------------------------------------
+
+struct SmallCase {
+  int64_t hidden, inter;
+  std::vector<int32_t> group_sizes;  // per expert
+  std::vector<int32_t> local_index;  // per expert, -1: not hosted (then 0 rows)
+  int64_t num_local;
+};
+
+void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarType weight_type,
+                           bool use_cublas, std::mt19937_64& rng, cudaStream_t stream,
+                           cublasHandle_t cublas) {
+  const int64_t num_experts = static_cast<int64_t>(shape.group_sizes.size());
+  std::vector<int32_t> offsets(num_experts + 1, 0);
+  for (int64_t e = 0; e < num_experts; ++e) offsets[e + 1] = offsets[e] + shape.group_sizes[e];
+  const int64_t rows = offsets[num_experts];
+  const int64_t hidden = shape.hidden;
+  const int64_t inter = shape.inter;
+
+  TypedArray x(act_type, random_values(rng, rows * hidden, 1.0f));
+  TypedArray gate_up(weight_type,
+                     random_values(rng, shape.num_local * 2 * inter * hidden, 1.0f / std::sqrt(hidden)));
+  TypedArray down(weight_type, random_values(rng, shape.num_local * hidden * inter, 1.0f / std::sqrt(inter)));
+  DeviceBuffer device_offsets(offsets.size() * 4);
+  DeviceBuffer device_local(shape.local_index.size() * 4);
+  EPIC_CUDA_CHECK(
+      cudaMemcpy(device_offsets.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+  EPIC_CUDA_CHECK(cudaMemcpy(device_local.get(), shape.local_index.data(), shape.local_index.size() * 4,
+                             cudaMemcpyHostToDevice));
+  // y gets guard rows past its end: a padded row written out would change them.
+  constexpr int64_t kGuardRows = 17;
+  const size_t act_size = scalar_size(act_type);
+  DeviceBuffer intermediate(rows * inter * act_size);
+  DeviceBuffer y((rows + kGuardRows) * hidden * act_size);
+  EPIC_CUDA_CHECK(cudaMemset(intermediate.get(), 0xff, intermediate.bytes()));  // NaN in f32 and bf16
+  EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
+
+  ExpertFfnArgs args;
+  args.x = x.device.get();
+  args.expert_offsets = device_offsets.get<int32_t>();
+  args.gate_up = gate_up.device.get();
+  args.down = down.device.get();
+  args.local_index = device_local.get<int32_t>();
+  args.intermediate = intermediate.get();
+  args.y = y.get();
+  args.rows = rows;
+  args.num_experts = num_experts;
+  args.num_local = shape.num_local;
+  args.hidden = hidden;
+  args.inter = inter;
+  args.act_type = act_type;
+  args.weight_type = weight_type;
+  if (use_cublas) {
+    expert_ffn_cublas(args, offsets.data(), shape.local_index.data(), cublas, stream);
+  } else {
+    expert_ffn_device_scheduled(args, stream);
+  }
+  EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  std::vector<float> want(rows * hidden);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int32_t local = shape.local_index[e];
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      reference_row(&x.host[r * hidden], &gate_up.host[local * 2 * inter * hidden],
+                    &down.host[local * hidden * inter], hidden, inter, &want[r * hidden]);
+    }
+  }
+  const std::vector<float> got = read_back(y.get(), act_type, (rows + kGuardRows) * hidden);
+  // bf16: the intermediate and the output are rounded to bf16 (2^-9 each), and cuBLAS also rounds
+  // gate x and up x before silu, so its bound is looser. f32: summation order only.
+  const double tolerance = act_type == ScalarType::kF32 ? 2e-5 : use_cublas ? 3e-2 : 2e-2;
+  const std::string name = std::string(use_cublas ? "cublas" : "device") + " " + scalar_name(act_type) +
+                           " x " + scalar_name(weight_type) + " H" + std::to_string(hidden) + " I" +
+                           std::to_string(inter) + " rows " + std::to_string(rows);
+  rows_match(name, got.data(), want.data(), rows, hidden, tolerance);
+  int64_t guards_changed = 0;
+  for (int64_t i = rows * hidden; i < (rows + kGuardRows) * hidden; ++i)
+    guards_changed += !std::isnan(got[i]);
+  if (guards_changed != 0) {
+    std::printf("    WRONG: %lld elements past y's last row were written\n",
+                static_cast<long long>(guards_changed));
+    ++g_failures;
+  }
+
+  if (!use_cublas) {
+    // The same call captured in a graph and replayed must give the same bits.
+    std::vector<float> direct = got;
+    EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t graph_exec = nullptr;
+    EPIC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    expert_ffn_device_scheduled(args, stream);
+    EPIC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    EPIC_CUDA_CHECK(cudaGraphInstantiate(&graph_exec, graph, 0));
+    EPIC_CUDA_CHECK(cudaGraphLaunch(graph_exec, stream));
+    EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> replayed = read_back(y.get(), act_type, rows * hidden);
+    const bool same = std::memcmp(replayed.data(), direct.data(), replayed.size() * sizeof(float)) == 0;
+    if (!same) {
+      std::printf("    WRONG: the graph replay differs from the direct call\n");
+      ++g_failures;
+    }
+    cudaGraphExecDestroy(graph_exec);
+    cudaGraphDestroy(graph);
+  }
+}
+
+void check_linear_f32(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType w_type, std::mt19937_64& rng,
+                      cudaStream_t stream) {
+  TypedArray x(ScalarType::kF32, random_values(rng, rows * in_dim, 1.0f));
+  TypedArray w(w_type, random_values(rng, out_dim * in_dim, 1.0f));
+  DeviceBuffer y(rows * out_dim * 4);
+  EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
+  linear_f32(x.device.get<float>(), w.device.get(), w_type, y.get<float>(), rows, in_dim, out_dim, stream);
+  EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<float> want(rows * out_dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out_dim; ++o) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < in_dim; ++k)
+        sum += static_cast<double>(x.host[r * in_dim + k]) * w.host[o * in_dim + k];
+      want[r * out_dim + o] = static_cast<float>(sum);
+    }
+  }
+  const std::vector<float> got = read_back(y.get(), ScalarType::kF32, rows * out_dim);
+  rows_match("linear_f32 x " + std::string(scalar_name(w_type)) + " rows " + std::to_string(rows) + " in " +
+                 std::to_string(in_dim) + " out " + std::to_string(out_dim),
+             got.data(), want.data(), rows, out_dim, 1e-5);
+}
+
+void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas) {
+  std::printf("correctness (fp32 host reference, every element)\n");
+  // Ragged sizes; experts 1 and 4 are not hosted (0 rows), expert 5 is hosted with 0 rows; some
+  // group spans several row tiles. The average group picks the 16-, 32- or 64-row kernel.
+  const std::vector<int32_t> local_index = {2, -1, 0, 3, -1, 1, 4};
+  const std::vector<SmallCase> cases = {
+      {136, 72, {5, 0, 150, 1, 0, 0, 17}, local_index, 5},    // vector loads; cublas: 2I > H (chunked)
+      {100, 37, {3, 0, 70, 16, 0, 0, 2}, local_index, 5},     // K not a multiple of 8: element loads
+      {256, 72, {1, 0, 2, 1, 0, 0, 9}, local_index, 5},       // 13 rows: the 16-row kernel; cublas 2I <= H
+      {96, 200, {4, 0, 33, 1, 0, 0, 0}, local_index, 5},      // I > H: cublas in two column chunks
+      {136, 72, {60, 0, 130, 1, 0, 0, 200}, local_index, 5},  // average group > 48: 64-row tiles
+  };
+  const ScalarType types[2] = {ScalarType::kBF16, ScalarType::kF32};
+  for (const SmallCase& shape : cases) {
+    for (ScalarType act : types) {
+      for (ScalarType weight : types) check_expert_ffn_case(shape, act, weight, false, rng, stream, cublas);
+    }
+    check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16, true, rng, stream, cublas);
+  }
+  for (ScalarType w_type : types) {
+    check_linear_f32(1, 100, 130, w_type, rng, stream);
+    check_linear_f32(70, 257, 67, w_type, rng, stream);
+    check_linear_f32(3, 2048, 1000, w_type, rng, stream);
+  }
+}
+
+// ---- benchmark at Qwen3-30B-A3B shapes ----------------------------------------------------------------
+
+__global__ void fill_random_bf16(__nv_bfloat16* out, int64_t count, uint64_t seed, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + static_cast<uint64_t>(i) * 0x9e3779b97f4a7c15ull;  // splitmix64
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float unit = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    out[i] = __float2bfloat16_rn((2.0f * unit - 1.0f) * scale);
+  }
+}
+
+void fill_device(void* out, int64_t count, uint64_t seed, float scale) {
+  fill_random_bf16<<<4096, 256>>>(static_cast<__nv_bfloat16*>(out), count, seed, scale);
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+template <typename Call>
+float median_ms(Call&& call, cudaStream_t stream) {
+  cudaEvent_t start, stop;
+  EPIC_CUDA_CHECK(cudaEventCreate(&start));
+  EPIC_CUDA_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < kWarmupCalls; ++i) call();
+  std::vector<float> times;
+  for (int i = 0; i < kTimedCalls; ++i) {
+    EPIC_CUDA_CHECK(cudaEventRecord(start, stream));
+    call();
+    EPIC_CUDA_CHECK(cudaEventRecord(stop, stream));
+    EPIC_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    EPIC_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cudaStream_t stream,
+                    cublasHandle_t cublas) {
+  const int64_t gate_up_elements = kNumExperts * 2 * kInter * kHidden;
+  const int64_t down_elements = kNumExperts * kHidden * kInter;
+  DeviceBuffer gate_up(gate_up_elements * 2);
+  DeviceBuffer down(down_elements * 2);
+  fill_device(gate_up.get(), gate_up_elements, seed * 3 + 1, 1.0f / std::sqrt(static_cast<float>(kHidden)));
+  fill_device(down.get(), down_elements, seed * 3 + 2, 1.0f / std::sqrt(static_cast<float>(kInter)));
+  std::vector<int32_t> local_index(kNumExperts);
+  for (int64_t e = 0; e < kNumExperts; ++e) local_index[e] = static_cast<int32_t>(e);
+  DeviceBuffer device_local(kNumExperts * 4);
+  EPIC_CUDA_CHECK(
+      cudaMemcpy(device_local.get(), local_index.data(), kNumExperts * 4, cudaMemcpyHostToDevice));
+
+  std::printf(
+      "\nQwen3-30B-A3B expert FFN (H %lld, I %lld, %lld experts, top-%lld, bf16), median of %d calls\n",
+      static_cast<long long>(kHidden), static_cast<long long>(kInter), static_cast<long long>(kNumExperts),
+      static_cast<long long>(kTopK), kTimedCalls);
+  std::printf("%8s %8s %8s %-7s %10s %12s %9s %9s %10s\n", "tokens", "rows", "experts", "path", "ms",
+              "weight MB", "GB/s", "TFLOP/s", "rel L2");
+  std::mt19937_64 rng(seed);
+  for (const int64_t tokens : token_counts) {
+    // Each token picks kTopK distinct experts uniformly.
+    std::vector<int32_t> group_sizes(kNumExperts, 0);
+    std::vector<int32_t> experts(kNumExperts);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t e = 0; e < kNumExperts; ++e) experts[e] = static_cast<int32_t>(e);
+      for (int64_t j = 0; j < kTopK; ++j) {
+        std::uniform_int_distribution<int64_t> pick(j, kNumExperts - 1);
+        std::swap(experts[j], experts[pick(rng)]);
+        ++group_sizes[experts[j]];
+      }
+    }
+    std::vector<int32_t> offsets(kNumExperts + 1, 0);
+    int64_t active_experts = 0;
+    int64_t checked_expert = 0;
+    for (int64_t e = 0; e < kNumExperts; ++e) {
+      offsets[e + 1] = offsets[e] + group_sizes[e];
+      active_experts += group_sizes[e] > 0;
+      if (group_sizes[e] > group_sizes[checked_expert]) checked_expert = e;
+    }
+    const int64_t rows = tokens * kTopK;
+
+    DeviceBuffer x(rows * kHidden * 2);
+    DeviceBuffer intermediate(rows * kInter * 2);
+    DeviceBuffer y(rows * kHidden * 2);
+    DeviceBuffer device_offsets((kNumExperts + 1) * 4);
+    fill_device(x.get(), rows * kHidden, seed * 7 + static_cast<uint64_t>(tokens), 1.0f);
+    EPIC_CUDA_CHECK(
+        cudaMemcpy(device_offsets.get(), offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+    ExpertFfnArgs args;
+    args.x = x.get();
+    args.expert_offsets = device_offsets.get<int32_t>();
+    args.gate_up = gate_up.get();
+    args.down = down.get();
+    args.local_index = device_local.get<int32_t>();
+    args.intermediate = intermediate.get();
+    args.y = y.get();
+    args.rows = rows;
+    args.num_experts = kNumExperts;
+    args.num_local = kNumExperts;
+    args.hidden = kHidden;
+    args.inter = kInter;
+
+    // The host reference for (up to kMaxCheckedRows of) the expert with the most rows.
+    const int64_t check_begin = offsets[checked_expert];
+    const int64_t check_rows = std::min<int64_t>(group_sizes[checked_expert], kMaxCheckedRows);
+    const std::vector<float> x_rows = read_back(static_cast<uint16_t*>(x.get()) + check_begin * kHidden,
+                                                ScalarType::kBF16, check_rows * kHidden);
+    const std::vector<float> expert_gate_up =
+        read_back(static_cast<uint16_t*>(gate_up.get()) + checked_expert * 2 * kInter * kHidden,
+                  ScalarType::kBF16, 2 * kInter * kHidden);
+    const std::vector<float> expert_down =
+        read_back(static_cast<uint16_t*>(down.get()) + checked_expert * kHidden * kInter, ScalarType::kBF16,
+                  kHidden * kInter);
+    std::vector<float> want(check_rows * kHidden);
+    for (int64_t r = 0; r < check_rows; ++r) {
+      reference_row(&x_rows[r * kHidden], expert_gate_up.data(), expert_down.data(), kHidden, kInter,
+                    &want[r * kHidden]);
+    }
+
+    const double weight_bytes = static_cast<double>(active_experts) * 3 * kInter * kHidden * 2;
+    const double flops = 2.0 * static_cast<double>(rows) * 3 * kInter * kHidden;
+    for (int path = 0; path < 2; ++path) {
+      const bool use_cublas = path == 1;
+      EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
+      auto call = [&] {
+        if (use_cublas) {
+          expert_ffn_cublas(args, offsets.data(), local_index.data(), cublas, stream);
+        } else {
+          expert_ffn_device_scheduled(args, stream);
+        }
+      };
+      const float ms = median_ms(call, stream);
+      const std::vector<float> got = read_back(static_cast<uint16_t*>(y.get()) + check_begin * kHidden,
+                                               ScalarType::kBF16, check_rows * kHidden);
+      double error_squares = 0.0;
+      double want_squares = 0.0;
+      for (size_t i = 0; i < want.size(); ++i) {
+        const double diff = static_cast<double>(got[i]) - want[i];
+        error_squares += diff * diff;
+        want_squares += static_cast<double>(want[i]) * want[i];
+      }
+      const double relative_l2 = std::sqrt(error_squares / want_squares);
+      const bool ok = relative_l2 < kBenchTolerance;  // false for NaN too
+      if (!ok) ++g_failures;
+      std::printf("%8lld %8lld %8lld %-7s %10.4f %12.1f %9.0f %9.1f %10.2e%s\n",
+                  static_cast<long long>(tokens), static_cast<long long>(rows),
+                  static_cast<long long>(active_experts), use_cublas ? "cublas" : "device", ms,
+                  weight_bytes / 1e6, weight_bytes / (ms * 1e6), flops / (ms * 1e9), relative_l2,
+                  ok ? "" : "  WRONG");
+    }
+  }
+}
+
+}  // namespace
+}  // namespace epic::cuda_kernels
+
+int main(int argc, char** argv) {
+  using namespace epic::cuda_kernels;
+  uint64_t seed = 1;
+  bool quick = false;
+  bool checks_only = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--seed" && i + 1 < argc) {
+      seed = std::strtoull(argv[++i], nullptr, 10);
+    } else if (flag == "--quick") {
+      quick = true;
+    } else if (flag == "--checks-only") {
+      checks_only = true;
+    } else {
+      std::fprintf(stderr, "usage: %s [--seed N] [--quick | --checks-only]\n", argv[0]);
+      return 2;
+    }
+  }
+  try {
+    cudaStream_t stream = nullptr;
+    EPIC_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cublasHandle_t cublas = nullptr;
+    EPIC_CUBLAS_CHECK(cublasCreate(&cublas));
+    EPIC_CUBLAS_CHECK(cublasSetStream(cublas, stream));
+    std::mt19937_64 rng(seed);
+    std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+    run_checks(rng, stream, cublas);
+    std::vector<int64_t> token_counts = {1, 8, 32, 128, 512, 2048, 16384};
+    if (quick) token_counts = {1, 8, 32, 128};
+    if (!checks_only) run_benchmarks(token_counts, seed, stream, cublas);
+    cublasDestroy(cublas);
+    cudaStreamDestroy(stream);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "error: %s\n", error.what());
+    return 1;
+  }
+  std::printf("\n%s (%d failed checks)\n", g_failures == 0 ? "PASS" : "FAIL", g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

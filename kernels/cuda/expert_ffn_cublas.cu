@@ -1,0 +1,150 @@
+// expert_ffn_cublas: the grouped SwiGLU expert FFN for large row counts (prefill), with the group
+// sizes known on the host: per expert with rows, cuBLAS GEMMs (bf16 in and out, fp32 compute) and
+// one silu*up kernel of our own over all rows between the two GEMM passes.
+#include <cuda_bf16.h>
+
+#include <string>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace epic::cuda_kernels {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kSiluThreads = 256;
+
+// out[r, c] = silu(gate[r, c]) * up[r, c] for c < cols, each operand with its own row stride; out
+// may be gate itself (element by element, so in place is safe).
+__global__ void strided_silu_mul_kernel(const bf16* gate, int64_t gate_stride, const bf16* __restrict__ up,
+                                        int64_t up_stride, bf16* out, int64_t out_stride, int64_t rows,
+                                        int64_t cols) {
+  const int64_t total = rows * cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / cols;
+    const int64_t col = i % cols;
+    const float g = __bfloat162float(gate[row * gate_stride + col]);
+    const float u = __bfloat162float(up[row * up_stride + col]);
+    out[row * out_stride + col] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+void launch_silu_mul(const bf16* gate, int64_t gate_stride, const bf16* up, int64_t up_stride, bf16* out,
+                     int64_t out_stride, int64_t rows, int64_t cols, cudaStream_t stream) {
+  const int64_t total = rows * cols;
+  if (total == 0) return;
+  int64_t blocks = (total + kSiluThreads - 1) / kSiluThreads;
+  if (blocks > 65536) blocks = 65536;  // grid-stride beyond this
+  strided_silu_mul_kernel<<<static_cast<unsigned>(blocks), kSiluThreads, 0, stream>>>(
+      gate, gate_stride, up, up_stride, out, out_stride, rows, cols);
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+// Row-major out[rows, n] (row stride ldc) = act[rows, k] (row stride lda) * weight[n, k]^T, which
+// is column-major out^T = weight * act^T: weight is the transposed operand.
+void gemm_nt(cublasHandle_t cublas, const bf16* act, int64_t lda, const bf16* weight, int64_t n, int64_t k,
+             bf16* out, int64_t ldc, int64_t rows) {
+  const float alpha = 1.0f;
+  const float beta = 0.0f;
+  EPIC_CUBLAS_CHECK(cublasGemmEx(
+      cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(rows), static_cast<int>(k),
+      &alpha, weight, CUDA_R_16BF, static_cast<int>(k), act, CUDA_R_16BF, static_cast<int>(lda), &beta, out,
+      CUDA_R_16BF, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace
+
+// No grouped cuBLAS call: cublasGemmGroupedBatchedEx takes its matrix pointers as device arrays,
+// and this entry point has no device scratch for them; the per-expert loop skips empty experts.
+void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
+                       const int32_t* host_local_index, cublasHandle_t cublas, cudaStream_t stream) {
+  EPIC_CHECK(args.act_type == ScalarType::kBF16 && args.weight_type == ScalarType::kBF16,
+             ErrorCode::kInternal,
+             std::string("expert_ffn_cublas: bf16 activations and weights only, got ") +
+                 scalar_name(args.act_type) + " and " + scalar_name(args.weight_type));
+  constexpr int64_t kIntMax = 0x7fffffff;
+  EPIC_CHECK(args.rows <= kIntMax && args.hidden <= kIntMax && 2 * args.inter <= kIntMax,
+             ErrorCode::kUnsupported,
+             "expert_ffn_cublas: dimensions past 2^31 - 1 do not fit cuBLAS's int arguments");
+  if (args.rows == 0 || args.hidden == 0) return;
+  cublasPointerMode_t pointer_mode = CUBLAS_POINTER_MODE_HOST;
+  EPIC_CUBLAS_CHECK(cublasGetPointerMode(cublas, &pointer_mode));
+  EPIC_CHECK(
+      pointer_mode == CUBLAS_POINTER_MODE_HOST, ErrorCode::kInternal,
+      "expert_ffn_cublas: the cuBLAS handle must be in host pointer mode (alpha and beta are host values)");
+  // The silu kernel runs between the GEMM passes: it relies on one stream ordering both.
+  cudaStream_t cublas_stream = nullptr;
+  EPIC_CUBLAS_CHECK(cublasGetStream(cublas, &cublas_stream));
+  EPIC_CHECK(cublas_stream == stream, ErrorCode::kInternal,
+             "expert_ffn_cublas: the cuBLAS handle must be set to the kernels' stream (cublasSetStream)");
+  if (args.inter == 0) {
+    EPIC_CUDA_CHECK(
+        cudaMemsetAsync(args.y, 0, static_cast<size_t>(args.rows * args.hidden) * sizeof(bf16), stream));
+    return;
+  }
+
+  const int64_t hidden = args.hidden;
+  const int64_t inter = args.inter;
+  const auto* x = static_cast<const bf16*>(args.x);
+  const auto* gate_up = static_cast<const bf16*>(args.gate_up);
+  const auto* down = static_cast<const bf16*>(args.down);
+  auto* intermediate = static_cast<bf16*>(args.intermediate);
+  auto* y = static_cast<bf16*>(args.y);
+
+  EPIC_CHECK(host_offsets[0] == 0 && host_offsets[args.num_experts] == args.rows, ErrorCode::kInternal,
+             "expert_ffn_cublas: expert offsets must run from 0 to rows (" + std::to_string(args.rows) + ")");
+  for (int64_t expert = 0; expert < args.num_experts; ++expert) {
+    const int64_t expert_rows = host_offsets[expert + 1] - host_offsets[expert];
+    EPIC_CHECK(expert_rows >= 0, ErrorCode::kInternal,
+               "expert_ffn_cublas: expert offsets decrease at expert " + std::to_string(expert));
+    const int32_t local = host_local_index[expert];
+    EPIC_CHECK(expert_rows == 0 || (local >= 0 && local < args.num_local), ErrorCode::kInternal,
+               "expert_ffn_cublas: expert " + std::to_string(expert) + " has " + std::to_string(expert_rows) +
+                   " rows but is not hosted here (local index " + std::to_string(local) + ")");
+  }
+
+  // gate x and up x need [rows, 2I] of scratch; y ([rows, H]) serves until the down GEMM writes
+  // it. Where 2I <= H (Qwen3-MoE: 1536 <= 2048) one GEMM per expert fills both halves; otherwise
+  // the I columns go in chunks of at most H: gate into intermediate, up into y.
+  if (2 * inter <= hidden) {
+    for (int64_t expert = 0; expert < args.num_experts; ++expert) {
+      const int64_t begin = host_offsets[expert];
+      const int64_t expert_rows = host_offsets[expert + 1] - begin;
+      if (expert_rows == 0) continue;
+      const bf16* weights = gate_up + static_cast<int64_t>(host_local_index[expert]) * 2 * inter * hidden;
+      gemm_nt(cublas, x + begin * hidden, hidden, weights, 2 * inter, hidden, y + begin * hidden, hidden,
+              expert_rows);
+    }
+    launch_silu_mul(y, hidden, y + inter, hidden, intermediate, inter, args.rows, inter, stream);
+  } else {
+    const int64_t chunk = inter < hidden ? inter : hidden;
+    for (int64_t column = 0; column < inter; column += chunk) {
+      const int64_t columns = inter - column < chunk ? inter - column : chunk;
+      for (int64_t expert = 0; expert < args.num_experts; ++expert) {
+        const int64_t begin = host_offsets[expert];
+        const int64_t expert_rows = host_offsets[expert + 1] - begin;
+        if (expert_rows == 0) continue;
+        const bf16* weights = gate_up + static_cast<int64_t>(host_local_index[expert]) * 2 * inter * hidden;
+        gemm_nt(cublas, x + begin * hidden, hidden, weights + column * hidden, columns, hidden,
+                intermediate + begin * inter + column, inter, expert_rows);
+        gemm_nt(cublas, x + begin * hidden, hidden, weights + (inter + column) * hidden, columns, hidden,
+                y + begin * hidden, hidden, expert_rows);
+      }
+      launch_silu_mul(intermediate + column, inter, y, hidden, intermediate + column, inter, args.rows,
+                      columns, stream);
+    }
+  }
+
+  for (int64_t expert = 0; expert < args.num_experts; ++expert) {
+    const int64_t begin = host_offsets[expert];
+    const int64_t expert_rows = host_offsets[expert + 1] - begin;
+    if (expert_rows == 0) continue;
+    const bf16* weights = down + static_cast<int64_t>(host_local_index[expert]) * hidden * inter;
+    gemm_nt(cublas, intermediate + begin * inter, inter, weights, hidden, inter, y + begin * hidden, hidden,
+            expert_rows);
+  }
+}
+
+}  // namespace epic::cuda_kernels

@@ -1,0 +1,359 @@
+// MoE routing on the GPU: route_top_k (softmax over the present experts and top-k, one warp per
+// token), group_by_expert (a stable counting sort of the (token, slot) rows by expert, one block)
+// and combine_top_k (the weighted sum of each token's k expert outputs, in slot order).
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/scalar_access.cuh"
+
+namespace epic::cuda_kernels {
+namespace {
+
+using access::kFullWarpMask;
+using access::kVectorElements;
+using access::kWarpSize;
+
+// ---- route_top_k -------------------------------------------------------------------------------
+
+constexpr int kRouteWarps = 4;  // tokens per block
+constexpr int kMaxRouteExpertsPerLane = 32;
+constexpr int64_t kMaxRouteExperts = kMaxRouteExpertsPerLane * kWarpSize;  // 1024
+// Lane j keeps the j-th selected weight until the renormalisation.
+constexpr int64_t kMaxRouteTopK = kWarpSize;
+
+struct Choice {
+  float probability;
+  int32_t expert;  // -1: none
+};
+
+// a comes before b in the selection order: probability descending, then expert id ascending.
+__device__ __forceinline__ bool before(const Choice& a, const Choice& b) {
+  if (a.expert < 0) return false;
+  if (b.expert < 0) return true;
+  return a.probability > b.probability || (a.probability == b.probability && a.expert < b.expert);
+}
+
+// One warp per token; lane l holds experts l, l + 32, ... (kExpertsPerLane of them) in registers.
+// The softmax is max-subtracted fp32 over the present experts with the reference's expression
+// exp(logit - max) / denominator; then top_k rounds each take the first remaining expert in the
+// selection order (warp reduction) and retire it.
+template <class T, int kExpertsPerLane>
+__global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int32_t* expert_ids,
+                                   float* weights, int64_t tokens, int64_t num_experts, int64_t top_k,
+                                   bool normalize) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kRouteWarps + threadIdx.x / kWarpSize;
+  if (token >= tokens) return;  // the whole warp
+  const T* row = logits + token * num_experts;
+
+  float probability[kExpertsPerLane];
+  uint32_t remaining = 0;  // bit c: expert lane + 32 c is present and not chosen yet
+  float max_logit = -INFINITY;
+#pragma unroll
+  for (int c = 0; c < kExpertsPerLane; ++c) {
+    const int64_t expert = lane + c * kWarpSize;
+    probability[c] = 0.0f;
+    if (expert < num_experts && present[expert] != 0) {
+      probability[c] = access::to_float(row[expert]);
+      remaining |= 1u << c;
+      max_logit = fmaxf(max_logit, probability[c]);
+    }
+  }
+  max_logit = access::warp_max(max_logit);
+  float denominator = 0.0f;
+#pragma unroll
+  for (int c = 0; c < kExpertsPerLane; ++c) {
+    if (remaining & (1u << c)) {
+      probability[c] = expf(probability[c] - max_logit);
+      denominator += probability[c];
+    }
+  }
+  denominator = access::warp_sum(denominator);
+#pragma unroll
+  for (int c = 0; c < kExpertsPerLane; ++c) probability[c] = __fdiv_rn(probability[c], denominator);
+
+  float my_weight = 0.0f;  // lane j: the j-th chosen weight
+  float selected_sum = 0.0f;
+  for (int64_t j = 0; j < top_k; ++j) {
+    Choice best{-1.0f, -1};
+#pragma unroll
+    for (int c = 0; c < kExpertsPerLane; ++c) {  // ascending id: strict > keeps the lower id on a tie
+      if ((remaining & (1u << c)) && (best.expert < 0 || probability[c] > best.probability)) {
+        best = Choice{probability[c], static_cast<int32_t>(lane + c * kWarpSize)};
+      }
+    }
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      const Choice other{__shfl_xor_sync(kFullWarpMask, best.probability, offset),
+                         __shfl_xor_sync(kFullWarpMask, best.expert, offset)};
+      if (before(other, best)) best = other;
+    }
+    // Every lane now holds the same winner (the order is total over distinct expert ids).
+    if (best.expert >= 0 && best.expert % kWarpSize == lane) remaining &= ~(1u << (best.expert / kWarpSize));
+    if (lane == j) {
+      my_weight = best.probability;
+      expert_ids[token * top_k + j] = best.expert;
+    }
+    selected_sum = __fadd_rn(selected_sum, best.probability);  // in selection order, as the reference
+  }
+  if (lane < top_k)
+    weights[token * top_k + lane] = normalize ? __fdiv_rn(my_weight, selected_sum) : my_weight;
+}
+
+template <class T, int kExpertsPerLane>
+void launch_route_top_k(const void* logits, const uint8_t* present, int32_t* expert_ids, float* weights,
+                        int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
+                        cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>((tokens + kRouteWarps - 1) / kRouteWarps);
+  route_top_k_kernel<T, kExpertsPerLane><<<blocks, kRouteWarps * kWarpSize, 0, stream>>>(
+      static_cast<const T*>(logits), present, expert_ids, weights, tokens, num_experts, top_k, normalize);
+}
+
+// ---- group_by_expert ---------------------------------------------------------------------------
+
+constexpr int kGroupThreads = 1024;
+constexpr int kGroupWarps = kGroupThreads / kWarpSize;
+// Dynamic shared memory within the 48 KiB a block gets without an opt-in attribute, leaving room
+// for the scan's static array.
+constexpr size_t kGroupSharedBytes = 47 * 1024;
+
+// Exclusive prefix sum of data[0, n) in place, by the whole block; returns the total to every
+// thread. Each thread scans a contiguous chunk, the chunk totals are scanned across the block.
+__device__ int32_t block_exclusive_scan(int32_t* data, int64_t n) {
+  __shared__ int32_t warp_totals[kGroupWarps];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t per_thread = (n + blockDim.x - 1) / blockDim.x;
+  const int64_t begin = min(n, threadIdx.x * per_thread);
+  const int64_t end = min(n, begin + per_thread);
+  int32_t chunk_total = 0;
+  for (int64_t i = begin; i < end; ++i) chunk_total += data[i];
+  int32_t inclusive = chunk_total;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int32_t other = __shfl_up_sync(kFullWarpMask, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int32_t warp_inclusive = lane < kGroupWarps ? warp_totals[lane] : 0;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset *= 2) {
+      const int32_t other = __shfl_up_sync(kFullWarpMask, warp_inclusive, offset);
+      if (lane >= offset) warp_inclusive += other;
+    }
+    if (lane < kGroupWarps) warp_totals[lane] = warp_inclusive;  // now inclusive over warps
+  }
+  __syncthreads();
+  int32_t running = (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - chunk_total;
+  for (int64_t i = begin; i < end; ++i) {
+    const int32_t value = data[i];
+    data[i] = running;
+    running += value;
+  }
+  const int32_t total = warp_totals[kGroupWarps - 1];
+  __syncthreads();  // data and warp_totals are final for every thread before anyone reuses them
+  return total;
+}
+
+// One block of kGroupThreads. The slots are cut into num_segments contiguous segments, one warp
+// each; shared memory holds cursor[segment][expert] (num_segments x num_experts) and
+// totals[expert]. 1) each segment warp counts its slots per expert; 2) per expert, the segments'
+// counts become exclusive prefixes and the experts' totals an exclusive scan (the offsets);
+// 3) each segment warp walks its slots in order, 32 at a time, and places each slot at its
+// expert's cursor plus its rank among the same expert's earlier lanes (match_any), so the order
+// is slot order within an expert: stable and deterministic. Out-of-range ids are left unsorted
+// (sorted_position -1) rather than written out of bounds.
+__global__ void __launch_bounds__(kGroupThreads)
+    group_by_expert_kernel(const int32_t* expert_ids, int64_t slots, int32_t num_experts, int64_t top_k,
+                           int num_segments, int32_t* expert_offsets, int32_t* source_row,
+                           int32_t* sorted_position) {
+  extern __shared__ int32_t shared[];
+  int32_t* cursor = shared;                                                     // [num_segments][num_experts]
+  int32_t* totals = shared + static_cast<int64_t>(num_segments) * num_experts;  // [num_experts]
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t table_size = static_cast<int64_t>(num_segments) * num_experts;
+  for (int64_t i = threadIdx.x; i < table_size + num_experts; i += blockDim.x) shared[i] = 0;
+  __syncthreads();
+
+  const int64_t segment_length =
+      ((slots + num_segments - 1) / num_segments + kWarpSize - 1) / kWarpSize * kWarpSize;
+  const int64_t segment_begin = min(slots, warp * segment_length);
+  const int64_t segment_end = min(slots, segment_begin + segment_length);
+  const bool segment_warp = warp < num_segments;
+  int32_t* my_cursor = cursor + static_cast<int64_t>(warp) * num_experts;
+
+  if (segment_warp) {
+    for (int64_t slot = segment_begin + lane; slot < segment_end; slot += kWarpSize) {
+      const int32_t expert = expert_ids[slot];
+      if (expert >= 0 && expert < num_experts) atomicAdd(&my_cursor[expert], 1);  // a count: order-free
+    }
+  }
+  __syncthreads();
+
+  for (int32_t expert = threadIdx.x; expert < num_experts; expert += blockDim.x) {
+    int32_t running = 0;
+    for (int segment = 0; segment < num_segments; ++segment) {
+      int32_t& entry = cursor[static_cast<int64_t>(segment) * num_experts + expert];
+      const int32_t count = entry;
+      entry = running;
+      running += count;
+    }
+    totals[expert] = running;
+  }
+  __syncthreads();
+  const int32_t total = block_exclusive_scan(totals, num_experts);
+  for (int32_t expert = threadIdx.x; expert < num_experts; expert += blockDim.x) {
+    expert_offsets[expert] = totals[expert];
+    for (int segment = 0; segment < num_segments; ++segment)
+      cursor[static_cast<int64_t>(segment) * num_experts + expert] += totals[expert];
+  }
+  if (threadIdx.x == 0) expert_offsets[num_experts] = total;
+  __syncthreads();
+
+  if (!segment_warp) return;
+  const unsigned lanes_before = (1u << lane) - 1u;
+  for (int64_t chunk = segment_begin; chunk < segment_end; chunk += kWarpSize) {
+    const int64_t slot = chunk + lane;
+    int32_t expert = slot < segment_end ? expert_ids[slot] : -1;
+    const bool valid = expert >= 0 && expert < num_experts;
+    if (!valid) expert = -1;  // one group for everything that is not placed
+    const unsigned peers = __match_any_sync(kFullWarpMask, expert);
+    const int32_t base = valid ? my_cursor[expert] : 0;
+    const int32_t rank = __popc(peers & lanes_before);
+    __syncwarp();  // every peer has read the cursor before the first peer moves it
+    if (valid) {
+      const int32_t position = base + rank;
+      sorted_position[slot] = position;
+      source_row[position] = static_cast<int32_t>(slot / top_k);
+      if (rank == 0) my_cursor[expert] = base + __popc(peers);
+    } else if (slot < segment_end) {
+      sorted_position[slot] = -1;
+    }
+    __syncwarp();  // the moved cursors are visible to the next chunk
+  }
+}
+
+// ---- combine_top_k -----------------------------------------------------------------------------
+
+// out[t, :] = sum_j weights[t, j] * expert_out[sorted_position[t * k + j], :] in fp32, j ascending,
+// each product and sum rounded separately (no FMA contraction), as the reference computes it.
+template <int kVec, class T>
+__global__ void combine_top_k_kernel(const T* expert_out, const int32_t* sorted_position,
+                                     const float* weights, int64_t tokens, int64_t top_k, int64_t hidden,
+                                     T* out) {
+  const int64_t vectors_per_row = hidden / kVec;
+  const int64_t total = tokens * vectors_per_row;
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t token = v / vectors_per_row;
+    const int64_t column = (v - token * vectors_per_row) * kVec;
+    float sum[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) sum[i] = 0.0f;
+    for (int64_t j = 0; j < top_k; ++j) {
+      const float weight = weights[token * top_k + j];
+      const int64_t source = sorted_position[token * top_k + j];
+      float values[kVec];
+      access::load_vector<kVec>(expert_out + source * hidden + column, values);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) sum[i] = __fadd_rn(sum[i], __fmul_rn(weight, values[i]));
+    }
+    access::store_vector<kVec>(out + token * hidden + column, sum);
+  }
+}
+
+constexpr int kCombineThreads = 256;
+
+}  // namespace
+
+void route_top_k(const void* logits, ScalarType type, const uint8_t* present, int32_t* expert_ids,
+                 float* weights, int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
+                 cudaStream_t stream) {
+  if (tokens == 0) return;
+  EPIC_CHECK(num_experts >= 1 && num_experts <= kMaxRouteExperts && top_k >= 1 && top_k <= kMaxRouteTopK,
+             ErrorCode::kUnsupported,
+             "route_top_k: the CUDA kernel takes 1.." + std::to_string(kMaxRouteExperts) +
+                 " experts and top_k 1.." + std::to_string(kMaxRouteTopK) + ", not " +
+                 std::to_string(num_experts) + " experts, top_k " + std::to_string(top_k));
+  access::dispatch_float_type(type, "route_top_k", [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    const auto launch = [&](auto experts_per_lane) {
+      launch_route_top_k<T, decltype(experts_per_lane)::value>(logits, present, expert_ids, weights, tokens,
+                                                               num_experts, top_k, normalize, stream);
+    };
+    if (num_experts <= 1 * kWarpSize) {
+      launch(std::integral_constant<int, 1>{});
+    } else if (num_experts <= 2 * kWarpSize) {
+      launch(std::integral_constant<int, 2>{});
+    } else if (num_experts <= 4 * kWarpSize) {
+      launch(std::integral_constant<int, 4>{});
+    } else if (num_experts <= 8 * kWarpSize) {
+      launch(std::integral_constant<int, 8>{});
+    } else if (num_experts <= 16 * kWarpSize) {
+      launch(std::integral_constant<int, 16>{});
+    } else {
+      launch(std::integral_constant<int, 32>{});
+    }
+  });
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
+                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
+                     cudaStream_t stream) {
+  // As many segment warps as shared memory holds cursor rows for (and no more than there are
+  // 32-slot chunks): 32 for 128 experts, 10 for 1024.
+  const int64_t words = static_cast<int64_t>(kGroupSharedBytes / sizeof(int32_t));
+  const int64_t segments_by_memory = num_experts > 0 ? (words - num_experts) / num_experts : 0;
+  EPIC_CHECK(num_experts >= 1 && segments_by_memory >= 1 && slots <= INT32_MAX && top_k >= 1,
+             ErrorCode::kUnsupported,
+             "group_by_expert: the CUDA kernel takes 1.." + std::to_string(words / 2) +
+                 " experts, top_k >= 1 and "
+                 "fewer than 2^31 slots, not " +
+                 std::to_string(num_experts) + " experts, top_k " + std::to_string(top_k) + ", " +
+                 std::to_string(slots) + " slots");
+  const int64_t chunks = (slots + kWarpSize - 1) / kWarpSize;
+  const int num_segments =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kGroupWarps, segments_by_memory, chunks})));
+  const size_t shared_bytes =
+      static_cast<size_t>(num_segments + 1) * static_cast<size_t>(num_experts) * sizeof(int32_t);
+  // Even with no slots the offsets are written (all zero), so the launch is unconditional.
+  group_by_expert_kernel<<<1, kGroupThreads, shared_bytes, stream>>>(
+      expert_ids, slots, static_cast<int32_t>(num_experts), top_k, num_segments, expert_offsets, source_row,
+      sorted_position);
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position,
+                   const float* weights, int64_t tokens, int64_t top_k, int64_t hidden, void* out,
+                   cudaStream_t stream) {
+  if (tokens == 0 || hidden == 0) return;
+  const bool vector =
+      hidden % kVectorElements == 0 && access::aligned16(expert_out) && access::aligned16(out);
+  access::dispatch_float_type(type, "combine_top_k", [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    if (vector) {
+      combine_top_k_kernel<kVectorElements>
+          <<<access::capped_blocks(tokens * hidden / kVectorElements, kCombineThreads), kCombineThreads, 0,
+             stream>>>(static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
+                       static_cast<T*>(out));
+    } else {
+      combine_top_k_kernel<1>
+          <<<access::capped_blocks(tokens * hidden, kCombineThreads), kCombineThreads, 0, stream>>>(
+              static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
+              static_cast<T*>(out));
+    }
+  });
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace epic::cuda_kernels

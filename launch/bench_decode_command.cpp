@@ -1,0 +1,170 @@
+// `epic bench-decode`: whole-model generation speed on one process: a batch of sequences prefilled
+// together, then decode steps timed (replayed from CUDA graphs unless --no-cuda-graphs), and
+// optionally one long prefill timed on its own. Random weights of a preset drawn in memory
+// (--random-weights) or a checkpoint (--model). Prints one JSON object per measurement; the
+// roofline of the same shapes comes from launch/bench/roofline.py.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "kernels/error.h"
+#include "kernels/file_io.h"
+#include "launch/backend_choice.h"
+#include "launch/cli_commands.h"
+#include "launch/cpu_threads.h"
+#include "launch/flag_checks.h"
+#include "launch/model_source.h"
+#include "worker/generation_loop.h"
+#include "worker/model_runner.h"
+
+namespace epic::cli {
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+
+double seconds_since(clock_type::time_point start) {
+  return std::chrono::duration<double>(clock_type::now() - start).count();
+}
+
+std::vector<int32_t> random_prompt(std::mt19937_64& generator, int64_t length, int64_t vocab) {
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(vocab - 1));
+  std::vector<int32_t> ids(length);
+  for (int32_t& id : ids) id = token(generator);
+  return ids;
+}
+
+// FLOPs of a prefill of `tokens` tokens of one sequence: every matrix product (projections,
+// router, top-k experts, attention scores and values over the causal triangle, lm_head of the
+// last token), 2 per multiply-add.
+double prefill_flops(const ModelConfig& c, int64_t tokens) {
+  const double t = static_cast<double>(tokens), h = c.hidden_size, d = c.head_dim;
+  const double q = c.num_attention_heads * d, kv = c.num_key_value_heads * d;
+  double per_token = 0;
+  for (int64_t layer = 0; layer < c.num_hidden_layers; ++layer) {
+    per_token += h * (q + 2 * kv) + q * h;
+    per_token += c.is_moe_layer(layer)
+                     ? h * c.num_experts + c.num_experts_per_tok * 3.0 * h * c.moe_intermediate_size
+                     : 3.0 * h * c.intermediate_size;
+  }
+  const double attention = c.num_hidden_layers * 2.0 * c.num_attention_heads * d * t * (t + 1) / 2;
+  return 2 * (t * per_token + attention + h * c.vocab_size);
+}
+
+}  // namespace
+
+int bench_decode_command(const BenchDecodeArgs& args) {
+  for (int64_t batch : args.batches) check_int_flag("--batch", batch, 1, kMaxActiveSequencesBound);
+  check_int_flag("--prompt-tokens", args.prompt_tokens, 1, 1 << 20);
+  check_int_flag("--new-tokens", args.new_tokens, 3, 1 << 20);
+  check_int_flag("--prefill-tokens", args.prefill_tokens, 0, 1 << 20);
+  if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
+  const ModelSourceFlags source_flags{args.model_dir, args.random_weights, args.layers, args.weights_seed};
+  check_model_source_flags(source_flags);
+  ChosenBackend chosen = choose_backend({args.backend, args.device, args.precision}, launcher_local_rank(),
+                                        default_cpu_threads());
+  OpenedModel model = open_model(source_flags);
+  const ModelConfig& config = model.config;
+  Backend& backend = *chosen.backend;
+  nlohmann::json results = nlohmann::json::array();
+  auto emit = [&](nlohmann::json line) {
+    line["backend"] = chosen.description;
+    line["model"] = model.description;
+    std::printf("%s\n", line.dump().c_str());
+    std::fflush(stdout);
+    results.push_back(std::move(line));
+  };
+
+  LoadOptions load_options;
+  if (chosen.activation_type == ScalarType::kBF16) load_options.weight_type = ScalarType::kBF16;
+  const auto load_start = clock_type::now();
+  const ModelWeights weights = load_model_weights(config, *model.source, backend, load_options);
+  const double load_seconds = seconds_since(load_start);
+  emit({{"name", "load"},
+        {"seconds", load_seconds},
+        {"bytes_read", weights.bytes_read},
+        {"resident_bytes", weights.resident_bytes},
+        {"gb_per_s", weights.bytes_read / load_seconds / 1e9}});
+
+  std::mt19937_64 generator(args.weights_seed + 7);
+  for (const int64_t batch : args.batches) {
+    RunnerOptions options;
+    options.activation_type = chosen.activation_type;
+    options.max_sequences = batch;
+    options.max_context = args.prompt_tokens + args.new_tokens + 1;
+    options.use_graphs = args.cuda_graphs;
+    options.max_graph_batch = std::max<int64_t>(512, batch);
+    ModelRunner runner(config, weights, backend, options);
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<KvSequence> sequences;
+    for (int64_t s = 0; s < batch; ++s) {
+      prompts.push_back(random_prompt(generator, args.prompt_tokens, config.vocab_size));
+      sequences.push_back(runner.new_sequence());
+    }
+    std::vector<SequenceChunk> chunks;
+    for (int64_t s = 0; s < batch; ++s) chunks.push_back({&sequences[s], prompts[s], false});
+    const auto prefill_start = clock_type::now();
+    StepOutput step = runner.forward_batch(chunks, false);
+    const double batch_prefill_seconds = seconds_since(prefill_start);
+    // Decode: the first two steps capture the graph (and warm up), the rest are timed.
+    std::vector<int32_t> next = step.greedy_ids;
+    double timed_seconds = 0;
+    int64_t timed_steps = 0;
+    for (int64_t i = 0; i < args.new_tokens - 1; ++i) {
+      for (int64_t s = 0; s < batch; ++s) {
+        EPIC_CHECK(next[s] >= 0, ErrorCode::kInternal, "decode produced non-finite logits");
+        chunks[s].tokens = std::span<const int32_t>(&next[s], 1);
+      }
+      const auto step_start = clock_type::now();
+      step = runner.forward_batch(chunks, false);
+      if (i >= 2) {
+        timed_seconds += seconds_since(step_start);
+        ++timed_steps;
+      }
+      next = step.greedy_ids;
+    }
+    emit({{"name", "decode"},
+          {"batch", batch},
+          {"prompt_tokens", args.prompt_tokens},
+          {"new_tokens", args.new_tokens},
+          {"layers", config.num_hidden_layers},
+          {"graphs", args.cuda_graphs},
+          {"graph_replays", runner.graph_replays()},
+          {"timed_steps", timed_steps},
+          {"ms_per_step", timed_seconds / timed_steps * 1e3},
+          {"tokens_per_s", batch * timed_steps / timed_seconds},
+          {"batch_prefill_ms", batch_prefill_seconds * 1e3},
+          {"kv_cache_bytes", runner.kv_cache_bytes()},
+          {"workspace_bytes", runner.workspace_bytes()}});
+  }
+  if (args.prefill_tokens > 0) {
+    RunnerOptions options;
+    options.activation_type = chosen.activation_type;
+    options.max_sequences = 1;
+    options.max_context = args.prefill_tokens;
+    ModelRunner runner(config, weights, backend, options);
+    const std::vector<int32_t> prompt = random_prompt(generator, args.prefill_tokens, config.vocab_size);
+    std::vector<double> times;
+    for (int rep = 0; rep < 4; ++rep) {  // the first sizes the work buffers
+      KvSequence sequence = runner.new_sequence();
+      const SequenceChunk chunk{&sequence, prompt, false};
+      const auto start = clock_type::now();
+      runner.forward_batch(std::span<const SequenceChunk>(&chunk, 1), false);
+      if (rep > 0) times.push_back(seconds_since(start));
+    }
+    std::sort(times.begin(), times.end());
+    const double median = times[times.size() / 2];
+    const double flops = prefill_flops(config, args.prefill_tokens);
+    emit({{"name", "prefill"},
+          {"tokens", args.prefill_tokens},
+          {"layers", config.num_hidden_layers},
+          {"ms", median * 1e3},
+          {"tflops", flops / median / 1e12},
+          {"flops", flops}});
+  }
+  if (!args.json_out.empty()) files::write_file_atomically(args.json_out, results.dump(2) + "\n", "--json");
+  return 0;
+}
+
+}  // namespace epic::cli

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark of epic in one call on the GPU machine (the device tool runs it in the
+# repository root; results come back from $OUT). The CI machine has no GPU: there the CUDA tests
+# skip visibly, and this script is how they run.
+#
+#   bash tests/gpu/run_gpu_tests.sh [tests] [bench] [golden]
+#     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
+#             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
+#     tests:  build with CUDA, run the kernel op table, golden, model and checkpoint suites (CUDA
+#             rows included) and then the whole ctest suite
+#     bench:  the expert FFN micro-benchmark, bench-moe, bench-decode and the torch/transformers
+#             baselines on the same card (launch/bench/run_gpu_bench.sh)
+# cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
+# /usr/include/cereal) and .device/icu (ICU 72's headers and libicuuc/libicudata from the CI image).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/out/gpu}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0
+# The carried ICU's libicudata is loaded through libicuuc (not found by the binaries' RUNPATH).
+export LD_LIBRARY_PATH="$PWD/.device/icu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+BUILD=build-gpu
+modes=("$@")
+[ ${#modes[@]} -eq 0 ] && modes=(golden tests bench)
+wants() { [[ " ${modes[*]} " == *" $1 "* ]]; }
+status=0
+log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.log"; }
+
+log "card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
+
+if wants golden; then
+  log "golden: transformers' bf16 error per fixture (make_golden.py into a scratch folder)"
+  scratch=$(mktemp -d)
+  if timeout 300 python3 tests/golden/make_golden.py --out "$scratch" > "$OUT/make_golden.log" 2>&1; then
+    for case_dir in "$scratch"/*/; do
+      name=$(basename "$case_dir")
+      # The regenerated fixture must be the committed one (same seed, same tools), else the bf16
+      # bar would be measured on other weights.
+      if cmp -s "$case_dir/logits_0.npy" "tests/golden/fixtures/$name/logits_0.npy"; then
+        cp "$case_dir/bf16_reference.json" "tests/golden/fixtures/$name/"
+      else
+        log "golden: $name regenerated differently from the committed fixture; bf16 reference not taken"
+        status=1
+      fi
+    done
+    tar -cf "$OUT/bf16_reference.tar" tests/golden/fixtures/*/bf16_reference.json
+    tail -8 "$OUT/make_golden.log" | tee -a "$OUT/summary.log"
+  else
+    log "golden: make_golden.py failed (see make_golden.log)"
+    status=1
+  fi
+  rm -rf "$scratch"
+fi
+
+if wants tests || wants bench; then
+  log "build: CUDA on, $(nproc) cores"
+  if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
+           -DICU_ROOT="$PWD/.device/icu" \
+           -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUT/build.log" 2>&1 &&
+         timeout 420 cmake --build "$BUILD" -j "$(nproc)" >> "$OUT/build.log" 2>&1; }; then
+    log "build FAILED"; grep -E "error|Error" "$OUT/build.log" | head -30 | tee -a "$OUT/summary.log"
+    exit 1
+  fi
+fi
+
+if wants tests; then
+  for suite in tests/kernels/epic_kernels_test tests/golden/golden_test tests/model/model_test \
+               tests/checkpoint/epic_weight_loader_tests; do
+    log "test: $suite"
+    if ! timeout 240 "$BUILD/$suite" --gtest_brief=1 > "$OUT/$(basename "$suite").log" 2>&1; then status=1; fi
+    tail -4 "$OUT/$(basename "$suite").log" | tee -a "$OUT/summary.log"
+    grep -E "^\[  FAILED|Failure|error" "$OUT/$(basename "$suite").log" | head -20 | tee -a "$OUT/summary.log"
+  done
+  log "test: whole ctest suite"
+  (cd "$BUILD" && timeout 300 ctest -j 8 --output-on-failure -LE fuzz > "$OUT/ctest.log" 2>&1) || status=1
+  grep -E "tests passed|tests failed|\(Failed\)|\(Timeout\)" "$OUT/ctest.log" | tee -a "$OUT/summary.log"
+fi
+
+if wants bench; then
+  log "bench: expert FFN kernels"
+  timeout 120 "$BUILD/kernels/cuda/epic_expert_ffn_bench" --quick > "$OUT/expert_ffn_bench.log" 2>&1 || status=1
+  tail -12 "$OUT/expert_ffn_bench.log" | tee -a "$OUT/summary.log"
+  log "bench: epic and baselines"
+  bash launch/bench/run_gpu_bench.sh "$BUILD" --quick >> "$OUT/summary.log" 2>&1 || status=1
+fi
+log "done, status $status"
+exit $status
