@@ -19,6 +19,7 @@
 #include "kernels/backend.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
+#include "launch/backend_choice.h"
 #include "launch/cli_commands.h"
 #include "launch/flag_checks.h"
 #include "worker/checkpoint.h"
@@ -74,7 +75,8 @@ int bench_load_command(const BenchLoadArgs& args) {
   const double first_read_seconds = seconds_since(start);
 
   auto source = open_checkpoint_source(args.model_dir);
-  auto backend = make_cpu_backend(1);
+  ChosenBackend chosen = choose_backend({args.backend, args.device, "auto"}, launcher_local_rank(), 1);
+  Backend* backend = chosen.backend.get();
   std::vector<OwnedTensor> tensors;
   std::vector<TensorLoad> loads;
   start = std::chrono::steady_clock::now();
@@ -88,6 +90,7 @@ int bench_load_command(const BenchLoadArgs& args) {
   options.num_threads = args.threads;
   options.allow_nonfinite_weights = args.allow_nonfinite_weights;
   const WeightLoadStats stats = load_tensors(*source, *backend, loads, options);
+  backend->synchronize();  // a device's copies are asynchronous: the load ends when they have landed
   const double load_seconds =
       seconds_since(start);  // allocation (page faults) included: it is part of loading
 
@@ -102,7 +105,8 @@ int bench_load_command(const BenchLoadArgs& args) {
               stats.bytes_read / 1e9);
   std::printf("raw read (cat-like, 1 thread): first %.2f GB/s (%.3f s), again %.2f GB/s (%.3f s)\n",
               file_bytes / 1e9 / first_read_seconds, first_read_seconds, raw_rate, raw_seconds);
-  std::printf("load onto cpu (checkpoint dtype, %d threads): %.2f GB/s (%.3f s, %.3f GB written)\n",
+  std::printf("load onto %s (checkpoint dtype, %d threads): %.2f GB/s (%.3f s, %.3f GB written)\n",
+              chosen.description.c_str(),
               options.num_threads > 0
                   ? options.num_threads
                   : static_cast<int>(std::min(8u, std::max(1u, std::thread::hardware_concurrency()))),

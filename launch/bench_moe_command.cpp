@@ -145,6 +145,9 @@ int bench_moe_command(const BenchMoeArgs& args) {
       random_tensor_values("bench-moe.tokens.rank" + std::to_string(rank), {args.tokens_per_worker, hidden},
                            RandomInit::kEmbedding, args.seed);
   const OwnedTensor tokens = backend.new_tensor(act, {args.tokens_per_worker, hidden});
+  // The router reads fp32 rows (MoeExecutor::forward): the same values before rounding.
+  const OwnedTensor router_tokens = backend.new_tensor(ScalarType::kF32, {args.tokens_per_worker, hidden});
+  backend.copy_from_host(router_tokens, 0, token_values.data(), token_values.size() * sizeof(float));
   if (act == ScalarType::kBF16) {
     std::vector<uint16_t> bits(token_values.size());
     for (size_t i = 0; i < bits.size(); ++i) bits[i] = f32_to_bf16(token_values[i]);
@@ -162,7 +165,8 @@ int bench_moe_command(const BenchMoeArgs& args) {
   for (int64_t i = 0; i < args.warmup; ++i) {
     ExpertParallelMoeExecutor warm(config, weights, backend, *comm, table);
     MoeExecutor& executor = local ? static_cast<MoeExecutor&>(local_executor) : warm;
-    for (int64_t layer = 0; layer < args.layers; ++layer) executor.forward(layer, tokens, out, workspace);
+    for (int64_t layer = 0; layer < args.layers; ++layer)
+      executor.forward(layer, tokens, router_tokens, out, workspace);
   }
   backend.synchronize();
   ExpertParallelMoeExecutor executor(config, weights, backend, *comm, table);
@@ -170,7 +174,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
   comm->barrier();
   const auto start = clock_type::now();
   for (int64_t i = 0; i < args.iterations; ++i)
-    for (int64_t layer = 0; layer < args.layers; ++layer) timed.forward(layer, tokens, out, workspace);
+    for (int64_t layer = 0; layer < args.layers; ++layer) timed.forward(layer, tokens, router_tokens, out, workspace);
   backend.synchronize();
   totals.total = std::chrono::duration<double>(clock_type::now() - start).count();
   MoePhaseStats stats = executor.stats();

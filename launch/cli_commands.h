@@ -100,6 +100,8 @@ struct BenchLoadArgs {
   std::string model_dir;
   int threads = 0;  // reader threads; 0 = min(8, cores)
   bool allow_nonfinite_weights = false;
+  std::string backend = "cpu";  // where to load: cpu (host memory) or cuda (through pinned staging)
+  std::optional<int> device;
 };
 int bench_load_command(const BenchLoadArgs& args);
 

@@ -208,6 +208,8 @@ int main(int argc, char** argv) {
       ->add_option("--threads", load_args.threads,
                    "Reader threads, 0 to " + std::to_string(kMaxThreads) + " (0: min(8, cores))")
       ->transform(strict_integer<int>());
+  bench_load->add_option("--backend", load_args.backend, "Load onto cpu or cuda")->capture_default_str();
+  bench_load->add_option("--device", load_args.device, "CUDA device")->transform(strict_integer<int>());
   bench_load->add_flag("--allow-nonfinite-weights", load_args.allow_nonfinite_weights,
                        "Load NaN/Inf weights instead of failing");
 

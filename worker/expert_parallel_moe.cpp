@@ -33,8 +33,8 @@ ExpertParallelMoeExecutor::ExpertParallelMoeExecutor(const ModelConfig& config, 
                  std::to_string(comm.size()) + " ranks");
 }
 
-void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& out,
-                                        Workspace& workspace) {
+void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
+                                        const Tensor& out, Workspace& workspace) {
   using clock = std::chrono::steady_clock;
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
@@ -47,7 +47,7 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, con
 
   // Route: every worker holds the router, so routing needs no communication.
   auto start = clock::now();
-  const RoutedTokens routed = route_tokens(backend_, config_, moe, hidden, workspace);
+  const RoutedTokens routed = route_tokens(backend_, config_, moe, router_input, workspace);
   const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
   // Destination of every slot. Occurrences of one expert rotate over its replicas, starting at an
   // offset given by this rank, so replicas share the rows evenly across the whole cluster.

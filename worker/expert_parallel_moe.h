@@ -36,7 +36,8 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
  public:
   ExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
                             Communicator& comm, const ExpertRoutingTable& table);
-  void forward(int64_t layer, const Tensor& hidden, const Tensor& out, Workspace& workspace) override;
+  void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+               Workspace& workspace) override;
   bool capturable() const override { return false; }
 
   const MoePhaseStats& stats() const { return stats_; }

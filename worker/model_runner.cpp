@@ -120,7 +120,12 @@ void ModelRunner::enqueue_forward(const StepShape& shape) {
     backend_.add(block_out, x);
     backend_.rms_norm(x, w.post_attention_norm, normed, config_.rms_norm_eps);
     if (w.is_moe) {
-      executor_->forward(layer, normed, block_out, workspace_);
+      Tensor router_input = normed;
+      if (act != ScalarType::kF32) {  // the router's rows in fp32 as well (MoeExecutor::forward)
+        router_input = workspace_.get(kSlotNormedF32, ScalarType::kF32, {rows, hidden});
+        backend_.rms_norm(x, w.post_attention_norm, router_input, config_.rms_norm_eps);
+      }
+      executor_->forward(layer, normed, router_input, block_out, workspace_);
     } else {
       const int64_t inter = config_.intermediate_size;
       const Tensor gate_up = workspace_.get(kSlotDenseGateUp, act, {rows, 2 * inter});

@@ -7,12 +7,12 @@
 namespace epic {
 
 RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
-                          const Tensor& hidden, Workspace& workspace) {
-  const int64_t rows = hidden.dim(0), top_k = config.num_experts_per_tok;
-  // Router logits in fp32 whatever the activation type: the softmax and top-k choice are the
-  // most rounding-sensitive step of the block.
+                          const Tensor& router_input, Workspace& workspace) {
+  const int64_t rows = router_input.dim(0), top_k = config.num_experts_per_tok;
+  // fp32 rows in, fp32 logits out, whatever the activation type: the softmax and top-k choice are
+  // the most rounding-sensitive step of the block.
   const Tensor logits = workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, layer.num_experts});
-  backend.linear(hidden, layer.router, logits);
+  backend.linear(router_input, layer.router, logits);
   RoutedTokens routed{workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k}),
                       workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k})};
   backend.route_top_k(logits, layer.present_mask, routed.expert_ids, routed.weights, config.norm_topk_prob);
@@ -37,10 +37,11 @@ void run_experts(Backend& backend, const ModelConfig& config, const MoeLayerWeig
   backend.expert_ffn(x, expert_offsets, layer.gate_up, layer.down, layer.local_index, intermediate, y);
 }
 
-void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& out, Workspace& workspace) {
+void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+                               Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t rows = hidden.dim(0), top_k = config_.num_experts_per_tok, slots = rows * top_k;
-  const RoutedTokens routed = route_tokens(backend_, config_, moe, hidden, workspace);
+  const RoutedTokens routed = route_tokens(backend_, config_, moe, router_input, workspace);
   const GroupedRows grouped = group_rows(backend_, routed.expert_ids, moe.num_experts, top_k, workspace);
   const Tensor sorted_rows = workspace.get(kSlotSortedRows, hidden.type, {slots, config_.hidden_size});
   backend_.gather_rows(hidden, grouped.source_row, sorted_rows);

@@ -20,8 +20,9 @@ struct RoutedTokens {
   Tensor weights;
 };
 
+// router_input: F32 [rows, hidden] (see MoeExecutor::forward).
 RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
-                          const Tensor& hidden, Workspace& workspace);
+                          const Tensor& router_input, Workspace& workspace);
 
 // The rows of `expert_ids` (I32 [slots]) grouped by expert: offsets I32 [E + 1], the source row of
 // each sorted row (slot / top_k) and where each slot went.

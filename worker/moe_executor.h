@@ -18,8 +18,11 @@ class MoeExecutor {
  public:
   virtual ~MoeExecutor() = default;
   // out[rows, hidden] = the MoE block of `layer` applied to hidden[rows, hidden] (activation
-  // type), work buffers from `workspace`.
-  virtual void forward(int64_t layer, const Tensor& hidden, const Tensor& out, Workspace& workspace) = 0;
+  // type), work buffers from `workspace`. router_input [rows, hidden] F32 holds the same rows before
+  // rounding to the activation type (the same tensor in fp32 mode): the router's softmax and top-k
+  // are the most rounding-sensitive step of the model, so the expert choice is made from fp32 rows.
+  virtual void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+                       Workspace& workspace) = 0;
   // Whether forward() only enqueues backend ops (no host copies or communication), so a decode
   // step that calls it can be captured as a graph.
   virtual bool capturable() const = 0;
@@ -29,7 +32,8 @@ class LocalMoeExecutor final : public MoeExecutor {
  public:
   LocalMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend)
       : config_(config), weights_(weights), backend_(backend) {}
-  void forward(int64_t layer, const Tensor& hidden, const Tensor& out, Workspace& workspace) override;
+  void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+               Workspace& workspace) override;
   bool capturable() const override { return true; }
 
  private:

@@ -34,6 +34,7 @@ class Workspace {
 enum WorkspaceSlot : int {
   kSlotResidual,
   kSlotNormed,
+  kSlotNormedF32,
   kSlotQkv,
   kSlotAttention,
   kSlotBlockOut,

@@ -1,6 +1,9 @@
 // The paged KV cache on the GPU: store_kv writes each row's k and v into the pools, attention runs
 // causal GQA over them for prefill and decode rows alike (the key count of each row is read from
-// positions on the device, so one launch serves any mix and can be captured in a graph).
+// positions on the device, so the launches serve any mix and can be captured in a graph). BF16 calls
+// with head_dim 64 or 128 go to the tensor-core paths (attention_prefill_kernel.cu for tiles of
+// prompt rows, attention_decode_kernel.cu for the other rows); the kernel here takes the rest (f32,
+// the verification mode; other head dims) with fp32 FMA.
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -8,6 +11,7 @@
 #include <string>
 
 #include "kernels/backend.h"
+#include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/scalar_access.cuh"
@@ -20,6 +24,7 @@ using access::kVectorElements;
 using access::kWarpSize;
 
 constexpr int kStoreThreads = 256;
+constexpr double kLog2E = 1.4426950408889634;
 constexpr int kAttentionWarps = 8;
 constexpr int kAttentionThreads = kAttentionWarps * kWarpSize;
 // A warp takes the keys a tile at a time: one key per lane for the scores, then the lanes split the
@@ -236,6 +241,28 @@ void attention(const void* qkv, ScalarType type, const void* key_pool, const voi
   EPIC_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, ErrorCode::kInvalidArgument,
              "attention: num_heads " + std::to_string(num_heads) + " is not a multiple of num_kv_heads " +
                  std::to_string(num_kv_heads));
+  if (attention_mma::fast_paths_support(type, head_dim, num_heads, num_kv_heads, qkv, key_pool, value_pool,
+                                        out)) {
+    attention_mma::AttentionArgs args;
+    args.qkv = static_cast<const __nv_bfloat16*>(qkv);
+    args.key_pool = static_cast<const __nv_bfloat16*>(key_pool);
+    args.value_pool = static_cast<const __nv_bfloat16*>(value_pool);
+    args.block_tables = block_tables;
+    args.max_blocks = max_blocks;
+    args.row_sequence = row_sequence;
+    args.positions = positions;
+    args.rows = rows;
+    args.num_heads = num_heads;
+    args.num_kv_heads = num_kv_heads;
+    args.head_dim = head_dim;
+    args.out = static_cast<__nv_bfloat16*>(out);
+    args.scale_log2 = static_cast<float>(kLog2E / std::sqrt(static_cast<double>(head_dim)));
+    // The tile kernel writes the rows of the tiles it takes; the decode kernel, launched after it on
+    // the same stream, skips exactly those (both decide per tile from positions and row_sequence).
+    const bool tiles_launched = attention_mma::launch_prefill_tiles(args, stream);
+    attention_mma::launch_decode_groups(args, tiles_launched, stream);
+    return;
+  }
   access::dispatch_float_type(type, "attention", [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
     if (head_dim <= 2 * kWarpSize) {
@@ -251,5 +278,16 @@ void attention(const void* qkv, ScalarType type, const void* key_pool, const voi
   });
   EPIC_CUDA_CHECK_LAUNCH();
 }
+
+namespace attention_mma {
+
+bool fast_paths_support(ScalarType type, int64_t head_dim, int64_t num_heads, int64_t num_kv_heads,
+                        const void* qkv, const void* key_pool, const void* value_pool, const void* out) {
+  return type == ScalarType::kBF16 && (head_dim == 64 || head_dim == 128) &&
+         num_heads / num_kv_heads <= kWarpRows && access::aligned16(qkv) && access::aligned16(key_pool) &&
+         access::aligned16(value_pool) && reinterpret_cast<uintptr_t>(out) % 4 == 0;
+}
+
+}  // namespace attention_mma
 
 }  // namespace epic::cuda_kernels

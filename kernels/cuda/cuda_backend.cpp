@@ -106,6 +106,10 @@ class CudaBackend final : public Backend {
       EPIC_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
       EPIC_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
       EPIC_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_groups_), sizeof(int32_t) * 2 * kMaxHostGroupEntries));
+      EPIC_CUDA_CHECK(
+          cudaMalloc(reinterpret_cast<void**>(&device_gemm_pointers_), sizeof(void*) * kGemmPointers));
+      EPIC_CUDA_CHECK(
+          cudaMallocHost(reinterpret_cast<void**>(&host_gemm_pointers_), sizeof(void*) * kGemmPointers));
     } catch (...) {
       release();
       throw;
@@ -361,6 +365,10 @@ class CudaBackend final : public Backend {
       EPIC_CUDA_CHECK(cudaMemcpyAsync(host_local, args.local_index, sizeof(int32_t) * args.num_experts,
                                       cudaMemcpyDeviceToHost, stream_));
       EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      // The stream is idle here, so the previous call's pointer copy is done with the staging.
+      args.device_pointers = device_gemm_pointers_;
+      args.host_pointers = host_gemm_pointers_;
+      args.pointer_capacity = kGemmPointers;
       cuda_kernels::expert_ffn_cublas(args, host_offsets, host_local, cublas_, stream_);
       return;
     }
@@ -380,6 +388,9 @@ class CudaBackend final : public Backend {
   static constexpr MemorySpace kSpace = MemorySpace::kDevice;
   // Room for the group offsets and local indices of layers with up to this many experts - 1.
   static constexpr int64_t kMaxHostGroupEntries = 4097;
+  // expert_ffn_cublas's grouped GEMM pointers for up to kMaxHostGroupEntries - 1 experts.
+  static constexpr int64_t kGemmPointers =
+      cuda_kernels::kExpertFfnPointersPerExpert * (kMaxHostGroupEntries - 1);
 
   bool capturing() const {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -396,10 +407,14 @@ class CudaBackend final : public Backend {
 
   void release() {
     if (host_groups_ != nullptr) cudaFreeHost(host_groups_);
+    if (host_gemm_pointers_ != nullptr) cudaFreeHost(host_gemm_pointers_);
+    if (device_gemm_pointers_ != nullptr) cudaFree(device_gemm_pointers_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     host_groups_ = nullptr;
+    host_gemm_pointers_ = nullptr;
+    device_gemm_pointers_ = nullptr;
     cublas_ = nullptr;
     cublas_workspace_ = nullptr;
     stream_ = nullptr;
@@ -410,6 +425,8 @@ class CudaBackend final : public Backend {
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
   int32_t* host_groups_ = nullptr;  // pinned: [offsets | local indices]
+  void** host_gemm_pointers_ = nullptr;    // pinned staging of device_gemm_pointers_
+  void** device_gemm_pointers_ = nullptr;  // [kGemmPointers]
 };
 
 }  // namespace

@@ -24,6 +24,6 @@ std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 // From this many expert rows on (and when not capturing a graph), expert_ffn with BF16 tensors
 // reads the group sizes back and runs cuBLAS GEMMs per expert; below it, one device-scheduled
 // kernel that never synchronises. Measured on H100/H200 (BENCHMARKS.md).
-constexpr int64_t kCublasExpertFfnMinRows = 4096;
+constexpr int64_t kCublasExpertFfnMinRows = 32768;
 
 }  // namespace epic

@@ -76,7 +76,17 @@ struct ExpertFfnArgs {
   int64_t rows = 0, num_experts = 0, num_local = 0, hidden = 0, inter = 0;
   ScalarType act_type = ScalarType::kBF16;
   ScalarType weight_type = ScalarType::kBF16;
+  // expert_ffn_cublas only, optional: room for pointer_capacity matrix pointers in device memory
+  // and as many in pinned host memory, which let it make one grouped cuBLAS call per GEMM pass
+  // (kExpertFfnPointersPerExpert per expert with rows); without them it calls cuBLAS per expert.
+  void** device_pointers = nullptr;
+  void** host_pointers = nullptr;
+  int64_t pointer_capacity = 0;
 };
+
+// Pointers expert_ffn_cublas's grouped path stages per expert with rows where 2 * inter <= hidden
+// (A, B and C of its gate_up and down GEMMs); wider FFNs need 3 * (2 * ceil(inter / hidden) + 1).
+constexpr int64_t kExpertFfnPointersPerExpert = 6;
 
 // Device-scheduled: the group sizes are read on the device, so this never synchronises and can be
 // captured in a graph. Each expert's weights are read once per tile of its rows (memory bound at
@@ -86,7 +96,12 @@ void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream)
 // For large row counts: the group sizes are known on the host (host_offsets [num_experts + 1] and
 // host_local_index [num_experts], copied back by the caller), and each expert's GEMMs go to cuBLAS
 // (bf16 in, fp32 accumulation) on the handle's stream. BF16 activations and weights only.
-void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets, const int32_t* host_local_index,
+// With args.device_pointers (and enough capacity, 16-byte aligned matrices, cuBLAS 12.5 or newer)
+// one cublasGemmGroupedBatchedEx per GEMM pass; else, or where cuBLAS answers NOT_SUPPORTED, one
+// cublasGemmEx per expert; returns whether the grouped calls ran. The grouped path writes
+// args.host_pointers and copies them asynchronously: the caller must not call again before that
+// copy is done (the backend synchronises its stream for the offsets read-back before each call).
+bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets, const int32_t* host_local_index,
                        cublasHandle_t cublas, cudaStream_t stream);
 
 }  // namespace epic::cuda_kernels

@@ -1,9 +1,12 @@
 // expert_ffn_cublas: the grouped SwiGLU expert FFN for large row counts (prefill), with the group
-// sizes known on the host: per expert with rows, cuBLAS GEMMs (bf16 in and out, fp32 compute) and
-// one silu*up kernel of our own over all rows between the two GEMM passes.
+// sizes known on the host: cuBLAS GEMMs (bf16 in and out, fp32 compute) over the experts with rows,
+// one grouped call per GEMM pass where it can (else one call per expert), and one silu*up kernel of
+// our own over all rows between the two GEMM passes.
 #include <cuda_bf16.h>
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -54,11 +57,162 @@ void gemm_nt(cublasHandle_t cublas, const bf16* act, int64_t lda, const bf16* we
       CUDA_R_16BF, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+// One GEMM of a grouped pass, in gemm_nt's terms: row-major out[rows, n] (row stride out_stride) =
+// act[rows, k] (row stride act_stride) * weight[n, k]^T.
+struct NtGemm {
+  const bf16* weight;
+  const bf16* act;
+  bf16* out;
+  int64_t n, k, rows, act_stride, out_stride;
+};
+
+// One cublasGemmGroupedBatchedEx for a pass, a group per GEMM (the experts' row counts differ).
+// device holds the pass's weight, act and out pointers at [0, count), [count, 2 count) and
+// [2 count, 3 count). alpha and beta are host arrays: the API refuses device pointer mode.
+cublasStatus_t grouped_gemm_nt(cublasHandle_t cublas, const std::vector<NtGemm>& pass, void* const* device) {
+#if CUBLAS_VERSION >= 120500
+  const int count = static_cast<int>(pass.size());
+  const std::vector<cublasOperation_t> weight_op(count, CUBLAS_OP_T);
+  const std::vector<cublasOperation_t> act_op(count, CUBLAS_OP_N);
+  const std::vector<int> group_size(count, 1);
+  const std::vector<float> alpha(count, 1.0f);
+  const std::vector<float> beta(count, 0.0f);
+  std::vector<int> m(count), n(count), k(count), lda(count), ldb(count), ldc(count);
+  for (int i = 0; i < count; ++i) {
+    m[i] = static_cast<int>(pass[i].n);
+    n[i] = static_cast<int>(pass[i].rows);
+    k[i] = static_cast<int>(pass[i].k);
+    lda[i] = static_cast<int>(pass[i].k);
+    ldb[i] = static_cast<int>(pass[i].act_stride);
+    ldc[i] = static_cast<int>(pass[i].out_stride);
+  }
+  return cublasGemmGroupedBatchedEx(cublas, weight_op.data(), act_op.data(), m.data(), n.data(), k.data(),
+                                    alpha.data(), device, CUDA_R_16BF, lda.data(), device + count,
+                                    CUDA_R_16BF, ldb.data(), beta.data(), device + 2 * count, CUDA_R_16BF,
+                                    ldc.data(), count, group_size.data(), CUBLAS_COMPUTE_32F);
+#else
+  (void)cublas;
+  (void)pass;
+  (void)device;
+  return CUBLAS_STATUS_NOT_SUPPORTED;  // the grouped API came with cuBLAS 12.5
+#endif
+}
+
+bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+// The FFN as grouped GEMM passes: gate/up (one pass, or one per column chunk with silu after each),
+// then down, all matrix pointers staged in one copy. Returns false, having written nothing the
+// per-expert loop depends on, where it does not apply: no or too small pointer scratch, a matrix
+// not 16-byte aligned (the grouped API's bf16 rule), or cuBLAS without the grouped API or
+// answering NOT_SUPPORTED. The caller has validated the offsets and that inter > 0.
+bool expert_ffn_grouped(const ExpertFfnArgs& args, const int32_t* host_offsets,
+                        const int32_t* host_local_index, cublasHandle_t cublas, cudaStream_t stream) {
+  if (args.device_pointers == nullptr || args.host_pointers == nullptr) return false;
+  const int64_t hidden = args.hidden;
+  const int64_t inter = args.inter;
+  const auto* x = static_cast<const bf16*>(args.x);
+  const auto* gate_up = static_cast<const bf16*>(args.gate_up);
+  const auto* down = static_cast<const bf16*>(args.down);
+  auto* intermediate = static_cast<bf16*>(args.intermediate);
+  auto* y = static_cast<bf16*>(args.y);
+
+  std::vector<int64_t> active;  // experts with rows
+  for (int64_t expert = 0; expert < args.num_experts; ++expert) {
+    if (host_offsets[expert + 1] > host_offsets[expert]) active.push_back(expert);
+  }
+  const auto gate_up_of = [&](int64_t expert) {
+    return gate_up + static_cast<int64_t>(host_local_index[expert]) * 2 * inter * hidden;
+  };
+
+  // The same scratch plan as the loop in expert_ffn_cublas: where 2I <= H one GEMM per expert
+  // writes gate and up side by side into y; otherwise per column chunk gate goes to intermediate
+  // and up to y, and silu runs after each chunk.
+  std::vector<std::vector<NtGemm>> passes;
+  std::vector<int64_t> chunk_columns;  // per gate/up pass: its first column of I
+  const bool fused = 2 * inter <= hidden;
+  const int64_t chunk = fused ? inter : (inter < hidden ? inter : hidden);
+  for (int64_t column = 0; column < inter; column += chunk) {
+    const int64_t columns = inter - column < chunk ? inter - column : chunk;
+    std::vector<NtGemm> pass;
+    for (const int64_t expert : active) {
+      const int64_t begin = host_offsets[expert];
+      const int64_t rows = host_offsets[expert + 1] - begin;
+      if (fused) {
+        pass.push_back({gate_up_of(expert), x + begin * hidden, y + begin * hidden, 2 * inter, hidden, rows,
+                        hidden, hidden});
+      } else {
+        pass.push_back({gate_up_of(expert) + column * hidden, x + begin * hidden,
+                        intermediate + begin * inter + column, columns, hidden, rows, hidden, inter});
+        pass.push_back({gate_up_of(expert) + (inter + column) * hidden, x + begin * hidden,
+                        y + begin * hidden, columns, hidden, rows, hidden, hidden});
+      }
+    }
+    passes.push_back(std::move(pass));
+    chunk_columns.push_back(column);
+  }
+  std::vector<NtGemm> down_pass;
+  for (const int64_t expert : active) {
+    const int64_t begin = host_offsets[expert];
+    const int64_t rows = host_offsets[expert + 1] - begin;
+    down_pass.push_back({down + static_cast<int64_t>(host_local_index[expert]) * hidden * inter,
+                         intermediate + begin * inter, y + begin * hidden, hidden, inter, rows, inter,
+                         hidden});
+  }
+  passes.push_back(std::move(down_pass));
+
+  int64_t pointer_count = 0;
+  for (const auto& pass : passes) {
+    pointer_count += 3 * static_cast<int64_t>(pass.size());
+    for (const NtGemm& gemm : pass) {
+      if (!aligned16(gemm.weight) || !aligned16(gemm.act) || !aligned16(gemm.out)) return false;
+    }
+  }
+  if (pointer_count > args.pointer_capacity) return false;
+
+  // cuBLAS only reads A and B; the pointer arrays' element type is void* either way.
+  void** host = args.host_pointers;
+  for (const auto& pass : passes) {
+    const size_t count = pass.size();
+    for (size_t i = 0; i < count; ++i) {
+      host[i] = const_cast<bf16*>(pass[i].weight);
+      host[count + i] = const_cast<bf16*>(pass[i].act);
+      host[2 * count + i] = pass[i].out;
+    }
+    host += 3 * count;
+  }
+  EPIC_CUDA_CHECK(cudaMemcpyAsync(args.device_pointers, args.host_pointers,
+                                  static_cast<size_t>(pointer_count) * sizeof(void*), cudaMemcpyHostToDevice,
+                                  stream));
+
+  void* const* device = args.device_pointers;
+  for (size_t p = 0; p < passes.size(); ++p) {
+    const cublasStatus_t status = grouped_gemm_nt(cublas, passes[p], device);
+    // Nothing is computed yet: the per-expert loop takes over from scratch.
+    if (p == 0 && status == CUBLAS_STATUS_NOT_SUPPORTED) return false;
+    if (status != CUBLAS_STATUS_SUCCESS) {
+      throw Error(ErrorCode::kInternal,
+                  std::string("expert_ffn_cublas: cublasGemmGroupedBatchedEx failed: ") +
+                      cublasGetStatusName(status) + " (" + cublasGetStatusString(status) + ")");
+    }
+    device += 3 * passes[p].size();
+    if (p + 1 == passes.size()) break;  // the down pass
+    if (fused) {
+      launch_silu_mul(y, hidden, y + inter, hidden, intermediate, inter, args.rows, inter, stream);
+    } else {
+      const int64_t column = chunk_columns[p];
+      const int64_t columns = inter - column < chunk ? inter - column : chunk;
+      launch_silu_mul(intermediate + column, inter, y, hidden, intermediate + column, inter, args.rows,
+                      columns, stream);
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
-// No grouped cuBLAS call: cublasGemmGroupedBatchedEx takes its matrix pointers as device arrays,
-// and this entry point has no device scratch for them; the per-expert loop skips empty experts.
-void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
+// The per-expert loop is the fallback of the grouped path (expert_ffn_grouped); it skips empty
+// experts.
+bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
                        const int32_t* host_local_index, cublasHandle_t cublas, cudaStream_t stream) {
   EPIC_CHECK(args.act_type == ScalarType::kBF16 && args.weight_type == ScalarType::kBF16,
              ErrorCode::kInternal,
@@ -68,7 +222,7 @@ void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
   EPIC_CHECK(args.rows <= kIntMax && args.hidden <= kIntMax && 2 * args.inter <= kIntMax,
              ErrorCode::kUnsupported,
              "expert_ffn_cublas: dimensions past 2^31 - 1 do not fit cuBLAS's int arguments");
-  if (args.rows == 0 || args.hidden == 0) return;
+  if (args.rows == 0 || args.hidden == 0) return false;
   cublasPointerMode_t pointer_mode = CUBLAS_POINTER_MODE_HOST;
   EPIC_CUBLAS_CHECK(cublasGetPointerMode(cublas, &pointer_mode));
   EPIC_CHECK(
@@ -82,7 +236,7 @@ void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
   if (args.inter == 0) {
     EPIC_CUDA_CHECK(
         cudaMemsetAsync(args.y, 0, static_cast<size_t>(args.rows * args.hidden) * sizeof(bf16), stream));
-    return;
+    return false;
   }
 
   const int64_t hidden = args.hidden;
@@ -104,6 +258,7 @@ void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
                "expert_ffn_cublas: expert " + std::to_string(expert) + " has " + std::to_string(expert_rows) +
                    " rows but is not hosted here (local index " + std::to_string(local) + ")");
   }
+  if (expert_ffn_grouped(args, host_offsets, host_local_index, cublas, stream)) return true;
 
   // gate x and up x need [rows, 2I] of scratch; y ([rows, H]) serves until the down GEMM writes
   // it. Where 2I <= H (Qwen3-MoE: 1536 <= 2048) one GEMM per expert fills both halves; otherwise
@@ -145,6 +300,7 @@ void expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
     gemm_nt(cublas, intermediate + begin * inter, inter, weights, hidden, inter, y + begin * hidden, hidden,
             expert_rows);
   }
+  return false;
 }
 
 }  // namespace epic::cuda_kernels

@@ -1,7 +1,9 @@
 // expert_ffn_device_scheduled: the grouped SwiGLU expert FFN with the group sizes read on the
 // device (no host sync, graph capturable), in two launches: gate_up + silu*up, then down.
-// BF16 x BF16 runs on tensor cores and streams each active expert's weights once per tile of up to
-// 16 or 64 of its rows (the decode path is memory bound); other type pairs use a plain SIMT path.
+// BF16 x BF16 runs on tensor cores: at decode sizes the streaming kernel (expert_ffn_streaming.cu),
+// beyond them (or for unaligned shapes) the shared-memory tiled kernel below, which streams each
+// active expert's weights once per tile of up to 16 or 64 of its rows. Other type pairs (the fp32
+// verification mode) use a plain SIMT path.
 #include <cuda_bf16.h>
 #include <mma.h>
 
@@ -9,6 +11,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/expert_ffn_variants.h"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -422,9 +425,47 @@ void launch_simt(const ExpertFfnArgs& args, cudaStream_t stream) {
 
 bool is_float_type(ScalarType type) { return type == ScalarType::kF32 || type == ScalarType::kBF16; }
 
+// The BF16 x BF16 kernel for this call's size. Group sizes live on the device, so the rule uses
+// the average rows per expert; with top-k routing the largest group is about average + 3 sqrt
+// (average), so the chunk is picked to hold nearly every group in one pass (a longer group is
+// several chunks, i.e. blocks, in parallel; their repeated weight reads mostly hit L2).
+// Qwen3-30B-A3B (128 experts, top-8): <= 32 tokens 8-row chunks, <= 96 16-row, <= 256 32-row.
+// Beyond ~16 rows an expert, the x rows each streaming block re-reads from L2 approach its weight
+// bytes, and the tiled kernel's 64-row tiles (weights reused from shared memory) take over.
+// Measured before the streaming kernel (H200): 16-row tiles won up to 128 tokens, 64 beyond.
+ExpertFfnKernel pick_bf16_kernel(const ExpertFfnArgs& args) {
+  const int64_t average_group = (args.rows + args.num_experts - 1) / args.num_experts;
+  if (streaming_expert_ffn_supported(args)) {
+    if (average_group <= 2) return ExpertFfnKernel::kStream8;
+    if (average_group <= 6) return ExpertFfnKernel::kStream16;
+    if (average_group <= 16) return ExpertFfnKernel::kStream32;
+    return ExpertFfnKernel::kTiled64;
+  }
+  return average_group <= kFragment ? ExpertFfnKernel::kTiled16 : ExpertFfnKernel::kTiled64;
+}
+
 }  // namespace
 
-void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream) {
+const char* expert_ffn_kernel_name(ExpertFfnKernel kernel) {
+  switch (kernel) {
+    case ExpertFfnKernel::kAuto:
+      return "auto";
+    case ExpertFfnKernel::kTiled16:
+      return "tiled16";
+    case ExpertFfnKernel::kTiled64:
+      return "tiled64";
+    case ExpertFfnKernel::kStream8:
+      return "stream8";
+    case ExpertFfnKernel::kStream16:
+      return "stream16";
+    case ExpertFfnKernel::kStream32:
+      return "stream32";
+  }
+  return "?";
+}
+
+void expert_ffn_device_scheduled_with(const ExpertFfnArgs& args, ExpertFfnKernel kernel, bool overlap_phases,
+                                      cudaStream_t stream) {
   EPIC_CHECK(is_float_type(args.act_type) && is_float_type(args.weight_type), ErrorCode::kInternal,
              std::string("expert_ffn: activations and weights must be f32 or bf16, got ") +
                  scalar_name(args.act_type) + " and " + scalar_name(args.weight_type));
@@ -438,15 +479,26 @@ void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream)
   const bool act_bf16 = args.act_type == ScalarType::kBF16;
   const bool weight_bf16 = args.weight_type == ScalarType::kBF16;
   if (act_bf16 && weight_bf16) {
-    // Row tiles sized to the average group: a larger group takes more passes over its expert's
-    // weights (the later ones mostly from L2), while larger tiles cost shared memory and so
-    // occupancy, which the memory-bound small groups need more. Measured on an H200 at 128
-    // experts: 16-row tiles fastest up to 128 tokens x top-8, 64-row tiles beyond (32 never won).
-    const int64_t average_group = (args.rows + args.num_experts - 1) / args.num_experts;
-    if (average_group <= kFragment) {
-      launch_tensor_core<1>(args, stream);
-    } else {
-      launch_tensor_core<4>(args, stream);
+    if (kernel == ExpertFfnKernel::kAuto) kernel = pick_bf16_kernel(args);
+    const bool streaming = kernel == ExpertFfnKernel::kStream8 || kernel == ExpertFfnKernel::kStream16 ||
+                           kernel == ExpertFfnKernel::kStream32;
+    if (streaming && !streaming_expert_ffn_supported(args)) kernel = ExpertFfnKernel::kTiled16;
+    switch (kernel) {
+      case ExpertFfnKernel::kStream8:
+        launch_streaming_expert_ffn(args, 8, overlap_phases, stream);
+        break;
+      case ExpertFfnKernel::kStream16:
+        launch_streaming_expert_ffn(args, 16, overlap_phases, stream);
+        break;
+      case ExpertFfnKernel::kStream32:
+        launch_streaming_expert_ffn(args, 32, overlap_phases, stream);
+        break;
+      case ExpertFfnKernel::kTiled64:
+        launch_tensor_core<4>(args, stream);
+        break;
+      default:
+        launch_tensor_core<1>(args, stream);
+        break;
     }
   } else if (act_bf16) {
     launch_simt<bf16, float>(args, stream);
@@ -455,6 +507,10 @@ void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream)
   } else {
     launch_simt<float, float>(args, stream);
   }
+}
+
+void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream) {
+  expert_ffn_device_scheduled_with(args, ExpertFfnKernel::kAuto, /*overlap_phases=*/true, stream);
 }
 
 }  // namespace epic::cuda_kernels

@@ -16,9 +16,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2  # the paths below are from 
 build_dir=build-gpu
 quick=0
 budget=""
+parts="baselines epic"  # --only baselines|epic: one of the two halves (each fits one device call)
 while (($#)); do
   case "$1" in
     --quick) quick=1 ;;
+    --only) parts="$2"; shift ;;
     --budget) budget="$2"; shift ;;
     -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
     -*) echo "run_gpu_bench: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -36,7 +38,7 @@ mkdir -p "$out"
 first_failure=0
 
 # step [--tee FILE] NAME SECONDS COMMAND...: runs COMMAND under min(SECONDS, what is left of the
-# budget); with --tee its stdout is also kept in FILE (stderr only in the log).
+# budget); with --tee its stdout is also appended to FILE (stderr only in the log).
 step() {
   local tee_file=""
   if [[ "$1" == --tee ]]; then
@@ -55,7 +57,7 @@ step() {
   echo "=== $name (limit ${limit}s, t=${SECONDS}s): $*"
   local start=$SECONDS rc
   if [[ -n "$tee_file" ]]; then
-    timeout --kill-after=10 "$limit" "$@" | tee "$tee_file"
+    timeout --kill-after=10 "$limit" "$@" | tee -a "$tee_file"
     rc=${PIPESTATUS[0]}
   else
     timeout --kill-after=10 "$limit" "$@"
@@ -76,24 +78,33 @@ main() {
     --format=csv
 
   # The 57 GB transformers model and epic's own model do not share the card: one step at a time.
-  step --tee "$out/baselines.jsonl" baselines "$((quick ? 200 : 300))" \
-    python3 launch/bench/baselines.py "${quick_flag[@]}"
+  if [[ " $parts " == *" baselines "* ]]; then
+    step --tee "$out/baselines.jsonl" baselines "$((quick ? 200 : 300))" \
+      python3 launch/bench/baselines.py "${quick_flag[@]}"
+  fi
 
   # epic's own figures, same card, same run: one MoE layer at every token count (bf16, device path),
   # whole-model decode of the 48-layer Qwen3-30B-A3B shape (random weights drawn in memory) at
   # batch 1/16/64/256 from CUDA graphs, and a 4096-token prefill.
   local epic="$build_dir/epic"
   local tokens
-  for tokens in 1 8 32 128 512 2048 4096 16384; do
+  [[ " $parts " == *" epic "* ]] && for tokens in 1 8 32 128 512 2048 4096 16384; do
     step --tee "$out/epic_moe.log" "epic_moe_$tokens" 60 "$epic" bench-moe --backend cuda --precision bf16 \
       --preset qwen3-30b-a3b --layers 4 --tokens-per-worker "$tokens" --iterations 20 --warmup 3
   done
-  step --tee "$out/epic_decode.jsonl" epic_decode "$((quick ? 240 : 300))" "$epic" bench-decode --backend cuda \
+  # Loading: a 2-layer Qwen3-30B-A3B checkpoint (3.7 GB bf16, the issue's case) read like `cat` and loaded
+  # onto the CPU (kept bf16) and onto the GPU (pinned staging, asynchronous copies).
+  if [[ " $parts " == *" epic "* ]]; then
+    step epic_make_model 120 "$epic" make-model --preset qwen3-30b-a3b --layers 2 --out /tmp/epic-q2 --force
+    step --tee "$out/epic_load.log" epic_load_cpu 60 "$epic" bench-load --model /tmp/epic-q2
+    step --tee "$out/epic_load.log" epic_load_cuda 60 "$epic" bench-load --model /tmp/epic-q2 --backend cuda
+  fi
+  [[ " $parts " == *" epic "* ]] && step --tee "$out/epic_decode.jsonl" epic_decode "$((quick ? 240 : 300))" "$epic" bench-decode --backend cuda \
     --precision bf16 --random-weights qwen3-30b-a3b --batch 1,16,64,256 --prompt-tokens 32 --new-tokens 64 \
     --prefill-tokens 4096
 
   # The roofline at the rates measured above (decode context = prompt 32 + half of 64 new tokens).
-  step --tee "$out/roofline.jsonl" roofline 20 python3 launch/bench/roofline.py \
+  [[ -s "$out/baselines.jsonl" ]] && step --tee "$out/roofline.jsonl" roofline 20 python3 launch/bench/roofline.py \
     --preset configs/presets/qwen3-30b-a3b.json --from-baselines "$out/baselines.jsonl" \
     --batch 1 16 64 256 --context 64 --prefill-tokens 4096
   echo "=== run_gpu_bench: done in ${SECONDS}s, first failure rc=$first_failure"

@@ -3,13 +3,13 @@
 # repository root; results come back from $OUT). The CI machine has no GPU: there the CUDA tests
 # skip visibly, and this script is how they run.
 #
-#   bash tests/gpu/run_gpu_tests.sh [tests] [bench] [golden]
+#   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines]   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
 #     tests:  build with CUDA, run the kernel op table, golden, model and checkpoint suites (CUDA
-#             rows included) and then the whole ctest suite
-#     bench:  the expert FFN micro-benchmark, bench-moe, bench-decode and the torch/transformers
-#             baselines on the same card (launch/bench/run_gpu_bench.sh)
+#             rows included); ctest: the whole ctest suite
+#     bench:  the expert FFN micro-benchmark, bench-moe and bench-decode; baselines: the
+#             torch/transformers figures of the same card (launch/bench/run_gpu_bench.sh)
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
 # /usr/include/cereal) and .device/icu (ICU 72's headers and libicuuc/libicudata from the CI image).
 set -uo pipefail
@@ -21,7 +21,7 @@ export NCCL_NVLS_ENABLE=0
 export LD_LIBRARY_PATH="$PWD/.device/icu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 BUILD=build-gpu
 modes=("$@")
-[ ${#modes[@]} -eq 0 ] && modes=(golden tests bench)
+[ ${#modes[@]} -eq 0 ] && modes=(tests bench)
 wants() { [[ " ${modes[*]} " == *" $1 "* ]]; }
 status=0
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.log"; }
@@ -52,7 +52,7 @@ if wants golden; then
   rm -rf "$scratch"
 fi
 
-if wants tests || wants bench; then
+if wants tests || wants ctest || wants bench || wants baselines; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
            -DICU_ROOT="$PWD/.device/icu" \
@@ -71,6 +71,8 @@ if wants tests; then
     tail -4 "$OUT/$(basename "$suite").log" | tee -a "$OUT/summary.log"
     grep -E "^\[  FAILED|Failure|error" "$OUT/$(basename "$suite").log" | head -20 | tee -a "$OUT/summary.log"
   done
+fi
+if wants ctest; then
   log "test: whole ctest suite"
   (cd "$BUILD" && timeout 300 ctest -j 8 --output-on-failure -LE fuzz > "$OUT/ctest.log" 2>&1) || status=1
   grep -E "tests passed|tests failed|\(Failed\)|\(Timeout\)" "$OUT/ctest.log" | tee -a "$OUT/summary.log"
@@ -80,8 +82,17 @@ if wants bench; then
   log "bench: expert FFN kernels"
   timeout 120 "$BUILD/kernels/cuda/epic_expert_ffn_bench" --quick > "$OUT/expert_ffn_bench.log" 2>&1 || status=1
   tail -12 "$OUT/expert_ffn_bench.log" | tee -a "$OUT/summary.log"
-  log "bench: epic and baselines"
-  bash launch/bench/run_gpu_bench.sh "$BUILD" --quick >> "$OUT/summary.log" 2>&1 || status=1
+  log "bench: attention kernels"
+  timeout 180 "$BUILD/kernels/cuda/epic_attention_bench" > "$OUT/attention_bench.log" 2>&1 || status=1
+  tail -16 "$OUT/attention_bench.log" | tee -a "$OUT/summary.log"
+  log "bench: epic"
+  OUT="$OUT" bash launch/bench/run_gpu_bench.sh "$BUILD" --quick --only epic --budget 420 >> "$OUT/summary.log" 2>&1 ||
+    status=1
+fi
+if wants baselines; then
+  log "bench: torch / transformers baselines"
+  OUT="$OUT" bash launch/bench/run_gpu_bench.sh "$BUILD" --quick --only baselines --budget 420 >> "$OUT/summary.log" 2>&1 ||
+    status=1
 fi
 log "done, status $status"
 exit $status

@@ -210,13 +210,13 @@ TEST_F(MoeBlock, LocalExecutorEqualsTheDirectFormula) {
     Workspace workspace(*backend);
     const OwnedTensor out =
         upload(*backend, ScalarType::kF32, {kTokens, kHidden}, std::vector<float>(kTokens * kHidden, NAN));
-    executor.forward(0, hidden, out, workspace);
+    executor.forward(0, hidden, hidden, out, workspace);
     expect_near(download(*backend, out), expected_output(normalize));
 
     // A worker with no rows still runs the block (the expert-parallel collectives need it).
     const OwnedTensor none_in = backend->new_tensor(ScalarType::kF32, {0, kHidden});
     const OwnedTensor none_out = backend->new_tensor(ScalarType::kF32, {0, kHidden});
-    EXPECT_NO_THROW(executor.forward(0, none_in, none_out, workspace));
+    EXPECT_NO_THROW(executor.forward(0, none_in, none_in, none_out, workspace));
   }
 }
 

@@ -1,9 +1,10 @@
 // Micro-benchmark of the grouped expert FFN at Qwen3-30B-A3B shapes (H 2048, I 768, 128 experts,
-// top-8, bf16): expert_ffn_device_scheduled and expert_ffn_cublas per token count, each checked
-// against an fp32 host computation. First it checks every kernel of the GEMM group (both expert FFN
-// paths, every type pair, ragged shapes, graph capture, linear_f32) on small shapes, element by
-// element. Exit status 1 on any failed check.
-// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 128 tokens) | --checks-only]
+// top-8, bf16): expert_ffn_device_scheduled (its size rule, and each of its BF16 kernels forced,
+// expert_ffn_variants.h) and expert_ffn_cublas per token count, each checked against an fp32 host
+// computation. First it checks every kernel of the GEMM group (both expert FFN paths and every
+// device kernel, every type pair, ragged shapes, graph capture, linear_f32) on small shapes,
+// element by element. Exit status 1 on any failed check.
+// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --checks-only]
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -19,6 +20,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/expert_ffn_variants.h"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -157,6 +159,42 @@ bool rows_match(const std::string& name, const float* got, const float* want, in
   return bad == 0;
 }
 
+// One way to run the expert FFN: cuBLAS, or the device-scheduled entry with a kernel forced
+// (kAuto: the backend's size rule) and the down launch allowed to overlap gate_up or not.
+struct FfnPath {
+  bool cublas = false;
+  ExpertFfnKernel kernel = ExpertFfnKernel::kAuto;
+  bool overlap = true;
+  std::string name() const {
+    if (cublas) return "cublas";
+    return std::string(expert_ffn_kernel_name(kernel)) + (overlap ? "" : "-seq");
+  }
+};
+
+void run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* host_offsets,
+              const int32_t* host_local, cublasHandle_t cublas, cudaStream_t stream) {
+  if (path.cublas) {
+    expert_ffn_cublas(args, host_offsets, host_local, cublas, stream);
+  } else {
+    expert_ffn_device_scheduled_with(args, path.kernel, path.overlap, stream);
+  }
+}
+
+// The device paths checked on every shape: each BF16 kernel (others fall back to SIMT, and an
+// ineligible shape from streaming to tiled), and the streaming kernels without the phase overlap.
+std::vector<FfnPath> device_paths(bool bf16_pair) {
+  std::vector<FfnPath> paths = {FfnPath{}};
+  if (!bf16_pair) return paths;
+  for (ExpertFfnKernel kernel :
+       {ExpertFfnKernel::kTiled16, ExpertFfnKernel::kTiled64, ExpertFfnKernel::kStream8,
+        ExpertFfnKernel::kStream16, ExpertFfnKernel::kStream32}) {
+    paths.push_back(FfnPath{false, kernel, true});
+  }
+  paths.push_back(FfnPath{false, ExpertFfnKernel::kStream8, false});
+  paths.push_back(FfnPath{false, ExpertFfnKernel::kStream32, false});
+  return paths;
+}
+
 // ---- correctness on small ragged shapes -----------------------------------------------------------
 
 struct SmallCase {
@@ -167,8 +205,9 @@ struct SmallCase {
 };
 
 void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarType weight_type,
-                           bool use_cublas, std::mt19937_64& rng, cudaStream_t stream,
+                           const FfnPath& path, std::mt19937_64& rng, cudaStream_t stream,
                            cublasHandle_t cublas) {
+  const bool use_cublas = path.cublas;
   const int64_t num_experts = static_cast<int64_t>(shape.group_sizes.size());
   std::vector<int32_t> offsets(num_experts + 1, 0);
   for (int64_t e = 0; e < num_experts; ++e) offsets[e + 1] = offsets[e] + shape.group_sizes[e];
@@ -209,11 +248,7 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
   args.inter = inter;
   args.act_type = act_type;
   args.weight_type = weight_type;
-  if (use_cublas) {
-    expert_ffn_cublas(args, offsets.data(), shape.local_index.data(), cublas, stream);
-  } else {
-    expert_ffn_device_scheduled(args, stream);
-  }
+  run_path(path, args, offsets.data(), shape.local_index.data(), cublas, stream);
   EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
 
   std::vector<float> want(rows * hidden);
@@ -228,9 +263,9 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
   // bf16: the intermediate and the output are rounded to bf16 (2^-9 each), and cuBLAS also rounds
   // gate x and up x before silu, so its bound is looser. f32: summation order only.
   const double tolerance = act_type == ScalarType::kF32 ? 2e-5 : use_cublas ? 3e-2 : 2e-2;
-  const std::string name = std::string(use_cublas ? "cublas" : "device") + " " + scalar_name(act_type) +
-                           " x " + scalar_name(weight_type) + " H" + std::to_string(hidden) + " I" +
-                           std::to_string(inter) + " rows " + std::to_string(rows);
+  const std::string name = path.name() + " " + scalar_name(act_type) + " x " + scalar_name(weight_type) +
+                           " H" + std::to_string(hidden) + " I" + std::to_string(inter) + " rows " +
+                           std::to_string(rows);
   rows_match(name, got.data(), want.data(), rows, hidden, tolerance);
   int64_t guards_changed = 0;
   for (int64_t i = rows * hidden; i < (rows + kGuardRows) * hidden; ++i)
@@ -248,7 +283,7 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t graph_exec = nullptr;
     EPIC_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-    expert_ffn_device_scheduled(args, stream);
+    run_path(path, args, nullptr, nullptr, cublas, stream);
     EPIC_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
     EPIC_CUDA_CHECK(cudaGraphInstantiate(&graph_exec, graph, 0));
     EPIC_CUDA_CHECK(cudaGraphLaunch(graph_exec, stream));
@@ -261,6 +296,39 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
     }
     cudaGraphExecDestroy(graph_exec);
     cudaGraphDestroy(graph);
+  }
+
+  if (!use_cublas && path.kernel != ExpertFfnKernel::kAuto && rows > 1) {
+    // A row computed alone (the same kernel, its expert's only row) must give the same bits: no
+    // result may depend on the other rows of its group or on where it sits in a tile or chunk.
+    int64_t expert = 0;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      if (shape.group_sizes[e] > shape.group_sizes[expert]) expert = e;
+    }
+    const int64_t row = offsets[expert + 1] - 1;
+    std::vector<int32_t> one_offsets(num_experts + 1, 0);
+    for (int64_t e = expert + 1; e <= num_experts; ++e) one_offsets[e] = 1;
+    DeviceBuffer one_x(hidden * act_size), one_intermediate(inter * act_size), one_y(hidden * act_size);
+    DeviceBuffer one_device_offsets(one_offsets.size() * 4);
+    EPIC_CUDA_CHECK(cudaMemcpy(one_x.get(),
+                               static_cast<const char*>(x.device.get()) + row * hidden * act_size,
+                               hidden * act_size, cudaMemcpyDeviceToDevice));
+    EPIC_CUDA_CHECK(cudaMemcpy(one_device_offsets.get(), one_offsets.data(), one_offsets.size() * 4,
+                               cudaMemcpyHostToDevice));
+    ExpertFfnArgs one = args;
+    one.x = one_x.get();
+    one.expert_offsets = one_device_offsets.get<int32_t>();
+    one.intermediate = one_intermediate.get();
+    one.y = one_y.get();
+    one.rows = 1;
+    run_path(path, one, nullptr, nullptr, cublas, stream);
+    EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> alone = read_back(one_y.get(), act_type, hidden);
+    if (std::memcmp(alone.data(), &got[row * hidden], hidden * sizeof(float)) != 0) {
+      std::printf("    WRONG: row %lld computed alone differs from the same row in its group\n",
+                  static_cast<long long>(row));
+      ++g_failures;
+    }
   }
 }
 
@@ -302,10 +370,25 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
   const ScalarType types[2] = {ScalarType::kBF16, ScalarType::kF32};
   for (const SmallCase& shape : cases) {
     for (ScalarType act : types) {
-      for (ScalarType weight : types) check_expert_ffn_case(shape, act, weight, false, rng, stream, cublas);
+      for (ScalarType weight : types) {
+        const bool bf16_pair = act == ScalarType::kBF16 && weight == ScalarType::kBF16;
+        for (const FfnPath& path : device_paths(bf16_pair))
+          check_expert_ffn_case(shape, act, weight, path, rng, stream, cublas);
+      }
     }
-    check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16, true, rng, stream, cublas);
+    check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16, FfnPath{true}, rng, stream, cublas);
   }
+  // Many experts (the streaming kernel's chunk search reads 128 per round), every 7th not hosted,
+  // groups of 0 .. 20 rows: each kernel on BF16 only.
+  SmallCase many{256, 40, {}, {}, 0};
+  std::uniform_int_distribution<int32_t> group_rows(0, 20);
+  for (int64_t e = 0; e < 300; ++e) {
+    const bool hosted = e % 7 != 3;
+    many.local_index.push_back(hosted ? static_cast<int32_t>(many.num_local++) : -1);
+    many.group_sizes.push_back(hosted && e % 5 != 0 ? group_rows(rng) : 0);
+  }
+  for (const FfnPath& path : device_paths(true))
+    check_expert_ffn_case(many, ScalarType::kBF16, ScalarType::kBF16, path, rng, stream, cublas);
   for (ScalarType w_type : types) {
     check_linear_f32(1, 100, 130, w_type, rng, stream);
     check_linear_f32(70, 257, 67, w_type, rng, stream);
@@ -372,7 +455,7 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
       "\nQwen3-30B-A3B expert FFN (H %lld, I %lld, %lld experts, top-%lld, bf16), median of %d calls\n",
       static_cast<long long>(kHidden), static_cast<long long>(kInter), static_cast<long long>(kNumExperts),
       static_cast<long long>(kTopK), kTimedCalls);
-  std::printf("%8s %8s %8s %-7s %10s %12s %9s %9s %10s\n", "tokens", "rows", "experts", "path", "ms",
+  std::printf("%8s %8s %8s %-12s %10s %12s %9s %9s %10s\n", "tokens", "rows", "experts", "path", "ms",
               "weight MB", "GB/s", "TFLOP/s", "rel L2");
   std::mt19937_64 rng(seed);
   for (const int64_t tokens : token_counts) {
@@ -437,16 +520,13 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
 
     const double weight_bytes = static_cast<double>(active_experts) * 3 * kInter * kHidden * 2;
     const double flops = 2.0 * static_cast<double>(rows) * 3 * kInter * kHidden;
-    for (int path = 0; path < 2; ++path) {
-      const bool use_cublas = path == 1;
+    // auto: the backend's rule; then each device kernel forced, so one run on a card is enough
+    // to set the rule (expert_ffn_device.cu, pick_bf16_kernel).
+    std::vector<FfnPath> paths = device_paths(true);
+    paths.push_back(FfnPath{true});
+    for (const FfnPath& path : paths) {
       EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
-      auto call = [&] {
-        if (use_cublas) {
-          expert_ffn_cublas(args, offsets.data(), local_index.data(), cublas, stream);
-        } else {
-          expert_ffn_device_scheduled(args, stream);
-        }
-      };
+      auto call = [&] { run_path(path, args, offsets.data(), local_index.data(), cublas, stream); };
       const float ms = median_ms(call, stream);
       const std::vector<float> got = read_back(static_cast<uint16_t*>(y.get()) + check_begin * kHidden,
                                                ScalarType::kBF16, check_rows * kHidden);
@@ -460,11 +540,10 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
       const double relative_l2 = std::sqrt(error_squares / want_squares);
       const bool ok = relative_l2 < kBenchTolerance;  // false for NaN too
       if (!ok) ++g_failures;
-      std::printf("%8lld %8lld %8lld %-7s %10.4f %12.1f %9.0f %9.1f %10.2e%s\n",
+      std::printf("%8lld %8lld %8lld %-12s %10.4f %12.1f %9.0f %9.1f %10.2e%s\n",
                   static_cast<long long>(tokens), static_cast<long long>(rows),
-                  static_cast<long long>(active_experts), use_cublas ? "cublas" : "device", ms,
-                  weight_bytes / 1e6, weight_bytes / (ms * 1e6), flops / (ms * 1e9), relative_l2,
-                  ok ? "" : "  WRONG");
+                  static_cast<long long>(active_experts), path.name().c_str(), ms, weight_bytes / 1e6,
+                  weight_bytes / (ms * 1e6), flops / (ms * 1e9), relative_l2, ok ? "" : "  WRONG");
     }
   }
 }
@@ -499,8 +578,9 @@ int main(int argc, char** argv) {
     std::mt19937_64 rng(seed);
     std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
     run_checks(rng, stream, cublas);
-    std::vector<int64_t> token_counts = {1, 8, 32, 128, 512, 2048, 16384};
-    if (quick) token_counts = {1, 8, 32, 128};
+    // 256 tokens x top-8 = 2048 rows: a decode step at batch 256.
+    std::vector<int64_t> token_counts = {1, 8, 32, 128, 256, 512, 2048, 16384};
+    if (quick) token_counts = {1, 8, 32, 128, 256, 512};
     if (!checks_only) run_benchmarks(token_counts, seed, stream, cublas);
     cublasDestroy(cublas);
     cudaStreamDestroy(stream);

@@ -1,0 +1,424 @@
+// The streaming grouped expert FFN for decode sizes (up to ~16 rows per expert on average): each
+// expert's weights are read from HBM once per chunk of its rows, straight into mma.sync operand
+// registers, so the kernel runs at the card's read bandwidth rather than at a pipeline's pace.
+//
+// Why this shape (Qwen3-30B-A3B, 1 token: 8 experts, 75 MB of weights, ~19 us at 4 TB/s):
+// - Bytes in flight. At ~1-1.5 us loaded HBM latency, 4 TB/s needs ~4-6 MB in flight, i.e. 32-48
+//   KB per SM. Each lane issues kUnroll x 2 16-byte loads before it waits (128 B, 4 KB a warp);
+//   with 8 warps a block and 2-3 blocks an SM that is 64-96 KB an SM, and no warp ever waits on
+//   another (no cp.async stage barriers): compute is a handful of mma per 4 KB.
+// - Blocks. A block covers only 32 weight rows (two warps of 16) and splits K over 4 warps, so one
+//   token's gate_up is 8 experts x 48 column tiles = 384 blocks and its down 8 x 64 = 512: about
+//   one full wave of 132 SMs x 3 blocks, every SM streaming from the start. The 4 K-partials are
+//   summed through shared memory in a fixed order (deterministic, and within one row only).
+// - Rows. A block takes one chunk of 8/16/32 rows of one expert (grid.y enumerates the chunks on
+//   the device), so a large group becomes several blocks in parallel instead of one long serial
+//   block; its repeated weight reads then mostly hit L2.
+// - mma operands swapped: weights are the 16-row A operand, the (few) rows are the 8-wide B
+//   operand, so one row wastes 7/8 of the N width rather than 15/16 of M. K is permuted inside
+//   each 32-wide chunk (the sum does not care) so every lane loads 8 consecutive K values of a
+//   weight row and of an activation row with one 16-byte load each; see load_fragments.
+// - Phases. gate_up's warp takes gate row j and up row j as its two 8-row halves, so silu(gate) *
+//   up is formed in registers. The down launch may start early (programmatic dependent launch):
+//   its blocks find their chunk and put their first weight loads in flight, then wait for gate_up's
+//   intermediate on the device, hiding the launch gap and the first HBM latency.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <string>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/expert_ffn_variants.h"
+
+namespace epic::cuda_kernels {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kSplitK = 4;                      // warps along K per 16-row weight group
+constexpr int kColumnWarps = 2;                 // 16-row weight groups per block
+constexpr int kWarps = kSplitK * kColumnWarps;  // 8
+constexpr int kThreads = kWarps * 32;           // 256
+constexpr int kMmaRows = 16;                    // M: weight rows of one warp
+constexpr int kMmaTokens = 8;                   // N: activation rows of one mma
+constexpr int kVectorElements = 8;              // one 16-byte load
+constexpr int kChunkK = 4 * kVectorElements;    // the 4 lanes of an mma row group cover 32 K
+constexpr int kUnroll = 4;                      // K chunks loaded before the first is used
+constexpr int kBlockWeightRows = kColumnWarps * kMmaRows;
+constexpr int kExpertsPerLane = 4;  // the chunk search reads 128 experts at once
+
+enum class Phase { kGateUp, kDown };
+
+struct StreamArgs {
+  const bf16* activations;  // [rows, k_dim]: x (gate_up) or intermediate (down)
+  const bf16* weights;      // [num_local, weight rows per expert, k_dim]
+  const int32_t* offsets;
+  const int32_t* local_index;
+  bf16* out;  // [rows, out_cols]: intermediate (gate_up) or y (down)
+  int64_t num_experts;
+  int64_t k_dim;
+  int64_t out_cols;  // I (gate_up) or H (down)
+};
+
+// Weights are read exactly once per chunk: keep them out of L1 (the activations live there), and
+// ask L2 for the whole 256-byte segment (a warp's next loads of the row are in it).
+__device__ __forceinline__ uint4 load_weights(const bf16* address) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(address));
+  return v;
+}
+
+// gate_up reads x (written before this grid started, shared by both column warps: through L1).
+// down reads the intermediate that the still-running gate_up grid writes, after waiting for it:
+// L2 only (.cg), so no L1 line from before the wait can be used.
+template <Phase kPhase>
+__device__ __forceinline__ uint4 load_activations(const bf16* address) {
+  uint4 v;
+  if constexpr (kPhase == Phase::kGateUp) {
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(address));
+  } else {
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(address));
+  }
+  return v;
+}
+
+// D (16 x 8, f32) += A (16 x 16, bf16, row) * B (16 x 8, bf16, col).
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One 32-wide K chunk: lane (group g, quad q) holds weight rows g (lo) and g + 8 (hi) and
+// activation row g, each at physical K 8q .. 8q + 7 of the chunk. The mma fragments want, at
+// step s, logical K {2q, 2q + 1, 2q + 8, 2q + 9}; mapping those to physical 8q + 4s + {0, 1, 2, 3}
+// is a bijection of the chunk's 32 K onto (s, logical K), the same for A and B, so the products
+// summed are exactly those of the plain order. 32-bit word w of a load holds physical 2w, 2w + 1.
+__device__ __forceinline__ void mma_chunk(float (&d)[4], const uint4& lo, const uint4& hi, const uint4& act) {
+  mma_16x8x16(d, lo.x, hi.x, lo.y, hi.y, act.x, act.y);  // s = 0: physical 8q + 0 .. 3
+  mma_16x8x16(d, lo.z, hi.z, lo.w, hi.w, act.z, act.w);  // s = 1: physical 8q + 4 .. 7
+}
+
+__device__ __forceinline__ void wait_for_primary_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ float silu(float value) { return value / (1.0f + expf(-value)); }
+
+__device__ __forceinline__ int chunks_of(int rows, int rows_per_chunk) {
+  return (rows + rows_per_chunk - 1) / rows_per_chunk;
+}
+
+struct GroupChunk {
+  int local;  // the expert's slot in the weight stack; -1: no chunk for this block
+  int row_begin;
+  int row_end;
+};
+
+// The `target`-th chunk (of kChunkRows rows, in expert order) over all experts' groups, found by
+// warp 0 with one round of loads per 128 experts; called by the whole block. The offsets were
+// written before the gate_up grid started, so the down grid may read them before its wait.
+template <int kChunkRows>
+__device__ GroupChunk find_group_chunk(const StreamArgs& args, int target) {
+  __shared__ GroupChunk found;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    if (lane == 0) found.local = -1;
+    __syncwarp();
+    int chunks_before = 0;
+    for (int64_t base = 0; base < args.num_experts; base += 32 * kExpertsPerLane) {
+      const int64_t first = base + static_cast<int64_t>(lane) * kExpertsPerLane;
+      int bounds[kExpertsPerLane + 1];
+      int local[kExpertsPerLane];
+#pragma unroll
+      for (int i = 0; i <= kExpertsPerLane; ++i) {
+        const int64_t expert = first + i < args.num_experts ? first + i : args.num_experts;
+        bounds[i] = args.offsets[expert];
+        if (i < kExpertsPerLane) local[i] = first + i < args.num_experts ? args.local_index[first + i] : -1;
+      }
+      int lane_chunks = 0;
+#pragma unroll
+      for (int i = 0; i < kExpertsPerLane; ++i)
+        lane_chunks += chunks_of(bounds[i + 1] - bounds[i], kChunkRows);
+      int inclusive = lane_chunks;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const int from_below = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += from_below;
+      }
+      int cursor = chunks_before + inclusive - lane_chunks;
+      if (target >= cursor && target < cursor + lane_chunks) {
+#pragma unroll
+        for (int i = 0; i < kExpertsPerLane; ++i) {
+          const int count = chunks_of(bounds[i + 1] - bounds[i], kChunkRows);
+          if (target >= cursor && target < cursor + count) {
+            const int row_begin = bounds[i] + (target - cursor) * kChunkRows;
+            found.local = local[i];
+            found.row_begin = row_begin;
+            found.row_end = min(bounds[i + 1], row_begin + kChunkRows);
+          }
+          cursor += count;
+        }
+      }
+      chunks_before += __shfl_sync(0xffffffffu, inclusive, 31);
+      if (chunks_before > target) break;  // uniform over the warp
+    }
+  }
+  __syncthreads();
+  return found;
+}
+
+// grid (column tiles of 32 weight rows, chunk slots). kMinBlocks caps the registers so that many
+// warps (and so many bytes) are in flight on every SM.
+template <Phase kPhase, int kTokenTiles>
+__global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
+    streaming_expert_kernel(const StreamArgs args) {
+  constexpr int kChunkRows = kTokenTiles * kMmaTokens;
+  __shared__ float partials[kColumnWarps][kSplitK - 1][kTokenTiles][4][32];
+
+  // All of gate_up's blocks have started once each passed here, so down's blocks may take the SM
+  // slots gate_up frees (they wait for its results on the device before reading them).
+  if constexpr (kPhase == Phase::kGateUp) allow_dependent_grid();
+
+  const GroupChunk chunk = find_group_chunk<kChunkRows>(args, static_cast<int>(blockIdx.y));
+  if (chunk.local < 0) {
+    if constexpr (kPhase == Phase::kDown) wait_for_primary_grid();
+    return;  // a slot past the last chunk (or rows of a non-hosted expert, which break the contract)
+  }
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int column_warp = warp % kColumnWarps;
+  const int split = warp / kColumnWarps;
+  const int group = lane / 4;  // the mma row group: weight rows group and group + 8, token group
+  const int quad = lane % 4;   // the lane within the group: K 8 * quad .. + 7 of each chunk
+
+  // This lane's two weight rows (lo: mma row `group`, hi: `group` + 8) and output columns.
+  int64_t row_lo, row_hi;
+  bool lo_valid, hi_valid;
+  const int64_t weight_rows_per_expert = kPhase == Phase::kGateUp ? 2 * args.out_cols : args.out_cols;
+  if constexpr (kPhase == Phase::kGateUp) {
+    // Gate row j and up row I + j: the accumulator's halves are gate and up of the same j.
+    const int64_t j =
+        (static_cast<int64_t>(blockIdx.x) * kColumnWarps + column_warp) * (kMmaRows / 2) + group;
+    lo_valid = hi_valid = j < args.out_cols;
+    row_lo = j;
+    row_hi = args.out_cols + j;
+  } else {
+    row_lo = (static_cast<int64_t>(blockIdx.x) * kColumnWarps + column_warp) * kMmaRows + group;
+    row_hi = row_lo + kMmaRows / 2;
+    lo_valid = row_lo < args.out_cols;
+    hi_valid = row_hi < args.out_cols;
+  }
+  const bf16* expert_weights =
+      args.weights + static_cast<int64_t>(chunk.local) * weight_rows_per_expert * args.k_dim;
+  const bf16* weights_lo = expert_weights + (lo_valid ? row_lo : 0) * args.k_dim + quad * kVectorElements;
+  const bf16* weights_hi = expert_weights + (hi_valid ? row_hi : 0) * args.k_dim + quad * kVectorElements;
+
+  // This warp's contiguous share of the K chunks (the last chunk may be partial: k_dim % 8 == 0,
+  // so a lane's 8 values are all inside or all outside).
+  const int64_t k_chunks = (args.k_dim + kChunkK - 1) / kChunkK;
+  const int64_t chunks_per_split = (k_chunks + kSplitK - 1) / kSplitK;
+  const int64_t chunk_begin = split * chunks_per_split;
+  const int64_t chunk_end = min(k_chunks, chunk_begin + chunks_per_split);
+
+  const int chunk_rows = chunk.row_end - chunk.row_begin;
+  const int active_tiles = (chunk_rows + kMmaTokens - 1) / kMmaTokens;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  float acc[kTokenTiles][4];
+#pragma unroll
+  for (int t = 0; t < kTokenTiles; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+
+  bool waited = kPhase == Phase::kGateUp;
+  for (int64_t c0 = chunk_begin; c0 < chunk_end; c0 += kUnroll) {
+    uint4 lo[kUnroll], hi[kUnroll];
+    bool k_valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = (c0 + u) * kChunkK + quad * kVectorElements;
+      k_valid[u] = c0 + u < chunk_end && k < args.k_dim;
+      const int64_t offset = (c0 + u) * kChunkK;
+      lo[u] = k_valid[u] && lo_valid ? load_weights(weights_lo + offset) : zero;
+      hi[u] = k_valid[u] && hi_valid ? load_weights(weights_hi + offset) : zero;
+    }
+    if (!waited) {
+      // down: the first weights are in flight; now wait for gate_up's intermediate.
+      wait_for_primary_grid();
+      waited = true;
+    }
+#pragma unroll
+    for (int t = 0; t < kTokenTiles; ++t) {
+      if (t < active_tiles) {  // uniform over the block
+        const int tile_row = t * kMmaTokens + group;
+        const bool row_valid = tile_row < chunk_rows;
+        const bf16* activation_row =
+            args.activations +
+            static_cast<int64_t>(chunk.row_begin + (row_valid ? tile_row : 0)) * args.k_dim +
+            quad * kVectorElements;
+        uint4 act[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          act[u] =
+              k_valid[u] && row_valid ? load_activations<kPhase>(activation_row + (c0 + u) * kChunkK) : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) mma_chunk(acc[t], lo[u], hi[u], act[u]);
+      }
+    }
+  }
+  if (!waited) wait_for_primary_grid();  // a warp without K chunks (tiny K) still orders its writes
+
+  // Split-K partials summed in a fixed order: ((split 0 + split 1) + split 2) + split 3.
+  if (split > 0) {
+#pragma unroll
+    for (int t = 0; t < kTokenTiles; ++t) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) partials[column_warp][split - 1][t][r][lane] = acc[t][r];
+    }
+  }
+  __syncthreads();
+  if (split != 0) return;
+#pragma unroll
+  for (int s = 0; s < kSplitK - 1; ++s) {
+#pragma unroll
+    for (int t = 0; t < kTokenTiles; ++t) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[t][r] += partials[column_warp][s][t][r][lane];
+    }
+  }
+
+  // Accumulator element r of tile t: weight row group (r < 2) or group + 8, token 2 * quad + r % 2.
+#pragma unroll
+  for (int t = 0; t < kTokenTiles; ++t) {
+    if (t >= active_tiles) continue;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int tile_row = t * kMmaTokens + 2 * quad + half;
+      if (tile_row >= chunk_rows) continue;
+      bf16* out_row = args.out + static_cast<int64_t>(chunk.row_begin + tile_row) * args.out_cols;
+      if constexpr (kPhase == Phase::kGateUp) {
+        if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(silu(acc[t][half]) * acc[t][2 + half]);
+      } else {
+        if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(acc[t][half]);
+        if (hi_valid) out_row[row_hi] = __float2bfloat16_rn(acc[t][2 + half]);
+      }
+    }
+  }
+}
+
+// Programmatic dependent launch needs compute capability 9.0; asked once per device.
+bool device_overlaps_launches() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  EPIC_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 0 || device >= kMaxDevices) return false;
+  int state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    int major = 0;
+    EPIC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    state = major >= 9 ? 2 : 1;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 2;
+}
+
+bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+template <int kTokenTiles>
+void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream_t stream) {
+  constexpr int kChunkRows = kTokenTiles * kMmaTokens;
+  // Every non-empty group of n rows has ceil(n / c) <= n / c + 1 chunks, so the chunks number at
+  // most rows / c plus the experts with rows (<= min(experts, rows)). Slots past them exit at once.
+  const int64_t slots =
+      (args.num_experts < args.rows ? args.num_experts : args.rows) + args.rows / kChunkRows;
+  EPIC_CHECK(slots <= 65535, ErrorCode::kUnsupported,
+             "expert_ffn: " + std::to_string(slots) + " row chunks exceed the launch grid (65535)");
+  const auto* x = static_cast<const bf16*>(args.x);
+  auto* intermediate = static_cast<bf16*>(args.intermediate);
+  const StreamArgs gate_up{x,
+                           static_cast<const bf16*>(args.gate_up),
+                           args.expert_offsets,
+                           args.local_index,
+                           intermediate,
+                           args.num_experts,
+                           args.hidden,
+                           args.inter};
+  const StreamArgs down{intermediate,
+                        static_cast<const bf16*>(args.down),
+                        args.expert_offsets,
+                        args.local_index,
+                        static_cast<bf16*>(args.y),
+                        args.num_experts,
+                        args.inter,
+                        args.hidden};
+  const dim3 gate_up_grid(
+      static_cast<unsigned>((args.inter + kBlockWeightRows / 2 - 1) / (kBlockWeightRows / 2)),
+      static_cast<unsigned>(slots));
+  const dim3 down_grid(static_cast<unsigned>((args.hidden + kBlockWeightRows - 1) / kBlockWeightRows),
+                       static_cast<unsigned>(slots));
+
+  streaming_expert_kernel<Phase::kGateUp, kTokenTiles><<<gate_up_grid, kThreads, 0, stream>>>(gate_up);
+  EPIC_CUDA_CHECK_LAUNCH();
+
+  cudaLaunchConfig_t config = {};
+  config.gridDim = down_grid;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  if (overlap_phases && device_overlaps_launches()) {
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  EPIC_CUDA_CHECK(cudaLaunchKernelEx(&config, streaming_expert_kernel<Phase::kDown, kTokenTiles>, down));
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+bool streaming_expert_ffn_supported(const ExpertFfnArgs& args) {
+  return args.act_type == ScalarType::kBF16 && args.weight_type == ScalarType::kBF16 &&
+         args.hidden % kVectorElements == 0 && args.inter % kVectorElements == 0 && aligned_16(args.x) &&
+         aligned_16(args.gate_up) && aligned_16(args.down) && aligned_16(args.intermediate);
+}
+
+void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, bool overlap_phases,
+                                 cudaStream_t stream) {
+  EPIC_CHECK(streaming_expert_ffn_supported(args), ErrorCode::kInternal,
+             "expert_ffn: the streaming kernel needs bf16, H and I multiples of 8 and 16-byte aligned data");
+  switch (rows_per_chunk) {
+    case 8:
+      launch_streaming<1>(args, overlap_phases, stream);
+      break;
+    case 16:
+      launch_streaming<2>(args, overlap_phases, stream);
+      break;
+    case 32:
+      launch_streaming<4>(args, overlap_phases, stream);
+      break;
+    default:
+      throw Error(ErrorCode::kInternal, "expert_ffn: no streaming kernel for " +
+                                            std::to_string(rows_per_chunk) + " rows per chunk");
+  }
+}
+
+}  // namespace epic::cuda_kernels
