@@ -1,9 +1,9 @@
 // Micro-benchmark of the grouped expert FFN at Qwen3-30B-A3B shapes (H 2048, I 768, 128 experts,
 // top-8, bf16): expert_ffn_device_scheduled (its size rule, and each of its BF16 kernels forced,
-// expert_ffn_variants.h) and expert_ffn_cublas per token count, each checked against an fp32 host
-// computation. First it checks every kernel of the GEMM group (both expert FFN paths and every
-// device kernel, every type pair, ragged shapes, graph capture, linear_f32) on small shapes,
-// element by element. Exit status 1 on any failed check.
+// expert_ffn_variants.h) and expert_ffn_cublas (per expert and grouped) per token count, each
+// checked against an fp32 host computation. First it checks every kernel of the GEMM group (both
+// expert FFN paths and every device kernel, every type pair, ragged shapes, graph capture,
+// linear_f32) on small shapes, element by element. Exit status 1 on any failed check.
 // Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --checks-only]
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -165,19 +165,39 @@ struct FfnPath {
   bool cublas = false;
   ExpertFfnKernel kernel = ExpertFfnKernel::kAuto;
   bool overlap = true;
+  bool grouped = false;  // cublas: with pointer scratch, one grouped cuBLAS call per GEMM pass
   std::string name() const {
-    if (cublas) return "cublas";
+    if (cublas) return grouped ? "grouped" : "cublas";
     return std::string(expert_ffn_kernel_name(kernel)) + (overlap ? "" : "-seq");
   }
 };
 
-void run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* host_offsets,
+// expert_ffn_cublas's grouped-GEMM pointer scratch (device, and pinned host staging), made once
+// and kept for the program's life; room for every plan here (3 * (2 * chunks + 1) per expert).
+void attach_gemm_pointers(ExpertFfnArgs& args) {
+  constexpr int64_t kCapacity = int64_t{1} << 16;
+  static void** device = nullptr;
+  static void** host = nullptr;
+  if (device == nullptr) {
+    EPIC_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&device), kCapacity * sizeof(void*)));
+    EPIC_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host), kCapacity * sizeof(void*)));
+  }
+  args.device_pointers = device;
+  args.host_pointers = host;
+  args.pointer_capacity = kCapacity;
+}
+
+// Returns whether expert_ffn_cublas's grouped calls ran. Timed back-to-back calls rewrite the
+// pinned pointer staging while an earlier copy may be pending: the same bytes each time.
+bool run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* host_offsets,
               const int32_t* host_local, cublasHandle_t cublas, cudaStream_t stream) {
   if (path.cublas) {
-    expert_ffn_cublas(args, host_offsets, host_local, cublas, stream);
-  } else {
-    expert_ffn_device_scheduled_with(args, path.kernel, path.overlap, stream);
+    ExpertFfnArgs cublas_args = args;
+    if (path.grouped) attach_gemm_pointers(cublas_args);
+    return expert_ffn_cublas(cublas_args, host_offsets, host_local, cublas, stream);
   }
+  expert_ffn_device_scheduled_with(args, path.kernel, path.overlap, stream);
+  return false;
 }
 
 // The device paths checked on every shape: each BF16 kernel (others fall back to SIMT, and an
@@ -248,8 +268,17 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
   args.inter = inter;
   args.act_type = act_type;
   args.weight_type = weight_type;
-  run_path(path, args, offsets.data(), shape.local_index.data(), cublas, stream);
+  const bool ran_grouped = run_path(path, args, offsets.data(), shape.local_index.data(), cublas, stream);
   EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  // The grouped calls run wherever every matrix start is 16-byte aligned (bf16 rows of H and I
+  // elements); elsewhere expert_ffn_cublas falls back to its per-expert loop.
+  const bool expect_grouped = path.grouped && hidden % 8 == 0 && inter % 8 == 0;
+  if (ran_grouped != expect_grouped) {
+    std::printf("    WRONG: %s: expected %s, ran %s\n", path.name().c_str(),
+                expect_grouped ? "the grouped calls" : "the per-expert loop",
+                ran_grouped ? "the grouped calls" : "the per-expert loop");
+    ++g_failures;
+  }
 
   std::vector<float> want(rows * hidden);
   for (int64_t e = 0; e < num_experts; ++e) {
@@ -377,6 +406,8 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
       }
     }
     check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16, FfnPath{true}, rng, stream, cublas);
+    check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16,
+                          FfnPath{true, ExpertFfnKernel::kAuto, true, true}, rng, stream, cublas);
   }
   // Many experts (the streaming kernel's chunk search reads 128 per round), every 7th not hosted,
   // groups of 0 .. 20 rows: each kernel on BF16 only.
@@ -524,9 +555,13 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
     // to set the rule (expert_ffn_device.cu, pick_bf16_kernel).
     std::vector<FfnPath> paths = device_paths(true);
     paths.push_back(FfnPath{true});
+    paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, true});
     for (const FfnPath& path : paths) {
       EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
-      auto call = [&] { run_path(path, args, offsets.data(), local_index.data(), cublas, stream); };
+      bool ran_grouped = false;
+      auto call = [&] {
+        ran_grouped = run_path(path, args, offsets.data(), local_index.data(), cublas, stream);
+      };
       const float ms = median_ms(call, stream);
       const std::vector<float> got = read_back(static_cast<uint16_t*>(y.get()) + check_begin * kHidden,
                                                ScalarType::kBF16, check_rows * kHidden);
@@ -538,7 +573,8 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
         want_squares += static_cast<double>(want[i]) * want[i];
       }
       const double relative_l2 = std::sqrt(error_squares / want_squares);
-      const bool ok = relative_l2 < kBenchTolerance;  // false for NaN too
+      // false for NaN too; the grouped path must not fall back at these (aligned) shapes
+      const bool ok = relative_l2 < kBenchTolerance && ran_grouped == path.grouped;
       if (!ok) ++g_failures;
       std::printf("%8lld %8lld %8lld %-12s %10.4f %12.1f %9.0f %9.1f %10.2e%s\n",
                   static_cast<long long>(tokens), static_cast<long long>(rows),
