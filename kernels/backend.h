@@ -153,7 +153,8 @@ class Backend {
 
   // out[t, :] = sum over j = 0 .. k-1, in that order and in fp32, of
   //   weights[t, j] * expert_out[sorted_position[t * k + j], :]
-  // weights F32 [tokens, k], expert_out [slots, H], out [tokens, H] (overwritten).
+  // weights F32 [tokens, k], expert_out [slots, H], out [tokens, H] (overwritten; F32, or the type of
+  // expert_out).
   virtual void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                              const Tensor& out) = 0;
 };

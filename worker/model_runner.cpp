@@ -111,7 +111,8 @@ void ModelRunner::enqueue_forward(const StepShape& shape) {
   const ScalarType act = options_.activation_type;
   const Tensor x = workspace_.get(kSlotResidual, ScalarType::kF32, {rows, hidden});
   const Tensor normed = workspace_.get(kSlotNormed, act, {rows, hidden});
-  const Tensor block_out = workspace_.get(kSlotBlockOut, act, {rows, hidden});
+  // Block outputs feed the fp32 residual stream unrounded (o_proj, combine and dense down write f32).
+  const Tensor block_out = workspace_.get(kSlotBlockOut, ScalarType::kF32, {rows, hidden});
   backend_.embed(shape.ids, weights_.embed, x);
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
     const LayerWeights& w = weights_.layers[layer];

@@ -381,7 +381,7 @@ class CudaBackend final : public Backend {
     if (out.numel() == 0) return;
     DeviceScope scope(device_);
     cuda_kernels::combine_top_k(expert_out.data, expert_out.type, sorted_position.as<int32_t>(), weights.as<float>(),
-                                weights.dim(0), weights.dim(1), out.dim(1), out.data, stream_);
+                                weights.dim(0), weights.dim(1), out.dim(1), out.data, out.type, stream_);
   }
 
  private:

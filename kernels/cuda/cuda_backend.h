@@ -22,8 +22,9 @@ std::string cuda_device_description(int device);
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 
 // From this many expert rows on (and when not capturing a graph), expert_ffn with BF16 tensors
-// reads the group sizes back and runs cuBLAS GEMMs per expert; below it, one device-scheduled
-// kernel that never synchronises. Measured on H100/H200 (BENCHMARKS.md).
-constexpr int64_t kCublasExpertFfnMinRows = 32768;
+// reads the group sizes back once and runs two grouped cuBLAS calls (all experts' gate_up GEMMs,
+// then all down GEMMs); below it, device-scheduled kernels that never synchronise. The crossover
+// is measured by kernels/cuda/bench/expert_ffn_bench.cu (BENCHMARKS.md).
+constexpr int64_t kCublasExpertFfnMinRows = 8192;
 
 }  // namespace epic

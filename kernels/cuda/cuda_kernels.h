@@ -55,7 +55,8 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
 void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
                      int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position, cudaStream_t stream);
 void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position, const float* weights,
-                   int64_t tokens, int64_t top_k, int64_t hidden, void* out, cudaStream_t stream);
+                   int64_t tokens, int64_t top_k, int64_t hidden, void* out, ScalarType out_type,
+                   cudaStream_t stream);
 
 // ---- gemm kernels (helper B): linear_f32.cu, expert_ffn_*.cu -----------------------------------
 // y[rows, out] = x[rows, in] * w[out, in]^T with f32 x and y and f32 or bf16 w, fp32 FMA: the

@@ -75,11 +75,109 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Narrow outputs (the router: 128 experts; any row count): one warp per output column, the rows
+// of a block (kNarrowRows) sharing each weight load, the k range split over the lanes and summed
+// by a fixed shuffle tree. With few outputs the tiled kernel above has only a couple of column
+// tiles and each block walks all of k alone (~100 us per call at decode sizes); this one puts
+// out_dim x rows/8 warps in flight. Chosen by out_dim alone, so a row's result never depends on
+// how many rows share the call.
+constexpr int kNarrowMaxOutputs = 1024;
+constexpr int kNarrowRows = 8;
+constexpr int kNarrowWarps = 16;  // outputs per block
+
+__device__ __forceinline__ void widen8(const __nv_bfloat16* w, float (&out)[8]) {
+  const uint4 bits = *reinterpret_cast<const uint4*>(w);
+  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&bits);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(pairs[i]);
+    out[2 * i] = f.x;
+    out[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void widen8(const float* w, float (&out)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(w), b = *reinterpret_cast<const float4*>(w + 4);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+
+// kVec 8: each lane takes 8 consecutive k per step (16-byte loads; in_dim % 8 == 0, aligned rows).
+template <int kVec, typename Weight>
+__global__ void __launch_bounds__(kNarrowWarps * 32)
+    linear_f32_narrow_kernel(const float* __restrict__ x, const Weight* __restrict__ w, float* __restrict__ y,
+                             int64_t rows, int64_t in_dim, int64_t out_dim) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t output = static_cast<int64_t>(blockIdx.x) * kNarrowWarps + warp;
+  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * kNarrowRows;
+  if (output >= out_dim) return;  // the whole warp leaves; no block-wide barrier follows
+  const int count = rows - row_begin < kNarrowRows ? static_cast<int>(rows - row_begin) : kNarrowRows;
+  const Weight* w_row = w + output * in_dim;
+  const float* x_rows = x + row_begin * in_dim;
+  float sum[kNarrowRows];
+#pragma unroll
+  for (int r = 0; r < kNarrowRows; ++r) sum[r] = 0.0f;
+  for (int64_t k = static_cast<int64_t>(lane) * kVec; k < in_dim; k += 32 * kVec) {
+    float weights[8];
+    if constexpr (kVec == 8) {
+      widen8(w_row + k, weights);
+    } else {
+      weights[0] = widen(w_row[k]);
+    }
+#pragma unroll
+    for (int r = 0; r < kNarrowRows; ++r) {
+      if (r >= count) break;
+      const float* xr = x_rows + r * in_dim + k;
+      if constexpr (kVec == 8) {
+        const float4 a = *reinterpret_cast<const float4*>(xr), b = *reinterpret_cast<const float4*>(xr + 4);
+        const float values[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sum[r] = fmaf(weights[i], values[i], sum[r]);
+      } else {
+        sum[r] = fmaf(weights[0], xr[0], sum[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kNarrowRows; ++r) {
+    float total = sum[r];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+    if (lane == 0 && r < count) y[(row_begin + r) * out_dim + output] = total;
+  }
+}
+
+template <typename Weight>
+void launch_narrow(const float* x, const Weight* w, float* y, int64_t rows, int64_t in_dim, int64_t out_dim,
+                   cudaStream_t stream) {
+  const int64_t row_blocks = (rows + kNarrowRows - 1) / kNarrowRows;
+  EPIC_CHECK(row_blocks <= 65535, ErrorCode::kUnsupported,
+             "linear_f32: " + std::to_string(rows) + " rows exceed the launch grid; split the call");
+  const dim3 grid(static_cast<unsigned>((out_dim + kNarrowWarps - 1) / kNarrowWarps),
+                  static_cast<unsigned>(row_blocks));
+  const bool vector = in_dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                      reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  if (vector) {
+    linear_f32_narrow_kernel<8><<<grid, kNarrowWarps * 32, 0, stream>>>(x, w, y, rows, in_dim, out_dim);
+  } else {
+    linear_f32_narrow_kernel<1><<<grid, kNarrowWarps * 32, 0, stream>>>(x, w, y, rows, in_dim, out_dim);
+  }
+}
+
 }  // namespace
 
 void linear_f32(const float* x, const void* w, ScalarType w_type, float* y, int64_t rows, int64_t in_dim,
                 int64_t out_dim, cudaStream_t stream) {
   if (rows == 0 || out_dim == 0) return;
+  if (out_dim <= kNarrowMaxOutputs) {
+    if (w_type == ScalarType::kBF16) {
+      launch_narrow(x, static_cast<const __nv_bfloat16*>(w), y, rows, in_dim, out_dim, stream);
+    } else {
+      EPIC_CHECK(w_type == ScalarType::kF32, ErrorCode::kInternal,
+                 std::string("linear_f32: weights must be f32 or bf16, got ") + scalar_name(w_type));
+      launch_narrow(x, static_cast<const float*>(w), y, rows, in_dim, out_dim, stream);
+    }
+    EPIC_CUDA_CHECK_LAUNCH();
+    return;
+  }
   const int64_t row_tiles = (rows + kTile - 1) / kTile;
   const int64_t out_tiles = (out_dim + kTile - 1) / kTile;
   EPIC_CHECK(row_tiles <= 65535 && out_tiles <= 0x7fffffff, ErrorCode::kUnsupported,

@@ -246,10 +246,10 @@ __global__ void __launch_bounds__(kGroupThreads)
 
 // out[t, :] = sum_j weights[t, j] * expert_out[sorted_position[t * k + j], :] in fp32, j ascending,
 // each product and sum rounded separately (no FMA contraction), as the reference computes it.
-template <int kVec, class T>
+template <int kVec, class T, class TOut>
 __global__ void combine_top_k_kernel(const T* expert_out, const int32_t* sorted_position,
                                      const float* weights, int64_t tokens, int64_t top_k, int64_t hidden,
-                                     T* out) {
+                                     TOut* out) {
   const int64_t vectors_per_row = hidden / kVec;
   const int64_t total = tokens * vectors_per_row;
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
@@ -335,23 +335,26 @@ void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_exper
 
 void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position,
                    const float* weights, int64_t tokens, int64_t top_k, int64_t hidden, void* out,
-                   cudaStream_t stream) {
+                   ScalarType out_type, cudaStream_t stream) {
   if (tokens == 0 || hidden == 0) return;
   const bool vector =
       hidden % kVectorElements == 0 && access::aligned16(expert_out) && access::aligned16(out);
   access::dispatch_float_type(type, "combine_top_k", [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
-    if (vector) {
-      combine_top_k_kernel<kVectorElements>
-          <<<access::capped_blocks(tokens * hidden / kVectorElements, kCombineThreads), kCombineThreads, 0,
-             stream>>>(static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
-                       static_cast<T*>(out));
-    } else {
-      combine_top_k_kernel<1>
-          <<<access::capped_blocks(tokens * hidden, kCombineThreads), kCombineThreads, 0, stream>>>(
-              static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
-              static_cast<T*>(out));
-    }
+    access::dispatch_float_type(out_type, "combine_top_k", [&](auto out_tag) {
+      using TOut = typename decltype(out_tag)::type;
+      if (vector) {
+        combine_top_k_kernel<kVectorElements>
+            <<<access::capped_blocks(tokens * hidden / kVectorElements, kCombineThreads), kCombineThreads, 0,
+               stream>>>(static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
+                         static_cast<TOut*>(out));
+      } else {
+        combine_top_k_kernel<1>
+            <<<access::capped_blocks(tokens * hidden, kCombineThreads), kCombineThreads, 0, stream>>>(
+                static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
+                static_cast<TOut*>(out));
+      }
+    });
   });
   EPIC_CUDA_CHECK_LAUNCH();
 }

@@ -919,14 +919,17 @@ void add_combine_cases(std::vector<OpCase>& cases) {
   struct Shape {
     int64_t tokens, top_k, hidden;
   };
+  // The sum may also be written in f32 whatever expert_out is (the runner's fp32 residual stream).
+  for (const bool f32_out : {false, true})
   for (const Shape s : {Shape{1, 1, 4}, Shape{3, 2, 17}, Shape{17, 8, 130}, Shape{130, 8, 64}}) {
     cases.push_back(OpCase{
-        "combine_top_k_" + dims_name({s.tokens, s.top_k, s.hidden}, {"tokens", "k", "hidden"}),
+        std::string(f32_out ? "combine_top_k_f32_out_" : "combine_top_k_") +
+            dims_name({s.tokens, s.top_k, s.hidden}, {"tokens", "k", "hidden"}),
         false,
         // k fp32 products and sums in slot order: <= (k + 1) 2^-24 of sum |w_j x_j|; bf16: the
-        // result rounded to bf16.
-        {1e-6, 1e-6, 4e-3},
-        [s](std::mt19937_64& g) {
+        // result rounded to bf16 (f32 out: the fp32 sum of the bf16 inputs).
+        {1e-6, 1e-6, f32_out ? 1e-6 : 4e-3},
+        [s, f32_out](std::mt19937_64& g) {
           const int64_t slots = s.tokens * s.top_k;
           std::vector<int32_t> sorted_position(static_cast<size_t>(slots));
           std::iota(sorted_position.begin(), sorted_position.end(), 0);
@@ -936,7 +939,9 @@ void add_combine_cases(std::vector<OpCase>& cases) {
           return HostTensors{act_in("expert_out", {slots, s.hidden}, random_values(g, slots * s.hidden)),
                              i32_in("sorted_position", {slots}, sorted_position),
                              floats("weights", Role::kF32, {s.tokens, s.top_k}, weights),
-                             act_out("out", {s.tokens, s.hidden})};
+                             f32_out ? floats("out", Role::kF32, {s.tokens, s.hidden},
+                                              nan_filled(s.tokens * s.hidden), true)
+                                     : act_out("out", {s.tokens, s.hidden})};
         },
         [](Backend& b, const Tensors& t) { b.combine_top_k(t[0], t[1], t[2], t[3]); },
         [s](const HostTensors& t) {
