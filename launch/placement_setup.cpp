@@ -10,8 +10,8 @@
 
 namespace epic::cli {
 
-uint64_t resident_expert_bytes(const ModelConfig& config) {
-  return 3ull * config.moe_intermediate_size * config.hidden_size * sizeof(float);
+uint64_t resident_expert_bytes(const ModelConfig& config, ScalarType weight_type) {
+  return 3ull * config.moe_intermediate_size * config.hidden_size * scalar_size(weight_type);
 }
 
 PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory,
@@ -25,7 +25,7 @@ PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& i
   request.num_workers = flags.num_workers;
   request.slots_per_worker = flags.slots;
   request.budget_bytes = flags.budget_bytes;
-  request.expert_bytes = resident_expert_bytes(config);
+  request.expert_bytes = resident_expert_bytes(config, flags.weight_type);
   for (const auto& [layer, experts] : inventory)
     request.layers.push_back({layer, experts.num_experts, experts.present});
   if (!flags.load_profile.empty()) request.profile = LoadProfile::load_file(flags.load_profile);

@@ -17,10 +17,12 @@ struct PlacementFlags {
   std::optional<int64_t> slots;
   std::optional<uint64_t> budget_bytes;
   std::string load_profile;  // path, or empty for uniform
+  ScalarType weight_type = ScalarType::kF32;  // how a worker keeps expert weights (see model_weights.h)
 };
 
-// Bytes one expert occupies on a worker (fp32 on the CPU backend): what --budget-bytes counts.
-uint64_t resident_expert_bytes(const ModelConfig& config);
+// Bytes one expert occupies on a worker when its weights are kept as `weight_type` (the
+// checkpoint's BF16, or F32): what --budget-bytes counts.
+uint64_t resident_expert_bytes(const ModelConfig& config, ScalarType weight_type);
 
 PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& inventory,
                              const PlacementFlags& flags);

@@ -22,13 +22,17 @@ int plan_command(const PlanArgs& args) {
   const ModelConfig config = ModelConfig::load(args.model_dir);
   const std::unique_ptr<WeightSource> checkpoint = open_checkpoint_source(args.model_dir);
   const ExpertInventory inventory = inspect_experts(config, *checkpoint, args.allow_missing_experts);
-  const PlacementPlan plan =
-      make_placement(config, inventory, {args.workers, args.slots, args.budget_bytes, args.load_profile});
+  // A worker keeps expert weights as the checkpoint stores them (bf16 stays bf16; `epic run
+  // --precision bf16` also converts f32 checkpoints, which this estimate does not assume).
+  const ScalarType weight_type = stored_weight_type(config, *checkpoint);
+  const PlacementPlan plan = make_placement(
+      config, inventory, {args.workers, args.slots, args.budget_bytes, args.load_profile, weight_type});
   const std::string json = plan.to_json_text();
   std::printf("%s\n", json.c_str());
   if (!args.out.empty()) files::write_file_atomically(args.out, json + "\n", "--out");
-  std::fprintf(stderr, "epic plan: %d workers, %zu MoE layers, %.1f MB per expert (fp32 resident)\n%s",
-               args.workers, plan.layers.size(), resident_expert_bytes(config) / 1e6,
+  std::fprintf(stderr, "epic plan: %d workers, %zu MoE layers, %.1f MB per expert (%s resident)\n%s",
+               args.workers, plan.layers.size(), resident_expert_bytes(config, weight_type) / 1e6,
+               scalar_name(weight_type),
                balance_table(plan).c_str());
   return 0;
 }

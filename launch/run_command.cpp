@@ -177,15 +177,20 @@ struct CoordinatorOutput {
 
 // Rank 0: prompts -> ids, placement plan, sequence assignment.
 CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConfig& config,
-                           const std::optional<Tokenizer>& tokenizer, WeightSource& source) {
+                           const std::optional<Tokenizer>& tokenizer, WeightSource& source,
+                           ScalarType activation_type) {
   const fs::path model_dir = args.model_dir.empty() ? fs::path("--random-weights " + args.random_weights)
                                                     : fs::path(args.model_dir);
   CoordinatorOutput output;
   check_coordinator_files(args);
   output.prompts = read_prompts(args, config, tokenizer, model_dir);
   const ExpertInventory inventory = inspect_experts(config, source, args.allow_missing_experts);
-  const PlacementPlan placement =
-      make_placement(config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile});
+  // --budget-bytes counts experts as the workers will keep them (bf16 when the checkpoint stores
+  // bf16 or the run computes in bf16, else f32).
+  const ScalarType weight_type =
+      activation_type == ScalarType::kBF16 ? ScalarType::kBF16 : stored_weight_type(config, source);
+  const PlacementPlan placement = make_placement(
+      config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type});
   if (!args.placement_out.empty())
     files::write_file_atomically(args.placement_out, placement.to_json_text(), "--placement-out");
   std::vector<int64_t> costs;
@@ -344,7 +349,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   const std::string plan_bytes = broadcast_from_root(*comm, 0, [&] {
     if (model.model_dir && fs::exists(*model.model_dir / "tokenizer.json"))
       tokenizer = Tokenizer::load(*model.model_dir / "tokenizer.json");
-    coordinator_output = plan_run(args, comm->size(), *config, tokenizer, *model.source);
+    coordinator_output = plan_run(args, comm->size(), *config, tokenizer, *model.source, chosen.activation_type);
     return wire::to_bytes(coordinator_output.plan);
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");

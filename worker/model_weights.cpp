@@ -220,6 +220,10 @@ void run_load(WeightSource& source, Backend& backend, const LoadPlan& plan, cons
 
 }  // namespace
 
+ScalarType stored_weight_type(const ModelConfig& config, WeightSource& source) {
+  return source_weight_type(config, source);
+}
+
 ModelWeights load_moe_layers(const ModelConfig& config, WeightSource& source, Backend& backend,
                              const LoadOptions& options) {
   const auto start = std::chrono::steady_clock::now();

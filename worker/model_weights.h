@@ -91,6 +91,10 @@ ExpertInventory inspect_experts(const ModelConfig& config, WeightSource& source,
 ModelWeights load_model_weights(const ModelConfig& config, WeightSource& source, Backend& backend,
                                 const LoadOptions& options);
 
+// The type load_model_weights keeps weights in without a LoadOptions::weight_type: BF16 when the
+// source stores the model's tensors as BF16, else F32.
+ScalarType stored_weight_type(const ModelConfig& config, WeightSource& source);
+
 // Only the MoE layers' routers and hosted experts (for benchmarks of the MoE block): the other
 // tensors of `weights` stay empty.
 ModelWeights load_moe_layers(const ModelConfig& config, WeightSource& source, Backend& backend,
