@@ -2,8 +2,11 @@
 // any work (exit 2 with what to do), cuda refused where there is none, and --random-weights drawing
 // exactly the model make-model writes for the same preset and seed.
 #include <filesystem>
+#include <nlohmann/json.hpp>
+#include <vector>
 
 #include "tests/cli/cli_support.h"
+#include "tests/support/file_contents.h"
 #include "worker/npy_file.h"
 
 namespace epic {
@@ -29,6 +32,47 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"LayersOutOfRange", "run --random-weights tiny --layers 99" + kIds, "--layers must be in [1, 4]"},
         BadInput{"UnknownPresetForRandomWeights", "run --random-weights no-such-preset" + kIds, "no-such-preset"}),
     [](const auto& info) { return info.param.name; });
+
+INSTANTIATE_TEST_SUITE_P(
+    BenchDecode, CliBadInput,
+    ::testing::Values(BadInput{"BatchZero", "bench-decode --random-weights tiny --backend cpu --batch 0", "--batch"},
+                      BadInput{"TooFewNewTokens", "bench-decode --random-weights tiny --backend cpu --new-tokens 2",
+                               "--new-tokens"},
+                      BadInput{"NoModel", "bench-decode --backend cpu", "give exactly one of --model DIR"}),
+    [](const auto& info) { return info.param.name; });
+
+// The benchmark tools run on the CPU too (the figures of BENCHMARKS.md come from the same commands).
+TEST_F(Cli, BenchDecodeReportsEveryBatchAndThePrefill) {
+  const fs::path json_out = scratch() / "decode.json";
+  const Outcome run = run_epic("bench-decode --random-weights tiny --backend cpu --batch 1,3 --prompt-tokens 5 "
+                               "--new-tokens 5 --prefill-tokens 20 --json " + json_out.string(),
+                               scratch());
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  const nlohmann::json results = nlohmann::json::parse(testing::read_whole_file(json_out));
+  std::vector<int64_t> batches;
+  bool prefill = false;
+  for (const nlohmann::json& line : results) {
+    if (line["name"] == "decode") {
+      batches.push_back(line["batch"].get<int64_t>());
+      EXPECT_EQ(line["timed_steps"].get<int64_t>(), 2);  // 5 new tokens: 1 from the prefill, 2 warm-up, 2 timed
+      EXPECT_GT(line["tokens_per_s"].get<double>(), 0.0);
+    }
+    if (line["name"] == "prefill") {
+      prefill = true;
+      EXPECT_EQ(line["tokens"].get<int64_t>(), 20);
+      EXPECT_GT(line["tflops"].get<double>(), 0.0);
+    }
+  }
+  EXPECT_EQ(batches, (std::vector<int64_t>{1, 3}));
+  EXPECT_TRUE(prefill);
+}
+
+TEST_F(Cli, BenchLoadComparesTheLoadWithTheRawRead) {
+  const Outcome run = run_epic("bench-load --model " + tiny().string(), scratch());
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  EXPECT_NE(run.out.find("raw read"), std::string::npos) << run.out;
+  EXPECT_NE(run.out.find("load / raw read"), std::string::npos) << run.out;
+}
 
 TEST_F(Cli, CudaAskedForWhereThereIsNoneIsABadFlag) {
   if (run_epic("run --model " + tiny().string() + kIds + " --backend cuda --device 0", scratch()).exit_code == 0)
