@@ -138,14 +138,15 @@ OwnedTensor make_tensor(Backend& backend, ScalarType type, const std::vector<int
 
 std::vector<uint8_t> encode(const HostTensor& host, ScalarType type) {
   std::vector<uint8_t> bytes;
+  // (memcpy of zero bytes from an empty vector's null data() is still undefined: guarded)
   if (type == ScalarType::kI32) {
     bytes.resize(host.ints.size() * 4);
-    std::memcpy(bytes.data(), host.ints.data(), bytes.size());
+    if (!bytes.empty()) std::memcpy(bytes.data(), host.ints.data(), bytes.size());
   } else if (type == ScalarType::kU8) {
     bytes = host.bytes;
   } else if (type == ScalarType::kF32) {
     bytes.resize(host.values.size() * 4);
-    std::memcpy(bytes.data(), host.values.data(), bytes.size());
+    if (!bytes.empty()) std::memcpy(bytes.data(), host.values.data(), bytes.size());
   } else {
     bytes.resize(host.values.size() * 2);
     for (size_t i = 0; i < host.values.size(); ++i) {
@@ -157,6 +158,7 @@ std::vector<uint8_t> encode(const HostTensor& host, ScalarType type) {
 }
 
 void decode(const std::vector<uint8_t>& bytes, ScalarType type, HostTensor& host) {
+  if (bytes.empty()) return;
   if (type == ScalarType::kI32) {
     std::memcpy(host.ints.data(), bytes.data(), bytes.size());
   } else if (type == ScalarType::kF32) {
