@@ -366,14 +366,9 @@ class CudaBackend final : public Backend {
                                       cudaMemcpyDeviceToHost, stream_));
       EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
       // The stream is idle here, so the previous call's pointer copy is done with the staging.
-      // Two grouped cuBLAS calls up to kGroupedExpertFfnMaxRows; above, one GEMM per expert (cuBLAS's
-      // grouped kernels do not use Hopper's wgmma, and at 16384 tokens the per-expert GEMMs are
-      // large enough to hide their launches: BENCHMARKS.md).
-      if (args.rows < kGroupedExpertFfnMaxRows) {
-        args.device_pointers = device_gemm_pointers_;
-        args.host_pointers = host_gemm_pointers_;
-        args.pointer_capacity = kGemmPointers;
-      }
+      args.device_pointers = device_gemm_pointers_;
+      args.host_pointers = host_gemm_pointers_;
+      args.pointer_capacity = kGemmPointers;
       cuda_kernels::expert_ffn_cublas(args, host_offsets, host_local, cublas_, stream_);
       return;
     }

@@ -26,7 +26,5 @@ std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 // then all down GEMMs); below it, device-scheduled kernels that never synchronise. The crossover
 // is measured by kernels/cuda/bench/expert_ffn_bench.cu (BENCHMARKS.md).
 constexpr int64_t kCublasExpertFfnMinRows = 8192;
-// From this many rows on, the cuBLAS path issues one GEMM per expert instead of grouped calls.
-constexpr int64_t kGroupedExpertFfnMaxRows = 65536;
 
 }  // namespace epic

@@ -4,7 +4,7 @@
 // checked against an fp32 host computation. First it checks every kernel of the GEMM group (both
 // expert FFN paths and every device kernel, every type pair, ragged shapes, graph capture,
 // linear_f32) on small shapes, element by element. Exit status 1 on any failed check.
-// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --checks-only | --tokens N,N]
+// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --checks-only]
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -592,7 +592,6 @@ int main(int argc, char** argv) {
   uint64_t seed = 1;
   bool quick = false;
   bool checks_only = false;
-  std::vector<int64_t> chosen_tokens;  // --tokens 2048,16384: only these sizes
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--seed" && i + 1 < argc) {
@@ -601,13 +600,8 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (flag == "--checks-only") {
       checks_only = true;
-    } else if (flag == "--tokens" && i + 1 < argc) {
-      for (char* text = argv[++i]; *text != '\0';) {
-        chosen_tokens.push_back(std::strtoll(text, &text, 10));
-        if (*text == ',') ++text;
-      }
     } else {
-      std::fprintf(stderr, "usage: %s [--seed N] [--quick | --checks-only | --tokens N,N,...]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--seed N] [--quick | --checks-only]\n", argv[0]);
       return 2;
     }
   }
@@ -623,7 +617,6 @@ int main(int argc, char** argv) {
     // 256 tokens x top-8 = 2048 rows: a decode step at batch 256.
     std::vector<int64_t> token_counts = {1, 8, 32, 128, 256, 512, 2048, 16384};
     if (quick) token_counts = {1, 8, 32, 128, 256, 512};
-    if (!chosen_tokens.empty()) token_counts = chosen_tokens;
     if (!checks_only) run_benchmarks(token_counts, seed, stream, cublas);
     cublasDestroy(cublas);
     cudaStreamDestroy(stream);
