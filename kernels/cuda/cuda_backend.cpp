@@ -3,13 +3,17 @@
 // (backend_checks) and enqueues the kernels of cuda_kernels.h.
 #include "kernels/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <climits>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "kernels/backend_checks.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/gemm_lanes.h"
+#include "kernels/cuda/op_timing.h"
 #include "kernels/error.h"
 
 namespace epic {
@@ -120,6 +124,7 @@ class CudaBackend final : public Backend {
     int previous = 0;
     const bool switched = cudaGetDevice(&previous) == cudaSuccess && previous != device_ &&
                           cudaSetDevice(device_) == cudaSuccess;
+    op_timing_.finish();
     release();
     if (switched) cudaSetDevice(previous);
   }
@@ -161,6 +166,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_copy_range("copy_from_host", MemorySpace::kDevice, dst, dst_offset, bytes);
     if (bytes == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("copy_from_host", static_cast<int64_t>(bytes));
     EPIC_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst.data) + dst_offset, src, bytes,
                                     cudaMemcpyHostToDevice, stream_));
   }
@@ -169,6 +175,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_copy_range("copy_to_host", MemorySpace::kDevice, src, src_offset, bytes);
     if (bytes == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("copy_to_host", static_cast<int64_t>(bytes));
     EPIC_CUDA_CHECK(cudaMemcpyAsync(dst, static_cast<const char*>(src.data) + src_offset, bytes,
                                     cudaMemcpyDeviceToHost, stream_));
     EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -210,6 +217,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_embed(kSpace, ids, table, out);
     if (out.numel() == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("embed", ids.dim(0));
     cuda_kernels::embed(ids.as<int32_t>(), ids.dim(0), table.data, table.type, table.dim(1), out.data, out.type,
                         stream_);
   }
@@ -221,19 +229,39 @@ class CudaBackend final : public Backend {
     const int64_t rows = x.dim(0), in_dim = x.dim(1), out_dim = w.dim(0);
     if (rows == 0 || out_dim == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("linear", rows, [&] {
+      std::string detail = std::to_string(out_dim);
+      detail.append("x").append(std::to_string(in_dim)).append(" ").append(scalar_name(x.type));
+      return detail.append("*").append(scalar_name(w.type));
+    });
     if (in_dim == 0) {  // an empty sum; cuBLAS rejects a leading dimension of 0
       EPIC_CUDA_CHECK(cudaMemsetAsync(y.data, 0, y.bytes(), stream_));
       return;
     }
     if (x.type == ScalarType::kF32 && w.type == ScalarType::kBF16) {
-      // cuBLAS has no f32 x bf16 GEMM, and widening the weights would put an fp32 copy of them
-      // on the device: a kernel of our own widens them tile by tile.
-      cuda_kernels::linear_f32(x.as<float>(), w.data, w.type, y.as<float>(), rows, in_dim, out_dim, stream_);
+      // cuBLAS has no f32 x bf16 GEMM, and widening the weights would put an fp32 copy of them on
+      // the device. x split exactly into three bf16 parts on tensor cores where that is faster,
+      // else a kernel of our own that widens the weights as it reads them.
+      if (cuda_kernels::linear_f32_split_wins(rows, out_dim)) {
+        check_fits_int("linear", "rows", rows);
+        check_fits_int("linear", "in_dim", in_dim);
+        check_fits_int("linear", "out_dim", out_dim);
+        void* scratch = split_scratch(static_cast<size_t>(3 * rows * in_dim) * 2);
+        cuda_kernels::linear_f32_split(x.as<float>(), w.data, y.as<float>(), rows, in_dim, out_dim, scratch, cublas_,
+                                       stream_);
+      } else {
+        cuda_kernels::linear_f32(x.as<float>(), w.data, w.type, y.as<float>(), rows, in_dim, out_dim, stream_);
+      }
       return;
     }
     if (x.type != w.type)
       throw Error(ErrorCode::kUnsupported, "cuda backend linear: " + x.describe() + " activations with " +
                                                w.describe() + " weights; bf16 activations need bf16 weights");
+    if (x.type == ScalarType::kBF16 && cuda_kernels::linear_skinny_supported(x.data, w.data, rows, in_dim, out_dim)) {
+      // Decode-size rows: a weight-streaming kernel of our own (cuBLAS is far from the read rate there).
+      cuda_kernels::linear_skinny(x.data, w.data, y.data, y.type, rows, in_dim, out_dim, stream_);
+      return;
+    }
     check_fits_int("linear", "rows", rows);
     check_fits_int("linear", "in_dim", in_dim);
     check_fits_int("linear", "out_dim", out_dim);
@@ -249,6 +277,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_rms_norm(kSpace, x, weight, y);
     if (x.numel() == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("rms_norm", x.dim(0), [&] { return std::string("to ") + scalar_name(y.type); });
     cuda_kernels::rms_norm(x.data, x.type, weight.data, weight.type, y.data, y.type, x.dim(0), weight.dim(0), eps,
                            stream_);
   }
@@ -259,6 +288,7 @@ class CudaBackend final : public Backend {
     check_head_dim("qk_norm_rope", shape.head_dim);
     if (qkv.dim(0) == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("qk_norm_rope", qkv.dim(0));
     cuda_kernels::qk_norm_rope(qkv.data, qkv.type, q_norm.data, k_norm.data, q_norm.type, positions.as<int32_t>(),
                                qkv.dim(0), shape.num_heads, shape.num_kv_heads, shape.head_dim, eps, theta,
                                stream_);
@@ -269,6 +299,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_store_kv(kSpace, qkv, slot_mapping, key_pool, value_pool, shape);
     if (qkv.dim(0) == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("store_kv", qkv.dim(0));
     cuda_kernels::store_kv(qkv.data, qkv.type, slot_mapping.as<int32_t>(), qkv.dim(0), key_pool.data,
                            value_pool.data, shape.num_heads, shape.num_kv_heads, shape.head_dim, stream_);
   }
@@ -281,6 +312,7 @@ class CudaBackend final : public Backend {
     check_head_dim("attention", shape.head_dim);
     if (qkv.dim(0) == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("attention", qkv.dim(0));
     cuda_kernels::attention(qkv.data, qkv.type, key_pool.data, value_pool.data, block_tables.as<int32_t>(),
                             block_tables.dim(1), row_sequence.as<int32_t>(), positions.as<int32_t>(), qkv.dim(0),
                             shape.num_heads, shape.num_kv_heads, shape.head_dim, out.data, stream_);
@@ -290,6 +322,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_silu_mul(kSpace, gate_up, out);
     if (out.numel() == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("silu_mul", out.dim(0));
     cuda_kernels::silu_mul(gate_up.data, out.data, out.type, out.dim(0), out.dim(1), stream_);
   }
 
@@ -297,6 +330,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_add(kSpace, x, y);
     if (x.numel() == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("add", x.numel());
     cuda_kernels::add(x.data, x.type, y.data, y.type, x.numel(), stream_);
   }
 
@@ -304,6 +338,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_gather_rows(kSpace, x, index, out);
     if (out.numel() == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("gather_rows", out.dim(0));
     cuda_kernels::gather_rows(x.data, index.as<int32_t>(), out.data, out.dim(0), out.row_bytes(), stream_);
   }
 
@@ -311,6 +346,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_argmax(kSpace, logits, ids);
     if (logits.dim(0) == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("argmax", logits.dim(0));
     cuda_kernels::argmax(logits.data, logits.type, ids.as<int32_t>(), logits.dim(0), logits.dim(1), stream_);
   }
 
@@ -319,6 +355,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);
     if (logits.dim(0) == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("route_top_k", logits.dim(0));
     cuda_kernels::route_top_k(logits.data, logits.type, present.as<uint8_t>(), expert_ids.as<int32_t>(),
                               weights.as<float>(), logits.dim(0), logits.dim(1), expert_ids.dim(1), normalize,
                               stream_);
@@ -329,6 +366,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_group_by_expert(kSpace, expert_ids, num_experts, top_k, expert_offsets, source_row,
                                           sorted_position);
     DeviceScope scope(device_);
+    const auto timing = time_op("group_by_expert", expert_ids.numel());
     cuda_kernels::group_by_expert(expert_ids.as<int32_t>(), expert_ids.numel(), num_experts, top_k,
                                   expert_offsets.as<int32_t>(), source_row.as<int32_t>(),
                                   sorted_position.as<int32_t>(), stream_);
@@ -339,6 +377,13 @@ class CudaBackend final : public Backend {
     backend_checks::check_expert_ffn(kSpace, x, expert_offsets, gate_up, down, local_index, intermediate, y);
     if (x.dim(0) == 0) return;
     DeviceScope scope(device_);
+    const bool host_scheduled = x.type == ScalarType::kBF16 && gate_up.type == ScalarType::kBF16 &&
+                                x.dim(0) >= kCublasExpertFfnMinRows;
+    const auto timing = time_op("expert_ffn", x.dim(0), [&] {
+      return std::string(!host_scheduled              ? "device-scheduled"
+                         : x.dim(0) >= kPerExpertFfnMinRows ? "cublas per expert"
+                                                            : "cublas grouped");
+    });
     cuda_kernels::ExpertFfnArgs args;
     args.x = x.data;
     args.expert_offsets = expert_offsets.as<int32_t>();
@@ -369,6 +414,13 @@ class CudaBackend final : public Backend {
       args.device_pointers = device_gemm_pointers_;
       args.host_pointers = host_gemm_pointers_;
       args.pointer_capacity = kGemmPointers;
+      if (args.rows >= kPerExpertFfnMinRows) {
+        if (lanes_ == nullptr) lanes_ = std::make_unique<cuda_kernels::GemmLanePool>(kExpertFfnSideLanes);
+        args.per_expert = true;
+        args.side_lanes = lanes_->side_lanes();
+        args.side_lane_count = lanes_->side_count();
+        args.lane_fork = lanes_->fork();
+      }
       cuda_kernels::expert_ffn_cublas(args, host_offsets, host_local, cublas_, stream_);
       return;
     }
@@ -380,6 +432,7 @@ class CudaBackend final : public Backend {
     backend_checks::check_combine_top_k(kSpace, expert_out, sorted_position, weights, out);
     if (out.numel() == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("combine_top_k", out.dim(0));
     cuda_kernels::combine_top_k(expert_out.data, expert_out.type, sorted_position.as<int32_t>(), weights.as<float>(),
                                 weights.dim(0), weights.dim(1), out.dim(1), out.data, out.type, stream_);
   }
@@ -391,6 +444,40 @@ class CudaBackend final : public Backend {
   // expert_ffn_cublas's grouped GEMM pointers for up to kMaxHostGroupEntries - 1 experts.
   static constexpr int64_t kGemmPointers =
       cuda_kernels::kExpertFfnPointersPerExpert * (kMaxHostGroupEntries - 1);
+
+  // Device scratch of at least `bytes` for linear_f32_split, grown on demand, graph capture included
+  // (an allocation enqueues nothing; the capture mode is relaxed around it). A smaller earlier
+  // buffer is kept, not freed: a captured graph may still use it.
+  void* split_scratch(size_t bytes) {
+    if (!split_scratch_.empty() && split_scratch_bytes_ >= bytes) return split_scratch_.back();
+    const size_t size = std::max(bytes, 2 * split_scratch_bytes_);
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    EPIC_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+    void* data = nullptr;
+    const cudaError_t status = cudaMalloc(&data, size);
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      throw Error(ErrorCode::kUnsupported, "cuda device " + std::to_string(device_) + ": cannot allocate " +
+                                               gib_text(size) + " of scratch for the fp32 router product (" +
+                                               cudaGetErrorString(status) + "); use fewer tokens per step");
+    }
+    split_scratch_.push_back(data);
+    split_scratch_bytes_ = size;
+    return data;
+  }
+
+  // The op's device time under EPIC_CUDA_OP_TIMING (op_timing.h), keyed by op, size and detail.
+  cuda_kernels::OpTiming::Scope time_op(const char* op, int64_t size,
+                                        const std::function<std::string()>& detail = nullptr) {
+    if (!op_timing_.enabled()) return {};
+    return op_timing_.time(stream_, [&] {
+      std::string label(op);
+      label.append(" ").append(std::to_string(size));
+      if (detail) label.append(" ").append(detail());
+      return label;
+    });
+  }
 
   bool capturing() const {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -406,6 +493,9 @@ class CudaBackend final : public Backend {
   }
 
   void release() {
+    lanes_.reset();
+    for (void* scratch : split_scratch_) cudaFree(scratch);
+    split_scratch_.clear();
     if (host_groups_ != nullptr) cudaFreeHost(host_groups_);
     if (host_gemm_pointers_ != nullptr) cudaFreeHost(host_gemm_pointers_);
     if (device_gemm_pointers_ != nullptr) cudaFree(device_gemm_pointers_);
@@ -427,6 +517,10 @@ class CudaBackend final : public Backend {
   int32_t* host_groups_ = nullptr;  // pinned: [offsets | local indices]
   void** host_gemm_pointers_ = nullptr;    // pinned staging of device_gemm_pointers_
   void** device_gemm_pointers_ = nullptr;  // [kGemmPointers]
+  std::unique_ptr<cuda_kernels::GemmLanePool> lanes_;  // made at the first call that wants it
+  std::vector<void*> split_scratch_;  // linear_f32_split's scratch, the last one the largest
+  size_t split_scratch_bytes_ = 0;
+  cuda_kernels::OpTiming op_timing_;  // finished before release() destroys the stream
 };
 
 }  // namespace

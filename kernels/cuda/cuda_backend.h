@@ -26,5 +26,9 @@ std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 // then all down GEMMs); below it, device-scheduled kernels that never synchronise. The crossover
 // is measured by kernels/cuda/bench/expert_ffn_bench.cu (BENCHMARKS.md).
 constexpr int64_t kCublasExpertFfnMinRows = 8192;
+// From this many rows on, one cuBLAS GEMM pair per expert instead of the grouped calls, spread over
+// kExpertFfnSideLanes extra streams so several experts' GEMMs run at once (gemm_lanes.h).
+constexpr int64_t kPerExpertFfnMinRows = 65536;
+constexpr int kExpertFfnSideLanes = 3;
 
 }  // namespace epic

@@ -63,6 +63,24 @@ void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorte
 // verification mode's GEMM when the weights are bf16 (cuBLAS has no f32 x bf16 GEMM).
 void linear_f32(const float* x, const void* w, ScalarType w_type, float* y, int64_t rows, int64_t in_dim,
                 int64_t out_dim, cudaStream_t stream);
+// The same product for bf16 w on tensor cores (linear_split.cu): x split exactly into three bf16
+// parts, three cuBLAS GEMMs (on the handle's stream, which must be `stream`) summing in fp32. Equal
+// to linear_f32 up to the order of fp32 sums. scratch: 3 * rows * in_dim bf16 values.
+void linear_f32_split(const float* x, const void* w, float* y, int64_t rows, int64_t in_dim, int64_t out_dim,
+                      void* scratch, cublasHandle_t cublas, cudaStream_t stream);
+// y[rows, out] = x[rows, in] * w[out, in]^T for bf16 x and w at decode sizes (linear_skinny.cu):
+// streams w once at close to the read bandwidth, y f32 or bf16. Only where
+// linear_skinny_supported: 1..kSkinnyMaxRows rows, in a multiple of 8 (at most 6144), 16-byte
+// aligned x and w.
+constexpr int64_t kSkinnyMaxRows = 8;
+bool linear_skinny_supported(const void* x, const void* w, int64_t rows, int64_t in_dim, int64_t out_dim);
+void linear_skinny(const void* x, const void* w, void* y, ScalarType y_type, int64_t rows, int64_t in_dim,
+                   int64_t out_dim, cudaStream_t stream);
+// Whether linear_f32_split is the faster of the two at this size (a rule on the shape only, so a
+// row's result does not depend on the batch it came in beyond the shape).
+bool linear_f32_split_wins(int64_t rows, int64_t out_dim);
+
+struct GemmLane;  // gemm_lanes.h
 
 // One call of the grouped expert FFN (Backend::expert_ffn). Offsets and local_index are device
 // arrays; `rows` is the host's count of x's rows (offsets[num_experts] == rows).
@@ -83,6 +101,13 @@ struct ExpertFfnArgs {
   void** device_pointers = nullptr;
   void** host_pointers = nullptr;
   int64_t pointer_capacity = 0;
+  // expert_ffn_cublas only, optional: skip the grouped calls for the per-expert loop, and side lanes
+  // (gemm_lanes.h) over which that loop spreads the experts, forked from the stream by lane_fork.
+  // Where both are given the loop is what runs (the faster one at the largest sizes: BENCHMARKS.md).
+  bool per_expert = false;
+  const GemmLane* side_lanes = nullptr;
+  int side_lane_count = 0;
+  cudaEvent_t lane_fork = nullptr;
 };
 
 // Pointers expert_ffn_cublas's grouped path stages per expert with rows where 2 * inter <= hidden

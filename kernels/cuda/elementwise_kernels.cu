@@ -21,7 +21,7 @@ using access::kWarpSize;
 constexpr int kElementwiseThreads = 256;
 constexpr int kRowThreads = 256;  // rms_norm: one block per row
 constexpr int kArgmaxThreads = 1024;
-constexpr int kQkNormRopeWarps = 4;  // one block per row, a warp per head
+constexpr int kQkNormRopeWarps = 4;  // a warp per head
 // qk_norm_rope: each lane holds pairs (i, i + head_dim / 2) for i = lane, lane + 32, ...
 constexpr int kMaxRopePairsPerLane = static_cast<int>(kMaxHeadDim) / (2 * kWarpSize);
 
@@ -120,7 +120,7 @@ __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, 
 
 // ---- qk_norm_rope ------------------------------------------------------------------------------
 
-// One block per row. The row's cos / sin table (angle = position * theta^(-2i/d) in double,
+// A block per row, or per (row, group of heads) (gridDim.y). The row's cos / sin table (angle = position * theta^(-2i/d) in double,
 // rounded to fp32 as the reference) is built once in shared memory; then one warp per q or k head
 // RMS-norms the head in fp32 and rotates it (rotate-half: pairs i, i + d/2).
 template <class T, class N>
@@ -144,7 +144,8 @@ __global__ void qk_norm_rope_kernel(T* qkv, const N* q_norm, const N* k_norm, co
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   T* row_data = qkv + row * (num_heads + 2 * num_kv_heads) * head_dim;
-  for (int64_t head = warp; head < num_heads + num_kv_heads; head += blockDim.x / kWarpSize) {
+  const int64_t warps = blockDim.x / kWarpSize;
+  for (int64_t head = blockIdx.y * warps + warp; head < num_heads + num_kv_heads; head += gridDim.y * warps) {
     T* x = row_data + head * head_dim;  // k heads follow the q heads directly
     const N* norm_weight = head < num_heads ? q_norm : k_norm;
     float first[kMaxRopePairsPerLane], second[kMaxRopePairsPerLane];
@@ -327,11 +328,16 @@ void qk_norm_rope(void* qkv, ScalarType type, const void* q_norm, const void* k_
   EPIC_CHECK(head_dim <= kMaxHeadDim && head_dim % 2 == 0, ErrorCode::kUnsupported,
              "qk_norm_rope: the CUDA kernel takes an even head_dim up to " + std::to_string(kMaxHeadDim) +
                  ", not " + std::to_string(head_dim));
+  // Few rows (decode): the heads of a row spread over several blocks, so a step is not one block's
+  // latency; many rows fill the card with one block per row.
+  const int64_t heads = num_heads + num_kv_heads;
+  const int64_t head_blocks = rows >= 256 ? 1 : (heads + kQkNormRopeWarps - 1) / kQkNormRopeWarps;
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(head_blocks));
   access::dispatch_float_type(type, "qk_norm_rope", [&](auto type_tag) {
     access::dispatch_float_type(norm_type, "qk_norm_rope", [&](auto norm_tag) {
       using T = typename decltype(type_tag)::type;
       using N = typename decltype(norm_tag)::type;
-      qk_norm_rope_kernel<<<static_cast<unsigned>(rows), kQkNormRopeWarps * kWarpSize, 0, stream>>>(
+      qk_norm_rope_kernel<<<grid, kQkNormRopeWarps * kWarpSize, 0, stream>>>(
           static_cast<T*>(qkv), static_cast<const N*>(q_norm), static_cast<const N*>(k_norm), positions,
           num_heads, num_kv_heads, head_dim, eps, theta);
     });

@@ -5,11 +5,14 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <exception>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/gemm_lanes.h"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -208,10 +211,99 @@ bool expert_ffn_grouped(const ExpertFfnArgs& args, const int32_t* host_offsets,
   return true;
 }
 
+// One expert's FFN on one lane: its rows of x are [begin, begin + rows). gate x and up x need
+// [rows, 2I] of scratch; y ([rows, H]) serves until the down GEMM writes it. Where 2I <= H
+// (Qwen3-MoE: 1536 <= 2048) one GEMM fills both halves of y; otherwise the I columns go in chunks
+// of at most H: gate into intermediate, up into y. Only this expert's rows are touched, so
+// experts on different lanes never share memory.
+void one_expert_ffn(const ExpertFfnArgs& args, int64_t begin, int64_t rows, int64_t local, const GemmLane& lane) {
+  const int64_t hidden = args.hidden;
+  const int64_t inter = args.inter;
+  const auto* x = static_cast<const bf16*>(args.x) + begin * hidden;
+  const auto* gate_up = static_cast<const bf16*>(args.gate_up) + local * 2 * inter * hidden;
+  const auto* down = static_cast<const bf16*>(args.down) + local * hidden * inter;
+  auto* intermediate = static_cast<bf16*>(args.intermediate) + begin * inter;
+  auto* y = static_cast<bf16*>(args.y) + begin * hidden;
+  if (2 * inter <= hidden) {
+    gemm_nt(lane.cublas, x, hidden, gate_up, 2 * inter, hidden, y, hidden, rows);
+    launch_silu_mul(y, hidden, y + inter, hidden, intermediate, inter, rows, inter, lane.stream);
+  } else {
+    const int64_t chunk = inter < hidden ? inter : hidden;
+    for (int64_t column = 0; column < inter; column += chunk) {
+      const int64_t columns = inter - column < chunk ? inter - column : chunk;
+      gemm_nt(lane.cublas, x, hidden, gate_up + column * hidden, columns, hidden, intermediate + column, inter,
+              rows);
+      gemm_nt(lane.cublas, x, hidden, gate_up + (inter + column) * hidden, columns, hidden, y, hidden, rows);
+      launch_silu_mul(intermediate + column, inter, y, hidden, intermediate + column, inter, rows, columns,
+                      lane.stream);
+    }
+  }
+  gemm_nt(lane.cublas, intermediate, inter, down, hidden, inter, y, hidden, rows);
+}
+
+// Each expert goes to the lane with the fewest rows so far; lane 0 is the caller's stream, the side
+// lanes wait for everything enqueued on it before and it waits for all of them after, so to the
+// caller this is one step on its stream. At prefill sizes the loop is bound by the host's cuBLAS
+// calls (~8 us each, BENCHMARKS.md), so each side lane's share is enqueued by a thread of its own.
+void per_expert_loop(const ExpertFfnArgs& args, const int32_t* host_offsets, const int32_t* host_local_index,
+                     const GemmLane& caller) {
+  const int side = args.side_lanes != nullptr && args.lane_fork != nullptr ? args.side_lane_count : 0;
+  std::vector<GemmLane> lanes{caller};
+  for (int i = 0; i < side; ++i) lanes.push_back(args.side_lanes[i]);
+  std::vector<std::vector<int64_t>> lane_experts(lanes.size());
+  std::vector<int64_t> lane_rows(lanes.size(), 0);
+  for (int64_t expert = 0; expert < args.num_experts; ++expert) {
+    const int64_t rows = host_offsets[expert + 1] - host_offsets[expert];
+    if (rows == 0) continue;
+    size_t lane = 0;
+    for (size_t i = 1; i < lanes.size(); ++i) {
+      if (lane_rows[i] < lane_rows[lane]) lane = i;
+    }
+    lane_rows[lane] += rows;
+    lane_experts[lane].push_back(expert);
+  }
+  const auto enqueue = [&](size_t lane) {
+    for (const int64_t expert : lane_experts[lane]) {
+      one_expert_ffn(args, host_offsets[expert], host_offsets[expert + 1] - host_offsets[expert],
+                     host_local_index[expert], lanes[lane]);
+    }
+  };
+  if (side == 0) {
+    enqueue(0);
+    return;
+  }
+  EPIC_CUDA_CHECK(cudaEventRecord(args.lane_fork, caller.stream));
+  for (int i = 1; i <= side; ++i) EPIC_CUDA_CHECK(cudaStreamWaitEvent(lanes[i].stream, args.lane_fork, 0));
+  int device = 0;
+  EPIC_CUDA_CHECK(cudaGetDevice(&device));
+  std::vector<std::exception_ptr> errors(lanes.size());
+  std::vector<std::thread> threads;
+  for (size_t lane = 1; lane < lanes.size(); ++lane) {
+    threads.emplace_back([&, lane] {
+      try {
+        EPIC_CUDA_CHECK(cudaSetDevice(device));
+        enqueue(lane);
+        EPIC_CUDA_CHECK(cudaEventRecord(lanes[lane].done, lanes[lane].stream));
+      } catch (...) {
+        errors[lane] = std::current_exception();
+      }
+    });
+  }
+  try {
+    enqueue(0);
+  } catch (...) {
+    errors[0] = std::current_exception();
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (const std::exception_ptr& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+  for (int i = 1; i <= side; ++i) EPIC_CUDA_CHECK(cudaStreamWaitEvent(caller.stream, lanes[i].done, 0));
+}
+
 }  // namespace
 
-// The per-expert loop is the fallback of the grouped path (expert_ffn_grouped); it skips empty
-// experts.
+// The grouped calls where they apply and are wanted; else the per-expert loop over the lanes.
 bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
                        const int32_t* host_local_index, cublasHandle_t cublas, cudaStream_t stream) {
   EPIC_CHECK(args.act_type == ScalarType::kBF16 && args.weight_type == ScalarType::kBF16,
@@ -239,14 +331,6 @@ bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
     return false;
   }
 
-  const int64_t hidden = args.hidden;
-  const int64_t inter = args.inter;
-  const auto* x = static_cast<const bf16*>(args.x);
-  const auto* gate_up = static_cast<const bf16*>(args.gate_up);
-  const auto* down = static_cast<const bf16*>(args.down);
-  auto* intermediate = static_cast<bf16*>(args.intermediate);
-  auto* y = static_cast<bf16*>(args.y);
-
   EPIC_CHECK(host_offsets[0] == 0 && host_offsets[args.num_experts] == args.rows, ErrorCode::kInternal,
              "expert_ffn_cublas: expert offsets must run from 0 to rows (" + std::to_string(args.rows) + ")");
   for (int64_t expert = 0; expert < args.num_experts; ++expert) {
@@ -258,48 +342,8 @@ bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
                "expert_ffn_cublas: expert " + std::to_string(expert) + " has " + std::to_string(expert_rows) +
                    " rows but is not hosted here (local index " + std::to_string(local) + ")");
   }
-  if (expert_ffn_grouped(args, host_offsets, host_local_index, cublas, stream)) return true;
-
-  // gate x and up x need [rows, 2I] of scratch; y ([rows, H]) serves until the down GEMM writes
-  // it. Where 2I <= H (Qwen3-MoE: 1536 <= 2048) one GEMM per expert fills both halves; otherwise
-  // the I columns go in chunks of at most H: gate into intermediate, up into y.
-  if (2 * inter <= hidden) {
-    for (int64_t expert = 0; expert < args.num_experts; ++expert) {
-      const int64_t begin = host_offsets[expert];
-      const int64_t expert_rows = host_offsets[expert + 1] - begin;
-      if (expert_rows == 0) continue;
-      const bf16* weights = gate_up + static_cast<int64_t>(host_local_index[expert]) * 2 * inter * hidden;
-      gemm_nt(cublas, x + begin * hidden, hidden, weights, 2 * inter, hidden, y + begin * hidden, hidden,
-              expert_rows);
-    }
-    launch_silu_mul(y, hidden, y + inter, hidden, intermediate, inter, args.rows, inter, stream);
-  } else {
-    const int64_t chunk = inter < hidden ? inter : hidden;
-    for (int64_t column = 0; column < inter; column += chunk) {
-      const int64_t columns = inter - column < chunk ? inter - column : chunk;
-      for (int64_t expert = 0; expert < args.num_experts; ++expert) {
-        const int64_t begin = host_offsets[expert];
-        const int64_t expert_rows = host_offsets[expert + 1] - begin;
-        if (expert_rows == 0) continue;
-        const bf16* weights = gate_up + static_cast<int64_t>(host_local_index[expert]) * 2 * inter * hidden;
-        gemm_nt(cublas, x + begin * hidden, hidden, weights + column * hidden, columns, hidden,
-                intermediate + begin * inter + column, inter, expert_rows);
-        gemm_nt(cublas, x + begin * hidden, hidden, weights + (inter + column) * hidden, columns, hidden,
-                y + begin * hidden, hidden, expert_rows);
-      }
-      launch_silu_mul(intermediate + column, inter, y, hidden, intermediate + column, inter, args.rows,
-                      columns, stream);
-    }
-  }
-
-  for (int64_t expert = 0; expert < args.num_experts; ++expert) {
-    const int64_t begin = host_offsets[expert];
-    const int64_t expert_rows = host_offsets[expert + 1] - begin;
-    if (expert_rows == 0) continue;
-    const bf16* weights = down + static_cast<int64_t>(host_local_index[expert]) * hidden * inter;
-    gemm_nt(cublas, intermediate + begin * inter, inter, weights, hidden, inter, y + begin * hidden, hidden,
-            expert_rows);
-  }
+  if (!args.per_expert && expert_ffn_grouped(args, host_offsets, host_local_index, cublas, stream)) return true;
+  per_expert_loop(args, host_offsets, host_local_index, GemmLane{cublas, stream, nullptr});
   return false;
 }
 

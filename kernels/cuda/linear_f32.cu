@@ -10,6 +10,8 @@ namespace {
 
 // A block computes a kTile x kTile tile of y; each of its 256 threads a 4 x 4 patch of it.
 constexpr int kTile = 64;
+// linear_f32_split_wins: from this many rows on the split beats the narrow kernel.
+constexpr int64_t kSplitMinRowsForNarrow = 512;
 constexpr int kTileK = 16;
 constexpr int kPatch = 4;
 constexpr int kThreads = (kTile / kPatch) * (kTile / kPatch);
@@ -163,6 +165,13 @@ void launch_narrow(const float* x, const Weight* w, float* y, int64_t rows, int6
 }
 
 }  // namespace
+
+bool linear_f32_split_wins(int64_t rows, int64_t out_dim) {
+  // Measured on an H200 (epic_expert_ffn_bench, BENCHMARKS.md): the narrow kernel wins below a few
+  // hundred rows (router at 256 rows: 0.026 ms vs 0.045), the split from there on (2048 rows: 0.16
+  // vs 0.046); the tiled kernel loses to the split at every row count (1 row: 0.136 vs 0.043).
+  return out_dim > kNarrowMaxOutputs || rows >= kSplitMinRowsForNarrow;
+}
 
 void linear_f32(const float* x, const void* w, ScalarType w_type, float* y, int64_t rows, int64_t in_dim,
                 int64_t out_dim, cudaStream_t stream) {

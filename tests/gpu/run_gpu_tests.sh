@@ -10,6 +10,9 @@
 #             rows included); ctest: the whole ctest suite
 #     bench:  the expert FFN micro-benchmark, bench-moe and bench-decode; baselines: the
 #             torch/transformers figures of the same card (launch/bench/run_gpu_bench.sh)
+#     profile: where the time goes: the prefill-size expert FFN paths, and per-op device times
+#             (EPIC_CUDA_OP_TIMING=1, no graphs) of bench-moe at 16384 tokens and of 8-layer decode
+#             steps at batch 1 and 256
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
 # /usr/include/cereal) and .device/icu (ICU 72's headers and libicuuc/libicudata from the CI image).
 set -uo pipefail
@@ -52,7 +55,7 @@ if wants golden; then
   rm -rf "$scratch"
 fi
 
-if wants tests || wants ctest || wants bench || wants baselines; then
+if wants tests || wants ctest || wants bench || wants baselines || wants profile; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
            -DICU_ROOT="$PWD/.device/icu" \
@@ -88,6 +91,26 @@ if wants bench; then
   log "bench: epic"
   OUT="$OUT" bash launch/bench/run_gpu_bench.sh "$BUILD" --quick --only epic --budget 420 >> "$OUT/summary.log" 2>&1 ||
     status=1
+fi
+if wants profile; then
+  log "profile: expert FFN paths at prefill sizes"
+  timeout 150 "$BUILD/kernels/cuda/epic_expert_ffn_bench" --tokens 2048,4096,8192,16384 \
+    > "$OUT/expert_ffn_prefill.log" 2>&1 || status=1
+  grep -E "^ +[0-9]+ |FAIL|PASS" "$OUT/expert_ffn_prefill.log" | tail -40 | tee -a "$OUT/summary.log"
+  log "profile: bench-moe 16384 tokens, per op"
+  EPIC_CUDA_OP_TIMING=1 timeout 90 "$BUILD/epic" bench-moe --backend cuda --precision bf16 --preset qwen3-30b-a3b \
+    --layers 2 --tokens-per-worker 16384 --iterations 5 --warmup 1 > "$OUT/profile_moe.log" 2>&1 || status=1
+  sed -n '/EPIC_CUDA_OP_TIMING/,$p' "$OUT/profile_moe.log" | head -16 | tee -a "$OUT/summary.log"
+  tail -4 "$OUT/profile_moe.log" | tee -a "$OUT/summary.log"
+  for batch in 1 256; do
+    log "profile: decode batch $batch, 8 layers, per op (no graphs), then with graphs"
+    EPIC_CUDA_OP_TIMING=1 timeout 120 "$BUILD/epic" bench-decode --backend cuda --precision bf16 \
+      --random-weights qwen3-30b-a3b --layers 8 --batch "$batch" --prompt-tokens 32 --new-tokens 32 \
+      --no-cuda-graphs > "$OUT/profile_decode_$batch.log" 2>&1 || status=1
+    sed -n '/EPIC_CUDA_OP_TIMING/,$p' "$OUT/profile_decode_$batch.log" | head -30 | tee -a "$OUT/summary.log"
+    timeout 120 "$BUILD/epic" bench-decode --backend cuda --precision bf16 --random-weights qwen3-30b-a3b \
+      --layers 8 --batch "$batch" --prompt-tokens 32 --new-tokens 32 2>&1 | tail -3 | tee -a "$OUT/summary.log"
+  done
 fi
 if wants baselines; then
   log "bench: torch / transformers baselines"

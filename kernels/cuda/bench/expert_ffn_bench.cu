@@ -4,7 +4,7 @@
 // checked against an fp32 host computation. First it checks every kernel of the GEMM group (both
 // expert FFN paths and every device kernel, every type pair, ragged shapes, graph capture,
 // linear_f32) on small shapes, element by element. Exit status 1 on any failed check.
-// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --checks-only]
+// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --tokens N,N,... | --checks-only]
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -21,6 +21,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_ffn_variants.h"
+#include "kernels/cuda/gemm_lanes.h"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -166,7 +167,9 @@ struct FfnPath {
   ExpertFfnKernel kernel = ExpertFfnKernel::kAuto;
   bool overlap = true;
   bool grouped = false;  // cublas: with pointer scratch, one grouped cuBLAS call per GEMM pass
+  int lanes = 0;          // cublas: > 0 forces the per-expert loop over this many streams
   std::string name() const {
+    if (cublas && lanes > 0) return "loop-" + std::to_string(lanes) + "lanes";
     if (cublas) return grouped ? "grouped" : "cublas";
     return std::string(expert_ffn_kernel_name(kernel)) + (overlap ? "" : "-seq");
   }
@@ -187,6 +190,8 @@ void attach_gemm_pointers(ExpertFfnArgs& args) {
   args.pointer_capacity = kCapacity;
 }
 
+constexpr int kMaxBenchLanes = 8;
+
 // Returns whether expert_ffn_cublas's grouped calls ran. Timed back-to-back calls rewrite the
 // pinned pointer staging while an earlier copy may be pending: the same bytes each time.
 bool run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* host_offsets,
@@ -194,6 +199,13 @@ bool run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* hos
   if (path.cublas) {
     ExpertFfnArgs cublas_args = args;
     if (path.grouped) attach_gemm_pointers(cublas_args);
+    if (path.lanes > 0) {
+      static GemmLanePool pool(kMaxBenchLanes - 1);  // kept for the program's life
+      cublas_args.per_expert = true;
+      cublas_args.side_lanes = pool.side_lanes();
+      cublas_args.side_lane_count = path.lanes - 1;
+      cublas_args.lane_fork = pool.fork();
+    }
     return expert_ffn_cublas(cublas_args, host_offsets, host_local, cublas, stream);
   }
   expert_ffn_device_scheduled_with(args, path.kernel, path.overlap, stream);
@@ -361,14 +373,11 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
   }
 }
 
+// linear_f32 and, for bf16 weights, linear_f32_split against a float64 host product, every element.
 void check_linear_f32(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType w_type, std::mt19937_64& rng,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, cublasHandle_t cublas) {
   TypedArray x(ScalarType::kF32, random_values(rng, rows * in_dim, 1.0f));
   TypedArray w(w_type, random_values(rng, out_dim * in_dim, 1.0f));
-  DeviceBuffer y(rows * out_dim * 4);
-  EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
-  linear_f32(x.device.get<float>(), w.device.get(), w_type, y.get<float>(), rows, in_dim, out_dim, stream);
-  EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
   std::vector<float> want(rows * out_dim);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t o = 0; o < out_dim; ++o) {
@@ -378,10 +387,47 @@ void check_linear_f32(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType 
       want[r * out_dim + o] = static_cast<float>(sum);
     }
   }
-  const std::vector<float> got = read_back(y.get(), ScalarType::kF32, rows * out_dim);
-  rows_match("linear_f32 x " + std::string(scalar_name(w_type)) + " rows " + std::to_string(rows) + " in " +
+  const std::string shape = " x " + std::string(scalar_name(w_type)) + " rows " + std::to_string(rows) + " in " +
+                            std::to_string(in_dim) + " out " + std::to_string(out_dim);
+  DeviceBuffer y(rows * out_dim * 4);
+  EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
+  linear_f32(x.device.get<float>(), w.device.get(), w_type, y.get<float>(), rows, in_dim, out_dim, stream);
+  EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<float> got = read_back(y.get(), ScalarType::kF32, rows * out_dim);
+  rows_match("linear_f32" + shape, got.data(), want.data(), rows, out_dim, 1e-5);
+  if (w_type != ScalarType::kBF16) return;
+  DeviceBuffer scratch(3 * rows * in_dim * 2);
+  EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
+  linear_f32_split(x.device.get<float>(), w.device.get(), y.get<float>(), rows, in_dim, out_dim, scratch.get(),
+                   cublas, stream);
+  EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  got = read_back(y.get(), ScalarType::kF32, rows * out_dim);
+  rows_match("linear_f32_split" + shape, got.data(), want.data(), rows, out_dim, 1e-5);
+}
+
+// linear_skinny (bf16 x and w, f32 or bf16 y) against a float64 host product, every element.
+void check_linear_skinny(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType y_type, std::mt19937_64& rng,
+                         cudaStream_t stream) {
+  TypedArray x(ScalarType::kBF16, random_values(rng, rows * in_dim, 1.0f));
+  TypedArray w(ScalarType::kBF16, random_values(rng, out_dim * in_dim, 1.0f));
+  std::vector<float> want(rows * out_dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out_dim; ++o) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < in_dim; ++k)
+        sum += static_cast<double>(x.host[r * in_dim + k]) * w.host[o * in_dim + k];
+      want[r * out_dim + o] = static_cast<float>(sum);
+    }
+  }
+  DeviceBuffer y(rows * out_dim * 4);
+  EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
+  linear_skinny(x.device.get(), w.device.get(), y.get(), y_type, rows, in_dim, out_dim, stream);
+  EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const std::vector<float> got = read_back(y.get(), y_type, rows * out_dim);
+  // f32: the sum order differs from the float64 reference; bf16: plus one rounding of the result.
+  rows_match("linear_skinny to " + std::string(scalar_name(y_type)) + " rows " + std::to_string(rows) + " in " +
                  std::to_string(in_dim) + " out " + std::to_string(out_dim),
-             got.data(), want.data(), rows, out_dim, 1e-5);
+             got.data(), want.data(), rows, out_dim, y_type == ScalarType::kF32 ? 1e-5 : 8e-3);
 }
 
 void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas) {
@@ -408,6 +454,11 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
     check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16, FfnPath{true}, rng, stream, cublas);
     check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16,
                           FfnPath{true, ExpertFfnKernel::kAuto, true, true}, rng, stream, cublas);
+    // The per-expert loop on one lane and spread over three (the experts land on different streams).
+    for (const int lanes : {1, 3}) {
+      check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16,
+                            FfnPath{true, ExpertFfnKernel::kAuto, true, false, lanes}, rng, stream, cublas);
+    }
   }
   // Many experts (the streaming kernel's chunk search reads 128 per round), every 7th not hosted,
   // groups of 0 .. 20 rows: each kernel on BF16 only.
@@ -421,9 +472,17 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
   for (const FfnPath& path : device_paths(true))
     check_expert_ffn_case(many, ScalarType::kBF16, ScalarType::kBF16, path, rng, stream, cublas);
   for (ScalarType w_type : types) {
-    check_linear_f32(1, 100, 130, w_type, rng, stream);
-    check_linear_f32(70, 257, 67, w_type, rng, stream);
-    check_linear_f32(3, 2048, 1000, w_type, rng, stream);
+    check_linear_f32(1, 100, 130, w_type, rng, stream, cublas);
+    check_linear_f32(70, 257, 67, w_type, rng, stream, cublas);
+    check_linear_f32(3, 2048, 1000, w_type, rng, stream, cublas);
+    check_linear_f32(300, 2048, 128, w_type, rng, stream, cublas);  // a router at prefill size
+  }
+  // Every row template (1, 2, 4, 8 and the partly filled ones), an output count not a multiple of the
+  // 8-output group, more groups than blocks (stride), in past 48 KiB of shared x at 8 rows.
+  for (ScalarType y_type : types) {
+    for (const int64_t rows : {1, 2, 3, 4, 5, 8}) check_linear_skinny(rows, 264, 77, y_type, rng, stream);
+    check_linear_skinny(1, 2048, 16500, y_type, rng, stream);
+    check_linear_skinny(8, 4096, 40, y_type, rng, stream);
   }
 }
 
@@ -556,6 +615,9 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
     std::vector<FfnPath> paths = device_paths(true);
     paths.push_back(FfnPath{true});
     paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, true});
+    if (rows >= 4096) {  // the per-expert loop is for prefill sizes only
+      for (const int lanes : {1, 2, 4, 8}) paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, false, lanes});
+    }
     for (const FfnPath& path : paths) {
       EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
       bool ran_grouped = false;
@@ -584,6 +646,65 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
   }
 }
 
+// The fp32 router's product (f32 rows x bf16 [128, 2048]) and a dense one: the SIMT kernels against
+// the exact three-way split on tensor cores, per row count.
+void run_linear_benchmarks(uint64_t seed, cudaStream_t stream, cublasHandle_t cublas) {
+  std::printf("\nbf16 x bf16 linear at decode rows: cuBLAS vs linear_skinny, median of %d calls\n", kTimedCalls);
+  std::printf("%8s %8s %6s %12s %12s %10s %8s\n", "rows", "out", "in", "cublas ms", "skinny ms", "skinny GB/s",
+              "ratio");
+  for (const auto& shape : {std::pair<int64_t, int64_t>{5120, 2048}, {2048, 4096}, {151936, 2048}}) {
+    const int64_t out_dim = shape.first, in_dim = shape.second;  // (lambdas cannot capture bindings in C++17)
+    DeviceBuffer w(out_dim * in_dim * 2);
+    fill_device(w.get(), out_dim * in_dim, seed * 13 + static_cast<uint64_t>(out_dim), 0.02f);
+    for (const int64_t rows : {int64_t{1}, int64_t{2}, int64_t{4}, int64_t{8}}) {
+      DeviceBuffer x(rows * in_dim * 2);
+      DeviceBuffer y(rows * out_dim * 4);
+      fill_device(x.get(), rows * in_dim, seed * 17 + static_cast<uint64_t>(rows), 1.0f);
+      const float alpha = 1.0f, beta = 0.0f;
+      const float cublas_ms = median_ms(
+          [&] {
+            EPIC_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim),
+                                           static_cast<int>(rows), static_cast<int>(in_dim), &alpha, w.get(),
+                                           CUDA_R_16BF, static_cast<int>(in_dim), x.get(), CUDA_R_16BF,
+                                           static_cast<int>(in_dim), &beta, y.get(), CUDA_R_32F,
+                                           static_cast<int>(out_dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          },
+          stream);
+      const float skinny_ms = median_ms(
+          [&] { linear_skinny(x.get(), w.get(), y.get(), ScalarType::kF32, rows, in_dim, out_dim, stream); }, stream);
+      std::printf("%8lld %8lld %6lld %12.4f %12.4f %10.0f %8.2f\n", static_cast<long long>(rows),
+                  static_cast<long long>(out_dim), static_cast<long long>(in_dim), cublas_ms, skinny_ms,
+                  static_cast<double>(out_dim * in_dim * 2) / (skinny_ms * 1e6), cublas_ms / skinny_ms);
+    }
+  }
+  std::printf("\nf32 x bf16 linear: linear_f32 (SIMT) vs linear_f32_split (3 bf16 GEMMs), median of %d calls\n",
+              kTimedCalls);
+  std::printf("%8s %6s %6s %12s %12s %8s\n", "rows", "out", "in", "simt ms", "split ms", "ratio");
+  constexpr int64_t kIn = 2048;
+  for (const int64_t out_dim : {int64_t{128}, int64_t{4096}}) {
+    DeviceBuffer w(out_dim * kIn * 2);
+    fill_device(w.get(), out_dim * kIn, seed * 11 + static_cast<uint64_t>(out_dim), 0.02f);
+    for (const int64_t rows : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}, int64_t{2048}, int64_t{16384}}) {
+      if (out_dim > 128 && rows > 2048) continue;
+      DeviceBuffer x(rows * kIn * 4);
+      DeviceBuffer y(rows * out_dim * 4);
+      DeviceBuffer scratch(3 * rows * kIn * 2);
+      EPIC_CUDA_CHECK(cudaMemset(x.get(), 0x3c, x.bytes()));  // timing only: finite values
+      const float simt = median_ms(
+          [&] { linear_f32(x.get<float>(), w.get(), ScalarType::kBF16, y.get<float>(), rows, kIn, out_dim, stream); },
+          stream);
+      const float split = median_ms(
+          [&] {
+            linear_f32_split(x.get<float>(), w.get(), y.get<float>(), rows, kIn, out_dim, scratch.get(), cublas,
+                             stream);
+          },
+          stream);
+      std::printf("%8lld %6lld %6lld %12.4f %12.4f %8.2f\n", static_cast<long long>(rows),
+                  static_cast<long long>(out_dim), static_cast<long long>(kIn), simt, split, simt / split);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace epic::cuda_kernels
 
@@ -592,16 +713,29 @@ int main(int argc, char** argv) {
   uint64_t seed = 1;
   bool quick = false;
   bool checks_only = false;
+  std::vector<int64_t> tokens;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     if (flag == "--seed" && i + 1 < argc) {
       seed = std::strtoull(argv[++i], nullptr, 10);
     } else if (flag == "--quick") {
       quick = true;
+    } else if (flag == "--tokens" && i + 1 < argc) {
+      // a comma-separated list of token counts, in place of the default sizes
+      for (const char* item = argv[++i]; *item != '\0';) {
+        char* end = nullptr;
+        const long long value = std::strtoll(item, &end, 10);
+        if (end == item || value <= 0 || (*end != ',' && *end != '\0')) {
+          std::fprintf(stderr, "--tokens: expected positive integers separated by commas, got '%s'\n", argv[i]);
+          return 2;
+        }
+        tokens.push_back(value);
+        item = *end == ',' ? end + 1 : end;
+      }
     } else if (flag == "--checks-only") {
       checks_only = true;
     } else {
-      std::fprintf(stderr, "usage: %s [--seed N] [--quick | --checks-only]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--seed N] [--quick | --tokens N,N,... | --checks-only]\n", argv[0]);
       return 2;
     }
   }
@@ -615,9 +749,11 @@ int main(int argc, char** argv) {
     std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
     run_checks(rng, stream, cublas);
     // 256 tokens x top-8 = 2048 rows: a decode step at batch 256.
-    std::vector<int64_t> token_counts = {1, 8, 32, 128, 256, 512, 2048, 16384};
+    std::vector<int64_t> token_counts = {1, 8, 32, 128, 256, 512, 2048, 4096, 16384};
     if (quick) token_counts = {1, 8, 32, 128, 256, 512};
+    if (!tokens.empty()) token_counts = tokens;
     if (!checks_only) run_benchmarks(token_counts, seed, stream, cublas);
+    if (!checks_only) run_linear_benchmarks(seed, stream, cublas);
     cublasDestroy(cublas);
     cudaStreamDestroy(stream);
   } catch (const std::exception& error) {

@@ -1,0 +1,75 @@
+// OpTiming: per-op device times of a CudaBackend, for finding where a step's time goes without a
+// profiler on the machine. Off unless the environment sets EPIC_CUDA_OP_TIMING=1; then every op
+// enqueued outside graph capture is bracketed by two CUDA events, and when the backend is destroyed
+// a table (op and shape, calls, total and mean device time) goes to stderr. Run with
+// --no-cuda-graphs: replayed graphs are one launch and are not broken down. The events measure the
+// op's kernels from the stream's view (launch gaps between ops are not counted), so the table's
+// total against the step's wall time shows the fixed costs as well.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace epic::cuda_kernels {
+
+class OpTiming {
+ public:
+  // Reads EPIC_CUDA_OP_TIMING once.
+  OpTiming();
+  ~OpTiming();  // finish()
+
+  // Prints the table (when enabled and anything was timed) and stops timing; call it while the
+  // timed stream still exists.
+  void finish();
+  OpTiming(const OpTiming&) = delete;
+  OpTiming& operator=(const OpTiming&) = delete;
+
+  bool enabled() const { return enabled_; }
+
+  class Scope {
+   public:
+    Scope() = default;
+    Scope(OpTiming* owner, size_t index) : owner_(owner), index_(index) {}
+    Scope(Scope&& other) noexcept : owner_(other.owner_), index_(other.index_) { other.owner_ = nullptr; }
+    Scope& operator=(Scope&&) = delete;
+    ~Scope() {
+      if (owner_ != nullptr) owner_->end(index_);
+    }
+
+   private:
+    OpTiming* owner_ = nullptr;
+    size_t index_ = 0;
+  };
+
+  // Brackets one op on stream; label() (op name and shape) is only called when timing is on and
+  // the stream is not being captured.
+  Scope time(cudaStream_t stream, const std::function<std::string()>& label);
+
+ private:
+  struct Pending {
+    std::string label;
+    cudaEvent_t start = nullptr;
+    cudaEvent_t stop = nullptr;
+  };
+  struct Total {
+    int64_t calls = 0;
+    double milliseconds = 0.0;
+  };
+
+  void end(size_t index);
+  void collect();  // waits for the pending events and adds them to the totals
+  cudaEvent_t take_event();
+
+  bool enabled_ = false;
+  cudaStream_t stream_ = nullptr;
+  std::vector<Pending> pending_;
+  std::vector<cudaEvent_t> free_events_;
+  std::map<std::string, Total> totals_;
+};
+
+}  // namespace epic::cuda_kernels
