@@ -70,9 +70,11 @@ void linear_f32_split(const float* x, const void* w, float* y, int64_t rows, int
                       void* scratch, cublasHandle_t cublas, cudaStream_t stream);
 // y[rows, out] = x[rows, in] * w[out, in]^T for bf16 x and w at decode sizes (linear_skinny.cu):
 // streams w once at close to the read bandwidth, y f32 or bf16. Only where
-// linear_skinny_supported: 1..kSkinnyMaxRows rows, in a multiple of 8 (at most 6144), 16-byte
-// aligned x and w.
-constexpr int64_t kSkinnyMaxRows = 8;
+// linear_skinny_supported: 1..kSkinnyMaxRows rows, in a multiple of 8, 16-byte aligned x and w.
+// Up to 2 rows: measured on an H200 against cuBLAS (BENCHMARKS.md), 1.3-1.6x faster at 1 row and
+// 1.1-1.5x at 2 on qkv/o_proj shapes; from 4 rows the FMA count (not the weight reads) limits it
+// and cuBLAS's tensor cores win.
+constexpr int64_t kSkinnyMaxRows = 2;
 bool linear_skinny_supported(const void* x, const void* w, int64_t rows, int64_t in_dim, int64_t out_dim);
 void linear_skinny(const void* x, const void* w, void* y, ScalarType y_type, int64_t rows, int64_t in_dim,
                    int64_t out_dim, cudaStream_t stream);

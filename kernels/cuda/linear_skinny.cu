@@ -41,6 +41,18 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 x_shared[];  // [R][in_dim / 8]
   __shared__ float partial[kWarps][R * kOutputsPerGroup];
   const int64_t chunks = in_dim / 8;
+  // The first group's first weight loads go out before x is staged: at decode sizes the whole
+  // kernel is a few microseconds, and these loads are its latency.
+  uint4 first_bits[kOutputsPerGroup];
+  const bool prefetched = blockIdx.x * static_cast<int64_t>(kOutputsPerGroup) < out_dim && threadIdx.x < chunks;
+  if (prefetched) {
+#pragma unroll
+    for (int o = 0; o < kOutputsPerGroup; ++o) {
+      const int64_t out = blockIdx.x * static_cast<int64_t>(kOutputsPerGroup) + o;
+      first_bits[o] = out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + threadIdx.x)
+                                    : make_uint4(0, 0, 0, 0);
+    }
+  }
   for (int64_t i = threadIdx.x; i < R * chunks; i += kThreads) {
     const int64_t r = i / chunks;
     x_shared[i] = r < rows ? reinterpret_cast<const uint4*>(x)[r * chunks + i % chunks] : make_uint4(0, 0, 0, 0);
@@ -60,12 +72,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t chunk = threadIdx.x; chunk < chunks; chunk += kThreads) {
       uint4 w_bits[kOutputsPerGroup];
+      const bool first = prefetched && group == blockIdx.x && chunk == threadIdx.x;
 #pragma unroll
       for (int o = 0; o < kOutputsPerGroup; ++o) {
         const int64_t out = out_begin + o;
         // Read once: stream past L1 (evict-first).
-        w_bits[o] = out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + chunk)
-                                  : make_uint4(0, 0, 0, 0);
+        w_bits[o] = first            ? first_bits[o]
+                    : out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + chunk)
+                                    : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -118,14 +132,11 @@ void launch(const bf16* x, const bf16* w, Y* y, int64_t rows, int64_t in_dim, in
 template <class Y>
 void launch_rows(const bf16* x, const bf16* w, Y* y, int64_t rows, int64_t in_dim, int64_t out_dim,
                  cudaStream_t stream) {
+  static_assert(kSkinnyMaxRows == 2, "a template per row count up to kSkinnyMaxRows");
   if (rows == 1) {
     launch<1>(x, w, y, rows, in_dim, out_dim, stream);
-  } else if (rows == 2) {
-    launch<2>(x, w, y, rows, in_dim, out_dim, stream);
-  } else if (rows <= 4) {
-    launch<4>(x, w, y, rows, in_dim, out_dim, stream);
   } else {
-    launch<8>(x, w, y, rows, in_dim, out_dim, stream);
+    launch<2>(x, w, y, rows, in_dim, out_dim, stream);
   }
 }
 

@@ -424,10 +424,11 @@ void check_linear_skinny(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarTy
   linear_skinny(x.device.get(), w.device.get(), y.get(), y_type, rows, in_dim, out_dim, stream);
   EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
   const std::vector<float> got = read_back(y.get(), y_type, rows * out_dim);
-  // f32: the sum order differs from the float64 reference; bf16: plus one rounding of the result.
+  // f32: the sum order differs from the float64 reference; bf16: plus one rounding of the result
+  // (2^-9 relative) on values up to ~10x the row RMS.
   rows_match("linear_skinny to " + std::string(scalar_name(y_type)) + " rows " + std::to_string(rows) + " in " +
                  std::to_string(in_dim) + " out " + std::to_string(out_dim),
-             got.data(), want.data(), rows, out_dim, y_type == ScalarType::kF32 ? 1e-5 : 8e-3);
+             got.data(), want.data(), rows, out_dim, y_type == ScalarType::kF32 ? 1e-5 : 2e-2);
 }
 
 void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas) {
@@ -477,12 +478,15 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
     check_linear_f32(3, 2048, 1000, w_type, rng, stream, cublas);
     check_linear_f32(300, 2048, 128, w_type, rng, stream, cublas);  // a router at prefill size
   }
-  // Every row template (1, 2, 4, 8 and the partly filled ones), an output count not a multiple of the
-  // 8-output group, more groups than blocks (stride), in past 48 KiB of shared x at 8 rows.
+  // Every row count, an output count not a multiple of the 8-output group, more groups than blocks
+  // (stride), an input longer than 256 chunks (threads loop), in past 48 KiB of shared x.
   for (ScalarType y_type : types) {
-    for (const int64_t rows : {1, 2, 3, 4, 5, 8}) check_linear_skinny(rows, 264, 77, y_type, rng, stream);
-    check_linear_skinny(1, 2048, 16500, y_type, rng, stream);
-    check_linear_skinny(8, 4096, 40, y_type, rng, stream);
+    for (int64_t rows = 1; rows <= kSkinnyMaxRows; ++rows) {
+      check_linear_skinny(rows, 264, 77, y_type, rng, stream);
+      check_linear_skinny(rows, 2048, 16500, y_type, rng, stream);
+      check_linear_skinny(rows, 4096, 40, y_type, rng, stream);
+      check_linear_skinny(rows, 24576, 24, y_type, rng, stream);
+    }
   }
 }
 
@@ -656,7 +660,7 @@ void run_linear_benchmarks(uint64_t seed, cudaStream_t stream, cublasHandle_t cu
     const int64_t out_dim = shape.first, in_dim = shape.second;  // (lambdas cannot capture bindings in C++17)
     DeviceBuffer w(out_dim * in_dim * 2);
     fill_device(w.get(), out_dim * in_dim, seed * 13 + static_cast<uint64_t>(out_dim), 0.02f);
-    for (const int64_t rows : {int64_t{1}, int64_t{2}, int64_t{4}, int64_t{8}}) {
+    for (int64_t rows = 1; rows <= kSkinnyMaxRows; ++rows) {
       DeviceBuffer x(rows * in_dim * 2);
       DeviceBuffer y(rows * out_dim * 4);
       fill_device(x.get(), rows * in_dim, seed * 17 + static_cast<uint64_t>(rows), 1.0f);
