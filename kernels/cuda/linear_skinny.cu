@@ -41,18 +41,6 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 x_shared[];  // [R][in_dim / 8]
   __shared__ float partial[kWarps][R * kOutputsPerGroup];
   const int64_t chunks = in_dim / 8;
-  // The first group's first weight loads go out before x is staged: at decode sizes the whole
-  // kernel is a few microseconds, and these loads are its latency.
-  uint4 first_bits[kOutputsPerGroup];
-  const bool prefetched = blockIdx.x * static_cast<int64_t>(kOutputsPerGroup) < out_dim && threadIdx.x < chunks;
-  if (prefetched) {
-#pragma unroll
-    for (int o = 0; o < kOutputsPerGroup; ++o) {
-      const int64_t out = blockIdx.x * static_cast<int64_t>(kOutputsPerGroup) + o;
-      first_bits[o] = out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + threadIdx.x)
-                                    : make_uint4(0, 0, 0, 0);
-    }
-  }
   for (int64_t i = threadIdx.x; i < R * chunks; i += kThreads) {
     const int64_t r = i / chunks;
     x_shared[i] = r < rows ? reinterpret_cast<const uint4*>(x)[r * chunks + i % chunks] : make_uint4(0, 0, 0, 0);
@@ -72,14 +60,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t chunk = threadIdx.x; chunk < chunks; chunk += kThreads) {
       uint4 w_bits[kOutputsPerGroup];
-      const bool first = prefetched && group == blockIdx.x && chunk == threadIdx.x;
 #pragma unroll
       for (int o = 0; o < kOutputsPerGroup; ++o) {
         const int64_t out = out_begin + o;
         // Read once: stream past L1 (evict-first).
-        w_bits[o] = first            ? first_bits[o]
-                    : out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + chunk)
-                                    : make_uint4(0, 0, 0, 0);
+        w_bits[o] = out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + chunk)
+                                  : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
