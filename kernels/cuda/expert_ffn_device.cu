@@ -12,26 +12,17 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_ffn_variants.h"
+#include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
 
 using bf16 = __nv_bfloat16;
 
-__device__ __forceinline__ float to_float(float value) { return value; }
-__device__ __forceinline__ float to_float(bf16 value) { return __bfloat162float(value); }
-template <typename T>
-__device__ __forceinline__ T from_float(float value);
-template <>
-__device__ __forceinline__ float from_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ bf16 from_float<bf16>(float value) {
-  return __float2bfloat16_rn(value);
-}
-
-__device__ __forceinline__ float silu(float value) { return value / (1.0f + expf(-value)); }
+using access::from_float;
+using access::silu;
+using access::to_float;
+using access::warp_sum;
 
 // ---- tensor-core path (BF16 activations and weights) -------------------------------------------
 
@@ -347,12 +338,6 @@ void launch_tensor_core(const ExpertFfnArgs& args, cudaStream_t stream) {
 // A warp per output column and row, lanes striding over K, reduced by a fixed shuffle tree: the
 // result of a row never depends on the other rows of its group. Correctness, not speed.
 constexpr int kSimtWarps = 8;
-
-__device__ __forceinline__ float warp_sum(float value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
 
 template <typename Act, typename Weight>
 __global__ void __launch_bounds__(kSimtWarps * 32)

@@ -30,6 +30,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/expert_ffn_variants.h"
+#include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -118,8 +119,6 @@ __device__ __forceinline__ void allow_dependent_grid() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-
-__device__ __forceinline__ float silu(float value) { return value / (1.0f + expf(-value)); }
 
 __device__ __forceinline__ int chunks_of(int rows, int rows_per_chunk) {
   return (rows + rows_per_chunk - 1) / rows_per_chunk;
@@ -313,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
       if (tile_row >= chunk_rows) continue;
       bf16* out_row = args.out + static_cast<int64_t>(chunk.row_begin + tile_row) * args.out_cols;
       if constexpr (kPhase == Phase::kGateUp) {
-        if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(silu(acc[t][half]) * acc[t][2 + half]);
+        if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(access::silu(acc[t][half]) * acc[t][2 + half]);
       } else {
         if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(acc[t][half]);
         if (hi_valid) out_row[row_hi] = __float2bfloat16_rn(acc[t][2 + half]);
@@ -338,8 +337,6 @@ bool device_overlaps_launches() {
   }
   return state == 2;
 }
-
-bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
 template <int kTokenTiles>
 void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream_t stream) {
@@ -397,8 +394,9 @@ void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream
 
 bool streaming_expert_ffn_supported(const ExpertFfnArgs& args) {
   return args.act_type == ScalarType::kBF16 && args.weight_type == ScalarType::kBF16 &&
-         args.hidden % kVectorElements == 0 && args.inter % kVectorElements == 0 && aligned_16(args.x) &&
-         aligned_16(args.gate_up) && aligned_16(args.down) && aligned_16(args.intermediate);
+         args.hidden % kVectorElements == 0 && args.inter % kVectorElements == 0 &&
+         access::aligned16(args.x) && access::aligned16(args.gate_up) && access::aligned16(args.down) &&
+         access::aligned16(args.intermediate);
 }
 
 void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, bool overlap_phases,
