@@ -3,13 +3,13 @@
 // assigns sequences to workers, sends the run plan (cereal) to all, and prints the results.
 // Output is the same for every number of workers and every placement.
 #include <chrono>
-#include <cstdlib>
-#include <thread>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "comm/communicator.h"
 #include "coordinator/placement.h"
@@ -18,10 +18,10 @@
 #include "kernels/backend.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
+#include "launch/backend_choice.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/flag_checks.h"
-#include "launch/backend_choice.h"
 #include "launch/id_list.h"
 #include "launch/model_source.h"
 #include "launch/peak_memory.h"
@@ -33,6 +33,7 @@
 #include "worker/generation_loop.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
+#include "worker/model_weights.h"
 
 namespace epic::cli {
 namespace {
@@ -188,7 +189,7 @@ CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConf
   // --budget-bytes counts experts as the workers will keep them (bf16 when the checkpoint stores
   // bf16 or the run computes in bf16, else f32).
   const ScalarType weight_type =
-      activation_type == ScalarType::kBF16 ? ScalarType::kBF16 : stored_weight_type(config, source);
+      required_weight_type(activation_type).value_or(stored_weight_type(config, source));
   const PlacementPlan placement = make_placement(
       config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type});
   if (!args.placement_out.empty())
@@ -365,8 +366,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     options.allow_nonfinite_weights = args.allow_nonfinite_weights;  // every rank parses the same flags
     const int rank = comm->rank();
     options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
-    // bf16 activations need bf16 weights; fp32 keeps the checkpoint's type (bf16 widened per block).
-    if (chosen.activation_type == ScalarType::kBF16) options.weight_type = ScalarType::kBF16;
+    options.weight_type = required_weight_type(chosen.activation_type);
     weights = load_model_weights(*config, *model.source, *chosen.backend, options);
   });
   const double load_seconds = seconds_since(load_start);
