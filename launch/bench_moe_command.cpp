@@ -129,9 +129,8 @@ int bench_moe_command(const BenchMoeArgs& args) {
   // would write for this preset and seed, straight into its backend's memory.
   PhaseTotals totals;
   const BackendFlags backend_flags{args.backend, args.device, args.precision};
-  ChosenBackend chosen = choose_backend(backend_flags, launcher_local_rank(),
-                                        args.threads > 0 ? args.threads : default_cpu_threads());
   const int threads = args.threads > 0 ? args.threads : default_cpu_threads();
+  ChosenBackend chosen = choose_backend(backend_flags, launcher_local_rank(), threads);
   Backend& backend = *chosen.backend;
   const ScalarType act = chosen.activation_type;
   std::unique_ptr<WeightSource> source =
