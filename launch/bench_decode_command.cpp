@@ -18,6 +18,7 @@
 #include "launch/model_source.h"
 #include "worker/generation_loop.h"
 #include "worker/model_runner.h"
+#include "worker/model_weights.h"
 
 namespace epic::cli {
 namespace {
@@ -77,7 +78,7 @@ int bench_decode_command(const BenchDecodeArgs& args) {
   };
 
   LoadOptions load_options;
-  if (chosen.activation_type == ScalarType::kBF16) load_options.weight_type = ScalarType::kBF16;
+  load_options.weight_type = required_weight_type(chosen.activation_type);
   const auto load_start = clock_type::now();
   const ModelWeights weights = load_model_weights(config, *model.source, backend, load_options);
   const double load_seconds = seconds_since(load_start);

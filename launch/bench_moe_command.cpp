@@ -26,6 +26,7 @@
 #include "launch/placement_setup.h"
 #include "launch/rank_agreement.h"
 #include "worker/expert_parallel_moe.h"
+#include "worker/model_weights.h"
 #include "worker/model_writer.h"
 #include "worker/moe_block.h"
 #include "worker/random_values.h"
@@ -128,16 +129,15 @@ int bench_moe_command(const BenchMoeArgs& args) {
   // would write for this preset and seed, straight into its backend's memory.
   PhaseTotals totals;
   const BackendFlags backend_flags{args.backend, args.device, args.precision};
-  ChosenBackend chosen = choose_backend(backend_flags, launcher_local_rank(),
-                                        args.threads > 0 ? args.threads : default_cpu_threads());
   const int threads = args.threads > 0 ? args.threads : default_cpu_threads();
+  ChosenBackend chosen = choose_backend(backend_flags, launcher_local_rank(), threads);
   Backend& backend = *chosen.backend;
   const ScalarType act = chosen.activation_type;
   std::unique_ptr<WeightSource> source =
       make_random_source(config, preset.storage, args.seed, "bench-moe weights of preset " + preset.name);
   LoadOptions load_options;
   load_options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
-  if (act == ScalarType::kBF16) load_options.weight_type = ScalarType::kBF16;
+  load_options.weight_type = required_weight_type(act);
   const ModelWeights weights = load_moe_layers(config, *source, backend, load_options);
   totals.experts_hosted = weights.experts_hosted();
   // Unit-variance token rows, different on every rank, in the activation type.

@@ -3,13 +3,13 @@
 // assigns sequences to workers, sends the run plan (cereal) to all, and prints the results.
 // Output is the same for every number of workers and every placement.
 #include <chrono>
-#include <cstdlib>
-#include <thread>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "comm/communicator.h"
 #include "coordinator/placement.h"
@@ -18,10 +18,10 @@
 #include "kernels/backend.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
+#include "launch/backend_choice.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/flag_checks.h"
-#include "launch/backend_choice.h"
 #include "launch/id_list.h"
 #include "launch/model_source.h"
 #include "launch/peak_memory.h"
@@ -33,6 +33,7 @@
 #include "worker/generation_loop.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
+#include "worker/model_weights.h"
 
 namespace epic::cli {
 namespace {
@@ -188,7 +189,7 @@ CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConf
   // --budget-bytes counts experts as the workers will keep them (bf16 when the checkpoint stores
   // bf16 or the run computes in bf16, else f32).
   const ScalarType weight_type =
-      activation_type == ScalarType::kBF16 ? ScalarType::kBF16 : stored_weight_type(config, source);
+      required_weight_type(activation_type).value_or(stored_weight_type(config, source));
   const PlacementPlan placement = make_placement(
       config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type});
   if (!args.placement_out.empty())
@@ -337,19 +338,18 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   // Every rank reads config.json and the checkpoint index (small; shard headers are read on first
   // use and kept), or the preset; only the coordinator reads prompts and the tokenizer.
   OpenedModel model;
-  std::optional<ModelConfig> config;
   std::optional<Tokenizer> tokenizer;
   ChosenBackend chosen;
   run_on_all_ranks(*comm, [&] {
     model = open_model(model_source_flags(args));
-    config = model.config;
     chosen = choose_backend(backend_flags(args), launcher_local_rank(), default_cpu_threads());
   });
   CoordinatorOutput coordinator_output;
   const std::string plan_bytes = broadcast_from_root(*comm, 0, [&] {
     if (model.model_dir && fs::exists(*model.model_dir / "tokenizer.json"))
       tokenizer = Tokenizer::load(*model.model_dir / "tokenizer.json");
-    coordinator_output = plan_run(args, comm->size(), *config, tokenizer, *model.source, chosen.activation_type);
+    coordinator_output =
+        plan_run(args, comm->size(), model.config, tokenizer, *model.source, chosen.activation_type);
     return wire::to_bytes(coordinator_output.plan);
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");
@@ -365,9 +365,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     options.allow_nonfinite_weights = args.allow_nonfinite_weights;  // every rank parses the same flags
     const int rank = comm->rank();
     options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
-    // bf16 activations need bf16 weights; fp32 keeps the checkpoint's type (bf16 widened per block).
-    if (chosen.activation_type == ScalarType::kBF16) options.weight_type = ScalarType::kBF16;
-    weights = load_model_weights(*config, *model.source, *chosen.backend, options);
+    options.weight_type = required_weight_type(chosen.activation_type);
+    weights = load_model_weights(model.config, *model.source, *chosen.backend, options);
   });
   const double load_seconds = seconds_since(load_start);
 
@@ -382,7 +381,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     const bool one_line_per_prompt =
         coordinator_output.prompts.size() > 1 || args.prompts_file || args.prompt_ids_file;
     printer.emplace(prompt_lengths, one_line_per_prompt, tokenizer ? &*tokenizer : nullptr, args.logits_out,
-                    config->vocab_size);
+                    model.config.vocab_size);
   });
 
   std::vector<SequenceRequest> mine;
@@ -392,7 +391,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
         {s.sequence_id, s.prompt, s.max_new_tokens, s.want_prompt_logits, {s.temperature, s.top_p, s.seed}});
   }
   Backend& backend = *chosen.backend;
-  ExpertParallelMoeExecutor executor(*config, weights, backend, *comm, table);
+  ExpertParallelMoeExecutor executor(model.config, weights, backend, *comm, table);
   RunnerOptions runner_options;
   runner_options.activation_type = chosen.activation_type;
   runner_options.max_sequences = args.max_active_sequences;
@@ -408,7 +407,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       comm->size() == 1 && backend.memory_space() == MemorySpace::kDevice && args.load_profile_out.empty();
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {
-    runner.emplace(*config, weights, backend, runner_options, local_moe ? nullptr : &executor);
+    runner.emplace(model.config, weights, backend, runner_options, local_moe ? nullptr : &executor);
   });
   if (coordinator) std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());
   comm->barrier();  // time the generation alone, from a common start

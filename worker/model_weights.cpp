@@ -58,15 +58,6 @@ class LoadPlan {
   std::vector<TensorLoad> loads_;
 };
 
-// BF16 when every tensor the model needs is stored as BF16, else F32 (F16 or F32 storage widens).
-ScalarType source_weight_type(const ModelConfig& config, WeightSource& source) {
-  for (const std::string& name : {config.tensor_prefix + "embed_tokens.weight", config.tensor_prefix + "norm.weight",
-                                  config.layer_prefix(0) + "self_attn.q_proj.weight"}) {
-    if (!source.contains(name) || source.info(name).dtype != DType::kBF16) return ScalarType::kF32;
-  }
-  return ScalarType::kBF16;
-}
-
 }  // namespace
 
 bool MoeLayerWeights::hosts(int64_t expert) const {
@@ -220,8 +211,19 @@ void run_load(WeightSource& source, Backend& backend, const LoadPlan& plan, cons
 
 }  // namespace
 
+// BF16 when every tensor the model needs is stored as BF16, else F32 (F16 or F32 storage widens).
 ScalarType stored_weight_type(const ModelConfig& config, WeightSource& source) {
-  return source_weight_type(config, source);
+  for (const std::string& name :
+       {config.tensor_prefix + "embed_tokens.weight", config.tensor_prefix + "norm.weight",
+        config.layer_prefix(0) + "self_attn.q_proj.weight"}) {
+    if (!source.contains(name) || source.info(name).dtype != DType::kBF16) return ScalarType::kF32;
+  }
+  return ScalarType::kBF16;
+}
+
+std::optional<ScalarType> required_weight_type(ScalarType activation_type) {
+  if (activation_type == ScalarType::kBF16) return ScalarType::kBF16;
+  return std::nullopt;
 }
 
 ModelWeights load_moe_layers(const ModelConfig& config, WeightSource& source, Backend& backend,
@@ -230,7 +232,7 @@ ModelWeights load_moe_layers(const ModelConfig& config, WeightSource& source, Ba
   const uint64_t bytes_before = source.bytes_read();
   const ExpertInventory inventory = inspect_experts(config, source, options.allow_missing_experts);
   ModelWeights weights;
-  weights.weight_type = options.weight_type.value_or(source_weight_type(config, source));
+  weights.weight_type = options.weight_type.value_or(stored_weight_type(config, source));
   LoadPlan plan(backend, weights.weight_type);
   weights.layers.resize(config.num_hidden_layers);
   for (const auto& [layer, experts] : inventory) {
@@ -255,7 +257,7 @@ ModelWeights load_model_weights(const ModelConfig& config, WeightSource& source,
   const ExpertInventory inventory = inspect_experts(config, source, options.allow_missing_experts);
 
   ModelWeights weights;
-  weights.weight_type = options.weight_type.value_or(source_weight_type(config, source));
+  weights.weight_type = options.weight_type.value_or(stored_weight_type(config, source));
   LoadPlan plan(backend, weights.weight_type);
   weights.embed = plan.single(config.tensor_prefix + "embed_tokens.weight", {config.vocab_size, hidden});
   weights.final_norm = plan.single(config.tensor_prefix + "norm.weight", {hidden});

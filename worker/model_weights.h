@@ -95,6 +95,11 @@ ModelWeights load_model_weights(const ModelConfig& config, WeightSource& source,
 // source stores the model's tensors as BF16, else F32.
 ScalarType stored_weight_type(const ModelConfig& config, WeightSource& source);
 
+// The weight type a run's activations require, for LoadOptions::weight_type: bf16 activations need
+// bf16 weights on the device; fp32 ones take whatever is stored (nullopt, so the loader keeps
+// stored_weight_type: a bf16 checkpoint stays bf16 and is widened per block).
+std::optional<ScalarType> required_weight_type(ScalarType activation_type);
+
 // Only the MoE layers' routers and hosted experts (for benchmarks of the MoE block): the other
 // tensors of `weights` stay empty.
 ModelWeights load_moe_layers(const ModelConfig& config, WeightSource& source, Backend& backend,

@@ -190,7 +190,7 @@ __global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t 
     access::load_vector<kVec>(gate_row + column, gate);
     access::load_vector<kVec>(gate_row + inter + column, up);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) gate[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+    for (int j = 0; j < kVec; ++j) gate[j] = access::silu(gate[j]) * up[j];
     access::store_vector<kVec>(out + row * inter + column, gate);
   }
 }

@@ -11,27 +11,18 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/expert_chunk_search.cuh"
 #include "kernels/cuda/expert_ffn_variants.h"
+#include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-__device__ __forceinline__ float to_float(float value) { return value; }
-__device__ __forceinline__ float to_float(bf16 value) { return __bfloat162float(value); }
-template <typename T>
-__device__ __forceinline__ T from_float(float value);
-template <>
-__device__ __forceinline__ float from_float<float>(float value) {
-  return value;
-}
-template <>
-__device__ __forceinline__ bf16 from_float<bf16>(float value) {
-  return __float2bfloat16_rn(value);
-}
-
-__device__ __forceinline__ float silu(float value) { return value / (1.0f + expf(-value)); }
+using access::from_float;
+using access::silu;
+using access::to_float;
+using access::warp_sum;
 
 // ---- tensor-core path (BF16 activations and weights) -------------------------------------------
 
@@ -72,35 +63,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// The index of the `target`-th expert (in expert order) that has rows, or -1: blocks are laid out
-// over active experts, so experts without rows cost no block at all. Called by the whole block.
-__device__ int find_active_expert(const int32_t* __restrict__ offsets, int64_t num_experts, int target) {
-  __shared__ int warp_counts[kWarps];
-  __shared__ int found;
-  if (threadIdx.x == 0) found = -1;
-  const int lane = threadIdx.x % 32;
-  const int warp = threadIdx.x / 32;
-  int active_before_chunk = 0;
-  for (int64_t chunk = 0; chunk < num_experts; chunk += kThreads) {
-    const int64_t expert = chunk + threadIdx.x;
-    const bool active = expert < num_experts && offsets[expert + 1] > offsets[expert];
-    const unsigned ballot = __ballot_sync(0xffffffffu, active);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int rank = active_before_chunk + __popc(ballot & ((1u << lane) - 1u));
-    int chunk_count = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      if (w < warp) rank += warp_counts[w];
-      chunk_count += warp_counts[w];
-    }
-    if (active && rank == target) found = static_cast<int>(expert);
-    __syncthreads();  // `found` is visible, and warp_counts may be overwritten by the next chunk
-    active_before_chunk += chunk_count;
-    if (active_before_chunk > target) break;
-  }
-  return found;
 }
 
 struct TensorCoreArgs {
@@ -188,12 +150,15 @@ __global__ void __launch_bounds__(kThreads) tensor_core_expert_kernel(const Tens
   bf16* stages = reinterpret_cast<bf16*>(shared_bytes);
   float* out_tile = reinterpret_cast<float*>(shared_bytes);  // reused after the pipeline drains
 
-  const int expert = find_active_expert(args.offsets, args.num_experts, static_cast<int>(blockIdx.y));
-  if (expert < 0) return;
-  const int32_t local = args.local_index[expert];
-  if (local < 0) return;  // rows for an expert not hosted here break the contract; leave them be
-  const int64_t group_begin = args.offsets[expert];
-  const int64_t group_end = args.offsets[expert + 1];
+  // Blocks are laid out over the experts with rows, so an expert without rows costs no block.
+  const GroupChunk group = find_group_chunk<kWholeGroup>(args.offsets, args.local_index, args.num_experts,
+                                                         static_cast<int>(blockIdx.y));
+  // A slot past the last group; or rows for an expert not hosted here, which break the contract:
+  // leave them be.
+  if (group.local < 0) return;
+  const int32_t local = group.local;
+  const int64_t group_begin = group.row_begin;
+  const int64_t group_end = group.row_end;
   const int64_t tile = blockIdx.x;
   const int64_t weight_rows_per_expert = kPhase == Phase::kGateUp ? 2 * args.out_cols : args.out_cols;
   const bf16* expert_weights =
@@ -347,12 +312,6 @@ void launch_tensor_core(const ExpertFfnArgs& args, cudaStream_t stream) {
 // A warp per output column and row, lanes striding over K, reduced by a fixed shuffle tree: the
 // result of a row never depends on the other rows of its group. Correctness, not speed.
 constexpr int kSimtWarps = 8;
-
-__device__ __forceinline__ float warp_sum(float value) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
-  return value;
-}
 
 template <typename Act, typename Weight>
 __global__ void __launch_bounds__(kSimtWarps * 32)

@@ -29,7 +29,9 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/expert_chunk_search.cuh"
 #include "kernels/cuda/expert_ffn_variants.h"
+#include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -46,7 +48,6 @@ constexpr int kVectorElements = 8;              // one 16-byte load
 constexpr int kChunkK = 4 * kVectorElements;    // the 4 lanes of an mma row group cover 32 K
 constexpr int kUnroll = 4;                      // K chunks loaded before the first is used
 constexpr int kBlockWeightRows = kColumnWarps * kMmaRows;
-constexpr int kExpertsPerLane = 4;  // the chunk search reads 128 experts at once
 
 enum class Phase { kGateUp, kDown };
 
@@ -119,71 +120,6 @@ __device__ __forceinline__ void allow_dependent_grid() {
 #endif
 }
 
-__device__ __forceinline__ float silu(float value) { return value / (1.0f + expf(-value)); }
-
-__device__ __forceinline__ int chunks_of(int rows, int rows_per_chunk) {
-  return (rows + rows_per_chunk - 1) / rows_per_chunk;
-}
-
-struct GroupChunk {
-  int local;  // the expert's slot in the weight stack; -1: no chunk for this block
-  int row_begin;
-  int row_end;
-};
-
-// The `target`-th chunk (of kChunkRows rows, in expert order) over all experts' groups, found by
-// warp 0 with one round of loads per 128 experts; called by the whole block. The offsets were
-// written before the gate_up grid started, so the down grid may read them before its wait.
-template <int kChunkRows>
-__device__ GroupChunk find_group_chunk(const StreamArgs& args, int target) {
-  __shared__ GroupChunk found;
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    if (lane == 0) found.local = -1;
-    __syncwarp();
-    int chunks_before = 0;
-    for (int64_t base = 0; base < args.num_experts; base += 32 * kExpertsPerLane) {
-      const int64_t first = base + static_cast<int64_t>(lane) * kExpertsPerLane;
-      int bounds[kExpertsPerLane + 1];
-      int local[kExpertsPerLane];
-#pragma unroll
-      for (int i = 0; i <= kExpertsPerLane; ++i) {
-        const int64_t expert = first + i < args.num_experts ? first + i : args.num_experts;
-        bounds[i] = args.offsets[expert];
-        if (i < kExpertsPerLane) local[i] = first + i < args.num_experts ? args.local_index[first + i] : -1;
-      }
-      int lane_chunks = 0;
-#pragma unroll
-      for (int i = 0; i < kExpertsPerLane; ++i)
-        lane_chunks += chunks_of(bounds[i + 1] - bounds[i], kChunkRows);
-      int inclusive = lane_chunks;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const int from_below = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += from_below;
-      }
-      int cursor = chunks_before + inclusive - lane_chunks;
-      if (target >= cursor && target < cursor + lane_chunks) {
-#pragma unroll
-        for (int i = 0; i < kExpertsPerLane; ++i) {
-          const int count = chunks_of(bounds[i + 1] - bounds[i], kChunkRows);
-          if (target >= cursor && target < cursor + count) {
-            const int row_begin = bounds[i] + (target - cursor) * kChunkRows;
-            found.local = local[i];
-            found.row_begin = row_begin;
-            found.row_end = min(bounds[i + 1], row_begin + kChunkRows);
-          }
-          cursor += count;
-        }
-      }
-      chunks_before += __shfl_sync(0xffffffffu, inclusive, 31);
-      if (chunks_before > target) break;  // uniform over the warp
-    }
-  }
-  __syncthreads();
-  return found;
-}
-
 // grid (column tiles of 32 weight rows, chunk slots). kMinBlocks caps the registers so that many
 // warps (and so many bytes) are in flight on every SM.
 template <Phase kPhase, int kTokenTiles>
@@ -196,7 +132,10 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
   // slots gate_up frees (they wait for its results on the device before reading them).
   if constexpr (kPhase == Phase::kGateUp) allow_dependent_grid();
 
-  const GroupChunk chunk = find_group_chunk<kChunkRows>(args, static_cast<int>(blockIdx.y));
+  // The offsets and local indices were written before the gate_up grid started, so the down grid
+  // may read them before its wait.
+  const GroupChunk chunk = find_group_chunk<kChunkRows>(args.offsets, args.local_index, args.num_experts,
+                                                        static_cast<int>(blockIdx.y));
   if (chunk.local < 0) {
     if constexpr (kPhase == Phase::kDown) wait_for_primary_grid();
     return;  // a slot past the last chunk (or rows of a non-hosted expert, which break the contract)
@@ -313,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
       if (tile_row >= chunk_rows) continue;
       bf16* out_row = args.out + static_cast<int64_t>(chunk.row_begin + tile_row) * args.out_cols;
       if constexpr (kPhase == Phase::kGateUp) {
-        if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(silu(acc[t][half]) * acc[t][2 + half]);
+        if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(access::silu(acc[t][half]) * acc[t][2 + half]);
       } else {
         if (lo_valid) out_row[row_lo] = __float2bfloat16_rn(acc[t][half]);
         if (hi_valid) out_row[row_hi] = __float2bfloat16_rn(acc[t][2 + half]);
@@ -338,8 +277,6 @@ bool device_overlaps_launches() {
   }
   return state == 2;
 }
-
-bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
 template <int kTokenTiles>
 void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream_t stream) {
@@ -397,8 +334,9 @@ void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream
 
 bool streaming_expert_ffn_supported(const ExpertFfnArgs& args) {
   return args.act_type == ScalarType::kBF16 && args.weight_type == ScalarType::kBF16 &&
-         args.hidden % kVectorElements == 0 && args.inter % kVectorElements == 0 && aligned_16(args.x) &&
-         aligned_16(args.gate_up) && aligned_16(args.down) && aligned_16(args.intermediate);
+         args.hidden % kVectorElements == 0 && args.inter % kVectorElements == 0 &&
+         access::aligned16(args.x) && access::aligned16(args.gate_up) && access::aligned16(args.down) &&
+         access::aligned16(args.intermediate);
 }
 
 void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, bool overlap_phases,

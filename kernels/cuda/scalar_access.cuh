@@ -1,6 +1,6 @@
-// Device-side access to F32 / BF16 tensors for the kernels of helper A (elementwise, attention,
-// routing): widening loads and rounding stores, 8-element vector forms (16-byte loads), warp
-// reductions, and the host-side dispatch from a runtime ScalarType to a template parameter.
+// Device-side access to F32 / BF16 tensors for the CUDA kernels (elementwise, attention, routing,
+// expert FFN): widening loads and rounding stores, 8-element vector forms (16-byte loads), warp
+// reductions, SiLU, and the host-side dispatch from a runtime ScalarType to a template parameter.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -76,6 +76,9 @@ __device__ __forceinline__ void store_vector(T* p, const float (&values)[N]) {
     *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
   }
 }
+
+// One expression for every SiLU on the device, so the dense MLP and the expert FFN round alike.
+__device__ __forceinline__ float silu(float value) { return value / (1.0f + expf(-value)); }
 
 __device__ __forceinline__ float warp_sum(float value) {
 #pragma unroll
