@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "kernels/backend_checks.h"
+#include "kernels/cuda/cublas_gemm.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/gemm_lanes.h"
@@ -48,7 +49,8 @@ std::string gib_text(size_t bytes) {
 
 class DeviceBuffer final : public Buffer {
  public:
-  DeviceBuffer(void* data, size_t size, int device) : Buffer(data, size, MemorySpace::kDevice), device_(device) {}
+  DeviceBuffer(void* data, size_t size, int device)
+      : Buffer(data, size, MemorySpace::kDevice), device_(device) {}
   ~DeviceBuffer() override {
     if (data() == nullptr) return;
     int previous = 0;
@@ -72,7 +74,8 @@ class PinnedBuffer final : public Buffer {
 
 class CudaGraph final : public Graph {
  public:
-  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, int device) : exec_(exec), stream_(stream), device_(device) {}
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream, int device)
+      : exec_(exec), stream_(stream), device_(device) {}
   ~CudaGraph() override { cudaGraphExecDestroy(exec_); }
   void replay() override {
     DeviceScope scope(device_);
@@ -109,7 +112,8 @@ class CudaBackend final : public Backend {
       // cannot do.
       EPIC_CUDA_CHECK(cudaMalloc(&cublas_workspace_, kCublasWorkspaceBytes));
       EPIC_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspaceBytes));
-      EPIC_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_groups_), sizeof(int32_t) * 2 * kMaxHostGroupEntries));
+      EPIC_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&host_groups_),
+                                     sizeof(int32_t) * 2 * kMaxHostGroupEntries));
       EPIC_CUDA_CHECK(
           cudaMalloc(reinterpret_cast<void**>(&device_gemm_pointers_), sizeof(void*) * kGemmPointers));
       EPIC_CUDA_CHECK(
@@ -218,12 +222,10 @@ class CudaBackend final : public Backend {
     if (out.numel() == 0) return;
     DeviceScope scope(device_);
     const auto timing = time_op("embed", ids.dim(0));
-    cuda_kernels::embed(ids.as<int32_t>(), ids.dim(0), table.data, table.type, table.dim(1), out.data, out.type,
-                        stream_);
+    cuda_kernels::embed(ids.as<int32_t>(), ids.dim(0), table.data, table.type, table.dim(1), out.data,
+                        out.type, stream_);
   }
 
-  // Row-major y[rows, out] = x[rows, in] * w[out, in]^T is, in cuBLAS's column-major terms,
-  // y^T[out, rows] = op_T(w as [in, out]) * (x as [in, rows]).
   void linear(const Tensor& x, const Tensor& w, const Tensor& y) override {
     backend_checks::check_linear(kSpace, x, w, y);
     const int64_t rows = x.dim(0), in_dim = x.dim(1), out_dim = w.dim(0);
@@ -247,17 +249,19 @@ class CudaBackend final : public Backend {
         check_fits_int("linear", "in_dim", in_dim);
         check_fits_int("linear", "out_dim", out_dim);
         void* scratch = split_scratch(static_cast<size_t>(3 * rows * in_dim) * 2);
-        cuda_kernels::linear_f32_split(x.as<float>(), w.data, y.as<float>(), rows, in_dim, out_dim, scratch, cublas_,
-                                       stream_);
+        cuda_kernels::linear_f32_split(x.as<float>(), w.data, y.as<float>(), rows, in_dim, out_dim, scratch,
+                                       cublas_, stream_);
       } else {
-        cuda_kernels::linear_f32(x.as<float>(), w.data, w.type, y.as<float>(), rows, in_dim, out_dim, stream_);
+        cuda_kernels::linear_f32(x.as<float>(), w.data, w.type, y.as<float>(), rows, in_dim, out_dim,
+                                 stream_);
       }
       return;
     }
     if (x.type != w.type)
       throw Error(ErrorCode::kUnsupported, "cuda backend linear: " + x.describe() + " activations with " +
                                                w.describe() + " weights; bf16 activations need bf16 weights");
-    if (x.type == ScalarType::kBF16 && cuda_kernels::linear_skinny_supported(x.data, w.data, rows, in_dim, out_dim)) {
+    if (x.type == ScalarType::kBF16 &&
+        cuda_kernels::linear_skinny_supported(x.data, w.data, rows, in_dim, out_dim)) {
       // Decode-size rows: a weight-streaming kernel of our own (cuBLAS is far from the read rate there).
       cuda_kernels::linear_skinny(x.data, w.data, y.data, y.type, rows, in_dim, out_dim, stream_);
       return;
@@ -265,21 +269,18 @@ class CudaBackend final : public Backend {
     check_fits_int("linear", "rows", rows);
     check_fits_int("linear", "in_dim", in_dim);
     check_fits_int("linear", "out_dim", out_dim);
-    const float alpha = 1.0f, beta = 0.0f;
-    EPIC_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim),
-                                   static_cast<int>(rows), static_cast<int>(in_dim), &alpha, w.data,
-                                   cuda_type(w.type), static_cast<int>(in_dim), x.data, cuda_type(x.type),
-                                   static_cast<int>(in_dim), &beta, y.data, cuda_type(y.type),
-                                   static_cast<int>(out_dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cuda_kernels::gemm_rows_nt(cublas_, x.data, cuda_type(x.type), in_dim, w.data, cuda_type(w.type), out_dim,
+                               in_dim, y.data, cuda_type(y.type), out_dim, rows);
   }
 
   void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps) override {
     backend_checks::check_rms_norm(kSpace, x, weight, y);
     if (x.numel() == 0) return;
     DeviceScope scope(device_);
-    const auto timing = time_op("rms_norm", x.dim(0), [&] { return std::string("to ") + scalar_name(y.type); });
-    cuda_kernels::rms_norm(x.data, x.type, weight.data, weight.type, y.data, y.type, x.dim(0), weight.dim(0), eps,
-                           stream_);
+    const auto timing =
+        time_op("rms_norm", x.dim(0), [&] { return std::string("to ") + scalar_name(y.type); });
+    cuda_kernels::rms_norm(x.data, x.type, weight.data, weight.type, y.data, y.type, x.dim(0), weight.dim(0),
+                           eps, stream_);
   }
 
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
@@ -289,13 +290,13 @@ class CudaBackend final : public Backend {
     if (qkv.dim(0) == 0) return;
     DeviceScope scope(device_);
     const auto timing = time_op("qk_norm_rope", qkv.dim(0));
-    cuda_kernels::qk_norm_rope(qkv.data, qkv.type, q_norm.data, k_norm.data, q_norm.type, positions.as<int32_t>(),
-                               qkv.dim(0), shape.num_heads, shape.num_kv_heads, shape.head_dim, eps, theta,
-                               stream_);
+    cuda_kernels::qk_norm_rope(qkv.data, qkv.type, q_norm.data, k_norm.data, q_norm.type,
+                               positions.as<int32_t>(), qkv.dim(0), shape.num_heads, shape.num_kv_heads,
+                               shape.head_dim, eps, theta, stream_);
   }
 
-  void store_kv(const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool, const Tensor& value_pool,
-                const AttentionShape& shape) override {
+  void store_kv(const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool,
+                const Tensor& value_pool, const AttentionShape& shape) override {
     backend_checks::check_store_kv(kSpace, qkv, slot_mapping, key_pool, value_pool, shape);
     if (qkv.dim(0) == 0) return;
     DeviceScope scope(device_);
@@ -304,9 +305,9 @@ class CudaBackend final : public Backend {
                            value_pool.data, shape.num_heads, shape.num_kv_heads, shape.head_dim, stream_);
   }
 
-  void attention(const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool, const Tensor& block_tables,
-                 const Tensor& row_sequence, const Tensor& positions, const AttentionShape& shape,
-                 const Tensor& out) override {
+  void attention(const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
+                 const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
+                 const AttentionShape& shape, const Tensor& out) override {
     backend_checks::check_attention(kSpace, qkv, key_pool, value_pool, block_tables, row_sequence, positions,
                                     shape, out);
     check_head_dim("attention", shape.head_dim);
@@ -314,8 +315,9 @@ class CudaBackend final : public Backend {
     DeviceScope scope(device_);
     const auto timing = time_op("attention", qkv.dim(0));
     cuda_kernels::attention(qkv.data, qkv.type, key_pool.data, value_pool.data, block_tables.as<int32_t>(),
-                            block_tables.dim(1), row_sequence.as<int32_t>(), positions.as<int32_t>(), qkv.dim(0),
-                            shape.num_heads, shape.num_kv_heads, shape.head_dim, out.data, stream_);
+                            block_tables.dim(1), row_sequence.as<int32_t>(), positions.as<int32_t>(),
+                            qkv.dim(0), shape.num_heads, shape.num_kv_heads, shape.head_dim, out.data,
+                            stream_);
   }
 
   void silu_mul(const Tensor& gate_up, const Tensor& out) override {
@@ -350,8 +352,8 @@ class CudaBackend final : public Backend {
     cuda_kernels::argmax(logits.data, logits.type, ids.as<int32_t>(), logits.dim(0), logits.dim(1), stream_);
   }
 
-  void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids, const Tensor& weights,
-                   bool normalize) override {
+  void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
+                   const Tensor& weights, bool normalize) override {
     backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);
     if (logits.dim(0) == 0) return;
     DeviceScope scope(device_);
@@ -361,8 +363,9 @@ class CudaBackend final : public Backend {
                               stream_);
   }
 
-  void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k, const Tensor& expert_offsets,
-                       const Tensor& source_row, const Tensor& sorted_position) override {
+  void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
+                       const Tensor& expert_offsets, const Tensor& source_row,
+                       const Tensor& sorted_position) override {
     backend_checks::check_group_by_expert(kSpace, expert_ids, num_experts, top_k, expert_offsets, source_row,
                                           sorted_position);
     DeviceScope scope(device_);
@@ -380,7 +383,7 @@ class CudaBackend final : public Backend {
     const bool host_scheduled = x.type == ScalarType::kBF16 && gate_up.type == ScalarType::kBF16 &&
                                 x.dim(0) >= kCublasExpertFfnMinRows;
     const auto timing = time_op("expert_ffn", x.dim(0), [&] {
-      return std::string(!host_scheduled              ? "device-scheduled"
+      return std::string(!host_scheduled                    ? "device-scheduled"
                          : x.dim(0) >= kPerExpertFfnMinRows ? "cublas per expert"
                                                             : "cublas grouped");
     });
@@ -405,8 +408,9 @@ class CudaBackend final : public Backend {
       // Prefill sizes: one read-back of the group sizes buys cuBLAS GEMMs of the exact shapes.
       int32_t* host_offsets = host_groups_;
       int32_t* host_local = host_groups_ + kMaxHostGroupEntries;
-      EPIC_CUDA_CHECK(cudaMemcpyAsync(host_offsets, args.expert_offsets, sizeof(int32_t) * (args.num_experts + 1),
-                                      cudaMemcpyDeviceToHost, stream_));
+      EPIC_CUDA_CHECK(cudaMemcpyAsync(host_offsets, args.expert_offsets,
+                                      sizeof(int32_t) * (args.num_experts + 1), cudaMemcpyDeviceToHost,
+                                      stream_));
       EPIC_CUDA_CHECK(cudaMemcpyAsync(host_local, args.local_index, sizeof(int32_t) * args.num_experts,
                                       cudaMemcpyDeviceToHost, stream_));
       EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -433,8 +437,9 @@ class CudaBackend final : public Backend {
     if (out.numel() == 0) return;
     DeviceScope scope(device_);
     const auto timing = time_op("combine_top_k", out.dim(0));
-    cuda_kernels::combine_top_k(expert_out.data, expert_out.type, sorted_position.as<int32_t>(), weights.as<float>(),
-                                weights.dim(0), weights.dim(1), out.dim(1), out.data, out.type, stream_);
+    cuda_kernels::combine_top_k(expert_out.data, expert_out.type, sorted_position.as<int32_t>(),
+                                weights.as<float>(), weights.dim(0), weights.dim(1), out.dim(1), out.data,
+                                out.type, stream_);
   }
 
  private:
@@ -514,11 +519,11 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
-  int32_t* host_groups_ = nullptr;  // pinned: [offsets | local indices]
-  void** host_gemm_pointers_ = nullptr;    // pinned staging of device_gemm_pointers_
-  void** device_gemm_pointers_ = nullptr;  // [kGemmPointers]
+  int32_t* host_groups_ = nullptr;                     // pinned: [offsets | local indices]
+  void** host_gemm_pointers_ = nullptr;                // pinned staging of device_gemm_pointers_
+  void** device_gemm_pointers_ = nullptr;              // [kGemmPointers]
   std::unique_ptr<cuda_kernels::GemmLanePool> lanes_;  // made at the first call that wants it
-  std::vector<void*> split_scratch_;  // linear_f32_split's scratch, the last one the largest
+  std::vector<void*> split_scratch_;                   // linear_f32_split's scratch, the last one the largest
   size_t split_scratch_bytes_ = 0;
   cuda_kernels::OpTiming op_timing_;  // finished before release() destroys the stream
 };
@@ -547,8 +552,8 @@ void require_device(int device) {
   if (device < 0 || device >= count)
     throw Error(ErrorCode::kInvalidArgument, "cuda backend: device " + std::to_string(device) +
                                                  " is out of range; " + std::to_string(count) +
-                                                 " CUDA device(s) are visible (0 .. " + std::to_string(count - 1) +
-                                                 ")");
+                                                 " CUDA device(s) are visible (0 .. " +
+                                                 std::to_string(count - 1) + ")");
 }
 
 }  // namespace

@@ -7,8 +7,8 @@
 // Accumulation is fp32 everywhere; a bf16 result is rounded to nearest even once, at the end.
 #pragma once
 
-#include <cuda_runtime_api.h>
 #include <cublas_v2.h>
+#include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -29,18 +29,21 @@ void rms_norm(const void* x, ScalarType x_type, const void* weight, ScalarType w
 void qk_norm_rope(void* qkv, ScalarType type, const void* q_norm, const void* k_norm, ScalarType norm_type,
                   const int32_t* positions, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                   int64_t head_dim, float eps, double theta, cudaStream_t stream);
-void silu_mul(const void* gate_up, void* out, ScalarType type, int64_t rows, int64_t inter, cudaStream_t stream);
+void silu_mul(const void* gate_up, void* out, ScalarType type, int64_t rows, int64_t inter,
+              cudaStream_t stream);
 void add(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream);
 void gather_rows(const void* x, const int32_t* index, void* out, int64_t rows, size_t row_bytes,
                  cudaStream_t stream);
-void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab, cudaStream_t stream);
+void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab,
+            cudaStream_t stream);
 // Element conversion (f32 <-> bf16, or a plain copy when the types match).
 void convert(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream);
 
 // ---- attention_kernel.cu (helper A) ------------------------------------------------------------
 // key_pool / value_pool [num_blocks, kKvBlockSize, num_kv_heads, head_dim] of `type`.
 void store_kv(const void* qkv, ScalarType type, const int32_t* slot_mapping, int64_t rows, void* key_pool,
-              void* value_pool, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, cudaStream_t stream);
+              void* value_pool, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+              cudaStream_t stream);
 // block_tables [num_sequences, max_blocks]; out [rows, num_heads * head_dim] of `type`.
 void attention(const void* qkv, ScalarType type, const void* key_pool, const void* value_pool,
                const int32_t* block_tables, int64_t max_blocks, const int32_t* row_sequence,
@@ -53,10 +56,11 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
                  cudaStream_t stream);
 // Stable counting sort of slots by expert; uses only its outputs as scratch.
 void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
-                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position, cudaStream_t stream);
-void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position, const float* weights,
-                   int64_t tokens, int64_t top_k, int64_t hidden, void* out, ScalarType out_type,
-                   cudaStream_t stream);
+                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
+                     cudaStream_t stream);
+void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position,
+                   const float* weights, int64_t tokens, int64_t top_k, int64_t hidden, void* out,
+                   ScalarType out_type, cudaStream_t stream);
 
 // ---- gemm kernels (helper B): linear_f32.cu, expert_ffn_*.cu -----------------------------------
 // y[rows, out] = x[rows, in] * w[out, in]^T with f32 x and y and f32 or bf16 w, fp32 FMA: the
@@ -87,13 +91,13 @@ struct GemmLane;  // gemm_lanes.h
 // One call of the grouped expert FFN (Backend::expert_ffn). Offsets and local_index are device
 // arrays; `rows` is the host's count of x's rows (offsets[num_experts] == rows).
 struct ExpertFfnArgs {
-  const void* x = nullptr;             // [rows, hidden] of act_type
+  const void* x = nullptr;                  // [rows, hidden] of act_type
   const int32_t* expert_offsets = nullptr;  // [num_experts + 1], device
-  const void* gate_up = nullptr;       // [num_local, 2 * inter, hidden] of weight_type
-  const void* down = nullptr;          // [num_local, hidden, inter] of weight_type
-  const int32_t* local_index = nullptr;  // [num_experts], device; -1 = not hosted
-  void* intermediate = nullptr;        // [rows, inter] of act_type, scratch
-  void* y = nullptr;                   // [rows, hidden] of act_type
+  const void* gate_up = nullptr;            // [num_local, 2 * inter, hidden] of weight_type
+  const void* down = nullptr;               // [num_local, hidden, inter] of weight_type
+  const int32_t* local_index = nullptr;     // [num_experts], device; -1 = not hosted
+  void* intermediate = nullptr;             // [rows, inter] of act_type, scratch
+  void* y = nullptr;                        // [rows, hidden] of act_type
   int64_t rows = 0, num_experts = 0, num_local = 0, hidden = 0, inter = 0;
   ScalarType act_type = ScalarType::kBF16;
   ScalarType weight_type = ScalarType::kBF16;
@@ -129,7 +133,7 @@ void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream)
 // cublasGemmEx per expert; returns whether the grouped calls ran. The grouped path writes
 // args.host_pointers and copies them asynchronously: the caller must not call again before that
 // copy is done (the backend synchronises its stream for the offsets read-back before each call).
-bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets, const int32_t* host_local_index,
-                       cublasHandle_t cublas, cudaStream_t stream);
+bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
+                       const int32_t* host_local_index, cublasHandle_t cublas, cudaStream_t stream);
 
 }  // namespace epic::cuda_kernels

@@ -120,9 +120,9 @@ __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, 
 
 // ---- qk_norm_rope ------------------------------------------------------------------------------
 
-// A block per row, or per (row, group of heads) (gridDim.y). The row's cos / sin table (angle = position * theta^(-2i/d) in double,
-// rounded to fp32 as the reference) is built once in shared memory; then one warp per q or k head
-// RMS-norms the head in fp32 and rotates it (rotate-half: pairs i, i + d/2).
+// A block per row, or per (row, group of heads) (gridDim.y). The row's cos / sin table (angle = position *
+// theta^(-2i/d) in double, rounded to fp32 as the reference) is built once in shared memory; then one warp
+// per q or k head RMS-norms the head in fp32 and rotates it (rotate-half: pairs i, i + d/2).
 template <class T, class N>
 __global__ void qk_norm_rope_kernel(T* qkv, const N* q_norm, const N* k_norm, const int32_t* positions,
                                     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, float eps,

@@ -10,9 +10,11 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/cuda/cublas_gemm.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/gemm_lanes.h"
+#include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -33,7 +35,7 @@ __global__ void strided_silu_mul_kernel(const bf16* gate, int64_t gate_stride, c
     const int64_t col = i % cols;
     const float g = __bfloat162float(gate[row * gate_stride + col]);
     const float u = __bfloat162float(up[row * up_stride + col]);
-    out[row * out_stride + col] = __float2bfloat16_rn(g / (1.0f + expf(-g)) * u);
+    out[row * out_stride + col] = __float2bfloat16_rn(access::silu(g) * u);
   }
 }
 
@@ -48,16 +50,10 @@ void launch_silu_mul(const bf16* gate, int64_t gate_stride, const bf16* up, int6
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
-// Row-major out[rows, n] (row stride ldc) = act[rows, k] (row stride lda) * weight[n, k]^T, which
-// is column-major out^T = weight * act^T: weight is the transposed operand.
+// gemm_rows_nt on bf16 operands: out[rows, n] (row stride ldc) = act[rows, k] * weight[n, k]^T.
 void gemm_nt(cublasHandle_t cublas, const bf16* act, int64_t lda, const bf16* weight, int64_t n, int64_t k,
              bf16* out, int64_t ldc, int64_t rows) {
-  const float alpha = 1.0f;
-  const float beta = 0.0f;
-  EPIC_CUBLAS_CHECK(cublasGemmEx(
-      cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(rows), static_cast<int>(k),
-      &alpha, weight, CUDA_R_16BF, static_cast<int>(k), act, CUDA_R_16BF, static_cast<int>(lda), &beta, out,
-      CUDA_R_16BF, static_cast<int>(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  gemm_rows_nt(cublas, act, CUDA_R_16BF, lda, weight, CUDA_R_16BF, n, k, out, CUDA_R_16BF, ldc, rows);
 }
 
 // One GEMM of a grouped pass, in gemm_nt's terms: row-major out[rows, n] (row stride out_stride) =
@@ -216,7 +212,8 @@ bool expert_ffn_grouped(const ExpertFfnArgs& args, const int32_t* host_offsets,
 // (Qwen3-MoE: 1536 <= 2048) one GEMM fills both halves of y; otherwise the I columns go in chunks
 // of at most H: gate into intermediate, up into y. Only this expert's rows are touched, so
 // experts on different lanes never share memory.
-void one_expert_ffn(const ExpertFfnArgs& args, int64_t begin, int64_t rows, int64_t local, const GemmLane& lane) {
+void one_expert_ffn(const ExpertFfnArgs& args, int64_t begin, int64_t rows, int64_t local,
+                    const GemmLane& lane) {
   const int64_t hidden = args.hidden;
   const int64_t inter = args.inter;
   const auto* x = static_cast<const bf16*>(args.x) + begin * hidden;
@@ -231,8 +228,8 @@ void one_expert_ffn(const ExpertFfnArgs& args, int64_t begin, int64_t rows, int6
     const int64_t chunk = inter < hidden ? inter : hidden;
     for (int64_t column = 0; column < inter; column += chunk) {
       const int64_t columns = inter - column < chunk ? inter - column : chunk;
-      gemm_nt(lane.cublas, x, hidden, gate_up + column * hidden, columns, hidden, intermediate + column, inter,
-              rows);
+      gemm_nt(lane.cublas, x, hidden, gate_up + column * hidden, columns, hidden, intermediate + column,
+              inter, rows);
       gemm_nt(lane.cublas, x, hidden, gate_up + (inter + column) * hidden, columns, hidden, y, hidden, rows);
       launch_silu_mul(intermediate + column, inter, y, hidden, intermediate + column, inter, rows, columns,
                       lane.stream);
@@ -342,7 +339,8 @@ bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
                "expert_ffn_cublas: expert " + std::to_string(expert) + " has " + std::to_string(expert_rows) +
                    " rows but is not hosted here (local index " + std::to_string(local) + ")");
   }
-  if (!args.per_expert && expert_ffn_grouped(args, host_offsets, host_local_index, cublas, stream)) return true;
+  if (!args.per_expert && expert_ffn_grouped(args, host_offsets, host_local_index, cublas, stream))
+    return true;
   per_expert_loop(args, host_offsets, host_local_index, GemmLane{cublas, stream, nullptr});
   return false;
 }

@@ -99,7 +99,8 @@ __device__ __forceinline__ void widen8(const __nv_bfloat16* w, float (&out)[8]) 
 }
 __device__ __forceinline__ void widen8(const float* w, float (&out)[8]) {
   const float4 a = *reinterpret_cast<const float4*>(w), b = *reinterpret_cast<const float4*>(w + 4);
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z,
+  out[7] = b.w;
 }
 
 // kVec 8: each lane takes 8 consecutive k per step (16-byte loads; in_dim % 8 == 0, aligned rows).
@@ -155,8 +156,8 @@ void launch_narrow(const float* x, const Weight* w, float* y, int64_t rows, int6
              "linear_f32: " + std::to_string(rows) + " rows exceed the launch grid; split the call");
   const dim3 grid(static_cast<unsigned>((out_dim + kNarrowWarps - 1) / kNarrowWarps),
                   static_cast<unsigned>(row_blocks));
-  const bool vector = in_dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                      reinterpret_cast<uintptr_t>(w) % 16 == 0;
+  const bool vector =
+      in_dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
   if (vector) {
     linear_f32_narrow_kernel<8><<<grid, kNarrowWarps * 32, 0, stream>>>(x, w, y, rows, in_dim, out_dim);
   } else {

@@ -18,8 +18,9 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / access::kWarpSize;
-constexpr int kOutputsPerGroup = 8;  // outputs a block finishes per round: 8 weight loads in flight per thread
-constexpr int kMaxBlocks = 2048;     // blocks stride over the output groups beyond this
+constexpr int kOutputsPerGroup =
+    8;                            // outputs a block finishes per round: 8 weight loads in flight per thread
+constexpr int kMaxBlocks = 2048;  // blocks stride over the output groups beyond this
 constexpr int64_t kMaxSharedBytes = 96 * 1024;
 
 __device__ __forceinline__ void widen8(const uint4& bits, float (&values)[8]) {
@@ -43,7 +44,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t chunks = in_dim / 8;
   for (int64_t i = threadIdx.x; i < R * chunks; i += kThreads) {
     const int64_t r = i / chunks;
-    x_shared[i] = r < rows ? reinterpret_cast<const uint4*>(x)[r * chunks + i % chunks] : make_uint4(0, 0, 0, 0);
+    x_shared[i] =
+        r < rows ? reinterpret_cast<const uint4*>(x)[r * chunks + i % chunks] : make_uint4(0, 0, 0, 0);
   }
   __syncthreads();
 
@@ -102,16 +104,19 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int R, class Y>
-void launch(const bf16* x, const bf16* w, Y* y, int64_t rows, int64_t in_dim, int64_t out_dim, cudaStream_t stream) {
+void launch(const bf16* x, const bf16* w, Y* y, int64_t rows, int64_t in_dim, int64_t out_dim,
+            cudaStream_t stream) {
   const size_t shared = static_cast<size_t>(R * in_dim) * sizeof(bf16);
   static std::once_flag raised;  // past 48 KiB of dynamic shared memory needs an opt-in, once per kernel
   std::call_once(raised, [] {
-    EPIC_CUDA_CHECK(cudaFuncSetAttribute(linear_skinny_kernel<R, Y>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    EPIC_CUDA_CHECK(cudaFuncSetAttribute(linear_skinny_kernel<R, Y>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kMaxSharedBytes)));
   });
   const int64_t groups = (out_dim + kOutputsPerGroup - 1) / kOutputsPerGroup;
   const unsigned blocks = static_cast<unsigned>(groups < kMaxBlocks ? groups : kMaxBlocks);
-  linear_skinny_kernel<R, Y><<<blocks, kThreads, shared, stream>>>(x, w, y, static_cast<int>(rows), in_dim, out_dim);
+  linear_skinny_kernel<R, Y>
+      <<<blocks, kThreads, shared, stream>>>(x, w, y, static_cast<int>(rows), in_dim, out_dim);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
@@ -137,8 +142,8 @@ bool linear_skinny_supported(const void* x, const void* w, int64_t rows, int64_t
 void linear_skinny(const void* x, const void* w, void* y, ScalarType y_type, int64_t rows, int64_t in_dim,
                    int64_t out_dim, cudaStream_t stream) {
   EPIC_CHECK(linear_skinny_supported(x, w, rows, in_dim, out_dim), ErrorCode::kInternal,
-             "linear_skinny: unsupported shape (rows " + std::to_string(rows) + ", in " + std::to_string(in_dim) +
-                 ") or unaligned pointers; check linear_skinny_supported first");
+             "linear_skinny: unsupported shape (rows " + std::to_string(rows) + ", in " +
+                 std::to_string(in_dim) + ") or unaligned pointers; check linear_skinny_supported first");
   const auto* x_bf16 = static_cast<const bf16*>(x);
   const auto* w_bf16 = static_cast<const bf16*>(w);
   if (y_type == ScalarType::kF32) {

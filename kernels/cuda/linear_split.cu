@@ -8,6 +8,7 @@
 
 #include <string>
 
+#include "kernels/cuda/cublas_gemm.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -45,15 +46,9 @@ void linear_f32_split(const float* x, const void* w, float* y, int64_t rows, int
   if (blocks > 65536) blocks = 65536;  // grid-stride beyond this
   split_three_kernel<<<static_cast<unsigned>(blocks), kSplitThreads, 0, stream>>>(x, parts, n);
   EPIC_CUDA_CHECK_LAUNCH();
-  // Row-major y[rows, out] = part[rows, in] * w[out, in]^T is column-major y^T = w^T(op T) * part^T.
-  const float alpha = 1.0f;
   for (int part = 0; part < 3; ++part) {
-    const float beta = part == 0 ? 0.0f : 1.0f;
-    EPIC_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim),
-                                   static_cast<int>(rows), static_cast<int>(in_dim), &alpha, w, CUDA_R_16BF,
-                                   static_cast<int>(in_dim), parts + part * n, CUDA_R_16BF,
-                                   static_cast<int>(in_dim), &beta, y, CUDA_R_32F, static_cast<int>(out_dim),
-                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    gemm_rows_nt(cublas, parts + part * n, CUDA_R_16BF, in_dim, w, CUDA_R_16BF, out_dim, in_dim, y,
+                 CUDA_R_32F, out_dim, rows, part == 0 ? 0.0f : 1.0f);
   }
 }
 

@@ -4,7 +4,8 @@
 // checked against an fp32 host computation. First it checks every kernel of the GEMM group (both
 // expert FFN paths and every device kernel, every type pair, ragged shapes, graph capture,
 // linear_f32) on small shapes, element by element. Exit status 1 on any failed check.
-// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --tokens N,N,... | --checks-only]
+// Usage: epic_expert_ffn_bench [--seed N] [--quick (sizes up to 512 tokens) | --tokens N,N,... |
+// --checks-only]
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
@@ -18,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/cublas_gemm.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_ffn_variants.h"
@@ -167,7 +169,7 @@ struct FfnPath {
   ExpertFfnKernel kernel = ExpertFfnKernel::kAuto;
   bool overlap = true;
   bool grouped = false;  // cublas: with pointer scratch, one grouped cuBLAS call per GEMM pass
-  int lanes = 0;          // cublas: > 0 forces the per-expert loop over this many streams
+  int lanes = 0;         // cublas: > 0 forces the per-expert loop over this many streams
   std::string name() const {
     if (cublas && lanes > 0) return "loop-" + std::to_string(lanes) + "lanes";
     if (cublas) return grouped ? "grouped" : "cublas";
@@ -387,8 +389,8 @@ void check_linear_f32(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType 
       want[r * out_dim + o] = static_cast<float>(sum);
     }
   }
-  const std::string shape = " x " + std::string(scalar_name(w_type)) + " rows " + std::to_string(rows) + " in " +
-                            std::to_string(in_dim) + " out " + std::to_string(out_dim);
+  const std::string shape = " x " + std::string(scalar_name(w_type)) + " rows " + std::to_string(rows) +
+                            " in " + std::to_string(in_dim) + " out " + std::to_string(out_dim);
   DeviceBuffer y(rows * out_dim * 4);
   EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
   linear_f32(x.device.get<float>(), w.device.get(), w_type, y.get<float>(), rows, in_dim, out_dim, stream);
@@ -398,16 +400,16 @@ void check_linear_f32(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType 
   if (w_type != ScalarType::kBF16) return;
   DeviceBuffer scratch(3 * rows * in_dim * 2);
   EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
-  linear_f32_split(x.device.get<float>(), w.device.get(), y.get<float>(), rows, in_dim, out_dim, scratch.get(),
-                   cublas, stream);
+  linear_f32_split(x.device.get<float>(), w.device.get(), y.get<float>(), rows, in_dim, out_dim,
+                   scratch.get(), cublas, stream);
   EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
   got = read_back(y.get(), ScalarType::kF32, rows * out_dim);
   rows_match("linear_f32_split" + shape, got.data(), want.data(), rows, out_dim, 1e-5);
 }
 
 // linear_skinny (bf16 x and w, f32 or bf16 y) against a float64 host product, every element.
-void check_linear_skinny(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType y_type, std::mt19937_64& rng,
-                         cudaStream_t stream) {
+void check_linear_skinny(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType y_type,
+                         std::mt19937_64& rng, cudaStream_t stream) {
   TypedArray x(ScalarType::kBF16, random_values(rng, rows * in_dim, 1.0f));
   TypedArray w(ScalarType::kBF16, random_values(rng, out_dim * in_dim, 1.0f));
   std::vector<float> want(rows * out_dim);
@@ -426,8 +428,8 @@ void check_linear_skinny(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarTy
   const std::vector<float> got = read_back(y.get(), y_type, rows * out_dim);
   // f32: the sum order differs from the float64 reference; bf16: plus one rounding of the result
   // (2^-9 relative) on values up to ~10x the row RMS.
-  rows_match("linear_skinny to " + std::string(scalar_name(y_type)) + " rows " + std::to_string(rows) + " in " +
-                 std::to_string(in_dim) + " out " + std::to_string(out_dim),
+  rows_match("linear_skinny to " + std::string(scalar_name(y_type)) + " rows " + std::to_string(rows) +
+                 " in " + std::to_string(in_dim) + " out " + std::to_string(out_dim),
              got.data(), want.data(), rows, out_dim, y_type == ScalarType::kF32 ? 1e-5 : 2e-2);
 }
 
@@ -620,7 +622,8 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
     paths.push_back(FfnPath{true});
     paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, true});
     if (rows >= 4096) {  // the per-expert loop is for prefill sizes only
-      for (const int lanes : {1, 2, 4, 8}) paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, false, lanes});
+      for (const int lanes : {1, 2, 4, 8})
+        paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, false, lanes});
     }
     for (const FfnPath& path : paths) {
       EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
@@ -653,9 +656,10 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
 // The fp32 router's product (f32 rows x bf16 [128, 2048]) and a dense one: the SIMT kernels against
 // the exact three-way split on tensor cores, per row count.
 void run_linear_benchmarks(uint64_t seed, cudaStream_t stream, cublasHandle_t cublas) {
-  std::printf("\nbf16 x bf16 linear at decode rows: cuBLAS vs linear_skinny, median of %d calls\n", kTimedCalls);
-  std::printf("%8s %8s %6s %12s %12s %10s %8s\n", "rows", "out", "in", "cublas ms", "skinny ms", "skinny GB/s",
-              "ratio");
+  std::printf("\nbf16 x bf16 linear at decode rows: cuBLAS vs linear_skinny, median of %d calls\n",
+              kTimedCalls);
+  std::printf("%8s %8s %6s %12s %12s %10s %8s\n", "rows", "out", "in", "cublas ms", "skinny ms",
+              "skinny GB/s", "ratio");
   for (const auto& shape : {std::pair<int64_t, int64_t>{5120, 2048}, {2048, 4096}, {151936, 2048}}) {
     const int64_t out_dim = shape.first, in_dim = shape.second;  // (lambdas cannot capture bindings in C++17)
     DeviceBuffer w(out_dim * in_dim * 2);
@@ -664,43 +668,45 @@ void run_linear_benchmarks(uint64_t seed, cudaStream_t stream, cublasHandle_t cu
       DeviceBuffer x(rows * in_dim * 2);
       DeviceBuffer y(rows * out_dim * 4);
       fill_device(x.get(), rows * in_dim, seed * 17 + static_cast<uint64_t>(rows), 1.0f);
-      const float alpha = 1.0f, beta = 0.0f;
       const float cublas_ms = median_ms(
           [&] {
-            EPIC_CUBLAS_CHECK(cublasGemmEx(cublas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out_dim),
-                                           static_cast<int>(rows), static_cast<int>(in_dim), &alpha, w.get(),
-                                           CUDA_R_16BF, static_cast<int>(in_dim), x.get(), CUDA_R_16BF,
-                                           static_cast<int>(in_dim), &beta, y.get(), CUDA_R_32F,
-                                           static_cast<int>(out_dim), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+            gemm_rows_nt(cublas, x.get(), CUDA_R_16BF, in_dim, w.get(), CUDA_R_16BF, out_dim, in_dim, y.get(),
+                         CUDA_R_32F, out_dim, rows);
           },
           stream);
       const float skinny_ms = median_ms(
-          [&] { linear_skinny(x.get(), w.get(), y.get(), ScalarType::kF32, rows, in_dim, out_dim, stream); }, stream);
+          [&] { linear_skinny(x.get(), w.get(), y.get(), ScalarType::kF32, rows, in_dim, out_dim, stream); },
+          stream);
       std::printf("%8lld %8lld %6lld %12.4f %12.4f %10.0f %8.2f\n", static_cast<long long>(rows),
                   static_cast<long long>(out_dim), static_cast<long long>(in_dim), cublas_ms, skinny_ms,
                   static_cast<double>(out_dim * in_dim * 2) / (skinny_ms * 1e6), cublas_ms / skinny_ms);
     }
   }
-  std::printf("\nf32 x bf16 linear: linear_f32 (SIMT) vs linear_f32_split (3 bf16 GEMMs), median of %d calls\n",
-              kTimedCalls);
+  std::printf(
+      "\nf32 x bf16 linear: linear_f32 (SIMT) vs linear_f32_split (3 bf16 GEMMs), median of %d calls\n",
+      kTimedCalls);
   std::printf("%8s %6s %6s %12s %12s %8s\n", "rows", "out", "in", "simt ms", "split ms", "ratio");
   constexpr int64_t kIn = 2048;
   for (const int64_t out_dim : {int64_t{128}, int64_t{4096}}) {
     DeviceBuffer w(out_dim * kIn * 2);
     fill_device(w.get(), out_dim * kIn, seed * 11 + static_cast<uint64_t>(out_dim), 0.02f);
-    for (const int64_t rows : {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}, int64_t{2048}, int64_t{16384}}) {
+    for (const int64_t rows :
+         {int64_t{1}, int64_t{16}, int64_t{64}, int64_t{256}, int64_t{2048}, int64_t{16384}}) {
       if (out_dim > 128 && rows > 2048) continue;
       DeviceBuffer x(rows * kIn * 4);
       DeviceBuffer y(rows * out_dim * 4);
       DeviceBuffer scratch(3 * rows * kIn * 2);
       EPIC_CUDA_CHECK(cudaMemset(x.get(), 0x3c, x.bytes()));  // timing only: finite values
       const float simt = median_ms(
-          [&] { linear_f32(x.get<float>(), w.get(), ScalarType::kBF16, y.get<float>(), rows, kIn, out_dim, stream); },
+          [&] {
+            linear_f32(x.get<float>(), w.get(), ScalarType::kBF16, y.get<float>(), rows, kIn, out_dim,
+                       stream);
+          },
           stream);
       const float split = median_ms(
           [&] {
-            linear_f32_split(x.get<float>(), w.get(), y.get<float>(), rows, kIn, out_dim, scratch.get(), cublas,
-                             stream);
+            linear_f32_split(x.get<float>(), w.get(), y.get<float>(), rows, kIn, out_dim, scratch.get(),
+                             cublas, stream);
           },
           stream);
       std::printf("%8lld %6lld %6lld %12.4f %12.4f %8.2f\n", static_cast<long long>(rows),
@@ -730,7 +736,8 @@ int main(int argc, char** argv) {
         char* end = nullptr;
         const long long value = std::strtoll(item, &end, 10);
         if (end == item || value <= 0 || (*end != ',' && *end != '\0')) {
-          std::fprintf(stderr, "--tokens: expected positive integers separated by commas, got '%s'\n", argv[i]);
+          std::fprintf(stderr, "--tokens: expected positive integers separated by commas, got '%s'\n",
+                       argv[i]);
           return 2;
         }
         tokens.push_back(value);
