@@ -14,6 +14,7 @@
 #include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
@@ -41,6 +42,8 @@ template <class Unit>
 __global__ void store_kv_kernel(const Unit* qkv, const int32_t* slot_mapping, int64_t rows, Unit* key_pool,
                                 Unit* value_pool, int64_t row_units, int64_t k_offset, int64_t v_offset,
                                 int64_t kv_units) {
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
   const int64_t total = rows * 2 * kv_units;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
        u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -214,11 +217,11 @@ void store_kv(const void* qkv, ScalarType type, const int32_t* slot_mapping, int
   const auto launch = [&](auto unit_tag) {
     using Unit = typename decltype(unit_tag)::type;
     const auto units = [](size_t bytes) { return static_cast<int64_t>(bytes / sizeof(Unit)); };
-    store_kv_kernel<<<access::capped_blocks(rows * 2 * units(kv_bytes), kStoreThreads), kStoreThreads, 0,
-                      stream>>>(static_cast<const Unit*>(qkv), slot_mapping, rows,
-                                static_cast<Unit*>(key_pool), static_cast<Unit*>(value_pool),
-                                units(row_bytes), units(k_offset_bytes), units(k_offset_bytes + kv_bytes),
-                                units(kv_bytes));
+    dependent::launch(store_kv_kernel<Unit>,
+                      dim3(access::capped_blocks(rows * 2 * units(kv_bytes), kStoreThreads)),
+                      dim3(kStoreThreads), 0, stream, static_cast<const Unit*>(qkv), slot_mapping, rows,
+                      static_cast<Unit*>(key_pool), static_cast<Unit*>(value_pool), units(row_bytes),
+                      units(k_offset_bytes), units(k_offset_bytes + kv_bytes), units(kv_bytes));
   };
   if (alignment_bits % sizeof(uint4) == 0) {
     launch(access::TypeTag<uint4>{});

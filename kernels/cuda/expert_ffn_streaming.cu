@@ -25,10 +25,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/expert_chunk_search.cuh"
 #include "kernels/cuda/expert_ffn_variants.h"
 #include "kernels/cuda/scalar_access.cuh"
@@ -109,17 +109,6 @@ __device__ __forceinline__ void mma_chunk(float (&d)[4], const uint4& lo, const 
   mma_16x8x16(d, lo.z, hi.z, lo.w, hi.w, act.z, act.w);  // s = 1: physical 8q + 4 .. 7
 }
 
-__device__ __forceinline__ void wait_for_primary_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_dependent_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
 // grid (column tiles of 32 weight rows, chunk slots). kMinBlocks caps the registers so that many
 // warps (and so many bytes) are in flight on every SM.
 template <Phase kPhase, int kTokenTiles>
@@ -128,16 +117,20 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
   constexpr int kChunkRows = kTokenTiles * kMmaTokens;
   __shared__ float partials[kColumnWarps][kSplitK - 1][kTokenTiles][4][32];
 
-  // All of gate_up's blocks have started once each passed here, so down's blocks may take the SM
-  // slots gate_up frees (they wait for its results on the device before reading them).
-  if constexpr (kPhase == Phase::kGateUp) allow_dependent_grid();
+  // gate_up is itself a dependent launch (dependent_launch.cuh): it waits for the kernel before it,
+  // then lets down's blocks take the SM slots it frees (they wait for its results on the device
+  // before reading them). Waiting first keeps the chain ordered: once down runs, everything before
+  // gate_up has completed, so the offsets and local indices (written before gate_up) may be read
+  // before down's own wait.
+  if constexpr (kPhase == Phase::kGateUp) {
+    dependent::wait_for_previous();
+    dependent::release_next();
+  }
 
-  // The offsets and local indices were written before the gate_up grid started, so the down grid
-  // may read them before its wait.
   const GroupChunk chunk = find_group_chunk<kChunkRows>(args.offsets, args.local_index, args.num_experts,
                                                         static_cast<int>(blockIdx.y));
   if (chunk.local < 0) {
-    if constexpr (kPhase == Phase::kDown) wait_for_primary_grid();
+    if constexpr (kPhase == Phase::kDown) dependent::wait_for_previous();
     return;  // a slot past the last chunk (or rows of a non-hosted expert, which break the contract)
   }
 
@@ -198,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
     }
     if (!waited) {
       // down: the first weights are in flight; now wait for gate_up's intermediate.
-      wait_for_primary_grid();
+      dependent::wait_for_previous();
       waited = true;
     }
 #pragma unroll
@@ -221,7 +214,7 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
       }
     }
   }
-  if (!waited) wait_for_primary_grid();  // a warp without K chunks (tiny K) still orders its writes
+  if (!waited) dependent::wait_for_previous();  // a warp without K chunks (tiny K) still orders its writes
 
   // Split-K partials summed in a fixed order: ((split 0 + split 1) + split 2) + split 3.
   if (split > 0) {
@@ -261,23 +254,6 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
   }
 }
 
-// Programmatic dependent launch needs compute capability 9.0; asked once per device.
-bool device_overlaps_launches() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  EPIC_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= kMaxDevices) return false;
-  int state = known[device].load(std::memory_order_relaxed);
-  if (state == 0) {
-    int major = 0;
-    EPIC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    state = major >= 9 ? 2 : 1;
-    known[device].store(state, std::memory_order_relaxed);
-  }
-  return state == 2;
-}
-
 template <int kTokenTiles>
 void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream_t stream) {
   constexpr int kChunkRows = kTokenTiles * kMmaTokens;
@@ -311,22 +287,15 @@ void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream
   const dim3 down_grid(static_cast<unsigned>((args.hidden + kBlockWeightRows - 1) / kBlockWeightRows),
                        static_cast<unsigned>(slots));
 
-  streaming_expert_kernel<Phase::kGateUp, kTokenTiles><<<gate_up_grid, kThreads, 0, stream>>>(gate_up);
+  dependent::launch(streaming_expert_kernel<Phase::kGateUp, kTokenTiles>, gate_up_grid, dim3(kThreads), 0,
+                    stream, gate_up);
   EPIC_CUDA_CHECK_LAUNCH();
-
-  cudaLaunchConfig_t config = {};
-  config.gridDim = down_grid;
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  if (overlap_phases && device_overlaps_launches()) {
-    config.attrs = attribute;
-    config.numAttrs = 1;
+  if (overlap_phases) {
+    dependent::launch(streaming_expert_kernel<Phase::kDown, kTokenTiles>, down_grid, dim3(kThreads), 0,
+                      stream, down);
+  } else {
+    streaming_expert_kernel<Phase::kDown, kTokenTiles><<<down_grid, kThreads, 0, stream>>>(down);
   }
-  EPIC_CUDA_CHECK(cudaLaunchKernelEx(&config, streaming_expert_kernel<Phase::kDown, kTokenTiles>, down));
   EPIC_CUDA_CHECK_LAUNCH();
 }
 

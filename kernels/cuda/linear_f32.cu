@@ -4,6 +4,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/dependent_launch.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -108,6 +109,8 @@ template <int kVec, typename Weight>
 __global__ void __launch_bounds__(kNarrowWarps * 32)
     linear_f32_narrow_kernel(const float* __restrict__ x, const Weight* __restrict__ w, float* __restrict__ y,
                              int64_t rows, int64_t in_dim, int64_t out_dim) {
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t output = static_cast<int64_t>(blockIdx.x) * kNarrowWarps + warp;
   const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * kNarrowRows;
@@ -159,9 +162,11 @@ void launch_narrow(const float* x, const Weight* w, float* y, int64_t rows, int6
   const bool vector =
       in_dim % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
   if (vector) {
-    linear_f32_narrow_kernel<8><<<grid, kNarrowWarps * 32, 0, stream>>>(x, w, y, rows, in_dim, out_dim);
+    dependent::launch(linear_f32_narrow_kernel<8, Weight>, grid, dim3(kNarrowWarps * 32), 0, stream, x, w, y,
+                      rows, in_dim, out_dim);
   } else {
-    linear_f32_narrow_kernel<1><<<grid, kNarrowWarps * 32, 0, stream>>>(x, w, y, rows, in_dim, out_dim);
+    dependent::launch(linear_f32_narrow_kernel<1, Weight>, grid, dim3(kNarrowWarps * 32), 0, stream, x, w, y,
+                      rows, in_dim, out_dim);
   }
 }
 

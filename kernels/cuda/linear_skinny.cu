@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
@@ -40,6 +41,8 @@ __global__ void __launch_bounds__(kThreads)
     linear_skinny_kernel(const bf16* __restrict__ x, const bf16* __restrict__ w, Y* __restrict__ y, int rows,
                          int64_t in_dim, int64_t out_dim) {
   extern __shared__ uint4 x_shared[];  // [R][in_dim / 8]
+  dependent::wait_for_previous();      // dependent_launch.cuh: before any global access
+  dependent::release_next();
   __shared__ float partial[kWarps][R * kOutputsPerGroup];
   const int64_t chunks = in_dim / 8;
   for (int64_t i = threadIdx.x; i < R * chunks; i += kThreads) {
@@ -115,8 +118,8 @@ void launch(const bf16* x, const bf16* w, Y* y, int64_t rows, int64_t in_dim, in
   });
   const int64_t groups = (out_dim + kOutputsPerGroup - 1) / kOutputsPerGroup;
   const unsigned blocks = static_cast<unsigned>(groups < kMaxBlocks ? groups : kMaxBlocks);
-  linear_skinny_kernel<R, Y>
-      <<<blocks, kThreads, shared, stream>>>(x, w, y, static_cast<int>(rows), in_dim, out_dim);
+  dependent::launch(linear_skinny_kernel<R, Y>, dim3(blocks), dim3(kThreads), shared, stream, x, w, y,
+                    static_cast<int>(rows), in_dim, out_dim);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 

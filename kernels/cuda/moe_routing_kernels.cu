@@ -10,6 +10,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
@@ -47,6 +48,8 @@ template <class T, int kExpertsPerLane>
 __global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int32_t* expert_ids,
                                    float* weights, int64_t tokens, int64_t num_experts, int64_t top_k,
                                    bool normalize) {
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kRouteWarps + threadIdx.x / kWarpSize;
   if (token >= tokens) return;  // the whole warp
@@ -111,8 +114,9 @@ void launch_route_top_k(const void* logits, const uint8_t* present, int32_t* exp
                         int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
                         cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>((tokens + kRouteWarps - 1) / kRouteWarps);
-  route_top_k_kernel<T, kExpertsPerLane><<<blocks, kRouteWarps * kWarpSize, 0, stream>>>(
-      static_cast<const T*>(logits), present, expert_ids, weights, tokens, num_experts, top_k, normalize);
+  dependent::launch(route_top_k_kernel<T, kExpertsPerLane>, dim3(blocks), dim3(kRouteWarps * kWarpSize), 0,
+                    stream, static_cast<const T*>(logits), present, expert_ids, weights, tokens, num_experts,
+                    top_k, normalize);
 }
 
 // ---- group_by_expert ---------------------------------------------------------------------------
@@ -176,6 +180,9 @@ __global__ void __launch_bounds__(kGroupThreads)
                            int num_segments, int32_t* expert_offsets, int32_t* source_row,
                            int32_t* sorted_position) {
   extern __shared__ int32_t shared[];
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
+
   int32_t* cursor = shared;                                                     // [num_segments][num_experts]
   int32_t* totals = shared + static_cast<int64_t>(num_segments) * num_experts;  // [num_experts]
   const int warp = threadIdx.x / kWarpSize;
@@ -250,6 +257,8 @@ template <int kVec, class T, class TOut>
 __global__ void combine_top_k_kernel(const T* expert_out, const int32_t* sorted_position,
                                      const float* weights, int64_t tokens, int64_t top_k, int64_t hidden,
                                      TOut* out) {
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
   const int64_t vectors_per_row = hidden / kVec;
   const int64_t total = tokens * vectors_per_row;
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < total;
@@ -327,9 +336,9 @@ void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_exper
   const size_t shared_bytes =
       static_cast<size_t>(num_segments + 1) * static_cast<size_t>(num_experts) * sizeof(int32_t);
   // Even with no slots the offsets are written (all zero), so the launch is unconditional.
-  group_by_expert_kernel<<<1, kGroupThreads, shared_bytes, stream>>>(
-      expert_ids, slots, static_cast<int32_t>(num_experts), top_k, num_segments, expert_offsets, source_row,
-      sorted_position);
+  dependent::launch(group_by_expert_kernel, dim3(1), dim3(kGroupThreads), shared_bytes, stream, expert_ids,
+                    slots, static_cast<int32_t>(num_experts), top_k, num_segments, expert_offsets, source_row,
+                    sorted_position);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
@@ -344,15 +353,15 @@ void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorte
     access::dispatch_float_type(out_type, "combine_top_k", [&](auto out_tag) {
       using TOut = typename decltype(out_tag)::type;
       if (vector) {
-        combine_top_k_kernel<kVectorElements>
-            <<<access::capped_blocks(tokens * hidden / kVectorElements, kCombineThreads), kCombineThreads, 0,
-               stream>>>(static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
-                         static_cast<TOut*>(out));
+        dependent::launch(combine_top_k_kernel<kVectorElements, T, TOut>,
+                          dim3(access::capped_blocks(tokens * hidden / kVectorElements, kCombineThreads)),
+                          dim3(kCombineThreads), 0, stream, static_cast<const T*>(expert_out),
+                          sorted_position, weights, tokens, top_k, hidden, static_cast<TOut*>(out));
       } else {
-        combine_top_k_kernel<1>
-            <<<access::capped_blocks(tokens * hidden, kCombineThreads), kCombineThreads, 0, stream>>>(
-                static_cast<const T*>(expert_out), sorted_position, weights, tokens, top_k, hidden,
-                static_cast<TOut*>(out));
+        dependent::launch(combine_top_k_kernel<1, T, TOut>,
+                          dim3(access::capped_blocks(tokens * hidden, kCombineThreads)),
+                          dim3(kCombineThreads), 0, stream, static_cast<const T*>(expert_out),
+                          sorted_position, weights, tokens, top_k, hidden, static_cast<TOut*>(out));
       }
     });
   });

@@ -10,9 +10,9 @@
 #             rows included); ctest: the whole ctest suite
 #     bench:  the expert FFN micro-benchmark, bench-moe and bench-decode; baselines: the
 #             torch/transformers figures of the same card (launch/bench/run_gpu_bench.sh)
-#     profile: where the time goes: the prefill-size expert FFN paths, and per-op device times
-#             (EPIC_CUDA_OP_TIMING=1, no graphs) of bench-moe at 16384 tokens and of 8-layer decode
-#             steps at batch 1 and 256
+#     profile: where the time goes: the prefill-size expert FFN paths, per-op device times
+#             (EPIC_CUDA_OP_TIMING=1, no graphs) of 8-layer decode steps at batch 1, and the same
+#             steps from graphs with programmatic dependent launch off and on (EPIC_CUDA_PDL)
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
 # /usr/include/cereal) and .device/icu (ICU 72's headers and libicuuc/libicudata from the CI image).
 set -uo pipefail
@@ -97,19 +97,17 @@ if wants profile; then
   timeout 150 "$BUILD/kernels/cuda/epic_expert_ffn_bench" --tokens 2048,4096,8192,16384 \
     > "$OUT/expert_ffn_prefill.log" 2>&1 || status=1
   grep -E "^ +[0-9]+ |FAIL|PASS" "$OUT/expert_ffn_prefill.log" | tail -40 | tee -a "$OUT/summary.log"
-  log "profile: bench-moe 16384 tokens, per op"
-  EPIC_CUDA_OP_TIMING=1 timeout 90 "$BUILD/epic" bench-moe --backend cuda --precision bf16 --preset qwen3-30b-a3b \
-    --layers 2 --tokens-per-worker 16384 --iterations 5 --warmup 1 > "$OUT/profile_moe.log" 2>&1 || status=1
-  sed -n '/EPIC_CUDA_OP_TIMING/,$p' "$OUT/profile_moe.log" | head -16 | tee -a "$OUT/summary.log"
-  tail -4 "$OUT/profile_moe.log" | tee -a "$OUT/summary.log"
-  for batch in 1 256; do
-    log "profile: decode batch $batch, 8 layers, per op (no graphs), then with graphs"
-    EPIC_CUDA_OP_TIMING=1 timeout 120 "$BUILD/epic" bench-decode --backend cuda --precision bf16 \
-      --random-weights qwen3-30b-a3b --layers 8 --batch "$batch" --prompt-tokens 32 --new-tokens 32 \
-      --no-cuda-graphs > "$OUT/profile_decode_$batch.log" 2>&1 || status=1
-    sed -n '/EPIC_CUDA_OP_TIMING/,$p' "$OUT/profile_decode_$batch.log" | head -30 | tee -a "$OUT/summary.log"
-    timeout 120 "$BUILD/epic" bench-decode --backend cuda --precision bf16 --random-weights qwen3-30b-a3b \
-      --layers 8 --batch "$batch" --prompt-tokens 32 --new-tokens 32 2>&1 | tail -3 | tee -a "$OUT/summary.log"
+  log "profile: decode batch 1, 8 layers, per op (no graphs)"
+  EPIC_CUDA_OP_TIMING=1 timeout 120 "$BUILD/epic" bench-decode --backend cuda --precision bf16 \
+    --random-weights qwen3-30b-a3b --layers 8 --batch 1 --prompt-tokens 32 --new-tokens 32 \
+    --no-cuda-graphs > "$OUT/profile_decode_1.log" 2>&1 || status=1
+  sed -n '/EPIC_CUDA_OP_TIMING/,$p' "$OUT/profile_decode_1.log" | head -30 | tee -a "$OUT/summary.log"
+  for pdl in 0 1; do
+    log "profile: decode steps, 8 layers, graphs, programmatic dependent launch EPIC_CUDA_PDL=$pdl"
+    EPIC_CUDA_PDL=$pdl timeout 150 "$BUILD/epic" bench-decode --backend cuda --precision bf16 \
+      --random-weights qwen3-30b-a3b --layers 8 --batch 1,16,64,256 --prompt-tokens 32 --new-tokens 32 \
+      > "$OUT/profile_pdl_$pdl.jsonl" 2>&1 || status=1
+    grep -o '"batch":[0-9]*\|"ms_per_step":[0-9.]*' "$OUT/profile_pdl_$pdl.jsonl" | paste - - | tee -a "$OUT/summary.log"
   done
 fi
 if wants baselines; then
