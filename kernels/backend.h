@@ -45,6 +45,10 @@ struct AttentionShape {
 // sequence's block table lists the blocks holding its positions 0.., kKvBlockSize at a time.
 constexpr int64_t kKvBlockSize = 16;
 
+// An optional tensor argument left out: a default Tensor{} (rank 0, no data). Any other tensor given
+// for an optional argument is checked and used like a required one.
+inline bool is_absent(const Tensor& t) { return t.rank == 0 && t.data == nullptr; }
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -86,6 +90,17 @@ class Backend {
   // y[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight[:] (Qwen3RMSNorm, in fp32).
   // x [rows, dim], weight [dim], y [rows, dim]; x and y may alias; types may differ.
   virtual void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps) = 0;
+
+  // The residual add fused with the norm after it (vLLM's fused_add_rms_norm), one pass per row:
+  //   residual += delta (fp32, as add);  normed = rms_norm(residual) * weight (as rms_norm),
+  // and, unless normed_f32 is absent (is_absent: Tensor{}), the same normalised rows again in f32
+  // (the router's input in bf16 mode). The same arithmetic as add(delta, residual) followed by
+  // rms_norm(residual, weight, normed) (and into normed_f32): bitwise on the CPU, up to fp32 sum
+  // order on other backends. delta [rows, dim] F32 or act; residual F32 [rows, dim] (the residual
+  // stream); weight [dim]; normed [rows, dim] act; normed_f32 F32 [rows, dim]. No two of delta,
+  // residual, normed and normed_f32 may overlap.
+  virtual void add_rms_norm(const Tensor& delta, const Tensor& residual, const Tensor& weight,
+                            const Tensor& normed, const Tensor& normed_f32, float eps) = 0;
 
   // In place on the fused projection output qkv[rows, shape.qkv_dim()]: each q and k head vector
   // is RMS-normed with q_norm / k_norm [head_dim] and then rotated by its row's position (rotary

@@ -2,6 +2,7 @@
 #include "kernels/backend_checks.h"
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "kernels/error.h"
@@ -108,6 +109,15 @@ class OpCheck {
     if (!same) fail_pair(a_name, a, b_name, b, "the shapes differ");
   }
 
+  // a and b share no byte (an op that writes one while reading the other would race).
+  void disjoint(const char* a_name, const Tensor& a, const char* b_name, const Tensor& b) const {
+    if (a.bytes() == 0 || b.bytes() == 0) return;
+    const auto a_begin = reinterpret_cast<uintptr_t>(a.data), b_begin = reinterpret_cast<uintptr_t>(b.data);
+    if (a_begin < b_begin + b.bytes() && b_begin < a_begin + a.bytes()) {
+      fail_pair(a_name, a, b_name, b, "their memory overlaps; give each its own buffer");
+    }
+  }
+
   void attention_shape(const AttentionShape& shape) const {
     const std::string text = "attention shape (num_heads " + std::to_string(shape.num_heads) +
                              ", num_kv_heads " + std::to_string(shape.num_kv_heads) + ", head_dim " +
@@ -209,6 +219,27 @@ void check_rms_norm(MemorySpace space, const Tensor& x, const Tensor& weight, co
   check.tensor("y", y, 2, "[rows, dim]", Types::kActivation);
   check.same_dim("weight", weight, 0, "x", x, 1, "dim");
   check.same_shape("y", y, "x", x);
+}
+
+void check_add_rms_norm(MemorySpace space, const Tensor& delta, const Tensor& residual, const Tensor& weight,
+                        const Tensor& normed, const Tensor& normed_f32) {
+  const OpCheck check("add_rms_norm", space);
+  check.tensor("delta", delta, 2, "[rows, dim]", Types::kActivation);
+  check.tensor("residual", residual, 2, "[rows, dim] (the fp32 residual stream)", Types::kF32);
+  check.tensor("weight", weight, 1, "[dim]", Types::kWeight);
+  check.tensor("normed", normed, 2, "[rows, dim]", Types::kActivation);
+  check.same_shape("delta", delta, "residual", residual);
+  check.same_dim("weight", weight, 0, "residual", residual, 1, "dim");
+  check.same_shape("normed", normed, "residual", residual);
+  check.disjoint("delta", delta, "residual", residual);
+  check.disjoint("normed", normed, "residual", residual);
+  check.disjoint("normed", normed, "delta", delta);
+  if (is_absent(normed_f32)) return;
+  check.tensor("normed_f32", normed_f32, 2, "[rows, dim], or Tensor{} to leave it out", Types::kF32);
+  check.same_shape("normed_f32", normed_f32, "residual", residual);
+  check.disjoint("normed_f32", normed_f32, "residual", residual);
+  check.disjoint("normed_f32", normed_f32, "delta", delta);
+  check.disjoint("normed_f32", normed_f32, "normed", normed);
 }
 
 void check_qk_norm_rope(MemorySpace space, const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,

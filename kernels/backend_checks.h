@@ -24,6 +24,9 @@ void check_copy(const char* op, MemorySpace space, const Tensor& src, const Tens
 void check_embed(MemorySpace space, const Tensor& ids, const Tensor& table, const Tensor& out);
 void check_linear(MemorySpace space, const Tensor& x, const Tensor& w, const Tensor& y);
 void check_rms_norm(MemorySpace space, const Tensor& x, const Tensor& weight, const Tensor& y);
+// normed_f32 may be absent (is_absent); delta, residual, normed and normed_f32 must not overlap.
+void check_add_rms_norm(MemorySpace space, const Tensor& delta, const Tensor& residual, const Tensor& weight,
+                        const Tensor& normed, const Tensor& normed_f32);
 void check_qk_norm_rope(MemorySpace space, const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
                         const Tensor& positions, const AttentionShape& shape, double theta);
 void check_store_kv(MemorySpace space, const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool,

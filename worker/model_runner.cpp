@@ -114,18 +114,20 @@ void ModelRunner::enqueue_forward(const StepShape& shape) {
   // Block outputs feed the fp32 residual stream unrounded (o_proj, combine and dense down write f32).
   const Tensor block_out = workspace_.get(kSlotBlockOut, ScalarType::kF32, {rows, hidden});
   backend_.embed(shape.ids, weights_.embed, x);
-  for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+  const int64_t num_layers = config_.num_hidden_layers;
+  // Each residual add is fused with the norm that follows it (add_rms_norm); only the first layer's
+  // input norm and the last layer's add stand alone (the final norm runs on the wanted rows only).
+  if (num_layers > 0) backend_.rms_norm(x, weights_.layers[0].input_norm, normed, config_.rms_norm_eps);
+  for (int64_t layer = 0; layer < num_layers; ++layer) {
     const LayerWeights& w = weights_.layers[layer];
-    backend_.rms_norm(x, w.input_norm, normed, config_.rms_norm_eps);
     attention_block(layer, shape, normed, block_out);
-    backend_.add(block_out, x);
-    backend_.rms_norm(x, w.post_attention_norm, normed, config_.rms_norm_eps);
+    // bf16 mode: the router takes the same normed rows in fp32 as well (MoeExecutor::forward).
+    const bool router_f32 = w.is_moe && act != ScalarType::kF32;
+    const Tensor router_input =
+        router_f32 ? workspace_.get(kSlotNormedF32, ScalarType::kF32, {rows, hidden}) : normed;
+    backend_.add_rms_norm(block_out, x, w.post_attention_norm, normed, router_f32 ? router_input : Tensor{},
+                          config_.rms_norm_eps);
     if (w.is_moe) {
-      Tensor router_input = normed;
-      if (act != ScalarType::kF32) {  // the router's rows in fp32 as well (MoeExecutor::forward)
-        router_input = workspace_.get(kSlotNormedF32, ScalarType::kF32, {rows, hidden});
-        backend_.rms_norm(x, w.post_attention_norm, router_input, config_.rms_norm_eps);
-      }
       executor_->forward(layer, normed, router_input, block_out, workspace_);
     } else {
       const int64_t inter = config_.intermediate_size;
@@ -135,7 +137,12 @@ void ModelRunner::enqueue_forward(const StepShape& shape) {
       backend_.silu_mul(gate_up, activated);
       backend_.linear(activated, w.dense_down, block_out);
     }
-    backend_.add(block_out, x);
+    if (layer + 1 < num_layers) {
+      backend_.add_rms_norm(block_out, x, weights_.layers[layer + 1].input_norm, normed, Tensor{},
+                            config_.rms_norm_eps);
+    } else {
+      backend_.add(block_out, x);
+    }
   }
   // Final norm and lm_head on the rows whose logits are wanted, gathered into one batch.
   const Tensor selected = workspace_.get(kSlotSelected, ScalarType::kF32, {shape.wanted, hidden});

@@ -96,6 +96,14 @@ class CpuBackend final : public Backend {
     cpu::rms_norm(x, weight, y, eps);
   }
 
+  void add_rms_norm(const Tensor& delta, const Tensor& residual, const Tensor& weight, const Tensor& normed,
+                    const Tensor& normed_f32, float eps) override {
+    backend_checks::check_add_rms_norm(kSpace, delta, residual, weight, normed, normed_f32);
+    require_f32("add_rms_norm", "delta", delta);
+    require_f32("add_rms_norm", "normed", normed);
+    cpu::add_rms_norm(delta, residual, weight, normed, normed_f32, eps);
+  }
+
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
                     const AttentionShape& shape, float eps, double theta) override {
     backend_checks::check_qk_norm_rope(kSpace, qkv, q_norm, k_norm, positions, shape, theta);

@@ -78,6 +78,16 @@ void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps)
   rms_norm_rows(x.as<const float>(), weight_f32.data(), y.as<float>(), x.dim(0), dim, dim, dim, eps);
 }
 
+// add then rms_norm, the very routines of the unfused ops, so the fused op is bitwise the pair (the
+// reference stays the reference). normed is f32 here, so normed_f32 is a copy of its bits: what a
+// second rms_norm of the same rows would write.
+void add_rms_norm(const Tensor& delta, const Tensor& residual, const Tensor& weight, const Tensor& normed,
+                  const Tensor& normed_f32, float eps) {
+  add(delta, residual);
+  rms_norm(residual, weight, normed, eps);
+  if (!is_absent(normed_f32) && normed.bytes() > 0) std::memcpy(normed_f32.data, normed.data, normed.bytes());
+}
+
 namespace {
 
 void check_positions(const char* op, const Tensor& positions) {

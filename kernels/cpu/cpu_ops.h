@@ -60,6 +60,8 @@ void silu_mul_rows(const float* gate_up, float* out, int64_t rows, int64_t inter
 // ---- cpu_dense_ops.cpp --------------------------------------------------------------------------
 void embed(const Tensor& ids, const Tensor& table, const Tensor& out);
 void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps);
+void add_rms_norm(const Tensor& delta, const Tensor& residual, const Tensor& weight, const Tensor& normed,
+                  const Tensor& normed_f32, float eps);
 void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
                   const AttentionShape& shape, float eps, double theta);
 void store_kv(const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool, const Tensor& value_pool,

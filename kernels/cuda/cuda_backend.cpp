@@ -283,6 +283,17 @@ class CudaBackend final : public Backend {
                            eps, stream_);
   }
 
+  void add_rms_norm(const Tensor& delta, const Tensor& residual, const Tensor& weight, const Tensor& normed,
+                    const Tensor& normed_f32, float eps) override {
+    backend_checks::check_add_rms_norm(kSpace, delta, residual, weight, normed, normed_f32);
+    if (residual.numel() == 0) return;
+    DeviceScope scope(device_);
+    cuda_kernels::add_rms_norm(delta.data, delta.type, residual.as<float>(), weight.data, weight.type,
+                               normed.data, normed.type,
+                               is_absent(normed_f32) ? nullptr : normed_f32.as<float>(), residual.dim(0),
+                               residual.dim(1), eps, stream_);
+  }
+
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
                     const AttentionShape& shape, float eps, double theta) override {
     backend_checks::check_qk_norm_rope(kSpace, qkv, q_norm, k_norm, positions, shape, theta);

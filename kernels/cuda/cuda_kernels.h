@@ -25,6 +25,10 @@ void embed(const int32_t* ids, int64_t rows, const void* table, ScalarType table
            void* out, ScalarType out_type, cudaStream_t stream);
 void rms_norm(const void* x, ScalarType x_type, const void* weight, ScalarType weight_type, void* y,
               ScalarType y_type, int64_t rows, int64_t dim, float eps, cudaStream_t stream);
+// residual (f32) += delta; normed (and normed_f32 unless it is nullptr) = rms_norm(residual) * weight.
+void add_rms_norm(const void* delta, ScalarType delta_type, float* residual, const void* weight,
+                  ScalarType weight_type, void* normed, ScalarType normed_type, float* normed_f32,
+                  int64_t rows, int64_t dim, float eps, cudaStream_t stream);
 // qkv [rows, (num_heads + 2 * num_kv_heads) * head_dim] of `type`, in place on the q and k heads.
 void qk_norm_rope(void* qkv, ScalarType type, const void* q_norm, const void* k_norm, ScalarType norm_type,
                   const int32_t* positions, int64_t rows, int64_t num_heads, int64_t num_kv_heads,

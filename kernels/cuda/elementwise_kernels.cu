@@ -1,7 +1,7 @@
-// The row- and element-wise CUDA kernels of the dense ops: embed, rms_norm, qk_norm_rope, silu_mul,
-// add, gather_rows, argmax and convert, over F32 or BF16 tensors with fp32 math. Memory-bound ones
-// take 16-byte vector loads when every pointer is aligned and rows are multiples of 8 elements,
-// and scalar ones otherwise (the host picks the variant).
+// The row- and element-wise CUDA kernels of the dense ops: embed, rms_norm, add_rms_norm,
+// qk_norm_rope, silu_mul, add, gather_rows, argmax and convert, over F32 or BF16 tensors with fp32
+// math. Memory-bound ones take 16-byte vector loads when every pointer is aligned and rows are
+// multiples of 8 elements, and scalar ones otherwise (the host picks the variant).
 #include <cuda_bf16.h>
 
 #include <cmath>
@@ -19,7 +19,7 @@ using access::kVectorElements;
 using access::kWarpSize;
 
 constexpr int kElementwiseThreads = 256;
-constexpr int kRowThreads = 256;  // rms_norm: one block per row
+constexpr int kRowThreads = 256;  // rms_norm, add_rms_norm: one block per row
 constexpr int kArgmaxThreads = 1024;
 constexpr int kQkNormRopeWarps = 4;  // a warp per head
 // qk_norm_rope: each lane holds pairs (i, i + head_dim / 2) for i = lane, lane + 32, ...
@@ -76,26 +76,14 @@ __global__ void add_kernel(const In* x, Out* y, int64_t n) {
     y[i] = access::from_float<Out>(access::to_float(y[i]) + access::to_float(x[i]));
 }
 
-// ---- rms_norm ----------------------------------------------------------------------------------
+// ---- rms_norm, add_rms_norm ----------------------------------------------------------------------
 
-// One block per row: the block sums x^2 in fp32, inv_rms = 1 / sqrt(mean + eps) in double (as the
-// reference), then y = (x * inv_rms) * weight in fp32. x and y may alias (same type then): every
-// element is read by the thread that later writes it, and all reads of the sum pass end at the
-// barrier before any write.
-template <int kVec, class X, class W, class Y>
-__global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, float eps) {
+// The block's fp32 sum of every thread's partial sum of squares (warps first, then the warp sums in
+// order), then inv_rms = 1 / sqrt(mean + eps) in double (as the reference). One helper for rms_norm
+// and add_rms_norm, so the fused op rounds as the unfused pair. Needs blockDim.x == kRowThreads.
+__device__ __forceinline__ float block_inv_rms(float sum_squares, int64_t dim, float eps) {
   __shared__ float warp_sums[kRowThreads / kWarpSize];
   __shared__ float inv_rms_shared;
-  const X* x_row = x + static_cast<int64_t>(blockIdx.x) * dim;
-  Y* y_row = y + static_cast<int64_t>(blockIdx.x) * dim;
-  float sum_squares = 0.0f;
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
-       i += static_cast<int64_t>(blockDim.x) * kVec) {
-    float values[kVec];
-    access::load_vector<kVec>(x_row + i, values);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) sum_squares += values[j] * values[j];
-  }
   sum_squares = access::warp_sum(sum_squares);
   if (threadIdx.x % kWarpSize == 0) warp_sums[threadIdx.x / kWarpSize] = sum_squares;
   __syncthreads();
@@ -106,7 +94,25 @@ __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, 
         1.0 / sqrt(static_cast<double>(total) / static_cast<double>(dim) + static_cast<double>(eps)));
   }
   __syncthreads();
-  const float inv_rms = inv_rms_shared;
+  return inv_rms_shared;
+}
+
+// One block per row: the block sums x^2 in fp32, then y = (x * inv_rms) * weight in fp32. x and y
+// may alias (same type then): every element is read by the thread that later writes it, and all
+// reads of the sum pass end at the barrier before any write.
+template <int kVec, class X, class W, class Y>
+__global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, float eps) {
+  const X* x_row = x + static_cast<int64_t>(blockIdx.x) * dim;
+  Y* y_row = y + static_cast<int64_t>(blockIdx.x) * dim;
+  float sum_squares = 0.0f;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float values[kVec];
+    access::load_vector<kVec>(x_row + i, values);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sum_squares += values[j] * values[j];
+  }
+  const float inv_rms = block_inv_rms(sum_squares, dim, eps);
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
        i += static_cast<int64_t>(blockDim.x) * kVec) {
     float values[kVec], weights[kVec];
@@ -115,6 +121,40 @@ __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, 
 #pragma unroll
     for (int j = 0; j < kVec; ++j) values[j] = (values[j] * inv_rms) * weights[j];
     access::store_vector<kVec>(y_row + i, values);
+  }
+}
+
+// One block per row, rms_norm_kernel with the residual add in its first pass: each thread adds
+// delta into its residual elements (fp32, as add_kernel), writes them back and sums their squares
+// in the order rms_norm_kernel would read them; the second pass rereads the residual elements the
+// same thread wrote and writes normed (and normed_f32 unless it is null) from the same fp32 values.
+template <int kVec, class D, class W, class N>
+__global__ void add_rms_norm_kernel(const D* delta, float* residual, const W* weight, N* normed,
+                                    float* normed_f32, int64_t dim, float eps) {
+  const int64_t row_start = static_cast<int64_t>(blockIdx.x) * dim;
+  float* residual_row = residual + row_start;
+  float sum_squares = 0.0f;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float sums[kVec], deltas[kVec];
+    access::load_vector<kVec>(residual_row + i, sums);
+    access::load_vector<kVec>(delta + row_start + i, deltas);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sums[j] += deltas[j];
+    access::store_vector<kVec>(residual_row + i, sums);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) sum_squares += sums[j] * sums[j];
+  }
+  const float inv_rms = block_inv_rms(sum_squares, dim, eps);
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float values[kVec], weights[kVec];
+    access::load_vector<kVec>(residual_row + i, values);
+    access::load_vector<kVec>(weight + i, weights);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) values[j] = (values[j] * inv_rms) * weights[j];
+    access::store_vector<kVec>(normed + row_start + i, values);
+    if (normed_f32 != nullptr) access::store_vector<kVec>(normed_f32 + row_start + i, values);
   }
 }
 
@@ -314,6 +354,36 @@ void rms_norm(const void* x, ScalarType x_type, const void* weight, ScalarType w
         } else {
           rms_norm_kernel<1><<<blocks, kRowThreads, 0, stream>>>(
               static_cast<const X*>(x), static_cast<const W*>(weight), static_cast<Y*>(y), dim, eps);
+        }
+      });
+    });
+  });
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void add_rms_norm(const void* delta, ScalarType delta_type, float* residual, const void* weight,
+                  ScalarType weight_type, void* normed, ScalarType normed_type, float* normed_f32,
+                  int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
+  if (rows == 0 || dim == 0) return;
+  const bool vector = dim % kVectorElements == 0 && access::aligned16(delta) && access::aligned16(residual) &&
+                      access::aligned16(weight) && access::aligned16(normed) &&
+                      (normed_f32 == nullptr || access::aligned16(normed_f32));
+  access::dispatch_float_type(delta_type, "add_rms_norm", [&](auto delta_tag) {
+    access::dispatch_float_type(weight_type, "add_rms_norm", [&](auto weight_tag) {
+      access::dispatch_float_type(normed_type, "add_rms_norm", [&](auto normed_tag) {
+        using D = typename decltype(delta_tag)::type;
+        using W = typename decltype(weight_tag)::type;
+        using N = typename decltype(normed_tag)::type;
+        const auto blocks = static_cast<unsigned>(rows);  // as rms_norm
+        const auto* delta_data = static_cast<const D*>(delta);
+        const auto* weight_data = static_cast<const W*>(weight);
+        auto* normed_data = static_cast<N*>(normed);
+        if (vector) {
+          add_rms_norm_kernel<kVectorElements><<<blocks, kRowThreads, 0, stream>>>(
+              delta_data, residual, weight_data, normed_data, normed_f32, dim, eps);
+        } else {
+          add_rms_norm_kernel<1><<<blocks, kRowThreads, 0, stream>>>(delta_data, residual, weight_data,
+                                                                     normed_data, normed_f32, dim, eps);
         }
       });
     });

@@ -80,6 +80,10 @@ class HostMemoryBackend final : public Backend {
   void embed(const Tensor&, const Tensor&, const Tensor&) override { no_math("embed"); }
   void linear(const Tensor&, const Tensor&, const Tensor&) override { no_math("linear"); }
   void rms_norm(const Tensor&, const Tensor&, const Tensor&, float) override { no_math("rms_norm"); }
+  void add_rms_norm(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                    float) override {
+    no_math("add_rms_norm");
+  }
   void qk_norm_rope(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const AttentionShape&, float,
                     double) override {
     no_math("qk_norm_rope");

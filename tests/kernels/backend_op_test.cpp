@@ -7,6 +7,8 @@
 // CPU's own checks, memory and thread-count independence.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -187,6 +189,9 @@ struct Tolerance {
   double cpu;        // CPU vs the double reference, relative to the scale
   double cuda_f32;   // CUDA (f32 activations) vs the CPU backend, same scale
   double cuda_bf16;  // CUDA (bf16 activations) vs the CPU backend on the same bf16-rounded inputs
+  // Where >= 0: the f32 outputs (Role::kF32) of a CUDA bf16 run, for ops whose f32 outputs no bf16
+  // rounding reaches (the residual stream), so cuda_bf16 would be needlessly loose for them.
+  double cuda_bf16_f32_outputs = -1.0;
 };
 
 using Tensors = std::vector<Tensor>;
@@ -317,6 +322,58 @@ void add_rms_norm_cases(std::vector<OpCase>& cases) {
             }
             y.scale = absolute(y.values);
             return std::vector<Expected>{y};
+          }});
+    }
+  }
+}
+
+// residual += delta; normed (and normed_f32) = rms_norm(residual): the reference norms the residual
+// as stored (the fp32 sum), as every backend does.
+void add_add_rms_norm_cases(std::vector<OpCase>& cases) {
+  struct Shape {
+    int64_t rows, dim;
+  };
+  for (const bool with_f32 : {false, true}) {
+    for (const Shape s : {Shape{1, 1}, Shape{1, 2048}, Shape{3, 17}, Shape{2, 1001}, Shape{17, 130},
+                          Shape{5, 2048}, Shape{130, 128}}) {
+      cases.push_back(OpCase{
+          std::string(with_f32 ? "add_rms_norm_f32_copy_" : "add_rms_norm_") +
+              dims_name({s.rows, s.dim}, {"rows", "dim"}),
+          true,
+          // rms_norm's tolerances (the residual add is one correctly rounded fp32 add, the same on
+          // every backend); the f32 outputs of a bf16 run (residual, normed_f32) see no bf16
+          // rounding, so they keep the f32 bound.
+          {1e-6, 2e-6, 4e-3, 2e-6},
+          [s, with_f32](std::mt19937_64& g) {
+            const int64_t n = s.rows * s.dim;
+            HostTensors t{floats("delta", Role::kF32, {s.rows, s.dim}, random_values(g, n)),
+                          floats("residual", Role::kF32, {s.rows, s.dim}, random_values(g, n, 3.0f), true),
+                          weight_in("weight", {s.dim}, random_values(g, s.dim)),
+                          act_out("normed", {s.rows, s.dim})};
+            if (with_f32) t.push_back(floats("normed_f32", Role::kF32, {s.rows, s.dim}, nan_filled(n), true));
+            return t;
+          },
+          [with_f32](Backend& b, const Tensors& t) {
+            b.add_rms_norm(t[0], t[1], t[2], t[3], with_f32 ? t[4] : Tensor{}, kEps);
+          },
+          [s, with_f32](const HostTensors& t) {
+            const int64_t n = s.rows * s.dim;
+            Expected residual, normed;
+            std::vector<float> stored(static_cast<size_t>(n));  // the residual as fp32 holds it
+            for (int64_t i = 0; i < n; ++i) {
+              const float delta = t[0].values[i], before = t[1].values[i];
+              residual.values.push_back(static_cast<double>(before) + delta);
+              residual.scale.push_back(std::abs(before) + std::abs(delta));
+              stored[i] = before + delta;
+            }
+            normed.values.resize(static_cast<size_t>(n));
+            for (int64_t r = 0; r < s.rows; ++r) {
+              reference_rms_norm_row(&stored[r * s.dim], t[2].values.data(), s.dim, kEps,
+                                     &normed.values[r * s.dim]);
+            }
+            normed.scale = absolute(normed.values);
+            if (with_f32) return std::vector<Expected>{residual, normed, normed};
+            return std::vector<Expected>{residual, normed};
           }});
     }
   }
@@ -972,6 +1029,7 @@ const std::vector<OpCase>& op_cases() {
     add_embed_cases(all);
     add_linear_cases(all);
     add_rms_norm_cases(all);
+    add_add_rms_norm_cases(all);
     add_qk_norm_rope_cases(all);
     add_store_kv_cases(all);
     add_attention_cases(all);
@@ -1048,15 +1106,17 @@ HostTensors run_case(Backend& backend, const OpCase& op, const HostTensors& inpu
   return outputs;
 }
 
+// f32_tolerance: for the outputs of Role::kF32 (the op's tolerance unless stated otherwise).
 void expect_outputs(const HostTensors& actual, const std::vector<Expected>& expected,
-                    const std::vector<Expected>& scales, double tolerance) {
+                    const std::vector<Expected>& scales, double tolerance, double f32_tolerance) {
   ASSERT_EQ(actual.size(), expected.size()) << "the reference must give one result per output";
   for (size_t i = 0; i < actual.size(); ++i) {
     SCOPED_TRACE("output " + actual[i].name);
     if (actual[i].role == Role::kI32) {
       EXPECT_EQ(actual[i].ints, expected[i].ints);
     } else {
-      EXPECT_TRUE(all_close(actual[i].values, expected[i].values, scales[i].scale, tolerance));
+      EXPECT_TRUE(all_close(actual[i].values, expected[i].values, scales[i].scale,
+                            actual[i].role == Role::kF32 ? f32_tolerance : tolerance));
     }
   }
 }
@@ -1083,7 +1143,7 @@ TEST_P(BackendOp, MatchesReference) {
   const std::vector<Expected> expected = op.reference(inputs);
   const HostTensors actual = run_case(*backend, op, inputs, point.activation, point.weight);
   if (point.backend == BackendKind::kCpu) {
-    expect_outputs(actual, expected, expected, op.tolerance.cpu);
+    expect_outputs(actual, expected, expected, op.tolerance.cpu, op.tolerance.cpu);
     return;
   }
   // Other backends against the CPU reference backend on the same (rounded) inputs.
@@ -1094,8 +1154,11 @@ TEST_P(BackendOp, MatchesReference) {
     cpu_expected[i].values = to_double(cpu_outputs[i].values);
     cpu_expected[i].ints = cpu_outputs[i].ints;
   }
-  expect_outputs(actual, cpu_expected, expected,
-                 point.activation == ScalarType::kBF16 ? op.tolerance.cuda_bf16 : op.tolerance.cuda_f32);
+  const bool bf16 = point.activation == ScalarType::kBF16;
+  const double tolerance = bf16 ? op.tolerance.cuda_bf16 : op.tolerance.cuda_f32;
+  const double f32_tolerance =
+      bf16 && op.tolerance.cuda_bf16_f32_outputs >= 0.0 ? op.tolerance.cuda_bf16_f32_outputs : tolerance;
+  expect_outputs(actual, cpu_expected, expected, tolerance, f32_tolerance);
 }
 
 INSTANTIATE_TEST_SUITE_P(Table, BackendOp, ::testing::ValuesIn(op_points()),
@@ -1172,6 +1235,53 @@ std::vector<InvalidCall> invalid_calls() {
       {"rms_norm y shape", "rms_norm", "the shapes differ",
        [](Backend& b, Arena& a) {
          b.rms_norm(a(F32, {3, 16}), a(F32, {16}), a(F32, {4, 16}), kEps);
+       }},
+      {"add_rms_norm bf16 residual", "add_rms_norm", "residual is bf16[3, 16]",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 16}), a(BF16, {3, 16}), a(F32, {16}), a(F32, {3, 16}), Tensor{}, kEps);
+       }},
+      {"add_rms_norm delta shape", "add_rms_norm", "the shapes differ",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 8}), a(F32, {3, 16}), a(F32, {16}), a(F32, {3, 16}), Tensor{}, kEps);
+       }},
+      {"add_rms_norm weight dim", "add_rms_norm", "dim differs",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 16}), a(F32, {3, 16}), a(F32, {8}), a(F32, {3, 16}), Tensor{}, kEps);
+       }},
+      {"add_rms_norm normed rows", "add_rms_norm", "normed is f32[4, 16]",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 16}), a(F32, {3, 16}), a(F32, {16}), a(F32, {4, 16}), Tensor{}, kEps);
+       }},
+      {"add_rms_norm bf16 normed_f32", "add_rms_norm", "normed_f32 is bf16[3, 16]",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 16}), a(F32, {3, 16}), a(F32, {16}), a(F32, {3, 16}), a(BF16, {3, 16}),
+                        kEps);
+       }},
+      {"add_rms_norm normed_f32 shape", "add_rms_norm", "normed_f32 is f32[3, 8]",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 16}), a(F32, {3, 16}), a(F32, {16}), a(F32, {3, 16}), a(F32, {3, 8}),
+                        kEps);
+       }},
+      // Only a default Tensor{} means "left out": a rank-0 tensor with memory is a wrong argument.
+      {"add_rms_norm rank 0 normed_f32", "add_rms_norm", "it must have rank 2",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 16}), a(F32, {3, 16}), a(F32, {16}), a(F32, {3, 16}), a(F32, {}), kEps);
+       }},
+      {"add_rms_norm normed is the residual", "add_rms_norm", "their memory overlaps",
+       [](Backend& b, Arena& a) {
+         const Tensor residual = a(F32, {3, 16});
+         b.add_rms_norm(a(F32, {3, 16}), residual, a(F32, {16}), residual, Tensor{}, kEps);
+       }},
+      {"add_rms_norm normed_f32 overlaps normed", "add_rms_norm", "their memory overlaps",
+       [](Backend& b, Arena& a) {
+         const Tensor both = a(F32, {4, 16});
+         b.add_rms_norm(a(F32, {3, 16}), a(F32, {3, 16}), a(F32, {16}), both.rows_view(0, 3),
+                        both.rows_view(1, 3), kEps);
+       }},
+      {"add_rms_norm residual in the other memory", "add_rms_norm", "but this backend's memory is on",
+       [](Backend& b, Arena& a) {
+         b.add_rms_norm(a(F32, {3, 16}), a.elsewhere(F32, {3, 16}), a(F32, {16}), a(F32, {3, 16}), Tensor{},
+                        kEps);
        }},
       {"qk_norm_rope odd head_dim", "qk_norm_rope", "head_dim = 7 is odd",
        [](Backend& b, Arena& a) {
@@ -1381,6 +1491,55 @@ TEST(CpuBackendValues, OutOfRangeValuesAreRejected) {
         backend->combine_top_k(a(F32, {2, 4}), i32({0, 2}), a(F32, {1, 2}), a(F32, {1, 4}));
       },
       "sorted_position[1] = 2 is outside expert_out's rows [0, 2)");
+}
+
+// The CPU's fused op is the unfused pair, bit for bit: `epic run` output does not depend on which
+// the model runner calls.
+TEST(CpuBackendFused, AddRmsNormIsBitwiseAddThenRmsNorm) {
+  SCOPED_TRACE(seed_text());
+  const auto backend = make_cpu_backend();
+  auto generator = case_generator(current_case_index());
+  struct Shape {
+    int64_t rows, dim;
+  };
+  for (const Shape s : {Shape{1, 1}, Shape{3, 17}, Shape{2, 1001}, Shape{7, 2048}}) {
+    SCOPED_TRACE("rows " + std::to_string(s.rows) + " dim " + std::to_string(s.dim));
+    const int64_t n = s.rows * s.dim;
+    const std::vector<float> delta = random_values(generator, n);
+    const std::vector<float> residual = random_values(generator, n, 3.0f);
+    const std::vector<float> weight = random_values(generator, s.dim);
+    Arena a(*backend);
+    const auto filled = [&](const std::vector<float>& values, std::vector<int64_t> shape) {
+      Tensor t = a(F32, std::move(shape));
+      std::memcpy(t.data, values.data(), values.size() * sizeof(float));
+      return t;
+    };
+    const Tensor delta_t = filled(delta, {s.rows, s.dim}), weight_t = filled(weight, {s.dim});
+    // The unfused pair, as the model runner called it before: add, then rms_norm twice.
+    const Tensor pair_residual = filled(residual, {s.rows, s.dim});
+    const Tensor pair_normed = filled(nan_filled(n), {s.rows, s.dim});
+    const Tensor pair_normed_again = filled(nan_filled(n), {s.rows, s.dim});
+    backend->add(delta_t, pair_residual);
+    backend->rms_norm(pair_residual, weight_t, pair_normed, kEps);
+    backend->rms_norm(pair_residual, weight_t, pair_normed_again, kEps);
+    for (const bool with_f32 : {false, true}) {
+      SCOPED_TRACE(with_f32 ? "with normed_f32" : "without normed_f32");
+      const Tensor fused_residual = filled(residual, {s.rows, s.dim});
+      const Tensor fused_normed = filled(nan_filled(n), {s.rows, s.dim});
+      const Tensor fused_normed_f32 = filled(nan_filled(n), {s.rows, s.dim});
+      backend->add_rms_norm(delta_t, fused_residual, weight_t, fused_normed,
+                            with_f32 ? fused_normed_f32 : Tensor{}, kEps);
+      const size_t bytes = static_cast<size_t>(n) * sizeof(float);
+      EXPECT_EQ(std::memcmp(fused_residual.data, pair_residual.data, bytes), 0) << "residual";
+      EXPECT_EQ(std::memcmp(fused_normed.data, pair_normed.data, bytes), 0) << "normed";
+      if (with_f32) {
+        EXPECT_EQ(std::memcmp(fused_normed_f32.data, pair_normed_again.data, bytes), 0) << "normed_f32";
+      } else {  // left out: never written
+        const float* untouched = fused_normed_f32.as<const float>();
+        EXPECT_TRUE(std::all_of(untouched, untouched + n, [](float v) { return std::isnan(v); }));
+      }
+    }
+  }
 }
 
 TEST(CpuBackendTypes, Bf16ActivationsAreUnsupportedNamingTheOp) {
