@@ -288,6 +288,9 @@ class CudaBackend final : public Backend {
     backend_checks::check_add_rms_norm(kSpace, delta, residual, weight, normed, normed_f32);
     if (residual.numel() == 0) return;
     DeviceScope scope(device_);
+    const auto timing = time_op("add_rms_norm", residual.dim(0), [&] {
+      return std::string("to ") + scalar_name(normed.type) + (is_absent(normed_f32) ? "" : " and f32");
+    });
     cuda_kernels::add_rms_norm(delta.data, delta.type, residual.as<float>(), weight.data, weight.type,
                                normed.data, normed.type,
                                is_absent(normed_f32) ? nullptr : normed_f32.as<float>(), residual.dim(0),
