@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "kernels/backend.h"
+#include "kernels/cuda/bench/bench_support.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 
@@ -38,37 +39,9 @@ constexpr double kTolerance = 1e-2;
 
 int g_failures = 0;
 
-uint16_t to_bf16_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even (finite inputs only)
-  return static_cast<uint16_t>(bits >> 16);
-}
-float from_bf16_bits(uint16_t value) {
-  const uint32_t bits = static_cast<uint32_t>(value) << 16;
-  float result;
-  std::memcpy(&result, &bits, 4);
-  return result;
-}
-
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    EPIC_CUDA_CHECK(cudaMalloc(&data_, bytes > 0 ? bytes : 1));
-  }
-  ~DeviceBuffer() { cudaFree(data_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  template <typename T = void>
-  T* get() const {
-    return static_cast<T*>(data_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
+using bench::DeviceBuffer;
+using bench::from_bf16_bits;
+using bench::to_bf16_bits;
 
 // A fast deterministic stream of uniform floats in [-1, 1) (splitmix64): the pools of the long
 // cases hold hundreds of millions of values.

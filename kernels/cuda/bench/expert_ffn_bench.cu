@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/cuda/cublas_gemm.h"
+#include "kernels/cuda/bench/bench_support.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_ffn_variants.h"
@@ -39,39 +40,9 @@ constexpr double kBenchTolerance = 2e-2;  // relative L2, bf16 activations and o
 
 int g_failures = 0;
 
-uint16_t to_bf16_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);                  // round to nearest even
-  return static_cast<uint16_t>(bits >> 16);
-}
-float from_bf16_bits(uint16_t value) {
-  const uint32_t bits = static_cast<uint32_t>(value) << 16;
-  float result;
-  std::memcpy(&result, &bits, 4);
-  return result;
-}
-
-// Device memory owned for the program's life of one check or size.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    EPIC_CUDA_CHECK(cudaMalloc(&data_, bytes > 0 ? bytes : 1));
-  }
-  ~DeviceBuffer() { cudaFree(data_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  template <typename T = void>
-  T* get() const {
-    return static_cast<T*>(data_);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* data_ = nullptr;
-  size_t bytes_ = 0;
-};
+using bench::DeviceBuffer;
+using bench::from_bf16_bits;
+using bench::to_bf16_bits;
 
 // Host values (floats) stored on the device as `type`; for bf16 the host copy is rounded too, so
 // the reference sees exactly the device's inputs.
