@@ -3,12 +3,12 @@
 // (wait_for_previous) before it touches memory. At decode sizes a layer is ~15 small kernels and
 // the gaps between them are a large share of a step; this hides most of each gap. A kernel
 // launched with launch() must call wait_for_previous() and then release_next() before any other
-// global memory access. wait_for_previous returns when the previous kernel has completed and its
-// writes are visible; release_next then lets the next kernel be scheduled once every block of this
-// one has got there. In that order a running kernel knows that everything before its predecessor
-// has completed (a kernel may rely on that to read older data before its own wait), and the next
-// grid is never scheduled before this one's last wave has started, so it cannot starve it. Both
-// are no-ops on a plain launch and below sm_90. EPIC_CUDA_PDL=0 in the environment launches
+// global memory access (reads of what no kernel writes, such as weights, may go before). wait_for_previous
+// returns when the previous kernel has completed and its writes are visible; release_next then lets the next
+// kernel be scheduled once every block of this one has got there. In that order a running kernel knows that
+// everything before its predecessor has completed (a kernel may rely on that to read older data before its
+// own wait), and the next grid is never scheduled before this one's last wave has started, so it cannot
+// starve it. Both are no-ops on a plain launch and below sm_90. EPIC_CUDA_PDL=0 in the environment launches
 // plainly (A/B timing).
 #pragma once
 

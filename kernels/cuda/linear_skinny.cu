@@ -4,7 +4,6 @@
 // streams w with 16-byte loads, many in flight per thread, and keeps x in shared memory.
 #include <cuda_bf16.h>
 
-#include <mutex>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
@@ -36,15 +35,28 @@ __device__ __forceinline__ void widen8(const uint4& bits, float (&values)[8]) {
 // A block per group of kOutputsPerGroup outputs (striding over groups). Thread t owns the 8-element
 // chunks t, t + 256, ... of the input dimension, so each weight row is read by the whole block in
 // consecutive 16-byte pieces; partial sums are reduced by warp shuffles, then across warps.
-template <int R, class Y>
+// kPrefetch (a grid with one group per block): the block's first weight loads go out before it
+// waits for the previous kernel (weights are no earlier kernel's output), so the weight latency
+// overlaps that kernel's tail.
+template <int R, class Y, bool kPrefetch>
 __global__ void __launch_bounds__(kThreads)
     linear_skinny_kernel(const bf16* __restrict__ x, const bf16* __restrict__ w, Y* __restrict__ y, int rows,
                          int64_t in_dim, int64_t out_dim) {
   extern __shared__ uint4 x_shared[];  // [R][in_dim / 8]
-  dependent::wait_for_previous();      // dependent_launch.cuh: before any global access
+  const int64_t chunks = in_dim / 8;
+  uint4 first_bits[kOutputsPerGroup];
+  if constexpr (kPrefetch) {
+#pragma unroll
+    for (int o = 0; o < kOutputsPerGroup; ++o) {
+      const int64_t out = static_cast<int64_t>(blockIdx.x) * kOutputsPerGroup + o;
+      first_bits[o] = out < out_dim && threadIdx.x < chunks
+                          ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + threadIdx.x)
+                          : make_uint4(0, 0, 0, 0);
+    }
+  }
+  dependent::wait_for_previous();  // dependent_launch.cuh: before reading x
   dependent::release_next();
   __shared__ float partial[kWarps][R * kOutputsPerGroup];
-  const int64_t chunks = in_dim / 8;
   for (int64_t i = threadIdx.x; i < R * chunks; i += kThreads) {
     const int64_t r = i / chunks;
     x_shared[i] =
@@ -65,12 +77,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t chunk = threadIdx.x; chunk < chunks; chunk += kThreads) {
       uint4 w_bits[kOutputsPerGroup];
+      const bool prefetched = kPrefetch && chunk == threadIdx.x;  // kPrefetch: the block's only group
 #pragma unroll
       for (int o = 0; o < kOutputsPerGroup; ++o) {
         const int64_t out = out_begin + o;
         // Read once: stream past L1 (evict-first).
-        w_bits[o] = out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + chunk)
-                                  : make_uint4(0, 0, 0, 0);
+        w_bits[o] = prefetched      ? first_bits[o]
+                    : out < out_dim ? __ldcs(reinterpret_cast<const uint4*>(w + out * in_dim) + chunk)
+                                    : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -110,16 +124,22 @@ template <int R, class Y>
 void launch(const bf16* x, const bf16* w, Y* y, int64_t rows, int64_t in_dim, int64_t out_dim,
             cudaStream_t stream) {
   const size_t shared = static_cast<size_t>(R * in_dim) * sizeof(bf16);
-  static std::once_flag raised;  // past 48 KiB of dynamic shared memory needs an opt-in, once per kernel
-  std::call_once(raised, [] {
-    EPIC_CUDA_CHECK(cudaFuncSetAttribute(linear_skinny_kernel<R, Y>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kMaxSharedBytes)));
-  });
+  // Past 48 KiB of dynamic shared memory needs an opt-in, per kernel and device (set on every launch,
+  // as the attention kernels do: cheap, and right whichever device is current).
+  EPIC_CUDA_CHECK(cudaFuncSetAttribute(linear_skinny_kernel<R, Y, true>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(kMaxSharedBytes)));
+  EPIC_CUDA_CHECK(cudaFuncSetAttribute(linear_skinny_kernel<R, Y, false>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(kMaxSharedBytes)));
   const int64_t groups = (out_dim + kOutputsPerGroup - 1) / kOutputsPerGroup;
-  const unsigned blocks = static_cast<unsigned>(groups < kMaxBlocks ? groups : kMaxBlocks);
-  dependent::launch(linear_skinny_kernel<R, Y>, dim3(blocks), dim3(kThreads), shared, stream, x, w, y,
-                    static_cast<int>(rows), in_dim, out_dim);
+  if (groups <= kMaxBlocks) {
+    dependent::launch(linear_skinny_kernel<R, Y, true>, dim3(static_cast<unsigned>(groups)), dim3(kThreads),
+                      shared, stream, x, w, y, static_cast<int>(rows), in_dim, out_dim);
+  } else {
+    dependent::launch(linear_skinny_kernel<R, Y, false>, dim3(kMaxBlocks), dim3(kThreads), shared, stream, x,
+                      w, y, static_cast<int>(rows), in_dim, out_dim);
+  }
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
