@@ -107,8 +107,7 @@ class Backend {
   // embedding, rotate-half layout as HF apply_rotary_pos_emb; angle = position * theta^(-2i/d),
   // computed in double and rounded to fp32). positions I32 [rows]. v is untouched.
   virtual void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
-                            const Tensor& positions, const AttentionShape& shape, float eps,
-                            double theta) = 0;
+                            const Tensor& positions, const AttentionShape& shape, float eps, double theta) = 0;
 
   // Writes each row's k and v (from qkv) to the pools at slot_mapping[r] (block * kKvBlockSize +
   // offset); rows with slot_mapping[r] < 0 (padding) are skipped.
@@ -155,17 +154,6 @@ class Backend {
   virtual void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
                                const Tensor& expert_offsets, const Tensor& source_row,
                                const Tensor& sorted_position) = 0;
-
-  // The router and the grouping of one MoE block in one call: logits F32 [tokens, E] = router_input
-  // [tokens, H] x router [E, H]^T (as linear), then route_top_k(logits, present, expert_ids [tokens,
-  // k], weights, normalize), then group_by_expert(the tokens * k slots of expert_ids, E, k,
-  // expert_offsets, source_row, sorted_position). This default (backend.cpp) calls the three ops; a
-  // backend may fuse them (CUDA does for decode-size batches): its logits are then within linear's
-  // tolerance, and every other output is what route_top_k and group_by_expert give for those logits.
-  virtual void route_and_group(const Tensor& router_input, const Tensor& router, const Tensor& present,
-                               bool normalize, const Tensor& logits, const Tensor& expert_ids,
-                               const Tensor& weights, const Tensor& expert_offsets, const Tensor& source_row,
-                               const Tensor& sorted_position);
 
   // The SwiGLU FFN of every hosted expert over its group of rows, all experts in one call:
   // for rows r in [offsets[e], offsets[e + 1]): y[r] = down_e(silu(gate_e x[r]) * up_e x[r]).

@@ -37,21 +37,12 @@ void run_experts(Backend& backend, const ModelConfig& config, const MoeLayerWeig
   backend.expert_ffn(x, expert_offsets, layer.gate_up, layer.down, layer.local_index, intermediate, y);
 }
 
-void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
-                               const Tensor& out, Workspace& workspace) {
+void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+                               Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t rows = hidden.dim(0), top_k = config_.num_experts_per_tok, slots = rows * top_k;
-  const RoutedTokens routed{workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k}),
-                            workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k})};
-  const GroupedRows grouped{workspace.get(kSlotExpertOffsets, ScalarType::kI32, {moe.num_experts + 1}),
-                            workspace.get(kSlotSourceRow, ScalarType::kI32, {slots}),
-                            workspace.get(kSlotSortedPosition, ScalarType::kI32, {slots})};
-  // One call: a backend may fuse the router product, the top-k and the grouping (route_tokens and
-  // group_rows are the same steps one by one, for the expert-parallel path).
-  backend_.route_and_group(router_input, moe.router, moe.present_mask, config_.norm_topk_prob,
-                           workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, moe.num_experts}),
-                           routed.expert_ids, routed.weights, grouped.expert_offsets, grouped.source_row,
-                           grouped.sorted_position);
+  const RoutedTokens routed = route_tokens(backend_, config_, moe, router_input, workspace);
+  const GroupedRows grouped = group_rows(backend_, routed.expert_ids, moe.num_experts, top_k, workspace);
   const Tensor sorted_rows = workspace.get(kSlotSortedRows, hidden.type, {slots, config_.hidden_size});
   backend_.gather_rows(hidden, grouped.source_row, sorted_rows);
   const Tensor expert_out = workspace.get(kSlotExpertOut, hidden.type, {slots, config_.hidden_size});

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -119,8 +118,6 @@ class CudaBackend final : public Backend {
           cudaMalloc(reinterpret_cast<void**>(&device_gemm_pointers_), sizeof(void*) * kGemmPointers));
       EPIC_CUDA_CHECK(
           cudaMallocHost(reinterpret_cast<void**>(&host_gemm_pointers_), sizeof(void*) * kGemmPointers));
-      EPIC_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&route_arrivals_), sizeof(unsigned int)));
-      EPIC_CUDA_CHECK(cudaMemset(route_arrivals_, 0, sizeof(unsigned int)));
     } catch (...) {
       release();
       throw;
@@ -392,34 +389,6 @@ class CudaBackend final : public Backend {
                                   sorted_position.as<int32_t>(), stream_);
   }
 
-  void route_and_group(const Tensor& router_input, const Tensor& router, const Tensor& present,
-                       bool normalize, const Tensor& logits, const Tensor& expert_ids, const Tensor& weights,
-                       const Tensor& expert_offsets, const Tensor& source_row,
-                       const Tensor& sorted_position) override {
-    const int64_t tokens = router_input.rank == 2 ? router_input.dim(0) : 0;
-    const bool fused =
-        fused_route_enabled() && router_input.rank == 2 && router.rank == 2 &&
-        cuda_kernels::route_and_group_fits(router_input.data, router.data, tokens, router_input.dim(1),
-                                           router.dim(0), expert_ids.rank == 2 ? expert_ids.dim(1) : 0);
-    if (!fused) {  // the three ops, each checking its own tensors
-      Backend::route_and_group(router_input, router, present, normalize, logits, expert_ids, weights,
-                               expert_offsets, source_row, sorted_position);
-      return;
-    }
-    backend_checks::check_linear(kSpace, router_input, router, logits);
-    backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);
-    const Tensor slots = expert_ids.reshaped({expert_ids.numel()});
-    backend_checks::check_group_by_expert(kSpace, slots, logits.dim(1), expert_ids.dim(1), expert_offsets,
-                                          source_row, sorted_position);
-    DeviceScope scope(device_);
-    const auto timing = time_op("route_and_group", tokens);
-    cuda_kernels::route_and_group(router_input.data, router_input.type, router.data, router.type,
-                                  present.as<uint8_t>(), tokens, router_input.dim(1), router.dim(0),
-                                  expert_ids.dim(1), normalize, logits.as<float>(), expert_ids.as<int32_t>(),
-                                  weights.as<float>(), expert_offsets.as<int32_t>(), source_row.as<int32_t>(),
-                                  sorted_position.as<int32_t>(), route_arrivals_, stream_);
-  }
-
   void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                   const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override {
     backend_checks::check_expert_ffn(kSpace, x, expert_offsets, gate_up, down, local_index, intermediate, y);
@@ -529,15 +498,6 @@ class CudaBackend final : public Backend {
     });
   }
 
-  // EPIC_CUDA_FUSED_ROUTE=0 runs route_and_group as its three ops (A/B timing).
-  static bool fused_route_enabled() {
-    static const bool enabled = [] {
-      const char* value = std::getenv("EPIC_CUDA_FUSED_ROUTE");
-      return value == nullptr || std::string(value) != "0";
-    }();
-    return enabled;
-  }
-
   bool capturing() const {
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     EPIC_CUDA_CHECK(cudaStreamIsCapturing(stream_, &status));
@@ -558,14 +518,12 @@ class CudaBackend final : public Backend {
     if (host_groups_ != nullptr) cudaFreeHost(host_groups_);
     if (host_gemm_pointers_ != nullptr) cudaFreeHost(host_gemm_pointers_);
     if (device_gemm_pointers_ != nullptr) cudaFree(device_gemm_pointers_);
-    if (route_arrivals_ != nullptr) cudaFree(route_arrivals_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     host_groups_ = nullptr;
     host_gemm_pointers_ = nullptr;
     device_gemm_pointers_ = nullptr;
-    route_arrivals_ = nullptr;
     cublas_ = nullptr;
     cublas_workspace_ = nullptr;
     stream_ = nullptr;
@@ -578,7 +536,6 @@ class CudaBackend final : public Backend {
   int32_t* host_groups_ = nullptr;                     // pinned: [offsets | local indices]
   void** host_gemm_pointers_ = nullptr;                // pinned staging of device_gemm_pointers_
   void** device_gemm_pointers_ = nullptr;              // [kGemmPointers]
-  unsigned int* route_arrivals_ = nullptr;             // route_and_group's block counter, 0 between launches
   std::unique_ptr<cuda_kernels::GemmLanePool> lanes_;  // made at the first call that wants it
   std::vector<void*> split_scratch_;                   // linear_f32_split's scratch, the last one the largest
   size_t split_scratch_bytes_ = 0;

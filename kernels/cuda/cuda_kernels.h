@@ -62,18 +62,6 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
 void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
                      int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
                      cudaStream_t stream);
-// For a few tokens (decode): logits F32 [tokens, E] = x [tokens, H] x router [E, H]^T, route_top_k
-// and group_by_expert in one launch (blocks share the product; the last one to finish routes and
-// groups). arrivals: a device counter that is 0 before the launch and is 0 again after it (one per
-// stream; the kernel resets it). Only for what route_and_group_fits accepts.
-constexpr int64_t kFusedRouteMaxTokens = 8;
-bool route_and_group_fits(const void* x, const void* router, int64_t tokens, int64_t hidden,
-                          int64_t num_experts, int64_t top_k);
-void route_and_group(const void* x, ScalarType x_type, const void* router, ScalarType router_type,
-                     const uint8_t* present, int64_t tokens, int64_t hidden, int64_t num_experts,
-                     int64_t top_k, bool normalize, float* logits, int32_t* expert_ids, float* weights,
-                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
-                     unsigned int* arrivals, cudaStream_t stream);
 void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position,
                    const float* weights, int64_t tokens, int64_t top_k, int64_t hidden, void* out,
                    ScalarType out_type, cudaStream_t stream);

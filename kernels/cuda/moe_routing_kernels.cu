@@ -1,7 +1,6 @@
 // MoE routing on the GPU: route_top_k (softmax over the present experts and top-k, one warp per
-// token), group_by_expert (a stable counting sort of the (token, slot) rows by expert, one block),
-// route_and_group (the router product and both of them in one launch, for decode-size batches) and
-// combine_top_k (the weighted sum of each token's k expert outputs, in slot order).
+// token), group_by_expert (a stable counting sort of the (token, slot) rows by expert, one block)
+// and combine_top_k (the weighted sum of each token's k expert outputs, in slot order).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -29,25 +28,6 @@ constexpr int64_t kMaxRouteExperts = kMaxRouteExpertsPerLane * kWarpSize;  // 10
 // Lane j keeps the j-th selected weight until the renormalisation.
 constexpr int64_t kMaxRouteTopK = kWarpSize;
 
-// f(std::integral_constant<int, n>) with n, the experts each lane keeps, the smallest of 1, 2, 4,
-// .. 32 that covers num_experts (<= kMaxRouteExperts).
-template <class F>
-void dispatch_experts_per_lane(int64_t num_experts, F&& f) {
-  if (num_experts <= 1 * kWarpSize) {
-    f(std::integral_constant<int, 1>{});
-  } else if (num_experts <= 2 * kWarpSize) {
-    f(std::integral_constant<int, 2>{});
-  } else if (num_experts <= 4 * kWarpSize) {
-    f(std::integral_constant<int, 4>{});
-  } else if (num_experts <= 8 * kWarpSize) {
-    f(std::integral_constant<int, 8>{});
-  } else if (num_experts <= 16 * kWarpSize) {
-    f(std::integral_constant<int, 16>{});
-  } else {
-    f(std::integral_constant<int, 32>{});
-  }
-}
-
 struct Choice {
   float probability;
   int32_t expert;  // -1: none
@@ -60,16 +40,21 @@ __device__ __forceinline__ bool before(const Choice& a, const Choice& b) {
   return a.probability > b.probability || (a.probability == b.probability && a.expert < b.expert);
 }
 
-// One token by one warp; lane l holds experts l, l + 32, ... (kExpertsPerLane of them) in registers.
-// logit(e) reads the token's logit of expert e. The softmax is max-subtracted fp32 over the present
-// experts with the reference's expression exp(logit - max) / denominator; then top_k rounds each
-// take the first remaining expert in the selection order (warp reduction) and retire it. Writes the
-// token's top_k ids and weights.
-template <int kExpertsPerLane, class LogitOf>
-__device__ __forceinline__ void route_token(LogitOf logit, const uint8_t* present, int64_t num_experts,
-                                            int64_t top_k, bool normalize, int32_t* token_expert_ids,
-                                            float* token_weights) {
+// One warp per token; lane l holds experts l, l + 32, ... (kExpertsPerLane of them) in registers.
+// The softmax is max-subtracted fp32 over the present experts with the reference's expression
+// exp(logit - max) / denominator; then top_k rounds each take the first remaining expert in the
+// selection order (warp reduction) and retire it.
+template <class T, int kExpertsPerLane>
+__global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int32_t* expert_ids,
+                                   float* weights, int64_t tokens, int64_t num_experts, int64_t top_k,
+                                   bool normalize) {
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
   const int lane = threadIdx.x % kWarpSize;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * kRouteWarps + threadIdx.x / kWarpSize;
+  if (token >= tokens) return;  // the whole warp
+  const T* row = logits + token * num_experts;
+
   float probability[kExpertsPerLane];
   uint32_t remaining = 0;  // bit c: expert lane + 32 c is present and not chosen yet
   float max_logit = -INFINITY;
@@ -78,7 +63,7 @@ __device__ __forceinline__ void route_token(LogitOf logit, const uint8_t* presen
     const int64_t expert = lane + c * kWarpSize;
     probability[c] = 0.0f;
     if (expert < num_experts && present[expert] != 0) {
-      probability[c] = logit(expert);
+      probability[c] = access::to_float(row[expert]);
       remaining |= 1u << c;
       max_logit = fmaxf(max_logit, probability[c]);
     }
@@ -116,26 +101,12 @@ __device__ __forceinline__ void route_token(LogitOf logit, const uint8_t* presen
     if (best.expert >= 0 && best.expert % kWarpSize == lane) remaining &= ~(1u << (best.expert / kWarpSize));
     if (lane == j) {
       my_weight = best.probability;
-      token_expert_ids[j] = best.expert;
+      expert_ids[token * top_k + j] = best.expert;
     }
     selected_sum = __fadd_rn(selected_sum, best.probability);  // in selection order, as the reference
   }
-  if (lane < top_k) token_weights[lane] = normalize ? __fdiv_rn(my_weight, selected_sum) : my_weight;
-}
-
-// One warp per token (route_token).
-template <class T, int kExpertsPerLane>
-__global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int32_t* expert_ids,
-                                   float* weights, int64_t tokens, int64_t num_experts, int64_t top_k,
-                                   bool normalize) {
-  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
-  dependent::release_next();
-  const int64_t token = static_cast<int64_t>(blockIdx.x) * kRouteWarps + threadIdx.x / kWarpSize;
-  if (token >= tokens) return;  // the whole warp
-  const T* row = logits + token * num_experts;
-  route_token<kExpertsPerLane>([row](int64_t expert) { return access::to_float(row[expert]); }, present,
-                               num_experts, top_k, normalize, expert_ids + token * top_k,
-                               weights + token * top_k);
+  if (lane < top_k)
+    weights[token * top_k + lane] = normalize ? __fdiv_rn(my_weight, selected_sum) : my_weight;
 }
 
 template <class T, int kExpertsPerLane>
@@ -156,12 +127,10 @@ constexpr int kGroupWarps = kGroupThreads / kWarpSize;
 // for the scan's static array.
 constexpr size_t kGroupSharedBytes = 47 * 1024;
 
-// Exclusive prefix sum of data[0, n) in place, by the whole block (a whole number of warps, at most
-// kGroupThreads); returns the total to every thread. Each thread scans a contiguous chunk, the chunk
-// totals are scanned across the block.
+// Exclusive prefix sum of data[0, n) in place, by the whole block; returns the total to every
+// thread. Each thread scans a contiguous chunk, the chunk totals are scanned across the block.
 __device__ int32_t block_exclusive_scan(int32_t* data, int64_t n) {
   __shared__ int32_t warp_totals[kGroupWarps];
-  const int warps = static_cast<int>(blockDim.x / kWarpSize);
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t per_thread = (n + blockDim.x - 1) / blockDim.x;
@@ -178,13 +147,13 @@ __device__ int32_t block_exclusive_scan(int32_t* data, int64_t n) {
   if (lane == kWarpSize - 1) warp_totals[warp] = inclusive;
   __syncthreads();
   if (warp == 0) {
-    int32_t warp_inclusive = lane < warps ? warp_totals[lane] : 0;
+    int32_t warp_inclusive = lane < kGroupWarps ? warp_totals[lane] : 0;
 #pragma unroll
     for (int offset = 1; offset < kWarpSize; offset *= 2) {
       const int32_t other = __shfl_up_sync(kFullWarpMask, warp_inclusive, offset);
       if (lane >= offset) warp_inclusive += other;
     }
-    if (lane < warps) warp_totals[lane] = warp_inclusive;  // now inclusive over warps
+    if (lane < kGroupWarps) warp_totals[lane] = warp_inclusive;  // now inclusive over warps
   }
   __syncthreads();
   int32_t running = (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - chunk_total;
@@ -193,24 +162,27 @@ __device__ int32_t block_exclusive_scan(int32_t* data, int64_t n) {
     data[i] = running;
     running += value;
   }
-  const int32_t total = warp_totals[warps - 1];
+  const int32_t total = warp_totals[kGroupWarps - 1];
   __syncthreads();  // data and warp_totals are final for every thread before anyone reuses them
   return total;
 }
 
-// By one whole block (kGroupThreads or fewer, with at least num_segments warps). The slots are cut
-// into num_segments contiguous segments, one warp
+// One block of kGroupThreads. The slots are cut into num_segments contiguous segments, one warp
 // each; shared memory holds cursor[segment][expert] (num_segments x num_experts) and
 // totals[expert]. 1) each segment warp counts its slots per expert; 2) per expert, the segments'
 // counts become exclusive prefixes and the experts' totals an exclusive scan (the offsets);
 // 3) each segment warp walks its slots in order, 32 at a time, and places each slot at its
 // expert's cursor plus its rank among the same expert's earlier lanes (match_any), so the order
 // is slot order within an expert: stable and deterministic. Out-of-range ids are left unsorted
-// (sorted_position -1) rather than written out of bounds. expert_ids may have been written by this
-// block (visible after a __syncthreads()).
-__device__ void group_slots(const int32_t* expert_ids, int64_t slots, int32_t num_experts, int64_t top_k,
-                            int num_segments, int32_t* shared, int32_t* expert_offsets, int32_t* source_row,
-                            int32_t* sorted_position) {
+// (sorted_position -1) rather than written out of bounds.
+__global__ void __launch_bounds__(kGroupThreads)
+    group_by_expert_kernel(const int32_t* expert_ids, int64_t slots, int32_t num_experts, int64_t top_k,
+                           int num_segments, int32_t* expert_offsets, int32_t* source_row,
+                           int32_t* sorted_position) {
+  extern __shared__ int32_t shared[];
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
+
   int32_t* cursor = shared;                                                     // [num_segments][num_experts]
   int32_t* totals = shared + static_cast<int64_t>(num_segments) * num_experts;  // [num_experts]
   const int warp = threadIdx.x / kWarpSize;
@@ -277,126 +249,6 @@ __device__ void group_slots(const int32_t* expert_ids, int64_t slots, int32_t nu
   }
 }
 
-__global__ void __launch_bounds__(kGroupThreads)
-    group_by_expert_kernel(const int32_t* expert_ids, int64_t slots, int32_t num_experts, int64_t top_k,
-                           int num_segments, int32_t* expert_offsets, int32_t* source_row,
-                           int32_t* sorted_position) {
-  extern __shared__ int32_t shared[];
-  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
-  dependent::release_next();
-  group_slots(expert_ids, slots, num_experts, top_k, num_segments, shared, expert_offsets, source_row,
-              sorted_position);
-}
-
-// How many segment warps group_slots gets for `slots` slots in a block of `warps` warps: as many as
-// shared memory holds cursor rows for and no more than there are 32-slot chunks (32 for 128 experts
-// in a full block, 10 for 1024); 0 when not even one fits.
-int group_segments(int64_t slots, int64_t num_experts, int warps) {
-  const int64_t words = static_cast<int64_t>(kGroupSharedBytes / sizeof(int32_t));
-  const int64_t by_memory = num_experts > 0 ? (words - num_experts) / num_experts : 0;
-  if (by_memory < 1) return 0;
-  const int64_t chunks = (slots + kWarpSize - 1) / kWarpSize;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({warps, by_memory, chunks})));
-}
-
-size_t group_shared_bytes(int num_segments, int64_t num_experts) {
-  return static_cast<size_t>(num_segments + 1) * static_cast<size_t>(num_experts) * sizeof(int32_t);
-}
-
-// ---- route_and_group: the router product, route_top_k and group_by_expert in one launch --------
-
-constexpr int kFusedRouteWarps = 8;  // experts per block in the product
-constexpr int kFusedRouteThreads = kFusedRouteWarps * kWarpSize;
-// Weight vectors (8 values each) per lane loaded before the wait for the previous kernel: the
-// router is the first thing the block needs and nothing writes it, so its first HBM round trip
-// overlaps the previous kernel's tail. 4 x 8 floats stay in registers.
-constexpr int kFusedRoutePrefetch = 4;
-
-// grid: one block per kFusedRouteWarps experts; warp w of block b computes expert e = b * warps + w's
-// logit of every token (lanes take 8-value slices of H, then a warp sum) and writes it to logits.
-// The block that arrives last (arrivals, a device counter that it resets to 0 for the next launch)
-// then routes the tokens (route_token, one warp per token) and groups the slots (group_slots).
-template <class TX, class TW, int kExpertsPerLane>
-__global__ void __launch_bounds__(kFusedRouteThreads)
-    route_and_group_kernel(const TX* x, const TW* router, const uint8_t* present, int64_t tokens,
-                           int64_t hidden, int32_t num_experts, int64_t top_k, bool normalize,
-                           int num_segments, float* logits, int32_t* expert_ids, float* weights,
-                           int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
-                           unsigned int* arrivals) {
-  extern __shared__ int32_t shared[];
-  __shared__ bool last_block;
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t expert = static_cast<int64_t>(blockIdx.x) * kFusedRouteWarps + warp;
-  const bool has_expert = expert < num_experts;
-  const TW* weight_row = router + (has_expert ? expert : 0) * hidden;
-
-  float prefetched[kFusedRoutePrefetch][kVectorElements];
-#pragma unroll
-  for (int p = 0; p < kFusedRoutePrefetch; ++p) {
-    const int64_t k = (static_cast<int64_t>(p) * kWarpSize + lane) * kVectorElements;
-    if (has_expert && k < hidden) access::load_vector<kVectorElements>(weight_row + k, prefetched[p]);
-  }
-  dependent::wait_for_previous();  // dependent_launch.cuh: x, present and the outputs after this
-  dependent::release_next();
-
-  if (has_expert) {
-    float sum[kFusedRouteMaxTokens];
-#pragma unroll
-    for (int t = 0; t < kFusedRouteMaxTokens; ++t) sum[t] = 0.0f;
-    const int64_t vectors = hidden / kVectorElements;
-    for (int64_t v = lane, p = 0; v < vectors; v += kWarpSize, ++p) {
-      float w[kVectorElements];
-      if (p < kFusedRoutePrefetch) {
-#pragma unroll
-        for (int q = 0; q < kFusedRoutePrefetch; ++q) {
-          if (q == p) {
-#pragma unroll
-            for (int i = 0; i < kVectorElements; ++i) w[i] = prefetched[q][i];
-          }
-        }
-      } else {
-        access::load_vector<kVectorElements>(weight_row + v * kVectorElements, w);
-      }
-#pragma unroll
-      for (int t = 0; t < kFusedRouteMaxTokens; ++t) {
-        if (t < tokens) {
-          float xv[kVectorElements];
-          access::load_vector<kVectorElements>(x + t * hidden + v * kVectorElements, xv);
-#pragma unroll
-          for (int i = 0; i < kVectorElements; ++i) sum[t] = fmaf(xv[i], w[i], sum[t]);
-        }
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < kFusedRouteMaxTokens; ++t) {
-      if (t < tokens) {
-        const float logit = access::warp_sum(sum[t]);
-        if (lane == 0) logits[t * num_experts + expert] = logit;
-      }
-    }
-  }
-
-  // The last block to arrive sees every block's logits (each made them visible device-wide first).
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(arrivals, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  if (threadIdx.x == 0) *arrivals = 0;  // every block has counted: ready for the next launch
-
-  for (int64_t token = warp; token < tokens; token += kFusedRouteWarps) {
-    const float* row = logits + token * num_experts;
-    // L2 reads (.cg): the logits were written by other blocks during this kernel.
-    route_token<kExpertsPerLane>([row](int64_t e) { return __ldcg(row + e); }, present, num_experts, top_k,
-                                 normalize, expert_ids + token * top_k, weights + token * top_k);
-  }
-  __syncthreads();  // expert_ids written by this block's warps are visible to all its threads
-  group_slots(expert_ids, tokens * top_k, num_experts, top_k, num_segments, shared, expert_offsets,
-              source_row, sorted_position);
-}
-
 // ---- combine_top_k -----------------------------------------------------------------------------
 
 // out[t, :] = sum_j weights[t, j] * expert_out[sorted_position[t * k + j], :] in fp32, j ascending,
@@ -443,10 +295,23 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
                  std::to_string(num_experts) + " experts, top_k " + std::to_string(top_k));
   access::dispatch_float_type(type, "route_top_k", [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
-    dispatch_experts_per_lane(num_experts, [&](auto experts_per_lane) {
+    const auto launch = [&](auto experts_per_lane) {
       launch_route_top_k<T, decltype(experts_per_lane)::value>(logits, present, expert_ids, weights, tokens,
                                                                num_experts, top_k, normalize, stream);
-    });
+    };
+    if (num_experts <= 1 * kWarpSize) {
+      launch(std::integral_constant<int, 1>{});
+    } else if (num_experts <= 2 * kWarpSize) {
+      launch(std::integral_constant<int, 2>{});
+    } else if (num_experts <= 4 * kWarpSize) {
+      launch(std::integral_constant<int, 4>{});
+    } else if (num_experts <= 8 * kWarpSize) {
+      launch(std::integral_constant<int, 8>{});
+    } else if (num_experts <= 16 * kWarpSize) {
+      launch(std::integral_constant<int, 16>{});
+    } else {
+      launch(std::integral_constant<int, 32>{});
+    }
   });
   EPIC_CUDA_CHECK_LAUNCH();
 }
@@ -454,18 +319,25 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
 void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
                      int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
                      cudaStream_t stream) {
-  const int num_segments = group_segments(slots, num_experts, kGroupWarps);
-  EPIC_CHECK(
-      num_experts >= 1 && num_segments >= 1 && slots <= INT32_MAX && top_k >= 1, ErrorCode::kUnsupported,
-      "group_by_expert: the CUDA kernel takes 1.." + std::to_string(kGroupSharedBytes / sizeof(int32_t) / 2) +
-          " experts, top_k >= 1 and "
-          "fewer than 2^31 slots, not " +
-          std::to_string(num_experts) + " experts, top_k " + std::to_string(top_k) + ", " +
-          std::to_string(slots) + " slots");
+  // As many segment warps as shared memory holds cursor rows for (and no more than there are
+  // 32-slot chunks): 32 for 128 experts, 10 for 1024.
+  const int64_t words = static_cast<int64_t>(kGroupSharedBytes / sizeof(int32_t));
+  const int64_t segments_by_memory = num_experts > 0 ? (words - num_experts) / num_experts : 0;
+  EPIC_CHECK(num_experts >= 1 && segments_by_memory >= 1 && slots <= INT32_MAX && top_k >= 1,
+             ErrorCode::kUnsupported,
+             "group_by_expert: the CUDA kernel takes 1.." + std::to_string(words / 2) +
+                 " experts, top_k >= 1 and "
+                 "fewer than 2^31 slots, not " +
+                 std::to_string(num_experts) + " experts, top_k " + std::to_string(top_k) + ", " +
+                 std::to_string(slots) + " slots");
+  const int64_t chunks = (slots + kWarpSize - 1) / kWarpSize;
+  const int num_segments =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kGroupWarps, segments_by_memory, chunks})));
+  const size_t shared_bytes =
+      static_cast<size_t>(num_segments + 1) * static_cast<size_t>(num_experts) * sizeof(int32_t);
   // Even with no slots the offsets are written (all zero), so the launch is unconditional.
-  dependent::launch(group_by_expert_kernel, dim3(1), dim3(kGroupThreads),
-                    group_shared_bytes(num_segments, num_experts), stream, expert_ids, slots,
-                    static_cast<int32_t>(num_experts), top_k, num_segments, expert_offsets, source_row,
+  dependent::launch(group_by_expert_kernel, dim3(1), dim3(kGroupThreads), shared_bytes, stream, expert_ids,
+                    slots, static_cast<int32_t>(num_experts), top_k, num_segments, expert_offsets, source_row,
                     sorted_position);
   EPIC_CUDA_CHECK_LAUNCH();
 }
@@ -491,41 +363,6 @@ void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorte
                           dim3(kCombineThreads), 0, stream, static_cast<const T*>(expert_out),
                           sorted_position, weights, tokens, top_k, hidden, static_cast<TOut*>(out));
       }
-    });
-  });
-  EPIC_CUDA_CHECK_LAUNCH();
-}
-
-bool route_and_group_fits(const void* x, const void* router, int64_t tokens, int64_t hidden,
-                          int64_t num_experts, int64_t top_k) {
-  return tokens >= 1 && tokens <= kFusedRouteMaxTokens && hidden % kVectorElements == 0 && num_experts >= 1 &&
-         num_experts <= kMaxRouteExperts && top_k >= 1 && top_k <= kMaxRouteTopK &&
-         group_segments(tokens * top_k, num_experts, kFusedRouteWarps) >= 1 && access::aligned16(x) &&
-         access::aligned16(router);
-}
-
-void route_and_group(const void* x, ScalarType x_type, const void* router, ScalarType router_type,
-                     const uint8_t* present, int64_t tokens, int64_t hidden, int64_t num_experts,
-                     int64_t top_k, bool normalize, float* logits, int32_t* expert_ids, float* weights,
-                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
-                     unsigned int* arrivals, cudaStream_t stream) {
-  EPIC_CHECK(route_and_group_fits(x, router, tokens, hidden, num_experts, top_k), ErrorCode::kInternal,
-             "route_and_group: the fused kernel does not take " + std::to_string(tokens) +
-                 " tokens, hidden " + std::to_string(hidden) + ", " + std::to_string(num_experts) +
-                 " experts, top_k " + std::to_string(top_k) + " (route_and_group_fits says which it does)");
-  const int num_segments = group_segments(tokens * top_k, num_experts, kFusedRouteWarps);
-  const auto blocks = static_cast<unsigned>((num_experts + kFusedRouteWarps - 1) / kFusedRouteWarps);
-  access::dispatch_float_type(x_type, "route_and_group", [&](auto x_tag) {
-    using TX = typename decltype(x_tag)::type;
-    access::dispatch_float_type(router_type, "route_and_group", [&](auto w_tag) {
-      using TW = typename decltype(w_tag)::type;
-      dispatch_experts_per_lane(num_experts, [&](auto experts_per_lane) {
-        dependent::launch(route_and_group_kernel<TX, TW, decltype(experts_per_lane)::value>, dim3(blocks),
-                          dim3(kFusedRouteThreads), group_shared_bytes(num_segments, num_experts), stream,
-                          static_cast<const TX*>(x), static_cast<const TW*>(router), present, tokens, hidden,
-                          static_cast<int32_t>(num_experts), top_k, normalize, num_segments, logits,
-                          expert_ids, weights, expert_offsets, source_row, sorted_position, arrivals);
-      });
     });
   });
   EPIC_CUDA_CHECK_LAUNCH();
