@@ -3,7 +3,8 @@
 # repository root; results come back from $OUT). The CI machine has no GPU: there the CUDA tests
 # skip visibly, and this script is how they run.
 #
-#   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines]   (each fits one device call)
+#   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab]
+#   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
 #     tests:  build with CUDA, run the kernel op table, golden, model and checkpoint suites (CUDA
@@ -11,8 +12,9 @@
 #     bench:  the expert FFN micro-benchmark, bench-moe and bench-decode; baselines: the
 #             torch/transformers figures of the same card (launch/bench/run_gpu_bench.sh)
 #     profile: where the time goes: the prefill-size expert FFN paths, per-op device times
-#             (EPIC_CUDA_OP_TIMING=1, no graphs) of 8-layer decode steps at batch 1, and the same
-#             steps from graphs with programmatic dependent launch off and on (EPIC_CUDA_PDL)
+#             (EPIC_CUDA_OP_TIMING=1, no graphs) of 8-layer decode steps at batch 1, then ab
+#     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
+#             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
 # /usr/include/cereal) and .device/icu (ICU 72's headers and libicuuc/libicudata from the CI image).
 set -uo pipefail
@@ -55,7 +57,7 @@ if wants golden; then
   rm -rf "$scratch"
 fi
 
-if wants tests || wants ctest || wants bench || wants baselines || wants profile; then
+if wants tests || wants ctest || wants bench || wants baselines || wants profile || wants ab; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
            -DICU_ROOT="$PWD/.device/icu" \
@@ -102,12 +104,18 @@ if wants profile; then
     --random-weights qwen3-30b-a3b --layers 8 --batch 1 --prompt-tokens 32 --new-tokens 32 \
     --no-cuda-graphs > "$OUT/profile_decode_1.log" 2>&1 || status=1
   sed -n '/EPIC_CUDA_OP_TIMING/,$p' "$OUT/profile_decode_1.log" | head -30 | tee -a "$OUT/summary.log"
-  for pdl in 0 1; do
-    log "profile: decode steps, 8 layers, graphs, programmatic dependent launch EPIC_CUDA_PDL=$pdl"
-    EPIC_CUDA_PDL=$pdl timeout 150 "$BUILD/epic" bench-decode --backend cuda --precision bf16 \
-      --random-weights qwen3-30b-a3b --layers 8 --batch 1,16,64,256 --prompt-tokens 32 --new-tokens 32 \
-      > "$OUT/profile_pdl_$pdl.jsonl" 2>&1 || status=1
-    grep -o '"batch":[0-9]*\|"ms_per_step":[0-9.]*' "$OUT/profile_pdl_$pdl.jsonl" | paste - - | tee -a "$OUT/summary.log"
+fi
+if wants profile || wants ab; then
+  # Each switch off and on, all else equal (graphs on): the A/B of one optimisation.
+  for switch in ${AB_SWITCHES:-EPIC_CUDA_PDL}; do
+    for value in 0 1; do
+      log "ab: decode steps, 8 layers, graphs, $switch=$value"
+      env "$switch=$value" timeout 150 "$BUILD/epic" bench-decode --backend cuda --precision bf16 \
+        --random-weights qwen3-30b-a3b --layers 8 --batch 1,16,64,256 --prompt-tokens 32 --new-tokens 32 \
+        > "$OUT/ab_${switch}_$value.jsonl" 2>&1 || status=1
+      grep -o '"batch":[0-9]*\|"ms_per_step":[0-9.]*' "$OUT/ab_${switch}_$value.jsonl" | paste - - |
+        tee -a "$OUT/summary.log"
+    done
   done
 fi
 if wants baselines; then
