@@ -388,16 +388,18 @@ bool is_float_type(ScalarType type) { return type == ScalarType::kF32 || type ==
 // the average rows per expert; with top-k routing the largest group is about average + 3 sqrt
 // (average), so the chunk is picked to hold nearly every group in one pass (a longer group is
 // several chunks, i.e. blocks, in parallel; their repeated weight reads mostly hit L2).
-// Qwen3-30B-A3B (128 experts, top-8): <= 32 tokens 8-row chunks, <= 96 16-row, <= 256 32-row.
-// Beyond ~16 rows an expert, the x rows each streaming block re-reads from L2 approach its weight
-// bytes, and the tiled kernel's 64-row tiles (weights reused from shared memory) take over.
-// Measured before the streaming kernel (H200): 16-row tiles won up to 128 tokens, 64 beyond.
+// Measured on an H200 (epic_expert_ffn_bench, Qwen3-30B-A3B: 128 experts, top-8; BENCHMARKS.md):
+// up to 16 tokens 8-row chunks over 32 weight rows a block; from 2 rows an expert, blocks of 64
+// weight rows (4 column warps), whose longer K stretches and shared activation loads gave 12-15%
+// at 128-256 tokens (0.43 -> 0.367 ms at 256); 16-row chunks up to 6 rows an expert, 32-row up to
+// 32. Beyond, the x rows each streaming block re-reads approach its weight bytes, and the tiled
+// kernel's 64-row tiles (weights reused from shared memory) take over.
 ExpertFfnKernel pick_bf16_kernel(const ExpertFfnArgs& args) {
   const int64_t average_group = (args.rows + args.num_experts - 1) / args.num_experts;
   if (streaming_expert_ffn_supported(args)) {
-    if (average_group <= 2) return ExpertFfnKernel::kStream8;
-    if (average_group <= 6) return ExpertFfnKernel::kStream16;
-    if (average_group <= 16) return ExpertFfnKernel::kStream32;
+    if (average_group <= 1) return ExpertFfnKernel::kStream8;
+    if (average_group <= 6) return ExpertFfnKernel::kStream16Wide4;
+    if (average_group <= 32) return ExpertFfnKernel::kStream32Wide4;
     return ExpertFfnKernel::kTiled64;
   }
   return average_group <= kFragment ? ExpertFfnKernel::kTiled16 : ExpertFfnKernel::kTiled64;
@@ -419,6 +421,14 @@ const char* expert_ffn_kernel_name(ExpertFfnKernel kernel) {
       return "stream16";
     case ExpertFfnKernel::kStream32:
       return "stream32";
+    case ExpertFfnKernel::kStream8Wide4:
+      return "stream8w4";
+    case ExpertFfnKernel::kStream16Wide4:
+      return "stream16w4";
+    case ExpertFfnKernel::kStream32Wide4:
+      return "stream32w4";
+    case ExpertFfnKernel::kStream32Wide8:
+      return "stream32w8";
   }
   return "?";
 }
@@ -439,19 +449,37 @@ void expert_ffn_device_scheduled_with(const ExpertFfnArgs& args, ExpertFfnKernel
   const bool weight_bf16 = args.weight_type == ScalarType::kBF16;
   if (act_bf16 && weight_bf16) {
     if (kernel == ExpertFfnKernel::kAuto) kernel = pick_bf16_kernel(args);
-    const bool streaming = kernel == ExpertFfnKernel::kStream8 || kernel == ExpertFfnKernel::kStream16 ||
-                           kernel == ExpertFfnKernel::kStream32;
-    if (streaming && !streaming_expert_ffn_supported(args)) kernel = ExpertFfnKernel::kTiled16;
+    struct StreamShape {
+      int rows_per_chunk = 0, column_warps = 0;  // 0: not a streaming kernel
+    };
+    const StreamShape shape = [kernel]() -> StreamShape {
+      switch (kernel) {
+        case ExpertFfnKernel::kStream8:
+          return {8, 2};
+        case ExpertFfnKernel::kStream16:
+          return {16, 2};
+        case ExpertFfnKernel::kStream32:
+          return {32, 2};
+        case ExpertFfnKernel::kStream8Wide4:
+          return {8, 4};
+        case ExpertFfnKernel::kStream16Wide4:
+          return {16, 4};
+        case ExpertFfnKernel::kStream32Wide4:
+          return {32, 4};
+        case ExpertFfnKernel::kStream32Wide8:
+          return {32, 8};
+        default:
+          return {};
+      }
+    }();
+    if (shape.rows_per_chunk > 0) {
+      if (streaming_expert_ffn_supported(args)) {
+        launch_streaming_expert_ffn(args, shape.rows_per_chunk, shape.column_warps, overlap_phases, stream);
+        return;
+      }
+      kernel = ExpertFfnKernel::kTiled16;
+    }
     switch (kernel) {
-      case ExpertFfnKernel::kStream8:
-        launch_streaming_expert_ffn(args, 8, overlap_phases, stream);
-        break;
-      case ExpertFfnKernel::kStream16:
-        launch_streaming_expert_ffn(args, 16, overlap_phases, stream);
-        break;
-      case ExpertFfnKernel::kStream32:
-        launch_streaming_expert_ffn(args, 32, overlap_phases, stream);
-        break;
       case ExpertFfnKernel::kTiled64:
         launch_tensor_core<4>(args, stream);
         break;

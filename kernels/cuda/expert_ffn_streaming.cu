@@ -7,10 +7,13 @@
 //   KB per SM. Each lane issues kUnroll x 2 16-byte loads before it waits (128 B, 4 KB a warp);
 //   with 8 warps a block and 2-3 blocks an SM that is 64-96 KB an SM, and no warp ever waits on
 //   another (no cp.async stage barriers): compute is a handful of mma per 4 KB.
-// - Blocks. A block covers only 32 weight rows (two warps of 16) and splits K over 4 warps, so one
-//   token's gate_up is 8 experts x 48 column tiles = 384 blocks and its down 8 x 64 = 512: about
-//   one full wave of 132 SMs x 3 blocks, every SM streaming from the start. The 4 K-partials are
-//   summed through shared memory in a fixed order (deterministic, and within one row only).
+// - Blocks. At one token a block covers only 32 weight rows (two column warps of 16) and splits K
+//   over 4 warps, so one token's gate_up is 8 experts x 48 column tiles = 384 blocks and its down
+//   8 x 64 = 512: about one full wave of 132 SMs x 3 blocks, every SM streaming from the start.
+//   With more rows there are blocks enough, and 4 or 8 column warps (64 or 128 weight rows, K over
+//   2 or 1 warps) make each block's stretch of K longer and share its activation loads among more
+//   weight rows: 12-15% faster at 8-16 rows an expert (BENCHMARKS.md). The K-partials are summed
+//   through shared memory in a fixed order (deterministic, and within one row only).
 // - Rows. A block takes one chunk of 8/16/32 rows of one expert (grid.y enumerates the chunks on
 //   the device), so a large group becomes several blocks in parallel instead of one long serial
 //   block; its repeated weight reads then mostly hit L2.
@@ -26,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/dependent_launch.cuh"
@@ -38,16 +42,13 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kSplitK = 4;                      // warps along K per 16-row weight group
-constexpr int kColumnWarps = 2;                 // 16-row weight groups per block
-constexpr int kWarps = kSplitK * kColumnWarps;  // 8
-constexpr int kThreads = kWarps * 32;           // 256
-constexpr int kMmaRows = 16;                    // M: weight rows of one warp
-constexpr int kMmaTokens = 8;                   // N: activation rows of one mma
-constexpr int kVectorElements = 8;              // one 16-byte load
-constexpr int kChunkK = 4 * kVectorElements;    // the 4 lanes of an mma row group cover 32 K
-constexpr int kUnroll = 4;                      // K chunks loaded before the first is used
-constexpr int kBlockWeightRows = kColumnWarps * kMmaRows;
+constexpr int kWarps = 8;                     // per block: kColumnWarps x (kWarps / kColumnWarps) along K
+constexpr int kThreads = kWarps * 32;         // 256
+constexpr int kMmaRows = 16;                  // M: weight rows of one warp
+constexpr int kMmaTokens = 8;                 // N: activation rows of one mma
+constexpr int kVectorElements = 8;            // one 16-byte load
+constexpr int kChunkK = 4 * kVectorElements;  // the 4 lanes of an mma row group cover 32 K
+constexpr int kUnroll = 4;                    // K chunks loaded before the first is used
 
 enum class Phase { kGateUp, kDown };
 
@@ -111,11 +112,16 @@ __device__ __forceinline__ void mma_chunk(float (&d)[4], const uint4& lo, const 
 
 // grid (column tiles of 32 weight rows, chunk slots). kMinBlocks caps the registers so that many
 // warps (and so many bytes) are in flight on every SM.
-template <Phase kPhase, int kTokenTiles>
+// kColumnWarps 16-row weight groups per block, each split along K over kWarps / kColumnWarps warps:
+// more column warps give each warp a longer stretch of K (fewer, longer blocks) and share each
+// activation load (through L1) among more weight rows.
+template <Phase kPhase, int kTokenTiles, int kColumnWarps>
 __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
     streaming_expert_kernel(const StreamArgs args) {
   constexpr int kChunkRows = kTokenTiles * kMmaTokens;
-  __shared__ float partials[kColumnWarps][kSplitK - 1][kTokenTiles][4][32];
+  constexpr int kSplitK = kWarps / kColumnWarps;
+  static_assert(kSplitK * kColumnWarps == kWarps, "the warps tile the block");
+  __shared__ float partials[kColumnWarps][kSplitK > 1 ? kSplitK - 1 : 1][kTokenTiles][4][32];
 
   // gate_up is itself a dependent launch (dependent_launch.cuh): it waits for the kernel before it,
   // then lets down's blocks take the SM slots it frees (they wait for its results on the device
@@ -217,14 +223,14 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
   if (!waited) dependent::wait_for_previous();  // a warp without K chunks (tiny K) still orders its writes
 
   // Split-K partials summed in a fixed order: ((split 0 + split 1) + split 2) + split 3.
-  if (split > 0) {
+  if (kSplitK > 1 && split > 0) {
 #pragma unroll
     for (int t = 0; t < kTokenTiles; ++t) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) partials[column_warp][split - 1][t][r][lane] = acc[t][r];
     }
   }
-  __syncthreads();
+  if constexpr (kSplitK > 1) __syncthreads();
   if (split != 0) return;
 #pragma unroll
   for (int s = 0; s < kSplitK - 1; ++s) {
@@ -254,9 +260,10 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
   }
 }
 
-template <int kTokenTiles>
+template <int kTokenTiles, int kColumnWarps>
 void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream_t stream) {
   constexpr int kChunkRows = kTokenTiles * kMmaTokens;
+  constexpr int kBlockWeightRows = kColumnWarps * kMmaRows;
   // Every non-empty group of n rows has ceil(n / c) <= n / c + 1 chunks, so the chunks number at
   // most rows / c plus the experts with rows (<= min(experts, rows)). Slots past them exit at once.
   const int64_t slots =
@@ -287,14 +294,15 @@ void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream
   const dim3 down_grid(static_cast<unsigned>((args.hidden + kBlockWeightRows - 1) / kBlockWeightRows),
                        static_cast<unsigned>(slots));
 
-  dependent::launch(streaming_expert_kernel<Phase::kGateUp, kTokenTiles>, gate_up_grid, dim3(kThreads), 0,
-                    stream, gate_up);
+  dependent::launch(streaming_expert_kernel<Phase::kGateUp, kTokenTiles, kColumnWarps>, gate_up_grid,
+                    dim3(kThreads), 0, stream, gate_up);
   EPIC_CUDA_CHECK_LAUNCH();
   if (overlap_phases) {
-    dependent::launch(streaming_expert_kernel<Phase::kDown, kTokenTiles>, down_grid, dim3(kThreads), 0,
-                      stream, down);
+    dependent::launch(streaming_expert_kernel<Phase::kDown, kTokenTiles, kColumnWarps>, down_grid,
+                      dim3(kThreads), 0, stream, down);
   } else {
-    streaming_expert_kernel<Phase::kDown, kTokenTiles><<<down_grid, kThreads, 0, stream>>>(down);
+    streaming_expert_kernel<Phase::kDown, kTokenTiles, kColumnWarps>
+        <<<down_grid, kThreads, 0, stream>>>(down);
   }
   EPIC_CUDA_CHECK_LAUNCH();
 }
@@ -308,19 +316,36 @@ bool streaming_expert_ffn_supported(const ExpertFfnArgs& args) {
          access::aligned16(args.intermediate);
 }
 
-void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, bool overlap_phases,
-                                 cudaStream_t stream) {
+void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, int column_warps,
+                                 bool overlap_phases, cudaStream_t stream) {
   EPIC_CHECK(streaming_expert_ffn_supported(args), ErrorCode::kInternal,
              "expert_ffn: the streaming kernel needs bf16, H and I multiples of 8 and 16-byte aligned data");
+  const auto launch = [&](auto token_tiles) {
+    constexpr int kTokenTiles = decltype(token_tiles)::value;
+    switch (column_warps) {
+      case 2:
+        launch_streaming<kTokenTiles, 2>(args, overlap_phases, stream);
+        return;
+      case 4:
+        launch_streaming<kTokenTiles, 4>(args, overlap_phases, stream);
+        return;
+      case 8:
+        launch_streaming<kTokenTiles, 8>(args, overlap_phases, stream);
+        return;
+      default:
+        throw Error(ErrorCode::kInternal,
+                    "expert_ffn: no streaming kernel with " + std::to_string(column_warps) + " column warps");
+    }
+  };
   switch (rows_per_chunk) {
     case 8:
-      launch_streaming<1>(args, overlap_phases, stream);
+      launch(std::integral_constant<int, 1>{});
       break;
     case 16:
-      launch_streaming<2>(args, overlap_phases, stream);
+      launch(std::integral_constant<int, 2>{});
       break;
     case 32:
-      launch_streaming<4>(args, overlap_phases, stream);
+      launch(std::integral_constant<int, 4>{});
       break;
     default:
       throw Error(ErrorCode::kInternal, "expert_ffn: no streaming kernel for " +

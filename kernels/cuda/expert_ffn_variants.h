@@ -21,6 +21,12 @@ enum class ExpertFfnKernel {
   kStream8,
   kStream16,
   kStream32,
+  // The same with 4 or 8 column warps a block (64 or 128 weight rows, K split over 2 or 1 warps):
+  // longer blocks, each activation load shared by more weight rows.
+  kStream8Wide4,
+  kStream16Wide4,
+  kStream32Wide4,
+  kStream32Wide8,
 };
 
 const char* expert_ffn_kernel_name(ExpertFfnKernel kernel);
@@ -31,9 +37,9 @@ void expert_ffn_device_scheduled_with(const ExpertFfnArgs& args, ExpertFfnKernel
                                       cudaStream_t stream);
 
 // The streaming path's eligibility (BF16 x BF16, vector loads possible) and its launcher
-// (expert_ffn_streaming.cu); rows_per_chunk is 8, 16 or 32.
+// (expert_ffn_streaming.cu); rows_per_chunk is 8, 16 or 32, column_warps 2, 4 or 8.
 bool streaming_expert_ffn_supported(const ExpertFfnArgs& args);
-void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, bool overlap_phases,
-                                 cudaStream_t stream);
+void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, int column_warps,
+                                 bool overlap_phases, cudaStream_t stream);
 
 }  // namespace epic::cuda_kernels

@@ -13,6 +13,7 @@
 #             torch/transformers figures of the same card (launch/bench/run_gpu_bench.sh)
 #     profile: where the time goes: the prefill-size expert FFN paths, per-op device times
 #             (EPIC_CUDA_OP_TIMING=1, no graphs) of 8-layer decode steps at batch 1, then ab
+#     ffn:    the expert FFN micro-benchmark (every kernel variant, checked first) at decode sizes
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -57,7 +58,7 @@ if wants golden; then
   rm -rf "$scratch"
 fi
 
-if wants tests || wants ctest || wants bench || wants baselines || wants profile || wants ab; then
+if wants tests || wants ctest || wants bench || wants baselines || wants profile || wants ab || wants ffn; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
            -DICU_ROOT="$PWD/.device/icu" \
@@ -93,6 +94,12 @@ if wants bench; then
   log "bench: epic"
   OUT="$OUT" bash launch/bench/run_gpu_bench.sh "$BUILD" --quick --only epic --budget 420 >> "$OUT/summary.log" 2>&1 ||
     status=1
+fi
+if wants ffn; then
+  log "ffn: expert FFN kernels at decode sizes (checks first)"
+  timeout 150 "$BUILD/kernels/cuda/epic_expert_ffn_bench" --tokens 1,8,32,64,128,256,512 \
+    > "$OUT/expert_ffn_decode.log" 2>&1 || status=1
+  grep -E "^ +[0-9]+ |FAIL|PASS|WRONG|failed" "$OUT/expert_ffn_decode.log" | tee -a "$OUT/summary.log"
 fi
 if wants profile; then
   log "profile: expert FFN paths at prefill sizes"

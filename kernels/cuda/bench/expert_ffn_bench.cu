@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cuda/cublas_gemm.h"
 #include "kernels/cuda/bench/bench_support.h"
+#include "kernels/cuda/cublas_gemm.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_ffn_variants.h"
@@ -192,7 +192,8 @@ std::vector<FfnPath> device_paths(bool bf16_pair) {
   if (!bf16_pair) return paths;
   for (ExpertFfnKernel kernel :
        {ExpertFfnKernel::kTiled16, ExpertFfnKernel::kTiled64, ExpertFfnKernel::kStream8,
-        ExpertFfnKernel::kStream16, ExpertFfnKernel::kStream32}) {
+        ExpertFfnKernel::kStream16, ExpertFfnKernel::kStream32, ExpertFfnKernel::kStream8Wide4,
+        ExpertFfnKernel::kStream16Wide4, ExpertFfnKernel::kStream32Wide4, ExpertFfnKernel::kStream32Wide8}) {
     paths.push_back(FfnPath{false, kernel, true});
   }
   paths.push_back(FfnPath{false, ExpertFfnKernel::kStream8, false});
