@@ -2,7 +2,8 @@
 // golden case and every backend mode: the fp32 modes (cpu, cuda without TF32) within relative L2
 // 1e-4 over all prompt positions with identical greedy tokens; cuda bf16 no further from the
 // reference than transformers' own bf16 run of the same fixture (bf16_reference.json, measured by
-// measure_bf16_reference.py when the fixtures were made). cuda modes skip visibly without a GPU.
+// make_golden.py when the fixtures were made), over the positions that no routing near tie of the
+// reference reaches (see kNearTieMargin). cuda modes skip visibly without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -32,6 +33,22 @@ using nlohmann::json;
 // The issue's bar: fp32 compute against a float64 reference of the same stored weights.
 constexpr double kMaxRelativeL2 = 1e-4;
 
+// The bf16 bar compares epic's and transformers' bf16 errors where the reference's routing is not
+// a coin toss: in these tiny models (hidden 32, 8 experts) bf16 logits err by ~1% (transformers'
+// own run), so a top-k choice whose reference margin (k-th minus (k+1)-th router logit, over the
+// largest |logit|; bf16_reference.json) is below 2^-6 flips or not by chance, and such a flip
+// moves the position's logits by far more than rounding (and every later position's, through
+// attention). Each prompt counts up to its first position with such a near tie in any layer, for
+// both runs alike; the whole-prompt errors are printed beside.
+constexpr double kNearTieMargin = 1.0 / 64;
+
+// Positions [0, result) of a prompt come before the reference's first routing near tie.
+size_t positions_before_near_tie(const json& margins) {
+  for (size_t p = 0; p < margins.size(); ++p)
+    if (!margins[p].is_null() && margins[p].get<double>() < kNearTieMargin) return p;
+  return margins.size();
+}
+
 json read_json(const fs::path& path) {
   std::ifstream file(path);
   return json::parse(file);
@@ -57,7 +74,8 @@ std::unique_ptr<Backend> backend_for(Mode mode, std::string* skip_reason) {
   if (mode == Mode::kCpuFp32) return make_cpu_backend();
 #ifdef EPIC_HAVE_CUDA
   if (cuda_device_count() > 0) return make_cuda_backend(0);
-  *skip_reason = "no CUDA device visible: the cuda golden modes run on the GPU machine (tests/gpu/run_gpu_tests.sh)";
+  *skip_reason =
+      "no CUDA device visible: the cuda golden modes run on the GPU machine (tests/gpu/run_gpu_tests.sh)";
 #else
   *skip_reason = "this build has no CUDA backend (nvcc not found at configure time)";
 #endif
@@ -104,9 +122,12 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
   ModelRunner runner(config, weights, *backend, runner_options);
   const auto comm = make_self_communicator();
   size_t prompt_index = 0;
-  // bf16: the squared errors of all prompts together, ours and transformers' (one routing choice
-  // flipped by rounding moves a single short prompt's error by a lot, either way).
-  double ours_squared = 0, transformers_squared = 0, reference_squared = 0;
+  // bf16: squared errors of all prompts together, ours and transformers': over every position, and
+  // over the positions before each prompt's first routing near tie (the bar).
+  struct Squares {
+    double ours = 0, transformers = 0, reference = 0;
+    int64_t positions = 0;
+  } all, stable;
   for (const json& prompt : golden["prompts"]) {
     const std::vector<int32_t> ids = prompt["ids"].get<std::vector<int32_t>>();
     SCOPED_TRACE(std::string(mode_name(mode())) + ", prompt of " + std::to_string(ids.size()) + " tokens");
@@ -122,17 +143,36 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
     const double error = relative_l2(result.prompt_logits, expected.values);
     std::ostringstream shown;
     shown << std::scientific << error;
-    RecordProperty(std::string(mode_name(mode())) + "_relative_l2_prompt_" + std::to_string(ids.size()), shown.str());
+    RecordProperty(std::string(mode_name(mode())) + "_relative_l2_prompt_" + std::to_string(ids.size()),
+                   shown.str());
     if (bf16) {
       // transformers' own bf16 run of this fixture and prompt, against the same reference.
-      const double transformers_error = bf16_reference["prompts"][prompt_index]["relative_l2"].get<double>();
-      double norm_squared = 0;
-      for (float v : expected.values) norm_squared += double(v) * v;
-      ours_squared += error * error * norm_squared;
-      transformers_squared += transformers_error * transformers_error * norm_squared;
-      reference_squared += norm_squared;
-      std::printf("%s %s prompt %zu: relative L2 %.6f (transformers bf16 %.6f)\n", std::get<0>(GetParam()).c_str(),
-                  mode_name(mode()), prompt_index, error, transformers_error);
+      const json& theirs = bf16_reference["prompts"][prompt_index];
+      const json& their_errors = theirs["position_squared_error"];
+      const size_t positions = ids.size();
+      ASSERT_EQ(their_errors.size(), positions) << "bf16_reference.json: regenerate with make_golden.py";
+      const size_t stable_end = positions_before_near_tie(theirs["routing_margin"]);
+      const size_t vocab = static_cast<size_t>(config.vocab_size);
+      for (size_t p = 0; p < positions; ++p) {
+        double ours = 0, norm = 0;
+        for (size_t v = p * vocab; v < (p + 1) * vocab; ++v) {
+          const double diff = double(result.prompt_logits[v]) - expected.values[v];
+          ours += diff * diff;
+          norm += double(expected.values[v]) * expected.values[v];
+        }
+        for (Squares* squares : {&all, p < stable_end ? &stable : nullptr}) {
+          if (squares == nullptr) continue;
+          squares->ours += ours;
+          squares->transformers += their_errors[p].get<double>();
+          squares->reference += norm;
+          ++squares->positions;
+        }
+      }
+      std::printf(
+          "%s %s prompt %zu: relative L2 %.6f (transformers bf16 %.6f), %zu of %zu positions before "
+          "a routing near tie\n",
+          std::get<0>(GetParam()).c_str(), mode_name(mode()), prompt_index, error,
+          theirs["relative_l2"].get<double>(), stable_end, positions);
     } else {
       EXPECT_LE(error, kMaxRelativeL2) << "relative L2 error of the prompt logits";
       // Greedy continuation runs through the KV cache; the reference recomputed every step.
@@ -141,12 +181,19 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
     ++prompt_index;
   }
   if (bf16) {
-    const double ours = std::sqrt(ours_squared / reference_squared);
-    const double theirs = std::sqrt(transformers_squared / reference_squared);
-    std::printf("%s bf16 over all prompts: epic %.6f, transformers %.6f\n", std::get<0>(GetParam()).c_str(), ours,
-                theirs);
-    EXPECT_LE(ours, theirs) << "epic's bf16 logits are further from the fp64 reference than transformers' own "
-                               "bf16 run of the same fixture";
+    const auto relative = [](double squares, double reference) { return std::sqrt(squares / reference); };
+    std::printf(
+        "%s bf16 over all positions: epic %.6f, transformers %.6f; over the %lld positions before "
+        "routing near ties: epic %.6f, transformers %.6f\n",
+        std::get<0>(GetParam()).c_str(), relative(all.ours, all.reference),
+        relative(all.transformers, all.reference), static_cast<long long>(stable.positions),
+        relative(stable.ours, stable.reference), relative(stable.transformers, stable.reference));
+    ASSERT_GT(stable.positions, 0)
+        << "every prompt starts at a routing near tie: the fixture cannot measure bf16";
+    EXPECT_LE(relative(stable.ours, stable.reference), relative(stable.transformers, stable.reference))
+        << "epic's bf16 logits are further from the fp64 reference than transformers' own bf16 run of the "
+           "same "
+           "fixture, over the positions before routing near ties";
   }
 }
 
@@ -158,18 +205,17 @@ std::vector<std::string> golden_cases() {
   return cases;
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenCase,
-                         ::testing::Combine(::testing::ValuesIn(golden_cases()),
-                                            ::testing::Values(Mode::kCpuFp32, Mode::kCudaFp32, Mode::kCudaBf16)),
-                         [](const auto& info) {
-                           return std::get<0>(info.param) + "_" + mode_name(std::get<1>(info.param));
-                         });
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, GoldenCase,
+    ::testing::Combine(::testing::ValuesIn(golden_cases()),
+                       ::testing::Values(Mode::kCpuFp32, Mode::kCudaFp32, Mode::kCudaBf16)),
+    [](const auto& info) { return std::get<0>(info.param) + "_" + mode_name(std::get<1>(info.param)); });
 
 TEST(GoldenFixtures, AllCasesArePresent) {
   // The cases the issue asks for; a lost fixture must not silently shrink the suite.
-  const std::vector<std::string> expected = {"missing_experts",           "pruned_router",
-                                             "qwen3_moe_bf16",            "qwen3_moe_f32",
-                                             "qwen3_moe_hub_config_bf16", "qwen3_omni_thinker_f16"};
+  const std::vector<std::string> expected = {
+      "missing_experts",           "pruned_router",         "qwen3_moe_bf16", "qwen3_moe_f32",
+      "qwen3_moe_hub_config_bf16", "qwen3_omni_thinker_f16"};
   EXPECT_EQ(golden_cases(), expected);
 }
 

@@ -182,6 +182,36 @@ def reference(model, ids):
     return logits
 
 
+@torch.no_grad()
+def routing_margins(model, ids, masked, top_k):
+    """Per position, the reference's smallest top-k margin over its MoE layers: (k-th - (k+1)-th
+    largest router logit among the present experts) / the largest |logit|. A small margin is a
+    near tie that any rounding may flip (the bf16 bar of the golden test leaves positions from the
+    first near tie on out, for epic and transformers alike); inf where every present expert is chosen."""
+    margins = torch.full((len(ids),), float("inf"), dtype=torch.float64)
+
+    def make_hook(layer):
+        def hook(module, args):
+            x = args[0].reshape(-1, module.weight.shape[1]).double()
+            logits = x @ module.weight.double().T
+            present = [e for e in range(logits.shape[1]) if e not in masked.get(layer, [])]
+            logits = logits[:, present]
+            if logits.shape[1] > top_k:
+                top = torch.topk(logits, top_k + 1, dim=-1).values
+                gap = (top[:, top_k - 1] - top[:, top_k]) / logits.abs().max(dim=-1).values
+                margins.copy_(torch.minimum(margins, gap))
+        return hook
+
+    hooks = [layer.mlp.gate.register_forward_pre_hook(make_hook(index))
+             for index, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    try:
+        reference(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return margins
+
+
 def make_case(out_root, case, seed):
     name, overrides, storage, layout, sharded, missing, pruned = case
     directory = os.path.join(out_root, name)
@@ -242,7 +272,10 @@ def make_case(out_root, case, seed):
         np.save(os.path.join(directory, f"logits_{i}.npy"), logits.to(torch.float32).numpy())
         with torch.no_grad():
             bf16_logits = bf16_model(torch.tensor([ids], device=device)).logits[0].double().cpu()
-        bf16_errors.append({"relative_l2": float((bf16_logits - logits).norm() / logits.norm())})
+        margins = routing_margins(model, ids, masked, params["num_experts_per_tok"])
+        bf16_errors.append({"relative_l2": float((bf16_logits - logits).norm() / logits.norm()),
+                            "position_squared_error": ((bf16_logits - logits) ** 2).sum(dim=-1).tolist(),
+                            "routing_margin": [m if np.isfinite(m) else None for m in margins.tolist()]})
         generated = list(ids)
         for _ in range(NUM_NEW_TOKENS):  # greedy, full recompute (no cache): epic's KV cache must agree
             generated.append(int(reference(model, generated)[-1].argmax()))
@@ -260,7 +293,9 @@ def make_case(out_root, case, seed):
                                  + (", experts/router rows removed afterwards" if missing or pruned else ""),
                    "seed": seed, "prompts": prompts}, f, indent=2)
     with open(os.path.join(directory, "bf16_reference.json"), "w") as f:
-        json.dump({"what": "relative L2 of transformers' own bf16 logits against the float64 reference, per prompt",
+        json.dump({"what": "relative L2 of transformers' own bf16 logits against the float64 reference, per prompt; "
+                           "per position: its squared L2 error and the reference's smallest relative top-k "
+                           "router margin over the layers (null: every present expert chosen)",
                    "transformers": transformers.__version__, "torch": torch.__version__,
                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    "experts_implementation": bf16_model.config._experts_implementation,
