@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <mma.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.h"
@@ -394,8 +395,24 @@ bool is_float_type(ScalarType type) { return type == ScalarType::kF32 || type ==
 // at 128-256 tokens (0.43 -> 0.367 ms at 256); 16-row chunks up to 6 rows an expert, 32-row up to
 // 32. Beyond, the x rows each streaming block re-reads approach its weight bytes, and the tiled
 // kernel's 64-row tiles (weights reused from shared memory) take over.
+// EPIC_CUDA_WIDE_STREAMING=0 keeps the 2-column-warp blocks at every size (the rule before them), for
+// A/B timing inside whole decode steps.
+bool wide_streaming_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("EPIC_CUDA_WIDE_STREAMING");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 ExpertFfnKernel pick_bf16_kernel(const ExpertFfnArgs& args) {
   const int64_t average_group = (args.rows + args.num_experts - 1) / args.num_experts;
+  if (streaming_expert_ffn_supported(args) && !wide_streaming_enabled()) {
+    if (average_group <= 2) return ExpertFfnKernel::kStream8;
+    if (average_group <= 6) return ExpertFfnKernel::kStream16;
+    if (average_group <= 16) return ExpertFfnKernel::kStream32;
+    return ExpertFfnKernel::kTiled64;
+  }
   if (streaming_expert_ffn_supported(args)) {
     if (average_group <= 1) return ExpertFfnKernel::kStream8;
     if (average_group <= 6) return ExpertFfnKernel::kStream16Wide4;

@@ -256,9 +256,10 @@ void add_linear_cases(std::vector<OpCase>& cases) {
       {1, 1, 1},        {1, 3, 17},    {3, 17, 130}, {17, 130, 3},
       {2, 2048, 1},     {5, 128, 257}, {130, 17, 5}, {3, 0, 5},  // in_dim 0: an empty sum, every y must be 0
       {64, 2048, 2053},                                          // large enough for the multi-threaded path
-      // cuda paths by shape: bf16 at 1-2 rows with in % 8 == 0 streams the weights (linear_skinny);
-      // f32 x bf16 from 512 rows (or past 1024 outputs) splits x into three exact bf16 parts.
-      {1, 264, 77},     {2, 136, 1030}, {600, 136, 40},
+      // cuda paths by shape: bf16 at 1-2 rows with in % 8 == 0 streams the weights (linear_skinny),
+      // from 3 rows cuBLAS; f32 x bf16 from 512 rows (or past 1024 outputs) splits x into three exact
+      // bf16 parts.
+      {1, 264, 77},     {2, 136, 1030}, {600, 136, 40}, {9, 136, 40}, {40, 264, 77},
   };
   for (const bool f32_logits : {false, true}) {
     for (const Shape s : shapes) {
