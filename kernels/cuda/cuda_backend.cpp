@@ -437,9 +437,8 @@ class CudaBackend final : public Backend {
       if (args.rows >= kPerExpertFfnMinRows) {
         if (lanes_ == nullptr) lanes_ = std::make_unique<cuda_kernels::GemmLanePool>(kExpertFfnSideLanes);
         args.per_expert = true;
-        args.side_lanes = lanes_->side_lanes();
+        args.lane_pool = lanes_.get();
         args.side_lane_count = lanes_->side_count();
-        args.lane_fork = lanes_->fork();
       }
       cuda_kernels::expert_ffn_cublas(args, host_offsets, host_local, cublas_, stream_);
       return;

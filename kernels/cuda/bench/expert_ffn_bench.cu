@@ -175,9 +175,8 @@ bool run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* hos
     if (path.lanes > 0) {
       static GemmLanePool pool(kMaxBenchLanes - 1);  // kept for the program's life
       cublas_args.per_expert = true;
-      cublas_args.side_lanes = pool.side_lanes();
+      cublas_args.lane_pool = &pool;
       cublas_args.side_lane_count = path.lanes - 1;
-      cublas_args.lane_fork = pool.fork();
     }
     return expert_ffn_cublas(cublas_args, host_offsets, host_local, cublas, stream);
   }
