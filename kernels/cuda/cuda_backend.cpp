@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstddef>
 #include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/backend_checks.h"
@@ -435,9 +437,8 @@ class CudaBackend final : public Backend {
       if (args.rows >= kPerExpertFfnMinRows) {
         if (lanes_ == nullptr) lanes_ = std::make_unique<cuda_kernels::GemmLanePool>(kExpertFfnSideLanes);
         args.per_expert = true;
-        args.side_lanes = lanes_->side_lanes();
+        args.lane_pool = lanes_.get();
         args.side_lane_count = lanes_->side_count();
-        args.lane_fork = lanes_->fork();
       }
       cuda_kernels::expert_ffn_cublas(args, host_offsets, host_local, cublas_, stream_);
       return;
@@ -486,14 +487,15 @@ class CudaBackend final : public Backend {
     return data;
   }
 
-  // The op's device time under EPIC_CUDA_OP_TIMING (op_timing.h), keyed by op, size and detail.
-  cuda_kernels::OpTiming::Scope time_op(const char* op, int64_t size,
-                                        const std::function<std::string()>& detail = nullptr) {
+  // The op's device time under EPIC_CUDA_OP_TIMING (op_timing.h), keyed by op, size and detail
+  // (a callable returning a std::string, or none). A template: with timing off nothing is built.
+  template <class Detail = std::nullptr_t>
+  cuda_kernels::OpTiming::Scope time_op(const char* op, int64_t size, const Detail& detail = nullptr) {
     if (!op_timing_.enabled()) return {};
     return op_timing_.time(stream_, [&] {
       std::string label(op);
       label.append(" ").append(std::to_string(size));
-      if (detail) label.append(" ").append(detail());
+      if constexpr (!std::is_same_v<Detail, std::nullptr_t>) label.append(" ").append(detail());
       return label;
     });
   }

@@ -90,7 +90,7 @@ void linear_skinny(const void* x, const void* w, void* y, ScalarType y_type, int
 // row's result does not depend on the batch it came in beyond the shape).
 bool linear_f32_split_wins(int64_t rows, int64_t out_dim);
 
-struct GemmLane;  // gemm_lanes.h
+class GemmLanePool;  // gemm_lanes.h
 
 // One call of the grouped expert FFN (Backend::expert_ffn). Offsets and local_index are device
 // arrays; `rows` is the host's count of x's rows (offsets[num_experts] == rows).
@@ -111,13 +111,12 @@ struct ExpertFfnArgs {
   void** device_pointers = nullptr;
   void** host_pointers = nullptr;
   int64_t pointer_capacity = 0;
-  // expert_ffn_cublas only, optional: skip the grouped calls for the per-expert loop, and side lanes
-  // (gemm_lanes.h) over which that loop spreads the experts, forked from the stream by lane_fork.
+  // expert_ffn_cublas only, optional: skip the grouped calls for the per-expert loop, and a pool of
+  // side lanes (gemm_lanes.h), over the first side_lane_count of which that loop spreads the experts.
   // Where both are given the loop is what runs (the faster one at the largest sizes: BENCHMARKS.md).
   bool per_expert = false;
-  const GemmLane* side_lanes = nullptr;
-  int side_lane_count = 0;
-  cudaEvent_t lane_fork = nullptr;
+  GemmLanePool* lane_pool = nullptr;
+  int side_lane_count = 0;  // at most lane_pool->side_count()
 };
 
 // Pointers expert_ffn_cublas's grouped path stages per expert with rows where 2 * inter <= hidden

@@ -97,13 +97,33 @@ __device__ __forceinline__ float block_inv_rms(float sum_squares, int64_t dim, f
   return inv_rms_shared;
 }
 
+// The second pass of rms_norm and add_rms_norm over this thread's elements of the row that starts
+// at element row_start of x, y and y_f32: y = (x * inv_rms) * weight in fp32, stored to y and,
+// unless y_f32 is null, to y_f32 as well. One helper for both, so the fused op rounds as the unfused
+// pair. Each element is read and written by the thread that read it in the first pass (what lets x
+// and y alias).
+template <int kVec, class X, class W, class Y>
+__device__ __forceinline__ void normalize_row(const X* x, const W* weight, float inv_rms, int64_t row_start,
+                                              int64_t dim, Y* y, float* y_f32) {
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
+       i += static_cast<int64_t>(blockDim.x) * kVec) {
+    float values[kVec], weights[kVec];
+    access::load_vector<kVec>(x + row_start + i, values);
+    access::load_vector<kVec>(weight + i, weights);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) values[j] = (values[j] * inv_rms) * weights[j];
+    access::store_vector<kVec>(y + row_start + i, values);
+    if (y_f32 != nullptr) access::store_vector<kVec>(y_f32 + row_start + i, values);
+  }
+}
+
 // One block per row: the block sums x^2 in fp32, then y = (x * inv_rms) * weight in fp32. x and y
 // may alias (same type then): every element is read by the thread that later writes it, and all
 // reads of the sum pass end at the barrier before any write.
 template <int kVec, class X, class W, class Y>
 __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, float eps) {
-  const X* x_row = x + static_cast<int64_t>(blockIdx.x) * dim;
-  Y* y_row = y + static_cast<int64_t>(blockIdx.x) * dim;
+  const int64_t row_start = static_cast<int64_t>(blockIdx.x) * dim;
+  const X* x_row = x + row_start;
   float sum_squares = 0.0f;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
        i += static_cast<int64_t>(blockDim.x) * kVec) {
@@ -113,15 +133,7 @@ __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, 
     for (int j = 0; j < kVec; ++j) sum_squares += values[j] * values[j];
   }
   const float inv_rms = block_inv_rms(sum_squares, dim, eps);
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
-       i += static_cast<int64_t>(blockDim.x) * kVec) {
-    float values[kVec], weights[kVec];
-    access::load_vector<kVec>(x_row + i, values);
-    access::load_vector<kVec>(weight + i, weights);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) values[j] = (values[j] * inv_rms) * weights[j];
-    access::store_vector<kVec>(y_row + i, values);
-  }
+  normalize_row<kVec>(x, weight, inv_rms, row_start, dim, y, nullptr);
 }
 
 // One block per row, rms_norm_kernel with the residual add in its first pass: each thread adds
@@ -146,16 +158,7 @@ __global__ void add_rms_norm_kernel(const D* delta, float* residual, const W* we
     for (int j = 0; j < kVec; ++j) sum_squares += sums[j] * sums[j];
   }
   const float inv_rms = block_inv_rms(sum_squares, dim, eps);
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < dim;
-       i += static_cast<int64_t>(blockDim.x) * kVec) {
-    float values[kVec], weights[kVec];
-    access::load_vector<kVec>(residual_row + i, values);
-    access::load_vector<kVec>(weight + i, weights);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) values[j] = (values[j] * inv_rms) * weights[j];
-    access::store_vector<kVec>(normed + row_start + i, values);
-    if (normed_f32 != nullptr) access::store_vector<kVec>(normed_f32 + row_start + i, values);
-  }
+  normalize_row<kVec>(residual, weight, inv_rms, row_start, dim, normed, normed_f32);
 }
 
 // ---- qk_norm_rope ------------------------------------------------------------------------------

@@ -5,9 +5,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
-#include <exception>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "kernels/cuda/cublas_gemm.h"
@@ -241,12 +239,18 @@ void one_expert_ffn(const ExpertFfnArgs& args, int64_t begin, int64_t rows, int6
 // Each expert goes to the lane with the fewest rows so far; lane 0 is the caller's stream, the side
 // lanes wait for everything enqueued on it before and it waits for all of them after, so to the
 // caller this is one step on its stream. At prefill sizes the loop is bound by the host's cuBLAS
-// calls (~8 us each, BENCHMARKS.md), so each side lane's share is enqueued by a thread of its own.
+// calls (~8 us each, BENCHMARKS.md), so each side lane's share is enqueued by the pool's worker
+// thread for that lane while the calling thread enqueues lane 0's.
 void per_expert_loop(const ExpertFfnArgs& args, const int32_t* host_offsets, const int32_t* host_local_index,
                      const GemmLane& caller) {
-  const int side = args.side_lanes != nullptr && args.lane_fork != nullptr ? args.side_lane_count : 0;
+  GemmLanePool* pool = args.lane_pool;
+  const int side = pool != nullptr ? args.side_lane_count : 0;
+  EPIC_CHECK(side >= 0 && (pool == nullptr || side <= pool->side_count()), ErrorCode::kInternal,
+             "expert_ffn_cublas: " + std::to_string(args.side_lane_count) +
+                 " side lanes asked for, the pool has " +
+                 std::to_string(pool == nullptr ? 0 : pool->side_count()));
   std::vector<GemmLane> lanes{caller};
-  for (int i = 0; i < side; ++i) lanes.push_back(args.side_lanes[i]);
+  for (int i = 0; i < side; ++i) lanes.push_back(pool->side_lanes()[i]);
   std::vector<std::vector<int64_t>> lane_experts(lanes.size());
   std::vector<int64_t> lane_rows(lanes.size(), 0);
   for (int64_t expert = 0; expert < args.num_experts; ++expert) {
@@ -269,32 +273,17 @@ void per_expert_loop(const ExpertFfnArgs& args, const int32_t* host_offsets, con
     enqueue(0);
     return;
   }
-  EPIC_CUDA_CHECK(cudaEventRecord(args.lane_fork, caller.stream));
-  for (int i = 1; i <= side; ++i) EPIC_CUDA_CHECK(cudaStreamWaitEvent(lanes[i].stream, args.lane_fork, 0));
+  EPIC_CUDA_CHECK(cudaEventRecord(pool->fork(), caller.stream));
+  for (int i = 1; i <= side; ++i) EPIC_CUDA_CHECK(cudaStreamWaitEvent(lanes[i].stream, pool->fork(), 0));
   int device = 0;
   EPIC_CUDA_CHECK(cudaGetDevice(&device));
-  std::vector<std::exception_ptr> errors(lanes.size());
-  std::vector<std::thread> threads;
-  for (size_t lane = 1; lane < lanes.size(); ++lane) {
-    threads.emplace_back([&, lane] {
-      try {
-        EPIC_CUDA_CHECK(cudaSetDevice(device));
-        enqueue(lane);
-        EPIC_CUDA_CHECK(cudaEventRecord(lanes[lane].done, lanes[lane].stream));
-      } catch (...) {
-        errors[lane] = std::current_exception();
-      }
-    });
-  }
-  try {
-    enqueue(0);
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
-  for (std::thread& thread : threads) thread.join();
-  for (const std::exception_ptr& error : errors) {
-    if (error) std::rethrow_exception(error);
-  }
+  // Lane 0 on this thread, lane i on worker i - 1; a lane's exception comes back here (the first in
+  // lane order) once every lane has finished.
+  pool->workers().run(side, [&](int lane) {
+    if (lane != 0) EPIC_CUDA_CHECK(cudaSetDevice(device));  // the current device is per thread
+    enqueue(static_cast<size_t>(lane));
+    if (lane != 0) EPIC_CUDA_CHECK(cudaEventRecord(lanes[lane].done, lanes[lane].stream));
+  });
   for (int i = 1; i <= side; ++i) EPIC_CUDA_CHECK(cudaStreamWaitEvent(caller.stream, lanes[i].done, 0));
 }
 

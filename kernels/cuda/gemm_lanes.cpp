@@ -9,7 +9,7 @@ constexpr size_t kLaneWorkspaceBytes = size_t{32} << 20;
 
 }  // namespace
 
-GemmLanePool::GemmLanePool(int side_count) {
+GemmLanePool::GemmLanePool(int side_count) : workers_(side_count) {
   try {
     // Timing-free events: they only order streams.
     EPIC_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));

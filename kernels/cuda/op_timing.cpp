@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "kernels/cuda/cuda_check.h"
 
@@ -62,14 +63,16 @@ cudaEvent_t OpTiming::take_event() {
   return event;
 }
 
-OpTiming::Scope OpTiming::time(cudaStream_t stream, const std::function<std::string()>& label) {
-  if (!enabled_) return Scope();
+bool OpTiming::capturing(cudaStream_t stream) const {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   EPIC_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) return Scope();
+  return capture != cudaStreamCaptureStatusNone;
+}
+
+OpTiming::Scope OpTiming::begin(cudaStream_t stream, std::string label) {
   if (pending_.size() >= kMaxPending) collect();
   stream_ = stream;
-  Pending pending{label(), take_event(), take_event()};
+  Pending pending{std::move(label), take_event(), take_event()};
   EPIC_CUDA_CHECK(cudaEventRecord(pending.start, stream));
   pending_.push_back(std::move(pending));
   return Scope(this, pending_.size() - 1);

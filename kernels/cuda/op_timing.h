@@ -10,7 +10,6 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -46,9 +45,14 @@ class OpTiming {
     size_t index_ = 0;
   };
 
-  // Brackets one op on stream; label() (op name and shape) is only called when timing is on and
-  // the stream is not being captured.
-  Scope time(cudaStream_t stream, const std::function<std::string()>& label);
+  // Brackets one op on stream; label() (op name and shape, a std::string) is only called when
+  // timing is on and the stream is not being captured. A template, so that with timing off the
+  // hot op path builds no std::function and no string.
+  template <class Label>
+  Scope time(cudaStream_t stream, const Label& label) {
+    if (!enabled_ || capturing(stream)) return Scope();
+    return begin(stream, label());
+  }
 
  private:
   struct Pending {
@@ -61,6 +65,8 @@ class OpTiming {
     double milliseconds = 0.0;
   };
 
+  bool capturing(cudaStream_t stream) const;
+  Scope begin(cudaStream_t stream, std::string label);
   void end(size_t index);
   void collect();  // waits for the pending events and adds them to the totals
   cudaEvent_t take_event();

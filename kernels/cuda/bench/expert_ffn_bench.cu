@@ -175,9 +175,8 @@ bool run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* hos
     if (path.lanes > 0) {
       static GemmLanePool pool(kMaxBenchLanes - 1);  // kept for the program's life
       cublas_args.per_expert = true;
-      cublas_args.side_lanes = pool.side_lanes();
+      cublas_args.lane_pool = &pool;
       cublas_args.side_lane_count = path.lanes - 1;
-      cublas_args.lane_fork = pool.fork();
     }
     return expert_ffn_cublas(cublas_args, host_offsets, host_local, cublas, stream);
   }
@@ -347,20 +346,27 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
   }
 }
 
+// y[r, o] = sum_k x[r, k] * w[o, k] in float64, rounded once to float: the reference of the linear
+// checks (x [rows, in_dim], w [out_dim, in_dim], as the device reads them).
+std::vector<float> host_linear_reference(const std::vector<float>& x, const std::vector<float>& w,
+                                         int64_t rows, int64_t in_dim, int64_t out_dim) {
+  std::vector<float> y(rows * out_dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t o = 0; o < out_dim; ++o) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < in_dim; ++k) sum += static_cast<double>(x[r * in_dim + k]) * w[o * in_dim + k];
+      y[r * out_dim + o] = static_cast<float>(sum);
+    }
+  }
+  return y;
+}
+
 // linear_f32 and, for bf16 weights, linear_f32_split against a float64 host product, every element.
 void check_linear_f32(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarType w_type, std::mt19937_64& rng,
                       cudaStream_t stream, cublasHandle_t cublas) {
   TypedArray x(ScalarType::kF32, random_values(rng, rows * in_dim, 1.0f));
   TypedArray w(w_type, random_values(rng, out_dim * in_dim, 1.0f));
-  std::vector<float> want(rows * out_dim);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t o = 0; o < out_dim; ++o) {
-      double sum = 0.0;
-      for (int64_t k = 0; k < in_dim; ++k)
-        sum += static_cast<double>(x.host[r * in_dim + k]) * w.host[o * in_dim + k];
-      want[r * out_dim + o] = static_cast<float>(sum);
-    }
-  }
+  const std::vector<float> want = host_linear_reference(x.host, w.host, rows, in_dim, out_dim);
   const std::string shape = " x " + std::string(scalar_name(w_type)) + " rows " + std::to_string(rows) +
                             " in " + std::to_string(in_dim) + " out " + std::to_string(out_dim);
   DeviceBuffer y(rows * out_dim * 4);
@@ -384,15 +390,7 @@ void check_linear_skinny(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarTy
                          std::mt19937_64& rng, cudaStream_t stream) {
   TypedArray x(ScalarType::kBF16, random_values(rng, rows * in_dim, 1.0f));
   TypedArray w(ScalarType::kBF16, random_values(rng, out_dim * in_dim, 1.0f));
-  std::vector<float> want(rows * out_dim);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t o = 0; o < out_dim; ++o) {
-      double sum = 0.0;
-      for (int64_t k = 0; k < in_dim; ++k)
-        sum += static_cast<double>(x.host[r * in_dim + k]) * w.host[o * in_dim + k];
-      want[r * out_dim + o] = static_cast<float>(sum);
-    }
-  }
+  const std::vector<float> want = host_linear_reference(x.host, w.host, rows, in_dim, out_dim);
   DeviceBuffer y(rows * out_dim * 4);
   EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
   linear_skinny(x.device.get(), w.device.get(), y.get(), y_type, rows, in_dim, out_dim, stream);
