@@ -133,6 +133,15 @@ int bench_moe_command(const BenchMoeArgs& args) {
   ChosenBackend chosen = choose_backend(backend_flags, launcher_local_rank(), threads);
   Backend& backend = *chosen.backend;
   const ScalarType act = chosen.activation_type;
+  // One GPU worker times the device path (local executor: no host round trips); otherwise the
+  // expert-parallel executor with its per-phase clocks.
+  const bool local = num_workers == 1 && backend.memory_space() == MemorySpace::kDevice;
+  if (args.cuda_graphs && !local) {
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        "--cuda-graphs times one worker on a GPU: run bench-moe with --backend cuda and without mpirun, "
+        "or drop --cuda-graphs");
+  }
   std::unique_ptr<WeightSource> source =
       make_random_source(config, preset.storage, args.seed, "bench-moe weights of preset " + preset.name);
   LoadOptions load_options;
@@ -158,9 +167,6 @@ int bench_moe_command(const BenchMoeArgs& args) {
   backend.synchronize();
   const OwnedTensor out = backend.new_tensor(act, {args.tokens_per_worker, hidden});
   Workspace workspace(backend);
-  // One GPU worker times the device path (local executor: no host round trips); otherwise the
-  // expert-parallel executor with its per-phase clocks.
-  const bool local = num_workers == 1 && backend.memory_space() == MemorySpace::kDevice;
   LocalMoeExecutor local_executor(config, weights, backend);
   for (int64_t i = 0; i < args.warmup; ++i) {
     ExpertParallelMoeExecutor warm(config, weights, backend, *comm, table);
@@ -171,10 +177,28 @@ int bench_moe_command(const BenchMoeArgs& args) {
   backend.synchronize();
   ExpertParallelMoeExecutor executor(config, weights, backend, *comm, table);
   MoeExecutor& timed = local ? static_cast<MoeExecutor&>(local_executor) : executor;
+  const auto one_iteration = [&] {
+    for (int64_t layer = 0; layer < args.layers; ++layer)
+      timed.forward(layer, tokens, router_tokens, out, workspace);
+  };
+  std::unique_ptr<Graph> graph;
+  if (args.cuda_graphs) {
+    graph = backend.capture(one_iteration);
+    if (graph == nullptr)
+      throw Error(ErrorCode::kUnsupported,
+                  "--cuda-graphs: backend " + backend.name() + " cannot capture graphs");
+    graph->replay();  // the first replay uploads the graph: untimed
+    backend.synchronize();
+  }
   comm->barrier();
   const auto start = clock_type::now();
-  for (int64_t i = 0; i < args.iterations; ++i)
-    for (int64_t layer = 0; layer < args.layers; ++layer) timed.forward(layer, tokens, router_tokens, out, workspace);
+  for (int64_t i = 0; i < args.iterations; ++i) {
+    if (graph != nullptr) {
+      graph->replay();
+    } else {
+      one_iteration();
+    }
+  }
   backend.synchronize();
   totals.total = std::chrono::duration<double>(clock_type::now() - start).count();
   MoePhaseStats stats = executor.stats();
@@ -202,9 +226,10 @@ int bench_moe_command(const BenchMoeArgs& args) {
                             std::to_string(config.num_experts_per_tok) + ", moe_intermediate " +
                             std::to_string(inter);
   std::printf(
-      "bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s), backend %s\n",
+      "bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s)%s, backend %s\n",
       shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
-      static_cast<long long>(args.layers), static_cast<long long>(args.iterations), chosen.description.c_str());
+      static_cast<long long>(args.layers), static_cast<long long>(args.iterations),
+      args.cuda_graphs ? " replayed from a CUDA graph" : "", chosen.description.c_str());
   std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s\n", "worker", "route",
               "dispatch", "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts");
   double max_total = 0, max_rows = 0, sum_rows = 0;
@@ -254,6 +279,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
                              {"tokens_per_worker", args.tokens_per_worker},
                              {"layers", args.layers},
                              {"iterations", args.iterations},
+                             {"cuda_graphs", args.cuda_graphs},
                              {"threads_per_rank", threads},
                              {"backend", chosen.description},
                              {"per_worker", workers},

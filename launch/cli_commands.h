@@ -93,6 +93,7 @@ struct BenchMoeArgs {
   std::string backend = "auto";  // auto | cpu | cuda (launch/backend_choice.h)
   std::optional<int> device;
   std::string precision = "auto";
+  bool cuda_graphs = false;  // one GPU worker: the timed iterations replay a CUDA graph of the layers
 };
 int bench_moe_command(const BenchMoeArgs& args);
 

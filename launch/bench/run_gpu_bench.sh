@@ -92,6 +92,12 @@ main() {
     step --tee "$out/epic_moe.log" "epic_moe_$tokens" 60 "$epic" bench-moe --backend cuda --precision bf16 \
       --preset qwen3-30b-a3b --layers 4 --tokens-per-worker "$tokens" --iterations 20 --warmup 3
   done
+  # The same layers replayed from a CUDA graph, as a decode step runs them (sizes below the 8192 expert
+  # rows where the FFN would read the group sizes back to the host): without the host's launch cost.
+  [[ " $parts " == *" epic "* ]] && for tokens in 1 8 32 128 512; do
+    step --tee "$out/epic_moe.log" "epic_moe_graph_$tokens" 60 "$epic" bench-moe --backend cuda --precision bf16 \
+      --preset qwen3-30b-a3b --layers 4 --tokens-per-worker "$tokens" --iterations 20 --warmup 3 --cuda-graphs
+  done
   # Loading: a 2-layer Qwen3-30B-A3B checkpoint (3.7 GB bf16, the issue's case) read like `cat` and loaded
   # onto the CPU (kept bf16) and onto the GPU (pinned staging, asynchronous copies).
   if [[ " $parts " == *" epic "* ]]; then

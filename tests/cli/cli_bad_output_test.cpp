@@ -146,6 +146,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"BenchLayersPastPreset", "bench-moe --preset tiny --layers 1000",
                  "--layers (of preset tiny)"},
         BadInput{"BenchLayersZero", "bench-moe --preset tiny --layers 0", "--layers"},
+        BadInput{"BenchGraphsOnCpu", "bench-moe --preset tiny --backend cpu --cuda-graphs",
+                 "--cuda-graphs times one worker on a GPU"},
         BadInput{"MakeModelLayersZero", "make-model --preset tiny --out {scratch}/m5 --layers 0",
                  "--layers"}));
 
