@@ -385,6 +385,33 @@ void launch_simt(const ExpertFfnArgs& args, cudaStream_t stream) {
 
 bool is_float_type(ScalarType type) { return type == ScalarType::kF32 || type == ScalarType::kBF16; }
 
+// Every selectable kernel: its name (the micro-benchmark's column) and, for the streaming ones, the
+// rows a chunk and the column warps a block (0 for the others).
+struct KernelInfo {
+  ExpertFfnKernel kernel;
+  const char* name;
+  int rows_per_chunk;
+  int column_warps;
+};
+constexpr KernelInfo kKernelInfo[] = {
+    {ExpertFfnKernel::kAuto, "auto", 0, 0},
+    {ExpertFfnKernel::kTiled16, "tiled16", 0, 0},
+    {ExpertFfnKernel::kTiled64, "tiled64", 0, 0},
+    {ExpertFfnKernel::kStream8, "stream8", 8, 2},
+    {ExpertFfnKernel::kStream16, "stream16", 16, 2},
+    {ExpertFfnKernel::kStream32, "stream32", 32, 2},
+    {ExpertFfnKernel::kStream8Wide4, "stream8w4", 8, 4},
+    {ExpertFfnKernel::kStream16Wide4, "stream16w4", 16, 4},
+    {ExpertFfnKernel::kStream32Wide4, "stream32w4", 32, 4},
+    {ExpertFfnKernel::kStream32Wide8, "stream32w8", 32, 8},
+};
+
+const KernelInfo& kernel_info(ExpertFfnKernel kernel) {
+  for (const KernelInfo& info : kKernelInfo)
+    if (info.kernel == kernel) return info;
+  throw Error(ErrorCode::kInternal, "expert_ffn: a kernel missing from kKernelInfo");
+}
+
 // The BF16 x BF16 kernel for this call's size. Group sizes live on the device, so the rule uses
 // the average rows per expert; with top-k routing the largest group is about average + 3 sqrt
 // (average), so the chunk is picked to hold nearly every group in one pass (a longer group is
@@ -424,31 +451,7 @@ ExpertFfnKernel pick_bf16_kernel(const ExpertFfnArgs& args) {
 
 }  // namespace
 
-const char* expert_ffn_kernel_name(ExpertFfnKernel kernel) {
-  switch (kernel) {
-    case ExpertFfnKernel::kAuto:
-      return "auto";
-    case ExpertFfnKernel::kTiled16:
-      return "tiled16";
-    case ExpertFfnKernel::kTiled64:
-      return "tiled64";
-    case ExpertFfnKernel::kStream8:
-      return "stream8";
-    case ExpertFfnKernel::kStream16:
-      return "stream16";
-    case ExpertFfnKernel::kStream32:
-      return "stream32";
-    case ExpertFfnKernel::kStream8Wide4:
-      return "stream8w4";
-    case ExpertFfnKernel::kStream16Wide4:
-      return "stream16w4";
-    case ExpertFfnKernel::kStream32Wide4:
-      return "stream32w4";
-    case ExpertFfnKernel::kStream32Wide8:
-      return "stream32w8";
-  }
-  return "?";
-}
+const char* expert_ffn_kernel_name(ExpertFfnKernel kernel) { return kernel_info(kernel).name; }
 
 void expert_ffn_device_scheduled_with(const ExpertFfnArgs& args, ExpertFfnKernel kernel, bool overlap_phases,
                                       cudaStream_t stream) {
@@ -466,29 +469,7 @@ void expert_ffn_device_scheduled_with(const ExpertFfnArgs& args, ExpertFfnKernel
   const bool weight_bf16 = args.weight_type == ScalarType::kBF16;
   if (act_bf16 && weight_bf16) {
     if (kernel == ExpertFfnKernel::kAuto) kernel = pick_bf16_kernel(args);
-    struct StreamShape {
-      int rows_per_chunk = 0, column_warps = 0;  // 0: not a streaming kernel
-    };
-    const StreamShape shape = [kernel]() -> StreamShape {
-      switch (kernel) {
-        case ExpertFfnKernel::kStream8:
-          return {8, 2};
-        case ExpertFfnKernel::kStream16:
-          return {16, 2};
-        case ExpertFfnKernel::kStream32:
-          return {32, 2};
-        case ExpertFfnKernel::kStream8Wide4:
-          return {8, 4};
-        case ExpertFfnKernel::kStream16Wide4:
-          return {16, 4};
-        case ExpertFfnKernel::kStream32Wide4:
-          return {32, 4};
-        case ExpertFfnKernel::kStream32Wide8:
-          return {32, 8};
-        default:
-          return {};
-      }
-    }();
+    const KernelInfo& shape = kernel_info(kernel);
     if (shape.rows_per_chunk > 0) {
       if (streaming_expert_ffn_supported(args)) {
         launch_streaming_expert_ffn(args, shape.rows_per_chunk, shape.column_warps, overlap_phases, stream);

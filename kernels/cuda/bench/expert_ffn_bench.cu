@@ -25,6 +25,7 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_ffn_variants.h"
 #include "kernels/cuda/gemm_lanes.h"
+#include "tests/kernels/reference_linear.h"
 
 namespace epic::cuda_kernels {
 namespace {
@@ -348,27 +349,17 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
 
 // y[r, o] = sum_k x[r, k] * w[o, k] in float64, rounded once to float: the reference of the linear
 // checks (x [rows, in_dim], w [out_dim, in_dim], as the device reads them).
-// y = x w^T in float64 (rounded to float at the end); magnitude[r, o] = sum_k |x[r, k] w[o, k]|, the
-// scale of an fp32 sum's rounding error whatever its order.
+// y = x w^T in float64 (the op table's reference_linear) with the magnitude of each sum.
 struct HostProduct {
-  std::vector<float> y;
+  std::vector<double> y;
   std::vector<double> magnitude;
+  std::vector<float> y_float() const { return std::vector<float>(y.begin(), y.end()); }
 };
 HostProduct host_linear_reference(const std::vector<float>& x, const std::vector<float>& w, int64_t rows,
                                   int64_t in_dim, int64_t out_dim) {
-  HostProduct product{std::vector<float>(rows * out_dim), std::vector<double>(rows * out_dim)};
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t o = 0; o < out_dim; ++o) {
-      double sum = 0.0, magnitude = 0.0;
-      for (int64_t k = 0; k < in_dim; ++k) {
-        const double term = static_cast<double>(x[r * in_dim + k]) * w[o * in_dim + k];
-        sum += term;
-        magnitude += std::fabs(term);
-      }
-      product.y[r * out_dim + o] = static_cast<float>(sum);
-      product.magnitude[r * out_dim + o] = magnitude;
-    }
-  }
+  HostProduct product{std::vector<double>(rows * out_dim), std::vector<double>(rows * out_dim)};
+  kernel_test::reference_linear(x.data(), w.data(), rows, in_dim, out_dim, product.y.data(),
+                                product.magnitude.data());
   return product;
 }
 
@@ -436,7 +427,7 @@ void check_linear_skinny(int64_t rows, int64_t in_dim, int64_t out_dim, ScalarTy
     products_match(name, got, want, 1e-5);  // the sum order differs from the float64 reference
   } else {
     // plus one rounding of the result (2^-9 relative) on values up to ~10x the row RMS
-    rows_match(name, got.data(), want.y.data(), rows, out_dim, 2e-2);
+    rows_match(name, got.data(), want.y_float().data(), rows, out_dim, 2e-2);
   }
 }
 
