@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/cuda_check.h"
@@ -246,6 +248,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// EPIC_CUDA_ATTENTION_SPLIT_CAP=0 splits keys as if every sequence could be long (A/B timing).
+bool split_cap_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("EPIC_CUDA_ATTENTION_SPLIT_CAP");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 struct DeviceFacts {
   int multiprocessors = 0;
   bool clusters = false;  // thread block clusters: compute capability 9.0 or newer
@@ -302,9 +313,15 @@ void launch_decode_groups(const AttentionArgs& args, bool tiles_launched, cudaSt
   const int64_t target_blocks = kTargetBlocksPerMultiprocessor * int64_t{facts.multiprocessors};
   // Split the keys only where the items leave multiprocessors idle (the host does not know the key
   // counts: a block whose share is empty contributes nothing and costs little).
-  const int splits = facts.clusters && items < target_blocks
-                         ? static_cast<int>(std::min<int64_t>(kMaxSplits, target_blocks / items))
-                         : 1;
+  // No more splits than key tiles in the longest sequence the block tables can hold: a split without
+  // keys only adds to the cluster's barriers and merge (short contexts at small batches).
+  const int64_t max_key_tiles =
+      split_cap_enabled() ? std::max<int64_t>(1, (args.max_blocks * kKvBlockSize + kTileKeys - 1) / kTileKeys)
+                          : kMaxSplits;
+  const int splits =
+      facts.clusters && items < target_blocks
+          ? static_cast<int>(std::min<int64_t>({kMaxSplits, target_blocks / items, max_key_tiles}))
+          : 1;
   // Enough clusters to fill the GPU a few times over, each looping over its share of the items.
   const int64_t clusters = std::min(
       items, std::max<int64_t>(1, kMaxBlocksPerMultiprocessor * int64_t{facts.multiprocessors} / splits));

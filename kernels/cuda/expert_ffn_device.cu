@@ -386,24 +386,27 @@ void launch_simt(const ExpertFfnArgs& args, cudaStream_t stream) {
 bool is_float_type(ScalarType type) { return type == ScalarType::kF32 || type == ScalarType::kBF16; }
 
 // Every selectable kernel: its name (the micro-benchmark's column) and, for the streaming ones, the
-// rows a chunk and the column warps a block (0 for the others).
+// rows a chunk and the column warps a block of gate_up and of down (0 for the others).
 struct KernelInfo {
   ExpertFfnKernel kernel;
   const char* name;
   int rows_per_chunk;
   int column_warps;
+  int down_column_warps;
 };
 constexpr KernelInfo kKernelInfo[] = {
-    {ExpertFfnKernel::kAuto, "auto", 0, 0},
-    {ExpertFfnKernel::kTiled16, "tiled16", 0, 0},
-    {ExpertFfnKernel::kTiled64, "tiled64", 0, 0},
-    {ExpertFfnKernel::kStream8, "stream8", 8, 2},
-    {ExpertFfnKernel::kStream16, "stream16", 16, 2},
-    {ExpertFfnKernel::kStream32, "stream32", 32, 2},
-    {ExpertFfnKernel::kStream8Wide4, "stream8w4", 8, 4},
-    {ExpertFfnKernel::kStream16Wide4, "stream16w4", 16, 4},
-    {ExpertFfnKernel::kStream32Wide4, "stream32w4", 32, 4},
-    {ExpertFfnKernel::kStream32Wide8, "stream32w8", 32, 8},
+    {ExpertFfnKernel::kAuto, "auto", 0, 0, 0},
+    {ExpertFfnKernel::kTiled16, "tiled16", 0, 0, 0},
+    {ExpertFfnKernel::kTiled64, "tiled64", 0, 0, 0},
+    {ExpertFfnKernel::kStream8, "stream8", 8, 2, 2},
+    {ExpertFfnKernel::kStream16, "stream16", 16, 2, 2},
+    {ExpertFfnKernel::kStream32, "stream32", 32, 2, 2},
+    {ExpertFfnKernel::kStream8Wide4, "stream8w4", 8, 4, 4},
+    {ExpertFfnKernel::kStream16Wide4, "stream16w4", 16, 4, 4},
+    {ExpertFfnKernel::kStream32Wide4, "stream32w4", 32, 4, 4},
+    {ExpertFfnKernel::kStream32Wide8, "stream32w8", 32, 8, 8},
+    {ExpertFfnKernel::kStream16Wide4Down8, "stream16w4d8", 16, 4, 8},
+    {ExpertFfnKernel::kStream32Wide4Down8, "stream32w4d8", 32, 4, 8},
 };
 
 const KernelInfo& kernel_info(ExpertFfnKernel kernel) {
@@ -418,9 +421,9 @@ const KernelInfo& kernel_info(ExpertFfnKernel kernel) {
 // several chunks, i.e. blocks, in parallel; their repeated weight reads mostly hit L2).
 // Measured on an H200 (epic_expert_ffn_bench, Qwen3-30B-A3B: 128 experts, top-8; BENCHMARKS.md):
 // up to 16 tokens 8-row chunks over 32 weight rows a block; from 2 rows an expert, blocks of 64
-// weight rows (4 column warps), whose longer K stretches and shared activation loads gave 12-15%
-// at 128-256 tokens (0.43 -> 0.367 ms at 256); 16-row chunks up to 6 rows an expert, 32-row up to
-// 32. Beyond, the x rows each streaming block re-reads approach its weight bytes, and the tiled
+// weight rows (4 column warps) for gate_up, whose longer K stretches and shared activation loads gave
+// 12-15% at 128-256 tokens (0.43 -> 0.367 ms at 256), and 128 (8) for down, whose K is short (another
+// 1-1.5%: 0.361 ms); 16-row chunks up to 6 rows an expert, 32-row up to 32. Beyond, the x rows each streaming block re-reads approach its weight bytes, and the tiled
 // kernel's 64-row tiles (weights reused from shared memory) take over.
 // EPIC_CUDA_WIDE_STREAMING=0 keeps the 2-column-warp blocks at every size (the rule before them), for
 // A/B timing inside whole decode steps.
@@ -442,8 +445,8 @@ ExpertFfnKernel pick_bf16_kernel(const ExpertFfnArgs& args) {
   }
   if (streaming_expert_ffn_supported(args)) {
     if (average_group <= 1) return ExpertFfnKernel::kStream8;
-    if (average_group <= 6) return ExpertFfnKernel::kStream16Wide4;
-    if (average_group <= 32) return ExpertFfnKernel::kStream32Wide4;
+    if (average_group <= 6) return ExpertFfnKernel::kStream16Wide4Down8;
+    if (average_group <= 32) return ExpertFfnKernel::kStream32Wide4Down8;
     return ExpertFfnKernel::kTiled64;
   }
   return average_group <= kFragment ? ExpertFfnKernel::kTiled16 : ExpertFfnKernel::kTiled64;
@@ -472,7 +475,8 @@ void expert_ffn_device_scheduled_with(const ExpertFfnArgs& args, ExpertFfnKernel
     const KernelInfo& shape = kernel_info(kernel);
     if (shape.rows_per_chunk > 0) {
       if (streaming_expert_ffn_supported(args)) {
-        launch_streaming_expert_ffn(args, shape.rows_per_chunk, shape.column_warps, overlap_phases, stream);
+        launch_streaming_expert_ffn(args, shape.rows_per_chunk, shape.column_warps, shape.down_column_warps,
+                                    overlap_phases, stream);
         return;
       }
       kernel = ExpertFfnKernel::kTiled16;

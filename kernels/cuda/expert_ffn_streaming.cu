@@ -260,10 +260,13 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
   }
 }
 
-template <int kTokenTiles, int kColumnWarps>
+// gate_up with kColumnWarps column warps a block, down with kDownColumnWarps (down's K, the
+// intermediate size, is short: more column warps give each warp a longer stretch of it).
+template <int kTokenTiles, int kColumnWarps, int kDownColumnWarps>
 void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream_t stream) {
   constexpr int kChunkRows = kTokenTiles * kMmaTokens;
   constexpr int kBlockWeightRows = kColumnWarps * kMmaRows;
+  constexpr int kDownBlockWeightRows = kDownColumnWarps * kMmaRows;
   // Every non-empty group of n rows has ceil(n / c) <= n / c + 1 chunks, so the chunks number at
   // most rows / c plus the experts with rows (<= min(experts, rows)). Slots past them exit at once.
   const int64_t slots =
@@ -291,17 +294,17 @@ void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream
   const dim3 gate_up_grid(
       static_cast<unsigned>((args.inter + kBlockWeightRows / 2 - 1) / (kBlockWeightRows / 2)),
       static_cast<unsigned>(slots));
-  const dim3 down_grid(static_cast<unsigned>((args.hidden + kBlockWeightRows - 1) / kBlockWeightRows),
+  const dim3 down_grid(static_cast<unsigned>((args.hidden + kDownBlockWeightRows - 1) / kDownBlockWeightRows),
                        static_cast<unsigned>(slots));
 
   dependent::launch(streaming_expert_kernel<Phase::kGateUp, kTokenTiles, kColumnWarps>, gate_up_grid,
                     dim3(kThreads), 0, stream, gate_up);
   EPIC_CUDA_CHECK_LAUNCH();
   if (overlap_phases) {
-    dependent::launch(streaming_expert_kernel<Phase::kDown, kTokenTiles, kColumnWarps>, down_grid,
+    dependent::launch(streaming_expert_kernel<Phase::kDown, kTokenTiles, kDownColumnWarps>, down_grid,
                       dim3(kThreads), 0, stream, down);
   } else {
-    streaming_expert_kernel<Phase::kDown, kTokenTiles, kColumnWarps>
+    streaming_expert_kernel<Phase::kDown, kTokenTiles, kDownColumnWarps>
         <<<down_grid, kThreads, 0, stream>>>(down);
   }
   EPIC_CUDA_CHECK_LAUNCH();
@@ -317,24 +320,24 @@ bool streaming_expert_ffn_supported(const ExpertFfnArgs& args) {
 }
 
 void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, int column_warps,
-                                 bool overlap_phases, cudaStream_t stream) {
+                                 int down_column_warps, bool overlap_phases, cudaStream_t stream) {
   EPIC_CHECK(streaming_expert_ffn_supported(args), ErrorCode::kInternal,
              "expert_ffn: the streaming kernel needs bf16, H and I multiples of 8 and 16-byte aligned data");
   const auto launch = [&](auto token_tiles) {
     constexpr int kTokenTiles = decltype(token_tiles)::value;
-    switch (column_warps) {
-      case 2:
-        launch_streaming<kTokenTiles, 2>(args, overlap_phases, stream);
-        return;
-      case 4:
-        launch_streaming<kTokenTiles, 4>(args, overlap_phases, stream);
-        return;
-      case 8:
-        launch_streaming<kTokenTiles, 8>(args, overlap_phases, stream);
-        return;
-      default:
-        throw Error(ErrorCode::kInternal,
-                    "expert_ffn: no streaming kernel with " + std::to_string(column_warps) + " column warps");
+    const int warps = column_warps * 16 + down_column_warps;
+    if (warps == 2 * 16 + 2) {
+      launch_streaming<kTokenTiles, 2, 2>(args, overlap_phases, stream);
+    } else if (warps == 4 * 16 + 4) {
+      launch_streaming<kTokenTiles, 4, 4>(args, overlap_phases, stream);
+    } else if (warps == 4 * 16 + 8) {
+      launch_streaming<kTokenTiles, 4, 8>(args, overlap_phases, stream);
+    } else if (warps == 8 * 16 + 8) {
+      launch_streaming<kTokenTiles, 8, 8>(args, overlap_phases, stream);
+    } else {
+      throw Error(ErrorCode::kInternal, "expert_ffn: no streaming kernel with " +
+                                            std::to_string(column_warps) + " and " +
+                                            std::to_string(down_column_warps) + " column warps");
     }
   };
   switch (rows_per_chunk) {

@@ -27,6 +27,9 @@ enum class ExpertFfnKernel {
   kStream16Wide4,
   kStream32Wide4,
   kStream32Wide8,
+  // 4 column warps for gate_up, 8 for down (whose K, the intermediate size, is short).
+  kStream16Wide4Down8,
+  kStream32Wide4Down8,
 };
 
 const char* expert_ffn_kernel_name(ExpertFfnKernel kernel);
@@ -37,9 +40,10 @@ void expert_ffn_device_scheduled_with(const ExpertFfnArgs& args, ExpertFfnKernel
                                       cudaStream_t stream);
 
 // The streaming path's eligibility (BF16 x BF16, vector loads possible) and its launcher
-// (expert_ffn_streaming.cu); rows_per_chunk is 8, 16 or 32, column_warps 2, 4 or 8.
+// (expert_ffn_streaming.cu); rows_per_chunk is 8, 16 or 32; column warps (gate_up, down) 2 and 2,
+// 4 and 4, 4 and 8, or 8 and 8.
 bool streaming_expert_ffn_supported(const ExpertFfnArgs& args);
 void launch_streaming_expert_ffn(const ExpertFfnArgs& args, int rows_per_chunk, int column_warps,
-                                 bool overlap_phases, cudaStream_t stream);
+                                 int down_column_warps, bool overlap_phases, cudaStream_t stream);
 
 }  // namespace epic::cuda_kernels

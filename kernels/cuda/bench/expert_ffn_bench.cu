@@ -193,7 +193,8 @@ std::vector<FfnPath> device_paths(bool bf16_pair) {
   for (ExpertFfnKernel kernel :
        {ExpertFfnKernel::kTiled16, ExpertFfnKernel::kTiled64, ExpertFfnKernel::kStream8,
         ExpertFfnKernel::kStream16, ExpertFfnKernel::kStream32, ExpertFfnKernel::kStream8Wide4,
-        ExpertFfnKernel::kStream16Wide4, ExpertFfnKernel::kStream32Wide4, ExpertFfnKernel::kStream32Wide8}) {
+        ExpertFfnKernel::kStream16Wide4, ExpertFfnKernel::kStream32Wide4, ExpertFfnKernel::kStream32Wide8,
+        ExpertFfnKernel::kStream16Wide4Down8, ExpertFfnKernel::kStream32Wide4Down8}) {
     paths.push_back(FfnPath{false, kernel, true});
   }
   paths.push_back(FfnPath{false, ExpertFfnKernel::kStream8, false});
