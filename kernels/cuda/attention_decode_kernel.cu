@@ -10,9 +10,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
+#include "kernels/cuda/ab_switch.h"
 #include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/cuda_check.h"
 
@@ -250,10 +249,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // EPIC_CUDA_ATTENTION_SPLIT_CAP=0 splits keys as if every sequence could be long (A/B timing).
 bool split_cap_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("EPIC_CUDA_ATTENTION_SPLIT_CAP");
-    return value == nullptr || std::string(value) != "0";
-  }();
+  static const bool enabled = ab_switch_on("EPIC_CUDA_ATTENTION_SPLIT_CAP");
   return enabled;
 }
 

@@ -1,16 +1,12 @@
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 
+#include "kernels/cuda/ab_switch.h"
 #include "kernels/cuda/dependent_launch.cuh"
 
 namespace epic::cuda_kernels::dependent {
 
 bool enabled() {
-  static const bool allowed = [] {
-    const char* value = std::getenv("EPIC_CUDA_PDL");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool allowed = ab_switch_on("EPIC_CUDA_PDL");
   if (!allowed) return false;
   constexpr int kMaxDevices = 64;
   static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes

@@ -7,9 +7,9 @@
 #include <cuda_bf16.h>
 #include <mma.h>
 
-#include <cstdlib>
 #include <string>
 
+#include "kernels/cuda/ab_switch.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/expert_chunk_search.cuh"
@@ -423,15 +423,13 @@ const KernelInfo& kernel_info(ExpertFfnKernel kernel) {
 // up to 16 tokens 8-row chunks over 32 weight rows a block; from 2 rows an expert, blocks of 64
 // weight rows (4 column warps) for gate_up, whose longer K stretches and shared activation loads gave
 // 12-15% at 128-256 tokens (0.43 -> 0.367 ms at 256), and 128 (8) for down, whose K is short (another
-// 1-1.5%: 0.361 ms); 16-row chunks up to 6 rows an expert, 32-row up to 32. Beyond, the x rows each streaming block re-reads approach its weight bytes, and the tiled
-// kernel's 64-row tiles (weights reused from shared memory) take over.
+// 1-1.5%: 0.361 ms); 16-row chunks up to 6 rows an expert, 32-row up to 32. Beyond, the x rows
+// each streaming block re-reads approach its weight bytes, and the tiled kernel's 64-row tiles
+// (weights reused from shared memory) take over.
 // EPIC_CUDA_WIDE_STREAMING=0 keeps the 2-column-warp blocks at every size (the rule before them), for
 // A/B timing inside whole decode steps.
 bool wide_streaming_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("EPIC_CUDA_WIDE_STREAMING");
-    return value == nullptr || std::string(value) != "0";
-  }();
+  static const bool enabled = ab_switch_on("EPIC_CUDA_WIDE_STREAMING");
   return enabled;
 }
 
