@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/backend_checks.h"
+#include "kernels/cuda/ab_switch.h"
 #include "kernels/cuda/cublas_gemm.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
@@ -250,7 +251,7 @@ class CudaBackend final : public Backend {
         check_fits_int("linear", "rows", rows);
         check_fits_int("linear", "in_dim", in_dim);
         check_fits_int("linear", "out_dim", out_dim);
-        void* scratch = split_scratch(static_cast<size_t>(3 * rows * in_dim) * 2);
+        void* scratch = op_scratch(static_cast<size_t>(3 * rows * in_dim) * 2, "the fp32 router product");
         cuda_kernels::linear_f32_split(x.as<float>(), w.data, y.as<float>(), rows, in_dim, out_dim, scratch,
                                        cublas_, stream_);
       } else {
@@ -386,9 +387,15 @@ class CudaBackend final : public Backend {
                                           sorted_position);
     DeviceScope scope(device_);
     const auto timing = time_op("group_by_expert", expert_ids.numel());
+    const int64_t scratch_bytes =
+        cuda_kernels::group_by_expert_scratch_bytes(expert_ids.numel(), num_experts);
+    auto* scratch =
+        scratch_bytes > 0
+            ? static_cast<int32_t*>(op_scratch(static_cast<size_t>(scratch_bytes), "grouping rows by expert"))
+            : nullptr;
     cuda_kernels::group_by_expert(expert_ids.as<int32_t>(), expert_ids.numel(), num_experts, top_k,
                                   expert_offsets.as<int32_t>(), source_row.as<int32_t>(),
-                                  sorted_position.as<int32_t>(), stream_);
+                                  sorted_position.as<int32_t>(), scratch, stream_);
   }
 
   void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
@@ -399,9 +406,8 @@ class CudaBackend final : public Backend {
     const bool host_scheduled = x.type == ScalarType::kBF16 && gate_up.type == ScalarType::kBF16 &&
                                 x.dim(0) >= kCublasExpertFfnMinRows;
     const auto timing = time_op("expert_ffn", x.dim(0), [&] {
-      return std::string(!host_scheduled                    ? "device-scheduled"
-                         : x.dim(0) >= kPerExpertFfnMinRows ? "cublas per expert"
-                                                            : "cublas grouped");
+      // cuBLAS: batched where it applies, else per expert or grouped (by rows).
+      return std::string(host_scheduled ? "cublas" : "device-scheduled");
     });
     cuda_kernels::ExpertFfnArgs args;
     args.x = x.data;
@@ -434,6 +440,10 @@ class CudaBackend final : public Backend {
       args.device_pointers = device_gemm_pointers_;
       args.host_pointers = host_gemm_pointers_;
       args.pointer_capacity = kGemmPointers;
+      // Batched GEMMs over all experts first (expert_ffn_batched.cu); where they do not apply,
+      // the per-expert loop or the grouped calls below. EPIC_CUDA_BATCHED_FFN=0: never (A/B).
+      static const bool batched = cuda_kernels::ab_switch_on("EPIC_CUDA_BATCHED_FFN");
+      if (batched) args.batched_scratch = [this](size_t bytes) { return batched_scratch(bytes); };
       if (args.rows >= kPerExpertFfnMinRows) {
         if (lanes_ == nullptr) lanes_ = std::make_unique<cuda_kernels::GemmLanePool>(kExpertFfnSideLanes);
         args.per_expert = true;
@@ -465,12 +475,14 @@ class CudaBackend final : public Backend {
   static constexpr int64_t kGemmPointers =
       cuda_kernels::kExpertFfnPointersPerExpert * (kMaxHostGroupEntries - 1);
 
-  // Device scratch of at least `bytes` for linear_f32_split, grown on demand, graph capture included
-  // (an allocation enqueues nothing; the capture mode is relaxed around it). A smaller earlier
-  // buffer is kept, not freed: a captured graph may still use it.
-  void* split_scratch(size_t bytes) {
-    if (!split_scratch_.empty() && split_scratch_bytes_ >= bytes) return split_scratch_.back();
-    const size_t size = std::max(bytes, 2 * split_scratch_bytes_);
+  // Device scratch of at least `bytes` for an op that is done with it when its own launches are
+  // (linear_f32_split, the many-block group_by_expert): ops run in order on the one stream, so they
+  // share it. Grown on demand, graph capture included (an allocation enqueues nothing; the capture
+  // mode is relaxed around it). A smaller earlier buffer is kept, not freed: a captured graph may
+  // still use it.
+  void* op_scratch(size_t bytes, const char* purpose) {
+    if (!op_scratch_.empty() && op_scratch_bytes_ >= bytes) return op_scratch_.back();
+    const size_t size = std::max(bytes, 2 * op_scratch_bytes_);
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     EPIC_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     void* data = nullptr;
@@ -479,12 +491,31 @@ class CudaBackend final : public Backend {
     if (status != cudaSuccess) {
       cudaGetLastError();
       throw Error(ErrorCode::kUnsupported, "cuda device " + std::to_string(device_) + ": cannot allocate " +
-                                               gib_text(size) + " of scratch for the fp32 router product (" +
+                                               gib_text(size) + " of scratch for " + purpose + " (" +
                                                cudaGetErrorString(status) + "); use fewer tokens per step");
     }
-    split_scratch_.push_back(data);
-    split_scratch_bytes_ = size;
+    op_scratch_.push_back(data);
+    op_scratch_bytes_ = size;
     return data;
+  }
+
+  // expert_ffn_batched's scratch, grown on demand. Never used inside a graph capture (that path
+  // reads the group sizes back), so a smaller buffer is freed when a larger one is needed.
+  void* batched_scratch(size_t bytes) {
+    if (batched_scratch_ != nullptr && batched_scratch_bytes_ >= bytes) return batched_scratch_;
+    if (batched_scratch_ != nullptr) EPIC_CUDA_CHECK(cudaFree(batched_scratch_));  // waits for the device
+    batched_scratch_ = nullptr;
+    batched_scratch_bytes_ = 0;
+    const cudaError_t status = cudaMalloc(&batched_scratch_, bytes);
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      batched_scratch_ = nullptr;
+      throw Error(ErrorCode::kUnsupported, "cuda device " + std::to_string(device_) + ": cannot allocate " +
+                                               gib_text(bytes) + " of scratch for the expert FFN (" +
+                                               cudaGetErrorString(status) + "); use fewer tokens per step");
+    }
+    batched_scratch_bytes_ = bytes;
+    return batched_scratch_;
   }
 
   // The op's device time under EPIC_CUDA_OP_TIMING (op_timing.h), keyed by op, size and detail
@@ -515,8 +546,10 @@ class CudaBackend final : public Backend {
 
   void release() {
     lanes_.reset();
-    for (void* scratch : split_scratch_) cudaFree(scratch);
-    split_scratch_.clear();
+    for (void* scratch : op_scratch_) cudaFree(scratch);
+    op_scratch_.clear();
+    if (batched_scratch_ != nullptr) cudaFree(batched_scratch_);
+    batched_scratch_ = nullptr;
     if (host_groups_ != nullptr) cudaFreeHost(host_groups_);
     if (host_gemm_pointers_ != nullptr) cudaFreeHost(host_gemm_pointers_);
     if (device_gemm_pointers_ != nullptr) cudaFree(device_gemm_pointers_);
@@ -539,8 +572,10 @@ class CudaBackend final : public Backend {
   void** host_gemm_pointers_ = nullptr;                // pinned staging of device_gemm_pointers_
   void** device_gemm_pointers_ = nullptr;              // [kGemmPointers]
   std::unique_ptr<cuda_kernels::GemmLanePool> lanes_;  // made at the first call that wants it
-  std::vector<void*> split_scratch_;                   // linear_f32_split's scratch, the last one the largest
-  size_t split_scratch_bytes_ = 0;
+  std::vector<void*> op_scratch_;                      // op_scratch's buffers, the last one the largest
+  size_t op_scratch_bytes_ = 0;
+  void* batched_scratch_ = nullptr;  // expert_ffn_batched's, the largest asked for so far
+  size_t batched_scratch_bytes_ = 0;
   cuda_kernels::OpTiming op_timing_;  // finished before release() destroys the stream
 };
 

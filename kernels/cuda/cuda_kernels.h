@@ -12,6 +12,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 
 #include "kernels/tensor.h"
 
@@ -59,8 +60,13 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
                  float* weights, int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
                  cudaStream_t stream);
 // Stable counting sort of slots by expert; uses only its outputs as scratch.
+// From kManyBlockGroupMinSlots slots (and up to 1024 experts) the sort runs over many blocks if
+// given scratch of group_by_expert_scratch_bytes (0: the one-block kernel, no scratch needed);
+// the result is the same (the stable order is unique).
+constexpr int64_t kManyBlockGroupMinSlots = 16384;
+int64_t group_by_expert_scratch_bytes(int64_t slots, int64_t num_experts);
 void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
-                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
+                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position, int32_t* scratch,
                      cudaStream_t stream);
 void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position,
                    const float* weights, int64_t tokens, int64_t top_k, int64_t hidden, void* out,
@@ -117,6 +123,9 @@ struct ExpertFfnArgs {
   bool per_expert = false;
   GemmLanePool* lane_pool = nullptr;
   int side_lane_count = 0;  // at most lane_pool->side_count()
+  // expert_ffn_cublas only, optional: device scratch of at least the asked bytes, valid until the
+  // next call (the caller's stream orders its reuse); given, the batched paths may run.
+  std::function<void*(size_t)> batched_scratch;
 };
 
 // Pointers expert_ffn_cublas's grouped path stages per expert with rows where 2 * inter <= hidden
@@ -131,12 +140,21 @@ void expert_ffn_device_scheduled(const ExpertFfnArgs& args, cudaStream_t stream)
 // For large row counts: the group sizes are known on the host (host_offsets [num_experts + 1] and
 // host_local_index [num_experts], copied back by the caller), and each expert's GEMMs go to cuBLAS
 // (bf16 in, fp32 accumulation) on the handle's stream. BF16 activations and weights only.
-// With args.device_pointers (and enough capacity, 16-byte aligned matrices, cuBLAS 12.5 or newer)
+// With args.batched_scratch, first the batched paths (expert_ffn_batched below); else with
+// args.device_pointers (and enough capacity, 16-byte aligned matrices, cuBLAS 12.5 or newer)
 // one cublasGemmGroupedBatchedEx per GEMM pass; else, or where cuBLAS answers NOT_SUPPORTED, one
-// cublasGemmEx per expert; returns whether the grouped calls ran. The grouped path writes
+// cublasGemmEx per expert; returns whether a batched or grouped path ran. The grouped path writes
 // args.host_pointers and copies them asynchronously: the caller must not call again before that
 // copy is done (the backend synchronises its stream for the offsets read-back before each call).
 bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
                        const int32_t* host_local_index, cublasHandle_t cublas, cudaStream_t stream);
+
+// The batched paths of expert_ffn_cublas (expert_ffn_batched.cu): batched cuBLAS GEMMs over the
+// experts with rows, either in place over overlapping row windows (near-uniform group sizes) or
+// over a few buckets of equal padded row counts, whose real rows are then copied to y. Needs
+// args.batched_scratch and the pointer staging; returns false, having enqueued nothing, where
+// neither applies (unaligned, too many buckets, too little staging).
+bool expert_ffn_batched(const ExpertFfnArgs& args, const int32_t* host_offsets,
+                        const int32_t* host_local_index, cublasHandle_t cublas, cudaStream_t stream);
 
 }  // namespace epic::cuda_kernels

@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/row_copy.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
@@ -253,6 +254,19 @@ __global__ void gather_rows_kernel(const Unit* x, const int32_t* index, Unit* ou
   }
 }
 
+// 16-byte rows of at least a warp's width: a warp per row reads the row's index once and keeps
+// several loads in flight (row_copy.cuh): the permutation copy of a 16384-token MoE layer.
+__global__ void gather_rows_by_warp_kernel(const uint4* x, const int32_t* index, uint4* out, int64_t rows,
+                                           int64_t units_per_row) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
+  for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; row < rows;
+       row += warps) {
+    rows::copy_row_by_warp(x + static_cast<int64_t>(index[row]) * units_per_row, out + row * units_per_row,
+                           units_per_row, lane);
+  }
+}
+
 // ---- argmax ------------------------------------------------------------------------------------
 
 struct Candidate {
@@ -484,9 +498,15 @@ void gather_rows(const void* x, const int32_t* index, void* out, int64_t rows, s
       reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out) | row_bytes;
   if (alignment_bits % sizeof(uint4) == 0) {
     const auto units = static_cast<int64_t>(row_bytes / sizeof(uint4));
-    gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
-                         stream>>>(static_cast<const uint4*>(x), index, static_cast<uint4*>(out), rows,
-                                   units);
+    if (units >= kWarpSize) {
+      gather_rows_by_warp_kernel<<<access::capped_blocks(rows * kWarpSize, kElementwiseThreads),
+                                   kElementwiseThreads, 0, stream>>>(static_cast<const uint4*>(x), index,
+                                                                     static_cast<uint4*>(out), rows, units);
+    } else {
+      gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
+                           stream>>>(static_cast<const uint4*>(x), index, static_cast<uint4*>(out), rows,
+                                     units);
+    }
   } else if (alignment_bits % sizeof(uint32_t) == 0) {
     const auto units = static_cast<int64_t>(row_bytes / sizeof(uint32_t));
     gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,

@@ -328,6 +328,7 @@ bool expert_ffn_cublas(const ExpertFfnArgs& args, const int32_t* host_offsets,
                "expert_ffn_cublas: expert " + std::to_string(expert) + " has " + std::to_string(expert_rows) +
                    " rows but is not hosted here (local index " + std::to_string(local) + ")");
   }
+  if (expert_ffn_batched(args, host_offsets, host_local_index, cublas, stream)) return true;
   if (!args.per_expert && expert_ffn_grouped(args, host_offsets, host_local_index, cublas, stream))
     return true;
   per_expert_loop(args, host_offsets, host_local_index, GemmLane{cublas, stream, nullptr});

@@ -249,6 +249,126 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
+// ---- group_by_expert over many blocks (prefill sizes) -------------------------------------------
+//
+// The same stable counting sort with the segments spread over the GPU: a warp per segment of
+// kSegmentSlots consecutive slots. 1) each warp counts its segment's slots per expert into its
+// column of an [experts][segments] table; 2) one block turns each expert's row into exclusive prefixes
+// (the segments' starting ranks within the expert) and writes the offsets; 3) each warp places its
+// slots from cursor = offsets[e] + its prefix, in slot order (match_any ranks, as the one-block
+// kernel). A single block walking 131072 slots took ~0.15 ms on an H200.
+
+constexpr int kSegmentSlots = 512;  // 16 chunks of 32 slots a warp; 256 segments for 131072 slots
+constexpr int kSegmentThreads = 256;
+constexpr int kSegmentWarps = kSegmentThreads / kWarpSize;
+constexpr int64_t kMaxSegmentExperts = 1024;  // a warp's histogram in shared memory: 8 x 4 KiB
+
+__global__ void __launch_bounds__(kSegmentThreads)
+    count_segments_kernel(const int32_t* expert_ids, int64_t slots, int32_t num_experts, int64_t segments,
+                          int32_t* table) {
+  extern __shared__ int32_t histograms[];  // [kSegmentWarps][num_experts]
+  dependent::wait_for_previous();          // dependent_launch.cuh: before any global access
+  dependent::release_next();
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t segment = static_cast<int64_t>(blockIdx.x) * kSegmentWarps + warp;
+  if (segment >= segments) return;  // the whole warp; no block barrier follows
+  int32_t* histogram = histograms + static_cast<int64_t>(warp) * num_experts;
+  for (int32_t e = lane; e < num_experts; e += kWarpSize) histogram[e] = 0;
+  __syncwarp();
+  const int64_t begin = segment * kSegmentSlots;
+  const int64_t end = min(slots, begin + kSegmentSlots);
+  for (int64_t slot = begin + lane; slot < end; slot += kWarpSize) {
+    const int32_t expert = expert_ids[slot];
+    if (expert >= 0 && expert < num_experts) atomicAdd(&histogram[expert], 1);
+  }
+  __syncwarp();
+  for (int32_t e = lane; e < num_experts; e += kWarpSize) table[e * segments + segment] = histogram[e];
+}
+
+// A warp per expert's row of the table: 128 segments a round (4 consecutive ones a lane, a shuffle scan of
+// the lanes' sums, the running carry), then the experts' totals scanned by the block.
+constexpr int kScanPerLane = 4;
+__global__ void __launch_bounds__(kGroupThreads)
+    scan_segments_kernel(int32_t* table, int64_t segments, int32_t num_experts, int32_t* expert_offsets) {
+  __shared__ int32_t totals[kMaxSegmentExperts];
+  dependent::wait_for_previous();
+  dependent::release_next();
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int32_t e = warp; e < num_experts; e += kGroupWarps) {
+    int32_t carry = 0;
+    for (int64_t base = 0; base < segments; base += kScanPerLane * kWarpSize) {
+      int32_t counts[kScanPerLane];
+      int32_t lane_sum = 0;
+#pragma unroll
+      for (int i = 0; i < kScanPerLane; ++i) {
+        const int64_t segment = base + lane * kScanPerLane + i;
+        counts[i] = segment < segments ? table[e * segments + segment] : 0;
+        lane_sum += counts[i];
+      }
+      int32_t inclusive = lane_sum;
+#pragma unroll
+      for (int offset = 1; offset < kWarpSize; offset *= 2) {
+        const int32_t other = __shfl_up_sync(kFullWarpMask, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+      }
+      int32_t running = carry + inclusive - lane_sum;
+#pragma unroll
+      for (int i = 0; i < kScanPerLane; ++i) {
+        const int64_t segment = base + lane * kScanPerLane + i;
+        if (segment < segments) table[e * segments + segment] = running;
+        running += counts[i];
+      }
+      carry += __shfl_sync(kFullWarpMask, inclusive, kWarpSize - 1);
+    }
+    if (lane == 0) totals[e] = carry;
+  }
+  __syncthreads();
+  const int32_t total = block_exclusive_scan(totals, num_experts);
+  for (int32_t e = threadIdx.x; e < num_experts; e += blockDim.x) expert_offsets[e] = totals[e];
+  if (threadIdx.x == 0) expert_offsets[num_experts] = total;
+}
+
+__global__ void __launch_bounds__(kSegmentThreads)
+    place_segments_kernel(const int32_t* expert_ids, int64_t slots, int32_t num_experts, int64_t top_k,
+                          int64_t segments, const int32_t* table, const int32_t* expert_offsets,
+                          int32_t* source_row, int32_t* sorted_position) {
+  extern __shared__ int32_t cursors[];  // [kSegmentWarps][num_experts]
+  dependent::wait_for_previous();
+  dependent::release_next();
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t segment = static_cast<int64_t>(blockIdx.x) * kSegmentWarps + warp;
+  if (segment >= segments) return;
+  int32_t* cursor = cursors + static_cast<int64_t>(warp) * num_experts;
+  for (int32_t e = lane; e < num_experts; e += kWarpSize)
+    cursor[e] = expert_offsets[e] + table[e * segments + segment];
+  __syncwarp();
+  const unsigned lanes_before = (1u << lane) - 1u;
+  const int64_t begin = segment * kSegmentSlots;
+  const int64_t end = min(slots, begin + kSegmentSlots);
+  for (int64_t chunk = begin; chunk < end; chunk += kWarpSize) {
+    const int64_t slot = chunk + lane;
+    int32_t expert = slot < end ? expert_ids[slot] : -1;
+    const bool valid = expert >= 0 && expert < num_experts;
+    if (!valid) expert = -1;
+    const unsigned peers = __match_any_sync(kFullWarpMask, expert);
+    const int32_t base = valid ? cursor[expert] : 0;
+    const int32_t rank = __popc(peers & lanes_before);
+    __syncwarp();
+    if (valid) {
+      const int32_t position = base + rank;
+      sorted_position[slot] = position;
+      source_row[position] = static_cast<int32_t>(slot / top_k);
+      if (rank == 0) cursor[expert] = base + __popc(peers);
+    } else if (slot < end) {
+      sorted_position[slot] = -1;
+    }
+    __syncwarp();
+  }
+}
+
 // ---- combine_top_k -----------------------------------------------------------------------------
 
 // out[t, :] = sum_j weights[t, j] * expert_out[sorted_position[t * k + j], :] in fp32, j ascending,
@@ -316,9 +436,32 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
+int64_t group_by_expert_scratch_bytes(int64_t slots, int64_t num_experts) {
+  if (slots < kManyBlockGroupMinSlots || num_experts < 1 || num_experts > kMaxSegmentExperts ||
+      slots > INT32_MAX)
+    return 0;
+  const int64_t segments = (slots + kSegmentSlots - 1) / kSegmentSlots;
+  return segments * num_experts * static_cast<int64_t>(sizeof(int32_t));
+}
+
 void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
-                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position,
+                     int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position, int32_t* scratch,
                      cudaStream_t stream) {
+  if (scratch != nullptr && group_by_expert_scratch_bytes(slots, num_experts) > 0 && top_k >= 1) {
+    const int64_t segments = (slots + kSegmentSlots - 1) / kSegmentSlots;
+    const auto blocks = static_cast<unsigned>((segments + kSegmentWarps - 1) / kSegmentWarps);
+    const size_t shared = static_cast<size_t>(kSegmentWarps * num_experts) * sizeof(int32_t);
+    const auto experts = static_cast<int32_t>(num_experts);
+    dependent::launch(count_segments_kernel, dim3(blocks), dim3(kSegmentThreads), shared, stream, expert_ids,
+                      slots, experts, segments, scratch);
+    dependent::launch(scan_segments_kernel, dim3(1), dim3(kGroupThreads), 0, stream, scratch, segments,
+                      experts, expert_offsets);
+    dependent::launch(place_segments_kernel, dim3(blocks), dim3(kSegmentThreads), shared, stream, expert_ids,
+                      slots, experts, top_k, segments, static_cast<const int32_t*>(scratch),
+                      static_cast<const int32_t*>(expert_offsets), source_row, sorted_position);
+    EPIC_CUDA_CHECK_LAUNCH();
+    return;
+  }
   // As many segment warps as shared memory holds cursor rows for (and no more than there are
   // 32-slot chunks): 32 for 128 experts, 10 for 1024.
   const int64_t words = static_cast<int64_t>(kGroupSharedBytes / sizeof(int32_t));

@@ -3,7 +3,8 @@
 # repository root; results come back from $OUT). The CI machine has no GPU: there the CUDA tests
 # skip visibly, and this script is how they run.
 #
-#   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab]
+#   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab] [ffn]
+#                                   [ncu] [ncu-moe] [moe-ab]
 #   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
@@ -14,6 +15,12 @@
 #     profile: where the time goes: the prefill-size expert FFN paths, per-op device times
 #             (EPIC_CUDA_OP_TIMING=1, no graphs) of 8-layer decode steps at batch 1, then ab
 #     ffn:    the expert FFN micro-benchmark (every kernel variant, checked first) at decode sizes
+#     ncu:    per-kernel device times of 2-layer decode steps at batch 1 and 256 from graphs (Nsight
+#             Compute at the card's own clocks with warm caches: each kernel alone, so no overlap)
+#     ncu-moe: per-kernel device times of one MoE layer at NCU_MOE_TOKENS (default 16384) tokens,
+#             two calls (Nsight Compute, card clocks, warm caches), summed by kernel
+#     moe-ab: one MoE layer (bench-moe) at MOE_TOKENS (default 2048 4096 16384) with each switch of
+#             AB_SWITCHES (default EPIC_CUDA_BATCHED_FFN) at 0 and at 1
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -58,7 +65,9 @@ if wants golden; then
   rm -rf "$scratch"
 fi
 
-if wants tests || wants ctest || wants bench || wants baselines || wants profile || wants ab || wants ffn; then
+needs_build=0
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && needs_build=1; done
+if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
            -DICU_ROOT="$PWD/.device/icu" \
@@ -112,6 +121,16 @@ if wants profile; then
     --no-cuda-graphs > "$OUT/profile_decode_1.log" 2>&1 || status=1
   sed -n '/EPIC_CUDA_OP_TIMING/,$p' "$OUT/profile_decode_1.log" | head -30 | tee -a "$OUT/summary.log"
 fi
+if wants ncu; then
+  for batch in 1 256; do
+    log "ncu: decode batch $batch, 2 layers, graph nodes, card clocks, warm caches"
+    timeout 240 /usr/local/cuda/bin/ncu --graph-profiling node --clock-control none --cache-control none \
+      --metrics gpu__time_duration.sum --csv "$BUILD/epic" bench-decode --backend cuda --precision bf16 \
+      --random-weights qwen3-30b-a3b --layers 2 --batch "$batch" --prompt-tokens 32 --new-tokens 3 \
+      > "$OUT/ncu_decode_$batch.csv" 2> "$OUT/ncu_decode_$batch.err" || status=1
+    python3 tests/gpu/ncu_step_table.py "$OUT/ncu_decode_$batch.csv" | tee -a "$OUT/summary.log"
+  done
+fi
 if wants profile || wants ab; then
   # Each switch off and on, all else equal (graphs on): the A/B of one optimisation.
   for switch in ${AB_SWITCHES:-EPIC_CUDA_PDL}; do
@@ -122,6 +141,28 @@ if wants profile || wants ab; then
         > "$OUT/ab_${switch}_$value.jsonl" 2>&1 || status=1
       grep -o '"batch":[0-9]*\|"ms_per_step":[0-9.]*' "$OUT/ab_${switch}_$value.jsonl" | paste - - |
         tee -a "$OUT/summary.log"
+    done
+  done
+fi
+if wants ncu-moe; then
+  tokens=${NCU_MOE_TOKENS:-16384}
+  log "ncu-moe: one MoE layer, $tokens tokens, 2 calls, card clocks, warm caches"
+  timeout 300 /usr/local/cuda/bin/ncu --clock-control none --cache-control none \
+    --metrics gpu__time_duration.sum --csv "$BUILD/epic" bench-moe --backend cuda --precision bf16 \
+    --preset qwen3-30b-a3b --layers 1 --tokens-per-worker "$tokens" --iterations 1 --warmup 1 \
+    > "$OUT/ncu_moe_$tokens.csv" 2> "$OUT/ncu_moe_$tokens.err" || status=1
+  python3 tests/gpu/ncu_kernels.py "$OUT/ncu_moe_$tokens.csv" | tee -a "$OUT/summary.log"
+fi
+if wants moe-ab; then
+  for switch in ${AB_SWITCHES:-EPIC_CUDA_BATCHED_FFN}; do
+    for tokens in ${MOE_TOKENS:-2048 4096 16384}; do
+      for value in 0 1; do
+        log "moe-ab: one MoE layer, $tokens tokens, $switch=$value"
+        env "$switch=$value" timeout 120 "$BUILD/epic" bench-moe --backend cuda --precision bf16 \
+          --preset qwen3-30b-a3b --layers 4 --tokens-per-worker "$tokens" --iterations 20 --warmup 3 \
+          > "$OUT/moe_ab_${switch}_${value}_$tokens.log" 2>&1 || status=1
+        grep -E "ms|FAIL|WRONG|error" "$OUT/moe_ab_${switch}_${value}_$tokens.log" | tail -4 | tee -a "$OUT/summary.log"
+      done
     done
   done
 fi

@@ -851,8 +851,11 @@ void add_group_by_expert_cases(std::vector<OpCase>& cases) {
   struct Shape {
     int64_t tokens, experts, top_k, used_experts;  // ids drawn from used_experts random experts
   };
+  // From 16384 slots (and up to 1024 experts) CUDA sorts over many blocks: a partial last segment,
+  // 1000 experts of which 300 unused, and 1100 experts (past that path's cap: one block again).
   for (const Shape s : {Shape{1, 4, 1, 4}, Shape{3, 8, 2, 3}, Shape{17, 128, 8, 128}, Shape{130, 60, 4, 20},
-                        Shape{1, 128, 8, 128}}) {
+                        Shape{1, 128, 8, 128}, Shape{2100, 128, 8, 128}, Shape{5000, 1000, 4, 700},
+                        Shape{4200, 1100, 4, 1100}}) {
     cases.push_back(OpCase{
         "group_by_expert_" +
             dims_name({s.tokens, s.experts, s.top_k, s.used_experts}, {"tokens", "experts", "k", "used"}),
@@ -894,15 +897,20 @@ void add_expert_ffn_cases(std::vector<OpCase>& cases) {
   struct Shape {
     int64_t experts, hosted, hidden, inter, max_rows_per_expert;
     const char* what;
+    int64_t min_rows_per_expert = 0;
   };
-  // Groups are ragged (0 .. max rows per hosted expert); experts not hosted have no rows; the
-  // hosted experts sit in their stack in shuffled order.
+  // Groups are ragged (min .. max rows per hosted expert); experts not hosted have no rows; the
+  // hosted experts sit in their stack in shuffled order. The last two pass 8192 rows, where CUDA's
+  // bf16 rows go to batched cuBLAS GEMMs (expert_ffn_batched.cu: near-equal groups in place over
+  // row windows; groups of 350 .. 1400 rows, too uneven for that, in padded buckets, with 2I > H).
   const std::vector<Shape> shapes = {
       {1, 1, 8, 4, 1, "one_row"},
       {4, 4, 16, 8, 5, "all_hosted"},
       {8, 5, 64, 32, 9, "three_not_hosted"},
       {128, 16, 128, 48, 1, "decode"},
       {16, 16, 256, 96, 40, "prefill"},
+      {20, 18, 64, 24, 560, "batched_windows", 470},
+      {24, 24, 64, 40, 1400, "batched_buckets", 350},
   };
   for (const Shape s : shapes) {
     cases.push_back(OpCase{
@@ -921,7 +929,7 @@ void add_expert_ffn_cases(std::vector<OpCase>& cases) {
           std::vector<int32_t> local_index(static_cast<size_t>(s.experts), -1);
           for (size_t slot = 0; slot < hosted_experts.size(); ++slot)
             local_index[hosted_experts[slot]] = slot;
-          std::uniform_int_distribution<int64_t> group_rows(0, s.max_rows_per_expert);
+          std::uniform_int_distribution<int64_t> group_rows(s.min_rows_per_expert, s.max_rows_per_expert);
           std::vector<int32_t> offsets(1, 0);
           for (int64_t e = 0; e < s.experts; ++e) {
             const int64_t n = local_index[e] < 0 ? 0 : (s.experts == 1 ? 1 : group_rows(g));

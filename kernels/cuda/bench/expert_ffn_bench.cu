@@ -142,7 +142,9 @@ struct FfnPath {
   bool overlap = true;
   bool grouped = false;  // cublas: with pointer scratch, one grouped cuBLAS call per GEMM pass
   int lanes = 0;         // cublas: > 0 forces the per-expert loop over this many streams
+  bool batched = false;  // cublas: expert_ffn_batched alone (windows or padded buckets)
   std::string name() const {
+    if (cublas && batched) return "batched";
     if (cublas && lanes > 0) return "loop-" + std::to_string(lanes) + "lanes";
     if (cublas) return grouped ? "grouped" : "cublas";
     return std::string(expert_ffn_kernel_name(kernel)) + (overlap ? "" : "-seq");
@@ -166,10 +168,30 @@ void attach_gemm_pointers(ExpertFfnArgs& args) {
 
 constexpr int kMaxBenchLanes = 8;
 
+// expert_ffn_batched's scratch: one device buffer, grown on demand and kept for the program's life.
+void* batched_scratch(size_t bytes) {
+  static void* buffer = nullptr;
+  static size_t capacity = 0;
+  if (bytes > capacity) {
+    if (buffer != nullptr) EPIC_CUDA_CHECK(cudaFree(buffer));  // cudaFree waits for the device
+    EPIC_CUDA_CHECK(cudaMalloc(&buffer, bytes));
+    capacity = bytes;
+  }
+  return buffer;
+}
+
 // Returns whether expert_ffn_cublas's grouped calls ran. Timed back-to-back calls rewrite the
 // pinned pointer staging while an earlier copy may be pending: the same bytes each time.
 bool run_path(const FfnPath& path, const ExpertFfnArgs& args, const int32_t* host_offsets,
               const int32_t* host_local, cublasHandle_t cublas, cudaStream_t stream) {
+  if (path.cublas && path.batched) {
+    ExpertFfnArgs batched_args = args;
+    attach_gemm_pointers(batched_args);
+    batched_args.batched_scratch = batched_scratch;
+    if (expert_ffn_batched(batched_args, host_offsets, host_local, cublas, stream)) return true;
+    expert_ffn_cublas(args, host_offsets, host_local, cublas, stream);  // what the backend does then
+    return false;
+  }
   if (path.cublas) {
     ExpertFfnArgs cublas_args = args;
     if (path.grouped) attach_gemm_pointers(cublas_args);
@@ -259,7 +281,8 @@ void check_expert_ffn_case(const SmallCase& shape, ScalarType act_type, ScalarTy
   EPIC_CUDA_CHECK(cudaStreamSynchronize(stream));
   // The grouped calls run wherever every matrix start is 16-byte aligned (bf16 rows of H and I
   // elements); elsewhere expert_ffn_cublas falls back to its per-expert loop.
-  const bool expect_grouped = path.grouped && hidden % 8 == 0 && inter % 8 == 0;
+  // The batched paths have the same alignment rule (and are called alone here).
+  const bool expect_grouped = (path.grouped || path.batched) && hidden % 8 == 0 && inter % 8 == 0;
   if (ran_grouped != expect_grouped) {
     std::printf("    WRONG: %s: expected %s, ran %s\n", path.name().c_str(),
                 expect_grouped ? "the grouped calls" : "the per-expert loop",
@@ -443,6 +466,10 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
       {256, 72, {1, 0, 2, 1, 0, 0, 9}, local_index, 5},       // 13 rows: the 16-row kernel; cublas 2I <= H
       {96, 200, {4, 0, 33, 1, 0, 0, 0}, local_index, 5},      // I > H: cublas in two column chunks
       {136, 72, {60, 0, 130, 1, 0, 0, 200}, local_index, 5},  // average group > 48: 64-row tiles
+      // Near-equal groups: the batched path's in-place windows (the last one shifted back), and
+      // with 2I > H (G in scratch).
+      {136, 72, {130, 0, 128, 136, 0, 0, 129}, local_index, 5},
+      {96, 200, {66, 0, 64, 70, 0, 0, 65}, local_index, 5},
   };
   const ScalarType types[2] = {ScalarType::kBF16, ScalarType::kF32};
   for (const SmallCase& shape : cases) {
@@ -456,6 +483,8 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
     check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16, FfnPath{true}, rng, stream, cublas);
     check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16,
                           FfnPath{true, ExpertFfnKernel::kAuto, true, true}, rng, stream, cublas);
+    check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16,
+                          FfnPath{true, ExpertFfnKernel::kAuto, true, false, 0, true}, rng, stream, cublas);
     // The per-expert loop on one lane and spread over three (the experts land on different streams).
     for (const int lanes : {1, 3}) {
       check_expert_ffn_case(shape, ScalarType::kBF16, ScalarType::kBF16,
@@ -473,6 +502,9 @@ void run_checks(std::mt19937_64& rng, cudaStream_t stream, cublasHandle_t cublas
   }
   for (const FfnPath& path : device_paths(true))
     check_expert_ffn_case(many, ScalarType::kBF16, ScalarType::kBF16, path, rng, stream, cublas);
+  // Counts 1 .. 20 (too uneven for the windows) make ~9 buckets of the padded plan.
+  check_expert_ffn_case(many, ScalarType::kBF16, ScalarType::kBF16,
+                        FfnPath{true, ExpertFfnKernel::kAuto, true, false, 0, true}, rng, stream, cublas);
   for (ScalarType w_type : types) {
     check_linear_f32(1, 100, 130, w_type, rng, stream, cublas);
     check_linear_f32(70, 257, 67, w_type, rng, stream, cublas);
@@ -623,6 +655,7 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
     if (rows >= 4096) {  // the per-expert loop is for prefill sizes only
       for (const int lanes : {1, 2, 4, 8})
         paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, false, lanes});
+      paths.push_back(FfnPath{true, ExpertFfnKernel::kAuto, true, false, 0, true});
     }
     for (const FfnPath& path : paths) {
       EPIC_CUDA_CHECK(cudaMemset(y.get(), 0xff, y.bytes()));
@@ -642,7 +675,7 @@ void run_benchmarks(const std::vector<int64_t>& token_counts, uint64_t seed, cud
       }
       const double relative_l2 = std::sqrt(error_squares / want_squares);
       // false for NaN too; the grouped path must not fall back at these (aligned) shapes
-      const bool ok = relative_l2 < kBenchTolerance && ran_grouped == path.grouped;
+      const bool ok = relative_l2 < kBenchTolerance && ran_grouped == (path.grouped || path.batched);
       if (!ok) ++g_failures;
       std::printf("%8lld %8lld %8lld %-12s %10.4f %12.1f %9.0f %9.1f %10.2e%s\n",
                   static_cast<long long>(tokens), static_cast<long long>(rows),
