@@ -167,6 +167,35 @@ __device__ int32_t block_exclusive_scan(int32_t* data, int64_t n) {
   return total;
 }
 
+// Places the slots [begin, end) of one segment, a warp's work: each slot goes to its expert's cursor
+// plus its rank among the same expert's earlier lanes of the chunk (match_any), so the order is slot
+// order within an expert. cursor[e] (shared, this warp's) starts at the segment's first position for
+// expert e and is moved past each chunk's rows. Out-of-range ids get sorted_position -1.
+__device__ void place_segment(const int32_t* expert_ids, int64_t begin, int64_t end, int32_t num_experts,
+                              int64_t top_k, int32_t* cursor, int lane, int32_t* source_row,
+                              int32_t* sorted_position) {
+  const unsigned lanes_before = (1u << lane) - 1u;
+  for (int64_t chunk = begin; chunk < end; chunk += kWarpSize) {
+    const int64_t slot = chunk + lane;
+    int32_t expert = slot < end ? expert_ids[slot] : -1;
+    const bool valid = expert >= 0 && expert < num_experts;
+    if (!valid) expert = -1;  // one group for everything that is not placed
+    const unsigned peers = __match_any_sync(kFullWarpMask, expert);
+    const int32_t base = valid ? cursor[expert] : 0;
+    const int32_t rank = __popc(peers & lanes_before);
+    __syncwarp();  // every peer has read the cursor before the first peer moves it
+    if (valid) {
+      const int32_t position = base + rank;
+      sorted_position[slot] = position;
+      source_row[position] = static_cast<int32_t>(slot / top_k);
+      if (rank == 0) cursor[expert] = base + __popc(peers);
+    } else if (slot < end) {
+      sorted_position[slot] = -1;
+    }
+    __syncwarp();  // the moved cursors are visible to the next chunk
+  }
+}
+
 // One block of kGroupThreads. The slots are cut into num_segments contiguous segments, one warp
 // each; shared memory holds cursor[segment][expert] (num_segments x num_experts) and
 // totals[expert]. 1) each segment warp counts its slots per expert; 2) per expert, the segments'
@@ -227,26 +256,8 @@ __global__ void __launch_bounds__(kGroupThreads)
   __syncthreads();
 
   if (!segment_warp) return;
-  const unsigned lanes_before = (1u << lane) - 1u;
-  for (int64_t chunk = segment_begin; chunk < segment_end; chunk += kWarpSize) {
-    const int64_t slot = chunk + lane;
-    int32_t expert = slot < segment_end ? expert_ids[slot] : -1;
-    const bool valid = expert >= 0 && expert < num_experts;
-    if (!valid) expert = -1;  // one group for everything that is not placed
-    const unsigned peers = __match_any_sync(kFullWarpMask, expert);
-    const int32_t base = valid ? my_cursor[expert] : 0;
-    const int32_t rank = __popc(peers & lanes_before);
-    __syncwarp();  // every peer has read the cursor before the first peer moves it
-    if (valid) {
-      const int32_t position = base + rank;
-      sorted_position[slot] = position;
-      source_row[position] = static_cast<int32_t>(slot / top_k);
-      if (rank == 0) my_cursor[expert] = base + __popc(peers);
-    } else if (slot < segment_end) {
-      sorted_position[slot] = -1;
-    }
-    __syncwarp();  // the moved cursors are visible to the next chunk
-  }
+  place_segment(expert_ids, segment_begin, segment_end, num_experts, top_k, my_cursor, lane, source_row,
+                sorted_position);
 }
 
 // ---- group_by_expert over many blocks (prefill sizes) -------------------------------------------
@@ -345,28 +356,9 @@ __global__ void __launch_bounds__(kSegmentThreads)
   for (int32_t e = lane; e < num_experts; e += kWarpSize)
     cursor[e] = expert_offsets[e] + table[e * segments + segment];
   __syncwarp();
-  const unsigned lanes_before = (1u << lane) - 1u;
   const int64_t begin = segment * kSegmentSlots;
-  const int64_t end = min(slots, begin + kSegmentSlots);
-  for (int64_t chunk = begin; chunk < end; chunk += kWarpSize) {
-    const int64_t slot = chunk + lane;
-    int32_t expert = slot < end ? expert_ids[slot] : -1;
-    const bool valid = expert >= 0 && expert < num_experts;
-    if (!valid) expert = -1;
-    const unsigned peers = __match_any_sync(kFullWarpMask, expert);
-    const int32_t base = valid ? cursor[expert] : 0;
-    const int32_t rank = __popc(peers & lanes_before);
-    __syncwarp();
-    if (valid) {
-      const int32_t position = base + rank;
-      sorted_position[slot] = position;
-      source_row[position] = static_cast<int32_t>(slot / top_k);
-      if (rank == 0) cursor[expert] = base + __popc(peers);
-    } else if (slot < end) {
-      sorted_position[slot] = -1;
-    }
-    __syncwarp();
-  }
+  place_segment(expert_ids, begin, min(slots, begin + kSegmentSlots), num_experts, top_k, cursor, lane,
+                source_row, sorted_position);
 }
 
 // ---- combine_top_k -----------------------------------------------------------------------------
