@@ -14,6 +14,7 @@
 #include "kernels/cuda/ab_switch.h"
 #include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/dependent_launch.cuh"
 
 namespace epic::cuda_kernels::attention_mma {
 namespace {
@@ -221,6 +222,8 @@ __global__ void __launch_bounds__(kThreads)
                             const int32_t* positions, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
                             float scale_log2, bool tiles_launched, int splits, Bf16* out) {
   extern __shared__ __align__(16) unsigned char shared_bytes[];
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();       // o_proj's blocks may then start loading their weights
   const int split = static_cast<int>(blockIdx.x % splits);  // == the block's rank in its cluster
   const int64_t cluster_index = blockIdx.x / splits;
   const int64_t num_clusters = gridDim.x / splits;
@@ -287,13 +290,22 @@ void launch(const AttentionArgs& args, bool tiles_launched, int64_t blocks, int 
   config.blockDim = dim3(kThreads);
   config.dynamicSmemBytes = kShared;
   config.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = static_cast<unsigned>(splits);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = splits > 1 ? 1 : 0;  // a plain launch when the keys are not split
+  cudaLaunchAttribute attributes[2];
+  unsigned count = 0;
+  if (splits > 1) {  // a plain launch when the keys are not split
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = static_cast<unsigned>(splits);
+    attributes[count].val.clusterDim.y = 1;
+    attributes[count].val.clusterDim.z = 1;
+    ++count;
+  }
+  if (dependent::enabled_for_all()) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
   EPIC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args.qkv, args.key_pool, args.value_pool,
                                      args.block_tables, args.max_blocks, args.row_sequence, args.positions,
                                      args.rows, args.num_heads, args.num_kv_heads, args.scale_log2,

@@ -23,4 +23,9 @@ bool enabled() {
   return state == 2;
 }
 
+bool enabled_for_all() {
+  static const bool allowed = ab_switch_on("EPIC_CUDA_PDL_ALL");
+  return allowed && enabled();
+}
+
 }  // namespace epic::cuda_kernels::dependent

@@ -36,10 +36,16 @@ __device__ __forceinline__ void wait_for_previous() {
 // EPIC_CUDA_PDL is not 0; asked once per device (dependent_launch.cu).
 bool enabled();
 
-// kernel<<<grid, block, shared, stream>>>(args...), as a programmatic dependent launch where enabled().
+// Whether the norms, qk_norm_rope, gather_rows and decode attention launch programmatically too
+// (enabled() and EPIC_CUDA_PDL_ALL not 0): each lets the kernel after it be scheduled early, so the
+// next GEMM's first weight loads overlap it (qkv after the norm, o_proj after attention).
+bool enabled_for_all();
+
+// kernel<<<grid, block, shared, stream>>>(args...), as a programmatic dependent launch where
+// `programmatic` (and the kernel waits then releases as launch() requires; a no-op otherwise).
 template <class... Params, class... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
-            Args&&... args) {
+void launch_if(bool programmatic, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
+               cudaStream_t stream, Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -48,11 +54,18 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  if (enabled()) {
+  if (programmatic) {
     config.attrs = attribute;
     config.numAttrs = 1;
   }
   EPIC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+// kernel<<<grid, block, shared, stream>>>(args...), as a programmatic dependent launch where enabled().
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream,
+            Args&&... args) {
+  launch_if(enabled(), kernel, grid, block, shared, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace epic::cuda_kernels::dependent

@@ -9,6 +9,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/dependent_launch.cuh"
 #include "kernels/cuda/row_copy.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
@@ -123,6 +124,8 @@ __device__ __forceinline__ void normalize_row(const X* x, const W* weight, float
 // reads of the sum pass end at the barrier before any write.
 template <int kVec, class X, class W, class Y>
 __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, float eps) {
+  dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
+  dependent::release_next();
   const int64_t row_start = static_cast<int64_t>(blockIdx.x) * dim;
   const X* x_row = x + row_start;
   float sum_squares = 0.0f;
@@ -144,6 +147,8 @@ __global__ void rms_norm_kernel(const X* x, const W* weight, Y* y, int64_t dim, 
 template <int kVec, class D, class W, class N>
 __global__ void add_rms_norm_kernel(const D* delta, float* residual, const W* weight, N* normed,
                                     float* normed_f32, int64_t dim, float eps) {
+  dependent::wait_for_previous();
+  dependent::release_next();
   const int64_t row_start = static_cast<int64_t>(blockIdx.x) * dim;
   float* residual_row = residual + row_start;
   float sum_squares = 0.0f;
@@ -173,6 +178,8 @@ __global__ void qk_norm_rope_kernel(T* qkv, const N* q_norm, const N* k_norm, co
                                     double theta) {
   __shared__ float cos_table[kMaxHeadDim / 2];
   __shared__ float sin_table[kMaxHeadDim / 2];
+  dependent::wait_for_previous();
+  dependent::release_next();
   const int64_t row = blockIdx.x;
   const int64_t half = head_dim / 2;
   const double position = static_cast<double>(positions[row]);
@@ -245,6 +252,8 @@ __global__ void silu_mul_kernel(const T* gate_up, T* out, int64_t rows, int64_t 
 template <class Unit>
 __global__ void gather_rows_kernel(const Unit* x, const int32_t* index, Unit* out, int64_t rows,
                                    int64_t units_per_row) {
+  dependent::wait_for_previous();
+  dependent::release_next();
   const int64_t total = rows * units_per_row;
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < total;
        u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -258,6 +267,8 @@ __global__ void gather_rows_kernel(const Unit* x, const int32_t* index, Unit* ou
 // several loads in flight (row_copy.cuh): the permutation copy of a 16384-token MoE layer.
 __global__ void gather_rows_by_warp_kernel(const uint4* x, const int32_t* index, uint4* out, int64_t rows,
                                            int64_t units_per_row) {
+  dependent::wait_for_previous();
+  dependent::release_next();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarpSize);
   for (int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize; row < rows;
@@ -366,11 +377,13 @@ void rms_norm(const void* x, ScalarType x_type, const void* weight, ScalarType w
         // rows is the grid size; gridDim.x allows 2^31 - 1, far above any batch of tokens.
         const auto blocks = static_cast<unsigned>(rows);
         if (vector) {
-          rms_norm_kernel<kVectorElements><<<blocks, kRowThreads, 0, stream>>>(
-              static_cast<const X*>(x), static_cast<const W*>(weight), static_cast<Y*>(y), dim, eps);
+          dependent::launch_if(dependent::enabled_for_all(), rms_norm_kernel<kVectorElements, X, W, Y>,
+                               dim3(blocks), dim3(kRowThreads), 0, stream, static_cast<const X*>(x),
+                               static_cast<const W*>(weight), static_cast<Y*>(y), dim, eps);
         } else {
-          rms_norm_kernel<1><<<blocks, kRowThreads, 0, stream>>>(
-              static_cast<const X*>(x), static_cast<const W*>(weight), static_cast<Y*>(y), dim, eps);
+          dependent::launch_if(dependent::enabled_for_all(), rms_norm_kernel<1, X, W, Y>, dim3(blocks),
+                               dim3(kRowThreads), 0, stream, static_cast<const X*>(x),
+                               static_cast<const W*>(weight), static_cast<Y*>(y), dim, eps);
         }
       });
     });
@@ -396,11 +409,13 @@ void add_rms_norm(const void* delta, ScalarType delta_type, float* residual, con
         const auto* weight_data = static_cast<const W*>(weight);
         auto* normed_data = static_cast<N*>(normed);
         if (vector) {
-          add_rms_norm_kernel<kVectorElements><<<blocks, kRowThreads, 0, stream>>>(
-              delta_data, residual, weight_data, normed_data, normed_f32, dim, eps);
+          dependent::launch_if(dependent::enabled_for_all(), add_rms_norm_kernel<kVectorElements, D, W, N>,
+                               dim3(blocks), dim3(kRowThreads), 0, stream, delta_data, residual, weight_data,
+                               normed_data, normed_f32, dim, eps);
         } else {
-          add_rms_norm_kernel<1><<<blocks, kRowThreads, 0, stream>>>(delta_data, residual, weight_data,
-                                                                     normed_data, normed_f32, dim, eps);
+          dependent::launch_if(dependent::enabled_for_all(), add_rms_norm_kernel<1, D, W, N>, dim3(blocks),
+                               dim3(kRowThreads), 0, stream, delta_data, residual, weight_data, normed_data,
+                               normed_f32, dim, eps);
         }
       });
     });
@@ -424,9 +439,10 @@ void qk_norm_rope(void* qkv, ScalarType type, const void* q_norm, const void* k_
     access::dispatch_float_type(norm_type, "qk_norm_rope", [&](auto norm_tag) {
       using T = typename decltype(type_tag)::type;
       using N = typename decltype(norm_tag)::type;
-      qk_norm_rope_kernel<<<grid, kQkNormRopeWarps * kWarpSize, 0, stream>>>(
-          static_cast<T*>(qkv), static_cast<const N*>(q_norm), static_cast<const N*>(k_norm), positions,
-          num_heads, num_kv_heads, head_dim, eps, theta);
+      dependent::launch_if(dependent::enabled_for_all(), qk_norm_rope_kernel<T, N>, grid,
+                           dim3(kQkNormRopeWarps * kWarpSize), 0, stream, static_cast<T*>(qkv),
+                           static_cast<const N*>(q_norm), static_cast<const N*>(k_norm), positions, num_heads,
+                           num_kv_heads, head_dim, eps, theta);
     });
   });
   EPIC_CUDA_CHECK_LAUNCH();
@@ -494,29 +510,31 @@ void convert(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64
 void gather_rows(const void* x, const int32_t* index, void* out, int64_t rows, size_t row_bytes,
                  cudaStream_t stream) {
   if (rows == 0 || row_bytes == 0) return;
+  const bool programmatic = dependent::enabled_for_all();
   const uintptr_t alignment_bits =
       reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(out) | row_bytes;
+  const auto by_unit = [&](auto unit_tag) {
+    using Unit = decltype(unit_tag);
+    const auto units = static_cast<int64_t>(row_bytes / sizeof(Unit));
+    dependent::launch_if(programmatic, gather_rows_kernel<Unit>,
+                         dim3(access::capped_blocks(rows * units, kElementwiseThreads)),
+                         dim3(kElementwiseThreads), 0, stream, static_cast<const Unit*>(x), index,
+                         static_cast<Unit*>(out), rows, units);
+  };
   if (alignment_bits % sizeof(uint4) == 0) {
     const auto units = static_cast<int64_t>(row_bytes / sizeof(uint4));
     if (units >= kWarpSize) {
-      gather_rows_by_warp_kernel<<<access::capped_blocks(rows * kWarpSize, kElementwiseThreads),
-                                   kElementwiseThreads, 0, stream>>>(static_cast<const uint4*>(x), index,
-                                                                     static_cast<uint4*>(out), rows, units);
+      dependent::launch_if(programmatic, gather_rows_by_warp_kernel,
+                           dim3(access::capped_blocks(rows * kWarpSize, kElementwiseThreads)),
+                           dim3(kElementwiseThreads), 0, stream, static_cast<const uint4*>(x), index,
+                           static_cast<uint4*>(out), rows, units);
     } else {
-      gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
-                           stream>>>(static_cast<const uint4*>(x), index, static_cast<uint4*>(out), rows,
-                                     units);
+      by_unit(uint4{});
     }
   } else if (alignment_bits % sizeof(uint32_t) == 0) {
-    const auto units = static_cast<int64_t>(row_bytes / sizeof(uint32_t));
-    gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
-                         stream>>>(static_cast<const uint32_t*>(x), index, static_cast<uint32_t*>(out), rows,
-                                   units);
+    by_unit(uint32_t{});
   } else {
-    const auto units = static_cast<int64_t>(row_bytes);
-    gather_rows_kernel<<<access::capped_blocks(rows * units, kElementwiseThreads), kElementwiseThreads, 0,
-                         stream>>>(static_cast<const uint8_t*>(x), index, static_cast<uint8_t*>(out), rows,
-                                   units);
+    by_unit(uint8_t{});
   }
   EPIC_CUDA_CHECK_LAUNCH();
 }
