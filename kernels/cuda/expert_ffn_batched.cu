@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -45,8 +44,8 @@ constexpr int64_t kWindowsMaxRestShare = 4;
 
 // out[r, c] = silu(g[r, c]) * g[r, inter + c] for a [rows, 2 * inter] g, out [rows, inter]; 8
 // columns a thread (16-byte loads and stores: inter % 8 == 0, 16-byte aligned rows).
-__global__ void padded_silu_mul_kernel(const uint4* __restrict__ g, uint4* __restrict__ out, int64_t rows,
-                                       int64_t inter_units) {
+__global__ void gate_up_silu_kernel(const uint4* __restrict__ g, uint4* __restrict__ out, int64_t rows,
+                                    int64_t inter_units) {
   const int64_t total = rows * inter_units;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -115,14 +114,15 @@ cublasStatus_t batched_gemm_nt(cublasHandle_t cublas, int64_t n, int64_t k, int6
 
 void check_cublas(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS) {
-    throw Error(ErrorCode::kInternal, std::string("expert_ffn_padded: cublasGemmBatchedEx (") + what +
+    throw Error(ErrorCode::kInternal, std::string("expert_ffn_batched: cublasGemmBatchedEx (") + what +
                                           ") failed: " + cublasGetStatusName(status) + " (" +
                                           cublasGetStatusString(status) + ")");
   }
 }
 
-// The windows plan: no padding at all where every expert's count lies in [c_min, c_max] with
-// c_max - c_min <= c_min (near-uniform routing). Each GEMM pass is two batched calls over the rows in
+// The windows plan: no padding at all where the experts' counts lie in [c_min, c_max] with
+// c_max - c_min <= c_min and the rest rows (below) at most a quarter of the main rows (near-uniform
+// routing). Each GEMM pass is two batched calls over the rows in
 // place: first a "rest" call of M_rest rows for each expert from row offsets[e] + M_main (shifted back
 // to end at the last row where it would run past it), then a "main" call of M_main rows from
 // offsets[e]. A rest window runs into the next expert's first M_main rows at most (M_rest <= c_min),
@@ -209,7 +209,7 @@ bool expert_ffn_windows(const ExpertFfnArgs& args, const int32_t* host_offsets,
                  what);
   };
   pass(0, 2 * inter, hidden, "gate_up");
-  padded_silu_mul_kernel<<<access::capped_blocks(rows * inter / 8, kThreads), kThreads, 0, stream>>>(
+  gate_up_silu_kernel<<<access::capped_blocks(rows * inter / 8, kThreads), kThreads, 0, stream>>>(
       reinterpret_cast<const uint4*>(g), reinterpret_cast<uint4*>(h), rows, inter / 8);
   EPIC_CUDA_CHECK_LAUNCH();
   pass(3, hidden, inter, "down");
@@ -310,7 +310,7 @@ bool expert_ffn_batched(const ExpertFfnArgs& args, const int32_t* host_offsets,
                                  2 * inter, bucket.count),
                  "gate_up");
   }
-  padded_silu_mul_kernel<<<access::capped_blocks(padded_rows * inter / 8, kThreads), kThreads, 0, stream>>>(
+  gate_up_silu_kernel<<<access::capped_blocks(padded_rows * inter / 8, kThreads), kThreads, 0, stream>>>(
       reinterpret_cast<const uint4*>(g), reinterpret_cast<uint4*>(h), padded_rows, inter / 8);
   EPIC_CUDA_CHECK_LAUNCH();
   for (const Bucket& bucket : buckets) {
