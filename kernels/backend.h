@@ -49,6 +49,23 @@ constexpr int64_t kKvBlockSize = 16;
 // for an optional argument is checked and used like a required one.
 inline bool is_absent(const Tensor& t) { return t.rank == 0 && t.data == nullptr; }
 
+// One MoE layer's routing and expert weights for Backend::routed_moe (shapes as in the ops it is
+// made of): router [E, H] (any weight type), present U8 [E], gate_up [L, 2I, H], down [L, H, I],
+// local_index I32 [E]; normalize: renormalise the top-k weights (config norm_topk_prob).
+struct RoutedMoeWeights {
+  Tensor router, present, gate_up, down, local_index;
+  bool normalize = true;
+};
+
+// Backend::routed_moe's scratch, T tokens with top_k choices each (S = T * top_k slots): logits F32
+// [T, E]; expert_ids I32 [T, top_k] and weights F32 [T, top_k] (the routing, an output too);
+// expert_offsets I32 [E + 1]; source_row and sorted_position I32 [S]; sorted_rows and expert_out
+// [S, H] and intermediate [S, I] of the activation type.
+struct RoutedMoeScratch {
+  Tensor logits, expert_ids, weights, expert_offsets, source_row, sorted_position, sorted_rows, intermediate,
+      expert_out;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -107,7 +124,8 @@ class Backend {
   // embedding, rotate-half layout as HF apply_rotary_pos_emb; angle = position * theta^(-2i/d),
   // computed in double and rounded to fp32). positions I32 [rows]. v is untouched.
   virtual void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
-                            const Tensor& positions, const AttentionShape& shape, float eps, double theta) = 0;
+                            const Tensor& positions, const AttentionShape& shape, float eps,
+                            double theta) = 0;
 
   // Writes each row's k and v (from qkv) to the pools at slot_mapping[r] (block * kKvBlockSize +
   // offset); rows with slot_mapping[r] < 0 (padding) are skipped.
@@ -172,6 +190,18 @@ class Backend {
   // expert_out).
   virtual void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                              const Tensor& out) = 0;
+
+  // ---- The routed MoE block as one op -------------------------------------------------------
+  // The ops above in the order a MoE layer runs them, on the caller's scratch:
+  //   linear(router_input, router, logits); route_top_k(logits, present, expert_ids, weights);
+  //   group_by_expert; gather_rows(x, source_row, sorted_rows);
+  //   expert_ffn(sorted_rows, ..., intermediate, expert_out); combine_top_k(expert_out, ..., out).
+  // This default runs exactly those ops. A backend may instead fuse the block where that is faster
+  // (CUDA does for a few bf16 tokens: routed_moe_fused.cu), with the same routing (expert_ids and
+  // weights, written either way) and the same roundings, up to the order of fp32 sums; the rest of
+  // the scratch is then left unspecified. Errors name routed_moe and the step whose tensors are wrong.
+  virtual void routed_moe(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
+                          const RoutedMoeScratch& scratch, const Tensor& out);
 };
 
 // The fp32 CPU reference: clear loops (linear and attention are blocked and multi-threaded for

@@ -419,7 +419,41 @@ void check_combine_top_k(MemorySpace space, const Tensor& expert_out, const Tens
   check.same_dim("out", out, 0, "weights", weights, 0, "the token count");
   check.same_dim("out", out, 1, "expert_out", expert_out, 1, "hidden");
   // out may be F32 whatever expert_out is: the sum feeds the fp32 residual stream unrounded.
-  if (out.type != ScalarType::kF32) check.same_type("out", out, "expert_out", expert_out, "one activation type");
+  if (out.type != ScalarType::kF32)
+    check.same_type("out", out, "expert_out", expert_out, "one activation type");
+}
+
+void check_routed_moe(MemorySpace space, const Tensor& router_input, const Tensor& x,
+                      const RoutedMoeWeights& weights, const RoutedMoeScratch& scratch, const Tensor& out) {
+  const auto step = [](const char* name, const auto& check) {
+    try {
+      check();
+    } catch (const Error& error) {
+      throw Error(error.code(), std::string("routed_moe: the ") + name + " step: " + error.what());
+    }
+  };
+  const RoutedMoeScratch& s = scratch;
+  step("router", [&] { check_linear(space, router_input, weights.router, s.logits); });
+  step("route", [&] { check_route_top_k(space, s.logits, weights.present, s.expert_ids, s.weights); });
+  const int64_t top_k = s.expert_ids.dim(1);
+  if (top_k < 1) {
+    throw Error(ErrorCode::kInvalidArgument, "routed_moe: expert_ids is " + s.expert_ids.describe() +
+                                                 "; top_k (dimension 1) must be >= 1");
+  }
+  step("group", [&] {
+    check_group_by_expert(space, s.expert_ids.reshaped({s.expert_ids.numel()}), weights.router.dim(0), top_k,
+                          s.expert_offsets, s.source_row, s.sorted_position);
+  });
+  step("gather", [&] { check_gather_rows(space, x, s.source_row, s.sorted_rows); });
+  step("expert", [&] {
+    check_expert_ffn(space, s.sorted_rows, s.expert_offsets, weights.gate_up, weights.down,
+                     weights.local_index, s.intermediate, s.expert_out);
+  });
+  step("combine", [&] { check_combine_top_k(space, s.expert_out, s.sorted_position, s.weights, out); });
+  if (router_input.dim(0) != x.dim(0)) {
+    throw Error(ErrorCode::kInvalidArgument, "routed_moe: router_input is " + router_input.describe() +
+                                                 " but x is " + x.describe() + ": the token counts differ");
+  }
 }
 
 }  // namespace epic::backend_checks

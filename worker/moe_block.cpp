@@ -37,17 +37,25 @@ void run_experts(Backend& backend, const ModelConfig& config, const MoeLayerWeig
   backend.expert_ffn(x, expert_offsets, layer.gate_up, layer.down, layer.local_index, intermediate, y);
 }
 
-void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
-                               Workspace& workspace) {
+void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
+                               const Tensor& out, Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t rows = hidden.dim(0), top_k = config_.num_experts_per_tok, slots = rows * top_k;
-  const RoutedTokens routed = route_tokens(backend_, config_, moe, router_input, workspace);
-  const GroupedRows grouped = group_rows(backend_, routed.expert_ids, moe.num_experts, top_k, workspace);
-  const Tensor sorted_rows = workspace.get(kSlotSortedRows, hidden.type, {slots, config_.hidden_size});
-  backend_.gather_rows(hidden, grouped.source_row, sorted_rows);
-  const Tensor expert_out = workspace.get(kSlotExpertOut, hidden.type, {slots, config_.hidden_size});
-  run_experts(backend_, config_, moe, sorted_rows, grouped.expert_offsets, expert_out, workspace);
-  backend_.combine_top_k(expert_out, grouped.sorted_position, routed.weights, out);
+  const int64_t hidden_size = config_.hidden_size, inter = config_.moe_intermediate_size;
+  // One op, so a backend can fuse the block (Backend::routed_moe); the scratch is the unfused form's.
+  const RoutedMoeScratch scratch{workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, moe.num_experts}),
+                                 workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k}),
+                                 workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k}),
+                                 workspace.get(kSlotExpertOffsets, ScalarType::kI32, {moe.num_experts + 1}),
+                                 workspace.get(kSlotSourceRow, ScalarType::kI32, {slots}),
+                                 workspace.get(kSlotSortedPosition, ScalarType::kI32, {slots}),
+                                 workspace.get(kSlotSortedRows, hidden.type, {slots, hidden_size}),
+                                 workspace.get(kSlotExpertIntermediate, hidden.type, {slots, inter}),
+                                 workspace.get(kSlotExpertOut, hidden.type, {slots, hidden_size})};
+  backend_.routed_moe(router_input, hidden,
+                      RoutedMoeWeights{moe.router, moe.present_mask, moe.gate_up, moe.down, moe.local_index,
+                                       config_.norm_topk_prob},
+                      scratch, out);
 }
 
 }  // namespace epic

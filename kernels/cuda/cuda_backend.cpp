@@ -18,6 +18,7 @@
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/gemm_lanes.h"
 #include "kernels/cuda/op_timing.h"
+#include "kernels/cuda/routed_moe_fused.h"
 #include "kernels/error.h"
 
 namespace epic {
@@ -465,6 +466,44 @@ class CudaBackend final : public Backend {
     cuda_kernels::combine_top_k(expert_out.data, expert_out.type, sorted_position.as<int32_t>(),
                                 weights.as<float>(), weights.dim(0), weights.dim(1), out.dim(1), out.data,
                                 out.type, stream_);
+  }
+
+  // A few bf16 tokens: the fused kernels (routed_moe_fused.cu), three launches instead of seven;
+  // otherwise, or with EPIC_CUDA_FUSED_MOE=0 (A/B), the ops one by one (Backend's default).
+  void routed_moe(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
+                  const RoutedMoeScratch& scratch, const Tensor& out) override {
+    static const bool fused_enabled = cuda_kernels::ab_switch_on("EPIC_CUDA_FUSED_MOE");
+    backend_checks::check_routed_moe(kSpace, router_input, x, weights, scratch, out);
+    cuda_kernels::RoutedMoeFusedArgs args;
+    args.router_input = router_input.type == ScalarType::kF32 ? router_input.as<float>() : nullptr;
+    args.router = static_cast<const __nv_bfloat16*>(weights.router.data);
+    args.present = weights.present.as<uint8_t>();
+    args.x = static_cast<const __nv_bfloat16*>(x.data);
+    args.gate_up = static_cast<const __nv_bfloat16*>(weights.gate_up.data);
+    args.down = static_cast<const __nv_bfloat16*>(weights.down.data);
+    args.local_index = weights.local_index.as<int32_t>();
+    args.logits = scratch.logits.as<float>();
+    args.expert_ids = scratch.expert_ids.as<int32_t>();
+    args.weights = scratch.weights.as<float>();
+    args.intermediate = static_cast<__nv_bfloat16*>(scratch.intermediate.data);
+    args.out = out.data;
+    args.out_type = out.type;
+    args.tokens = x.dim(0);
+    args.hidden = x.dim(1);
+    args.inter = weights.down.dim(2);
+    args.num_experts = weights.router.dim(0);
+    args.top_k = scratch.expert_ids.dim(1);
+    args.normalize = weights.normalize;
+    const bool bf16 = router_input.type == ScalarType::kF32 && x.type == ScalarType::kBF16 &&
+                      weights.router.type == ScalarType::kBF16 && weights.gate_up.type == ScalarType::kBF16 &&
+                      scratch.intermediate.type == ScalarType::kBF16;
+    if (!fused_enabled || !bf16 || !cuda_kernels::routed_moe_fused_supported(args)) {
+      Backend::routed_moe(router_input, x, weights, scratch, out);
+      return;
+    }
+    DeviceScope scope(device_);
+    const auto timing = time_op("routed_moe_fused", args.tokens);
+    cuda_kernels::routed_moe_fused(args, stream_);
   }
 
  private:

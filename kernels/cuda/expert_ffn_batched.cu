@@ -42,32 +42,6 @@ constexpr int kThreads = 256;
 // The windows plan only where the rest call has at most 1 / this of the main call's rows.
 constexpr int64_t kWindowsMaxRestShare = 4;
 
-// out[r, c] = silu(g[r, c]) * g[r, inter + c] for a [rows, 2 * inter] g, out [rows, inter]; 8
-// columns a thread (16-byte loads and stores: inter % 8 == 0, 16-byte aligned rows).
-__global__ void gate_up_silu_kernel(const uint4* __restrict__ g, uint4* __restrict__ out, int64_t rows,
-                                    int64_t inter_units) {
-  const int64_t total = rows * inter_units;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / inter_units;
-    const int64_t unit = i - row * inter_units;
-    const uint4 gate_bits = g[row * 2 * inter_units + unit];
-    const uint4 up_bits = g[row * 2 * inter_units + inter_units + unit];
-    const auto* gate = reinterpret_cast<const __nv_bfloat162*>(&gate_bits);
-    const auto* up = reinterpret_cast<const __nv_bfloat162*>(&up_bits);
-    uint4 result;
-    auto* h = reinterpret_cast<__nv_bfloat162*>(&result);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 gate_pair = __bfloat1622float2(gate[k]);
-      const float2 up_pair = __bfloat1622float2(up[k]);
-      h[k] =
-          __floats2bfloat162_rn(access::silu(gate_pair.x) * up_pair.x, access::silu(gate_pair.y) * up_pair.y);
-    }
-    out[i] = result;
-  }
-}
-
 // y[r] = padded[r + delta[e]] for the expert e whose rows [offsets[e], offsets[e + 1]) hold r: the
 // last e with offsets[e] <= r (experts without rows share their offset with the next one).
 __global__ void unpad_rows_kernel(const uint4* __restrict__ padded, const int32_t* __restrict__ offsets,
@@ -96,8 +70,6 @@ struct Bucket {
   int64_t m = 0;                 // rows every expert of the bucket runs with
   int64_t padded_begin = 0;      // the bucket's first row in G / Hs / O
 };
-
-bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
 cublasStatus_t batched_gemm_nt(cublasHandle_t cublas, int64_t n, int64_t k, int64_t rows,
                                void* const* weights, int64_t ld_weight, void* const* acts, int64_t ld_act,
@@ -209,9 +181,7 @@ bool expert_ffn_windows(const ExpertFfnArgs& args, const int32_t* host_offsets,
                  what);
   };
   pass(0, 2 * inter, hidden, "gate_up");
-  gate_up_silu_kernel<<<access::capped_blocks(rows * inter / 8, kThreads), kThreads, 0, stream>>>(
-      reinterpret_cast<const uint4*>(g), reinterpret_cast<uint4*>(h), rows, inter / 8);
-  EPIC_CUDA_CHECK_LAUNCH();
+  silu_mul(g, h, ScalarType::kBF16, rows, inter, stream);  // the dense MLP's op: the same rounding
   pass(3, hidden, inter, "down");
   return true;
 }
@@ -223,8 +193,8 @@ bool expert_ffn_batched(const ExpertFfnArgs& args, const int32_t* host_offsets,
   if (args.batched_scratch == nullptr || args.device_pointers == nullptr || args.host_pointers == nullptr)
     return false;
   const int64_t hidden = args.hidden, inter = args.inter, rows = args.rows;
-  if (hidden % 8 != 0 || inter % 8 != 0 || !aligned16(args.x) || !aligned16(args.y) ||
-      !aligned16(args.gate_up) || !aligned16(args.down))
+  if (hidden % 8 != 0 || inter % 8 != 0 || !access::aligned16(args.x) || !access::aligned16(args.y) ||
+      !access::aligned16(args.gate_up) || !access::aligned16(args.down))
     return false;  // cuBLAS's 16-byte rule for bf16 pointers, and the 16-byte row copies
   // EPIC_CUDA_FFN_WINDOWS=0: always the padded buckets (A/B timing).
   static const bool windows = ab_switch_on("EPIC_CUDA_FFN_WINDOWS");
@@ -310,9 +280,7 @@ bool expert_ffn_batched(const ExpertFfnArgs& args, const int32_t* host_offsets,
                                  2 * inter, bucket.count),
                  "gate_up");
   }
-  gate_up_silu_kernel<<<access::capped_blocks(padded_rows * inter / 8, kThreads), kThreads, 0, stream>>>(
-      reinterpret_cast<const uint4*>(g), reinterpret_cast<uint4*>(h), padded_rows, inter / 8);
-  EPIC_CUDA_CHECK_LAUNCH();
+  silu_mul(g, h, ScalarType::kBF16, padded_rows, inter, stream);
   for (const Bucket& bucket : buckets) {
     check_cublas(batched_gemm_nt(cublas, hidden, inter, bucket.m, device + 3 * active + bucket.first, inter,
                                  device + 4 * active + bucket.first, inter,

@@ -95,8 +95,6 @@ cublasStatus_t grouped_gemm_nt(cublasHandle_t cublas, const std::vector<NtGemm>&
 #endif
 }
 
-bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
-
 // The FFN as grouped GEMM passes: gate/up (one pass, or one per column chunk with silu after each),
 // then down, all matrix pointers staged in one copy. Returns false, having written nothing the
 // per-expert loop depends on, where it does not apply: no or too small pointer scratch, a matrix
@@ -161,7 +159,8 @@ bool expert_ffn_grouped(const ExpertFfnArgs& args, const int32_t* host_offsets,
   for (const auto& pass : passes) {
     pointer_count += 3 * static_cast<int64_t>(pass.size());
     for (const NtGemm& gemm : pass) {
-      if (!aligned16(gemm.weight) || !aligned16(gemm.act) || !aligned16(gemm.out)) return false;
+      if (!access::aligned16(gemm.weight) || !access::aligned16(gemm.act) || !access::aligned16(gemm.out))
+        return false;
     }
   }
   if (pointer_count > args.pointer_capacity) return false;

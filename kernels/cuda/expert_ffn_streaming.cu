@@ -36,19 +36,17 @@
 #include "kernels/cuda/expert_chunk_search.cuh"
 #include "kernels/cuda/expert_ffn_variants.h"
 #include "kernels/cuda/scalar_access.cuh"
+#include "kernels/cuda/streaming_mma.cuh"
 
 namespace epic::cuda_kernels {
 namespace {
 
 using bf16 = __nv_bfloat16;
+using namespace streaming_mma;
 
-constexpr int kWarps = 8;                     // per block: kColumnWarps x (kWarps / kColumnWarps) along K
-constexpr int kThreads = kWarps * 32;         // 256
-constexpr int kMmaRows = 16;                  // M: weight rows of one warp
-constexpr int kMmaTokens = 8;                 // N: activation rows of one mma
-constexpr int kVectorElements = 8;            // one 16-byte load
-constexpr int kChunkK = 4 * kVectorElements;  // the 4 lanes of an mma row group cover 32 K
-constexpr int kUnroll = 4;                    // K chunks loaded before the first is used
+constexpr int kWarps = 8;              // per block: kColumnWarps x (kWarps / kColumnWarps) along K
+constexpr int kThreads = kWarps * 32;  // 256
+constexpr int kUnroll = 4;             // K chunks loaded before the first is used
 
 enum class Phase { kGateUp, kDown };
 
@@ -62,53 +60,6 @@ struct StreamArgs {
   int64_t k_dim;
   int64_t out_cols;  // I (gate_up) or H (down)
 };
-
-// Weights are read exactly once per chunk: keep them out of L1 (the activations live there), and
-// ask L2 for the whole 256-byte segment (a warp's next loads of the row are in it).
-__device__ __forceinline__ uint4 load_weights(const bf16* address) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(address));
-  return v;
-}
-
-// gate_up reads x (written before this grid started, shared by both column warps: through L1).
-// down reads the intermediate that the still-running gate_up grid writes, after waiting for it:
-// L2 only (.cg), so no L1 line from before the wait can be used.
-template <Phase kPhase>
-__device__ __forceinline__ uint4 load_activations(const bf16* address) {
-  uint4 v;
-  if constexpr (kPhase == Phase::kGateUp) {
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(address));
-  } else {
-    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(address));
-  }
-  return v;
-}
-
-// D (16 x 8, f32) += A (16 x 16, bf16, row) * B (16 x 8, bf16, col).
-__device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                            uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// One 32-wide K chunk: lane (group g, quad q) holds weight rows g (lo) and g + 8 (hi) and
-// activation row g, each at physical K 8q .. 8q + 7 of the chunk. The mma fragments want, at
-// step s, logical K {2q, 2q + 1, 2q + 8, 2q + 9}; mapping those to physical 8q + 4s + {0, 1, 2, 3}
-// is a bijection of the chunk's 32 K onto (s, logical K), the same for A and B, so the products
-// summed are exactly those of the plain order. 32-bit word w of a load holds physical 2w, 2w + 1.
-__device__ __forceinline__ void mma_chunk(float (&d)[4], const uint4& lo, const uint4& hi, const uint4& act) {
-  mma_16x8x16(d, lo.x, hi.x, lo.y, hi.y, act.x, act.y);  // s = 0: physical 8q + 0 .. 3
-  mma_16x8x16(d, lo.z, hi.z, lo.w, hi.w, act.z, act.w);  // s = 1: physical 8q + 4 .. 7
-}
 
 // grid (column tiles of 32 weight rows, chunk slots). kMinBlocks caps the registers so that many
 // warps (and so many bytes) are in flight on every SM.
@@ -212,8 +163,9 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
         uint4 act[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          act[u] =
-              k_valid[u] && row_valid ? load_activations<kPhase>(activation_row + (c0 + u) * kChunkK) : zero;
+          act[u] = k_valid[u] && row_valid
+                       ? load_activations<kPhase == Phase::kDown>(activation_row + (c0 + u) * kChunkK)
+                       : zero;
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) mma_chunk(acc[t], lo[u], hi[u], act[u]);

@@ -11,6 +11,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/route_in_warp.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::cuda_kernels {
@@ -28,22 +29,7 @@ constexpr int64_t kMaxRouteExperts = kMaxRouteExpertsPerLane * kWarpSize;  // 10
 // Lane j keeps the j-th selected weight until the renormalisation.
 constexpr int64_t kMaxRouteTopK = kWarpSize;
 
-struct Choice {
-  float probability;
-  int32_t expert;  // -1: none
-};
-
-// a comes before b in the selection order: probability descending, then expert id ascending.
-__device__ __forceinline__ bool before(const Choice& a, const Choice& b) {
-  if (a.expert < 0) return false;
-  if (b.expert < 0) return true;
-  return a.probability > b.probability || (a.probability == b.probability && a.expert < b.expert);
-}
-
-// One warp per token; lane l holds experts l, l + 32, ... (kExpertsPerLane of them) in registers.
-// The softmax is max-subtracted fp32 over the present experts with the reference's expression
-// exp(logit - max) / denominator; then top_k rounds each take the first remaining expert in the
-// selection order (warp reduction) and retire it.
+// One warp per token (route_in_warp.cuh).
 template <class T, int kExpertsPerLane>
 __global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int32_t* expert_ids,
                                    float* weights, int64_t tokens, int64_t num_experts, int64_t top_k,
@@ -54,59 +40,12 @@ __global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int3
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kRouteWarps + threadIdx.x / kWarpSize;
   if (token >= tokens) return;  // the whole warp
   const T* row = logits + token * num_experts;
-
-  float probability[kExpertsPerLane];
-  uint32_t remaining = 0;  // bit c: expert lane + 32 c is present and not chosen yet
-  float max_logit = -INFINITY;
-#pragma unroll
-  for (int c = 0; c < kExpertsPerLane; ++c) {
-    const int64_t expert = lane + c * kWarpSize;
-    probability[c] = 0.0f;
-    if (expert < num_experts && present[expert] != 0) {
-      probability[c] = access::to_float(row[expert]);
-      remaining |= 1u << c;
-      max_logit = fmaxf(max_logit, probability[c]);
-    }
+  const Choice mine = route_in_warp<kExpertsPerLane>([row](int64_t e) { return access::to_float(row[e]); },
+                                                     present, num_experts, top_k, normalize);
+  if (lane < top_k) {
+    expert_ids[token * top_k + lane] = mine.expert;
+    weights[token * top_k + lane] = mine.probability;
   }
-  max_logit = access::warp_max(max_logit);
-  float denominator = 0.0f;
-#pragma unroll
-  for (int c = 0; c < kExpertsPerLane; ++c) {
-    if (remaining & (1u << c)) {
-      probability[c] = expf(probability[c] - max_logit);
-      denominator += probability[c];
-    }
-  }
-  denominator = access::warp_sum(denominator);
-#pragma unroll
-  for (int c = 0; c < kExpertsPerLane; ++c) probability[c] = __fdiv_rn(probability[c], denominator);
-
-  float my_weight = 0.0f;  // lane j: the j-th chosen weight
-  float selected_sum = 0.0f;
-  for (int64_t j = 0; j < top_k; ++j) {
-    Choice best{-1.0f, -1};
-#pragma unroll
-    for (int c = 0; c < kExpertsPerLane; ++c) {  // ascending id: strict > keeps the lower id on a tie
-      if ((remaining & (1u << c)) && (best.expert < 0 || probability[c] > best.probability)) {
-        best = Choice{probability[c], static_cast<int32_t>(lane + c * kWarpSize)};
-      }
-    }
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const Choice other{__shfl_xor_sync(kFullWarpMask, best.probability, offset),
-                         __shfl_xor_sync(kFullWarpMask, best.expert, offset)};
-      if (before(other, best)) best = other;
-    }
-    // Every lane now holds the same winner (the order is total over distinct expert ids).
-    if (best.expert >= 0 && best.expert % kWarpSize == lane) remaining &= ~(1u << (best.expert / kWarpSize));
-    if (lane == j) {
-      my_weight = best.probability;
-      expert_ids[token * top_k + j] = best.expert;
-    }
-    selected_sum = __fadd_rn(selected_sum, best.probability);  // in selection order, as the reference
-  }
-  if (lane < top_k)
-    weights[token * top_k + lane] = normalize ? __fdiv_rn(my_weight, selected_sum) : my_weight;
 }
 
 template <class T, int kExpertsPerLane>

@@ -893,6 +893,31 @@ void add_group_by_expert_cases(std::vector<OpCase>& cases) {
   }
 }
 
+// One row through one expert's SwiGLU FFN in double: y[o] and the scale its error is measured
+// against, sum_i |down_oi| (|h_i| + |silu(g_i)| sum |x w_up| + |up_i| sum |x w_gate|), the magnitudes
+// whose fp32 roundings reach y. gate_up [2I, H] (gate rows first), down [H, I].
+void reference_expert_row(const float* x, const float* gate_up_weights, const float* down_weights,
+                          int64_t hidden, int64_t inter, double* y, double* y_scale) {
+  std::vector<double> gate_up(static_cast<size_t>(2 * inter)), magnitude(gate_up.size());
+  std::vector<double> h(static_cast<size_t>(inter)), h_scale(h.size());
+  reference_linear(x, gate_up_weights, 1, hidden, 2 * inter, gate_up.data(), magnitude.data());
+  for (int64_t i = 0; i < inter; ++i) {
+    const double silu = reference_silu(gate_up[i]);
+    h[i] = silu * gate_up[inter + i];
+    h_scale[i] = std::abs(h[i]) + std::abs(silu) * magnitude[inter + i] + std::abs(gate_up[inter + i]) * magnitude[i];
+  }
+  for (int64_t o = 0; o < hidden; ++o) {
+    const float* down_row = &down_weights[o * inter];
+    double sum = 0.0, scale = 0.0;
+    for (int64_t i = 0; i < inter; ++i) {
+      sum += h[i] * down_row[i];
+      scale += std::abs(down_row[i]) * h_scale[i];
+    }
+    y[o] = sum;
+    y_scale[o] = scale;
+  }
+}
+
 void add_expert_ffn_cases(std::vector<OpCase>& cases) {
   struct Shape {
     int64_t experts, hosted, hidden, inter, max_rows_per_expert;
@@ -956,29 +981,12 @@ void add_expert_ffn_cases(std::vector<OpCase>& cases) {
           Expected y;
           y.values.resize(static_cast<size_t>(rows * s.hidden));
           y.scale.resize(y.values.size());
-          std::vector<double> gate_up(static_cast<size_t>(2 * s.inter)), magnitude(gate_up.size());
-          std::vector<double> h(static_cast<size_t>(s.inter)), h_scale(h.size());
           for (int64_t e = 0; e < s.experts; ++e) {
             for (int64_t r = t[1].ints[e]; r < t[1].ints[e + 1]; ++r) {
               const int64_t slot = t[4].ints[e];
-              reference_linear(&t[0].values[r * s.hidden], &t[2].values[slot * 2 * s.inter * s.hidden], 1,
-                               s.hidden, 2 * s.inter, gate_up.data(), magnitude.data());
-              for (int64_t i = 0; i < s.inter; ++i) {
-                const double silu = reference_silu(gate_up[i]);
-                h[i] = silu * gate_up[s.inter + i];
-                h_scale[i] = std::abs(h[i]) + std::abs(silu) * magnitude[s.inter + i] +
-                             std::abs(gate_up[s.inter + i]) * magnitude[i];
-              }
-              for (int64_t o = 0; o < s.hidden; ++o) {
-                const float* down_row = &t[3].values[(slot * s.hidden + o) * s.inter];
-                double sum = 0.0, scale = 0.0;
-                for (int64_t i = 0; i < s.inter; ++i) {
-                  sum += h[i] * down_row[i];
-                  scale += std::abs(down_row[i]) * h_scale[i];
-                }
-                y.values[r * s.hidden + o] = sum;
-                y.scale[r * s.hidden + o] = scale;
-              }
+              reference_expert_row(&t[0].values[r * s.hidden], &t[2].values[slot * 2 * s.inter * s.hidden],
+                                   &t[3].values[slot * s.hidden * s.inter], s.hidden, s.inter,
+                                   &y.values[r * s.hidden], &y.scale[r * s.hidden]);
             }
           }
           return std::vector<Expected>{y};
@@ -1035,6 +1043,140 @@ void add_combine_cases(std::vector<OpCase>& cases) {
   }
 }
 
+// Backend::routed_moe: the whole block against a double reference (CPU) and against the CPU
+// backend's ops one by one (CUDA: the fused kernels for one bf16 token with H and I multiples of 8,
+// the ops one by one otherwise: 3 tokens, H 36, and every f32 run).
+void add_routed_moe_cases(std::vector<OpCase>& cases) {
+  struct Shape {
+    int64_t tokens, experts, top_k, hidden, inter;
+    bool normalize, every_third_absent;
+    const char* what;
+  };
+  const std::vector<Shape> shapes = {
+      {1, 128, 8, 256, 96, true, false, "qwen3_decode"},
+      {1, 60, 4, 64, 40, false, true, "third_absent"},
+      {1, 200, 16, 128, 48, true, false, "k16_wide_router"},
+      {3, 60, 4, 64, 40, false, true, "three_tokens"},
+      {1, 8, 2, 36, 24, true, false, "hidden36"},
+  };
+  for (const bool f32_out : {false, true}) {
+    for (const Shape s : shapes) {
+      const int64_t slots = s.tokens * s.top_k;
+      cases.push_back(OpCase{
+          std::string(f32_out ? "routed_moe_f32_out_" : "routed_moe_") + s.what + "_" +
+              dims_name({s.tokens, s.experts, s.top_k, s.hidden, s.inter}, {"tokens", "experts", "k", "hidden", "inter"}),
+          true,
+          // expert_ffn's and combine_top_k's together (bf16: the intermediate, each slot's row and the
+          // sum rounded); the routing weights as route_top_k's. An f32 out with bf16 activations
+          // carries the bf16 roundings of the rows it sums, so there the weights share its bound.
+          {1e-5, 2e-5, 2e-2, f32_out ? 2e-2 : 3e-6},
+          [s, slots, f32_out](std::mt19937_64& g) {
+            std::vector<uint8_t> present(static_cast<size_t>(s.experts), 1);
+            if (s.every_third_absent)
+              for (int64_t e = 0; e < s.experts; e += 3) present[e] = 0;
+            // Hosted: every present expert, in shuffled order in the weight stack.
+            std::vector<int32_t> hosted;
+            for (int64_t e = 0; e < s.experts; ++e)
+              if (present[e]) hosted.push_back(static_cast<int32_t>(e));
+            std::shuffle(hosted.begin(), hosted.end(), g);
+            std::vector<int32_t> local_index(static_cast<size_t>(s.experts), -1);
+            for (size_t slot = 0; slot < hosted.size(); ++slot) local_index[hosted[slot]] = static_cast<int32_t>(slot);
+            const auto num_hosted = static_cast<int64_t>(hosted.size());
+            // Router inputs and weights drawn until, with f32 and with bf16 router weights alike,
+            // every token's k + 1 largest present logits are 1e-3 apart: far above fp32 rounding, so
+            // the choice and order are the same on every backend (ties are route_top_k's cases).
+            std::vector<float> router_input, router;
+            const auto separated = [&](const std::vector<float>& w) {
+              std::vector<double> logits(static_cast<size_t>(s.experts)), magnitude(logits.size());
+              for (int64_t t = 0; t < s.tokens; ++t) {
+                reference_linear(&router_input[t * s.hidden], w.data(), 1, s.hidden, s.experts, logits.data(),
+                                 magnitude.data());
+                std::vector<double> sorted;
+                for (int64_t e = 0; e < s.experts; ++e)
+                  if (present[e]) sorted.push_back(logits[e]);
+                std::sort(sorted.rbegin(), sorted.rend());
+                for (int64_t j = 0; j < s.top_k && j + 1 < static_cast<int64_t>(sorted.size()); ++j)
+                  if (sorted[j] - sorted[j + 1] < 1e-3) return false;
+              }
+              return true;
+            };
+            for (int attempt = 0;; ++attempt) {
+              if (attempt == 1000) throw std::runtime_error("routed_moe case: no separated router draw");
+              router_input = random_values(g, s.tokens * s.hidden);
+              router = random_values(g, s.experts * s.hidden, 4.0f / std::sqrt(static_cast<float>(s.hidden)));
+              std::vector<float> rounded = router;
+              round_to_bf16(rounded);
+              if (separated(router) && separated(rounded)) break;
+            }
+            HostTensor present_tensor = blank("present", Role::kU8, {s.experts});
+            present_tensor.bytes = present;
+            const float gate_up_scale = 1.0f / std::sqrt(static_cast<float>(s.hidden));
+            const float down_scale = 1.0f / std::sqrt(static_cast<float>(s.inter));
+            const auto scratch = [](const char* name, Role role, std::vector<int64_t> shape) {
+              return floats(name, role, shape, nan_filled(numel(shape)));
+            };
+            const auto int_scratch = [](const char* name, int64_t n) {
+              return i32_in(name, {n}, std::vector<int32_t>(static_cast<size_t>(n), -12345));
+            };
+            return HostTensors{
+                floats("router_input", Role::kF32, {s.tokens, s.hidden}, router_input),
+                act_in("x", {s.tokens, s.hidden}, random_values(g, s.tokens * s.hidden, 2.0f)),
+                weight_in("router", {s.experts, s.hidden}, router),
+                present_tensor,
+                weight_in("gate_up", {num_hosted, 2 * s.inter, s.hidden},
+                          random_values(g, num_hosted * 2 * s.inter * s.hidden, gate_up_scale)),
+                weight_in("down", {num_hosted, s.hidden, s.inter},
+                          random_values(g, num_hosted * s.hidden * s.inter, down_scale)),
+                i32_in("local_index", {s.experts}, local_index),
+                scratch("logits", Role::kF32, {s.tokens, s.experts}),
+                i32_out("expert_ids", {s.tokens, s.top_k}),
+                floats("weights", Role::kF32, {s.tokens, s.top_k}, nan_filled(slots), true),
+                int_scratch("expert_offsets", s.experts + 1),
+                int_scratch("source_row", slots),
+                int_scratch("sorted_position", slots),
+                scratch("sorted_rows", Role::kActivation, {slots, s.hidden}),
+                scratch("intermediate", Role::kActivation, {slots, s.inter}),
+                scratch("expert_out", Role::kActivation, {slots, s.hidden}),
+                f32_out ? floats("out", Role::kF32, {s.tokens, s.hidden}, nan_filled(s.tokens * s.hidden), true)
+                        : act_out("out", {s.tokens, s.hidden})};
+          },
+          [s](Backend& b, const Tensors& t) {
+            b.routed_moe(t[0], t[1], RoutedMoeWeights{t[2], t[3], t[4], t[5], t[6], s.normalize},
+                         RoutedMoeScratch{t[7], t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]}, t[16]);
+          },
+          [s, slots](const HostTensors& t) {
+            std::vector<double> logits(static_cast<size_t>(s.tokens * s.experts)), magnitude(logits.size());
+            reference_linear(t[0].values.data(), t[2].values.data(), s.tokens, s.hidden, s.experts, logits.data(),
+                             magnitude.data());
+            const std::vector<float> logits_f32(logits.begin(), logits.end());
+            std::vector<Expected> out(3);
+            out[0].ints.resize(static_cast<size_t>(slots));
+            out[1].values.resize(out[0].ints.size());
+            reference_route_top_k(logits_f32.data(), t[3].bytes.data(), s.tokens, s.experts, s.top_k, s.normalize,
+                                  out[0].ints.data(), out[1].values.data());
+            out[1].scale = absolute(out[1].values);
+            out[2].values.assign(static_cast<size_t>(s.tokens * s.hidden), 0.0);
+            out[2].scale.assign(out[2].values.size(), 0.0);
+            std::vector<double> y(static_cast<size_t>(s.hidden)), y_scale(y.size());
+            for (int64_t token = 0; token < s.tokens; ++token) {
+              for (int64_t j = 0; j < s.top_k; ++j) {
+                const int64_t local = t[6].ints[out[0].ints[token * s.top_k + j]];
+                reference_expert_row(&t[1].values[token * s.hidden], &t[4].values[local * 2 * s.inter * s.hidden],
+                                     &t[5].values[local * s.hidden * s.inter], s.hidden, s.inter, y.data(),
+                                     y_scale.data());
+                const double weight = out[1].values[token * s.top_k + j];
+                for (int64_t o = 0; o < s.hidden; ++o) {
+                  out[2].values[token * s.hidden + o] += weight * y[o];
+                  out[2].scale[token * s.hidden + o] += std::abs(weight) * (y_scale[o] + std::abs(y[o]));
+                }
+              }
+            }
+            return out;
+          }});
+    }
+  }
+}
+
 const std::vector<OpCase>& op_cases() {
   static const std::vector<OpCase> cases = [] {
     std::vector<OpCase> all;
@@ -1050,6 +1192,7 @@ const std::vector<OpCase>& op_cases() {
     add_group_by_expert_cases(all);
     add_expert_ffn_cases(all);
     add_combine_cases(all);
+    add_routed_moe_cases(all);
     return all;
   }();
   return cases;
@@ -1198,6 +1341,21 @@ class Arena {
   Backend& backend_;
   std::vector<OwnedTensor> owned_;
 };
+
+// routed_moe with E 8, top_k 2, H 16, I 8 and f32 tensors, `tokens` router rows (and routing
+// scratch), x_tokens x rows, logits [tokens, logit_columns] and out [tokens, out_columns].
+void call_routed_moe(Backend& b, Arena& a, int64_t tokens, int64_t x_tokens, int64_t logit_columns,
+                     int64_t out_columns) {
+  constexpr ScalarType F32 = ScalarType::kF32, I32 = ScalarType::kI32;
+  const int64_t slots = tokens * 2;
+  b.routed_moe(a(F32, {tokens, 16}), a(F32, {x_tokens, 16}),
+               RoutedMoeWeights{a(F32, {8, 16}), a(ScalarType::kU8, {8}), a(F32, {8, 16, 16}), a(F32, {8, 16, 8}),
+                                a(I32, {8}), true},
+               RoutedMoeScratch{a(F32, {tokens, logit_columns}), a(I32, {tokens, 2}), a(F32, {tokens, 2}),
+                                a(I32, {9}), a(I32, {slots}), a(I32, {slots}), a(F32, {slots, 16}),
+                                a(F32, {slots, 8}), a(F32, {slots, 16})},
+               a(F32, {tokens, out_columns}));
+}
 
 struct InvalidCall {
   const char* name;
@@ -1387,6 +1545,12 @@ std::vector<InvalidCall> invalid_calls() {
        [](Backend& b, Arena& a) {
          b.combine_top_k(a(F32, {5, 16}), a(I32, {6}), a(F32, {3, 2}), a(F32, {3, 16}));
        }},
+      {"routed_moe logits", "routed_moe", "the router step: linear:",
+       [](Backend& b, Arena& a) { call_routed_moe(b, a, 1, 1, 7, 16); }},
+      {"routed_moe out", "routed_moe", "the combine step: combine_top_k:",
+       [](Backend& b, Arena& a) { call_routed_moe(b, a, 1, 1, 8, 12); }},
+      {"routed_moe token counts", "routed_moe", "the token counts differ",
+       [](Backend& b, Arena& a) { call_routed_moe(b, a, 2, 1, 8, 16); }},
       {"copy_from_host past the end", "copy_from_host", "are outside f32[4]",
        [](Backend& b, Arena& a) {
          const float host[8] = {};
