@@ -19,6 +19,11 @@ namespace epic {
 
 struct CommOptions {
   double timeout_seconds = 300.0;
+  // The most bytes one MPI call carries (MPI counts are int): MpiCommunicator sends a larger payload as
+  // several messages of at most this size, in order, so payloads of any size go through. The same on
+  // every rank (checked when the communicator is made), 1 to 2^31 - 1. Tests lower it so small payloads
+  // take the same path; EPIC_TEST_MPI_MESSAGE_BYTES overrides it (test use only).
+  int64_t max_message_bytes = int64_t{1} << 30;
 };
 
 class Communicator {

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <climits>
 #include <cmath>
@@ -32,7 +33,15 @@ bool g_epic_initialized_mpi = false;
 int g_communicators_created = 0;    // numbers them: the same order, so the same index, on every rank
 bool g_peer_monitor_tried = false;  // the first communicator sets the monitor up, whether or not it works
 
+// MPI counts are int: the most bytes one MPI call can carry, and the most requests one MPI_Testall waits for.
 constexpr int64_t kMaxMpiCount = INT_MAX;
+// all_to_all_v's messages carry the operation's number as their tag (modulo the smallest MPI_TAG_UB the
+// standard allows): a rank that enters another operation than its peers waits and times out naming it,
+// instead of taking a message meant for another operation.
+constexpr int64_t kTagCycle = 32768;
+// Test use only: overrides CommOptions::max_message_bytes, so that a whole `epic run` under mpirun can be
+// made to cut its payloads into small pieces.
+constexpr const char* kMessageBytesVariable = "EPIC_TEST_MPI_MESSAGE_BYTES";
 // Poll in a tight loop this long (most collectives finish well within it), then sleep between polls so
 // ranks waiting on a slow peer leave the core to it: tests oversubscribe 5 ranks on 2 cores.
 constexpr auto kSpinDuration = std::chrono::milliseconds(1);
@@ -74,11 +83,67 @@ void check_per_rank(const std::vector<int64_t>& values, int num_ranks, int rank,
   }
 }
 
-[[noreturn]] void throw_count_too_large(int rank, const std::string& what, int64_t bytes) {
-  throw Error(ErrorCode::kCommunication, rank_prefix(rank) + what + " " + std::to_string(bytes) +
-                                             " bytes, more than MPI's int count limit (" +
-                                             std::to_string(kMaxMpiCount) +
-                                             " bytes); send fewer tokens per step");
+// Pieces of at most piece_bytes that cover `bytes`.
+int64_t piece_count(int64_t bytes, int64_t piece_bytes) {
+  return bytes / piece_bytes + (bytes % piece_bytes != 0 ? 1 : 0);
+}
+
+// A collective runs even for an empty payload (every rank joins it, as with any other size); an exchange
+// of point-to-point messages sends nothing for an empty block.
+enum class EmptyPayload { kNoPiece, kOneEmptyPiece };
+
+// Calls piece(offset, length) for the consecutive pieces of at most piece_bytes that cover [0, bytes), in
+// order. Every MPI call of the communicator carries one piece, so no count passes MPI's int.
+template <typename Piece>
+void for_each_piece(int64_t bytes, int64_t piece_bytes, EmptyPayload empty, Piece&& piece) {
+  if (bytes == 0 && empty == EmptyPayload::kOneEmptyPiece) piece(int64_t{0}, 0);
+  for (int64_t offset = 0; offset < bytes; offset += piece_bytes)
+    piece(offset, static_cast<int>(std::min(piece_bytes, bytes - offset)));
+}
+
+// The only limit left on a payload: MPI_Testall takes an int count of requests.
+void check_message_count(int rank, const char* operation, int64_t messages, int64_t max_message_bytes) {
+  if (messages <= kMaxMpiCount) return;
+  throw Error(ErrorCode::kInvalidArgument,
+              rank_prefix(rank) + operation + " would need " + std::to_string(messages) +
+                  " MPI messages of at most " + std::to_string(max_message_bytes) +
+                  " bytes (CommOptions::max_message_bytes), more than one MPI_Testall can wait for (" +
+                  std::to_string(kMaxMpiCount) + "); raise max_message_bytes");
+}
+
+// CommOptions::max_message_bytes, or the test override, checked.
+int64_t checked_max_message_bytes(const CommOptions& options) {
+  int64_t bytes = options.max_message_bytes;
+  std::string source = "CommOptions::max_message_bytes";
+  const char* value = std::getenv(kMessageBytesVariable);
+  if (value != nullptr && *value != '\0') {
+    source = std::string(kMessageBytesVariable) + "=\"" + value + "\" (a test-only variable)";
+    const char* end = value + std::strlen(value);
+    const auto [parsed_to, error] = std::from_chars(value, end, bytes);
+    if (error != std::errc() || parsed_to != end) {
+      throw Error(ErrorCode::kInvalidArgument, source + " is not a decimal number of bytes");
+    }
+  }
+  if (bytes < 1 || bytes > kMaxMpiCount) {
+    throw Error(ErrorCode::kInvalidArgument, source + " must be 1 to " + std::to_string(kMaxMpiCount) +
+                                                 " bytes (MPI counts are int), got " + std::to_string(bytes));
+  }
+  return bytes;
+}
+
+// MPI_Testall failed: names the request's own error (MPI_ERR_TRUNCATE, ...) rather than MPI_ERR_IN_STATUS.
+[[noreturn]] void throw_testall_failure(int status, const std::vector<MPI_Status>& statuses) {
+  if (status == MPI_ERR_IN_STATUS) {
+    for (size_t index = 0; index < statuses.size(); ++index) {
+      const int request_status = statuses[index].MPI_ERROR;
+      if (request_status == MPI_SUCCESS || request_status == MPI_ERR_PENDING) continue;
+      const std::string statement = "MPI_Testall (request " + std::to_string(index + 1) + " of " +
+                                    std::to_string(statuses.size()) + ")";
+      throw Error(ErrorCode::kCommunication,
+                  mpi_failure_message(request_status, statement.c_str(), __FILE__, __LINE__));
+    }
+  }
+  throw Error(ErrorCode::kCommunication, mpi_failure_message(status, "MPI_Testall", __FILE__, __LINE__));
 }
 
 void check_timeout(double timeout_seconds) {
@@ -93,6 +158,7 @@ void check_timeout(double timeout_seconds) {
 
 MpiCommunicator::MpiCommunicator(const CommOptions& options) : options_(options) {
   check_timeout(options_.timeout_seconds);
+  options_.max_message_bytes = checked_max_message_bytes(options_);
   std::lock_guard<std::mutex> lock(g_mpi_lifetime_mutex);
   int finalized = 0;
   EPIC_MPI_CHECK(MPI_Finalized(&finalized));
@@ -124,6 +190,7 @@ MpiCommunicator::MpiCommunicator(const CommOptions& options) : options_(options)
     EPIC_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     EPIC_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     EPIC_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    check_max_message_bytes_agree();
     if (!g_peer_monitor_tried) {
       g_peer_monitor_tried = true;
       set_up_peer_monitor();
@@ -138,11 +205,30 @@ MpiCommunicator::MpiCommunicator(const CommOptions& options) : options_(options)
 
 void MpiCommunicator::wait_for_startup(MPI_Request* request, const std::string& what) {
   const double bound = std::max(options_.timeout_seconds, kStartupAndShutdownFloorSeconds);
-  if (test_until_deadline(request, bound) != WaitResult::kDone) {
+  std::vector<MPI_Request> requests = {*request};
+  const WaitResult result = test_until_deadline(&requests, bound);
+  *request = requests[0];
+  if (result != WaitResult::kDone) {
     throw Error(ErrorCode::kTimeout, rank_prefix(rank_) + what + " did not complete within " +
                                          format_seconds(bound) +
                                          " s: a peer rank did not start or is stuck (every rank must "
                                          "create its communicators in the same order)");
+  }
+}
+
+void MpiCommunicator::check_max_message_bytes_agree() {
+  const int64_t mine = options_.max_message_bytes;
+  std::vector<int64_t> all(static_cast<size_t>(size_));
+  MPI_Request request = MPI_REQUEST_NULL;
+  EPIC_MPI_CHECK(MPI_Iallgather(&mine, 1, MPI_INT64_T, all.data(), 1, MPI_INT64_T, comm_, &request));
+  wait_for_startup(&request, "exchanging max_message_bytes");
+  for (int peer = 0; peer < size_; ++peer) {
+    if (all[peer] == all[0]) continue;
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        rank_prefix(rank_) + "ranks split payloads at different sizes: rank 0 has max_message_bytes " +
+            std::to_string(all[0]) + ", rank " + std::to_string(peer) + " has " + std::to_string(all[peer]) +
+            "; every rank must use the same (CommOptions::max_message_bytes, " + kMessageBytesVariable + ")");
   }
 }
 
@@ -197,7 +283,9 @@ MpiCommunicator::~MpiCommunicator() {
     // One look, no wait: the timeout that left it pending was reported already, and waiting a second
     // timeout here would only delay the end of a broken job.
     int done = 0;
-    if (MPI_Test(&pending_->request, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS || done) pending_.reset();
+    const int status = MPI_Testall(static_cast<int>(pending_->requests.size()), pending_->requests.data(),
+                                   &done, MPI_STATUSES_IGNORE);
+    if (status == MPI_SUCCESS && done) pending_.reset();
   }
   std::lock_guard<std::mutex> lock(g_mpi_lifetime_mutex);
   --g_live_mpi_communicators;
@@ -266,18 +354,20 @@ std::string MpiCommunicator::fault_message(WaitResult result, const Operation& o
          "the timeout (CommOptions::timeout_seconds; epic run --comm-timeout)";
 }
 
-MpiCommunicator::WaitResult MpiCommunicator::test_until_deadline(MPI_Request* request,
+MpiCommunicator::WaitResult MpiCommunicator::test_until_deadline(std::vector<MPI_Request>* requests,
                                                                  double timeout_seconds) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
                                     std::chrono::duration<double>(std::min(timeout_seconds, 1.0e7)));
   const auto spin_until = start + kSpinDuration;
+  const int count = static_cast<int>(requests->size());  // at most kMaxMpiCount: check_message_count
+  std::vector<MPI_Status> statuses(requests->size());
   while (true) {
     int done = 0;
-    // MPI_Test also drives OpenMPI's progress engine: a non-blocking collective advances only inside MPI
-    // calls.
-    EPIC_MPI_CHECK(MPI_Test(request, &done, MPI_STATUS_IGNORE));
+    // MPI_Testall also drives OpenMPI's progress engine: a non-blocking call advances only inside MPI calls.
+    const int status = MPI_Testall(count, requests->data(), &done, statuses.data());
+    if (status != MPI_SUCCESS) throw_testall_failure(status, statuses);
     if (done) return WaitResult::kDone;
     // A dead peer never answers: stop at once rather than at the deadline (the launcher is about to end
     // the job, and the report must come first).
@@ -292,9 +382,10 @@ void MpiCommunicator::finish_pending(const char* operation) {
   if (!pending_) return;
   WaitResult result = WaitResult::kDone;
   try {
-    result = test_until_deadline(&pending_->request, options_.timeout_seconds);
+    result = test_until_deadline(&pending_->requests, options_.timeout_seconds);
   } catch (...) {
-    pending_.reset();  // a request that failed is complete (and freed) in MPI's eyes
+    abandon(std::move(*pending_));  // the failed request is freed, but others may still be active
+    pending_.reset();
     throw;
   }
   if (result == WaitResult::kPeerDied)
@@ -319,18 +410,36 @@ MpiCommunicator::Operation& MpiCommunicator::begin(CollectiveKind kind) {
   current_.name = std::string(collective_kind_name(kind)) + " #" + std::to_string(sequence_) +
                   (activity_.empty() ? "" : " (" + activity_ + ")");
   current_.sequence = sequence_;
-  current_.request = MPI_REQUEST_NULL;
+  current_.requests.clear();
   current_.bytes_sent = 0;
   current_.bytes_received = 0;
   return current_;
 }
 
+void MpiCommunicator::abandon(Operation&& operation) {
+  // Moving keeps the buffers where MPI knows them; never freed on purpose.
+  (void)new Operation(std::move(operation));
+}
+
+template <typename Post>
+void MpiCommunicator::post_current(Post&& post) {
+  try {
+    post();
+  } catch (...) {
+    abandon(std::move(current_));
+    current_ = Operation{};
+    if (monitor_ != nullptr) monitor_->set_state(RankState::kGaveUp);
+    throw;
+  }
+}
+
 void MpiCommunicator::wait_for_current() {
   WaitResult result = WaitResult::kDone;
   try {
-    result = test_until_deadline(&current_.request, options_.timeout_seconds);
+    result = test_until_deadline(&current_.requests, options_.timeout_seconds);
   } catch (...) {
-    current_.request = MPI_REQUEST_NULL;
+    abandon(std::move(current_));  // the failed request is freed, but others may still be active
+    current_ = Operation{};
     if (monitor_ != nullptr) monitor_->set_state(RankState::kGaveUp);
     throw;
   }
@@ -363,59 +472,60 @@ void MpiCommunicator::all_to_all_v(const void* send, const std::vector<int64_t>&
   }
   // Send staging: one copy of the span of the send buffer that covers every block for another rank
   // (blocks may share bytes, as in all_gather_v). Receive staging: the blocks packed in rank order.
+  const int64_t piece_bytes = options_.max_message_bytes;
   int64_t send_begin = INT64_MAX;
   int64_t send_end = 0;
   int64_t recv_total = 0;
+  int64_t messages = 0;
   for (int peer = 0; peer < size_; ++peer) {
     if (peer == rank_) continue;
-    if (send_bytes[peer] > kMaxMpiCount) {
-      throw_count_too_large(rank_, "all_to_all_v would send rank " + std::to_string(peer), send_bytes[peer]);
-    }
-    if (recv_bytes[peer] > kMaxMpiCount) {
-      throw_count_too_large(rank_, "all_to_all_v would receive from rank " + std::to_string(peer),
-                            recv_bytes[peer]);
-    }
     if (send_bytes[peer] > 0) {
       send_begin = std::min(send_begin, send_offsets[peer]);
       send_end = std::max(send_end, send_offsets[peer] + send_bytes[peer]);
     }
     recv_total += recv_bytes[peer];
+    messages += piece_count(send_bytes[peer], piece_bytes) + piece_count(recv_bytes[peer], piece_bytes);
   }
   if (send_begin == INT64_MAX) send_begin = send_end = 0;
-  if (send_end - send_begin > kMaxMpiCount) {
-    throw_count_too_large(rank_, "all_to_all_v: the blocks for other ranks span", send_end - send_begin);
-  }
-  if (recv_total > kMaxMpiCount) {
-    throw_count_too_large(rank_, "all_to_all_v: the blocks from other ranks add up to", recv_total);
-  }
+  check_message_count(rank_, "all_to_all_v", messages, piece_bytes);
 
   Operation& operation = begin(CollectiveKind::kAllToAllV);
   grow(&operation.send_staging, send_end - send_begin);
   grow(&operation.recv_staging, recv_total);
-  operation.send_counts.assign(size_, 0);
-  operation.send_displacements.assign(size_, 0);
-  operation.recv_counts.assign(size_, 0);
-  operation.recv_displacements.assign(size_, 0);
   if (send_end > send_begin) {
     std::memcpy(operation.send_staging.data(), static_cast<const std::byte*>(send) + send_begin,
                 static_cast<size_t>(send_end - send_begin));
   }
-  int64_t recv_position = 0;
-  for (int peer = 0; peer < size_; ++peer) {
-    if (peer == rank_) continue;  // the own block is copied directly below, MPI moves nothing for it
-    operation.send_counts[peer] = static_cast<int>(send_bytes[peer]);
-    operation.send_displacements[peer] =
-        send_bytes[peer] > 0 ? static_cast<int>(send_offsets[peer] - send_begin) : 0;
-    operation.recv_counts[peer] = static_cast<int>(recv_bytes[peer]);
-    operation.recv_displacements[peer] = static_cast<int>(recv_position);
-    recv_position += recv_bytes[peer];
-    operation.bytes_sent += static_cast<uint64_t>(send_bytes[peer]);
-    operation.bytes_received += static_cast<uint64_t>(recv_bytes[peer]);
-  }
-  EPIC_MPI_CHECK(MPI_Ialltoallv(operation.send_staging.data(), operation.send_counts.data(),
-                                operation.send_displacements.data(), MPI_BYTE, operation.recv_staging.data(),
-                                operation.recv_counts.data(), operation.recv_displacements.data(), MPI_BYTE,
-                                comm_, &operation.request));
+  operation.recv_positions.assign(size_, 0);
+  operation.requests.reserve(static_cast<size_t>(messages));
+  // Point-to-point, not MPI_Ialltoallv: its int counts and displacements cap a block at 2 GiB, and pieces
+  // of several rounds of it would need every rank to know the largest block of any pair. Each pair knows
+  // its own block's size, and MPI keeps the pieces of one pair in order (same source, tag, communicator).
+  const int tag = static_cast<int>(operation.sequence % kTagCycle);
+  post_current([&] {
+    // Receives first, so that pieces land in place instead of in MPI's queue of unexpected messages.
+    int64_t recv_position = 0;
+    for (int peer = 0; peer < size_; ++peer) {
+      if (peer == rank_) continue;  // the own block is copied directly below, MPI moves nothing for it
+      operation.recv_positions[peer] = recv_position;
+      std::byte* block = operation.recv_staging.data() + recv_position;
+      for_each_piece(recv_bytes[peer], piece_bytes, EmptyPayload::kNoPiece, [&](int64_t offset, int length) {
+        MPI_Request& request = operation.requests.emplace_back(MPI_REQUEST_NULL);
+        EPIC_MPI_CHECK(MPI_Irecv(block + offset, length, MPI_BYTE, peer, tag, comm_, &request));
+      });
+      recv_position += recv_bytes[peer];
+      operation.bytes_received += static_cast<uint64_t>(recv_bytes[peer]);
+    }
+    for (int peer = 0; peer < size_; ++peer) {
+      if (peer == rank_ || send_bytes[peer] == 0) continue;
+      const std::byte* block = operation.send_staging.data() + (send_offsets[peer] - send_begin);
+      for_each_piece(send_bytes[peer], piece_bytes, EmptyPayload::kNoPiece, [&](int64_t offset, int length) {
+        MPI_Request& request = operation.requests.emplace_back(MPI_REQUEST_NULL);
+        EPIC_MPI_CHECK(MPI_Isend(block + offset, length, MPI_BYTE, peer, tag, comm_, &request));
+      });
+      operation.bytes_sent += static_cast<uint64_t>(send_bytes[peer]);
+    }
+  });
   if (send_bytes[rank_] > 0) {
     std::memmove(static_cast<std::byte*>(recv) + recv_offsets[rank_],
                  static_cast<const std::byte*>(send) + send_offsets[rank_],
@@ -425,7 +535,7 @@ void MpiCommunicator::all_to_all_v(const void* send, const std::vector<int64_t>&
   for (int peer = 0; peer < size_; ++peer) {
     if (peer == rank_ || recv_bytes[peer] == 0) continue;
     std::memcpy(static_cast<std::byte*>(recv) + recv_offsets[peer],
-                current_.recv_staging.data() + current_.recv_displacements[peer],
+                current_.recv_staging.data() + current_.recv_positions[peer],
                 static_cast<size_t>(recv_bytes[peer]));
   }
 }
@@ -435,18 +545,42 @@ void MpiCommunicator::all_gather(const void* send, int64_t bytes, void* recv) {
     throw Error(ErrorCode::kInvalidArgument,
                 rank_prefix(rank_) + "all_gather: bytes = " + std::to_string(bytes) + " is negative");
   }
-  if (bytes > kMaxMpiCount) throw_count_too_large(rank_, "all_gather would send every rank", bytes);
+  if (bytes > INT64_MAX / size_) {
+    throw Error(ErrorCode::kInvalidArgument, rank_prefix(rank_) + "all_gather: " + std::to_string(bytes) +
+                                                 " bytes from each of " + std::to_string(size_) +
+                                                 " ranks add up to more than 2^63 bytes");
+  }
+  const int64_t piece_bytes = options_.max_message_bytes;
+  check_message_count(rank_, "all_gather", piece_count(bytes, piece_bytes), piece_bytes);
   Operation& operation = begin(CollectiveKind::kAllGather);
   const int64_t total = bytes * size_;
   grow(&operation.recv_staging, total);
-  // In place: our block goes straight into its slot, so only one staging buffer is needed.
-  if (bytes > 0) std::memcpy(operation.recv_staging.data() + rank_ * bytes, send, static_cast<size_t>(bytes));
   operation.bytes_sent = static_cast<uint64_t>(bytes) * static_cast<uint64_t>(size_ - 1);
   operation.bytes_received = operation.bytes_sent;
-  EPIC_MPI_CHECK(MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, operation.recv_staging.data(),
-                                static_cast<int>(bytes), MPI_BYTE, comm_, &operation.request));
+  // One MPI_Iallgather per piece; every rank knows `bytes`, so all issue the same pieces in the same
+  // order. Piece [offset, offset + length) of every rank lies at staging + offset * size, rank r's at
+  // + r * length (an all-gather puts the blocks side by side); in place, so one staging buffer suffices.
+  std::byte* staging = operation.recv_staging.data();
+  post_current([&] {
+    for_each_piece(bytes, piece_bytes, EmptyPayload::kOneEmptyPiece, [&](int64_t offset, int length) {
+      std::byte* piece = staging + offset * size_;
+      if (length > 0) {
+        std::memcpy(piece + static_cast<int64_t>(rank_) * length,
+                    static_cast<const std::byte*>(send) + offset, static_cast<size_t>(length));
+      }
+      MPI_Request& request = operation.requests.emplace_back(MPI_REQUEST_NULL);
+      EPIC_MPI_CHECK(
+          MPI_Iallgather(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, piece, length, MPI_BYTE, comm_, &request));
+    });
+  });
   wait_for_current();
-  if (total > 0) std::memcpy(recv, current_.recv_staging.data(), static_cast<size_t>(total));
+  for_each_piece(bytes, piece_bytes, EmptyPayload::kNoPiece, [&](int64_t offset, int length) {
+    const std::byte* piece = current_.recv_staging.data() + offset * size_;
+    for (int source = 0; source < size_; ++source) {
+      std::memcpy(static_cast<std::byte*>(recv) + source * bytes + offset,
+                  piece + static_cast<int64_t>(source) * length, static_cast<size_t>(length));
+    }
+  });
 }
 
 void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
@@ -459,7 +593,8 @@ void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
     throw Error(ErrorCode::kInvalidArgument,
                 rank_prefix(rank_) + "broadcast: bytes = " + std::to_string(bytes) + " is negative");
   }
-  if (bytes > kMaxMpiCount) throw_count_too_large(rank_, "broadcast would move", bytes);
+  const int64_t piece_bytes = options_.max_message_bytes;
+  check_message_count(rank_, "broadcast", piece_count(bytes, piece_bytes), piece_bytes);
   Operation& operation = begin(CollectiveKind::kBroadcast);
   grow(&operation.send_staging, bytes);
   if (rank_ == root) {
@@ -468,15 +603,24 @@ void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
   } else {
     operation.bytes_received = static_cast<uint64_t>(bytes);
   }
-  EPIC_MPI_CHECK(MPI_Ibcast(operation.send_staging.data(), static_cast<int>(bytes), MPI_BYTE, root, comm_,
-                            &operation.request));
+  // One MPI_Ibcast per piece; every rank knows `bytes`, so all issue the same pieces in the same order.
+  std::byte* staging = operation.send_staging.data();
+  post_current([&] {
+    for_each_piece(bytes, piece_bytes, EmptyPayload::kOneEmptyPiece, [&](int64_t offset, int length) {
+      MPI_Request& request = operation.requests.emplace_back(MPI_REQUEST_NULL);
+      EPIC_MPI_CHECK(MPI_Ibcast(staging + offset, length, MPI_BYTE, root, comm_, &request));
+    });
+  });
   wait_for_current();
   if (rank_ != root && bytes > 0) std::memcpy(data, current_.send_staging.data(), static_cast<size_t>(bytes));
 }
 
 void MpiCommunicator::barrier() {
   Operation& operation = begin(CollectiveKind::kBarrier);
-  EPIC_MPI_CHECK(MPI_Ibarrier(comm_, &operation.request));
+  post_current([&] {
+    MPI_Request& request = operation.requests.emplace_back(MPI_REQUEST_NULL);
+    EPIC_MPI_CHECK(MPI_Ibarrier(comm_, &request));
+  });
   wait_for_current();
 }
 

@@ -5,6 +5,11 @@
 // Collectives are numbered per communicator; through the host's PeerMonitor a timeout names the ranks
 // that did not reach the collective and what they are doing, and a same-host peer's death ends the wait
 // at once with Error(kCommunication) naming it.
+// Payloads of any size: MPI counts are int, so no MPI call carries more than
+// CommOptions::max_message_bytes (1 GiB by default). all_to_all_v moves each pair's block as
+// point-to-point messages of at most that size (every pair knows its block's size, so no rank needs
+// to know the others'); all_gather and broadcast, whose size every rank knows, run one collective per
+// piece. The pieces of one operation are all in flight at once and complete together.
 #pragma once
 
 #include <mpi.h>
@@ -62,19 +67,19 @@ class MpiCommunicator final : public Communicator {
   int comm_index() const { return comm_index_; }
 
  private:
-  // One collective in flight with everything MPI may still touch: staging buffers (a timed-out request
-  // cannot be cancelled, MPI forbids cancelling collectives, so it reads and writes these until the late
-  // peers arrive, long after the caller's own buffers are gone) and the count arrays (MPI-3 requires
-  // them unchanged until completion).
+  // One collective in flight with everything MPI may still touch: its requests (one per message or
+  // collective piece) and staging buffers (a timed-out request cannot be cancelled, MPI forbids
+  // cancelling collectives, so it reads and writes these until the late peers arrive, long after the
+  // caller's own buffers are gone).
   struct Operation {
     std::string name;  // "all_to_all_v #23 (MoE layer dispatch)"
     int64_t sequence = 0;
-    MPI_Request request = MPI_REQUEST_NULL;
+    std::vector<MPI_Request> requests;
     std::vector<std::byte> send_staging;
     std::vector<std::byte> recv_staging;
-    std::vector<int> send_counts, send_displacements, recv_counts, recv_displacements;
-    uint64_t bytes_sent = 0;      // to other ranks, added to the counters on completion
-    uint64_t bytes_received = 0;  // from other ranks
+    std::vector<int64_t> recv_positions;  // all_to_all_v: where each peer's block lies in recv_staging
+    uint64_t bytes_sent = 0;              // to other ranks, added to the counters on completion
+    uint64_t bytes_received = 0;          // from other ranks
   };
 
   // end_job_after_error: claims the report through the PeerMonitor (one rank per host prints), then
@@ -88,15 +93,24 @@ class MpiCommunicator final : public Communicator {
   void finish_pending(const char* operation);
   // Starts tracking a new collective in current_ (after finish_pending): numbers it, publishes it.
   Operation& begin(CollectiveKind kind);
-  // Polls current_.request until done (adds its bytes to the counters), the deadline or a peer's death
-  // (moves it to pending_ and throws Error(kTimeout) or Error(kCommunication)).
+  // Posts the MPI calls of current_ through `post` (each adds its request); if one fails, the ones already
+  // posted keep current_'s buffers, so it is abandoned (leaked) before the error goes on.
+  template <typename Post>
+  void post_current(Post&& post);
+  // Polls current_.requests until all are done (adds its bytes to the counters), the deadline or a peer's
+  // death (moves it to pending_ and throws Error(kTimeout) or Error(kCommunication)).
   void wait_for_current();
-  // MPI_Test until done, timeout_seconds passed or a same-host peer died; spins ~1 ms, then sleeps
-  // between polls.
-  WaitResult test_until_deadline(MPI_Request* request, double timeout_seconds);
+  // MPI_Testall until done, timeout_seconds passed or a same-host peer died; spins ~1 ms, then sleeps
+  // between polls. An MPI error throws, naming the failing request's own error.
+  WaitResult test_until_deadline(std::vector<MPI_Request>* requests, double timeout_seconds);
+  // An operation whose requests may still be active after an MPI error: MPI may touch its buffers, so
+  // they are never freed (the job is broken, nothing is reused).
+  static void abandon(Operation&& operation);
   // Start-up waits (MPI_Comm_idup, the PeerMonitor exchange): throws Error(kTimeout) naming `what`.
   void wait_for_startup(MPI_Request* request, const std::string& what);
   void set_up_peer_monitor();
+  // Every rank must split payloads at the same size: a start-up exchange checks it, on every rank alike.
+  void check_max_message_bytes_agree();
   std::string timeout_message(const std::string& what) const;
   std::string fault_message(WaitResult result, const Operation& operation) const;
 

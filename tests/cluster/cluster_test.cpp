@@ -38,12 +38,14 @@ std::string read_file(const fs::path& path) {
 
 [[maybe_unused]] const bool kMpiEnvironmentSet = testing::set_mpi_test_environment();
 
-// Runs epic with `workers` ranks (1: directly, no mpirun) in dir; outputs land in dir.
-Outcome run_epic(int workers, const std::string& args, const fs::path& dir) {
+// Runs epic with `workers` ranks (1: directly, no mpirun) in dir; outputs land in dir. `environment`
+// ("NAME=value ") goes before the launcher, so every rank sees it.
+Outcome run_epic(int workers, const std::string& args, const fs::path& dir,
+                 const std::string& environment = "") {
   const std::string launcher =
       workers == 1 ? std::string() : std::string(EPIC_MPIEXEC) + " -np " + std::to_string(workers) + " ";
-  const std::string command = launcher + EPIC_BINARY + " " + args + " >" + (dir / "out.txt").string() +
-                              " 2>" + (dir / "err.txt").string();
+  const std::string command = environment + launcher + EPIC_BINARY + " " + args + " >" +
+                              (dir / "out.txt").string() + " 2>" + (dir / "err.txt").string();
   const int status = std::system(command.c_str());
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, read_file(dir / "out.txt"),
           read_file(dir / "err.txt")};
@@ -120,6 +122,33 @@ INSTANTIATE_TEST_SUITE_P(Golden, ClusterMatchesOneProcess,
                            return std::get<0>(info.param).name + "_" +
                                   std::to_string(std::get<1>(info.param)) + "workers";
                          });
+
+// Every payload through MPI (plan broadcast, dispatch and combine rows, finished results with their
+// prompt logits, reports) cut into 997-byte messages, as payloads past MPI's int counts are cut into
+// 1 GiB ones: the output and the logits file stay bitwise those of one process.
+TEST(Cluster, PayloadsInSmallPiecesGiveTheSameOutput) {
+  testing::TempDir temp;
+  fs::create_directories(temp.path() / "one");
+  fs::create_directories(temp.path() / "many");
+  const std::string common = "run --model " + (fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_bf16").string() +
+                             " --prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4";
+  const Outcome one =
+      run_epic(1, common + " --logits-out " + (temp.path() / "one/logits.npy").string(), temp.path() / "one");
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const Outcome many = run_epic(
+      3, common + " --max-active-sequences 1 --logits-out " + (temp.path() / "many/logits.npy").string(),
+      temp.path() / "many", "EPIC_TEST_MPI_MESSAGE_BYTES=997 ");
+  ASSERT_EQ(many.exit_code, 0) << many.err;
+  EXPECT_EQ(many.out, one.out);
+  const std::string logits = read_file(temp.path() / "one/logits.npy");
+  EXPECT_GT(logits.size(), 5u * 997u) << "the logits must span several pieces";
+  EXPECT_EQ(read_file(temp.path() / "many/logits.npy"), logits) << "prompt logits differ from one process";
+
+  // The variable is read (a bad value is refused, naming it), so the run above did cut its payloads.
+  const Outcome refused = run_epic(2, common, temp.path(), "EPIC_TEST_MPI_MESSAGE_BYTES=0 ");
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.err.find("EPIC_TEST_MPI_MESSAGE_BYTES=\"0\""), std::string::npos) << refused.err;
+}
 
 TEST(Cluster, EachWorkerReadsOnlyItsExperts) {
   testing::TempDir temp;

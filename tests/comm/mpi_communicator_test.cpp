@@ -11,8 +11,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <iterator>
 #include <memory>
 #include <numeric>
+#include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -364,6 +369,310 @@ TEST_F(MpiCommTest, BroadcastBytesOfABinaryString) {
   EXPECT_EQ(received_in_test(), rank_ == root ? 0 : bytes);
 }
 
+// ---- Payloads of any size: no MPI call carries more than CommOptions::max_message_bytes ----
+// Each test runs on communicators with a lowered piece size, so small payloads cross piece boundaries
+// the way real payloads past MPI's int counts do (the same code, only the size differs). Sizes and
+// bytes come from one fresh seed per test, the same on every rank, so every receiver knows exactly
+// what each sender sent; receive buffers start as the complement of what must arrive, so a byte left
+// untouched never passes.
+
+// Drawn on rank 0 (EPIC_TEST_SEED replays a failure) and broadcast on the main communicator.
+uint64_t shared_seed(Communicator& comm) {
+  uint64_t seed = 0;
+  if (comm.rank() == 0) {
+    if (const char* text = std::getenv("EPIC_TEST_SEED")) {
+      seed = std::strtoull(text, nullptr, 10);
+    } else {
+      std::random_device device;
+      seed = (static_cast<uint64_t>(device()) << 32) ^ device();
+    }
+  }
+  comm.broadcast(&seed, sizeof(seed), 0);
+  return seed;
+}
+
+std::string seed_trace(uint64_t seed) {
+  return "seed " + std::to_string(seed) + " (replay with EPIC_TEST_SEED=" + std::to_string(seed) + ")";
+}
+
+// A generator for one purpose of one test: the seed mixed with what it is for.
+std::mt19937_64 generator(uint64_t seed, std::initializer_list<int64_t> purpose) {
+  std::vector<uint32_t> words = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+  for (int64_t part : purpose) words.push_back(static_cast<uint32_t>(part));
+  std::seed_seq sequence(words.begin(), words.end());
+  return std::mt19937_64(sequence);
+}
+
+std::vector<std::byte> random_bytes(uint64_t seed, std::initializer_list<int64_t> purpose, int64_t count) {
+  std::mt19937_64 bytes = generator(seed, purpose);
+  std::vector<std::byte> values(static_cast<size_t>(count));
+  for (std::byte& value : values) value = static_cast<std::byte>(bytes() >> 56);
+  return values;
+}
+
+// Block sizes on and around piece boundaries, empty included.
+int64_t boundary_size(std::mt19937_64& draw, int64_t piece) {
+  const int64_t sizes[] = {0,
+                           1,
+                           piece - 1,
+                           piece,
+                           piece + 1,
+                           2 * piece,
+                           3 * piece + static_cast<int64_t>(draw() % static_cast<uint64_t>(piece))};
+  return sizes[draw() % std::size(sizes)];
+}
+
+// Piece sizes: tiny (many pieces per block, floats split across pieces), small, and past the shared-
+// memory transport's eager limit (each piece goes by rendezvous, as real pieces do).
+int64_t piece_size(uint64_t seed, int kind) {
+  std::mt19937_64 draw = generator(seed, {kind, 7});
+  const int64_t bounds[3][2] = {{1, 16}, {17, 300}, {40000, 70000}};
+  return bounds[kind][0] + static_cast<int64_t>(draw() % (bounds[kind][1] - bounds[kind][0] + 1));
+}
+constexpr int kPieceKinds = 3;
+
+// Counts the bytes of `actual` that differ from `expected`, reporting the first few.
+int64_t count_wrong_bytes(const std::byte* actual, const std::vector<std::byte>& expected,
+                          const std::string& what) {
+  int64_t wrong = 0;
+  for (size_t index = 0; index < expected.size(); ++index) {
+    if (actual[index] == expected[index]) continue;
+    if (wrong++ < 3) {
+      ADD_FAILURE() << what << ": byte " << index << " of " << expected.size() << " is "
+                    << static_cast<int>(actual[index]) << ", expected " << static_cast<int>(expected[index]);
+    }
+  }
+  return wrong;
+}
+
+std::vector<std::byte> complement(const std::vector<std::byte>& bytes) {
+  std::vector<std::byte> flipped(bytes.size());
+  for (size_t index = 0; index < bytes.size(); ++index) flipped[index] = ~bytes[index];
+  return flipped;
+}
+
+TEST_F(MpiCommTest, AllToAllVInPiecesIsExactAcrossPieceBoundaries) {
+  const uint64_t seed = shared_seed(comm());
+  SCOPED_TRACE(seed_trace(seed));
+  // Three patterns: every pair random; a gather to one root (the results of finished sequences); a
+  // scatter from it. Sizes differ per pair and include empty blocks and empty ranks.
+  enum Pattern : int { kEveryPair, kGatherToRoot, kScatterFromRoot };
+  for (int kind = 0; kind < kPieceKinds; ++kind) {
+    const int64_t piece = piece_size(seed, kind);
+    MpiCommunicator pieces(CommOptions{kTestTimeoutSeconds, piece});
+    for (int pattern : {kEveryPair, kGatherToRoot, kScatterFromRoot}) {
+      SCOPED_TRACE("max_message_bytes " + std::to_string(piece) + ", pattern " + std::to_string(pattern));
+      const int root = static_cast<int>(seed % static_cast<uint64_t>(size_));
+      // Every rank draws the whole table in the same order, so receivers know what senders send.
+      std::mt19937_64 sizes = generator(seed, {kind, pattern, 1});
+      std::vector<std::vector<int64_t>> block(size_, std::vector<int64_t>(size_));
+      for (int source = 0; source < size_; ++source) {
+        for (int destination = 0; destination < size_; ++destination) {
+          const int64_t size = boundary_size(sizes, piece);
+          const bool used = pattern == kEveryPair || (pattern == kGatherToRoot && destination == root) ||
+                            (pattern == kScatterFromRoot && source == root);
+          block[source][destination] = used ? size : 0;
+        }
+      }
+      auto block_bytes = [&](int source, int destination) {
+        return random_bytes(seed, {kind, pattern, source, destination}, block[source][destination]);
+      };
+      // Send blocks in reverse rank order with random gaps between; receive blocks in rank order with
+      // gaps whose bytes must survive.
+      std::mt19937_64 gaps = generator(seed, {kind, pattern, 2, rank_});
+      std::vector<std::byte> send;
+      std::vector<int64_t> send_bytes(size_), send_offsets(size_);
+      for (int destination = size_ - 1; destination >= 0; --destination) {
+        send.resize(send.size() + gaps() % 5, std::byte{0x5a});
+        send_offsets[destination] = static_cast<int64_t>(send.size());
+        send_bytes[destination] = block[rank_][destination];
+        const std::vector<std::byte> bytes = block_bytes(rank_, destination);
+        send.insert(send.end(), bytes.begin(), bytes.end());
+      }
+      std::vector<std::byte> recv;
+      std::vector<int64_t> recv_bytes(size_), recv_offsets(size_);
+      std::vector<std::vector<std::byte>> expected(size_);
+      for (int source = 0; source < size_; ++source) {
+        const std::vector<std::byte> gap =
+            random_bytes(seed, {kind, pattern, 3, rank_, source}, 1 + source % 3);
+        recv.insert(recv.end(), gap.begin(), gap.end());
+        expected[source] = block_bytes(source, rank_);
+        recv_offsets[source] = static_cast<int64_t>(recv.size());
+        recv_bytes[source] = block[source][rank_];
+        const std::vector<std::byte> untouched = complement(expected[source]);
+        recv.insert(recv.end(), untouched.begin(), untouched.end());
+      }
+      const uint64_t sent_before = pieces.bytes_sent();
+      const uint64_t received_before = pieces.bytes_received();
+
+      pieces.all_to_all_v(send.data(), send_bytes, send_offsets, recv.data(), recv_bytes, recv_offsets);
+
+      int64_t wrong = 0;
+      uint64_t expected_sent = 0, expected_received = 0;
+      for (int source = 0; source < size_; ++source) {
+        wrong += count_wrong_bytes(recv.data() + recv_offsets[source], expected[source],
+                                   "block from rank " + std::to_string(source));
+        const std::vector<std::byte> gap =
+            random_bytes(seed, {kind, pattern, 3, rank_, source}, 1 + source % 3);
+        wrong += count_wrong_bytes(recv.data() + recv_offsets[source] - static_cast<int64_t>(gap.size()), gap,
+                                   "gap before the block from rank " + std::to_string(source));
+        if (source != rank_) {
+          expected_sent += static_cast<uint64_t>(block[rank_][source]);
+          expected_received += static_cast<uint64_t>(block[source][rank_]);
+        }
+      }
+      EXPECT_EQ(wrong, 0);
+      EXPECT_EQ(pieces.bytes_sent() - sent_before, expected_sent);
+      EXPECT_EQ(pieces.bytes_received() - received_before, expected_received);
+    }
+  }
+}
+
+TEST_F(MpiCommTest, AllGatherAndBroadcastInPiecesAreExactAcrossPieceBoundaries) {
+  const uint64_t seed = shared_seed(comm());
+  SCOPED_TRACE(seed_trace(seed));
+  for (int kind = 0; kind < kPieceKinds; ++kind) {
+    const int64_t piece = piece_size(seed, kind);
+    MpiCommunicator pieces(CommOptions{kTestTimeoutSeconds, piece});
+    std::mt19937_64 sizes = generator(seed, {kind, 10});
+    // Every boundary size once, then random ones; all ranks draw the same.
+    std::vector<int64_t> payloads = {0, 1, piece - 1, piece, piece + 1, 2 * piece, 3 * piece + 1};
+    for (int extra = 0; extra < 3; ++extra) payloads.push_back(boundary_size(sizes, piece));
+    for (size_t call = 0; call < payloads.size(); ++call) {
+      const int64_t bytes = payloads[call];
+      SCOPED_TRACE("max_message_bytes " + std::to_string(piece) + ", " + std::to_string(bytes) + " bytes");
+      const int64_t index = static_cast<int64_t>(call);
+      const std::vector<std::byte> mine = random_bytes(seed, {kind, 11, index, rank_}, bytes);
+      std::vector<std::byte> expected;
+      for (int source = 0; source < size_; ++source) {
+        const std::vector<std::byte> theirs = random_bytes(seed, {kind, 11, index, source}, bytes);
+        expected.insert(expected.end(), theirs.begin(), theirs.end());
+      }
+      std::vector<std::byte> gathered = complement(expected);
+      const uint64_t sent_before = pieces.bytes_sent();
+      pieces.all_gather(mine.data(), bytes, gathered.data());
+      EXPECT_EQ(count_wrong_bytes(gathered.data(), expected, "all_gather"), 0);
+      EXPECT_EQ(pieces.bytes_sent() - sent_before, static_cast<uint64_t>(bytes) * (size_ - 1));
+
+      const int root = static_cast<int>(call % static_cast<size_t>(size_));
+      const std::vector<std::byte> root_bytes = random_bytes(seed, {kind, 12, index}, bytes);
+      std::vector<std::byte> data = rank_ == root ? root_bytes : complement(root_bytes);
+      const uint64_t received_before = pieces.bytes_received();
+      pieces.broadcast(data.data(), bytes, root);
+      EXPECT_EQ(count_wrong_bytes(data.data(), root_bytes, "broadcast from rank " + std::to_string(root)), 0);
+      EXPECT_EQ(pieces.bytes_received() - received_before, rank_ == root ? 0u : static_cast<uint64_t>(bytes));
+    }
+  }
+}
+
+TEST_F(MpiCommTest, TypedHelpersInPiecesCarryUnevenPayloadsIncludingEmpty) {
+  const uint64_t seed = shared_seed(comm());
+  SCOPED_TRACE(seed_trace(seed));
+  const int64_t piece = piece_size(seed, 0);  // tiny: every float of a non-empty block may straddle pieces
+  MpiCommunicator pieces(CommOptions{kTestTimeoutSeconds, piece});
+  SCOPED_TRACE("max_message_bytes " + std::to_string(piece));
+  // Rank r contributes a different number of random, non-zero floats; the seed picks one empty rank.
+  const int empty_rank = static_cast<int>((seed >> 8) % static_cast<uint64_t>(size_));
+  auto contribution = [&](int rank) {
+    std::mt19937_64 draw = generator(seed, {20, rank});
+    const int64_t count = rank == empty_rank ? 0 : 1 + static_cast<int64_t>(draw() % 97);
+    std::uniform_real_distribution<float> magnitude(0.5f, 2.0f);
+    std::vector<float> values(static_cast<size_t>(count));
+    for (float& value : values) value = (draw() & 1 ? 1.0f : -1.0f) * magnitude(draw);
+    return values;
+  };
+  const std::vector<std::vector<float>> gathered =
+      pieces.all_gather_v(std::span<const float>(contribution(rank_)));
+  ASSERT_EQ(gathered.size(), static_cast<size_t>(size_));
+  for (int source = 0; source < size_; ++source) EXPECT_EQ(gathered[source], contribution(source)) << source;
+
+  // A serialised plan or report: a binary string, NULs included, in pieces.
+  const int root = size_ - 1;
+  std::string text;
+  std::mt19937_64 draw = generator(seed, {21});
+  for (int64_t index = 0, length = 3 * piece + 5; index < length; ++index)
+    text.push_back(static_cast<char>(draw() >> 56));
+  EXPECT_EQ(pieces.broadcast_bytes(rank_ == root ? text : std::string("not the root"), root), text);
+}
+
+TEST_F(MpiCommTest, RanksThatSplitPayloadsDifferentlyFailTogether) {
+  if (size_ < 2) GTEST_SKIP() << "needs two ranks to disagree";
+  // Rank 0 splits at 5 bytes, the others at 6: every rank fails at creation, with the same reason.
+  expect_error(
+      [&] {
+        MpiCommunicator never_built(CommOptions{kTestTimeoutSeconds, rank_ == 0 ? 5 : 6});
+      },
+      ErrorCode::kInvalidArgument,
+      {"rank " + std::to_string(rank_) +
+       ": ranks split payloads at different sizes: rank 0 has "
+       "max_message_bytes 5, rank 1 has 6"});
+}
+
+// A real payload past 2^31 bytes with the default pieces (1 GiB): about 4.3 GB per rank at a time (the
+// caller's buffer and the communicator's staging). Off unless EPIC_TEST_LARGE_PAYLOAD_BYTES gives the
+// size (e.g. 2147487747, 2^31 + 4099), for a machine with the memory; the tests above cover the same
+// code with small pieces.
+TEST_F(MpiCommTest, PayloadsPastTwoGiBWithDefaultPieces) {
+  const char* text = std::getenv("EPIC_TEST_LARGE_PAYLOAD_BYTES");
+  if (text == nullptr || size_ < 2) GTEST_SKIP() << "set EPIC_TEST_LARGE_PAYLOAD_BYTES (2 ranks or more)";
+  const int64_t bytes = std::strtoll(text, nullptr, 10);
+  ASSERT_GT(bytes, 0);
+  const uint64_t seed = shared_seed(comm());
+  SCOPED_TRACE(seed_trace(seed));
+  // Word `index` (8 bytes) of payload `salt`, splitmix64: checked word by word without a second copy.
+  auto word_at = [&](uint64_t salt, int64_t index) {
+    uint64_t word =
+        seed + salt * 0xD1B54A32D192ED03ull + static_cast<uint64_t>(index + 1) * 0x9E3779B97F4A7C15ull;
+    word = (word ^ (word >> 30)) * 0xBF58476D1CE4E5B9ull;
+    word = (word ^ (word >> 27)) * 0x94D049BB133111EBull;
+    return word ^ (word >> 31);
+  };
+  auto fill = [&](uint64_t salt) {
+    std::vector<std::byte> values(static_cast<size_t>(bytes));
+    for (int64_t at = 0; at < bytes; at += 8) {
+      const uint64_t word = word_at(salt, at / 8);
+      std::memcpy(values.data() + at, &word, static_cast<size_t>(std::min<int64_t>(8, bytes - at)));
+    }
+    return values;
+  };
+  auto count_wrong_words = [&](const std::vector<std::byte>& values, uint64_t salt) {
+    int64_t wrong = 0;
+    for (int64_t at = 0; at < bytes; at += 8) {
+      const size_t length = static_cast<size_t>(std::min<int64_t>(8, bytes - at));
+      const uint64_t expected = word_at(salt, at / 8);
+      wrong += std::memcmp(values.data() + at, &expected, length) != 0;
+    }
+    return wrong;
+  };
+  MpiCommunicator defaults(CommOptions{600.0});
+  ASSERT_EQ(defaults.options().max_message_bytes, int64_t{1} << 30);
+  // The results gather: rank 1 sends rank 0 one block of `bytes`.
+  {
+    std::vector<int64_t> send_bytes(size_, 0), recv_bytes(size_, 0);
+    const std::vector<int64_t> offsets(size_, 0);
+    std::vector<std::byte> send, recv;
+    if (rank_ == 1) {
+      send = fill(1);
+      send_bytes[0] = bytes;
+    }
+    if (rank_ == 0) {
+      recv.assign(static_cast<size_t>(bytes), std::byte{0});
+      recv_bytes[1] = bytes;
+    }
+    defaults.all_to_all_v(send.data(), send_bytes, offsets, recv.data(), recv_bytes, offsets);
+    if (rank_ == 0) {
+      EXPECT_EQ(count_wrong_words(recv, 1), 0) << "all_to_all_v from rank 1";
+    }
+  }
+  // A broadcast of the same size from rank 1.
+  {
+    std::vector<std::byte> data = rank_ == 1 ? fill(2) : std::vector<std::byte>(static_cast<size_t>(bytes));
+    defaults.broadcast(data.data(), bytes, 1);
+    EXPECT_EQ(count_wrong_words(data, 2), 0) << "broadcast from rank 1";
+  }
+  EXPECT_EQ(defaults.bytes_sent(), rank_ == 1 ? static_cast<uint64_t>(bytes) * size_ : 0u);
+}
+
 TEST_F(MpiCommTest, BadArgumentsFailLocallyBeforeAnyCollective) {
   // Every rank makes the same bad calls; none may start a collective (nobody would match it).
   std::vector<char> buffer(16);
@@ -377,18 +686,37 @@ TEST_F(MpiCommTest, BadArgumentsFailLocallyBeforeAnyCollective) {
                ErrorCode::kInvalidArgument, {"sends 4 bytes to itself but expects to receive 0"});
   expect_error([&] { comm().broadcast(buffer.data(), 4, size_); }, ErrorCode::kInvalidArgument,
                {"root " + std::to_string(size_)});
-  expect_error([&] { comm().all_gather(nullptr, 3000000000LL, nullptr); }, ErrorCode::kCommunication,
-               {"3000000000 bytes", "fewer tokens per step"});
-  if (size_ > 1) {
-    // More than an int of bytes to one peer: MPI counts are int.
-    const int peer = (rank_ + 1) % size_;
-    std::vector<int64_t> huge(size_, 0);
-    huge[peer] = 3000000000LL;
-    expect_error([&] { comm().all_to_all_v(nullptr, huge, zeros, buffer.data(), zeros, zeros); },
-                 ErrorCode::kCommunication,
-                 {"rank " + std::to_string(rank_) + ": all_to_all_v would send rank " + std::to_string(peer),
-                  "3000000000 bytes", "fewer tokens per step"});
+  {
+    // Payloads have no size limit left but the number of MPI requests one MPI_Testall takes (an int):
+    // at one byte per message, 3e9 bytes is too many messages. Checked before anything is allocated.
+    MpiCommunicator one_byte_messages(CommOptions{kTestTimeoutSeconds, 1});
+    const int64_t started_before = one_byte_messages.collectives_started();
+    expect_error(
+        [&] { one_byte_messages.all_gather(nullptr, 3000000000LL, nullptr); }, ErrorCode::kInvalidArgument,
+        {"rank " + std::to_string(rank_) + ": all_gather would need 3000000000 MPI messages of at most 1",
+         "raise max_message_bytes"});
+    expect_error([&] { one_byte_messages.broadcast(nullptr, 3000000000LL, 0); }, ErrorCode::kInvalidArgument,
+                 {"broadcast would need 3000000000 MPI messages"});
+    if (size_ > 1) {
+      const int peer = (rank_ + 1) % size_;
+      std::vector<int64_t> huge(size_, 0);
+      huge[peer] = 3000000000LL;
+      expect_error([&] { one_byte_messages.all_to_all_v(nullptr, huge, zeros, buffer.data(), zeros, zeros); },
+                   ErrorCode::kInvalidArgument, {"all_to_all_v would need 3000000000 MPI messages"});
+    }
+    EXPECT_EQ(one_byte_messages.collectives_started(), started_before);
   }
+  expect_error(
+      [&] {
+        MpiCommunicator never_built(CommOptions{kTestTimeoutSeconds, 0});
+      },
+      ErrorCode::kInvalidArgument,
+      {"CommOptions::max_message_bytes must be 1 to 2147483647 bytes (MPI counts are int), got 0"});
+  expect_error(
+      [&] {
+        MpiCommunicator never_built(CommOptions{kTestTimeoutSeconds, 2147483648LL});
+      },
+      ErrorCode::kInvalidArgument, {"got 2147483648"});
   expect_error([&] { comm().set_timeout_seconds(0.0); }, ErrorCode::kInvalidArgument, {"timeout_seconds"});
   expect_error([&] { MpiCommunicator never_built(CommOptions{-1.0}); }, ErrorCode::kInvalidArgument,
                {"timeout_seconds must be a positive number of seconds, got -1"});
