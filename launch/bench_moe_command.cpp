@@ -1,7 +1,8 @@
 // `epic bench-moe`: MoE layers of a preset's shapes on every rank of the job, with random weights
 // made in memory (no checkpoint) and random token rows, timed per phase (route, dispatch, expert
 // compute, combine) with bytes moved and per-worker load. A scaling-study tool: run it under
-// mpirun with 1, 2, 4, ... ranks and collect the CSV/JSON lines.
+// mpirun with 1, 2, 4, ... ranks and collect the CSV/JSON lines. It checks its own output by default
+// (bench_moe_check.h): a "wrong" column per worker, and exit 1 naming the worker on a mismatch.
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -19,12 +20,14 @@
 #include "kernels/error.h"
 #include "kernels/file_io.h"
 #include "launch/backend_choice.h"
+#include "launch/bench_moe_check.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/default_paths.h"
 #include "launch/flag_checks.h"
 #include "launch/placement_setup.h"
 #include "launch/rank_agreement.h"
+#include "worker/expert_ffn_checker.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/model_weights.h"
 #include "worker/model_writer.h"
@@ -111,6 +114,8 @@ int bench_moe_command(const BenchMoeArgs& args) {
   check_int_flag("--layers (of preset " + preset.name + ")", args.layers, 1, preset.config.num_hidden_layers);
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   const int rank = comm->rank(), num_workers = comm->size();
+  if (args.inject_wrong_row_rank != -1)
+    check_int_flag("--inject-wrong-row (a rank of the job)", args.inject_wrong_row_rank, 0, num_workers - 1);
   check_outputs_on_root(args, *comm);
   ModelConfig config = preset.config;
   // A model of `layers` MoE layers with the preset's shapes.
@@ -207,6 +212,13 @@ int bench_moe_command(const BenchMoeArgs& args) {
     stats.expert_seconds = totals.total;
     stats.rows_computed = stats.rows_sent = stats.calls * args.tokens_per_worker * config.num_experts_per_tok;
   }
+  // After timing, so the check costs the figures nothing; every rank joins (the executors' collectives).
+  MoeCheckResult check;
+  if (args.check) {
+    check =
+        check_moe_layers(MoeCheckInputs{config, weights, backend, *comm, table, local, tokens, router_tokens,
+                                        workspace, args.layers, args.inject_wrong_row_rank});
+  }
   const double calls = static_cast<double>(stats.calls);
   const std::vector<double> mine = {stats.route_seconds / calls * 1e3,
                                     stats.dispatch_seconds / calls * 1e3,
@@ -217,9 +229,19 @@ int bench_moe_command(const BenchMoeArgs& args) {
                                     stats.bytes_received / calls,
                                     stats.rows_computed / calls,
                                     stats.rows_sent / calls,
-                                    static_cast<double>(totals.experts_hosted)};
+                                    static_cast<double>(totals.experts_hosted),
+                                    static_cast<double>(check.wrong())};
   const std::vector<std::vector<double>> all = comm->all_gather_v<double>(std::span<const double>(mine));
-  if (rank != 0) return 0;
+  constexpr size_t kWrongColumn = 10;
+  const std::vector<std::vector<char>> mismatches = comm->all_gather_v<char>(
+      std::span<const char>(check.first_mismatch.data(), check.first_mismatch.size()));
+  bool any_wrong = false;
+  for (const std::vector<double>& worker : all) any_wrong = any_wrong || worker[kWrongColumn] > 0;
+  if (rank != 0) {
+    if (!any_wrong) return 0;
+    comm->barrier();  // mpirun ends the job at the first non-zero exit: let rank 0's report out first
+    return 1;
+  }
 
   const std::string shape = preset.name + " hidden " + std::to_string(hidden) + ", " +
                             std::to_string(config.num_experts) + " experts top-" +
@@ -230,13 +252,15 @@ int bench_moe_command(const BenchMoeArgs& args) {
       shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
       static_cast<long long>(args.layers), static_cast<long long>(args.iterations),
       args.cuda_graphs ? " replayed from a CUDA graph" : "", chosen.description.c_str());
-  std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s\n", "worker", "route",
-              "dispatch", "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts");
+  std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s %8s\n", "worker", "route",
+              "dispatch", "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts",
+              "wrong");
   double max_total = 0, max_rows = 0, sum_rows = 0;
   for (int w = 0; w < num_workers; ++w) {
     const std::vector<double>& r = all[w];
-    std::printf("%6d %9.3f %9.3f %9.3f %9.3f %9.3f %10.3f %10.3f %10.0f %8.0f\n", w, r[0], r[1], r[2], r[3],
-                r[4], r[5] / 1e6, r[6] / 1e6, r[7], r[9]);
+    const std::string wrong = args.check ? std::to_string(static_cast<int64_t>(r[kWrongColumn])) : "N/A";
+    std::printf("%6d %9.3f %9.3f %9.3f %9.3f %9.3f %10.3f %10.3f %10.0f %8.0f %8s\n", w, r[0], r[1], r[2],
+                r[3], r[4], r[5] / 1e6, r[6] / 1e6, r[7], r[9], wrong.c_str());
     max_total = std::max(max_total, r[4]);
     max_rows = std::max(max_rows, r[7]);
     sum_rows += r[7];
@@ -246,6 +270,10 @@ int bench_moe_command(const BenchMoeArgs& args) {
       "slowest worker %.3f ms per layer; %.0f tokens/s per layer over the cluster; expert load max/mean "
       "%.3f\n",
       max_total, tokens_per_second, sum_rows > 0 ? max_rows / (sum_rows / num_workers) : 1.0);
+  if (args.check) {
+    std::printf("check: %s (data plane exact with identity experts; expert rows within %.0e of a host FFN)\n",
+                any_wrong ? "FAILED" : "passed on every worker", expert_ffn_check_tolerance(act));
+  }
 
   const char* columns[] = {"route_ms",   "dispatch_ms",    "expert_ms",     "combine_ms", "total_ms",
                            "bytes_sent", "bytes_received", "rows_computed", "rows_sent",  "experts_hosted"};
@@ -255,12 +283,14 @@ int bench_moe_command(const BenchMoeArgs& args) {
     if (!std::filesystem::exists(args.csv_out) || std::filesystem::file_size(args.csv_out, ignored) == 0) {
       csv << "preset,workers,tokens_per_worker,layers,iterations,threads,rank";
       for (const char* column : columns) csv << "," << column;
-      csv << "\n";
+      csv << ",wrong\n";  // empty with --no-check
     }
     for (int w = 0; w < num_workers; ++w) {
       csv << preset.name << "," << num_workers << "," << args.tokens_per_worker << "," << args.layers << ","
           << args.iterations << "," << threads << "," << w;
-      for (double value : all[w]) csv << "," << value;
+      for (size_t c = 0; c < std::size(columns); ++c) csv << "," << all[w][c];
+      csv << ",";
+      if (args.check) csv << all[w][kWrongColumn];
       csv << "\n";
     }
     append_to_regular_file(args.csv_out, csv.str(), "--csv");
@@ -270,6 +300,8 @@ int bench_moe_command(const BenchMoeArgs& args) {
     for (int w = 0; w < num_workers; ++w) {
       nlohmann::json row = {{"rank", w}};
       for (size_t c = 0; c < std::size(columns); ++c) row[columns[c]] = all[w][c];
+      row["wrong"] =
+          args.check ? nlohmann::json(static_cast<int64_t>(all[w][kWrongColumn])) : nlohmann::json();
       workers.push_back(row);
     }
     nlohmann::json result = {{"format", "epic-bench-moe-v1"},
@@ -280,11 +312,25 @@ int bench_moe_command(const BenchMoeArgs& args) {
                              {"layers", args.layers},
                              {"iterations", args.iterations},
                              {"cuda_graphs", args.cuda_graphs},
+                             {"checked", args.check},
                              {"threads_per_rank", threads},
                              {"backend", chosen.description},
                              {"per_worker", workers},
                              {"tokens_per_second", tokens_per_second}};
     files::write_file_atomically(args.json_out, result.dump(2) + "\n", "--json");
+  }
+  if (any_wrong) {
+    for (int w = 0; w < num_workers; ++w) {
+      if (all[w][kWrongColumn] <= 0) continue;
+      std::fprintf(stderr,
+                   "epic: error [check failed]: bench-moe worker %d: %lld wrong element(s); first: %s\n", w,
+                   static_cast<long long>(all[w][kWrongColumn]),
+                   std::string(mismatches[w].begin(), mismatches[w].end()).c_str());
+    }
+    std::fflush(stdout);
+    std::fflush(stderr);
+    comm->barrier();
+    return 1;
   }
   return 0;
 }

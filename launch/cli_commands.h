@@ -94,6 +94,10 @@ struct BenchMoeArgs {
   std::optional<int> device;
   std::string precision = "auto";
   bool cuda_graphs = false;  // one GPU worker: the timed iterations replay a CUDA graph of the layers
+  bool check = true;         // check the layers' output after timing (--no-check: skip)
+  // Test-only (a hidden flag, --inject-wrong-row RANK): corrupt one combined row of the check on that
+  // rank, so tests can prove the check fails and names the worker. -1: no fault.
+  int inject_wrong_row_rank = -1;
 };
 int bench_moe_command(const BenchMoeArgs& args);
 

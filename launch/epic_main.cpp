@@ -199,6 +199,14 @@ int main(int argc, char** argv) {
       ->transform(strict_integer<int>());
   bench->add_option("--precision", bench_args.precision, "fp32 or bf16 (cuda; default bf16 there)")
       ->capture_default_str();
+  bench->add_flag("--check,!--no-check", bench_args.check,
+                  "Check the layers' output after timing (default): the data plane exactly with identity "
+                  "experts, and a sample of each worker's expert rows against a host FFN; a worker with "
+                  "wrong elements fails the run (exit 1)");
+  // Test-only fault injection, hidden from --help (group ""): see BenchMoeArgs::inject_wrong_row_rank.
+  bench->add_option("--inject-wrong-row", bench_args.inject_wrong_row_rank)
+      ->transform(strict_integer<int>())
+      ->group("");
   bench->add_option("--csv", bench_args.csv_out, "Append one CSV line per worker to this file");
   bench->add_option("--json", bench_args.json_out, "Write the results as JSON");
   bench->add_option("--comm-timeout", bench_args.comm_timeout_seconds, comm_timeout_help)

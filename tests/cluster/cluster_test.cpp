@@ -365,6 +365,56 @@ TEST(BenchMoe, ReportsEveryPhasePerWorkerAsJsonAndCsv) {
   EXPECT_DOUBLE_EQ(rows, 2 * 16 * 2);
   const std::string csv = read_file(temp.path() / "bench.csv");
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 3) << csv;  // header + one line per worker
+  // The self-check runs by default and passes: a wrong count of 0 per worker.
+  EXPECT_TRUE(bench["checked"].get<bool>());
+  for (const json& worker : bench["per_worker"]) EXPECT_EQ(worker["wrong"], 0) << worker.dump();
+  EXPECT_NE(outcome.out.find("check: passed on every worker"), std::string::npos) << outcome.out;
+}
+
+// The check with replicas (4 slots each for 8 experts on 3 workers: 4 replicas) and more than
+// one layer: every worker's wrong count is 0 and it checked expert rows.
+TEST(BenchMoe, CheckPassesWithReplicasOnThreeWorkers) {
+  testing::TempDir temp;
+  const Outcome outcome = run_epic(3,
+                                   "bench-moe --preset tiny --tokens-per-worker 12 --layers 2 --iterations 1 "
+                                   "--warmup 0 --slots 4 --json " +
+                                       (temp.path() / "bench.json").string(),
+                                   temp.path());
+  ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
+  const json bench = json::parse(read_file(temp.path() / "bench.json"));
+  ASSERT_EQ(bench["per_worker"].size(), 3u);
+  for (const json& worker : bench["per_worker"]) EXPECT_EQ(worker["wrong"], 0) << worker.dump();
+  EXPECT_NE(outcome.out.find(" wrong\n"), std::string::npos)
+      << "the table has a wrong column: " << outcome.out;
+  EXPECT_NE(outcome.out.find("check: passed on every worker"), std::string::npos) << outcome.out;
+}
+
+// The check can fail: the hidden test-only flag corrupts one combined row on rank 1; the job exits 1,
+// the table counts the wrong element on worker 1 only, and the message names worker 1, the data plane,
+// the layer and the element. --no-check skips the check (the same fault then goes unseen).
+TEST(BenchMoe, CheckFailsNamingTheWorkerWithAWrongRow) {
+  testing::TempDir temp;
+  const std::string bench = "bench-moe --preset tiny --tokens-per-worker 8 --iterations 1 --warmup 0 ";
+  const Outcome outcome = run_epic(
+      2, bench + "--inject-wrong-row 1 --json " + (temp.path() / "bench.json").string(), temp.path());
+  EXPECT_EQ(outcome.exit_code, 1) << outcome.err;
+  EXPECT_NE(outcome.err.find("bench-moe worker 1: 1 wrong element(s); first: data plane"), std::string::npos)
+      << outcome.err;
+  EXPECT_NE(outcome.err.find("layer 0: token 0 element 0"), std::string::npos) << outcome.err;
+  EXPECT_EQ(outcome.err.find("bench-moe worker 0"), std::string::npos) << outcome.err;
+  EXPECT_NE(outcome.out.find("check: FAILED"), std::string::npos) << outcome.out;
+  const json result = json::parse(read_file(temp.path() / "bench.json"));
+  EXPECT_EQ(result["per_worker"][0]["wrong"], 0);
+  EXPECT_EQ(result["per_worker"][1]["wrong"], 1);
+
+  const Outcome unchecked = run_epic(2, bench + "--inject-wrong-row 1 --no-check", temp.path());
+  EXPECT_EQ(unchecked.exit_code, 0) << unchecked.err;
+  EXPECT_NE(unchecked.out.find("N/A"), std::string::npos) << unchecked.out;
+  EXPECT_EQ(unchecked.out.find("check:"), std::string::npos) << unchecked.out;
+
+  const Outcome bad_rank = run_epic(1, bench + "--inject-wrong-row 1", temp.path());
+  EXPECT_EQ(bad_rank.exit_code, 2) << bad_rank.err;
+  EXPECT_NE(bad_rank.err.find("--inject-wrong-row"), std::string::npos) << bad_rank.err;
 }
 
 }  // namespace

@@ -1,0 +1,402 @@
+// The expert-parallel executor alone under mpirun (CTest runs it with 2, 3 and 4 ranks), on the CPU
+// backend with an identity expert (IdentityExpertBackend: expert_ffn copies x to y), so a MoE layer
+// computes out[t] = sum_j w[t, j] * x[t]. A spelled-out topology per rank count (below): 10 experts,
+// top-2, one layer; each token's router input holds the same large value at its two chosen experts'
+// positions and the router is the identity, so both weights are exactly 0.5 and out must equal x bit
+// for bit. The tables are chosen so that experts no token picks, a rank whose tokens all stay on its
+// own experts (sends nothing), a rank with zero tokens, and replicated experts whose replicas both
+// serve rows all happen; the test asserts each from the executor's own counters. A second case routes
+// random rows through a random router (distinct weights) and compares with the host's sum in slot
+// order, bitwise. A third proves the expert check of bench-moe catches a wrong expert row.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "comm/mpi_communicator.h"
+#include "kernels/backend.h"
+#include "worker/expert_ffn_checker.h"
+#include "worker/expert_parallel_moe.h"
+#include "worker/identity_expert_backend.h"
+#include "worker/moe_block.h"
+#include "worker/workspace.h"
+
+namespace epic {
+namespace {
+
+constexpr double kTestTimeoutSeconds = 30.0;
+constexpr int64_t kNumExperts = 10, kHidden = 16, kInter = 4, kTopK = 2;
+constexpr int64_t kLayer = 0;
+// The router input at a token's two chosen experts: both logits equal and far above the others (0).
+constexpr float kChosenLogit = 8.0f;
+
+// One spelled-out cluster: which experts each worker hosts and which two experts each token of each
+// rank picks. Occurrences of a replicated expert rotate over its replicas starting at the sending
+// rank (occurrence + rank, mod replicas: expert_parallel_moe.cpp), which the comments work out.
+struct Topology {
+  std::vector<std::vector<int64_t>> worker_experts;              // worker -> hosted experts
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> tokens;  // rank -> each token's two experts
+  int sends_nothing_rank = -1;  // has tokens, all on experts only it hosts (or its own replica)
+  int zero_token_rank = -1;     // -1: no such rank at this size
+  std::vector<int64_t> unpicked_experts;
+  std::vector<int64_t> replicated_experts;  // each replica must compute rows
+};
+
+Topology topology_for(int num_workers) {
+  switch (num_workers) {
+    case 2:  // expert 5 on both workers; rank 1's 5s go 1 (key 1), 0 (key 2), 1 (key 3)
+      return {{{0, 1, 2, 3, 5, 8}, {4, 5, 6, 7, 9}},
+              {{{0, 1}, {2, 3}, {1, 3}}, {{0, 5}, {5, 6}, {3, 5}, {4, 6}}},
+              /*sends_nothing_rank=*/0,
+              /*zero_token_rank=*/-1,
+              {7, 8, 9},
+              {5}};
+    case 3:  // expert 5 on workers 1 and 2; rank 2's 5s go 1, 2, 1, 2 (keys 2..5); rank 1 has no tokens
+      return {{{0, 1, 2, 8}, {3, 4, 5, 6}, {5, 7, 9}},
+              {{{1, 2}, {0, 2}, {0, 1}}, {}, {{0, 5}, {3, 5}, {5, 7}, {4, 5}, {0, 7}}},
+              /*sends_nothing_rank=*/0,
+              /*zero_token_rank=*/1,
+              {6, 8, 9},
+              {5}};
+    case 4:  // expert 4 on workers 0 and 2, expert 2 on 1 and 3. Rank 0's one 4 (key 0) stays on rank 0;
+             // rank 2's 2s go 1, 3, 1 and its 4s go 0, 2; rank 3's one 2 (key 3) stays on rank 3
+      return {{{0, 1, 4}, {2, 3, 8}, {4, 5}, {2, 6, 7, 9}},
+              {{{0, 1}, {1, 4}}, {}, {{2, 4}, {2, 5}, {2, 6}, {4, 5}, {3, 7}}, {{6, 7}, {2, 3}, {0, 5}}},
+              /*sends_nothing_rank=*/0,
+              /*zero_token_rank=*/1,
+              {8, 9},
+              {2, 4}};
+    default:
+      return {};
+  }
+}
+
+ExpertRoutingTable routing_table(const Topology& topology) {
+  ExpertRoutingTable table;
+  table.num_workers = static_cast<int>(topology.worker_experts.size());
+  std::vector<std::vector<int>>& experts = table.expert_workers[kLayer];
+  experts.resize(kNumExperts);
+  for (int worker = 0; worker < table.num_workers; ++worker)
+    for (int64_t expert : topology.worker_experts[worker]) experts[expert].push_back(worker);
+  return table;
+}
+
+template <class T>
+OwnedTensor upload(Backend& backend, ScalarType type, std::initializer_list<int64_t> shape,
+                   const std::vector<T>& values) {
+  OwnedTensor tensor = backend.new_tensor(type, shape);
+  if (!values.empty()) backend.copy_from_host(tensor, 0, values.data(), values.size() * sizeof(T));
+  return tensor;
+}
+
+// Values with |v| in [0.05, 1] and a random sign: never zero, so a row that is dropped or zeroed
+// cannot pass by accident.
+std::vector<float> random_values(std::mt19937_64& generator, int64_t count) {
+  std::uniform_real_distribution<float> magnitude(0.05f, 1.0f);
+  std::bernoulli_distribution negative(0.5);
+  std::vector<float> values(static_cast<size_t>(count));
+  for (float& v : values) v = negative(generator) ? -magnitude(generator) : magnitude(generator);
+  return values;
+}
+
+// One MoE layer of kNumExperts experts holding only `hosted` (ascending), with the given router and
+// random expert weights (the identity expert never reads them; the expert check does).
+ModelWeights make_weights(Backend& backend, const std::vector<int64_t>& hosted,
+                          const std::vector<float>& router, std::mt19937_64& generator) {
+  ModelWeights weights;
+  weights.layers.resize(1);
+  weights.layers[0].is_moe = true;
+  MoeLayerWeights& moe = weights.layers[0].moe;
+  moe.num_experts = kNumExperts;
+  moe.present.assign(kNumExperts, 1);
+  moe.hosted = hosted;
+  std::sort(moe.hosted.begin(), moe.hosted.end());
+  std::vector<int32_t> local_index(kNumExperts, -1);
+  for (size_t slot = 0; slot < moe.hosted.size(); ++slot)
+    local_index[moe.hosted[slot]] = static_cast<int32_t>(slot);
+  const int64_t num_hosted = static_cast<int64_t>(moe.hosted.size());
+  moe.router = upload(backend, ScalarType::kF32, {kNumExperts, kHidden}, router);
+  moe.present_mask = upload(backend, ScalarType::kU8, {kNumExperts}, moe.present);
+  moe.gate_up = upload(backend, ScalarType::kF32, {num_hosted, 2 * kInter, kHidden},
+                       random_values(generator, num_hosted * 2 * kInter * kHidden));
+  moe.down = upload(backend, ScalarType::kF32, {num_hosted, kHidden, kInter},
+                    random_values(generator, num_hosted * kHidden * kInter));
+  moe.local_index = upload(backend, ScalarType::kI32, {kNumExperts}, local_index);
+  backend.synchronize();
+  return weights;
+}
+
+ModelConfig moe_config() {
+  ModelConfig config;
+  config.hidden_size = kHidden;
+  config.num_hidden_layers = 1;
+  config.moe_intermediate_size = kInter;
+  config.num_experts = kNumExperts;
+  config.num_experts_per_tok = kTopK;
+  config.norm_topk_prob = true;  // the two equal weights become exactly 0.5
+  return config;
+}
+
+// The environment owns the communicator (and so MPI's lifetime) for the whole test program.
+class MpiEnvironment : public ::testing::Environment {
+ public:
+  MpiEnvironment() : comm_(std::make_unique<MpiCommunicator>(CommOptions{kTestTimeoutSeconds})) {
+    instance_ = this;
+  }
+  void TearDown() override {
+    // Every rank learns which ranks failed, so every rank exits non-zero and rank 0 names them.
+    const std::vector<int32_t> failed =
+        comm_->all_gather_value<int32_t>(::testing::UnitTest::GetInstance()->Failed() ? 1 : 0);
+    std::string failed_ranks;
+    for (size_t rank = 0; rank < failed.size(); ++rank)
+      if (failed[rank]) failed_ranks += (failed_ranks.empty() ? "" : ", ") + std::to_string(rank);
+    any_rank_failed_ = !failed_ranks.empty();
+    if (comm_->rank() == 0)
+      std::printf("[ MPI      ] %d ranks; %s\n", comm_->size(),
+                  any_rank_failed_ ? ("FAILED on rank(s) " + failed_ranks).c_str() : "passed on every rank");
+    comm_.reset();  // MPI_Finalize
+  }
+  static MpiCommunicator& comm() { return *instance_->comm_; }
+  bool any_rank_failed() const { return any_rank_failed_; }
+
+ private:
+  static inline MpiEnvironment* instance_ = nullptr;
+  std::unique_ptr<MpiCommunicator> comm_;
+  bool any_rank_failed_ = false;
+};
+
+// Ranks other than 0 print only their failures, each with the rank.
+class RankFailurePrinter : public ::testing::EmptyTestEventListener {
+ public:
+  explicit RankFailurePrinter(int rank) : rank_(rank) {}
+  void OnTestStart(const ::testing::TestInfo& test) override {
+    test_name_ = std::string(test.test_suite_name()) + "." + test.name();
+  }
+  void OnTestPartResult(const ::testing::TestPartResult& result) override {
+    if (!result.failed()) return;
+    std::fprintf(stderr, "[rank %d] %s: %s:%d: Failure\n%s\n", rank_, test_name_.c_str(),
+                 result.file_name() ? result.file_name() : "unknown file", result.line_number(),
+                 result.message());
+  }
+
+ private:
+  int rank_;
+  std::string test_name_ = "(outside a test)";
+};
+
+class IdentityExpert : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    rank_ = comm().rank();
+    num_workers_ = comm().size();
+    // A fresh seed per run, the same on every rank (the router must be), printed with any failure.
+    uint64_t seed = std::random_device{}();
+    seed = (seed << 32) ^ std::random_device{}();
+    comm().broadcast(&seed, sizeof(seed), 0);
+    seed_trace_ =
+        std::make_unique<::testing::ScopedTrace>(__FILE__, __LINE__, "seed " + std::to_string(seed));
+    shared_generator_.seed(seed);
+    own_generator_.seed(seed + 1000003ULL * (rank_ + 1));
+  }
+  // No rank starts the next test while another is still in this one.
+  void TearDown() override { comm().barrier(); }
+  static MpiCommunicator& comm() { return MpiEnvironment::comm(); }
+
+  int rank_ = 0, num_workers_ = 1;
+  std::mt19937_64 shared_generator_;  // the same draws on every rank
+  std::mt19937_64 own_generator_;     // this rank's draws
+  std::unique_ptr<::testing::ScopedTrace> seed_trace_;
+  std::unique_ptr<Backend> cpu_ = make_cpu_backend(1);
+};
+
+TEST_F(IdentityExpert, SpelledOutTopologyGivesEveryRowBackExactly) {
+  const Topology topology = topology_for(num_workers_);
+  ASSERT_EQ(static_cast<int>(topology.worker_experts.size()), num_workers_)
+      << "no topology spelled out for " << num_workers_ << " ranks: run with -np 2, 3 or 4";
+  const ExpertRoutingTable table = routing_table(topology);
+  const std::vector<std::pair<int32_t, int32_t>>& my_tokens = topology.tokens[rank_];
+  const int64_t num_tokens = static_cast<int64_t>(my_tokens.size());
+
+  std::vector<float> identity_router(kNumExperts * kHidden, 0.0f);
+  for (int64_t e = 0; e < kNumExperts; ++e) identity_router[e * kHidden + e] = 1.0f;
+  const ModelWeights weights =
+      make_weights(*cpu_, topology.worker_experts[rank_], identity_router, own_generator_);
+  std::vector<float> router_input(num_tokens * kHidden, 0.0f);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    router_input[t * kHidden + my_tokens[t].first] = kChosenLogit;
+    router_input[t * kHidden + my_tokens[t].second] = kChosenLogit;
+  }
+  const std::vector<float> x = random_values(own_generator_, num_tokens * kHidden);
+  const OwnedTensor hidden = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, x);
+  const OwnedTensor router_rows = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, router_input);
+  std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
+  const OwnedTensor out = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
+
+  IdentityExpertBackend identity(*cpu_);
+  const ModelConfig config = moe_config();
+  ExpertParallelMoeExecutor executor(config, weights, identity, comm(), table);
+  Workspace workspace(identity);
+  executor.forward(kLayer, hidden, router_rows, out, workspace);
+
+  // The routing is the spelled-out one, with weights exactly 0.5.
+  ASSERT_EQ(identity.routed_expert_ids().size(), static_cast<size_t>(num_tokens * kTopK));
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const auto [low, high] = std::minmax(my_tokens[t].first, my_tokens[t].second);
+    EXPECT_EQ(identity.routed_expert_ids()[t * kTopK], low) << "token " << t;
+    EXPECT_EQ(identity.routed_expert_ids()[t * kTopK + 1], high) << "token " << t;
+    EXPECT_EQ(identity.routed_weights()[t * kTopK], 0.5f) << "token " << t;
+    EXPECT_EQ(identity.routed_weights()[t * kTopK + 1], 0.5f) << "token " << t;
+  }
+  // 0.5 * x + 0.5 * x == x exactly: every element of every token, bit for bit.
+  std::string first;
+  EXPECT_EQ(count_bitwise_mismatches(read_as_f32(*cpu_, out), x, kHidden, &first), 0) << first;
+
+  // Each case of the topology really happened, seen from the executor's counters.
+  const MoePhaseStats& stats = executor.stats();
+  EXPECT_EQ(identity.identity_rows(), stats.rows_computed);
+  int64_t total_rows = 0;
+  for (int64_t rows : comm().all_gather_value<int64_t>(stats.rows_computed)) total_rows += rows;
+  int64_t total_slots = 0;
+  for (const auto& tokens : topology.tokens) total_slots += static_cast<int64_t>(tokens.size()) * kTopK;
+  EXPECT_EQ(total_rows, total_slots) << "every (token, slot) row computed exactly once over the cluster";
+  // Where this rank's rows went, from the routing and the table's replica rule (occurrence + rank).
+  int64_t rows_to_others = 0;
+  std::vector<uint64_t> occurrences(kNumExperts, 0);
+  for (int32_t expert : identity.routed_expert_ids())
+    if (table.worker_for(kLayer, expert, occurrences[expert]++ + static_cast<uint64_t>(rank_)) != rank_)
+      ++rows_to_others;
+  EXPECT_EQ(stats.rows_sent, num_tokens * kTopK);
+  if (rank_ == topology.sends_nothing_rank) {
+    EXPECT_GT(num_tokens, 0);
+    EXPECT_EQ(rows_to_others, 0) << "its tokens stay on its own experts";
+  } else if (num_tokens > 0) {
+    EXPECT_GT(rows_to_others, 0);
+  }
+  if (rank_ == topology.zero_token_rank) {
+    EXPECT_EQ(num_tokens, 0);
+    EXPECT_GT(stats.rows_computed, 0) << "a rank without tokens still serves its experts";
+  }
+  std::vector<int64_t> rows_per_expert(kNumExperts, 0);
+  if (executor.expert_rows().count(kLayer)) rows_per_expert = executor.expert_rows().at(kLayer);
+  for (int64_t expert : topology.unpicked_experts) {
+    for (const auto& tokens : topology.tokens)
+      for (const auto& [a, b] : tokens)
+        ASSERT_TRUE(a != expert && b != expert) << "the table picks " << expert;
+    EXPECT_EQ(rows_per_expert[expert], 0) << "expert " << expert;
+  }
+  const std::vector<std::vector<int64_t>> rows_on_rank =
+      comm().all_gather_v<int64_t>(std::span<const int64_t>(rows_per_expert));
+  for (int64_t expert : topology.replicated_experts) {
+    const std::vector<int>& replicas = table.expert_workers.at(kLayer)[expert];
+    ASSERT_GE(replicas.size(), 2u) << "expert " << expert << " is meant to be replicated";
+    for (int worker : replicas)
+      EXPECT_GT(rows_on_rank[worker][expert], 0) << "replica of expert " << expert << " on worker " << worker;
+  }
+}
+
+TEST_F(IdentityExpert, RandomRoutingMatchesTheHostSumInSlotOrder) {
+  const Topology topology = topology_for(num_workers_);
+  ASSERT_EQ(static_cast<int>(topology.worker_experts.size()), num_workers_);
+  const ExpertRoutingTable table = routing_table(topology);
+  const std::vector<float> router = random_values(shared_generator_, kNumExperts * kHidden);
+  const ModelWeights weights = make_weights(*cpu_, topology.worker_experts[rank_], router, own_generator_);
+  // 0 to 12 tokens on each rank; rank 1 has none, so a rank without tokens takes part here too.
+  const int64_t num_tokens = rank_ == 1 ? 0 : std::uniform_int_distribution<int64_t>(1, 12)(own_generator_);
+  const std::vector<float> x = random_values(own_generator_, num_tokens * kHidden);
+  const OwnedTensor hidden = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, x);
+  const OwnedTensor out = cpu_->new_tensor(ScalarType::kF32, {num_tokens, kHidden});
+
+  IdentityExpertBackend identity(*cpu_);
+  const ModelConfig config = moe_config();
+  ExpertParallelMoeExecutor executor(config, weights, identity, comm(), table);
+  Workspace workspace(identity);
+  executor.forward(kLayer, hidden, hidden, out, workspace);  // the router reads the same fp32 rows
+
+  const std::vector<float>& routed = identity.routed_weights();
+  ASSERT_EQ(routed.size(), static_cast<size_t>(num_tokens * kTopK));
+  for (int64_t t = 0; t < num_tokens; ++t)
+    EXPECT_NE(routed[t * kTopK], routed[t * kTopK + 1])
+        << "token " << t << ": distinct logits, distinct weights";
+  const std::vector<float> expected = identity_moe_output(x, routed, kTopK, kHidden, ScalarType::kF32);
+  std::string first;
+  EXPECT_EQ(count_bitwise_mismatches(read_as_f32(*cpu_, out), expected, kHidden, &first), 0) << first;
+  int64_t total_rows = 0;
+  for (int64_t rows : comm().all_gather_value<int64_t>(executor.stats().rows_computed)) total_rows += rows;
+  int64_t total_slots = 0;
+  for (int64_t tokens : comm().all_gather_value<int64_t>(num_tokens)) total_slots += tokens * kTopK;
+  EXPECT_EQ(total_rows, total_slots);
+}
+
+// Corrupts one element of the first row of every expert_ffn output: what the expert check must catch.
+class OneWrongElementBackend final : public ForwardingBackend {
+ public:
+  using ForwardingBackend::ForwardingBackend;
+  void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
+                  const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override {
+    inner().expert_ffn(x, expert_offsets, gate_up, down, local_index, intermediate, y);
+    // Outputs here are of order 1 (weights within [-1, 1], hidden 16, intermediate 4): adding 1.0 puts
+    // the element far past 1e-4 of the row's largest value.
+    if (y.dim(0) > 0) y.as<float>()[3] += 1.0f;
+  }
+};
+
+TEST_F(IdentityExpert, ExpertCheckPassesTheRealFfnAndCatchesOneWrongElement) {
+  const Topology topology = topology_for(num_workers_);
+  ASSERT_EQ(static_cast<int>(topology.worker_experts.size()), num_workers_);
+  const ExpertRoutingTable table = routing_table(topology);
+  const std::vector<float> router = random_values(shared_generator_, kNumExperts * kHidden);
+  const ModelWeights weights = make_weights(*cpu_, topology.worker_experts[rank_], router, own_generator_);
+  const int64_t num_tokens = 9;
+  const OwnedTensor hidden = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden},
+                                    random_values(own_generator_, num_tokens * kHidden));
+  const OwnedTensor out = cpu_->new_tensor(ScalarType::kF32, {num_tokens, kHidden});
+  const ModelConfig config = moe_config();
+  const double tolerance = expert_ffn_check_tolerance(ScalarType::kF32);
+
+  ExpertFfnCheckingBackend checked(*cpu_, /*max_rows_per_call=*/64, tolerance);
+  ExpertParallelMoeExecutor executor(config, weights, checked, comm(), table);
+  Workspace workspace(checked);
+  executor.forward(kLayer, hidden, hidden, out, workspace);
+  EXPECT_EQ(checked.rows_checked(), executor.stats().rows_computed) << "every row fits in the sample";
+  EXPECT_EQ(checked.wrong_elements(), 0) << checked.first_mismatch();
+
+  OneWrongElementBackend faulty(*cpu_);
+  ExpertFfnCheckingBackend checked_faulty(faulty, /*max_rows_per_call=*/64, tolerance);
+  checked_faulty.set_label("layer 0");
+  ExpertParallelMoeExecutor faulty_executor(config, weights, checked_faulty, comm(), table);
+  Workspace faulty_workspace(checked_faulty);
+  faulty_executor.forward(kLayer, hidden, hidden, out, faulty_workspace);
+  if (faulty_executor.stats().rows_computed > 0) {
+    EXPECT_EQ(checked_faulty.wrong_elements(), 1);
+    EXPECT_NE(checked_faulty.first_mismatch().find("layer 0, expert "), std::string::npos)
+        << checked_faulty.first_mismatch();
+    EXPECT_NE(checked_faulty.first_mismatch().find("row 0 of its group, element 3"), std::string::npos)
+        << checked_faulty.first_mismatch();
+  } else {
+    EXPECT_EQ(checked_faulty.wrong_elements(), 0);
+  }
+}
+
+}  // namespace
+}  // namespace epic
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  // Created here, not in SetUp, because the listeners below need the rank; gtest owns and deletes it.
+  auto* environment = new epic::MpiEnvironment;
+  ::testing::AddGlobalTestEnvironment(environment);
+  const int rank = epic::MpiEnvironment::comm().rank();
+  if (rank != 0) {
+    ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
+    delete listeners.Release(listeners.default_result_printer());
+    listeners.Append(new epic::RankFailurePrinter(rank));
+  }
+  const int status = RUN_ALL_TESTS();
+  return status != 0 || environment->any_rank_failed() ? 1 : 0;
+}
