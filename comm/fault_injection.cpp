@@ -1,4 +1,4 @@
-// EPIC_TEST_COMM_FAULT, read once per process (see fault_injection.h).
+// EPIC_TEST_COMM_FAULT and EPIC_TEST_STEP_FAULT, each read once per process (see fault_injection.h).
 #include "comm/fault_injection.h"
 
 #include <csignal>
@@ -13,49 +13,70 @@ namespace epic {
 
 namespace {
 
-constexpr const char* kVariable = "EPIC_TEST_COMM_FAULT";
+constexpr const char* kCommVariable = "EPIC_TEST_COMM_FAULT";
+constexpr const char* kStepVariable = "EPIC_TEST_STEP_FAULT";
+constexpr int kEveryRank = -1;
 
-enum class FaultAction { kStop, kSpin, kKill, kThrow };
+enum class FaultAction { kStop, kSpin, kKill, kThrow, kNan };
 
 struct Fault {
-  int rank = -1;
-  int64_t sequence = 0;
+  int rank = kEveryRank;
+  int64_t at = 0;  // the collective or step number, from 1
   FaultAction action = FaultAction::kStop;
 };
 
-std::optional<Fault> parse_fault(const std::string& text) {
+std::optional<FaultAction> parse_action(const std::string& text, bool allow_nan) {
+  if (text == "stop") return FaultAction::kStop;
+  if (text == "spin") return FaultAction::kSpin;
+  if (text == "kill") return FaultAction::kKill;
+  if (text == "throw") return FaultAction::kThrow;
+  if (text == "nan" && allow_nan) return FaultAction::kNan;
+  return std::nullopt;
+}
+
+// "RANK:NUMBER:ACTION"; RANK may be * where allow_every_rank.
+std::optional<Fault> parse_fault(const std::string& text, bool allow_every_rank, bool allow_nan) {
   std::istringstream stream(text);
-  Fault fault;
-  char colon1 = 0, colon2 = 0;
-  std::string action;
-  stream >> fault.rank >> colon1 >> fault.sequence >> colon2 >> action;
-  const bool well_formed = stream && colon1 == ':' && colon2 == ':' && fault.rank >= 0 && fault.sequence >= 1;
-  if (well_formed && action == "stop")
-    fault.action = FaultAction::kStop;
-  else if (well_formed && action == "spin")
-    fault.action = FaultAction::kSpin;
-  else if (well_formed && action == "kill")
-    fault.action = FaultAction::kKill;
-  else if (well_formed && action == "throw")
-    fault.action = FaultAction::kThrow;
-  else
+  std::string rank_text, at_text, action_text;
+  if (!std::getline(stream, rank_text, ':') || !std::getline(stream, at_text, ':') ||
+      !std::getline(stream, action_text) || rank_text.empty() || at_text.empty())
     return std::nullopt;
+  Fault fault;
+  size_t used = 0;
+  try {
+    if (rank_text != "*" || !allow_every_rank) {
+      fault.rank = std::stoi(rank_text, &used);
+      if (used != rank_text.size() || fault.rank < 0) return std::nullopt;
+    }
+    fault.at = std::stoll(at_text, &used);
+    if (used != at_text.size() || fault.at < 1) return std::nullopt;
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  const std::optional<FaultAction> action = parse_action(action_text, allow_nan);
+  if (!action) return std::nullopt;
+  fault.action = *action;
   return fault;
 }
 
-}  // namespace
-
-void inject_test_fault(int comm_index, int rank, int64_t sequence) {
-  static const char* const value = std::getenv(kVariable);
-  if (value == nullptr || *value == '\0' || comm_index != 0) return;
-  static const std::optional<Fault> fault = parse_fault(value);
+// The variable's fault, or none when it is unset or empty; a malformed value throws, naming the variable.
+std::optional<Fault> read_fault(const char* variable, const char* value, bool for_steps) {
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  const std::optional<Fault> fault = parse_fault(value, for_steps, for_steps);
   if (!fault) {
-    throw Error(ErrorCode::kInvalidArgument, std::string(kVariable) + "=\"" + value +
-                                                 "\" is not RANK:COLLECTIVE:ACTION with ACTION one of stop, "
-                                                 "spin, kill, throw (a test-only variable: unset it)");
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        std::string(variable) + "=\"" + value + "\" is not " +
+            (for_steps ? "RANK:STEP:ACTION with RANK a rank or *, ACTION one of stop, spin, kill, throw, nan"
+                       : "RANK:COLLECTIVE:ACTION with ACTION one of stop, spin, kill, throw") +
+            " (a test-only variable: unset it)");
   }
-  if (fault->rank != rank || fault->sequence != sequence) return;
-  switch (fault->action) {
+  return fault;
+}
+
+// stop, spin and kill; throw and nan are the caller's, which knows what to say or poison.
+void act(FaultAction action) {
+  switch (action) {
     case FaultAction::kStop:
       std::raise(SIGSTOP);
       return;
@@ -67,9 +88,39 @@ void inject_test_fault(int comm_index, int rank, int64_t sequence) {
       std::raise(SIGKILL);
       return;
     case FaultAction::kThrow:
-      throw Error(ErrorCode::kInternal, "rank " + std::to_string(rank) + ": injected test fault (" +
-                                            kVariable + ") before collective #" + std::to_string(sequence));
+    case FaultAction::kNan:
+      return;
   }
+}
+
+}  // namespace
+
+void inject_test_fault(int comm_index, int rank, int64_t sequence, const std::string& activity) {
+  static const char* const value = std::getenv(kCommVariable);
+  if (value == nullptr || *value == '\0' || comm_index != 0) return;
+  static const std::optional<Fault> fault = read_fault(kCommVariable, value, false);
+  if (fault->rank != rank || fault->at != sequence) return;
+  if (fault->action == FaultAction::kThrow) {
+    throw Error(ErrorCode::kInternal, "rank " + std::to_string(rank) + ": injected test fault (" +
+                                          kCommVariable + ") before collective #" + std::to_string(sequence) +
+                                          (activity.empty() ? "" : " (" + activity + ")"));
+  }
+  act(fault->action);
+}
+
+bool inject_test_step_fault(int rank, int64_t step) {
+  // Read once: the happy path pays one branch per step.
+  static const char* const value = std::getenv(kStepVariable);
+  if (value == nullptr || *value == '\0') return false;
+  static const std::optional<Fault> fault = read_fault(kStepVariable, value, true);
+  if ((fault->rank != kEveryRank && fault->rank != rank) || fault->at != step) return false;
+  if (fault->action == FaultAction::kThrow) {
+    throw Error(ErrorCode::kInternal, "rank " + std::to_string(rank) + ": injected test fault (" +
+                                          kStepVariable + ") at generation step " + std::to_string(step));
+  }
+  if (fault->action == FaultAction::kNan) return true;
+  act(fault->action);
+  return false;
 }
 
 }  // namespace epic

@@ -405,7 +405,7 @@ void MpiCommunicator::finish_pending(const char* operation) {
 MpiCommunicator::Operation& MpiCommunicator::begin(CollectiveKind kind) {
   finish_pending(collective_kind_name(kind));
   ++sequence_;
-  inject_test_fault(comm_index_, rank_, sequence_);
+  inject_test_fault(comm_index_, rank_, sequence_, activity_);
   if (monitor_ != nullptr) monitor_->entering(comm_index_, sequence_, kind, activity_);
   current_.name = std::string(collective_kind_name(kind)) + " #" + std::to_string(sequence_) +
                   (activity_.empty() ? "" : " (" + activity_ + ")");

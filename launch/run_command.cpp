@@ -287,6 +287,17 @@ int launcher_rank() {
   return 0;
 }
 
+// Ends the job after an error raised on this rank alone, its report naming the rank: the communicator's
+// own errors start with "rank R" already (this rank, or the peer that died), the others (a bad value, a
+// backend error) get this rank's prefix.
+[[noreturn]] void end_job_naming_rank(Communicator& comm, const Error& error) {
+  const std::string message = error.what();
+  const Error named = message.starts_with("rank ")
+                          ? error
+                          : Error(error.code(), "rank " + std::to_string(comm.rank()) + ": " + message);
+  comm.end_job_after_error([&] { print_error(named); }, exit_code_for(named.code()));
+}
+
 }  // namespace
 
 int run_command(const RunArgs& args) {
@@ -318,14 +329,18 @@ int run_command(const RunArgs& args) {
     throw SilentFailure{exit_code_for(e.code())};
   } catch (const Error& e) {
     if (comm->size() == 1) throw;
-    // Raised on this rank alone (a timeout, a stuck or dead peer, a failure of its own): no agreement
-    // point comes, and the peers may be waiting in a collective for this rank. End the whole job now,
-    // reported once, instead of leaving them to their timeouts or to a barrier or MPI_Finalize that
-    // waits on a rank that is gone.
-    comm->end_job_after_error([&] { print_error(e); }, exit_code_for(e.code()));
+    // Raised on this rank alone, at load or mid-generation (a timeout, a stuck or dead peer, non-finite
+    // logits, a backend error, a failure inside the MoE exchange): no agreement point comes, and the peers
+    // may be waiting in a collective for this rank. End the whole job now, reported once and naming this
+    // rank, instead of leaving them to their timeouts or to a barrier or MPI_Finalize that waits on a rank
+    // that is gone. No collective per step is spent on telling them: MPI_Abort does.
+    end_job_naming_rank(*comm, e);
   } catch (const std::exception& e) {
     if (comm->size() == 1) throw;
-    comm->end_job_after_error([&] { print_error(Error(ErrorCode::kInternal, e.what())); }, 1);
+    end_job_naming_rank(*comm, Error(ErrorCode::kInternal, e.what()));
+  } catch (...) {
+    if (comm->size() == 1) throw;
+    end_job_naming_rank(*comm, Error(ErrorCode::kInternal, "an exception that is not a std::exception"));
   }
 }
 

@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
 
+#include "comm/fault_injection.h"
 #include "kernels/error.h"
 #include "worker/random_values.h"
 
@@ -142,6 +144,17 @@ int64_t agree_and_deliver(Communicator& comm, int root, int64_t unfinished,
   return total_unfinished;
 }
 
+// Test-only (EPIC_TEST_STEP_FAULT ... nan): every chunk's last logits row gets a NaN and no greedy id, as
+// non-finite logits from the model would, so the loop's own check raises the error it raises for those.
+void poison_logits(StepOutput& output) {
+  BatchLogits& logits = output.logits;
+  for (size_t c = 0; c + 1 < logits.first_row.size(); ++c) {
+    logits.values[static_cast<size_t>((logits.first_row[c + 1] - 1) * logits.vocab)] =
+        std::numeric_limits<float>::quiet_NaN();
+    output.greedy_ids[c] = -1;
+  }
+}
+
 }  // namespace
 
 uint64_t sequence_seed(uint64_t seed, int64_t sequence_id) {
@@ -212,7 +225,11 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
       }
       stats.tokens_processed += static_cast<int64_t>(chunks.back().tokens.size());
     }
-    StepOutput output = runner.forward_batch(chunks, want_logits);
+    // An error raised here, or anywhere in the step, on this rank alone ends the job from where it is
+    // caught (epic run: one message, then MPI_Abort): the peers are not told through another collective.
+    const bool poison = inject_test_step_fault(comm.rank(), stats.steps + 1);
+    StepOutput output = runner.forward_batch(chunks, want_logits || poison);
+    if (poison) poison_logits(output);
     const BatchLogits* logits = output.logits.values.empty() ? nullptr : &output.logits;
     for (size_t c = 0; c < live.size(); ++c) {
       LiveSequence& sequence = *live[c];
