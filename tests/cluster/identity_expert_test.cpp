@@ -21,6 +21,7 @@
 
 #include "comm/mpi_communicator.h"
 #include "kernels/backend.h"
+#include "tests/support/mpi_gtest_main.h"
 #include "worker/expert_ffn_checker.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/identity_expert_backend.h"
@@ -143,53 +144,6 @@ ModelConfig moe_config() {
   return config;
 }
 
-// The environment owns the communicator (and so MPI's lifetime) for the whole test program.
-class MpiEnvironment : public ::testing::Environment {
- public:
-  MpiEnvironment() : comm_(std::make_unique<MpiCommunicator>(CommOptions{kTestTimeoutSeconds})) {
-    instance_ = this;
-  }
-  void TearDown() override {
-    // Every rank learns which ranks failed, so every rank exits non-zero and rank 0 names them.
-    const std::vector<int32_t> failed =
-        comm_->all_gather_value<int32_t>(::testing::UnitTest::GetInstance()->Failed() ? 1 : 0);
-    std::string failed_ranks;
-    for (size_t rank = 0; rank < failed.size(); ++rank)
-      if (failed[rank]) failed_ranks += (failed_ranks.empty() ? "" : ", ") + std::to_string(rank);
-    any_rank_failed_ = !failed_ranks.empty();
-    if (comm_->rank() == 0)
-      std::printf("[ MPI      ] %d ranks; %s\n", comm_->size(),
-                  any_rank_failed_ ? ("FAILED on rank(s) " + failed_ranks).c_str() : "passed on every rank");
-    comm_.reset();  // MPI_Finalize
-  }
-  static MpiCommunicator& comm() { return *instance_->comm_; }
-  bool any_rank_failed() const { return any_rank_failed_; }
-
- private:
-  static inline MpiEnvironment* instance_ = nullptr;
-  std::unique_ptr<MpiCommunicator> comm_;
-  bool any_rank_failed_ = false;
-};
-
-// Ranks other than 0 print only their failures, each with the rank.
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  void OnTestStart(const ::testing::TestInfo& test) override {
-    test_name_ = std::string(test.test_suite_name()) + "." + test.name();
-  }
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s: %s:%d: Failure\n%s\n", rank_, test_name_.c_str(),
-                 result.file_name() ? result.file_name() : "unknown file", result.line_number(),
-                 result.message());
-  }
-
- private:
-  int rank_;
-  std::string test_name_ = "(outside a test)";
-};
-
 class IdentityExpert : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -206,7 +160,7 @@ class IdentityExpert : public ::testing::Test {
   }
   // No rank starts the next test while another is still in this one.
   void TearDown() override { comm().barrier(); }
-  static MpiCommunicator& comm() { return MpiEnvironment::comm(); }
+  static MpiCommunicator& comm() { return testing::MpiGtestEnvironment::comm(); }
 
   int rank_ = 0, num_workers_ = 1;
   std::mt19937_64 shared_generator_;  // the same draws on every rank
@@ -387,16 +341,5 @@ TEST_F(IdentityExpert, ExpertCheckPassesTheRealFfnAndCatchesOneWrongElement) {
 }  // namespace epic
 
 int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  // Created here, not in SetUp, because the listeners below need the rank; gtest owns and deletes it.
-  auto* environment = new epic::MpiEnvironment;
-  ::testing::AddGlobalTestEnvironment(environment);
-  const int rank = epic::MpiEnvironment::comm().rank();
-  if (rank != 0) {
-    ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new epic::RankFailurePrinter(rank));
-  }
-  const int status = RUN_ALL_TESTS();
-  return status != 0 || environment->any_rank_failed() ? 1 : 0;
+  return epic::testing::run_mpi_gtests(argc, argv, epic::kTestTimeoutSeconds);
 }

@@ -24,6 +24,7 @@
 #include "comm/communicator.h"
 #include "comm/mpi_check.h"
 #include "kernels/error.h"
+#include "tests/support/mpi_gtest_main.h"
 
 namespace epic {
 namespace {
@@ -43,59 +44,6 @@ int32_t pair_value(int source, int destination, int64_t index) {
   return static_cast<int32_t>(source * 1000000 + destination * 1000 + index);
 }
 
-// The environment owns the communicator (and so MPI's lifetime) for the whole test program.
-class CommEnvironment : public ::testing::Environment {
- public:
-  CommEnvironment() {
-    comm_ = std::make_unique<MpiCommunicator>(CommOptions{kTestTimeoutSeconds});
-    instance_ = this;
-  }
-  void TearDown() override {
-    // Every rank learns which ranks failed, so every rank exits non-zero and rank 0 can name them.
-    const int32_t failed_here = ::testing::UnitTest::GetInstance()->Failed() ? 1 : 0;
-    const std::vector<int32_t> failed = comm_->all_gather_value(failed_here);
-    std::string failed_ranks;
-    for (size_t rank = 0; rank < failed.size(); ++rank) {
-      if (failed[rank]) failed_ranks += (failed_ranks.empty() ? "" : ", ") + std::to_string(rank);
-    }
-    any_rank_failed_ = !failed_ranks.empty();
-    if (comm_->rank() == 0) {
-      std::printf("[ MPI      ] %d ranks; %s\n", comm_->size(),
-                  any_rank_failed_ ? ("FAILED on rank(s) " + failed_ranks).c_str() : "passed on every rank");
-    }
-    comm_.reset();  // MPI_Finalize
-  }
-  static MpiCommunicator& comm() { return *instance_->comm_; }
-  bool any_rank_failed() const { return any_rank_failed_; }
-
- private:
-  static CommEnvironment* instance_;
-  std::unique_ptr<MpiCommunicator> comm_;
-  bool any_rank_failed_ = false;
-};
-CommEnvironment* CommEnvironment::instance_ = nullptr;
-
-// Replaces gtest's printer on ranks other than 0: quiet, except that failures print with the rank.
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  // The test's name is kept here: UnitTest::current_test_info() would deadlock inside OnTestPartResult.
-  void OnTestStart(const ::testing::TestInfo& test) override {
-    test_name_ = std::string(test.test_suite_name()) + "." + test.name();
-  }
-  void OnTestEnd(const ::testing::TestInfo&) override { test_name_ = "(outside a test)"; }
-  void OnTestPartResult(const ::testing::TestPartResult& result) override {
-    if (!result.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s: %s:%d: Failure\n%s\n", rank_, test_name_.c_str(),
-                 result.file_name() ? result.file_name() : "unknown file", result.line_number(),
-                 result.message());
-  }
-
- private:
-  int rank_;
-  std::string test_name_ = "(outside a test)";
-};
-
 class MpiCommTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -107,7 +55,7 @@ class MpiCommTest : public ::testing::Test {
   // Keeps the ranks in step: no test starts while another rank is still in the previous one.
   void TearDown() override { comm().barrier(); }
 
-  static MpiCommunicator& comm() { return CommEnvironment::comm(); }
+  static MpiCommunicator& comm() { return testing::MpiGtestEnvironment::comm(); }
   uint64_t sent_in_test() const { return comm().bytes_sent() - sent_before_; }
   uint64_t received_in_test() const { return comm().bytes_received() - received_before_; }
   // Bytes of pair_count blocks this rank sends to / receives from the other ranks.
@@ -805,16 +753,5 @@ TEST_F(MpiCommTest, TimeoutNamesRankAndOperationThenRanksResynchronise) {
 }  // namespace epic
 
 int main(int argc, char** argv) {
-  ::testing::InitGoogleTest(&argc, argv);
-  // Created here, not in SetUp, because the listeners below need the rank; gtest owns and deletes it.
-  auto* environment = new epic::CommEnvironment;
-  ::testing::AddGlobalTestEnvironment(environment);
-  const int rank = epic::CommEnvironment::comm().rank();
-  if (rank != 0) {
-    ::testing::TestEventListeners& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new epic::RankFailurePrinter(rank));
-  }
-  const int status = RUN_ALL_TESTS();
-  return status != 0 || environment->any_rank_failed() ? 1 : 0;
+  return epic::testing::run_mpi_gtests(argc, argv, epic::kTestTimeoutSeconds);
 }
