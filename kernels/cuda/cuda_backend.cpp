@@ -233,6 +233,7 @@ class CudaBackend final : public Backend {
   void linear(const Tensor& x, const Tensor& w, const Tensor& y) override {
     backend_checks::check_linear(kSpace, x, w, y);
     const int64_t rows = x.dim(0), in_dim = x.dim(1), out_dim = w.dim(0);
+    if (cuda_kernels::skipped_for_timing("linear", out_dim)) return;
     if (rows == 0 || out_dim == 0) return;
     DeviceScope scope(device_);
     const auto timing = time_op("linear", rows, [&] {
@@ -278,6 +279,7 @@ class CudaBackend final : public Backend {
   }
 
   void rms_norm(const Tensor& x, const Tensor& weight, const Tensor& y, float eps) override {
+    if (cuda_kernels::skipped_for_timing("rms_norm", x.dim(0))) return;
     backend_checks::check_rms_norm(kSpace, x, weight, y);
     if (x.numel() == 0) return;
     DeviceScope scope(device_);
@@ -289,6 +291,7 @@ class CudaBackend final : public Backend {
 
   void add_rms_norm(const Tensor& delta, const Tensor& residual, const Tensor& weight, const Tensor& normed,
                     const Tensor& normed_f32, float eps) override {
+    if (cuda_kernels::skipped_for_timing("add_rms_norm", residual.dim(0))) return;
     backend_checks::check_add_rms_norm(kSpace, delta, residual, weight, normed, normed_f32);
     if (residual.numel() == 0) return;
     DeviceScope scope(device_);
@@ -303,6 +306,7 @@ class CudaBackend final : public Backend {
 
   void qk_norm_rope(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
                     const AttentionShape& shape, float eps, double theta) override {
+    if (cuda_kernels::skipped_for_timing("qk_norm_rope", qkv.dim(0))) return;
     backend_checks::check_qk_norm_rope(kSpace, qkv, q_norm, k_norm, positions, shape, theta);
     check_head_dim("qk_norm_rope", shape.head_dim);
     if (qkv.dim(0) == 0) return;
@@ -315,6 +319,7 @@ class CudaBackend final : public Backend {
 
   void store_kv(const Tensor& qkv, const Tensor& slot_mapping, const Tensor& key_pool,
                 const Tensor& value_pool, const AttentionShape& shape) override {
+    if (cuda_kernels::skipped_for_timing("store_kv", qkv.dim(0))) return;
     backend_checks::check_store_kv(kSpace, qkv, slot_mapping, key_pool, value_pool, shape);
     if (qkv.dim(0) == 0) return;
     DeviceScope scope(device_);
@@ -326,6 +331,7 @@ class CudaBackend final : public Backend {
   void attention(const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
                  const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
                  const AttentionShape& shape, const Tensor& out) override {
+    if (cuda_kernels::skipped_for_timing("attention", qkv.dim(0))) return;
     backend_checks::check_attention(kSpace, qkv, key_pool, value_pool, block_tables, row_sequence, positions,
                                     shape, out);
     check_head_dim("attention", shape.head_dim);
@@ -363,11 +369,15 @@ class CudaBackend final : public Backend {
   }
 
   void argmax(const Tensor& logits, const Tensor& ids) override {
+    if (cuda_kernels::skipped_for_timing("argmax", logits.dim(0))) return;
     backend_checks::check_argmax(kSpace, logits, ids);
     if (logits.dim(0) == 0) return;
     DeviceScope scope(device_);
     const auto timing = time_op("argmax", logits.dim(0));
-    cuda_kernels::argmax(logits.data, logits.type, ids.as<int32_t>(), logits.dim(0), logits.dim(1), stream_);
+    const int64_t rows = logits.dim(0), vocab = logits.dim(1);
+    void* scratch = op_scratch(static_cast<size_t>(cuda_kernels::argmax_scratch_bytes(rows, vocab)),
+                               "argmax's per-slice results");
+    cuda_kernels::argmax(logits.data, logits.type, ids.as<int32_t>(), rows, vocab, scratch, stream_);
   }
 
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
@@ -472,6 +482,7 @@ class CudaBackend final : public Backend {
   // otherwise, or with EPIC_CUDA_FUSED_MOE=0 (A/B), the ops one by one (Backend's default).
   void routed_moe(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
                   const RoutedMoeScratch& scratch, const Tensor& out) override {
+    if (cuda_kernels::skipped_for_timing("routed_moe", x.dim(0))) return;
     static const bool fused_enabled = cuda_kernels::ab_switch_on("EPIC_CUDA_FUSED_MOE");
     backend_checks::check_routed_moe(kSpace, router_input, x, weights, scratch, out);
     cuda_kernels::RoutedMoeFusedArgs args;

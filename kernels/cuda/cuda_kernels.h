@@ -39,10 +39,15 @@ void silu_mul(const void* gate_up, void* out, ScalarType type, int64_t rows, int
 void add(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream);
 void gather_rows(const void* x, const int32_t* index, void* out, int64_t rows, size_t row_bytes,
                  cudaStream_t stream);
-void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab,
-            cudaStream_t stream);
 // Element conversion (f32 <-> bf16, or a plain copy when the types match).
 void convert(const void* x, ScalarType x_type, void* y, ScalarType y_type, int64_t n, cudaStream_t stream);
+
+// ---- argmax_kernels.cu -----------------------------------------------------------------------------
+// Slices of every row scanned by blocks of their own, then reduced per row; scratch holds
+// argmax_scratch_bytes(rows, vocab) bytes of device memory, free again when the launches are done.
+int64_t argmax_scratch_bytes(int64_t rows, int64_t vocab);
+void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab, void* scratch,
+            cudaStream_t stream);
 
 // ---- attention_kernel.cu (helper A) ------------------------------------------------------------
 // key_pool / value_pool [num_blocks, kKvBlockSize, num_kv_heads, head_dim] of `type`.

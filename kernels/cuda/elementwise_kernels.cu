@@ -1,5 +1,5 @@
 // The row- and element-wise CUDA kernels of the dense ops: embed, rms_norm, add_rms_norm,
-// qk_norm_rope, silu_mul, add, gather_rows, argmax and convert, over F32 or BF16 tensors with fp32
+// qk_norm_rope, silu_mul, add, gather_rows and convert, over F32 or BF16 tensors with fp32
 // math. Memory-bound ones take 16-byte vector loads when every pointer is aligned and rows are
 // multiples of 8 elements, and scalar ones otherwise (the host picks the variant).
 #include <cuda_bf16.h>
@@ -22,7 +22,6 @@ using access::kWarpSize;
 
 constexpr int kElementwiseThreads = 256;
 constexpr int kRowThreads = 256;  // rms_norm, add_rms_norm: one block per row
-constexpr int kArgmaxThreads = 1024;
 constexpr int kQkNormRopeWarps = 4;  // a warp per head
 // qk_norm_rope: each lane holds pairs (i, i + head_dim / 2) for i = lane, lane + 32, ...
 constexpr int kMaxRopePairsPerLane = static_cast<int>(kMaxHeadDim) / (2 * kWarpSize);
@@ -278,62 +277,6 @@ __global__ void gather_rows_by_warp_kernel(const uint4* x, const int32_t* index,
   }
 }
 
-// ---- argmax ------------------------------------------------------------------------------------
-
-struct Candidate {
-  float value;
-  int32_t index;  // -1: no element seen (a thread past the end of a short row)
-};
-
-// a is better than b: larger value, or equal value and lower index. NaN never compares larger, so
-// a NaN is only kept where it came first in a thread's scan; the result is deterministic anyway.
-__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
-  if (a.index < 0) return false;
-  if (b.index < 0) return true;
-  return a.value > b.value || (a.value == b.value && a.index < b.index);
-}
-
-// One block per row. Each thread scans its elements in increasing index (strict > keeps the
-// first of equal values), then the block reduces (value desc, index asc).
-template <int kVec, class T>
-__global__ void argmax_kernel(const T* logits, int32_t* ids, int64_t vocab) {
-  __shared__ Candidate warp_best[kArgmaxThreads / kWarpSize];
-  const T* row = logits + static_cast<int64_t>(blockIdx.x) * vocab;
-  Candidate best{-INFINITY, -1};
-  int non_finite = 0;  // a NaN or Inf anywhere in the row makes the result -1 (backend.h)
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vocab;
-       i += static_cast<int64_t>(blockDim.x) * kVec) {
-    float values[kVec];
-    access::load_vector<kVec>(row + i, values);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const Candidate candidate{values[j], static_cast<int32_t>(i + j)};
-      non_finite |= !isfinite(values[j]);
-      if (better(candidate, best)) best = candidate;
-    }
-  }
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const Candidate other{__shfl_xor_sync(kFullWarpMask, best.value, offset),
-                          __shfl_xor_sync(kFullWarpMask, best.index, offset)};
-    if (better(other, best)) best = other;
-  }
-  const int warp = threadIdx.x / kWarpSize;
-  if (threadIdx.x % kWarpSize == 0) warp_best[warp] = best;
-  const int row_non_finite = __syncthreads_or(non_finite);
-  if (warp == 0) {
-    const int num_warps = blockDim.x / kWarpSize;
-    best = threadIdx.x < num_warps ? warp_best[threadIdx.x] : Candidate{-INFINITY, -1};
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      const Candidate other{__shfl_xor_sync(kFullWarpMask, best.value, offset),
-                            __shfl_xor_sync(kFullWarpMask, best.index, offset)};
-      if (better(other, best)) best = other;
-    }
-    if (threadIdx.x == 0) ids[blockIdx.x] = row_non_finite ? -1 : best.index;
-  }
-}
-
 }  // namespace
 
 // ---- host entry points ---------------------------------------------------------------------------
@@ -536,25 +479,6 @@ void gather_rows(const void* x, const int32_t* index, void* out, int64_t rows, s
   } else {
     by_unit(uint8_t{});
   }
-  EPIC_CUDA_CHECK_LAUNCH();
-}
-
-void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab,
-            cudaStream_t stream) {
-  if (rows == 0) return;
-  EPIC_CHECK(vocab > 0 && vocab <= INT32_MAX, ErrorCode::kInvalidArgument,
-             "argmax: vocab must be in [1, 2^31), not " + std::to_string(vocab));
-  const bool vector = vocab % kVectorElements == 0 && access::aligned16(logits);
-  access::dispatch_float_type(type, "argmax", [&](auto type_tag) {
-    using T = typename decltype(type_tag)::type;
-    const auto blocks = static_cast<unsigned>(rows);
-    if (vector) {
-      argmax_kernel<kVectorElements>
-          <<<blocks, kArgmaxThreads, 0, stream>>>(static_cast<const T*>(logits), ids, vocab);
-    } else {
-      argmax_kernel<1><<<blocks, kArgmaxThreads, 0, stream>>>(static_cast<const T*>(logits), ids, vocab);
-    }
-  });
   EPIC_CUDA_CHECK_LAUNCH();
 }
 

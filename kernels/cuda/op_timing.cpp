@@ -4,6 +4,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <set>
+#include <sstream>
+#include <string>
 #include <utility>
 
 #include "kernels/cuda/cuda_check.h"
@@ -15,6 +18,22 @@ namespace {
 constexpr size_t kMaxPending = 4096;
 
 }  // namespace
+
+bool skipped_for_timing(const char* op, int64_t size) {
+  static const std::set<std::string> skipped = [] {
+    std::set<std::string> names;
+    const char* value = std::getenv("EPIC_CUDA_TIMING_SKIP");
+    std::stringstream list(value == nullptr ? "" : value);
+    for (std::string name; std::getline(list, name, ',');) {
+      if (!name.empty()) names.insert(name);
+    }
+    if (!names.empty())
+      std::fprintf(stderr, "EPIC_CUDA_TIMING_SKIP is set: results are garbage (timing only)\n");
+    return names;
+  }();
+  if (skipped.empty()) return false;
+  return skipped.count(op) > 0 || skipped.count(std::string(op) + ":" + std::to_string(size)) > 0;
+}
 
 OpTiming::OpTiming() {
   const char* value = std::getenv("EPIC_CUDA_OP_TIMING");

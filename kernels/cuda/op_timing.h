@@ -16,6 +16,12 @@
 
 namespace epic::cuda_kernels {
 
+// A diagnostic for where a graph-replayed step's time goes (each kernel's cost inside the chain, which
+// a profiler timing kernels alone does not give): EPIC_CUDA_TIMING_SKIP=op[:size],... makes the backend
+// enqueue nothing for those ops ("attention", "linear:2048" for linears with 2048 outputs); the step
+// then computes garbage and is only good for timing. Read once; never set in real runs.
+bool skipped_for_timing(const char* op, int64_t size);
+
 class OpTiming {
  public:
   // Reads EPIC_CUDA_OP_TIMING once.

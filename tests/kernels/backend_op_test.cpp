@@ -698,8 +698,12 @@ void add_elementwise_cases(std::vector<OpCase>& cases) {
   struct ArgmaxShape {
     int64_t rows, vocab;
   };
-  for (const ArgmaxShape s :
-       {ArgmaxShape{1, 1}, ArgmaxShape{3, 17}, ArgmaxShape{17, 1000}, ArgmaxShape{5, 151936}}) {
+  // CUDA splits a row into slices of 2048 elements (256 where the row is not whole 16-byte vectors), at
+  // most 1024 of them (longer slices past that): one slice and a bit (2049), the odd Qwen3 vocabulary
+  // plus one (scalar loads), and rows past 1024 slices in both variants.
+  for (const ArgmaxShape s : {ArgmaxShape{1, 1}, ArgmaxShape{3, 17}, ArgmaxShape{17, 1000}, ArgmaxShape{2, 2049},
+                              ArgmaxShape{5, 151936}, ArgmaxShape{4, 151937}, ArgmaxShape{1, 2100000},
+                              ArgmaxShape{1, 2100001}}) {
     cases.push_back(
         OpCase{"argmax_" + dims_name({s.rows, s.vocab}, {"rows", "vocab"}),
                false,
@@ -729,7 +733,8 @@ void add_elementwise_cases(std::vector<OpCase>& cases) {
   // Rows holding a NaN, +Inf or -Inf (among finite rows) must give -1, whatever the column of the
   // bad value: the first, the last or in between. A -Inf or NaN never wins a plain comparison, so
   // an argmax that only looks at its winner would return a finite row's id; finite rows keep theirs.
-  for (const ArgmaxShape s : {ArgmaxShape{12, 17}, ArgmaxShape{12, 1000}, ArgmaxShape{12, 151936}}) {
+  for (const ArgmaxShape s :
+       {ArgmaxShape{12, 17}, ArgmaxShape{12, 1000}, ArgmaxShape{12, 151936}, ArgmaxShape{12, 151937}}) {
     cases.push_back(OpCase{
         "argmax_non_finite_" + dims_name({s.rows, s.vocab}, {"rows", "vocab"}),
         false,
