@@ -4,7 +4,7 @@
 # skip visibly, and this script is how they run.
 #
 #   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab] [ffn]
-#                                   [ncu] [ncu-moe] [moe-ab]
+#                                   [ncu] [ncu-moe] [moe-ab] [nccl]
 #   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
@@ -21,6 +21,9 @@
 #             two calls (Nsight Compute, card clocks, warm caches), summed by kernel
 #     moe-ab: one MoE layer (bench-moe) at MOE_TOKENS (default 2048 4096 16384) with each switch of
 #             AB_SWITCHES (default EPIC_CUDA_BATCHED_FFN) at 0 and at 1
+#     nccl:   the NCCL communicator test (tests/comm/nccl_communicator_test.cpp: every collective against
+#             MPI, bitwise; a peer that skips a collective) under mpirun -np 2, and -np 4 where 4 GPUs are
+#             visible; alone it builds only that test
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -66,14 +69,19 @@ if wants golden; then
 fi
 
 needs_build=0
-for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && needs_build=1; done
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl; do wants "$mode" && needs_build=1; done
+# nccl alone needs one test binary, not the whole tree (device time).
+only_nccl=1
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
+build_targets=()
+wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test)
 if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
            -DICU_ROOT="$PWD/.device/icu" \
            -DCMAKE_CUDA_ARCHITECTURES=90 > "$OUT/build.log" 2>&1 &&
-         timeout 420 cmake --build "$BUILD" -j "$(nproc)" >> "$OUT/build.log" 2>&1; }; then
-    log "build FAILED"; grep -E "error|Error" "$OUT/build.log" | head -30 | tee -a "$OUT/summary.log"
+         timeout 420 cmake --build "$BUILD" -j "$(nproc)" "${build_targets[@]}" >> "$OUT/build.log" 2>&1; }; then
+    log "build FAILED"; grep -E "error|Error|NCCL communicator OFF" "$OUT/build.log" | head -30 | tee -a "$OUT/summary.log"
     exit 1
   fi
 fi
@@ -91,6 +99,19 @@ if wants ctest; then
   log "test: whole ctest suite"
   (cd "$BUILD" && timeout 300 ctest -j 8 --output-on-failure -LE fuzz > "$OUT/ctest.log" 2>&1) || status=1
   grep -E "tests passed|tests failed|\(Failed\)|\(Timeout\)" "$OUT/ctest.log" | tee -a "$OUT/summary.log"
+fi
+
+if wants nccl; then
+  grep -E "NCCL communicator" "$OUT/build.log" | tee -a "$OUT/summary.log"
+  num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  for ranks in 2 4; do
+    if [ "$ranks" -gt "$num_gpus" ]; then log "nccl: -np $ranks not run: $num_gpus GPUs visible"; continue; fi
+    log "nccl: NCCL communicator under mpirun -np $ranks"
+    timeout 300 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x NCCL_DEBUG=WARN \
+      "$BUILD/tests/comm/epic_nccl_comm_test" > "$OUT/nccl_comm_np$ranks.log" 2>&1 || status=1
+    grep -E "^\[ SEED|^\[ MPI|PASSED|FAILED|SKIPPED|skipped on every rank|^\[rank" "$OUT/nccl_comm_np$ranks.log" |
+      head -30 | tee -a "$OUT/summary.log"
+  done
 fi
 
 if wants bench; then
