@@ -57,6 +57,12 @@ struct RoutedMoeWeights {
   bool normalize = true;
 };
 
+// A step's per-row tables for Backend::decode_attention (I32, on the backend): positions, slot_mapping
+// and row_sequence [rows]; block_tables [sequences, max_blocks] (see attention and store_kv).
+struct AttentionTables {
+  Tensor positions, slot_mapping, row_sequence, block_tables;
+};
+
 // Backend::routed_moe's scratch, T tokens with top_k choices each (S = T * top_k slots): logits F32
 // [T, E]; expert_ids I32 [T, top_k] and weights F32 [T, top_k] (the routing, an output too);
 // expert_offsets I32 [E + 1]; source_row and sorted_position I32 [S]; sorted_rows and expert_out
@@ -141,6 +147,18 @@ class Backend {
                          const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
                          const AttentionShape& shape, const Tensor& out) = 0;
 
+  // The attention of a decode step as one op: qk_norm_rope(qkv, q_norm, k_norm, positions, ...), then
+  // store_kv(qkv, slot_mapping, ...), then attention(...) into out. Precondition (what makes it a decode
+  // step): a row with a slot is the only row of its sequence in the call and its newest position, so no
+  // row reads a key that another row of the call writes. This default runs exactly those three ops. A
+  // backend may fuse them (CUDA does for a few rows and short block tables: attention_decode_fused.cu)
+  // with the same keys and values stored and the same roundings up to the order of fp32 sums; qkv's q
+  // and k heads are then left unspecified. Errors name decode_attention and the failing step.
+  virtual void decode_attention(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
+                                const Tensor& key_pool, const Tensor& value_pool,
+                                const AttentionTables& tables, const AttentionShape& shape, float eps,
+                                double theta, const Tensor& out);
+
   // out[r, i] = silu(gate_up[r, i]) * gate_up[r, I + i] for gate_up [rows, 2I], out [rows, I].
   virtual void silu_mul(const Tensor& gate_up, const Tensor& out) = 0;
 
@@ -201,6 +219,16 @@ class Backend {
   // weights, written either way) and the same roundings, up to the order of fp32 sums; the rest of
   // the scratch is then left unspecified. Errors name routed_moe and the step whose tensors are wrong.
   virtual void routed_moe(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
+                          const RoutedMoeScratch& scratch, const Tensor& out);
+
+ protected:
+  // The defaults of the composite ops without their own up-front check (each op still checks its
+  // tensors): for an override that has checked already and falls back to the ops.
+  void run_decode_attention_ops(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
+                                const Tensor& key_pool, const Tensor& value_pool,
+                                const AttentionTables& tables, const AttentionShape& shape, float eps,
+                                double theta, const Tensor& out);
+  void run_routed_moe_ops(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
                           const RoutedMoeScratch& scratch, const Tensor& out);
 };
 

@@ -423,6 +423,25 @@ void check_combine_top_k(MemorySpace space, const Tensor& expert_out, const Tens
     check.same_type("out", out, "expert_out", expert_out, "one activation type");
 }
 
+void check_decode_attention(MemorySpace space, const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
+                            const Tensor& key_pool, const Tensor& value_pool, const AttentionTables& tables,
+                            const AttentionShape& shape, double theta, const Tensor& out) {
+  const auto step = [](const char* name, const auto& check) {
+    try {
+      check();
+    } catch (const Error& error) {
+      throw Error(error.code(), std::string("decode_attention: the ") + name + " step: " + error.what());
+    }
+  };
+  step("qk_norm_rope",
+       [&] { check_qk_norm_rope(space, qkv, q_norm, k_norm, tables.positions, shape, theta); });
+  step("store_kv", [&] { check_store_kv(space, qkv, tables.slot_mapping, key_pool, value_pool, shape); });
+  step("attention", [&] {
+    check_attention(space, qkv, key_pool, value_pool, tables.block_tables, tables.row_sequence,
+                    tables.positions, shape, out);
+  });
+}
+
 void check_routed_moe(MemorySpace space, const Tensor& router_input, const Tensor& x,
                       const RoutedMoeWeights& weights, const RoutedMoeScratch& scratch, const Tensor& out) {
   const auto step = [](const char* name, const auto& check) {

@@ -34,6 +34,11 @@ void check_store_kv(MemorySpace space, const Tensor& qkv, const Tensor& slot_map
 void check_attention(MemorySpace space, const Tensor& qkv, const Tensor& key_pool, const Tensor& value_pool,
                      const Tensor& block_tables, const Tensor& row_sequence, const Tensor& positions,
                      const AttentionShape& shape, const Tensor& out);
+// Every step of Backend::decode_attention (each step's own check, its message prefixed
+// "decode_attention: the <step> step: ").
+void check_decode_attention(MemorySpace space, const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm,
+                            const Tensor& key_pool, const Tensor& value_pool, const AttentionTables& tables,
+                            const AttentionShape& shape, double theta, const Tensor& out);
 void check_silu_mul(MemorySpace space, const Tensor& gate_up, const Tensor& out);
 void check_add(MemorySpace space, const Tensor& x, const Tensor& y);
 void check_gather_rows(MemorySpace space, const Tensor& x, const Tensor& index, const Tensor& out);

@@ -7,6 +7,11 @@ namespace epic {
 void Backend::routed_moe(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
                          const RoutedMoeScratch& scratch, const Tensor& out) {
   backend_checks::check_routed_moe(memory_space(), router_input, x, weights, scratch, out);
+  run_routed_moe_ops(router_input, x, weights, scratch, out);
+}
+
+void Backend::run_routed_moe_ops(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
+                                 const RoutedMoeScratch& scratch, const Tensor& out) {
   const RoutedMoeScratch& s = scratch;
   const int64_t top_k = s.expert_ids.dim(1);
   linear(router_input, weights.router, s.logits);

@@ -28,6 +28,7 @@ struct ModelRunner::StepShape {
   int64_t sequences = 0;  // block-table rows (padded)
   int64_t wanted = 0;     // rows whose logits / argmax are computed
   int64_t max_blocks = 0;
+  bool decode_only = false;  // one row per sequence, its newest position (padding rows: their own sequence)
   // Views into the table tensor (I32): ids, positions, row_sequence, slot_mapping [rows];
   // wanted_rows [wanted]; block_tables [sequences, max_blocks].
   Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables;
@@ -43,7 +44,8 @@ ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights,
   executor_ = executor != nullptr ? executor : local_executor_.get();
   // Every live sequence at the longest context, plus the padding block.
   const int64_t blocks = options.max_sequences * KvCachePool::blocks_for(options.max_context) + 1;
-  kv_pool_ = std::make_unique<KvCachePool>(backend, config, options.activation_type, std::max<int64_t>(blocks, 2));
+  kv_pool_ =
+      std::make_unique<KvCachePool>(backend, config, options.activation_type, std::max<int64_t>(blocks, 2));
 }
 
 ModelRunner::~ModelRunner() = default;
@@ -77,10 +79,12 @@ void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, cons
     }
     int32_t* table_row = block_tables + c * shape.max_blocks;
     for (int64_t b = 0; b < shape.max_blocks; ++b)
-      table_row[b] = b < static_cast<int64_t>(sequence.blocks.size()) ? sequence.blocks[b] : kv_pool_->padding_block();
+      table_row[b] =
+          b < static_cast<int64_t>(sequence.blocks.size()) ? sequence.blocks[b] : kv_pool_->padding_block();
   }
   for (int64_t s = static_cast<int64_t>(chunks.size()); s < shape.sequences; ++s)
-    for (int64_t b = 0; b < shape.max_blocks; ++b) block_tables[s * shape.max_blocks + b] = kv_pool_->padding_block();
+    for (int64_t b = 0; b < shape.max_blocks; ++b)
+      block_tables[s * shape.max_blocks + b] = kv_pool_->padding_block();
   for (; row < shape.rows; ++row) {  // padding rows: their own (empty) sequence, position 0
     ids[row] = 0;
     positions[row] = 0;
@@ -92,17 +96,27 @@ void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, cons
   backend_.copy_from_host(shape.tables, 0, table_staging_->data(), bytes);
 }
 
-void ModelRunner::attention_block(int64_t layer, const StepShape& shape, const Tensor& normed, const Tensor& out) {
+void ModelRunner::attention_block(int64_t layer, const StepShape& shape, const Tensor& normed,
+                                  const Tensor& out) {
   const LayerWeights& w = weights_.layers[layer];
   const AttentionShape geometry{config_.num_attention_heads, config_.num_key_value_heads, config_.head_dim};
   const ScalarType act = options_.activation_type;
   const Tensor qkv = workspace_.get(kSlotQkv, act, {shape.rows, geometry.qkv_dim()});
   backend_.linear(normed, w.qkv_proj, qkv);
-  backend_.qk_norm_rope(qkv, w.q_norm, w.k_norm, shape.positions, geometry, config_.rms_norm_eps, config_.rope_theta);
-  backend_.store_kv(qkv, shape.slot_mapping, kv_pool_->keys(layer), kv_pool_->values(layer), geometry);
   const Tensor attended = workspace_.get(kSlotAttention, act, {shape.rows, geometry.q_dim()});
-  backend_.attention(qkv, kv_pool_->keys(layer), kv_pool_->values(layer), shape.block_tables, shape.row_sequence,
-                     shape.positions, geometry, attended);
+  if (shape.decode_only) {  // each row its sequence's only and newest: Backend::decode_attention's
+                            // precondition
+    backend_.decode_attention(
+        qkv, w.q_norm, w.k_norm, kv_pool_->keys(layer), kv_pool_->values(layer),
+        AttentionTables{shape.positions, shape.slot_mapping, shape.row_sequence, shape.block_tables},
+        geometry, config_.rms_norm_eps, config_.rope_theta, attended);
+  } else {
+    backend_.qk_norm_rope(qkv, w.q_norm, w.k_norm, shape.positions, geometry, config_.rms_norm_eps,
+                          config_.rope_theta);
+    backend_.store_kv(qkv, shape.slot_mapping, kv_pool_->keys(layer), kv_pool_->values(layer), geometry);
+    backend_.attention(qkv, kv_pool_->keys(layer), kv_pool_->values(layer), shape.block_tables,
+                       shape.row_sequence, shape.positions, geometry, attended);
+  }
   backend_.linear(attended, w.o_proj, out);
 }
 
@@ -177,6 +191,7 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   shape.sequences = std::max<int64_t>(static_cast<int64_t>(chunks.size()), 1);
   shape.wanted = first_wanted.back();
   shape.max_blocks = KvCachePool::blocks_for(options_.max_context);
+  shape.decode_only = decode_only;
 
   // Decode steps are replayed from a graph captured per power-of-two bucket of rows.
   int64_t bucket = 0;
@@ -235,13 +250,16 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
     output.logits.first_row = first_wanted;
     output.logits.values.resize(static_cast<size_t>(real_wanted * config_.vocab_size));
     const Tensor logits = workspace_.get(kSlotLogits, ScalarType::kF32, {shape.wanted, config_.vocab_size});
-    backend_.copy_to_host(logits, 0, output.logits.values.data(), output.logits.values.size() * sizeof(float));
+    backend_.copy_to_host(logits, 0, output.logits.values.data(),
+                          output.logits.values.size() * sizeof(float));
   }
-  for (const SequenceChunk& chunk : chunks) chunk.sequence->length += static_cast<int64_t>(chunk.tokens.size());
+  for (const SequenceChunk& chunk : chunks)
+    chunk.sequence->length += static_cast<int64_t>(chunk.tokens.size());
   return output;
 }
 
-std::vector<float> ModelRunner::forward(std::span<const int32_t> tokens, KvSequence& sequence, bool all_positions) {
+std::vector<float> ModelRunner::forward(std::span<const int32_t> tokens, KvSequence& sequence,
+                                        bool all_positions) {
   EPIC_CHECK(!tokens.empty(), ErrorCode::kInvalidArgument, "forward needs at least one token");
   const SequenceChunk chunk{&sequence, tokens, all_positions};
   return std::move(forward_batch(std::span<const SequenceChunk>(&chunk, 1), true).logits.values);

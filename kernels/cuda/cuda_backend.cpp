@@ -344,6 +344,44 @@ class CudaBackend final : public Backend {
                             stream_);
   }
 
+  // One launch for a decode step of a few rows (attention_decode_fused.cu); the three ops otherwise, or
+  // with EPIC_CUDA_FUSED_ATTENTION=0 (A/B timing).
+  void decode_attention(const Tensor& qkv, const Tensor& q_norm, const Tensor& k_norm, const Tensor& key_pool,
+                        const Tensor& value_pool, const AttentionTables& tables, const AttentionShape& shape,
+                        float eps, double theta, const Tensor& out) override {
+    if (cuda_kernels::skipped_for_timing("decode_attention", qkv.dim(0))) return;
+    backend_checks::check_decode_attention(kSpace, qkv, q_norm, k_norm, key_pool, value_pool, tables, shape,
+                                           theta, out);
+    static const bool fused_enabled = cuda_kernels::ab_switch_on("EPIC_CUDA_FUSED_ATTENTION");
+    cuda_kernels::DecodeAttentionFusedArgs args;
+    args.qkv = qkv.data;
+    args.q_norm = q_norm.data;
+    args.k_norm = k_norm.data;
+    args.positions = tables.positions.as<int32_t>();
+    args.slot_mapping = tables.slot_mapping.as<int32_t>();
+    args.row_sequence = tables.row_sequence.as<int32_t>();
+    args.block_tables = tables.block_tables.as<int32_t>();
+    args.key_pool = key_pool.data;
+    args.value_pool = value_pool.data;
+    args.out = out.data;
+    args.type = qkv.type;
+    args.norm_type = q_norm.type;
+    args.rows = qkv.dim(0);
+    args.num_heads = shape.num_heads;
+    args.num_kv_heads = shape.num_kv_heads;
+    args.head_dim = shape.head_dim;
+    args.max_blocks = tables.block_tables.dim(1);
+    args.eps = eps;
+    args.theta = theta;
+    if (!fused_enabled || !cuda_kernels::decode_attention_fused_supported(args)) {
+      run_decode_attention_ops(qkv, q_norm, k_norm, key_pool, value_pool, tables, shape, eps, theta, out);
+      return;
+    }
+    DeviceScope scope(device_);
+    const auto timing = time_op("decode_attention_fused", args.rows);
+    cuda_kernels::decode_attention_fused(args, stream_);
+  }
+
   void silu_mul(const Tensor& gate_up, const Tensor& out) override {
     backend_checks::check_silu_mul(kSpace, gate_up, out);
     if (out.numel() == 0) return;
@@ -478,7 +516,8 @@ class CudaBackend final : public Backend {
                                 out.type, stream_);
   }
 
-  // A few bf16 tokens: the fused kernels (routed_moe_fused.cu), three launches instead of seven;
+  // One bf16 token (kRoutedMoeFusedMaxTokens): the fused kernels (routed_moe_fused.cu), three launches
+  // instead of seven;
   // otherwise, or with EPIC_CUDA_FUSED_MOE=0 (A/B), the ops one by one (Backend's default).
   void routed_moe(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
                   const RoutedMoeScratch& scratch, const Tensor& out) override {
@@ -509,7 +548,7 @@ class CudaBackend final : public Backend {
                       weights.router.type == ScalarType::kBF16 && weights.gate_up.type == ScalarType::kBF16 &&
                       scratch.intermediate.type == ScalarType::kBF16;
     if (!fused_enabled || !bf16 || !cuda_kernels::routed_moe_fused_supported(args)) {
-      Backend::routed_moe(router_input, x, weights, scratch, out);
+      run_routed_moe_ops(router_input, x, weights, scratch, out);  // checked above
       return;
     }
     DeviceScope scope(device_);

@@ -10,6 +10,7 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/qk_norm_rope.cuh"
 #include "kernels/cuda/row_copy.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
@@ -21,10 +22,8 @@ using access::kVectorElements;
 using access::kWarpSize;
 
 constexpr int kElementwiseThreads = 256;
-constexpr int kRowThreads = 256;  // rms_norm, add_rms_norm: one block per row
+constexpr int kRowThreads = 256;     // rms_norm, add_rms_norm: one block per row
 constexpr int kQkNormRopeWarps = 4;  // a warp per head
-// qk_norm_rope: each lane holds pairs (i, i + head_dim / 2) for i = lane, lane + 32, ...
-constexpr int kMaxRopePairsPerLane = static_cast<int>(kMaxHeadDim) / (2 * kWarpSize);
 
 // ---- row copies with conversion (embed, convert) -------------------------------------------
 
@@ -180,15 +179,7 @@ __global__ void qk_norm_rope_kernel(T* qkv, const N* q_norm, const N* k_norm, co
   dependent::wait_for_previous();
   dependent::release_next();
   const int64_t row = blockIdx.x;
-  const int64_t half = head_dim / 2;
-  const double position = static_cast<double>(positions[row]);
-  for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
-    const double inv_freq = pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(head_dim));
-    double sin_value, cos_value;
-    sincos(position * inv_freq, &sin_value, &cos_value);
-    cos_table[i] = static_cast<float>(cos_value);
-    sin_table[i] = static_cast<float>(sin_value);
-  }
+  rope::fill_tables(cos_table, sin_table, positions[row], head_dim, theta);
   __syncthreads();
 
   const int warp = threadIdx.x / kWarpSize;
@@ -197,30 +188,7 @@ __global__ void qk_norm_rope_kernel(T* qkv, const N* q_norm, const N* k_norm, co
   const int64_t warps = blockDim.x / kWarpSize;
   for (int64_t head = blockIdx.y * warps + warp; head < num_heads + num_kv_heads; head += gridDim.y * warps) {
     T* x = row_data + head * head_dim;  // k heads follow the q heads directly
-    const N* norm_weight = head < num_heads ? q_norm : k_norm;
-    float first[kMaxRopePairsPerLane], second[kMaxRopePairsPerLane];
-    float sum_squares = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kMaxRopePairsPerLane; ++c) {
-      const int64_t i = lane + c * kWarpSize;
-      first[c] = i < half ? access::to_float(x[i]) : 0.0f;
-      second[c] = i < half ? access::to_float(x[i + half]) : 0.0f;
-      sum_squares += first[c] * first[c] + second[c] * second[c];
-    }
-    sum_squares = access::warp_sum(sum_squares);
-    const float inv_rms =
-        static_cast<float>(1.0 / sqrt(static_cast<double>(sum_squares) / static_cast<double>(head_dim) +
-                                      static_cast<double>(eps)));
-#pragma unroll
-    for (int c = 0; c < kMaxRopePairsPerLane; ++c) {
-      const int64_t i = lane + c * kWarpSize;
-      if (i >= half) continue;
-      const float a = (first[c] * inv_rms) * access::to_float(norm_weight[i]);
-      const float b = (second[c] * inv_rms) * access::to_float(norm_weight[i + half]);
-      // Rounded product by product (no FMA contraction), as the reference computes the rotation.
-      x[i] = access::from_float<T>(__fsub_rn(__fmul_rn(a, cos_table[i]), __fmul_rn(b, sin_table[i])));
-      x[i + half] = access::from_float<T>(__fadd_rn(__fmul_rn(b, cos_table[i]), __fmul_rn(a, sin_table[i])));
-    }
+    rope::norm_rope_head(x, x, head < num_heads ? q_norm : k_norm, cos_table, sin_table, head_dim, eps, lane);
   }
 }
 

@@ -607,6 +607,142 @@ void add_attention_cases(std::vector<OpCase>& cases) {
   }
 }
 
+// decode_attention: one row per sequence at its newest position `first` (keys 0 .. first - 1 already in
+// the pool); the op rotates q and k, stores k and v at the row's slot and attends 0 .. first. A row with
+// slot -1 stores nothing and reads its own position from the pool. Shapes on both sides of the CUDA fused
+// path's limits (16 rows, 4096 keys a table, head_dim 64/128/256).
+struct DecodeAttentionCase {
+  std::vector<int64_t> firsts;  // per row (= sequence): its position
+  int64_t heads, kv_heads, head_dim;
+  int64_t table_blocks;  // block-table width (>= what the rows need): the fused path's key limit
+  bool unslotted_row;    // the last row has slot -1
+  const char* what;
+};
+
+void add_decode_attention_cases(std::vector<OpCase>& cases) {
+  std::vector<int64_t> many_rows(17);
+  for (size_t i = 0; i < many_rows.size(); ++i) many_rows[i] = static_cast<int64_t>(3 * i % 41);
+  const std::vector<DecodeAttentionCase> table = {
+      {{0}, 32, 4, 128, 1, false, "first_position"},
+      {{37}, 32, 4, 128, 6, false, "one_row"},
+      {{5, 129, 37, 16, 15}, 32, 4, 128, 9, true, "batch"},
+      {{300, 2}, 6, 3, 64, 20, false, "head_dim_64"},
+      {{40, 7}, 4, 2, 256, 3, false, "head_dim_256"},
+      {{600}, 8, 8, 128, 64, false, "no_groups"},
+      {std::vector<int64_t>(many_rows.begin(), many_rows.begin() + 16), 8, 4, 64, 3, true, "at_fused_rows"},
+      {many_rows, 8, 4, 64, 3, false, "past_fused_rows"},
+      {{4100}, 2, 1, 128, 257, false, "past_fused_keys"},
+  };
+  // CPU: fp32 rotation (3e-6) and attention over it; CUDA bf16 rounds the rotated q and k to bf16 (the
+  // three ops do too) where the CPU keeps fp32: ~1% of a probability, as the attention rows allow.
+  const Tolerance tolerance{1e-4, 1e-4, 3e-2};
+  for (const DecodeAttentionCase& c : table) {
+    const AttentionShape shape{c.heads, c.kv_heads, c.head_dim};
+    const int64_t rows = static_cast<int64_t>(c.firsts.size());
+    int64_t blocks_needed = 0;
+    for (int64_t first : c.firsts) blocks_needed += first / kKvBlockSize + 1;
+    const int64_t num_blocks = blocks_needed + 2;  // spare blocks nobody reads
+    const double theta = 1e6;
+    cases.push_back(OpCase{
+        std::string("decode_attention_") + c.what + "_" +
+            dims_name({rows, c.heads, c.kv_heads, c.head_dim}, {"rows", "heads", "kv", "dim"}),
+        true, tolerance,
+        [=](std::mt19937_64& g) {
+          std::vector<int32_t> free_blocks(static_cast<size_t>(num_blocks));
+          std::iota(free_blocks.begin(), free_blocks.end(), 0);
+          std::shuffle(free_blocks.begin(), free_blocks.end(), g);
+          std::vector<int32_t> tables(static_cast<size_t>(rows * c.table_blocks), -1);
+          std::vector<int32_t> positions, slots, row_sequence;
+          size_t next_block = 0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t first = c.firsts[r];
+            for (int64_t b = 0; b <= first / kKvBlockSize; ++b) tables[r * c.table_blocks + b] = free_blocks[next_block++];
+            positions.push_back(static_cast<int32_t>(first));
+            row_sequence.push_back(static_cast<int32_t>(r));
+            const int32_t slot = tables[r * c.table_blocks + first / kKvBlockSize] * static_cast<int32_t>(kKvBlockSize) +
+                                 static_cast<int32_t>(first % kKvBlockSize);
+            slots.push_back(c.unslotted_row && r == rows - 1 ? -1 : slot);
+          }
+          const int64_t pool_elements = num_blocks * kKvBlockSize * shape.kv_dim();
+          const std::vector<int64_t> pool_shape = {num_blocks, kKvBlockSize, c.kv_heads, c.head_dim};
+          HostTensor key_pool = act_in("key_pool", pool_shape, random_values(g, pool_elements, 2.0f));
+          HostTensor value_pool = act_in("value_pool", pool_shape, random_values(g, pool_elements));
+          key_pool.output = value_pool.output = true;
+          return HostTensors{act_in("qkv", {rows, shape.qkv_dim()}, random_values(g, rows * shape.qkv_dim(), 3.0f)),
+                             weight_in("q_norm", {c.head_dim}, random_values(g, c.head_dim)),
+                             weight_in("k_norm", {c.head_dim}, random_values(g, c.head_dim)),
+                             key_pool,
+                             value_pool,
+                             i32_in("positions", {rows}, positions),
+                             i32_in("slot_mapping", {rows}, slots),
+                             i32_in("row_sequence", {rows}, row_sequence),
+                             i32_in("block_tables", {rows, c.table_blocks}, tables),
+                             act_out("out", {rows, shape.q_dim()})};
+        },
+        [shape, theta](Backend& b, const Tensors& t) {
+          b.decode_attention(t[0], t[1], t[2], t[3], t[4], AttentionTables{t[5], t[6], t[7], t[8]}, shape, kEps,
+                             theta, t[9]);
+        },
+        [=](const HostTensors& t) {
+          std::vector<Expected> expected(3);  // key_pool, value_pool, out
+          for (int which = 0; which < 2; ++which) {
+            expected[which].values = to_double(t[3 + which].values);
+            expected[which].scale = absolute(expected[which].values);
+          }
+          // The pools after the stores, as floats (what attention reads), and the rotated q heads.
+          std::vector<float> keys = t[3].values, values = t[4].values;
+          std::vector<std::vector<float>> rotated_q(static_cast<size_t>(rows * c.heads));
+          std::vector<double> normed(static_cast<size_t>(c.head_dim)), rotated(normed.size()), magnitude(normed.size());
+          const auto rotate = [&](const float* x, const std::vector<float>& weight, int32_t position) {
+            reference_rms_norm_row(x, weight.data(), c.head_dim, kEps, normed.data());
+            reference_rope_head(normed.data(), c.head_dim, position, theta, rotated.data(), magnitude.data());
+          };
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* qkv_row = &t[0].values[r * shape.qkv_dim()];
+            for (int64_t h = 0; h < c.heads; ++h) {
+              rotate(qkv_row + h * c.head_dim, t[1].values, t[5].ints[r]);
+              rotated_q[r * c.heads + h].assign(rotated.begin(), rotated.end());
+            }
+            const int32_t slot = t[6].ints[r];
+            if (slot < 0) continue;
+            for (int64_t kv = 0; kv < c.kv_heads; ++kv) {
+              rotate(qkv_row + shape.q_dim() + kv * c.head_dim, t[2].values, t[5].ints[r]);
+              const int64_t at = (int64_t{slot} * c.kv_heads + kv) * c.head_dim;
+              for (int64_t d = 0; d < c.head_dim; ++d) {
+                expected[0].values[at + d] = rotated[d];
+                expected[0].scale[at + d] = magnitude[d];
+                keys[at + d] = static_cast<float>(rotated[d]);
+                const float v = qkv_row[shape.q_dim() + shape.kv_dim() + kv * c.head_dim + d];
+                expected[1].values[at + d] = v;
+                expected[1].scale[at + d] = std::abs(v);
+                values[at + d] = v;
+              }
+            }
+          }
+          Expected& out = expected[2];
+          out.values.resize(static_cast<size_t>(rows * shape.q_dim()));
+          out.scale.resize(out.values.size());
+          const int64_t group = c.heads / c.kv_heads;
+          for (int64_t r = 0; r < rows; ++r) {
+            const int32_t* block_table = &t[8].ints[t[7].ints[r] * c.table_blocks];
+            for (int64_t h = 0; h < c.heads; ++h) {
+              std::vector<const float*> key_rows, value_rows;
+              for (int64_t p = 0; p <= t[5].ints[r]; ++p) {
+                const int64_t slot = int64_t{block_table[p / kKvBlockSize]} * kKvBlockSize + p % kKvBlockSize;
+                const int64_t at = (slot * c.kv_heads + h / group) * c.head_dim;
+                key_rows.push_back(&keys[at]);
+                value_rows.push_back(&values[at]);
+              }
+              const int64_t at = r * shape.q_dim() + h * c.head_dim;
+              reference_attention_head(rotated_q[r * c.heads + h].data(), key_rows, value_rows, c.head_dim,
+                                       &out.values[at], &out.scale[at]);
+            }
+          }
+          return expected;
+        }});
+  }
+}
+
 // ---- silu_mul, add, gather_rows, argmax ----
 
 void add_elementwise_cases(std::vector<OpCase>& cases) {
@@ -1192,6 +1328,7 @@ const std::vector<OpCase>& op_cases() {
     add_qk_norm_rope_cases(all);
     add_store_kv_cases(all);
     add_attention_cases(all);
+    add_decode_attention_cases(all);
     add_elementwise_cases(all);
     add_route_cases(all);
     add_group_by_expert_cases(all);
@@ -1484,6 +1621,25 @@ std::vector<InvalidCall> invalid_calls() {
       {"store_kv block size", "store_kv", "kKvBlockSize",
        [](Backend& b, Arena& a) {
          b.store_kv(a(F32, {2, 64}), a(I32, {2}), a(F32, {4, 8, 2, 8}), a(F32, {4, 8, 2, 8}), kHeads);
+       }},
+      // decode_attention names the failing step of its three ops.
+      {"decode_attention block size", "decode_attention", "the store_kv step: store_kv:",
+       [](Backend& b, Arena& a) {
+         b.decode_attention(a(F32, {2, 64}), a(F32, {8}), a(F32, {8}), a(F32, {4, 8, 2, 8}), a(F32, {4, 8, 2, 8}),
+                            AttentionTables{a(I32, {2}), a(I32, {2}), a(I32, {2}), a(I32, {2, 4})}, kHeads, kEps, 1e4,
+                            a(F32, {2, 32}));
+       }},
+      {"decode_attention positions per row", "decode_attention", "the qk_norm_rope step: qk_norm_rope:",
+       [](Backend& b, Arena& a) {
+         b.decode_attention(a(F32, {2, 64}), a(F32, {8}), a(F32, {8}), a(F32, {4, 16, 2, 8}), a(F32, {4, 16, 2, 8}),
+                            AttentionTables{a(I32, {3}), a(I32, {2}), a(I32, {2}), a(I32, {2, 4})}, kHeads, kEps, 1e4,
+                            a(F32, {2, 32}));
+       }},
+      {"decode_attention out width", "decode_attention", "the attention step: attention:",
+       [](Backend& b, Arena& a) {
+         b.decode_attention(a(F32, {2, 64}), a(F32, {8}), a(F32, {8}), a(F32, {4, 16, 2, 8}), a(F32, {4, 16, 2, 8}),
+                            AttentionTables{a(I32, {2}), a(I32, {2}), a(I32, {2}), a(I32, {2, 4})}, kHeads, kEps, 1e4,
+                            a(F32, {2, 64}));
        }},
       {"store_kv pool type", "store_kv", "the KV cache holds the activation type",
        [](Backend& b, Arena& a) {
