@@ -50,6 +50,10 @@ struct RunArgs {
   std::optional<int> device;
   std::string precision = "auto";
   bool cuda_graphs = true;
+  // The MoE exchange of a multi-rank GPU run: "nccl" (device buffers, worker/device_expert_parallel_moe.h),
+  // "host" (MPI through host memory, worker/expert_parallel_moe.h), "auto": nccl where the backend is cuda,
+  // NCCL is built, there are several ranks and no load profile is recorded (it needs per-expert rows).
+  std::string ep_transport = "auto";
 };
 
 struct PlanArgs {

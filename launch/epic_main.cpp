@@ -99,6 +99,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   run->add_flag("--cuda-graphs,!--no-cuda-graphs", run_args.cuda_graphs,
                 "Replay decode steps from captured CUDA graphs (default on)");
+  run->add_option("--ep-transport", run_args.ep_transport,
+                  "MoE exchange between GPU workers: nccl (device buffers), host (MPI through host memory) or "
+                  "auto (nccl with --backend cuda, several ranks and NCCL built)")
+      ->check(CLI::IsMember({"auto", "nccl", "host"}))
+      ->capture_default_str();
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   auto* prompts_file =

@@ -30,6 +30,9 @@
 #include "launch/result_printer.h"
 #include "launch/run_wire.h"
 #include "worker/expert_parallel_moe.h"
+#ifdef EPIC_HAVE_NCCL_EP
+#include "worker/device_expert_parallel_moe.h"
+#endif
 #include "worker/generation_loop.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
@@ -407,6 +410,29 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   }
   Backend& backend = *chosen.backend;
   ExpertParallelMoeExecutor executor(model.config, weights, backend, *comm, table);
+  MoeExecutor* moe_executor = &executor;
+  const bool on_device = backend.memory_space() == MemorySpace::kDevice;
+  if (args.ep_transport == "nccl" && !on_device)
+    throw Error(ErrorCode::kInvalidArgument, "--ep-transport nccl needs --backend cuda (device buffers)");
+#ifdef EPIC_HAVE_NCCL_EP
+  // The NCCL communicator takes the backend's device and stream (make_backend_nccl_communicator), so it
+  // is on the GPU the backend chose (node-local rank, or --device) by construction.
+  std::unique_ptr<NcclCommunicator> nccl;
+  std::optional<DeviceExpertParallelMoeExecutor> device_executor;
+  const bool use_nccl = on_device && (args.ep_transport == "nccl" ||
+                                      (args.ep_transport == "auto" && comm->size() > 1 && args.load_profile_out.empty()));
+  if (use_nccl)
+    run_on_all_ranks(*comm, [&] {
+      nccl = make_backend_nccl_communicator(*comm, CommOptions{args.comm_timeout_seconds}, backend);
+      device_executor.emplace(model.config, weights, backend, *nccl, table);
+      moe_executor = &*device_executor;
+    });
+#else
+  if (args.ep_transport == "nccl")
+    throw Error(ErrorCode::kInvalidArgument,
+                "--ep-transport nccl: this build has no NCCL communicator (configure with the CUDA backend and "
+                "NCCL found, EPIC_ENABLE_NCCL=ON), use --ep-transport host");
+#endif
   RunnerOptions runner_options;
   runner_options.activation_type = chosen.activation_type;
   runner_options.max_sequences = args.max_active_sequences;
@@ -422,7 +448,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       comm->size() == 1 && backend.memory_space() == MemorySpace::kDevice && args.load_profile_out.empty();
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {
-    runner.emplace(model.config, weights, backend, runner_options, local_moe ? nullptr : &executor);
+    runner.emplace(model.config, weights, backend, runner_options, local_moe ? nullptr : moe_executor);
   });
   if (coordinator) std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());
   comm->barrier();  // time the generation alone, from a common start

@@ -2,6 +2,7 @@
 // captured in graphs) and the device memory it hands out; validates every op on the host
 // (backend_checks) and enqueues the kernels of cuda_kernels.h.
 #include "kernels/cuda/cuda_backend.h"
+#include "kernels/cuda/cuda_backend_access.h"
 
 #include <algorithm>
 #include <climits>
@@ -138,6 +139,8 @@ class CudaBackend final : public Backend {
   }
 
   CudaBackend(const CudaBackend&) = delete;
+  int device() const { return device_; }
+  cudaStream_t stream() const { return stream_; }
   CudaBackend& operator=(const CudaBackend&) = delete;
 
   std::string name() const override { return "cuda(device " + std::to_string(device_) + ")"; }
@@ -705,6 +708,20 @@ std::string cuda_device_description(int device) {
   return std::string(properties.name) + " (" + gib_text(properties.totalGlobalMem) + ", sm_" +
          std::to_string(properties.major) + std::to_string(properties.minor) + ")";
 }
+
+namespace {
+
+CudaBackend& as_cuda_backend(Backend& backend) {
+  auto* cuda = dynamic_cast<CudaBackend*>(&backend);
+  if (cuda == nullptr)
+    throw Error(ErrorCode::kInvalidArgument, "the " + backend.name() + " backend is not the CUDA backend");
+  return *cuda;
+}
+
+}  // namespace
+
+int cuda_backend_device(Backend& backend) { return as_cuda_backend(backend).device(); }
+cudaStream_t cuda_backend_stream(Backend& backend) { return as_cuda_backend(backend).stream(); }
 
 std::unique_ptr<Backend> make_cuda_backend(int device) {
   require_device(device);

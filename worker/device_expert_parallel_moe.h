@@ -1,0 +1,71 @@
+// One MoE layer across GPUs over NCCL, on device buffers ("normal mode", DeepEP style): route on the
+// device -> layout (each token once per rank serving any of its slots, with those slots' expert ids and
+// weights) -> count exchange on the device, one host read of the counts per layer -> all-to-all-v of
+// token records (row + metadata) -> group the received (token, slot) pairs by expert -> grouped expert
+// FFN -> per received token the weighted sum of its slots served here -> all-to-all-v of those fp32
+// partial rows back -> the origin adds the partials in rank order.
+// Summation order: out[t] = sum over ranks r ascending of (sum over t's slots j served on r, ascending,
+// of w_j * y_j), in fp32 with each product and sum rounded alone. LocalMoeExecutor sums all k slots in
+// slot order instead, so the two agree bitwise only where all of a token's slots sit on one rank (and
+// the expert FFN took the same kernel path); otherwise up to fp32 sum order (a few ulp of the row).
+// Not capturable (the host reads counts); the low-latency decode mode is separate work.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+
+#include "comm/communicator.h"
+#include "comm/nccl/nccl_communicator.h"
+#include "kernels/backend.h"
+#include "worker/expert_routing_table.h"
+#include "worker/moe_executor.h"
+#include "worker/workspace.h"
+
+namespace epic {
+
+struct DeviceMoeStats {
+  int64_t calls = 0;
+  int64_t tokens_sent = 0;      // token records sent (self included): once per (token, destination rank)
+  int64_t pairs_computed = 0;   // (token, slot) rows this rank's experts computed
+  uint64_t bytes_sent = 0;      // to other ranks, both directions of the exchange
+  uint64_t bytes_received = 0;
+};
+
+// The NCCL communicator for `backend` (the CUDA backend): on the backend's device and stream, so
+// collectives are ordered with its ops. A collective over `host`.
+std::unique_ptr<NcclCommunicator> make_backend_nccl_communicator(Communicator& host, const CommOptions& options,
+                                                                 Backend& backend);
+
+class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
+ public:
+  // `nccl` must run on the backend's stream (make_backend_nccl_communicator); the table is for nccl.size()
+  // workers. Throws Error(kInternal) otherwise.
+  DeviceExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
+                                  NcclCommunicator& nccl, const ExpertRoutingTable& table);
+  void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+               Workspace& workspace) override;
+  bool capturable() const override { return false; }
+
+  const DeviceMoeStats& stats() const { return stats_; }
+
+ private:
+  struct DeviceReplicas {
+    OwnedTensor offsets;  // I32 [E + 1]
+    OwnedTensor workers;  // I32 [max(1, replicas)]
+  };
+  const DeviceReplicas& replicas_for(int64_t layer, int64_t num_experts);
+
+  const ModelConfig& config_;
+  const ModelWeights& weights_;
+  Backend& backend_;
+  NcclCommunicator& nccl_;
+  const ExpertRoutingTable& table_;
+  cudaStream_t stream_;
+  Workspace buffers_;  // persistent, grown on demand (slots below)
+  std::unique_ptr<Buffer> host_counts_;  // pinned: send tokens, send pairs, recv tokens, recv pairs [4R]
+  std::map<int64_t, DeviceReplicas> replicas_;
+  DeviceMoeStats stats_;
+};
+
+}  // namespace epic
