@@ -24,8 +24,9 @@
 #     nccl:   the NCCL communicator test (tests/comm/nccl_communicator_test.cpp: every collective against
 #             MPI, bitwise; a peer that skips a collective) under mpirun -np 2, and -np 4 where 4 GPUs are
 #             visible, then the NCCL expert-parallel executor test (tests/cluster/device_expert_parallel_test.cpp:
-#             layout kernels against the host plan, executor against one GPU) the same way; alone it builds
-#             only those two tests
+#             layout kernels against the host plan, executor against one GPU) the same way, then epic run
+#             under mpirun with the NCCL executor against one GPU on every golden fixture
+#             (tests/gpu/ep_golden_check.sh); alone it builds only those two tests and epic
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -76,7 +77,7 @@ for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl; 
 only_nccl=1
 for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
 build_targets=()
-wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test)
+wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test epic)
 if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
@@ -118,6 +119,9 @@ if wants nccl; then
       "$BUILD/tests/cluster/epic_device_ep_test" > "$OUT/device_ep_np$ranks.log" 2>&1 || status=1
     grep -E "^\[ SEED|^\[ MPI|PASSED|FAILED|SKIPPED|skipped on every rank|^\[rank" "$OUT/device_ep_np$ranks.log" |
       head -30 | tee -a "$OUT/summary.log"
+    log "nccl: epic run under mpirun -np $ranks (NCCL executor) against one GPU, every golden fixture"
+    bash tests/gpu/ep_golden_check.sh "$BUILD" "$ranks" "$OUT/ep_golden" 2>&1 | tee -a "$OUT/summary.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
 fi
 
