@@ -26,7 +26,8 @@
 #             visible, then the NCCL expert-parallel executor test (tests/cluster/device_expert_parallel_test.cpp:
 #             layout kernels against the host plan, executor against one GPU) the same way, then epic run
 #             under mpirun with the NCCL executor against one GPU on every golden fixture
-#             (tests/gpu/ep_golden_check.sh); alone it builds only those two tests and epic
+#             (tests/gpu/ep_golden_check.sh), and faults under it (tests/gpu/ep_fault_check.sh); alone it
+#             builds only those two tests and epic
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -123,6 +124,11 @@ if wants nccl; then
     bash tests/gpu/ep_golden_check.sh "$BUILD" "$ranks" "$OUT/ep_golden" 2>&1 | tee -a "$OUT/summary.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   done
+  if [ "$num_gpus" -ge 2 ]; then
+    log "nccl: faults under the NCCL executor (a rank that throws, stops, dies, or gets NaN logits)"
+    bash tests/gpu/ep_fault_check.sh "$BUILD" "$OUT/ep_fault" 2>&1 | tee -a "$OUT/summary.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  fi
 fi
 
 if wants bench; then
