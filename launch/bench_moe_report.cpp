@@ -29,11 +29,13 @@ NcclRankFigures slowest(const std::vector<NcclRankFigures>& ranks) {
 }
 
 std::string printf_string(const char* format, auto... values) {
-  const int size = std::snprintf(nullptr, 0, format, values...);
-  std::string text(static_cast<size_t>(size) + 1, '\0');
-  std::snprintf(text.data(), text.size(), format, values...);
-  text.resize(static_cast<size_t>(size));
-  return text;
+  std::vector<char> buffer(512);
+  int size = std::snprintf(buffer.data(), buffer.size(), format, values...);
+  if (size >= static_cast<int>(buffer.size())) {  // longer than any line here; stays correct if one grows
+    buffer.resize(static_cast<size_t>(size) + 1);
+    size = std::snprintf(buffer.data(), buffer.size(), format, values...);
+  }
+  return std::string(buffer.data(), static_cast<size_t>(std::max(size, 0)));
 }
 
 std::string rank_line(const std::string& name, const NcclRankFigures& f, bool baselines) {
