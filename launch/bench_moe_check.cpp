@@ -1,9 +1,13 @@
 // bench-moe's two-part check of its MoE layers (see bench_moe_check.h).
 #include "launch/bench_moe_check.h"
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
+#include <sstream>
 #include <vector>
 
+#include "kernels/error.h"
 #include "worker/expert_ffn_checker.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/identity_expert_backend.h"
@@ -29,6 +33,36 @@ void flip_sign_of_first_element(Backend& backend, const Tensor& out) {
 }
 
 }  // namespace
+
+double nccl_check_tolerance(ScalarType activation_type) {
+  return activation_type == ScalarType::kBF16 ? 2e-2 : 1e-5;
+}
+
+int64_t count_relative_mismatches(std::span<const float> actual, std::span<const float> expected,
+                                  int64_t row_elements, double tolerance, std::string* first) {
+  EPIC_CHECK(actual.size() == expected.size() && row_elements > 0 &&
+                 expected.size() % static_cast<size_t>(row_elements) == 0,
+             ErrorCode::kInternal, "count_relative_mismatches: sizes do not match");
+  int64_t wrong = 0;
+  const size_t row = static_cast<size_t>(row_elements);
+  for (size_t start = 0; start < expected.size(); start += row) {
+    double row_max = 0;
+    for (size_t i = start; i < start + row; ++i) row_max = std::max(row_max, std::fabs(double(expected[i])));
+    const double bound = tolerance * row_max;
+    for (size_t i = start; i < start + row; ++i) {
+      const double difference = std::fabs(double(actual[i]) - double(expected[i]));
+      if (difference <= bound) continue;  // false for NaN: counted
+      if (wrong == 0 && first != nullptr) {
+        std::ostringstream text;
+        text << "token " << start / row << " element " << i - start << ": got " << actual[i] << ", expected "
+             << expected[i] << " (bound " << bound << " = " << tolerance << " x row max " << row_max << ")";
+        *first = text.str();
+      }
+      ++wrong;
+    }
+  }
+  return wrong;
+}
 
 MoeCheckResult check_moe_layers(const MoeCheckInputs& in) {
   MoeCheckResult result;
@@ -72,6 +106,30 @@ MoeCheckResult check_moe_layers(const MoeCheckInputs& in) {
     result.expert_rows_checked = checking.rows_checked();
     if (result.expert_wrong > 0 && result.first_mismatch.empty())
       result.first_mismatch = "expert FFN (against a host reference), " + checking.first_mismatch();
+  }
+
+  // (c) The NCCL executor against the reference executor, both on the backend that ran.
+  if (in.device_executor != nullptr) {
+    EPIC_CHECK(!in.local_executor, ErrorCode::kInternal,
+               "bench-moe check: the NCCL executor needs several ranks' reference");
+    const std::unique_ptr<MoeExecutor> reference = make_executor(in, in.backend);
+    const OwnedTensor expected_out = in.backend.new_tensor(act, {num_tokens, hidden});
+    const double tolerance = nccl_check_tolerance(act);
+    for (int64_t layer = 0; layer < in.layers; ++layer) {
+      reference->forward(layer, in.tokens, in.router_tokens, expected_out, in.workspace);
+      in.device_executor->forward(layer, in.tokens, in.router_tokens, out, in.workspace);
+      in.backend.synchronize();
+      if (in.comm.rank() == in.corrupt_rank && num_tokens > 0) flip_sign_of_first_element(in.backend, out);
+      std::string first;
+      const int64_t wrong = count_relative_mismatches(
+          read_as_f32(in.backend, out), read_as_f32(in.backend, expected_out), hidden, tolerance, &first);
+      if (wrong > 0 && result.first_mismatch.empty())
+        result.first_mismatch = "NCCL executor against the MPI executor (within " +
+                                std::to_string(tolerance) + " of the row's max), layer " +
+                                std::to_string(layer) + ": " + first;
+      result.nccl_wrong += wrong;
+      result.nccl_elements += num_tokens * hidden;
+    }
   }
   return result;
 }

@@ -10,9 +10,16 @@
 // Both decorate whichever backend runs (cpu or cuda) and read results back to the host. Neither
 // covers CUDA's fused one-token routed_moe (a decorator runs the block op by op); the kernel op
 // table checks that kernel against the CPU.
+//  (c) With the NCCL executor (device_executor): it cannot run on a decorator (it needs the CUDA
+//      backend's stream), so (a) and (b) check ExpertParallelMoeExecutor, the reference, and (c)
+//      compares one more forward of every layer by the NCCL executor with the reference's output on
+//      the same backend, element by element within nccl_check_tolerance of the row's largest |value|
+//      (the two sum a token's slots in different orders, and the grouped FFN may take another kernel
+//      path for another row count).
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "comm/communicator.h"
@@ -20,11 +27,22 @@
 #include "worker/expert_routing_table.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
+#include "worker/moe_executor.h"
 #include "worker/workspace.h"
 
 namespace epic::cli {
 
 inline constexpr int64_t kCheckedExpertRows = 64;
+
+// Part (c)'s bound on |nccl - reference| relative to the reference row's largest |value|: fp32 1e-5
+// (a few ulp of sum order); bf16 2e-2 (one bf16 rounding of an expert row, 2^-8, times a few slots,
+// and one of the output).
+double nccl_check_tolerance(ScalarType activation_type);
+
+// Part (c)'s comparison: elements with |actual - expected| > tolerance * max |expected| of their row
+// (rows of row_elements; a NaN anywhere counts), the first described in *first.
+int64_t count_relative_mismatches(std::span<const float> actual, std::span<const float> expected,
+                                  int64_t row_elements, double tolerance, std::string* first);
 
 struct MoeCheckInputs {
   const ModelConfig& config;
@@ -40,6 +58,8 @@ struct MoeCheckInputs {
   // Test-only fault injection (bench-moe's hidden --inject-wrong-row): on this rank, flip the sign of
   // element 0 of combined row 0 in part (a), so the check must fail naming this worker. -1: none.
   int corrupt_rank = -1;
+  // The NCCL executor the timing used (part (c)); null otherwise. Requires !local_executor.
+  MoeExecutor* device_executor = nullptr;
 };
 
 struct MoeCheckResult {
@@ -47,8 +67,10 @@ struct MoeCheckResult {
   int64_t data_plane_elements = 0;  // elements part (a) compared
   int64_t expert_wrong = 0;         // elements of part (b) outside the tolerance
   int64_t expert_rows_checked = 0;
+  int64_t nccl_wrong = 0;      // elements of part (c) outside the tolerance
+  int64_t nccl_elements = 0;   // elements part (c) compared
   std::string first_mismatch;  // what went wrong first ("data plane, layer 0: token 0 element 0: ...")
-  int64_t wrong() const { return data_plane_wrong + expert_wrong; }
+  int64_t wrong() const { return data_plane_wrong + expert_wrong + nccl_wrong; }
 };
 
 MoeCheckResult check_moe_layers(const MoeCheckInputs& inputs);

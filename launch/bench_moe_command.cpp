@@ -21,9 +21,12 @@
 #include "kernels/file_io.h"
 #include "launch/backend_choice.h"
 #include "launch/bench_moe_check.h"
+#include "launch/bench_moe_nccl.h"
+#include "launch/bench_moe_report.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/default_paths.h"
+#include "launch/ep_transport.h"
 #include "launch/flag_checks.h"
 #include "launch/placement_setup.h"
 #include "launch/rank_agreement.h"
@@ -37,6 +40,15 @@
 
 namespace epic::cli {
 namespace {
+
+#ifdef EPIC_HAVE_NCCL_EP
+constexpr bool kNcclBuilt = true;
+#else
+constexpr bool kNcclBuilt = false;
+#endif
+// The link measurement's message: large enough that NCCL reaches its peak bandwidth (past ~100 MB on
+// NVLink), small enough to sit beside 16384 tokens' buffers.
+constexpr int64_t kLinkBytes = int64_t{256} << 20;
 
 struct PhaseTotals {
   double route = 0, dispatch = 0, expert = 0, combine = 0, total = 0;
@@ -109,6 +121,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
   check_int_flag("--iterations", args.iterations, 1, kMaxBenchIterations);
   check_int_flag("--warmup", args.warmup, 0, kMaxBenchIterations);
   check_int_flag("--threads", args.threads, 0, kMaxThreads);
+  check_ep_transport_flag(args.ep_transport, args.backend);
   ModelPreset preset = load_preset(args.preset, presets_dir());
   // More layers than the preset has would only repeat its shapes, each costing all its experts.
   check_int_flag("--layers (of preset " + preset.name + ")", args.layers, 1, preset.config.num_hidden_layers);
@@ -138,9 +151,12 @@ int bench_moe_command(const BenchMoeArgs& args) {
   ChosenBackend chosen = choose_backend(backend_flags, launcher_local_rank(), threads);
   Backend& backend = *chosen.backend;
   const ScalarType act = chosen.activation_type;
-  // One GPU worker times the device path (local executor: no host round trips); otherwise the
-  // expert-parallel executor with its per-phase clocks.
-  const bool local = num_workers == 1 && backend.memory_space() == MemorySpace::kDevice;
+  // One GPU worker times the device path (local executor: no host round trips); several the NCCL
+  // executor (device time per phase) or the MPI executor (host clocks per phase).
+  const EpTransport transport = choose_ep_transport(
+      args.ep_transport, backend.memory_space() == MemorySpace::kDevice, num_workers, kNcclBuilt);
+  const bool local = transport == EpTransport::kLocal;
+  const bool use_nccl = transport == EpTransport::kNccl;
   if (args.cuda_graphs && !local) {
     throw Error(
         ErrorCode::kInvalidArgument,
@@ -173,15 +189,26 @@ int bench_moe_command(const BenchMoeArgs& args) {
   const OwnedTensor out = backend.new_tensor(act, {args.tokens_per_worker, hidden});
   Workspace workspace(backend);
   LocalMoeExecutor local_executor(config, weights, backend);
+  std::unique_ptr<NcclMoeBench> nccl_bench;
+#ifdef EPIC_HAVE_NCCL_EP
+  if (use_nccl)
+    nccl_bench =
+        make_nccl_moe_bench(*comm, CommOptions{args.comm_timeout_seconds}, config, weights, backend, table);
+#endif
   for (int64_t i = 0; i < args.warmup; ++i) {
     ExpertParallelMoeExecutor warm(config, weights, backend, *comm, table);
-    MoeExecutor& executor = local ? static_cast<MoeExecutor&>(local_executor) : warm;
+    MoeExecutor& executor = local      ? static_cast<MoeExecutor&>(local_executor)
+                            : use_nccl ? nccl_bench->executor()
+                                       : static_cast<MoeExecutor&>(warm);
     for (int64_t layer = 0; layer < args.layers; ++layer)
       executor.forward(layer, tokens, router_tokens, out, workspace);
   }
   backend.synchronize();
+  if (use_nccl) nccl_bench->reset_stats();  // its buffers stay grown: the timed run allocates nothing
   ExpertParallelMoeExecutor executor(config, weights, backend, *comm, table);
-  MoeExecutor& timed = local ? static_cast<MoeExecutor&>(local_executor) : executor;
+  MoeExecutor& timed = local      ? static_cast<MoeExecutor&>(local_executor)
+                       : use_nccl ? nccl_bench->executor()
+                                  : static_cast<MoeExecutor&>(executor);
   const auto one_iteration = [&] {
     for (int64_t layer = 0; layer < args.layers; ++layer)
       timed.forward(layer, tokens, router_tokens, out, workspace);
@@ -212,12 +239,27 @@ int bench_moe_command(const BenchMoeArgs& args) {
     stats.expert_seconds = totals.total;
     stats.rows_computed = stats.rows_sent = stats.calls * args.tokens_per_worker * config.num_experts_per_tok;
   }
+  NcclRankFigures nccl_figures;
+  if (use_nccl) {  // the table's columns from the NCCL executor (device time per phase)
+    nccl_figures = nccl_bench->figures();
+    stats = nccl_bench->phase_stats();
+  }
   // After timing, so the check costs the figures nothing; every rank joins (the executors' collectives).
   MoeCheckResult check;
   if (args.check) {
-    check =
-        check_moe_layers(MoeCheckInputs{config, weights, backend, *comm, table, local, tokens, router_tokens,
-                                        workspace, args.layers, args.inject_wrong_row_rank});
+    check = check_moe_layers(MoeCheckInputs{config, weights, backend, *comm, table, local, tokens,
+                                            router_tokens, workspace, args.layers, args.inject_wrong_row_rank,
+                                            use_nccl ? &nccl_bench->executor() : nullptr});
+  }
+  // The baselines after the check too: its forwards left each layer's exchange sizes the timed run's
+  // (same tokens, same routing).
+  if (use_nccl && args.baseline) nccl_bench->measure_baselines(args.iterations, kLinkBytes, nccl_figures);
+  std::vector<NcclRankFigures> nccl_ranks;
+  if (use_nccl) {
+    const std::vector<double> columns = nccl_figures.to_columns();
+    for (const std::vector<double>& rank_columns :
+         comm->all_gather_v<double>(std::span<const double>(columns)))
+      nccl_ranks.push_back(NcclRankFigures::from_columns(rank_columns));
   }
   const double calls = static_cast<double>(stats.calls);
   const std::vector<double> mine = {stats.route_seconds / calls * 1e3,
@@ -248,10 +290,12 @@ int bench_moe_command(const BenchMoeArgs& args) {
                             std::to_string(config.num_experts_per_tok) + ", moe_intermediate " +
                             std::to_string(inter);
   std::printf(
-      "bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s)%s, backend %s\n",
+      "bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s)%s, backend %s, "
+      "ep transport %s\n",
       shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
       static_cast<long long>(args.layers), static_cast<long long>(args.iterations),
-      args.cuda_graphs ? " replayed from a CUDA graph" : "", chosen.description.c_str());
+      args.cuda_graphs ? " replayed from a CUDA graph" : "", chosen.description.c_str(),
+      ep_transport_name(transport));
   std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s %8s\n", "worker", "route",
               "dispatch", "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts",
               "wrong");
@@ -270,9 +314,15 @@ int bench_moe_command(const BenchMoeArgs& args) {
       "slowest worker %.3f ms per layer; %.0f tokens/s per layer over the cluster; expert load max/mean "
       "%.3f\n",
       max_total, tokens_per_second, sum_rows > 0 ? max_rows / (sum_rows / num_workers) : 1.0);
+  const NcclReportShape nccl_shape{
+      chosen.description, args.tokens_per_worker, hidden,      config.num_experts_per_tok, config.num_experts,
+      args.layers,        args.iterations,        num_workers, use_nccl && args.baseline,  kLinkBytes};
+  if (use_nccl) std::printf("%s", format_nccl_report(nccl_shape, nccl_ranks).c_str());
   if (args.check) {
-    std::printf("check: %s (data plane exact with identity experts; expert rows within %.0e of a host FFN)\n",
-                any_wrong ? "FAILED" : "passed on every worker", expert_ffn_check_tolerance(act));
+    std::printf(
+        "check: %s (data plane exact with identity experts; expert rows within %.0e of a host FFN%s)\n",
+        any_wrong ? "FAILED" : "passed on every worker", expert_ffn_check_tolerance(act),
+        use_nccl ? "; NCCL executor within the row-relative tolerance of the MPI executor" : "");
   }
 
   const char* columns[] = {"route_ms",   "dispatch_ms",    "expert_ms",     "combine_ms", "total_ms",
@@ -316,7 +366,9 @@ int bench_moe_command(const BenchMoeArgs& args) {
                              {"threads_per_rank", threads},
                              {"backend", chosen.description},
                              {"per_worker", workers},
-                             {"tokens_per_second", tokens_per_second}};
+                             {"tokens_per_second", tokens_per_second},
+                             {"ep_transport", ep_transport_name(transport)}};
+    if (use_nccl) result["nccl"] = nccl_report_json(nccl_shape, nccl_ranks);
     files::write_file_atomically(args.json_out, result.dump(2) + "\n", "--json");
   }
   if (any_wrong) {

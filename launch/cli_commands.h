@@ -99,6 +99,8 @@ struct BenchMoeArgs {
   std::string precision = "auto";
   bool cuda_graphs = false;  // one GPU worker: the timed iterations replay a CUDA graph of the layers
   bool check = true;         // check the layers' output after timing (--no-check: skip)
+  std::string ep_transport = "auto";  // auto | nccl | host (launch/ep_transport.h)
+  bool baseline = true;  // with nccl: NCCL's all-to-all of the same bytes and the link, timed in the same run
   // Test-only (a hidden flag, --inject-wrong-row RANK): corrupt one combined row of the check on that
   // rank, so tests can prove the check fails and names the worker. -1: no fault.
   int inject_wrong_row_rank = -1;

@@ -208,6 +208,17 @@ int main(int argc, char** argv) {
                   "Check the layers' output after timing (default): the data plane exactly with identity "
                   "experts, and a sample of each worker's expert rows against a host FFN; a worker with "
                   "wrong elements fails the run (exit 1)");
+  bench
+      ->add_option(
+          "--ep-transport", bench_args.ep_transport,
+          "MoE exchange between GPU workers: nccl (device buffers), host (MPI through host memory) or "
+          "auto (nccl with --backend cuda, several ranks and NCCL built; one GPU: no exchange)")
+      ->check(CLI::IsMember({"auto", "nccl", "host"}))
+      ->capture_default_str();
+  bench->add_flag(
+      "--baseline,!--no-baseline", bench_args.baseline,
+      "With nccl (default on): also time NCCL's own all_to_all_v of each layer's dispatch and "
+      "combine bytes, and NCCL send/recv between rank pairs (the link), and print ours against them");
   // Test-only fault injection, hidden from --help (group ""): see BenchMoeArgs::inject_wrong_row_rank.
   bench->add_option("--inject-wrong-row", bench_args.inject_wrong_row_rank)
       ->transform(strict_integer<int>())

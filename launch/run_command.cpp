@@ -21,6 +21,7 @@
 #include "launch/backend_choice.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
+#include "launch/ep_transport.h"
 #include "launch/flag_checks.h"
 #include "launch/id_list.h"
 #include "launch/model_source.h"
@@ -149,6 +150,7 @@ void check_flags(const RunArgs& args) {
   check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
   check_model_source_flags(model_source_flags(args));
   check_backend_flags(backend_flags(args));
+  check_ep_transport_flag(args.ep_transport, args.backend);
 }
 
 // Rank 0, before any weight is read: every output path can be written atomically (absent or a
@@ -482,6 +484,18 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.bytes_received = phases.bytes_received;
   report.rows_computed = phases.rows_computed;
   report.expert_rows = executor.expert_rows();
+#ifdef EPIC_HAVE_NCCL_EP
+  if (device_executor) {  // the NCCL executor ran the MoE layers: its figures, device time per phase
+    const DeviceMoeStats& device_phases = device_executor->stats();
+    report.route_seconds = device_phases.route_seconds;
+    report.dispatch_seconds = device_phases.dispatch_seconds;
+    report.expert_seconds = device_phases.expert_seconds;
+    report.combine_seconds = device_phases.combine_seconds;
+    report.bytes_sent = device_phases.bytes_sent;
+    report.bytes_received = device_phases.bytes_received;
+    report.rows_computed = device_phases.pairs_computed;
+  }
+#endif
   const std::string report_bytes = wire::to_bytes(report);
   const std::vector<std::vector<char>> gathered =
       comm->all_gather_v<char>(std::span<const char>(report_bytes.data(), report_bytes.size()));

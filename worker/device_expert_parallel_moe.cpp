@@ -59,6 +59,26 @@ void fill_blocks(const int64_t* counts, int num_ranks, int64_t unit_bytes, std::
 // A zero-row Workspace view would be a rank-0-sized tensor; one element keeps shapes valid.
 int64_t at_least_one(int64_t n) { return n > 0 ? n : 1; }
 
+// Where a layer's phases begin and end on the stream (DeviceMoeStats).
+enum PhaseMark : int {
+  kMarkStart,
+  kMarkRouted,
+  kMarkCountsRead,
+  kMarkPacked,
+  kMarkDispatched,
+  kMarkComputed,
+  kMarkCombined,
+  kNumPhaseMarks
+};
+
+// Bytes to ranks other than `rank`.
+uint64_t off_rank_bytes(const std::vector<int64_t>& bytes, int rank) {
+  uint64_t total = 0;
+  for (size_t r = 0; r < bytes.size(); ++r)
+    if (static_cast<int>(r) != rank) total += static_cast<uint64_t>(bytes[r]);
+  return total;
+}
+
 }  // namespace
 
 std::unique_ptr<NcclCommunicator> make_backend_nccl_communicator(Communicator& host, const CommOptions& options,
@@ -87,6 +107,13 @@ DeviceExpertParallelMoeExecutor::DeviceExpertParallelMoeExecutor(const ModelConf
              "the NCCL communicator must run on the CUDA backend's device and stream "
              "(make_backend_nccl_communicator)");
   host_counts_ = backend.allocate_staging(sizeof(int64_t) * 4 * static_cast<size_t>(nccl.size()));
+  phase_events_.assign(kNumPhaseMarks, nullptr);
+  for (cudaEvent_t& event : phase_events_) EPIC_CUDA_CHECK(cudaEventCreate(&event));
+}
+
+DeviceExpertParallelMoeExecutor::~DeviceExpertParallelMoeExecutor() {
+  for (cudaEvent_t event : phase_events_)
+    if (event != nullptr) cudaEventDestroy(event);  // no throw from a destructor; nothing to do on failure
 }
 
 const DeviceExpertParallelMoeExecutor::DeviceReplicas& DeviceExpertParallelMoeExecutor::replicas_for(
@@ -115,6 +142,8 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   const uint64_t sent_before = nccl_.bytes_sent(), received_before = nccl_.bytes_received();
   const DeviceReplicas& replicas = replicas_for(layer, num_experts);
   ++stats_.calls;
+  const auto mark = [&](PhaseMark at) { EPIC_CUDA_CHECK(cudaEventRecord(phase_events_[at], stream_)); };
+  mark(kMarkStart);
 
   // Layout. The occurrence of each slot among the slots of its expert (the replica choice's key) comes
   // from the stable grouping: sorted_position - expert_offsets.
@@ -131,6 +160,7 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
                                   replicas.offsets.view().as<int32_t>(), replicas.workers.view().as<int32_t>(), num_slots, rank,
                                   destination.as<int32_t>(), stream_);
   }
+  mark(kMarkRouted);
   const Tensor send_position =
       buffers_.get(kEpSendPosition, ScalarType::kI32, {at_least_one(num_ranks * num_tokens)});
   const Tensor counts = buffers_.get(kEpCounts, ScalarType::kI32, {8 * static_cast<int64_t>(num_ranks)});
@@ -147,6 +177,7 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   auto* host = static_cast<int64_t*>(host_counts_->data());
   EPIC_CUDA_CHECK(cudaMemcpyAsync(host, device_counts, sizeof(int64_t) * 4 * num_ranks, cudaMemcpyDeviceToHost,
                                   stream_));
+  mark(kMarkCountsRead);
   nccl_.synchronize();  // bounded: a stuck peer or an NCCL error throws here
   const int64_t total_sent = sum(host, num_ranks);
   const int64_t total_received = sum(host + 2 * num_ranks, num_ranks);
@@ -169,7 +200,9 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   dispatch.recv_buffer_bytes = static_cast<int64_t>(recv_records.bytes());
   fill_blocks(host, num_ranks, record_bytes, dispatch.send_bytes, dispatch.send_offsets);
   fill_blocks(host + 2 * num_ranks, num_ranks, record_bytes, dispatch.recv_bytes, dispatch.recv_offsets);
+  mark(kMarkPacked);
   nccl_.all_to_all_v(dispatch);
+  mark(kMarkDispatched);
 
   // Expert compute: the received (token, slot) pairs grouped by expert; slots served elsewhere get the
   // id num_experts, so the stable sort puts them after every real group (the first total_pairs rows).
@@ -200,6 +233,8 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
                              hidden_size, partial.as<float>(), stream_);
   }
 
+  mark(kMarkComputed);
+
   // Combine: each partial row back to its origin once, then the rank-ordered sum into out.
   const int64_t partial_row_bytes = hidden_size * static_cast<int64_t>(sizeof(float));
   const Tensor returned = buffers_.get(kEpReturned, ScalarType::kF32, {at_least_one(total_sent), hidden_size});
@@ -213,9 +248,25 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   nccl_.all_to_all_v(combine);
   ep_kernels::combine_partials(returned.as<float>(), send_position.as<int32_t>(), send_counts, num_tokens,
                                num_ranks, hidden_size, out.data, out.type, stream_);
+  mark(kMarkCombined);
   nccl_.synchronize();  // bounded, so no later unbounded stream wait can sit behind a stuck exchange
   stats_.bytes_sent += nccl_.bytes_sent() - sent_before;
   stats_.bytes_received += nccl_.bytes_received() - received_before;
+  // The stream is done, so every mark is complete: reading them waits for nothing.
+  const auto seconds = [&](PhaseMark from, PhaseMark to) {
+    float milliseconds = 0;
+    EPIC_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, phase_events_[from], phase_events_[to]));
+    return milliseconds * 1e-3;
+  };
+  stats_.route_seconds += seconds(kMarkStart, kMarkRouted);
+  stats_.dispatch_seconds += seconds(kMarkRouted, kMarkDispatched);
+  stats_.count_exchange_seconds += seconds(kMarkRouted, kMarkCountsRead);
+  stats_.rows_all_to_all_seconds += seconds(kMarkPacked, kMarkDispatched);
+  stats_.expert_seconds += seconds(kMarkDispatched, kMarkComputed);
+  stats_.combine_seconds += seconds(kMarkComputed, kMarkCombined);
+  stats_.dispatch_bytes_sent += off_rank_bytes(dispatch.send_bytes, rank);
+  stats_.combine_bytes_sent += off_rank_bytes(combine.send_bytes, rank);
+  exchange_sizes_[layer] = {dispatch.send_bytes, dispatch.recv_bytes, combine.send_bytes, combine.recv_bytes};
 }
 
 }  // namespace epic

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <vector>
 
 #include "comm/communicator.h"
 #include "comm/nccl/nccl_communicator.h"
@@ -30,6 +31,24 @@ struct DeviceMoeStats {
   int64_t pairs_computed = 0;   // (token, slot) rows this rank's experts computed
   uint64_t bytes_sent = 0;      // to other ranks, both directions of the exchange
   uint64_t bytes_received = 0;
+  // Device time per phase (CUDA events on the executor's stream, read after each layer's final
+  // synchronize), summed over calls. dispatch = layout + count exchange + host read of the counts + rows
+  // all-to-all; count_exchange_seconds and rows_all_to_all_seconds are parts of it. combine = all-to-all
+  // back + the rank-ordered sum.
+  double route_seconds = 0;
+  double dispatch_seconds = 0;
+  double count_exchange_seconds = 0;  // rank layout + count exchange + the counts' copy to the host
+  double rows_all_to_all_seconds = 0;
+  double expert_seconds = 0;  // unpack, grouping, grouped expert FFN, partial sums
+  double combine_seconds = 0;
+  uint64_t dispatch_bytes_sent = 0;  // token records to other ranks (the rows all-to-all alone)
+  uint64_t combine_bytes_sent = 0;   // partial rows back to other ranks
+};
+
+// The per-peer block sizes (bytes, indexed by rank, own rank included) of one layer's two exchanges:
+// what a baseline all-to-all must move to be comparable.
+struct DeviceExchangeSizes {
+  std::vector<int64_t> dispatch_send, dispatch_recv, combine_send, combine_recv;
 };
 
 // The NCCL communicator for `backend` (the CUDA backend): on the backend's device and stream, so
@@ -43,11 +62,17 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   // workers. Throws Error(kInternal) otherwise.
   DeviceExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
                                   NcclCommunicator& nccl, const ExpertRoutingTable& table);
+  ~DeviceExpertParallelMoeExecutor() override;
+  DeviceExpertParallelMoeExecutor(const DeviceExpertParallelMoeExecutor&) = delete;
+  DeviceExpertParallelMoeExecutor& operator=(const DeviceExpertParallelMoeExecutor&) = delete;
   void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
                Workspace& workspace) override;
   bool capturable() const override { return false; }
 
   const DeviceMoeStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = {}; }  // e.g. after a benchmark's warm-up
+  // The last call's exchange sizes of each layer called so far.
+  const std::map<int64_t, DeviceExchangeSizes>& exchange_sizes() const { return exchange_sizes_; }
 
  private:
   struct DeviceReplicas {
@@ -66,6 +91,9 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   std::unique_ptr<Buffer> host_counts_;  // pinned: send tokens, send pairs, recv tokens, recv pairs [4R]
   std::map<int64_t, DeviceReplicas> replicas_;
   DeviceMoeStats stats_;
+  // Phase marks of one layer (PhaseMark in the .cpp), recorded on stream_.
+  std::vector<cudaEvent_t> phase_events_;
+  std::map<int64_t, DeviceExchangeSizes> exchange_sizes_;
 };
 
 }  // namespace epic

@@ -148,6 +148,11 @@ INSTANTIATE_TEST_SUITE_P(
         BadInput{"BenchLayersZero", "bench-moe --preset tiny --layers 0", "--layers"},
         BadInput{"BenchGraphsOnCpu", "bench-moe --preset tiny --backend cpu --cuda-graphs",
                  "--cuda-graphs times one worker on a GPU"},
+        BadInput{"BenchNcclOnCpu", "bench-moe --preset tiny --backend cpu --ep-transport nccl",
+                 "--ep-transport nccl needs --backend cuda"},
+        BadInput{"BenchTransportUnknown", "bench-moe --preset tiny --ep-transport shm", "--ep-transport"},
+        BadInput{"RunNcclOnCpu", kRun + " --backend cpu --ep-transport nccl",
+                 "--ep-transport nccl needs --backend cuda"},
         BadInput{"MakeModelLayersZero", "make-model --preset tiny --out {scratch}/m5 --layers 0",
                  "--layers"}));
 

@@ -4,7 +4,7 @@
 # skip visibly, and this script is how they run.
 #
 #   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab] [ffn]
-#                                   [ncu] [ncu-moe] [moe-ab] [nccl]
+#                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench]
 #   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
@@ -28,6 +28,11 @@
 #             under mpirun with the NCCL executor against one GPU on every golden fixture
 #             (tests/gpu/ep_golden_check.sh), and faults under it (tests/gpu/ep_fault_check.sh); alone it
 #             builds only those two tests and epic
+#     ep-bench: bench-moe with the NCCL executor (qwen3-30b-a3b, bf16, 2 layers) under mpirun -np 2 (and 4
+#             where 4 GPUs) at EP_BENCH_TOKENS (default 128 1024 4096 16384) tokens per rank: dispatch /
+#             expert / combine device times, off-rank GB/s, NCCL's all_to_all_v of the same bytes and the
+#             send/recv link in the same run, self-checked; then one GPU at the same sizes for the weak
+#             scaling efficiency t1 / tN of a whole MoE layer (4096 and 16384). Alone it builds only epic
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -73,12 +78,13 @@ if wants golden; then
 fi
 
 needs_build=0
-for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl; do wants "$mode" && needs_build=1; done
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench; do wants "$mode" && needs_build=1; done
 # nccl alone needs one test binary, not the whole tree (device time).
 only_nccl=1
 for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
 build_targets=()
 wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test epic)
+wants ep-bench && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
 if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
@@ -129,6 +135,48 @@ if wants nccl; then
     bash tests/gpu/ep_fault_check.sh "$BUILD" "$OUT/ep_fault" 2>&1 | tee -a "$OUT/summary.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
   fi
+fi
+
+if wants ep-bench; then
+  num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  ep_tokens=(${EP_BENCH_TOKENS:-128 1024 4096 16384})
+  # Fewer iterations where one is long: the whole mode stays near 4 minutes on 2 GPUs.
+  iterations_for() { if [ "$1" -ge 16384 ]; then echo 5; elif [ "$1" -ge 4096 ]; then echo 10; else echo 20; fi; }
+  bench_common=(bench-moe --backend cuda --precision bf16 --preset qwen3-30b-a3b --layers 2 --warmup 2)
+  log "ep-bench: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $num_gpus GPU(s), $(nvidia-smi topo -m 2>/dev/null | awk 'NR==2{print $3}') between GPU0 and GPU1"
+  for tokens in "${ep_tokens[@]}"; do
+    log "ep-bench: one GPU, $tokens tokens"
+    timeout 120 "$BUILD/epic" "${bench_common[@]}" --tokens-per-worker "$tokens" --iterations "$(iterations_for "$tokens")" \
+      --no-check --json "$OUT/ep_bench_np1_$tokens.json" > "$OUT/ep_bench_np1_$tokens.log" 2>&1 || status=1
+    grep -E "slowest worker|error" "$OUT/ep_bench_np1_$tokens.log" | tee -a "$OUT/summary.log"
+  done
+  for ranks in 2 4; do
+    if [ "$ranks" -gt "$num_gpus" ]; then log "ep-bench: -np $ranks not run: $num_gpus GPUs visible"; continue; fi
+    for tokens in "${ep_tokens[@]}"; do
+      log "ep-bench: mpirun -np $ranks, nccl, $tokens tokens per rank"
+      timeout 150 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x NCCL_DEBUG=WARN \
+        "$BUILD/epic" "${bench_common[@]}" --ep-transport nccl --tokens-per-worker "$tokens" \
+        --iterations "$(iterations_for "$tokens")" --json "$OUT/ep_bench_np${ranks}_$tokens.json" \
+        > "$OUT/ep_bench_np${ranks}_$tokens.log" 2>&1 || status=1
+      grep -E "^ +max |dispatch \+ combine|vs NCCL|^link|slowest worker|^check|error" "$OUT/ep_bench_np${ranks}_$tokens.log" |
+        tee -a "$OUT/summary.log"
+    done
+    # Weak scaling: the same tokens per rank on one GPU and on N; a whole MoE layer, slowest rank's wall time.
+    python3 - "$OUT" "$ranks" "${ep_tokens[@]}" <<'PY' | tee -a "$OUT/summary.log"
+import json, os, sys
+out, ranks, sizes = sys.argv[1], sys.argv[2], sys.argv[3:]
+def slowest(path):
+    with open(path) as f:
+        return max(w["total_ms"] for w in json.load(f)["per_worker"])
+for tokens in sizes:
+    one, many = f"{out}/ep_bench_np1_{tokens}.json", f"{out}/ep_bench_np{ranks}_{tokens}.json"
+    if not (os.path.exists(one) and os.path.exists(many)):
+        print(f"weak scaling EP{ranks} {tokens} tokens/rank: missing a run"); continue
+    t1, tn = slowest(one), slowest(many)
+    print(f"weak scaling EP{ranks} {tokens} tokens/rank: 1 GPU {t1:.3f} ms, {ranks} GPUs {tn:.3f} ms per layer, "
+          f"efficiency t1/tN {t1 / tn:.3f}")
+PY
+  done
 fi
 
 if wants bench; then
