@@ -55,7 +55,8 @@ AllToAllLayout fixed_blocks(const void* send, void* recv, int num_ranks, int64_t
 }  // namespace
 
 void DeviceExpertParallelMoeExecutor::begin_step(int64_t max_rows_on_any_rank) {
-  step_tokens_ = low_latency_step_tokens(options_.mode, options_.low_latency_max_tokens, max_rows_on_any_rank);
+  step_tokens_ =
+      low_latency_step_tokens(options_.mode, options_.low_latency_max_tokens, max_rows_on_any_rank);
   in_step_ = true;
 }
 
@@ -97,39 +98,44 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   if (num_tokens > 0) {
     routed = route_tokens(backend_, config_, moe, router_input, workspace);
     const Tensor offsets = buffers.get(kLlOccurrenceOffsets, ScalarType::kI32, {num_experts + 1});
-    const Tensor source = buffers.get(kLlOccurrenceSource, ScalarType::kI32, {capacity * top_k}).rows_view(0, num_slots);
+    const Tensor source =
+        buffers.get(kLlOccurrenceSource, ScalarType::kI32, {capacity * top_k}).rows_view(0, num_slots);
     const Tensor position =
         buffers.get(kLlOccurrencePosition, ScalarType::kI32, {capacity * top_k}).rows_view(0, num_slots);
-    backend_.group_by_expert(routed.expert_ids.reshaped({num_slots}), num_experts, top_k, offsets, source, position);
-    ep_kernels::slot_destinations(routed.expert_ids.as<int32_t>(), position.as<int32_t>(), offsets.as<int32_t>(),
-                                  replicas.offsets.view().as<int32_t>(), replicas.workers.view().as<int32_t>(),
-                                  num_slots, rank, destination.as<int32_t>(), stream_);
+    backend_.group_by_expert(routed.expert_ids.reshaped({num_slots}), num_experts, top_k, offsets, source,
+                             position);
+    ep_kernels::slot_destinations(routed.expert_ids.as<int32_t>(), position.as<int32_t>(),
+                                  offsets.as<int32_t>(), replicas.offsets.view().as<int32_t>(),
+                                  replicas.workers.view().as<int32_t>(), num_slots, rank,
+                                  destination.as<int32_t>(), stream_);
   }
   const Tensor send_position = buffers.get(kLlSendPosition, ScalarType::kI32, {num_ranks * capacity});
   const Tensor counts = buffers.get(kLlCounts, ScalarType::kI32, {4 * static_cast<int64_t>(num_ranks)});
   int64_t* send_counts = static_cast<int64_t*>(counts.data);
   int64_t* send_pairs = send_counts + num_ranks;
-  ep_kernels::rank_layout(destination.as<int32_t>(), num_tokens, top_k, num_ranks, send_position.as<int32_t>(),
-                          send_counts, send_pairs, stream_);
+  ep_kernels::rank_layout(destination.as<int32_t>(), num_tokens, top_k, num_ranks,
+                          send_position.as<int32_t>(), send_counts, send_pairs, stream_);
 
   // Dispatch: block r of the send buffer goes to rank r whatever its count.
   const Tensor send_blocks = buffers.get(kLlSendBlocks, ScalarType::kU8, {buffer_bytes});
   const Tensor recv_blocks = buffers.get(kLlRecvBlocks, ScalarType::kU8, {buffer_bytes});
   ep_kernels::pack_low_latency(hidden.data, act, num_tokens > 0 ? routed.expert_ids.as<int32_t>() : nullptr,
-                               num_tokens > 0 ? routed.weights.as<float>() : nullptr, destination.as<int32_t>(),
-                               send_position.as<int32_t>(), send_counts, num_tokens, top_k, hidden_size, num_ranks,
-                               record_bytes, block_bytes, send_blocks.data, stream_);
+                               num_tokens > 0 ? routed.weights.as<float>() : nullptr,
+                               destination.as<int32_t>(), send_position.as<int32_t>(), send_counts,
+                               num_tokens, top_k, hidden_size, num_ranks, record_bytes, block_bytes,
+                               send_blocks.data, stream_);
   nccl_.all_to_all_v(fixed_blocks(send_blocks.data, recv_blocks.data, num_ranks, block_bytes, buffer_bytes));
 
   // Expert compute over every place of every received block: places past a header's count and slots served
   // elsewhere get the id num_experts, so the stable sort puts them after the real groups, whose end
   // (offsets[E], on the device) bounds the rows gathered and computed; the rest is never read.
   const int32_t unused_expert = static_cast<int32_t>(num_experts);
-  const Tensor recv_ids = buffers.get(kLlRecvExpertIds, ScalarType::kI32, {capacity_slots}).rows_view(0, place_slots);
+  const Tensor recv_ids =
+      buffers.get(kLlRecvExpertIds, ScalarType::kI32, {capacity_slots}).rows_view(0, place_slots);
   const Tensor recv_weights =
       buffers.get(kLlRecvWeights, ScalarType::kF32, {capacity_slots}).rows_view(0, place_slots);
-  ep_kernels::unpack_low_latency_metadata(recv_blocks.data, num_ranks, block_tokens, block_bytes, top_k, row_bytes,
-                                          record_bytes, unused_expert, recv_ids.as<int32_t>(),
+  ep_kernels::unpack_low_latency_metadata(recv_blocks.data, num_ranks, block_tokens, block_bytes, top_k,
+                                          row_bytes, record_bytes, unused_expert, recv_ids.as<int32_t>(),
                                           recv_weights.as<float>(), stream_);
   const Tensor group_offsets = buffers.get(kLlGroupOffsets, ScalarType::kI32, {num_experts + 2});
   const Tensor group_source =
@@ -139,7 +145,8 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   backend_.group_by_expert(recv_ids, num_experts + 1, top_k, group_offsets, group_source, group_position);
   const Tensor sorted_rows =
       buffers.get(kLlSortedRows, act, {capacity_slots, hidden_size}).rows_view(0, place_slots);
-  const Tensor expert_out = buffers.get(kLlExpertOut, act, {capacity_slots, hidden_size}).rows_view(0, place_slots);
+  const Tensor expert_out =
+      buffers.get(kLlExpertOut, act, {capacity_slots, hidden_size}).rows_view(0, place_slots);
   const int32_t* real_rows = group_offsets.as<int32_t>() + num_experts;  // offsets[E]
   ep_kernels::gather_low_latency_rows(recv_blocks.data, block_tokens, block_bytes, record_bytes, row_bytes,
                                       group_source.as<int32_t>(), real_rows, place_slots, sorted_rows.data,
@@ -149,8 +156,9 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   run_experts(backend_, config_, moe, sorted_rows, group_offsets.rows_view(0, num_experts + 1), expert_out,
               workspace);
   const Tensor partial = buffers.get(kLlPartial, ScalarType::kF32, {num_ranks * capacity, hidden_size});
-  ep_kernels::partial_sums(expert_out.data, act, recv_ids.as<int32_t>(), unused_expert, group_position.as<int32_t>(),
-                           recv_weights.as<float>(), places, top_k, hidden_size, partial.as<float>(), stream_);
+  ep_kernels::partial_sums(expert_out.data, act, recv_ids.as<int32_t>(), unused_expert,
+                           group_position.as<int32_t>(), recv_weights.as<float>(), places, top_k, hidden_size,
+                           partial.as<float>(), stream_);
 
   // Combine: each rank's block of partial rows back, fixed-size, then the rank-ordered sum into out.
   const int64_t partial_block_bytes = block_tokens * hidden_size * static_cast<int64_t>(sizeof(float));

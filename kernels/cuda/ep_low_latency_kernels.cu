@@ -1,10 +1,9 @@
 // The low-latency pack, unpack, gather and combine kernels (ep_low_latency_kernels.h): the normal mode's
 // kernels with fixed block strides and counts read from the block headers on the device.
-#include "kernels/cuda/ep_low_latency_kernels.h"
-
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ep_low_latency_kernels.h"
 #include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::ep_kernels {
@@ -80,8 +79,9 @@ __global__ void unpack_low_latency_metadata_kernel(const char* blocks, int num_r
 template <class Word>
 __global__ void gather_low_latency_rows_kernel(const char* blocks, int64_t block_tokens, int64_t block_bytes,
                                                int64_t record_bytes, int64_t row_bytes,
-                                               const int32_t* source_record, const int32_t* num_rows_on_device,
-                                               int64_t max_rows, char* out) {
+                                               const int32_t* source_record,
+                                               const int32_t* num_rows_on_device, int64_t max_rows,
+                                               char* out) {
   const int64_t num_rows = min(max_rows, static_cast<int64_t>(*num_rows_on_device));
   const int64_t words = row_bytes / static_cast<int64_t>(sizeof(Word));
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
@@ -94,8 +94,8 @@ __global__ void gather_low_latency_rows_kernel(const char* blocks, int64_t block
 
 template <class TOut>
 __global__ void combine_low_latency_kernel(const float* returned, const int32_t* send_position,
-                                           int64_t block_tokens, int64_t num_tokens, int num_ranks, int64_t hidden,
-                                           TOut* out) {
+                                           int64_t block_tokens, int64_t num_tokens, int num_ranks,
+                                           int64_t hidden, TOut* out) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < num_tokens * hidden;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = e / hidden, column = e - t * hidden;
@@ -116,8 +116,8 @@ bool aligned16(const void* p, int64_t stride) {
 
 void pack_low_latency(const void* hidden, ScalarType act, const int32_t* expert_ids, const float* weights,
                       const int32_t* destination, const int32_t* send_position, const int64_t* send_counts,
-                      int64_t num_tokens, int64_t top_k, int64_t hidden_size, int num_ranks, int64_t record_bytes,
-                      int64_t block_bytes, void* send_blocks, cudaStream_t stream) {
+                      int64_t num_tokens, int64_t top_k, int64_t hidden_size, int num_ranks,
+                      int64_t record_bytes, int64_t block_bytes, void* send_blocks, cudaStream_t stream) {
   if (num_ranks == 0) return;
   const int64_t row_bytes = hidden_size * static_cast<int64_t>(scalar_size(act));
   const unsigned blocks = capped_blocks(num_tokens * num_ranks, 1);
@@ -135,43 +135,47 @@ void pack_low_latency(const void* hidden, ScalarType act, const int32_t* expert_
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
-void unpack_low_latency_metadata(const void* recv_blocks, int num_ranks, int64_t block_tokens, int64_t block_bytes,
-                                 int64_t top_k, int64_t row_bytes, int64_t record_bytes, int32_t unused_expert,
-                                 int32_t* expert_ids, float* weights, cudaStream_t stream) {
+void unpack_low_latency_metadata(const void* recv_blocks, int num_ranks, int64_t block_tokens,
+                                 int64_t block_bytes, int64_t top_k, int64_t row_bytes, int64_t record_bytes,
+                                 int32_t unused_expert, int32_t* expert_ids, float* weights,
+                                 cudaStream_t stream) {
   const int64_t num_slots = num_ranks * block_tokens * top_k;
   if (num_slots == 0) return;
   unpack_low_latency_metadata_kernel<<<capped_blocks(num_slots, kThreads), kThreads, 0, stream>>>(
-      static_cast<const char*>(recv_blocks), num_ranks, block_tokens, block_bytes, top_k, row_bytes, record_bytes,
-      unused_expert, expert_ids, weights);
+      static_cast<const char*>(recv_blocks), num_ranks, block_tokens, block_bytes, top_k, row_bytes,
+      record_bytes, unused_expert, expert_ids, weights);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
 void gather_low_latency_rows(const void* recv_blocks, int64_t block_tokens, int64_t block_bytes,
                              int64_t record_bytes, int64_t row_bytes, const int32_t* source_record,
-                             const int32_t* num_rows_on_device, int64_t max_rows, void* out, cudaStream_t stream) {
+                             const int32_t* num_rows_on_device, int64_t max_rows, void* out,
+                             cudaStream_t stream) {
   if (max_rows == 0) return;
   const unsigned blocks = capped_blocks(max_rows, 1);
   const auto* source = static_cast<const char*>(recv_blocks);
   auto* target = static_cast<char*>(out);
   if (aligned16(recv_blocks, block_bytes) && record_bytes % 16 == 0 && aligned16(out, row_bytes))
-    gather_low_latency_rows_kernel<int4><<<blocks, kThreads, 0, stream>>>(
-        source, block_tokens, block_bytes, record_bytes, row_bytes, source_record, num_rows_on_device, max_rows,
-        target);
+    gather_low_latency_rows_kernel<int4>
+        <<<blocks, kThreads, 0, stream>>>(source, block_tokens, block_bytes, record_bytes, row_bytes,
+                                          source_record, num_rows_on_device, max_rows, target);
   else
-    gather_low_latency_rows_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(
-        source, block_tokens, block_bytes, record_bytes, row_bytes, source_record, num_rows_on_device, max_rows,
-        target);
+    gather_low_latency_rows_kernel<uint16_t>
+        <<<blocks, kThreads, 0, stream>>>(source, block_tokens, block_bytes, record_bytes, row_bytes,
+                                          source_record, num_rows_on_device, max_rows, target);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
 void combine_low_latency(const float* returned, const int32_t* send_position, int64_t block_tokens,
-                         int64_t num_tokens, int num_ranks, int64_t hidden_size, void* out, ScalarType out_type,
-                         cudaStream_t stream) {
+                         int64_t num_tokens, int num_ranks, int64_t hidden_size, void* out,
+                         ScalarType out_type, cudaStream_t stream) {
   if (num_tokens == 0 || hidden_size == 0) return;
   cuda_kernels::access::dispatch_float_type(out_type, "ep combine_low_latency", [&](auto tag) {
     using TOut = typename decltype(tag)::type;
-    combine_low_latency_kernel<TOut><<<capped_blocks(num_tokens * hidden_size, kThreads), kThreads, 0, stream>>>(
-        returned, send_position, block_tokens, num_tokens, num_ranks, hidden_size, static_cast<TOut*>(out));
+    combine_low_latency_kernel<TOut>
+        <<<capped_blocks(num_tokens * hidden_size, kThreads), kThreads, 0, stream>>>(
+            returned, send_position, block_tokens, num_tokens, num_ranks, hidden_size,
+            static_cast<TOut*>(out));
   });
   EPIC_CUDA_CHECK_LAUNCH();
 }

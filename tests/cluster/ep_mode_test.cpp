@@ -71,7 +71,7 @@ TEST(EpMode, BlockBytesAreTheHeaderThenTheRecords) {
   EXPECT_EQ(low_latency_block_bytes(0, 16), kLowLatencyHeaderBytes);
   EXPECT_EQ(low_latency_block_bytes(1, 4160), kLowLatencyHeaderBytes + 4160);
   EXPECT_EQ(low_latency_block_bytes(256, 4160), kLowLatencyHeaderBytes + 256 * 4160);
-  EXPECT_EQ(kLowLatencyHeaderBytes % 16, 0);  // records stay 16-byte aligned after the header
+  EXPECT_EQ(kLowLatencyHeaderBytes % 16, 0);            // records stay 16-byte aligned after the header
   EXPECT_THROW(low_latency_block_bytes(4, 20), Error);  // records are padded to 16 bytes
   EXPECT_THROW(low_latency_block_bytes(-1, 16), Error);
 }

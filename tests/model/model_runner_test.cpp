@@ -210,7 +210,8 @@ TEST_F(RunnerOnGolden, AgreedStepsPadToTheCommonBucketAndKeepTheLogits) {
   executor.forward_rows.clear();
   const StepAgreement prefill_step{9, false, 0};
   const Logits agreed_prefill =
-      agreed_runner.forward_batch(std::vector<SequenceChunk>{chunk(agreed_sequence, prompt, true)}, true, &prefill_step).logits.values;
+      agreed_runner.forward_batch(std::vector<SequenceChunk>{chunk(agreed_sequence, prompt, true)}, true, &prefill_step)
+          .logits.values;
   EXPECT_EQ(executor.forward_rows, std::vector<int64_t>(moe_layers, 6));
   EXPECT_EQ(agreed_prefill, run_step(plain_runner, {chunk(plain_sequence, prompt, true)}).logits.values);
   // Decode steps while another rank runs 5 rows: bucket 8, this rank's one row first.
