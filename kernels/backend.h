@@ -193,8 +193,9 @@ class Backend {
 
   // The SwiGLU FFN of every hosted expert over its group of rows, all experts in one call:
   // for rows r in [offsets[e], offsets[e + 1]): y[r] = down_e(silu(gate_e x[r]) * up_e x[r]).
-  // x, y [rows, H]; expert_offsets I32 [E + 1] with offsets[E] == rows; gate_up [L, 2I, H] (gate
-  // rows first, as transformers' fused experts) and down [L, H, I] hold the L hosted experts;
+  // x, y [rows, H]; expert_offsets I32 [E + 1] with offsets[E] == rows (CUDA also takes offsets[E] <
+  // rows, an upper-bound shape: rows from offsets[E] on are not computed, their y unspecified);
+  // gate_up [L, 2I, H] (gate rows first, as transformers' fused experts) and down [L, H, I] hold the L hosted experts;
   // local_index I32 [E] maps an expert to its slot in them, -1 when not hosted (such an expert
   // must have no rows). intermediate [rows, I] (activation type) is the caller's scratch for
   // silu(gate x) * up x. Each row is computed alone, so its result does not depend on the others.

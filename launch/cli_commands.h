@@ -54,6 +54,11 @@ struct RunArgs {
   // "host" (MPI through host memory, worker/expert_parallel_moe.h), "auto": nccl where the backend is cuda,
   // NCCL is built, there are several ranks and no load profile is recorded (it needs per-expert rows).
   std::string ep_transport = "auto";
+  // The NCCL exchange's mode (worker/ep_mode.h): "auto" (fixed-size low-latency blocks for steps of at
+  // most ep_low_latency_max_tokens rows per rank, capturable in decode graphs; the normal mode beyond),
+  // "normal" or "low-latency" (every step; a larger one is an error).
+  std::string ep_mode = "auto";
+  int64_t ep_low_latency_max_tokens = 256;  // worker/ep_mode.h: kDefaultLowLatencyMaxTokens
 };
 
 struct PlanArgs {

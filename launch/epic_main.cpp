@@ -104,6 +104,17 @@ int main(int argc, char** argv) {
                   "auto (nccl with --backend cuda, several ranks and NCCL built)")
       ->check(CLI::IsMember({"auto", "nccl", "host"}))
       ->capture_default_str();
+  run->add_option("--ep-mode", run_args.ep_mode,
+                  "NCCL MoE exchange: low-latency (fixed-size blocks, no host read, decode steps captured in "
+                  "CUDA graphs; every step), normal (counts read on the host each layer), or auto (low-latency "
+                  "for steps within --ep-low-latency-max-tokens rows per rank, normal beyond)")
+      ->check(CLI::IsMember({"auto", "normal", "low-latency"}))
+      ->capture_default_str();
+  run->add_option("--ep-low-latency-max-tokens", run_args.ep_low_latency_max_tokens,
+                  "The most token rows per rank a low-latency step holds (its buffers are sized for the next "
+                  "power of two)")
+      ->transform(strict_integer<int64_t>())
+      ->capture_default_str();
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   auto* prompts_file =

@@ -34,6 +34,7 @@
 #ifdef EPIC_HAVE_NCCL_EP
 #include "worker/device_expert_parallel_moe.h"
 #endif
+#include "worker/ep_mode.h"
 #include "worker/generation_loop.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
@@ -423,13 +424,16 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   std::optional<DeviceExpertParallelMoeExecutor> device_executor;
   const bool use_nccl = on_device && (args.ep_transport == "nccl" ||
                                       (args.ep_transport == "auto" && comm->size() > 1 && args.load_profile_out.empty()));
+  check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, use_nccl);
   if (use_nccl)
     run_on_all_ranks(*comm, [&] {
       nccl = make_backend_nccl_communicator(*comm, CommOptions{args.comm_timeout_seconds}, backend);
-      device_executor.emplace(model.config, weights, backend, *nccl, table);
+      device_executor.emplace(model.config, weights, backend, *nccl, table,
+                              DeviceMoeOptions{parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens});
       moe_executor = &*device_executor;
     });
 #else
+  check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, false);
   if (args.ep_transport == "nccl")
     throw Error(ErrorCode::kInvalidArgument,
                 "--ep-transport nccl: this build has no NCCL communicator (configure with the CUDA backend and "

@@ -92,14 +92,17 @@ std::unique_ptr<NcclCommunicator> make_backend_nccl_communicator(Communicator& h
 DeviceExpertParallelMoeExecutor::DeviceExpertParallelMoeExecutor(const ModelConfig& config,
                                                                  const ModelWeights& weights, Backend& backend,
                                                                  NcclCommunicator& nccl,
-                                                                 const ExpertRoutingTable& table)
+                                                                 const ExpertRoutingTable& table,
+                                                                 const DeviceMoeOptions& options)
     : config_(config),
       weights_(weights),
       backend_(backend),
       nccl_(nccl),
       table_(table),
       stream_(cuda_backend_stream(backend)),
-      buffers_(backend) {
+      buffers_(backend),
+      options_(options),
+      low_latency_buffers_(backend) {
   EPIC_CHECK(table.num_workers == nccl.size(), ErrorCode::kInternal,
              "placement plan is for " + std::to_string(table.num_workers) + " workers but the NCCL job has " +
                  std::to_string(nccl.size()) + " ranks");
@@ -109,6 +112,8 @@ DeviceExpertParallelMoeExecutor::DeviceExpertParallelMoeExecutor(const ModelConf
   host_counts_ = backend.allocate_staging(sizeof(int64_t) * 4 * static_cast<size_t>(nccl.size()));
   phase_events_.assign(kNumPhaseMarks, nullptr);
   for (cudaEvent_t& event : phase_events_) EPIC_CUDA_CHECK(cudaEventCreate(&event));
+  if (options.mode != EpMode::kNormal) low_latency_capacity_ = low_latency_capacity(options.low_latency_max_tokens);
+  if (options.mode == EpMode::kLowLatency) unagreed_step_tokens_ = low_latency_capacity_;
 }
 
 DeviceExpertParallelMoeExecutor::~DeviceExpertParallelMoeExecutor() {
@@ -132,6 +137,8 @@ const DeviceExpertParallelMoeExecutor::DeviceReplicas& DeviceExpertParallelMoeEx
 
 void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                                               const Tensor& out, Workspace& workspace) {
+  if (const int64_t block_tokens = step_tokens(); block_tokens > 0)
+    return forward_low_latency(layer, hidden, router_input, out, workspace, block_tokens);
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
   const int64_t num_tokens = hidden.dim(0), num_slots = num_tokens * top_k, num_experts = moe.num_experts;

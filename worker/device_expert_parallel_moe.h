@@ -8,7 +8,11 @@
 // of w_j * y_j), in fp32 with each product and sum rounded alone. LocalMoeExecutor sums all k slots in
 // slot order instead, so the two agree bitwise only where all of a token's slots sit on one rank (and
 // the expert FFN took the same kernel path); otherwise up to fp32 sum order (a few ulp of the row).
-// Not capturable (the host reads counts); the low-latency decode mode is separate work.
+// Low-latency mode (EpMode, worker/ep_mode.h; device_expert_parallel_low_latency.cpp): for a step within
+// the bound every exchange moves fixed-size blocks whose sizes the host knows from the agreed step size,
+// counts travel in the blocks' headers and are read on the device: no host read or synchronisation inside
+// forward(), so the step is capturable (capturable() is true between begin_step and finish_step of such a
+// step). Same summation order as the normal mode.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +23,7 @@
 #include "comm/communicator.h"
 #include "comm/nccl/nccl_communicator.h"
 #include "kernels/backend.h"
+#include "worker/ep_mode.h"
 #include "worker/expert_routing_table.h"
 #include "worker/moe_executor.h"
 #include "worker/workspace.h"
@@ -27,6 +32,7 @@ namespace epic {
 
 struct DeviceMoeStats {
   int64_t calls = 0;
+  int64_t low_latency_calls = 0;  // of calls: in the low-latency mode (its counts below stay on the device)
   int64_t tokens_sent = 0;      // token records sent (self included): once per (token, destination rank)
   int64_t pairs_computed = 0;   // (token, slot) rows this rank's experts computed
   uint64_t bytes_sent = 0;      // to other ranks, both directions of the exchange
@@ -56,18 +62,30 @@ struct DeviceExchangeSizes {
 std::unique_ptr<NcclCommunicator> make_backend_nccl_communicator(Communicator& host, const CommOptions& options,
                                                                  Backend& backend);
 
+struct DeviceMoeOptions {
+  EpMode mode = EpMode::kAuto;
+  int64_t low_latency_max_tokens = kDefaultLowLatencyMaxTokens;  // rows per rank a low-latency step holds
+};
+
 class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
  public:
   // `nccl` must run on the backend's stream (make_backend_nccl_communicator); the table is for nccl.size()
   // workers. Throws Error(kInternal) otherwise.
   DeviceExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
-                                  NcclCommunicator& nccl, const ExpertRoutingTable& table);
+                                  NcclCommunicator& nccl, const ExpertRoutingTable& table,
+                                  const DeviceMoeOptions& options = {});
   ~DeviceExpertParallelMoeExecutor() override;
   DeviceExpertParallelMoeExecutor(const DeviceExpertParallelMoeExecutor&) = delete;
   DeviceExpertParallelMoeExecutor& operator=(const DeviceExpertParallelMoeExecutor&) = delete;
   void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
                Workspace& workspace) override;
-  bool capturable() const override { return false; }
+  // Without begin_step (callers that do not agree on step sizes): kLowLatency runs every call in the
+  // low-latency mode at the full bound, kAuto and kNormal in the normal mode.
+  bool capturable() const override { return step_tokens() > 0; }
+  void begin_step(int64_t max_rows_on_any_rank) override;
+  // Waits (bounded, NcclCommunicator::synchronize) for the step's exchanges after a low-latency step, so a
+  // stuck peer is an error here rather than an unbounded wait in the caller's read of results.
+  void finish_step() override;
 
   const DeviceMoeStats& stats() const { return stats_; }
   void reset_stats() { stats_ = {}; }  // e.g. after a benchmark's warm-up
@@ -80,6 +98,10 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
     OwnedTensor workers;  // I32 [max(1, replicas)]
   };
   const DeviceReplicas& replicas_for(int64_t layer, int64_t num_experts);
+  // The block bound of this call's low-latency exchange, 0 for the normal mode.
+  int64_t step_tokens() const { return in_step_ ? step_tokens_ : unagreed_step_tokens_; }
+  void forward_low_latency(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+                           Workspace& workspace, int64_t block_tokens);
 
   const ModelConfig& config_;
   const ModelWeights& weights_;
@@ -94,6 +116,13 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   // Phase marks of one layer (PhaseMark in the .cpp), recorded on stream_.
   std::vector<cudaEvent_t> phase_events_;
   std::map<int64_t, DeviceExchangeSizes> exchange_sizes_;
+  DeviceMoeOptions options_;
+  int64_t low_latency_capacity_ = 0;   // the blocks' allocated bound (low_latency_capacity)
+  int64_t unagreed_step_tokens_ = 0;   // step_tokens() outside begin_step / finish_step
+  bool in_step_ = false;
+  int64_t step_tokens_ = 0;
+  // Allocated once at low_latency_capacity_ (never moved: captured graphs hold their addresses).
+  Workspace low_latency_buffers_;
 };
 
 }  // namespace epic

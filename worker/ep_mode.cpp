@@ -1,6 +1,8 @@
 // The expert-parallel mode choice and the low-latency block sizes (ep_mode.h).
 #include "worker/ep_mode.h"
 
+#include <algorithm>
+
 #include "kernels/error.h"
 
 namespace epic {
@@ -36,8 +38,8 @@ std::string_view ep_mode_name(EpMode mode) {
 
 int64_t low_latency_capacity(int64_t max_tokens) {
   EPIC_CHECK(max_tokens >= 1 && max_tokens <= kMaxLowLatencyMaxTokens, ErrorCode::kInvalidArgument,
-             "--ep-low-latency-max-tokens must be in [1, " + std::to_string(kMaxLowLatencyMaxTokens) + "], got " +
-                 std::to_string(max_tokens));
+             "--ep-low-latency-max-tokens must be in [1, " + std::to_string(kMaxLowLatencyMaxTokens) +
+                 "], got " + std::to_string(max_tokens));
   return next_power_of_two(max_tokens);
 }
 
@@ -49,17 +51,26 @@ int64_t low_latency_step_tokens(EpMode mode, int64_t max_tokens, int64_t max_row
   if (max_rows_on_any_rank > max_tokens) {
     EPIC_CHECK(mode != EpMode::kLowLatency, ErrorCode::kInvalidArgument,
                "--ep-mode low-latency: a step runs " + std::to_string(max_rows_on_any_rank) +
-                   " token rows on one rank, beyond --ep-low-latency-max-tokens " + std::to_string(max_tokens) +
+                   " token rows on one rank, beyond --ep-low-latency-max-tokens " +
+                   std::to_string(max_tokens) +
                    " (raise it, or use --ep-mode auto to run such steps in the normal mode)");
     return 0;
   }
   return next_power_of_two(std::max<int64_t>(max_rows_on_any_rank, 1));
 }
 
+void check_ep_mode_flags(EpMode mode, int64_t max_tokens, bool nccl_transport) {
+  low_latency_capacity(max_tokens);
+  EPIC_CHECK(
+      mode != EpMode::kLowLatency || nccl_transport, ErrorCode::kInvalidArgument,
+      "--ep-mode low-latency needs the NCCL exchange (--backend cuda, several ranks, --ep-transport nccl "
+      "or auto, NCCL built); the host exchange has only the normal mode");
+}
+
 int64_t low_latency_block_bytes(int64_t tokens, int64_t record_bytes) {
   EPIC_CHECK(tokens >= 0 && record_bytes > 0 && record_bytes % 16 == 0, ErrorCode::kInternal,
-             "low-latency block of " + std::to_string(tokens) + " records of " + std::to_string(record_bytes) +
-                 " bytes");
+             "low-latency block of " + std::to_string(tokens) + " records of " +
+                 std::to_string(record_bytes) + " bytes");
   return kLowLatencyHeaderBytes + tokens * record_bytes;
 }
 

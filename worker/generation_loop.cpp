@@ -39,6 +39,10 @@ struct LiveSequence {
 struct StepStatus {
   int64_t unfinished = 0;
   int64_t result_bytes = 0;
+  // The coming step on this rank, for the StepAgreement every rank's runner gets (model_runner.h).
+  int64_t rows = 0;            // token rows
+  int64_t decode_only = 0;     // 1: decode-only or empty
+  uint64_t graph_buckets = 0;  // ModelRunner::current_graph_buckets
 };
 
 // Results on the wire: per result its id, then the ids and the logits, each count first.
@@ -101,18 +105,23 @@ class ResultReader {
 // One collective per step, on every rank: agrees on the work left and moves the results finished
 // in the last step to the root (a gather: every other rank sends only to the root, the root to
 // nobody). Returns the sequences unfinished on all workers together.
-int64_t agree_and_deliver(Communicator& comm, int root, int64_t unfinished,
-                          std::vector<SequenceResult>& finished, const ResultSink& sink) {
+// Also agrees on the coming step's shape (`mine`: this rank's part; its result_bytes is filled here).
+int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine, std::vector<SequenceResult>& finished,
+                          const ResultSink& sink, StepAgreement& agreement) {
   const bool is_root = comm.rank() == root;
   std::vector<char> packed;
   if (!is_root)
     for (const SequenceResult& result : finished) pack_result(result, packed);
-  const std::vector<StepStatus> all =
-      comm.all_gather_value(StepStatus{unfinished, static_cast<int64_t>(packed.size())});
+  mine.result_bytes = static_cast<int64_t>(packed.size());
+  const std::vector<StepStatus> all = comm.all_gather_value(mine);
   int64_t total_unfinished = 0, total_bytes = 0;
+  agreement = StepAgreement{0, true, ~uint64_t{0}};
   for (const StepStatus& status : all) {
     total_unfinished += status.unfinished;
     total_bytes += status.result_bytes;
+    agreement.max_rows = std::max(agreement.max_rows, status.rows);
+    agreement.every_rank_decode = agreement.every_rank_decode && status.decode_only != 0;
+    agreement.common_graph_buckets &= status.graph_buckets;
   }
   if (is_root) {
     for (SequenceResult& result : finished) sink(std::move(result));
@@ -202,7 +211,20 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
   std::vector<SequenceResult> finished;  // in the last step, not yet at the root
   while (true) {
     const int64_t unfinished = static_cast<int64_t>(live.size() + (sequences.size() - next_waiting));
-    if (agree_and_deliver(comm, options.result_root, unfinished, finished, sink) == 0) break;
+    // The coming step, known before it is built: every live sequence is prefilled (one row each), and the
+    // sequences admitted below feed their prompts.
+    StepStatus mine;
+    mine.unfinished = unfinished;
+    const size_t admitting = std::min(sequences.size() - next_waiting,
+                                      static_cast<size_t>(std::max<int64_t>(
+                                          options.max_active_sequences - static_cast<int64_t>(live.size()), 0)));
+    mine.rows = static_cast<int64_t>(live.size());
+    for (size_t i = next_waiting; i < next_waiting + admitting; ++i)
+      mine.rows += static_cast<int64_t>(sequences[i].prompt.size());
+    mine.decode_only = admitting == 0 ? 1 : 0;
+    mine.graph_buckets = runner.current_graph_buckets();
+    StepAgreement agreement;
+    if (agree_and_deliver(comm, options.result_root, mine, finished, sink, agreement) == 0) break;
 
     while (static_cast<int64_t>(live.size()) < options.max_active_sequences &&
            next_waiting < sequences.size())
@@ -228,7 +250,13 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
     // An error raised here, or anywhere in the step, on this rank alone ends the job from where it is
     // caught (epic run: one message, then MPI_Abort): the peers are not told through another collective.
     const bool poison = inject_test_step_fault(comm.rank(), stats.steps + 1);
-    StepOutput output = runner.forward_batch(chunks, want_logits || poison);
+    int64_t rows = 0;
+    for (const SequenceChunk& chunk : chunks) rows += static_cast<int64_t>(chunk.tokens.size());
+    EPIC_CHECK(rows == mine.rows, ErrorCode::kInternal,
+               "step " + std::to_string(stats.steps + 1) + ": " + std::to_string(rows) +
+                   " token rows built, " + std::to_string(mine.rows) + " announced to the other ranks");
+    // Several ranks: the agreed step shape (the MoE exchange and decode graphs must match on every rank).
+    StepOutput output = runner.forward_batch(chunks, want_logits || poison, comm.size() > 1 ? &agreement : nullptr);
     if (poison) poison_logits(output);
     const BatchLogits* logits = output.logits.values.empty() ? nullptr : &output.logits;
     for (size_t c = 0; c < live.size(); ++c) {

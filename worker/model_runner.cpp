@@ -168,7 +168,25 @@ void ModelRunner::enqueue_forward(const StepShape& shape) {
   backend_.argmax(logits, workspace_.get(kSlotNextIds, ScalarType::kI32, {shape.wanted}));
 }
 
-StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, bool want_logits) {
+namespace {
+
+int bucket_bit(int64_t bucket) {
+  int bit = 0;
+  while ((int64_t{1} << bit) < bucket) ++bit;
+  return bit;
+}
+
+}  // namespace
+
+uint64_t ModelRunner::current_graph_buckets() {
+  if (graphs_generation_ != workspace_.generation()) decode_graphs_.clear();
+  uint64_t buckets = 0;
+  for (const auto& [bucket, graph] : decode_graphs_) buckets |= uint64_t{1} << bucket_bit(bucket);
+  return buckets;
+}
+
+StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, bool want_logits,
+                                      const StepAgreement* agreement) {
   StepShape shape;
   std::vector<int64_t> first_wanted(chunks.size() + 1, 0);
   bool decode_only = !chunks.empty();
@@ -193,13 +211,17 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   shape.max_blocks = KvCachePool::blocks_for(options_.max_context);
   shape.decode_only = decode_only;
 
-  // Decode steps are replayed from a graph captured per power-of-two bucket of rows.
+  // Decode steps are replayed from a graph captured per power-of-two bucket of rows; under an agreement
+  // the bucket of the most rows any rank runs, on every rank (an empty rank too, all padding).
+  if (agreement != nullptr) executor_->begin_step(agreement->max_rows);
   int64_t bucket = 0;
-  if (decode_only && options_.use_graphs && executor_->capturable() &&
-      shape.rows <= options_.max_graph_batch) {
+  const bool graph_step = agreement != nullptr ? agreement->every_rank_decode : decode_only;
+  const int64_t bucket_rows = agreement != nullptr ? std::max<int64_t>(agreement->max_rows, 1) : shape.rows;
+  if (graph_step && options_.use_graphs && executor_->capturable() && bucket_rows <= options_.max_graph_batch) {
     bucket = 1;
-    while (bucket < shape.rows) bucket *= 2;
+    while (bucket < bucket_rows) bucket *= 2;
     shape.rows = shape.sequences = shape.wanted = bucket;
+    shape.decode_only = true;
   }
   shape.tables = workspace_.get(kSlotStepTables, ScalarType::kI32, {shape.table_elements()});
   int64_t at = 0;
@@ -221,6 +243,12 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
     // grown workspace moves buffers, which makes every graph stale.
     if (graphs_generation_ != workspace_.generation()) decode_graphs_.clear();
     auto graph = decode_graphs_.find(bucket);
+    // Agreed: replay only where every rank holds the bucket's graph, else every rank captures it anew.
+    if (agreement != nullptr && graph != decode_graphs_.end() &&
+        (agreement->common_graph_buckets & (uint64_t{1} << bucket_bit(bucket))) == 0) {
+      decode_graphs_.erase(graph);
+      graph = decode_graphs_.end();
+    }
     if (graph == decode_graphs_.end()) {
       enqueue_forward(shape);  // sizes the workspace for this bucket (and computes this step)
       if (graphs_generation_ != workspace_.generation()) decode_graphs_.clear();
@@ -234,6 +262,7 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   } else {
     enqueue_forward(shape);
   }
+  if (agreement != nullptr) executor_->finish_step();
 
   StepOutput output;
   std::vector<int32_t> wanted_ids(shape.wanted);

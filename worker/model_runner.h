@@ -47,6 +47,16 @@ struct StepOutput {
   BatchLogits logits;               // filled only when the step was asked for logits
 };
 
+// What the ranks of an expert-parallel job agree on before a step (generation_loop.cpp), so every rank
+// runs the same MoE exchange (MoeExecutor::begin_step) and captures or replays the same decode graph at
+// the same step: NCCL requires a graph holding its operations to be captured and launched by all its ranks
+// together, and a rank with fewer rows (or none) runs the same padded bucket as the others.
+struct StepAgreement {
+  int64_t max_rows = 0;               // the most token rows any rank runs in the step
+  bool every_rank_decode = false;     // every rank's step is decode-only (one token per sequence) or empty
+  uint64_t common_graph_buckets = 0;  // bit b: every rank holds a current decode graph of 2^b rows
+};
+
 struct RunnerOptions {
   ScalarType activation_type = ScalarType::kF32;  // BF16: the cuda serving mode
   int64_t max_sequences = 64;                     // live at once (KV cache and block-table rows)
@@ -70,7 +80,14 @@ class ModelRunner {
   // expert-parallel executor's collectives see this worker. Ids outside [0, vocab) ->
   // Error(kInvalidArgument) naming the id and its position; a sequence longer than max_context ->
   // Error(kInvalidArgument).
-  StepOutput forward_batch(std::span<const SequenceChunk> chunks, bool want_logits);
+  // With `agreement` (every rank of an expert-parallel job, the same value): the executor's begin_step /
+  // finish_step around the step, and decode graphs of the agreed bucket, captured and replayed on every
+  // rank together (a rank without sequences runs padding rows).
+  StepOutput forward_batch(std::span<const SequenceChunk> chunks, bool want_logits,
+                           const StepAgreement* agreement = nullptr);
+  // The decode graphs this runner holds that are still current (stale ones are dropped), as
+  // StepAgreement::common_graph_buckets' bits: what this rank contributes to the next agreement.
+  uint64_t current_graph_buckets();
 
   // One sequence: logits [tokens.size(), vocab] when all_positions, else [1, vocab].
   std::vector<float> forward(std::span<const int32_t> tokens, KvSequence& sequence, bool all_positions);

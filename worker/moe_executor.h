@@ -26,6 +26,13 @@ class MoeExecutor {
   // Whether forward() only enqueues backend ops (no host copies or communication), so a decode
   // step that calls it can be captured as a graph.
   virtual bool capturable() const = 0;
+  // Around one step's forward calls, on every rank of an expert-parallel job with the same value (the
+  // most token rows any rank runs in the step, before padding), so an executor whose exchange depends on
+  // the step's size picks the same one on every rank; capturable() may change with it. finish_step comes
+  // after the step's forward calls (outside any graph), before the host reads the step's results.
+  // Defaults: nothing (the local executor and the host exchange do not depend on the step).
+  virtual void begin_step(int64_t /*max_rows_on_any_rank*/) {}
+  virtual void finish_step() {}
 };
 
 class LocalMoeExecutor final : public MoeExecutor {

@@ -488,6 +488,10 @@ class CudaBackend final : public Backend {
       EPIC_CUDA_CHECK(cudaMemcpyAsync(host_local, args.local_index, sizeof(int32_t) * args.num_experts,
                                       cudaMemcpyDeviceToHost, stream_));
       EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      // Rows past offsets[E] (an upper-bound shape, e.g. the expert-parallel low-latency mode's) belong
+      // to no expert: the GEMMs take the exact rows.
+      args.rows = std::min<int64_t>(args.rows, host_offsets[args.num_experts]);
+      if (args.rows <= 0) return;
       // The stream is idle here, so the previous call's pointer copy is done with the staging.
       args.device_pointers = device_gemm_pointers_;
       args.host_pointers = host_gemm_pointers_;

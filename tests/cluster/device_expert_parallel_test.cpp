@@ -5,6 +5,8 @@
 // experts with random weights, replicated experts, unpicked experts, and a round where the last rank has
 // no tokens. Tolerance: the two differ only in fp32 sum order (rank partials added in rank order instead
 // of all k slots in slot order), so |diff| <= 1e-5 * max|reference| of the rank's output.
+// (3) the low-latency mode (DeviceLowLatency below): agreed steps within and beyond the bound, and a step
+// captured in a CUDA graph and replayed with new rows.
 // Skips visibly on every rank when the ranks do not each have a GPU.
 #include <gtest/gtest.h>
 
@@ -22,6 +24,7 @@
 #include "kernels/cuda/ep_dispatch_kernels.h"
 #include "tests/support/mpi_gtest_main.h"
 #include "worker/device_expert_parallel_moe.h"
+#include "worker/ep_mode.h"
 #include "worker/expert_dispatch_plan.h"
 #include "worker/moe_executor.h"
 
@@ -271,6 +274,161 @@ TEST_F(DeviceExpertParallel, ExecutorMatchesOneGpuUpToSumOrder) {
     EXPECT_EQ(wrong, 0) << "elements outside the tolerance";
   }
   EXPECT_EQ(executor.stats().calls, 3);
+}
+
+// The low-latency mode (fixed-size blocks, counts read on the device) against LocalMoeExecutor on this
+// rank's GPU, same tolerance as above (the same summation order as the normal mode). Steps agreed through
+// the host as epic run agrees them (begin_step with the most rows of any rank): 1 token everywhere, a rank
+// with none, exactly the bound everywhere, mixed sizes, and a step beyond the bound (auto: normal mode).
+// Then one step captured in a CUDA graph on every rank and replayed with new rows (new routing too): the
+// results must follow the new inputs.
+class DeviceLowLatency : public DeviceExpertParallel {
+ protected:
+  static constexpr int64_t kBound = 16;
+
+  void SetUp() override {
+    DeviceExpertParallel::SetUp();
+    if (IsSkipped()) return;
+    config_ = moe_config();
+    table_ = random_table(shared_, size_);
+    const std::vector<float> router = random_values(shared_, kNumExperts * kHidden, 1.0f);
+    const std::vector<float> gate_up = random_values(shared_, kNumExperts * 2 * kInter * kHidden, 0.2f);
+    const std::vector<float> down = random_values(shared_, kNumExperts * kHidden * kInter, 0.2f);
+    std::vector<int64_t> mine, all;
+    for (int64_t e = 0; e < kNumExperts; ++e) {
+      all.push_back(e);
+      if (table_.hosts(rank_, kLayer, e)) mine.push_back(e);
+    }
+    shard_ = make_weights(*backend_, router, gate_up, down, mine);
+    whole_ = make_weights(*backend_, router, gate_up, down, all);
+  }
+
+  int64_t agreed_max(int64_t rows) {
+    const std::vector<int64_t> all = host().all_gather_value<int64_t>(rows);
+    return *std::max_element(all.begin(), all.end());
+  }
+
+  // out (rows of hidden) against LocalMoeExecutor on the same rows.
+  void expect_matches_reference(const Tensor& hidden, const Tensor& out, int64_t num_tokens) {
+    if (num_tokens == 0) return;
+    Backend& backend = *backend_;
+    LocalMoeExecutor reference(config_, whole_, backend);
+    Workspace reference_workspace(backend);
+    const std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
+    const OwnedTensor expected = upload(backend, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
+    reference.forward(kLayer, hidden, hidden, expected, reference_workspace);
+    const std::vector<float> got = download<float>(backend, out, num_tokens * kHidden);
+    const std::vector<float> want = download<float>(backend, expected, num_tokens * kHidden);
+    float scale = 0.0f;
+    for (float v : want) scale = std::max(scale, std::fabs(v));
+    ASSERT_GT(scale, 0.0f);
+    const float tolerance = 1e-5f * scale;
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < num_tokens * kHidden; ++i)
+      if (!(std::fabs(got[i] - want[i]) <= tolerance) && wrong++ < 5)
+        ADD_FAILURE() << "token " << i / kHidden << " column " << i % kHidden << ": " << got[i] << " vs " << want[i]
+                      << " (tolerance " << tolerance << ")";
+    EXPECT_EQ(wrong, 0) << "elements outside the tolerance";
+  }
+
+  ModelConfig config_;
+  ExpertRoutingTable table_;
+  ModelWeights shard_, whole_;
+};
+
+TEST_F(DeviceLowLatency, StepsWithinTheBoundMatchOneGpu) {
+  Backend& backend = *backend_;
+  DeviceExpertParallelMoeExecutor executor(config_, shard_, backend, *nccl_, table_,
+                                           DeviceMoeOptions{EpMode::kAuto, kBound});
+  EXPECT_FALSE(executor.capturable()) << "auto without an agreed step runs the normal mode";
+  Workspace workspace(backend);
+  const int last = size_ - 1;
+  // Rows per rank in each step: 1 everywhere; the last rank none; the bound everywhere; mixed; beyond.
+  const std::vector<std::string> names = {"one token", "a rank with none", "the bound", "mixed", "beyond the bound"};
+  for (size_t step = 0; step < names.size(); ++step) {
+    int64_t num_tokens = 1;
+    if (step == 1) num_tokens = rank_ == last ? 0 : 1 + static_cast<int64_t>(own_() % kBound);
+    if (step == 2) num_tokens = kBound;
+    if (step == 3) num_tokens = 2 + static_cast<int64_t>(own_() % (kBound - 1));
+    if (step == 4) num_tokens = kBound + 1 + static_cast<int64_t>(own_() % 40);
+    SCOPED_TRACE(names[step] + ", tokens " + std::to_string(num_tokens));
+    const int64_t max_rows = agreed_max(num_tokens);
+    executor.begin_step(max_rows);
+    EXPECT_EQ(executor.capturable(), max_rows <= kBound);
+    const std::vector<float> rows = random_values(own_, num_tokens * kHidden, 2.0f);
+    const OwnedTensor hidden = upload(backend, ScalarType::kF32, {num_tokens, kHidden}, rows);
+    const std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
+    const OwnedTensor out = upload(backend, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
+    executor.forward(kLayer, hidden, hidden, out, workspace);
+    executor.finish_step();
+    EXPECT_FALSE(executor.capturable());
+    expect_matches_reference(hidden, out, num_tokens);
+  }
+  EXPECT_EQ(executor.stats().calls, 5);
+  EXPECT_EQ(executor.stats().low_latency_calls, 4);
+}
+
+TEST_F(DeviceLowLatency, ModeLowLatencyRunsUnagreedCallsAndRefusesStepsBeyondTheBound) {
+  Backend& backend = *backend_;
+  DeviceExpertParallelMoeExecutor executor(config_, shard_, backend, *nccl_, table_,
+                                           DeviceMoeOptions{EpMode::kLowLatency, kBound});
+  EXPECT_TRUE(executor.capturable()) << "low-latency without an agreed step: the full bound";
+  Workspace workspace(backend);
+  const int64_t num_tokens = 1 + static_cast<int64_t>(own_() % kBound);
+  const OwnedTensor hidden =
+      upload(backend, ScalarType::kF32, {num_tokens, kHidden}, random_values(own_, num_tokens * kHidden, 2.0f));
+  const std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
+  const OwnedTensor out = upload(backend, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
+  executor.forward(kLayer, hidden, hidden, out, workspace);
+  expect_matches_reference(hidden, out, num_tokens);
+  EXPECT_EQ(executor.stats().low_latency_calls, 1);
+  // Every rank gets the same agreed size, so every rank refuses alike (no exchange starts).
+  try {
+    executor.begin_step(kBound + 1);
+    ADD_FAILURE() << "a step beyond --ep-low-latency-max-tokens was accepted in low-latency mode";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("--ep-low-latency-max-tokens"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(DeviceLowLatency, CapturedStepReplaysWithNewInputs) {
+  Backend& backend = *backend_;
+  DeviceExpertParallelMoeExecutor executor(config_, shard_, backend, *nccl_, table_,
+                                           DeviceMoeOptions{EpMode::kAuto, kBound});
+  Workspace workspace(backend);
+  // Two shapes: every rank with rows, then the last rank with none (it still serves its experts).
+  for (int shape = 0; shape < 2; ++shape) {
+    const int64_t num_tokens = shape == 1 && rank_ == size_ - 1 ? 0 : 1 + static_cast<int64_t>(own_() % kBound);
+    SCOPED_TRACE("shape " + std::to_string(shape) + ", tokens " + std::to_string(num_tokens));
+    const int64_t max_rows = agreed_max(num_tokens);
+    const OwnedTensor hidden = upload(backend, ScalarType::kF32, {num_tokens, kHidden},
+                                      random_values(own_, num_tokens * kHidden, 2.0f));
+    const OwnedTensor out = backend.new_tensor(ScalarType::kF32, {num_tokens, kHidden});
+    // Eager first, as the model runner does (sizes the buffers, uploads the replica table), then capture.
+    executor.begin_step(max_rows);
+    ASSERT_TRUE(executor.capturable());
+    executor.forward(kLayer, hidden, hidden, out, workspace);
+    executor.finish_step();
+    expect_matches_reference(hidden, out, num_tokens);
+    executor.begin_step(max_rows);
+    std::unique_ptr<Graph> graph =
+        backend.capture([&] { executor.forward(kLayer, hidden, hidden, out, workspace); });
+    executor.finish_step();
+    ASSERT_NE(graph, nullptr) << "the CUDA backend did not capture the low-latency step";
+    for (int replay = 0; replay < 3; ++replay) {
+      SCOPED_TRACE("replay " + std::to_string(replay));
+      const std::vector<float> rows = random_values(own_, num_tokens * kHidden, 2.0f);
+      if (num_tokens > 0) backend.copy_from_host(hidden, 0, rows.data(), rows.size() * sizeof(float));
+      const std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
+      if (num_tokens > 0) backend.copy_from_host(out, 0, nan_fill.data(), nan_fill.size() * sizeof(float));
+      backend.synchronize();  // the host vectors are the copies' sources
+      executor.begin_step(max_rows);
+      graph->replay();
+      executor.finish_step();  // bounded wait for the replayed exchanges
+      expect_matches_reference(hidden, out, num_tokens);
+    }
+  }
 }
 
 }  // namespace

@@ -4,7 +4,10 @@
 # in fp32 and bf16. The greedy tokens must be identical and the logits within a stated relative L2 of
 # the one-GPU run: fp32 1e-5 (only the order of fp32 sums differs: a token's partial sums are added
 # rank by rank), bf16 1e-2 (the same, but a sum order difference can flip a bf16 rounding that later
-# layers carry). Usage: tests/gpu/ep_golden_check.sh BUILD_DIR RANKS OUT_DIR; exit 1 on any mismatch.
+# layers carry). Each mpirun run is made twice: --ep-mode normal (counts read on the host each layer) and
+# --ep-mode low-latency (fixed-size blocks for every step, prefill included: the 19 prompt tokens fit the
+# default bound of 256 rows per rank; decode steps captured in CUDA graphs on every rank), same checks.
+# Usage: tests/gpu/ep_golden_check.sh BUILD_DIR RANKS OUT_DIR; exit 1 on any mismatch.
 set -uo pipefail
 build=$1 ranks=$2 out=$3
 mkdir -p "$out"
@@ -15,22 +18,26 @@ for fixture in qwen3_moe_f32 qwen3_moe_bf16 qwen3_moe_hub_config_bf16 qwen3_omni
   extra=""
   [ "$fixture" = missing_experts ] && extra="--allow-missing-experts"
   for precision in fp32 bf16; do
-    tag="${fixture}_${precision}_np${ranks}"
+    one="${fixture}_${precision}"
     args=(run --model "$fixtures/$fixture" --prompt-ids-file "$prompts" --max-new-tokens 6 --backend cuda
           --precision "$precision" $extra)
-    timeout 120 "$build/epic" "${args[@]}" --logits-out "$out/${tag}_one.npy" > "$out/${tag}_one.txt" \
-      2> "$out/${tag}_one.err" || { echo "ep-golden $tag: one-GPU run failed"; status=1; continue; }
-    timeout 180 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH \
-      "$build/epic" "${args[@]}" --ep-transport nccl --logits-out "$out/${tag}_many.npy" \
-      > "$out/${tag}_many.txt" 2> "$out/${tag}_many.err" ||
-      { echo "ep-golden $tag: mpirun -np $ranks failed: $(grep -m2 -i error "$out/${tag}_many.err")"; status=1; continue; }
-    if ! cmp -s "$out/${tag}_one.txt" "$out/${tag}_many.txt"; then
-      echo "ep-golden $tag: greedy tokens differ"; diff "$out/${tag}_one.txt" "$out/${tag}_many.txt" | head -6
-      status=1
-    fi
-    bound=1e-5
-    [ "$precision" = bf16 ] && bound=1e-2
-    python3 - "$out/${tag}_one.npy" "$out/${tag}_many.npy" "$bound" "$tag" <<'PY' || status=1
+    timeout 120 "$build/epic" "${args[@]}" --logits-out "$out/${one}_one.npy" > "$out/${one}_one.txt" \
+      2> "$out/${one}_one.err" || { echo "ep-golden $one: one-GPU run failed"; status=1; continue; }
+    for mode in normal low-latency; do
+      tag="${fixture}_${precision}_np${ranks}_${mode}"
+      cp "$out/${one}_one.npy" "$out/${tag}_one.npy"
+      cp "$out/${one}_one.txt" "$out/${tag}_one.txt"
+      timeout 180 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH \
+        "$build/epic" "${args[@]}" --ep-transport nccl --ep-mode "$mode" --logits-out "$out/${tag}_many.npy" \
+        > "$out/${tag}_many.txt" 2> "$out/${tag}_many.err" ||
+        { echo "ep-golden $tag: mpirun -np $ranks failed: $(grep -m2 -i error "$out/${tag}_many.err")"; status=1; continue; }
+      if ! cmp -s "$out/${tag}_one.txt" "$out/${tag}_many.txt"; then
+        echo "ep-golden $tag: greedy tokens differ"; diff "$out/${tag}_one.txt" "$out/${tag}_many.txt" | head -6
+        status=1
+      fi
+      bound=1e-5
+      [ "$precision" = bf16 ] && bound=1e-2
+      python3 - "$out/${tag}_one.npy" "$out/${tag}_many.npy" "$bound" "$tag" <<'PY' || status=1
 import sys
 import numpy as np
 one, many = np.load(sys.argv[1]).astype(np.float64), np.load(sys.argv[2]).astype(np.float64)
@@ -43,6 +50,7 @@ print(f"ep-golden {tag}: relative L2 {rel:.3e} (bound {bound:g}){' bitwise equal
       f"tokens {'same' if True else ''}")
 sys.exit(0 if rel <= bound else 1)
 PY
+    done
   done
 done
 exit $status

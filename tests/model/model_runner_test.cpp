@@ -163,6 +163,78 @@ TEST_F(RunnerOnGolden, SequencesAloneOrTogetherGiveBitwiseTheSameLogits) {
   }
 }
 
+// Records what an expert-parallel executor sees of a step: begin_step's agreed rows, finish_step, and
+// each forward's rows; the MoE itself is the local one, so results stay comparable bit for bit.
+class RecordingExecutor final : public MoeExecutor {
+ public:
+  RecordingExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend)
+      : local_(config, weights, backend) {}
+  void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+               Workspace& workspace) override {
+    forward_rows.push_back(hidden.dim(0));
+    local_.forward(layer, hidden, router_input, out, workspace);
+  }
+  bool capturable() const override { return true; }
+  void begin_step(int64_t max_rows_on_any_rank) override { begun.push_back(max_rows_on_any_rank); }
+  void finish_step() override { ++finished; }
+
+  std::vector<int64_t> begun, forward_rows;
+  int finished = 0;
+
+ private:
+  LocalMoeExecutor local_;
+};
+
+// An agreed step (several ranks): the executor hears the agreed rows around the step, a decode step runs
+// the bucket of the most rows any rank has (padding rows beyond this rank's), a rank without sequences
+// runs that bucket all padding, and none of it changes this rank's logits.
+TEST_F(RunnerOnGolden, AgreedStepsPadToTheCommonBucketAndKeepTheLogits) {
+  RecordingExecutor executor(*config_, *weights_, *backend_);
+  ModelRunner agreed_runner(*config_, *weights_, *backend_, runner_options(4, 64), &executor);
+  ModelRunner plain_runner(*config_, *weights_, *backend_, runner_options(4, 64));
+  int64_t moe_layers = 0;
+  for (const LayerWeights& layer : weights_->layers) moe_layers += layer.is_moe ? 1 : 0;
+  ASSERT_GT(moe_layers, 0);
+
+  // A rank with nothing this step while another decodes 3 rows: bucket 4 of padding, no ids.
+  const StepAgreement empty_step{3, true, 0};
+  const StepOutput empty = agreed_runner.forward_batch({}, false, &empty_step);
+  EXPECT_TRUE(empty.greedy_ids.empty());
+  EXPECT_EQ(executor.begun, std::vector<int64_t>{3});
+  EXPECT_EQ(executor.finished, 1);
+  EXPECT_EQ(executor.forward_rows, std::vector<int64_t>(moe_layers, 4));
+
+  const Ids prompt = random_ids(6), next = random_ids(2);
+  KvSequence agreed_sequence = agreed_runner.new_sequence(), plain_sequence = plain_runner.new_sequence();
+  // Prefill, agreed as not decode-only: no padding, this rank's 6 rows.
+  executor.forward_rows.clear();
+  const StepAgreement prefill_step{9, false, 0};
+  const Logits agreed_prefill =
+      agreed_runner.forward_batch(std::vector<SequenceChunk>{chunk(agreed_sequence, prompt, true)}, true, &prefill_step)
+          .logits.values;
+  EXPECT_EQ(executor.forward_rows, std::vector<int64_t>(moe_layers, 6));
+  EXPECT_EQ(agreed_prefill, run_step(plain_runner, {chunk(plain_sequence, prompt, true)}).logits.values);
+  // Decode steps while another rank runs 5 rows: bucket 8, this rank's one row first.
+  for (int d = 0; d < 2; ++d) {
+    executor.forward_rows.clear();
+    const StepAgreement decode_step{5, true, 0};
+    const StepOutput agreed =
+        agreed_runner.forward_batch(
+            std::vector<SequenceChunk>{chunk(agreed_sequence, std::span(&next[d], 1), false)}, true, &decode_step);
+    EXPECT_EQ(executor.forward_rows, std::vector<int64_t>(moe_layers, 8)) << "decode step " << d;
+    const StepOutput plain = run_step(plain_runner, {chunk(plain_sequence, std::span(&next[d], 1), false)});
+    EXPECT_EQ(agreed.logits.values, plain.logits.values) << "decode step " << d;
+    EXPECT_EQ(agreed.greedy_ids, plain.greedy_ids) << "decode step " << d;
+  }
+  EXPECT_EQ(executor.begun, (std::vector<int64_t>{3, 9, 5, 5}));
+  EXPECT_EQ(executor.finished, 4);
+  // Without an agreement (one process) the executor hears nothing of steps.
+  KvSequence alone = agreed_runner.new_sequence();
+  run_step(agreed_runner, {chunk(alone, prompt, false)}, false);
+  EXPECT_EQ(executor.begun.size(), 4u);
+  EXPECT_EQ(executor.finished, 4);
+}
+
 TEST_F(RunnerOnGolden, PrefillInOneChunkOrTokenByTokenGivesBitwiseTheSameLogits) {
   ModelRunner runner(*config_, *weights_, *backend_, runner_options(2, 64));
   const Ids prompt = random_ids(21);  // crosses a KV block boundary (16)
