@@ -463,8 +463,29 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   generation.max_active_sequences = args.max_active_sequences;
   generation.result_root = 0;
   // The sink runs on rank 0 only, the one rank with a printer.
-  const GenerationStats stats = run_generation(
-      *runner, mine, *comm, generation, [&](SequenceResult&& result) { printer->add(std::move(result)); });
+  const auto generate = [&] {
+    return run_generation(*runner, mine, *comm, generation,
+                          [&](SequenceResult&& result) { printer->add(std::move(result)); });
+  };
+  GenerationStats stats;
+  if (moe_executor != &executor && comm->size() > 1) {
+    // The NCCL executor: an error raised on this rank alone ends the job here, before unwinding. The
+    // destructors on the way out (device buffers, the NCCL communicator, the backend's stream) wait on the
+    // device, where NCCL kernels may still wait for a peer that is gone or stuck: on 2 x H200 a rank that
+    // threw mid-generation hung the job that way (tests/gpu/ep_fault_check.sh). Agreed errors go up as
+    // always, to be reported once.
+    try {
+      stats = generate();
+    } catch (const AgreedError&) {
+      throw;
+    } catch (const Error& e) {
+      end_job_naming_rank(*comm, e);
+    } catch (const std::exception& e) {
+      end_job_naming_rank(*comm, Error(ErrorCode::kInternal, e.what()));
+    }
+  } else {
+    stats = generate();
+  }
   const double run_seconds = seconds_since(run_start);
 
   wire::WorkerReport report;
