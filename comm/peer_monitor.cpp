@@ -108,6 +108,8 @@ const char* collective_kind_name(CollectiveKind kind) {
       return "broadcast";
     case CollectiveKind::kBarrier:
       return "barrier";
+    case CollectiveKind::kDeviceWait:
+      return "NCCL wait";
     case CollectiveKind::kNone:
       break;
   }

@@ -12,7 +12,9 @@
 
 namespace epic {
 
-enum class CollectiveKind : int32_t { kNone = 0, kAllToAllV, kAllGather, kBroadcast, kBarrier };
+// kDeviceWait: a host wait for a device communicator's collectives (NcclCommunicator::synchronize), whose
+// sequence counts those waits: every rank makes the same waits in the same order.
+enum class CollectiveKind : int32_t { kNone = 0, kAllToAllV, kAllGather, kBroadcast, kBarrier, kDeviceWait };
 const char* collective_kind_name(CollectiveKind kind);
 
 // What a rank is doing, as its slot says.

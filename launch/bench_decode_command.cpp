@@ -1,17 +1,22 @@
-// `epic bench-decode`: whole-model generation speed on one process: a batch of sequences prefilled
-// together, then decode steps timed (replayed from CUDA graphs unless --no-cuda-graphs), and
-// optionally one long prefill timed on its own. Random weights of a preset drawn in memory
+// `epic bench-decode`: whole-model generation speed: a batch of sequences prefilled together, then
+// decode steps timed (replayed from CUDA graphs unless --no-cuda-graphs), and optionally one long
+// prefill timed on its own. Under mpirun, expert parallel (bench_decode_cluster.h): each rank its own
+// batch and a shard of the experts, tokens/s of the whole job from the slowest rank's time. Random weights of
+// a preset drawn in memory
 // (--random-weights) or a checkpoint (--model). Prints one JSON object per measurement; the
 // roofline of the same shapes comes from launch/bench/roofline.py.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 
+#include "comm/communicator.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
 #include "launch/backend_choice.h"
+#include "launch/bench_decode_cluster.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/flag_checks.h"
@@ -55,40 +60,91 @@ double prefill_flops(const ModelConfig& c, int64_t tokens) {
 
 }  // namespace
 
+namespace {
+
+int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm);
+
+}  // namespace
+
 int bench_decode_command(const BenchDecodeArgs& args) {
   for (int64_t batch : args.batches) check_int_flag("--batch", batch, 1, kMaxActiveSequencesBound);
   check_int_flag("--prompt-tokens", args.prompt_tokens, 1, 1 << 20);
   check_int_flag("--new-tokens", args.new_tokens, 3, 1 << 20);
   check_int_flag("--prefill-tokens", args.prefill_tokens, 0, 1 << 20);
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
+  check_model_source_flags({args.model_dir, args.random_weights, args.layers, args.weights_seed});
+  std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
+  if (comm->size() == 1) return run_bench_decode(args, *comm);
+  try {
+    return run_bench_decode(args, *comm);
+  } catch (const Error& e) {
+    // Raised on this rank alone (the flags were checked on every rank alike above): the peers may wait in
+    // a collective for it, so the whole job ends now, reported once.
+    const std::string message = e.what();
+    const Error named = message.starts_with("rank ")
+                            ? e
+                            : Error(e.code(), "rank " + std::to_string(comm->rank()) + ": " + message);
+    comm->end_job_after_error([&] { print_error(named); }, exit_code_for(named.code()));
+  }
+}
+
+namespace {
+
+int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
+  const bool cluster_run = comm.size() > 1, root = comm.rank() == 0;
+  EPIC_CHECK(!cluster_run || args.prefill_tokens == 0, ErrorCode::kInvalidArgument,
+             "--prefill-tokens times one process; under mpirun (expert parallel) time decode only");
+  EPIC_CHECK(cluster_run || !args.ep_overlap, ErrorCode::kInvalidArgument,
+             "--ep-overlap overlaps the expert-parallel exchange: run under mpirun with several ranks");
   const ModelSourceFlags source_flags{args.model_dir, args.random_weights, args.layers, args.weights_seed};
-  check_model_source_flags(source_flags);
   ChosenBackend chosen = choose_backend({args.backend, args.device, args.precision}, launcher_local_rank(),
                                         default_cpu_threads());
   OpenedModel model = open_model(source_flags);
   const ModelConfig& config = model.config;
   Backend& backend = *chosen.backend;
+  std::optional<DecodeCluster> cluster;
+  if (cluster_run) cluster.emplace(comm, config, *model.source);
   nlohmann::json results = nlohmann::json::array();
+  // Rank 0 prints; under mpirun its figures are the job's (the slowest rank's time).
   auto emit = [&](nlohmann::json line) {
     line["backend"] = chosen.description;
     line["model"] = model.description;
+    line["ranks"] = comm.size();
+    if (cluster) line["ep_transport"] = cluster->transport();
+    if (!root) return;
     std::printf("%s\n", line.dump().c_str());
     std::fflush(stdout);
     results.push_back(std::move(line));
   };
+  const auto slowest = [&](double seconds) {
+    const std::vector<double> all = comm.all_gather_value(seconds);
+    return *std::max_element(all.begin(), all.end());
+  };
 
   LoadOptions load_options;
   load_options.weight_type = required_weight_type(chosen.activation_type);
+  if (cluster)
+    load_options.hosts_expert = [&](int64_t layer, int64_t expert) { return cluster->hosts(layer, expert); };
   const auto load_start = clock_type::now();
   const ModelWeights weights = load_model_weights(config, *model.source, backend, load_options);
-  const double load_seconds = seconds_since(load_start);
+  const double load_seconds = slowest(seconds_since(load_start));
+  MoeExecutor* executor = nullptr;
+  if (cluster)
+    executor =
+        &cluster->start_executor(config, weights, backend, {args.ep_overlap, args.comm_timeout_seconds});
+  // Per rank: what each worker read and keeps (a worker reads only the experts it hosts).
+  const std::vector<uint64_t> bytes_read = comm.all_gather_value<uint64_t>(weights.bytes_read);
+  const std::vector<uint64_t> resident_bytes = comm.all_gather_value<uint64_t>(weights.resident_bytes);
   emit({{"name", "load"},
         {"seconds", load_seconds},
         {"bytes_read", weights.bytes_read},
         {"resident_bytes", weights.resident_bytes},
+        {"bytes_read_per_rank", bytes_read},
+        {"resident_bytes_per_rank", resident_bytes},
         {"gb_per_s", weights.bytes_read / load_seconds / 1e9}});
 
-  std::mt19937_64 generator(args.weights_seed + 7);
+  // Every rank its own prompts (sequences differ between ranks, as in a real job).
+  std::mt19937_64 generator(args.weights_seed + 7 + 1000003ULL * static_cast<uint64_t>(comm.rank()));
   for (const int64_t batch : args.batches) {
     RunnerOptions options;
     options.activation_type = chosen.activation_type;
@@ -96,7 +152,7 @@ int bench_decode_command(const BenchDecodeArgs& args) {
     options.max_context = args.prompt_tokens + args.new_tokens + 1;
     options.use_graphs = args.cuda_graphs;
     options.max_graph_batch = std::max<int64_t>(512, batch);
-    ModelRunner runner(config, weights, backend, options);
+    ModelRunner runner(config, weights, backend, options, executor);
     std::vector<std::vector<int32_t>> prompts;
     std::vector<KvSequence> sequences;
     for (int64_t s = 0; s < batch; ++s) {
@@ -105,11 +161,18 @@ int bench_decode_command(const BenchDecodeArgs& args) {
     }
     std::vector<SequenceChunk> chunks;
     for (int64_t s = 0; s < batch; ++s) chunks.push_back({&sequences[s], prompts[s], false});
+    // Under mpirun each step is agreed first (epic run's per-step all-gather, part of the step's time).
+    const auto step = [&](int64_t rows, bool decode_only) {
+      if (!cluster) return runner.forward_batch(chunks, false);
+      const StepAgreement agreement = cluster->agree(runner, rows, decode_only);
+      return runner.forward_batch(chunks, false, &agreement);
+    };
+    comm.barrier();
     const auto prefill_start = clock_type::now();
-    StepOutput step = runner.forward_batch(chunks, false);
-    const double batch_prefill_seconds = seconds_since(prefill_start);
+    StepOutput output = step(batch * args.prompt_tokens, false);
+    const double batch_prefill_seconds = slowest(seconds_since(prefill_start));
     // Decode: the first two steps capture the graph (and warm up), the rest are timed.
-    std::vector<int32_t> next = step.greedy_ids;
+    std::vector<int32_t> next = output.greedy_ids;
     double timed_seconds = 0;
     int64_t timed_steps = 0;
     for (int64_t i = 0; i < args.new_tokens - 1; ++i) {
@@ -117,16 +180,19 @@ int bench_decode_command(const BenchDecodeArgs& args) {
         EPIC_CHECK(next[s] >= 0, ErrorCode::kInternal, "decode produced non-finite logits");
         chunks[s].tokens = std::span<const int32_t>(&next[s], 1);
       }
+      if (i == 2) comm.barrier();  // the timed steps start together
       const auto step_start = clock_type::now();
-      step = runner.forward_batch(chunks, false);
+      output = step(batch, true);
       if (i >= 2) {
         timed_seconds += seconds_since(step_start);
         ++timed_steps;
       }
-      next = step.greedy_ids;
+      next = output.greedy_ids;
     }
+    timed_seconds = slowest(timed_seconds);
     emit({{"name", "decode"},
           {"batch", batch},
+          {"batch_per_rank", batch},
           {"prompt_tokens", args.prompt_tokens},
           {"new_tokens", args.new_tokens},
           {"layers", config.num_hidden_layers},
@@ -134,7 +200,7 @@ int bench_decode_command(const BenchDecodeArgs& args) {
           {"graph_replays", runner.graph_replays()},
           {"timed_steps", timed_steps},
           {"ms_per_step", timed_seconds / timed_steps * 1e3},
-          {"tokens_per_s", batch * timed_steps / timed_seconds},
+          {"tokens_per_s", comm.size() * batch * timed_steps / timed_seconds},
           {"batch_prefill_ms", batch_prefill_seconds * 1e3},
           {"kv_cache_bytes", runner.kv_cache_bytes()},
           {"workspace_bytes", runner.workspace_bytes()}});
@@ -164,8 +230,11 @@ int bench_decode_command(const BenchDecodeArgs& args) {
           {"tflops", flops / median / 1e12},
           {"flops", flops}});
   }
-  if (!args.json_out.empty()) files::write_file_atomically(args.json_out, results.dump(2) + "\n", "--json");
+  if (root && !args.json_out.empty())
+    files::write_file_atomically(args.json_out, results.dump(2) + "\n", "--json");
   return 0;
 }
+
+}  // namespace
 
 }  // namespace epic::cli

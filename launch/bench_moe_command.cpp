@@ -49,6 +49,8 @@ constexpr bool kNcclBuilt = false;
 // The link measurement's message: large enough that NCCL reaches its peak bandwidth (past ~100 MB on
 // NVLink), small enough to sit beside 16384 tokens' buffers.
 constexpr int64_t kLinkBytes = int64_t{256} << 20;
+// --ep-mode low-latency: the most tokens per worker (fixed-size blocks are meant for decode steps).
+constexpr int64_t kMaxLowLatencyBenchTokens = 4096;
 
 struct PhaseTotals {
   double route = 0, dispatch = 0, expert = 0, combine = 0, total = 0;
@@ -122,6 +124,15 @@ int bench_moe_command(const BenchMoeArgs& args) {
   check_int_flag("--warmup", args.warmup, 0, kMaxBenchIterations);
   check_int_flag("--threads", args.threads, 0, kMaxThreads);
   check_ep_transport_flag(args.ep_transport, args.backend);
+  EPIC_CHECK(args.ep_mode == "normal" || args.ep_mode == "low-latency", ErrorCode::kInvalidArgument,
+             "--ep-mode must be normal or low-latency, got '" + args.ep_mode + "'");
+  EPIC_CHECK(args.ep_mode == "normal" || args.tokens_per_worker <= kMaxLowLatencyBenchTokens,
+             ErrorCode::kInvalidArgument,
+             "--ep-mode low-latency holds at most " + std::to_string(kMaxLowLatencyBenchTokens) +
+                 " tokens per worker (its fixed-size blocks are for decode steps), got --tokens-per-worker " +
+                 std::to_string(args.tokens_per_worker) + "; use --ep-mode normal");
+  EPIC_CHECK(!args.ep_overlap || args.ep_mode == "normal", ErrorCode::kInvalidArgument,
+             "--ep-overlap overlaps the normal mode's exchanges; drop it with --ep-mode low-latency");
   ModelPreset preset = load_preset(args.preset, presets_dir());
   // More layers than the preset has would only repeat its shapes, each costing all its experts.
   check_int_flag("--layers (of preset " + preset.name + ")", args.layers, 1, preset.config.num_hidden_layers);
@@ -157,6 +168,10 @@ int bench_moe_command(const BenchMoeArgs& args) {
       args.ep_transport, backend.memory_space() == MemorySpace::kDevice, num_workers, kNcclBuilt);
   const bool local = transport == EpTransport::kLocal;
   const bool use_nccl = transport == EpTransport::kNccl;
+  EPIC_CHECK(use_nccl || (args.ep_mode == "normal" && !args.ep_overlap), ErrorCode::kInvalidArgument,
+             "--ep-mode low-latency and --ep-overlap are modes of the NCCL exchange (several GPU workers, "
+             "--ep-transport nccl or auto); this run uses the " +
+                 std::string(ep_transport_name(transport)) + " one");
   if (args.cuda_graphs && !local) {
     throw Error(
         ErrorCode::kInvalidArgument,
@@ -192,8 +207,10 @@ int bench_moe_command(const BenchMoeArgs& args) {
   std::unique_ptr<NcclMoeBench> nccl_bench;
 #ifdef EPIC_HAVE_NCCL_EP
   if (use_nccl)
-    nccl_bench =
-        make_nccl_moe_bench(*comm, CommOptions{args.comm_timeout_seconds}, config, weights, backend, table);
+    nccl_bench = make_nccl_moe_bench(
+        *comm, CommOptions{args.comm_timeout_seconds}, config, weights, backend, table,
+        NcclMoeBenchOptions{args.ep_mode == "low-latency", std::max<int64_t>(args.tokens_per_worker, 1),
+                            args.ep_overlap});
 #endif
   for (int64_t i = 0; i < args.warmup; ++i) {
     ExpertParallelMoeExecutor warm(config, weights, backend, *comm, table);
@@ -291,11 +308,15 @@ int bench_moe_command(const BenchMoeArgs& args) {
                             std::to_string(inter);
   std::printf(
       "bench-moe: %s; %d worker(s), %lld tokens/worker, %lld layer(s) x %lld iteration(s)%s, backend %s, "
-      "ep transport %s\n",
+      "ep transport %s%s\n",
       shape.c_str(), num_workers, static_cast<long long>(args.tokens_per_worker),
       static_cast<long long>(args.layers), static_cast<long long>(args.iterations),
       args.cuda_graphs ? " replayed from a CUDA graph" : "", chosen.description.c_str(),
-      ep_transport_name(transport));
+      ep_transport_name(transport),
+      !use_nccl                       ? ""
+      : args.ep_mode == "low-latency" ? " (low-latency mode)"
+      : args.ep_overlap               ? " (normal mode, two-batch overlap)"
+                                      : " (normal mode)");
   std::printf("per MoE layer call (ms):\n%6s %9s %9s %9s %9s %9s %10s %10s %10s %8s %8s\n", "worker", "route",
               "dispatch", "expert", "combine", "total", "MB sent", "MB recv", "rows done", "experts",
               "wrong");
@@ -367,7 +388,9 @@ int bench_moe_command(const BenchMoeArgs& args) {
                              {"backend", chosen.description},
                              {"per_worker", workers},
                              {"tokens_per_second", tokens_per_second},
-                             {"ep_transport", ep_transport_name(transport)}};
+                             {"ep_transport", ep_transport_name(transport)},
+                             {"ep_mode", use_nccl ? args.ep_mode : "none"},
+                             {"ep_overlap", use_nccl && args.ep_overlap}};
     if (use_nccl) result["nccl"] = nccl_report_json(nccl_shape, nccl_ranks);
     files::write_file_atomically(args.json_out, result.dump(2) + "\n", "--json");
   }

@@ -59,10 +59,11 @@ int64_t total(const std::vector<int64_t>& bytes) {
 class NcclMoeBenchImpl final : public NcclMoeBench {
  public:
   NcclMoeBenchImpl(Communicator& host, const CommOptions& options, const ModelConfig& config,
-                   const ModelWeights& weights, Backend& backend, const ExpertRoutingTable& table)
+                   const ModelWeights& weights, Backend& backend, const ExpertRoutingTable& table,
+                   const DeviceMoeOptions& executor_options)
       : backend_(backend),
         nccl_(make_backend_nccl_communicator(host, options, backend)),
-        executor_(config, weights, backend, *nccl_, table) {}
+        executor_(config, weights, backend, *nccl_, table, executor_options) {}
 
   MoeExecutor& executor() override { return executor_; }
   void reset_stats() override { executor_.reset_stats(); }
@@ -82,20 +83,7 @@ class NcclMoeBenchImpl final : public NcclMoeBench {
     return f;
   }
 
-  MoePhaseStats phase_stats() const override {
-    const DeviceMoeStats& s = executor_.stats();
-    MoePhaseStats p;
-    p.route_seconds = s.route_seconds;
-    p.dispatch_seconds = s.dispatch_seconds;
-    p.expert_seconds = s.expert_seconds;
-    p.combine_seconds = s.combine_seconds;
-    p.bytes_sent = s.bytes_sent;
-    p.bytes_received = s.bytes_received;
-    p.rows_sent = s.tokens_sent;
-    p.rows_computed = s.pairs_computed;
-    p.calls = s.calls;
-    return p;
-  }
+  MoePhaseStats phase_stats() const override { return to_phase_stats(executor_.stats()); }
 
   void measure_baselines(int64_t iterations, int64_t link_bytes, NcclRankFigures& figures) override {
     EPIC_CHECK(iterations >= 1 && link_bytes > 0, ErrorCode::kInternal, "measure_baselines: bad arguments");
@@ -175,8 +163,14 @@ class NcclMoeBenchImpl final : public NcclMoeBench {
 
 std::unique_ptr<NcclMoeBench> make_nccl_moe_bench(Communicator& host, const CommOptions& options,
                                                   const ModelConfig& config, const ModelWeights& weights,
-                                                  Backend& backend, const ExpertRoutingTable& table) {
-  return std::make_unique<NcclMoeBenchImpl>(host, options, config, weights, backend, table);
+                                                  Backend& backend, const ExpertRoutingTable& table,
+                                                  const NcclMoeBenchOptions& bench_options) {
+  DeviceMoeOptions executor_options;
+  executor_options.mode = bench_options.low_latency ? EpMode::kLowLatency : EpMode::kNormal;
+  if (bench_options.low_latency) executor_options.low_latency_max_tokens = bench_options.low_latency_tokens;
+  executor_options.overlap = bench_options.overlap;
+  executor_options.time_low_latency_phases = true;
+  return std::make_unique<NcclMoeBenchImpl>(host, options, config, weights, backend, table, executor_options);
 }
 
 }  // namespace epic::cli

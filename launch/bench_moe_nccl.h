@@ -37,10 +37,18 @@ class NcclMoeBench {
   virtual void measure_baselines(int64_t iterations, int64_t link_bytes, NcclRankFigures& figures) = 0;
 };
 
+// How the executor runs (bench-moe's --ep-mode and --ep-overlap).
+struct NcclMoeBenchOptions {
+  bool low_latency = false;        // every call in the low-latency mode, blocks of low_latency_tokens rows
+  int64_t low_latency_tokens = 1;  // (phases timed with a host wait per call)
+  bool overlap = false;            // two-batch overlap (normal mode)
+};
+
 // A collective over `host`: the NCCL communicator on the backend's device and stream, and the executor.
 // Error(kInvalidArgument) when `backend` is not the CUDA backend.
 std::unique_ptr<NcclMoeBench> make_nccl_moe_bench(Communicator& host, const CommOptions& options,
                                                   const ModelConfig& config, const ModelWeights& weights,
-                                                  Backend& backend, const ExpertRoutingTable& table);
+                                                  Backend& backend, const ExpertRoutingTable& table,
+                                                  const NcclMoeBenchOptions& bench_options);
 
 }  // namespace epic::cli

@@ -59,6 +59,7 @@ struct RunArgs {
   // "normal" or "low-latency" (every step; a larger one is an error).
   std::string ep_mode = "auto";
   int64_t ep_low_latency_max_tokens = 256;  // worker/ep_mode.h: kDefaultLowLatencyMaxTokens
+  bool ep_overlap = false;  // two-batch overlap of the normal mode's exchanges with the expert compute
 };
 
 struct PlanArgs {
@@ -106,6 +107,10 @@ struct BenchMoeArgs {
   bool check = true;         // check the layers' output after timing (--no-check: skip)
   std::string ep_transport = "auto";  // auto | nccl | host (launch/ep_transport.h)
   bool baseline = true;  // with nccl: NCCL's all-to-all of the same bytes and the link, timed in the same run
+  // With nccl: the exchange's mode, "normal" or "low-latency" (fixed-size blocks sized for
+  // --tokens-per-worker; its phases timed with a host wait per call), and two-batch overlap (normal mode).
+  std::string ep_mode = "normal";
+  bool ep_overlap = false;
   // Test-only (a hidden flag, --inject-wrong-row RANK): corrupt one combined row of the check on that
   // rank, so tests can prove the check fails and names the worker. -1: no fault.
   int inject_wrong_row_rank = -1;
@@ -135,6 +140,8 @@ struct BenchDecodeArgs {
   int64_t prefill_tokens = 0;  // > 0: also time one prefill of this many tokens
   bool cuda_graphs = true;
   std::string json_out;
+  double comm_timeout_seconds = 300;  // under mpirun
+  bool ep_overlap = false;            // under mpirun with NCCL: two-batch overlap of the prefill steps
 };
 int bench_decode_command(const BenchDecodeArgs& args);
 

@@ -99,15 +99,17 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   run->add_flag("--cuda-graphs,!--no-cuda-graphs", run_args.cuda_graphs,
                 "Replay decode steps from captured CUDA graphs (default on)");
-  run->add_option("--ep-transport", run_args.ep_transport,
-                  "MoE exchange between GPU workers: nccl (device buffers), host (MPI through host memory) or "
-                  "auto (nccl with --backend cuda, several ranks and NCCL built)")
+  run->add_option(
+         "--ep-transport", run_args.ep_transport,
+         "MoE exchange between GPU workers: nccl (device buffers), host (MPI through host memory) or "
+         "auto (nccl with --backend cuda, several ranks and NCCL built)")
       ->check(CLI::IsMember({"auto", "nccl", "host"}))
       ->capture_default_str();
-  run->add_option("--ep-mode", run_args.ep_mode,
-                  "NCCL MoE exchange: low-latency (fixed-size blocks, no host read, decode steps captured in "
-                  "CUDA graphs; every step), normal (counts read on the host each layer), or auto (low-latency "
-                  "for steps within --ep-low-latency-max-tokens rows per rank, normal beyond)")
+  run->add_option(
+         "--ep-mode", run_args.ep_mode,
+         "NCCL MoE exchange: low-latency (fixed-size blocks, no host read, decode steps captured in "
+         "CUDA graphs; every step), normal (counts read on the host each layer), or auto (low-latency "
+         "for steps within --ep-low-latency-max-tokens rows per rank, normal beyond)")
       ->check(CLI::IsMember({"auto", "normal", "low-latency"}))
       ->capture_default_str();
   run->add_option("--ep-low-latency-max-tokens", run_args.ep_low_latency_max_tokens,
@@ -115,6 +117,10 @@ int main(int argc, char** argv) {
                   "power of two)")
       ->transform(strict_integer<int64_t>())
       ->capture_default_str();
+  run->add_flag(
+      "--ep-overlap,!--no-ep-overlap", run_args.ep_overlap,
+      "NCCL normal mode: split each MoE layer's tokens into two micro-batches so one's exchange runs "
+      "while the other's experts compute (two-batch overlap; default off)");
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   auto* prompts_file =
@@ -226,6 +232,14 @@ int main(int argc, char** argv) {
           "auto (nccl with --backend cuda, several ranks and NCCL built; one GPU: no exchange)")
       ->check(CLI::IsMember({"auto", "nccl", "host"}))
       ->capture_default_str();
+  bench
+      ->add_option("--ep-mode", bench_args.ep_mode,
+                   "With nccl: normal (counts read on the host per layer) or low-latency (fixed-size blocks "
+                   "sized for --tokens-per-worker, at most 4096; a host wait per call to time its phases)")
+      ->check(CLI::IsMember({"normal", "low-latency"}))
+      ->capture_default_str();
+  bench->add_flag("--ep-overlap,!--no-ep-overlap", bench_args.ep_overlap,
+                  "With nccl, normal mode: two-batch overlap of the exchanges with the expert compute");
   bench->add_flag(
       "--baseline,!--no-baseline", bench_args.baseline,
       "With nccl (default on): also time NCCL's own all_to_all_v of each layer's dispatch and "
@@ -253,8 +267,11 @@ int main(int argc, char** argv) {
                        "Load NaN/Inf weights instead of failing");
 
   BenchDecodeArgs decode_args;
-  CLI::App* bench_decode = app.add_subcommand(
-      "bench-decode", "Time whole-model decode steps of a batch (and a long prefill) on one process");
+  CLI::App* bench_decode =
+      app.add_subcommand("bench-decode",
+                         "Time whole-model decode steps of a batch (and a long prefill) on one process, or "
+                         "expert parallel under "
+                         "mpirun (each rank its own batch, one GPU per rank, the MoE exchange over NCCL)");
   bench_decode->add_option("--model", decode_args.model_dir,
                            "Hugging Face model directory (or --random-weights)");
   bench_decode->add_option("--random-weights", decode_args.random_weights,
@@ -281,6 +298,11 @@ int main(int argc, char** argv) {
       ->transform(strict_integer<int64_t>());
   bench_decode->add_flag("--cuda-graphs,!--no-cuda-graphs", decode_args.cuda_graphs, "Replay decode graphs");
   bench_decode->add_option("--json", decode_args.json_out, "Also write the results as a JSON array");
+  bench_decode->add_option("--comm-timeout", decode_args.comm_timeout_seconds, comm_timeout_help)
+      ->capture_default_str();
+  bench_decode->add_flag(
+      "--ep-overlap,!--no-ep-overlap", decode_args.ep_overlap,
+      "Under mpirun with NCCL: two-batch overlap of the normal-mode MoE exchanges (prefill)");
 
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");

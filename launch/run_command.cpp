@@ -186,8 +186,8 @@ struct CoordinatorOutput {
 CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConfig& config,
                            const std::optional<Tokenizer>& tokenizer, WeightSource& source,
                            ScalarType activation_type) {
-  const fs::path model_dir = args.model_dir.empty() ? fs::path("--random-weights " + args.random_weights)
-                                                    : fs::path(args.model_dir);
+  const fs::path model_dir =
+      args.model_dir.empty() ? fs::path("--random-weights " + args.random_weights) : fs::path(args.model_dir);
   CoordinatorOutput output;
   check_coordinator_files(args);
   output.prompts = read_prompts(args, config, tokenizer, model_dir);
@@ -422,22 +422,27 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   // is on the GPU the backend chose (node-local rank, or --device) by construction.
   std::unique_ptr<NcclCommunicator> nccl;
   std::optional<DeviceExpertParallelMoeExecutor> device_executor;
-  const bool use_nccl = on_device && (args.ep_transport == "nccl" ||
-                                      (args.ep_transport == "auto" && comm->size() > 1 && args.load_profile_out.empty()));
+  const bool use_nccl =
+      on_device && (args.ep_transport == "nccl" ||
+                    (args.ep_transport == "auto" && comm->size() > 1 && args.load_profile_out.empty()));
   check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, use_nccl);
+  check_ep_overlap_flag(args.ep_overlap, parse_ep_mode(args.ep_mode), use_nccl);
   if (use_nccl)
     run_on_all_ranks(*comm, [&] {
       nccl = make_backend_nccl_communicator(*comm, CommOptions{args.comm_timeout_seconds}, backend);
-      device_executor.emplace(model.config, weights, backend, *nccl, table,
-                              DeviceMoeOptions{parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens});
+      device_executor.emplace(
+          model.config, weights, backend, *nccl, table,
+          DeviceMoeOptions{parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, args.ep_overlap});
       moe_executor = &*device_executor;
     });
 #else
   check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, false);
+  check_ep_overlap_flag(args.ep_overlap, parse_ep_mode(args.ep_mode), false);
   if (args.ep_transport == "nccl")
-    throw Error(ErrorCode::kInvalidArgument,
-                "--ep-transport nccl: this build has no NCCL communicator (configure with the CUDA backend and "
-                "NCCL found, EPIC_ENABLE_NCCL=ON), use --ep-transport host");
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        "--ep-transport nccl: this build has no NCCL communicator (configure with the CUDA backend and "
+        "NCCL found, EPIC_ENABLE_NCCL=ON), use --ep-transport host");
 #endif
   RunnerOptions runner_options;
   runner_options.activation_type = chosen.activation_type;
@@ -456,7 +461,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   run_on_all_ranks(*comm, [&] {
     runner.emplace(model.config, weights, backend, runner_options, local_moe ? nullptr : moe_executor);
   });
-  if (coordinator) std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());
+  if (coordinator)
+    std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());
   comm->barrier();  // time the generation alone, from a common start
   const auto run_start = clock_type::now();
   GenerationOptions generation;
@@ -500,7 +506,11 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.most_active_sequences = stats.most_active_sequences;
   report.load_seconds = load_seconds;
   report.run_seconds = run_seconds;
-  const MoePhaseStats& phases = executor.stats();
+  MoePhaseStats phases = executor.stats();
+#ifdef EPIC_HAVE_NCCL_EP
+  // The NCCL executor ran the MoE layers: its figures, device time per phase.
+  if (device_executor) phases = to_phase_stats(device_executor->stats());
+#endif
   report.route_seconds = phases.route_seconds;
   report.dispatch_seconds = phases.dispatch_seconds;
   report.expert_seconds = phases.expert_seconds;
@@ -509,18 +519,6 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.bytes_received = phases.bytes_received;
   report.rows_computed = phases.rows_computed;
   report.expert_rows = executor.expert_rows();
-#ifdef EPIC_HAVE_NCCL_EP
-  if (device_executor) {  // the NCCL executor ran the MoE layers: its figures, device time per phase
-    const DeviceMoeStats& device_phases = device_executor->stats();
-    report.route_seconds = device_phases.route_seconds;
-    report.dispatch_seconds = device_phases.dispatch_seconds;
-    report.expert_seconds = device_phases.expert_seconds;
-    report.combine_seconds = device_phases.combine_seconds;
-    report.bytes_sent = device_phases.bytes_sent;
-    report.bytes_received = device_phases.bytes_received;
-    report.rows_computed = device_phases.pairs_computed;
-  }
-#endif
   const std::string report_bytes = wire::to_bytes(report);
   const std::vector<std::vector<char>> gathered =
       comm->all_gather_v<char>(std::span<const char>(report_bytes.data(), report_bytes.size()));

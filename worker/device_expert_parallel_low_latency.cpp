@@ -3,6 +3,7 @@
 // host's step bound alone, counts in the block headers read on the device). Nothing here reads device
 // memory on the host or waits on the stream, so the pass can be captured in a CUDA graph.
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ep_dispatch_kernels.h"
@@ -61,10 +62,28 @@ void DeviceExpertParallelMoeExecutor::begin_step(int64_t max_rows_on_any_rank) {
 }
 
 void DeviceExpertParallelMoeExecutor::finish_step() {
-  const bool low_latency = step_tokens() > 0;
+  const int64_t block_tokens = step_tokens();
   in_step_ = false;
   step_tokens_ = 0;
-  if (low_latency) nccl_.synchronize();
+  if (block_tokens == 0) return;
+  nccl_.synchronize();
+  // Counted per step, not per forward() call: a step replayed from a graph calls forward() not at all, and
+  // the step that captures it calls it twice.
+  for (const LayerWeights& layer : weights_.layers)
+    if (layer.is_moe) count_low_latency_call(block_tokens);
+}
+
+void DeviceExpertParallelMoeExecutor::count_low_latency_call(int64_t block_tokens) {
+  const uint64_t peers = static_cast<uint64_t>(nccl_.size() - 1);
+  const auto dispatch =
+      static_cast<uint64_t>(low_latency_block_bytes(block_tokens, low_latency_record_bytes_));
+  const auto combine = static_cast<uint64_t>(block_tokens * config_.hidden_size) * sizeof(float);
+  ++stats_.calls;
+  ++stats_.low_latency_calls;
+  stats_.dispatch_bytes_sent += peers * dispatch;
+  stats_.combine_bytes_sent += peers * combine;
+  stats_.bytes_sent += peers * (dispatch + combine);  // fixed-size blocks: every peer sends as much back
+  stats_.bytes_received += peers * (dispatch + combine);
 }
 
 void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const Tensor& hidden,
@@ -88,8 +107,16 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   const int64_t places = num_ranks * block_tokens, place_slots = places * top_k;
   const int64_t capacity_slots = num_ranks * capacity * top_k;
   const DeviceReplicas& replicas = replicas_for(layer, num_experts);  // cached after the first (eager) call
-  ++stats_.calls;
-  ++stats_.low_latency_calls;
+  low_latency_record_bytes_ = record_bytes;
+  if (!in_step_) count_low_latency_call(block_tokens);  // within a step, finish_step counts
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  EPIC_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
+  const bool timed =
+      options_.time_low_latency_phases && !in_step_ && capturing == cudaStreamCaptureStatusNone;
+  const auto timed_mark = [&](PhaseMark at) {
+    if (timed) mark(at);
+  };
+  timed_mark(kMarkStart);
   Workspace& buffers = low_latency_buffers_;
 
   // Layout, as the normal mode.
@@ -115,6 +142,7 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   int64_t* send_pairs = send_counts + num_ranks;
   ep_kernels::rank_layout(destination.as<int32_t>(), num_tokens, top_k, num_ranks,
                           send_position.as<int32_t>(), send_counts, send_pairs, stream_);
+  timed_mark(kMarkRouted);
 
   // Dispatch: block r of the send buffer goes to rank r whatever its count.
   const Tensor send_blocks = buffers.get(kLlSendBlocks, ScalarType::kU8, {buffer_bytes});
@@ -124,7 +152,9 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
                                destination.as<int32_t>(), send_position.as<int32_t>(), send_counts,
                                num_tokens, top_k, hidden_size, num_ranks, record_bytes, block_bytes,
                                send_blocks.data, stream_);
+  timed_mark(kMarkPacked);
   nccl_.all_to_all_v(fixed_blocks(send_blocks.data, recv_blocks.data, num_ranks, block_bytes, buffer_bytes));
+  timed_mark(kMarkDispatched);
 
   // Expert compute over every place of every received block: places past a header's count and slots served
   // elsewhere get the id num_experts, so the stable sort puts them after the real groups, whose end
@@ -159,14 +189,34 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   ep_kernels::partial_sums(expert_out.data, act, recv_ids.as<int32_t>(), unused_expert,
                            group_position.as<int32_t>(), recv_weights.as<float>(), places, top_k, hidden_size,
                            partial.as<float>(), stream_);
+  timed_mark(kMarkComputed);
 
   // Combine: each rank's block of partial rows back, fixed-size, then the rank-ordered sum into out.
   const int64_t partial_block_bytes = block_tokens * hidden_size * static_cast<int64_t>(sizeof(float));
+  // What a baseline all-to-all must move to compare: the fixed-size blocks, to every rank.
+  exchange_sizes_[layer] = {std::vector<int64_t>(num_ranks, block_bytes),
+                            std::vector<int64_t>(num_ranks, block_bytes),
+                            std::vector<int64_t>(num_ranks, partial_block_bytes),
+                            std::vector<int64_t>(num_ranks, partial_block_bytes)};
   const Tensor returned = buffers.get(kLlReturned, ScalarType::kF32, {num_ranks * capacity, hidden_size});
   nccl_.all_to_all_v(fixed_blocks(partial.data, returned.data, num_ranks, partial_block_bytes,
                                   static_cast<int64_t>(returned.bytes())));
   ep_kernels::combine_low_latency(returned.as<float>(), send_position.as<int32_t>(), block_tokens, num_tokens,
                                   num_ranks, hidden_size, out.data, out.type, stream_);
+  if (!timed) return;
+  timed_mark(kMarkCombined);
+  nccl_.synchronize();  // bounded; the marks are complete after it
+  const auto seconds = [&](PhaseMark from, PhaseMark to) {
+    float milliseconds = 0;
+    EPIC_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, phase_events_[from], phase_events_[to]));
+    return milliseconds * 1e-3;
+  };
+  // The layout is the routing's tail here (no count exchange): route = routing + layout.
+  stats_.route_seconds += seconds(kMarkStart, kMarkRouted);
+  stats_.dispatch_seconds += seconds(kMarkRouted, kMarkDispatched);
+  stats_.rows_all_to_all_seconds += seconds(kMarkPacked, kMarkDispatched);
+  stats_.expert_seconds += seconds(kMarkDispatched, kMarkComputed);
+  stats_.combine_seconds += seconds(kMarkComputed, kMarkCombined);
 }
 
 }  // namespace epic

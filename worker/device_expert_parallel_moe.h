@@ -13,6 +13,12 @@
 // counts travel in the blocks' headers and are read on the device: no host read or synchronisation inside
 // forward(), so the step is capturable (capturable() is true between begin_step and finish_step of such a
 // step). Same summation order as the normal mode.
+// Two-batch overlap (DeviceMoeOptions::overlap, normal mode): the call's tokens split into two
+// micro-batches whose exchanges run on a communication stream of their own, so micro-batch 1's dispatch
+// travels while micro-batch 0's experts compute, and micro-batch 0's combine while micro-batch 1's
+// compute (device_expert_parallel_overlap.cpp). Each token's sum is the same as without overlap (its
+// slots and ranks are the same), so the results are bitwise equal; only the expert FFN's grouping differs
+// where its kernel is not row-independent.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +30,9 @@
 #include "comm/nccl/nccl_communicator.h"
 #include "kernels/backend.h"
 #include "worker/ep_mode.h"
+#include "worker/expert_parallel_moe.h"
 #include "worker/expert_routing_table.h"
+#include "worker/moe_block.h"
 #include "worker/moe_executor.h"
 #include "worker/workspace.h"
 
@@ -32,15 +40,20 @@ namespace epic {
 
 struct DeviceMoeStats {
   int64_t calls = 0;
-  int64_t low_latency_calls = 0;  // of calls: in the low-latency mode (its counts below stay on the device)
-  int64_t tokens_sent = 0;      // token records sent (self included): once per (token, destination rank)
-  int64_t pairs_computed = 0;   // (token, slot) rows this rank's experts computed
-  uint64_t bytes_sent = 0;      // to other ranks, both directions of the exchange
+  // Of calls: in the low-latency mode. Its token and pair counts stay on the device (not counted below);
+  // its bytes are the fixed-size blocks' (the padding included) and it has no phase times.
+  int64_t low_latency_calls = 0;
+  int64_t tokens_sent = 0;     // token records sent (self included): once per (token, destination rank)
+  int64_t pairs_computed = 0;  // (token, slot) rows this rank's experts computed
+  uint64_t bytes_sent = 0;     // to other ranks, both directions of the exchange
   uint64_t bytes_received = 0;
   // Device time per phase (CUDA events on the executor's stream, read after each layer's final
   // synchronize), summed over calls. dispatch = layout + count exchange + host read of the counts + rows
   // all-to-all; count_exchange_seconds and rows_all_to_all_seconds are parts of it. combine = all-to-all
-  // back + the rank-ordered sum.
+  // back + the rank-ordered sum. With overlap on, the phases as the compute stream sees them: dispatch
+  // until micro-batch 0 has arrived (the exposed part), expert = both micro-batches' compute with the
+  // transfers hidden under it, combine = the exposed tail after the last compute.
+  int64_t overlapped_calls = 0;  // of calls: with two-batch overlap
   double route_seconds = 0;
   double dispatch_seconds = 0;
   double count_exchange_seconds = 0;  // rank layout + count exchange + the counts' copy to the host
@@ -51,6 +64,10 @@ struct DeviceMoeStats {
   uint64_t combine_bytes_sent = 0;   // partial rows back to other ranks
 };
 
+// The host executor's figures (MoePhaseStats) from the device executor's, so reports and benchmarks fill
+// one table from either. rows_sent counts token records (once per token and destination rank).
+MoePhaseStats to_phase_stats(const DeviceMoeStats& stats);
+
 // The per-peer block sizes (bytes, indexed by rank, own rank included) of one layer's two exchanges:
 // what a baseline all-to-all must move to be comparable.
 struct DeviceExchangeSizes {
@@ -59,12 +76,20 @@ struct DeviceExchangeSizes {
 
 // The NCCL communicator for `backend` (the CUDA backend): on the backend's device and stream, so
 // collectives are ordered with its ops. A collective over `host`.
-std::unique_ptr<NcclCommunicator> make_backend_nccl_communicator(Communicator& host, const CommOptions& options,
+std::unique_ptr<NcclCommunicator> make_backend_nccl_communicator(Communicator& host,
+                                                                 const CommOptions& options,
                                                                  Backend& backend);
+
+// The overlap's ordering events per layer (device_expert_parallel_overlap.cpp).
+inline constexpr int kNumOverlapOrderEvents = 10;
 
 struct DeviceMoeOptions {
   EpMode mode = EpMode::kAuto;
   int64_t low_latency_max_tokens = kDefaultLowLatencyMaxTokens;  // rows per rank a low-latency step holds
+  bool overlap = false;  // two-batch overlap in the normal mode (every rank must pass the same value)
+  // Low-latency calls outside a step and outside a capture (benchmarks) record their phase times, at the
+  // cost of a bounded host wait at the end of each call.
+  bool time_low_latency_phases = false;
 };
 
 class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
@@ -98,10 +123,61 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
     OwnedTensor workers;  // I32 [max(1, replicas)]
   };
   const DeviceReplicas& replicas_for(int64_t layer, int64_t num_experts);
+
+  // Where a normal-mode layer's phases begin and end on stream_ (DeviceMoeStats).
+  enum PhaseMark : int {
+    kMarkStart,
+    kMarkRouted,
+    kMarkCountsRead,
+    kMarkPacked,
+    kMarkDispatched,
+    kMarkComputed,
+    kMarkCombined,
+    kNumPhaseMarks
+  };
+  void mark(PhaseMark at);
+  // Routing, the stable grouping and each slot's destination rank (I32 [slots], in buffers_).
+  Tensor route_and_place(int64_t layer, const Tensor& router_input, Workspace& workspace,
+                         RoutedTokens& routed);
+
+  // One normal-mode exchange: the tokens [first_token, first_token + num_tokens) of the call, with their
+  // own buffers (slots from slot_base in buffers_) and counts (host_counts_ from host_index * 4R). The
+  // normal mode runs one over the whole call; the overlap runs two. Filled phase by phase below.
+  struct Exchange {
+    int64_t first_token = 0;
+    int64_t num_tokens = 0;
+    int slot_base = 0;
+    int host_index = 0;
+    Tensor send_position;              // I32 [R * num_tokens]
+    int64_t* device_counts = nullptr;  // send tokens, send pairs, recv tokens, recv pairs [4R]
+    const int64_t* host = nullptr;     // the same, on the host after read_counts
+    int64_t total_sent = 0, total_received = 0, total_pairs = 0;
+    Tensor send_records, recv_records, partial, returned;
+    AllToAllLayout dispatch, combine;
+  };
+  // Phases of an exchange: work enqueued on `stream` (the backend's, or the overlap's communication
+  // stream for the NCCL calls); read_counts reads the host copy (after a synchronize), nothing else does.
+  Exchange begin_exchange(int index, int64_t first_token, int64_t num_tokens, const Tensor& destination);
+  void send_counts(Exchange& exchange, cudaStream_t stream);
+  void read_counts(Exchange& exchange, int64_t record_bytes);
+  void pack(const Exchange& exchange, const Tensor& hidden, const RoutedTokens& routed,
+            const Tensor& destination, int64_t record_bytes);
+  void dispatch(const Exchange& exchange, cudaStream_t stream);
+  void compute(Exchange& exchange, int64_t layer, ScalarType act, int64_t record_bytes, Workspace& workspace);
+  void send_back(const Exchange& exchange, cudaStream_t stream);
+  void combine(const Exchange& exchange, const Tensor& out);
+  // The normal mode's two-batch overlap (device_expert_parallel_overlap.cpp).
+  void forward_overlapped(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+                          Workspace& workspace);
+  // After a layer's final synchronize: its phase times, bytes and exchange sizes into the stats.
+  void record_layer(int64_t layer, const std::vector<const Exchange*>& exchanges, uint64_t sent_before,
+                    uint64_t received_before);
   // The block bound of this call's low-latency exchange, 0 for the normal mode.
   int64_t step_tokens() const { return in_step_ ? step_tokens_ : unagreed_step_tokens_; }
   void forward_low_latency(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
                            Workspace& workspace, int64_t block_tokens);
+  // One low-latency layer at block bound block_tokens into the stats (calls and bytes).
+  void count_low_latency_call(int64_t block_tokens);
 
   const ModelConfig& config_;
   const ModelWeights& weights_;
@@ -109,7 +185,7 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   NcclCommunicator& nccl_;
   const ExpertRoutingTable& table_;
   cudaStream_t stream_;
-  Workspace buffers_;  // persistent, grown on demand (slots below)
+  Workspace buffers_;                    // persistent, grown on demand (slots below)
   std::unique_ptr<Buffer> host_counts_;  // pinned: send tokens, send pairs, recv tokens, recv pairs [4R]
   std::map<int64_t, DeviceReplicas> replicas_;
   DeviceMoeStats stats_;
@@ -117,12 +193,17 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   std::vector<cudaEvent_t> phase_events_;
   std::map<int64_t, DeviceExchangeSizes> exchange_sizes_;
   DeviceMoeOptions options_;
-  int64_t low_latency_capacity_ = 0;   // the blocks' allocated bound (low_latency_capacity)
-  int64_t unagreed_step_tokens_ = 0;   // step_tokens() outside begin_step / finish_step
+  int64_t low_latency_capacity_ = 0;      // the blocks' allocated bound (low_latency_capacity)
+  int64_t low_latency_record_bytes_ = 0;  // the record size of the last low-latency call (its activations')
+  int64_t unagreed_step_tokens_ = 0;      // step_tokens() outside begin_step / finish_step
   bool in_step_ = false;
   int64_t step_tokens_ = 0;
   // Allocated once at low_latency_capacity_ (never moved: captured graphs hold their addresses).
   Workspace low_latency_buffers_;
+  // The overlap's communication stream and the events that order it with stream_ (created with it; their
+  // meaning: OrderEvent in device_expert_parallel_overlap.cpp).
+  cudaStream_t comm_stream_ = nullptr;
+  std::vector<cudaEvent_t> order_events_;
 };
 
 }  // namespace epic

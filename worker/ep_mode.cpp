@@ -67,6 +67,17 @@ void check_ep_mode_flags(EpMode mode, int64_t max_tokens, bool nccl_transport) {
       "or auto, NCCL built); the host exchange has only the normal mode");
 }
 
+void check_ep_overlap_flag(bool overlap, EpMode mode, bool nccl_transport) {
+  if (!overlap) return;
+  EPIC_CHECK(nccl_transport, ErrorCode::kInvalidArgument,
+             "--ep-overlap overlaps the NCCL exchange (--backend cuda, several ranks, --ep-transport nccl or "
+             "auto, NCCL built); drop it for the host exchange");
+  EPIC_CHECK(
+      mode != EpMode::kLowLatency, ErrorCode::kInvalidArgument,
+      "--ep-overlap applies to the normal mode's steps, and --ep-mode low-latency has none: use "
+      "--ep-mode auto (low-latency decode steps, overlapped larger ones) or normal, or drop --ep-overlap");
+}
+
 int64_t low_latency_block_bytes(int64_t tokens, int64_t record_bytes) {
   EPIC_CHECK(tokens >= 0 && record_bytes > 0 && record_bytes % 16 == 0, ErrorCode::kInternal,
              "low-latency block of " + std::to_string(tokens) + " records of " +

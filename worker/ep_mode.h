@@ -41,6 +41,8 @@ int64_t low_latency_step_tokens(EpMode mode, int64_t max_tokens, int64_t max_row
 // NCCL executor runs the MoE blocks): Error(kInvalidArgument) naming the flag for a bound out of range or
 // low-latency without the NCCL executor (the host exchange has no such mode).
 void check_ep_mode_flags(EpMode mode, int64_t max_tokens, bool nccl_transport);
+// overlap (--ep-overlap) needs the NCCL exchange and a mode with normal steps (not low-latency).
+void check_ep_overlap_flag(bool overlap, EpMode mode, bool nccl_transport);
 
 // Bytes of one rank-to-rank block: the header, then `tokens` records.
 int64_t low_latency_block_bytes(int64_t tokens, int64_t record_bytes);

@@ -21,11 +21,11 @@ std::byte* byte_pointer(void* pointer) { return static_cast<std::byte*>(pointer)
 
 }  // namespace
 
-void NcclCommunicator::all_to_all_v(const AllToAllLayout& layout) {
-  enqueue_all_to_all_v(layout, "all_to_all_v");
+void NcclCommunicator::all_to_all_v(const AllToAllLayout& layout, cudaStream_t on) {
+  enqueue_all_to_all_v(layout, "all_to_all_v", on != nullptr ? on : stream_);
 }
 
-void NcclCommunicator::exchange_counts(const int64_t* send_counts, int64_t* recv_counts) {
+void NcclCommunicator::exchange_counts(const int64_t* send_counts, int64_t* recv_counts, cudaStream_t on) {
   check_element_arguments(rank_, "exchange_counts", send_counts, recv_counts, size_);
   AllToAllLayout layout;
   layout.send = send_counts;
@@ -37,7 +37,7 @@ void NcclCommunicator::exchange_counts(const int64_t* send_counts, int64_t* recv
   }
   layout.recv_bytes = layout.send_bytes;
   layout.recv_offsets = layout.send_offsets;
-  enqueue_all_to_all_v(layout, "exchange_counts");
+  enqueue_all_to_all_v(layout, "exchange_counts", on != nullptr ? on : stream_);
 }
 
 void NcclCommunicator::verify_pairwise_counts(const AllToAllLayout& layout, const char* operation) {
@@ -65,7 +65,8 @@ void NcclCommunicator::verify_pairwise_counts(const AllToAllLayout& layout, cons
                  ")");
 }
 
-void NcclCommunicator::enqueue_all_to_all_v(const AllToAllLayout& layout, const char* operation) {
+void NcclCommunicator::enqueue_all_to_all_v(const AllToAllLayout& layout, const char* operation,
+                                            cudaStream_t stream) {
   check_all_to_all_v_arguments(rank_, size_, layout);
   if (nccl_options_.verify_counts) verify_pairwise_counts(layout, operation);
   uint64_t bytes_sent = 0;
@@ -82,7 +83,7 @@ void NcclCommunicator::enqueue_all_to_all_v(const AllToAllLayout& layout, const 
     EPIC_CUDA_CHECK(cudaMemcpyAsync(byte_pointer(layout.recv) + layout.recv_offsets[rank_],
                                     byte_pointer(layout.send) + layout.send_offsets[rank_],
                                     static_cast<size_t>(layout.send_bytes[rank_]), cudaMemcpyDeviceToDevice,
-                                    stream_));
+                                    stream));
   }
   // One group: NCCL pairs every send with its peer's receive whatever the order, so no rank waits on
   // another's loop. A failed call inside still closes the group (the group depth is per thread).
@@ -92,11 +93,11 @@ void NcclCommunicator::enqueue_all_to_all_v(const AllToAllLayout& layout, const 
     if (peer == rank_) continue;
     if (layout.send_bytes[peer] > 0) {
       first_failure = ncclSend(byte_pointer(layout.send) + layout.send_offsets[peer],
-                               static_cast<size_t>(layout.send_bytes[peer]), ncclUint8, peer, comm_, stream_);
+                               static_cast<size_t>(layout.send_bytes[peer]), ncclUint8, peer, comm_, stream);
     }
     if (first_failure == ncclSuccess && layout.recv_bytes[peer] > 0) {
       first_failure = ncclRecv(byte_pointer(layout.recv) + layout.recv_offsets[peer],
-                               static_cast<size_t>(layout.recv_bytes[peer]), ncclUint8, peer, comm_, stream_);
+                               static_cast<size_t>(layout.recv_bytes[peer]), ncclUint8, peer, comm_, stream);
     }
   }
   const ncclResult_t group_end = ncclGroupEnd();

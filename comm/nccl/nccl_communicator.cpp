@@ -3,10 +3,12 @@
 #include "comm/nccl/nccl_communicator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <sstream>
 #include <thread>
 #include <utility>
@@ -27,6 +29,17 @@ constexpr auto kSpinDuration = std::chrono::milliseconds(1);
 constexpr auto kPollSleep = std::chrono::microseconds(50);
 
 using Clock = std::chrono::steady_clock;
+
+// ncclCommAbort first raises the abort flag that ends this rank's NCCL kernels, then frees what it shares
+// with the ranks of this host, and for that it waits for them to abort too (NVIDIA/nccl#863): with a peer
+// that is stopped (SIGSTOP, a debugger) it never returns. A failing rank needs only the first part, and
+// must go on to report and end the job; so the abort runs on a thread of its own and is given this long.
+constexpr auto kAbortGrace = std::chrono::seconds(5);
+// PeerMonitor indices of NCCL communicators: far above the MPI communicators' (0, 1, ...), and the same on
+// every rank because every rank creates its communicators in the same order (the constructor is a
+// collective).
+constexpr int kMonitorIndexBase = 1 << 20;
+std::atomic<int> g_nccl_communicators_created{0};
 
 Clock::time_point deadline_after(double seconds) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
@@ -64,6 +77,34 @@ ncclResult_t poll_until_settled(ncclComm_t comm, double timeout_seconds) {
   }
 }
 
+// Aborts `comm` and returns true once ncclCommAbort has returned, or false after kAbortGrace with the
+// abort still running (left to finish on its own thread; the process is about to end the job).
+bool abort_within_grace(ncclComm_t comm, int device) {
+  auto finished = std::make_shared<std::atomic<bool>>(false);
+  std::thread aborting([comm, device, finished] {
+    cudaSetDevice(device);
+    ncclCommAbort(comm);
+    finished->store(true, std::memory_order_release);
+  });
+  const Clock::time_point started = Clock::now();
+  while (!finished->load(std::memory_order_acquire) && Clock::now() - started < kAbortGrace)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (finished->load(std::memory_order_acquire)) {
+    aborting.join();
+    return true;
+  }
+  aborting.detach();
+  return false;
+}
+
+std::string abort_outcome(bool finished) {
+  return finished ? "the NCCL communicator was aborted"
+                  : "the NCCL communicator's abort did not return within " +
+                        std::to_string(std::chrono::seconds(kAbortGrace).count()) +
+                        " s (ncclCommAbort waits for the ranks of this host; one is stuck) and goes on in "
+                        "the background";
+}
+
 // The unique id on its way from rank 0, with rank 0's failure if it could not make one (so every rank
 // fails with the same message rather than waiting for an id that never comes).
 struct UniqueIdMessage {
@@ -85,11 +126,13 @@ NcclCommunicator::NcclCommunicator(Communicator& host, const CommOptions& option
              "rank " + std::to_string(rank_) + ": NCCL communicator: timeout_seconds must be positive, got " +
                  format_seconds(options_.timeout_seconds));
   device_ = select_device(host, nccl_options.device);
+  monitor_ = PeerMonitor::instance();
+  monitor_index_ = kMonitorIndexBase + g_nccl_communicators_created++;
   try {
     initialize(host);
   } catch (...) {
     // The destructor does not run for a constructor that throws: release here, never waiting.
-    if (comm_ != nullptr) ncclCommAbort(comm_);
+    if (comm_ != nullptr) abort_within_grace(comm_, device_.device);
     comm_ = nullptr;
     if (owns_stream_) cudaStreamDestroy(stream_);
     throw;
@@ -170,9 +213,9 @@ NcclCommunicator::~NcclCommunicator() {
       }
     }
     if (!abort_reason.empty()) {
-      std::fprintf(stderr, "epic: warning: rank %d: NCCL communicator aborted at destruction: %s\n", rank_,
-                   abort_reason.c_str());
-      ncclCommAbort(comm_);
+      const std::string outcome = abort_outcome(abort_within_grace(comm_, device_.device));
+      std::fprintf(stderr, "epic: warning: rank %d: NCCL communicator at destruction: %s; %s\n", rank_,
+                   abort_reason.c_str(), outcome.c_str());
     }
     comm_ = nullptr;
   }
@@ -182,10 +225,9 @@ NcclCommunicator::~NcclCommunicator() {
 
 void NcclCommunicator::abort() {
   if (comm_ == nullptr) return;
-  cudaSetDevice(device_.device);
-  ncclCommAbort(comm_);
+  const bool finished = abort_within_grace(comm_, device_.device);
   comm_ = nullptr;
-  abort_reason_ = "abort() was called";
+  abort_reason_ = std::string("abort() was called") + (finished ? "" : "; " + abort_outcome(false));
   pending_.clear();
   pending_bytes_sent_ = pending_bytes_received_ = 0;
 }
@@ -235,10 +277,12 @@ std::string NcclCommunicator::pending_names() const {
 
 void NcclCommunicator::fail(ErrorCode code, const std::string& what) {
   const std::string activity = host_.activity().empty() ? "" : " (" + host_.activity() + ")";
+  // Reached it and gave up: ranks diagnosing the same fault must not take this one for the stuck rank.
+  if (monitor_ != nullptr) monitor_->set_state(RankState::kGaveUp);
+  const bool aborted = comm_ == nullptr || abort_within_grace(comm_, device_.device);
   const std::string message = "rank " + std::to_string(rank_) + ": NCCL " + pending_names() + activity +
                               " on CUDA device " + std::to_string(device_.device) + " (" +
-                              device_.pci_bus_id + "): " + what + "; the NCCL communicator was aborted";
-  if (comm_ != nullptr) ncclCommAbort(comm_);
+                              device_.pci_bus_id + "): " + what + "; " + abort_outcome(aborted);
   comm_ = nullptr;
   abort_reason_ = message;
   pending_.clear();
@@ -252,6 +296,9 @@ void NcclCommunicator::synchronize() {
                  ": NCCL synchronize: the NCCL communicator was aborted earlier (" + abort_reason_ +
                  "); a new one is needed");
   EPIC_CUDA_CHECK(cudaSetDevice(device_.device));
+  ++waits_;
+  if (monitor_ != nullptr)
+    monitor_->entering(monitor_index_, waits_, CollectiveKind::kDeviceWait, host_.activity());
   const Clock::time_point started = Clock::now();
   const Clock::time_point deadline = deadline_after(options_.timeout_seconds);
   while (true) {
@@ -267,11 +314,18 @@ void NcclCommunicator::synchronize() {
       fail(ErrorCode::kInternal, "the stream failed: " + cuda_error_text(stream_state));
     }
     if (Clock::now() > deadline) {
+      // The PeerMonitor sees the ranks of this host: which never reached this wait, and what they do.
+      const std::string who = monitor_ != nullptr
+                                  ? monitor_->who_did_not_reach(monitor_index_, waits_)
+                                  : "a peer has not joined it (stuck, dead, or in another collective)";
       fail(ErrorCode::kTimeout, "did not complete within " + format_seconds(options_.timeout_seconds) +
-                                    " s: a peer has not joined it (stuck, dead, or in another collective)");
+                                    " s: " + who +
+                                    ". If the ranks are only slow, raise the timeout (epic run "
+                                    "--comm-timeout)");
     }
     pause_between_polls(started);
   }
+  if (monitor_ != nullptr) monitor_->set_state(RankState::kComputing);
   bytes_sent_ += std::exchange(pending_bytes_sent_, 0);
   bytes_received_ += std::exchange(pending_bytes_received_, 0);
   pending_.clear();

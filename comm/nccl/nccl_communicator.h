@@ -2,7 +2,9 @@
 // Communicator (the MPI one). Calls enqueue on the stream and return; synchronize() waits for them,
 // bounded by CommOptions::timeout_seconds: an NCCL error or a peer that never joins aborts the NCCL
 // communicator and throws Error(kCommunication / kTimeout) naming this rank, the operations and the
-// host communicator's Activity. Nothing here waits unbounded, the destructor included.
+// host communicator's Activity, and (through the PeerMonitor, for ranks of this host) the rank that
+// holds the wait up and what it is doing. Nothing here waits unbounded, the destructor and the abort
+// included (see abort_within in the .cpp).
 // Not a Communicator subclass on purpose: its typed helpers take host vectors, which NCCL cannot read.
 #pragma once
 
@@ -17,6 +19,7 @@
 #include "comm/communicator.h"
 #include "comm/nccl/collective_arguments.h"
 #include "comm/nccl/select_device.h"
+#include "comm/peer_monitor.h"
 
 namespace epic {
 
@@ -51,7 +54,10 @@ class NcclCommunicator {
   // sends send_bytes[r] bytes at send + send_offsets[r] to rank r and receives recv_bytes[r] bytes from
   // rank r at recv + recv_offsets[r]; sizes must agree pairwise; layout.send/recv_buffer_bytes bound the
   // blocks (checked on the host). The own block is a device-to-device copy.
-  void all_to_all_v(const AllToAllLayout& layout);
+  // `on`: another stream to enqueue on (null: stream()), e.g. a communication stream that overlaps the
+  // compute on stream(); the caller joins it back into stream() (an event) before synchronize(), which
+  // then covers that work too. Every rank must still issue the collectives in the same order.
+  void all_to_all_v(const AllToAllLayout& layout, cudaStream_t on = nullptr);
   // recv holds size() * bytes: rank r's contribution at recv + r * bytes.
   void all_gather(const void* send, int64_t bytes, void* recv);
   void broadcast(void* data, int64_t bytes, int root);
@@ -60,7 +66,7 @@ class NcclCommunicator {
   void all_reduce_sum(const int64_t* send, int64_t* recv, int64_t count);
   // The count exchange of a dispatch without a host round trip: send_counts[r] (one int64 on the device
   // per rank) goes to rank r, which finds it at recv_counts[this rank].
-  void exchange_counts(const int64_t* send_counts, int64_t* recv_counts);
+  void exchange_counts(const int64_t* send_counts, int64_t* recv_counts, cudaStream_t on = nullptr);
 
   // Waits until everything enqueued on stream() (collectives and whatever else is on it) is done,
   // at most CommOptions::timeout_seconds; see the header comment for what a failure does.
@@ -77,7 +83,7 @@ class NcclCommunicator {
   enum class Readiness { kReady, kTimedOut };
 
   void initialize(Communicator& host);
-  void enqueue_all_to_all_v(const AllToAllLayout& layout, const char* operation);
+  void enqueue_all_to_all_v(const AllToAllLayout& layout, const char* operation, cudaStream_t stream);
   // NcclOptions::verify_counts: every pair's block sizes compared through the host; every rank throws
   // Error(kInvalidArgument) when any pair disagrees.
   void verify_pairwise_counts(const AllToAllLayout& layout, const char* operation);
@@ -111,6 +117,11 @@ class NcclCommunicator {
   uint64_t bytes_sent_ = 0;
   uint64_t bytes_received_ = 0;
   std::string abort_reason_;  // why the communicator was aborted, for later calls' errors
+  // This communicator's waits in the PeerMonitor's table (null without one): synchronize() enters wait
+  // number waits_ under monitor_index_, so a timeout names the ranks that never reached that wait.
+  PeerMonitor* monitor_ = nullptr;
+  int monitor_index_ = 0;
+  int64_t waits_ = 0;
 };
 
 }  // namespace epic

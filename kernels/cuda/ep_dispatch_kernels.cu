@@ -1,10 +1,10 @@
 // The expert-parallel layout, pack, unpack and combine kernels (ep_dispatch_kernels.h). Plain loops
 // over grid-stride indices: these move bytes and count, the expert FFN is elsewhere.
-#include "kernels/cuda/ep_dispatch_kernels.h"
-
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ep_dispatch_kernels.h"
+#include "kernels/cuda/ep_dispatch_record.cuh"
 #include "kernels/cuda/scalar_access.cuh"
 
 namespace epic::ep_kernels {
@@ -39,8 +39,8 @@ __global__ void slot_destinations_kernel(const int32_t* expert_ids, const int32_
       continue;
     }
     // Unsigned 64-bit like the host's key, so the modulo agrees for every occurrence count.
-    const uint64_t key = static_cast<uint64_t>(sorted_position[s] - expert_offsets[expert]) +
-                         static_cast<uint64_t>(rank);
+    const uint64_t key =
+        static_cast<uint64_t>(sorted_position[s] - expert_offsets[expert]) + static_cast<uint64_t>(rank);
     destination[s] = replica_workers[first + static_cast<int32_t>(key % static_cast<uint64_t>(replicas))];
   }
 }
@@ -109,18 +109,8 @@ __global__ void pack_dispatch_kernel(const char* hidden, const int32_t* expert_i
     const int64_t token = pair - rank * num_tokens;
     const int32_t position = send_position[rank * num_tokens + token];
     if (position < 0) continue;
-    char* record = records + (block_start(send_counts, rank) + position) * record_bytes;
-    const Word* source = reinterpret_cast<const Word*>(hidden + token * row_bytes);
-    Word* target = reinterpret_cast<Word*>(record);
-    for (int64_t w = threadIdx.x; w < row_bytes / static_cast<int64_t>(sizeof(Word)); w += blockDim.x)
-      target[w] = source[w];
-    int32_t* record_ids = reinterpret_cast<int32_t*>(record + row_bytes);
-    float* record_weights = reinterpret_cast<float*>(record_ids + top_k);
-    for (int64_t j = threadIdx.x; j < top_k; j += blockDim.x) {
-      const bool here = destination[token * top_k + j] == rank;
-      record_ids[j] = here ? expert_ids[token * top_k + j] : -1;
-      record_weights[j] = here ? weights[token * top_k + j] : 0.0f;
-    }
+    write_dispatch_record<Word>(hidden, expert_ids, weights, destination, token, top_k, rank, row_bytes,
+                                records + (block_start(send_counts, rank) + position) * record_bytes);
   }
 }
 
@@ -150,8 +140,8 @@ __global__ void gather_record_rows_kernel(const char* records, int64_t record_by
 
 template <class T>
 __global__ void partial_sums_kernel(const T* expert_out, const int32_t* expert_ids, int32_t unused_expert,
-                                    const int32_t* sorted_position, const float* weights, int64_t num_received,
-                                    int64_t top_k, int64_t hidden, float* partial) {
+                                    const int32_t* sorted_position, const float* weights,
+                                    int64_t num_received, int64_t top_k, int64_t hidden, float* partial) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < num_received * hidden;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = e / hidden, column = e - i * hidden;
@@ -194,12 +184,14 @@ int64_t dispatch_record_bytes(int64_t hidden, ScalarType act, int64_t top_k) {
   return (bytes + 15) / 16 * 16;
 }
 
-void slot_destinations(const int32_t* expert_ids, const int32_t* sorted_position, const int32_t* expert_offsets,
-                       const int32_t* replica_offsets, const int32_t* replica_workers, int64_t num_slots, int rank,
-                       int32_t* destination, cudaStream_t stream) {
+void slot_destinations(const int32_t* expert_ids, const int32_t* sorted_position,
+                       const int32_t* expert_offsets, const int32_t* replica_offsets,
+                       const int32_t* replica_workers, int64_t num_slots, int rank, int32_t* destination,
+                       cudaStream_t stream) {
   if (num_slots == 0) return;
   slot_destinations_kernel<<<capped_blocks(num_slots, kThreads), kThreads, 0, stream>>>(
-      expert_ids, sorted_position, expert_offsets, replica_offsets, replica_workers, num_slots, rank, destination);
+      expert_ids, sorted_position, expert_offsets, replica_offsets, replica_workers, num_slots, rank,
+      destination);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
@@ -213,8 +205,8 @@ void rank_layout(const int32_t* destination, int64_t num_tokens, int64_t top_k, 
 
 void pack_dispatch(const void* hidden, ScalarType act, const int32_t* expert_ids, const float* weights,
                    const int32_t* destination, const int32_t* send_position, const int64_t* send_counts,
-                   int64_t num_tokens, int64_t top_k, int64_t hidden_size, int num_ranks, int64_t record_bytes,
-                   void* send_records, cudaStream_t stream) {
+                   int64_t num_tokens, int64_t top_k, int64_t hidden_size, int num_ranks,
+                   int64_t record_bytes, void* send_records, cudaStream_t stream) {
   if (num_tokens == 0) return;
   const int64_t row_bytes = hidden_size * static_cast<int64_t>(scalar_size(act));
   const unsigned blocks = capped_blocks(num_tokens * num_ranks, 1);
@@ -225,9 +217,9 @@ void pack_dispatch(const void* hidden, ScalarType act, const int32_t* expert_ids
                                                                 send_position, send_counts, num_tokens, top_k,
                                                                 row_bytes, num_ranks, record_bytes, target);
   else
-    pack_dispatch_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(source, expert_ids, weights, destination,
-                                                                    send_position, send_counts, num_tokens, top_k,
-                                                                    row_bytes, num_ranks, record_bytes, target);
+    pack_dispatch_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(
+        source, expert_ids, weights, destination, send_position, send_counts, num_tokens, top_k, row_bytes,
+        num_ranks, record_bytes, target);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
@@ -236,13 +228,13 @@ void unpack_metadata(const void* records, int64_t num_received, int64_t top_k, i
                      cudaStream_t stream) {
   if (num_received == 0) return;
   unpack_metadata_kernel<<<capped_blocks(num_received * top_k, kThreads), kThreads, 0, stream>>>(
-      static_cast<const char*>(records), num_received, top_k, row_bytes, record_bytes, unused_expert, expert_ids,
-      weights);
+      static_cast<const char*>(records), num_received, top_k, row_bytes, record_bytes, unused_expert,
+      expert_ids, weights);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 
-void gather_record_rows(const void* records, int64_t record_bytes, int64_t row_bytes, const int32_t* source_record,
-                        int64_t num_rows, void* out, cudaStream_t stream) {
+void gather_record_rows(const void* records, int64_t record_bytes, int64_t row_bytes,
+                        const int32_t* source_record, int64_t num_rows, void* out, cudaStream_t stream) {
   if (num_rows == 0) return;
   const unsigned blocks = capped_blocks(num_rows, 1);
   const auto* source = static_cast<const char*>(records);
@@ -263,8 +255,8 @@ void partial_sums(const void* expert_out, ScalarType act, const int32_t* expert_
   cuda_kernels::access::dispatch_float_type(act, "ep partial_sums", [&](auto tag) {
     using T = typename decltype(tag)::type;
     partial_sums_kernel<T><<<capped_blocks(num_received * hidden_size, kThreads), kThreads, 0, stream>>>(
-        static_cast<const T*>(expert_out), expert_ids, unused_expert, sorted_position, weights, num_received, top_k,
-        hidden_size, partial);
+        static_cast<const T*>(expert_out), expert_ids, unused_expert, sorted_position, weights, num_received,
+        top_k, hidden_size, partial);
   });
   EPIC_CUDA_CHECK_LAUNCH();
 }

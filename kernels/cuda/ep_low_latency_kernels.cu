@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ep_dispatch_record.cuh"
 #include "kernels/cuda/ep_low_latency_kernels.h"
 #include "kernels/cuda/scalar_access.cuh"
 
@@ -32,18 +33,8 @@ __global__ void pack_low_latency_kernel(const char* hidden, const int32_t* exper
     const int64_t token = pair - rank * num_tokens;
     const int32_t position = send_position[rank * num_tokens + token];
     if (position < 0) continue;
-    char* record = blocks + rank * block_bytes + kHeaderBytes + position * record_bytes;
-    const Word* source = reinterpret_cast<const Word*>(hidden + token * row_bytes);
-    Word* target = reinterpret_cast<Word*>(record);
-    for (int64_t w = threadIdx.x; w < row_bytes / static_cast<int64_t>(sizeof(Word)); w += blockDim.x)
-      target[w] = source[w];
-    int32_t* record_ids = reinterpret_cast<int32_t*>(record + row_bytes);
-    float* record_weights = reinterpret_cast<float*>(record_ids + top_k);
-    for (int64_t j = threadIdx.x; j < top_k; j += blockDim.x) {
-      const bool here = destination[token * top_k + j] == rank;
-      record_ids[j] = here ? expert_ids[token * top_k + j] : -1;
-      record_weights[j] = here ? weights[token * top_k + j] : 0.0f;
-    }
+    write_dispatch_record<Word>(hidden, expert_ids, weights, destination, token, top_k, rank, row_bytes,
+                                blocks + rank * block_bytes + kHeaderBytes + position * record_bytes);
   }
 }
 

@@ -16,8 +16,8 @@
 #include <set>
 #include <thread>
 
-#include "tests/support/mpi_test_environment.h"
 #include "../model/temp_dir.h"
+#include "tests/support/mpi_test_environment.h"
 #include "worker/checkpoint.h"
 
 namespace epic {
@@ -340,6 +340,54 @@ TEST(Plan, TooFewSlotsIsAClearError) {
       temp.path());
   EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
   EXPECT_NE(outcome.err.find("slots"), std::string::npos) << outcome.err;
+}
+
+// bench-decode under mpirun: expert parallel over the MPI exchange on the CPU (the NCCL one is the same
+// loop on GPUs: tests/gpu/run_gpu_tests.sh ep-decode). One report, from rank 0, for the whole job.
+TEST(BenchDecode, ExpertParallelUnderMpirunReportsTheWholeJob) {
+  testing::TempDir temp;
+  const Outcome outcome =
+      run_epic(2,
+               "bench-decode --random-weights tiny --backend cpu --batch 1,2 --prompt-tokens 4 "
+               "--new-tokens 5 --json " +
+                   (temp.path() / "decode.json").string(),
+               temp.path());
+  ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
+  const json results = json::parse(read_file(temp.path() / "decode.json"));
+  std::vector<int64_t> batches;
+  for (const json& line : results) {
+    EXPECT_EQ(line["ranks"], 2) << line.dump();
+    EXPECT_EQ(line["ep_transport"], "mpi") << line.dump();
+    if (line["name"] == "load") {
+      ASSERT_EQ(line["resident_bytes_per_rank"].size(), 2u);
+      // Each worker keeps the dense weights and half of the experts: less than the whole model.
+      EXPECT_LT(line["resident_bytes_per_rank"][1].get<double>(), line["bytes_read"].get<double>() * 2);
+    }
+    if (line["name"] != "decode") continue;
+    batches.push_back(line["batch"].get<int64_t>());
+    EXPECT_EQ(line["timed_steps"].get<int64_t>(), 2);
+    EXPECT_GT(line["tokens_per_s"].get<double>(), 0.0);
+  }
+  EXPECT_EQ(batches, (std::vector<int64_t>{1, 2}));
+  // Printed once (rank 0), not once per rank.
+  size_t decode_lines = 0;
+  for (size_t at = outcome.out.find("\"name\":\"decode\""); at != std::string::npos;
+       at = outcome.out.find("\"name\":\"decode\"", at + 1))
+    ++decode_lines;
+  EXPECT_EQ(decode_lines, 2u) << outcome.out;
+}
+
+TEST(BenchDecode, LongPrefillUnderMpirunIsRefusedOnce) {
+  testing::TempDir temp;
+  const Outcome outcome = run_epic(
+      2, "bench-decode --random-weights tiny --backend cpu --batch 1 --new-tokens 4 --prefill-tokens 16",
+      temp.path());
+  EXPECT_EQ(outcome.exit_code, 2) << outcome.err;
+  const std::string expected = "--prefill-tokens times one process";
+  const size_t first = outcome.err.find(expected);
+  ASSERT_NE(first, std::string::npos) << outcome.err;
+  EXPECT_EQ(outcome.err.find(expected, first + 1), std::string::npos)
+      << "reported more than once: " << outcome.err;
 }
 
 TEST(BenchMoe, ReportsEveryPhasePerWorkerAsJsonAndCsv) {

@@ -4,9 +4,10 @@
 // against LocalMoeExecutor on this rank's GPU with every expert, for the same rows: fp32, real SwiGLU
 // experts with random weights, replicated experts, unpicked experts, and a round where the last rank has
 // no tokens. Tolerance: the two differ only in fp32 sum order (rank partials added in rank order instead
-// of all k slots in slot order), so |diff| <= 1e-5 * max|reference| of the rank's output.
-// (3) the low-latency mode (DeviceLowLatency below): agreed steps within and beyond the bound, and a step
-// captured in a CUDA graph and replayed with new rows.
+// of all k slots in slot order), so |diff| <= 1e-5 * max|reference| of the rank's output; the same with
+// two-batch overlap (two micro-batches, exchanges on their own stream). (3) the low-latency mode
+// (DeviceLowLatency below): agreed steps within and beyond the bound, its byte counts and timed phases,
+// and a step captured in a CUDA graph and replayed with new rows (counted once per step).
 // Skips visibly on every rank when the ranks do not each have a GPU.
 #include <gtest/gtest.h>
 
@@ -37,7 +38,8 @@ constexpr int64_t kNumExperts = 12, kHidden = 64, kInter = 32, kTopK = 4, kLayer
 MpiCommunicator& host() { return testing::MpiGtestEnvironment::comm(); }
 
 template <class T>
-OwnedTensor upload(Backend& backend, ScalarType type, std::initializer_list<int64_t> shape, const std::vector<T>& values) {
+OwnedTensor upload(Backend& backend, ScalarType type, std::initializer_list<int64_t> shape,
+                   const std::vector<T>& values) {
   OwnedTensor tensor = backend.new_tensor(type, shape);
   if (!values.empty()) backend.copy_from_host(tensor, 0, values.data(), values.size() * sizeof(T));
   backend.synchronize();
@@ -74,8 +76,9 @@ ExpertRoutingTable random_table(std::mt19937_64& shared, int num_ranks) {
 }
 
 // One MoE layer whose expert e has the same random weights on every rank; only `hosted` are loaded.
-ModelWeights make_weights(Backend& backend, const std::vector<float>& router, const std::vector<float>& gate_up,
-                          const std::vector<float>& down, const std::vector<int64_t>& hosted) {
+ModelWeights make_weights(Backend& backend, const std::vector<float>& router,
+                          const std::vector<float>& gate_up, const std::vector<float>& down,
+                          const std::vector<int64_t>& hosted) {
   ModelWeights weights;
   weights.layers.resize(1);
   weights.layers[0].is_moe = true;
@@ -90,7 +93,8 @@ ModelWeights make_weights(Backend& backend, const std::vector<float>& router, co
     local_index[e] = static_cast<int32_t>(slot);
     hosted_gate_up.insert(hosted_gate_up.end(), gate_up.begin() + e * 2 * kInter * kHidden,
                           gate_up.begin() + (e + 1) * 2 * kInter * kHidden);
-    hosted_down.insert(hosted_down.end(), down.begin() + e * kHidden * kInter, down.begin() + (e + 1) * kHidden * kInter);
+    hosted_down.insert(hosted_down.end(), down.begin() + e * kHidden * kInter,
+                       down.begin() + (e + 1) * kHidden * kInter);
   }
   const int64_t num_hosted = std::max<int64_t>(1, static_cast<int64_t>(hosted.size()));
   if (hosted.empty()) {  // an empty shard still needs tensors of one (never used) expert
@@ -103,6 +107,22 @@ ModelWeights make_weights(Backend& backend, const std::vector<float>& router, co
   moe.down = upload(backend, ScalarType::kF32, {num_hosted, kHidden, kInter}, hosted_down);
   moe.local_index = upload(backend, ScalarType::kI32, {kNumExperts}, local_index);
   return weights;
+}
+
+// got against want (LocalMoeExecutor's) at 1e-5 of the largest |want|: the executors agree up to fp32 sum
+// order (device_expert_parallel_moe.h). At most five failures are printed.
+void expect_close_to_reference(const std::vector<float>& got, const std::vector<float>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  float scale = 0.0f;
+  for (float v : want) scale = std::max(scale, std::fabs(v));
+  ASSERT_GT(scale, 0.0f);
+  const float tolerance = 1e-5f * scale;
+  int64_t wrong = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!(std::fabs(got[i] - want[i]) <= tolerance) && wrong++ < 5)
+      ADD_FAILURE() << "token " << i / kHidden << " column " << i % kHidden << ": " << got[i] << " vs "
+                    << want[i] << " (tolerance " << tolerance << ")";
+  EXPECT_EQ(wrong, 0) << "elements outside the tolerance";
 }
 
 ModelConfig moe_config() {
@@ -123,14 +143,16 @@ class DeviceExpertParallel : public ::testing::Test {
     const std::vector<int32_t> gpus = host().all_gather_value<int32_t>(have_gpu);
     if (std::count(gpus.begin(), gpus.end(), 1) != static_cast<int64_t>(gpus.size())) {
       skip_reason_ = "not every rank sees a CUDA device (run on the GPU machine, one GPU per rank)";
-      if (host().rank() == 0) std::printf("epic_device_ep_test: skipped on every rank: %s\n", skip_reason_.c_str());
+      if (host().rank() == 0)
+        std::printf("epic_device_ep_test: skipped on every rank: %s\n", skip_reason_.c_str());
       return;
     }
     uint64_t seed = std::random_device{}() ^ (uint64_t{std::random_device{}()} << 32);
     if (const char* replay = std::getenv("EPIC_TEST_SEED")) seed = std::strtoull(replay, nullptr, 10);
     host().broadcast(&seed, sizeof(seed), 0);
     seed_ = seed;
-    if (host().rank() == 0) std::printf("[ SEED     ] %llu (EPIC_TEST_SEED replays it)\n", static_cast<unsigned long long>(seed));
+    if (host().rank() == 0)
+      std::printf("[ SEED     ] %llu (EPIC_TEST_SEED replays it)\n", static_cast<unsigned long long>(seed));
     backend_ = make_cuda_backend(cuda_device_count() > 1 ? host().rank() % cuda_device_count() : 0);
     nccl_ = make_backend_nccl_communicator(host(), CommOptions{kTestTimeoutSeconds}, *backend_);
   }
@@ -175,13 +197,15 @@ TEST_F(DeviceExpertParallel, LayoutKernelsMatchTheHostPlan) {
     // The host plan's replica choice is ExpertParallelMoeExecutor's.
     std::vector<uint64_t> occurrences(kNumExperts, 0);
     for (int64_t s = 0; s < num_slots; ++s)
-      ASSERT_EQ(plan.destination[s], table.worker_for(kLayer, ids[s], occurrences[ids[s]]++ + rank_)) << "slot " << s;
+      ASSERT_EQ(plan.destination[s], table.worker_for(kLayer, ids[s], occurrences[ids[s]]++ + rank_))
+          << "slot " << s;
 
     const std::vector<float> rows = random_values(own_, num_tokens * kHidden, 1.0f);
     const OwnedTensor hidden = upload(backend, ScalarType::kF32, {num_tokens, kHidden}, rows);
     const OwnedTensor expert_ids = upload(backend, ScalarType::kI32, {num_slots}, ids);
     const OwnedTensor route_weights = upload(backend, ScalarType::kF32, {num_slots}, weights);
-    const OwnedTensor replica_offsets = upload(backend, ScalarType::kI32, {kNumExperts + 1}, replicas.offsets);
+    const OwnedTensor replica_offsets =
+        upload(backend, ScalarType::kI32, {kNumExperts + 1}, replicas.offsets);
     const OwnedTensor replica_workers =
         upload(backend, ScalarType::kI32, {static_cast<int64_t>(replicas.workers.size())}, replicas.workers);
     const OwnedTensor offsets = backend.new_tensor(ScalarType::kI32, {kNumExperts + 1});
@@ -201,11 +225,12 @@ TEST_F(DeviceExpertParallel, LayoutKernelsMatchTheHostPlan) {
                             send_position.view().as<int32_t>(), device_counts, device_counts + size_, stream);
     const int64_t total = static_cast<int64_t>(plan.sent_token.size());
     const int64_t record_bytes = ep_kernels::dispatch_record_bytes(kHidden, ScalarType::kF32, kTopK);
-    const OwnedTensor records = backend.new_tensor(ScalarType::kU8, {std::max<int64_t>(1, total * record_bytes)});
+    const OwnedTensor records =
+        backend.new_tensor(ScalarType::kU8, {std::max<int64_t>(1, total * record_bytes)});
     ep_kernels::pack_dispatch(hidden.view().data, ScalarType::kF32, expert_ids.view().as<int32_t>(),
                               route_weights.view().as<float>(), destination.view().as<int32_t>(),
-                              send_position.view().as<int32_t>(), device_counts, num_tokens, kTopK, kHidden, size_,
-                              record_bytes, records.view().data, stream);
+                              send_position.view().as<int32_t>(), device_counts, num_tokens, kTopK, kHidden,
+                              size_, record_bytes, records.view().data, stream);
     EXPECT_EQ(download<int32_t>(backend, destination, num_slots), plan.destination);
     EXPECT_EQ(download<int32_t>(backend, send_position, size_ * num_tokens), plan.send_position);
     const std::vector<int32_t> count_words = download<int32_t>(backend, counts, 4LL * size_);
@@ -221,37 +246,43 @@ TEST_F(DeviceExpertParallel, LayoutKernelsMatchTheHostPlan) {
       ASSERT_EQ(std::memcmp(record, rows.data() + plan.sent_token[i] * kHidden, kHidden * sizeof(float)), 0)
           << "record " << i << " row (token " << plan.sent_token[i] << ")";
       ASSERT_EQ(std::memcmp(record + kHidden * sizeof(float), plan.sent_expert_ids.data() + i * kTopK,
-                            kTopK * sizeof(int32_t)), 0) << "record " << i << " expert ids";
+                            kTopK * sizeof(int32_t)),
+                0)
+          << "record " << i << " expert ids";
       ASSERT_EQ(std::memcmp(record + kHidden * sizeof(float) + kTopK * sizeof(int32_t),
-                            plan.sent_weights.data() + i * kTopK, kTopK * sizeof(float)), 0)
+                            plan.sent_weights.data() + i * kTopK, kTopK * sizeof(float)),
+                0)
           << "record " << i << " weights";
     }
   }
 }
 
-TEST_F(DeviceExpertParallel, ExecutorMatchesOneGpuUpToSumOrder) {
-  Backend& backend = *backend_;
+// The normal mode (with `options`) against LocalMoeExecutor holding every expert, on this rank's GPU, over
+// rounds of a few tokens (most experts unpicked), many, and the last rank without tokens.
+void run_rounds_against_one_gpu(Backend& backend, NcclCommunicator& nccl, std::mt19937_64& shared,
+                                std::mt19937_64& own, const DeviceMoeOptions& options) {
+  const int rank = nccl.rank(), size = nccl.size();
   const ModelConfig config = moe_config();
-  const ExpertRoutingTable table = random_table(shared_, size_);
-  const std::vector<float> router = random_values(shared_, kNumExperts * kHidden, 1.0f);
-  const std::vector<float> gate_up = random_values(shared_, kNumExperts * 2 * kInter * kHidden, 0.2f);
-  const std::vector<float> down = random_values(shared_, kNumExperts * kHidden * kInter, 0.2f);
+  const ExpertRoutingTable table = random_table(shared, size);
+  const std::vector<float> router = random_values(shared, kNumExperts * kHidden, 1.0f);
+  const std::vector<float> gate_up = random_values(shared, kNumExperts * 2 * kInter * kHidden, 0.2f);
+  const std::vector<float> down = random_values(shared, kNumExperts * kHidden * kInter, 0.2f);
   std::vector<int64_t> mine, all;
   for (int64_t e = 0; e < kNumExperts; ++e) {
     all.push_back(e);
-    if (table.hosts(rank_, kLayer, e)) mine.push_back(e);
+    if (table.hosts(rank, kLayer, e)) mine.push_back(e);
   }
   const ModelWeights shard = make_weights(backend, router, gate_up, down, mine);
   const ModelWeights whole = make_weights(backend, router, gate_up, down, all);
-  DeviceExpertParallelMoeExecutor executor(config, shard, backend, *nccl_, table);
+  DeviceExpertParallelMoeExecutor executor(config, shard, backend, nccl, table, options);
   LocalMoeExecutor reference(config, whole, backend);
   Workspace workspace(backend), reference_workspace(backend);
   // Rounds: a few tokens (most experts unpicked), many, and the last rank without tokens.
   for (int round = 0; round < 3; ++round) {
-    int64_t num_tokens = round == 0 ? 3 : (round == 1 ? 700 + static_cast<int64_t>(own_() % 300) : 40);
-    if (round == 2 && rank_ == size_ - 1) num_tokens = 0;
+    int64_t num_tokens = round == 0 ? 3 : (round == 1 ? 700 + static_cast<int64_t>(own() % 300) : 40);
+    if (round == 2 && rank == size - 1) num_tokens = 0;
     SCOPED_TRACE("round " + std::to_string(round) + ", tokens " + std::to_string(num_tokens));
-    const std::vector<float> rows = random_values(own_, num_tokens * kHidden, 2.0f);
+    const std::vector<float> rows = random_values(own, num_tokens * kHidden, 2.0f);
     const int64_t shape_rows = std::max<int64_t>(num_tokens, 0);
     const OwnedTensor hidden = upload(backend, ScalarType::kF32, {shape_rows, kHidden}, rows);
     const std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
@@ -260,20 +291,24 @@ TEST_F(DeviceExpertParallel, ExecutorMatchesOneGpuUpToSumOrder) {
     if (num_tokens == 0) continue;
     const OwnedTensor expected = upload(backend, ScalarType::kF32, {shape_rows, kHidden}, nan_fill);
     reference.forward(kLayer, hidden, hidden, expected, reference_workspace);
-    const std::vector<float> got = download<float>(backend, out, num_tokens * kHidden);
-    const std::vector<float> want = download<float>(backend, expected, num_tokens * kHidden);
-    float scale = 0.0f;
-    for (float v : want) scale = std::max(scale, std::fabs(v));
-    ASSERT_GT(scale, 0.0f);
-    const float tolerance = 1e-5f * scale;
-    int64_t wrong = 0;
-    for (int64_t i = 0; i < num_tokens * kHidden; ++i)
-      if (!(std::fabs(got[i] - want[i]) <= tolerance) && wrong++ < 5)
-        ADD_FAILURE() << "token " << i / kHidden << " column " << i % kHidden << ": " << got[i] << " vs " << want[i]
-                      << " (tolerance " << tolerance << ")";
-    EXPECT_EQ(wrong, 0) << "elements outside the tolerance";
+    expect_close_to_reference(download<float>(backend, out, num_tokens * kHidden),
+                              download<float>(backend, expected, num_tokens * kHidden));
   }
   EXPECT_EQ(executor.stats().calls, 3);
+  EXPECT_EQ(executor.stats().overlapped_calls, options.overlap ? 3 : 0);
+  EXPECT_EQ(executor.stats().low_latency_calls, 0);
+}
+
+TEST_F(DeviceExpertParallel, ExecutorMatchesOneGpuUpToSumOrder) {
+  run_rounds_against_one_gpu(*backend_, *nccl_, shared_, own_, DeviceMoeOptions{EpMode::kNormal});
+}
+
+// Two-batch overlap: two micro-batches, their exchanges on a stream of their own; each token's sum is the
+// normal mode's, so the same tolerance holds.
+TEST_F(DeviceExpertParallel, OverlappedExecutorMatchesOneGpuUpToSumOrder) {
+  DeviceMoeOptions options{EpMode::kNormal};
+  options.overlap = true;
+  run_rounds_against_one_gpu(*backend_, *nccl_, shared_, own_, options);
 }
 
 // The low-latency mode (fixed-size blocks, counts read on the device) against LocalMoeExecutor on this
@@ -317,18 +352,8 @@ class DeviceLowLatency : public DeviceExpertParallel {
     const std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
     const OwnedTensor expected = upload(backend, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
     reference.forward(kLayer, hidden, hidden, expected, reference_workspace);
-    const std::vector<float> got = download<float>(backend, out, num_tokens * kHidden);
-    const std::vector<float> want = download<float>(backend, expected, num_tokens * kHidden);
-    float scale = 0.0f;
-    for (float v : want) scale = std::max(scale, std::fabs(v));
-    ASSERT_GT(scale, 0.0f);
-    const float tolerance = 1e-5f * scale;
-    int64_t wrong = 0;
-    for (int64_t i = 0; i < num_tokens * kHidden; ++i)
-      if (!(std::fabs(got[i] - want[i]) <= tolerance) && wrong++ < 5)
-        ADD_FAILURE() << "token " << i / kHidden << " column " << i % kHidden << ": " << got[i] << " vs " << want[i]
-                      << " (tolerance " << tolerance << ")";
-    EXPECT_EQ(wrong, 0) << "elements outside the tolerance";
+    expect_close_to_reference(download<float>(backend, out, num_tokens * kHidden),
+                              download<float>(backend, expected, num_tokens * kHidden));
   }
 
   ModelConfig config_;
@@ -344,7 +369,8 @@ TEST_F(DeviceLowLatency, StepsWithinTheBoundMatchOneGpu) {
   Workspace workspace(backend);
   const int last = size_ - 1;
   // Rows per rank in each step: 1 everywhere; the last rank none; the bound everywhere; mixed; beyond.
-  const std::vector<std::string> names = {"one token", "a rank with none", "the bound", "mixed", "beyond the bound"};
+  const std::vector<std::string> names = {"one token", "a rank with none", "the bound", "mixed",
+                                          "beyond the bound"};
   for (size_t step = 0; step < names.size(); ++step) {
     int64_t num_tokens = 1;
     if (step == 1) num_tokens = rank_ == last ? 0 : 1 + static_cast<int64_t>(own_() % kBound);
@@ -370,18 +396,30 @@ TEST_F(DeviceLowLatency, StepsWithinTheBoundMatchOneGpu) {
 
 TEST_F(DeviceLowLatency, ModeLowLatencyRunsUnagreedCallsAndRefusesStepsBeyondTheBound) {
   Backend& backend = *backend_;
-  DeviceExpertParallelMoeExecutor executor(config_, shard_, backend, *nccl_, table_,
-                                           DeviceMoeOptions{EpMode::kLowLatency, kBound});
+  DeviceMoeOptions options{EpMode::kLowLatency, kBound};
+  options.time_low_latency_phases = true;  // as bench-moe: a host wait per call, phase times recorded
+  DeviceExpertParallelMoeExecutor executor(config_, shard_, backend, *nccl_, table_, options);
   EXPECT_TRUE(executor.capturable()) << "low-latency without an agreed step: the full bound";
   Workspace workspace(backend);
   const int64_t num_tokens = 1 + static_cast<int64_t>(own_() % kBound);
-  const OwnedTensor hidden =
-      upload(backend, ScalarType::kF32, {num_tokens, kHidden}, random_values(own_, num_tokens * kHidden, 2.0f));
+  const OwnedTensor hidden = upload(backend, ScalarType::kF32, {num_tokens, kHidden},
+                                    random_values(own_, num_tokens * kHidden, 2.0f));
   const std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
   const OwnedTensor out = upload(backend, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
   executor.forward(kLayer, hidden, hidden, out, workspace);
   expect_matches_reference(hidden, out, num_tokens);
-  EXPECT_EQ(executor.stats().low_latency_calls, 1);
+  const DeviceMoeStats& stats = executor.stats();
+  EXPECT_EQ(stats.low_latency_calls, 1);
+  // Fixed-size blocks: every peer gets the full bound's block each way, whatever the counts.
+  const int64_t record_bytes = ep_kernels::dispatch_record_bytes(kHidden, ScalarType::kF32, kTopK);
+  const uint64_t peers = static_cast<uint64_t>(size_ - 1);
+  EXPECT_EQ(stats.dispatch_bytes_sent, peers * static_cast<uint64_t>(low_latency_block_bytes(
+                                                   low_latency_capacity(kBound), record_bytes)));
+  EXPECT_EQ(stats.combine_bytes_sent,
+            peers * static_cast<uint64_t>(low_latency_capacity(kBound) * kHidden) * sizeof(float));
+  EXPECT_GT(stats.dispatch_seconds, 0.0);
+  EXPECT_GT(stats.expert_seconds, 0.0);
+  EXPECT_GT(stats.combine_seconds, 0.0);
   // Every rank gets the same agreed size, so every rank refuses alike (no exchange starts).
   try {
     executor.begin_step(kBound + 1);
@@ -399,7 +437,8 @@ TEST_F(DeviceLowLatency, CapturedStepReplaysWithNewInputs) {
   Workspace workspace(backend);
   // Two shapes: every rank with rows, then the last rank with none (it still serves its experts).
   for (int shape = 0; shape < 2; ++shape) {
-    const int64_t num_tokens = shape == 1 && rank_ == size_ - 1 ? 0 : 1 + static_cast<int64_t>(own_() % kBound);
+    const int64_t num_tokens =
+        shape == 1 && rank_ == size_ - 1 ? 0 : 1 + static_cast<int64_t>(own_() % kBound);
     SCOPED_TRACE("shape " + std::to_string(shape) + ", tokens " + std::to_string(num_tokens));
     const int64_t max_rows = agreed_max(num_tokens);
     const OwnedTensor hidden = upload(backend, ScalarType::kF32, {num_tokens, kHidden},
@@ -429,9 +468,13 @@ TEST_F(DeviceLowLatency, CapturedStepReplaysWithNewInputs) {
       expect_matches_reference(hidden, out, num_tokens);
     }
   }
+  // Counted per step (eager, capture, three replays, for each shape), not per forward() call.
+  EXPECT_EQ(executor.stats().low_latency_calls, 10);
 }
 
 }  // namespace
 }  // namespace epic
 
-int main(int argc, char** argv) { return epic::testing::run_mpi_gtests(argc, argv, epic::kTestTimeoutSeconds); }
+int main(int argc, char** argv) {
+  return epic::testing::run_mpi_gtests(argc, argv, epic::kTestTimeoutSeconds);
+}

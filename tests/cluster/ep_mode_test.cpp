@@ -82,6 +82,13 @@ TEST(EpMode, FlagChecksNameTheFlag) {
   EXPECT_NO_THROW(check_ep_mode_flags(EpMode::kLowLatency, 4096, true));
   expect_invalid([] { check_ep_mode_flags(EpMode::kLowLatency, 256, false); }, "--ep-mode low-latency");
   expect_invalid([] { check_ep_mode_flags(EpMode::kAuto, 0, true); }, "--ep-low-latency-max-tokens");
+  EXPECT_NO_THROW(check_ep_overlap_flag(false, EpMode::kLowLatency, false));
+  EXPECT_NO_THROW(check_ep_overlap_flag(true, EpMode::kAuto, true));
+  EXPECT_NO_THROW(check_ep_overlap_flag(true, EpMode::kNormal, true));
+  expect_invalid([] { check_ep_overlap_flag(true, EpMode::kNormal, false); },
+                 "--ep-overlap overlaps the NCCL");
+  expect_invalid([] { check_ep_overlap_flag(true, EpMode::kLowLatency, true); },
+                 "--ep-mode low-latency has none");
 }
 
 }  // namespace

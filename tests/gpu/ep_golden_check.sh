@@ -6,7 +6,8 @@
 # rank by rank), bf16 1e-2 (the same, but a sum order difference can flip a bf16 rounding that later
 # layers carry). Each mpirun run is made twice: --ep-mode normal (counts read on the host each layer) and
 # --ep-mode low-latency (fixed-size blocks for every step, prefill included: the 19 prompt tokens fit the
-# default bound of 256 rows per rank; decode steps captured in CUDA graphs on every rank), same checks.
+# default bound of 256 rows per rank; decode steps captured in CUDA graphs on every rank), same checks;
+# and a third time as normal --ep-overlap (two micro-batches per MoE layer, exchanges on their own stream).
 # Usage: tests/gpu/ep_golden_check.sh BUILD_DIR RANKS OUT_DIR; exit 1 on any mismatch.
 set -uo pipefail
 build=$1 ranks=$2 out=$3
@@ -23,12 +24,14 @@ for fixture in qwen3_moe_f32 qwen3_moe_bf16 qwen3_moe_hub_config_bf16 qwen3_omni
           --precision "$precision" $extra)
     timeout 120 "$build/epic" "${args[@]}" --logits-out "$out/${one}_one.npy" > "$out/${one}_one.txt" \
       2> "$out/${one}_one.err" || { echo "ep-golden $one: one-GPU run failed"; status=1; continue; }
-    for mode in normal low-latency; do
-      tag="${fixture}_${precision}_np${ranks}_${mode}"
+    for variant in normal low-latency overlap; do
+      mode=$variant overlap=()
+      [ "$variant" = overlap ] && mode=normal overlap=(--ep-overlap)
+      tag="${fixture}_${precision}_np${ranks}_${variant}"
       cp "$out/${one}_one.npy" "$out/${tag}_one.npy"
       cp "$out/${one}_one.txt" "$out/${tag}_one.txt"
       timeout 180 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH \
-        "$build/epic" "${args[@]}" --ep-transport nccl --ep-mode "$mode" --logits-out "$out/${tag}_many.npy" \
+        "$build/epic" "${args[@]}" --ep-transport nccl --ep-mode "$mode" "${overlap[@]}" --logits-out "$out/${tag}_many.npy" \
         > "$out/${tag}_many.txt" 2> "$out/${tag}_many.err" ||
         { echo "ep-golden $tag: mpirun -np $ranks failed: $(grep -m2 -i error "$out/${tag}_many.err")"; status=1; continue; }
       if ! cmp -s "$out/${tag}_one.txt" "$out/${tag}_many.txt"; then

@@ -4,7 +4,7 @@
 # skip visibly, and this script is how they run.
 #
 #   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab] [ffn]
-#                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench]
+#                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench] [ep-decode]
 #   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
@@ -33,6 +33,10 @@
 #             expert / combine device times, off-rank GB/s, NCCL's all_to_all_v of the same bytes and the
 #             send/recv link in the same run, self-checked; then one GPU at the same sizes for the weak
 #             scaling efficiency t1 / tN of a whole MoE layer (4096 and 16384). Alone it builds only epic
+#     ep-decode: whole-model decode tokens/s of the 48-layer Qwen3-30B-A3B shape (bench-decode, random bf16
+#             weights in memory) at EP1, EP2, EP4 (EP_DECODE_RANKS) and batches EP_DECODE_BATCHES per GPU
+#     (knobs: NCCL_GOLDEN_RANKS picks the golden runs' rank counts of nccl; EP_BENCH_RANKS and
+#     EP_BENCH_ONE_GPU=0 split ep-bench over calls)
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -78,13 +82,13 @@ if wants golden; then
 fi
 
 needs_build=0
-for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench; do wants "$mode" && needs_build=1; done
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode; do wants "$mode" && needs_build=1; done
 # nccl alone needs one test binary, not the whole tree (device time).
 only_nccl=1
 for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
 build_targets=()
 wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test epic)
-wants ep-bench && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
+{ wants ep-bench || wants ep-decode; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
 if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
@@ -126,6 +130,10 @@ if wants nccl; then
       "$BUILD/tests/cluster/epic_device_ep_test" > "$OUT/device_ep_np$ranks.log" 2>&1 || status=1
     grep -E "^\[ SEED|^\[ MPI|PASSED|FAILED|SKIPPED|skipped on every rank|^\[rank" "$OUT/device_ep_np$ranks.log" |
       head -30 | tee -a "$OUT/summary.log"
+    if [[ " ${NCCL_GOLDEN_RANKS:-2 4} " != *" $ranks "* ]]; then
+      log "nccl: golden fixtures at -np $ranks not run (NCCL_GOLDEN_RANKS=${NCCL_GOLDEN_RANKS:-})"
+      continue
+    fi
     log "nccl: epic run under mpirun -np $ranks (NCCL executor) against one GPU, every golden fixture"
     bash tests/gpu/ep_golden_check.sh "$BUILD" "$ranks" "$OUT/ep_golden" 2>&1 | tee -a "$OUT/summary.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
@@ -140,17 +148,19 @@ fi
 if wants ep-bench; then
   num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
   ep_tokens=(${EP_BENCH_TOKENS:-128 1024 4096 16384})
+  ep_one_gpu_tokens=("${ep_tokens[@]}")
   # Fewer iterations where one is long: the whole mode stays near 4 minutes on 2 GPUs.
   iterations_for() { if [ "$1" -ge 16384 ]; then echo 5; elif [ "$1" -ge 4096 ]; then echo 10; else echo 20; fi; }
   bench_common=(bench-moe --backend cuda --precision bf16 --preset qwen3-30b-a3b --layers 2 --warmup 2)
   log "ep-bench: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $num_gpus GPU(s), $(nvidia-smi topo -m 2>/dev/null | awk 'NR==2{print $3}') between GPU0 and GPU1"
-  for tokens in "${ep_tokens[@]}"; do
+  [ "${EP_BENCH_ONE_GPU:-1}" = 1 ] || ep_one_gpu_tokens=()
+  for tokens in "${ep_one_gpu_tokens[@]}"; do
     log "ep-bench: one GPU, $tokens tokens"
     timeout 120 "$BUILD/epic" "${bench_common[@]}" --tokens-per-worker "$tokens" --iterations "$(iterations_for "$tokens")" \
       --no-check --json "$OUT/ep_bench_np1_$tokens.json" > "$OUT/ep_bench_np1_$tokens.log" 2>&1 || status=1
     grep -E "slowest worker|error" "$OUT/ep_bench_np1_$tokens.log" | tee -a "$OUT/summary.log"
   done
-  for ranks in 2 4; do
+  for ranks in ${EP_BENCH_RANKS:-2 4}; do
     if [ "$ranks" -gt "$num_gpus" ]; then log "ep-bench: -np $ranks not run: $num_gpus GPUs visible"; continue; fi
     for tokens in "${ep_tokens[@]}"; do
       log "ep-bench: mpirun -np $ranks, nccl, $tokens tokens per rank"
@@ -161,6 +171,25 @@ if wants ep-bench; then
       grep -E "^ +max |dispatch \+ combine|vs NCCL|^link|slowest worker|^check|error" "$OUT/ep_bench_np${ranks}_$tokens.log" |
         tee -a "$OUT/summary.log"
     done
+    # Two-batch overlap at the weak-scaling sizes, and the low-latency mode at decode sizes (no baselines:
+    # the normal runs above measured NCCL's all-to-all and the link already).
+    for tokens in ${EP_OVERLAP_TOKENS:-4096 16384}; do
+      log "ep-bench: mpirun -np $ranks, nccl, two-batch overlap, $tokens tokens per rank"
+      timeout 150 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x NCCL_DEBUG=WARN \
+        "$BUILD/epic" "${bench_common[@]}" --ep-transport nccl --ep-overlap --no-baseline --tokens-per-worker "$tokens" \
+        --iterations "$(iterations_for "$tokens")" --json "$OUT/ep_bench_np${ranks}_overlap_$tokens.json" \
+        > "$OUT/ep_bench_np${ranks}_overlap_$tokens.log" 2>&1 || status=1
+      grep -E "^ +max |slowest worker|^check|error" "$OUT/ep_bench_np${ranks}_overlap_$tokens.log" | tee -a "$OUT/summary.log"
+    done
+    for tokens in ${EP_LOW_LATENCY_TOKENS:-1 32 128}; do
+      log "ep-bench: mpirun -np $ranks, nccl, low-latency mode, $tokens tokens per rank"
+      timeout 150 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x NCCL_DEBUG=WARN \
+        "$BUILD/epic" "${bench_common[@]}" --ep-transport nccl --ep-mode low-latency --tokens-per-worker "$tokens" \
+        --iterations 50 --json "$OUT/ep_bench_np${ranks}_ll_$tokens.json" \
+        > "$OUT/ep_bench_np${ranks}_ll_$tokens.log" 2>&1 || status=1
+      grep -E "^ +max |dispatch \+ combine|^link|slowest worker|^check|error" "$OUT/ep_bench_np${ranks}_ll_$tokens.log" |
+        tee -a "$OUT/summary.log"
+    done
     # Weak scaling: the same tokens per rank on one GPU and on N; a whole MoE layer, slowest rank's wall time.
     python3 - "$OUT" "$ranks" "${ep_tokens[@]}" <<'PY' | tee -a "$OUT/summary.log"
 import json, os, sys
@@ -169,12 +198,46 @@ def slowest(path):
     with open(path) as f:
         return max(w["total_ms"] for w in json.load(f)["per_worker"])
 for tokens in sizes:
-    one, many = f"{out}/ep_bench_np1_{tokens}.json", f"{out}/ep_bench_np{ranks}_{tokens}.json"
-    if not (os.path.exists(one) and os.path.exists(many)):
-        print(f"weak scaling EP{ranks} {tokens} tokens/rank: missing a run"); continue
-    t1, tn = slowest(one), slowest(many)
-    print(f"weak scaling EP{ranks} {tokens} tokens/rank: 1 GPU {t1:.3f} ms, {ranks} GPUs {tn:.3f} ms per layer, "
-          f"efficiency t1/tN {t1 / tn:.3f}")
+    one = f"{out}/ep_bench_np1_{tokens}.json"
+    for name, many in (("", f"{out}/ep_bench_np{ranks}_{tokens}.json"),
+                       (" overlap on", f"{out}/ep_bench_np{ranks}_overlap_{tokens}.json")):
+        if not os.path.exists(many):
+            continue
+        if not os.path.exists(one):
+            print(f"weak scaling EP{ranks}{name} {tokens} tokens/rank: missing the one-GPU run"); continue
+        t1, tn = slowest(one), slowest(many)
+        print(f"weak scaling EP{ranks}{name} {tokens} tokens/rank: 1 GPU {t1:.3f} ms, {ranks} GPUs {tn:.3f} ms "
+              f"per layer, efficiency t1/tN {t1 / tn:.3f}")
+PY
+  done
+fi
+
+if wants ep-decode; then
+  # Whole-model decode of the 48-layer Qwen3-30B-A3B shape (random bf16 weights drawn in memory), each rank
+  # its own batch: one GPU, then mpirun -np 2 and 4 with the NCCL executor (low-latency decode steps
+  # replayed from graphs). tokens/s of the job from the slowest rank.
+  num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  for ranks in ${EP_DECODE_RANKS:-1 2 4}; do
+    if [ "$ranks" -gt "$num_gpus" ]; then log "ep-decode: EP$ranks not run: $num_gpus GPUs visible"; continue; fi
+    log "ep-decode: EP$ranks, qwen3-30b-a3b 48 layers, batch ${EP_DECODE_BATCHES:-64,256} per GPU"
+    decode=("$BUILD/epic" bench-decode --backend cuda --precision bf16 --random-weights qwen3-30b-a3b
+            --batch "${EP_DECODE_BATCHES:-64,256}" --prompt-tokens 32 --new-tokens 64 --json "$OUT/ep_decode_np$ranks.json")
+    if [ "$ranks" = 1 ]; then
+      timeout 400 "${decode[@]}" > "$OUT/ep_decode_np$ranks.log" 2>&1 || status=1
+    else
+      timeout 400 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x NCCL_DEBUG=WARN -x LD_LIBRARY_PATH \
+        "${decode[@]}" > "$OUT/ep_decode_np$ranks.log" 2>&1 || status=1
+    fi
+    grep -m3 "error" "$OUT/ep_decode_np$ranks.log" | tee -a "$OUT/summary.log"
+    python3 - "$OUT/ep_decode_np$ranks.json" "$ranks" <<'PY' 2>&1 | tee -a "$OUT/summary.log"
+import json, sys
+for line in json.load(open(sys.argv[1])):
+    if line["name"] == "load":
+        print(f"ep-decode EP{sys.argv[2]}: load {line['seconds']:.1f} s, resident GB per rank "
+              f"{[round(b / 1e9, 2) for b in line.get('resident_bytes_per_rank', [line['resident_bytes']])]}")
+    elif line["name"] == "decode":
+        print(f"ep-decode EP{sys.argv[2]} batch {line['batch']}/GPU: {line['ms_per_step']:.2f} ms/step, "
+              f"{line['tokens_per_s']:.1f} tokens/s, graph replays {line['graph_replays']}")
 PY
   done
 fi

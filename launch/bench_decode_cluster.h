@@ -1,0 +1,53 @@
+// bench-decode under mpirun: the expert-parallel side of a whole-model decode benchmark. Every rank holds
+// the dense weights and the experts a balanced placement gives it, runs its own batch of sequences
+// (attention is data parallel), and the MoE blocks run through the expert-parallel executor: NCCL on
+// device buffers with --backend cuda (DeviceExpertParallelMoeExecutor, low-latency decode steps captured
+// in graphs), else MPI through host memory (ExpertParallelMoeExecutor). Steps are agreed as epic run
+// agrees them (StepAgreement), so every rank runs the same collectives.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "comm/communicator.h"
+#include "kernels/backend.h"
+#include "worker/expert_routing_table.h"
+#include "worker/model_config.h"
+#include "worker/model_runner.h"
+#include "worker/model_weights.h"
+#include "worker/moe_executor.h"
+
+namespace epic::cli {
+
+struct DecodeClusterOptions {
+  bool overlap = false;               // NCCL: two-batch overlap of the normal-mode (prefill) steps
+  double comm_timeout_seconds = 300;  // the NCCL communicator's bound (the host one's is the same)
+};
+
+class DecodeCluster {
+ public:
+  // Placement over comm.size() workers from the experts `source` holds (every rank the same plan).
+  DecodeCluster(Communicator& comm, const ModelConfig& config, WeightSource& source);
+  ~DecodeCluster();
+  DecodeCluster(const DecodeCluster&) = delete;
+  DecodeCluster& operator=(const DecodeCluster&) = delete;
+
+  // For LoadOptions::hosts_expert: the experts this rank reads.
+  bool hosts(int64_t layer, int64_t expert) const;
+  // After loading: the executor for the runner (a collective: the NCCL communicator starts here).
+  MoeExecutor& start_executor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
+                              const DecodeClusterOptions& options);
+  // "nccl" or "mpi": which exchange start_executor chose.
+  const char* transport() const { return transport_; }
+  // The agreement of the coming step (a collective): this rank's rows and whether it is decode-only.
+  StepAgreement agree(ModelRunner& runner, int64_t rows, bool decode_only);
+
+ private:
+  struct Parts;
+  Communicator& comm_;
+  ExpertRoutingTable table_;
+  std::unique_ptr<Parts> parts_;
+  const char* transport_ = "none";
+};
+
+}  // namespace epic::cli
