@@ -109,7 +109,7 @@ DeviceExpertParallelMoeExecutor::DeviceExpertParallelMoeExecutor(const ModelConf
       nccl_(nccl),
       table_(table),
       stream_(cuda_backend_stream(backend)),
-      buffers_(backend),
+      buffers_(backend, kNumSharedSlots + kMaxExchanges * kNumExchangeSlots),
       options_(options),
       low_latency_buffers_(backend) {
   EPIC_CHECK(table.num_workers == nccl.size(), ErrorCode::kInternal,

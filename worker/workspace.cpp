@@ -8,9 +8,10 @@
 namespace epic {
 
 Tensor Workspace::get(int slot, ScalarType type, std::initializer_list<int64_t> shape) {
-  EPIC_CHECK(slot >= 0 && slot < kNumWorkspaceSlots, ErrorCode::kInternal,
-             "workspace slot " + std::to_string(slot) + " does not exist");
-  if (buffers_.size() < static_cast<size_t>(kNumWorkspaceSlots)) buffers_.resize(kNumWorkspaceSlots);
+  EPIC_CHECK(slot >= 0 && slot < num_slots_, ErrorCode::kInternal,
+             "workspace slot " + std::to_string(slot) + " does not exist (" + std::to_string(num_slots_) +
+                 " slots)");
+  if (buffers_.size() < static_cast<size_t>(num_slots_)) buffers_.resize(num_slots_);
   Tensor view(nullptr, type, backend_.memory_space(), shape);
   const size_t needed = std::max<size_t>(view.bytes(), 64);
   std::unique_ptr<Buffer>& buffer = buffers_[slot];

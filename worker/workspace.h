@@ -13,23 +13,6 @@
 
 namespace epic {
 
-class Workspace {
- public:
-  explicit Workspace(Backend& backend) : backend_(backend) {}
-
-  // A view of slot `slot`'s memory as `type[shape]`. One slot serves one purpose: a view stays
-  // valid until the same slot is asked for more bytes than it holds.
-  Tensor get(int slot, ScalarType type, std::initializer_list<int64_t> shape);
-
-  uint64_t generation() const { return generation_; }
-  size_t bytes() const;  // held by every slot
-
- private:
-  Backend& backend_;
-  std::vector<std::unique_ptr<Buffer>> buffers_;
-  uint64_t generation_ = 0;
-};
-
 // Slots of the model runner and of the MoE executors (disjoint ranges).
 enum WorkspaceSlot : int {
   kSlotResidual,
@@ -57,6 +40,27 @@ enum WorkspaceSlot : int {
   kSlotReceivedRows,
   kSlotReceivedExperts,
   kNumWorkspaceSlots,
+};
+
+class Workspace {
+ public:
+  // Slots [0, num_slots): the WorkspaceSlot values below by default; an owner with its own numbering
+  // (an executor's buffers) passes its count.
+  explicit Workspace(Backend& backend, int num_slots = kNumWorkspaceSlots)
+      : backend_(backend), num_slots_(num_slots) {}
+
+  // A view of slot `slot`'s memory as `type[shape]`. One slot serves one purpose: a view stays
+  // valid until the same slot is asked for more bytes than it holds.
+  Tensor get(int slot, ScalarType type, std::initializer_list<int64_t> shape);
+
+  uint64_t generation() const { return generation_; }
+  size_t bytes() const;  // held by every slot
+
+ private:
+  Backend& backend_;
+  int num_slots_;
+  std::vector<std::unique_ptr<Buffer>> buffers_;
+  uint64_t generation_ = 0;
 };
 
 }  // namespace epic

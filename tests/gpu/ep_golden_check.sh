@@ -8,7 +8,8 @@
 # --ep-mode low-latency (fixed-size blocks for every step, prefill included: the 19 prompt tokens fit the
 # default bound of 256 rows per rank; decode steps captured in CUDA graphs on every rank), same checks;
 # and a third time as normal --ep-overlap (two micro-batches per MoE layer, exchanges on their own stream).
-# Usage: tests/gpu/ep_golden_check.sh BUILD_DIR RANKS OUT_DIR; exit 1 on any mismatch.
+# Usage: tests/gpu/ep_golden_check.sh BUILD_DIR RANKS OUT_DIR; exit 1 on any mismatch. EP_GOLDEN_VARIANTS
+# picks some of the three (default all).
 set -uo pipefail
 build=$1 ranks=$2 out=$3
 mkdir -p "$out"
@@ -24,7 +25,7 @@ for fixture in qwen3_moe_f32 qwen3_moe_bf16 qwen3_moe_hub_config_bf16 qwen3_omni
           --precision "$precision" $extra)
     timeout 120 "$build/epic" "${args[@]}" --logits-out "$out/${one}_one.npy" > "$out/${one}_one.txt" \
       2> "$out/${one}_one.err" || { echo "ep-golden $one: one-GPU run failed"; status=1; continue; }
-    for variant in normal low-latency overlap; do
+    for variant in ${EP_GOLDEN_VARIANTS:-normal low-latency overlap}; do
       mode=$variant overlap=()
       [ "$variant" = overlap ] && mode=normal overlap=(--ep-overlap)
       tag="${fixture}_${precision}_np${ranks}_${variant}"
