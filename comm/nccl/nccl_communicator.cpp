@@ -272,7 +272,8 @@ std::string NcclCommunicator::describe_async_error(ncclResult_t error) const {
 std::string NcclCommunicator::pending_names() const {
   std::string names;
   for (const std::string& name : pending_) names += (names.empty() ? "" : ", ") + name;
-  return names.empty() ? "no collective" : names;
+  // Nothing enqueued from the host since the last wait: a replayed graph's collectives, or others' work.
+  return names.empty() ? "work queued on its stream" : names;
 }
 
 void NcclCommunicator::fail(ErrorCode code, const std::string& what) {
