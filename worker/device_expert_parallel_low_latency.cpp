@@ -206,17 +206,8 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   if (!timed) return;
   timed_mark(kMarkCombined);
   nccl_.synchronize();  // bounded; the marks are complete after it
-  const auto seconds = [&](PhaseMark from, PhaseMark to) {
-    float milliseconds = 0;
-    EPIC_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, phase_events_[from], phase_events_[to]));
-    return milliseconds * 1e-3;
-  };
   // The layout is the routing's tail here (no count exchange): route = routing + layout.
-  stats_.route_seconds += seconds(kMarkStart, kMarkRouted);
-  stats_.dispatch_seconds += seconds(kMarkRouted, kMarkDispatched);
-  stats_.rows_all_to_all_seconds += seconds(kMarkPacked, kMarkDispatched);
-  stats_.expert_seconds += seconds(kMarkDispatched, kMarkComputed);
-  stats_.combine_seconds += seconds(kMarkComputed, kMarkCombined);
+  add_phase_seconds(/*counts_read=*/false);
 }
 
 }  // namespace epic

@@ -349,13 +349,8 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   record_layer(layer, {&exchange}, sent_before, received_before);
 }
 
-void DeviceExpertParallelMoeExecutor::record_layer(int64_t layer,
-                                                   const std::vector<const Exchange*>& exchanges,
-                                                   uint64_t sent_before, uint64_t received_before) {
-  const int num_ranks = nccl_.size(), rank = nccl_.rank();
-  stats_.bytes_sent += nccl_.bytes_sent() - sent_before;
-  stats_.bytes_received += nccl_.bytes_received() - received_before;
-  // The stream is done, so every mark is complete: reading them waits for nothing.
+void DeviceExpertParallelMoeExecutor::add_phase_seconds(bool counts_read) {
+  // Called after a synchronize: every mark is complete, so reading them waits for nothing.
   const auto seconds = [&](PhaseMark from, PhaseMark to) {
     float milliseconds = 0;
     EPIC_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, phase_events_[from], phase_events_[to]));
@@ -363,10 +358,19 @@ void DeviceExpertParallelMoeExecutor::record_layer(int64_t layer,
   };
   stats_.route_seconds += seconds(kMarkStart, kMarkRouted);
   stats_.dispatch_seconds += seconds(kMarkRouted, kMarkDispatched);
-  stats_.count_exchange_seconds += seconds(kMarkRouted, kMarkCountsRead);
+  if (counts_read) stats_.count_exchange_seconds += seconds(kMarkRouted, kMarkCountsRead);
   stats_.rows_all_to_all_seconds += seconds(kMarkPacked, kMarkDispatched);
   stats_.expert_seconds += seconds(kMarkDispatched, kMarkComputed);
   stats_.combine_seconds += seconds(kMarkComputed, kMarkCombined);
+}
+
+void DeviceExpertParallelMoeExecutor::record_layer(int64_t layer,
+                                                   const std::vector<const Exchange*>& exchanges,
+                                                   uint64_t sent_before, uint64_t received_before) {
+  const int num_ranks = nccl_.size(), rank = nccl_.rank();
+  stats_.bytes_sent += nccl_.bytes_sent() - sent_before;
+  stats_.bytes_received += nccl_.bytes_received() - received_before;
+  add_phase_seconds(/*counts_read=*/true);
   // Per peer, summed over the layer's exchanges: what a baseline all-to-all must move to compare.
   DeviceExchangeSizes sizes{std::vector<int64_t>(num_ranks), std::vector<int64_t>(num_ranks),
                             std::vector<int64_t>(num_ranks), std::vector<int64_t>(num_ranks)};

@@ -136,6 +136,8 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
     kNumPhaseMarks
   };
   void mark(PhaseMark at);
+  // The marks of the layer just synchronized into the stats (counts_read: the normal mode's count phase).
+  void add_phase_seconds(bool counts_read);
   // Routing, the stable grouping and each slot's destination rank (I32 [slots], in buffers_).
   Tensor route_and_place(int64_t layer, const Tensor& router_input, Workspace& workspace,
                          RoutedTokens& routed);
