@@ -2,6 +2,8 @@
 // worker and rank 0 also plays the coordinator: it reads the prompts, plans the expert placement,
 // assigns sequences to workers, sends the run plan (cereal) to all, and prints the results.
 // Output is the same for every number of workers and every placement.
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -10,8 +12,6 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <thread>
-
-#include <unistd.h>
 
 #include "comm/communicator.h"
 #include "coordinator/placement.h"

@@ -148,7 +148,8 @@ T from_bytes(const std::string& bytes, uint32_t expected_version, const char* wh
     }
     // to_bytes has one encoding per value; any other (a map key twice, whose second entry cereal
     // drops; keys out of order) is corruption, not a message to half-trust.
-    if (to_bytes(value) != bytes) throw cereal::Exception("the bytes are not the encoding of the values they hold");
+    if (to_bytes(value) != bytes)
+      throw cereal::Exception("the bytes are not the encoding of the values they hold");
   } catch (const std::exception& e) {
     throw Error(ErrorCode::kCommunication, std::string("corrupt ") + what + " message (" + e.what() + ")");
   }

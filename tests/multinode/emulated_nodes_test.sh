@@ -10,24 +10,10 @@
 # Usage: tests/multinode/emulated_nodes_test.sh EPIC_BINARY NODES SUBNET
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-nodes_script="$here/emulated_nodes.sh"
-# shellcheck source=tests/launch/reference_run.sh
-source "$here/../launch/reference_run.sh"
+# shellcheck source=tests/multinode/multinode_common.sh
+source "$here/multinode_common.sh"
 
-epic_binary="${1:?usage: emulated_nodes_test.sh EPIC_BINARY NODES SUBNET}"
-num_nodes="${2:?NODES}"
-subnet="${3:?SUBNET (10.X.Y)}"
-ranks_per_node=2
-log() { echo "emulated_nodes_test: $*" >&2; }
-fail() {
-  log "FAIL: $*"
-  exit 1
-}
-
-if ! reason=$(bash "$nodes_script" check 2>&1); then
-  echo "SKIPPED: emulated nodes need network namespaces: $reason"
-  exit 77
-fi
+multinode_setup emulated_nodes_test "$@"
 command -v mpirun > /dev/null || fail "mpirun not found: run 'bash launch/setup_debian.sh' (openmpi-bin)"
 
 work_dir="$(mktemp -d "${TMPDIR:-/tmp}/epic-nodes-test.XXXXXX")"

@@ -10,25 +10,13 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "$here/../.." && pwd)"
-nodes_script="$here/emulated_nodes.sh"
-# shellcheck source=tests/launch/reference_run.sh
-source "$here/../launch/reference_run.sh"
+# shellcheck source=tests/multinode/multinode_common.sh
+source "$here/multinode_common.sh"
+# shellcheck source=tests/launch/local_slurm.sh
+source "$here/../launch/local_slurm.sh"  # its common slurm.conf settings
 
-epic_binary="$(realpath "${1:?usage: emulated_slurm_test.sh EPIC_BINARY NODES SUBNET}")"
-num_nodes="${2:?NODES}"
-subnet="${3:?SUBNET (10.X.Y)}"
-ranks_per_node=2
+multinode_setup emulated_slurm_test "$@"
 job_timeout_s=120
-log() { echo "emulated_slurm_test: $*" >&2; }
-fail() {
-  log "FAIL: $*"
-  exit 1
-}
-
-if ! reason=$(bash "$nodes_script" check 2>&1); then
-  echo "SKIPPED: emulated nodes need network namespaces: $reason"
-  exit 77
-fi
 for tool in slurmctld slurmd sbatch scontrol sinfo nsenter; do
   command -v "$tool" > /dev/null || fail "$tool not found: run 'bash launch/setup_debian.sh' (slurm-wlm, util-linux)"
 done
@@ -82,20 +70,7 @@ SlurmctldPidFile=$slurm_dir/slurmctld.pid
 SlurmdPidFile=$slurm_dir/slurmd-%n.pid
 SlurmctldLogFile=$slurm_dir/slurmctld.log
 SlurmdLogFile=$slurm_dir/slurmd-%n.log
-PlugStackConfig=$slurm_dir/plugstack.conf
-MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=pmix
-SwitchType=switch/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SchedulerType=sched/builtin
-ReturnToService=2
-MinJobAge=600
+$(local_slurm_common_conf "$slurm_dir")
 SlurmdParameters=config_overrides
 CONF
   for k in $(seq 1 "$num_nodes"); do
