@@ -87,10 +87,18 @@ bool process_stopped(char state) { return state == 'T' || state == 't'; }
 
 std::atomic<PeerMonitor*> g_monitor{nullptr};
 
+// How long a probe of the other hosts' ranks may take: the launcher sends SIGKILL about a second after
+// SIGTERM (OpenMPI's default), and the report must be out before.
+constexpr int kProbeTimeoutMs = 300;
+
 extern "C" void epic_report_on_sigterm(int signal_number) {
   const int saved_errno = errno;
-  if (PeerMonitor* monitor = g_monitor.load(std::memory_order_acquire)) monitor->on_terminate_signal();
-  // Then die of SIGTERM as if no handler were installed (the launcher sees the usual status).
+  PeerMonitor* monitor = g_monitor.load(std::memory_order_acquire);
+  if (monitor != nullptr && monitor->on_terminate_signal()) {
+    errno = saved_errno;  // the watcher thread probes, reports and ends the process
+    return;
+  }
+  // Die of SIGTERM as if no handler were installed (the launcher sees the usual status).
   std::signal(signal_number, SIG_DFL);
   std::raise(signal_number);
   errno = saved_errno;
@@ -168,6 +176,7 @@ PeerIdentity PeerMonitor::my_identity() {
   PeerIdentity identity;
   identity.pid = static_cast<int32_t>(getpid());
   if (gethostname(identity.host, sizeof(identity.host) - 1) != 0) std::strcpy(identity.host, "?");
+  identity.probe = liveness_endpoint(liveness_listener());
   std::random_device random;
   identity.nonce = (static_cast<uint64_t>(random()) << 32) ^ random() ^ static_cast<uint64_t>(monotonic_ns());
   return identity;
@@ -206,9 +215,19 @@ PeerMonitor* PeerMonitor::create(int rank, const std::vector<PeerIdentity>& iden
 
   monitor->pidfds_.assign(num_ranks, -1);
   for (int peer = 0; peer < num_ranks; ++peer) {
-    if (peer == rank || !monitor->same_host(peer)) continue;
+    if (peer == rank) continue;
+    if (!monitor->same_host(peer)) {
+      monitor->other_host_ranks_.push_back(peer);
+      continue;
+    }
     monitor->pidfds_[peer] = static_cast<int>(syscall(SYS_pidfd_open, identities[peer].pid, 0));
   }
+  const size_t others = monitor->other_host_ranks_.size();
+  monitor->probe_endpoints_.resize(others);
+  monitor->probe_results_.resize(others);
+  monitor->probe_sockets_.resize(others * ProbeEndpoint::kMaxAddresses);
+  monitor->listener_ = liveness_listener();
+  if (pipe2(monitor->wake_, O_CLOEXEC | O_NONBLOCK) != 0) monitor->wake_[0] = monitor->wake_[1] = -1;
   g_monitor.store(monitor, std::memory_order_release);
   std::thread([monitor] { monitor->watch_peers(); }).detach();
 
@@ -299,12 +318,22 @@ PeerMonitor::Claim PeerMonitor::claim_report() {
 }
 
 void PeerMonitor::watch_peers() {
+  // Same-host peers' pidfds (each dropped once it fired), the liveness listener (ranks of other hosts
+  // asking), and the wake pipe of the SIGTERM handler.
   std::vector<pollfd> watched;
-  std::vector<int> watched_rank;
+  std::vector<int> watched_rank;  // -1: the listener, -2: the wake pipe
   for (int peer = 0; peer < num_ranks_; ++peer) {
     if (pidfds_[peer] < 0) continue;
     watched.push_back({pidfds_[peer], POLLIN, 0});
     watched_rank.push_back(peer);
+  }
+  if (listener_ >= 0) {
+    watched.push_back({listener_, POLLIN, 0});
+    watched_rank.push_back(-1);
+  }
+  if (wake_[0] >= 0) {
+    watched.push_back({wake_[0], POLLIN, 0});
+    watched_rank.push_back(-2);
   }
   while (!watched.empty()) {
     if (poll(watched.data(), watched.size(), -1) < 0) {
@@ -313,6 +342,17 @@ void PeerMonitor::watch_peers() {
     }
     for (size_t i = 0; i < watched.size();) {
       if (watched[i].revents == 0) {
+        ++i;
+        continue;
+      }
+      watched[i].revents = 0;
+      if (watched_rank[i] == -1) {
+        drain_liveness_listener(listener_);
+        ++i;
+        continue;
+      }
+      if (watched_rank[i] == -2) {
+        report_termination();  // does not return
         ++i;
         continue;
       }
@@ -334,10 +374,92 @@ void PeerMonitor::watch_peers() {
   }
 }
 
-void PeerMonitor::on_terminate_signal() {
+void PeerMonitor::probe_ranks(const int* other_ranks, int count, int timeout_ms, Liveness* results,
+                              ProbeEndpoint* endpoints, int* sockets) const {
+  for (int i = 0; i < count; ++i) endpoints[i] = identities_[other_ranks[i]].probe;
+  probe_liveness(endpoints, count, timeout_ms, results, sockets);
+}
+
+void PeerMonitor::report_termination() {
+  const int others = static_cast<int>(other_host_ranks_.size());
+  probe_ranks(other_host_ranks_.data(), others, kProbeTimeoutMs, probe_results_.data(),
+              probe_endpoints_.data(), probe_sockets_.data());
+  // The first live host reports: the one holding the lowest rank still alive (this host counts as live).
+  int lowest_alive = rank_;
+  for (int peer = 0; peer < rank_; ++peer)
+    if (same_host(peer) && !process_gone(process_state(identities_[peer].pid)))
+      lowest_alive = std::min(lowest_alive, peer);
+  bool any_failed = false;
+  for (int i = 0; i < others; ++i) {
+    if (probe_results_[i] == Liveness::kAlive) lowest_alive = std::min(lowest_alive, other_host_ranks_[i]);
+    if (probe_results_[i] == Liveness::kGone || probe_results_[i] == Liveness::kUnreachable)
+      any_failed = true;
+  }
+  int32_t nobody = 0;
+  if (any_failed && same_host(lowest_alive) &&
+      table_->reporter_plus_one.compare_exchange_strong(nobody, rank_ + 1)) {
+    FixedText text;
+    text.add("epic: error [communication]: ");
+    // Per host of a failed rank, once: the host when all its ranks failed alike, else the ranks.
+    bool first_host = true;
+    for (int i = 0; i < others; ++i) {
+      const Liveness state = probe_results_[i];
+      if (state != Liveness::kGone && state != Liveness::kUnreachable) continue;
+      const char* host = identities_[other_host_ranks_[i]].host;
+      bool seen = false;
+      for (int j = 0; j < i; ++j)
+        seen = seen ||
+               std::strncmp(identities_[other_host_ranks_[j]].host, host, sizeof(PeerIdentity::host)) == 0;
+      if (seen) continue;
+      int total = 0, alike = 0;
+      for (int j = i; j < others; ++j) {
+        if (std::strncmp(identities_[other_host_ranks_[j]].host, host, sizeof(PeerIdentity::host)) != 0)
+          continue;
+        ++total;
+        if (probe_results_[j] == state) ++alike;
+      }
+      text.add(first_host ? "" : "; ");
+      first_host = false;
+      text.add(alike == total ? "host " : "on host ").add(host).add(alike == total ? " is " : ", ");
+      if (alike != total) text.add("ranks ");
+      bool first_rank = true;
+      if (alike == total) text.add(state == Liveness::kGone ? "gone (" : "unreachable (");
+      if (alike == total) text.add("ranks ");
+      for (int j = i; j < others; ++j) {
+        if (probe_results_[j] != state ||
+            std::strncmp(identities_[other_host_ranks_[j]].host, host, sizeof(PeerIdentity::host)) != 0)
+          continue;
+        text.add(first_rank ? "" : ", ").add(static_cast<int64_t>(other_host_ranks_[j]));
+        first_rank = false;
+      }
+      text.add(state == Liveness::kGone ? " refuse connections: their processes ended"
+                                        : " do not answer: the host is down or cut off");
+      if (alike == total) text.add(")");
+    }
+    text.add("; rank ")
+        .add(static_cast<int64_t>(rank_))
+        .add(" (host ")
+        .add(identities_[rank_].host)
+        .add(") was ");
+    const char* how =
+        terminated_while_waiting_.load(std::memory_order_acquire) ? "waiting in " : "computing after ";
+    add_position(text, slot_of(table_, rank_), how, how);
+    text.add(" when the launcher ended the job\n");
+    ssize_t ignored = write(STDERR_FILENO, text.c_str(), text.size());
+    (void)ignored;
+    reported_here_.store(true, std::memory_order_release);
+  }
+  std::signal(SIGTERM, SIG_DFL);
+  kill(getpid(), SIGTERM);
+  pause();
+}
+
+bool PeerMonitor::on_terminate_signal() {
   const int reporter = table_->reporter_plus_one.load(std::memory_order_acquire) - 1;
-  slot_of(table_, rank_).state.store(static_cast<int32_t>(RankState::kTerminated), std::memory_order_release);
-  if (reporter >= 0) return;  // someone reports the job's error already
+  RankSlot& mine = slot_of(table_, rank_);
+  const auto state_before = static_cast<RankState>(mine.state.load(std::memory_order_acquire));
+  mine.state.store(static_cast<int32_t>(RankState::kTerminated), std::memory_order_release);
+  if (reporter >= 0) return false;  // someone reports the job's error already
   for (int peer = 0; peer < num_ranks_; ++peer) {
     if (peer == rank_ || !same_host(peer) || !died(peer)) continue;
     int32_t nobody = 0;
@@ -345,8 +467,13 @@ void PeerMonitor::on_terminate_signal() {
       write_death_report(peer);
       reported_here_.store(true, std::memory_order_release);
     }
-    return;
+    return false;
   }
+  // Nothing seen on this host: ask the other hosts (the watcher thread; a signal handler must not wait).
+  if (other_host_ranks_.empty() || wake_[1] < 0) return false;
+  terminated_while_waiting_.store(state_before == RankState::kWaiting, std::memory_order_release);
+  const char wake = 't';
+  return write(wake_[1], &wake, 1) == 1;
 }
 
 std::vector<int> PeerMonitor::ranks_not_reached(int comm_index, int64_t sequence) const {
@@ -445,9 +572,26 @@ std::string PeerMonitor::who_did_not_reach(int comm_index, int64_t sequence) con
   }
   if (!held_up.empty()) message += (message.empty() ? "" : "; ") + held_up_details;
   if (!other_hosts.empty()) {
-    message += (message.empty() ? "" : "; ") + ranks_text(other_hosts) +
-               " on other hosts (this rank cannot see whether they reached it)";
+    // Not seen from here: asked (liveness_probe.h), and named with their hosts.
+    std::vector<Liveness> liveness(other_hosts.size());
+    std::vector<ProbeEndpoint> endpoints(other_hosts.size());
+    std::vector<int> sockets(other_hosts.size() * ProbeEndpoint::kMaxAddresses);
+    probe_ranks(other_hosts.data(), static_cast<int>(other_hosts.size()), kProbeTimeoutMs, liveness.data(),
+                endpoints.data(), sockets.data());
+    std::string described;
+    for (size_t i = 0; i < other_hosts.size(); ++i) {
+      const int peer = other_hosts[i];
+      described +=
+          (described.empty() ? "" : ", ") + std::string("rank ") + std::to_string(peer) + " (host " +
+          identities_[peer].host +
+          (liveness[i] == Liveness::kGone          ? ": gone, its port refuses connections)"
+           : liveness[i] == Liveness::kUnreachable ? ": does not answer, host down or cut off)"
+           : liveness[i] == Liveness::kAlive       ? ": alive; whether it reached it, this rank cannot see)"
+                                                   : ": not probeable)");
+    }
+    message += (message.empty() ? "" : "; ") + std::string("on other hosts ") + described;
   }
+
   if (message.empty()) return "every rank reached it, so the ranks are only slow or the transport is stuck";
   return message + "; " + ranks_text(reached) + " reached it";
 }

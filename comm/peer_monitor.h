@@ -2,13 +2,17 @@
 // a small shared-memory table (one slot per rank: pid, state, the collective it is in and since when)
 // mapped by every rank of the host, the pid and host of every rank, and a watcher thread that notices a
 // same-host peer's death the moment it happens (pidfd), before the launcher starts killing the job.
-// Lock-free atomics only, so the SIGTERM handler can read it. Ranks on other hosts are named, not seen.
+// Lock-free atomics only, so the SIGTERM handler can read it. Ranks on other hosts are not seen but asked
+// (liveness_probe.h): when the launcher ends the job (SIGTERM) with nothing reported, the watcher probes
+// them, and the first live host's reporter names the host or ranks that are gone or unreachable.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "comm/liveness_probe.h"
 
 namespace epic {
 
@@ -32,7 +36,8 @@ enum class RankState : int32_t {
 struct PeerIdentity {
   int32_t pid = 0;
   char host[64] = {};
-  uint64_t nonce = 0;  // rank 0's names the host tables of this job
+  uint64_t nonce = 0;   // rank 0's names the host tables of this job
+  ProbeEndpoint probe;  // where ranks on other hosts can ask whether this one is alive (liveness_probe.h)
 };
 
 class PeerMonitor {
@@ -72,7 +77,13 @@ class PeerMonitor {
   // Implementation details shared with the watcher thread and the signal handler (peer_monitor.cpp).
   struct Table;
   void watch_peers();
-  void on_terminate_signal();
+  // The SIGTERM handler's part. Returns true when the watcher thread takes over (it probes the ranks on
+  // other hosts, reports, then ends the process with SIGTERM); false: the handler ends it now.
+  bool on_terminate_signal();
+  // Probes the ranks of other hosts at once (liveness_probe.h): results[i] for other_ranks[i]. No
+  // allocation: the caller gives room for the endpoints and count * ProbeEndpoint::kMaxAddresses sockets.
+  void probe_ranks(const int* other_ranks, int count, int timeout_ms, Liveness* results,
+                   ProbeEndpoint* endpoints, int* sockets) const;
 
  private:
   PeerMonitor() = default;
@@ -90,6 +101,16 @@ class PeerMonitor {
   std::vector<int> pidfds_;  // per rank: a pidfd for same-host peers, else -1
   std::atomic<int> dead_rank_{-1};
   std::atomic<bool> reported_here_{false};
+  std::atomic<bool> terminated_while_waiting_{false};  // SIGTERM came inside a collective
+  int listener_ = -1;                                  // this rank's liveness listener (liveness_probe.h)
+  int wake_[2] = {-1, -1};                             // the SIGTERM handler writes, the watcher thread wakes
+  // The watcher thread's probe scratch, sized at creation (it must not allocate while the job ends).
+  std::vector<int> other_host_ranks_;
+  std::vector<ProbeEndpoint> probe_endpoints_;
+  std::vector<Liveness> probe_results_;
+  std::vector<int> probe_sockets_;
+  // After SIGTERM with other hosts to ask: probe, report when this host is the first live one, end.
+  void report_termination();
 };
 
 }  // namespace epic

@@ -2,6 +2,8 @@
 // worker and rank 0 also plays the coordinator: it reads the prompts, plans the expert placement,
 // assigns sequences to workers, sends the run plan (cereal) to all, and prints the results.
 // Output is the same for every number of workers and every placement.
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -239,6 +241,7 @@ void print_results(const RunArgs& args, const ResultPrinter& printer, size_t num
     nlohmann::json workers = nlohmann::json::array();
     for (const wire::WorkerReport& r : reports) {
       workers.push_back({{"rank", r.rank},
+                         {"host", r.host},
                          {"sequences", r.sequences},
                          {"tokens_processed", r.tokens_processed},
                          {"steps", r.steps},
@@ -291,6 +294,13 @@ int launcher_rank() {
     if (value != nullptr && *value != '\0') return std::atoi(value);
   }
   return 0;
+}
+
+// This process's host name (a node of the cluster), "?" when the system does not say.
+std::string host_name() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return "?";
+  return name;
 }
 
 // Ends the job after an error raised on this rank alone, its report naming the rank: the communicator's
@@ -496,6 +506,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
 
   wire::WorkerReport report;
   report.rank = comm->rank();
+  report.host = host_name();
   report.bytes_read = weights.bytes_read;
   report.resident_bytes = weights.resident_bytes + runner->kv_cache_bytes() + runner->workspace_bytes();
   report.peak_resident_bytes = peak_resident_bytes();

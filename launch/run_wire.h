@@ -21,7 +21,7 @@
 namespace epic::wire {
 
 constexpr uint32_t kRunPlanVersion = 1;
-constexpr uint32_t kWorkerReportVersion = 2;  // 2: results stream out during the run, not in here
+constexpr uint32_t kWorkerReportVersion = 3;  // 2: results stream out during the run; 3: the host name
 
 struct Sequence {
   int64_t sequence_id = 0;
@@ -51,6 +51,7 @@ struct RunPlan {
 struct WorkerReport {
   uint32_t version = kWorkerReportVersion;
   int32_t rank = 0;
+  std::string host;  // the node the rank ran on (gethostname)
   uint64_t bytes_read = 0, resident_bytes = 0;
   uint64_t peak_resident_bytes = 0;  // the process's high-water mark (VmHWM) at the end of the run
   int64_t experts_hosted = 0, sequences = 0, steps = 0, tokens_processed = 0;
@@ -62,7 +63,7 @@ struct WorkerReport {
   std::map<int64_t, std::vector<int64_t>> expert_rows;  // layer -> rows per expert computed here
   template <class Archive>
   void serialize(Archive& ar) {
-    ar(version, rank, bytes_read, resident_bytes, peak_resident_bytes, experts_hosted, sequences, steps,
+    ar(version, rank, host, bytes_read, resident_bytes, peak_resident_bytes, experts_hosted, sequences, steps,
        tokens_processed, most_active_sequences, load_seconds, run_seconds, route_seconds, dispatch_seconds,
        expert_seconds, combine_seconds, bytes_sent, bytes_received, rows_computed, expert_rows);
   }
@@ -147,7 +148,8 @@ T from_bytes(const std::string& bytes, uint32_t expected_version, const char* wh
     }
     // to_bytes has one encoding per value; any other (a map key twice, whose second entry cereal
     // drops; keys out of order) is corruption, not a message to half-trust.
-    if (to_bytes(value) != bytes) throw cereal::Exception("the bytes are not the encoding of the values they hold");
+    if (to_bytes(value) != bytes)
+      throw cereal::Exception("the bytes are not the encoding of the values they hold");
   } catch (const std::exception& e) {
     throw Error(ErrorCode::kCommunication, std::string("corrupt ") + what + " message (" + e.what() + ")");
   }

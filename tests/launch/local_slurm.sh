@@ -61,6 +61,30 @@ for s in sockets:
 print(*[s.getsockname()[1] for s in sockets])'
 }
 
+# The settings every test cluster shares (root, no accounting, linuxproc, pmix...), on stdout; DIR holds
+# plugstack.conf. Also used by tests/multinode/emulated_slurm_test.sh (many nodes).
+local_slurm_common_conf() {
+  cat <<SETTINGS
+SlurmctldDebug=info
+SlurmdDebug=info
+PlugStackConfig=$1/plugstack.conf
+MailProg=/bin/true
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=pmix
+SwitchType=switch/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/builtin
+ReturnToService=2
+# Finished jobs stay visible to scontrol for this long: the test reads their state and exit code.
+MinJobAge=600
+SETTINGS
+}
+
 local_slurm_write_conf() {
   local dir="$1" ctld_port="$2" slurmd_port="$3" num_cpus="$4" slurmd_parameters=""
   mkdir -p "$dir/state" "$dir/spool" "$dir/tmp"
@@ -84,23 +108,7 @@ SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-PlugStackConfig=$dir/plugstack.conf
-MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=pmix
-SwitchType=switch/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SchedulerType=sched/builtin
-ReturnToService=2
-# Finished jobs stay visible to scontrol for this long: the test reads their state and exit code.
-MinJobAge=600
+$(local_slurm_common_conf "$dir")
 $slurmd_parameters
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$num_cpus State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
