@@ -21,6 +21,7 @@
 #include "launch/cpu_threads.h"
 #include "launch/flag_checks.h"
 #include "launch/model_source.h"
+#include "launch/rank_agreement.h"
 #include "worker/generation_loop.h"
 #include "worker/model_runner.h"
 #include "worker/model_weights.h"
@@ -80,11 +81,7 @@ int bench_decode_command(const BenchDecodeArgs& args) {
   } catch (const Error& e) {
     // Raised on this rank alone (the flags were checked on every rank alike above): the peers may wait in
     // a collective for it, so the whole job ends now, reported once.
-    const std::string message = e.what();
-    const Error named = message.starts_with("rank ")
-                            ? e
-                            : Error(e.code(), "rank " + std::to_string(comm->rank()) + ": " + message);
-    comm->end_job_after_error([&] { print_error(named); }, exit_code_for(named.code()));
+    end_job_naming_rank(*comm, e);
   }
 }
 

@@ -3,6 +3,8 @@
 
 #include <exception>
 
+#include "launch/cli_commands.h"
+
 namespace epic::cli {
 namespace {
 
@@ -47,6 +49,14 @@ void run_on_all_ranks(Communicator& comm, const std::function<void()>& phase) {
     if (!wire.empty() && wire[0] == 'E')
       throw_error_message(wire, comm.size() > 1 ? "rank " + std::to_string(rank) + ": " : "");
   }
+}
+
+[[noreturn]] void end_job_naming_rank(Communicator& comm, const Error& error) {
+  const std::string message = error.what();
+  const Error named = message.starts_with("rank ")
+                          ? error
+                          : Error(error.code(), "rank " + std::to_string(comm.rank()) + ": " + message);
+  comm.end_job_after_error([&] { print_error(named); }, exit_code_for(named.code()));
 }
 
 }  // namespace epic::cli

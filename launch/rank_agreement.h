@@ -30,4 +30,9 @@ std::string broadcast_from_root(Communicator& comm, int root, const std::functio
 // the lowest failing rank, its message prefixed with "rank R: " when there are several ranks.
 void run_on_all_ranks(Communicator& comm, const std::function<void()>& phase);
 
+// Ends the job after an error raised on this rank alone, its report naming the rank (printed once, by
+// Communicator::end_job_after_error): the communicator's own errors start with "rank R" already (this rank,
+// or the peer at fault), the others (a bad value, a backend error) get this rank's prefix.
+[[noreturn]] void end_job_naming_rank(Communicator& comm, const Error& error);
+
 }  // namespace epic::cli

@@ -303,17 +303,6 @@ std::string host_name() {
   return name;
 }
 
-// Ends the job after an error raised on this rank alone, its report naming the rank: the communicator's
-// own errors start with "rank R" already (this rank, or the peer that died), the others (a bad value, a
-// backend error) get this rank's prefix.
-[[noreturn]] void end_job_naming_rank(Communicator& comm, const Error& error) {
-  const std::string message = error.what();
-  const Error named = message.starts_with("rank ")
-                          ? error
-                          : Error(error.code(), "rank " + std::to_string(comm.rank()) + ": " + message);
-  comm.end_job_after_error([&] { print_error(named); }, exit_code_for(named.code()));
-}
-
 }  // namespace
 
 int run_command(const RunArgs& args) {

@@ -4,7 +4,7 @@
 // communicator and throws Error(kCommunication / kTimeout) naming this rank, the operations and the
 // host communicator's Activity, and (through the PeerMonitor, for ranks of this host) the rank that
 // holds the wait up and what it is doing. Nothing here waits unbounded, the destructor and the abort
-// included (see abort_within in the .cpp).
+// included (see abort_within_grace in the .cpp).
 // Not a Communicator subclass on purpose: its typed helpers take host vectors, which NCCL cannot read.
 #pragma once
 
