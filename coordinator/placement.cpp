@@ -48,6 +48,15 @@ std::vector<LayerExperts> checked_layers(const PlacementRequest& request) {
   if (request.num_workers < 1) {
     fail_request("num_workers is " + std::to_string(request.num_workers) + "; at least 1 worker is needed");
   }
+  if (!request.worker_node.empty()) {
+    if (static_cast<int>(request.worker_node.size()) != request.num_workers)
+      fail_request("worker_node has " + std::to_string(request.worker_node.size()) + " entries for " +
+                   std::to_string(request.num_workers) + " workers; give each worker's node");
+    for (int node : request.worker_node)
+      if (node < 0 || node >= request.num_workers)
+        fail_request("worker_node holds node " + std::to_string(node) + ", outside [0, " +
+                     std::to_string(request.num_workers) + ")");
+  }
   std::vector<LayerExperts> layers = request.layers;
   std::stable_sort(layers.begin(), layers.end(),
                    [](const LayerExperts& a, const LayerExperts& b) { return a.layer < b.layer; });
@@ -68,9 +77,9 @@ std::vector<LayerExperts> checked_layers(const PlacementRequest& request) {
   }
   for (const auto& [profile_layer, counts] : request.profile.load) {
     // Captured by copy: clang before 16 cannot capture a structured binding (the fuzz build uses clang 14).
-    const bool known = std::any_of(layers.begin(), layers.end(), [&, wanted = profile_layer](const LayerExperts& layer) {
-      return layer.layer == wanted;
-    });
+    const bool known =
+        std::any_of(layers.begin(), layers.end(),
+                    [&, wanted = profile_layer](const LayerExperts& layer) { return layer.layer == wanted; });
     if (!known) {
       fail_request("the load profile has layer " + std::to_string(profile_layer) +
                    ", which is not a MoE layer of this model; record the profile with the same model");
@@ -208,9 +217,11 @@ struct Replica {
 
 // Largest-first packing: each replica (heaviest first, ties lower expert id) goes to the
 // least-loaded worker (ties lower index) with a free slot that does not hold the expert yet.
+// With worker_node, a worker on a node that already holds the expert is chosen only when no worker
+// elsewhere has a free slot (a replica there would only serve that node's tokens twice).
 std::vector<std::vector<int64_t>> pack_replicas(const std::vector<double>& load,
                                                 const std::vector<int64_t>& replicas, int64_t num_workers,
-                                                int64_t slots) {
+                                                int64_t slots, const std::vector<int>& worker_node) {
   const int64_t num_experts = static_cast<int64_t>(load.size());
   std::vector<Replica> items;
   for (int64_t expert = 0; expert < num_experts; ++expert) {
@@ -224,18 +235,33 @@ std::vector<std::vector<int64_t>> pack_replicas(const std::vector<double>& load,
   std::vector<std::vector<int64_t>> hosted(num_workers);
   std::vector<std::vector<uint8_t>> holds(num_workers, std::vector<uint8_t>(num_experts, 0));
   std::vector<double> worker_load(num_workers, 0.0);
+  const int num_nodes =
+      worker_node.empty() ? 1 : *std::max_element(worker_node.begin(), worker_node.end()) + 1;
+  auto node_of = [&](int64_t worker) { return worker_node.empty() ? 0 : worker_node[worker]; };
+  std::vector<std::vector<int>> node_holds(num_nodes, std::vector<int>(num_experts, 0));  // replicas per node
   auto weight_of = [&](int64_t expert) { return load[expert] / replicas[expert]; };
   auto add = [&](int64_t worker, int64_t expert) {
     hosted[worker].push_back(expert);
     holds[worker][expert] = 1;
+    ++node_holds[node_of(worker)][expert];
     worker_load[worker] += weight_of(expert);
+  };
+  auto remove = [&](int64_t worker, int64_t expert) {
+    hosted[worker].erase(std::find(hosted[worker].begin(), hosted[worker].end(), expert));
+    holds[worker][expert] = 0;
+    --node_holds[node_of(worker)][expert];
+    worker_load[worker] -= weight_of(expert);
   };
 
   for (const Replica& item : items) {
     int64_t chosen = -1;
     for (int64_t worker = 0; worker < num_workers; ++worker) {
       if (static_cast<int64_t>(hosted[worker].size()) >= slots || holds[worker][item.expert]) continue;
-      if (chosen < 0 || worker_load[worker] < worker_load[chosen]) chosen = worker;
+      const bool covered = node_holds[node_of(worker)][item.expert] > 0;
+      const bool chosen_covered = chosen >= 0 && node_holds[node_of(chosen)][item.expert] > 0;
+      if (chosen < 0 || (!covered && chosen_covered) ||
+          (covered == chosen_covered && worker_load[worker] < worker_load[chosen]))
+        chosen = worker;
     }
     if (chosen >= 0) {
       add(chosen, item.expert);
@@ -264,9 +290,7 @@ std::vector<std::vector<int64_t>> pack_replicas(const std::vector<double>& load,
       }
     }
     if (moved < 0) throw Error(ErrorCode::kInternal, "placement: packing repair found no expert to move");
-    hosted[full].erase(std::find(hosted[full].begin(), hosted[full].end(), moved));
-    holds[full][moved] = 0;
-    worker_load[full] -= weight_of(moved);
+    remove(full, moved);
     add(open, moved);
     add(full, item.expert);
   }
@@ -334,6 +358,8 @@ PlacementPlan plan_placement(const PlacementRequest& request) {
   const std::vector<int64_t> slots = slots_for_layers(request, layers);
   PlacementPlan plan;
   plan.num_workers = request.num_workers;
+  plan.worker_node = request.worker_node;
+  plan.experts_per_token = request.experts_per_token;
   for (size_t i = 0; i < layers.size(); ++i) {
     const LayerExperts& experts = layers[i];
     LayerPlacement placement;
@@ -343,7 +369,8 @@ PlacementPlan plan_placement(const PlacementRequest& request) {
     placement.expert_load = expert_loads(experts, request.profile);
     const std::vector<int64_t> replicas =
         replica_counts(experts, placement.expert_load, request.num_workers, slots[i]);
-    placement.worker_experts = pack_replicas(placement.expert_load, replicas, request.num_workers, slots[i]);
+    placement.worker_experts =
+        pack_replicas(placement.expert_load, replicas, request.num_workers, slots[i], request.worker_node);
     self_check(placement, experts, request.num_workers);
     placement_rules::derive_layer_figures(placement, request.num_workers);
     plan.layers.push_back(std::move(placement));
@@ -355,6 +382,8 @@ PlacementPlan round_robin_placement(const PlacementRequest& request) {
   const std::vector<LayerExperts> layers = checked_layers(request);
   PlacementPlan plan;
   plan.num_workers = request.num_workers;
+  plan.worker_node = request.worker_node;
+  plan.experts_per_token = request.experts_per_token;
   for (const LayerExperts& experts : layers) {
     LayerPlacement placement;
     placement.layer = experts.layer;

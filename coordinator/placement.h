@@ -46,6 +46,11 @@ struct PlacementRequest {
   std::optional<uint64_t> budget_bytes;
   uint64_t expert_bytes = 0;  // bytes of one expert (for budget_bytes)
   LoadProfile profile;        // uniform load where a layer has no entry or only zeros
+  // The node of each worker (comm/node_topology.h) when the workers span several nodes; empty: one
+  // node. Replicas of an expert then prefer nodes that do not hold it yet, so each node can serve its
+  // hot experts itself, and the plan reports the expected bytes that cross between nodes.
+  std::vector<int> worker_node;
+  int64_t experts_per_token = 0;  // the model's top-k, for the traffic figures (0: not reported)
 };
 
 struct LayerPlacement {
@@ -63,6 +68,8 @@ struct LayerPlacement {
 struct PlacementPlan {
   int num_workers = 1;
   std::vector<LayerPlacement> layers;  // MoE layers only, ascending layer index
+  std::vector<int> worker_node;        // as PlacementRequest::worker_node (JSON only; empty: one node)
+  int64_t experts_per_token = 0;       // as PlacementRequest::experts_per_token (JSON only)
 
   const LayerPlacement& layer(int64_t layer_index) const;                // Error(kInternal) if absent
   bool hosts(int worker, int64_t layer_index, int64_t expert_id) const;  // Error(kInternal): bad worker
@@ -71,7 +78,9 @@ struct PlacementPlan {
   int worker_for(int64_t layer_index, int64_t expert_id, uint64_t occurrence_key) const;
 
   // Human-readable: per layer its masked_experts, workers, expert_load, and the balance figures
-  // (worker_load, max_over_mean_load), which from_json_text recomputes rather than trusts.
+  // (worker_load, max_over_mean_load), which from_json_text recomputes rather than trusts. With
+  // worker_node, also "worker_nodes" and per layer the expected inter-node rows per token
+  // (placement_traffic.h), likewise recomputed.
   std::string to_json_text() const;
   // Error(kInvalidArgument) naming source, layer and problem for any rule a plan breaks.
   static PlacementPlan from_json_text(const std::string& text, const std::string& source);

@@ -10,6 +10,7 @@
 
 #include "coordinator/placement.h"
 #include "coordinator/placement_rules.h"
+#include "coordinator/placement_traffic.h"
 #include "kernels/error.h"
 
 namespace epic {
@@ -51,6 +52,17 @@ class PlanJsonReader {
     }
     PlacementPlan plan;
     plan.num_workers = static_cast<int>(integer(root, "num_workers", "", 1, kMaxWorkers));
+    // Optional (plans made for one node have neither): the node of each worker and the model's top-k.
+    if (root.contains("worker_nodes")) {
+      const json& nodes = root.at("worker_nodes");
+      if (!nodes.is_array() || static_cast<int>(nodes.size()) != plan.num_workers)
+        fail("", "worker_nodes must be an array of " + std::to_string(plan.num_workers) +
+                     " node numbers (one per worker), not " + describe(nodes));
+      for (const json& node : nodes)
+        plan.worker_node.push_back(
+            static_cast<int>(integer_value(node, "a worker_nodes entry", "", 0, plan.num_workers - 1)));
+      plan.experts_per_token = integer(root, "experts_per_token", "", 1, 1 << 20);
+    }
     const json& layers = field(root, "layers", "");
     if (!layers.is_array()) fail("", "layers must be an array, not " + describe(layers));
     for (const json& entry : layers) {
@@ -276,6 +288,11 @@ std::string PlacementPlan::to_json_text() const {
   ordered_json root;
   root["format"] = kPlanFormat;
   root["num_workers"] = num_workers;
+  const bool traffic = !worker_node.empty() && experts_per_token > 0;
+  if (traffic) {
+    root["worker_nodes"] = worker_node;
+    root["experts_per_token"] = experts_per_token;
+  }
   root["layers"] = ordered_json::array();
   for (const LayerPlacement& layer : layers) {
     ordered_json entry;
@@ -292,6 +309,14 @@ std::string PlacementPlan::to_json_text() const {
     entry["expert_load"] = layer.expert_load;
     entry["worker_load"] = layer.worker_load;
     entry["max_over_mean_load"] = layer.max_over_mean_load();
+    if (traffic) {
+      // Figures for people, like worker_load: recomputed from the lists by the reader's caller.
+      const InterNodeTraffic expected = expected_inter_node_traffic(layer, worker_node, experts_per_token);
+      ordered_json rows;
+      rows["flat"] = expected.flat_rows_per_token;
+      rows["hierarchical"] = expected.hierarchical_rows_per_token;
+      entry["inter_node_rows_per_token"] = rows;
+    }
     root["layers"].push_back(std::move(entry));
   }
   return placement_rules::readable_json(root);

@@ -24,6 +24,7 @@
 
 #include "comm/communicator.h"
 #include "kernels/backend.h"
+#include "worker/expert_parallel_moe.h"
 #include "worker/expert_routing_table.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
@@ -38,6 +39,9 @@ inline constexpr int64_t kCheckedExpertRows = 64;
 // (a few ulp of sum order); bf16 2e-2 (one bf16 rounding of an expert row, 2^-8, times a few slots,
 // and one of the output).
 double nccl_check_tolerance(ScalarType activation_type);
+// Part (a)'s bound with hierarchical dispatch, relative to the row's largest |value|: fp32 1e-6 (a few
+// ulp: the same products summed in another order); bf16 2e-2 (each partial sum rounded to bf16).
+double hierarchical_check_tolerance(ScalarType activation_type);
 
 // Part (c)'s comparison: elements with |actual - expected| > tolerance * max |expected| of their row
 // (rows of row_elements; a NaN anywhere counts), the first described in *first.
@@ -60,6 +64,9 @@ struct MoeCheckInputs {
   int corrupt_rank = -1;
   // The NCCL executor the timing used (part (c)); null otherwise. Requires !local_executor.
   MoeExecutor* device_executor = nullptr;
+  // The host exchange's scheme: hierarchical sums a token's slots by rank and node, so part (a) then
+  // allows the sum-order tolerance (hierarchical_check_tolerance) instead of bitwise equality.
+  HostExchangeOptions exchange = {};
 };
 
 struct MoeCheckResult {

@@ -16,6 +16,8 @@
 #include <sstream>
 
 #include "comm/communicator.h"
+#include "comm/node_topology.h"
+#include "coordinator/placement_traffic.h"
 #include "kernels/backend.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
@@ -151,7 +153,14 @@ int bench_moe_command(const BenchMoeArgs& args) {
   ExpertInventory inventory;
   for (int64_t layer = 0; layer < args.layers; ++layer)
     inventory[layer] = {config.num_experts, std::vector<uint8_t>(config.num_experts, 1)};
-  const PlacementPlan plan = make_placement(config, inventory, {num_workers, args.slots, std::nullopt, ""});
+  // The nodes (host names, or --ranks-per-node): the plan spreads replicas over them, and the host
+  // exchange routes to a replica on the sender's node where there is one.
+  check_int_flag("--ranks-per-node", args.ranks_per_node, 0, kMaxWorkers);
+  const NodeTopology topology = node_topology_for_job(*comm, args.ranks_per_node);
+  const HostExchangeOptions exchange{parse_ep_dispatch(args.ep_dispatch), topology};
+  PlacementFlags placement_flags{num_workers, args.slots, std::nullopt, ""};
+  if (topology.num_nodes() > 1) placement_flags.worker_node = topology.node_of_rank();
+  const PlacementPlan plan = make_placement(config, inventory, placement_flags);
   const ExpertRoutingTable table = routing_table_from_plan(plan);
 
   // Every rank draws the same router and only the experts it hosts, with the values make-model
@@ -168,6 +177,9 @@ int bench_moe_command(const BenchMoeArgs& args) {
       args.ep_transport, backend.memory_space() == MemorySpace::kDevice, num_workers, kNcclBuilt);
   const bool local = transport == EpTransport::kLocal;
   const bool use_nccl = transport == EpTransport::kNccl;
+  EPIC_CHECK(!use_nccl || exchange.dispatch == EpDispatch::kFlat, ErrorCode::kInvalidArgument,
+             "--ep-dispatch hierarchical is a scheme of the host exchange; add --ep-transport host (the NCCL "
+             "exchange sends each token once per destination rank)");
   EPIC_CHECK(use_nccl || (args.ep_mode == "normal" && !args.ep_overlap), ErrorCode::kInvalidArgument,
              "--ep-mode low-latency and --ep-overlap are modes of the NCCL exchange (several GPU workers, "
              "--ep-transport nccl or auto); this run uses the " +
@@ -213,7 +225,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
                             args.ep_overlap});
 #endif
   for (int64_t i = 0; i < args.warmup; ++i) {
-    ExpertParallelMoeExecutor warm(config, weights, backend, *comm, table);
+    ExpertParallelMoeExecutor warm(config, weights, backend, *comm, table, exchange);
     MoeExecutor& executor = local      ? static_cast<MoeExecutor&>(local_executor)
                             : use_nccl ? nccl_bench->executor()
                                        : static_cast<MoeExecutor&>(warm);
@@ -222,7 +234,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
   }
   backend.synchronize();
   if (use_nccl) nccl_bench->reset_stats();  // its buffers stay grown: the timed run allocates nothing
-  ExpertParallelMoeExecutor executor(config, weights, backend, *comm, table);
+  ExpertParallelMoeExecutor executor(config, weights, backend, *comm, table, exchange);
   MoeExecutor& timed = local      ? static_cast<MoeExecutor&>(local_executor)
                        : use_nccl ? nccl_bench->executor()
                                   : static_cast<MoeExecutor&>(executor);
@@ -266,7 +278,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
   if (args.check) {
     check = check_moe_layers(MoeCheckInputs{config, weights, backend, *comm, table, local, tokens,
                                             router_tokens, workspace, args.layers, args.inject_wrong_row_rank,
-                                            use_nccl ? &nccl_bench->executor() : nullptr});
+                                            use_nccl ? &nccl_bench->executor() : nullptr, exchange});
   }
   // The baselines after the check too: its forwards left each layer's exchange sizes the timed run's
   // (same tokens, same routing).
@@ -289,9 +301,10 @@ int bench_moe_command(const BenchMoeArgs& args) {
                                     stats.rows_computed / calls,
                                     stats.rows_sent / calls,
                                     static_cast<double>(totals.experts_hosted),
+                                    stats.inter_node_bytes_sent / calls,
                                     static_cast<double>(check.wrong())};
   const std::vector<std::vector<double>> all = comm->all_gather_v<double>(std::span<const double>(mine));
-  constexpr size_t kWrongColumn = 10;
+  constexpr size_t kInterNodeColumn = 10, kWrongColumn = 11;
   const std::vector<std::vector<char>> mismatches = comm->all_gather_v<char>(
       std::span<const char>(check.first_mismatch.data(), check.first_mismatch.size()));
   bool any_wrong = false;
@@ -335,19 +348,51 @@ int bench_moe_command(const BenchMoeArgs& args) {
       "slowest worker %.3f ms per layer; %.0f tokens/s per layer over the cluster; expert load max/mean "
       "%.3f\n",
       max_total, tokens_per_second, sum_rows > 0 ? max_rows / (sum_rows / num_workers) : 1.0);
+  // Bytes that crossed between nodes per token and layer (rows and their metadata, dispatch and
+  // combine), against the plan's expectation for the rows alone (coordinator/placement_traffic.h).
+  double inter_node_bytes_per_token = 0, expected_bytes_per_token = 0;
+  if (topology.num_nodes() > 1) {
+    for (const std::vector<double>& worker : all) inter_node_bytes_per_token += worker[kInterNodeColumn];
+    inter_node_bytes_per_token /= std::max<double>(1.0, double(num_workers) * double(args.tokens_per_worker));
+    const uint64_t row_bytes = static_cast<uint64_t>(hidden) * scalar_size(act);
+    for (const LayerPlacement& layer : plan.layers) {
+      const InterNodeTraffic expected =
+          expected_inter_node_traffic(layer, plan.worker_node, config.num_experts_per_tok);
+      const double rows = exchange.dispatch == EpDispatch::kHierarchical
+                              ? expected.hierarchical_rows_per_token
+                              : expected.flat_rows_per_token;
+      expected_bytes_per_token += 2.0 * rows * static_cast<double>(row_bytes) / double(plan.layers.size());
+    }
+    std::printf(
+        "%s; %s dispatch: %.0f bytes crossed between nodes per token per layer (plan expects %.0f for "
+        "the rows alone)\n",
+        topology.describe().c_str(), ep_dispatch_name(exchange.dispatch), inter_node_bytes_per_token,
+        expected_bytes_per_token);
+  }
   const NcclReportShape nccl_shape{
       chosen.description, args.tokens_per_worker, hidden,      config.num_experts_per_tok, config.num_experts,
       args.layers,        args.iterations,        num_workers, use_nccl && args.baseline,  kLinkBytes};
   if (use_nccl) std::printf("%s", format_nccl_report(nccl_shape, nccl_ranks).c_str());
   if (args.check) {
-    std::printf(
-        "check: %s (data plane exact with identity experts; expert rows within %.0e of a host FFN%s)\n",
-        any_wrong ? "FAILED" : "passed on every worker", expert_ffn_check_tolerance(act),
-        use_nccl ? "; NCCL executor within the row-relative tolerance of the MPI executor" : "");
+    std::printf("check: %s (data plane %s with identity experts; expert rows within %.0e of a host FFN%s)\n",
+                any_wrong ? "FAILED" : "passed on every worker",
+                exchange.dispatch == EpDispatch::kHierarchical ? "within the hierarchical sum-order tolerance"
+                                                               : "exact",
+                expert_ffn_check_tolerance(act),
+                use_nccl ? "; NCCL executor within the row-relative tolerance of the MPI executor" : "");
   }
 
-  const char* columns[] = {"route_ms",   "dispatch_ms",    "expert_ms",     "combine_ms", "total_ms",
-                           "bytes_sent", "bytes_received", "rows_computed", "rows_sent",  "experts_hosted"};
+  const char* columns[] = {"route_ms",
+                           "dispatch_ms",
+                           "expert_ms",
+                           "combine_ms",
+                           "total_ms",
+                           "bytes_sent",
+                           "bytes_received",
+                           "rows_computed",
+                           "rows_sent",
+                           "experts_hosted",
+                           "inter_node_bytes_sent"};
   if (!args.csv_out.empty()) {
     std::ostringstream csv;
     std::error_code ignored;
@@ -390,7 +435,12 @@ int bench_moe_command(const BenchMoeArgs& args) {
                              {"tokens_per_second", tokens_per_second},
                              {"ep_transport", ep_transport_name(transport)},
                              {"ep_mode", use_nccl ? args.ep_mode : "none"},
-                             {"ep_overlap", use_nccl && args.ep_overlap}};
+                             {"ep_overlap", use_nccl && args.ep_overlap},
+                             {"ep_dispatch", use_nccl ? "none" : ep_dispatch_name(exchange.dispatch)},
+                             {"nodes", topology.num_nodes()},
+                             {"node_of_rank", topology.node_of_rank()},
+                             {"inter_node_bytes_per_token_per_layer", inter_node_bytes_per_token},
+                             {"expected_inter_node_row_bytes_per_token_per_layer", expected_bytes_per_token}};
     if (use_nccl) result["nccl"] = nccl_report_json(nccl_shape, nccl_ranks);
     files::write_file_atomically(args.json_out, result.dump(2) + "\n", "--json");
   }

@@ -60,6 +60,11 @@ struct RunArgs {
   std::string ep_mode = "auto";
   int64_t ep_low_latency_max_tokens = 256;  // worker/ep_mode.h: kDefaultLowLatencyMaxTokens
   bool ep_overlap = false;  // two-batch overlap of the normal mode's exchanges with the expert compute
+  // The host exchange's scheme (worker/expert_parallel_moe.h): "flat" or "hierarchical" (a token crosses
+  // between nodes once per destination node). ranks_per_node > 0 declares the nodes (every N consecutive
+  // ranks); 0 takes them from the host names (comm/node_topology.h).
+  std::string ep_dispatch = "flat";
+  int ranks_per_node = 0;
 };
 
 struct PlanArgs {
@@ -69,7 +74,8 @@ struct PlanArgs {
   std::optional<uint64_t> budget_bytes;
   std::string load_profile;
   bool allow_missing_experts = false;
-  std::string out;  // also save the plan JSON here
+  std::string out;         // also save the plan JSON here
+  int ranks_per_node = 0;  // > 0: the workers form nodes of this many (topology-aware plan and traffic)
 };
 
 struct TokenizeArgs {
@@ -111,6 +117,8 @@ struct BenchMoeArgs {
   // --tokens-per-worker; its phases timed with a host wait per call), and two-batch overlap (normal mode).
   std::string ep_mode = "normal";
   bool ep_overlap = false;
+  std::string ep_dispatch = "flat";  // host exchange: flat | hierarchical (as epic run)
+  int ranks_per_node = 0;            // as epic run
   // Test-only (a hidden flag, --inject-wrong-row RANK): corrupt one combined row of the check on that
   // rank, so tests can prove the check fails and names the worker. -1: no fault.
   int inject_wrong_row_rank = -1;

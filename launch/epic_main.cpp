@@ -53,6 +53,22 @@ CLI::Validator strict_integer() {
       "");
 }
 
+// The host exchange's dispatch scheme and the node topology (epic run and bench-moe).
+void add_topology_flags(CLI::App& command, std::string& ep_dispatch, int& ranks_per_node) {
+  command
+      .add_option(
+          "--ep-dispatch", ep_dispatch,
+          "Host MoE exchange across nodes: flat (each token-expert row straight to its worker; output "
+          "bitwise the same for any placement) or hierarchical (a token crosses between nodes once per "
+          "destination node, then fans out inside it; the combine sums inside the node first)")
+      ->check(CLI::IsMember({"flat", "hierarchical"}))
+      ->capture_default_str();
+  command
+      .add_option("--ranks-per-node", ranks_per_node,
+                  "Treat every N consecutive ranks as one node (default: ranks with the same host name)")
+      ->transform(strict_integer<int>());
+}
+
 }  // namespace
 }  // namespace epic::cli
 
@@ -121,6 +137,7 @@ int main(int argc, char** argv) {
       "--ep-overlap,!--no-ep-overlap", run_args.ep_overlap,
       "NCCL normal mode: split each MoE layer's tokens into two micro-batches so one's exchange runs "
       "while the other's experts compute (two-batch overlap; default off)");
+  add_topology_flags(*run, run_args.ep_dispatch, run_args.ranks_per_node);
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   auto* prompts_file =
@@ -180,6 +197,10 @@ int main(int argc, char** argv) {
   plan->add_flag("--allow-missing-experts", plan_args.allow_missing_experts,
                  "Leave missing experts unplaced");
   plan->add_option("--out", plan_args.out, "Also save the plan JSON to this file");
+  plan->add_option("--ranks-per-node", plan_args.ranks_per_node,
+                   "Workers per node: replicas spread over nodes, and the expected bytes crossing between "
+                   "nodes per token (flat and hierarchical dispatch) are reported")
+      ->transform(strict_integer<int>());
 
   BenchMoeArgs bench_args;
   CLI::App* bench = app.add_subcommand("bench-moe", "Time MoE layers across the ranks of the job, per phase");
@@ -238,6 +259,7 @@ int main(int argc, char** argv) {
                    "sized for --tokens-per-worker, at most 4096; a host wait per call to time its phases)")
       ->check(CLI::IsMember({"normal", "low-latency"}))
       ->capture_default_str();
+  add_topology_flags(*bench, bench_args.ep_dispatch, bench_args.ranks_per_node);
   bench->add_flag("--ep-overlap,!--no-ep-overlap", bench_args.ep_overlap,
                   "With nccl, normal mode: two-batch overlap of the exchanges with the expert compute");
   bench->add_flag(

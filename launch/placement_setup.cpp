@@ -1,10 +1,12 @@
 // Placement flags -> PlacementRequest -> plan; plan -> routing table.
 #include "launch/placement_setup.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <limits>
 #include <sstream>
 
+#include "coordinator/placement_traffic.h"
 #include "kernels/error.h"
 #include "launch/flag_checks.h"
 
@@ -26,6 +28,13 @@ PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& i
   request.slots_per_worker = flags.slots;
   request.budget_bytes = flags.budget_bytes;
   request.expert_bytes = resident_expert_bytes(config, flags.weight_type);
+  const bool several_nodes =
+      !flags.worker_node.empty() &&
+      std::any_of(flags.worker_node.begin(), flags.worker_node.end(), [](int node) { return node != 0; });
+  if (several_nodes) {
+    request.worker_node = flags.worker_node;
+    request.experts_per_token = config.num_experts_per_tok;
+  }
   for (const auto& [layer, experts] : inventory)
     request.layers.push_back({layer, experts.num_experts, experts.present});
   if (!flags.load_profile.empty()) request.profile = LoadProfile::load_file(flags.load_profile);
@@ -35,25 +44,52 @@ PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& i
 ExpertRoutingTable routing_table_from_plan(const PlacementPlan& plan) {
   ExpertRoutingTable table;
   table.num_workers = plan.num_workers;
+  table.node_of_worker = plan.worker_node;
   for (const LayerPlacement& layer : plan.layers) table.expert_workers[layer.layer] = layer.expert_workers;
   return table;
 }
 
-std::string balance_table(const PlacementPlan& plan) {
+std::string balance_table(const PlacementPlan& plan, uint64_t row_bytes) {
   std::ostringstream out;
-  char line[160];
-  std::snprintf(line, sizeof(line), "%6s %8s %6s %9s %14s\n", "layer", "experts", "slots", "replicas",
-                "max/mean load");
+  char line[240];
+  const bool traffic = !plan.worker_node.empty() && plan.experts_per_token > 0;
+  std::snprintf(
+      line, sizeof(line), "%6s %8s %6s %9s %14s%s\n", "layer", "experts", "slots", "replicas",
+      "max/mean load",
+      traffic ? "   inter-node rows/token: flat  hierarchical   bytes/token: flat  hierarchical" : "");
   out << line;
+  double flat_bytes = 0, hierarchical_bytes = 0;
   for (const LayerPlacement& layer : plan.layers) {
     int64_t placed = 0, distinct = 0;
     for (const auto& workers : layer.expert_workers) {
       placed += static_cast<int64_t>(workers.size());
       distinct += workers.empty() ? 0 : 1;
     }
-    std::snprintf(line, sizeof(line), "%6lld %8lld %6lld %9lld %14.3f\n", static_cast<long long>(layer.layer),
+    std::snprintf(line, sizeof(line), "%6lld %8lld %6lld %9lld %14.3f", static_cast<long long>(layer.layer),
                   static_cast<long long>(layer.num_experts), static_cast<long long>(layer.slots_per_worker),
                   static_cast<long long>(placed - distinct), layer.max_over_mean_load());
+    out << line;
+    if (traffic) {
+      const InterNodeTraffic expected =
+          expected_inter_node_traffic(layer, plan.worker_node, plan.experts_per_token);
+      // Dispatch and combine each move the rows once.
+      const double flat = 2.0 * expected.flat_rows_per_token * static_cast<double>(row_bytes);
+      const double hierarchical = 2.0 * expected.hierarchical_rows_per_token * static_cast<double>(row_bytes);
+      flat_bytes += flat;
+      hierarchical_bytes += hierarchical;
+      std::snprintf(line, sizeof(line), " %29.3f %13.3f %18.0f %13.0f", expected.flat_rows_per_token,
+                    expected.hierarchical_rows_per_token, flat, hierarchical);
+      out << line;
+    }
+    out << "\n";
+  }
+  if (traffic) {
+    std::snprintf(line, sizeof(line),
+                  "expected bytes crossing between nodes per token, all MoE layers, dispatch + combine: "
+                  "flat %.0f, hierarchical %.0f (%d nodes; rows of %llu bytes)\n",
+                  flat_bytes, hierarchical_bytes,
+                  *std::max_element(plan.worker_node.begin(), plan.worker_node.end()) + 1,
+                  static_cast<unsigned long long>(row_bytes));
     out << line;
   }
   return out.str();

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "coordinator/placement.h"
 #include "worker/expert_routing_table.h"
@@ -16,8 +17,9 @@ struct PlacementFlags {
   int num_workers = 1;
   std::optional<int64_t> slots;
   std::optional<uint64_t> budget_bytes;
-  std::string load_profile;  // path, or empty for uniform
+  std::string load_profile;                   // path, or empty for uniform
   ScalarType weight_type = ScalarType::kF32;  // how a worker keeps expert weights (see model_weights.h)
+  std::vector<int> worker_node;  // the node of each worker (comm/node_topology.h); empty: one node
 };
 
 // Bytes one expert occupies on a worker when its weights are kept as `weight_type` (the
@@ -29,7 +31,9 @@ PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& i
 
 ExpertRoutingTable routing_table_from_plan(const PlacementPlan& plan);
 
-// Text table of the per-layer balance: layer, experts, slots, replicas, max/mean load.
-std::string balance_table(const PlacementPlan& plan);
+// Text table of the per-layer balance: layer, experts, slots, replicas, max/mean load; on several nodes
+// also the expected rows and bytes (rows of row_bytes each, dispatch plus combine) that cross between
+// nodes per token, flat and hierarchical (coordinator/placement_traffic.h).
+std::string balance_table(const PlacementPlan& plan, uint64_t row_bytes = 0);
 
 }  // namespace epic::cli

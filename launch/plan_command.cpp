@@ -2,15 +2,16 @@
 // Reads only config.json, the index and shard headers (no tensor data).
 #include <cstdio>
 
+#include "comm/node_topology.h"
 #include "coordinator/placement.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
 #include "launch/cli_commands.h"
 #include "launch/flag_checks.h"
 #include "launch/placement_setup.h"
-#include "worker/weight_source.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
+#include "worker/weight_source.h"
 
 namespace epic::cli {
 
@@ -25,15 +26,21 @@ int plan_command(const PlanArgs& args) {
   // A worker keeps expert weights as the checkpoint stores them (bf16 stays bf16; `epic run
   // --precision bf16` also converts f32 checkpoints, which this estimate does not assume).
   const ScalarType weight_type = stored_weight_type(config, *checkpoint);
-  const PlacementPlan plan = make_placement(
-      config, inventory, {args.workers, args.slots, args.budget_bytes, args.load_profile, weight_type});
+  PlacementFlags flags{args.workers, args.slots, args.budget_bytes, args.load_profile, weight_type};
+  if (args.ranks_per_node != 0) {
+    check_int_flag("--ranks-per-node", args.ranks_per_node, 1, kMaxWorkers);
+    flags.worker_node = NodeTopology::from_ranks_per_node(args.workers, args.ranks_per_node).node_of_rank();
+  }
+  const PlacementPlan plan = make_placement(config, inventory, flags);
   const std::string json = plan.to_json_text();
   std::printf("%s\n", json.c_str());
   if (!args.out.empty()) files::write_file_atomically(args.out, json + "\n", "--out");
   std::fprintf(stderr, "epic plan: %d workers, %zu MoE layers, %.1f MB per expert (%s resident)\n%s",
                args.workers, plan.layers.size(), resident_expert_bytes(config, weight_type) / 1e6,
                scalar_name(weight_type),
-               balance_table(plan).c_str());
+               // Rows travel in the activation type: bf16 when serving on GPUs (fp32 on the cpu backend
+               // doubles these bytes).
+               balance_table(plan, static_cast<uint64_t>(config.hidden_size) * 2).c_str());
   return 0;
 }
 

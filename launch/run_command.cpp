@@ -14,7 +14,9 @@
 #include <thread>
 
 #include "comm/communicator.h"
+#include "comm/node_topology.h"
 #include "coordinator/placement.h"
+#include "coordinator/placement_traffic.h"
 #include "coordinator/sequence_assignment.h"
 #include "coordinator/tokenizer.h"
 #include "kernels/backend.h"
@@ -185,9 +187,10 @@ struct CoordinatorOutput {
 };
 
 // Rank 0: prompts -> ids, placement plan, sequence assignment.
-CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConfig& config,
+CoordinatorOutput plan_run(const RunArgs& args, const NodeTopology& topology, const ModelConfig& config,
                            const std::optional<Tokenizer>& tokenizer, WeightSource& source,
                            ScalarType activation_type) {
+  const int num_workers = topology.world_size();
   const fs::path model_dir =
       args.model_dir.empty() ? fs::path("--random-weights " + args.random_weights) : fs::path(args.model_dir);
   CoordinatorOutput output;
@@ -198,8 +201,9 @@ CoordinatorOutput plan_run(const RunArgs& args, int num_workers, const ModelConf
   // bf16 or the run computes in bf16, else f32).
   const ScalarType weight_type =
       required_weight_type(activation_type).value_or(stored_weight_type(config, source));
-  const PlacementPlan placement = make_placement(
-      config, inventory, {num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type});
+  PlacementFlags placement_flags{num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type};
+  if (topology.num_nodes() > 1) placement_flags.worker_node = topology.node_of_rank();
+  const PlacementPlan placement = make_placement(config, inventory, placement_flags);
   if (!args.placement_out.empty())
     files::write_file_atomically(args.placement_out, placement.to_json_text(), "--placement-out");
   std::vector<int64_t> costs;
@@ -364,16 +368,27 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     model = open_model(model_source_flags(args));
     chosen = choose_backend(backend_flags(args), launcher_local_rank(), default_cpu_threads());
   });
+  // The nodes of the job (host names, or --ranks-per-node): placement spreads replicas over them and
+  // the host exchange prefers a replica on the sender's node; hierarchical dispatch needs them.
+  NodeTopology topology;
+  run_on_all_ranks(*comm, [&] {
+    check_int_flag("--ranks-per-node", args.ranks_per_node, 0, kMaxWorkers);
+    topology = node_topology_for_job(*comm, args.ranks_per_node);
+  });
   CoordinatorOutput coordinator_output;
   const std::string plan_bytes = broadcast_from_root(*comm, 0, [&] {
     if (model.model_dir && fs::exists(*model.model_dir / "tokenizer.json"))
       tokenizer = Tokenizer::load(*model.model_dir / "tokenizer.json");
     coordinator_output =
-        plan_run(args, comm->size(), model.config, tokenizer, *model.source, chosen.activation_type);
+        plan_run(args, topology, model.config, tokenizer, *model.source, chosen.activation_type);
     return wire::to_bytes(coordinator_output.plan);
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");
-  const PlacementPlan placement = PlacementPlan::from_cereal_bytes(plan.placement);
+  PlacementPlan placement = PlacementPlan::from_cereal_bytes(plan.placement);
+  if (topology.num_nodes() > 1) {  // not carried in the plan's bytes: every rank knows the topology
+    placement.worker_node = topology.node_of_rank();
+    placement.experts_per_token = model.config.num_experts_per_tok;
+  }
   const ExpertRoutingTable table = routing_table_from_plan(placement);
 
   // Each worker reads the dense weights and only the experts the plan gives it.
@@ -411,7 +426,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
         {s.sequence_id, s.prompt, s.max_new_tokens, s.want_prompt_logits, {s.temperature, s.top_p, s.seed}});
   }
   Backend& backend = *chosen.backend;
-  ExpertParallelMoeExecutor executor(model.config, weights, backend, *comm, table);
+  const HostExchangeOptions exchange{parse_ep_dispatch(args.ep_dispatch), topology};
+  ExpertParallelMoeExecutor executor(model.config, weights, backend, *comm, table, exchange);
   MoeExecutor* moe_executor = &executor;
   const bool on_device = backend.memory_space() == MemorySpace::kDevice;
   if (args.ep_transport == "nccl" && !on_device)
@@ -426,6 +442,11 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
                     (args.ep_transport == "auto" && comm->size() > 1 && args.load_profile_out.empty()));
   check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, use_nccl);
   check_ep_overlap_flag(args.ep_overlap, parse_ep_mode(args.ep_mode), use_nccl);
+  if (use_nccl && exchange.dispatch != EpDispatch::kFlat)
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        "--ep-dispatch hierarchical is a scheme of the host exchange; add --ep-transport host (the NCCL "
+        "exchange sends each token once per destination rank)");
   if (use_nccl)
     run_on_all_ranks(*comm, [&] {
       nccl = make_backend_nccl_communicator(*comm, CommOptions{args.comm_timeout_seconds}, backend);
@@ -519,6 +540,9 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.bytes_received = phases.bytes_received;
   report.rows_computed = phases.rows_computed;
   report.expert_rows = executor.expert_rows();
+  const double inter_node_sent = static_cast<double>(phases.inter_node_bytes_sent);
+  const std::vector<std::vector<double>> inter_node_bytes =
+      comm->all_gather_v<double>(std::span<const double>(&inter_node_sent, 1));
   const std::string report_bytes = wire::to_bytes(report);
   const std::vector<std::vector<char>> gathered =
       comm->all_gather_v<char>(std::span<const char>(report_bytes.data(), report_bytes.size()));
@@ -541,6 +565,27 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
                  "expected max/mean load %.3f in the worst layer (epic plan prints every layer)\n",
                  placement.layers.size(), placement.num_workers, static_cast<long long>(max_slots),
                  worst_balance);
+    if (topology.num_nodes() > 1) {
+      // Measured over the whole run against the plan's expectation for the rows alone.
+      double crossed = 0, tokens = 0;
+      for (const std::vector<double>& rank_bytes : inter_node_bytes) crossed += rank_bytes[0];
+      for (const wire::WorkerReport& worker : reports) tokens += static_cast<double>(worker.tokens_processed);
+      double expected = 0;
+      const double row_bytes = double(model.config.hidden_size) * double(scalar_size(chosen.activation_type));
+      for (const LayerPlacement& layer : placement.layers) {
+        const InterNodeTraffic traffic =
+            expected_inter_node_traffic(layer, placement.worker_node, placement.experts_per_token);
+        expected += 2.0 * row_bytes *
+                    (exchange.dispatch == EpDispatch::kHierarchical ? traffic.hierarchical_rows_per_token
+                                                                    : traffic.flat_rows_per_token);
+      }
+      std::fprintf(
+          stderr,
+          "nodes: %s; %s dispatch; %.0f bytes crossed between nodes per token through all MoE layers, "
+          "rows and their metadata (the plan expects %.0f for the rows alone)\n",
+          topology.describe().c_str(), ep_dispatch_name(exchange.dispatch),
+          tokens > 0 ? crossed / tokens : 0.0, expected);
+    }
   }
   return 0;
 }

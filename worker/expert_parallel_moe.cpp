@@ -4,37 +4,70 @@
 
 #include <chrono>
 #include <cstring>
+#include <utility>
 
 #include "kernels/error.h"
+#include "worker/host_exchange_util.h"
 #include "worker/moe_block.h"
 
 namespace epic {
-namespace {
+using host_exchange::download;
+using host_exchange::seconds_since;
 
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+EpDispatch parse_ep_dispatch(const std::string& text) {
+  if (text == "flat") return EpDispatch::kFlat;
+  if (text == "hierarchical") return EpDispatch::kHierarchical;
+  throw Error(ErrorCode::kInvalidArgument,
+              "--ep-dispatch '" + text +
+                  "': use flat (each (token, expert) row straight to its worker) or "
+                  "hierarchical (each token once per destination node, then inside it)");
 }
 
-template <typename T>
-std::vector<T> download(Backend& backend, const Tensor& tensor) {
-  std::vector<T> values(static_cast<size_t>(tensor.numel()));
-  backend.copy_to_host(tensor, 0, values.data(), tensor.bytes());
-  return values;
+const char* ep_dispatch_name(EpDispatch dispatch) {
+  return dispatch == EpDispatch::kHierarchical ? "hierarchical" : "flat";
 }
-
-}  // namespace
 
 ExpertParallelMoeExecutor::ExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights,
                                                      Backend& backend, Communicator& comm,
-                                                     const ExpertRoutingTable& table)
-    : config_(config), weights_(weights), backend_(backend), comm_(comm), table_(table) {
+                                                     const ExpertRoutingTable& table,
+                                                     HostExchangeOptions options)
+    : config_(config),
+      weights_(weights),
+      backend_(backend),
+      comm_(comm),
+      table_(table),
+      options_(std::move(options)),
+      scratch_(backend, /*num_slots=*/16) {
   EPIC_CHECK(table.num_workers == comm.size(), ErrorCode::kInternal,
              "placement plan is for " + std::to_string(table.num_workers) + " workers but the job has " +
                  std::to_string(comm.size()) + " ranks");
+  EPIC_CHECK(options_.dispatch == EpDispatch::kFlat || options_.topology.world_size() == comm.size(),
+             ErrorCode::kInternal,
+             "hierarchical dispatch: the node topology has " +
+                 std::to_string(options_.topology.world_size()) + " ranks but the job has " +
+                 std::to_string(comm.size()));
+  EPIC_CHECK(table.node_of_worker.empty() || static_cast<int>(table.node_of_worker.size()) == comm.size(),
+             ErrorCode::kInternal, "the routing table's node list does not match the job's ranks");
 }
 
 void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                                         const Tensor& out, Workspace& workspace) {
+  if (options_.dispatch == EpDispatch::kHierarchical) {
+    forward_hierarchical(layer, hidden, router_input, out, workspace);
+  } else {
+    forward_flat(layer, hidden, router_input, out, workspace);
+  }
+}
+
+void ExpertParallelMoeExecutor::count_expert_rows(int64_t layer, const std::vector<int32_t>& experts) {
+  std::vector<int64_t>& rows_per_expert = expert_rows_[layer];
+  rows_per_expert.resize(weights_.layers[layer].moe.num_experts, 0);
+  for (int32_t expert : experts) ++rows_per_expert[expert];
+  stats_.rows_computed += static_cast<int64_t>(experts.size());
+}
+
+void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden, const Tensor& router_input,
+                                             const Tensor& out, Workspace& workspace) {
   using clock = std::chrono::steady_clock;
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
@@ -56,7 +89,8 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, con
   std::vector<int64_t> send_counts(num_workers, 0);
   for (int64_t slot = 0; slot < num_slots; ++slot) {
     const int64_t expert = expert_ids[slot];
-    destination[slot] = table_.worker_for(layer, expert, occurrences[expert]++ + static_cast<uint64_t>(rank));
+    destination[slot] =
+        table_.worker_for_sender(layer, expert, occurrences[expert]++ + static_cast<uint64_t>(rank), rank);
     ++send_counts[destination[slot]];
   }
   // Slots ordered by destination worker (stable: slot order within a worker); returned_position is
@@ -86,13 +120,15 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, con
   // Dispatch: counts, then the expert id of each row, then the rows.
   start = clock::now();
   std::vector<int64_t> recv_counts;
-  std::vector<int64_t> send_bytes(num_workers), recv_bytes(num_workers), send_at(num_workers), recv_at(num_workers);
+  std::vector<int64_t> send_bytes(num_workers), recv_bytes(num_workers), send_at(num_workers),
+      recv_at(num_workers);
   std::vector<char> recv_rows;
   std::vector<int32_t> recv_experts;
   {
     // Names the collectives in timeout and dead-peer messages.
     const Communicator::Activity activity(comm_, "MoE layer " + std::to_string(layer) + " dispatch");
-    recv_experts = comm_.all_to_all_v<int32_t>(std::span<const int32_t>(send_experts), send_counts, &recv_counts);
+    recv_experts =
+        comm_.all_to_all_v<int32_t>(std::span<const int32_t>(send_experts), send_counts, &recv_counts);
     int64_t sent = 0, received = 0;
     for (int w = 0; w < num_workers; ++w) {
       send_bytes[w] = send_counts[w] * static_cast<int64_t>(row_bytes);
@@ -130,10 +166,7 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, con
   backend_.gather_rows(expert_out, grouped.sorted_position, received_rows);
   std::vector<char> computed(received_rows.bytes());
   backend_.copy_to_host(received_rows, 0, computed.data(), computed.size());
-  std::vector<int64_t>& rows_per_expert = expert_rows_[layer];
-  rows_per_expert.resize(moe.num_experts, 0);
-  for (int32_t expert : recv_experts) ++rows_per_expert[expert];
-  stats_.rows_computed += num_received;
+  count_expert_rows(layer, recv_experts);
   stats_.expert_seconds += seconds_since(start);
 
   // Combine: outputs travel back in the order their rows came, then the weighted sum in slot order.
@@ -150,6 +183,10 @@ void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, con
   backend_.combine_top_k(returned_rows, positions, routed.weights, out);
   backend_.synchronize();  // the host buffers above are the sources of asynchronous copies
   stats_.combine_seconds += seconds_since(start);
+  for (int w = 0; w < num_workers; ++w) {
+    if (table_.same_node(w, rank)) continue;  // expert ids, rows out, outputs back
+    stats_.inter_node_bytes_sent += static_cast<uint64_t>(send_counts[w] * 4 + send_bytes[w] + recv_bytes[w]);
+  }
   stats_.bytes_sent += comm_.bytes_sent() - sent_before;
   stats_.bytes_received += comm_.bytes_received() - received_before;
 }

@@ -3,6 +3,9 @@
 // -> grouped expert FFN on the received rows -> all-to-all-v back -> combine in fixed top-k order.
 // The result for a token does not depend on the number of workers or the placement: each row's
 // FFN is computed alone and combined in slot order.
+// Two dispatch schemes (EpDispatch): flat sends every (token, slot) row straight to its expert's worker;
+// hierarchical (expert_parallel_hierarchical.cpp) sends a token across once per destination node, to a
+// gateway rank there that fans it out inside the node, and the combine sums inside the node first.
 // The exchange goes through host memory (MPI): with a device backend the routing and the rows are
 // copied to the host and back around each all-to-all (NCCL on device memory is issue 8), so this
 // executor is not capturable in a graph.
@@ -10,32 +13,52 @@
 
 #include <cstdint>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "comm/node_topology.h"
 #include "kernels/backend.h"
 #include "worker/expert_routing_table.h"
 #include "worker/moe_executor.h"
+#include "worker/workspace.h"
 
 namespace epic {
 
 // Per-phase wall time (seconds) and traffic of this worker, summed over calls.
 struct MoePhaseStats {
   double route_seconds = 0;
-  double dispatch_seconds = 0;  // count exchange + all-to-all-v of rows
-  double expert_seconds = 0;    // grouped expert FFN
-  double combine_seconds = 0;   // all-to-all-v back + weighted sum
-  uint64_t bytes_sent = 0;      // to other workers
-  uint64_t bytes_received = 0;  // from other workers
-  int64_t rows_sent = 0;        // (token, slot) rows sent to experts (self included)
-  int64_t rows_computed = 0;    // rows this worker's experts computed
+  double dispatch_seconds = 0;         // count exchange + all-to-all-v of rows
+  double expert_seconds = 0;           // grouped expert FFN
+  double combine_seconds = 0;          // all-to-all-v back + weighted sum
+  uint64_t bytes_sent = 0;             // to other workers
+  uint64_t inter_node_bytes_sent = 0;  // the part of bytes_sent (rows and their metadata) to other nodes
+  uint64_t bytes_received = 0;         // from other workers
+  int64_t rows_sent = 0;               // (token, slot) rows sent to experts (self included)
+  int64_t rows_computed = 0;           // rows this worker's experts computed
   int64_t calls = 0;
+};
+
+enum class EpDispatch {
+  kFlat,          // each (token, slot) row to its expert's worker; output independent of the placement
+  kHierarchical,  // each token once per destination node, fanned out there; node-first combine
+};
+// "flat" / "hierarchical"; Error(kInvalidArgument) naming the flag for anything else.
+EpDispatch parse_ep_dispatch(const std::string& text);
+const char* ep_dispatch_name(EpDispatch dispatch);
+
+struct HostExchangeOptions {
+  EpDispatch dispatch = EpDispatch::kFlat;
+  // The job's nodes (hierarchical dispatch needs them; flat uses the routing table's node_of_worker
+  // only to count inter-node bytes). Default: one node.
+  NodeTopology topology;
 };
 
 class ExpertParallelMoeExecutor final : public MoeExecutor {
  public:
   ExpertParallelMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
-                            Communicator& comm, const ExpertRoutingTable& table);
+                            Communicator& comm, const ExpertRoutingTable& table,
+                            HostExchangeOptions options = {});
   void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
                Workspace& workspace) override;
   bool capturable() const override { return false; }
@@ -45,11 +68,20 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   const std::map<int64_t, std::vector<int64_t>>& expert_rows() const { return expert_rows_; }
 
  private:
+  void forward_flat(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+                    Workspace& workspace);
+  // expert_parallel_hierarchical.cpp
+  void forward_hierarchical(int64_t layer, const Tensor& hidden, const Tensor& router_input,
+                            const Tensor& out, Workspace& workspace);
+  void count_expert_rows(int64_t layer, const std::vector<int32_t>& experts);
+
   const ModelConfig& config_;
   const ModelWeights& weights_;
   Backend& backend_;
   Communicator& comm_;
   const ExpertRoutingTable& table_;
+  HostExchangeOptions options_;
+  Workspace scratch_;  // the hierarchical scheme's own buffers (its slot numbers)
   MoePhaseStats stats_;
   std::map<int64_t, std::vector<int64_t>> expert_rows_;
 };

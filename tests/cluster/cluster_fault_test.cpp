@@ -23,8 +23,8 @@
 #include <thread>
 #include <vector>
 
-#include "tests/support/mpi_test_environment.h"
 #include "../model/temp_dir.h"
+#include "tests/support/mpi_test_environment.h"
 
 namespace epic {
 namespace {
@@ -315,15 +315,15 @@ TEST_F(ClusterFault, NonFiniteLogitsOnOneRankEndEveryRankAtOnce) {
   EXPECT_NE(run.err.find(", decode step 2: the logits hold NaN at token id 0"), std::string::npos) << run.err;
 }
 
-// Collective 33 is the combine of MoE layer 2 in the first decode step (11 start-up collectives, then per
-// step 1 + 4 in each of the 3 MoE layers): rank 1 has sent and received its rows, the peers wait for it in
-// the combine. The message says where, so the test checks its own premise.
+// Collective 36 is the combine of MoE layer 2 in the first decode step (14 start-up collectives, the node
+// topology's among them, then per step 1 + 4 in each of the 3 MoE layers): rank 1 has sent and received its
+// rows, the peers wait for it in the combine. The message says where, so the test checks its own premise.
 TEST_F(ClusterFault, ErrorInsideMoeExchangeEndsEveryRankAtOnce) {
   testing::TempDir dir;
-  const JobRun run = run_fault(comm_fault("1:33:throw"), kLongTimeoutSeconds, dir.path());
+  const JobRun run = run_fault(comm_fault("1:36:throw"), kLongTimeoutSeconds, dir.path());
   expect_prompt_end(run, clean_seconds_, 1,
                     "epic: error [internal]: rank 1: injected test fault (EPIC_TEST_COMM_FAULT) before "
-                    "collective #33 (MoE layer 2 combine)\n");
+                    "collective #36 (MoE layer 2 combine)\n");
 }
 
 // Every rank fails in the same step (as NaN weights in the replicated dense layers would make them): still

@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <limits>
 #include <memory>
@@ -20,6 +21,7 @@
 #include <vector>
 
 #include "comm/mpi_communicator.h"
+#include "comm/node_topology.h"
 #include "kernels/backend.h"
 #include "tests/support/mpi_gtest_main.h"
 #include "worker/expert_ffn_checker.h"
@@ -336,6 +338,125 @@ TEST_F(IdentityExpert, ExpertCheckPassesTheRealFfnAndCatchesOneWrongElement) {
     EXPECT_EQ(checked_faulty.wrong_elements(), 0);
   }
 }
+
+// ---- Hierarchical dispatch (worker/expert_parallel_hierarchical.cpp) ----------------------------------
+// The same spelled-out clusters, declared as nodes of `ranks_per_node` consecutive ranks. With identity
+// experts and both weights 0.5, every grouping of a token's sum is exact (0.5 x + 0.5 x, 0.5 x + 0), so
+// the hierarchical output must be x bit for bit whatever rank or node each slot lands on.
+class HierarchicalDispatch : public IdentityExpert, public ::testing::WithParamInterface<int> {
+ protected:
+  NodeTopology topology() const { return NodeTopology::from_ranks_per_node(num_workers_, GetParam()); }
+  ExpertRoutingTable table_with_nodes(const Topology& spelled_out) const {
+    ExpertRoutingTable table = routing_table(spelled_out);
+    table.node_of_worker = topology().node_of_rank();
+    return table;
+  }
+};
+
+TEST_P(HierarchicalDispatch, SpelledOutTopologyGivesEveryRowBackExactly) {
+  const Topology spelled_out = topology_for(num_workers_);
+  ASSERT_EQ(static_cast<int>(spelled_out.worker_experts.size()), num_workers_)
+      << "no topology spelled out for " << num_workers_ << " ranks: run with -np 2, 3 or 4";
+  const ExpertRoutingTable table = table_with_nodes(spelled_out);
+  const std::vector<std::pair<int32_t, int32_t>>& my_tokens = spelled_out.tokens[rank_];
+  const int64_t num_tokens = static_cast<int64_t>(my_tokens.size());
+  std::vector<float> identity_router(kNumExperts * kHidden, 0.0f);
+  for (int64_t e = 0; e < kNumExperts; ++e) identity_router[e * kHidden + e] = 1.0f;
+  const ModelWeights weights =
+      make_weights(*cpu_, spelled_out.worker_experts[rank_], identity_router, own_generator_);
+  std::vector<float> router_input(num_tokens * kHidden, 0.0f);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    router_input[t * kHidden + my_tokens[t].first] = kChosenLogit;
+    router_input[t * kHidden + my_tokens[t].second] = kChosenLogit;
+  }
+  const std::vector<float> x = random_values(own_generator_, num_tokens * kHidden);
+  const OwnedTensor hidden = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, x);
+  const OwnedTensor router_rows = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, router_input);
+  std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
+  const OwnedTensor out = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
+
+  IdentityExpertBackend identity(*cpu_);
+  const ModelConfig config = moe_config();
+  ExpertParallelMoeExecutor executor(config, weights, identity, comm(), table,
+                                     HostExchangeOptions{EpDispatch::kHierarchical, topology()});
+  Workspace workspace(identity);
+  executor.forward(kLayer, hidden, router_rows, out, workspace);
+  std::string first;
+  EXPECT_EQ(count_bitwise_mismatches(read_as_f32(*cpu_, out), x, kHidden, &first), 0) << first;
+
+  // Every (token, slot) row computed exactly once over the cluster, replicas included.
+  int64_t total_rows = 0;
+  for (int64_t rows : comm().all_gather_value<int64_t>(executor.stats().rows_computed)) total_rows += rows;
+  int64_t total_slots = 0;
+  for (const auto& tokens : spelled_out.tokens) total_slots += static_cast<int64_t>(tokens.size()) * kTopK;
+  EXPECT_EQ(total_rows, total_slots);
+
+  // Bytes across nodes over the cluster, worked out here from the routing: a record (row + 1 + 3k ints)
+  // per token and other node it reaches, and one row (the node's sum) back per record.
+  const NodeTopology nodes = topology();
+  const int64_t row_bytes = kHidden * 4, record_bytes = row_bytes + (1 + 3 * kTopK) * 4;
+  std::vector<uint64_t> occurrences(kNumExperts, 0);
+  uint64_t records_out = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    std::vector<bool> reached(nodes.num_nodes(), false);
+    for (int64_t k = 0; k < kTopK; ++k) {
+      const int32_t expert = identity.routed_expert_ids()[t * kTopK + k];
+      const int worker =
+          table.worker_for_sender(kLayer, expert, occurrences[expert]++ + uint64_t(rank_), rank_);
+      reached[nodes.node_of(worker)] = true;
+    }
+    for (int node = 0; node < nodes.num_nodes(); ++node)
+      records_out += reached[node] && node != nodes.node_of(rank_);
+  }
+  const std::vector<uint64_t> out_per_rank = comm().all_gather_value<uint64_t>(records_out);
+  uint64_t crossed_total = 0;
+  for (uint64_t bytes : comm().all_gather_value<uint64_t>(executor.stats().inter_node_bytes_sent))
+    crossed_total += bytes;
+  uint64_t expected_total = 0;
+  for (uint64_t records : out_per_rank) expected_total += records * (record_bytes + row_bytes);
+  EXPECT_EQ(crossed_total, expected_total) << "bytes across nodes, whole cluster";
+  if (nodes.num_nodes() == 1) EXPECT_EQ(executor.stats().inter_node_bytes_sent, 0u);
+}
+
+TEST_P(HierarchicalDispatch, RealExpertsMatchFlatUpToTheSumOrder) {
+  const Topology spelled_out = topology_for(num_workers_);
+  ASSERT_EQ(static_cast<int>(spelled_out.worker_experts.size()), num_workers_);
+  const ExpertRoutingTable table = table_with_nodes(spelled_out);
+  const std::vector<float> router = random_values(shared_generator_, kNumExperts * kHidden);
+  const ModelWeights weights = make_weights(*cpu_, spelled_out.worker_experts[rank_], router, own_generator_);
+  // 0 to 12 tokens on each rank; rank 1 has none.
+  const int64_t num_tokens = rank_ == 1 ? 0 : std::uniform_int_distribution<int64_t>(1, 12)(own_generator_);
+  const OwnedTensor hidden = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden},
+                                    random_values(own_generator_, num_tokens * kHidden));
+  const OwnedTensor flat_out = cpu_->new_tensor(ScalarType::kF32, {num_tokens, kHidden});
+  const OwnedTensor hierarchical_out = cpu_->new_tensor(ScalarType::kF32, {num_tokens, kHidden});
+  const ModelConfig config = moe_config();
+  Workspace workspace(*cpu_);
+  ExpertParallelMoeExecutor flat(config, weights, *cpu_, comm(), table);
+  flat.forward(kLayer, hidden, hidden, flat_out, workspace);
+  ExpertParallelMoeExecutor hierarchical(config, weights, *cpu_, comm(), table,
+                                         HostExchangeOptions{EpDispatch::kHierarchical, topology()});
+  hierarchical.forward(kLayer, hidden, hidden, hierarchical_out, workspace);
+  // The same products summed in another grouping: within a few fp32 ulp (1e-6) of the row's largest value.
+  const std::vector<float> got = read_as_f32(*cpu_, hierarchical_out), want = read_as_f32(*cpu_, flat_out);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    float row_max = 0;
+    for (int64_t i = 0; i < kHidden; ++i) row_max = std::max(row_max, std::fabs(want[t * kHidden + i]));
+    for (int64_t i = 0; i < kHidden; ++i)
+      ASSERT_LE(std::fabs(got[t * kHidden + i] - want[t * kHidden + i]), 1e-6f * row_max)
+          << "token " << t << " element " << i << ": hierarchical " << got[t * kHidden + i] << ", flat "
+          << want[t * kHidden + i];
+  }
+  EXPECT_EQ(hierarchical.stats().rows_computed, flat.stats().rows_computed)
+      << "both schemes send each (token, slot) to the same worker";
+}
+
+// 1 rank per node (every hop crosses nodes), 2 (two-rank nodes, the last one smaller at 3 ranks), and
+// one node holding every rank (nothing crosses).
+INSTANTIATE_TEST_SUITE_P(RanksPerNode, HierarchicalDispatch, ::testing::Values(1, 2, 4),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return std::to_string(info.param) + "_ranks_per_node";
+                         });
 
 }  // namespace
 }  // namespace epic

@@ -4,7 +4,8 @@
 # output and write bitwise the same logits, on NODES nodes x 2 ranks. Then a node-level failure: node 2's
 # processes all killed (SIGKILL, its daemon too: a crash) while the job waits for them at step 3; the job
 # must end within a bound, non-zero, with exactly one epic message naming host node2 (the first live
-# host's report, from asking the other hosts' ranks whether they are alive). Exit 77 (ctest: skipped,
+# host's report, from asking the other hosts' ranks whether they are alive). Between the two, the same run
+# with hierarchical dispatch (--ep-dispatch hierarchical): the same output, logits within 1e-5. Exit 77 (ctest: skipped,
 # with the reason printed) where this machine cannot make network namespaces; everything it made is
 # removed by name on every exit path.
 # Usage: tests/multinode/emulated_nodes_test.sh EPIC_BINARY NODES SUBNET
@@ -56,6 +57,26 @@ PY
 expected=$(seq -f 'node%g' 1 "$num_nodes" | paste -sd ' ')
 [[ "$hosts" == "$expected" ]] || fail "the report's hosts are '$hosts', expected '$expected' (one per emulated node)"
 log "PASS: the ranks ran on $hosts"
+
+# Hierarchical dispatch across the same nodes (found from the host names): a token crosses between nodes
+# once per destination node. Its sums group a token's slots by rank and node, so the logits may differ
+# from one process in the last bits (bound 1e-5 relative L2, the fp32 expert-parallel bound); the greedy
+# tokens must not.
+rc=0
+timeout 180 mpirun -np "$num_ranks" "${mpirun_args[@]}" "$epic_binary" run --model "$model_dir" "${epic_run_args[@]}" \
+  --backend cpu --ep-dispatch hierarchical --logits-out "$work_dir/hierarchical.npy" \
+  > "$work_dir/hierarchical.out" 2> "$work_dir/hierarchical.err" || rc=$?
+if [[ $rc -ne 0 ]]; then
+  cat "$work_dir/hierarchical.err" >&2
+  fail "mpirun --ep-dispatch hierarchical over $num_nodes emulated nodes exited $rc (stderr above)"
+fi
+expect_reference_output "$work_dir" "$work_dir/hierarchical.out" "$work_dir/hierarchical.err" \
+  "$num_nodes nodes x $ranks_per_node ranks, hierarchical dispatch"
+python3 "$here/../support/npy_relative_l2.py" "$work_dir/one.npy" "$work_dir/hierarchical.npy" 1e-5 \
+  "hierarchical logits vs one process" >&2 || fail "hierarchical dispatch: logits too far from one process"
+grep -q "^nodes: $num_nodes nodes (node1: ranks 0-1, node2: ranks 2-3.*hierarchical dispatch" "$work_dir/hierarchical.err" ||
+  { cat "$work_dir/hierarchical.err" >&2; fail "the run did not report the $num_nodes nodes it found from the host names"; }
+log "PASS: hierarchical dispatch: same output as one process; $(grep '^nodes:' "$work_dir/hierarchical.err")"
 
 # A node-level failure: rank 2 (node 2's first) stops at step 3, so every other rank waits for it; then
 # everything in node 2's namespace is killed at once.
