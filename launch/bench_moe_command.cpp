@@ -184,11 +184,14 @@ int bench_moe_command(const BenchMoeArgs& args) {
              "--ep-mode low-latency and --ep-overlap are modes of the NCCL exchange (several GPU workers, "
              "--ep-transport nccl or auto); this run uses the " +
                  std::string(ep_transport_name(transport)) + " one");
-  if (args.cuda_graphs && !local) {
+  // Graphs: one GPU worker, or the NCCL low-latency mode (capturable, as in decode steps), whose phases are
+  // then timed inside the replayed graph: steady state, no host wait or launch between layers.
+  const bool graph_low_latency = args.cuda_graphs && use_nccl && args.ep_mode == "low-latency";
+  if (args.cuda_graphs && !local && !graph_low_latency) {
     throw Error(
         ErrorCode::kInvalidArgument,
-        "--cuda-graphs times one worker on a GPU: run bench-moe with --backend cuda and without mpirun, "
-        "or drop --cuda-graphs");
+        "--cuda-graphs times one worker on a GPU (--backend cuda without mpirun) or the NCCL low-latency mode "
+        "(--ep-mode low-latency); drop --cuda-graphs for this run");
   }
   std::unique_ptr<WeightSource> source =
       make_random_source(config, preset.storage, args.seed, "bench-moe weights of preset " + preset.name);
@@ -270,6 +273,16 @@ int bench_moe_command(const BenchMoeArgs& args) {
   }
   NcclRankFigures nccl_figures;
   if (use_nccl) {  // the table's columns from the NCCL executor (device time per phase)
+    if (graph_low_latency) {
+      // The phase marks are graph nodes: sample them from replays that follow another replay with no host
+      // wait between, so every layer (the first included) runs as in a stream of decode steps.
+      nccl_bench->reset_stats();
+      for (int64_t i = 0; i < args.iterations; ++i) {
+        graph->replay();
+        graph->replay();
+        nccl_bench->collect_graph_phase_times();
+      }
+    }
     nccl_figures = nccl_bench->figures();
     stats = nccl_bench->phase_stats();
   }
@@ -282,7 +295,8 @@ int bench_moe_command(const BenchMoeArgs& args) {
   }
   // The baselines after the check too: its forwards left each layer's exchange sizes the timed run's
   // (same tokens, same routing).
-  if (use_nccl && args.baseline) nccl_bench->measure_baselines(args.iterations, kLinkBytes, nccl_figures);
+  if (use_nccl && args.baseline)
+    nccl_bench->measure_baselines(args.iterations, kLinkBytes, nccl_figures, /*in_graphs=*/graph_low_latency);
   std::vector<NcclRankFigures> nccl_ranks;
   if (use_nccl) {
     const std::vector<double> columns = nccl_figures.to_columns();

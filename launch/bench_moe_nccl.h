@@ -34,13 +34,19 @@ class NcclMoeBench {
   virtual MoePhaseStats phase_stats() const = 0;
   // Fills the baseline fields of `figures` (a collective: every rank calls it, after the timed run, so
   // the executor's exchange sizes are the timed run's). iterations >= 1; link_bytes > 0.
-  virtual void measure_baselines(int64_t iterations, int64_t link_bytes, NcclRankFigures& figures) = 0;
+  // in_graphs: each timed loop of calls is captured in a CUDA graph and replayed (no host launch cost per
+  // call, as for the executor's graph-replayed low-latency mode).
+  virtual void measure_baselines(int64_t iterations, int64_t link_bytes, NcclRankFigures& figures,
+                                 bool in_graphs) = 0;
+  // After a replay of a graph captured with the executor's low-latency calls: their phase times into the
+  // stats (DeviceExpertParallelMoeExecutor::collect_graph_phase_times).
+  virtual void collect_graph_phase_times() = 0;
 };
 
 // How the executor runs (bench-moe's --ep-mode and --ep-overlap).
 struct NcclMoeBenchOptions {
   bool low_latency = false;        // every call in the low-latency mode, blocks of low_latency_tokens rows
-  int64_t low_latency_tokens = 1;  // (phases timed with a host wait per call)
+  int64_t low_latency_tokens = 1;  // (phases timed with a host wait per call, or inside a replayed graph)
   bool overlap = false;            // two-batch overlap (normal mode)
 };
 

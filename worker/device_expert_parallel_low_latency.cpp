@@ -111,10 +111,21 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   if (!in_step_) count_low_latency_call(block_tokens);  // within a step, finish_step counts
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   EPIC_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
-  const bool timed =
-      options_.time_low_latency_phases && !in_step_ && capturing == cudaStreamCaptureStatusNone;
+  const bool timed = options_.time_low_latency_phases && !in_step_;
+  const bool captured = capturing != cudaStreamCaptureStatusNone;
+  // Inside a capture the marks are the layer's own events (graph nodes, read after a replay).
+  const std::vector<cudaEvent_t>* marks = &phase_events_;
+  if (timed && captured) {
+    CapturedMarks& layer_marks = captured_marks_[layer];
+    if (layer_marks.events.empty()) {
+      layer_marks.events.assign(kNumPhaseMarks, nullptr);
+      for (cudaEvent_t& event : layer_marks.events) EPIC_CUDA_CHECK(cudaEventCreate(&event));
+    }
+    layer_marks.block_tokens = block_tokens;
+    marks = &layer_marks.events;
+  }
   const auto timed_mark = [&](PhaseMark at) {
-    if (timed) mark(at);
+    if (timed) mark(at, *marks);
   };
   timed_mark(kMarkStart);
   Workspace& buffers = low_latency_buffers_;
@@ -205,6 +216,7 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
                                   num_ranks, hidden_size, out.data, out.type, stream_);
   if (!timed) return;
   timed_mark(kMarkCombined);
+  if (captured) return;  // collect_graph_phase_times reads them after a replay
   nccl_.synchronize();  // bounded; the marks are complete after it
   // The layout is the routing's tail here (no count exchange): route = routing + layout.
   add_phase_seconds(/*counts_read=*/false);

@@ -139,6 +139,9 @@ DeviceExpertParallelMoeExecutor::~DeviceExpertParallelMoeExecutor() {
   // No throw from a destructor, nothing to do on failure; none of these waits for the device.
   for (cudaEvent_t event : phase_events_)
     if (event != nullptr) cudaEventDestroy(event);
+  for (const auto& [layer, marks] : captured_marks_)
+    for (cudaEvent_t event : marks.events)
+      if (event != nullptr) cudaEventDestroy(event);
   for (cudaEvent_t event : order_events_)
     if (event != nullptr) cudaEventDestroy(event);
   if (comm_stream_ != nullptr) cudaStreamDestroy(comm_stream_);
@@ -158,8 +161,16 @@ const DeviceExpertParallelMoeExecutor::DeviceReplicas& DeviceExpertParallelMoeEx
   return replicas_.emplace(layer, std::move(device)).first->second;
 }
 
-void DeviceExpertParallelMoeExecutor::mark(PhaseMark at) {
-  EPIC_CUDA_CHECK(cudaEventRecord(phase_events_[at], stream_));
+void DeviceExpertParallelMoeExecutor::mark(PhaseMark at, const std::vector<cudaEvent_t>& events) {
+  EPIC_CUDA_CHECK(cudaEventRecord(events[at], stream_));
+}
+
+void DeviceExpertParallelMoeExecutor::collect_graph_phase_times() {
+  nccl_.synchronize();  // bounded; every captured mark of the replay is complete after it
+  for (const auto& [layer, marks] : captured_marks_) {
+    add_phase_seconds(/*counts_read=*/false, marks.events);
+    count_low_latency_call(marks.block_tokens);
+  }
 }
 
 Tensor DeviceExpertParallelMoeExecutor::route_and_place(int64_t layer, const Tensor& router_input,
@@ -349,11 +360,11 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   record_layer(layer, {&exchange}, sent_before, received_before);
 }
 
-void DeviceExpertParallelMoeExecutor::add_phase_seconds(bool counts_read) {
+void DeviceExpertParallelMoeExecutor::add_phase_seconds(bool counts_read, const std::vector<cudaEvent_t>& events) {
   // Called after a synchronize: every mark is complete, so reading them waits for nothing.
   const auto seconds = [&](PhaseMark from, PhaseMark to) {
     float milliseconds = 0;
-    EPIC_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, phase_events_[from], phase_events_[to]));
+    EPIC_CUDA_CHECK(cudaEventElapsedTime(&milliseconds, events[from], events[to]));
     return milliseconds * 1e-3;
   };
   stats_.route_seconds += seconds(kMarkStart, kMarkRouted);

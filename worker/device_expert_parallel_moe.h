@@ -87,8 +87,9 @@ struct DeviceMoeOptions {
   EpMode mode = EpMode::kAuto;
   int64_t low_latency_max_tokens = kDefaultLowLatencyMaxTokens;  // rows per rank a low-latency step holds
   bool overlap = false;  // two-batch overlap in the normal mode (every rank must pass the same value)
-  // Low-latency calls outside a step and outside a capture (benchmarks) record their phase times, at the
-  // cost of a bounded host wait at the end of each call.
+  // Low-latency calls outside a step (benchmarks) record their phase times: eagerly, at the cost of a
+  // bounded host wait at the end of each call; inside a capture, as event nodes of the graph (one set per
+  // layer), read after a replay by collect_graph_phase_times (steady state: no host wait between layers).
   bool time_low_latency_phases = false;
 };
 
@@ -111,6 +112,11 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   // Waits (bounded, NcclCommunicator::synchronize) for the step's exchanges after a low-latency step, so a
   // stuck peer is an error here rather than an unbounded wait in the caller's read of results.
   void finish_step() override;
+
+  // After a replay of a graph that captured low-latency calls with time_low_latency_phases: waits (bounded)
+  // for the stream, then adds each captured layer's phase times, call and bytes to the stats (the marks
+  // hold the latest replay's times).
+  void collect_graph_phase_times();
 
   const DeviceMoeStats& stats() const { return stats_; }
   void reset_stats() { stats_ = {}; }  // e.g. after a benchmark's warm-up
@@ -135,9 +141,11 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
     kMarkCombined,
     kNumPhaseMarks
   };
-  void mark(PhaseMark at);
-  // The marks of the layer just synchronized into the stats (counts_read: the normal mode's count phase).
-  void add_phase_seconds(bool counts_read);
+  void mark(PhaseMark at, const std::vector<cudaEvent_t>& events);
+  void mark(PhaseMark at) { mark(at, phase_events_); }
+  // Marks already complete (after a synchronize) into the stats (counts_read: the normal mode's count phase).
+  void add_phase_seconds(bool counts_read, const std::vector<cudaEvent_t>& events);
+  void add_phase_seconds(bool counts_read) { add_phase_seconds(counts_read, phase_events_); }
   // Routing, the stable grouping and each slot's destination rank (I32 [slots], in buffers_).
   Tensor route_and_place(int64_t layer, const Tensor& router_input, Workspace& workspace,
                          RoutedTokens& routed);
@@ -193,6 +201,12 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   DeviceMoeStats stats_;
   // Phase marks of one layer (PhaseMark in the .cpp), recorded on stream_.
   std::vector<cudaEvent_t> phase_events_;
+  // Low-latency layers captured with their marks: per layer its events (graph nodes) and block bound.
+  struct CapturedMarks {
+    std::vector<cudaEvent_t> events;
+    int64_t block_tokens = 0;
+  };
+  std::map<int64_t, CapturedMarks> captured_marks_;
   std::map<int64_t, DeviceExchangeSizes> exchange_sizes_;
   DeviceMoeOptions options_;
   int64_t low_latency_capacity_ = 0;      // the blocks' allocated bound (low_latency_capacity)

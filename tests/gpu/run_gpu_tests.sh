@@ -37,7 +37,7 @@
 #             weights in memory) at EP1, EP2, EP4 (EP_DECODE_RANKS) and batches EP_DECODE_BATCHES per GPU
 #     (knobs: NCCL_GOLDEN_RANKS and EP_GOLDEN_VARIANTS pick the golden runs of nccl, NCCL_FAULTS=0 skips
 #     its fault runs; EP_BENCH_RANKS, EP_BENCH_ONE_GPU=0 / EP_BENCH_ONE_GPU_TOKENS, EP_OVERLAP_TOKENS and
-#     EP_LOW_LATENCY_TOKENS split ep-bench over calls)
+#     EP_LOW_LATENCY_TOKENS split ep-bench over calls; EP_LL_MODES: eager and/or graph low-latency timing)
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -182,14 +182,21 @@ if wants ep-bench; then
         > "$OUT/ep_bench_np${ranks}_overlap_$tokens.log" 2>&1 || status=1
       grep -E "^ +max |slowest worker|^check|error" "$OUT/ep_bench_np${ranks}_overlap_$tokens.log" | tee -a "$OUT/summary.log"
     done
+    # Each size twice: phases timed with a host wait per layer call (eager), and inside a replayed CUDA
+    # graph as decode steps run (graph: no host launch or wait between layers; NCCL's baselines and the
+    # send/recv floor then replayed from graphs too). EP_LL_MODES picks them.
     for tokens in ${EP_LOW_LATENCY_TOKENS:-1 32 128}; do
-      log "ep-bench: mpirun -np $ranks, nccl, low-latency mode, $tokens tokens per rank"
-      timeout 150 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x NCCL_DEBUG=WARN \
-        "$BUILD/epic" "${bench_common[@]}" --ep-transport nccl --ep-mode low-latency --tokens-per-worker "$tokens" \
-        --iterations 50 --json "$OUT/ep_bench_np${ranks}_ll_$tokens.json" \
-        > "$OUT/ep_bench_np${ranks}_ll_$tokens.log" 2>&1 || status=1
-      grep -E "^ +max |dispatch \+ combine|^link|slowest worker|^check|error" "$OUT/ep_bench_np${ranks}_ll_$tokens.log" |
-        tee -a "$OUT/summary.log"
+      for ll_mode in ${EP_LL_MODES:-eager graph}; do
+        ll_flags=()
+        [ "$ll_mode" = graph ] && ll_flags=(--cuda-graphs)
+        log "ep-bench: mpirun -np $ranks, nccl, low-latency mode ($ll_mode), $tokens tokens per rank"
+        timeout 150 mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE=0 -x NCCL_DEBUG=WARN \
+          "$BUILD/epic" "${bench_common[@]}" --ep-transport nccl --ep-mode low-latency --tokens-per-worker "$tokens" \
+          "${ll_flags[@]}" --iterations 50 --json "$OUT/ep_bench_np${ranks}_ll_${ll_mode}_$tokens.json" \
+          > "$OUT/ep_bench_np${ranks}_ll_${ll_mode}_$tokens.log" 2>&1 || status=1
+        grep -E "^ +max |dispatch \+ combine|^link|slowest worker|^check|error" \
+          "$OUT/ep_bench_np${ranks}_ll_${ll_mode}_$tokens.log" | tee -a "$OUT/summary.log"
+      done
     done
     # Weak scaling: the same tokens per rank on one GPU and on N; a whole MoE layer, slowest rank's wall time.
     python3 - "$OUT" "$ranks" "${ep_tokens[@]}" <<'PY' | tee -a "$OUT/summary.log"
