@@ -162,7 +162,11 @@ const DeviceExpertParallelMoeExecutor::DeviceReplicas& DeviceExpertParallelMoeEx
 }
 
 void DeviceExpertParallelMoeExecutor::mark(PhaseMark at, const std::vector<cudaEvent_t>& events) {
-  EPIC_CUDA_CHECK(cudaEventRecord(events[at], stream_));
+  // Under capture a plain record only orders the capture; External makes it a record node of the graph.
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  EPIC_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
+  EPIC_CUDA_CHECK(cudaEventRecordWithFlags(
+      events[at], stream_, capturing == cudaStreamCaptureStatusNone ? cudaEventRecordDefault : cudaEventRecordExternal));
 }
 
 void DeviceExpertParallelMoeExecutor::collect_graph_phase_times() {
