@@ -12,6 +12,7 @@ packages=(build-essential cmake ninja-build pkg-config git
   nlohmann-json3-dev libcli11-dev libbenchmark-dev libicu-dev python3
   slurm-wlm munge
   iproute2  # ip netns / veth / bridge / tc: the emulated nodes of tests/multinode
+  gnuplot-nox python3-yaml  # launch/study: the scaling-study plots, and YAML study files
   clang libclang-rt-14-dev)  # clang + libFuzzer and the sanitizer runtimes for the fuzz stage
 # node/npm may come from elsewhere (e.g. nodesource, whose nodejs conflicts with Debian's npm).
 command -v npm >/dev/null || packages+=(nodejs npm)
