@@ -85,6 +85,11 @@ std::unique_ptr<Backend> backend_for(Mode mode, std::string* skip_reason) {
 class GoldenCase : public ::testing::TestWithParam<std::tuple<std::string, Mode>> {
  protected:
   fs::path dir() const { return fs::path(EPIC_GOLDEN_DIR) / std::get<0>(GetParam()); }
+  // The checkpoint: in the fixture, or where golden.json's model_dir (relative to it) points (the trained
+  // model lives in configs/models/, shared with the quick start).
+  fs::path model_dir(const json& golden) const {
+    return golden.contains("model_dir") ? dir() / golden["model_dir"].get<std::string>() : dir();
+  }
   Mode mode() const { return std::get<1>(GetParam()); }
 };
 
@@ -100,8 +105,8 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
         << "the bf16 mode needs transformers' own bf16 error: run tests/golden/measure_bf16_reference.py";
     bf16_reference = read_json(dir() / "bf16_reference.json");
   }
-  const ModelConfig config = ModelConfig::load(dir());
-  const std::unique_ptr<WeightSource> source = open_checkpoint_source(dir());
+  const ModelConfig config = ModelConfig::load(model_dir(golden));
+  const std::unique_ptr<WeightSource> source = open_checkpoint_source(model_dir(golden));
   LoadOptions options;
   options.allow_missing_experts = golden["needs_allow_missing_experts"].get<bool>();
   if (bf16) options.weight_type = ScalarType::kBF16;
@@ -214,8 +219,8 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(GoldenFixtures, AllCasesArePresent) {
   // The cases the issue asks for; a lost fixture must not silently shrink the suite.
   const std::vector<std::string> expected = {
-      "missing_experts",           "pruned_router",         "qwen3_moe_bf16", "qwen3_moe_f32",
-      "qwen3_moe_hub_config_bf16", "qwen3_omni_thinker_f16"};
+      "missing_experts",           "pruned_router",          "qwen3_moe_bf16",    "qwen3_moe_f32",
+      "qwen3_moe_hub_config_bf16", "qwen3_omni_thinker_f16", "trained_python_moe"};
   EXPECT_EQ(golden_cases(), expected);
 }
 
