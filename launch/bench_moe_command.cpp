@@ -188,10 +188,10 @@ int bench_moe_command(const BenchMoeArgs& args) {
   // then timed inside the replayed graph: steady state, no host wait or launch between layers.
   const bool graph_low_latency = args.cuda_graphs && use_nccl && args.ep_mode == "low-latency";
   if (args.cuda_graphs && !local && !graph_low_latency) {
-    throw Error(
-        ErrorCode::kInvalidArgument,
-        "--cuda-graphs times one worker on a GPU (--backend cuda without mpirun) or the NCCL low-latency mode "
-        "(--ep-mode low-latency); drop --cuda-graphs for this run");
+    throw Error(ErrorCode::kInvalidArgument,
+                "--cuda-graphs times one worker on a GPU (--backend cuda without mpirun) or the NCCL "
+                "low-latency mode "
+                "(--ep-mode low-latency); drop --cuda-graphs for this run");
   }
   std::unique_ptr<WeightSource> source =
       make_random_source(config, preset.storage, args.seed, "bench-moe weights of preset " + preset.name);

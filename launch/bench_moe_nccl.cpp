@@ -157,7 +157,8 @@ class NcclMoeBenchImpl final : public NcclMoeBench {
       std::unique_ptr<Graph> graph = backend_.capture([&] {
         for (int64_t i = 0; i < iterations; ++i) nccl_->all_to_all_v(layout);
       });
-      EPIC_CHECK(graph != nullptr, ErrorCode::kInternal, "bench-moe baselines: the backend cannot capture graphs");
+      EPIC_CHECK(graph != nullptr, ErrorCode::kInternal,
+                 "bench-moe baselines: the backend cannot capture graphs");
       graph->replay();  // uploads the graph: untimed
       timer.start();
       graph->replay();

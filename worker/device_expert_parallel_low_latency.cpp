@@ -217,7 +217,7 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   if (!timed) return;
   timed_mark(kMarkCombined);
   if (captured) return;  // collect_graph_phase_times reads them after a replay
-  nccl_.synchronize();  // bounded; the marks are complete after it
+  nccl_.synchronize();   // bounded; the marks are complete after it
   // The layout is the routing's tail here (no count exchange): route = routing + layout.
   add_phase_seconds(/*counts_read=*/false);
 }

@@ -166,7 +166,8 @@ void DeviceExpertParallelMoeExecutor::mark(PhaseMark at, const std::vector<cudaE
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   EPIC_CUDA_CHECK(cudaStreamIsCapturing(stream_, &capturing));
   EPIC_CUDA_CHECK(cudaEventRecordWithFlags(
-      events[at], stream_, capturing == cudaStreamCaptureStatusNone ? cudaEventRecordDefault : cudaEventRecordExternal));
+      events[at], stream_,
+      capturing == cudaStreamCaptureStatusNone ? cudaEventRecordDefault : cudaEventRecordExternal));
 }
 
 void DeviceExpertParallelMoeExecutor::collect_graph_phase_times() {
@@ -364,7 +365,8 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   record_layer(layer, {&exchange}, sent_before, received_before);
 }
 
-void DeviceExpertParallelMoeExecutor::add_phase_seconds(bool counts_read, const std::vector<cudaEvent_t>& events) {
+void DeviceExpertParallelMoeExecutor::add_phase_seconds(bool counts_read,
+                                                        const std::vector<cudaEvent_t>& events) {
   // Called after a synchronize: every mark is complete, so reading them waits for nothing.
   const auto seconds = [&](PhaseMark from, PhaseMark to) {
     float milliseconds = 0;

@@ -264,15 +264,13 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
     backend_.gather_rows(received, source, rows);
     const Tensor experts = scratch_.get(kExpertIds, ScalarType::kI32, {num_rows});
     backend_.copy_from_host(experts, 0, expert_of_row.data(), experts.bytes());
-    const GroupedRows grouped = group_rows(backend_, experts, moe.num_experts, 1, workspace);
-    const Tensor sorted = scratch_.get(kExpertSorted, act, {num_rows, hidden_size});
-    backend_.gather_rows(rows, grouped.source_row, sorted);
-    const Tensor computed = workspace.get(kSlotExpertOut, act, {num_rows, hidden_size});
-    run_experts(backend_, config_, moe, sorted, grouped.expert_offsets, computed, workspace);
-    // Back to row order in a [records * top_k] table (combine_top_k's shape), whose row num_rows, when
-    // there is one (some slot is not on this rank), is zero: every absent slot points there.
+    // The outputs in row order in a [records * top_k] table (combine_top_k's shape), whose row num_rows,
+    // when there is one (some slot is not on this rank), is zero: every absent slot points there.
     const Tensor with_zero = scratch_.get(kExpertOut, act, {num_records * top_k, hidden_size});
-    backend_.gather_rows(computed, grouped.sorted_position, with_zero.rows_view(0, num_rows));
+    run_experts_in_row_order(backend_, config_, moe, rows, experts,
+                             scratch_.get(kExpertSorted, act, {num_rows, hidden_size}),
+                             workspace.get(kSlotExpertOut, act, {num_rows, hidden_size}),
+                             with_zero.rows_view(0, num_rows), workspace);
     if (num_rows < num_records * top_k)
       backend_.copy_from_host(with_zero, static_cast<size_t>(num_rows * row_bytes), zero_row.data(),
                               zero_row.size());

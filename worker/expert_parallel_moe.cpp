@@ -157,13 +157,11 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   backend_.copy_from_host(received_experts, 0, recv_experts.data(), received_experts.bytes());
   const Tensor received_rows = workspace.get(kSlotReceivedRows, act, {num_received, hidden_size});
   backend_.copy_from_host(received_rows, 0, recv_rows.data(), received_rows.bytes());
-  const GroupedRows grouped = group_rows(backend_, received_experts, moe.num_experts, 1, workspace);
-  const Tensor sorted_rows = workspace.get(kSlotSortedRows, act, {num_received, hidden_size});
-  backend_.gather_rows(received_rows, grouped.source_row, sorted_rows);
-  const Tensor expert_out = workspace.get(kSlotExpertOut, act, {num_received, hidden_size});
-  run_experts(backend_, config_, moe, sorted_rows, grouped.expert_offsets, expert_out, workspace);
-  // Back to the order the rows came in.
-  backend_.gather_rows(expert_out, grouped.sorted_position, received_rows);
+  // Each row's expert output, in the order the rows came in (back into received_rows).
+  run_experts_in_row_order(backend_, config_, moe, received_rows, received_experts,
+                           workspace.get(kSlotSortedRows, act, {num_received, hidden_size}),
+                           workspace.get(kSlotExpertOut, act, {num_received, hidden_size}), received_rows,
+                           workspace);
   std::vector<char> computed(received_rows.bytes());
   backend_.copy_to_host(received_rows, 0, computed.data(), computed.size());
   count_expert_rows(layer, recv_experts);

@@ -37,6 +37,15 @@ void run_experts(Backend& backend, const ModelConfig& config, const MoeLayerWeig
   backend.expert_ffn(x, expert_offsets, layer.gate_up, layer.down, layer.local_index, intermediate, y);
 }
 
+void run_experts_in_row_order(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
+                              const Tensor& rows, const Tensor& experts, const Tensor& sorted,
+                              const Tensor& computed, const Tensor& y, Workspace& workspace) {
+  const GroupedRows grouped = group_rows(backend, experts, layer.num_experts, 1, workspace);
+  backend.gather_rows(rows, grouped.source_row, sorted);
+  run_experts(backend, config, layer, sorted, grouped.expert_offsets, computed, workspace);
+  backend.gather_rows(computed, grouped.sorted_position, y);
+}
+
 void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                                const Tensor& out, Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;

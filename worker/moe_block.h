@@ -39,4 +39,11 @@ GroupedRows group_rows(Backend& backend, const Tensor& expert_ids, int64_t num_e
 void run_experts(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer, const Tensor& x,
                  const Tensor& expert_offsets, const Tensor& y, Workspace& workspace);
 
+// y[i] = the FFN of expert experts[i] (I32 [rows], hosted) over rows[i], each row alone: grouped by expert
+// for one run_experts call, then back to row order. sorted and computed are scratch of rows' shape; y may
+// be rows itself. Uses the workspace's grouping and intermediate slots (group_rows, run_experts).
+void run_experts_in_row_order(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
+                              const Tensor& rows, const Tensor& experts, const Tensor& sorted,
+                              const Tensor& computed, const Tensor& y, Workspace& workspace);
+
 }  // namespace epic

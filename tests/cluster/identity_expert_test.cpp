@@ -164,6 +164,34 @@ class IdentityExpert : public ::testing::Test {
   void TearDown() override { comm().barrier(); }
   static MpiCommunicator& comm() { return testing::MpiGtestEnvironment::comm(); }
 
+  // This rank's part of the spelled-out cluster: its experts behind the identity router, its tokens'
+  // router rows (each token's two experts at kChosenLogit), random rows x and a NaN-filled output.
+  struct SpelledOutInputs {
+    ModelWeights weights;
+    std::vector<float> x;
+    OwnedTensor hidden, router_rows, out;
+    int64_t num_tokens = 0;
+  };
+  SpelledOutInputs spelled_out_inputs(const Topology& topology) {
+    SpelledOutInputs in;
+    const std::vector<std::pair<int32_t, int32_t>>& my_tokens = topology.tokens[rank_];
+    in.num_tokens = static_cast<int64_t>(my_tokens.size());
+    std::vector<float> identity_router(kNumExperts * kHidden, 0.0f);
+    for (int64_t e = 0; e < kNumExperts; ++e) identity_router[e * kHidden + e] = 1.0f;
+    in.weights = make_weights(*cpu_, topology.worker_experts[rank_], identity_router, own_generator_);
+    std::vector<float> router_input(in.num_tokens * kHidden, 0.0f);
+    for (int64_t t = 0; t < in.num_tokens; ++t) {
+      router_input[t * kHidden + my_tokens[t].first] = kChosenLogit;
+      router_input[t * kHidden + my_tokens[t].second] = kChosenLogit;
+    }
+    in.x = random_values(own_generator_, in.num_tokens * kHidden);
+    in.hidden = upload(*cpu_, ScalarType::kF32, {in.num_tokens, kHidden}, in.x);
+    in.router_rows = upload(*cpu_, ScalarType::kF32, {in.num_tokens, kHidden}, router_input);
+    const std::vector<float> nan_fill(in.num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
+    in.out = upload(*cpu_, ScalarType::kF32, {in.num_tokens, kHidden}, nan_fill);
+    return in;
+  }
+
   int rank_ = 0, num_workers_ = 1;
   std::mt19937_64 shared_generator_;  // the same draws on every rank
   std::mt19937_64 own_generator_;     // this rank's draws
@@ -177,28 +205,15 @@ TEST_F(IdentityExpert, SpelledOutTopologyGivesEveryRowBackExactly) {
       << "no topology spelled out for " << num_workers_ << " ranks: run with -np 2, 3 or 4";
   const ExpertRoutingTable table = routing_table(topology);
   const std::vector<std::pair<int32_t, int32_t>>& my_tokens = topology.tokens[rank_];
-  const int64_t num_tokens = static_cast<int64_t>(my_tokens.size());
-
-  std::vector<float> identity_router(kNumExperts * kHidden, 0.0f);
-  for (int64_t e = 0; e < kNumExperts; ++e) identity_router[e * kHidden + e] = 1.0f;
-  const ModelWeights weights =
-      make_weights(*cpu_, topology.worker_experts[rank_], identity_router, own_generator_);
-  std::vector<float> router_input(num_tokens * kHidden, 0.0f);
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    router_input[t * kHidden + my_tokens[t].first] = kChosenLogit;
-    router_input[t * kHidden + my_tokens[t].second] = kChosenLogit;
-  }
-  const std::vector<float> x = random_values(own_generator_, num_tokens * kHidden);
-  const OwnedTensor hidden = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, x);
-  const OwnedTensor router_rows = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, router_input);
-  std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
-  const OwnedTensor out = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
+  const SpelledOutInputs in = spelled_out_inputs(topology);
+  const int64_t num_tokens = in.num_tokens;
+  const std::vector<float>& x = in.x;
 
   IdentityExpertBackend identity(*cpu_);
   const ModelConfig config = moe_config();
-  ExpertParallelMoeExecutor executor(config, weights, identity, comm(), table);
+  ExpertParallelMoeExecutor executor(config, in.weights, identity, comm(), table);
   Workspace workspace(identity);
-  executor.forward(kLayer, hidden, router_rows, out, workspace);
+  executor.forward(kLayer, in.hidden, in.router_rows, in.out, workspace);
 
   // The routing is the spelled-out one, with weights exactly 0.5.
   ASSERT_EQ(identity.routed_expert_ids().size(), static_cast<size_t>(num_tokens * kTopK));
@@ -211,7 +226,7 @@ TEST_F(IdentityExpert, SpelledOutTopologyGivesEveryRowBackExactly) {
   }
   // 0.5 * x + 0.5 * x == x exactly: every element of every token, bit for bit.
   std::string first;
-  EXPECT_EQ(count_bitwise_mismatches(read_as_f32(*cpu_, out), x, kHidden, &first), 0) << first;
+  EXPECT_EQ(count_bitwise_mismatches(read_as_f32(*cpu_, in.out), x, kHidden, &first), 0) << first;
 
   // Each case of the topology really happened, seen from the executor's counters.
   const MoePhaseStats& stats = executor.stats();
@@ -358,31 +373,17 @@ TEST_P(HierarchicalDispatch, SpelledOutTopologyGivesEveryRowBackExactly) {
   ASSERT_EQ(static_cast<int>(spelled_out.worker_experts.size()), num_workers_)
       << "no topology spelled out for " << num_workers_ << " ranks: run with -np 2, 3 or 4";
   const ExpertRoutingTable table = table_with_nodes(spelled_out);
-  const std::vector<std::pair<int32_t, int32_t>>& my_tokens = spelled_out.tokens[rank_];
-  const int64_t num_tokens = static_cast<int64_t>(my_tokens.size());
-  std::vector<float> identity_router(kNumExperts * kHidden, 0.0f);
-  for (int64_t e = 0; e < kNumExperts; ++e) identity_router[e * kHidden + e] = 1.0f;
-  const ModelWeights weights =
-      make_weights(*cpu_, spelled_out.worker_experts[rank_], identity_router, own_generator_);
-  std::vector<float> router_input(num_tokens * kHidden, 0.0f);
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    router_input[t * kHidden + my_tokens[t].first] = kChosenLogit;
-    router_input[t * kHidden + my_tokens[t].second] = kChosenLogit;
-  }
-  const std::vector<float> x = random_values(own_generator_, num_tokens * kHidden);
-  const OwnedTensor hidden = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, x);
-  const OwnedTensor router_rows = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, router_input);
-  std::vector<float> nan_fill(num_tokens * kHidden, std::numeric_limits<float>::quiet_NaN());
-  const OwnedTensor out = upload(*cpu_, ScalarType::kF32, {num_tokens, kHidden}, nan_fill);
+  const SpelledOutInputs in = spelled_out_inputs(spelled_out);
+  const int64_t num_tokens = in.num_tokens;
 
   IdentityExpertBackend identity(*cpu_);
   const ModelConfig config = moe_config();
-  ExpertParallelMoeExecutor executor(config, weights, identity, comm(), table,
+  ExpertParallelMoeExecutor executor(config, in.weights, identity, comm(), table,
                                      HostExchangeOptions{EpDispatch::kHierarchical, topology()});
   Workspace workspace(identity);
-  executor.forward(kLayer, hidden, router_rows, out, workspace);
+  executor.forward(kLayer, in.hidden, in.router_rows, in.out, workspace);
   std::string first;
-  EXPECT_EQ(count_bitwise_mismatches(read_as_f32(*cpu_, out), x, kHidden, &first), 0) << first;
+  EXPECT_EQ(count_bitwise_mismatches(read_as_f32(*cpu_, in.out), in.x, kHidden, &first), 0) << first;
 
   // Every (token, slot) row computed exactly once over the cluster, replicas included.
   int64_t total_rows = 0;

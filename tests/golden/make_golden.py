@@ -212,6 +212,35 @@ def routing_margins(model, ids, masked, top_k):
     return margins
 
 
+def golden_prompt(model, bf16_model, ids, masked, top_k, device, directory, index, new_tokens):
+    """One prompt of a golden case: the float64 reference logits (saved as logits_INDEX.npy), the greedy
+    continuation by full recompute (epic's KV cache must agree), and transformers' own bf16 error with
+    the routing margins. Returns (the golden.json prompt entry, the bf16_reference.json entry)."""
+    logits = reference(model, ids)
+    np.save(os.path.join(directory, f"logits_{index}.npy"), logits.to(torch.float32).numpy())
+    with torch.no_grad():
+        bf16_logits = bf16_model(torch.tensor([ids], device=device)).logits[0].double().cpu()
+    margins = routing_margins(model, ids, masked, top_k)
+    bf16_error = {"relative_l2": float((bf16_logits - logits).norm() / logits.norm()),
+                  "position_squared_error": ((bf16_logits - logits) ** 2).sum(dim=-1).tolist(),
+                  "routing_margin": [m if np.isfinite(m) else None for m in margins.tolist()]}
+    generated = list(ids)
+    for _ in range(new_tokens):
+        generated.append(int(reference(model, generated)[-1].argmax()))
+    return {"ids": ids, "logits": f"logits_{index}.npy", "greedy": generated[len(ids):]}, bf16_error
+
+
+def write_bf16_reference(path, bf16_errors, bf16_model, device):
+    with open(path, "w") as f:
+        json.dump({"what": "relative L2 of transformers' own bf16 logits against the float64 reference, per prompt; "
+                           "per position: its squared L2 error and the reference's smallest relative top-k "
+                           "router margin over the layers (null: every present expert chosen)",
+                   "transformers": transformers.__version__, "torch": torch.__version__,
+                   "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   "experts_implementation": bf16_model.config._experts_implementation,
+                   "attention": "sdpa", "prompts": bf16_errors}, f, indent=2)
+
+
 def make_case(out_root, case, seed):
     name, overrides, storage, layout, sharded, missing, pruned = case
     directory = os.path.join(out_root, name)
@@ -268,18 +297,10 @@ def make_case(out_root, case, seed):
     prompts = []
     for i, length in enumerate(PROMPT_LENGTHS):
         ids = torch.randint(0, params["vocab_size"], (length,), generator=generator).tolist()
-        logits = reference(model, ids)
-        np.save(os.path.join(directory, f"logits_{i}.npy"), logits.to(torch.float32).numpy())
-        with torch.no_grad():
-            bf16_logits = bf16_model(torch.tensor([ids], device=device)).logits[0].double().cpu()
-        margins = routing_margins(model, ids, masked, params["num_experts_per_tok"])
-        bf16_errors.append({"relative_l2": float((bf16_logits - logits).norm() / logits.norm()),
-                            "position_squared_error": ((bf16_logits - logits) ** 2).sum(dim=-1).tolist(),
-                            "routing_margin": [m if np.isfinite(m) else None for m in margins.tolist()]})
-        generated = list(ids)
-        for _ in range(NUM_NEW_TOKENS):  # greedy, full recompute (no cache): epic's KV cache must agree
-            generated.append(int(reference(model, generated)[-1].argmax()))
-        prompts.append({"ids": ids, "logits": f"logits_{i}.npy", "greedy": generated[length:]})
+        prompt, bf16_error = golden_prompt(model, bf16_model, ids, masked, params["num_experts_per_tok"], device,
+                                           directory, i, NUM_NEW_TOKENS)
+        prompts.append(prompt)
+        bf16_errors.append(bf16_error)
     with open(os.path.join(directory, "golden.json"), "w") as f:
         json.dump({"case": name, "storage": storage, "layout": layout,
                    "missing_experts": {str(k): v for k, v in missing.items()},
@@ -292,14 +313,7 @@ def make_case(out_root, case, seed):
                                  + (", tensors renamed to thinker.*" if layout == "omni" else "")
                                  + (", experts/router rows removed afterwards" if missing or pruned else ""),
                    "seed": seed, "prompts": prompts}, f, indent=2)
-    with open(os.path.join(directory, "bf16_reference.json"), "w") as f:
-        json.dump({"what": "relative L2 of transformers' own bf16 logits against the float64 reference, per prompt; "
-                           "per position: its squared L2 error and the reference's smallest relative top-k "
-                           "router margin over the layers (null: every present expert chosen)",
-                   "transformers": transformers.__version__, "torch": torch.__version__,
-                   "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                   "experts_implementation": bf16_model.config._experts_implementation,
-                   "attention": "sdpa", "prompts": bf16_errors}, f, indent=2)
+    write_bf16_reference(os.path.join(directory, "bf16_reference.json"), bf16_errors, bf16_model, device)
     print(f"{name}: {num_tensors} tensors, storage {storage}, layout {layout}, "
           f"transformers bf16 rel L2 {[round(e['relative_l2'], 6) for e in bf16_errors]}")
 

@@ -29,14 +29,14 @@ import sys
 import sysconfig
 import time
 
-import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_golden import edit_saved_checkpoint, mask_router, reference, routing_margins  # noqa: E402
+from make_golden import (edit_saved_checkpoint, golden_prompt, mask_router,  # noqa: E402
+                         write_bf16_reference)
 
 TRAINED = dict(
     vocab_size=151936, hidden_size=96, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
@@ -139,18 +139,10 @@ def write_golden(model_dir, golden_dir, test_ids, seed, device):
     for i, length in enumerate(GOLDEN_PROMPT_LENGTHS):
         begin = 1000 * (i + 1)
         ids = test_ids[begin:begin + length].tolist()
-        logits = reference(ref, ids)
-        np.save(os.path.join(golden_dir, f"logits_{i}.npy"), logits.to(torch.float32).numpy())
-        with torch.no_grad():
-            bf16_logits = bf16_model(torch.tensor([ids], device=device)).logits[0].double().cpu()
-        margins = routing_margins(ref, ids, masked, TRAINED["num_experts_per_tok"])
-        bf16_errors.append({"relative_l2": float((bf16_logits - logits).norm() / logits.norm()),
-                            "position_squared_error": ((bf16_logits - logits) ** 2).sum(dim=-1).tolist(),
-                            "routing_margin": [m if np.isfinite(m) else None for m in margins.tolist()]})
-        generated = list(ids)
-        for _ in range(GOLDEN_NEW_TOKENS):
-            generated.append(int(reference(ref, generated)[-1].argmax()))
-        prompts.append({"ids": ids, "logits": f"logits_{i}.npy", "greedy": generated[length:]})
+        prompt, bf16_error = golden_prompt(ref, bf16_model, ids, masked, TRAINED["num_experts_per_tok"], device,
+                                           golden_dir, i, GOLDEN_NEW_TOKENS)
+        prompts.append(prompt)
+        bf16_errors.append(bf16_error)
     with open(os.path.join(golden_dir, "golden.json"), "w") as f:
         json.dump({"case": "trained_python_moe", "storage": "bf16", "layout": "qwen3_moe",
                    "model_dir": "../../../../configs/models/qwen3-moe-python-small",
@@ -162,14 +154,7 @@ def write_golden(model_dir, golden_dir, test_ids, seed, device):
                    "written_by": f"transformers {transformers.__version__} save_pretrained (bf16), experts/router "
                                  "rows removed afterwards; trained by tests/golden/train_small_moe.py",
                    "seed": seed, "prompts": prompts}, f, indent=2)
-    with open(os.path.join(golden_dir, "bf16_reference.json"), "w") as f:
-        json.dump({"what": "relative L2 of transformers' own bf16 logits against the float64 reference, per prompt; "
-                           "per position: its squared L2 error and the reference's smallest relative top-k "
-                           "router margin over the layers (null: every present expert chosen)",
-                   "transformers": transformers.__version__, "torch": torch.__version__,
-                   "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                   "experts_implementation": bf16_model.config._experts_implementation,
-                   "attention": "sdpa", "prompts": bf16_errors}, f, indent=2)
+    write_bf16_reference(os.path.join(golden_dir, "bf16_reference.json"), bf16_errors, bf16_model, device)
     return bf16_model
 
 
