@@ -3,7 +3,8 @@
 // 1e-4 over all prompt positions with identical greedy tokens; cuda bf16 no further from the
 // reference than transformers' own bf16 run of the same fixture (bf16_reference.json, measured by
 // make_golden.py when the fixtures were made), over the positions that no routing near tie of the
-// reference reaches (see kNearTieMargin). cuda modes skip visibly without a GPU.
+// reference reaches (see kNearTieMargin; over all positions where every position has a near tie, as in
+// the trained model's case). cuda modes skip visibly without a GPU.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -193,12 +194,20 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
         std::get<0>(GetParam()).c_str(), relative(all.ours, all.reference),
         relative(all.transformers, all.reference), static_cast<long long>(stable.positions),
         relative(stable.ours, stable.reference), relative(stable.transformers, stable.reference));
-    ASSERT_GT(stable.positions, 0)
-        << "every prompt starts at a routing near tie: the fixture cannot measure bf16";
-    EXPECT_LE(relative(stable.ours, stable.reference), relative(stable.transformers, stable.reference))
-        << "epic's bf16 logits are further from the fp64 reference than transformers' own bf16 run of the "
-           "same "
-           "fixture, over the positions before routing near ties";
+    if (stable.positions == 0) {
+      // A trained model routes top-8 of 32 experts with small margins at every position (the trained case's
+      // smallest are 1e-4 to 2e-2 of the largest logit), so no position is free of near ties: both runs
+      // meet the same ties, and the bar is over all positions.
+      std::printf("%s: every position is at a routing near tie; the bf16 bar is over all positions\n",
+                  std::get<0>(GetParam()).c_str());
+      EXPECT_LE(relative(all.ours, all.reference), relative(all.transformers, all.reference))
+          << "epic's bf16 logits are further from the fp64 reference than transformers' own bf16 run of the "
+             "same fixture, over all positions";
+    } else {
+      EXPECT_LE(relative(stable.ours, stable.reference), relative(stable.transformers, stable.reference))
+          << "epic's bf16 logits are further from the fp64 reference than transformers' own bf16 run of the "
+             "same fixture, over the positions before routing near ties";
+    }
   }
 }
 
