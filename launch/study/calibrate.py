@@ -227,29 +227,23 @@ def _fit_gpu(cal, path, shape, points, report):
     report["fits"]["ep_row_overhead_ns"] = {"value": device.ep_row_overhead_ns, "from": fits["ep_compute"],
                                             "how": "least squares: layer - model without it = received rows x ns"}
 
-    # Two-batch overlap, from one point's exposed exchange and compute with and without it.
-    on, off = get(fits["overlap"]["with"])["measured"], get(fits["overlap"]["without"])["measured"]
-    device.overlap_hidden_fraction = 1 - (on["dispatch_ms"] + on["combine_ms"]) / (off["dispatch_ms"] + off["combine_ms"])
-    device.overlap_compute_slowdown = on["compute_ms"] / on["compute_ms_without_overlap"] - 1
-    report["fits"]["overlap"] = {"value": {"hidden_fraction": device.overlap_hidden_fraction,
-                                           "compute_slowdown": device.overlap_compute_slowdown},
+    # Two-batch overlap: the timeline of simulate._two_batch_overlap; its one free constant, how much slower a
+    # half's expert phase runs beside the other half's NCCL kernels, from one point's measured expert phase
+    # with and without overlap, less what the model's half-size expert phases already give.
+    on_point = get(fits["overlap"]["with"])
+    get(fits["overlap"]["without"])
+    on = on_point["measured"]
+    c = on_point["config"]
+    cluster = simulate.Cluster(c["ranks"], c["ranks_per_node"])
+    device.overlap_compute_slowdown = 0.0
+    plain = simulate.moe_layer(shape, device, cluster, c["tokens_per_rank"], overlap=True)
+    halves_over_whole = 2 * plain["overlap_half_compute_ms"] / plain["compute_ms"]
+    device.overlap_compute_slowdown = on["compute_ms"] / on["compute_ms_without_overlap"] / halves_over_whole - 1
+    report["fits"]["overlap"] = {"value": {"compute_slowdown": device.overlap_compute_slowdown,
+                                           "model_halves_over_whole": halves_over_whole},
                                  "from": [fits["overlap"]["with"], fits["overlap"]["without"]],
-                                 "how": "1 - exposed (d + c) / (d + c) without overlap; compute with / without - 1"}
-
-    # Low-latency mode (eager, fixed blocks): latency = (d + c - bandwidth terms) / 2, per rank count.
-    record_c = H * device.combine_element_bytes
-    per_n = {}
-    for pid in fits["low_latency"]:
-        p = get(pid)
-        c = p["config"]
-        blocks = simulate.next_pow2(c["tokens_per_rank"]) * (c["ranks"] - 1)
-        gbs = device.intra_bandwidth(c["ranks"])
-        bw_ms = blocks * (record_d + record_c) / (gbs * 1e9) * 1e3
-        per_n.setdefault(c["ranks"] - 1, []).append(
-            ((p["measured"]["dispatch_ms"] + p["measured"]["combine_ms"] - bw_ms) / 2) * 1e3)
-    device.latency["low-latency"] = two_point_latency({n: sum(v) / len(v) for n, v in per_n.items()})
-    report["fits"]["latency_low_latency"] = {"value": vars(device.latency["low-latency"]), "from": fits["low_latency"],
-                                             "how": "(dispatch + combine - block bytes / link) / 2 per rank count"}
+                                 "how": "measured expert phase with / without overlap / (model: 2 half-size expert "
+                                        "phases / the whole one) - 1"}
 
     # Decode: the step outside the MoE layers on one device, then the graph exchange's latency.
     decode = cal["decode"]
@@ -278,6 +272,16 @@ def _fit_gpu(cal, path, shape, points, report):
     device.latency["graph"] = two_point_latency(per_n)
     report["fits"]["latency_graph"] = {"value": vars(device.latency["graph"]), "from": fits["graph_latency"],
                                        "how": "(step - dense) / layers - compute - block bytes / link = 2 latencies"}
+    # Low-latency mode, eager (bench-moe --ep-mode low-latency without graphs): the same kernels the decode
+    # graphs replay (the graph latency) plus the host's launch of each call and its wait (the eager 8-byte
+    # send/recv floor, the normal latency). Nothing is fitted to the low-latency points.
+    normal, graph = device.latency["normal"], device.latency["graph"]
+    device.latency["low-latency"] = simulate.Latency(normal.base_us + graph.base_us,
+                                                     normal.per_peer_us + graph.per_peer_us)
+    report["fits"]["latency_low_latency"] = {"value": vars(device.latency["low-latency"]),
+                                             "from": fits["graph_latency"],
+                                             "how": "eager = the 8-byte floor (host launch and wait, latency_normal) "
+                                                    "+ the graph-replayed exchange's latency (latency_graph)"}
     device.memory_bytes = cal.get("memory_gib", 0) * 2**30
     return device
 
@@ -306,7 +310,8 @@ def _fit_cpu(cal, cal_path, shape, report):
     device = simulate.Device(name=cal["name"], reference_shape=shape, layer_curve=curve, latency={},
                              intra_gbs=math.inf, dispatch_element_bytes=4, combine_element_bytes=4,
                              granularity="slot", cores=cal["cores"], threads_per_rank=threads.pop(),
-                             hierarchical_pipelined=cal.get("hierarchical_pipelined", True))
+                             hierarchical_pipelined=cal.get("hierarchical_pipelined", True),
+                             host_exchange=cal.get("host_exchange", False))
     report["fits"]["layer_curve"] = {"value": dict(zip(curve.xs, curve.ys)),
                                      "from": [os.path.relpath(curve_path, simulate.REPO_ROOT)],
                                      "how": "fastest of the repeats of each 1-rank point"}
@@ -315,7 +320,8 @@ def _fit_cpu(cal, cal_path, shape, report):
     probe_curve, probe_data = _results_curve(probe_path, "exchange probe")
     probe_device = simulate.Device(name="probe", reference_shape=probe_shape, layer_curve=probe_curve, latency={},
                                    intra_gbs=math.inf, dispatch_element_bytes=4, combine_element_bytes=4,
-                                   granularity="slot", cores=device.cores, threads_per_rank=device.threads_per_rank)
+                                   granularity="slot", cores=device.cores, threads_per_rank=device.threads_per_rank,
+                                   host_exchange=device.host_exchange)
     # The exchange is linear in (latency, 1 / bandwidth): its design columns are the model's own exchange
     # time with one unit of each (so the fit and the model cannot disagree). One latency for every rank
     # count: with 2 and 4 ranks only, a per-peer term is not determined (the probe's small exchanges take
@@ -377,7 +383,7 @@ def load_device(path):
         raise CalibrationError(f"{path}: kind must be gpu or cpu, got {cal.get('kind')}")
     fitted_totals = set(cal.get("fit", {}).get("ep_compute", [])) | set(cal.get("fit", {}).get("graph_latency", []))
     phase_ids = set()
-    for key in ("record_overhead", "link_efficiency", "pack", "count_host_read", "low_latency"):
+    for key in ("record_overhead", "link_efficiency", "pack", "count_host_read"):
         phase_ids |= set(cal.get("fit", {}).get(key, []))
     if "overlap" in cal.get("fit", {}):
         phase_ids.add(cal["fit"]["overlap"]["with"])
@@ -419,6 +425,8 @@ def predict(point, device, report):
         ranks_per_node = min(c.get("ranks_per_node", c["ranks"]), c["ranks"])
         per_rank = c["inter_node_link_gbs"] / (ranks_per_node if c.get("inter_node_link_per") == "node" else 1)
         cluster = simulate.Cluster(c["ranks"], ranks_per_node, inter_gbs=per_rank, one_host=c.get("one_host", False))
+        if c.get("inter_node_link_tcp_mtu"):  # a tc-shaped TCP link counts frames, headers and ACKs included
+            cluster.inter_payload_fraction = simulate.tcp_payload_fraction(c["inter_node_link_tcp_mtu"])
     else:
         cluster = cluster_for(report, c["ranks"], c.get("ranks_per_node", c["ranks"]))
     if c["kind"] == "moe_layer":

@@ -16,9 +16,13 @@ One MoE layer on N ranks (G a node), T tokens a rank, E experts top-k, S expert 
             low-latency mode: fixed blocks of next_pow2(T) records to every peer.
   combine   latency + partial-sum bytes over the same links.
   hierarchical dispatch: one copy per other node over the inter-node link (rail peer), then forwarding
-            inside the node; latencies add, the two bandwidth terms overlap (pipelined chunks) or add
-            (the device's hierarchical_pipelined: False for epic's host exchange, two all-to-alls in turn).
-  overlap   layer = compute * (1 + overlap_compute_slowdown) + (1 - overlap_hidden_fraction) * exchange.
+            inside the node; latencies add, the two bandwidth terms overlap (pipelined chunks) or add.
+  host exchange (epic's MPI path, Device.host_exchange): stage by stage (host_exchange_stages): each
+            stage a blocking all-to-all, metadata its own collective before the rows; flat = metadata,
+            rows, rows back; hierarchical = across, inside, experts, inside, across, one after the other;
+            a node's link shared by its ranks, TCP framing counted (Cluster.inter_payload_fraction).
+  overlap   two micro-batches on two streams (_two_batch_overlap): counts + read + pack + d0 + max(C, d1)
+            + max(C, c0) + c1, C = half the rows' expert phase x (1 + overlap_compute_slowdown).
 One decode step of B sequences a rank: dense(B) + layers x the MoE layer in the decode mode, dense(B)
 the measured one-device step less its MoE layers (scaled by the dense weights' bytes for other shapes,
 plus KV reads for a longer context).
@@ -106,8 +110,11 @@ class Device:
     batched_from_rows: int = 0  # expert rows from which the FFN runs as batched GEMMs (0: never)
     ep_row_overhead_ns: float = 0.0  # per received row on an expert-parallel rank
     hierarchical_pipelined: bool = True  # the two stages' transfers overlap (chunked) or run one after the other
-    overlap_hidden_fraction: float = 0.0
-    overlap_compute_slowdown: float = 0.0
+    # epic's host (MPI) exchange (worker/expert_parallel_moe.cpp, expert_parallel_hierarchical.cpp): every
+    # stage is its own blocking all-to-all over the world, metadata first (its own collective), then rows;
+    # the hierarchical scheme's four stages (six collectives) run one after the other (host_exchange_stages()).
+    host_exchange: bool = False
+    overlap_compute_slowdown: float = 0.0  # two-batch overlap: each half's expert phase runs this much slower
     cores: int = 0  # CPU devices: cores a node (ranks x threads beyond it time-share); 0: a GPU
     threads_per_rank: int = 1
     decode_dense_curve: object = None  # batch -> ms of a decode step outside the MoE layers (reference shape)
@@ -133,6 +140,7 @@ class Cluster:
     inter_gbs: float = 0.0  # per rank, per direction, between nodes (times its efficiency); 0: one node only
     inter_extra_latency_us: float = 0.0
     one_host: bool = False  # emulated nodes: every rank shares one machine's cores
+    inter_payload_fraction: float = 1.0  # payload bytes per byte the inter-node link counts (framing, ACKs)
 
     def __post_init__(self):
         if self.ranks < 1 or self.ranks_per_node < 1:
@@ -173,6 +181,22 @@ def kv_bytes_per_token(shape):
 
 def next_pow2(value):
     return 1 << max(0, math.ceil(math.log2(max(1, value))))
+
+
+# epic's host exchange metadata (worker/expert_parallel_moe.cpp and expert_parallel_hierarchical.cpp):
+# flat: one int32 expert id a row; hierarchical across: [token, per slot (rank, expert, weight)] int32s a
+# record; inside: [record, per slot (expert, weight)] int32s a record.
+def host_meta_bytes(top_k):
+    return {"flat": 4, "across": 4 * (1 + 3 * top_k), "inside": 4 * (1 + 2 * top_k)}
+
+
+def tcp_payload_fraction(mtu=1500):
+    """Payload bytes per byte a Linux tc shaper counts on an Ethernet-framed TCP link carrying the same bytes
+    both ways (an all-to-all): a full segment carries MTU - 20 (IP) - 20 (TCP) - 12 (timestamps option) bytes
+    in an MTU + 14 byte frame, and every second segment of the other direction's flow is acknowledged by a
+    66-byte frame (14 + 20 + 32, delayed ACKs) sharing this direction. MTU 1500: 2896 / 3094 = 0.936."""
+    mss = mtu - 20 - 20 - 12
+    return 2 * mss / (2 * (mtu + 14) + (14 + 20 + 32))
 
 
 def _bandwidth_ms(byte_count, gbs):
@@ -247,53 +271,134 @@ def moe_layer(shape, device, cluster, tokens_per_rank, load=None, slots=None, mo
     fixed_blocks = spec["blocks"]
     latency = device.latency[spec["latency"]]
     intra_gbs = device.intra_bandwidth(G)
-    if dispatch == "flat" or cluster.nodes == 1:
-        if fixed_blocks:
-            capacity = next_pow2(T)
-            rows_intra, rows_inter = capacity * (G - 1), capacity * (N - G)
-        elif device.granularity == "rank":
-            rows_intra, rows_inter = T * tt.ranks_same_node, T * tt.ranks_other_nodes
-        else:
-            rows_intra, rows_inter = T * tt.slots_same_node, T * tt.slots_other_nodes
+    inter_gbs = cluster.inter_gbs * cluster.inter_payload_fraction  # payload GB/s a rank gets across
+    stages = None
+    if device.host_exchange and not fixed_blocks:
+        stages = host_exchange_stages(shape, device, cluster, T, tt, dispatch)
+        rows_intra, rows_inter = stages["rows_intra"], stages["rows_inter"]
         lat_ms = latency.us(G - 1, N - G, cluster.inter_extra_latency_us) * 1e-3
-        d_bw = max(_bandwidth_ms(rows_intra * record_d, intra_gbs),
-                   _bandwidth_ms(rows_inter * record_d, cluster.inter_gbs))
-        c_bw = max(_bandwidth_ms(rows_intra * record_c, intra_gbs),
-                   _bandwidth_ms(rows_inter * record_c, cluster.inter_gbs))
-    else:
-        nodes = cluster.nodes
-        if fixed_blocks:
-            capacity = next_pow2(T)
-            rows_inter = capacity * (nodes - 1)
-            rows_intra = capacity * (G - 1) * 2  # own tokens, then the forwarded ones
-        else:
-            rows_inter = T * tt.nodes_other
-            rows_intra = T * tt.ranks_same_node + T * tt.nodes_other * tt.forwards_per_node
-        lat_ms = (latency.us(0, nodes - 1, cluster.inter_extra_latency_us) + latency.us(G - 1)) * 1e-3
-        terms_d = (_bandwidth_ms(rows_inter * record_d, cluster.inter_gbs),
-                   _bandwidth_ms(rows_intra * record_d, intra_gbs))
-        terms_c = (_bandwidth_ms(rows_inter * record_c, cluster.inter_gbs),
-                   _bandwidth_ms(rows_intra * record_c, intra_gbs))
-        d_bw = max(terms_d) if pipelined else sum(terms_d)
-        c_bw = max(terms_c) if pipelined else sum(terms_c)
-    dispatch_ms = lat_ms + d_bw
-    if spec["counts"]:
-        # The count exchange (an exchange each way, and the host's read of the counts) and the packing.
-        dispatch_ms += 2 * lat_ms + (device.count_host_read_us * 1e-3 if spec["host_read"] else 0.0)
+        dispatch_ms = sum(st["ms"] for st in stages["stages"] if st["phase"] == "dispatch")
+        combine_ms = sum(st["ms"] for st in stages["stages"] if st["phase"] == "combine")
+        if spec["host_read"]:
+            dispatch_ms += device.count_host_read_us * 1e-3
         if device.pack_gbs > 0:
             dispatch_ms += _bandwidth_ms((rows_intra + rows_inter) * record_d, device.pack_gbs)
-    combine_ms = lat_ms + c_bw
+    else:
+        if dispatch == "flat" or cluster.nodes == 1:
+            if fixed_blocks:
+                capacity = next_pow2(T)
+                rows_intra, rows_inter = capacity * (G - 1), capacity * (N - G)
+            elif device.granularity == "rank":
+                rows_intra, rows_inter = T * tt.ranks_same_node, T * tt.ranks_other_nodes
+            else:
+                rows_intra, rows_inter = T * tt.slots_same_node, T * tt.slots_other_nodes
+            lat_ms = latency.us(G - 1, N - G, cluster.inter_extra_latency_us) * 1e-3
+            d_bw = max(_bandwidth_ms(rows_intra * record_d, intra_gbs), _bandwidth_ms(rows_inter * record_d, inter_gbs))
+            c_bw = max(_bandwidth_ms(rows_intra * record_c, intra_gbs), _bandwidth_ms(rows_inter * record_c, inter_gbs))
+        else:
+            nodes = cluster.nodes
+            if fixed_blocks:
+                capacity = next_pow2(T)
+                rows_inter = capacity * (nodes - 1)
+                rows_intra = capacity * (G - 1) * 2  # own tokens, then the forwarded ones
+            else:
+                rows_inter = T * tt.nodes_other
+                rows_intra = T * tt.ranks_same_node + T * tt.nodes_other * tt.forwards_per_node
+            lat_ms = (latency.us(0, nodes - 1, cluster.inter_extra_latency_us) + latency.us(G - 1)) * 1e-3
+            terms_d = (_bandwidth_ms(rows_inter * record_d, inter_gbs), _bandwidth_ms(rows_intra * record_d, intra_gbs))
+            terms_c = (_bandwidth_ms(rows_inter * record_c, inter_gbs), _bandwidth_ms(rows_intra * record_c, intra_gbs))
+            d_bw = max(terms_d) if pipelined else sum(terms_d)
+            c_bw = max(terms_c) if pipelined else sum(terms_c)
+        # Fixed (latency, count exchange, host read) and byte-proportional (bandwidth, packing) parts.
+        fixed_d, fixed_c, pack_ms = lat_ms, lat_ms, 0.0
+        if spec["counts"]:
+            # The count exchange (an exchange each way, and the host's read of the counts) and the packing.
+            fixed_d += 2 * lat_ms + (device.count_host_read_us * 1e-3 if spec["host_read"] else 0.0)
+            if device.pack_gbs > 0:
+                pack_ms = _bandwidth_ms((rows_intra + rows_inter) * record_d, device.pack_gbs)
+        dispatch_ms, combine_ms = fixed_d + pack_ms + d_bw, fixed_c + c_bw
     if overlap:
-        if not spec["counts"]:
-            raise ValueError("overlap is an option of the normal (and device) modes")
-        layer = (compute * (1 + device.overlap_compute_slowdown) +
-                 (1 - device.overlap_hidden_fraction) * (dispatch_ms + combine_ms))
+        if not spec["counts"] or stages is not None:
+            raise ValueError("overlap is an option of the device exchange's normal (and device) modes")
+        layer, overlap_parts = _two_batch_overlap(device, lat_ms, spec, pack_ms, d_bw, c_bw, rank_compute, busiest,
+                                                  least)
+        out.update(overlap_parts)
     else:
         layer = compute + dispatch_ms + combine_ms
     out.update(compute_ms=compute, dispatch_ms=dispatch_ms, combine_ms=combine_ms, layer_ms=layer,
                latency_ms=lat_ms, intra_bytes=rows_intra * (record_d + record_c),
                inter_bytes=rows_inter * (record_d + record_c))
+    if stages is not None:
+        out["stages"] = stages["stages"]
+        out["intra_bytes"], out["inter_bytes"] = stages["intra_bytes"], stages["inter_bytes"]
     return out
+
+
+def _two_batch_overlap(device, lat_ms, spec, pack_ms, d_bw, c_bw, rank_compute, busiest, least):
+    """Two-batch overlap as epic's device exchange runs it (worker/device_expert_parallel_overlap.cpp): the
+    two halves' count exchanges (each 2 latencies) and one host read of both, both packs, then on the
+    communication stream dispatch 0, dispatch 1, combine 0, combine 1 (each one latency + half the bytes),
+    on the compute stream expert phase 0 once dispatch 0 is in and expert phase 1 once dispatch 1 is in
+    and phase 0 is done:
+        layer = counts + read + pack + d0 + max(C, d1) + max(C, c0) + c1,
+    C = a half's expert phase (half the busiest / least busy rank's rows) x (1 + overlap_compute_slowdown)."""
+    counts_ms = 2 * 2 * lat_ms + (device.count_host_read_us * 1e-3 if spec["host_read"] else 0.0)
+    half_compute = max(rank_compute(busiest / 2), rank_compute(least / 2)) * (1 + device.overlap_compute_slowdown)
+    d_half, c_half = lat_ms + d_bw / 2, lat_ms + c_bw / 2
+    layer = counts_ms + pack_ms + d_half + max(half_compute, d_half) + max(half_compute, c_half) + c_half
+    return layer, {"overlap_half_compute_ms": half_compute, "overlap_counts_ms": counts_ms, "overlap_dispatch_half_ms": d_half,
+                   "overlap_combine_half_ms": c_half}
+
+
+def host_exchange_stages(shape, device, cluster, T, tt, dispatch):
+    """epic's host (MPI) exchange, stage by stage, for one rank: each stage a blocking all-to-all over the
+    world, its metadata a collective of its own before the rows (host_meta_bytes); a stage's bytes to
+    other nodes cross the node's link at this rank's share of it (Cluster.inter_gbs, times
+    inter_payload_fraction), its bytes inside the node go at the device's intra rate; a stage that sends to
+    both at once (flat) waits for the slower. Each collective costs the device's normal-mode latency over
+    the peers it talks to (+ inter_extra_latency_us when they are on another node).
+      flat:          dispatch = metadata + rows (to every rank at once); combine = rows back.
+      hierarchical:  dispatch = across (metadata, rows: one record per (token, other node) to that node's
+                     gateway) then inside (metadata, rows: each record the gateway holds, and the rank's own
+                     tokens, to the ranks of the node hosting its slots); combine = inside (partials to the
+                     gateway) then across (one summed row per record back)."""
+    N, G, k = cluster.ranks, cluster.ranks_per_node, shape.top_k
+    nodes = cluster.nodes
+    lat = device.latency["normal"]
+    row_d = shape.hidden * device.dispatch_element_bytes + device.record_overhead_bytes
+    row_c = shape.hidden * device.combine_element_bytes
+    meta = host_meta_bytes(k)
+    intra_gbs = device.intra_bandwidth(G)
+    inter_gbs = cluster.inter_gbs * cluster.inter_payload_fraction if nodes > 1 else math.inf
+
+    def stage(name, phase, intra_bytes, inter_bytes, collectives, intra_peers, inter_peers):
+        lat_ms = collectives * lat.us(intra_peers, inter_peers, cluster.inter_extra_latency_us) * 1e-3
+        ms = lat_ms + max(_bandwidth_ms(intra_bytes, intra_gbs),
+                          _bandwidth_ms(inter_bytes, inter_gbs) if inter_bytes > 0 else 0.0)
+        return {"name": name, "phase": phase, "ms": ms, "latency_ms": lat_ms, "intra_bytes": intra_bytes,
+                "inter_bytes": inter_bytes}
+
+    if dispatch == "flat" or nodes == 1:
+        if device.granularity == "rank":
+            rows_intra, rows_inter = T * tt.ranks_same_node, T * tt.ranks_other_nodes
+        else:
+            rows_intra, rows_inter = T * tt.slots_same_node, T * tt.slots_other_nodes
+        m = meta["flat"]
+        stages = [stage("metadata", "dispatch", rows_intra * m, rows_inter * m, 1, G - 1, N - G),
+                  stage("rows", "dispatch", rows_intra * row_d, rows_inter * row_d, 1, G - 1, N - G),
+                  stage("rows back", "combine", rows_intra * row_c, rows_inter * row_c, 1, G - 1, N - G)]
+    else:
+        rows_inter = T * tt.nodes_other  # records to other nodes' gateways
+        rows_intra = T * tt.ranks_same_node + T * tt.nodes_other * tt.forwards_per_node  # forwarded inside
+        stages = [stage("across metadata", "dispatch", 0.0, rows_inter * meta["across"], 1, 0, nodes - 1),
+                  stage("across rows", "dispatch", 0.0, rows_inter * row_d, 1, 0, nodes - 1),
+                  stage("inside metadata", "dispatch", rows_intra * meta["inside"], 0.0, 1, G - 1, 0),
+                  stage("inside rows", "dispatch", rows_intra * row_d, 0.0, 1, G - 1, 0),
+                  stage("inside partials", "combine", rows_intra * row_c, 0.0, 1, G - 1, 0),
+                  stage("across sums", "combine", 0.0, rows_inter * row_c, 1, 0, nodes - 1)]
+    return {"stages": stages, "rows_intra": rows_intra, "rows_inter": rows_inter,
+            "intra_bytes": sum(st["intra_bytes"] for st in stages),
+            "inter_bytes": sum(st["inter_bytes"] for st in stages)}
 
 
 def dense_step_ms(shape, device, batch, context_tokens=None):

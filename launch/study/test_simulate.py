@@ -118,10 +118,20 @@ class MoeLayerByHand(unittest.TestCase):
         self.assertAlmostEqual(result["dispatch_ms"], 0.1 + 0.2 + 10 * 5 / 6 * 16 / 1e6 * 1e3, places=9)
         self.assertAlmostEqual(result["combine_ms"], 0.1 + 10 * 5 / 6 * 32 / 1e6 * 1e3, places=9)
         self.assertAlmostEqual(result["layer_ms"], compute + 0.4333333333 + 0.3666666667, places=8)
-        # Overlap: compute x (1 + 0.5) + (1 - 0.25) x exchange.
-        overlapped = simulate.moe_layer(SMALL, small_device(overlap_hidden_fraction=0.25, overlap_compute_slowdown=0.5),
-                                        simulate.Cluster(2, 2), 10, overlap=True)
-        self.assertAlmostEqual(overlapped["layer_ms"], 1.5 * compute + 0.75 * 0.8, places=8)
+        # Overlap (two micro-batches of 5 tokens): counts of both halves 4 x 0.1 ms (no host read, no packing);
+        # on the comm stream d0 = d1 = 0.1 + 0.1333 / 2 = 0.1667 ms, c0 = c1 = 0.1 + 0.2667 / 2 = 0.2333 ms; a
+        # half's expert phase C = 1.5 x (half the busiest rank's rows: 0.5 x 21.522 / 2 = 5.380 ms) = 8.071 ms.
+        # layer = 0.4 + d0 + max(C, d1) + max(C, c0) + c1 = 0.4 + 0.1667 + 2 C + 0.2333.
+        overlapped = simulate.moe_layer(SMALL, small_device(overlap_compute_slowdown=0.5), simulate.Cluster(2, 2), 10,
+                                        overlap=True)
+        half = 1.5 * compute / 2
+        self.assertAlmostEqual(overlapped["overlap_half_compute_ms"], half, places=9)
+        self.assertAlmostEqual(overlapped["layer_ms"], 0.4 + (0.1 + 0.4 / 6) + 2 * half + (0.1 + 0.8 / 6), places=8)
+        # A link so slow that the transfers are longer than a half's compute: 100x the bytes' time.
+        slow = simulate.moe_layer(SMALL, small_device(intra_gbs=0.00001), simulate.Cluster(2, 2), 10, overlap=True)
+        d_half, c_half = 0.1 + 13.333333333 / 2, 0.1 + 26.666666667 / 2
+        self.assertAlmostEqual(slow["layer_ms"], 0.4 + d_half + max(compute / 2, d_half) + max(compute / 2, c_half) +
+                               c_half, places=6)
 
     def test_fixed_blocks_and_row_overhead(self):
         # Graph mode: blocks of next_pow2(10) = 16 records to the one peer, no count exchange:
@@ -150,6 +160,40 @@ class MoeLayerByHand(unittest.TestCase):
         unpiped = simulate.moe_layer(SMALL, device, cluster, 60, mode="graph-rows", dispatch="hierarchical",
                                      pipelined=False)
         self.assertAlmostEqual(unpiped["dispatch_ms"], 0.2 + 1.6 + 0.96, places=9)
+
+    def test_host_exchange_stages(self):
+        # epic's MPI host exchange, fp32 rows of 8 = 32 B, 4 ranks of 1 expert, 2 a node, 60 tokens a rank,
+        # latency 100 us a collective, intra 1 MB/s, inter 0.5 MB/s a rank. Metadata (top-2): flat 4 B a row,
+        # across 4 x (1 + 3 x 2) = 28 B a record, inside 4 x (1 + 2 x 2) = 20 B a record.
+        # Hierarchical: 60 x 5/6 = 50 records across, 60 x (0.5 + 5/6 x 0.6) = 60 records inside:
+        #   across metadata 0.1 + 50 x 28 B / 0.5 MB/s = 2.9 ms; across rows 0.1 + 50 x 32 / 0.5 MB/s = 3.3;
+        #   inside metadata 0.1 + 60 x 20 B / 1 MB/s = 1.3; inside rows 0.1 + 60 x 32 / 1 MB/s = 2.02
+        #   dispatch = 9.52 ms; combine = inside partials 2.02 + across sums 3.3 = 5.32 ms.
+        # Flat: 30 rows inside, 60 across, one collective each at once (the slower side):
+        #   metadata 0.1 + max(30 x 4 / 1 MB/s, 60 x 4 / 0.5 MB/s) = 0.58; rows 0.1 + max(0.96, 3.84) = 3.94;
+        #   combine 0.1 + 3.84 = 3.94.
+        device = small_device(host_exchange=True, granularity="slot", dispatch_element_bytes=4)
+        cluster = simulate.Cluster(4, 2, inter_gbs=0.0005)
+        hier = simulate.moe_layer(SMALL, device, cluster, 60, dispatch="hierarchical")
+        self.assertEqual([st["name"] for st in hier["stages"]],
+                         ["across metadata", "across rows", "inside metadata", "inside rows", "inside partials",
+                          "across sums"])
+        self.assertAlmostEqual(hier["dispatch_ms"], 2.9 + 3.3 + 1.3 + 2.02, places=9)
+        self.assertAlmostEqual(hier["combine_ms"], 2.02 + 3.3, places=9)
+        self.assertAlmostEqual(hier["inter_bytes"], 50 * (28 + 32 + 32), places=9)
+        flat = simulate.moe_layer(SMALL, device, cluster, 60, dispatch="flat")
+        self.assertAlmostEqual(flat["dispatch_ms"], 0.58 + 3.94, places=9)
+        self.assertAlmostEqual(flat["combine_ms"], 3.94, places=9)
+        # Half the link's bytes are payload (framing): every across term takes twice as long.
+        cluster.inter_payload_fraction = 0.5
+        framed = simulate.moe_layer(SMALL, device, cluster, 60, dispatch="hierarchical")
+        self.assertAlmostEqual(framed["dispatch_ms"], 0.1 + 5.6 + 0.1 + 6.4 + 1.3 + 2.02, places=9)
+        self.assertAlmostEqual(framed["combine_ms"], 2.02 + 0.1 + 6.4, places=9)
+
+    def test_tcp_payload_fraction(self):
+        # MTU 1500: 1448 payload bytes a 1514-byte frame, and a 66-byte ACK a 2 segments of the other way.
+        self.assertAlmostEqual(simulate.tcp_payload_fraction(1500), 2 * 1448 / (2 * 1514 + 66), places=12)
+        self.assertAlmostEqual(simulate.tcp_payload_fraction(9000), 2 * 8948 / (2 * 9014 + 66), places=12)
 
     def test_batched_threshold_picks_the_slower_rank(self):
         # Batched curve 10x cheaper, from 20 rows: the busiest rank (21.5 rows) is batched (1.08 ms), the least
@@ -239,6 +283,18 @@ class CommittedCalibration(unittest.TestCase):
             if point["id"] in ("decode-ep2-b64", "decode-ep4-b64"):
                 _, key, predicted = calibrate.predict(point, device, report)
                 self.assertAlmostEqual(predicted, point["measured"][key], delta=1e-9)
+
+
+    def test_eager_low_latency_is_floor_plus_graph(self):
+        # Nothing is fitted to the eager low-latency points: its latency is the 8-byte floor's (host launch
+        # and wait) plus the graph-replayed exchange's.
+        device, report = calibrate.load_device(os.path.join(HERE, "calibration", "h200.json"))
+        ll, normal, graph = (device.latency[m] for m in ("low-latency", "normal", "graph"))
+        for peers in (1, 3):
+            self.assertAlmostEqual(ll.us(peers), normal.us(peers) + graph.us(peers), places=9)
+        for pid, role in report["roles"].items():
+            if pid.endswith("-ll"):
+                self.assertEqual(role, "held-out", pid)
 
 
 if __name__ == "__main__":
