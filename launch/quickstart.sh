@@ -13,9 +13,11 @@ prompts="$repo_root/build/quickstart_prompts.txt"
 export OMPI_MCA_btl="${OMPI_MCA_btl:-self,vader}" OMPI_MCA_pml="${OMPI_MCA_pml:-ob1}"
 # Shared-memory transport without cross-memory attach: works in containers and as root.
 export OMPI_MCA_btl_vader_single_copy_mechanism="${OMPI_MCA_btl_vader_single_copy_mechanism:-none}"
+# The tiny random model is made either way: the Slurm templates (launch/slurm/) default to it.
+tiny_dir="$repo_root/build/models/tiny"
+[[ -f "$tiny_dir/config.json" ]] || "$repo_root/build/epic" make-model --preset tiny --seed 1 --out "$tiny_dir"
 if [[ "${QUICKSTART_MODEL:-trained}" == tiny ]]; then
-  model_dir="$repo_root/build/models/tiny"
-  [[ -f "$model_dir/config.json" ]] || "$repo_root/build/epic" make-model --preset tiny --seed 1 --out "$model_dir"
+  model_dir="$tiny_dir"
   printf '%s\n' "Mixture-of-Experts models route each token to" "The capital of France is" \
     "def fibonacci(n):" "你好，世界" >"$prompts"
   extra=()
