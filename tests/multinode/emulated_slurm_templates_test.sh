@@ -237,7 +237,8 @@ for rank in $(seq 0 $((num_tasks - 1))); do
 done
 log "PASS: --gpus-per-task=1: each task bound to its own GPU (CUDA_VISIBLE_DEVICES = its local rank on its node)"
 
-# Without the check step: the launch line carries the binding, and epic itself refuses (no CUDA device).
+# Without the check step: the launch line carries the binding, and epic itself refuses (no CUDA device,
+# or, in a build without CUDA such as the sanitizer build, no CUDA backend).
 job=$(submit gpu_unchecked EPIC_BINARY="$epic_binary" MODEL_DIR="$model_dir" EPIC_ARGS="$run_args_line" \
   EPIC_CHECK_GPUS=0 -- "${layout[@]}" --gpus-per-task=1)
 emulated_slurm_wait_job "$job" "$job_timeout_s"
@@ -247,7 +248,7 @@ if ! ((has_driver)); then
   [[ "$job_state $job_exit_code" == "FAILED 2:0" ]] ||
     fail "gpu_unchecked: job ended $job_state $job_exit_code, want FAILED 2:0"
   expect_log gpu_unchecked "$job" \
-    "epic: error \[invalid-argument\]: (rank [0-9]+: )?--backend cuda: no CUDA device is visible" \
+    "epic: error \[invalid-argument\]: (rank [0-9]+: )?--backend cuda: (no CUDA device is visible|this epic was built without the CUDA backend)" \
     "epic run failed \(exit 2\): nothing published"
   [[ ! -e "$work_dir/gpu_unchecked/epic-$job.out" ]] || fail "gpu_unchecked: a failed run published epic-$job.out"
 fi
