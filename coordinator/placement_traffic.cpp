@@ -50,4 +50,23 @@ InterNodeTraffic expected_inter_node_traffic(const LayerPlacement& layer, const 
   return traffic;
 }
 
+InterNodeBytes expected_inter_node_bytes(const LayerPlacement& layer, const std::vector<int>& worker_node,
+                                         int64_t top_k, uint64_t row_bytes) {
+  const InterNodeTraffic rows = expected_inter_node_traffic(layer, worker_node, top_k);
+  const double bytes = static_cast<double>(row_bytes);
+  return {2.0 * rows.flat_rows_per_token * bytes, 2.0 * rows.hierarchical_rows_per_token * bytes};
+}
+
+InterNodeBytes expected_inter_node_bytes(const PlacementPlan& plan, uint64_t row_bytes) {
+  InterNodeBytes total;
+  if (plan.worker_node.empty() || plan.experts_per_token < 1) return total;
+  for (const LayerPlacement& layer : plan.layers) {
+    const InterNodeBytes bytes =
+        expected_inter_node_bytes(layer, plan.worker_node, plan.experts_per_token, row_bytes);
+    total.flat += bytes.flat;
+    total.hierarchical += bytes.hierarchical;
+  }
+  return total;
+}
+
 }  // namespace epic

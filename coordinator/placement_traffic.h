@@ -24,4 +24,16 @@ struct InterNodeTraffic {
 InterNodeTraffic expected_inter_node_traffic(const LayerPlacement& layer, const std::vector<int>& worker_node,
                                              int64_t top_k);
 
+// Bytes of rows crossing between nodes per token, dispatch and combine together (each moves the rows
+// once), for rows of row_bytes each.
+struct InterNodeBytes {
+  double flat = 0;
+  double hierarchical = 0;
+};
+InterNodeBytes expected_inter_node_bytes(const LayerPlacement& layer, const std::vector<int>& worker_node,
+                                         int64_t top_k, uint64_t row_bytes);
+// The same summed over every MoE layer of the plan (its worker_node and experts_per_token); zeros for a
+// plan without nodes.
+InterNodeBytes expected_inter_node_bytes(const PlacementPlan& plan, uint64_t row_bytes);
+
 }  // namespace epic

@@ -159,7 +159,7 @@ int bench_moe_command(const BenchMoeArgs& args) {
   const NodeTopology topology = node_topology_for_job(*comm, args.ranks_per_node);
   const HostExchangeOptions exchange{parse_ep_dispatch(args.ep_dispatch), topology};
   PlacementFlags placement_flags{num_workers, args.slots, std::nullopt, ""};
-  if (topology.num_nodes() > 1) placement_flags.worker_node = topology.node_of_rank();
+  placement_flags.worker_node = topology.node_of_rank();  // make_placement ignores a single node
   const PlacementPlan plan = make_placement(config, inventory, placement_flags);
   const ExpertRoutingTable table = routing_table_from_plan(plan);
 
@@ -368,15 +368,11 @@ int bench_moe_command(const BenchMoeArgs& args) {
   if (topology.num_nodes() > 1) {
     for (const std::vector<double>& worker : all) inter_node_bytes_per_token += worker[kInterNodeColumn];
     inter_node_bytes_per_token /= std::max<double>(1.0, double(num_workers) * double(args.tokens_per_worker));
-    const uint64_t row_bytes = static_cast<uint64_t>(hidden) * scalar_size(act);
-    for (const LayerPlacement& layer : plan.layers) {
-      const InterNodeTraffic expected =
-          expected_inter_node_traffic(layer, plan.worker_node, config.num_experts_per_tok);
-      const double rows = exchange.dispatch == EpDispatch::kHierarchical
-                              ? expected.hierarchical_rows_per_token
-                              : expected.flat_rows_per_token;
-      expected_bytes_per_token += 2.0 * rows * static_cast<double>(row_bytes) / double(plan.layers.size());
-    }
+    const InterNodeBytes expected =
+        expected_inter_node_bytes(plan, static_cast<uint64_t>(hidden) * scalar_size(act));
+    expected_bytes_per_token =
+        (exchange.dispatch == EpDispatch::kHierarchical ? expected.hierarchical : expected.flat) /
+        double(std::max<size_t>(1, plan.layers.size()));
     std::printf(
         "%s; %s dispatch: %.0f bytes crossed between nodes per token per layer (plan expects %.0f for "
         "the rows alone)\n",

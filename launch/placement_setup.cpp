@@ -58,7 +58,6 @@ std::string balance_table(const PlacementPlan& plan, uint64_t row_bytes) {
       "max/mean load",
       traffic ? "   inter-node rows/token: flat  hierarchical   bytes/token: flat  hierarchical" : "");
   out << line;
-  double flat_bytes = 0, hierarchical_bytes = 0;
   for (const LayerPlacement& layer : plan.layers) {
     int64_t placed = 0, distinct = 0;
     for (const auto& workers : layer.expert_workers) {
@@ -72,22 +71,20 @@ std::string balance_table(const PlacementPlan& plan, uint64_t row_bytes) {
     if (traffic) {
       const InterNodeTraffic expected =
           expected_inter_node_traffic(layer, plan.worker_node, plan.experts_per_token);
-      // Dispatch and combine each move the rows once.
-      const double flat = 2.0 * expected.flat_rows_per_token * static_cast<double>(row_bytes);
-      const double hierarchical = 2.0 * expected.hierarchical_rows_per_token * static_cast<double>(row_bytes);
-      flat_bytes += flat;
-      hierarchical_bytes += hierarchical;
+      const InterNodeBytes bytes =
+          expected_inter_node_bytes(layer, plan.worker_node, plan.experts_per_token, row_bytes);
       std::snprintf(line, sizeof(line), " %29.3f %13.3f %18.0f %13.0f", expected.flat_rows_per_token,
-                    expected.hierarchical_rows_per_token, flat, hierarchical);
+                    expected.hierarchical_rows_per_token, bytes.flat, bytes.hierarchical);
       out << line;
     }
     out << "\n";
   }
   if (traffic) {
+    const InterNodeBytes total = expected_inter_node_bytes(plan, row_bytes);
     std::snprintf(line, sizeof(line),
                   "expected bytes crossing between nodes per token, all MoE layers, dispatch + combine: "
                   "flat %.0f, hierarchical %.0f (%d nodes; rows of %llu bytes)\n",
-                  flat_bytes, hierarchical_bytes,
+                  total.flat, total.hierarchical,
                   *std::max_element(plan.worker_node.begin(), plan.worker_node.end()) + 1,
                   static_cast<unsigned long long>(row_bytes));
     out << line;

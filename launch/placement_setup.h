@@ -19,7 +19,8 @@ struct PlacementFlags {
   std::optional<uint64_t> budget_bytes;
   std::string load_profile;                   // path, or empty for uniform
   ScalarType weight_type = ScalarType::kF32;  // how a worker keeps expert weights (see model_weights.h)
-  std::vector<int> worker_node = {};  // the node of each worker (comm/node_topology.h); empty: one node
+  std::vector<int> worker_node =
+      {};  // the node of each worker (comm/node_topology.h); empty or all 0: one node
 };
 
 // Bytes one expert occupies on a worker when its weights are kept as `weight_type` (the

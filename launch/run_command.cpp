@@ -202,7 +202,7 @@ CoordinatorOutput plan_run(const RunArgs& args, const NodeTopology& topology, co
   const ScalarType weight_type =
       required_weight_type(activation_type).value_or(stored_weight_type(config, source));
   PlacementFlags placement_flags{num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type};
-  if (topology.num_nodes() > 1) placement_flags.worker_node = topology.node_of_rank();
+  placement_flags.worker_node = topology.node_of_rank();  // make_placement ignores a single node
   const PlacementPlan placement = make_placement(config, inventory, placement_flags);
   if (!args.placement_out.empty())
     files::write_file_atomically(args.placement_out, placement.to_json_text(), "--placement-out");
@@ -570,15 +570,10 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       double crossed = 0, tokens = 0;
       for (const std::vector<double>& rank_bytes : inter_node_bytes) crossed += rank_bytes[0];
       for (const wire::WorkerReport& worker : reports) tokens += static_cast<double>(worker.tokens_processed);
-      double expected = 0;
-      const double row_bytes = double(model.config.hidden_size) * double(scalar_size(chosen.activation_type));
-      for (const LayerPlacement& layer : placement.layers) {
-        const InterNodeTraffic traffic =
-            expected_inter_node_traffic(layer, placement.worker_node, placement.experts_per_token);
-        expected += 2.0 * row_bytes *
-                    (exchange.dispatch == EpDispatch::kHierarchical ? traffic.hierarchical_rows_per_token
-                                                                    : traffic.flat_rows_per_token);
-      }
+      const InterNodeBytes expected_bytes = expected_inter_node_bytes(
+          placement, static_cast<uint64_t>(model.config.hidden_size) * scalar_size(chosen.activation_type));
+      const double expected =
+          exchange.dispatch == EpDispatch::kHierarchical ? expected_bytes.hierarchical : expected_bytes.flat;
       std::fprintf(
           stderr,
           "nodes: %s; %s dispatch; %.0f bytes crossed between nodes per token through all MoE layers, "
