@@ -33,9 +33,10 @@ struct StepShare {
 
 }  // namespace
 
-DecodeCluster::DecodeCluster(Communicator& comm, const ModelConfig& config, WeightSource& source)
+DecodeCluster::DecodeCluster(Communicator& comm, const ModelConfig& config, WeightSource& source,
+                             bool allow_missing_experts)
     : comm_(comm), parts_(std::make_unique<Parts>()) {
-  const ExpertInventory inventory = inspect_experts(config, source, /*allow_missing_experts=*/false);
+  const ExpertInventory inventory = inspect_experts(config, source, allow_missing_experts);
   table_ = routing_table_from_plan(
       make_placement(config, inventory, {comm.size(), std::nullopt, std::nullopt, ""}));
 }
@@ -49,7 +50,7 @@ bool DecodeCluster::hosts(int64_t layer, int64_t expert) const {
 MoeExecutor& DecodeCluster::start_executor(const ModelConfig& config, const ModelWeights& weights,
                                            Backend& backend, const DecodeClusterOptions& options) {
 #ifdef EPIC_HAVE_NCCL_EP
-  if (backend.memory_space() == MemorySpace::kDevice) {
+  if (backend.memory_space() == MemorySpace::kDevice && !options.host_exchange) {
     parts_->nccl = make_backend_nccl_communicator(comm_, CommOptions{options.comm_timeout_seconds}, backend);
     DeviceMoeOptions device_options;
     device_options.overlap = options.overlap;
@@ -63,6 +64,10 @@ MoeExecutor& DecodeCluster::start_executor(const ModelConfig& config, const Mode
   parts_->host_executor.emplace(config, weights, backend, comm_, table_);
   transport_ = "mpi";
   return *parts_->host_executor;
+}
+
+const ExpertParallelMoeExecutor* DecodeCluster::host_executor() const {
+  return parts_->host_executor ? &*parts_->host_executor : nullptr;
 }
 
 StepAgreement DecodeCluster::agree(ModelRunner& runner, int64_t rows, bool decode_only) {

@@ -11,6 +11,7 @@
 
 #include "comm/communicator.h"
 #include "kernels/backend.h"
+#include "worker/expert_parallel_moe.h"
 #include "worker/expert_routing_table.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
@@ -22,12 +23,15 @@ namespace epic::cli {
 struct DecodeClusterOptions {
   bool overlap = false;               // NCCL: two-batch overlap of the normal-mode (prefill) steps
   double comm_timeout_seconds = 300;  // the NCCL communicator's bound (the host one's is the same)
+  bool host_exchange = false;         // MPI through host memory even on cuda (it counts rows per expert)
 };
 
 class DecodeCluster {
  public:
-  // Placement over comm.size() workers from the experts `source` holds (every rank the same plan).
-  DecodeCluster(Communicator& comm, const ModelConfig& config, WeightSource& source);
+  // Placement over comm.size() workers from the experts `source` holds (every rank the same plan);
+  // allow_missing_experts as epic run's flag (absent experts are masked out of routing).
+  DecodeCluster(Communicator& comm, const ModelConfig& config, WeightSource& source,
+                bool allow_missing_experts = false);
   ~DecodeCluster();
   DecodeCluster(const DecodeCluster&) = delete;
   DecodeCluster& operator=(const DecodeCluster&) = delete;
@@ -37,6 +41,8 @@ class DecodeCluster {
   // After loading: the executor for the runner (a collective: the NCCL communicator starts here).
   MoeExecutor& start_executor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
                               const DecodeClusterOptions& options);
+  // The host exchange's executor when start_executor chose it (its per-expert row counts), else null.
+  const ExpertParallelMoeExecutor* host_executor() const;
   // "nccl" or "mpi": which exchange start_executor chose.
   const char* transport() const { return transport_; }
   // The agreement of the coming step (a collective): this rank's rows and whether it is decode-only.

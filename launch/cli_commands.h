@@ -153,6 +153,28 @@ struct BenchDecodeArgs {
 };
 int bench_decode_command(const BenchDecodeArgs& args);
 
+// epic eval (launch/eval_command.cpp): perplexity, KL and top-1 agreement against the model as trained,
+// tokens/s and expert bytes, for fewer experts per token and for experts pruned by least use.
+struct EvalArgs {
+  std::string model_dir;
+  std::string text_file;
+  int64_t window = 256;               // tokens a window reads
+  std::optional<int64_t> stride;      // tokens a window advances; default window / 2
+  int64_t max_tokens = 0;             // score only the text's first N tokens; 0: all
+  int64_t windows_per_step = 4;       // per rank, run together in one batched step
+  std::vector<int64_t> top_k;         // variants: experts per token
+  std::vector<double> prune_percent;  // variants: percent of each pruned layer's experts removed
+  std::string prune_layers = "all";   // "all" or MoE layer indices "2,5"
+  std::string calibration_file;       // the text whose routing decides which experts are used least
+  bool allow_missing_experts = false;
+  std::string backend = "auto";
+  std::optional<int> device;
+  std::string precision = "auto";
+  std::string json_out;
+  double comm_timeout_seconds = 300;
+};
+int eval_command(const EvalArgs& args);
+
 int make_model_command(const MakeModelArgs& args);
 int run_command(const RunArgs& args);
 int plan_command(const PlanArgs& args);

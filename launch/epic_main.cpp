@@ -326,6 +326,46 @@ int main(int argc, char** argv) {
       "--ep-overlap,!--no-ep-overlap", decode_args.ep_overlap,
       "Under mpirun with NCCL: two-batch overlap of the normal-mode MoE exchanges (prefill)");
 
+  EvalArgs eval_args;
+  CLI::App* eval = app.add_subcommand(
+      "eval",
+      "Score a text with the model (perplexity over sliding windows) and compare cheaper ways to run it "
+      "with the model as trained: fewer experts per token (--top-k) or experts pruned by least use "
+      "(--prune): KL divergence, top-1 agreement, tokens/s, expert bytes; also under mpirun");
+  eval->add_option("--model", eval_args.model_dir, "Hugging Face model directory (with tokenizer.json)")
+      ->required();
+  eval->add_option("--text-file", eval_args.text_file, "The text to score (UTF-8)")->required();
+  eval->add_option("--window", eval_args.window, "Tokens each window reads")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  eval->add_option("--stride", eval_args.stride, "Tokens a window advances (default: half the window)")
+      ->transform(strict_integer<int64_t>());
+  eval->add_option("--max-tokens", eval_args.max_tokens, "Score only the text's first N tokens (0: all)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  eval->add_option("--windows-per-step", eval_args.windows_per_step, "Windows each rank runs in one step")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  eval->add_option("--top-k", eval_args.top_k,
+                   "Experts per token to compare with the trained top-k, e.g. 6,4,2,1 (wake = 4)")
+      ->delimiter(',');
+  eval->add_option("--prune", eval_args.prune_percent,
+                   "Percents of each pruned layer's experts to remove by least use, e.g. 10,25,50")
+      ->delimiter(',');
+  eval->add_option("--prune-layers", eval_args.prune_layers, "all, or MoE layer indices, e.g. 2,5")
+      ->capture_default_str();
+  eval->add_option("--calibration-file", eval_args.calibration_file,
+                   "With --prune: the text whose routing counts decide which experts are used least");
+  eval->add_flag("--allow-missing-experts", eval_args.allow_missing_experts,
+                 "Mask experts the checkpoint lacks out of routing instead of failing");
+  eval->add_option("--backend", eval_args.backend, "cpu, cuda or auto")->capture_default_str();
+  eval->add_option("--device", eval_args.device, "CUDA device")->transform(strict_integer<int>());
+  eval->add_option("--precision", eval_args.precision, "fp32 or bf16 (auto: bf16 on cuda)")
+      ->capture_default_str();
+  eval->add_option("--json", eval_args.json_out, "Also write the table as JSON");
+  eval->add_option("--comm-timeout", eval_args.comm_timeout_seconds, comm_timeout_help)
+      ->capture_default_str();
+
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
   tokenize->add_option("--model", tokenize_args.model_dir, "Directory holding tokenizer.json")->required();
@@ -352,6 +392,7 @@ int main(int argc, char** argv) {
     if (*bench) return bench_moe_command(bench_args);
     if (*bench_load) return bench_load_command(load_args);
     if (*bench_decode) return bench_decode_command(decode_args);
+    if (*eval) return eval_command(eval_args);
     if (*tokenize) return tokenize_command(tokenize_args);
     if (*detokenize) return detokenize_command(detokenize_args);
   } catch (const SilentFailure& failure) {

@@ -90,7 +90,7 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
                                                           const Tensor& router_input, const Tensor& out,
                                                           Workspace& workspace, int64_t block_tokens) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
-  const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
+  const int64_t hidden_size = config_.hidden_size, top_k = routed_top_k(config_);
   const int64_t num_tokens = hidden.dim(0), num_slots = num_tokens * top_k, num_experts = moe.num_experts;
   const int num_ranks = nccl_.size(), rank = nccl_.rank();
   const ScalarType act = hidden.type;
@@ -134,7 +134,8 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   const Tensor destination = buffers.get(kLlDestination, ScalarType::kI32, {capacity * top_k});
   RoutedTokens routed;
   if (num_tokens > 0) {
-    routed = route_tokens(backend_, config_, moe, router_input, workspace);
+    routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe), routed_top_k(config_),
+                          router_input, workspace);
     const Tensor offsets = buffers.get(kLlOccurrenceOffsets, ScalarType::kI32, {num_experts + 1});
     const Tensor source =
         buffers.get(kLlOccurrenceSource, ScalarType::kI32, {capacity * top_k}).rows_view(0, num_slots);

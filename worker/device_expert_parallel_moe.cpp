@@ -181,14 +181,15 @@ void DeviceExpertParallelMoeExecutor::collect_graph_phase_times() {
 Tensor DeviceExpertParallelMoeExecutor::route_and_place(int64_t layer, const Tensor& router_input,
                                                         Workspace& workspace, RoutedTokens& routed) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
-  const int64_t top_k = config_.num_experts_per_tok, num_tokens = router_input.dim(0);
+  const int64_t top_k = routed_top_k(config_), num_tokens = router_input.dim(0);
   const int64_t num_slots = num_tokens * top_k, num_experts = moe.num_experts;
   const DeviceReplicas& replicas = replicas_for(layer, num_experts);
   // The occurrence of each slot among the slots of its expert (the replica choice's key) comes from the
   // stable grouping: sorted_position - expert_offsets.
   const Tensor destination = buffers_.get(kEpDestination, ScalarType::kI32, {at_least_one(num_slots)});
   if (num_tokens > 0) {
-    routed = route_tokens(backend_, config_, moe, router_input, workspace);
+    routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe), routed_top_k(config_),
+                          router_input, workspace);
     const Tensor offsets = buffers_.get(kEpOccurrenceOffsets, ScalarType::kI32, {num_experts + 1});
     const Tensor source = buffers_.get(kEpOccurrenceSource, ScalarType::kI32, {num_slots});
     const Tensor position = buffers_.get(kEpOccurrencePosition, ScalarType::kI32, {num_slots});
@@ -205,7 +206,7 @@ Tensor DeviceExpertParallelMoeExecutor::route_and_place(int64_t layer, const Ten
 DeviceExpertParallelMoeExecutor::Exchange DeviceExpertParallelMoeExecutor::begin_exchange(
     int index, int64_t first_token, int64_t num_tokens, const Tensor& destination) {
   const int num_ranks = nccl_.size();
-  const int64_t top_k = config_.num_experts_per_tok;
+  const int64_t top_k = routed_top_k(config_);
   Exchange exchange;
   exchange.first_token = first_token;
   exchange.num_tokens = num_tokens;
@@ -274,7 +275,7 @@ void DeviceExpertParallelMoeExecutor::pack(const Exchange& exchange, const Tenso
                                            const RoutedTokens& routed, const Tensor& destination,
                                            int64_t record_bytes) {
   if (exchange.num_tokens == 0) return;
-  const int64_t top_k = config_.num_experts_per_tok, first = exchange.first_token;
+  const int64_t top_k = routed_top_k(config_), first = exchange.first_token;
   const Tensor rows = hidden.rows_view(first, exchange.num_tokens);
   ep_kernels::pack_dispatch(rows.data, hidden.type, routed.expert_ids.as<int32_t>() + first * top_k,
                             routed.weights.as<float>() + first * top_k,
@@ -293,7 +294,7 @@ void DeviceExpertParallelMoeExecutor::compute(Exchange& exchange, int64_t layer,
   // The received (token, slot) pairs grouped by expert; slots served elsewhere get the id num_experts, so
   // the stable sort puts them after every real group (the first total_pairs rows).
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
-  const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
+  const int64_t hidden_size = config_.hidden_size, top_k = routed_top_k(config_);
   const int64_t num_experts = moe.num_experts,
                 row_bytes = hidden_size * static_cast<int64_t>(scalar_size(act));
   const int64_t received = exchange.total_received, slots = received * top_k, pairs = exchange.total_pairs;
@@ -340,7 +341,7 @@ void DeviceExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidde
   if (options_.overlap) return forward_overlapped(layer, hidden, router_input, out, workspace);
   const ScalarType act = hidden.type;
   const int64_t record_bytes =
-      ep_kernels::dispatch_record_bytes(config_.hidden_size, act, config_.num_experts_per_tok);
+      ep_kernels::dispatch_record_bytes(config_.hidden_size, act, routed_top_k(config_));
   const uint64_t sent_before = nccl_.bytes_sent(), received_before = nccl_.bytes_received();
   ++stats_.calls;
   mark(kMarkStart);

@@ -47,7 +47,7 @@ void DeviceExpertParallelMoeExecutor::forward_overlapped(int64_t layer, const Te
              "construction)");
   const ScalarType act = hidden.type;
   const int64_t record_bytes =
-      ep_kernels::dispatch_record_bytes(config_.hidden_size, act, config_.num_experts_per_tok);
+      ep_kernels::dispatch_record_bytes(config_.hidden_size, act, routed_top_k(config_));
   const uint64_t sent_before = nccl_.bytes_sent(), received_before = nccl_.bytes_received();
   const auto signal = [&](OrderEvent event, cudaStream_t on) {
     EPIC_CUDA_CHECK(cudaEventRecord(order_events_[event], on));

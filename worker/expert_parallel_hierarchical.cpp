@@ -79,7 +79,7 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
   using clock = std::chrono::steady_clock;
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const NodeTopology& topology = options_.topology;
-  const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
+  const int64_t hidden_size = config_.hidden_size, top_k = routed_top_k(config_);
   const int64_t num_tokens = hidden.dim(0), num_slots = num_tokens * top_k;
   const ScalarType act = hidden.type;
   const int64_t row_bytes = hidden_size * static_cast<int64_t>(scalar_size(act));
@@ -98,7 +98,8 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
 
   // ---- Route; each slot's worker as the flat scheme picks it. ------------------------------------
   auto start = clock::now();
-  const RoutedTokens routed = route_tokens(backend_, config_, moe, router_input, workspace);
+  const RoutedTokens routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe),
+                                           routed_top_k(config_), router_input, workspace);
   const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
   const std::vector<float> route_weights = download<float>(backend_, routed.weights);
   std::vector<int> destination(num_slots);

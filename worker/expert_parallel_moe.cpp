@@ -70,7 +70,7 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
                                              const Tensor& out, Workspace& workspace) {
   using clock = std::chrono::steady_clock;
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
-  const int64_t hidden_size = config_.hidden_size, top_k = config_.num_experts_per_tok;
+  const int64_t hidden_size = config_.hidden_size, top_k = routed_top_k(config_);
   const int64_t num_tokens = hidden.dim(0), num_slots = num_tokens * top_k;
   const ScalarType act = hidden.type;
   const size_t row_bytes = static_cast<size_t>(hidden_size) * scalar_size(act);
@@ -80,7 +80,8 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
 
   // Route: every worker holds the router, so routing needs no communication.
   auto start = clock::now();
-  const RoutedTokens routed = route_tokens(backend_, config_, moe, router_input, workspace);
+  const RoutedTokens routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe),
+                                           routed_top_k(config_), router_input, workspace);
   const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
   // Destination of every slot. Occurrences of one expert rotate over its replicas, starting at an
   // offset given by this rank, so replicas share the rows evenly across the whole cluster.

@@ -178,6 +178,11 @@ int bucket_bit(int64_t bucket) {
 
 }  // namespace
 
+void ModelRunner::set_routing(std::shared_ptr<const RoutingPolicy> policy) {
+  executor_->set_routing(std::move(policy));
+  decode_graphs_.clear();
+}
+
 uint64_t ModelRunner::current_graph_buckets() {
   if (graphs_generation_ != workspace_.generation()) decode_graphs_.clear();
   uint64_t buckets = 0;
@@ -217,7 +222,8 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   int64_t bucket = 0;
   const bool graph_step = agreement != nullptr ? agreement->every_rank_decode : decode_only;
   const int64_t bucket_rows = agreement != nullptr ? std::max<int64_t>(agreement->max_rows, 1) : shape.rows;
-  if (graph_step && options_.use_graphs && executor_->capturable() && bucket_rows <= options_.max_graph_batch) {
+  if (graph_step && options_.use_graphs && executor_->capturable() &&
+      bucket_rows <= options_.max_graph_batch) {
     bucket = 1;
     while (bucket < bucket_rows) bucket *= 2;
     shape.rows = shape.sequences = shape.wanted = bucket;

@@ -35,7 +35,8 @@ struct BatchLogits {
   std::vector<int64_t> first_row;  // chunk c's rows are [first_row[c], first_row[c + 1])
   int64_t vocab = 0;
   std::span<const float> of_chunk(size_t c) const {
-    return {values.data() + first_row[c] * vocab, static_cast<size_t>((first_row[c + 1] - first_row[c]) * vocab)};
+    return {values.data() + first_row[c] * vocab,
+            static_cast<size_t>((first_row[c + 1] - first_row[c]) * vocab)};
   }
   std::span<const float> last_row(size_t c) const {
     return {values.data() + (first_row[c + 1] - 1) * vocab, static_cast<size_t>(vocab)};
@@ -89,6 +90,12 @@ class ModelRunner {
   // StepAgreement::common_graph_buckets' bits: what this rank contributes to the next agreement.
   uint64_t current_graph_buckets();
 
+  // The routing of the coming steps (routing_policy.h; null: the model as trained), e.g. a residency
+  // state's experts per token. Drops the captured decode graphs, which hold the previous top-k and masks.
+  // In an expert-parallel job every rank sets the same policy before the same step.
+  void set_routing(std::shared_ptr<const RoutingPolicy> policy);
+  const RoutingPolicy* routing() const { return executor_->routing(); }
+
   // One sequence: logits [tokens.size(), vocab] when all_positions, else [1, vocab].
   std::vector<float> forward(std::span<const int32_t> tokens, KvSequence& sequence, bool all_positions);
 
@@ -112,7 +119,7 @@ class ModelRunner {
   MoeExecutor* executor_;
   std::unique_ptr<KvCachePool> kv_pool_;
   Workspace workspace_;
-  std::unique_ptr<Buffer> table_staging_;  // host copy of the step tables (pinned for cuda)
+  std::unique_ptr<Buffer> table_staging_;                    // host copy of the step tables (pinned for cuda)
   std::map<int64_t, std::unique_ptr<Graph>> decode_graphs_;  // by bucket (rows)
   uint64_t graphs_generation_ = 0;                           // the workspace generation they were made at
   int64_t graph_replays_ = 0;

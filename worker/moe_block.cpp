@@ -7,15 +7,16 @@
 namespace epic {
 
 RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
-                          const Tensor& router_input, Workspace& workspace) {
-  const int64_t rows = router_input.dim(0), top_k = config.num_experts_per_tok;
+                          const Tensor& routable, int64_t top_k, const Tensor& router_input,
+                          Workspace& workspace) {
+  const int64_t rows = router_input.dim(0);
   // fp32 rows in, fp32 logits out, whatever the activation type: the softmax and top-k choice are
   // the most rounding-sensitive step of the block.
   const Tensor logits = workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, layer.num_experts});
   backend.linear(router_input, layer.router, logits);
   RoutedTokens routed{workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k}),
                       workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k})};
-  backend.route_top_k(logits, layer.present_mask, routed.expert_ids, routed.weights, config.norm_topk_prob);
+  backend.route_top_k(logits, routable, routed.expert_ids, routed.weights, config.norm_topk_prob);
   return routed;
 }
 
@@ -49,7 +50,7 @@ void run_experts_in_row_order(Backend& backend, const ModelConfig& config, const
 void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                                const Tensor& out, Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
-  const int64_t rows = hidden.dim(0), top_k = config_.num_experts_per_tok, slots = rows * top_k;
+  const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
   const int64_t hidden_size = config_.hidden_size, inter = config_.moe_intermediate_size;
   // One op, so a backend can fuse the block (Backend::routed_moe); the scratch is the unfused form's.
   const RoutedMoeScratch scratch{workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, moe.num_experts}),
@@ -62,8 +63,8 @@ void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor
                                  workspace.get(kSlotExpertIntermediate, hidden.type, {slots, inter}),
                                  workspace.get(kSlotExpertOut, hidden.type, {slots, hidden_size})};
   backend_.routed_moe(router_input, hidden,
-                      RoutedMoeWeights{moe.router, moe.present_mask, moe.gate_up, moe.down, moe.local_index,
-                                       config_.norm_topk_prob},
+                      RoutedMoeWeights{moe.router, routable_mask(layer, moe), moe.gate_up, moe.down,
+                                       moe.local_index, config_.norm_topk_prob},
                       scratch, out);
 }
 

@@ -20,9 +20,11 @@ struct RoutedTokens {
   Tensor weights;
 };
 
-// router_input: F32 [rows, hidden] (see MoeExecutor::forward).
+// router_input: F32 [rows, hidden] (see MoeExecutor::forward). Each row takes top_k experts among those
+// `routable` (U8 [num_experts]: the layer's present mask, or a RoutingPolicy's narrower one).
 RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
-                          const Tensor& router_input, Workspace& workspace);
+                          const Tensor& routable, int64_t top_k, const Tensor& router_input,
+                          Workspace& workspace);
 
 // The rows of `expert_ids` (I32 [slots]) grouped by expert: offsets I32 [E + 1], the source row of
 // each sorted row (slot / top_k) and where each slot went.

@@ -6,10 +6,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 #include "kernels/backend.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
+#include "worker/routing_policy.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -33,6 +35,23 @@ class MoeExecutor {
   // Defaults: nothing (the local executor and the host exchange do not depend on the step).
   virtual void begin_step(int64_t /*max_rows_on_any_rank*/) {}
   virtual void finish_step() {}
+
+  // The routing of the coming steps (routing_policy.h): set between steps, never inside one; null
+  // restores the model as trained. Every rank of an expert-parallel job sets the same policy.
+  void set_routing(std::shared_ptr<const RoutingPolicy> policy) { routing_ = std::move(policy); }
+  const RoutingPolicy* routing() const { return routing_.get(); }
+
+ protected:
+  // Experts per token and the routable experts of a layer under the current policy.
+  int64_t routed_top_k(const ModelConfig& config) const {
+    return routing_ ? routing_->top_k() : config.num_experts_per_tok;
+  }
+  const Tensor& routable_mask(int64_t layer, const MoeLayerWeights& moe) const {
+    return routing_ ? routing_->routable_mask(layer, moe) : moe.present_mask.view();
+  }
+
+ private:
+  std::shared_ptr<const RoutingPolicy> routing_;
 };
 
 class LocalMoeExecutor final : public MoeExecutor {

@@ -10,8 +10,11 @@
 #include <map>
 #include <random>
 
+#include "comm/self_communicator.h"
 #include "kernels/backend.h"
+#include "worker/expert_parallel_moe.h"
 #include "worker/moe_executor.h"
+#include "worker/routing_policy.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -122,23 +125,27 @@ class MoeBlock : public ::testing::Test {
     return order;
   }
 
-  // The block's output for every token, straight from the formula.
+  // The block's output for every token, straight from the formula: top_k experts among `allowed`.
   std::vector<double> expected_output(bool normalize) const {
+    return expected_output(normalize, present_, kTopK);
+  }
+  std::vector<double> expected_output(bool normalize, const std::vector<uint8_t>& allowed,
+                                      int64_t top_k) const {
     std::vector<double> expected(kTokens * kHidden, 0.0);
     for (int64_t t = 0; t < kTokens; ++t) {
       const float* x = &tokens_[t * kHidden];
       const std::vector<double> logits = router_logits(t);
       double max_logit = -INFINITY;
       for (int64_t e = 0; e < kNumExperts; ++e)
-        if (present_[e]) max_logit = std::max(max_logit, logits[e]);
+        if (allowed[e]) max_logit = std::max(max_logit, logits[e]);
       std::vector<double> probability(kNumExperts, 0.0);
       double total = 0;
       for (int64_t e = 0; e < kNumExperts; ++e)
-        if (present_[e]) total += probability[e] = std::exp(logits[e] - max_logit);
-      const std::vector<int64_t> order = ranked(logits, present_);
+        if (allowed[e]) total += probability[e] = std::exp(logits[e] - max_logit);
+      const std::vector<int64_t> order = ranked(logits, allowed);
       double chosen_mass = 0;
-      for (int64_t j = 0; j < kTopK; ++j) chosen_mass += probability[order[j]] / total;
-      for (int64_t j = 0; j < kTopK; ++j) {
+      for (int64_t j = 0; j < top_k; ++j) chosen_mass += probability[order[j]] / total;
+      for (int64_t j = 0; j < top_k; ++j) {
         const int64_t e = order[j];
         double weight = probability[e] / total;
         if (normalize) weight /= chosen_mass;
@@ -220,6 +227,83 @@ TEST_F(MoeBlock, LocalExecutorEqualsTheDirectFormula) {
   }
 }
 
+// A routing policy (fewer experts per token, experts removed) is the block over the narrower choice: the
+// local executor and the expert-parallel one (what epic eval runs) both equal the direct formula with
+// those experts disallowed and top-k lowered; the policy is dropped again with null.
+TEST_F(MoeBlock, RoutingPolicyNarrowsTheChoiceOfEveryExecutor) {
+  const auto backend = make_cpu_backend();
+  ModelWeights weights;
+  weights.layers.resize(1);
+  weights.layers[0].is_moe = true;
+  weights.layers[0].moe = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
+  const OwnedTensor hidden = upload(*backend, ScalarType::kF32, {kTokens, kHidden}, tokens_);
+  SelfCommunicator comm;
+  ExpertRoutingTable table;
+  table.expert_workers[0].resize(kNumExperts);
+  for (int64_t e = 0; e < kNumExperts; ++e)
+    if (present_[e]) table.expert_workers[0][e] = {0};
+  // Remove the expert most tokens rank first among the present ones, so removal changes the routing.
+  std::vector<int64_t> first_choice(kNumExperts, 0);
+  for (int64_t t = 0; t < kTokens; ++t) ++first_choice[ranked(router_logits(t), present_)[0]];
+  const int64_t removed = std::max_element(first_choice.begin(), first_choice.end()) - first_choice.begin();
+  std::vector<uint8_t> allowed = present_;
+  allowed[removed] = 0;
+  for (bool normalize : {false, true}) {
+    SCOPED_TRACE(normalize ? "norm_topk_prob" : "no renormalisation");
+    const ModelConfig c = config(normalize);
+    LocalMoeExecutor local(c, weights, *backend);
+    ExpertParallelMoeExecutor parallel(c, weights, *backend, comm, table);
+    for (MoeExecutor* executor : {static_cast<MoeExecutor*>(&local), static_cast<MoeExecutor*>(&parallel)}) {
+      SCOPED_TRACE(executor == &local ? "local executor" : "expert-parallel executor");
+      for (int64_t top_k : {int64_t{1}, int64_t{2}, kTopK}) {
+        SCOPED_TRACE("top-k " + std::to_string(top_k) + " without expert " + std::to_string(removed));
+        executor->set_routing(RoutingPolicy::make(c, weights, *backend, top_k, {{0, {removed}}}));
+        Workspace workspace(*backend);
+        const OwnedTensor out = upload(*backend, ScalarType::kF32, {kTokens, kHidden},
+                                       std::vector<float>(kTokens * kHidden, NAN));
+        executor->forward(0, hidden, hidden, out, workspace);
+        expect_near(download(*backend, out), expected_output(normalize, allowed, top_k));
+        executor->set_routing(RoutingPolicy::make(c, weights, *backend, top_k, {}));
+        executor->forward(0, hidden, hidden, out, workspace);
+        expect_near(download(*backend, out), expected_output(normalize, present_, top_k));
+      }
+      executor->set_routing(nullptr);  // as trained again
+      Workspace workspace(*backend);
+      const OwnedTensor out = backend->new_tensor(ScalarType::kF32, {kTokens, kHidden});
+      executor->forward(0, hidden, hidden, out, workspace);
+      expect_near(download(*backend, out), expected_output(normalize));
+    }
+  }
+}
+
+TEST_F(MoeBlock, RoutingPolicyRefusesWhatCannotBeRouted) {
+  const auto backend = make_cpu_backend();
+  ModelWeights weights;
+  weights.layers.resize(2);  // layer 1 is dense
+  weights.layers[0].is_moe = true;
+  weights.layers[0].moe = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
+  const ModelConfig c = config(true);
+  const auto refuses = [&](int64_t top_k, const std::map<int64_t, std::vector<int64_t>>& removed,
+                           const std::string& message) {
+    try {
+      RoutingPolicy::make(c, weights, *backend, top_k, removed);
+      ADD_FAILURE() << "accepted: " << message;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find(message), std::string::npos) << e.what();
+    }
+  };
+  refuses(0, {}, "trained with top-k 3");
+  refuses(kTopK + 1, {}, "trained with top-k 3");
+  refuses(kTopK, {{1, {0}}}, "layer 1: not a MoE layer");
+  refuses(kTopK, {{0, {kNumExperts}}}, "the layer has experts 0 to 6");
+  // 6 present experts; removing 4 leaves 2 (the masked one counts as gone already).
+  refuses(kTopK, {{0, {0, 1, 3, 4}}}, "keeps 2 routable experts");
+  EXPECT_NO_THROW(RoutingPolicy::make(c, weights, *backend, 2, {{0, {0, 1, 3, 4}}}));
+  EXPECT_EQ(RoutingPolicy::make(c, weights, *backend, 2, {{0, {4, 0, 4}}})->removed(0),
+            (std::vector<int64_t>{0, 4}));
+}
+
 TEST_F(MoeBlock, StepsOneByOneEqualTheDirectFormula) {
   const auto backend = make_cpu_backend();
   const MoeLayerWeights layer = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
@@ -229,7 +313,8 @@ TEST_F(MoeBlock, StepsOneByOneEqualTheDirectFormula) {
     SCOPED_TRACE(normalize ? "norm_topk_prob" : "no renormalisation");
     const ModelConfig c = config(normalize);
     Workspace workspace(*backend);
-    const RoutedTokens routed = route_tokens(*backend, c, layer, hidden, workspace);
+    const RoutedTokens routed =
+        route_tokens(*backend, c, layer, layer.present_mask, c.num_experts_per_tok, hidden, workspace);
     std::vector<int32_t> expert_ids(slots);
     backend->copy_to_host(routed.expert_ids, 0, expert_ids.data(), expert_ids.size() * sizeof(int32_t));
     for (int64_t t = 0; t < kTokens; ++t) {

@@ -1,0 +1,118 @@
+// epic eval's arithmetic (worker/quality_metrics.h): windows that score every token once, and the
+// per-token figures on hand-worked rows.
+#include "worker/quality_metrics.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "kernels/error.h"
+
+namespace epic {
+namespace {
+
+TEST(SlidingWindows, ScoreEveryTokenOnceWithTheContextTheWindowGives) {
+  const unsigned seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  for (int trial = 0; trial < 500; ++trial) {
+    const int64_t tokens = std::uniform_int_distribution<int64_t>(2, 3000)(rng);
+    const int64_t window = std::uniform_int_distribution<int64_t>(2, 600)(rng);
+    const int64_t stride = std::uniform_int_distribution<int64_t>(1, window)(rng);
+    SCOPED_TRACE(std::to_string(tokens) + " tokens, window " + std::to_string(window) + ", stride " +
+                 std::to_string(stride));
+    const std::vector<EvalWindow> windows = sliding_windows(tokens, window, stride);
+    std::vector<int> scored(tokens, 0);
+    for (size_t w = 0; w < windows.size(); ++w) {
+      const EvalWindow& x = windows[w];
+      ASSERT_EQ(x.begin, static_cast<int64_t>(w) * stride);
+      ASSERT_LE(x.end - x.begin, window);
+      ASSERT_GT(x.first_target, x.begin);  // a target always has a token before it in its window
+      ASSERT_LE(x.first_target, x.end);
+      for (int64_t t = x.first_target; t < x.end; ++t) ++scored[t];
+    }
+    EXPECT_EQ(scored[0], 0);
+    for (int64_t t = 1; t < tokens; ++t) {
+      // With stride = window a window's first token has no context in it: the one token not scored.
+      const bool window_start = stride == window && t % window == 0;
+      ASSERT_EQ(scored[t], window_start ? 0 : 1) << "token " << t;
+    }
+    EXPECT_EQ(windows.back().end, tokens);
+  }
+}
+
+TEST(SlidingWindows, HandWorked) {
+  const std::vector<EvalWindow> windows = sliding_windows(10, 4, 2);
+  // [0,4) scores 1..3; [2,6) scores 4,5 with context 2,3; [4,8) 6,7; [6,10) 8,9.
+  ASSERT_EQ(windows.size(), 4u);
+  EXPECT_EQ(windows[0].first_target, 1);
+  EXPECT_EQ(windows[1].begin, 2);
+  EXPECT_EQ(windows[1].first_target, 4);
+  EXPECT_EQ(windows[1].end, 6);
+  EXPECT_EQ(windows[3].begin, 6);
+  EXPECT_EQ(windows[3].end, 10);
+  // Stride = window: windows side by side, each one's first token unscored.
+  const std::vector<EvalWindow> side_by_side = sliding_windows(10, 4, 4);
+  ASSERT_EQ(side_by_side.size(), 3u);
+  EXPECT_EQ(side_by_side[1].begin, 4);
+  EXPECT_EQ(side_by_side[1].first_target, 5);
+  EXPECT_EQ(side_by_side[2].first_target, 9);
+  // A text shorter than the window: one window.
+  EXPECT_EQ(sliding_windows(5, 256, 128).size(), 1u);
+}
+
+TEST(SlidingWindows, RefusesWhatCannotBeScored) {
+  EXPECT_THROW(sliding_windows(10, 1, 1), Error);
+  EXPECT_THROW(sliding_windows(10, 4, 0), Error);
+  EXPECT_THROW(sliding_windows(10, 4, 5), Error);
+  EXPECT_THROW(sliding_windows(1, 4, 2), Error);
+}
+
+TEST(TokenQuality, HandWorkedRow) {
+  // Reference logits (0, 0): p = (1/2, 1/2). Variant logits (ln 3, 0): q = (3/4, 1/4).
+  const std::vector<double> reference = log_softmax(std::vector<float>{0.0f, 0.0f});
+  EXPECT_NEAR(reference[0], std::log(0.5), 1e-12);
+  const std::vector<float> variant{static_cast<float>(std::log(3.0)), 0.0f};
+  TokenQuality quality;
+  add_token_quality(reference, 0, variant, 1, quality);
+  // KL = 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)) = 1/2 ln(4/3); NLL of token 1 = -ln(1/4).
+  EXPECT_NEAR(quality.kl_sum, 0.5 * std::log(4.0 / 3.0), 1e-7);
+  EXPECT_NEAR(quality.nll_sum, std::log(4.0), 1e-7);
+  EXPECT_EQ(quality.agreements, 1);  // both argmax 0 (the reference's tie goes to the lower id)
+  add_token_quality(reference, 1, variant, 0, quality);
+  EXPECT_EQ(quality.agreements, 1);  // reference argmax 1 this time: no agreement
+  EXPECT_EQ(quality.tokens, 2);
+  EXPECT_NEAR(quality.perplexity(), std::exp((std::log(4.0) + std::log(4.0 / 3.0)) / 2), 1e-6);
+  EXPECT_DOUBLE_EQ(quality.top1_agreement(), 0.5);
+}
+
+TEST(TokenQuality, ARowAgainstItselfHasNoDivergence) {
+  const unsigned seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  std::vector<float> row(5000);
+  for (float& v : row) v = normal(rng);
+  TokenQuality quality;
+  const std::vector<double> log_probs = log_softmax(row);
+  double total = 0;
+  for (double lp : log_probs) total += std::exp(lp);
+  EXPECT_NEAR(total, 1.0, 1e-12);
+  const int64_t best = std::max_element(row.begin(), row.end()) - row.begin();
+  add_token_quality(log_probs, best, row, 17, quality);
+  EXPECT_NEAR(quality.kl_sum, 0.0, 1e-12);
+  EXPECT_EQ(quality.agreements, 1);
+  EXPECT_NEAR(quality.nll_sum, -log_probs[17], 1e-12);
+}
+
+TEST(TokenQuality, RefusesMismatchedRows) {
+  TokenQuality quality;
+  EXPECT_THROW(add_token_quality(std::vector<double>{0.0, 0.0}, 0, std::vector<float>{0.0f}, 0, quality),
+               Error);
+  EXPECT_THROW(add_token_quality(std::vector<double>{0.0}, 0, std::vector<float>{0.0f}, 1, quality), Error);
+}
+
+}  // namespace
+}  // namespace epic
