@@ -6,15 +6,19 @@
 // the windows are spread over the ranks (attention is data parallel) and the experts over the workers
 // (the host exchange, which counts the rows each expert computed: the calibration and the bytes read).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <exception>
 #include <filesystem>
 #include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -112,12 +116,13 @@ std::pair<int64_t, int64_t> experts_and_rows_between(const std::map<int64_t, std
 class Evaluator {
  public:
   Evaluator(Communicator& comm, DecodeCluster& cluster, ModelRunner& runner, const ModelConfig& config,
-            int64_t windows_per_step)
+            int64_t windows_per_step, int threads)
       : comm_(comm),
         cluster_(cluster),
         runner_(runner),
         config_(config),
-        windows_per_step_(windows_per_step) {}
+        windows_per_step_(windows_per_step),
+        threads_(std::max(1, threads)) {}
 
   // Runs every window of `tokens` under the reference and each variant; with `variants` empty, only the
   // reference (the calibration pass). Returns per variant (index 0: the reference) this rank's totals.
@@ -168,7 +173,9 @@ class Evaluator {
   }
 
  private:
-  // Scores one window's targets; the reference keeps its log-probabilities for the variants.
+  // Scores one window's targets; the reference keeps its log-probabilities for the variants. Rows are
+  // spread over threads in fixed chunks whose sums are added in chunk order, so the figures do not depend
+  // on the thread count.
   void score(const EvalWindow& window, const std::vector<int32_t>& tokens, std::span<const float> logits,
              bool reference, std::vector<float>& reference_log_probs, std::vector<int64_t>& reference_argmax,
              VariantTotals& totals) const {
@@ -179,24 +186,45 @@ class Evaluator {
       reference_log_probs.resize(static_cast<size_t>(scored * vocab));
       reference_argmax.resize(static_cast<size_t>(scored));
     }
-    TokenQuality quality;
-    std::vector<double> reference_row(static_cast<size_t>(vocab));
-    for (int64_t i = 0; i < scored; ++i) {
-      const std::span<const float> row =
-          logits.subspan(static_cast<size_t>((first_row + i) * vocab), static_cast<size_t>(vocab));
-      float* kept = reference_log_probs.data() + i * vocab;
-      if (reference) {
-        const std::vector<double> log_probs = log_softmax(row);
-        std::copy(log_probs.begin(), log_probs.end(), kept);
-        reference_argmax[i] = argmax(row);
+    constexpr int64_t kRowsPerChunk = 4;
+    const int64_t chunks = (scored + kRowsPerChunk - 1) / kRowsPerChunk;
+    std::vector<TokenQuality> partial(static_cast<size_t>(chunks));
+    std::atomic<int64_t> next{0};
+    std::exception_ptr failure;
+    std::mutex failure_mutex;
+    const auto work = [&] {
+      try {
+        for (int64_t chunk = next++; chunk < chunks; chunk = next++) {
+          for (int64_t i = chunk * kRowsPerChunk; i < std::min(scored, (chunk + 1) * kRowsPerChunk); ++i) {
+            const std::span<const float> row =
+                logits.subspan(static_cast<size_t>((first_row + i) * vocab), static_cast<size_t>(vocab));
+            float* kept = reference_log_probs.data() + i * vocab;
+            if (reference) {
+              const std::vector<float> log_probs = log_softmax(row);
+              std::copy(log_probs.begin(), log_probs.end(), kept);
+              reference_argmax[i] = argmax(row);
+            }
+            add_token_quality(std::span<const float>(kept, static_cast<size_t>(vocab)), reference_argmax[i],
+                              row, tokens[window.first_target + i], partial[chunk]);
+          }
+        }
+      } catch (...) {
+        const std::lock_guard<std::mutex> lock(failure_mutex);
+        if (!failure) failure = std::current_exception();
       }
-      std::copy(kept, kept + vocab, reference_row.begin());
-      add_token_quality(reference_row, reference_argmax[i], row, tokens[window.first_target + i], quality);
+    };
+    const int64_t helpers = std::min<int64_t>(threads_, chunks) - 1;
+    std::vector<std::thread> pool;
+    for (int64_t t = 0; t < helpers; ++t) pool.emplace_back(work);
+    work();
+    for (std::thread& thread : pool) thread.join();
+    if (failure) std::rethrow_exception(failure);
+    for (const TokenQuality& quality : partial) {
+      totals.nll_sum += quality.nll_sum;
+      totals.kl_sum += quality.kl_sum;
+      totals.agreements += quality.agreements;
+      totals.scored += quality.tokens;
     }
-    totals.nll_sum += quality.nll_sum;
-    totals.kl_sum += quality.kl_sum;
-    totals.agreements += quality.agreements;
-    totals.scored += quality.tokens;
   }
 
   Communicator& comm_;
@@ -204,6 +232,7 @@ class Evaluator {
   ModelRunner& runner_;
   const ModelConfig& config_;
   int64_t windows_per_step_;
+  int threads_;  // for scoring rows on the host
 };
 
 // The experts of each pruned layer used least on the calibration text, percent of its present ones
@@ -365,7 +394,7 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
   options.use_graphs = false;  // whole windows, no decode steps
   std::optional<ModelRunner> runner;
   run_on_all_ranks(comm, [&] { runner.emplace(config, weights, *chosen.backend, options, executor); });
-  Evaluator evaluator(comm, *cluster, *runner, config, args.windows_per_step);
+  Evaluator evaluator(comm, *cluster, *runner, config, args.windows_per_step, default_cpu_threads());
   const uint64_t expert_bytes = resident_expert_bytes(config, weights.weight_type);
 
   // The variants: the reference, then each top-k, then each pruning of the chosen layers.

@@ -4,7 +4,7 @@
 # skip visibly, and this script is how they run.
 #
 #   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab] [ffn]
-#                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench] [ep-decode]
+#                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench] [ep-decode] [eval]
 #   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
@@ -35,6 +35,8 @@
 #             scaling efficiency t1 / tN of a whole MoE layer (4096 and 16384). Alone it builds only epic
 #     ep-decode: whole-model decode tokens/s of the 48-layer Qwen3-30B-A3B shape (bench-decode, random bf16
 #             weights in memory) at EP1, EP2, EP4 (EP_DECODE_RANKS) and batches EP_DECODE_BATCHES per GPU
+#     eval:   the trained model's quality table: transformers' perplexity against epic eval (fp32, bf16,
+#             2 ranks against 1), tests/gpu/eval_quality.sh; carry .device/tokenizer.json in .device.txz
 #     (knobs: NCCL_GOLDEN_RANKS and EP_GOLDEN_VARIANTS pick the golden runs of nccl, NCCL_FAULTS=0 skips
 #     its fault runs; EP_BENCH_RANKS, EP_BENCH_ONE_GPU=0 / EP_BENCH_ONE_GPU_TOKENS, EP_OVERLAP_TOKENS and
 #     EP_LOW_LATENCY_TOKENS split ep-bench over calls; EP_LL_MODES: eager and/or graph low-latency timing)
@@ -86,13 +88,13 @@ if wants golden; then
 fi
 
 needs_build=0
-for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode; do wants "$mode" && needs_build=1; done
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode eval; do wants "$mode" && needs_build=1; done
 # nccl alone needs one test binary, not the whole tree (device time).
 only_nccl=1
 for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
 build_targets=()
 wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test epic)
-{ wants ep-bench || wants ep-decode; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
+{ wants ep-bench || wants ep-decode || wants eval; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
 if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
@@ -117,6 +119,12 @@ if wants ctest; then
   log "test: whole ctest suite"
   (cd "$BUILD" && timeout 300 ctest -j 8 --output-on-failure -LE fuzz > "$OUT/ctest.log" 2>&1) || status=1
   grep -E "tests passed|tests failed|\(Failed\)|\(Timeout\)" "$OUT/ctest.log" | tee -a "$OUT/summary.log"
+fi
+
+if wants eval; then
+  log "eval: the trained model's quality table (tests/gpu/eval_quality.sh)"
+  bash tests/gpu/eval_quality.sh "$BUILD" "$OUT" > "$OUT/eval.log" 2>&1 || status=1
+  grep -E "^eval|^top-|^pruned|tokens scored" "$OUT/eval.log" | tee -a "$OUT/summary.log"
 fi
 
 if wants nccl; then

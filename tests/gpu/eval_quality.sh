@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The quality table of the trained model (BENCHMARKS.md), on the GPU machine: transformers' perplexity of
+# the held-out text at each experts-per-token (tests/golden/transformers_perplexity.py, fp32: the
+# reference), then `epic eval` on one GPU in fp32 (must agree to 1e-3 relative) and bf16 with every
+# variant (top-k 6/4/2/1, 10/25/50% of every layer's experts pruned, then of layer 3 alone), and under
+# mpirun -np 2 against one GPU on a part of the text (the figures must not depend on the rank count).
+#   bash tests/gpu/eval_quality.sh BUILD_DIR OUT_DIR      (from tests/gpu/run_gpu_tests.sh eval)
+# Knob: EVAL_MAX_TOKENS (default 65536 of the 157k held-out tokens: scoring a row of 151,936 logits
+# against the reference is host work, two exp per logit, and the whole text at 8 variants is minutes).
+set -uo pipefail
+build=$1 out=$2
+status=0
+model=$PWD/out/models/qwen3-moe-python-small
+mkdir -p "$model"
+for f in configs/models/qwen3-moe-python-small/*; do ln -sf "$PWD/$f" "$model/"; done
+ln -sf "$PWD/.device/tokenizer.json" "$model/tokenizer.json"
+text=$model/heldout.txt
+calibration=$model/calibration.txt
+max=${EVAL_MAX_TOKENS:-65536}
+say() { echo "eval: $*"; }
+
+timeout 400 python3 tests/golden/transformers_perplexity.py --model "$model" --tokenizer "$model/tokenizer.json" \
+  --text-file "$text" --max-tokens "$max" --top-k 8,6,4,2,1 --out "$out/transformers_ppl.json" \
+  > "$out/transformers_ppl.log" 2>&1 || { say "transformers_perplexity.py failed: $(tail -3 "$out/transformers_ppl.log")"; status=1; }
+timeout 120 python3 tests/golden/transformers_perplexity.py --model "$model" --tokenizer "$model/tokenizer.json" \
+  --text-file "$text" --max-tokens 4096 --top-k 8,4 --out "$out/transformers_ppl_4096.json" \
+  >> "$out/transformers_ppl.log" 2>&1 || { say "transformers_perplexity.py (4096 tokens) failed"; status=1; }
+
+run_eval() {  # name, then epic eval flags
+  local name=$1; shift
+  if ! timeout 300 "$@" --model "$model" --text-file "$text" --allow-missing-experts --json "$out/eval_$name.json" \
+       > "$out/eval_$name.log" 2>&1; then
+    say "$name failed: $(grep -m3 -i error "$out/eval_$name.log")"; status=1
+  fi
+  cat "$out/eval_$name.log"
+}
+epic=$build/epic
+variants=(--top-k 6,4,2,1 --prune 10,25,50 --calibration-file "$calibration")
+run_eval fp32 "$epic" eval --backend cuda --precision fp32 --max-tokens "$max" --windows-per-step 16 "${variants[@]}"
+run_eval bf16 "$epic" eval --backend cuda --precision bf16 --max-tokens "$max" --windows-per-step 16 "${variants[@]}"
+run_eval layer3 "$epic" eval --backend cuda --precision fp32 --max-tokens "$max" --windows-per-step 16 \
+  --prune 10,25,50 --prune-layers 3 --calibration-file "$calibration"
+run_eval fp32_16k "$epic" eval --backend cuda --precision fp32 --max-tokens 16384 --windows-per-step 8 --top-k 4 \
+  --prune 25 --calibration-file "$calibration"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$gpus" -ge 2 ]; then
+  run_eval fp32_16k_ep2 timeout 300 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH \
+    "$epic" eval --backend cuda --precision fp32 --max-tokens 16384 --windows-per-step 8 --top-k 4 \
+    --prune 25 --calibration-file "$calibration"
+fi
+
+# epic against transformers, and 2 ranks against 1.
+python3 - "$out" <<'PY' || status=1
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+ok = True
+ref = load("transformers_ppl.json")
+for mode in ("fp32", "bf16"):
+    ours = load(f"eval_{mode}.json")
+    if not ref or not ours:
+        continue
+    by_k = {r["experts_per_token"]: r for r in ref["results"]}
+    for row in ours["variants"]:
+        if row["prune_percent"] or row["experts_per_token"] not in by_k:
+            continue
+        theirs = by_k[row["experts_per_token"]]
+        rel = row["perplexity"] / theirs["perplexity"] - 1
+        bar = 1e-3 if mode == "fp32" else 2e-2
+        good = abs(rel) <= bar and row["scored_tokens"] == theirs["scored_tokens"]
+        ok &= good or mode == "bf16"
+        print(f"eval {mode} top-{row['experts_per_token']}: epic {row['perplexity']:.5f} transformers "
+              f"{theirs['perplexity']:.5f} relative {rel:+.2e} (bar {bar:g}) scored {row['scored_tokens']}/"
+              f"{theirs['scored_tokens']} {'ok' if good else 'MISMATCH'}")
+one, two = load("eval_fp32_16k.json"), load("eval_fp32_16k_ep2.json")
+if one and two:
+    for a, b in zip(one["variants"], two["variants"]):
+        rel = max(abs(a[k] / b[k] - 1) if b[k] else abs(a[k]) for k in ("perplexity", "kl_vs_reference", "top1_agreement"))
+        good = rel <= 1e-6
+        ok &= good
+        print(f"eval 1 GPU vs 2 ranks, {a['variant']}: worst relative difference {rel:.2e} {'ok' if good else 'MISMATCH'}")
+sys.exit(0 if ok else 1)
+PY
+exit $status
