@@ -5,8 +5,9 @@
 # variant (top-k 6/4/2/1, 10/25/50% of every layer's experts pruned, then of layer 3 alone), and under
 # mpirun -np 2 against one GPU on a part of the text (the figures must not depend on the rank count).
 #   bash tests/gpu/eval_quality.sh BUILD_DIR OUT_DIR      (from tests/gpu/run_gpu_tests.sh eval)
-# Knob: EVAL_MAX_TOKENS (default 65536 of the 157k held-out tokens: scoring a row of 151,936 logits
-# against the reference is host work, two exp per logit, and the whole text at 8 variants is minutes).
+# Knobs: EVAL_MAX_TOKENS (default 16384 of the 157k held-out tokens: scoring a row of 151,936 logits
+# against the reference is host work, two exp per logit: 65536 tokens at 8 variants took over 5 minutes
+# on one H200 host), EVAL_RANKS_TOKENS (default 8192) for 2 ranks against 1.
 set -uo pipefail
 build=$1 out=$2
 status=0
@@ -16,7 +17,7 @@ for f in configs/models/qwen3-moe-python-small/*; do ln -sf "$PWD/$f" "$model/";
 ln -sf "$PWD/.device/tokenizer.json" "$model/tokenizer.json"
 text=$model/heldout.txt
 calibration=$model/calibration.txt
-max=${EVAL_MAX_TOKENS:-65536}
+max=${EVAL_MAX_TOKENS:-16384}
 say() { echo "eval: $*"; }
 
 timeout 400 python3 tests/golden/transformers_perplexity.py --model "$model" --tokenizer "$model/tokenizer.json" \
@@ -40,12 +41,12 @@ run_eval fp32 "$epic" eval --backend cuda --precision fp32 --max-tokens "$max" -
 run_eval bf16 "$epic" eval --backend cuda --precision bf16 --max-tokens "$max" --windows-per-step 16 "${variants[@]}"
 run_eval layer3 "$epic" eval --backend cuda --precision fp32 --max-tokens "$max" --windows-per-step 16 \
   --prune 10,25,50 --prune-layers 3 --calibration-file "$calibration"
-run_eval fp32_16k "$epic" eval --backend cuda --precision fp32 --max-tokens 16384 --windows-per-step 8 --top-k 4 \
+run_eval fp32_part "$epic" eval --backend cuda --precision fp32 --max-tokens "${EVAL_RANKS_TOKENS:-8192}" --windows-per-step 8 --top-k 4 \
   --prune 25 --calibration-file "$calibration"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 if [ "$gpus" -ge 2 ]; then
-  run_eval fp32_16k_ep2 timeout 300 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH \
-    "$epic" eval --backend cuda --precision fp32 --max-tokens 16384 --windows-per-step 8 --top-k 4 \
+  run_eval fp32_part_ep2 timeout 300 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH \
+    "$epic" eval --backend cuda --precision fp32 --max-tokens "${EVAL_RANKS_TOKENS:-8192}" --windows-per-step 8 --top-k 4 \
     --prune 25 --calibration-file "$calibration"
 fi
 
@@ -74,7 +75,7 @@ for mode in ("fp32", "bf16"):
         print(f"eval {mode} top-{row['experts_per_token']}: epic {row['perplexity']:.5f} transformers "
               f"{theirs['perplexity']:.5f} relative {rel:+.2e} (bar {bar:g}) scored {row['scored_tokens']}/"
               f"{theirs['scored_tokens']} {'ok' if good else 'MISMATCH'}")
-one, two = load("eval_fp32_16k.json"), load("eval_fp32_16k_ep2.json")
+one, two = load("eval_fp32_part.json"), load("eval_fp32_part_ep2.json")
 if one and two:
     for a, b in zip(one["variants"], two["variants"]):
         rel = max(abs(a[k] / b[k] - 1) if b[k] else abs(a[k]) for k in ("perplexity", "kl_vs_reference", "top1_agreement"))
