@@ -65,6 +65,9 @@ struct RunArgs {
   // ranks); 0 takes them from the host names (comm/node_topology.h).
   std::string ep_dispatch = "flat";
   int ranks_per_node = 0;
+  // The residency state of every step (worker/routing_policy.h): "focus" (the trained experts per token)
+  // or "wake" (4 per token).
+  std::string residency_state = "focus";
 };
 
 struct PlanArgs {

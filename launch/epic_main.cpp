@@ -138,6 +138,11 @@ int main(int argc, char** argv) {
       "NCCL normal mode: split each MoE layer's tokens into two micro-batches so one's exchange runs "
       "while the other's experts compute (two-batch overlap; default off)");
   add_topology_flags(*run, run_args.ep_dispatch, run_args.ranks_per_node);
+  run->add_option(
+         "--residency-state", run_args.residency_state,
+         "focus: the trained experts per token; wake: 4 per token (fewer expert reads, lower quality: "
+         "epic eval --top-k 4 measures it)")
+      ->capture_default_str();
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   auto* prompts_file =

@@ -43,6 +43,7 @@
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
 #include "worker/model_weights.h"
+#include "worker/routing_policy.h"
 
 namespace epic::cli {
 namespace {
@@ -156,6 +157,7 @@ void check_flags(const RunArgs& args) {
   check_model_source_flags(model_source_flags(args));
   check_backend_flags(backend_flags(args));
   check_ep_transport_flag(args.ep_transport, args.backend);
+  parse_residency_state(args.residency_state);  // a clear error before MPI starts
 }
 
 // Rank 0, before any weight is read: every output path can be written atomically (absent or a
@@ -464,6 +466,13 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
         "--ep-transport nccl: this build has no NCCL communicator (configure with the CUDA backend and "
         "NCCL found, EPIC_ENABLE_NCCL=ON), use --ep-transport host");
 #endif
+  const ResidencyState residency = parse_residency_state(args.residency_state);
+#ifdef EPIC_HAVE_NCCL_EP
+  if (residency != ResidencyState::kFocus && device_executor)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--residency-state wake with the NCCL exchange is not verified on a GPU yet; add "
+                "--ep-transport host");
+#endif
   RunnerOptions runner_options;
   runner_options.activation_type = chosen.activation_type;
   runner_options.max_sequences = args.max_active_sequences;
@@ -480,6 +489,10 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {
     runner.emplace(model.config, weights, backend, runner_options, local_moe ? nullptr : moe_executor);
+    // WAKE routes fewer experts per token (worker/routing_policy.h); FOCUS is the model as trained.
+    if (residency == ResidencyState::kWake)
+      runner->set_routing(RoutingPolicy::make(model.config, weights, backend,
+                                              experts_per_token(residency, model.config), {}));
   });
   if (coordinator)
     std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());

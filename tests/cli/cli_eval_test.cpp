@@ -164,6 +164,47 @@ TEST_F(CliEval, PruningRemovesTheLeastUsedExpertsOfTheCalibrationText) {
             result["variants"][0]["expert_bytes_resident"].get<double>());
 }
 
+// epic run --residency-state wake is the trained model (top-8) routing 4 experts per token: the logits of
+// every prompt position and the generated ids equal, bitwise, those of the model configured with top-k 4.
+TEST_F(Cli, ResidencyStateWakeIsTheModelWithFourExpertsPerToken) {
+  const fs::path trained = fs::path(EPIC_GOLDEN_DIR).parent_path().parent_path().parent_path() / "configs" /
+                           "models" / "qwen3-moe-python-small";
+  const fs::path top4 = scratch() / "trained_top4";
+  fs::create_directories(top4);
+  for (const auto& entry : fs::directory_iterator(trained))
+    if (entry.path().filename() != "config.json")
+      fs::create_symlink(entry.path(), top4 / entry.path().filename());
+  nlohmann::json config = read_json(trained / "config.json");
+  ASSERT_EQ(config["num_experts_per_tok"], 8);
+  config["num_experts_per_tok"] = 4;
+  std::ofstream(top4 / "config.json") << config.dump(2);
+  const std::string prompt =
+      " --prompt-ids 785,6171,1483,553,279 --max-new-tokens 6 --precision fp32 "
+      "--allow-missing-experts --logits-out ";
+  const fs::path wake_logits = scratch() / "wake.npy", top4_logits = scratch() / "top4.npy",
+                 focus_logits = scratch() / "focus.npy";
+  const Outcome wake =
+      run_epic("run --model " + trained.string() + " --residency-state wake" + prompt + wake_logits.string(),
+               scratch());
+  ASSERT_EQ(wake.exit_code, 0) << wake.err;
+  const Outcome configured =
+      run_epic("run --model " + top4.string() + prompt + top4_logits.string(), scratch());
+  ASSERT_EQ(configured.exit_code, 0) << configured.err;
+  const Outcome focus =
+      run_epic("run --model " + trained.string() + prompt + focus_logits.string(), scratch());
+  ASSERT_EQ(focus.exit_code, 0) << focus.err;
+  EXPECT_EQ(wake.out, configured.out);
+  const NpyArray a = read_npy_f32(wake_logits), b = read_npy_f32(top4_logits), c = read_npy_f32(focus_logits);
+  ASSERT_EQ(a.shape, b.shape);
+  EXPECT_EQ(a.values, b.values);
+  EXPECT_NE(a.values, c.values) << "wake should route differently from focus";
+  const Outcome unknown = run_epic("run --model " + trained.string() + " --residency-state sleep" + prompt +
+                                       (scratch() / "sleep.npy").string(),
+                                   scratch());
+  EXPECT_EQ(unknown.exit_code, 2);
+  EXPECT_NE(unknown.err.find("residency state 'sleep': use focus"), std::string::npos) << unknown.err;
+}
+
 struct EvalBadInput {
   std::string name;
   std::string args;  // after "eval --model {tiny}"; {text}, {empty} and {scratch} are replaced
