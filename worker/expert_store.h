@@ -1,0 +1,177 @@
+// A worker's hosted experts with only a budget of them in backend memory: per MoE layer, slot tensors
+// that the expert FFN computes with, and a lower tier (pinned host memory, or the checkpoint on disk)
+// that a miss is copied from, under an ExpertResidencySet's eviction policy. Synchronous for now.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "worker/expert_residency_policy.h"
+#include "worker/model_config.h"
+#include "worker/model_weights.h"
+#include "worker/weight_source.h"
+
+namespace epic {
+
+// Where the experts that are not resident live.
+// kHost: every hosted expert's bytes in host memory, already in the backend's layout and weight type
+//   (pinned on cuda, so a miss is one asynchronous copy per tensor); costs the hosted experts' size
+//   in host memory, read once at construction.
+// kDisk: nothing kept; a miss reads the expert's three tensors from the WeightSource by offset and
+//   converts them (the loader's load_tensors, through a small pinned staging buffer).
+enum class ExpertTier { kHost, kDisk };
+
+// "host", "disk"; anything else throws Error(kInvalidArgument) listing them.
+ExpertTier parse_expert_tier(std::string_view text);
+std::string_view expert_tier_name(ExpertTier tier);
+
+struct ExpertStoreOptions {
+  ExpertTier tier = ExpertTier::kHost;
+  // Slots of every MoE layer (split_residency_budget makes one); a layer's slots are capped at the
+  // experts it hosts. Every MoE layer needs an entry, and only MoE layers may have one.
+  ResidencyBudget budget;
+  EvictionPolicy policy = EvictionPolicy::kLru;
+  double usefulness_decay = 0.9;  // see ExpertResidencySet
+  // As LoadOptions: which experts this worker hosts (every present one when empty), the weight type
+  // (unset: the source's, as load_model_weights keeps it), the missing and non-finite policies.
+  std::function<bool(int64_t layer, int64_t expert_id)> hosts_expert;
+  std::optional<ScalarType> weight_type;
+  bool allow_missing_experts = false;
+  bool allow_nonfinite_weights = false;
+  int reader_threads = 0;  // the loader's threads; <= 0: its default
+  // Disk tier: experts read and converted per batch, the size of the pinned staging buffer.
+  int64_t staging_experts = 4;
+};
+
+// What one ensure_resident or prefetch did.
+struct ExpertLoadReport {
+  int64_t hits = 0;                // distinct experts asked for that were resident already
+  int64_t misses = 0;              // distinct experts copied into a slot
+  int64_t evictions = 0;           // residents pushed out to make room
+  int64_t skipped = 0;             // prefetch only: experts left out for lack of an unpinned slot
+  std::vector<int64_t> loaded;     // the experts copied in, in the order asked
+  std::vector<int64_t> evicted;    // the experts that made room, in eviction order
+  uint64_t bytes_from_host = 0;    // bytes written into slots from the host tier (misses x expert_bytes)
+  uint64_t bytes_from_disk = 0;    // bytes written into slots from the disk tier (misses x expert_bytes)
+  uint64_t source_bytes_read = 0;  // disk tier: stored bytes read from the WeightSource
+  double seconds = 0;              // wall time of the call, copies finished
+};
+
+struct ExpertStoreStats {
+  int64_t hits = 0, misses = 0, evictions = 0;  // ensure_resident and prefetch together
+  int64_t prefetch_loads = 0;                   // of the misses, those loaded by prefetch
+  uint64_t bytes_from_host = 0, bytes_from_disk = 0, source_bytes_read = 0;
+  double stall_seconds = 0;      // wall time inside ensure_resident
+  double prefetch_seconds = 0;   // wall time inside prefetch
+  uint64_t resident_bytes = 0;   // backend bytes of the slot tensors (measured from their buffers)
+  uint64_t host_tier_bytes = 0;  // host bytes of the host tier (0 for disk)
+};
+
+// Not thread-safe; one per worker, used on the thread that drives its backend. The source must
+// outlive a disk-tier store.
+class ExpertStore {
+ public:
+  // Throws what inspect_experts throws; Error(kInvalidArgument) for a budget that misses a MoE layer,
+  // names a layer that is not one, or is negative; what load_tensors throws for a host tier it cannot
+  // read, and Error(kInvalidCheckpoint) for a disk-tier expert tensor of the wrong shape or dtype.
+  ExpertStore(const ModelConfig& config, WeightSource& source, Backend& backend, ExpertStoreOptions options);
+  ~ExpertStore();
+  ExpertStore(const ExpertStore&) = delete;
+  ExpertStore& operator=(const ExpertStore&) = delete;
+
+  // Makes every expert of experts_needed (duplicates count once) resident in `layer`'s slots before it
+  // returns: pins them (no admission evicts them until the next ensure_resident of this layer or
+  // unpin_all, so a prefetch cannot take them away), admits the missing ones, evicting by the policy,
+  // copies their bytes from the lower tier, and uploads the layer's local_index once. More distinct
+  // experts than the layer has slots is Error(kInvalidArgument) naming the layer, the count and the
+  // budget, with nothing changed: the caller then splits the step's rows into groups that fit (each
+  // ensure_resident + expert FFN in turn) or substitutes (substitute()). Also Error(kInvalidArgument)
+  // for a layer that is not MoE, an expert id outside the layer, an expert this worker does not host,
+  // or a step before the latest one seen. Synchronous: the copies have finished when it returns (on
+  // cuda it synchronises the backend's stream, waiting for the ops enqueued before too).
+  ExpertLoadReport ensure_resident(int64_t layer, const std::vector<int64_t>& experts_needed, int64_t step);
+
+  // Loads experts ahead of need, in the order given (most wanted first), into slots that are free or
+  // hold an unpinned expert not in the list; those that find none are skipped (a hint, not an order:
+  // no count error). Pins nothing. The same errors as ensure_resident otherwise. Synchronous for now,
+  // like ensure_resident; it is meant to run on the copy stream while another layer computes.
+  ExpertLoadReport prefetch(int64_t layer, const std::vector<int64_t>& experts, int64_t step);
+
+  // One router pick of a hosted expert with its routing weight: the policy's recency, count and
+  // usefulness (ExpertResidencySet::record_use).
+  void record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step);
+
+  // For --on-miss substitute: the resident expert with the highest router probability among those not
+  // in `chosen` (the token's other picks), ties to the lower id; nullopt when there is none.
+  // router_probs has one entry per expert of the layer.
+  std::optional<int64_t> substitute(int64_t layer, const std::vector<float>& router_probs,
+                                    const std::vector<int64_t>& chosen) const;
+
+  // Releases every pin (end of a step).
+  void unpin_all();
+
+  // The layer's experts as run_experts / Backend::expert_ffn read them: gate_up [slots, 2I, H] and
+  // down [slots, H, I] are the slot tensors, local_index I32 [num_experts] maps an expert to its slot
+  // or -1 when it is not resident; num_experts, present and hosted (this worker's experts, resident
+  // or not) are as load_model_weights gives them. Slots are not in `hosted` order: local_index is the
+  // only map. router and present_mask are empty (route with the model's weights). An expert that is
+  // not resident must get no rows: the CPU expert_ffn refuses such rows, the cuda one leaves them
+  // unwritten, so call ensure_resident for the experts a group of rows uses first.
+  const MoeLayerWeights& layer_weights(int64_t layer) const;
+
+  bool is_moe_layer(int64_t layer) const;
+  bool resident(int64_t layer, int64_t expert_id) const;       // and its bytes in the slot
+  std::vector<int64_t> resident_experts(int64_t layer) const;  // ascending
+  int64_t capacity(int64_t layer) const;                       // slots
+  ScalarType weight_type() const { return weight_type_; }
+  ExpertTier tier() const { return tier_; }
+  uint64_t expert_bytes() const;  // one expert's gate_up and down in the weight type
+  ExpertStoreStats stats() const;
+  const ExpertResidencySet& residency() const { return *residency_; }
+
+ private:
+  struct Layer;
+  struct CopyJob {
+    int64_t expert_id;
+    int64_t slot;
+  };
+
+  Layer& layer_state(int64_t layer, const char* operation);
+  const Layer& layer_state(int64_t layer, const char* operation) const;
+  // The distinct experts of `experts` in first-seen order, each checked to be hosted.
+  std::vector<int64_t> distinct_hosted(const Layer& state, int64_t layer, const std::vector<int64_t>& experts,
+                                       const char* operation) const;
+  void check_step(int64_t step, const char* operation) const;
+  // The ExpertResidencySet's pins set to pinned_by_layer_ (plus `extra` of `extra_layer`).
+  void apply_pins(int64_t extra_layer, const std::vector<int64_t>& extra);
+  // Admits `expert_id` (pinned already) and gives it a slot; false when the residency set refused it.
+  bool admit(Layer& state, int64_t layer, int64_t expert_id, int64_t step, ExpertLoadReport& report,
+             std::vector<CopyJob>& jobs);
+  // Copies the jobs' bytes into their slots, publishes them in local_index and waits for the copies.
+  void copy_in(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs, ExpertLoadReport& report);
+  void copy_from_disk(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
+                      ExpertLoadReport& report);
+
+  ModelConfig config_;  // a copy: the caller's may go
+  WeightSource& source_;
+  Backend& backend_;
+  ExpertTier tier_;
+  ScalarType weight_type_;
+  bool allow_nonfinite_weights_;
+  int reader_threads_;
+  int64_t staging_experts_;
+  std::map<int64_t, std::unique_ptr<Layer>> layers_;
+  std::unique_ptr<ExpertResidencySet> residency_;
+  std::map<int64_t, std::vector<int64_t>> pinned_by_layer_;  // the last ensure_resident's experts
+  std::unique_ptr<Buffer> disk_staging_;                     // pinned, staging_experts experts
+  int64_t latest_step_ = 0;
+  ExpertStoreStats stats_;
+};
+
+}  // namespace epic
