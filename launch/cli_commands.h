@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "kernels/error.h"
+#include "launch/expert_budget.h"
 
 namespace epic::cli {
 
@@ -68,6 +69,8 @@ struct RunArgs {
   // The residency state of every step (worker/routing_policy.h): "focus" (the trained experts per token)
   // or "wake" (4 per token).
   std::string residency_state = "focus";
+  // A budget of resident experts and how the rest are kept (launch/expert_budget.h); one process.
+  ExpertStoreFlags expert_store;
 };
 
 struct PlanArgs {

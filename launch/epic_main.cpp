@@ -54,6 +54,27 @@ CLI::Validator strict_integer() {
 }
 
 // The host exchange's dispatch scheme and the node topology (epic run and bench-moe).
+// The expert store's flags (launch/expert_budget.h), on epic run and epic eval.
+void add_expert_store_flags(CLI::App& command, ExpertStoreFlags& flags) {
+  command
+      .add_option("--expert-budget", flags.budget,
+                  "Experts kept in backend memory: N per MoE layer, P% of each layer's, or total:N over all "
+                  "layers; the rest wait in --expert-tier (one process)")
+      ->capture_default_str();
+  command
+      .add_option("--expert-tier", flags.tier,
+                  "Where the other experts wait: host (memory) or disk (the checkpoint)")
+      ->capture_default_str();
+  command.add_option("--eviction", flags.eviction, "lru, lfu or usefulness (decayed routing weights)")
+      ->capture_default_str();
+  command
+      .add_option("--on-miss", flags.on_miss,
+                  "wait (copy the expert in) or substitute (route to the most probable resident expert)")
+      ->capture_default_str();
+  command.add_option("--usefulness-decay", flags.usefulness_decay, "Per step, of the usefulness score")
+      ->capture_default_str();
+}
+
 void add_topology_flags(CLI::App& command, std::string& ep_dispatch, int& ranks_per_node) {
   command
       .add_option(
@@ -138,6 +159,7 @@ int main(int argc, char** argv) {
       "NCCL normal mode: split each MoE layer's tokens into two micro-batches so one's exchange runs "
       "while the other's experts compute (two-batch overlap; default off)");
   add_topology_flags(*run, run_args.ep_dispatch, run_args.ranks_per_node);
+  add_expert_store_flags(*run, run_args.expert_store);
   run->add_option(
          "--residency-state", run_args.residency_state,
          "focus: the trained experts per token; wake: 4 per token (fewer expert reads, lower quality: "

@@ -38,11 +38,13 @@
 #ifdef EPIC_HAVE_NCCL_EP
 #include "worker/device_expert_parallel_moe.h"
 #endif
+#include "launch/expert_budget.h"
 #include "worker/ep_mode.h"
 #include "worker/generation_loop.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
 #include "worker/model_weights.h"
+#include "worker/offloading_moe_executor.h"
 #include "worker/routing_policy.h"
 
 namespace epic::cli {
@@ -158,6 +160,7 @@ void check_flags(const RunArgs& args) {
   check_backend_flags(backend_flags(args));
   check_ep_transport_flag(args.ep_transport, args.backend);
   parse_residency_state(args.residency_state);  // a clear error before MPI starts
+  check_expert_store_flags(args.expert_store);
 }
 
 // Rank 0, before any weight is read: every output path can be written atomically (absent or a
@@ -402,8 +405,29 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     options.allow_nonfinite_weights = args.allow_nonfinite_weights;  // every rank parses the same flags
     const int rank = comm->rank();
     options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
+    // With --expert-budget the experts live in the store, a budget of them in backend memory.
+    if (args.expert_store.enabled()) options.hosts_expert = [](int64_t, int64_t) { return false; };
     options.weight_type = required_weight_type(chosen.activation_type);
     weights = load_model_weights(model.config, *model.source, *chosen.backend, options);
+  });
+  std::optional<ExpertStore> store;
+  run_on_all_ranks(*comm, [&] {
+    if (!args.expert_store.enabled()) return;
+    if (comm->size() > 1)
+      throw Error(
+          ErrorCode::kInvalidArgument,
+          "--expert-budget runs on one process for now (the expert-parallel exchange does not use the "
+          "expert store yet): run without mpirun, or without the budget");
+    ExpertStoreOptions options;
+    options.tier = parse_expert_tier(args.expert_store.tier);
+    options.budget = expert_budget_slots(
+        args.expert_store.budget, inspect_experts(model.config, *model.source, plan.allow_missing_experts));
+    options.policy = parse_eviction_policy(args.expert_store.eviction);
+    options.usefulness_decay = args.expert_store.usefulness_decay;
+    options.weight_type = required_weight_type(chosen.activation_type);
+    options.allow_missing_experts = plan.allow_missing_experts;
+    options.allow_nonfinite_weights = args.allow_nonfinite_weights;
+    store.emplace(model.config, *model.source, *chosen.backend, std::move(options));
   });
   const double load_seconds = seconds_since(load_start);
 
@@ -486,9 +510,15 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   // needs the per-expert row counts) the expert-parallel executor runs them.
   const bool local_moe =
       comm->size() == 1 && backend.memory_space() == MemorySpace::kDevice && args.load_profile_out.empty();
+  std::optional<OffloadingMoeExecutor> offloading;
+  if (store) {
+    offloading.emplace(model.config, weights, backend, *store, parse_on_miss(args.expert_store.on_miss));
+    moe_executor = &*offloading;
+  }
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {
-    runner.emplace(model.config, weights, backend, runner_options, local_moe ? nullptr : moe_executor);
+    runner.emplace(model.config, weights, backend, runner_options,
+                   local_moe && !store ? nullptr : moe_executor);
     // WAKE routes fewer experts per token (worker/routing_policy.h); FOCUS is the model as trained.
     if (residency == ResidencyState::kWake)
       runner->set_routing(RoutingPolicy::make(model.config, weights, backend,
@@ -526,6 +556,10 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     stats = generate();
   }
   const double run_seconds = seconds_since(run_start);
+  if (store)
+    std::fprintf(
+        stderr, "%s",
+        expert_store_summary(expert_store_report(*store, offloading->stats(), args.expert_store)).c_str());
 
   wire::WorkerReport report;
   report.rank = comm->rank();
@@ -534,6 +568,14 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.resident_bytes = weights.resident_bytes + runner->kv_cache_bytes() + runner->workspace_bytes();
   report.peak_resident_bytes = peak_resident_bytes();
   report.experts_hosted = weights.experts_hosted();
+  if (store) {  // the experts are the store's: its slots, its host tier, what it read from the checkpoint
+    const ExpertStoreStats stats = store->stats();
+    report.bytes_read = model.source->bytes_read();
+    report.resident_bytes += stats.resident_bytes + stats.host_tier_bytes;
+    report.experts_hosted = 0;
+    for (const auto& [layer, experts] : inspect_experts(model.config, *model.source, plan.allow_missing_experts))
+      report.experts_hosted += experts.num_present();
+  }
   report.sequences = static_cast<int64_t>(mine.size());
   report.steps = stats.steps;
   report.tokens_processed = stats.tokens_processed;

@@ -1,0 +1,123 @@
+// --expert-budget and the expert store's flags (expert_budget.h).
+#include "launch/expert_budget.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+
+#include "kernels/error.h"
+#include "worker/offloading_moe_executor.h"
+
+namespace epic::cli {
+namespace {
+
+const char* kBudgetHelp =
+    "give N (experts per MoE layer), P% (percent of each layer's experts, above 0 and at most 100) or "
+    "total:N (N experts over all layers, split by the layers' expert counts)";
+
+// A whole number >= 1 or an Error naming the budget.
+int64_t positive_count(const std::string& text, const std::string& budget) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (text.empty() || end == nullptr || *end != '\0' || value < 1)
+    throw Error(ErrorCode::kInvalidArgument, "--expert-budget '" + budget + "': " + kBudgetHelp);
+  return value;
+}
+
+double percent_of(const std::string& budget) {
+  const std::string number = budget.substr(0, budget.size() - 1);
+  char* end = nullptr;
+  const double value = std::strtod(number.c_str(), &end);
+  if (number.empty() || end == nullptr || *end != '\0' || !(value > 0 && value <= 100))
+    throw Error(ErrorCode::kInvalidArgument, "--expert-budget '" + budget + "': " + kBudgetHelp);
+  return value;
+}
+
+}  // namespace
+
+void check_expert_store_flags(const ExpertStoreFlags& flags) {
+  if (!flags.enabled()) {
+    if (flags.tier != "host" || flags.eviction != "lru" || flags.on_miss != "wait")
+      throw Error(ErrorCode::kInvalidArgument,
+                  "--expert-tier, --eviction and --on-miss choose how a budget of resident experts is kept: "
+                  "add --expert-budget");
+    return;
+  }
+  if (flags.budget.rfind("total:", 0) == 0) {
+    positive_count(flags.budget.substr(6), flags.budget);
+  } else if (!flags.budget.empty() && flags.budget.back() == '%') {
+    percent_of(flags.budget);
+  } else {
+    positive_count(flags.budget, flags.budget);
+  }
+  parse_expert_tier(flags.tier);
+  parse_eviction_policy(flags.eviction);
+  parse_on_miss(flags.on_miss);
+  if (!(flags.usefulness_decay > 0 && flags.usefulness_decay <= 1))
+    throw Error(ErrorCode::kInvalidArgument, "--usefulness-decay must be above 0 and at most 1");
+}
+
+ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory) {
+  std::map<int64_t, std::vector<uint8_t>> present;
+  for (const auto& [layer, experts] : inventory) present[layer] = experts.present;
+  if (budget.rfind("total:", 0) == 0)
+    return split_residency_budget(positive_count(budget.substr(6), budget), present);
+  ResidencyBudget slots;
+  const bool percent = !budget.empty() && budget.back() == '%';
+  const double fraction = percent ? percent_of(budget) / 100.0 : 0.0;
+  const int64_t per_layer = percent ? 0 : positive_count(budget, budget);
+  for (const auto& [layer, experts] : inventory) {
+    const int64_t count = experts.num_present();
+    const int64_t wanted =
+        percent ? std::max<int64_t>(1, std::llround(fraction * static_cast<double>(count))) : per_layer;
+    slots.slots_by_layer[layer] = std::min(wanted, count);
+  }
+  return slots;
+}
+
+nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats& offload,
+                                   const ExpertStoreFlags& flags) {
+  const ExpertStoreStats stats = store.stats();
+  const int64_t asked = stats.hits + stats.misses;
+  return {{"budget", flags.budget},
+          {"tier", flags.tier},
+          {"eviction", flags.eviction},
+          {"on_miss", flags.on_miss},
+          {"expert_bytes", store.expert_bytes()},
+          {"resident_bytes", stats.resident_bytes},
+          {"host_tier_bytes", stats.host_tier_bytes},
+          {"hits", stats.hits},
+          {"misses", stats.misses},
+          {"hit_rate", asked > 0 ? double(stats.hits) / double(asked) : 1.0},
+          {"evictions", stats.evictions},
+          {"prefetch_loads", stats.prefetch_loads},
+          {"bytes_from_host", stats.bytes_from_host},
+          {"bytes_from_disk", stats.bytes_from_disk},
+          {"checkpoint_bytes_read", stats.source_bytes_read},
+          {"stall_seconds", stats.stall_seconds},
+          {"prefetch_seconds", stats.prefetch_seconds},
+          {"picks", offload.picks},
+          {"substituted_picks", offload.substituted},
+          {"expert_groups", offload.expert_groups},
+          {"moe_calls", offload.calls}};
+}
+
+std::string expert_store_summary(const nlohmann::json& r) {
+  char line[512];
+  std::snprintf(
+      line, sizeof(line),
+      "experts: budget %s (%s tier, %s eviction, on miss %s): %.2f MB resident; %lld hits, %lld misses "
+      "(hit rate %.3f), %lld evictions; %.2f MB moved from host, %.2f MB from disk; %.3f s stalled on "
+      "misses, %.3f s prefetching; %lld of %lld picks substituted\n",
+      r["budget"].get<std::string>().c_str(), r["tier"].get<std::string>().c_str(),
+      r["eviction"].get<std::string>().c_str(), r["on_miss"].get<std::string>().c_str(),
+      r["resident_bytes"].get<double>() / 1e6, static_cast<long long>(r["hits"].get<int64_t>()),
+      static_cast<long long>(r["misses"].get<int64_t>()), r["hit_rate"].get<double>(),
+      static_cast<long long>(r["evictions"].get<int64_t>()), r["bytes_from_host"].get<double>() / 1e6,
+      r["bytes_from_disk"].get<double>() / 1e6, r["stall_seconds"].get<double>(),
+      r["prefetch_seconds"].get<double>(), static_cast<long long>(r["substituted_picks"].get<int64_t>()),
+      static_cast<long long>(r["picks"].get<int64_t>()));
+  return line;
+}
+
+}  // namespace epic::cli

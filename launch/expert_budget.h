@@ -1,0 +1,40 @@
+// --expert-budget: how many of a worker's experts stay in backend memory (worker/expert_store.h), per
+// MoE layer or in total, and the store's other flags, checked and turned into ExpertStoreOptions.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "worker/expert_store.h"
+#include "worker/model_weights.h"
+#include "worker/offloading_moe_executor.h"
+
+namespace epic::cli {
+
+struct ExpertStoreFlags {
+  std::string budget;             // "" (every expert resident), "N" per layer, "P%" of each layer, "total:N"
+  std::string tier = "host";      // host | disk: where the other experts wait
+  std::string eviction = "lru";   // lru | lfu | usefulness
+  std::string on_miss = "wait";   // wait | substitute (worker/offloading_moe_executor.h)
+  double usefulness_decay = 0.9;  // per step, of the usefulness score
+
+  bool enabled() const { return !budget.empty(); }
+};
+
+// Checks every flag's spelling and range (Error(kInvalidArgument) naming the flag and the fix) without
+// the model: before MPI starts.
+void check_expert_store_flags(const ExpertStoreFlags& flags);
+
+// The per-layer slots of the budget over the layers' present experts: "N" = N per layer (capped at the
+// layer's experts), "P%" = P percent of each layer's present experts rounded to nearest (at least 1),
+// "total:N" = N split in proportion to the layers' present experts (split_residency_budget).
+ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory);
+
+// What the store did over a run, as JSON (hits, misses, evictions, bytes moved per tier, seconds stalled,
+// substituted picks, resident bytes measured) and as one line for stderr.
+nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats& offload,
+                                   const ExpertStoreFlags& flags);
+std::string expert_store_summary(const nlohmann::json& report);
+
+}  // namespace epic::cli

@@ -1,0 +1,84 @@
+// epic run with a budget of resident experts (--expert-budget, launch/expert_budget.h) on the trained
+// model: waiting for a missing expert gives, bitwise, the tokens and logits of the run with every expert
+// loaded, whatever the budget, tier and eviction policy; substituting reports what it substituted; bad
+// flags get clear errors.
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "cli_support.h"
+#include "worker/npy_file.h"
+
+namespace epic {
+namespace {
+
+fs::path trained_model() {
+  return fs::path(EPIC_GOLDEN_DIR).parent_path().parent_path().parent_path() / "configs" / "models" /
+         "qwen3-moe-python-small";
+}
+
+const std::string kPrompt =
+    " --prompt-ids 785,6171,1483,553,279,2747,4688 --max-new-tokens 10 --precision fp32 "
+    "--allow-missing-experts";
+
+TEST_F(Cli, ExpertBudgetWithWaitGivesTheFullModelsTokensAndLogits) {
+  const std::string model = " --model " + trained_model().string();
+  const fs::path full_logits = scratch() / "full.npy";
+  const Outcome full = run_epic("run" + model + kPrompt + " --logits-out " + full_logits.string(), scratch());
+  ASSERT_EQ(full.exit_code, 0) << full.err;
+  const NpyArray expected = read_npy_f32(full_logits);
+  int index = 0;
+  for (const std::string budget :
+       {"--expert-budget 1", "--expert-budget 25% --eviction usefulness",
+        "--expert-budget total:40 --expert-tier disk --eviction lfu", "--expert-budget 100%"}) {
+    SCOPED_TRACE(budget);
+    const fs::path logits = scratch() / ("budget" + std::to_string(index++) + ".npy");
+    const Outcome run =
+        run_epic("run" + model + kPrompt + " " + budget + " --logits-out " + logits.string(), scratch());
+    ASSERT_EQ(run.exit_code, 0) << run.err;
+    EXPECT_EQ(run.out, full.out);
+    const NpyArray actual = read_npy_f32(logits);
+    EXPECT_EQ(actual.shape, expected.shape);
+    EXPECT_TRUE(actual.values == expected.values) << "logits differ from the run with every expert loaded";
+    EXPECT_NE(run.err.find("experts: budget"), std::string::npos) << run.err;
+    EXPECT_NE(run.err.find("misses"), std::string::npos) << run.err;
+  }
+}
+
+TEST_F(Cli, ExpertBudgetWithSubstituteReportsTheSubstitutions) {
+  const Outcome run = run_epic(
+      "run --model " + trained_model().string() + kPrompt + " --expert-budget 25% --on-miss substitute",
+      scratch());
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  const size_t at = run.err.find(" picks substituted");
+  ASSERT_NE(at, std::string::npos) << run.err;
+  // "... N of M picks substituted": some picks were served by a resident expert instead.
+  const size_t of = run.err.rfind(" of ", at);
+  const size_t start = run.err.rfind(' ', of - 1) + 1;
+  EXPECT_GT(std::stoll(run.err.substr(start, of - start)), 0) << run.err;
+}
+
+TEST_F(Cli, ExpertStoreFlagsAreChecked) {
+  const std::string run = "run --model " + trained_model().string() + kPrompt;
+  const std::pair<std::string, std::string> cases[] = {
+      {" --expert-budget 0", "--expert-budget '0'"},
+      {" --expert-budget 0%", "--expert-budget '0%'"},
+      {" --expert-budget 150%", "at most 100"},
+      {" --expert-budget total:0", "--expert-budget 'total:0'"},
+      {" --expert-budget lots", "give N (experts per MoE layer)"},
+      {" --expert-budget 4 --expert-tier ssd", "ssd"},
+      {" --expert-budget 4 --eviction fifo", "fifo"},
+      {" --expert-budget 4 --on-miss skip", "--on-miss 'skip'"},
+      {" --on-miss substitute", "add --expert-budget"},
+      {" --expert-budget 4 --usefulness-decay 0", "--usefulness-decay"},
+  };
+  for (const auto& [flags, message] : cases) {
+    SCOPED_TRACE(flags);
+    const Outcome outcome = run_epic(run + flags, scratch(), 120);
+    EXPECT_EQ(outcome.exit_code, 2) << outcome.out;
+    EXPECT_NE(outcome.err.find(message), std::string::npos) << outcome.err;
+  }
+}
+
+}  // namespace
+}  // namespace epic

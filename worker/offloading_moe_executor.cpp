@@ -1,0 +1,151 @@
+// The MoE block over an ExpertStore (offloading_moe_executor.h).
+#include "worker/offloading_moe_executor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "kernels/error.h"
+#include "worker/moe_block.h"
+
+namespace epic {
+
+OnMiss parse_on_miss(const std::string& name) {
+  if (name == "wait") return OnMiss::kWait;
+  if (name == "substitute") return OnMiss::kSubstitute;
+  throw Error(ErrorCode::kInvalidArgument,
+              "--on-miss '" + name +
+                  "': use wait (copy a missing expert in before computing) or substitute (route to the most "
+                  "probable resident expert instead)");
+}
+
+const char* on_miss_name(OnMiss on_miss) { return on_miss == OnMiss::kWait ? "wait" : "substitute"; }
+
+OffloadingMoeExecutor::OffloadingMoeExecutor(const ModelConfig& config, const ModelWeights& weights,
+                                             Backend& backend, ExpertStore& store, OnMiss on_miss)
+    : config_(config), weights_(weights), backend_(backend), store_(store), on_miss_(on_miss) {
+  for (const LayerWeights& layer : weights.layers)
+    if (layer.is_moe) max_experts_ = std::max(max_experts_, layer.moe.num_experts);
+}
+
+std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, const MoeLayerWeights& moe,
+                                                              int64_t rows, int64_t top_k,
+                                                              const Tensor& logits, std::vector<int32_t>& ids,
+                                                              std::vector<float>& weights) {
+  const int64_t num_experts = moe.num_experts;
+  std::vector<uint8_t> routable = moe.present;
+  if (routing() != nullptr)
+    for (int64_t e : routing()->removed(layer)) routable[e] = 0;
+  std::vector<float> logit_rows(static_cast<size_t>(rows * num_experts));
+  backend_.copy_to_host(logits, 0, logit_rows.data(), logit_rows.size() * sizeof(float));
+  std::map<int64_t, double> missed_weight;  // expert -> routing weight it lost, for the fetch order
+  std::vector<float> probs(static_cast<size_t>(num_experts));
+  std::vector<int64_t> chosen(static_cast<size_t>(top_k));
+  for (int64_t t = 0; t < rows; ++t) {
+    bool any_missing = false;
+    for (int64_t j = 0; j < top_k; ++j) any_missing |= !store_.resident(layer, ids[t * top_k + j]);
+    if (!any_missing) continue;
+    // The router's fp32 probabilities over the routable experts (as route_top_k computes them).
+    const float* row = logit_rows.data() + t * num_experts;
+    float max = -INFINITY;
+    for (int64_t e = 0; e < num_experts; ++e)
+      if (routable[e]) max = std::max(max, row[e]);
+    float total = 0;
+    for (int64_t e = 0; e < num_experts; ++e) total += probs[e] = routable[e] ? std::exp(row[e] - max) : 0.0f;
+    for (int64_t e = 0; e < num_experts; ++e) probs[e] /= total;
+    std::vector<int64_t> excluded;
+    for (int64_t j = 0; j < top_k; ++j) excluded.push_back(ids[t * top_k + j]);
+    for (int64_t e = 0; e < num_experts; ++e)
+      if (!routable[e]) excluded.push_back(e);
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t expert = ids[t * top_k + j];
+      chosen[j] = expert;
+      if (store_.resident(layer, expert)) continue;
+      const std::optional<int64_t> replacement = store_.substitute(layer, probs, excluded);
+      if (!replacement) continue;  // nothing resident to take its place: this pick waits
+      missed_weight[expert] += weights[t * top_k + j];
+      chosen[j] = *replacement;
+      excluded.push_back(*replacement);
+      ++stats_.substituted;
+    }
+    float chosen_mass = 0;
+    for (int64_t j = 0; j < top_k; ++j) chosen_mass += probs[chosen[j]];
+    for (int64_t j = 0; j < top_k; ++j) {
+      ids[t * top_k + j] = static_cast<int32_t>(chosen[j]);
+      weights[t * top_k + j] = config_.norm_topk_prob ? probs[chosen[j]] / chosen_mass : probs[chosen[j]];
+    }
+  }
+  std::vector<std::pair<double, int64_t>> order;
+  for (const auto& [expert, weight] : missed_weight) order.push_back({-weight, expert});
+  std::sort(order.begin(), order.end());
+  std::vector<int64_t> missed;
+  for (const auto& [weight, expert] : order) missed.push_back(expert);
+  return missed;
+}
+
+void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
+                                    const Tensor& out, Workspace& workspace) {
+  EPIC_CHECK(store_.is_moe_layer(layer), ErrorCode::kInternal,
+             "offloading executor: layer " + std::to_string(layer) + " has no experts in the store");
+  if (layer <= last_layer_) ++step_;  // a new forward pass
+  last_layer_ = layer;
+  ++stats_.calls;
+  const MoeLayerWeights& moe = weights_.layers[layer].moe;
+  const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
+  const int64_t hidden_size = config_.hidden_size, num_experts = moe.num_experts;
+  const RoutedTokens routed =
+      route_tokens(backend_, config_, moe, routable_mask(layer, moe), top_k, router_input, workspace);
+  if (rows == 0) return;
+  std::vector<int32_t> ids(static_cast<size_t>(slots));
+  std::vector<float> route_weights(static_cast<size_t>(slots));
+  backend_.copy_to_host(routed.expert_ids, 0, ids.data(), ids.size() * sizeof(int32_t));
+  backend_.copy_to_host(routed.weights, 0, route_weights.data(), route_weights.size() * sizeof(float));
+  stats_.picks += slots;
+  for (int64_t s = 0; s < slots; ++s) store_.record_use(layer, ids[s], route_weights[s], step_);
+
+  std::vector<int64_t> fetch_after;
+  if (on_miss_ == OnMiss::kSubstitute) {
+    const Tensor logits = workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, num_experts});
+    fetch_after = substitute_misses(layer, moe, rows, top_k, logits, ids, route_weights);
+    backend_.copy_from_host(routed.expert_ids, 0, ids.data(), ids.size() * sizeof(int32_t));
+    backend_.copy_from_host(routed.weights, 0, route_weights.data(), route_weights.size() * sizeof(float));
+  }
+
+  // Rows grouped by expert; the expert FFN in groups of experts that fit the layer's slots.
+  const GroupedRows grouped = group_rows(backend_, routed.expert_ids, num_experts, top_k, workspace);
+  const Tensor sorted = workspace.get(kSlotSortedRows, hidden.type, {slots, hidden_size});
+  backend_.gather_rows(hidden, grouped.source_row, sorted);
+  const Tensor expert_out = workspace.get(kSlotExpertOut, hidden.type, {slots, hidden_size});
+  const Tensor intermediate =
+      workspace.get(kSlotExpertIntermediate, hidden.type, {slots, config_.moe_intermediate_size});
+  std::vector<int32_t> offsets(static_cast<size_t>(num_experts + 1));
+  backend_.copy_to_host(grouped.expert_offsets, 0, offsets.data(), offsets.size() * sizeof(int32_t));
+  std::vector<int64_t> needed;
+  for (int64_t e = 0; e < num_experts; ++e)
+    if (offsets[e + 1] > offsets[e]) needed.push_back(e);
+  const int64_t capacity = std::max<int64_t>(1, store_.capacity(layer));
+  std::vector<std::vector<int32_t>> group_hosts;  // host sources of the uploads, valid until synchronize
+  for (size_t first = 0, group = 0; first < needed.size(); first += capacity, ++group) {
+    const size_t last = std::min(needed.size(), first + static_cast<size_t>(capacity));  // exclusive
+    store_.ensure_resident(layer, std::vector<int64_t>(needed.begin() + first, needed.begin() + last), step_);
+    const int32_t lo = offsets[needed[first]], hi = offsets[needed[last - 1] + 1];
+    std::vector<int32_t>& local = group_hosts.emplace_back(offsets.size());
+    for (size_t e = 0; e < offsets.size(); ++e) local[e] = std::clamp(offsets[e], lo, hi) - lo;
+    if (group_offsets_.size() <= group)
+      group_offsets_.push_back(backend_.new_tensor(ScalarType::kI32, {max_experts_ + 1}));
+    const Tensor group_offsets = group_offsets_[group].view().rows_view(0, num_experts + 1);
+    backend_.copy_from_host(group_offsets, 0, local.data(), local.size() * sizeof(int32_t));
+    const MoeLayerWeights& resident = store_.layer_weights(layer);
+    backend_.expert_ffn(sorted.rows_view(lo, hi - lo), group_offsets, resident.gate_up, resident.down,
+                        resident.local_index, intermediate.rows_view(0, hi - lo),
+                        expert_out.rows_view(lo, hi - lo));
+    ++stats_.expert_groups;
+  }
+  backend_.combine_top_k(expert_out, grouped.sorted_position, routed.weights, out);
+  backend_.synchronize();  // the uploads' host sources end here
+  store_.unpin_all();
+  // Substitution served this layer from what was resident; fetch what it missed for the tokens to come.
+  if (!fetch_after.empty()) store_.prefetch(layer, fetch_after, step_);
+}
+
+}  // namespace epic
