@@ -172,6 +172,11 @@ struct EvalArgs {
   std::vector<double> prune_percent;  // variants: percent of each pruned layer's experts removed
   std::string prune_layers = "all";   // "all" or MoE layer indices "2,5"
   std::string calibration_file;       // the text whose routing decides which experts are used least
+  // variants with only a budget of experts resident (launch/expert_budget.h), each with each --on-miss
+  std::vector<std::string> expert_budgets;
+  std::vector<std::string> on_miss = {"wait"};
+  std::string expert_tier = "host";
+  std::string eviction = "lru";
   bool allow_missing_experts = false;
   std::string backend = "auto";
   std::optional<int> device;

@@ -383,6 +383,17 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   eval->add_option("--calibration-file", eval_args.calibration_file,
                    "With --prune: the text whose routing counts decide which experts are used least");
+  eval->add_option(
+          "--expert-budget", eval_args.expert_budgets,
+          "Variants with only this budget of experts resident: N per layer, P% or total:N, e.g. 25%,50%")
+      ->delimiter(',');
+  eval->add_option("--on-miss", eval_args.on_miss, "For the budget variants: wait and/or substitute")
+      ->delimiter(',')
+      ->capture_default_str();
+  eval->add_option("--expert-tier", eval_args.expert_tier, "For the budget variants: host or disk")
+      ->capture_default_str();
+  eval->add_option("--eviction", eval_args.eviction, "For the budget variants: lru, lfu or usefulness")
+      ->capture_default_str();
   eval->add_flag("--allow-missing-experts", eval_args.allow_missing_experts,
                  "Mask experts the checkpoint lacks out of routing instead of failing");
   eval->add_option("--backend", eval_args.backend, "cpu, cuda or auto")->capture_default_str();

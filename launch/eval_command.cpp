@@ -29,11 +29,13 @@
 #include "launch/bench_decode_cluster.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
+#include "launch/expert_budget.h"
 #include "launch/flag_checks.h"
 #include "launch/model_source.h"
 #include "launch/placement_setup.h"
 #include "launch/rank_agreement.h"
 #include "worker/model_runner.h"
+#include "worker/offloading_moe_executor.h"
 #include "worker/quality_metrics.h"
 #include "worker/routing_policy.h"
 #include "worker/sampler.h"
@@ -51,6 +53,15 @@ struct Variant {
   double prune_percent = 0;                         // of each pruned layer's present experts
   std::map<int64_t, std::vector<int64_t>> removed;  // per layer, by least use on the calibration text
   std::shared_ptr<const RoutingPolicy> policy;
+  // A budget of resident experts (--expert-budget): the variant runs on its own runner over an
+  // OffloadingMoeExecutor; null for the others (the main runner, every expert loaded).
+  struct Offload {
+    std::string budget, on_miss;
+    std::unique_ptr<ExpertStore> store;
+    std::unique_ptr<OffloadingMoeExecutor> executor;
+    std::unique_ptr<ModelRunner> runner;
+  };
+  std::shared_ptr<Offload> offload;
 };
 
 // A variant's figures on one rank, summed over its windows (trivially copyable: gathered as bytes).
@@ -142,13 +153,14 @@ class Evaluator {
       std::vector<std::vector<float>> reference_log_probs(mine.size());
       std::vector<std::vector<int64_t>> reference_argmax(mine.size());
       for (size_t v = 0; v < variants.size(); ++v) {
-        runner_.set_routing(variants[v]->policy);
+        ModelRunner& runner = variants[v]->offload ? *variants[v]->offload->runner : runner_;
+        runner.set_routing(variants[v]->policy);
         std::vector<KvSequence> sequences;
         std::vector<SequenceChunk> chunks;
         int64_t rows = 0;
         sequences.reserve(mine.size());
         for (const EvalWindow& window : mine) {
-          sequences.push_back(runner_.new_sequence());
+          sequences.push_back(runner.new_sequence());
           chunks.push_back({&sequences.back(),
                             std::span<const int32_t>(tokens.data() + window.begin, window.end - window.begin),
                             true});
@@ -156,8 +168,8 @@ class Evaluator {
         }
         const auto before = rows_so_far(cluster_);
         const auto start = clock_type::now();
-        const StepAgreement agreement = cluster_.agree(runner_, rows, false);
-        StepOutput output = runner_.forward_batch(chunks, want_quality, &agreement);
+        const StepAgreement agreement = cluster_.agree(runner, rows, false);
+        StepOutput output = runner.forward_batch(chunks, want_quality, &agreement);
         totals[v].seconds += std::chrono::duration<double>(clock_type::now() - start).count();
         const auto [experts, expert_rows] = experts_and_rows_between(before, rows_so_far(cluster_));
         totals[v].expert_bytes_read += static_cast<double>(experts) * static_cast<double>(expert_bytes);
@@ -317,6 +329,13 @@ void check_eval_flags(const EvalArgs& args) {
         "other than the evaluated file, e.g. from the training corpus)");
   if (args.prune_percent.empty() && !args.calibration_file.empty())
     throw Error(ErrorCode::kInvalidArgument, "--calibration-file is only used with --prune PERCENTS");
+  if (args.on_miss.empty())
+    throw Error(ErrorCode::kInvalidArgument, "--on-miss: give wait, substitute or both (wait,substitute)");
+  for (const std::string& on_miss : args.on_miss) {
+    if (args.expert_budgets.empty()) check_expert_store_flags({"", args.expert_tier, args.eviction, on_miss});
+    for (const std::string& budget : args.expert_budgets)
+      check_expert_store_flags({budget, args.expert_tier, args.eviction, on_miss});
+  }
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
   check_backend_flags({args.backend, args.device, args.precision});
@@ -450,6 +469,40 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
     });
   }
 
+  // Budget variants: the model as trained, with only a budget of experts resident (worker/expert_store.h).
+  run_on_all_ranks(comm, [&] {
+    if (args.expert_budgets.empty()) return;
+    if (comm.size() > 1)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "--expert-budget runs on one process for now: run epic eval without mpirun, or without it");
+    const ExpertInventory inventory = inspect_experts(config, *model.source, args.allow_missing_experts);
+    for (const std::string& budget : args.expert_budgets) {
+      for (const std::string& on_miss : args.on_miss) {
+        auto offload = std::make_shared<Variant::Offload>();
+        offload->budget = budget;
+        offload->on_miss = on_miss;
+        ExpertStoreOptions store_options;
+        store_options.tier = parse_expert_tier(args.expert_tier);
+        store_options.budget = expert_budget_slots(budget, inventory);
+        store_options.policy = parse_eviction_policy(args.eviction);
+        store_options.weight_type = weights.weight_type;
+        store_options.allow_missing_experts = args.allow_missing_experts;
+        offload->store =
+            std::make_unique<ExpertStore>(config, *model.source, *chosen.backend, std::move(store_options));
+        offload->executor = std::make_unique<OffloadingMoeExecutor>(config, weights, *chosen.backend,
+                                                                    *offload->store, parse_on_miss(on_miss));
+        offload->runner =
+            std::make_unique<ModelRunner>(config, weights, *chosen.backend, options, offload->executor.get());
+        Variant variant;
+        variant.name = "budget " + budget + " (" + on_miss + ")";
+        variant.top_k = config.num_experts_per_tok;
+        variant.policy = RoutingPolicy::trained(config);
+        variant.offload = std::move(offload);
+        variants.push_back(std::move(variant));
+      }
+    }
+  });
+
   if (root)
     std::fprintf(
         stderr,
@@ -484,26 +537,38 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
     }
     const Variant& variant = variants[v];
     const int64_t routable = present_experts - variant.policy->num_removed();
+    double resident = static_cast<double>(routable) * static_cast<double>(expert_bytes);
+    nlohmann::json store_report;
+    if (variant.offload) {
+      store_report = expert_store_report(
+          *variant.offload->store, variant.offload->executor->stats(),
+          {variant.offload->budget, args.expert_tier, args.eviction, variant.offload->on_miss});
+      resident = store_report["resident_bytes"].get<double>();
+      // The experts this variant read are the ones copied into its slots (every pick a row).
+      job.expert_bytes_read =
+          store_report["bytes_from_host"].get<double>() + store_report["bytes_from_disk"].get<double>();
+      job.expert_rows_computed = variant.offload->executor->stats().picks;
+    }
     const TokenQuality quality{job.nll_sum, job.kl_sum, job.agreements, job.scored};
-    rows.push_back(
-        {{"variant", variant.name},
-         {"experts_per_token", variant.top_k},
-         {"prune_percent", variant.prune_percent},
-         {"experts_removed", variant.policy->num_removed()},
-         {"perplexity", quality.perplexity()},
-         {"mean_nll", job.scored > 0 ? job.nll_sum / double(job.scored) : 0.0},
-         {"kl_vs_reference", quality.mean_kl()},
-         {"top1_agreement", quality.top1_agreement()},
-         {"scored_tokens", job.scored},
-         {"tokens_run", job.tokens_run},
-         {"seconds", job.seconds},
-         {"tokens_per_s", job.seconds > 0 ? double(job.tokens_run) / job.seconds : 0.0},
-         {"expert_bytes_resident", static_cast<double>(routable) * static_cast<double>(expert_bytes)},
-         {"expert_bytes_read", job.expert_bytes_read},
-         {"expert_bytes_read_per_token",
-          job.tokens_run > 0 ? job.expert_bytes_read / double(job.tokens_run) : 0.0},
-         {"expert_rows_per_token",
-          job.tokens_run > 0 ? double(job.expert_rows_computed) / double(job.tokens_run) : 0.0}});
+    rows.push_back({{"variant", variant.name},
+                    {"experts_per_token", variant.top_k},
+                    {"prune_percent", variant.prune_percent},
+                    {"experts_removed", variant.policy->num_removed()},
+                    {"perplexity", quality.perplexity()},
+                    {"mean_nll", job.scored > 0 ? job.nll_sum / double(job.scored) : 0.0},
+                    {"kl_vs_reference", quality.mean_kl()},
+                    {"top1_agreement", quality.top1_agreement()},
+                    {"scored_tokens", job.scored},
+                    {"tokens_run", job.tokens_run},
+                    {"seconds", job.seconds},
+                    {"tokens_per_s", job.seconds > 0 ? double(job.tokens_run) / job.seconds : 0.0},
+                    {"expert_bytes_resident", resident},
+                    {"expert_bytes_read", job.expert_bytes_read},
+                    {"expert_bytes_read_per_token",
+                     job.tokens_run > 0 ? job.expert_bytes_read / double(job.tokens_run) : 0.0},
+                    {"expert_rows_per_token",
+                     job.tokens_run > 0 ? double(job.expert_rows_computed) / double(job.tokens_run) : 0.0}});
+    if (variant.offload) rows.back()["expert_store"] = store_report;
   }
   if (!root) return 0;
   std::printf("%-34s %6s %11s %10s %8s %13s %11s %10s\n", "variant", "top-k", "perplexity", "KL (nats)",
@@ -515,6 +580,10 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
                 row["perplexity"].get<double>(), row["kl_vs_reference"].get<double>(),
                 row["top1_agreement"].get<double>(), row["expert_bytes_resident"].get<double>() / 1e6,
                 row["expert_bytes_read_per_token"].get<double>(), row["tokens_per_s"].get<double>());
+  for (const nlohmann::json& row : rows)
+    if (row.contains("expert_store"))
+      std::printf("%s: %s", row["variant"].get<std::string>().c_str(),
+                  expert_store_summary(row["expert_store"]).c_str());
   std::printf("%lld tokens scored in %zu windows of %lld (stride %lld) on %d rank(s); %s; %s\n",
               static_cast<long long>(rows[0]["scored_tokens"].get<int64_t>()), windows.size(),
               static_cast<long long>(args.window), static_cast<long long>(stride), comm.size(),

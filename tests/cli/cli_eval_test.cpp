@@ -205,6 +205,32 @@ TEST_F(Cli, ResidencyStateWakeIsTheModelWithFourExpertsPerToken) {
   EXPECT_NE(unknown.err.find("residency state 'sleep': use focus"), std::string::npos) << unknown.err;
 }
 
+// A budget of resident experts: waiting for a miss is the model as trained (same perplexity, no
+// divergence); substituting changes the routing, and the store's figures come with the row.
+TEST_F(CliEval, BudgetVariantsWaitIsTheReferenceSubstituteIsMeasured) {
+  const fs::path json = scratch() / "eval_budget.json";
+  const Outcome eval = run_epic(
+      "eval --model " + tiny().string() + " --text-file " + text_.string() +
+          " --window 32 --stride 16 --expert-budget 25% --on-miss wait,substitute --json " + json.string(),
+      scratch());
+  ASSERT_EQ(eval.exit_code, 0) << eval.err;
+  const nlohmann::json variants = read_json(json)["variants"];
+  ASSERT_EQ(variants.size(), 3u);
+  const nlohmann::json &reference = variants[0], &wait = variants[1], &substitute = variants[2];
+  EXPECT_EQ(wait["variant"], "budget 25% (wait)");
+  EXPECT_EQ(wait["perplexity"].get<double>(), reference["perplexity"].get<double>());
+  EXPECT_EQ(wait["top1_agreement"].get<double>(), 1.0);
+  EXPECT_LT(wait["kl_vs_reference"].get<double>(), 1e-6);
+  EXPECT_GT(wait["expert_store"]["misses"].get<int64_t>(), 0);
+  EXPECT_EQ(wait["expert_store"]["substituted_picks"].get<int64_t>(), 0);
+  // 2 of 8 experts in each of the 3 MoE layers.
+  EXPECT_EQ(wait["expert_store"]["resident_bytes"].get<double>(),
+            6 * wait["expert_store"]["expert_bytes"].get<double>());
+  EXPECT_GT(substitute["expert_store"]["substituted_picks"].get<int64_t>(), 0);
+  EXPECT_GT(substitute["kl_vs_reference"].get<double>(), 0.0);
+  EXPECT_NE(eval.out.find("picks substituted"), std::string::npos) << eval.out;
+}
+
 struct EvalBadInput {
   std::string name;
   std::string args;  // after "eval --model {tiny}"; {text}, {empty} and {scratch} are replaced
@@ -251,6 +277,10 @@ INSTANTIATE_TEST_SUITE_P(
                      "fewer than the 2 experts per token"},
         EvalBadInput{"EmptyCalibration", "--text-file {text} --prune 25 --calibration-file {empty}",
                      "--calibration-file"},
+        EvalBadInput{"BudgetOfNothing", "--text-file {text} --expert-budget 0%", "--expert-budget '0%'"},
+        EvalBadInput{"OnMissUnknown", "--text-file {text} --expert-budget 2 --on-miss skip",
+                     "--on-miss 'skip'"},
+        EvalBadInput{"OnMissWithoutBudget", "--text-file {text} --on-miss substitute", "add --expert-budget"},
         EvalBadInput{"JsonInMissingFolder", "--text-file {text} --json {scratch}/no/such.json",
                      "does not exist"}),
     [](const ::testing::TestParamInfo<EvalBadInput>& info) { return info.param.name; });
