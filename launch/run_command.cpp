@@ -413,15 +413,23 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   std::optional<ExpertStore> store;
   run_on_all_ranks(*comm, [&] {
     if (!args.expert_store.enabled()) return;
-    if (comm->size() > 1)
+    if (comm->size() > 1 && parse_on_miss(args.expert_store.on_miss) == OnMiss::kSubstitute)
       throw Error(
           ErrorCode::kInvalidArgument,
-          "--expert-budget runs on one process for now (the expert-parallel exchange does not use the "
-          "expert store yet): run without mpirun, or without the budget");
+          "--on-miss substitute runs on one process for now (under mpirun the router's choice is made on "
+          "the sending worker, the residency on the hosting one): use --on-miss wait");
+    // Under mpirun each worker's store holds its shard of the experts; the budget counts those.
+    const int rank = comm->rank();
+    ExpertInventory hosted = inspect_experts(model.config, *model.source, plan.allow_missing_experts);
+    for (auto& [layer, experts] : hosted)
+      for (int64_t e = 0; e < experts.num_experts; ++e)
+        experts.present[e] = experts.present[e] && table.hosts(rank, layer, e) ? 1 : 0;
     ExpertStoreOptions options;
     options.tier = parse_expert_tier(args.expert_store.tier);
-    options.budget = expert_budget_slots(
-        args.expert_store.budget, inspect_experts(model.config, *model.source, plan.allow_missing_experts));
+    options.budget = expert_budget_slots(args.expert_store.budget, hosted);
+    options.hosts_expert = [&table, rank](int64_t layer, int64_t expert) {
+      return table.hosts(rank, layer, expert);
+    };
     options.policy = parse_eviction_policy(args.expert_store.eviction);
     options.usefulness_decay = args.expert_store.usefulness_decay;
     options.weight_type = required_weight_type(chosen.activation_type);
@@ -511,9 +519,14 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   const bool local_moe =
       comm->size() == 1 && backend.memory_space() == MemorySpace::kDevice && args.load_profile_out.empty();
   std::optional<OffloadingMoeExecutor> offloading;
-  if (store) {
+  if (store && comm->size() == 1) {
     offloading.emplace(model.config, weights, backend, *store, parse_on_miss(args.expert_store.on_miss));
     moe_executor = &*offloading;
+  } else if (store) {
+    if (moe_executor != &executor)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "--expert-budget under mpirun works with the host exchange: add --ep-transport host");
+    executor.set_expert_store(&*store);
   }
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {
@@ -558,8 +571,10 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   const double run_seconds = seconds_since(run_start);
   if (store)
     std::fprintf(
-        stderr, "%s",
-        expert_store_summary(expert_store_report(*store, offloading->stats(), args.expert_store)).c_str());
+        stderr, "rank %d %s", comm->rank(),
+        expert_store_summary(
+            expert_store_report(*store, offloading ? offloading->stats() : OffloadStats{}, args.expert_store))
+            .c_str());
 
   wire::WorkerReport report;
   report.rank = comm->rank();
@@ -573,7 +588,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     report.bytes_read = model.source->bytes_read();
     report.resident_bytes += stats.resident_bytes + stats.host_tier_bytes;
     report.experts_hosted = 0;
-    for (const auto& [layer, experts] : inspect_experts(model.config, *model.source, plan.allow_missing_experts))
+    for (const auto& [layer, experts] :
+         inspect_experts(model.config, *model.source, plan.allow_missing_experts))
       report.experts_hosted += experts.num_present();
   }
   report.sequences = static_cast<int64_t>(mine.size());

@@ -239,7 +239,7 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
     for (int64_t k = 0; k < top_k; ++k) {
       const int32_t expert = meta[1 + 2 * k];
       if (expert < 0) continue;
-      if (expert >= moe.num_experts || !table_.hosts(rank, layer, expert) || !moe.hosts(expert))
+      if (expert >= moe.num_experts || !table_.hosts(rank, layer, expert) || !hosts(layer, expert))
         throw Error(ErrorCode::kInternal, "rank " + std::to_string(rank) + ": received a row for layer " +
                                               std::to_string(layer) + " expert " + std::to_string(expert) +
                                               ", which this worker does not host");
@@ -268,10 +268,10 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
     // The outputs in row order in a [records * top_k] table (combine_top_k's shape), whose row num_rows,
     // when there is one (some slot is not on this rank), is zero: every absent slot points there.
     const Tensor with_zero = scratch_.get(kExpertOut, act, {num_records * top_k, hidden_size});
-    run_experts_in_row_order(backend_, config_, moe, rows, experts,
-                             scratch_.get(kExpertSorted, act, {num_rows, hidden_size}),
-                             workspace.get(kSlotExpertOut, act, {num_rows, hidden_size}),
-                             with_zero.rows_view(0, num_rows), workspace);
+    compute_rows(layer, expert_of_row, rows, experts,
+                 scratch_.get(kExpertSorted, act, {num_rows, hidden_size}),
+                 workspace.get(kSlotExpertOut, act, {num_rows, hidden_size}),
+                 with_zero.rows_view(0, num_rows), workspace);
     if (num_rows < num_records * top_k)
       backend_.copy_from_host(with_zero, static_cast<size_t>(num_rows * row_bytes), zero_row.data(),
                               zero_row.size());

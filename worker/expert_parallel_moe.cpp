@@ -50,8 +50,31 @@ ExpertParallelMoeExecutor::ExpertParallelMoeExecutor(const ModelConfig& config, 
              ErrorCode::kInternal, "the routing table's node list does not match the job's ranks");
 }
 
+void ExpertParallelMoeExecutor::set_expert_store(ExpertStore* store) {
+  resident_ffn_ = store != nullptr ? std::make_unique<ResidentExpertFfn>(config_, backend_, *store) : nullptr;
+}
+
+bool ExpertParallelMoeExecutor::hosts(int64_t layer, int64_t expert) const {
+  return resident_ffn_ ? resident_ffn_->store().layer_weights(layer).hosts(expert)
+                       : weights_.layers[layer].moe.hosts(expert);
+}
+
+void ExpertParallelMoeExecutor::compute_rows(int64_t layer, const std::vector<int32_t>& experts_host,
+                                             const Tensor& rows, const Tensor& experts, const Tensor& sorted,
+                                             const Tensor& computed, const Tensor& y, Workspace& workspace) {
+  if (!resident_ffn_) {
+    run_experts_in_row_order(backend_, config_, weights_.layers[layer].moe, rows, experts, sorted, computed,
+                             y, workspace);
+    return;
+  }
+  for (int32_t expert : experts_host) resident_ffn_->store().record_use(layer, expert, 1.0f, step_);
+  resident_ffn_->run_in_row_order(layer, step_, rows, experts, sorted, computed, y, workspace);
+}
+
 void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                                         const Tensor& out, Workspace& workspace) {
+  if (layer <= last_layer_) ++step_;  // a new forward pass
+  last_layer_ = layer;
   if (options_.dispatch == EpDispatch::kHierarchical) {
     forward_hierarchical(layer, hidden, router_input, out, workspace);
   } else {
@@ -149,7 +172,8 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   const int64_t num_received = static_cast<int64_t>(recv_experts.size());
   for (int64_t i = 0; i < num_received; ++i) {
     const int32_t expert = recv_experts[i];
-    if (expert < 0 || expert >= moe.num_experts || !table_.hosts(rank, layer, expert) || !moe.hosts(expert))
+    if (expert < 0 || expert >= moe.num_experts || !table_.hosts(rank, layer, expert) ||
+        !hosts(layer, expert))
       throw Error(ErrorCode::kInternal, "rank " + std::to_string(rank) + ": received a row for layer " +
                                             std::to_string(layer) + " expert " + std::to_string(expert) +
                                             ", which this worker does not host");
@@ -159,10 +183,9 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   const Tensor received_rows = workspace.get(kSlotReceivedRows, act, {num_received, hidden_size});
   backend_.copy_from_host(received_rows, 0, recv_rows.data(), received_rows.bytes());
   // Each row's expert output, in the order the rows came in (back into received_rows).
-  run_experts_in_row_order(backend_, config_, moe, received_rows, received_experts,
-                           workspace.get(kSlotSortedRows, act, {num_received, hidden_size}),
-                           workspace.get(kSlotExpertOut, act, {num_received, hidden_size}), received_rows,
-                           workspace);
+  compute_rows(layer, recv_experts, received_rows, received_experts,
+               workspace.get(kSlotSortedRows, act, {num_received, hidden_size}),
+               workspace.get(kSlotExpertOut, act, {num_received, hidden_size}), received_rows, workspace);
   std::vector<char> computed(received_rows.bytes());
   backend_.copy_to_host(received_rows, 0, computed.data(), computed.size());
   count_expert_rows(layer, recv_experts);

@@ -21,6 +21,7 @@
 #include "kernels/backend.h"
 #include "worker/expert_routing_table.h"
 #include "worker/moe_executor.h"
+#include "worker/resident_expert_ffn.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -66,6 +67,11 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   const MoePhaseStats& stats() const { return stats_; }
   // Rows each hosted (layer, expert) of this worker computed: its load, for the next plan.
   const std::map<int64_t, std::vector<int64_t>>& expert_rows() const { return expert_rows_; }
+  // Compute the received rows with this worker's experts from a store (a budget of them resident, the
+  // rest in a lower tier; worker/expert_store.h) instead of the weights' own experts, which are then
+  // absent. Each received row counts as a use of its expert with weight 1 (the routing weights stay
+  // with the sender). Before the first step; the store outlives the executor.
+  void set_expert_store(ExpertStore* store);
 
  private:
   void forward_flat(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
@@ -84,6 +90,13 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   Workspace scratch_;  // the hierarchical scheme's own buffers (its slot numbers)
   MoePhaseStats stats_;
   std::map<int64_t, std::vector<int64_t>> expert_rows_;
+  std::unique_ptr<ResidentExpertFfn> resident_ffn_;  // with an expert store
+  int64_t step_ = 0, last_layer_ = -1;               // the store's step: one per forward pass
+  // y[i] = the FFN of experts[i] over rows[i] (moe_block.h), from the store when there is one.
+  void compute_rows(int64_t layer, const std::vector<int32_t>& experts_host, const Tensor& rows,
+                    const Tensor& experts, const Tensor& sorted, const Tensor& computed, const Tensor& y,
+                    Workspace& workspace);
+  bool hosts(int64_t layer, int64_t expert) const;  // by the weights, or by the store
 };
 
 }  // namespace epic

@@ -23,10 +23,12 @@ const char* on_miss_name(OnMiss on_miss) { return on_miss == OnMiss::kWait ? "wa
 
 OffloadingMoeExecutor::OffloadingMoeExecutor(const ModelConfig& config, const ModelWeights& weights,
                                              Backend& backend, ExpertStore& store, OnMiss on_miss)
-    : config_(config), weights_(weights), backend_(backend), store_(store), on_miss_(on_miss) {
-  for (const LayerWeights& layer : weights.layers)
-    if (layer.is_moe) max_experts_ = std::max(max_experts_, layer.moe.num_experts);
-}
+    : config_(config),
+      weights_(weights),
+      backend_(backend),
+      store_(store),
+      on_miss_(on_miss),
+      resident_ffn_(config, backend, store) {}
 
 std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, const MoeLayerWeights& moe,
                                                               int64_t rows, int64_t top_k,
@@ -120,30 +122,8 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
       workspace.get(kSlotExpertIntermediate, hidden.type, {slots, config_.moe_intermediate_size});
   std::vector<int32_t> offsets(static_cast<size_t>(num_experts + 1));
   backend_.copy_to_host(grouped.expert_offsets, 0, offsets.data(), offsets.size() * sizeof(int32_t));
-  std::vector<int64_t> needed;
-  for (int64_t e = 0; e < num_experts; ++e)
-    if (offsets[e + 1] > offsets[e]) needed.push_back(e);
-  const int64_t capacity = std::max<int64_t>(1, store_.capacity(layer));
-  std::vector<std::vector<int32_t>> group_hosts;  // host sources of the uploads, valid until synchronize
-  for (size_t first = 0, group = 0; first < needed.size(); first += capacity, ++group) {
-    const size_t last = std::min(needed.size(), first + static_cast<size_t>(capacity));  // exclusive
-    store_.ensure_resident(layer, std::vector<int64_t>(needed.begin() + first, needed.begin() + last), step_);
-    const int32_t lo = offsets[needed[first]], hi = offsets[needed[last - 1] + 1];
-    std::vector<int32_t>& local = group_hosts.emplace_back(offsets.size());
-    for (size_t e = 0; e < offsets.size(); ++e) local[e] = std::clamp(offsets[e], lo, hi) - lo;
-    if (group_offsets_.size() <= group)
-      group_offsets_.push_back(backend_.new_tensor(ScalarType::kI32, {max_experts_ + 1}));
-    const Tensor group_offsets = group_offsets_[group].view().rows_view(0, num_experts + 1);
-    backend_.copy_from_host(group_offsets, 0, local.data(), local.size() * sizeof(int32_t));
-    const MoeLayerWeights& resident = store_.layer_weights(layer);
-    backend_.expert_ffn(sorted.rows_view(lo, hi - lo), group_offsets, resident.gate_up, resident.down,
-                        resident.local_index, intermediate.rows_view(0, hi - lo),
-                        expert_out.rows_view(lo, hi - lo));
-    ++stats_.expert_groups;
-  }
+  stats_.expert_groups += resident_ffn_.run(layer, step_, sorted, offsets, intermediate, expert_out);
   backend_.combine_top_k(expert_out, grouped.sorted_position, routed.weights, out);
-  backend_.synchronize();  // the uploads' host sources end here
-  store_.unpin_all();
   // Substitution served this layer from what was resident; fetch what it missed for the tokens to come.
   if (!fetch_after.empty()) store_.prefetch(layer, fetch_after, step_);
 }

@@ -17,6 +17,7 @@
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
 #include "worker/moe_executor.h"
+#include "worker/resident_expert_ffn.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -65,8 +66,7 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   OnMiss on_miss_;
   int64_t step_ = 0;
   int64_t last_layer_ = -1;
-  int64_t max_experts_ = 0;                 // the most router rows of any MoE layer
-  std::vector<OwnedTensor> group_offsets_;  // per expert group of a step: its rows' offsets
+  ResidentExpertFfn resident_ffn_;
   OffloadStats stats_;
 };
 

@@ -114,6 +114,13 @@ const std::vector<ClusterCase> kCases = {
     {"TwoLiveSequencesSampling", "qwen3_moe_f32",
      "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 7 --temperature 0.9 --seed 3",
      "--max-active-sequences 2"},
+    // Each worker's expert store holds its shard with only a budget of it resident (worker/expert_store.h):
+    // one expert per layer, so every step computes its rows in several groups, and the disk tier.
+    {"ExpertBudgetOnePerLayer", "qwen3_moe_f32",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4", "--expert-budget 1"},
+    {"ExpertBudgetDiskTierMaskedExperts", "missing_experts",
+     "--prompt-ids 8,6,7,5,3,0,9 --max-new-tokens 5 --allow-missing-experts",
+     "--expert-budget 50% --expert-tier disk --eviction usefulness"},
 };
 
 INSTANTIATE_TEST_SUITE_P(Golden, ClusterMatchesOneProcess,
