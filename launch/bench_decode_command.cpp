@@ -8,28 +8,34 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 
 #include "comm/communicator.h"
+#include "coordinator/tokenizer.h"
 #include "kernels/error.h"
 #include "kernels/file_io.h"
 #include "launch/backend_choice.h"
 #include "launch/bench_decode_cluster.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
+#include "launch/expert_budget.h"
 #include "launch/flag_checks.h"
 #include "launch/model_source.h"
 #include "launch/rank_agreement.h"
 #include "worker/generation_loop.h"
 #include "worker/model_runner.h"
 #include "worker/model_weights.h"
+#include "worker/offloading_moe_executor.h"
 
 namespace epic::cli {
 namespace {
 
 using clock_type = std::chrono::steady_clock;
+namespace fs = std::filesystem;
 
 double seconds_since(clock_type::time_point start) {
   return std::chrono::duration<double>(clock_type::now() - start).count();
@@ -74,6 +80,10 @@ int bench_decode_command(const BenchDecodeArgs& args) {
   check_int_flag("--prefill-tokens", args.prefill_tokens, 0, 1 << 20);
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_model_source_flags({args.model_dir, args.random_weights, args.layers, args.weights_seed});
+  for (const std::string& budget : args.expert_budgets)
+    check_expert_store_flags({budget, args.expert_tier, args.eviction, args.on_miss});
+  if (args.expert_budgets.empty())
+    check_expert_store_flags({"", args.expert_tier, args.eviction, args.on_miss});
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   if (comm->size() == 1) return run_bench_decode(args, *comm);
   try {
@@ -100,7 +110,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
   const ModelConfig& config = model.config;
   Backend& backend = *chosen.backend;
   std::optional<DecodeCluster> cluster;
-  if (cluster_run) cluster.emplace(comm, config, *model.source);
+  if (cluster_run) cluster.emplace(comm, config, *model.source, args.allow_missing_experts);
   nlohmann::json results = nlohmann::json::array();
   // Rank 0 prints; under mpirun its figures are the job's (the slowest rank's time).
   auto emit = [&](nlohmann::json line) {
@@ -120,6 +130,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
 
   LoadOptions load_options;
   load_options.weight_type = required_weight_type(chosen.activation_type);
+  load_options.allow_missing_experts = args.allow_missing_experts;
   if (cluster)
     load_options.hosts_expert = [&](int64_t layer, int64_t expert) { return cluster->hosts(layer, expert); };
   const auto load_start = clock_type::now();
@@ -140,74 +151,148 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
         {"resident_bytes_per_rank", resident_bytes},
         {"gb_per_s", weights.bytes_read / load_seconds / 1e9}});
 
-  // Every rank its own prompts (sequences differ between ranks, as in a real job).
-  std::mt19937_64 generator(args.weights_seed + 7 + 1000003ULL * static_cast<uint64_t>(comm.rank()));
-  for (const int64_t batch : args.batches) {
-    RunnerOptions options;
-    options.activation_type = chosen.activation_type;
-    options.max_sequences = batch;
-    options.max_context = args.prompt_tokens + args.new_tokens + 1;
-    options.use_graphs = args.cuda_graphs;
-    options.max_graph_batch = std::max<int64_t>(512, batch);
-    ModelRunner runner(config, weights, backend, options, executor);
-    std::vector<std::vector<int32_t>> prompts;
-    std::vector<KvSequence> sequences;
-    for (int64_t s = 0; s < batch; ++s) {
-      prompts.push_back(random_prompt(generator, args.prompt_tokens, config.vocab_size));
-      sequences.push_back(runner.new_sequence());
-    }
-    std::vector<SequenceChunk> chunks;
-    for (int64_t s = 0; s < batch; ++s) chunks.push_back({&sequences[s], prompts[s], false});
-    // Under mpirun each step is agreed first (epic run's per-step all-gather, part of the step's time).
-    const auto step = [&](int64_t rows, bool decode_only) {
-      if (!cluster) return runner.forward_batch(chunks, false);
-      const StepAgreement agreement = cluster->agree(runner, rows, decode_only);
-      return runner.forward_batch(chunks, false, &agreement);
-    };
-    comm.barrier();
-    const auto prefill_start = clock_type::now();
-    StepOutput output = step(batch * args.prompt_tokens, false);
-    const double batch_prefill_seconds = slowest(seconds_since(prefill_start));
-    // Decode: the first two steps capture the graph (and warm up), the rest are timed.
-    std::vector<int32_t> next = output.greedy_ids;
-    double timed_seconds = 0;
-    int64_t timed_steps = 0;
-    for (int64_t i = 0; i < args.new_tokens - 1; ++i) {
-      for (int64_t s = 0; s < batch; ++s) {
-        EPIC_CHECK(next[s] >= 0, ErrorCode::kInternal, "decode produced non-finite logits");
-        chunks[s].tokens = std::span<const int32_t>(&next[s], 1);
-      }
-      if (i == 2) comm.barrier();  // the timed steps start together
-      const auto step_start = clock_type::now();
-      output = step(batch, true);
-      if (i >= 2) {
-        timed_seconds += seconds_since(step_start);
-        ++timed_steps;
-      }
-      next = output.greedy_ids;
-    }
-    timed_seconds = slowest(timed_seconds);
-    emit({{"name", "decode"},
-          {"batch", batch},
-          {"batch_per_rank", batch},
-          {"prompt_tokens", args.prompt_tokens},
-          {"new_tokens", args.new_tokens},
-          {"layers", config.num_hidden_layers},
-          {"graphs", args.cuda_graphs},
-          {"graph_replays", runner.graph_replays()},
-          {"timed_steps", timed_steps},
-          {"ms_per_step", timed_seconds / timed_steps * 1e3},
-          {"tokens_per_s", comm.size() * batch * timed_steps / timed_seconds},
-          {"batch_prefill_ms", batch_prefill_seconds * 1e3},
-          {"kv_cache_bytes", runner.kv_cache_bytes()},
-          {"workspace_bytes", runner.workspace_bytes()}});
+  // Prompts: random ids, or consecutive tokens of --prompts-from (a real text: a trained model then
+  // routes as it does in use, which is what an expert budget's hit rate depends on).
+  std::vector<int32_t> text_tokens;
+  if (!args.prompts_from.empty()) {
+    const fs::path tokenizer = fs::path(args.model_dir) / "tokenizer.json";
+    EPIC_CHECK(!args.model_dir.empty() && fs::exists(tokenizer), ErrorCode::kInvalidArgument,
+               "--prompts-from needs --model DIR with a tokenizer.json");
+    text_tokens = Tokenizer::load(tokenizer).encode(files::read_file(args.prompts_from, "--prompts-from"));
+    EPIC_CHECK(static_cast<int64_t>(text_tokens.size()) > args.prompt_tokens, ErrorCode::kInvalidArgument,
+               "--prompts-from " + args.prompts_from + ": fewer tokens than --prompt-tokens");
   }
+  // The expert budgets to compare with every expert resident (one process): each its own store.
+  struct Budget {
+    std::string name;  // "" = every expert resident
+    std::unique_ptr<ExpertStore> store;
+    std::unique_ptr<OffloadingMoeExecutor> offloading;
+  };
+  std::vector<Budget> budgets;
+  budgets.push_back({"", nullptr, nullptr});
+  EPIC_CHECK(args.expert_budgets.empty() || !cluster, ErrorCode::kInvalidArgument,
+             "bench-decode --expert-budget times one process: run it without mpirun");
+  for (const std::string& name : args.expert_budgets) {
+    ExpertStoreOptions store_options;
+    store_options.tier = parse_expert_tier(args.expert_tier);
+    store_options.budget = expert_budget_slots(name, inspect_experts(config, *model.source, args.allow_missing_experts));
+    store_options.policy = parse_eviction_policy(args.eviction);
+    store_options.weight_type = weights.weight_type;
+    store_options.allow_missing_experts = args.allow_missing_experts;
+    Budget budget{name,
+                  std::make_unique<ExpertStore>(config, *model.source, backend, std::move(store_options)),
+                  nullptr};
+    budget.offloading = std::make_unique<OffloadingMoeExecutor>(config, weights, backend, *budget.store,
+                                                                parse_on_miss(args.on_miss));
+    budgets.push_back(std::move(budget));
+  }
+  std::map<int64_t, double> all_resident_tokens_per_s;  // by batch
+  for (Budget& budget : budgets)
+    for (const int64_t batch : args.batches) {
+      // Every rank its own prompts (sequences differ between ranks, as in a real job); the same for every
+      // budget.
+      std::mt19937_64 generator(args.weights_seed + 7 + 1000003ULL * static_cast<uint64_t>(comm.rank()) +
+                                batch);
+      const ExpertStoreStats before = budget.store ? budget.store->stats() : ExpertStoreStats{};
+      RunnerOptions options;
+      options.activation_type = chosen.activation_type;
+      options.max_sequences = batch;
+      options.max_context = args.prompt_tokens + args.new_tokens + 1;
+      options.use_graphs = args.cuda_graphs;
+      options.max_graph_batch = std::max<int64_t>(512, batch);
+      ModelRunner runner(config, weights, backend, options,
+                         budget.offloading ? budget.offloading.get() : executor);
+      std::vector<std::vector<int32_t>> prompts;
+      std::vector<KvSequence> sequences;
+      for (int64_t s = 0; s < batch; ++s) {
+        if (text_tokens.empty()) {
+          prompts.push_back(random_prompt(generator, args.prompt_tokens, config.vocab_size));
+        } else {
+          const int64_t span = static_cast<int64_t>(text_tokens.size()) - args.prompt_tokens;
+          const int64_t at = (s * 7919 * args.prompt_tokens) % span;
+          prompts.emplace_back(text_tokens.begin() + at, text_tokens.begin() + at + args.prompt_tokens);
+        }
+        sequences.push_back(runner.new_sequence());
+      }
+      std::vector<SequenceChunk> chunks;
+      for (int64_t s = 0; s < batch; ++s) chunks.push_back({&sequences[s], prompts[s], false});
+      // Under mpirun each step is agreed first (epic run's per-step all-gather, part of the step's time).
+      const auto step = [&](int64_t rows, bool decode_only) {
+        if (!cluster) return runner.forward_batch(chunks, false);
+        const StepAgreement agreement = cluster->agree(runner, rows, decode_only);
+        return runner.forward_batch(chunks, false, &agreement);
+      };
+      comm.barrier();
+      const auto prefill_start = clock_type::now();
+      StepOutput output = step(batch * args.prompt_tokens, false);
+      const double batch_prefill_seconds = slowest(seconds_since(prefill_start));
+      // Decode: the first two steps capture the graph (and warm up), the rest are timed.
+      std::vector<int32_t> next = output.greedy_ids;
+      double timed_seconds = 0;
+      int64_t timed_steps = 0;
+      for (int64_t i = 0; i < args.new_tokens - 1; ++i) {
+        for (int64_t s = 0; s < batch; ++s) {
+          EPIC_CHECK(next[s] >= 0, ErrorCode::kInternal, "decode produced non-finite logits");
+          chunks[s].tokens = std::span<const int32_t>(&next[s], 1);
+        }
+        if (i == 2) comm.barrier();  // the timed steps start together
+        const auto step_start = clock_type::now();
+        output = step(batch, true);
+        if (i >= 2) {
+          timed_seconds += seconds_since(step_start);
+          ++timed_steps;
+        }
+        next = output.greedy_ids;
+      }
+      timed_seconds = slowest(timed_seconds);
+      const double tokens_per_s = comm.size() * batch * timed_steps / timed_seconds;
+      nlohmann::json residency = nullptr;
+      if (!budget.store) {
+        all_resident_tokens_per_s[batch] = tokens_per_s;
+      } else {
+        // This batch's share of the store's work (prefill and decode; the timed steps are most of it).
+        const ExpertStoreStats after = budget.store->stats();
+        const int64_t asked = (after.hits - before.hits) + (after.misses - before.misses);
+        const double moved = double(after.bytes_from_host - before.bytes_from_host) +
+                             double(after.bytes_from_disk - before.bytes_from_disk);
+        const double stalled = after.stall_seconds - before.stall_seconds;
+        residency = {{"expert_budget", budget.name},
+                     {"tier", args.expert_tier},
+                     {"eviction", args.eviction},
+                     {"on_miss", args.on_miss},
+                     {"resident_expert_bytes", after.resident_bytes},
+                     {"host_tier_bytes", after.host_tier_bytes},
+                     {"hit_rate", asked > 0 ? double(after.hits - before.hits) / double(asked) : 1.0},
+                     {"misses", after.misses - before.misses},
+                     {"bytes_moved", moved},
+                     {"stall_seconds", stalled},
+                     {"copy_gb_per_s_while_stalled", stalled > 0 ? moved / stalled / 1e9 : 0.0},
+                     {"tokens_per_s_vs_all_resident", tokens_per_s / all_resident_tokens_per_s[batch]}};
+      }
+      emit({{"name", "decode"},
+            {"expert_budget", budget.name.empty() ? "all" : budget.name},
+            {"residency", residency},
+            {"batch", batch},
+            {"batch_per_rank", batch},
+            {"prompt_tokens", args.prompt_tokens},
+            {"new_tokens", args.new_tokens},
+            {"layers", config.num_hidden_layers},
+            {"graphs", args.cuda_graphs},
+            {"graph_replays", runner.graph_replays()},
+            {"timed_steps", timed_steps},
+            {"ms_per_step", timed_seconds / timed_steps * 1e3},
+            {"tokens_per_s", tokens_per_s},
+            {"batch_prefill_ms", batch_prefill_seconds * 1e3},
+            {"kv_cache_bytes", runner.kv_cache_bytes()},
+            {"workspace_bytes", runner.workspace_bytes()}});
+    }
   if (args.prefill_tokens > 0) {
     RunnerOptions options;
     options.activation_type = chosen.activation_type;
     options.max_sequences = 1;
     options.max_context = args.prefill_tokens;
     ModelRunner runner(config, weights, backend, options);
+    std::mt19937_64 generator(args.weights_seed + 7);
     const std::vector<int32_t> prompt = random_prompt(generator, args.prefill_tokens, config.vocab_size);
     std::vector<double> times;
     for (int rep = 0; rep < 4; ++rep) {  // the first sizes the work buffers

@@ -156,6 +156,14 @@ struct BenchDecodeArgs {
   std::string json_out;
   double comm_timeout_seconds = 300;  // under mpirun
   bool ep_overlap = false;            // under mpirun with NCCL: two-batch overlap of the prefill steps
+  // Decode with only a budget of experts resident (one process), each budget against every expert resident
+  // in the same run (launch/expert_budget.h); prompts from a text instead of random ids.
+  std::vector<std::string> expert_budgets;
+  std::string expert_tier = "host";
+  std::string eviction = "lru";
+  std::string on_miss = "wait";
+  std::string prompts_from;
+  bool allow_missing_experts = false;
 };
 int bench_decode_command(const BenchDecodeArgs& args);
 

@@ -349,6 +349,21 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--json", decode_args.json_out, "Also write the results as a JSON array");
   bench_decode->add_option("--comm-timeout", decode_args.comm_timeout_seconds, comm_timeout_help)
       ->capture_default_str();
+  bench_decode
+      ->add_option(
+          "--expert-budget", decode_args.expert_budgets,
+          "Also decode with only this budget of experts resident (N, P% or total:N; a list, e.g. 50%,25%), "
+          "each against every expert resident")
+      ->delimiter(',');
+  bench_decode->add_option("--expert-tier", decode_args.expert_tier, "host or disk")->capture_default_str();
+  bench_decode->add_option("--eviction", decode_args.eviction, "lru, lfu or usefulness")
+      ->capture_default_str();
+  bench_decode->add_option("--on-miss", decode_args.on_miss, "wait or substitute")->capture_default_str();
+  bench_decode->add_flag("--allow-missing-experts", decode_args.allow_missing_experts,
+                         "Mask experts the checkpoint lacks out of routing instead of failing");
+  bench_decode->add_option(
+      "--prompts-from", decode_args.prompts_from,
+      "Prompts are consecutive tokens of this text (--model's tokenizer) instead of random ids");
   bench_decode->add_flag(
       "--ep-overlap,!--no-ep-overlap", decode_args.ep_overlap,
       "Under mpirun with NCCL: two-batch overlap of the normal-mode MoE exchanges (prefill)");

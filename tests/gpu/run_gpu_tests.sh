@@ -4,7 +4,7 @@
 # skip visibly, and this script is how they run.
 #
 #   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab] [ffn]
-#                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench] [ep-decode] [eval]
+#                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench] [ep-decode] [eval] [offload]
 #   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
@@ -37,6 +37,8 @@
 #             weights in memory) at EP1, EP2, EP4 (EP_DECODE_RANKS) and batches EP_DECODE_BATCHES per GPU
 #     eval:   the trained model's quality table: transformers' perplexity against epic eval (fp32, bf16,
 #             2 ranks against 1), tests/gpu/eval_quality.sh; carry .device/tokenizer.json in .device.txz
+#     offload: decode with 50% / 25% of the experts resident against all (bench-decode --expert-budget),
+#             the trained model and the Qwen3-30B-A3B shape, tests/gpu/offload_bench.sh
 #     (knobs: NCCL_GOLDEN_RANKS and EP_GOLDEN_VARIANTS pick the golden runs of nccl, NCCL_FAULTS=0 skips
 #     its fault runs; EP_BENCH_RANKS, EP_BENCH_ONE_GPU=0 / EP_BENCH_ONE_GPU_TOKENS, EP_OVERLAP_TOKENS and
 #     EP_LOW_LATENCY_TOKENS split ep-bench over calls; EP_LL_MODES: eager and/or graph low-latency timing)
@@ -88,13 +90,13 @@ if wants golden; then
 fi
 
 needs_build=0
-for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode eval; do wants "$mode" && needs_build=1; done
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode eval offload; do wants "$mode" && needs_build=1; done
 # nccl alone needs one test binary, not the whole tree (device time).
 only_nccl=1
 for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
 build_targets=()
 wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test epic)
-{ wants ep-bench || wants ep-decode || wants eval; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
+{ wants ep-bench || wants ep-decode || wants eval || wants offload; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
 if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
@@ -125,6 +127,12 @@ if wants eval; then
   log "eval: the trained model's quality table (tests/gpu/eval_quality.sh)"
   bash tests/gpu/eval_quality.sh "$BUILD" "$OUT" > "$OUT/eval.log" 2>&1 || status=1
   grep -E "^eval|^top-|^pruned|tokens scored" "$OUT/eval.log" | tee -a "$OUT/summary.log"
+fi
+
+if wants offload; then
+  log "offload: decode with a budget of experts resident (tests/gpu/offload_bench.sh)"
+  bash tests/gpu/offload_bench.sh "$BUILD" "$OUT" > "$OUT/offload.log" 2>&1 || status=1
+  grep -E "^offload" "$OUT/offload.log" | tee -a "$OUT/summary.log"
 fi
 
 if wants nccl; then
