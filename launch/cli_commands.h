@@ -176,6 +176,7 @@ struct EvalArgs {
   std::optional<int64_t> stride;      // tokens a window advances; default window / 2
   int64_t max_tokens = 0;             // score only the text's first N tokens; 0: all
   int64_t windows_per_step = 4;       // per rank, run together in one batched step
+  bool decode = false;                // score token by token as generation runs (after the window's context)
   std::vector<int64_t> top_k;         // variants: experts per token
   std::vector<double> prune_percent;  // variants: percent of each pruned layer's experts removed
   std::string prune_layers = "all";   // "all" or MoE layer indices "2,5"

@@ -388,6 +388,9 @@ int main(int argc, char** argv) {
   eval->add_option("--windows-per-step", eval_args.windows_per_step, "Windows each rank runs in one step")
       ->capture_default_str()
       ->transform(strict_integer<int64_t>());
+  eval->add_flag("--decode", eval_args.decode,
+                 "Score token by token as generation runs (one decode step per token after the window's "
+                 "context), so an expert budget's residency behaves as in generation; slower");
   eval->add_option("--top-k", eval_args.top_k,
                    "Experts per token to compare with the trained top-k, e.g. 6,4,2,1 (wake = 4)")
       ->delimiter(',');

@@ -127,13 +127,14 @@ std::pair<int64_t, int64_t> experts_and_rows_between(const std::map<int64_t, std
 class Evaluator {
  public:
   Evaluator(Communicator& comm, DecodeCluster& cluster, ModelRunner& runner, const ModelConfig& config,
-            int64_t windows_per_step, int threads)
+            int64_t windows_per_step, int threads, bool decode)
       : comm_(comm),
         cluster_(cluster),
         runner_(runner),
         config_(config),
         windows_per_step_(windows_per_step),
-        threads_(std::max(1, threads)) {}
+        threads_(std::max(1, threads)),
+        decode_(decode) {}
 
   // Runs every window of `tokens` under the reference and each variant; with `variants` empty, only the
   // reference (the calibration pass). Returns per variant (index 0: the reference) this rank's totals.
@@ -168,17 +169,58 @@ class Evaluator {
         }
         const auto before = rows_so_far(cluster_);
         const auto start = clock_type::now();
-        const StepAgreement agreement = cluster_.agree(runner, rows, false);
-        StepOutput output = runner.forward_batch(chunks, want_quality, &agreement);
+        if (!decode_) {
+          const StepAgreement agreement = cluster_.agree(runner, rows, false);
+          StepOutput output = runner.forward_batch(chunks, want_quality, &agreement);
+          totals[v].seconds += std::chrono::duration<double>(clock_type::now() - start).count();
+          record_reads(before, expert_bytes, rows, totals[v]);
+          if (!want_quality) continue;
+          for (size_t c = 0; c < mine.size(); ++c)
+            score(mine[c], tokens, output.logits.of_chunk(c), mine[c].first_target - 1 - mine[c].begin,
+                  v == 0, reference_log_probs[c], reference_argmax[c], totals[v]);
+          continue;
+        }
+        // Decode: the context before each window's first target in one step, then one token per step as
+        // generation feeds them; every rank runs the round's longest window's steps (collectives).
+        int64_t longest = 0;
+        for (int64_t i = 0; i < per_round; ++i) {
+          const int64_t w = round * per_round + i;
+          if (w < static_cast<int64_t>(windows.size()))
+            longest = std::max(longest, windows[w].end - windows[w].first_target);
+        }
+        std::vector<std::vector<float>> scored_logits(mine.size());
+        for (size_t c = 0; c < mine.size(); ++c)
+          chunks[c].tokens =
+              std::span<const int32_t>(tokens.data() + mine[c].begin, mine[c].first_target - mine[c].begin);
+        for (int64_t step = 0; step < longest; ++step) {
+          std::vector<SequenceChunk> active;
+          std::vector<size_t> which;
+          int64_t step_rows = 0;
+          for (size_t c = 0; c < mine.size(); ++c) {
+            if (step >= mine[c].end - mine[c].first_target) continue;
+            if (step > 0)
+              chunks[c].tokens = std::span<const int32_t>(tokens.data() + mine[c].first_target + step - 1, 1);
+            chunks[c].all_positions = false;
+            active.push_back(chunks[c]);
+            which.push_back(c);
+            step_rows += static_cast<int64_t>(chunks[c].tokens.size());
+          }
+          const auto step_before = rows_so_far(cluster_);
+          const StepAgreement agreement = cluster_.agree(runner, step_rows, step > 0);
+          StepOutput output = runner.forward_batch(active, want_quality, &agreement);
+          record_reads(step_before, expert_bytes, 0, totals[v]);  // the experts each step read
+          if (!want_quality) continue;
+          for (size_t a = 0; a < which.size(); ++a) {
+            const std::span<const float> row = output.logits.last_row(a);
+            scored_logits[which[a]].insert(scored_logits[which[a]].end(), row.begin(), row.end());
+          }
+        }
         totals[v].seconds += std::chrono::duration<double>(clock_type::now() - start).count();
-        const auto [experts, expert_rows] = experts_and_rows_between(before, rows_so_far(cluster_));
-        totals[v].expert_bytes_read += static_cast<double>(experts) * static_cast<double>(expert_bytes);
-        totals[v].expert_rows_computed += expert_rows;
         totals[v].tokens_run += rows;
         if (!want_quality) continue;
         for (size_t c = 0; c < mine.size(); ++c)
-          score(mine[c], tokens, output.logits.of_chunk(c), v == 0, reference_log_probs[c],
-                reference_argmax[c], totals[v]);
+          score(mine[c], tokens, scored_logits[c], 0, v == 0, reference_log_probs[c], reference_argmax[c],
+                totals[v]);
       }
     }
     return totals;
@@ -188,11 +230,11 @@ class Evaluator {
   // Scores one window's targets; the reference keeps its log-probabilities for the variants. Rows are
   // spread over threads in fixed chunks whose sums are added in chunk order, so the figures do not depend
   // on the thread count.
+  // `logits` holds the target rows from first_row on.
   void score(const EvalWindow& window, const std::vector<int32_t>& tokens, std::span<const float> logits,
-             bool reference, std::vector<float>& reference_log_probs, std::vector<int64_t>& reference_argmax,
-             VariantTotals& totals) const {
+             int64_t first_row, bool reference, std::vector<float>& reference_log_probs,
+             std::vector<int64_t>& reference_argmax, VariantTotals& totals) const {
     const int64_t vocab = config_.vocab_size;
-    const int64_t first_row = window.first_target - 1 - window.begin;
     const int64_t scored = window.end - window.first_target;
     if (reference) {
       reference_log_probs.resize(static_cast<size_t>(scored * vocab));
@@ -239,12 +281,21 @@ class Evaluator {
     }
   }
 
+  void record_reads(const std::map<int64_t, std::vector<int64_t>>& before, uint64_t expert_bytes,
+                    int64_t rows, VariantTotals& totals) const {
+    const auto [experts, expert_rows] = experts_and_rows_between(before, rows_so_far(cluster_));
+    totals.expert_bytes_read += static_cast<double>(experts) * static_cast<double>(expert_bytes);
+    totals.expert_rows_computed += expert_rows;
+    totals.tokens_run += rows;
+  }
+
   Communicator& comm_;
   DecodeCluster& cluster_;
   ModelRunner& runner_;
   const ModelConfig& config_;
   int64_t windows_per_step_;
   int threads_;  // for scoring rows on the host
+  bool decode_;  // token by token after the context (eval --decode), else each window in one step
 };
 
 // The experts of each pruned layer used least on the calibration text, percent of its present ones
@@ -413,7 +464,8 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
   options.use_graphs = false;  // whole windows, no decode steps
   std::optional<ModelRunner> runner;
   run_on_all_ranks(comm, [&] { runner.emplace(config, weights, *chosen.backend, options, executor); });
-  Evaluator evaluator(comm, *cluster, *runner, config, args.windows_per_step, default_cpu_threads());
+  Evaluator evaluator(comm, *cluster, *runner, config, args.windows_per_step, default_cpu_threads(),
+                      args.decode);
   const uint64_t expert_bytes = resident_expert_bytes(config, weights.weight_type);
 
   // The variants: the reference, then each top-k, then each pruning of the chosen layers.
@@ -422,12 +474,17 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
                       config.num_experts_per_tok,
                       0,
                       {},
-                      RoutingPolicy::trained(config)});
+                      RoutingPolicy::trained(config),
+                      nullptr});
   run_on_all_ranks(comm, [&] {
     for (int64_t k : args.top_k) {
       if (k == config.num_experts_per_tok) continue;  // the reference already
-      variants.push_back(
-          {variant_name(k, config), k, 0, {}, RoutingPolicy::make(config, weights, *chosen.backend, k, {})});
+      variants.push_back({variant_name(k, config),
+                          k,
+                          0,
+                          {},
+                          RoutingPolicy::make(config, weights, *chosen.backend, k, {}),
+                          nullptr});
     }
   });
   std::map<int64_t, std::vector<int64_t>> use;  // calibration rows per (layer, expert), every rank's

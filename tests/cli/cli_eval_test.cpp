@@ -231,6 +231,23 @@ TEST_F(CliEval, BudgetVariantsWaitIsTheReferenceSubstituteIsMeasured) {
   EXPECT_NE(eval.out.find("picks substituted"), std::string::npos) << eval.out;
 }
 
+// --decode scores token by token through the KV cache: the same perplexity as whole windows (to float
+// rounding of the two attention paths), and a budget that waits is still the reference exactly.
+TEST_F(CliEval, DecodeModeScoresAsWholeWindowsDo) {
+  const std::string common = "eval --model " + tiny().string() + " --text-file " + text_.string() +
+                             " --window 32 --stride 16 --precision fp32 --json ";
+  const fs::path windows = scratch() / "eval_windows.json", decode = scratch() / "eval_decode.json";
+  const Outcome a = run_epic(common + windows.string(), scratch());
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  const Outcome b = run_epic(common + decode.string() + " --decode --expert-budget 2", scratch());
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  const nlohmann::json whole = read_json(windows)["variants"][0], stepped = read_json(decode)["variants"];
+  EXPECT_EQ(stepped[0]["scored_tokens"], whole["scored_tokens"]);
+  EXPECT_NEAR(stepped[0]["perplexity"].get<double>() / whole["perplexity"].get<double>(), 1.0, 1e-5);
+  EXPECT_EQ(stepped[1]["perplexity"].get<double>(), stepped[0]["perplexity"].get<double>());
+  EXPECT_GT(stepped[1]["expert_store"]["hits"].get<int64_t>(), 0);
+}
+
 struct EvalBadInput {
   std::string name;
   std::string args;  // after "eval --model {tiny}"; {text}, {empty} and {scratch} are replaced

@@ -3,6 +3,8 @@
 // loaded, whatever the budget, tier and eviction policy; substituting reports what it substituted; bad
 // flags get clear errors.
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -56,6 +58,36 @@ TEST_F(Cli, ExpertBudgetWithSubstituteReportsTheSubstitutions) {
   const size_t of = run.err.rfind(" of ", at);
   const size_t start = run.err.rfind(' ', of - 1) + 1;
   EXPECT_GT(std::stoll(run.err.substr(start, of - start)), 0) << run.err;
+}
+
+// bench-decode --expert-budget: every budget's decode line next to the all-resident one of the same run.
+TEST_F(Cli, BenchDecodeComparesEachBudgetWithEveryExpertResident) {
+  const Outcome bench =
+      run_epic("bench-decode --model " + trained_model().string() +
+                   " --allow-missing-experts --backend cpu --batch 1 --prompt-tokens 8 --new-tokens 6 "
+                   "--expert-budget 50%,total:20",
+               scratch());
+  ASSERT_EQ(bench.exit_code, 0) << bench.err;
+  std::vector<nlohmann::json> decode;
+  std::stringstream lines(bench.out);
+  for (std::string line; std::getline(lines, line);) {
+    const nlohmann::json item = nlohmann::json::parse(line);
+    if (item["name"] == "decode") decode.push_back(item);
+  }
+  ASSERT_EQ(decode.size(), 3u) << bench.out;
+  EXPECT_EQ(decode[0]["expert_budget"], "all");
+  EXPECT_TRUE(decode[0]["residency"].is_null());
+  for (size_t i = 1; i < 3; ++i) {
+    const nlohmann::json& residency = decode[i]["residency"];
+    EXPECT_GT(residency["tokens_per_s_vs_all_resident"].get<double>(), 0.0);
+    EXPECT_GE(residency["hit_rate"].get<double>(), 0.0);
+    EXPECT_LE(residency["hit_rate"].get<double>(), 1.0);
+    EXPECT_GT(residency["resident_expert_bytes"].get<double>(), 0.0);
+  }
+  EXPECT_EQ(decode[1]["expert_budget"], "50%");
+  // total:20 over 8 layers is less than half of 245 experts.
+  EXPECT_LT(decode[2]["residency"]["resident_expert_bytes"].get<double>(),
+            decode[1]["residency"]["resident_expert_bytes"].get<double>());
 }
 
 TEST_F(Cli, ExpertStoreFlagsAreChecked) {
