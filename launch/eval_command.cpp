@@ -397,21 +397,8 @@ int run_eval(const EvalArgs& args, Communicator& comm);
 }  // namespace
 
 int eval_command(const EvalArgs& args) {
-  check_eval_flags(args);
-  std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
-  try {
-    return run_eval(args, *comm);
-  } catch (const AgreedError& e) {
-    if (comm->rank() == 0) print_error(e);
-    try {
-      comm->barrier();
-    } catch (const Error&) {
-    }
-    throw SilentFailure{exit_code_for(e.code())};
-  } catch (const Error& e) {
-    if (comm->size() == 1) throw;
-    end_job_naming_rank(*comm, e);
-  }
+  return run_job([&] { check_eval_flags(args); }, args.comm_timeout_seconds,
+                 [&](Communicator& comm) { return run_eval(args, comm); });
 }
 
 namespace {

@@ -35,4 +35,15 @@ void run_on_all_ranks(Communicator& comm, const std::function<void()>& phase);
 // or the peer at fault), the others (a bad value, a backend error) get this rank's prefix.
 [[noreturn]] void end_job_naming_rank(Communicator& comm, const Error& error);
 
+// A job's command from start to exit code: check_flags() first on every rank before MPI starts (a bad
+// flag is reported by the launcher's rank 0 alone; the others wait a moment and exit quietly, since
+// mpirun ends the job at the first non-zero exit), then the communicator, then body(comm). An
+// AgreedError is reported once by rank 0 after a last barrier; an error on one rank alone ends the job
+// at once, naming the rank (end_job_naming_rank). One process: errors go up as they are.
+int run_job(const std::function<void()>& check_flags, double comm_timeout_seconds,
+            const std::function<int(Communicator&)>& body);
+
+// This process's rank as the launcher's environment tells it before MPI starts (0 when none does).
+int launcher_rank();
+
 }  // namespace epic::cli

@@ -296,15 +296,6 @@ void print_results(const RunArgs& args, const ResultPrinter& printer, size_t num
 
 int run_on_cluster(const RunArgs& args, Communicator& communicator);
 
-// This process's rank as the launcher's environment tells it before MPI starts (0 when none does).
-int launcher_rank() {
-  for (const char* name : {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"}) {
-    const char* value = std::getenv(name);
-    if (value != nullptr && *value != '\0') return std::atoi(value);
-  }
-  return 0;
-}
-
 // This process's host name (a node of the cluster), "?" when the system does not say.
 std::string host_name() {
   char name[256] = {};
@@ -315,47 +306,12 @@ std::string host_name() {
 }  // namespace
 
 int run_command(const RunArgs& args) {
-  try {
-    check_flags(args);
-    check_int_flag("--max-active-sequences", args.max_active_sequences, 1, kMaxActiveSequencesBound);
-  } catch (const Error& e) {
-    // Every rank checks the same flags before MPI starts: only the launcher's rank 0 reports, so the
-    // message appears once. The others wait a moment first, because mpirun ends the job at the first
-    // non-zero exit and could cut rank 0's message off.
-    if (launcher_rank() > 0) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(500));
-      throw SilentFailure{exit_code_for(e.code())};
-    }
-    throw;
-  }
-  std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
-  try {
-    return run_on_cluster(args, *comm);
-  } catch (const AgreedError& e) {
-    // Rank 0 reports the error every rank raised. Then all ranks meet once more before exiting,
-    // because mpirun aborts the job at the first non-zero exit and would cut rank 0's report off.
-    if (comm->rank() == 0) print_error(e);
-    try {
-      comm->barrier();
-    } catch (const Error&) {
-      // A rank already gone: nothing left to coordinate; exit with the agreed code anyway.
-    }
-    throw SilentFailure{exit_code_for(e.code())};
-  } catch (const Error& e) {
-    if (comm->size() == 1) throw;
-    // Raised on this rank alone, at load or mid-generation (a timeout, a stuck or dead peer, non-finite
-    // logits, a backend error, a failure inside the MoE exchange): no agreement point comes, and the peers
-    // may be waiting in a collective for this rank. End the whole job now, reported once and naming this
-    // rank, instead of leaving them to their timeouts or to a barrier or MPI_Finalize that waits on a rank
-    // that is gone. No collective per step is spent on telling them: MPI_Abort does.
-    end_job_naming_rank(*comm, e);
-  } catch (const std::exception& e) {
-    if (comm->size() == 1) throw;
-    end_job_naming_rank(*comm, Error(ErrorCode::kInternal, e.what()));
-  } catch (...) {
-    if (comm->size() == 1) throw;
-    end_job_naming_rank(*comm, Error(ErrorCode::kInternal, "an exception that is not a std::exception"));
-  }
+  return run_job(
+      [&] {
+        check_flags(args);
+        check_int_flag("--max-active-sequences", args.max_active_sequences, 1, kMaxActiveSequencesBound);
+      },
+      args.comm_timeout_seconds, [&](Communicator& comm) { return run_on_cluster(args, comm); });
 }
 
 namespace {

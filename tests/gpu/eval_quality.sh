@@ -11,10 +11,7 @@
 set -uo pipefail
 build=$1 out=$2
 status=0
-model=$PWD/out/models/qwen3-moe-python-small
-mkdir -p "$model"
-for f in configs/models/qwen3-moe-python-small/*; do ln -sf "$PWD/$f" "$model/"; done
-ln -sf "$PWD/.device/tokenizer.json" "$model/tokenizer.json"
+source tests/gpu/trained_model_dir.sh  # $model
 text=$model/heldout.txt
 calibration=$model/calibration.txt
 max=${EVAL_MAX_TOKENS:-16384}
