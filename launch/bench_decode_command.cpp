@@ -81,9 +81,9 @@ int bench_decode_command(const BenchDecodeArgs& args) {
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_model_source_flags({args.model_dir, args.random_weights, args.layers, args.weights_seed});
   for (const std::string& budget : args.expert_budgets)
-    check_expert_store_flags({budget, args.expert_tier, args.eviction, args.on_miss});
+    check_expert_store_flags({budget, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch});
   if (args.expert_budgets.empty())
-    check_expert_store_flags({"", args.expert_tier, args.eviction, args.on_miss});
+    check_expert_store_flags({"", args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch});
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   if (comm->size() == 1) return run_bench_decode(args, *comm);
   try {
@@ -175,15 +175,16 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
   for (const std::string& name : args.expert_budgets) {
     ExpertStoreOptions store_options;
     store_options.tier = parse_expert_tier(args.expert_tier);
-    store_options.budget = expert_budget_slots(name, inspect_experts(config, *model.source, args.allow_missing_experts));
+    store_options.budget =
+        expert_budget_slots(name, inspect_experts(config, *model.source, args.allow_missing_experts));
     store_options.policy = parse_eviction_policy(args.eviction);
     store_options.weight_type = weights.weight_type;
     store_options.allow_missing_experts = args.allow_missing_experts;
     Budget budget{name,
                   std::make_unique<ExpertStore>(config, *model.source, backend, std::move(store_options)),
                   nullptr};
-    budget.offloading = std::make_unique<OffloadingMoeExecutor>(config, weights, backend, *budget.store,
-                                                                parse_on_miss(args.on_miss));
+    budget.offloading = std::make_unique<OffloadingMoeExecutor>(
+        config, weights, backend, *budget.store, parse_on_miss(args.on_miss), parse_prefetch(args.prefetch));
     budgets.push_back(std::move(budget));
   }
   std::map<int64_t, double> all_resident_tokens_per_s;  // by batch
@@ -260,6 +261,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
                      {"tier", args.expert_tier},
                      {"eviction", args.eviction},
                      {"on_miss", args.on_miss},
+                     {"prefetch", args.prefetch},
                      {"resident_expert_bytes", after.resident_bytes},
                      {"host_tier_bytes", after.host_tier_bytes},
                      {"hit_rate", asked > 0 ? double(after.hits - before.hits) / double(asked) : 1.0},

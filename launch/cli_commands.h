@@ -162,6 +162,7 @@ struct BenchDecodeArgs {
   std::string expert_tier = "host";
   std::string eviction = "lru";
   std::string on_miss = "wait";
+  std::string prefetch = "next-layer";
   std::string prompts_from;
   bool allow_missing_experts = false;
 };
@@ -186,6 +187,7 @@ struct EvalArgs {
   std::vector<std::string> on_miss = {"wait"};
   std::string expert_tier = "host";
   std::string eviction = "lru";
+  std::string prefetch = "next-layer";
   bool allow_missing_experts = false;
   std::string backend = "auto";
   std::optional<int> device;

@@ -71,6 +71,10 @@ void add_expert_store_flags(CLI::App& command, ExpertStoreFlags& flags) {
       .add_option("--on-miss", flags.on_miss,
                   "wait (copy the expert in) or substitute (route to the most probable resident expert)")
       ->capture_default_str();
+  command
+      .add_option("--prefetch", flags.prefetch,
+                  "next-layer: after each routing, load the next MoE layer's likely experts; none")
+      ->capture_default_str();
   command.add_option("--usefulness-decay", flags.usefulness_decay, "Per step, of the usefulness score")
       ->capture_default_str();
 }
@@ -359,6 +363,7 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--eviction", decode_args.eviction, "lru, lfu or usefulness")
       ->capture_default_str();
   bench_decode->add_option("--on-miss", decode_args.on_miss, "wait or substitute")->capture_default_str();
+  bench_decode->add_option("--prefetch", decode_args.prefetch, "next-layer or none")->capture_default_str();
   bench_decode->add_flag("--allow-missing-experts", decode_args.allow_missing_experts,
                          "Mask experts the checkpoint lacks out of routing instead of failing");
   bench_decode->add_option(
@@ -409,6 +414,8 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->capture_default_str();
   eval->add_option("--expert-tier", eval_args.expert_tier, "For the budget variants: host or disk")
+      ->capture_default_str();
+  eval->add_option("--prefetch", eval_args.prefetch, "For the budget variants: next-layer or none")
       ->capture_default_str();
   eval->add_option("--eviction", eval_args.eviction, "For the budget variants: lru, lfu or usefulness")
       ->capture_default_str();

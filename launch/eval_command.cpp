@@ -383,9 +383,10 @@ void check_eval_flags(const EvalArgs& args) {
   if (args.on_miss.empty())
     throw Error(ErrorCode::kInvalidArgument, "--on-miss: give wait, substitute or both (wait,substitute)");
   for (const std::string& on_miss : args.on_miss) {
-    if (args.expert_budgets.empty()) check_expert_store_flags({"", args.expert_tier, args.eviction, on_miss});
+    if (args.expert_budgets.empty())
+      check_expert_store_flags({"", args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch});
     for (const std::string& budget : args.expert_budgets)
-      check_expert_store_flags({budget, args.expert_tier, args.eviction, on_miss});
+      check_expert_store_flags({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch});
   }
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
@@ -533,8 +534,9 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
         store_options.allow_missing_experts = args.allow_missing_experts;
         offload->store =
             std::make_unique<ExpertStore>(config, *model.source, *chosen.backend, std::move(store_options));
-        offload->executor = std::make_unique<OffloadingMoeExecutor>(config, weights, *chosen.backend,
-                                                                    *offload->store, parse_on_miss(on_miss));
+        offload->executor =
+            std::make_unique<OffloadingMoeExecutor>(config, weights, *chosen.backend, *offload->store,
+                                                    parse_on_miss(on_miss), parse_prefetch(args.prefetch));
         offload->runner =
             std::make_unique<ModelRunner>(config, weights, *chosen.backend, options, offload->executor.get());
         Variant variant;
@@ -584,9 +586,9 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
     double resident = static_cast<double>(routable) * static_cast<double>(expert_bytes);
     nlohmann::json store_report;
     if (variant.offload) {
-      store_report = expert_store_report(
-          *variant.offload->store, variant.offload->executor->stats(),
-          {variant.offload->budget, args.expert_tier, args.eviction, variant.offload->on_miss});
+      store_report = expert_store_report(*variant.offload->store, variant.offload->executor->stats(),
+                                         {variant.offload->budget, args.expert_tier, args.eviction,
+                                          variant.offload->on_miss, 0.9, args.prefetch});
       resident = store_report["resident_bytes"].get<double>();
       // The experts this variant read are the ones copied into its slots (every pick a row).
       job.expert_bytes_read =

@@ -37,10 +37,13 @@ double percent_of(const std::string& budget) {
 
 void check_expert_store_flags(const ExpertStoreFlags& flags) {
   if (!flags.enabled()) {
-    if (flags.tier != "host" || flags.eviction != "lru" || flags.on_miss != "wait")
-      throw Error(ErrorCode::kInvalidArgument,
-                  "--expert-tier, --eviction and --on-miss choose how a budget of resident experts is kept: "
-                  "add --expert-budget");
+    if (flags.tier != "host" || flags.eviction != "lru" || flags.on_miss != "wait" ||
+        flags.prefetch != "next-layer")
+      throw Error(
+          ErrorCode::kInvalidArgument,
+          "--expert-tier, --eviction, --on-miss and --prefetch choose how a budget of resident experts is "
+          "kept: "
+          "add --expert-budget");
     return;
   }
   if (flags.budget.rfind("total:", 0) == 0) {
@@ -53,6 +56,7 @@ void check_expert_store_flags(const ExpertStoreFlags& flags) {
   parse_expert_tier(flags.tier);
   parse_eviction_policy(flags.eviction);
   parse_on_miss(flags.on_miss);
+  parse_prefetch(flags.prefetch);
   if (!(flags.usefulness_decay > 0 && flags.usefulness_decay <= 1))
     throw Error(ErrorCode::kInvalidArgument, "--usefulness-decay must be above 0 and at most 1");
 }
@@ -96,6 +100,14 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
           {"checkpoint_bytes_read", stats.source_bytes_read},
           {"stall_seconds", stats.stall_seconds},
           {"prefetch_seconds", stats.prefetch_seconds},
+          {"prefetch", flags.prefetch},
+          {"demand_hits", offload.demand_hits},
+          {"demand_misses", offload.demand_misses},
+          {"demand_hit_rate",
+           offload.demand_hits + offload.demand_misses > 0
+               ? double(offload.demand_hits) / double(offload.demand_hits + offload.demand_misses)
+               : 1.0},
+          {"prefetched", offload.prefetched},
           {"picks", offload.picks},
           {"substituted_picks", offload.substituted},
           {"expert_groups", offload.expert_groups},
@@ -103,17 +115,21 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
 }
 
 std::string expert_store_summary(const nlohmann::json& r) {
-  char line[512];
+  char line[768];
   std::snprintf(
       line, sizeof(line),
-      "experts: budget %s (%s tier, %s eviction, on miss %s): %.2f MB resident; %lld hits, %lld misses "
-      "(hit rate %.3f), %lld evictions; %.2f MB moved from host, %.2f MB from disk; %.3f s stalled on "
-      "misses, %.3f s prefetching; %lld of %lld picks substituted\n",
+      "experts: budget %s (%s tier, %s eviction, on miss %s, prefetch %s): %.2f MB resident; %lld hits, %lld "
+      "misses, %lld evictions; the expert FFN found %.3f of its experts resident (%lld loaded ahead of "
+      "need); "
+      "%.2f MB moved from host, %.2f MB from disk; %.3f s stalled on misses, %.3f s prefetching; %lld of "
+      "%lld "
+      "picks substituted\n",
       r["budget"].get<std::string>().c_str(), r["tier"].get<std::string>().c_str(),
       r["eviction"].get<std::string>().c_str(), r["on_miss"].get<std::string>().c_str(),
-      r["resident_bytes"].get<double>() / 1e6, static_cast<long long>(r["hits"].get<int64_t>()),
-      static_cast<long long>(r["misses"].get<int64_t>()), r["hit_rate"].get<double>(),
-      static_cast<long long>(r["evictions"].get<int64_t>()), r["bytes_from_host"].get<double>() / 1e6,
+      r["prefetch"].get<std::string>().c_str(), r["resident_bytes"].get<double>() / 1e6,
+      static_cast<long long>(r["hits"].get<int64_t>()), static_cast<long long>(r["misses"].get<int64_t>()),
+      static_cast<long long>(r["evictions"].get<int64_t>()), r["demand_hit_rate"].get<double>(),
+      static_cast<long long>(r["prefetched"].get<int64_t>()), r["bytes_from_host"].get<double>() / 1e6,
       r["bytes_from_disk"].get<double>() / 1e6, r["stall_seconds"].get<double>(),
       r["prefetch_seconds"].get<double>(), static_cast<long long>(r["substituted_picks"].get<int64_t>()),
       static_cast<long long>(r["picks"].get<int64_t>()));

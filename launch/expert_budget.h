@@ -18,6 +18,7 @@ struct ExpertStoreFlags {
   std::string eviction = "lru";   // lru | lfu | usefulness
   std::string on_miss = "wait";   // wait | substitute (worker/offloading_moe_executor.h)
   double usefulness_decay = 0.9;  // per step, of the usefulness score
+  std::string prefetch = "next-layer";  // next-layer | none (worker/offloading_moe_executor.h)
 
   bool enabled() const { return !budget.empty(); }
 };

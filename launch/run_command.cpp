@@ -476,7 +476,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       comm->size() == 1 && backend.memory_space() == MemorySpace::kDevice && args.load_profile_out.empty();
   std::optional<OffloadingMoeExecutor> offloading;
   if (store && comm->size() == 1) {
-    offloading.emplace(model.config, weights, backend, *store, parse_on_miss(args.expert_store.on_miss));
+    offloading.emplace(model.config, weights, backend, *store, parse_on_miss(args.expert_store.on_miss),
+                       parse_prefetch(args.expert_store.prefetch));
     moe_executor = &*offloading;
   } else if (store) {
     if (moe_executor != &executor)

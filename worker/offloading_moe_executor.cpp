@@ -21,13 +21,72 @@ OnMiss parse_on_miss(const std::string& name) {
 
 const char* on_miss_name(OnMiss on_miss) { return on_miss == OnMiss::kWait ? "wait" : "substitute"; }
 
+Prefetch parse_prefetch(const std::string& name) {
+  if (name == "none") return Prefetch::kNone;
+  if (name == "next-layer") return Prefetch::kNextLayer;
+  throw Error(
+      ErrorCode::kInvalidArgument,
+      "--prefetch '" + name +
+          "': use next-layer (the next MoE layer's likely experts, right after each routing) or none");
+}
+
+OffloadStats OffloadingMoeExecutor::stats() const {
+  OffloadStats stats = stats_;
+  stats.demand_hits = resident_ffn_.demand().hits;
+  stats.demand_misses = resident_ffn_.demand().misses;
+  return stats;
+}
+
+void OffloadingMoeExecutor::prefetch_next_layer(int64_t layer, const Tensor& router_input) {
+  int64_t next = layer + 1;
+  while (next < config_.num_hidden_layers && !store_.is_moe_layer(next)) ++next;
+  if (next >= config_.num_hidden_layers) return;
+  const MoeLayerWeights& moe = weights_.layers[next].moe;
+  const int64_t rows = router_input.dim(0), experts = moe.num_experts;
+  if (prefetch_logits_.empty() || prefetch_logits_.view().numel() < rows * experts)
+    prefetch_logits_ = backend_.new_tensor(ScalarType::kF32, {rows * experts});
+  const Tensor logits = prefetch_logits_.view().rows_view(0, rows * experts).reshaped({rows, experts});
+  backend_.linear(router_input, moe.router, logits);
+  std::vector<float> host(static_cast<size_t>(rows * experts));
+  backend_.copy_to_host(logits, 0, host.data(), host.size() * sizeof(float));
+  std::vector<uint8_t> routable = moe.present;
+  if (routing() != nullptr)
+    for (int64_t e : routing()->removed(next)) routable[e] = 0;
+  const int64_t top_k = routed_top_k(config_);
+  std::vector<double> mass(static_cast<size_t>(experts), 0.0);
+  std::vector<int64_t> order(static_cast<size_t>(experts));
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* row = host.data() + t * experts;
+    float max = -INFINITY;
+    for (int64_t e = 0; e < experts; ++e)
+      if (routable[e]) max = std::max(max, row[e]);
+    double total = 0;
+    for (int64_t e = 0; e < experts; ++e) total += routable[e] ? std::exp(double(row[e] - max)) : 0.0;
+    for (int64_t e = 0; e < experts; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
+      const float la = routable[a] ? row[a] : -INFINITY, lb = routable[b] ? row[b] : -INFINITY;
+      return la != lb ? la > lb : a < b;
+    });
+    for (int64_t j = 0; j < top_k; ++j)
+      if (routable[order[j]]) mass[order[j]] += std::exp(double(row[order[j]] - max)) / total;
+  }
+  std::vector<int64_t> wanted;
+  for (int64_t e = 0; e < experts; ++e)
+    if (mass[e] > 0 && store_.layer_weights(next).hosts(e)) wanted.push_back(e);
+  std::stable_sort(wanted.begin(), wanted.end(), [&](int64_t a, int64_t b) { return mass[a] > mass[b]; });
+  if (wanted.empty()) return;
+  stats_.prefetched += store_.prefetch(next, wanted, step_).misses;
+}
+
 OffloadingMoeExecutor::OffloadingMoeExecutor(const ModelConfig& config, const ModelWeights& weights,
-                                             Backend& backend, ExpertStore& store, OnMiss on_miss)
+                                             Backend& backend, ExpertStore& store, OnMiss on_miss,
+                                             Prefetch prefetch)
     : config_(config),
       weights_(weights),
       backend_(backend),
       store_(store),
       on_miss_(on_miss),
+      prefetch_(prefetch),
       resident_ffn_(config, backend, store) {}
 
 std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, const MoeLayerWeights& moe,
@@ -104,6 +163,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
   backend_.copy_to_host(routed.weights, 0, route_weights.data(), route_weights.size() * sizeof(float));
   stats_.picks += slots;
   for (int64_t s = 0; s < slots; ++s) store_.record_use(layer, ids[s], route_weights[s], step_);
+  if (prefetch_ == Prefetch::kNextLayer) prefetch_next_layer(layer, router_input);
 
   std::vector<int64_t> fetch_after;
   if (on_miss_ == OnMiss::kSubstitute) {

@@ -31,23 +31,35 @@ enum class OnMiss {
 OnMiss parse_on_miss(const std::string& name);
 const char* on_miss_name(OnMiss on_miss);
 
+// What is fetched ahead of need.
+enum class Prefetch {
+  kNone,
+  // Right after a layer's routing, the next MoE layer's router applied to this layer's router input
+  // predicts its experts (the residual stream changes little from one layer to the next); the most
+  // probable ones are loaded into that layer's slots (its own slots: this layer's experts stay).
+  kNextLayer,
+};
+Prefetch parse_prefetch(const std::string& name);  // "none" or "next-layer"
+
 struct OffloadStats {
   int64_t calls = 0;          // forward calls (layers x steps)
   int64_t picks = 0;          // (token, slot) routing picks
   int64_t substituted = 0;    // picks routed to a resident expert instead (kSubstitute)
   int64_t expert_groups = 0;  // expert FFN calls (more than calls when a step needed more experts than slots)
+  int64_t demand_hits = 0, demand_misses = 0;  // the expert FFN's own residency checks (no prefetch)
+  int64_t prefetched = 0;                      // experts loaded ahead of need
 };
 
 class OffloadingMoeExecutor final : public MoeExecutor {
  public:
   // weights: the model's routers and present masks (its experts may be absent: the store holds them).
   OffloadingMoeExecutor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
-                        ExpertStore& store, OnMiss on_miss);
+                        ExpertStore& store, OnMiss on_miss, Prefetch prefetch = Prefetch::kNone);
   void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
                Workspace& workspace) override;
   bool capturable() const override { return false; }  // reads the routing back every layer
 
-  const OffloadStats& stats() const { return stats_; }
+  OffloadStats stats() const;
   OnMiss on_miss() const { return on_miss_; }
 
  private:
@@ -64,6 +76,10 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   Backend& backend_;
   ExpertStore& store_;
   OnMiss on_miss_;
+  Prefetch prefetch_;
+  OwnedTensor prefetch_logits_;  // the next layer's router over this layer's rows
+  // Loads the next MoE layer's likely experts after `layer`'s routing (Prefetch::kNextLayer).
+  void prefetch_next_layer(int64_t layer, const Tensor& router_input);
   int64_t step_ = 0;
   int64_t last_layer_ = -1;
   ResidentExpertFfn resident_ffn_;

@@ -27,7 +27,11 @@ int64_t ResidentExpertFfn::run(int64_t layer, int64_t step, const Tensor& sorted
   for (size_t first = 0; first < needed.size(); first += capacity, ++groups) {
     const size_t last = std::min(needed.size(), first + capacity);  // exclusive
     // Evicts only after the earlier groups' FFNs are done: ensure_resident waits for the backend first.
-    store_.ensure_resident(layer, std::vector<int64_t>(needed.begin() + first, needed.begin() + last), step);
+    const ExpertLoadReport report = store_.ensure_resident(
+        layer, std::vector<int64_t>(needed.begin() + first, needed.begin() + last), step);
+    demand_.hits += report.hits;
+    demand_.misses += report.misses;
+    demand_.stall_seconds += report.seconds;
     const int32_t lo = offsets[needed[first]], hi = offsets[needed[last - 1] + 1];
     std::vector<int32_t>& local = group_hosts.emplace_back(offsets.size());
     for (size_t e = 0; e < offsets.size(); ++e) local[e] = std::clamp(offsets[e], lo, hi) - lo;

@@ -32,6 +32,13 @@ class ResidentExpertFfn {
                            Workspace& workspace);
 
   ExpertStore& store() { return store_; }
+  // What the FFN's own ensure_resident calls found (prefetches not counted): its hit rate is the one
+  // that decides the stalls.
+  struct Demand {
+    int64_t hits = 0, misses = 0;
+    double stall_seconds = 0;
+  };
+  const Demand& demand() const { return demand_; }
 
  private:
   const ModelConfig& config_;
@@ -39,6 +46,7 @@ class ResidentExpertFfn {
   ExpertStore& store_;
   int64_t max_experts_ = 0;                 // the most router rows of any MoE layer
   std::vector<OwnedTensor> group_offsets_;  // per group of a step: its rows' offsets
+  Demand demand_;
 };
 
 }  // namespace epic

@@ -103,6 +103,8 @@ TEST_F(Cli, ExpertStoreFlagsAreChecked) {
       {" --expert-budget 4 --on-miss skip", "--on-miss 'skip'"},
       {" --on-miss substitute", "add --expert-budget"},
       {" --expert-budget 4 --usefulness-decay 0", "--usefulness-decay"},
+      {" --expert-budget 4 --prefetch always", "--prefetch 'always'"},
+      {" --prefetch none", "add --expert-budget"},
   };
   for (const auto& [flags, message] : cases) {
     SCOPED_TRACE(flags);

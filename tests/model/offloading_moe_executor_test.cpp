@@ -87,6 +87,20 @@ TEST(OffloadingMoeExecutor, WaitGivesTheFullModelsLogitsForAnyBudgetPolicyAndTie
       for (ExpertTier tier : {ExpertTier::kHost, ExpertTier::kDisk}) {
         SCOPED_TRACE(std::to_string(slots) + " slots, " + std::string(eviction_policy_name(policy)) + ", " +
                      std::string(expert_tier_name(tier)));
+        for (Prefetch prefetch : {Prefetch::kNone, Prefetch::kNextLayer}) {
+          SCOPED_TRACE(prefetch == Prefetch::kNone ? "no prefetch" : "next-layer prefetch");
+          ExpertStore ahead(config, *model.source, *backend, store_options(config, slots, policy, tier));
+          OffloadingMoeExecutor prefetching(config, routers, *backend, ahead, OnMiss::kWait, prefetch);
+          ModelRunner runner(config, routers, *backend, options, &prefetching);
+          const std::vector<float> actual = run_model(runner, prompt);
+          ASSERT_EQ(actual.size(), expected.size());
+          EXPECT_TRUE(actual == expected) << "logits differ from the full model's";
+          if (prefetch == Prefetch::kNextLayer) {
+            EXPECT_GT(prefetching.stats().prefetched, 0);
+            EXPECT_GT(ahead.stats().prefetch_loads, 0);
+          }
+          EXPECT_EQ(prefetching.stats().demand_hits + prefetching.stats().demand_misses > 0, true);
+        }
         ExpertStore store(config, *model.source, *backend, store_options(config, slots, policy, tier));
         OffloadingMoeExecutor executor(config, routers, *backend, store, OnMiss::kWait);
         ModelRunner runner(config, routers, *backend, options, &executor);
@@ -217,6 +231,9 @@ TEST(OffloadingMoeExecutor, OnMissNames) {
   EXPECT_EQ(parse_on_miss("wait"), OnMiss::kWait);
   EXPECT_EQ(parse_on_miss("substitute"), OnMiss::kSubstitute);
   EXPECT_THROW(parse_on_miss("skip"), Error);
+  EXPECT_EQ(parse_prefetch("next-layer"), Prefetch::kNextLayer);
+  EXPECT_EQ(parse_prefetch("none"), Prefetch::kNone);
+  EXPECT_THROW(parse_prefetch("always"), Error);
 }
 
 }  // namespace
