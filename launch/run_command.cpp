@@ -355,6 +355,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   // Each worker reads the dense weights and only the experts the plan gives it.
   const auto load_start = clock_type::now();
   ModelWeights weights;
+  std::optional<ExpertStore> store;  // with --expert-budget: the experts, a budget of them resident
   run_on_all_ranks(*comm, [&] {
     LoadOptions options;
     options.allow_missing_experts = plan.allow_missing_experts;
@@ -365,9 +366,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     if (args.expert_store.enabled()) options.hosts_expert = [](int64_t, int64_t) { return false; };
     options.weight_type = required_weight_type(chosen.activation_type);
     weights = load_model_weights(model.config, *model.source, *chosen.backend, options);
-  });
-  std::optional<ExpertStore> store;
-  run_on_all_ranks(*comm, [&] {
+    // In the same phase (no collective of its own: the job's collectives keep their numbers).
     if (!args.expert_store.enabled()) return;
     if (comm->size() > 1 && parse_on_miss(args.expert_store.on_miss) == OnMiss::kSubstitute)
       throw Error(
@@ -375,23 +374,22 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
           "--on-miss substitute runs on one process for now (under mpirun the router's choice is made on "
           "the sending worker, the residency on the hosting one): use --on-miss wait");
     // Under mpirun each worker's store holds its shard of the experts; the budget counts those.
-    const int rank = comm->rank();
     ExpertInventory hosted = inspect_experts(model.config, *model.source, plan.allow_missing_experts);
     for (auto& [layer, experts] : hosted)
       for (int64_t e = 0; e < experts.num_experts; ++e)
         experts.present[e] = experts.present[e] && table.hosts(rank, layer, e) ? 1 : 0;
-    ExpertStoreOptions options;
-    options.tier = parse_expert_tier(args.expert_store.tier);
-    options.budget = expert_budget_slots(args.expert_store.budget, hosted);
-    options.hosts_expert = [&table, rank](int64_t layer, int64_t expert) {
+    ExpertStoreOptions store_options;
+    store_options.tier = parse_expert_tier(args.expert_store.tier);
+    store_options.budget = expert_budget_slots(args.expert_store.budget, hosted);
+    store_options.hosts_expert = [&table, rank](int64_t layer, int64_t expert) {
       return table.hosts(rank, layer, expert);
     };
-    options.policy = parse_eviction_policy(args.expert_store.eviction);
-    options.usefulness_decay = args.expert_store.usefulness_decay;
-    options.weight_type = required_weight_type(chosen.activation_type);
-    options.allow_missing_experts = plan.allow_missing_experts;
-    options.allow_nonfinite_weights = args.allow_nonfinite_weights;
-    store.emplace(model.config, *model.source, *chosen.backend, std::move(options));
+    store_options.policy = parse_eviction_policy(args.expert_store.eviction);
+    store_options.usefulness_decay = args.expert_store.usefulness_decay;
+    store_options.weight_type = required_weight_type(chosen.activation_type);
+    store_options.allow_missing_experts = plan.allow_missing_experts;
+    store_options.allow_nonfinite_weights = args.allow_nonfinite_weights;
+    store.emplace(model.config, *model.source, *chosen.backend, std::move(store_options));
   });
   const double load_seconds = seconds_since(load_start);
 
