@@ -82,6 +82,8 @@ struct PlanArgs {
   bool allow_missing_experts = false;
   std::string out;         // also save the plan JSON here
   int ranks_per_node = 0;  // > 0: the workers form nodes of this many (topology-aware plan and traffic)
+  std::string
+      expert_budget;  // also estimate what each worker's resident experts serve (launch/expert_budget.h)
 };
 
 struct TokenizeArgs {

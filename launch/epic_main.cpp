@@ -225,6 +225,9 @@ int main(int argc, char** argv) {
   plan_slots->excludes(plan_budget);
   plan->add_option("--load-profile", plan_args.load_profile,
                    "Load profile JSON from `epic run --load-profile-out`");
+  plan->add_option("--expert-budget", plan_args.expert_budget,
+                   "Also print, per layer, what each worker's hottest experts would serve with this budget "
+                   "resident (N, P% or total:N)");
   plan->add_flag("--allow-missing-experts", plan_args.allow_missing_experts,
                  "Leave missing experts unplaced");
   plan->add_option("--out", plan_args.out, "Also save the plan JSON to this file");

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
+#include <functional>
 
 #include "kernels/error.h"
 #include "worker/offloading_moe_executor.h"
@@ -77,6 +79,74 @@ ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInven
     slots.slots_by_layer[layer] = std::min(wanted, count);
   }
   return slots;
+}
+
+std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan& plan,
+                                                            const std::string& budget) {
+  std::vector<LayerResidencyEstimate> estimates;
+  std::vector<ResidencyBudget> slots(static_cast<size_t>(plan.num_workers));
+  for (int w = 0; w < plan.num_workers; ++w) {
+    ExpertInventory hosted;  // this worker's experts as an inventory, for the budget's rules
+    for (const LayerPlacement& layer : plan.layers) {
+      LayerExpertInventory& experts = hosted[layer.layer];
+      experts.num_experts = layer.num_experts;
+      experts.present.assign(static_cast<size_t>(layer.num_experts), 0);
+      for (int64_t e : layer.worker_experts[w]) experts.present[e] = 1;
+    }
+    slots[w] = expert_budget_slots(budget, hosted);
+  }
+  for (const LayerPlacement& layer : plan.layers) {
+    LayerResidencyEstimate estimate;
+    estimate.layer = layer.layer;
+    estimate.min_slots = INT64_MAX;
+    double share_sum = 0;
+    int workers_with_experts = 0;
+    for (int w = 0; w < plan.num_workers; ++w) {
+      const std::vector<int64_t>& experts = layer.worker_experts[w];
+      if (experts.empty()) continue;
+      std::vector<double> load;
+      for (int64_t e : experts)
+        load.push_back(layer.expert_load[e] /
+                       static_cast<double>(std::max<size_t>(1, layer.expert_workers[e].size())));
+      std::sort(load.begin(), load.end(), std::greater<>());
+      const int64_t budget_slots = slots[w].slots_by_layer.at(layer.layer);
+      double total = 0, resident = 0;
+      for (size_t i = 0; i < load.size(); ++i) {
+        total += load[i];
+        if (static_cast<int64_t>(i) < budget_slots) resident += load[i];
+      }
+      const double share = total > 0 ? resident / total : 1.0;
+      estimate.min_resident_share = std::min(estimate.min_resident_share, share);
+      share_sum += share;
+      ++workers_with_experts;
+      estimate.min_slots = std::min(estimate.min_slots, budget_slots);
+      estimate.max_slots = std::max(estimate.max_slots, budget_slots);
+    }
+    if (workers_with_experts == 0) estimate.min_slots = 0;
+    estimate.mean_resident_share = workers_with_experts > 0 ? share_sum / workers_with_experts : 1.0;
+    estimates.push_back(estimate);
+  }
+  return estimates;
+}
+
+std::string residency_estimate_table(const std::vector<LayerResidencyEstimate>& estimates,
+                                     const std::string& budget) {
+  std::string out =
+      "expert budget " + budget +
+      ": per layer, resident slots per worker and the share of each worker's expected load its "
+      "hottest experts serve (a static cache's hit rate; the load is the profile's, or uniform)\n";
+  char line[160];
+  std::snprintf(line, sizeof(line), "%6s %12s %18s %18s\n", "layer", "slots", "min share", "mean share");
+  out += line;
+  for (const LayerResidencyEstimate& e : estimates) {
+    const std::string slots = e.min_slots == e.max_slots
+                                  ? std::to_string(e.min_slots)
+                                  : std::to_string(e.min_slots) + "-" + std::to_string(e.max_slots);
+    std::snprintf(line, sizeof(line), "%6lld %12s %18.3f %18.3f\n", static_cast<long long>(e.layer),
+                  slots.c_str(), e.min_resident_share, e.mean_resident_share);
+    out += line;
+  }
+  return out;
 }
 
 nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats& offload,

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "coordinator/placement.h"
 #include "worker/expert_store.h"
 #include "worker/model_weights.h"
 #include "worker/offloading_moe_executor.h"
@@ -31,6 +32,20 @@ void check_expert_store_flags(const ExpertStoreFlags& flags);
 // layer's experts), "P%" = P percent of each layer's present experts rounded to nearest (at least 1),
 // "total:N" = N split in proportion to the layers' present experts (split_residency_budget).
 ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory);
+
+// The planner's view of a budget: per worker and MoE layer, the slots the budget gives the experts the plan
+// places there, and the share of the worker's expected load (the plan's expert_load, a replica's share
+// split evenly) that its hottest experts would serve if they stayed resident: the demand hit rate a
+// static cache would reach. Per layer the lowest and the mean over the workers that host experts.
+struct LayerResidencyEstimate {
+  int64_t layer = 0;
+  int64_t min_slots = 0, max_slots = 0;
+  double min_resident_share = 1.0, mean_resident_share = 1.0;
+};
+std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan& plan,
+                                                            const std::string& budget);
+std::string residency_estimate_table(const std::vector<LayerResidencyEstimate>& estimates,
+                                     const std::string& budget);
 
 // What the store did over a run, as JSON (hits, misses, evictions, bytes moved per tier, seconds stalled,
 // substituted picks, resident bytes measured) and as one line for stderr.

@@ -7,6 +7,7 @@
 #include "kernels/error.h"
 #include "kernels/file_io.h"
 #include "launch/cli_commands.h"
+#include "launch/expert_budget.h"
 #include "launch/flag_checks.h"
 #include "launch/placement_setup.h"
 #include "worker/model_config.h"
@@ -20,6 +21,7 @@ int plan_command(const PlanArgs& args) {
   // Before any work: the plan's file can be written atomically, the profile is a regular file.
   if (!args.out.empty()) check_output_flag(args.out, "--out");
   if (!args.load_profile.empty()) files::require_regular_file(args.load_profile, "--load-profile");
+  if (!args.expert_budget.empty()) check_expert_store_flags({args.expert_budget});
   const ModelConfig config = ModelConfig::load(args.model_dir);
   const std::unique_ptr<WeightSource> checkpoint = open_checkpoint_source(args.model_dir);
   const ExpertInventory inventory = inspect_experts(config, *checkpoint, args.allow_missing_experts);
@@ -41,6 +43,11 @@ int plan_command(const PlanArgs& args) {
                // Rows travel in the activation type: bf16 when serving on GPUs (fp32 on the cpu backend
                // doubles these bytes).
                balance_table(plan, static_cast<uint64_t>(config.hidden_size) * 2).c_str());
+  if (!args.expert_budget.empty())
+    std::fprintf(
+        stderr, "%s",
+        residency_estimate_table(expected_resident_share(plan, args.expert_budget), args.expert_budget)
+            .c_str());
   return 0;
 }
 
