@@ -416,7 +416,9 @@ TEST_P(HierarchicalDispatch, SpelledOutTopologyGivesEveryRowBackExactly) {
   uint64_t expected_total = 0;
   for (uint64_t records : out_per_rank) expected_total += records * (record_bytes + row_bytes);
   EXPECT_EQ(crossed_total, expected_total) << "bytes across nodes, whole cluster";
-  if (nodes.num_nodes() == 1) EXPECT_EQ(executor.stats().inter_node_bytes_sent, 0u);
+  if (nodes.num_nodes() == 1) {
+    EXPECT_EQ(executor.stats().inter_node_bytes_sent, 0u);
+  }
 }
 
 TEST_P(HierarchicalDispatch, RealExpertsMatchFlatUpToTheSumOrder) {
