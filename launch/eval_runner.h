@@ -1,0 +1,97 @@
+// The window loop of `epic eval` (launch/eval_command.cpp): every window of a text runs once as the
+// reference (the model as trained) and once per variant in the same step loop, every rank together
+// (attention is data parallel, the experts are spread over the workers), and each variant's logits are
+// scored against the reference's of the same window (worker/quality_metrics.h) without storing a run.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "launch/bench_decode_cluster.h"
+#include "worker/expert_store.h"
+#include "worker/model_config.h"
+#include "worker/model_runner.h"
+#include "worker/offloading_moe_executor.h"
+#include "worker/quality_metrics.h"
+#include "worker/routing_policy.h"
+
+namespace epic::cli {
+
+// One way of running the model that the table compares with the reference.
+struct Variant {
+  std::string name;
+  int64_t top_k = 0;
+  double prune_percent = 0;                         // of each pruned layer's present experts
+  std::map<int64_t, std::vector<int64_t>> removed;  // per layer, by least use on the calibration text
+  std::shared_ptr<const RoutingPolicy> policy;
+  // A budget of resident experts (--expert-budget): the variant runs on its own runner over an
+  // OffloadingMoeExecutor; null for the others (the main runner, every expert loaded).
+  struct Offload {
+    std::string budget, on_miss;
+    std::unique_ptr<ExpertStore> store;
+    std::unique_ptr<OffloadingMoeExecutor> executor;
+    std::unique_ptr<ModelRunner> runner;
+  };
+  std::shared_ptr<Offload> offload;
+};
+
+// A variant's figures on one rank, summed over its windows (trivially copyable: gathered as bytes).
+struct VariantTotals {
+  double nll_sum = 0, kl_sum = 0;
+  int64_t agreements = 0, scored = 0;
+  int64_t tokens_run = 0;            // window tokens computed (context included)
+  double seconds = 0;                // forward steps of this variant
+  double expert_bytes_read = 0;      // distinct experts computed per step x their bytes
+  int64_t expert_rows_computed = 0;  // (token, slot) rows this rank's experts computed
+};
+
+// Rows each (layer, expert) computed on this rank so far (the host exchange's counts; empty without it).
+std::map<int64_t, std::vector<int64_t>> rows_so_far(const DecodeCluster& cluster);
+
+// One rank's side of the loop: its share of each round's windows (windows_per_step of them), every
+// variant in turn on the same windows, decode-style (--decode) or each window in one step.
+class Evaluator {
+ public:
+  Evaluator(Communicator& comm, DecodeCluster& cluster, ModelRunner& runner, const ModelConfig& config,
+            int64_t windows_per_step, int threads, bool decode)
+      : comm_(comm),
+        cluster_(cluster),
+        runner_(runner),
+        config_(config),
+        windows_per_step_(windows_per_step),
+        threads_(std::max(1, threads)),
+        decode_(decode) {}
+
+  // Runs every window of `tokens` under the reference and each variant (index 0: the reference; only it for
+  // the calibration pass, want_quality false). Returns per variant this rank's totals. Every rank calls it
+  // with the same windows and variants (the steps are collectives).
+  std::vector<VariantTotals> run(const std::vector<int32_t>& tokens, const std::vector<EvalWindow>& windows,
+                                 const std::vector<const Variant*>& variants, bool want_quality,
+                                 uint64_t expert_bytes);
+
+ private:
+  // Scores one window's targets; the reference keeps its log-probabilities for the variants. `logits` holds
+  // the target rows from first_row on. Rows are spread over threads in fixed chunks whose sums are added in
+  // chunk order, so the figures do not depend on the thread count.
+  void score(const EvalWindow& window, const std::vector<int32_t>& tokens, std::span<const float> logits,
+             int64_t first_row, bool reference, std::vector<float>& reference_log_probs,
+             std::vector<int64_t>& reference_argmax, VariantTotals& totals) const;
+  // Adds the experts computed since `before` (their bytes) and `rows` window tokens to totals.
+  void record_reads(const std::map<int64_t, std::vector<int64_t>>& before, uint64_t expert_bytes,
+                    int64_t rows, VariantTotals& totals) const;
+
+  Communicator& comm_;
+  DecodeCluster& cluster_;
+  ModelRunner& runner_;
+  const ModelConfig& config_;
+  int64_t windows_per_step_;
+  int threads_;  // for scoring rows on the host
+  bool decode_;  // token by token after the context (eval --decode), else each window in one step
+};
+
+}  // namespace epic::cli
