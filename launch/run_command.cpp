@@ -453,12 +453,6 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
         "NCCL found, EPIC_ENABLE_NCCL=ON), use --ep-transport host");
 #endif
   const ResidencyState residency = parse_residency_state(args.residency_state);
-#ifdef EPIC_HAVE_NCCL_EP
-  if (residency != ResidencyState::kFocus && device_executor)
-    throw Error(ErrorCode::kInvalidArgument,
-                "--residency-state wake with the NCCL exchange is not verified on a GPU yet; add "
-                "--ep-transport host");
-#endif
   RunnerOptions runner_options;
   runner_options.activation_type = chosen.activation_type;
   runner_options.max_sequences = args.max_active_sequences;
