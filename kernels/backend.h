@@ -52,9 +52,22 @@ inline bool is_absent(const Tensor& t) { return t.rank == 0 && t.data == nullptr
 // One MoE layer's routing and expert weights for Backend::routed_moe (shapes as in the ops it is
 // made of): router [E, H] (any weight type), present U8 [E], gate_up [L, 2I, H], down [L, H, I],
 // local_index I32 [E]; normalize: renormalise the top-k weights (config norm_topk_prob).
+// With `addresses` (I64 [E, 2], an expert store's table: Backend::expert_ffn_addressed) each expert's
+// weights are at their own address, of addressed_weight_type, and gate_up, down and local_index are
+// not used.
 struct RoutedMoeWeights {
   Tensor router, present, gate_up, down, local_index;
   bool normalize = true;
+  Tensor addresses;
+  ScalarType addressed_weight_type = ScalarType::kBF16;
+};
+
+// One copy of Backend::enqueue_side_copies: dst bytes [dst_offset, dst_offset + bytes) <- host src.
+struct SideCopy {
+  Tensor dst;
+  size_t dst_offset = 0;
+  const void* src = nullptr;
+  size_t bytes = 0;
 };
 
 // A step's per-row tables for Backend::decode_attention (I32, on the backend): positions, slot_mapping
@@ -95,6 +108,14 @@ class Backend {
   virtual void copy(const Tensor& src, const Tensor& dst) = 0;
   // Waits until every op and copy enqueued so far has finished.
   virtual void synchronize() = 0;
+  // Copies that run in order on a second queue, after the ops enqueued so far and beside the ones
+  // enqueued later (cuda: a copy stream that waits for an event recorded now), so a copy into memory
+  // that no later op reads until told can overlap the next steps' compute. The srcs must stay valid
+  // and unchanged until wait_side_copies() returns (pinned staging memory on cuda, for the copies to
+  // be asynchronous). Default: copy_from_host on the stream, in order (nothing overlaps).
+  virtual void enqueue_side_copies(const std::vector<SideCopy>& copies);
+  // Returns when every side copy enqueued so far has finished (the host waits; later ops do not).
+  virtual void wait_side_copies() {}
 
   // ---- Graphs -------------------------------------------------------------------------------
   // Records the ops `record` enqueues (without running them) for replay; nullptr when the backend
@@ -202,6 +223,18 @@ class Backend {
   virtual void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up,
                           const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
                           const Tensor& y) = 0;
+
+  // expert_ffn with each expert's weights at its own address instead of one stack: addresses I64 [E, 2]
+  // (this backend's memory) holds expert e's gate_up [2I, H] and down [H, I] addresses in weight_type,
+  // or 0 for an expert that is not hosted (which must have no rows); I is intermediate's width. An
+  // address may be this backend's memory or host memory its kernels can read: on cuda, pinned staging
+  // memory (allocate_staging) at its host address (unified addressing), read over the bus as the kernel
+  // runs. So an expert store serves an expert that is not resident in place, and moves one between
+  // tiers by rewriting its two addresses, with no host synchronisation in the step. The same
+  // arithmetic as expert_ffn over the same weights (bitwise equal on both backends). Default:
+  // Error(kUnsupported).
+  virtual void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
+                                    ScalarType weight_type, const Tensor& intermediate, const Tensor& y);
 
   // out[t, :] = sum over j = 0 .. k-1, in that order and in fp32, of
   //   weights[t, j] * expert_out[sorted_position[t * k + j], :]

@@ -17,6 +17,7 @@ enum class Types {
   kF32,
   kI32,
   kU8,
+  kI64,
   kAny,
 };
 
@@ -32,6 +33,8 @@ const char* types_text(Types types) {
       return "i32";
     case Types::kU8:
       return "u8";
+    case Types::kI64:
+      return "i64";
     case Types::kAny:
       return "any type";
   }
@@ -49,6 +52,8 @@ bool has_type(const Tensor& t, Types types) {
       return t.type == ScalarType::kI32;
     case Types::kU8:
       return t.type == ScalarType::kU8;
+    case Types::kI64:
+      return t.type == ScalarType::kI64;
     case Types::kAny:
       return true;
   }
@@ -442,6 +447,29 @@ void check_decode_attention(MemorySpace space, const Tensor& qkv, const Tensor& 
   });
 }
 
+void check_expert_ffn_addressed(MemorySpace space, const Tensor& x, const Tensor& expert_offsets,
+                                const Tensor& addresses, ScalarType weight_type, const Tensor& intermediate,
+                                const Tensor& y) {
+  const OpCheck check("expert_ffn_addressed", space);
+  check.tensor("x", x, 2, "[rows, hidden]", Types::kActivation);
+  check.tensor("expert_offsets", expert_offsets, 1, "[num_experts + 1]", Types::kI32);
+  check.tensor("addresses", addresses, 2, "[num_experts, 2] (gate_up and down of each expert)", Types::kI64);
+  check.tensor("intermediate", intermediate, 2, "[rows, intermediate]", Types::kActivation);
+  check.tensor("y", y, 2, "[rows, hidden]", Types::kActivation);
+  if (addresses.dim(1) != 2)
+    check.fail("addresses is " + addresses.describe() + ": dimension 1 must be 2 (gate_up, then down)");
+  if (expert_offsets.dim(0) != addresses.dim(0) + 1) {
+    check.fail_pair("expert_offsets", expert_offsets, "addresses", addresses,
+                    "expert_offsets needs num_experts + 1 entries for the table's num_experts");
+  }
+  if (weight_type != ScalarType::kF32 && weight_type != ScalarType::kBF16)
+    check.fail(std::string("the weight type is ") + scalar_name(weight_type) + "; it must be f32 or bf16");
+  check.same_dim("intermediate", intermediate, 0, "x", x, 0, "the row count");
+  check.same_type("intermediate", intermediate, "x", x, "one activation type");
+  check.same_shape("y", y, "x", x);
+  check.same_type("y", y, "x", x, "one activation type");
+}
+
 void check_routed_moe(MemorySpace space, const Tensor& router_input, const Tensor& x,
                       const RoutedMoeWeights& weights, const RoutedMoeScratch& scratch, const Tensor& out) {
   const auto step = [](const char* name, const auto& check) {
@@ -465,8 +493,13 @@ void check_routed_moe(MemorySpace space, const Tensor& router_input, const Tenso
   });
   step("gather", [&] { check_gather_rows(space, x, s.source_row, s.sorted_rows); });
   step("expert", [&] {
-    check_expert_ffn(space, s.sorted_rows, s.expert_offsets, weights.gate_up, weights.down,
-                     weights.local_index, s.intermediate, s.expert_out);
+    if (!is_absent(weights.addresses)) {
+      check_expert_ffn_addressed(space, s.sorted_rows, s.expert_offsets, weights.addresses,
+                                 weights.addressed_weight_type, s.intermediate, s.expert_out);
+    } else {
+      check_expert_ffn(space, s.sorted_rows, s.expert_offsets, weights.gate_up, weights.down,
+                       weights.local_index, s.intermediate, s.expert_out);
+    }
   });
   step("combine", [&] { check_combine_top_k(space, s.expert_out, s.sorted_position, s.weights, out); });
   if (router_input.dim(0) != x.dim(0)) {

@@ -55,6 +55,11 @@ void check_expert_ffn(MemorySpace space, const Tensor& x, const Tensor& expert_o
                       const Tensor& y);
 void check_combine_top_k(MemorySpace space, const Tensor& expert_out, const Tensor& sorted_position,
                          const Tensor& weights, const Tensor& out);
+// Backend::expert_ffn_addressed's shapes and types (the addresses themselves are the caller's).
+void check_expert_ffn_addressed(MemorySpace space, const Tensor& x, const Tensor& expert_offsets,
+                                const Tensor& addresses, ScalarType weight_type, const Tensor& intermediate,
+                                const Tensor& y);
+
 // Every step of Backend::routed_moe on its tensors (each step's own check, its message prefixed
 // "routed_moe: the <step> step: "), top_k = expert_ids.dim(1) >= 1, and one token count.
 void check_routed_moe(MemorySpace space, const Tensor& router_input, const Tensor& x,

@@ -15,6 +15,8 @@ size_t scalar_size(ScalarType type) {
       return 2;
     case ScalarType::kU8:
       return 1;
+    case ScalarType::kI64:
+      return 8;
   }
   return 0;
 }
@@ -29,6 +31,8 @@ const char* scalar_name(ScalarType type) {
       return "i32";
     case ScalarType::kU8:
       return "u8";
+    case ScalarType::kI64:
+      return "i64";
   }
   return "?";
 }

@@ -15,10 +15,11 @@ namespace epic {
 
 // The scalar types epic computes with. Weights are F32 or BF16 (as the checkpoint stores them);
 // activations F32 (the reference and the cuda fp32 verification mode) or BF16 (cuda serving mode).
-enum class ScalarType : uint8_t { kF32, kBF16, kI32, kU8 };
+// kI64: 64-bit integers, used for tables of addresses (Backend::expert_ffn_addressed).
+enum class ScalarType : uint8_t { kF32, kBF16, kI32, kU8, kI64 };
 
 size_t scalar_size(ScalarType type);
-const char* scalar_name(ScalarType type);  // "f32", "bf16", "i32", "u8"
+const char* scalar_name(ScalarType type);  // "f32", "bf16", "i32", "u8", "i64"
 
 // Where a buffer's bytes are: host memory (the CPU backend's, or pinned staging) or device memory.
 enum class MemorySpace : uint8_t { kHost, kDevice };

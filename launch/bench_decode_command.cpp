@@ -195,6 +195,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
       std::mt19937_64 generator(args.weights_seed + 7 + 1000003ULL * static_cast<uint64_t>(comm.rank()) +
                                 batch);
       const ExpertStoreStats before = budget.store ? budget.store->stats() : ExpertStoreStats{};
+      const OffloadStats offload_before = budget.offloading ? budget.offloading->stats() : OffloadStats{};
       RunnerOptions options;
       options.activation_type = chosen.activation_type;
       options.max_sequences = batch;
@@ -245,6 +246,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
         }
         next = output.greedy_ids;
       }
+      const double batch_seconds = seconds_since(prefill_start);  // prefill and every decode step
       timed_seconds = slowest(timed_seconds);
       const double tokens_per_s = comm.size() * batch * timed_steps / timed_seconds;
       nlohmann::json residency = nullptr;
@@ -257,6 +259,12 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
         const double moved = double(after.bytes_from_host - before.bytes_from_host) +
                              double(after.bytes_from_disk - before.bytes_from_disk);
         const double stalled = after.stall_seconds - before.stall_seconds;
+        // The executor's own count: each routing pick against what was resident when its step ran (with
+        // --on-miss read the store is asked only about misses, so its own hit rate says nothing).
+        const OffloadStats offload = budget.offloading->stats();
+        const int64_t pick_hits = offload.demand_hits - offload_before.demand_hits;
+        const int64_t pick_misses = offload.demand_misses - offload_before.demand_misses;
+        const double read_in_place = double(offload.bytes_read_in_place - offload_before.bytes_read_in_place);
         residency = {{"expert_budget", budget.name},
                      {"tier", args.expert_tier},
                      {"eviction", args.eviction},
@@ -269,6 +277,12 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
                      {"bytes_moved", moved},
                      {"stall_seconds", stalled},
                      {"copy_gb_per_s_while_stalled", stalled > 0 ? moved / stalled / 1e9 : 0.0},
+                     {"pick_hit_rate",
+                      pick_hits + pick_misses > 0 ? double(pick_hits) / double(pick_hits + pick_misses) : 1.0},
+                     {"bytes_read_in_place", read_in_place},
+                     // Host-to-device bytes over the batch's wall time (prefill and decode): copies into
+                     // slots plus experts read in place (at least once each).
+                     {"bus_gb_per_s", (moved + read_in_place) / batch_seconds / 1e9},
                      {"tokens_per_s_vs_all_resident", tokens_per_s / all_resident_tokens_per_s[batch]}};
       }
       emit({{"name", "decode"},

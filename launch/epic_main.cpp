@@ -69,7 +69,9 @@ void add_expert_store_flags(CLI::App& command, ExpertStoreFlags& flags) {
       ->capture_default_str();
   command
       .add_option("--on-miss", flags.on_miss,
-                  "wait (copy the expert in) or substitute (route to the most probable resident expert)")
+                  "wait (copy the expert in), substitute (route to the most probable resident expert) or "
+                  "read (compute it from host memory in place, over the bus; copy it in behind the step: "
+                  "no stall, no routing read-back, decode graphs kept)")
       ->capture_default_str();
   command
       .add_option("--prefetch", flags.prefetch,
@@ -365,7 +367,7 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--expert-tier", decode_args.expert_tier, "host or disk")->capture_default_str();
   bench_decode->add_option("--eviction", decode_args.eviction, "lru, lfu or usefulness")
       ->capture_default_str();
-  bench_decode->add_option("--on-miss", decode_args.on_miss, "wait or substitute")->capture_default_str();
+  bench_decode->add_option("--on-miss", decode_args.on_miss, "wait, substitute or read")->capture_default_str();
   bench_decode->add_option("--prefetch", decode_args.prefetch, "next-layer or none")->capture_default_str();
   bench_decode->add_flag("--allow-missing-experts", decode_args.allow_missing_experts,
                          "Mask experts the checkpoint lacks out of routing instead of failing");
@@ -413,7 +415,7 @@ int main(int argc, char** argv) {
           "--expert-budget", eval_args.expert_budgets,
           "Variants with only this budget of experts resident: N per layer, P% or total:N, e.g. 25%,50%")
       ->delimiter(',');
-  eval->add_option("--on-miss", eval_args.on_miss, "For the budget variants: wait and/or substitute")
+  eval->add_option("--on-miss", eval_args.on_miss, "For the budget variants: wait, substitute and/or read")
       ->delimiter(',')
       ->capture_default_str();
   eval->add_option("--expert-tier", eval_args.expert_tier, "For the budget variants: host or disk")

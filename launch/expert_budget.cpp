@@ -57,8 +57,12 @@ void check_expert_store_flags(const ExpertStoreFlags& flags) {
   }
   parse_expert_tier(flags.tier);
   parse_eviction_policy(flags.eviction);
-  parse_on_miss(flags.on_miss);
+  const OnMiss on_miss = parse_on_miss(flags.on_miss);
   parse_prefetch(flags.prefetch);
+  if (on_miss == OnMiss::kRead && parse_expert_tier(flags.tier) != ExpertTier::kHost)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--on-miss read computes a missing expert from host memory in place: use --expert-tier host "
+                "(the disk tier has nothing the GPU can read), or --on-miss wait");
   if (!(flags.usefulness_decay > 0 && flags.usefulness_decay <= 1))
     throw Error(ErrorCode::kInvalidArgument, "--usefulness-decay must be above 0 and at most 1");
 }
@@ -170,7 +174,8 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
           {"checkpoint_bytes_read", stats.source_bytes_read},
           {"stall_seconds", stats.stall_seconds},
           {"prefetch_seconds", stats.prefetch_seconds},
-          {"prefetch", flags.prefetch},
+          // --on-miss read admits each step's misses behind it (asynchronous copies) instead.
+          {"prefetch", flags.on_miss == "read" ? std::string("behind the step") : flags.prefetch},
           {"demand_hits", offload.demand_hits},
           {"demand_misses", offload.demand_misses},
           {"demand_hit_rate",
@@ -180,6 +185,8 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
           {"prefetched", offload.prefetched},
           {"picks", offload.picks},
           {"substituted_picks", offload.substituted},
+          {"read_in_place", offload.read_in_place},
+          {"bytes_read_in_place", offload.bytes_read_in_place},
           {"expert_groups", offload.expert_groups},
           {"moe_calls", offload.calls}};
 }
@@ -191,16 +198,16 @@ std::string expert_store_summary(const nlohmann::json& r) {
       "experts: budget %s (%s tier, %s eviction, on miss %s, prefetch %s): %.2f MB resident; %lld hits, %lld "
       "misses, %lld evictions; the expert FFN found %.3f of its experts resident (%lld loaded ahead of "
       "need); "
-      "%.2f MB moved from host, %.2f MB from disk; %.3f s stalled on misses, %.3f s prefetching; %lld of "
-      "%lld "
-      "picks substituted\n",
+      "%.2f MB moved from host, %.2f MB from disk, %.2f MB read in place; %.3f s stalled on misses, %.3f s "
+      "prefetching; %lld of %lld picks substituted\n",
       r["budget"].get<std::string>().c_str(), r["tier"].get<std::string>().c_str(),
       r["eviction"].get<std::string>().c_str(), r["on_miss"].get<std::string>().c_str(),
       r["prefetch"].get<std::string>().c_str(), r["resident_bytes"].get<double>() / 1e6,
       static_cast<long long>(r["hits"].get<int64_t>()), static_cast<long long>(r["misses"].get<int64_t>()),
       static_cast<long long>(r["evictions"].get<int64_t>()), r["demand_hit_rate"].get<double>(),
       static_cast<long long>(r["prefetched"].get<int64_t>()), r["bytes_from_host"].get<double>() / 1e6,
-      r["bytes_from_disk"].get<double>() / 1e6, r["stall_seconds"].get<double>(),
+      r["bytes_from_disk"].get<double>() / 1e6, r["bytes_read_in_place"].get<double>() / 1e6,
+      r["stall_seconds"].get<double>(),
       r["prefetch_seconds"].get<double>(), static_cast<long long>(r["substituted_picks"].get<int64_t>()),
       static_cast<long long>(r["picks"].get<int64_t>()));
   return line;

@@ -17,7 +17,7 @@ struct ExpertStoreFlags {
   std::string budget;             // "" (every expert resident), "N" per layer, "P%" of each layer, "total:N"
   std::string tier = "host";      // host | disk: where the other experts wait
   std::string eviction = "lru";   // lru | lfu | usefulness
-  std::string on_miss = "wait";   // wait | substitute (worker/offloading_moe_executor.h)
+  std::string on_miss = "wait";   // wait | substitute | read (worker/offloading_moe_executor.h)
   double usefulness_decay = 0.9;  // per step, of the usefulness score
   std::string prefetch = "next-layer";  // next-layer | none (worker/offloading_moe_executor.h)
 

@@ -373,6 +373,10 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
           ErrorCode::kInvalidArgument,
           "--on-miss substitute runs on one process for now (under mpirun the router's choice is made on "
           "the sending worker, the residency on the hosting one): use --on-miss wait");
+    if (comm->size() > 1 && parse_on_miss(args.expert_store.on_miss) == OnMiss::kRead)
+      throw Error(ErrorCode::kInvalidArgument,
+                  "--on-miss read runs on one process for now (the expert-parallel exchange computes the "
+                  "received rows with the store's slots): use --on-miss wait under mpirun");
     // Under mpirun each worker's store holds its shard of the experts; the budget counts those.
     ExpertInventory hosted = inspect_experts(model.config, *model.source, plan.allow_missing_experts);
     for (auto& [layer, experts] : hosted)

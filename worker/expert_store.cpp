@@ -56,6 +56,12 @@ struct ExpertStore::Layer {
   std::unique_ptr<Buffer> local_index_host;
   // Host tier: [hosted, 2I, H] and [hosted, H, I], in `hosted` order.
   std::unique_ptr<Buffer> host_gate_up, host_down;
+  // Host tier: the address table I64 [num_experts, 2] and its pinned mirror (address_table()). The
+  // mirror is what the table's uploads read, asynchronously: an entry changes only after the uploads
+  // that read it before have run (every change waits for the side copies, which follow them).
+  OwnedTensor addresses;
+  std::unique_ptr<Buffer> addresses_host;
+  int64_t* mirror() const { return static_cast<int64_t*>(addresses_host->data()); }
 
   int32_t* published() const { return static_cast<int32_t*>(local_index_host->data()); }
   bool loaded(int64_t expert_id) const { return published()[expert_id] >= 0; }
@@ -165,6 +171,14 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
             {names[2], {hidden, inter}, down_tier, static_cast<size_t>(position) * down_bytes});
       }
     }
+    if (tier_ == ExpertTier::kHost) {
+      state->addresses_host = backend.allocate_staging(static_cast<size_t>(weights.num_experts) * 2 * 8);
+      std::fill(state->mirror(), state->mirror() + 2 * weights.num_experts, int64_t{0});
+      for (int64_t expert : weights.hosted) point_at_host_tier(*state, expert);
+      state->addresses = backend.new_tensor(ScalarType::kI64, {weights.num_experts, 2});
+      backend.copy_from_host(state->addresses, 0, state->mirror(),
+                             static_cast<size_t>(weights.num_experts) * 2 * 8);
+    }
     layers_[layer] = std::move(state);
   }
   residency_ = std::make_unique<ExpertResidencySet>(capped, options.policy, options.usefulness_decay);
@@ -177,7 +191,36 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
   }
   if (tier_ == ExpertTier::kDisk)
     disk_staging_ = backend.allocate_staging(static_cast<size_t>(staging_experts_) * expert_bytes());
-  backend.synchronize();  // the local_index uploads read their staging buffers
+  backend.synchronize();  // the local_index and address uploads read their staging buffers
+}
+
+void ExpertStore::point_at_host_tier(Layer& state, int64_t expert_id) const {
+  const size_t gate_up_bytes = static_cast<size_t>(2 * config_.moe_intermediate_size * config_.hidden_size) *
+                               scalar_size(weight_type_);
+  const size_t down_bytes = expert_bytes() - gate_up_bytes;
+  const auto position = static_cast<size_t>(state.hosted_index[expert_id]);
+  state.mirror()[2 * expert_id] =
+      reinterpret_cast<int64_t>(static_cast<uint8_t*>(state.host_gate_up->data()) + position * gate_up_bytes);
+  state.mirror()[2 * expert_id + 1] =
+      reinterpret_cast<int64_t>(static_cast<uint8_t*>(state.host_down->data()) + position * down_bytes);
+}
+
+void ExpertStore::point_at_slot(Layer& state, int64_t expert_id, int64_t slot) const {
+  const size_t gate_up_bytes = static_cast<size_t>(2 * config_.moe_intermediate_size * config_.hidden_size) *
+                               scalar_size(weight_type_);
+  const size_t down_bytes = expert_bytes() - gate_up_bytes;
+  state.mirror()[2 * expert_id] = reinterpret_cast<int64_t>(
+      static_cast<uint8_t*>(state.weights.gate_up.view().data) + static_cast<size_t>(slot) * gate_up_bytes);
+  state.mirror()[2 * expert_id + 1] = reinterpret_cast<int64_t>(
+      static_cast<uint8_t*>(state.weights.down.view().data) + static_cast<size_t>(slot) * down_bytes);
+}
+
+const Tensor& ExpertStore::address_table(int64_t layer) const {
+  const Layer& state = layer_state(layer, "address_table");
+  EPIC_CHECK(tier_ == ExpertTier::kHost, ErrorCode::kUnsupported,
+             "expert store: experts are read in place only from the host tier (--expert-tier host); the "
+             "disk tier has nothing the backend can read");
+  return state.addresses.view();
 }
 
 ExpertStore::~ExpertStore() = default;
@@ -248,6 +291,7 @@ bool ExpertStore::admit(Layer& state, int64_t layer, int64_t expert_id, int64_t 
                    ", which has no slot");
     state.slot_of[victim] = -1;
     state.published()[victim] = -1;
+    if (state.addresses_host) point_at_host_tier(state, victim);
     report.evictions += 1;
     report.evicted.push_back(victim);
   } else {
@@ -301,6 +345,11 @@ void ExpertStore::copy_from_disk(Layer& state, int64_t layer, const std::vector<
 void ExpertStore::copy_in(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
                           ExpertLoadReport& report) {
   if (jobs.empty()) return;  // an eviction always comes with the copy of its replacement
+  const auto upload_table = [&] {
+    if (!state.addresses_host) return;
+    backend_.copy_from_host(state.addresses, 0, state.mirror(),
+                            static_cast<size_t>(state.weights.num_experts) * 2 * 8);
+  };
   try {
     if (tier_ == ExpertTier::kHost) {
       const size_t gate_up_bytes =
@@ -330,6 +379,7 @@ void ExpertStore::copy_in(Layer& state, int64_t layer, const std::vector<CopyJob
       backend_.synchronize();
       backend_.copy_from_host(state.weights.local_index, 0, state.published(),
                               state.weights.num_experts * sizeof(int32_t));
+      upload_table();  // the failed experts' entries still point at the host tier
       backend_.synchronize();
     } catch (...) {
       // the first error is the one to report
@@ -338,6 +388,9 @@ void ExpertStore::copy_in(Layer& state, int64_t layer, const std::vector<CopyJob
   }
   backend_.copy_from_host(state.weights.local_index, 0, state.published(),
                           state.weights.num_experts * sizeof(int32_t));
+  if (state.addresses_host)
+    for (const CopyJob& job : jobs) point_at_slot(state, job.expert_id, job.slot);
+  upload_table();
   backend_.synchronize();
 }
 
@@ -345,6 +398,9 @@ ExpertLoadReport ExpertStore::ensure_resident(int64_t layer, const std::vector<i
                                               int64_t step) {
   const auto start = std::chrono::steady_clock::now();
   Layer& state = layer_state(layer, "ensure_resident");
+  // Admission changes host entries that admit_in_background's copies may still read, and the whole
+  // table is uploaded: none may be in flight.
+  backend_.wait_side_copies();
   const std::vector<int64_t> experts = distinct_hosted(state, layer, experts_needed, "ensure_resident");
   const int64_t slots = static_cast<int64_t>(state.slot_expert.size());
   EPIC_CHECK(
@@ -396,11 +452,32 @@ ExpertLoadReport ExpertStore::prefetch(int64_t layer, const std::vector<int64_t>
                                        int64_t step) {
   const auto start = std::chrono::steady_clock::now();
   Layer& state = layer_state(layer, "prefetch");
+  // Admission changes host entries that admit_in_background's copies may still read, and the whole
+  // table is uploaded: none may be in flight.
+  backend_.wait_side_copies();
   const std::vector<int64_t> experts = distinct_hosted(state, layer, experts_wanted, "prefetch");
   check_step(step, "prefetch");
   latest_step_ = step;
 
   ExpertLoadReport report;
+  const std::vector<CopyJob> jobs = admit_list(state, layer, experts, step, report);
+  copy_in(state, layer, jobs, report);
+  report.seconds = seconds_since(start);
+
+  stats_.hits += report.hits;
+  stats_.misses += report.misses;
+  stats_.prefetch_loads += report.misses;
+  stats_.evictions += report.evictions;
+  stats_.bytes_from_host += report.bytes_from_host;
+  stats_.bytes_from_disk += report.bytes_from_disk;
+  stats_.source_bytes_read += report.source_bytes_read;
+  stats_.prefetch_seconds += report.seconds;
+  return report;
+}
+
+std::vector<ExpertStore::CopyJob> ExpertStore::admit_list(Layer& state, int64_t layer,
+                                                          const std::vector<int64_t>& experts, int64_t step,
+                                                          ExpertLoadReport& report) {
   std::vector<CopyJob> jobs;
   // The list is pinned while it is admitted, so its later experts never evict its earlier ones.
   std::vector<int64_t> admitted;
@@ -428,17 +505,65 @@ ExpertLoadReport ExpertStore::prefetch(int64_t layer, const std::vector<int64_t>
   }
   apply_pins(layer, {});
   for (const CopyJob& job : jobs) report.loaded.push_back(job.expert_id);
-  report.misses = static_cast<int64_t>(jobs.size());
-  copy_in(state, layer, jobs, report);
-  report.seconds = seconds_since(start);
+  report.misses += static_cast<int64_t>(jobs.size());
+  return jobs;
+}
 
+ExpertLoadReport ExpertStore::admit_in_background(
+    const std::map<int64_t, std::vector<int64_t>>& experts_by_layer, int64_t step) {
+  const auto start = std::chrono::steady_clock::now();
+  EPIC_CHECK(tier_ == ExpertTier::kHost, ErrorCode::kUnsupported,
+             "expert store admit_in_background: copies behind the step need the host tier (--expert-tier "
+             "host); the disk tier reads and converts on the host first");
+  check_step(step, "admit_in_background");
+  latest_step_ = step;
+  backend_.wait_side_copies();  // the mirror entries below may be read by the previous batch's uploads
+  const size_t gate_up_bytes = static_cast<size_t>(2 * config_.moe_intermediate_size * config_.hidden_size) *
+                               scalar_size(weight_type_);
+  const size_t down_bytes = expert_bytes() - gate_up_bytes;
+  constexpr size_t kEntryBytes = 2 * sizeof(int64_t);
+  ExpertLoadReport report;
+  std::vector<SideCopy> copies;
+  for (const auto& [layer, wanted] : experts_by_layer) {
+    Layer& state = layer_state(layer, "admit_in_background");
+    const std::vector<int64_t> experts = distinct_hosted(state, layer, wanted, "admit_in_background");
+    const size_t evicted_before = report.evicted.size();
+    const std::vector<CopyJob> jobs = admit_list(state, layer, experts, step, report);
+    // The evicted experts read from the host tier again before any later op runs.
+    for (size_t v = evicted_before; v < report.evicted.size(); ++v) {
+      const int64_t victim = report.evicted[v];
+      backend_.copy_from_host(state.addresses, static_cast<size_t>(victim) * kEntryBytes,
+                              state.mirror() + 2 * victim, kEntryBytes);
+      backend_.copy_from_host(state.weights.local_index, static_cast<size_t>(victim) * sizeof(int32_t),
+                              state.published() + victim, sizeof(int32_t));
+    }
+    const auto* host_gate_up = static_cast<const uint8_t*>(state.host_gate_up->data());
+    const auto* host_down = static_cast<const uint8_t*>(state.host_down->data());
+    for (const CopyJob& job : jobs) {
+      const auto position = static_cast<size_t>(state.hosted_index[job.expert_id]);
+      const auto slot = static_cast<size_t>(job.slot);
+      copies.push_back({state.weights.gate_up, slot * gate_up_bytes, host_gate_up + position * gate_up_bytes,
+                        gate_up_bytes});
+      copies.push_back(
+          {state.weights.down, slot * down_bytes, host_down + position * down_bytes, down_bytes});
+      // Then the entry, on the same queue: ops read the slot only once its bytes are there. (A kernel
+      // reading the entry while it changes sees either address, and both hold the expert's bytes.)
+      point_at_slot(state, job.expert_id, job.slot);
+      copies.push_back({state.addresses, static_cast<size_t>(job.expert_id) * kEntryBytes,
+                        state.mirror() + 2 * job.expert_id, kEntryBytes});
+      state.published()[job.expert_id] = static_cast<int32_t>(job.slot);  // resident() from now on
+      copies.push_back({state.weights.local_index, static_cast<size_t>(job.expert_id) * sizeof(int32_t),
+                        state.published() + job.expert_id, sizeof(int32_t)});
+      report.bytes_from_host += expert_bytes();
+    }
+  }
+  backend_.enqueue_side_copies(copies);
+  report.seconds = seconds_since(start);
   stats_.hits += report.hits;
   stats_.misses += report.misses;
   stats_.prefetch_loads += report.misses;
   stats_.evictions += report.evictions;
   stats_.bytes_from_host += report.bytes_from_host;
-  stats_.bytes_from_disk += report.bytes_from_disk;
-  stats_.source_bytes_read += report.source_bytes_read;
   stats_.prefetch_seconds += report.seconds;
   return report;
 }

@@ -116,6 +116,28 @@ class ExpertStore {
   // Releases every pin (end of a step).
   void unpin_all();
 
+  // ---- Reading experts in place (host tier) ----------------------------------------------------
+  // With the host tier every MoE layer also has an address table (Backend::expert_ffn_addressed):
+  // I64 [num_experts, 2] on the backend, for each hosted expert the addresses of its gate_up and down in
+  // its slot when resident, else in the host tier (pinned host memory the backend's kernels read over
+  // the bus, in place); 0 for an expert not hosted. Every call above keeps it true. An expert FFN over
+  // the table computes any hosted expert, resident or not, with no host synchronisation: a miss costs
+  // its bytes read over the bus instead of a stall. Error(kUnsupported) for the disk tier (nothing the
+  // backend can read in place).
+  bool reads_in_place() const { return tier_ == ExpertTier::kHost; }
+  const Tensor& address_table(int64_t layer) const;
+
+  // Admits, per layer, the experts given (most wanted first) as prefetch does, but copies them on the
+  // backend's side queue (Backend::enqueue_side_copies), beside the steps enqueued after it: an evicted
+  // expert's table entry goes back to its host-tier address on the stream first (so no later op reads
+  // the slot it leaves), and an admitted expert's entry points at its slot only once its bytes are
+  // there. Until then ops read it in place, so the output never depends on when the copies finish. Waits
+  // for the previous call's copies before it starts (so at most one batch is in flight). The report's
+  // seconds are the host's time in the call, not the copies'. Host tier only (Error(kUnsupported)); the
+  // errors of prefetch otherwise.
+  ExpertLoadReport admit_in_background(const std::map<int64_t, std::vector<int64_t>>& experts_by_layer,
+                                       int64_t step);
+
   // The layer's experts as run_experts / Backend::expert_ffn read them: gate_up [slots, 2I, H] and
   // down [slots, H, I] are the slot tensors, local_index I32 [num_experts] maps an expert to its slot
   // or -1 when it is not resident; num_experts, present and hosted (this worker's experts, resident
@@ -157,6 +179,13 @@ class ExpertStore {
   void copy_in(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs, ExpertLoadReport& report);
   void copy_from_disk(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
                       ExpertLoadReport& report);
+  // The address table's host mirror entries of an expert: its host-tier bytes, or its slot's.
+  void point_at_host_tier(Layer& state, int64_t expert_id) const;
+  void point_at_slot(Layer& state, int64_t expert_id, int64_t slot) const;
+  // Admits `experts` (distinct, hosted) of `layer` as prefetch does (pinned while admitted; a refusal
+  // is counted as skipped) and returns the copies it needs.
+  std::vector<CopyJob> admit_list(Layer& state, int64_t layer, const std::vector<int64_t>& experts,
+                                  int64_t step, ExpertLoadReport& report);
 
   ModelConfig config_;  // a copy: the caller's may go
   WeightSource& source_;

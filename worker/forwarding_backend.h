@@ -74,10 +74,16 @@ class ForwardingBackend : public Backend {
                   const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override {
     inner_.expert_ffn(x, expert_offsets, gate_up, down, local_index, intermediate, y);
   }
+  void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
+                            ScalarType weight_type, const Tensor& intermediate, const Tensor& y) override {
+    inner_.expert_ffn_addressed(x, expert_offsets, addresses, weight_type, intermediate, y);
+  }
   void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                      const Tensor& out) override {
     inner_.combine_top_k(expert_out, sorted_position, weights, out);
   }
+  void enqueue_side_copies(const std::vector<SideCopy>& copies) override { inner_.enqueue_side_copies(copies); }
+  void wait_side_copies() override { inner_.wait_side_copies(); }
 
  protected:
   Backend& inner() { return inner_; }

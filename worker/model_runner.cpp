@@ -218,7 +218,9 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
 
   // Decode steps are replayed from a graph captured per power-of-two bucket of rows; under an agreement
   // the bucket of the most rows any rank runs, on every rank (an empty rank too, all padding).
-  if (agreement != nullptr) executor_->begin_step(agreement->max_rows);
+  // One process: its own rows (an executor that keeps state per step, like the offloading one's
+  // routing log, needs the bracket too).
+  executor_->begin_step(agreement != nullptr ? agreement->max_rows : shape.rows);
   int64_t bucket = 0;
   const bool graph_step = agreement != nullptr ? agreement->every_rank_decode : decode_only;
   const int64_t bucket_rows = agreement != nullptr ? std::max<int64_t>(agreement->max_rows, 1) : shape.rows;
@@ -268,7 +270,7 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   } else {
     enqueue_forward(shape);
   }
-  if (agreement != nullptr) executor_->finish_step();
+  executor_->finish_step();
 
   StepOutput output;
   std::vector<int32_t> wanted_ids(shape.wanted);

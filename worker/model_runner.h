@@ -81,9 +81,10 @@ class ModelRunner {
   // expert-parallel executor's collectives see this worker. Ids outside [0, vocab) ->
   // Error(kInvalidArgument) naming the id and its position; a sequence longer than max_context ->
   // Error(kInvalidArgument).
-  // With `agreement` (every rank of an expert-parallel job, the same value): the executor's begin_step /
-  // finish_step around the step, and decode graphs of the agreed bucket, captured and replayed on every
-  // rank together (a rank without sequences runs padding rows).
+  // The executor's begin_step / finish_step go around the step: with `agreement` (every rank of an
+  // expert-parallel job, the same value) with its rows, and decode graphs of the agreed bucket are captured
+  // and replayed on every rank together (a rank without sequences runs padding rows); without, with this
+  // step's rows.
   StepOutput forward_batch(std::span<const SequenceChunk> chunks, bool want_logits,
                            const StepAgreement* agreement = nullptr);
   // The decode graphs this runner holds that are still current (stale ones are dropped), as

@@ -64,7 +64,7 @@ void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor
                                  workspace.get(kSlotExpertOut, hidden.type, {slots, hidden_size})};
   backend_.routed_moe(router_input, hidden,
                       RoutedMoeWeights{moe.router, routable_mask(layer, moe), moe.gate_up, moe.down,
-                                       moe.local_index, config_.norm_topk_prob},
+                                       moe.local_index, config_.norm_topk_prob, Tensor{}, ScalarType::kBF16},
                       scratch, out);
 }
 

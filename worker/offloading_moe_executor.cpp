@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <utility>
 
 #include "kernels/error.h"
 #include "worker/moe_block.h"
@@ -13,13 +14,25 @@ namespace epic {
 OnMiss parse_on_miss(const std::string& name) {
   if (name == "wait") return OnMiss::kWait;
   if (name == "substitute") return OnMiss::kSubstitute;
+  if (name == "read") return OnMiss::kRead;
   throw Error(ErrorCode::kInvalidArgument,
               "--on-miss '" + name +
-                  "': use wait (copy a missing expert in before computing) or substitute (route to the most "
-                  "probable resident expert instead)");
+                  "': use wait (copy a missing expert in before computing), substitute (route to the most "
+                  "probable resident expert instead) or read (compute it from host memory in place, over the "
+                  "bus, and copy it in behind the step)");
 }
 
-const char* on_miss_name(OnMiss on_miss) { return on_miss == OnMiss::kWait ? "wait" : "substitute"; }
+const char* on_miss_name(OnMiss on_miss) {
+  switch (on_miss) {
+    case OnMiss::kWait:
+      return "wait";
+    case OnMiss::kSubstitute:
+      return "substitute";
+    case OnMiss::kRead:
+      return "read";
+  }
+  return "?";
+}
 
 Prefetch parse_prefetch(const std::string& name) {
   if (name == "none") return Prefetch::kNone;
@@ -32,6 +45,7 @@ Prefetch parse_prefetch(const std::string& name) {
 
 OffloadStats OffloadingMoeExecutor::stats() const {
   OffloadStats stats = stats_;
+  if (on_miss_ == OnMiss::kRead) return stats;  // finish_step counts each pick against the residency
   stats.demand_hits = resident_ffn_.demand().hits;
   stats.demand_misses = resident_ffn_.demand().misses;
   return stats;
@@ -87,7 +101,123 @@ OffloadingMoeExecutor::OffloadingMoeExecutor(const ModelConfig& config, const Mo
       store_(store),
       on_miss_(on_miss),
       prefetch_(prefetch),
-      resident_ffn_(config, backend, store) {}
+      resident_ffn_(config, backend, store) {
+  if (on_miss_ != OnMiss::kRead) return;
+  EPIC_CHECK(
+      store_.reads_in_place(), ErrorCode::kInvalidArgument,
+      "--on-miss read computes a missing expert from host memory in place: it needs --expert-tier host");
+  for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+    if (!store_.is_moe_layer(layer)) continue;
+    const int64_t index = static_cast<int64_t>(moe_index_.size());
+    moe_index_[layer] = index;
+  }
+  log_slots_ = kLoggedRows * config_.num_experts_per_tok;
+  const int64_t entries = 2 * static_cast<int64_t>(moe_index_.size()) * log_slots_;
+  if (entries > 0) routing_log_ = backend_.new_tensor(ScalarType::kI32, {entries});
+}
+
+bool OffloadingMoeExecutor::capturable() const {
+  return on_miss_ == OnMiss::kRead && step_rows_ >= 0 && step_rows_ <= kLoggedRows;
+}
+
+void OffloadingMoeExecutor::begin_step(int64_t max_rows_on_any_rank) {
+  if (on_miss_ != OnMiss::kRead) return;
+  ++step_;
+  step_rows_ = max_rows_on_any_rank;
+}
+
+void OffloadingMoeExecutor::note_pick(int64_t layer, int32_t expert, float weight,
+                                      std::map<int64_t, std::map<int64_t, double>>& missed) {
+  ++stats_.picks;
+  store_.record_use(layer, expert, weight, step_);
+  if (store_.resident(layer, expert)) {
+    ++stats_.demand_hits;
+  } else {
+    ++stats_.demand_misses;
+    missed[layer][expert] += weight;
+  }
+}
+
+void OffloadingMoeExecutor::finish_step() {
+  if (on_miss_ != OnMiss::kRead || step_rows_ < 0) return;
+  const int64_t rows = step_rows_;
+  step_rows_ = -1;
+  std::map<int64_t, std::map<int64_t, double>> missed;  // layer -> expert -> routing weight lost
+  const int64_t top_k = routed_top_k(config_);
+  if (rows > 0 && rows <= kLoggedRows && !routing_log_.empty()) {
+    // Every MoE layer wrote its picks into the log (replayed from a graph or not): one copy back.
+    std::vector<int32_t> log(static_cast<size_t>(routing_log_.view().numel()));
+    backend_.copy_to_host(routing_log_.view(), 0, log.data(), log.size() * sizeof(int32_t));
+    const int64_t layers = static_cast<int64_t>(moe_index_.size());
+    for (const auto& [layer, index] : moe_index_) {
+      const int32_t* ids = log.data() + index * log_slots_;
+      const auto* weights = reinterpret_cast<const float*>(log.data() + (layers + index) * log_slots_);
+      const int64_t num_experts = weights_.layers[layer].moe.num_experts;
+      for (int64_t s = 0; s < rows * top_k; ++s)
+        if (ids[s] >= 0 && ids[s] < num_experts) note_pick(layer, ids[s], weights[s], missed);
+    }
+  }
+  for (const auto& [layer, expert, weight] : unlogged_picks_) note_pick(layer, expert, weight, missed);
+  unlogged_picks_.clear();
+  std::map<int64_t, std::vector<int64_t>> wanted;
+  for (const auto& [layer, experts] : missed) {
+    std::vector<std::pair<double, int64_t>> order;
+    for (const auto& [expert, weight] : experts) order.push_back({-weight, expert});
+    std::sort(order.begin(), order.end());
+    for (const auto& [weight, expert] : order) wanted[layer].push_back(expert);
+    stats_.read_in_place += static_cast<int64_t>(experts.size());
+    stats_.bytes_read_in_place += experts.size() * store_.expert_bytes();
+  }
+  if (!wanted.empty()) stats_.prefetched += store_.admit_in_background(wanted, step_).misses;
+}
+
+void OffloadingMoeExecutor::forward_in_place(int64_t layer, const Tensor& hidden, const Tensor& router_input,
+                                             const Tensor& out, Workspace& workspace) {
+  const MoeLayerWeights& moe = weights_.layers[layer].moe;
+  const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
+  const int64_t hidden_size = config_.hidden_size, inter = config_.moe_intermediate_size;
+  if (rows == 0) return;
+  // The routing goes into the log where it fits (read back once, in finish_step), else into the
+  // workspace and back to the host now (a large step, never captured).
+  const bool logged = slots <= log_slots_;
+  Tensor expert_ids, route_weights;
+  if (logged) {
+    const int64_t index = moe_index_.at(layer), layers = static_cast<int64_t>(moe_index_.size());
+    auto* base = static_cast<int32_t*>(routing_log_.view().data);
+    expert_ids = Tensor(base + index * log_slots_, ScalarType::kI32, backend_.memory_space(), {rows, top_k});
+    route_weights = Tensor(base + (layers + index) * log_slots_, ScalarType::kF32, backend_.memory_space(),
+                           {rows, top_k});
+  } else {
+    expert_ids = workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k});
+    route_weights = workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k});
+  }
+  const RoutedMoeScratch scratch{workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, moe.num_experts}),
+                                 expert_ids,
+                                 route_weights,
+                                 workspace.get(kSlotExpertOffsets, ScalarType::kI32, {moe.num_experts + 1}),
+                                 workspace.get(kSlotSourceRow, ScalarType::kI32, {slots}),
+                                 workspace.get(kSlotSortedPosition, ScalarType::kI32, {slots}),
+                                 workspace.get(kSlotSortedRows, hidden.type, {slots, hidden_size}),
+                                 workspace.get(kSlotExpertIntermediate, hidden.type, {slots, inter}),
+                                 workspace.get(kSlotExpertOut, hidden.type, {slots, hidden_size})};
+  // Every expert at the address the store's table gives it: its slot, or its host-tier bytes.
+  const RoutedMoeWeights weights{moe.router,
+                                 routable_mask(layer, moe),
+                                 Tensor{},
+                                 Tensor{},
+                                 Tensor{},
+                                 config_.norm_topk_prob,
+                                 store_.address_table(layer),
+                                 store_.weight_type()};
+  backend_.routed_moe(router_input, hidden, weights, scratch, out);
+  if (logged || step_rows_ < 0) return;  // outside begin/finish_step nothing reads the picks
+  std::vector<int32_t> ids(static_cast<size_t>(slots));
+  std::vector<float> picked(static_cast<size_t>(slots));
+  backend_.copy_to_host(expert_ids, 0, ids.data(), ids.size() * sizeof(int32_t));
+  backend_.copy_to_host(route_weights, 0, picked.data(), picked.size() * sizeof(float));
+  for (int64_t s = 0; s < slots; ++s)
+    if (ids[s] >= 0 && ids[s] < moe.num_experts) unlogged_picks_.emplace_back(layer, ids[s], picked[s]);
+}
 
 std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, const MoeLayerWeights& moe,
                                                               int64_t rows, int64_t top_k,
@@ -148,6 +278,11 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
                                     const Tensor& out, Workspace& workspace) {
   EPIC_CHECK(store_.is_moe_layer(layer), ErrorCode::kInternal,
              "offloading executor: layer " + std::to_string(layer) + " has no experts in the store");
+  if (on_miss_ == OnMiss::kRead) {
+    ++stats_.calls;
+    forward_in_place(layer, hidden, router_input, out, workspace);
+    return;
+  }
   if (layer <= last_layer_) ++step_;  // a new forward pass
   last_layer_ = layer;
   ++stats_.calls;

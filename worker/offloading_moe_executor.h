@@ -9,7 +9,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/backend.h"
@@ -26,8 +28,13 @@ namespace epic {
 enum class OnMiss {
   kWait,        // copy it in before the expert FFN (the stall is counted)
   kSubstitute,  // route the slot to the most probable resident expert the token did not choose
+  // Compute it from the host tier in place (the backend reads its bytes over the bus: ExpertStore's
+  // address table), so a step never waits and never reads its routing back; after the step its misses
+  // are admitted with copies behind the next steps (ExpertStore::admit_in_background). The output is the
+  // full model's. Host tier only.
+  kRead,
 };
-// "wait" or "substitute"; anything else -> Error(kInvalidArgument) naming both.
+// "wait", "substitute" or "read"; anything else -> Error(kInvalidArgument) naming them.
 OnMiss parse_on_miss(const std::string& name);
 const char* on_miss_name(OnMiss on_miss);
 
@@ -48,6 +55,10 @@ struct OffloadStats {
   int64_t expert_groups = 0;  // expert FFN calls (more than calls when a step needed more experts than slots)
   int64_t demand_hits = 0, demand_misses = 0;  // the expert FFN's own residency checks (no prefetch)
   int64_t prefetched = 0;                      // experts loaded ahead of need
+  // OnMiss::kRead: (layer, expert) pairs computed in place from the host tier, one per layer and step
+  // that missed the expert, and their bytes (each read at least once over the bus).
+  int64_t read_in_place = 0;
+  uint64_t bytes_read_in_place = 0;
 };
 
 class OffloadingMoeExecutor final : public MoeExecutor {
@@ -57,7 +68,14 @@ class OffloadingMoeExecutor final : public MoeExecutor {
                         ExpertStore& store, OnMiss on_miss, Prefetch prefetch = Prefetch::kNone);
   void forward(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
                Workspace& workspace) override;
-  bool capturable() const override { return false; }  // reads the routing back every layer
+  // Wait and substitute read the routing back every layer; read does not, for steps of up to
+  // kLoggedRows rows (its routing log's size).
+  bool capturable() const override;
+  // OnMiss::kRead: begin_step notes the step's rows; finish_step reads the step's routing back (one copy),
+  // records every pick in the store's policy and admits the misses behind the next steps.
+  void begin_step(int64_t max_rows_on_any_rank) override;
+  void finish_step() override;
+  static constexpr int64_t kLoggedRows = 64;
 
   OffloadStats stats() const;
   OnMiss on_miss() const { return on_miss_; }
@@ -82,6 +100,22 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   void prefetch_next_layer(int64_t layer, const Tensor& router_input);
   int64_t step_ = 0;
   int64_t last_layer_ = -1;
+
+  // OnMiss::kRead.
+  void forward_in_place(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
+                        Workspace& workspace);
+  // One routing pick of the step: the policy's use, the hit or miss, the miss's weight.
+  void note_pick(int64_t layer, int32_t expert, float weight,
+                 std::map<int64_t, std::map<int64_t, double>>& missed);
+  std::map<int64_t, int64_t> moe_index_;  // MoE layer -> its row of the routing log
+  int64_t log_slots_ = 0;                 // picks a layer's log holds (kLoggedRows x the model's top-k)
+  // I32 [2, MoE layers, log_slots_]: each layer's expert ids, then (as F32) their weights, written by the
+  // step's routed_moe; never reallocated, so a captured step keeps writing where finish_step reads.
+  OwnedTensor routing_log_;
+  int64_t step_rows_ = -1;  // begin_step's rows; -1 outside a step
+  // Picks of steps too large for the log (read back in forward), for finish_step.
+  std::vector<std::tuple<int64_t, int32_t, float>> unlogged_picks_;
+
   ResidentExpertFfn resident_ffn_;
   OffloadStats stats_;
 };

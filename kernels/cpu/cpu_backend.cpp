@@ -175,6 +175,14 @@ class CpuBackend final : public Backend {
     cpu::expert_ffn(x, expert_offsets, gate_up, down, local_index, intermediate, y, num_threads_);
   }
 
+  void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
+                            ScalarType weight_type, const Tensor& intermediate, const Tensor& y) override {
+    backend_checks::check_expert_ffn_addressed(kSpace, x, expert_offsets, addresses, weight_type, intermediate,
+                                               y);
+    require_f32("expert_ffn_addressed", "x", x);
+    cpu::expert_ffn_addressed(x, expert_offsets, addresses, weight_type, intermediate, y, num_threads_);
+  }
+
   void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                      const Tensor& out) override {
     backend_checks::check_combine_top_k(kSpace, expert_out, sorted_position, weights, out);

@@ -114,6 +114,20 @@ void check_expert_groups(const Tensor& expert_offsets, const Tensor& local_index
 
 // Per expert group, the old swiglu_ffn: linear gate and up (one fused linear over gate_up's 2I
 // rows: each element is the same dot product), silu_mul, linear down.
+// One expert's group of rows [begin, begin + num_rows): gate_up and down at their addresses.
+static void expert_group_ffn(const Tensor& x, int64_t begin, int64_t num_rows, const void* gate_up_weights,
+                             const void* down_weights, ScalarType weight_type, const Tensor& intermediate,
+                             const Tensor& y, std::vector<float>& gate_up_out, int num_threads) {
+  const int64_t hidden = x.dim(1), inter = intermediate.dim(1);
+  gate_up_out.resize(static_cast<size_t>(num_rows * 2 * inter));
+  float* inter_rows = intermediate.as<float>() + begin * inter;
+  linear(x.as<const float>() + begin * hidden, gate_up_weights, weight_type, gate_up_out.data(), num_rows,
+         hidden, 2 * inter, num_threads);
+  silu_mul_rows(gate_up_out.data(), inter_rows, num_rows, inter);
+  linear(inter_rows, down_weights, weight_type, y.as<float>() + begin * hidden, num_rows, inter, hidden,
+         num_threads);
+}
+
 void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                 const Tensor& local_index, const Tensor& intermediate, const Tensor& y, int num_threads) {
   const int64_t rows = x.dim(0), hidden = x.dim(1), inter = down.dim(2), num_experts = local_index.dim(0);
@@ -129,13 +143,33 @@ void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gat
                                   static_cast<size_t>(local[e] * 2 * inter * hidden) * weight_size;
     const char* down_weights =
         static_cast<const char*>(down.data) + static_cast<size_t>(local[e] * hidden * inter) * weight_size;
-    gate_up_out.resize(static_cast<size_t>(num_rows * 2 * inter));
-    float* inter_rows = intermediate.as<float>() + begin * inter;
-    linear(x.as<const float>() + begin * hidden, gate_up_weights, gate_up.type, gate_up_out.data(), num_rows,
-           hidden, 2 * inter, num_threads);
-    silu_mul_rows(gate_up_out.data(), inter_rows, num_rows, inter);
-    linear(inter_rows, down_weights, down.type, y.as<float>() + begin * hidden, num_rows, inter, hidden,
-           num_threads);
+    expert_group_ffn(x, begin, num_rows, gate_up_weights, down_weights, gate_up.type, intermediate, y,
+                     gate_up_out, num_threads);
+  }
+}
+
+void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
+                          ScalarType weight_type, const Tensor& intermediate, const Tensor& y,
+                          int num_threads) {
+  const int64_t rows = x.dim(0), num_experts = addresses.dim(0);
+  const int32_t* offsets = expert_offsets.as<const int32_t>();
+  const auto* table = addresses.as<const int64_t>();
+  if (offsets[0] != 0 || offsets[num_experts] != rows)
+    fail_value("expert_ffn_addressed",
+               "expert_offsets must run from 0 to the " + std::to_string(rows) + " rows");
+  std::vector<float> gate_up_out;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t begin = offsets[e], num_rows = offsets[e + 1] - offsets[e];
+    if (num_rows < 0 || begin + num_rows > rows)
+      fail_value("expert_ffn_addressed", "expert_offsets are not ascending at expert " + std::to_string(e));
+    if (num_rows == 0) continue;
+    if (table[2 * e] == 0 || table[2 * e + 1] == 0) {
+      fail_value("expert_ffn_addressed", "expert " + std::to_string(e) + " has " + std::to_string(num_rows) +
+                                             " rows but no address (not hosted here)");
+    }
+    expert_group_ffn(x, begin, num_rows, reinterpret_cast<const void*>(table[2 * e]),
+                     reinterpret_cast<const void*>(table[2 * e + 1]), weight_type, intermediate, y,
+                     gate_up_out, num_threads);
   }
 }
 

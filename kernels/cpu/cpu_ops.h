@@ -81,6 +81,9 @@ void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_
                      const Tensor& expert_offsets, const Tensor& source_row, const Tensor& sorted_position);
 void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                 const Tensor& local_index, const Tensor& intermediate, const Tensor& y, int num_threads);
+// As expert_ffn with each expert's gate_up and down at the host addresses of addresses I64 [E, 2].
+void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
+                          ScalarType weight_type, const Tensor& intermediate, const Tensor& y, int num_threads);
 void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                    const Tensor& out);
 

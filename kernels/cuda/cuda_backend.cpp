@@ -204,6 +204,37 @@ class CudaBackend final : public Backend {
     EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
+  // A copy stream that waits for an event recorded on the stream now, then copies; its own event marks
+  // the end, for wait_side_copies. Made at the first call.
+  void enqueue_side_copies(const std::vector<SideCopy>& copies) override {
+    if (copies.empty()) return;
+    for (const SideCopy& copy : copies)
+      backend_checks::check_copy_range("enqueue_side_copies", MemorySpace::kDevice, copy.dst, copy.dst_offset,
+                                       copy.bytes);
+    DeviceScope scope(device_);
+    if (copy_stream_ == nullptr) {
+      EPIC_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+      EPIC_CUDA_CHECK(cudaEventCreateWithFlags(&side_start_, cudaEventDisableTiming));
+      EPIC_CUDA_CHECK(cudaEventCreateWithFlags(&side_done_, cudaEventDisableTiming));
+    }
+    EPIC_CUDA_CHECK(cudaEventRecord(side_start_, stream_));
+    EPIC_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, side_start_, 0));
+    for (const SideCopy& copy : copies) {
+      if (copy.bytes == 0) continue;
+      EPIC_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(copy.dst.data) + copy.dst_offset, copy.src, copy.bytes,
+                                      cudaMemcpyHostToDevice, copy_stream_));
+    }
+    EPIC_CUDA_CHECK(cudaEventRecord(side_done_, copy_stream_));
+    side_pending_ = true;
+  }
+
+  void wait_side_copies() override {
+    if (!side_pending_) return;
+    DeviceScope scope(device_);
+    EPIC_CUDA_CHECK(cudaEventSynchronize(side_done_));
+    side_pending_ = false;
+  }
+
   std::unique_ptr<Graph> capture(const std::function<void()>& record) override {
     DeviceScope scope(device_);
     EPIC_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
@@ -512,6 +543,31 @@ class CudaBackend final : public Backend {
     cuda_kernels::expert_ffn_device_scheduled(args, stream_);
   }
 
+  // Device-scheduled only (no host read of the group sizes): the grouped kernels take the table in place
+  // of the weight stack.
+  void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
+                            ScalarType weight_type, const Tensor& intermediate, const Tensor& y) override {
+    backend_checks::check_expert_ffn_addressed(kSpace, x, expert_offsets, addresses, weight_type, intermediate,
+                                               y);
+    if (x.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    const auto timing = time_op("expert_ffn_addressed", x.dim(0));
+    cuda_kernels::ExpertFfnArgs args;
+    args.x = x.data;
+    args.expert_offsets = expert_offsets.as<int32_t>();
+    args.addresses = addresses.as<int64_t>();
+    args.intermediate = intermediate.data;
+    args.y = y.data;
+    args.rows = x.dim(0);
+    args.num_experts = addresses.dim(0);
+    args.num_local = addresses.dim(0);
+    args.hidden = x.dim(1);
+    args.inter = intermediate.dim(1);
+    args.act_type = x.type;
+    args.weight_type = weight_type;
+    cuda_kernels::expert_ffn_device_scheduled(args, stream_);
+  }
+
   void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                      const Tensor& out) override {
     backend_checks::check_combine_top_k(kSpace, expert_out, sorted_position, weights, out);
@@ -536,9 +592,14 @@ class CudaBackend final : public Backend {
     args.router = static_cast<const __nv_bfloat16*>(weights.router.data);
     args.present = weights.present.as<uint8_t>();
     args.x = static_cast<const __nv_bfloat16*>(x.data);
-    args.gate_up = static_cast<const __nv_bfloat16*>(weights.gate_up.data);
-    args.down = static_cast<const __nv_bfloat16*>(weights.down.data);
-    args.local_index = weights.local_index.as<int32_t>();
+    const bool addressed = !is_absent(weights.addresses);
+    if (addressed) {
+      args.addresses = weights.addresses.as<int64_t>();
+    } else {
+      args.gate_up = static_cast<const __nv_bfloat16*>(weights.gate_up.data);
+      args.down = static_cast<const __nv_bfloat16*>(weights.down.data);
+      args.local_index = weights.local_index.as<int32_t>();
+    }
     args.logits = scratch.logits.as<float>();
     args.expert_ids = scratch.expert_ids.as<int32_t>();
     args.weights = scratch.weights.as<float>();
@@ -547,12 +608,13 @@ class CudaBackend final : public Backend {
     args.out_type = out.type;
     args.tokens = x.dim(0);
     args.hidden = x.dim(1);
-    args.inter = weights.down.dim(2);
+    args.inter = scratch.intermediate.dim(1);
     args.num_experts = weights.router.dim(0);
     args.top_k = scratch.expert_ids.dim(1);
     args.normalize = weights.normalize;
     const bool bf16 = router_input.type == ScalarType::kF32 && x.type == ScalarType::kBF16 &&
-                      weights.router.type == ScalarType::kBF16 && weights.gate_up.type == ScalarType::kBF16 &&
+                      weights.router.type == ScalarType::kBF16 &&
+                      (addressed ? weights.addressed_weight_type : weights.gate_up.type) == ScalarType::kBF16 &&
                       scratch.intermediate.type == ScalarType::kBF16;
     if (!fused_enabled || !bf16 || !cuda_kernels::routed_moe_fused_supported(args)) {
       run_routed_moe_ops(router_input, x, weights, scratch, out);  // checked above
@@ -651,6 +713,13 @@ class CudaBackend final : public Backend {
     if (device_gemm_pointers_ != nullptr) cudaFree(device_gemm_pointers_);
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
+    if (copy_stream_ != nullptr) {
+      cudaStreamSynchronize(copy_stream_);
+      cudaStreamDestroy(copy_stream_);
+      cudaEventDestroy(side_start_);
+      cudaEventDestroy(side_done_);
+      copy_stream_ = nullptr;
+    }
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
     host_groups_ = nullptr;
     host_gemm_pointers_ = nullptr;
@@ -662,6 +731,9 @@ class CudaBackend final : public Backend {
 
   int device_;
   cudaStream_t stream_ = nullptr;
+  cudaStream_t copy_stream_ = nullptr;  // enqueue_side_copies'
+  cudaEvent_t side_start_ = nullptr, side_done_ = nullptr;
+  bool side_pending_ = false;  // side copies enqueued since the last wait_side_copies
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
   int32_t* host_groups_ = nullptr;                     // pinned: [offsets | local indices]

@@ -139,6 +139,9 @@ struct ExpertFfnArgs {
   const void* gate_up = nullptr;            // [num_local, 2 * inter, hidden] of weight_type
   const void* down = nullptr;               // [num_local, hidden, inter] of weight_type
   const int32_t* local_index = nullptr;     // [num_experts], device; -1 = not hosted
+  // Device-scheduled only: an address table I64 [num_experts, 2] (Backend::expert_ffn_addressed) in place
+  // of gate_up, down and local_index (null), whose addresses must be 16-byte aligned for bf16.
+  const int64_t* addresses = nullptr;
   void* intermediate = nullptr;             // [rows, inter] of act_type, scratch
   void* y = nullptr;                        // [rows, hidden] of act_type
   int64_t rows = 0, num_experts = 0, num_local = 0, hidden = 0, inter = 0;

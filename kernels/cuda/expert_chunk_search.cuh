@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/expert_address.cuh"
+
 namespace epic::cuda_kernels {
 
 // Rows per work item for find_group_chunk: one item per non-empty group, however long.
@@ -35,10 +37,10 @@ __device__ __forceinline__ int work_items_of(int rows) {
 // The `target`-th work item (a chunk of kChunkRows rows, or a whole group with kWholeGroup) over
 // all experts' groups in expert order, found by warp 0 with one round of loads per 128 experts.
 // Called by the whole block (it ends with __syncthreads); local is -1 for a target past the last
-// item and for rows of an expert not hosted here (local_index -1).
+// item and for rows of an expert not hosted here (expert_slot -1: local_index -1, or no address).
 template <int kChunkRows>
 __device__ GroupChunk find_group_chunk(const int32_t* offsets, const int32_t* local_index,
-                                       int64_t num_experts, int target) {
+                                       const int64_t* addresses, int64_t num_experts, int target) {
   __shared__ GroupChunk found;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x;
@@ -53,7 +55,8 @@ __device__ GroupChunk find_group_chunk(const int32_t* offsets, const int32_t* lo
       for (int i = 0; i <= kExpertsPerLane; ++i) {
         const int64_t expert = first + i < num_experts ? first + i : num_experts;
         bounds[i] = offsets[expert];
-        if (i < kExpertsPerLane) local[i] = first + i < num_experts ? local_index[first + i] : -1;
+        if (i < kExpertsPerLane)
+          local[i] = first + i < num_experts ? expert_slot(local_index, addresses, first + i) : -1;
       }
       int lane_chunks = 0;
 #pragma unroll

@@ -12,6 +12,7 @@
 #include "kernels/cuda/ab_switch.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/expert_address.cuh"
 #include "kernels/cuda/expert_chunk_search.cuh"
 #include "kernels/cuda/expert_ffn_variants.h"
 #include "kernels/cuda/scalar_access.cuh"
@@ -70,11 +71,12 @@ struct TensorCoreArgs {
   const bf16* activations;  // [rows, k_dim]: x (phase 1) or intermediate (phase 2)
   const bf16* weights;      // [num_local, weight_rows_per_expert, k_dim]
   const int32_t* offsets;
-  const int32_t* local_index;
+  const int32_t* local_index;  // null with an address table
   bf16* out;  // [rows, out_cols]: intermediate (phase 1) or y (phase 2)
   int64_t num_experts;
   int64_t k_dim;
   int64_t out_cols;  // I (phase 1) or H (phase 2)
+  const int64_t* addresses;  // expert_ffn_addressed's table, or null (expert_address.cuh)
 };
 
 // Weight row of tile column `col` (block column tile `tile`), or -1 past the matrix.
@@ -152,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) tensor_core_expert_kernel(const Tens
   float* out_tile = reinterpret_cast<float*>(shared_bytes);  // reused after the pipeline drains
 
   // Blocks are laid out over the experts with rows, so an expert without rows costs no block.
-  const GroupChunk group = find_group_chunk<kWholeGroup>(args.offsets, args.local_index, args.num_experts,
+  const GroupChunk group = find_group_chunk<kWholeGroup>(args.offsets, args.local_index, args.addresses, args.num_experts,
                                                          static_cast<int>(blockIdx.y));
   // A slot past the last group; or rows for an expert not hosted here, which break the contract:
   // leave them be.
@@ -163,7 +165,8 @@ __global__ void __launch_bounds__(kThreads) tensor_core_expert_kernel(const Tens
   const int64_t tile = blockIdx.x;
   const int64_t weight_rows_per_expert = kPhase == Phase::kGateUp ? 2 * args.out_cols : args.out_cols;
   const bf16* expert_weights =
-      args.weights + static_cast<int64_t>(local) * weight_rows_per_expert * args.k_dim;
+      expert_weights_of(args.weights, args.addresses, kPhase == Phase::kGateUp ? kGateUpAddress : kDownAddress,
+                        local, weight_rows_per_expert * args.k_dim);
   const int warp = threadIdx.x / 32;
   const int num_k_tiles = static_cast<int>((args.k_dim + kTileK - 1) / kTileK);
 
@@ -283,7 +286,8 @@ void launch_tensor_core(const ExpertFfnArgs& args, cudaStream_t stream) {
                          intermediate,
                          args.num_experts,
                          args.hidden,
-                         args.inter};
+                         args.inter,
+                         args.addresses};
   TensorCoreArgs down{intermediate,
                       static_cast<const bf16*>(args.down),
                       args.expert_offsets,
@@ -291,7 +295,8 @@ void launch_tensor_core(const ExpertFfnArgs& args, cudaStream_t stream) {
                       static_cast<bf16*>(args.y),
                       args.num_experts,
                       args.inter,
-                      args.hidden};
+                      args.hidden,
+                      args.addresses};
   const int64_t gate_up_tiles = (args.inter + kTileCols / 2 - 1) / (kTileCols / 2);
   const int64_t down_tiles = (args.hidden + kTileCols - 1) / kTileCols;
   if (args.hidden % kChunkElements == 0) {
@@ -317,16 +322,18 @@ constexpr int kSimtWarps = 8;
 template <typename Act, typename Weight>
 __global__ void __launch_bounds__(kSimtWarps * 32)
     simt_gate_up_kernel(const Act* __restrict__ x, const int32_t* __restrict__ offsets,
-                        const int32_t* __restrict__ local_index, const Weight* __restrict__ gate_up,
-                        Act* __restrict__ intermediate, int64_t hidden, int64_t inter) {
+                        const int32_t* __restrict__ local_index, const int64_t* __restrict__ addresses,
+                        const Weight* __restrict__ gate_up, Act* __restrict__ intermediate, int64_t hidden,
+                        int64_t inter) {
   const int expert = blockIdx.y;
   const int64_t begin = offsets[expert];
   const int64_t end = offsets[expert + 1];
-  const int32_t local = local_index[expert];
+  const int32_t local = expert_slot(local_index, addresses, expert);
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kSimtWarps + threadIdx.x / 32;
   if (begin >= end || local < 0 || j >= inter) return;
   const int lane = threadIdx.x % 32;
-  const Weight* gate_row = gate_up + (static_cast<int64_t>(local) * 2 * inter + j) * hidden;
+  const Weight* gate_row =
+      expert_weights_of(gate_up, addresses, kGateUpAddress, local, 2 * inter * hidden) + j * hidden;
   const Weight* up_row = gate_row + inter * hidden;
   for (int64_t row = begin; row < end; ++row) {
     const Act* x_row = x + row * hidden;
@@ -346,16 +353,16 @@ __global__ void __launch_bounds__(kSimtWarps * 32)
 template <typename Act, typename Weight>
 __global__ void __launch_bounds__(kSimtWarps * 32)
     simt_down_kernel(const Act* __restrict__ intermediate, const int32_t* __restrict__ offsets,
-                     const int32_t* __restrict__ local_index, const Weight* __restrict__ down,
-                     Act* __restrict__ y, int64_t hidden, int64_t inter) {
+                     const int32_t* __restrict__ local_index, const int64_t* __restrict__ addresses,
+                     const Weight* __restrict__ down, Act* __restrict__ y, int64_t hidden, int64_t inter) {
   const int expert = blockIdx.y;
   const int64_t begin = offsets[expert];
   const int64_t end = offsets[expert + 1];
-  const int32_t local = local_index[expert];
+  const int32_t local = expert_slot(local_index, addresses, expert);
   const int64_t h = static_cast<int64_t>(blockIdx.x) * kSimtWarps + threadIdx.x / 32;
   if (begin >= end || local < 0 || h >= hidden) return;
   const int lane = threadIdx.x % 32;
-  const Weight* down_row = down + (static_cast<int64_t>(local) * hidden + h) * inter;
+  const Weight* down_row = expert_weights_of(down, addresses, kDownAddress, local, hidden * inter) + h * inter;
   for (int64_t row = begin; row < end; ++row) {
     const Act* in_row = intermediate + row * inter;
     float sum = 0.0f;
@@ -372,13 +379,13 @@ void launch_simt(const ExpertFfnArgs& args, cudaStream_t stream) {
   const auto experts = static_cast<unsigned>(args.num_experts);
   const dim3 gate_up_grid(static_cast<unsigned>((args.inter + kSimtWarps - 1) / kSimtWarps), experts);
   simt_gate_up_kernel<Act, Weight><<<gate_up_grid, kSimtWarps * 32, 0, stream>>>(
-      static_cast<const Act*>(args.x), args.expert_offsets, args.local_index,
+      static_cast<const Act*>(args.x), args.expert_offsets, args.local_index, args.addresses,
       static_cast<const Weight*>(args.gate_up), static_cast<Act*>(args.intermediate), args.hidden,
       args.inter);
   EPIC_CUDA_CHECK_LAUNCH();
   const dim3 down_grid(static_cast<unsigned>((args.hidden + kSimtWarps - 1) / kSimtWarps), experts);
   simt_down_kernel<Act, Weight><<<down_grid, kSimtWarps * 32, 0, stream>>>(
-      static_cast<const Act*>(args.intermediate), args.expert_offsets, args.local_index,
+      static_cast<const Act*>(args.intermediate), args.expert_offsets, args.local_index, args.addresses,
       static_cast<const Weight*>(args.down), static_cast<Act*>(args.y), args.hidden, args.inter);
   EPIC_CUDA_CHECK_LAUNCH();
 }

@@ -54,11 +54,12 @@ struct StreamArgs {
   const bf16* activations;  // [rows, k_dim]: x (gate_up) or intermediate (down)
   const bf16* weights;      // [num_local, weight rows per expert, k_dim]
   const int32_t* offsets;
-  const int32_t* local_index;
+  const int32_t* local_index;  // null with an address table
   bf16* out;  // [rows, out_cols]: intermediate (gate_up) or y (down)
   int64_t num_experts;
   int64_t k_dim;
   int64_t out_cols;  // I (gate_up) or H (down)
+  const int64_t* addresses;  // expert_ffn_addressed's table, or null (expert_address.cuh)
 };
 
 // grid (column tiles of 32 weight rows, chunk slots). kMinBlocks caps the registers so that many
@@ -84,7 +85,7 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
     dependent::release_next();
   }
 
-  const GroupChunk chunk = find_group_chunk<kChunkRows>(args.offsets, args.local_index, args.num_experts,
+  const GroupChunk chunk = find_group_chunk<kChunkRows>(args.offsets, args.local_index, args.addresses, args.num_experts,
                                                         static_cast<int>(blockIdx.y));
   if (chunk.local < 0) {
     if constexpr (kPhase == Phase::kDown) dependent::wait_for_previous();
@@ -116,7 +117,8 @@ __global__ void __launch_bounds__(kThreads, kTokenTiles == 1 ? 3 : 2)
     hi_valid = row_hi < args.out_cols;
   }
   const bf16* expert_weights =
-      args.weights + static_cast<int64_t>(chunk.local) * weight_rows_per_expert * args.k_dim;
+      expert_weights_of(args.weights, args.addresses, kPhase == Phase::kGateUp ? kGateUpAddress : kDownAddress,
+                        chunk.local, weight_rows_per_expert * args.k_dim);
   const bf16* weights_lo = expert_weights + (lo_valid ? row_lo : 0) * args.k_dim + quad * kVectorElements;
   const bf16* weights_hi = expert_weights + (hi_valid ? row_hi : 0) * args.k_dim + quad * kVectorElements;
 
@@ -234,7 +236,8 @@ void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream
                            intermediate,
                            args.num_experts,
                            args.hidden,
-                           args.inter};
+                           args.inter,
+                           args.addresses};
   const StreamArgs down{intermediate,
                         static_cast<const bf16*>(args.down),
                         args.expert_offsets,
@@ -242,7 +245,8 @@ void launch_streaming(const ExpertFfnArgs& args, bool overlap_phases, cudaStream
                         static_cast<bf16*>(args.y),
                         args.num_experts,
                         args.inter,
-                        args.hidden};
+                        args.hidden,
+                        args.addresses};
   const dim3 gate_up_grid(
       static_cast<unsigned>((args.inter + kBlockWeightRows / 2 - 1) / (kBlockWeightRows / 2)),
       static_cast<unsigned>(slots));

@@ -27,6 +27,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/dependent_launch.cuh"
+#include "kernels/cuda/expert_address.cuh"
 #include "kernels/cuda/route_in_warp.cuh"
 #include "kernels/cuda/routed_moe_fused.h"
 #include "kernels/cuda/scalar_access.cuh"
@@ -131,7 +132,7 @@ __device__ void route_token_in_block(const RoutedMoeFusedArgs& args, int64_t tok
 #pragma unroll
     for (int c = 0; c < kExpertsPerLane; ++c) {
       const int64_t expert = lane + c * 32;
-      local[c] = expert < args.num_experts ? args.local_index[expert] : -1;
+      local[c] = expert < args.num_experts ? expert_slot(args.local_index, args.addresses, expert) : -1;
     }
     const float* row = args.logits + token * args.num_experts;
     const Choice mine =
@@ -192,7 +193,8 @@ __global__ void __launch_bounds__(kThreads, 3) routed_gate_up_kernel(const Route
     return;
   }
   const int64_t hidden = args.hidden;
-  const bf16* expert_weights = args.gate_up + static_cast<int64_t>(local) * 2 * args.inter * hidden;
+  const bf16* expert_weights =
+      expert_weights_of(args.gate_up, args.addresses, kGateUpAddress, local, 2 * args.inter * hidden);
   const bf16* weights_lo = expert_weights + (valid ? j : 0) * hidden + quad * kVectorElements;  // gate row j
   const bf16* weights_hi = weights_lo + args.inter * hidden;  // up row I + j
   // Only mma column 0 is a real token: the other groups' activation operands are zero.
@@ -297,9 +299,11 @@ __global__ void __launch_bounds__(kDownThreads, 1) routed_down_combine_kernel(co
     const int32_t local = has_item ? routing.local[choice] : -1;
     const int chunk_begin = split * chunks_per_split;
     const int chunk_end = has_item ? min(k_chunks, chunk_begin + chunks_per_split) : chunk_begin;
-    const bf16* weights_lo = args.down +
-                             static_cast<int64_t>(local < 0 ? 0 : local) * args.hidden * args.inter +
-                             (lo_valid ? row_lo : 0) * inter + quad * kVectorElements;
+    // A choice of no expert (local -1) loads nothing (k_valid below) but needs a base to offset from.
+    const bf16* down_base = local < 0 ? args.down
+                                      : expert_weights_of(args.down, args.addresses, kDownAddress, local,
+                                                          args.hidden * args.inter);
+    const bf16* weights_lo = down_base + (lo_valid ? row_lo : 0) * inter + quad * kVectorElements;
     const int hi_offset = ((hi_valid ? row_hi : 0) - (lo_valid ? row_lo : 0)) * inter;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     // Every warp runs the same number of passes (the block syncs inside the first).

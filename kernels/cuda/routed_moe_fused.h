@@ -28,6 +28,9 @@ struct RoutedMoeFusedArgs {
   const __nv_bfloat16* gate_up = nullptr;  // [hosted, 2 * inter, hidden]
   const __nv_bfloat16* down = nullptr;     // [hosted, hidden, inter]
   const int32_t* local_index = nullptr;    // [num_experts]
+  // Or an address table I64 [num_experts, 2] (Backend::expert_ffn_addressed) in place of gate_up, down
+  // and local_index (null); its addresses must be 16-byte aligned.
+  const int64_t* addresses = nullptr;
   float* logits = nullptr;                 // [tokens, num_experts]
   int32_t* expert_ids = nullptr;           // [tokens, top_k]
   float* weights = nullptr;                // [tokens, top_k]

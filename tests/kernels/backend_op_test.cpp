@@ -1059,6 +1059,50 @@ void reference_expert_row(const float* x, const float* gate_up_weights, const fl
   }
 }
 
+// A table of each hosted expert's addresses (Backend::expert_ffn_addressed) over a stack of hosted
+// experts: every other one (odd slots) copied into host staging memory (pinned on cuda: the kernels read
+// it over the bus, in place), the others left in the stack. Keep it until the ops that read it are done.
+struct AddressedExperts {
+  std::unique_ptr<Buffer> staging;
+  OwnedTensor addresses;  // I64 [experts, 2]
+
+  AddressedExperts(Backend& b, const Tensor& gate_up, const Tensor& down, const Tensor& local_index) {
+    const int64_t experts = local_index.dim(0), hosted = gate_up.dim(0);
+    const size_t gate_up_bytes = gate_up.bytes() / static_cast<size_t>(hosted);
+    const size_t down_bytes = down.bytes() / static_cast<size_t>(hosted);
+    std::vector<int32_t> local(static_cast<size_t>(experts));
+    b.copy_to_host(local_index, 0, local.data(), local.size() * sizeof(int32_t));
+    staging = b.allocate_staging((gate_up_bytes + down_bytes) * static_cast<size_t>(hosted));
+    auto* host = static_cast<uint8_t*>(staging->data());
+    std::vector<int64_t> table(static_cast<size_t>(2 * experts), 0);
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t slot = local[e];
+      if (slot < 0) continue;
+      if (slot % 2 == 1) {
+        uint8_t* at = host + slot * (gate_up_bytes + down_bytes);
+        b.copy_to_host(gate_up, slot * gate_up_bytes, at, gate_up_bytes);
+        b.copy_to_host(down, slot * down_bytes, at + gate_up_bytes, down_bytes);
+        table[2 * e] = reinterpret_cast<int64_t>(at);
+        table[2 * e + 1] = reinterpret_cast<int64_t>(at + gate_up_bytes);
+      } else {
+        table[2 * e] = reinterpret_cast<int64_t>(static_cast<const uint8_t*>(gate_up.data) + slot * gate_up_bytes);
+        table[2 * e + 1] = reinterpret_cast<int64_t>(static_cast<const uint8_t*>(down.data) + slot * down_bytes);
+      }
+    }
+    addresses = b.new_tensor(ScalarType::kI64, {experts, 2});
+    b.copy_from_host(addresses.view(), 0, table.data(), table.size() * sizeof(int64_t));
+    b.synchronize();
+  }
+};
+
+// expert_ffn's tensors (x, offsets, gate_up, down, local_index, intermediate, y) through
+// expert_ffn_addressed.
+void run_expert_ffn_addressed(Backend& b, const Tensors& t) {
+  const AddressedExperts experts(b, t[2], t[3], t[4]);
+  b.expert_ffn_addressed(t[0], t[1], experts.addresses.view(), t[2].type, t[5], t[6]);
+  b.synchronize();
+}
+
 void add_expert_ffn_cases(std::vector<OpCase>& cases) {
   struct Shape {
     int64_t experts, hosted, hidden, inter, max_rows_per_expert;
@@ -1078,9 +1122,13 @@ void add_expert_ffn_cases(std::vector<OpCase>& cases) {
       {20, 18, 64, 24, 560, "batched_windows", 470},
       {24, 24, 64, 40, 1400, "batched_buckets", 350},
   };
+  // Each shape twice: with the stack of hosted experts (expert_ffn), and with each expert at its own
+  // address (expert_ffn_addressed, an expert store's table): every other hosted expert copied into host
+  // staging memory (pinned on cuda: read over the bus in place), the others left in the stack.
+  for (const bool addressed : {false, true})
   for (const Shape s : shapes) {
     cases.push_back(OpCase{
-        std::string("expert_ffn_") + s.what + "_" +
+        std::string(addressed ? "expert_ffn_addressed_" : "expert_ffn_") + s.what + "_" +
             dims_name({s.experts, s.hosted, s.hidden, s.inter}, {"experts", "hosted", "hidden", "inter"}),
         true,
         // Scale: sum_i |down_oi| (|h_i| + |silu(g_i)| sum |x w_up| + |up_i| sum |x w_gate|), the
@@ -1116,7 +1164,13 @@ void add_expert_ffn_cases(std::vector<OpCase>& cases) {
                                     nan_filled(rows * s.inter)),  // scratch
                              act_out("y", {rows, s.hidden})};
         },
-        [](Backend& b, const Tensors& t) { b.expert_ffn(t[0], t[1], t[2], t[3], t[4], t[5], t[6]); },
+        [addressed](Backend& b, const Tensors& t) {
+          if (addressed) {
+            run_expert_ffn_addressed(b, t);
+          } else {
+            b.expert_ffn(t[0], t[1], t[2], t[3], t[4], t[5], t[6]);
+          }
+        },
         [s](const HostTensors& t) {
           const int64_t rows = t[0].shape[0];
           Expected y;
@@ -1200,11 +1254,13 @@ void add_routed_moe_cases(std::vector<OpCase>& cases) {
       {3, 60, 4, 64, 40, false, true, "three_tokens"},
       {1, 8, 2, 36, 24, true, false, "hidden36"},
   };
+  // f32 or activation-type out; the experts in a stack, or at their own addresses (AddressedExperts).
+  for (const bool addressed : {false, true})
   for (const bool f32_out : {false, true}) {
     for (const Shape s : shapes) {
       const int64_t slots = s.tokens * s.top_k;
       cases.push_back(OpCase{
-          std::string(f32_out ? "routed_moe_f32_out_" : "routed_moe_") + s.what + "_" +
+          std::string(f32_out ? "routed_moe_f32_out_" : "routed_moe_") + (addressed ? "addressed_" : "") + s.what + "_" +
               dims_name({s.tokens, s.experts, s.top_k, s.hidden, s.inter}, {"tokens", "experts", "k", "hidden", "inter"}),
           true,
           // expert_ffn's and combine_top_k's together (bf16: the intermediate, each slot's row and the
@@ -1281,9 +1337,20 @@ void add_routed_moe_cases(std::vector<OpCase>& cases) {
                 f32_out ? floats("out", Role::kF32, {s.tokens, s.hidden}, nan_filled(s.tokens * s.hidden), true)
                         : act_out("out", {s.tokens, s.hidden})};
           },
-          [s](Backend& b, const Tensors& t) {
-            b.routed_moe(t[0], t[1], RoutedMoeWeights{t[2], t[3], t[4], t[5], t[6], s.normalize},
-                         RoutedMoeScratch{t[7], t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]}, t[16]);
+          [s, addressed](Backend& b, const Tensors& t) {
+            const RoutedMoeScratch scratch{t[7], t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]};
+            if (!addressed) {
+              b.routed_moe(t[0], t[1],
+                           RoutedMoeWeights{t[2], t[3], t[4], t[5], t[6], s.normalize, Tensor{}, ScalarType::kBF16},
+                           scratch, t[16]);
+              return;
+            }
+            const AddressedExperts experts(b, t[4], t[5], t[6]);
+            b.routed_moe(t[0], t[1],
+                         RoutedMoeWeights{t[2], t[3], Tensor{}, Tensor{}, Tensor{}, s.normalize,
+                                          experts.addresses.view(), t[4].type},
+                         scratch, t[16]);
+            b.synchronize();
           },
           [s, slots](const HostTensors& t) {
             std::vector<double> logits(static_cast<size_t>(s.tokens * s.experts)), magnitude(logits.size());
@@ -1492,7 +1559,7 @@ void call_routed_moe(Backend& b, Arena& a, int64_t tokens, int64_t x_tokens, int
   const int64_t slots = tokens * 2;
   b.routed_moe(a(F32, {tokens, 16}), a(F32, {x_tokens, 16}),
                RoutedMoeWeights{a(F32, {8, 16}), a(ScalarType::kU8, {8}), a(F32, {8, 16, 16}), a(F32, {8, 16, 8}),
-                                a(I32, {8}), true},
+                                a(I32, {8}), true, Tensor{}, ScalarType::kBF16},
                RoutedMoeScratch{a(F32, {tokens, logit_columns}), a(I32, {tokens, 2}), a(F32, {tokens, 2}),
                                 a(I32, {9}), a(I32, {slots}), a(I32, {slots}), a(F32, {slots, 16}),
                                 a(F32, {slots, 8}), a(F32, {slots, 16})},

@@ -227,9 +227,106 @@ TEST(OffloadingMoeExecutor, SubstituteRoutesAMissToTheMostProbableResidentExpert
   EXPECT_GT(fetched, 0);
 }
 
+// --on-miss read: every expert is computed from the address the store's table gives it (its slot, or its
+// host-tier bytes in place), so the logits are the full model's, bitwise, for any budget and policy;
+// finish_step counts each pick against the residency and admits the misses behind the step, after which
+// the table points at the slots of exactly the resident experts.
+TEST(OffloadingMoeExecutor, ReadGivesTheFullModelsLogitsAndAdmitsMissesBehindTheStep) {
+  const auto backend = make_cpu_backend();
+  Model model = random_model(*backend);
+  SCOPED_TRACE("seed " + std::to_string(model.seed));
+  const ModelConfig& config = model.preset.config;
+  std::mt19937 rng(model.seed);
+  RunnerOptions options;
+  options.max_sequences = 1;
+  options.max_context = 128;
+  ModelRunner reference_runner(config, model.full, *backend, options);
+  LoadOptions no_experts;
+  no_experts.hosts_expert = [](int64_t, int64_t) { return false; };
+  const ModelWeights routers = load_model_weights(config, *model.source, *backend, no_experts);
+  // 24 prompt rows fit the routing log; 80 do not (read back in forward instead).
+  for (int64_t prompt_length : {int64_t{24}, OffloadingMoeExecutor::kLoggedRows + 16}) {
+    std::vector<int32_t> prompt(static_cast<size_t>(prompt_length));
+    for (int32_t& id : prompt) id = std::uniform_int_distribution<int32_t>(0, config.vocab_size - 1)(rng);
+    const std::vector<float> expected = run_model(reference_runner, prompt);
+    for (int64_t slots : {int64_t{1}, int64_t{3}, config.num_experts}) {
+      for (EvictionPolicy policy :
+           {EvictionPolicy::kLru, EvictionPolicy::kLfu, EvictionPolicy::kUsefulness}) {
+        SCOPED_TRACE(std::to_string(prompt_length) + " prompt tokens, " + std::to_string(slots) + " slots, " +
+                     std::string(eviction_policy_name(policy)));
+        ExpertStore store(config, *model.source, *backend,
+                          store_options(config, slots, policy, ExpertTier::kHost));
+        OffloadingMoeExecutor executor(config, routers, *backend, store, OnMiss::kRead);
+        ModelRunner runner(config, routers, *backend, options, &executor);
+        const std::vector<float> actual = run_model(runner, prompt);
+        ASSERT_EQ(actual.size(), expected.size());
+        EXPECT_TRUE(actual == expected) << "logits differ from the full model's";
+
+        const OffloadStats stats = executor.stats();
+        int64_t moe_layers = 0;
+        for (const LayerWeights& layer : routers.layers) moe_layers += layer.is_moe ? 1 : 0;
+        // Every row of the prompt and of the 4 decode steps, top-k picks in every MoE layer.
+        EXPECT_EQ(stats.picks, (prompt_length + 4) * config.num_experts_per_tok * moe_layers);
+        EXPECT_EQ(stats.demand_hits + stats.demand_misses, stats.picks);
+        EXPECT_GT(stats.read_in_place, 0);  // the first step finds nothing resident
+        EXPECT_EQ(stats.bytes_read_in_place,
+                  static_cast<uint64_t>(stats.read_in_place) * store.expert_bytes());
+        EXPECT_GT(stats.prefetched, 0);
+        EXPECT_EQ(store.stats().stall_seconds, 0.0);  // never waited
+        if (slots == config.num_experts) EXPECT_EQ(store.stats().evictions, 0);
+
+        // The table: a resident expert's addresses inside its layer's slot tensors, any other's outside.
+        for (int64_t layer = 0; layer < config.num_hidden_layers; ++layer) {
+          if (!store.is_moe_layer(layer)) continue;
+          const MoeLayerWeights& slots_of = store.layer_weights(layer);
+          std::vector<int64_t> table(static_cast<size_t>(2 * slots_of.num_experts));
+          backend->copy_to_host(store.address_table(layer), 0, table.data(), table.size() * sizeof(int64_t));
+          const auto in = [](int64_t address, const OwnedTensor& tensor) {
+            const auto* base = static_cast<const uint8_t*>(tensor.view().data);
+            const auto* at = reinterpret_cast<const uint8_t*>(address);
+            return at >= base && at < base + tensor.view().bytes();
+          };
+          int64_t resident = 0;
+          for (int64_t e = 0; e < slots_of.num_experts; ++e) {
+            ASSERT_NE(table[2 * e], 0) << "layer " << layer << " expert " << e << " has no address";
+            const bool is_resident = store.resident(layer, e);
+            resident += is_resident ? 1 : 0;
+            EXPECT_EQ(in(table[2 * e], slots_of.gate_up), is_resident)
+                << "layer " << layer << " expert " << e;
+            EXPECT_EQ(in(table[2 * e + 1], slots_of.down), is_resident)
+                << "layer " << layer << " expert " << e;
+          }
+          EXPECT_LE(resident, std::min(slots, slots_of.num_experts));
+          EXPECT_GE(resident, 1);  // misses were admitted
+        }
+      }
+    }
+  }
+}
+
+TEST(OffloadingMoeExecutor, ReadNeedsTheHostTier) {
+  const auto backend = make_cpu_backend();
+  Model model = random_model(*backend);
+  const ModelConfig& config = model.preset.config;
+  ExpertStore store(config, *model.source, *backend,
+                    store_options(config, 2, EvictionPolicy::kLru, ExpertTier::kDisk));
+  EXPECT_FALSE(store.reads_in_place());
+  int64_t moe_layer = 0;
+  while (!config.is_moe_layer(moe_layer)) ++moe_layer;
+  EXPECT_THROW(store.address_table(moe_layer), Error);
+  try {
+    OffloadingMoeExecutor executor(config, model.full, *backend, store, OnMiss::kRead);
+    FAIL() << "a disk-tier store was taken for --on-miss read";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("--expert-tier host"), std::string::npos) << error.what();
+  }
+}
+
 TEST(OffloadingMoeExecutor, OnMissNames) {
   EXPECT_EQ(parse_on_miss("wait"), OnMiss::kWait);
   EXPECT_EQ(parse_on_miss("substitute"), OnMiss::kSubstitute);
+  EXPECT_EQ(parse_on_miss("read"), OnMiss::kRead);
+  EXPECT_STREQ(on_miss_name(OnMiss::kRead), "read");
   EXPECT_THROW(parse_on_miss("skip"), Error);
   EXPECT_EQ(parse_prefetch("next-layer"), Prefetch::kNextLayer);
   EXPECT_EQ(parse_prefetch("none"), Prefetch::kNone);
