@@ -31,7 +31,9 @@ RowScore score_row(std::span<const float> logits, int32_t target,
     kl += double(std::exp(ref) * (ref - (logits[v] - score.log_sum_exp)));
     if (logits[v] > logits[static_cast<size_t>(best)]) best = static_cast<int32_t>(v);  // strictly: lowest id
   }
-  score.kl_divergence = std::max(0.0, kl);  // >= 0 mathematically; rounding can give -1e-9
+  // >= 0 mathematically, rounding can give -1e-9; a NaN (non-finite logits) stays NaN, where std::max
+  // (0.0, kl) made it 0
+  score.kl_divergence = kl < 0.0 ? 0.0 : kl;
   score.argmax = best;
   return score;
 }

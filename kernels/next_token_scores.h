@@ -19,8 +19,9 @@ void log_softmax_row(std::span<const float> logits, std::span<float> out);
 struct RowScore {
   float log_sum_exp = 0;  // rounded to fp32: the log-probabilities below use this value
   float target_logit = 0;
-  double kl_divergence = 0;  // sum_v exp(ref[v]) * (ref[v] - (logits[v] - log_sum_exp)), fp32 terms, >= 0
-  int32_t argmax = 0;        // the lowest id among the largest logits
+  // sum_v exp(ref[v]) * (ref[v] - (logits[v] - log_sum_exp)), fp32 terms: >= 0 (NaN for non-finite logits)
+  double kl_divergence = 0;
+  int32_t argmax = 0;  // the lowest id among the largest logits
 };
 RowScore score_row(std::span<const float> logits, int32_t target, std::span<const float> reference_log_probs);
 
