@@ -9,6 +9,7 @@
 #include <string>
 
 #include "kernels/backend.h"
+#include "kernels/cuda/argmax_candidate.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/scalar_access.cuh"
@@ -16,7 +17,6 @@
 namespace epic::cuda_kernels {
 namespace {
 
-using access::kFullWarpMask;
 using access::kVectorElements;
 using access::kWarpSize;
 
@@ -26,71 +26,34 @@ constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int64_t kMaxGridRows = int64_t{1} << 20;  // the kernels stride over rows beyond it
 
-struct Candidate {
-  float value;
-  int32_t index;  // -1: no element seen (a thread past the end of a short row)
-};
-
-// a is better than b: larger value, or equal value and lower index (NaN never compares larger; such a
-// row's figures are NaN and its argmax unspecified: backend.h).
-__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
-  if (a.index < 0) return false;
-  if (b.index < 0) return true;
-  return a.value > b.value || (a.value == b.value && a.index < b.index);
-}
-
-__device__ __forceinline__ Candidate warp_best(Candidate best) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const Candidate other{__shfl_xor_sync(kFullWarpMask, best.value, offset),
-                          __shfl_xor_sync(kFullWarpMask, best.index, offset)};
-    if (better(other, best)) best = other;
-  }
-  return best;
-}
-
-__device__ __forceinline__ double warp_sum(double value) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    value += __shfl_xor_sync(kFullWarpMask, value, offset);
-  return value;
-}
-
-// The block's best candidate, in every thread. The shared slots are written again only after the
+// The block's reduction of every thread's value (warp_reduce within a warp, then over the warps' results;
+// `identity` pads the last round), in every thread. The shared slots are written again only after the
 // barrier that every thread passes before reading them, so consecutive calls need no extra barrier.
-__device__ __forceinline__ Candidate block_best(Candidate best) {
-  __shared__ Candidate warp_results[kWarps];
-  __shared__ Candidate result;
+template <class T, class WarpReduce>
+__device__ __forceinline__ T block_reduce(T value, T identity, WarpReduce warp_reduce) {
+  __shared__ T warp_results[kWarps];
+  __shared__ T result;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  best = warp_best(best);
-  if (lane == 0) warp_results[warp] = best;
-  __syncthreads();
-  if (warp == 0) {
-    best = warp_best(lane < kWarps ? warp_results[lane] : Candidate{-INFINITY, -1});
-    if (lane == 0) result = best;
-  }
-  __syncthreads();
-  return result;
-}
-
-// The block's sum, in every thread (the same barrier argument as block_best).
-__device__ __forceinline__ double block_sum(double value) {
-  __shared__ double warp_results[kWarps];
-  __shared__ double result;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  value = warp_sum(value);
+  value = warp_reduce(value);
   if (lane == 0) warp_results[warp] = value;
   __syncthreads();
   if (warp == 0) {
-    value = warp_sum(lane < kWarps ? warp_results[lane] : 0.0);
+    value = warp_reduce(lane < kWarps ? warp_results[lane] : identity);
     if (lane == 0) result = value;
   }
   __syncthreads();
   return result;
 }
 
-// The row's best candidate (its max is the value) and log(sum(exp(x - max))) + max in double, in every
-// thread, as next_token_scores.cpp's log_sum_exp.
+__device__ __forceinline__ Candidate block_best(Candidate best) {
+  return block_reduce(best, Candidate{-INFINITY, -1}, [](Candidate c) { return warp_best(c); });
+}
+
+__device__ __forceinline__ double block_sum(double value) {
+  return block_reduce(value, 0.0, [](double v) { return access::warp_sum(v); });
+}
+
+// The row's best candidate (its value is the row's max), in every thread.
 template <int kVec>
 __device__ __forceinline__ Candidate row_best(const float* row, int64_t vocab) {
   Candidate best{-INFINITY, -1};
@@ -106,6 +69,7 @@ __device__ __forceinline__ Candidate row_best(const float* row, int64_t vocab) {
   return block_best(best);
 }
 
+// log(sum(exp(x - max))) + max in double, in every thread, as next_token_scores.cpp's log_sum_exp.
 template <int kVec>
 __device__ __forceinline__ double row_log_sum_exp(const float* row, int64_t vocab, float max) {
   double sum = 0;
