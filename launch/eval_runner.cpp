@@ -193,7 +193,7 @@ void Evaluator::add_figures(const ScoredRows& layout, bool reference, std::vecto
   backend_.copy_to_host(scores_, 0, scores.data(), scores.size() * sizeof(float));
   backend_.copy_to_host(ids_, 0, ids.data(), ids.size() * sizeof(int32_t));
   if (reference) reference_ids = ids;
-  // Window by window, each in target order: the order the host scoring summed in.
+  // Window by window, each in target order (the order add_token_quality summed in before score_rows).
   for (const std::vector<int64_t>& window_rows : layout.rows) {
     for (const int64_t row : window_rows) {
       const float* figures = scores.data() + row * kNumRowScores;
