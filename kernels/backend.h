@@ -194,6 +194,27 @@ class Backend {
   // reports it), so greedy decoding needs no logits on the host to stay checked.
   virtual void argmax(const Tensor& logits, const Tensor& ids) = 0;
 
+  // ---- Scoring (epic eval) ------------------------------------------------------------------
+  // The figures of next-token scoring, computed where the logits are so that only a few numbers per
+  // row reach the host. The arithmetic is kernels/next_token_scores.h's: fp32 terms, double sums (the
+  // CPU backend runs those functions; CUDA sums in another order and its expf may differ by an ulp, so
+  // its figures agree to ~1e-7 relative, not bitwise). Non-finite logits give non-finite figures, not
+  // an error (the caller reports them); the argmax of such a row is unspecified. The columns of
+  // score_rows' scores [rows, kNumRowScores] are RowScoreColumn (below the class).
+
+  // out[r, v] = logits[r, v] - log_sum_exp(logits[r, :]) (log_softmax_row): logits and out F32
+  // [rows, vocab], not overlapping.
+  virtual void log_softmax(const Tensor& logits, const Tensor& out) = 0;
+
+  // Row r's figures for the next token targets[r] (I32 [rows], within [0, vocab): the CPU throws
+  // otherwise, CUDA writes a NaN target logit) given logits F32 [rows, vocab], against
+  // reference_log_probs F32 [rows, vocab] (log_softmax of the reference run's logits at the same
+  // positions): scores F32 [rows, kNumRowScores] (RowScoreColumn: log-sum-exp, the target's logit,
+  // KL(reference || logits), as score_row) and ids I32 [rows] (the argmax, lowest id among the largest).
+  // The outputs overlap no input.
+  virtual void score_rows(const Tensor& logits, const Tensor& targets, const Tensor& reference_log_probs,
+                          const Tensor& scores, const Tensor& ids) = 0;
+
   // ---- MoE ops ------------------------------------------------------------------------------
   // Router: probabilities = fp32 softmax (max-subtracted) of logits [tokens, E] over the experts
   // with present[e] != 0 (U8 [E]; others are never chosen and not in the denominator), top-k by
@@ -264,6 +285,15 @@ class Backend {
                                 double theta, const Tensor& out);
   void run_routed_moe_ops(const Tensor& router_input, const Tensor& x, const RoutedMoeWeights& weights,
                           const RoutedMoeScratch& scratch, const Tensor& out);
+};
+
+// The columns of Backend::score_rows' scores (F32). The caller forms a row's negative log-likelihood
+// as double(log-sum-exp) - double(target logit), as add_token_quality does.
+enum RowScoreColumn : int64_t {
+  kRowLogSumExp = 0,     // log(sum_v exp(logits[v])), rounded to fp32 as the figures use it
+  kRowTargetLogit = 1,   // logits[target], exactly
+  kRowKlDivergence = 2,  // KL(reference || these logits) in nats, >= 0
+  kNumRowScores = 3,
 };
 
 // The fp32 CPU reference: clear loops (linear and attention are blocked and multi-threaded for

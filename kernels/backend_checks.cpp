@@ -329,6 +329,36 @@ void check_argmax(MemorySpace space, const Tensor& logits, const Tensor& ids) {
   check.same_dim("ids", ids, 0, "logits", logits, 0, "the row count");
 }
 
+void check_log_softmax(MemorySpace space, const Tensor& logits, const Tensor& out) {
+  const OpCheck check("log_softmax", space);
+  check.tensor("logits", logits, 2, "[rows, vocab]", Types::kF32);
+  check.tensor("out", out, 2, "[rows, vocab]", Types::kF32);
+  if (logits.dim(1) < 1) check.fail("logits is " + logits.describe() + ": the vocabulary must not be empty");
+  check.same_shape("out", out, "logits", logits);
+  check.disjoint("out", out, "logits", logits);
+}
+
+void check_score_rows(MemorySpace space, const Tensor& logits, const Tensor& targets,
+                      const Tensor& reference_log_probs, const Tensor& scores, const Tensor& ids) {
+  const OpCheck check("score_rows", space);
+  check.tensor("logits", logits, 2, "[rows, vocab]", Types::kF32);
+  check.tensor("reference_log_probs", reference_log_probs, 2, "[rows, vocab]", Types::kF32);
+  check.tensor("scores", scores, 2, "[rows, kNumRowScores]", Types::kF32);
+  if (logits.dim(1) < 1) check.fail("logits is " + logits.describe() + ": the vocabulary must not be empty");
+  check.same_shape("reference_log_probs", reference_log_probs, "logits", logits);
+  check.per_row("targets", targets, "logits", logits);
+  check.per_row("ids", ids, "logits", logits);
+  check.same_dim("scores", scores, 0, "logits", logits, 0, "the row count");
+  check.dim_is("scores", scores, 1, kNumRowScores, "one column per RowScoreColumn");
+  check.disjoint("scores", scores, "logits", logits);
+  check.disjoint("scores", scores, "reference_log_probs", reference_log_probs);
+  check.disjoint("scores", scores, "targets", targets);
+  check.disjoint("ids", ids, "logits", logits);
+  check.disjoint("ids", ids, "reference_log_probs", reference_log_probs);
+  check.disjoint("ids", ids, "targets", targets);
+  check.disjoint("ids", ids, "scores", scores);
+}
+
 void check_route_top_k(MemorySpace space, const Tensor& logits, const Tensor& present,
                        const Tensor& expert_ids, const Tensor& weights) {
   const OpCheck check("route_top_k", space);

@@ -44,6 +44,11 @@ void check_add(MemorySpace space, const Tensor& x, const Tensor& y);
 void check_gather_rows(MemorySpace space, const Tensor& x, const Tensor& index, const Tensor& out);
 void check_argmax(MemorySpace space, const Tensor& logits, const Tensor& ids);
 
+// ---- scoring ----
+void check_log_softmax(MemorySpace space, const Tensor& logits, const Tensor& out);
+void check_score_rows(MemorySpace space, const Tensor& logits, const Tensor& targets,
+                      const Tensor& reference_log_probs, const Tensor& scores, const Tensor& ids);
+
 // ---- MoE ops ----
 void check_route_top_k(MemorySpace space, const Tensor& logits, const Tensor& present,
                        const Tensor& expert_ids, const Tensor& weights);

@@ -225,8 +225,7 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
   options.use_graphs = false;  // whole windows, no decode steps
   std::optional<ModelRunner> runner;
   run_on_all_ranks(comm, [&] { runner.emplace(config, weights, *chosen.backend, options, executor); });
-  Evaluator evaluator(comm, *cluster, *runner, config, args.windows_per_step, default_cpu_threads(),
-                      args.decode);
+  Evaluator evaluator(comm, *cluster, *runner, config, args.windows_per_step, args.decode);
   const uint64_t expert_bytes = resident_expert_bytes(config, weights.weight_type);
 
   // The variants: the reference, then each top-k, then each pruning of the chosen layers.

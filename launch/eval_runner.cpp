@@ -2,13 +2,10 @@
 #include "launch/eval_runner.h"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <exception>
-#include <mutex>
-#include <thread>
+#include <string>
 
-#include "worker/sampler.h"
+#include "kernels/error.h"
 
 namespace epic::cli {
 namespace {
@@ -51,11 +48,13 @@ std::vector<VariantTotals> Evaluator::run(const std::vector<int32_t>& tokens,
       const int64_t w = round * per_round + i * comm_.size() + comm_.rank();
       if (w < static_cast<int64_t>(windows.size())) mine.push_back(windows[w]);
     }
-    // The reference's log-probabilities of the scored rows (float: KL to ~1e-7) and its argmax.
-    std::vector<std::vector<float>> reference_log_probs(mine.size());
-    std::vector<std::vector<int64_t>> reference_argmax(mine.size());
+    const ScoredRows layout = lay_out(mine, decode_);
+    if (want_quality) begin_round(tokens, mine, layout);
+    std::vector<int32_t> reference_ids;  // the reference's argmax of every scored row
     for (size_t v = 0; v < variants.size(); ++v) {
       ModelRunner& runner = variants[v]->offload ? *variants[v]->offload->runner : runner_;
+      EPIC_CHECK(&runner.backend() == &backend_, ErrorCode::kInternal,
+                 "eval: variant " + variants[v]->name + " runs on another backend than the reference");
       runner.set_routing(variants[v]->policy);
       std::vector<KvSequence> sequences;
       std::vector<SequenceChunk> chunks;
@@ -72,13 +71,21 @@ std::vector<VariantTotals> Evaluator::run(const std::vector<int32_t>& tokens,
       const auto start = clock_type::now();
       if (!decode_) {
         const StepAgreement agreement = cluster_.agree(runner, rows, false);
-        StepOutput output = runner.forward_batch(chunks, want_quality, &agreement);
+        runner.forward_batch(chunks, false, &agreement);
         totals[v].seconds += std::chrono::duration<double>(clock_type::now() - start).count();
         record_reads(before, expert_bytes, rows, totals[v]);
         if (!want_quality) continue;
-        for (size_t c = 0; c < mine.size(); ++c)
-          score(mine[c], tokens, output.logits.of_chunk(c), mine[c].first_target - 1 - mine[c].begin, v == 0,
-                reference_log_probs[c], reference_argmax[c], totals[v]);
+        // Chunk c's rows are its window's positions; the scored ones predict first_target on.
+        int64_t chunk_row = 0;
+        for (size_t c = 0; c < mine.size(); ++c) {
+          const int64_t scored = mine[c].end - mine[c].first_target;
+          if (scored > 0)
+            score(
+                runner.step_logits().rows_view(chunk_row + mine[c].first_target - 1 - mine[c].begin, scored),
+                layout.rows[c][0], v == 0);
+          chunk_row += mine[c].end - mine[c].begin;
+        }
+        add_figures(layout, v == 0, reference_ids, totals[v]);
         continue;
       }
       // Decode: the context before each window's first target in one step, then one token per step as
@@ -89,10 +96,10 @@ std::vector<VariantTotals> Evaluator::run(const std::vector<int32_t>& tokens,
         if (w < static_cast<int64_t>(windows.size()))
           longest = std::max(longest, windows[w].end - windows[w].first_target);
       }
-      std::vector<std::vector<float>> scored_logits(mine.size());
       for (size_t c = 0; c < mine.size(); ++c)
         chunks[c].tokens =
             std::span<const int32_t>(tokens.data() + mine[c].begin, mine[c].first_target - mine[c].begin);
+      clock_type::duration scoring{};
       for (int64_t step = 0; step < longest; ++step) {
         std::vector<SequenceChunk> active;
         std::vector<size_t> which;
@@ -108,73 +115,93 @@ std::vector<VariantTotals> Evaluator::run(const std::vector<int32_t>& tokens,
         }
         const auto step_before = rows_so_far(cluster_);
         const StepAgreement agreement = cluster_.agree(runner, step_rows, step > 0);
-        StepOutput output = runner.forward_batch(active, want_quality, &agreement);
+        runner.forward_batch(active, false, &agreement);
         record_reads(step_before, expert_bytes, 0, totals[v]);  // the experts each step read
-        if (!want_quality) continue;
-        for (size_t a = 0; a < which.size(); ++a) {
-          const std::span<const float> row = output.logits.last_row(a);
-          scored_logits[which[a]].insert(scored_logits[which[a]].end(), row.begin(), row.end());
+        // One row per active window, in window order: one run of the layout (lay_out). Not counted as the
+        // variant's time (a backend that enqueues it adds its device time to the next step's wait).
+        if (want_quality && !which.empty()) {
+          const auto scoring_start = clock_type::now();
+          score(runner.step_logits(), layout.rows[which[0]][step], v == 0);
+          scoring += clock_type::now() - scoring_start;
         }
       }
-      totals[v].seconds += std::chrono::duration<double>(clock_type::now() - start).count();
+      totals[v].seconds += std::chrono::duration<double>(clock_type::now() - start - scoring).count();
       totals[v].tokens_run += rows;
-      if (!want_quality) continue;
-      for (size_t c = 0; c < mine.size(); ++c)
-        score(mine[c], tokens, scored_logits[c], 0, v == 0, reference_log_probs[c], reference_argmax[c],
-              totals[v]);
+      if (want_quality) add_figures(layout, v == 0, reference_ids, totals[v]);
     }
   }
   return totals;
 }
 
-void Evaluator::score(const EvalWindow& window, const std::vector<int32_t>& tokens,
-                      std::span<const float> logits, int64_t first_row, bool reference,
-                      std::vector<float>& reference_log_probs, std::vector<int64_t>& reference_argmax,
-                      VariantTotals& totals) const {
-  const int64_t vocab = config_.vocab_size;
-  const int64_t scored = window.end - window.first_target;
-  if (reference) {
-    reference_log_probs.resize(static_cast<size_t>(scored * vocab));
-    reference_argmax.resize(static_cast<size_t>(scored));
+Evaluator::ScoredRows Evaluator::lay_out(const std::vector<EvalWindow>& windows, bool decode) {
+  ScoredRows layout;
+  layout.rows.resize(windows.size());
+  int64_t longest = 0;
+  for (size_t c = 0; c < windows.size(); ++c) {
+    const int64_t scored = windows[c].end - windows[c].first_target;
+    layout.rows[c].resize(static_cast<size_t>(scored));
+    longest = std::max(longest, scored);
+    if (decode) continue;
+    for (int64_t i = 0; i < scored; ++i) layout.rows[c][i] = layout.count++;
   }
-  constexpr int64_t kRowsPerChunk = 4;
-  const int64_t chunks = (scored + kRowsPerChunk - 1) / kRowsPerChunk;
-  std::vector<TokenQuality> partial(static_cast<size_t>(chunks));
-  std::atomic<int64_t> next{0};
-  std::exception_ptr failure;
-  std::mutex failure_mutex;
-  const auto work = [&] {
+  if (!decode) return layout;
+  for (int64_t step = 0; step < longest; ++step) {
+    for (size_t c = 0; c < windows.size(); ++c)
+      if (step < static_cast<int64_t>(layout.rows[c].size())) layout.rows[c][step] = layout.count++;
+  }
+  return layout;
+}
+
+void Evaluator::begin_round(const std::vector<int32_t>& tokens, const std::vector<EvalWindow>& windows,
+                            const ScoredRows& layout) {
+  const int64_t vocab = config_.vocab_size;
+  if (targets_.empty() || targets_.view().dim(0) < layout.count) {
+    // Freed first: the old reference buffer and the new one need not fit side by side.
+    reference_log_probs_ = OwnedTensor();
+    const int64_t capacity = std::max<int64_t>(layout.count, 1);
     try {
-      for (int64_t chunk = next++; chunk < chunks; chunk = next++) {
-        for (int64_t i = chunk * kRowsPerChunk; i < std::min(scored, (chunk + 1) * kRowsPerChunk); ++i) {
-          const std::span<const float> row =
-              logits.subspan(static_cast<size_t>((first_row + i) * vocab), static_cast<size_t>(vocab));
-          float* kept = reference_log_probs.data() + i * vocab;
-          if (reference) {
-            const std::vector<float> log_probs = log_softmax(row);
-            std::copy(log_probs.begin(), log_probs.end(), kept);
-            reference_argmax[i] = argmax(row);
-          }
-          add_token_quality(std::span<const float>(kept, static_cast<size_t>(vocab)), reference_argmax[i],
-                            row, tokens[window.first_target + i], partial[chunk]);
-        }
-      }
-    } catch (...) {
-      const std::lock_guard<std::mutex> lock(failure_mutex);
-      if (!failure) failure = std::current_exception();
+      reference_log_probs_ = backend_.new_tensor(ScalarType::kF32, {capacity, vocab});
+    } catch (const Error& error) {
+      throw Error(error.code(), "eval: the reference's log-probabilities of " + std::to_string(capacity) +
+                                    " scored rows (a round's windows) x " + std::to_string(vocab) +
+                                    " logits do not fit beside the model: " + error.what() +
+                                    "; or lower --windows-per-step or --window");
     }
-  };
-  const int64_t helpers = std::min<int64_t>(threads_, chunks) - 1;
-  std::vector<std::thread> pool;
-  for (int64_t t = 0; t < helpers; ++t) pool.emplace_back(work);
-  work();
-  for (std::thread& thread : pool) thread.join();
-  if (failure) std::rethrow_exception(failure);
-  for (const TokenQuality& quality : partial) {
-    totals.nll_sum += quality.nll_sum;
-    totals.kl_sum += quality.kl_sum;
-    totals.agreements += quality.agreements;
-    totals.scored += quality.tokens;
+    targets_ = backend_.new_tensor(ScalarType::kI32, {capacity});
+    scores_ = backend_.new_tensor(ScalarType::kF32, {capacity, kNumRowScores});
+    ids_ = backend_.new_tensor(ScalarType::kI32, {capacity});
+  }
+  round_targets_.assign(static_cast<size_t>(layout.count), 0);
+  for (size_t c = 0; c < windows.size(); ++c)
+    for (size_t i = 0; i < layout.rows[c].size(); ++i)
+      round_targets_[static_cast<size_t>(layout.rows[c][i])] = tokens[windows[c].first_target + i];
+  backend_.copy_from_host(targets_, 0, round_targets_.data(), round_targets_.size() * sizeof(int32_t));
+}
+
+void Evaluator::score(const Tensor& logits, int64_t first, bool reference) {
+  const int64_t rows = logits.rows();
+  const Tensor reference_log_probs = reference_log_probs_.view().rows_view(first, rows);
+  if (reference) backend_.log_softmax(logits, reference_log_probs);
+  backend_.score_rows(logits, targets_.view().rows_view(first, rows), reference_log_probs,
+                      scores_.view().rows_view(first, rows), ids_.view().rows_view(first, rows));
+}
+
+void Evaluator::add_figures(const ScoredRows& layout, bool reference, std::vector<int32_t>& reference_ids,
+                            VariantTotals& totals) const {
+  std::vector<float> scores(static_cast<size_t>(layout.count * kNumRowScores));
+  std::vector<int32_t> ids(static_cast<size_t>(layout.count));
+  backend_.copy_to_host(scores_, 0, scores.data(), scores.size() * sizeof(float));
+  backend_.copy_to_host(ids_, 0, ids.data(), ids.size() * sizeof(int32_t));
+  if (reference) reference_ids = ids;
+  // Window by window, each in target order (the order add_token_quality summed in before score_rows).
+  for (const std::vector<int64_t>& window_rows : layout.rows) {
+    for (const int64_t row : window_rows) {
+      const float* figures = scores.data() + row * kNumRowScores;
+      totals.nll_sum += double(figures[kRowLogSumExp]) - double(figures[kRowTargetLogit]);
+      totals.kl_sum += figures[kRowKlDivergence];
+      totals.agreements += ids[static_cast<size_t>(row)] == reference_ids[static_cast<size_t>(row)] ? 1 : 0;
+      totals.scored += 1;
+    }
   }
 }
 

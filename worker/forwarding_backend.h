@@ -60,6 +60,11 @@ class ForwardingBackend : public Backend {
     inner_.gather_rows(x, index, out);
   }
   void argmax(const Tensor& logits, const Tensor& ids) override { inner_.argmax(logits, ids); }
+  void log_softmax(const Tensor& logits, const Tensor& out) override { inner_.log_softmax(logits, out); }
+  void score_rows(const Tensor& logits, const Tensor& targets, const Tensor& reference_log_probs,
+                  const Tensor& scores, const Tensor& ids) override {
+    inner_.score_rows(logits, targets, reference_log_probs, scores, ids);
+  }
 
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
                    const Tensor& weights, bool normalize) override {

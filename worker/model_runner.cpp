@@ -281,14 +281,13 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   // bad value, its sequence and step.
   if (std::find(output.greedy_ids.begin(), output.greedy_ids.end(), -1) != output.greedy_ids.end())
     want_logits = true;
+  step_logits_ = workspace_.get(kSlotLogits, ScalarType::kF32, {shape.wanted, config_.vocab_size})
+                     .rows_view(0, first_wanted.back());
   if (want_logits) {
-    const int64_t real_wanted = first_wanted.back();
     output.logits.vocab = config_.vocab_size;
     output.logits.first_row = first_wanted;
-    output.logits.values.resize(static_cast<size_t>(real_wanted * config_.vocab_size));
-    const Tensor logits = workspace_.get(kSlotLogits, ScalarType::kF32, {shape.wanted, config_.vocab_size});
-    backend_.copy_to_host(logits, 0, output.logits.values.data(),
-                          output.logits.values.size() * sizeof(float));
+    output.logits.values.resize(static_cast<size_t>(step_logits_.numel()));
+    backend_.copy_to_host(step_logits_, 0, output.logits.values.data(), step_logits_.bytes());
   }
   for (const SequenceChunk& chunk : chunks)
     chunk.sequence->length += static_cast<int64_t>(chunk.tokens.size());

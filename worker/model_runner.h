@@ -97,6 +97,13 @@ class ModelRunner {
   void set_routing(std::shared_ptr<const RoutingPolicy> policy);
   const RoutingPolicy* routing() const { return executor_->routing(); }
 
+  // The last step's logits where the backend computed them, F32 [rows, vocab]: chunk after chunk, every
+  // position's rows of a chunk with all_positions, else its last row's (StepOutput::logits' layout),
+  // whether or not the step copied them to the host. A view of the runner's work memory, valid until its
+  // next step; for callers that reduce logits on the backend (epic eval scores them with score_rows).
+  Tensor step_logits() const { return step_logits_; }
+  Backend& backend() const { return backend_; }
+
   // One sequence: logits [tokens.size(), vocab] when all_positions, else [1, vocab].
   std::vector<float> forward(std::span<const int32_t> tokens, KvSequence& sequence, bool all_positions);
 
@@ -124,6 +131,7 @@ class ModelRunner {
   std::map<int64_t, std::unique_ptr<Graph>> decode_graphs_;  // by bucket (rows)
   uint64_t graphs_generation_ = 0;                           // the workspace generation they were made at
   int64_t graph_replays_ = 0;
+  Tensor step_logits_;  // the last step's real rows (no bucket padding)
 };
 
 // Validates ids against the vocabulary: Error(kInvalidArgument) naming the id and its position,

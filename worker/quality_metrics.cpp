@@ -6,7 +6,6 @@
 #include <string>
 
 #include "kernels/error.h"
-#include "worker/sampler.h"
 
 namespace epic {
 
@@ -42,18 +41,9 @@ double TokenQuality::perplexity() const { return tokens > 0 ? std::exp(nll_sum /
 double TokenQuality::mean_kl() const { return tokens > 0 ? kl_sum / double(tokens) : 0.0; }
 double TokenQuality::top1_agreement() const { return tokens > 0 ? double(agreements) / double(tokens) : 0.0; }
 
-double log_sum_exp(std::span<const float> logits) {
-  if (logits.empty()) return -INFINITY;
-  const float max = *std::max_element(logits.begin(), logits.end());
-  double sum = 0;
-  for (float value : logits) sum += std::exp(value - max);
-  return double(max) + std::log(sum);
-}
-
 std::vector<float> log_softmax(std::span<const float> logits) {
-  const double log_sum = log_sum_exp(logits);
   std::vector<float> out(logits.size());
-  for (size_t i = 0; i < logits.size(); ++i) out[i] = static_cast<float>(double(logits[i]) - log_sum);
+  log_softmax_row(logits, out);
   return out;
 }
 
@@ -67,15 +57,10 @@ void add_token_quality(std::span<const float> reference_log_probs, int64_t refer
     throw Error(ErrorCode::kInvalidArgument, "quality: target token " + std::to_string(target) +
                                                  " outside a vocabulary of " +
                                                  std::to_string(variant_logits.size()));
-  const float log_sum = static_cast<float>(log_sum_exp(variant_logits));
-  double kl = 0;
-  for (size_t v = 0; v < variant_logits.size(); ++v) {
-    const float ref = reference_log_probs[v];
-    kl += double(std::exp(ref) * (ref - (variant_logits[v] - log_sum)));
-  }
-  into.nll_sum += double(log_sum) - double(variant_logits[static_cast<size_t>(target)]);
-  into.kl_sum += std::max(0.0, kl);  // >= 0 mathematically; rounding can give -1e-9
-  into.agreements += argmax(variant_logits) == reference_argmax ? 1 : 0;
+  const RowScore score = score_row(variant_logits, target, reference_log_probs);
+  into.nll_sum += double(score.log_sum_exp) - double(score.target_logit);
+  into.kl_sum += score.kl_divergence;
+  into.agreements += score.argmax == reference_argmax ? 1 : 0;
   into.tokens += 1;
 }
 

@@ -9,6 +9,8 @@
 #include <span>
 #include <vector>
 
+#include "kernels/next_token_scores.h"  // log_sum_exp and the row arithmetic
+
 namespace epic {
 
 // One window of a sliding-window evaluation: the model reads tokens [begin, end) with no earlier context
@@ -37,15 +39,13 @@ struct TokenQuality {
   double top1_agreement() const;  // agreements / tokens
 };
 
-// log(sum(exp(logits))), the max subtracted first, summed in double.
-double log_sum_exp(std::span<const float> logits);
 // The log-softmax of one row of logits (float: exact to ~1e-7, far below the differences measured).
 std::vector<float> log_softmax(std::span<const float> logits);
 
 // Adds one scored position: the reference's log-probabilities (log_softmax of its logits) and argmax,
 // the variant's logits and the true next token. Error(kInvalidArgument) for mismatched sizes or a target
-// outside the vocabulary. A row of 151,936 logits costs two float exp per entry: the vocabulary, not the
-// model, is what this costs on a small model, so callers spread rows over threads.
+// outside the vocabulary. The arithmetic is score_row's (kernels/next_token_scores.h), the one the backends'
+// score_rows op runs on the device, so a caller with logits on a backend scores them there instead.
 void add_token_quality(std::span<const float> reference_log_probs, int64_t reference_argmax,
                        std::span<const float> variant_logits, int32_t target, TokenQuality& into);
 

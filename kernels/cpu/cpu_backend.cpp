@@ -152,6 +152,18 @@ class CpuBackend final : public Backend {
     cpu::argmax(logits, ids);
   }
 
+  // ---- scoring ----
+  void log_softmax(const Tensor& logits, const Tensor& out) override {
+    backend_checks::check_log_softmax(kSpace, logits, out);
+    cpu::log_softmax(logits, out, num_threads_);
+  }
+
+  void score_rows(const Tensor& logits, const Tensor& targets, const Tensor& reference_log_probs,
+                  const Tensor& scores, const Tensor& ids) override {
+    backend_checks::check_score_rows(kSpace, logits, targets, reference_log_probs, scores, ids);
+    cpu::score_rows(logits, targets, reference_log_probs, scores, ids, num_threads_);
+  }
+
   // ---- MoE ops ----
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
                    const Tensor& weights, bool normalize) override {

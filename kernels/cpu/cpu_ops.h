@@ -74,6 +74,11 @@ void add(const Tensor& x, const Tensor& y);
 void gather_rows(const Tensor& x, const Tensor& index, const Tensor& out);
 void argmax(const Tensor& logits, const Tensor& ids);
 
+// ---- cpu_scoring_ops.cpp ------------------------------------------------------------------------
+void log_softmax(const Tensor& logits, const Tensor& out, int num_threads);
+void score_rows(const Tensor& logits, const Tensor& targets, const Tensor& reference_log_probs,
+                const Tensor& scores, const Tensor& ids, int num_threads);
+
 // ---- cpu_moe_ops.cpp ----------------------------------------------------------------------------
 void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids, const Tensor& weights,
                  bool normalize);

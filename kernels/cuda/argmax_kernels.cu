@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels/cuda/argmax_candidate.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/dependent_launch.cuh"
@@ -15,7 +16,6 @@
 namespace epic::cuda_kernels {
 namespace {
 
-using access::kFullWarpMask;
 using access::kVectorElements;
 using access::kWarpSize;
 
@@ -25,35 +25,12 @@ constexpr int64_t kSliceVectors = kThreads;
 constexpr int64_t kMaxSlices = 1024;  // past this many slices of that size a slice grows instead
 constexpr int kMaxGridRows = 65535;   // gridDim.y; the kernels stride over rows beyond it
 
-struct Candidate {
-  float value;
-  int32_t index;  // -1: no element seen (a thread past the end of a short slice)
-};
-
 // One slice's result in the scratch.
 struct SliceBest {
   Candidate best;
   int32_t non_finite;  // a NaN or Inf in the slice
   int32_t unused;      // keeps the struct 16 bytes (one vector store)
 };
-
-// a is better than b: larger value, or equal value and lower index. NaN never compares larger; a row
-// holding one gets id -1 anyway (backend.h), so where it lands does not matter.
-__device__ __forceinline__ bool better(const Candidate& a, const Candidate& b) {
-  if (a.index < 0) return false;
-  if (b.index < 0) return true;
-  return a.value > b.value || (a.value == b.value && a.index < b.index);
-}
-
-__device__ __forceinline__ Candidate warp_best(Candidate best) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    const Candidate other{__shfl_xor_sync(kFullWarpMask, best.value, offset),
-                          __shfl_xor_sync(kFullWarpMask, best.index, offset)};
-    if (better(other, best)) best = other;
-  }
-  return best;
-}
 
 // The block's best candidate and whether any thread saw a non-finite value; valid in thread 0. Ends with
 // a barrier, so the shared array may be reused after it.

@@ -452,6 +452,24 @@ class CudaBackend final : public Backend {
     cuda_kernels::argmax(logits.data, logits.type, ids.as<int32_t>(), rows, vocab, scratch, stream_);
   }
 
+  void log_softmax(const Tensor& logits, const Tensor& out) override {
+    backend_checks::check_log_softmax(kSpace, logits, out);
+    if (logits.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    const auto timing = time_op("log_softmax", logits.dim(0));
+    cuda_kernels::log_softmax(logits.as<float>(), out.as<float>(), logits.dim(0), logits.dim(1), stream_);
+  }
+
+  void score_rows(const Tensor& logits, const Tensor& targets, const Tensor& reference_log_probs,
+                  const Tensor& scores, const Tensor& ids) override {
+    backend_checks::check_score_rows(kSpace, logits, targets, reference_log_probs, scores, ids);
+    if (logits.dim(0) == 0) return;
+    DeviceScope scope(device_);
+    const auto timing = time_op("score_rows", logits.dim(0));
+    cuda_kernels::score_rows(logits.as<float>(), targets.as<int32_t>(), reference_log_probs.as<float>(),
+                             scores.as<float>(), ids.as<int32_t>(), logits.dim(0), logits.dim(1), stream_);
+  }
+
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
                    const Tensor& weights, bool normalize) override {
     backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);

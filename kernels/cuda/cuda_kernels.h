@@ -77,6 +77,13 @@ int64_t argmax_scratch_bytes(int64_t rows, int64_t vocab);
 void argmax(const void* logits, ScalarType type, int32_t* ids, int64_t rows, int64_t vocab, void* scratch,
             cudaStream_t stream);
 
+// ---- scoring_kernels.cu ---------------------------------------------------------------------------
+// One block per row, kernels/next_token_scores.h's arithmetic. logits, out and reference_log_probs
+// [rows, vocab] (F32); targets and ids [rows]; scores [rows, kNumRowScores].
+void log_softmax(const float* logits, float* out, int64_t rows, int64_t vocab, cudaStream_t stream);
+void score_rows(const float* logits, const int32_t* targets, const float* reference_log_probs, float* scores,
+                int32_t* ids, int64_t rows, int64_t vocab, cudaStream_t stream);
+
 // ---- attention_kernel.cu (helper A) ------------------------------------------------------------
 // key_pool / value_pool [num_blocks, kKvBlockSize, num_kv_heads, head_dim] of `type`.
 void store_kv(const void* qkv, ScalarType type, const int32_t* slot_mapping, int64_t rows, void* key_pool,

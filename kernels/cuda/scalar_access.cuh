@@ -80,7 +80,9 @@ __device__ __forceinline__ void store_vector(T* p, const float (&values)[N]) {
 // One expression for every SiLU on the device, so the dense MLP and the expert FFN round alike.
 __device__ __forceinline__ float silu(float value) { return value / (1.0f + expf(-value)); }
 
-__device__ __forceinline__ float warp_sum(float value) {
+// The warp's sum in every lane (float, or double where the sum must not lose the terms' bits).
+template <class T>
+__device__ __forceinline__ T warp_sum(T value) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
     value += __shfl_xor_sync(kFullWarpMask, value, offset);

@@ -99,6 +99,10 @@ class HostMemoryBackend final : public Backend {
   void add(const Tensor&, const Tensor&) override { no_math("add"); }
   void gather_rows(const Tensor&, const Tensor&, const Tensor&) override { no_math("gather_rows"); }
   void argmax(const Tensor&, const Tensor&) override { no_math("argmax"); }
+  void log_softmax(const Tensor&, const Tensor&) override { no_math("log_softmax"); }
+  void score_rows(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) override {
+    no_math("score_rows");
+  }
   void route_top_k(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool) override {
     no_math("route_top_k");
   }

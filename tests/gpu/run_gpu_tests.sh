@@ -5,6 +5,7 @@
 #
 #   bash tests/gpu/run_gpu_tests.sh [golden] [tests] [ctest] [bench] [baselines] [profile] [ab] [ffn]
 #                                   [ncu] [ncu-moe] [moe-ab] [nccl] [ep-bench] [ep-decode] [eval] [offload]
+#                                   [scoring]
 #   (each fits one device call)
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
@@ -43,6 +44,9 @@
 #     (knobs: NCCL_GOLDEN_RANKS and EP_GOLDEN_VARIANTS pick the golden runs of nccl, NCCL_FAULTS=0 skips
 #     its fault runs; EP_BENCH_RANKS, EP_BENCH_ONE_GPU=0 / EP_BENCH_ONE_GPU_TOKENS, EP_OVERLAP_TOKENS and
 #     EP_LOW_LATENCY_TOKENS split ep-bench over calls; EP_LL_MODES: eager and/or graph low-latency timing)
+#     scoring: epic eval's scoring ops (Backend::log_softmax and score_rows: kernels/cuda/scoring_kernels.cu)
+#             against the CPU backend, from the kernel op table, and their argument checks; alone it builds
+#             only tests/kernels/epic_kernels_test (tests runs the same rows with the whole table)
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -91,13 +95,17 @@ if wants golden; then
 fi
 
 needs_build=0
-for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode eval offload; do wants "$mode" && needs_build=1; done
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode eval offload scoring; do
+  wants "$mode" && needs_build=1
+done
 # nccl alone needs one test binary, not the whole tree (device time).
 only_nccl=1
 for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
 build_targets=()
 wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test epic)
 { wants ep-bench || wants ep-decode || wants eval || wants offload; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
+# scoring alone needs the kernel test only.
+if wants scoring && [ ${#modes[@]} -eq 1 ]; then build_targets=(--target epic_kernels_test); fi
 if [ "$needs_build" = 1 ]; then
   log "build: CUDA on, $(nproc) cores"
   if ! { cmake -S . -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPIC_CEREAL_INCLUDE_DIR="$PWD/.device/include" \
@@ -117,6 +125,16 @@ if wants tests; then
     tail -4 "$OUT/$(basename "$suite").log" | tee -a "$OUT/summary.log"
     grep -E "^\[  FAILED|Failure|error" "$OUT/$(basename "$suite").log" | head -20 | tee -a "$OUT/summary.log"
   done
+fi
+if wants scoring; then
+  log "scoring: log_softmax and score_rows on CUDA against the CPU backend (epic_kernels_test)"
+  if ! EPIC_KERNEL_TEST_REPORT=1 timeout 240 "$BUILD/tests/kernels/epic_kernels_test" \
+         --gtest_filter='Table/BackendOp.MatchesReference/log_softmax_*:Table/BackendOp.MatchesReference/score_rows_*:Backends/BackendErrors.*' \
+         > "$OUT/scoring.log" 2>&1; then
+    status=1
+  fi
+  grep -E "^\[  (PASSED|FAILED|SKIPPED) |^\[==========\]" "$OUT/scoring.log" | tee -a "$OUT/summary.log"
+  grep -E "^\[  FAILED|Failure|seed " "$OUT/scoring.log" | head -20 | tee -a "$OUT/summary.log"
 fi
 if wants ctest; then
   log "test: whole ctest suite"

@@ -906,6 +906,139 @@ void add_elementwise_cases(std::vector<OpCase>& cases) {
   }
 }
 
+// ---- scoring: log_softmax, score_rows (epic eval's figures) ----
+
+// Logits of one row per position with |v| in [0.3, 6] (peaked distributions, like a model's) and a
+// planted maximum of 9.0 in every row, a second one (a tie: the lower id must win) in every other row.
+std::vector<float> scoring_logits(std::mt19937_64& g, int64_t rows, int64_t vocab) {
+  std::vector<float> logits = random_values(g, rows * vocab, 6.0f);
+  std::uniform_int_distribution<int64_t> column(0, vocab - 1);
+  for (int64_t r = 0; r < rows; ++r) {
+    logits[r * vocab + column(g)] = 9.0f;
+    if (r % 2 == 0) logits[r * vocab + column(g)] = 9.0f;
+  }
+  return logits;
+}
+
+// log(sum(exp(row))) in double.
+double reference_log_sum_exp(const float* row, int64_t vocab) {
+  const double max = *std::max_element(row, row + vocab);
+  double sum = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) sum += std::exp(row[v] - max);
+  return max + std::log(sum);
+}
+
+// The spacing of floats at |value|: the op rounds each row's log-sum-exp to fp32 (backend.h), and two
+// backends may round a double a hair apart to neighbouring floats.
+double float_ulp(double value) {
+  const auto magnitude = static_cast<float>(std::abs(value));
+  return static_cast<double>(std::nextafter(magnitude, INFINITY) - magnitude);
+}
+
+void add_scoring_cases(std::vector<OpCase>& cases) {
+  struct Shape {
+    int64_t rows, vocab;
+  };
+  // CUDA reads 8-element vectors where the vocabulary is a multiple of 8 (1000, 151936, 24: fewer than a
+  // block's threads) and scalars otherwise (151937, 17).
+  for (const Shape s : {Shape{1, 151936}, Shape{7, 151937}, Shape{300, 1000}, Shape{3, 17}, Shape{2, 24}}) {
+    cases.push_back(
+        OpCase{"log_softmax_" + dims_name({s.rows, s.vocab}, {"rows", "vocab"}),
+               false,
+               // One fp32 rounding of x - lse, and lse itself off by the float exp's ulp in a few terms:
+               // 1e-6 of |expected| + 1 (an absolute floor for log-probabilities near 0).
+               {1e-6, 1e-6, 1e-6},
+               [s](std::mt19937_64& g) {
+                 return HostTensors{
+                     floats("logits", Role::kF32, {s.rows, s.vocab}, scoring_logits(g, s.rows, s.vocab)),
+                     floats("out", Role::kF32, {s.rows, s.vocab}, nan_filled(s.rows * s.vocab), true)};
+               },
+               [](Backend& b, const Tensors& t) { b.log_softmax(t[0], t[1]); },
+               [s](const HostTensors& t) {
+                 Expected out;
+                 for (int64_t r = 0; r < s.rows; ++r) {
+                   const float* row = &t[0].values[r * s.vocab];
+                   const double log_sum = reference_log_sum_exp(row, s.vocab);
+                   for (int64_t v = 0; v < s.vocab; ++v) out.values.push_back(row[v] - log_sum);
+                 }
+                 for (const double value : out.values) out.scale.push_back(std::abs(value) + 1.0);
+                 return std::vector<Expected>{out};
+               }});
+  }
+
+  // Even rows: the variant is the reference with small changes (KL ~1e-2, as a pruned model's); odd
+  // rows: an unrelated variant (KL of several nats); two rows in three tie for the maximum. Targets: the
+  // last and the first id in rows 0 and 1, the row's maximum in row 2, random ids elsewhere.
+  constexpr double kScoreTolerance = 1e-6;
+  for (const Shape s : {Shape{1, 151936}, Shape{7, 1000}, Shape{7, 151937}, Shape{300, 1000},
+                        Shape{300, 151936}, Shape{3, 17}, Shape{2, 24}}) {
+    cases.push_back(OpCase{
+        "score_rows_" + dims_name({s.rows, s.vocab}, {"rows", "vocab"}),
+        false,
+        // log-sum-exp: 1e-6 of itself (fp32 rounding, ~6e-8). Target logit: a copy, exact (scale 0). KL:
+        // 1e-6 of sum_v |term_v| (fp32 terms, expf's ulp) plus two ulps of the row's fp32 log-sum-exp
+        // times sum_v p_ref (= 1): that rounding may differ between backends by one float.
+        {kScoreTolerance, kScoreTolerance, kScoreTolerance},
+        [s](std::mt19937_64& g) {
+          const std::vector<float> reference_logits = scoring_logits(g, s.rows, s.vocab);
+          std::vector<float> logits = scoring_logits(g, s.rows, s.vocab);
+          const std::vector<float> nudges = random_values(g, s.rows * s.vocab, 0.3f);
+          std::vector<float> reference_log_probs(reference_logits.size());
+          std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(s.vocab - 1));
+          std::vector<int32_t> targets(static_cast<size_t>(s.rows));
+          for (int64_t r = 0; r < s.rows; ++r) {
+            const float* reference_row = &reference_logits[r * s.vocab];
+            const double log_sum = reference_log_sum_exp(reference_row, s.vocab);
+            for (int64_t v = 0; v < s.vocab; ++v) {
+              const int64_t i = r * s.vocab + v;
+              reference_log_probs[i] = static_cast<float>(reference_row[v] - log_sum);
+              if (r % 2 == 0) logits[i] = reference_row[v] + nudges[i];
+            }
+            // Two rows in three get a tie for the maximum in two distinct columns.
+            if (r % 3 != 2) {
+              const int32_t first = id(g),
+                            second = static_cast<int32_t>((first + 1 + id(g) % (s.vocab - 1)) % s.vocab);
+              logits[r * s.vocab + first] = logits[r * s.vocab + second] = 12.0f;
+            }
+            const float* row = &logits[r * s.vocab];
+            targets[r] = r == 0   ? static_cast<int32_t>(s.vocab - 1)
+                         : r == 1 ? 0
+                         : r == 2 ? static_cast<int32_t>(std::max_element(row, row + s.vocab) - row)
+                                  : id(g);
+          }
+          return HostTensors{
+              floats("logits", Role::kF32, {s.rows, s.vocab}, logits), i32_in("targets", {s.rows}, targets),
+              floats("reference_log_probs", Role::kF32, {s.rows, s.vocab}, reference_log_probs),
+              floats("scores", Role::kF32, {s.rows, kNumRowScores}, nan_filled(s.rows * kNumRowScores), true),
+              i32_out("ids", {s.rows})};
+        },
+        [](Backend& b, const Tensors& t) { b.score_rows(t[0], t[1], t[2], t[3], t[4]); },
+        [s](const HostTensors& t) {
+          Expected scores, ids;
+          for (int64_t r = 0; r < s.rows; ++r) {
+            const float* row = &t[0].values[r * s.vocab];
+            const float* reference = &t[2].values[r * s.vocab];
+            const double log_sum = reference_log_sum_exp(row, s.vocab);
+            // The op's log-probabilities are logits - the fp32 log-sum-exp (backend.h).
+            const double log_sum_f32 = static_cast<float>(log_sum);
+            double kl = 0.0, magnitude = 0.0;
+            for (int64_t v = 0; v < s.vocab; ++v) {
+              const double term = std::exp(double(reference[v])) * (reference[v] - (row[v] - log_sum_f32));
+              kl += term;
+              magnitude += std::abs(term);
+            }
+            const int32_t target = t[1].ints[r];
+            scores.values.insert(scores.values.end(), {log_sum, double(row[target]), std::max(kl, 0.0)});
+            scores.scale.insert(scores.scale.end(), {std::abs(log_sum), 0.0,
+                                                     magnitude + 2.0 * float_ulp(log_sum) / kScoreTolerance});
+            ids.ints.push_back(
+                static_cast<int32_t>(std::max_element(row, row + s.vocab) - row));  // first maximum
+          }
+          return std::vector<Expected>{scores, ids};
+        }});
+  }
+}
+
 // ---- MoE: route_top_k, group_by_expert, expert_ffn, combine_top_k ----
 
 enum class Present { kAll, kEveryThirdAbsent, kEveryThirdAbsentHigh, kExactlyTopK, kRandomHalf };
@@ -1397,6 +1530,7 @@ const std::vector<OpCase>& op_cases() {
     add_attention_cases(all);
     add_decode_attention_cases(all);
     add_elementwise_cases(all);
+    add_scoring_cases(all);
     add_route_cases(all);
     add_group_by_expert_cases(all);
     add_expert_ffn_cases(all);
@@ -1743,6 +1877,38 @@ std::vector<InvalidCall> invalid_calls() {
        [](Backend& b, Arena& a) {
          b.argmax(a(F32, {3, 10}), a(I32, {4}));
        }},
+      {"log_softmax out of ids", "log_softmax", "out is i32[3, 10]",
+       [](Backend& b, Arena& a) {
+         b.log_softmax(a(F32, {3, 10}), a(I32, {3, 10}));
+       }},
+      {"log_softmax in place", "log_softmax", "their memory overlaps",
+       [](Backend& b, Arena& a) {
+         const Tensor logits = a(F32, {3, 10});
+         b.log_softmax(logits, logits);
+       }},
+      {"score_rows reference shape", "score_rows", "the shapes differ",
+       [](Backend& b, Arena& a) {
+         b.score_rows(a(F32, {3, 10}), a(I32, {3}), a(F32, {3, 11}), a(F32, {3, kNumRowScores}), a(I32, {3}));
+       }},
+      {"score_rows scores columns", "score_rows", "one column per RowScoreColumn",
+       [](Backend& b, Arena& a) {
+         b.score_rows(a(F32, {3, 10}), a(I32, {3}), a(F32, {3, 10}), a(F32, {3, 2}), a(I32, {3}));
+       }},
+      {"score_rows targets rows", "score_rows", "one entry per row is needed",
+       [](Backend& b, Arena& a) {
+         b.score_rows(a(F32, {3, 10}), a(I32, {4}), a(F32, {3, 10}), a(F32, {3, kNumRowScores}), a(I32, {3}));
+       }},
+      {"score_rows bf16 logits", "score_rows", "logits is bf16[3, 10]",
+       [](Backend& b, Arena& a) {
+         b.score_rows(a(BF16, {3, 10}), a(I32, {3}), a(F32, {3, 10}), a(F32, {3, kNumRowScores}),
+                      a(I32, {3}));
+       }},
+      {"score_rows scores over logits", "score_rows", "their memory overlaps",
+       [](Backend& b, Arena& a) {
+         const Tensor logits = a(F32, {3, 10});
+         b.score_rows(logits, a(I32, {3}), a(F32, {3, 10}),
+                      logits.reshaped({10, kNumRowScores}).rows_view(0, 3), a(I32, {3}));
+       }},
       {"route_top_k k above experts", "route_top_k", "top_k = 9 exceeds the 8 experts",
        [](Backend& b, Arena& a) {
          b.route_top_k(a(F32, {2, 8}), a(U8, {8}), a(I32, {2, 9}), a(F32, {2, 9}), true);
@@ -1895,6 +2061,12 @@ TEST(CpuBackendValues, OutOfRangeValuesAreRejected) {
         backend->combine_top_k(a(F32, {2, 4}), i32({0, 2}), a(F32, {1, 2}), a(F32, {1, 4}));
       },
       "sorted_position[1] = 2 is outside expert_out's rows [0, 2)");
+  expect_invalid(
+      [&] {
+        backend->score_rows(a(F32, {2, 5}), i32({0, 5}), a(F32, {2, 5}), a(F32, {2, kNumRowScores}),
+                            a(I32, {2}));
+      },
+      "score_rows: targets[1] = 5 is outside the vocabulary [0, 5)");
 }
 
 // The CPU's fused op is the unfused pair, bit for bit: `epic run` output does not depend on which

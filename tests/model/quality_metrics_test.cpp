@@ -1,14 +1,19 @@
-// epic eval's arithmetic (worker/quality_metrics.h): windows that score every token once, and the
-// per-token figures on hand-worked rows.
+// epic eval's arithmetic (worker/quality_metrics.h): windows that score every token once, the per-token
+// figures on hand-worked rows, and the CPU backend's scoring ops giving the same figures.
 #include "worker/quality_metrics.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 #include <random>
+#include <span>
 #include <vector>
 
+#include "kernels/backend.h"
 #include "kernels/error.h"
+#include "worker/sampler.h"
 
 namespace epic {
 namespace {
@@ -112,6 +117,74 @@ TEST(TokenQuality, RefusesMismatchedRows) {
   EXPECT_THROW(add_token_quality(std::vector<float>{0.0f, 0.0f}, 0, std::vector<float>{0.0f}, 0, quality),
                Error);
   EXPECT_THROW(add_token_quality(std::vector<float>{0.0f}, 0, std::vector<float>{0.0f}, 1, quality), Error);
+}
+
+// The CPU backend's scoring ops (what epic eval runs on every backend) against add_token_quality row by
+// row, on rows that are never zero, with ties for the maximum: the same arithmetic, so the same
+// figures (the KL rounded once to the op's fp32 column). Also log_softmax against the host function and
+// the argmax against the sampler's.
+TEST(TokenQuality, CpuBackendScoringOpsGiveAddTokenQualitysFigures) {
+  const unsigned seed = std::random_device{}();
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> magnitude(0.3f, 6.0f);
+  std::bernoulli_distribution negative(0.5);
+  const auto random_row = [&](int64_t vocab) {
+    std::vector<float> row(static_cast<size_t>(vocab));
+    for (float& v : row) v = magnitude(rng) * (negative(rng) ? -1.0f : 1.0f);
+    return row;
+  };
+  const std::unique_ptr<Backend> backend = make_cpu_backend(3);
+  struct Shape {
+    int64_t rows, vocab;
+  };
+  for (const Shape s : {Shape{1, 1000}, Shape{7, 151936}, Shape{30, 1001}}) {
+    SCOPED_TRACE(std::to_string(s.rows) + " rows of " + std::to_string(s.vocab));
+    std::uniform_int_distribution<int32_t> id(0, static_cast<int32_t>(s.vocab - 1));
+    const OwnedTensor reference_logits = backend->new_tensor(ScalarType::kF32, {s.rows, s.vocab});
+    const OwnedTensor logits = backend->new_tensor(ScalarType::kF32, {s.rows, s.vocab});
+    const OwnedTensor targets = backend->new_tensor(ScalarType::kI32, {s.rows});
+    const OwnedTensor reference_log_probs = backend->new_tensor(ScalarType::kF32, {s.rows, s.vocab});
+    const OwnedTensor scores = backend->new_tensor(ScalarType::kF32, {s.rows, kNumRowScores});
+    const OwnedTensor ids = backend->new_tensor(ScalarType::kI32, {s.rows});
+    std::vector<int32_t> lowest_tie(static_cast<size_t>(s.rows));
+    const auto row_of = [&](const OwnedTensor& t, int64_t r) {
+      return std::span<float>(t.view().as<float>() + r * s.vocab, static_cast<size_t>(s.vocab));
+    };
+    for (int64_t r = 0; r < s.rows; ++r) {
+      std::vector<float> reference_row = random_row(s.vocab), row = random_row(s.vocab);
+      // Ties for the maximum (the lowest id must win): both rows in even rows, the variant in odd ones.
+      const int32_t first = id(rng), second = (first + 1 + id(rng) % static_cast<int32_t>(s.vocab - 1)) %
+                                              static_cast<int32_t>(s.vocab);
+      row[first] = row[second] = 8.0f;
+      lowest_tie[r] = std::min(first, second);
+      if (r % 2 == 0) reference_row[first] = reference_row[second] = 8.0f;
+      std::copy(reference_row.begin(), reference_row.end(), row_of(reference_logits, r).begin());
+      std::copy(row.begin(), row.end(), row_of(logits, r).begin());
+      targets.view().as<int32_t>()[r] = r == 0 ? static_cast<int32_t>(s.vocab - 1) : id(rng);
+    }
+    std::fill_n(scores.view().as<float>(), s.rows * kNumRowScores, std::nanf(""));
+    backend->log_softmax(reference_logits, reference_log_probs);
+    backend->score_rows(logits, targets, reference_log_probs, scores, ids);
+    for (int64_t r = 0; r < s.rows; ++r) {
+      SCOPED_TRACE("row " + std::to_string(r));
+      const std::span<const float> reference_row = row_of(reference_logits, r), row = row_of(logits, r);
+      EXPECT_TRUE(std::ranges::equal(log_softmax(reference_row), row_of(reference_log_probs, r)));
+      const int32_t reference_argmax = argmax(reference_row);
+      const int32_t target = targets.view().as<const int32_t>()[r];
+      TokenQuality expected;
+      add_token_quality(row_of(reference_log_probs, r), reference_argmax, row, target, expected);
+      const float* figures = scores.view().as<const float>() + r * kNumRowScores;
+      EXPECT_EQ(double(figures[kRowLogSumExp]) - double(figures[kRowTargetLogit]), expected.nll_sum);
+      EXPECT_EQ(figures[kRowTargetLogit], row[static_cast<size_t>(target)]);
+      EXPECT_EQ(figures[kRowKlDivergence], static_cast<float>(expected.kl_sum));
+      EXPECT_GT(expected.kl_sum, 0.0);
+      const int32_t op_argmax = ids.view().as<const int32_t>()[r];
+      EXPECT_EQ(op_argmax, argmax(row));
+      EXPECT_EQ(op_argmax, lowest_tie[r]) << "a tie must go to the lowest id";
+      EXPECT_EQ(op_argmax == reference_argmax ? 1 : 0, expected.agreements);
+    }
+  }
 }
 
 }  // namespace
