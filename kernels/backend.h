@@ -62,8 +62,9 @@ struct RoutedMoeWeights {
   ScalarType addressed_weight_type = ScalarType::kBF16;
 };
 
-// One copy of Backend::enqueue_side_copies: dst bytes [dst_offset, dst_offset + bytes) <- host src.
-struct SideCopy {
+// One copy of Backend::copy_from_host_scattered / enqueue_side_copies: dst bytes [dst_offset, dst_offset +
+// bytes) <- host src.
+struct HostCopy {
   Tensor dst;
   size_t dst_offset = 0;
   const void* src = nullptr;
@@ -108,12 +109,18 @@ class Backend {
   virtual void copy(const Tensor& src, const Tensor& dst) = 0;
   // Waits until every op and copy enqueued so far has finished.
   virtual void synchronize() = 0;
-  // Copies that run in order on a second queue, after the ops enqueued so far and beside the ones
-  // enqueued later (cuda: a copy stream that waits for an event recorded now), so a copy into memory
-  // that no later op reads until told can overlap the next steps' compute. The srcs must stay valid
-  // and unchanged until wait_side_copies() returns (pinned staging memory on cuda, for the copies to
-  // be asynchronous). Default: copy_from_host on the stream, in order (nothing overlaps).
-  virtual void enqueue_side_copies(const std::vector<SideCopy>& copies);
+  // copy_from_host for many (small) copies at once, on the stream: after the ops enqueued before, before
+  // those enqueued after, in no order among themselves (they must not overlap). The srcs as
+  // copy_from_host's, and on cuda pinned (allocate_staging): small copies run as one kernel that reads
+  // them in place. Default: copy_from_host each.
+  virtual void copy_from_host_scattered(const std::vector<HostCopy>& copies);
+  // Copies on a second queue, after the ops enqueued so far and beside the ones enqueued later (cuda: a
+  // copy stream that waits for an event recorded now), so a copy into memory that no later op reads
+  // until told can overlap the next steps' compute. The copies of one call run in no particular order
+  // (or at once: they must not overlap); calls run one after another. The srcs must stay valid and
+  // unchanged until wait_side_copies() returns (pinned staging memory on cuda). Default: copy_from_host
+  // on the stream, in order (nothing overlaps).
+  virtual void enqueue_side_copies(const std::vector<HostCopy>& copies);
   // Returns when every side copy enqueued so far has finished (the host waits; later ops do not).
   virtual void wait_side_copies() {}
 

@@ -36,8 +36,12 @@ void Backend::expert_ffn_addressed(const Tensor&, const Tensor&, const Tensor&, 
               "expert_ffn_addressed: the " + name() + " backend has no expert FFN over an address table");
 }
 
-void Backend::enqueue_side_copies(const std::vector<SideCopy>& copies) {
-  for (const SideCopy& copy : copies) copy_from_host(copy.dst, copy.dst_offset, copy.src, copy.bytes);
+void Backend::copy_from_host_scattered(const std::vector<HostCopy>& copies) {
+  for (const HostCopy& copy : copies) copy_from_host(copy.dst, copy.dst_offset, copy.src, copy.bytes);
+}
+
+void Backend::enqueue_side_copies(const std::vector<HostCopy>& copies) {
+  for (const HostCopy& copy : copies) copy_from_host(copy.dst, copy.dst_offset, copy.src, copy.bytes);
 }
 
 }  // namespace epic

@@ -195,7 +195,9 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
       std::mt19937_64 generator(args.weights_seed + 7 + 1000003ULL * static_cast<uint64_t>(comm.rank()) +
                                 batch);
       const ExpertStoreStats before = budget.store ? budget.store->stats() : ExpertStoreStats{};
-      const OffloadStats offload_before = budget.offloading ? budget.offloading->stats() : OffloadStats{};
+      // The executor's counts at the first timed decode step (the hit rate of decode alone: a prompt's rows
+      // use most experts at once).
+      OffloadStats offload_before;
       RunnerOptions options;
       options.activation_type = chosen.activation_type;
       options.max_sequences = batch;
@@ -237,7 +239,10 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
           EPIC_CHECK(next[s] >= 0, ErrorCode::kInternal, "decode produced non-finite logits");
           chunks[s].tokens = std::span<const int32_t>(&next[s], 1);
         }
-        if (i == 2) comm.barrier();  // the timed steps start together
+        if (i == 2) {
+          comm.barrier();  // the timed steps start together
+          if (budget.offloading) offload_before = budget.offloading->stats();
+        }
         const auto step_start = clock_type::now();
         output = step(batch, true);
         if (i >= 2) {
@@ -259,8 +264,9 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
         const double moved = double(after.bytes_from_host - before.bytes_from_host) +
                              double(after.bytes_from_disk - before.bytes_from_disk);
         const double stalled = after.stall_seconds - before.stall_seconds;
-        // The executor's own count: each routing pick against what was resident when its step ran (with
-        // --on-miss read the store is asked only about misses, so its own hit rate says nothing).
+        // The executor's own count over the timed decode steps: each routing pick against what was
+        // resident when its step ran (with --on-miss read the store is asked only about misses, so its own
+        // hit rate says nothing).
         const OffloadStats offload = budget.offloading->stats();
         const int64_t pick_hits = offload.demand_hits - offload_before.demand_hits;
         const int64_t pick_misses = offload.demand_misses - offload_before.demand_misses;
@@ -279,10 +285,10 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
                      {"copy_gb_per_s_while_stalled", stalled > 0 ? moved / stalled / 1e9 : 0.0},
                      {"pick_hit_rate",
                       pick_hits + pick_misses > 0 ? double(pick_hits) / double(pick_hits + pick_misses) : 1.0},
-                     {"bytes_read_in_place", read_in_place},
-                     // Host-to-device bytes over the batch's wall time (prefill and decode): copies into
-                     // slots plus experts read in place (at least once each).
-                     {"bus_gb_per_s", (moved + read_in_place) / batch_seconds / 1e9},
+                     {"bytes_read_in_place_decode", read_in_place},
+                     // Bytes copied into slots over the batch's wall time (prefill and decode); the bytes
+                     // read in place (at least once per expert and step) come on top.
+                     {"bus_gb_per_s", moved / batch_seconds / 1e9},
                      {"tokens_per_s_vs_all_resident", tokens_per_s / all_resident_tokens_per_s[batch]}};
       }
       emit({{"name", "decode"},

@@ -523,41 +523,42 @@ ExpertLoadReport ExpertStore::admit_in_background(
   const size_t down_bytes = expert_bytes() - gate_up_bytes;
   constexpr size_t kEntryBytes = 2 * sizeof(int64_t);
   ExpertLoadReport report;
-  std::vector<SideCopy> copies;
+  // Three batches, each one call: the evicted experts' entries back to the host tier on the stream (before
+  // any later op), then on the side queue the admitted experts' bytes, then their entries (after the bytes).
+  std::vector<HostCopy> evictions, bytes, entries;
   for (const auto& [layer, wanted] : experts_by_layer) {
     Layer& state = layer_state(layer, "admit_in_background");
     const std::vector<int64_t> experts = distinct_hosted(state, layer, wanted, "admit_in_background");
     const size_t evicted_before = report.evicted.size();
     const std::vector<CopyJob> jobs = admit_list(state, layer, experts, step, report);
-    // The evicted experts read from the host tier again before any later op runs.
     for (size_t v = evicted_before; v < report.evicted.size(); ++v) {
       const int64_t victim = report.evicted[v];
-      backend_.copy_from_host(state.addresses, static_cast<size_t>(victim) * kEntryBytes,
-                              state.mirror() + 2 * victim, kEntryBytes);
-      backend_.copy_from_host(state.weights.local_index, static_cast<size_t>(victim) * sizeof(int32_t),
-                              state.published() + victim, sizeof(int32_t));
+      evictions.push_back({state.addresses, static_cast<size_t>(victim) * kEntryBytes, state.mirror() + 2 * victim,
+                           kEntryBytes});
+      evictions.push_back({state.weights.local_index, static_cast<size_t>(victim) * sizeof(int32_t),
+                           state.published() + victim, sizeof(int32_t)});
     }
     const auto* host_gate_up = static_cast<const uint8_t*>(state.host_gate_up->data());
     const auto* host_down = static_cast<const uint8_t*>(state.host_down->data());
     for (const CopyJob& job : jobs) {
       const auto position = static_cast<size_t>(state.hosted_index[job.expert_id]);
       const auto slot = static_cast<size_t>(job.slot);
-      copies.push_back({state.weights.gate_up, slot * gate_up_bytes, host_gate_up + position * gate_up_bytes,
-                        gate_up_bytes});
-      copies.push_back(
-          {state.weights.down, slot * down_bytes, host_down + position * down_bytes, down_bytes});
-      // Then the entry, on the same queue: ops read the slot only once its bytes are there. (A kernel
-      // reading the entry while it changes sees either address, and both hold the expert's bytes.)
+      bytes.push_back({state.weights.gate_up, slot * gate_up_bytes, host_gate_up + position * gate_up_bytes,
+                       gate_up_bytes});
+      bytes.push_back({state.weights.down, slot * down_bytes, host_down + position * down_bytes, down_bytes});
+      // A kernel reading an entry while it changes sees either address, and both hold the expert's bytes.
       point_at_slot(state, job.expert_id, job.slot);
-      copies.push_back({state.addresses, static_cast<size_t>(job.expert_id) * kEntryBytes,
-                        state.mirror() + 2 * job.expert_id, kEntryBytes});
       state.published()[job.expert_id] = static_cast<int32_t>(job.slot);  // resident() from now on
-      copies.push_back({state.weights.local_index, static_cast<size_t>(job.expert_id) * sizeof(int32_t),
-                        state.published() + job.expert_id, sizeof(int32_t)});
+      entries.push_back({state.addresses, static_cast<size_t>(job.expert_id) * kEntryBytes,
+                         state.mirror() + 2 * job.expert_id, kEntryBytes});
+      entries.push_back({state.weights.local_index, static_cast<size_t>(job.expert_id) * sizeof(int32_t),
+                         state.published() + job.expert_id, sizeof(int32_t)});
       report.bytes_from_host += expert_bytes();
     }
   }
-  backend_.enqueue_side_copies(copies);
+  backend_.copy_from_host_scattered(evictions);
+  backend_.enqueue_side_copies(bytes);
+  backend_.enqueue_side_copies(entries);
   report.seconds = seconds_since(start);
   stats_.hits += report.hits;
   stats_.misses += report.misses;

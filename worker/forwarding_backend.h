@@ -87,7 +87,10 @@ class ForwardingBackend : public Backend {
                      const Tensor& out) override {
     inner_.combine_top_k(expert_out, sorted_position, weights, out);
   }
-  void enqueue_side_copies(const std::vector<SideCopy>& copies) override { inner_.enqueue_side_copies(copies); }
+  void copy_from_host_scattered(const std::vector<HostCopy>& copies) override {
+    inner_.copy_from_host_scattered(copies);
+  }
+  void enqueue_side_copies(const std::vector<HostCopy>& copies) override { inner_.enqueue_side_copies(copies); }
   void wait_side_copies() override { inner_.wait_side_copies(); }
 
  protected:

@@ -3,6 +3,7 @@
 // (backend_checks) and enqueues the kernels of cuda_kernels.h.
 #include "kernels/cuda/cuda_backend.h"
 #include "kernels/cuda/cuda_backend_access.h"
+#include "kernels/cuda/host_copy_kernel.h"
 
 #include <algorithm>
 #include <climits>
@@ -100,6 +101,52 @@ void check_fits_int(const char* op, const char* name, int64_t value) {
 }
 
 cudaDataType cuda_type(ScalarType type) { return type == ScalarType::kBF16 ? CUDA_R_16BF : CUDA_R_32F; }
+
+// Pinned descriptors for copy_host_descriptors, appended call after call and reused from the start once
+// the stream has run every kernel that reads them (last_use, recorded after each).
+class DescriptorArena {
+ public:
+  DescriptorArena() = default;
+  DescriptorArena(const DescriptorArena&) = delete;
+  DescriptorArena& operator=(const DescriptorArena&) = delete;
+  ~DescriptorArena() {
+    if (base_ != nullptr) cudaFreeHost(base_);
+    if (last_use_ != nullptr) cudaEventDestroy(last_use_);
+  }
+
+  cuda_kernels::HostCopyDescriptor* reserve(size_t count) {
+    if (in_flight_ && cudaEventQuery(last_use_) == cudaSuccess) {
+      used_ = 0;
+      in_flight_ = false;
+    }
+    if (used_ + count > capacity_) {
+      if (in_flight_) EPIC_CUDA_CHECK(cudaEventSynchronize(last_use_));
+      in_flight_ = false;
+      used_ = 0;
+      if (count > capacity_) {
+        if (base_ != nullptr) EPIC_CUDA_CHECK(cudaFreeHost(base_));
+        base_ = nullptr;
+        capacity_ = std::max<size_t>({count, 2 * capacity_, 1024});
+        EPIC_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&base_),
+                                       capacity_ * sizeof(cuda_kernels::HostCopyDescriptor)));
+      }
+    }
+    cuda_kernels::HostCopyDescriptor* at = base_ + used_;
+    used_ += count;
+    return at;
+  }
+  void mark_used(cudaStream_t stream) {
+    if (last_use_ == nullptr) EPIC_CUDA_CHECK(cudaEventCreateWithFlags(&last_use_, cudaEventDisableTiming));
+    EPIC_CUDA_CHECK(cudaEventRecord(last_use_, stream));
+    in_flight_ = true;
+  }
+
+ private:
+  cuda_kernels::HostCopyDescriptor* base_ = nullptr;
+  size_t capacity_ = 0, used_ = 0;
+  cudaEvent_t last_use_ = nullptr;
+  bool in_flight_ = false;
+};
 
 class CudaBackend final : public Backend {
  public:
@@ -204,13 +251,16 @@ class CudaBackend final : public Backend {
     EPIC_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
+  void copy_from_host_scattered(const std::vector<HostCopy>& copies) override {
+    if (copies.empty()) return;
+    DeviceScope scope(device_);
+    run_host_copies("copy_from_host_scattered", copies, stream_, stream_descriptors_);
+  }
+
   // A copy stream that waits for an event recorded on the stream now, then copies; its own event marks
   // the end, for wait_side_copies. Made at the first call.
-  void enqueue_side_copies(const std::vector<SideCopy>& copies) override {
+  void enqueue_side_copies(const std::vector<HostCopy>& copies) override {
     if (copies.empty()) return;
-    for (const SideCopy& copy : copies)
-      backend_checks::check_copy_range("enqueue_side_copies", MemorySpace::kDevice, copy.dst, copy.dst_offset,
-                                       copy.bytes);
     DeviceScope scope(device_);
     if (copy_stream_ == nullptr) {
       EPIC_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
@@ -219,13 +269,33 @@ class CudaBackend final : public Backend {
     }
     EPIC_CUDA_CHECK(cudaEventRecord(side_start_, stream_));
     EPIC_CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, side_start_, 0));
-    for (const SideCopy& copy : copies) {
-      if (copy.bytes == 0) continue;
-      EPIC_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(copy.dst.data) + copy.dst_offset, copy.src, copy.bytes,
-                                      cudaMemcpyHostToDevice, copy_stream_));
-    }
+    run_host_copies("enqueue_side_copies", copies, copy_stream_, side_descriptors_);
     EPIC_CUDA_CHECK(cudaEventRecord(side_done_, copy_stream_));
     side_pending_ = true;
+  }
+
+  // Large copies to the copy engines; the small ones as one kernel over pinned descriptors.
+  void run_host_copies(const char* op, const std::vector<HostCopy>& copies, cudaStream_t stream,
+                       DescriptorArena& arena) {
+    size_t small = 0;
+    for (const HostCopy& copy : copies) {
+      backend_checks::check_copy_range(op, MemorySpace::kDevice, copy.dst, copy.dst_offset, copy.bytes);
+      if (copy.bytes > 0 && copy.bytes < cuda_kernels::kKernelCopyMaxBytes) ++small;
+    }
+    cuda_kernels::HostCopyDescriptor* descriptors = small > 0 ? arena.reserve(small) : nullptr;
+    size_t next = 0;
+    for (const HostCopy& copy : copies) {
+      if (copy.bytes == 0) continue;
+      char* dst = static_cast<char*>(copy.dst.data) + copy.dst_offset;
+      if (copy.bytes < cuda_kernels::kKernelCopyMaxBytes) {
+        descriptors[next++] = {reinterpret_cast<uint64_t>(dst), reinterpret_cast<uint64_t>(copy.src), copy.bytes};
+      } else {
+        EPIC_CUDA_CHECK(cudaMemcpyAsync(dst, copy.src, copy.bytes, cudaMemcpyHostToDevice, stream));
+      }
+    }
+    if (small == 0) return;
+    cuda_kernels::copy_host_descriptors(descriptors, static_cast<int64_t>(small), stream);
+    arena.mark_used(stream);
   }
 
   void wait_side_copies() override {
@@ -752,6 +822,7 @@ class CudaBackend final : public Backend {
   cudaStream_t copy_stream_ = nullptr;  // enqueue_side_copies'
   cudaEvent_t side_start_ = nullptr, side_done_ = nullptr;
   bool side_pending_ = false;  // side copies enqueued since the last wait_side_copies
+  DescriptorArena stream_descriptors_, side_descriptors_;  // the small copies' descriptors, per stream
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
   int32_t* host_groups_ = nullptr;                     // pinned: [offsets | local indices]

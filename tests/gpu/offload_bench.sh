@@ -65,9 +65,9 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "offload_*.json"))):
         r = d.get("residency") or {}
         print(f"offload {os.path.basename(path)[8:-5]:22s} budget {d['expert_budget']:>4s} batch {d['batch']:3d}: "
               f"{d['tokens_per_s']:9.1f} tokens/s, {d['graph_replays']} graph replays" +
-              (f", {r['tokens_per_s_vs_all_resident']:.3f} of all resident, picks resident {r['pick_hit_rate']:.3f}, "
+              (f", {r['tokens_per_s_vs_all_resident']:.3f} of all resident, decode picks resident {r['pick_hit_rate']:.3f}, "
                f"{r['bytes_moved'] / 1e6:.1f} MB copied ({r['copy_gb_per_s_while_stalled']:.1f} GB/s while stalled), "
-               f"{r['bytes_read_in_place'] / 1e6:.1f} MB read in place, bus {r['bus_gb_per_s']:.2f} GB/s, "
+               f"{r['bytes_read_in_place_decode'] / 1e6:.1f} MB read in place in decode, copies {r['bus_gb_per_s']:.2f} GB/s, "
                f"{r['resident_expert_bytes'] / 1e6:.1f} MB of experts resident" if r else ""))
 PY
 exit $status
