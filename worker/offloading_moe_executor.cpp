@@ -7,6 +7,7 @@
 
 #include "kernels/error.h"
 #include "worker/moe_block.h"
+#include "worker/routing_policy.h"
 
 namespace epic {
 
@@ -49,26 +50,20 @@ void OffloadingMoeExecutor::prefetch_next_layer(int64_t layer, const Tensor& rou
   backend_.linear(router_input, moe.router, logits);
   std::vector<float> host(static_cast<size_t>(rows * experts));
   backend_.copy_to_host(logits, 0, host.data(), host.size() * sizeof(float));
-  std::vector<uint8_t> routable = moe.present;
-  if (routing() != nullptr)
-    for (int64_t e : routing()->removed(next)) routable[e] = 0;
+  const std::vector<uint8_t> routable = routable_host_mask(moe, routing(), next);
   const int64_t top_k = routed_top_k(config_);
   std::vector<double> mass(static_cast<size_t>(experts), 0.0);
   std::vector<int64_t> order(static_cast<size_t>(experts));
   for (int64_t t = 0; t < rows; ++t) {
     const float* row = host.data() + t * experts;
-    float max = -INFINITY;
-    for (int64_t e = 0; e < experts; ++e)
-      if (routable[e]) max = std::max(max, row[e]);
-    double total = 0;
-    for (int64_t e = 0; e < experts; ++e) total += routable[e] ? std::exp(double(row[e] - max)) : 0.0;
+    const RoutableSoftmaxSum softmax = routable_softmax_sum(row, routable);
     for (int64_t e = 0; e < experts; ++e) order[e] = e;
     std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
       const float la = routable[a] ? row[a] : -INFINITY, lb = routable[b] ? row[b] : -INFINITY;
       return la != lb ? la > lb : a < b;
     });
     for (int64_t j = 0; j < top_k; ++j)
-      if (routable[order[j]]) mass[order[j]] += std::exp(double(row[order[j]] - max)) / total;
+      if (routable[order[j]]) mass[order[j]] += std::exp(double(row[order[j]] - softmax.max)) / softmax.total;
   }
   std::vector<int64_t> wanted;
   for (int64_t e = 0; e < experts; ++e)
@@ -94,9 +89,7 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
                                                               const Tensor& logits, std::vector<int32_t>& ids,
                                                               std::vector<float>& weights) {
   const int64_t num_experts = moe.num_experts;
-  std::vector<uint8_t> routable = moe.present;
-  if (routing() != nullptr)
-    for (int64_t e : routing()->removed(layer)) routable[e] = 0;
+  const std::vector<uint8_t> routable = routable_host_mask(moe, routing(), layer);
   std::vector<float> logit_rows(static_cast<size_t>(rows * num_experts));
   backend_.copy_to_host(logits, 0, logit_rows.data(), logit_rows.size() * sizeof(float));
   std::map<int64_t, double> missed_weight;  // expert -> routing weight it lost, for the fetch order
@@ -107,13 +100,7 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
     for (int64_t j = 0; j < top_k; ++j) any_missing |= !store_.resident(layer, ids[t * top_k + j]);
     if (!any_missing) continue;
     // The router's fp32 probabilities over the routable experts (as route_top_k computes them).
-    const float* row = logit_rows.data() + t * num_experts;
-    float max = -INFINITY;
-    for (int64_t e = 0; e < num_experts; ++e)
-      if (routable[e]) max = std::max(max, row[e]);
-    float total = 0;
-    for (int64_t e = 0; e < num_experts; ++e) total += probs[e] = routable[e] ? std::exp(row[e] - max) : 0.0f;
-    for (int64_t e = 0; e < num_experts; ++e) probs[e] /= total;
+    routable_softmax(logit_rows.data() + t * num_experts, routable, probs);
     std::vector<int64_t> excluded;
     for (int64_t j = 0; j < top_k; ++j) excluded.push_back(ids[t * top_k + j]);
     for (int64_t e = 0; e < num_experts; ++e)
