@@ -70,7 +70,7 @@ void OffloadingMoeExecutor::prefetch_next_layer(int64_t layer, const Tensor& rou
     if (mass[e] > 0 && store_.layer_weights(next).hosts(e)) wanted.push_back(e);
   std::stable_sort(wanted.begin(), wanted.end(), [&](int64_t a, int64_t b) { return mass[a] > mass[b]; });
   if (wanted.empty()) return;
-  stats_.prefetched += store_.prefetch(next, wanted, step_).misses;
+  stats_.prefetched += store_.prefetch(next, wanted, resident_ffn_.step()).misses;
 }
 
 OffloadingMoeExecutor::OffloadingMoeExecutor(const ModelConfig& config, const ModelWeights& weights,
@@ -135,8 +135,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
                                     const Tensor& out, Workspace& workspace) {
   EPIC_CHECK(store_.is_moe_layer(layer), ErrorCode::kInternal,
              "offloading executor: layer " + std::to_string(layer) + " has no experts in the store");
-  if (layer <= last_layer_) ++step_;  // a new forward pass
-  last_layer_ = layer;
+  const int64_t step = resident_ffn_.begin_layer(layer);
   ++stats_.calls;
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
@@ -149,7 +148,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
   backend_.copy_to_host(routed.expert_ids, 0, ids.data(), ids.size() * sizeof(int32_t));
   backend_.copy_to_host(routed.weights, 0, route_weights.data(), route_weights.size() * sizeof(float));
   stats_.picks += slots;
-  for (int64_t s = 0; s < slots; ++s) store_.record_use(layer, ids[s], route_weights[s], step_);
+  for (int64_t s = 0; s < slots; ++s) store_.record_use(layer, ids[s], route_weights[s], step);
   if (prefetch_ == Prefetch::kNextLayer) prefetch_next_layer(layer, router_input);
 
   std::vector<int64_t> fetch_after;
@@ -169,10 +168,10 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
       workspace.get(kSlotExpertIntermediate, hidden.type, {slots, config_.moe_intermediate_size});
   std::vector<int32_t> offsets(static_cast<size_t>(num_experts + 1));
   backend_.copy_to_host(grouped.expert_offsets, 0, offsets.data(), offsets.size() * sizeof(int32_t));
-  stats_.expert_groups += resident_ffn_.run(layer, step_, sorted, offsets, intermediate, expert_out);
+  stats_.expert_groups += resident_ffn_.run(layer, step, sorted, offsets, intermediate, expert_out);
   backend_.combine_top_k(expert_out, grouped.sorted_position, routed.weights, out);
   // Substitution served this layer from what was resident; fetch what it missed for the tokens to come.
-  if (!fetch_after.empty()) store_.prefetch(layer, fetch_after, step_);
+  if (!fetch_after.empty()) store_.prefetch(layer, fetch_after, step);
 }
 
 }  // namespace epic

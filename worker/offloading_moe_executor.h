@@ -80,9 +80,7 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   OwnedTensor prefetch_logits_;  // the next layer's router over this layer's rows
   // Loads the next MoE layer's likely experts after `layer`'s routing (Prefetch::kNextLayer).
   void prefetch_next_layer(int64_t layer, const Tensor& router_input);
-  int64_t step_ = 0;
-  int64_t last_layer_ = -1;
-  ResidentExpertFfn resident_ffn_;
+  ResidentExpertFfn resident_ffn_;  // and the store's step: one per forward pass
   OffloadStats stats_;
 };
 
