@@ -157,6 +157,9 @@ class ExpertStore {
   void copy_in(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs, ExpertLoadReport& report);
   void copy_from_disk(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
                       ExpertLoadReport& report);
+  // Folds one ensure_resident's or prefetch's report into stats_: its seconds count as stall time, or
+  // as prefetch time and its misses as prefetch loads.
+  void add_to_stats(const ExpertLoadReport& report, bool prefetch);
 
   ModelConfig config_;  // a copy: the caller's may go
   WeightSource& source_;
