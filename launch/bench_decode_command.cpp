@@ -173,13 +173,10 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
   EPIC_CHECK(args.expert_budgets.empty() || !cluster, ErrorCode::kInvalidArgument,
              "bench-decode --expert-budget times one process: run it without mpirun");
   for (const std::string& name : args.expert_budgets) {
-    ExpertStoreOptions store_options;
-    store_options.tier = parse_expert_tier(args.expert_tier);
-    store_options.budget =
-        expert_budget_slots(name, inspect_experts(config, *model.source, args.allow_missing_experts));
-    store_options.policy = parse_eviction_policy(args.eviction);
-    store_options.weight_type = weights.weight_type;
-    store_options.allow_missing_experts = args.allow_missing_experts;
+    ExpertStoreOptions store_options = expert_store_options(
+        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch},
+        inspect_experts(config, *model.source, args.allow_missing_experts), weights.weight_type,
+        args.allow_missing_experts, /*allow_nonfinite_weights=*/false);
     Budget budget{name,
                   std::make_unique<ExpertStore>(config, *model.source, backend, std::move(store_options)),
                   nullptr};

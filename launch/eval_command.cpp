@@ -298,14 +298,11 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
         auto offload = std::make_shared<Variant::Offload>();
         offload->budget = budget;
         offload->on_miss = on_miss;
-        ExpertStoreOptions store_options;
-        store_options.tier = parse_expert_tier(args.expert_tier);
-        store_options.budget = expert_budget_slots(budget, inventory);
-        store_options.policy = parse_eviction_policy(args.eviction);
-        store_options.weight_type = weights.weight_type;
-        store_options.allow_missing_experts = args.allow_missing_experts;
-        offload->store =
-            std::make_unique<ExpertStore>(config, *model.source, *chosen.backend, std::move(store_options));
+        offload->store = std::make_unique<ExpertStore>(
+            config, *model.source, *chosen.backend,
+            expert_store_options({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch},
+                                 inventory, weights.weight_type, args.allow_missing_experts,
+                                 /*allow_nonfinite_weights=*/false));
         offload->executor =
             std::make_unique<OffloadingMoeExecutor>(config, weights, *chosen.backend, *offload->store,
                                                     parse_on_miss(on_miss), parse_prefetch(args.prefetch));

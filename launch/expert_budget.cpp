@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
+#include <utility>
 
 #include "kernels/error.h"
 #include "worker/offloading_moe_executor.h"
@@ -83,6 +84,22 @@ ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInven
     slots.slots_by_layer[layer] = std::min(wanted, count);
   }
   return slots;
+}
+
+ExpertStoreOptions expert_store_options(const ExpertStoreFlags& flags, const ExpertInventory& hosted,
+                                        std::optional<ScalarType> weight_type, bool allow_missing_experts,
+                                        bool allow_nonfinite_weights,
+                                        std::function<bool(int64_t layer, int64_t expert_id)> hosts_expert) {
+  ExpertStoreOptions options;
+  options.tier = parse_expert_tier(flags.tier);
+  options.budget = expert_budget_slots(flags.budget, hosted);
+  options.hosts_expert = std::move(hosts_expert);
+  options.policy = parse_eviction_policy(flags.eviction);
+  options.usefulness_decay = flags.usefulness_decay;
+  options.weight_type = weight_type;
+  options.allow_missing_experts = allow_missing_experts;
+  options.allow_nonfinite_weights = allow_nonfinite_weights;
+  return options;
 }
 
 std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan& plan,

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "coordinator/placement.h"
@@ -32,6 +34,15 @@ void check_expert_store_flags(const ExpertStoreFlags& flags);
 // layer's experts), "P%" = P percent of each layer's present experts rounded to nearest (at least 1),
 // "total:N" = N split in proportion to the layers' present experts (split_residency_budget).
 ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory);
+
+// The store's options from its flags (checked by check_expert_store_flags): the tier, the budget's slots
+// over `hosted` (the experts this worker keeps, as inspect_experts reports them), the eviction policy and
+// its decay; and, as LoadOptions has them, the weight type, the missing and non-finite policies and which
+// experts this worker hosts (every present one when hosts_expert is empty).
+ExpertStoreOptions expert_store_options(
+    const ExpertStoreFlags& flags, const ExpertInventory& hosted, std::optional<ScalarType> weight_type,
+    bool allow_missing_experts, bool allow_nonfinite_weights,
+    std::function<bool(int64_t layer, int64_t expert_id)> hosts_expert = {});
 
 // The planner's view of a budget: per worker and MoE layer, the slots the budget gives the experts the plan
 // places there, and the share of the worker's expected load (the plan's expert_load, a replica's share

@@ -382,18 +382,12 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     for (auto& [layer, experts] : hosted)
       for (int64_t e = 0; e < experts.num_experts; ++e)
         experts.present[e] = experts.present[e] && table.hosts(rank, layer, e) ? 1 : 0;
-    ExpertStoreOptions store_options;
-    store_options.tier = parse_expert_tier(args.expert_store.tier);
-    store_options.budget = expert_budget_slots(args.expert_store.budget, hosted);
-    store_options.hosts_expert = [&table, rank](int64_t layer, int64_t expert) {
-      return table.hosts(rank, layer, expert);
-    };
-    store_options.policy = parse_eviction_policy(args.expert_store.eviction);
-    store_options.usefulness_decay = args.expert_store.usefulness_decay;
-    store_options.weight_type = required_weight_type(chosen.activation_type);
-    store_options.allow_missing_experts = plan.allow_missing_experts;
-    store_options.allow_nonfinite_weights = args.allow_nonfinite_weights;
-    store.emplace(model.config, *model.source, *chosen.backend, std::move(store_options));
+    store.emplace(
+        model.config, *model.source, *chosen.backend,
+        expert_store_options(
+            args.expert_store, hosted, required_weight_type(chosen.activation_type),
+            plan.allow_missing_experts, args.allow_nonfinite_weights,
+            [&table, rank](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); }));
   });
   const double load_seconds = seconds_since(load_start);
 

@@ -67,14 +67,14 @@ void ExpertParallelMoeExecutor::compute_rows(int64_t layer, const std::vector<in
                              y, workspace);
     return;
   }
-  for (int32_t expert : experts_host) resident_ffn_->store().record_use(layer, expert, 1.0f, step_);
-  resident_ffn_->run_in_row_order(layer, step_, rows, experts, sorted, computed, y, workspace);
+  const int64_t step = resident_ffn_->step();
+  for (int32_t expert : experts_host) resident_ffn_->store().record_use(layer, expert, 1.0f, step);
+  resident_ffn_->run_in_row_order(layer, step, rows, experts, sorted, computed, y, workspace);
 }
 
 void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                                         const Tensor& out, Workspace& workspace) {
-  if (layer <= last_layer_) ++step_;  // a new forward pass
-  last_layer_ = layer;
+  if (resident_ffn_) resident_ffn_->begin_layer(layer);  // the store's step
   if (options_.dispatch == EpDispatch::kHierarchical) {
     forward_hierarchical(layer, hidden, router_input, out, workspace);
   } else {

@@ -90,8 +90,7 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   Workspace scratch_;  // the hierarchical scheme's own buffers (its slot numbers)
   MoePhaseStats stats_;
   std::map<int64_t, std::vector<int64_t>> expert_rows_;
-  std::unique_ptr<ResidentExpertFfn> resident_ffn_;  // with an expert store
-  int64_t step_ = 0, last_layer_ = -1;               // the store's step: one per forward pass
+  std::unique_ptr<ResidentExpertFfn> resident_ffn_;  // with an expert store (it counts the store's steps)
   // y[i] = the FFN of experts[i] over rows[i] (moe_block.h), from the store when there is one.
   void compute_rows(int64_t layer, const std::vector<int32_t>& experts_host, const Tensor& rows,
                     const Tensor& experts, const Tensor& sorted, const Tensor& computed, const Tensor& y,

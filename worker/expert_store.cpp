@@ -438,13 +438,7 @@ ExpertLoadReport ExpertStore::ensure_resident(int64_t layer, const std::vector<i
   copy_in(state, layer, jobs, report);
   report.seconds = seconds_since(start);
 
-  stats_.hits += report.hits;
-  stats_.misses += report.misses;
-  stats_.evictions += report.evictions;
-  stats_.bytes_from_host += report.bytes_from_host;
-  stats_.bytes_from_disk += report.bytes_from_disk;
-  stats_.source_bytes_read += report.source_bytes_read;
-  stats_.stall_seconds += report.seconds;
+  add_to_stats(report, /*prefetch=*/false);
   return report;
 }
 
@@ -463,15 +457,7 @@ ExpertLoadReport ExpertStore::prefetch(int64_t layer, const std::vector<int64_t>
   const std::vector<CopyJob> jobs = admit_list(state, layer, experts, step, report);
   copy_in(state, layer, jobs, report);
   report.seconds = seconds_since(start);
-
-  stats_.hits += report.hits;
-  stats_.misses += report.misses;
-  stats_.prefetch_loads += report.misses;
-  stats_.evictions += report.evictions;
-  stats_.bytes_from_host += report.bytes_from_host;
-  stats_.bytes_from_disk += report.bytes_from_disk;
-  stats_.source_bytes_read += report.source_bytes_read;
-  stats_.prefetch_seconds += report.seconds;
+  add_to_stats(report, /*prefetch=*/true);
   return report;
 }
 
@@ -560,13 +546,23 @@ ExpertLoadReport ExpertStore::admit_in_background(
   backend_.enqueue_side_copies(bytes);
   backend_.enqueue_side_copies(entries);
   report.seconds = seconds_since(start);
+  add_to_stats(report, /*prefetch=*/true);
+  return report;
+}
+
+void ExpertStore::add_to_stats(const ExpertLoadReport& report, bool prefetch) {
   stats_.hits += report.hits;
   stats_.misses += report.misses;
-  stats_.prefetch_loads += report.misses;
   stats_.evictions += report.evictions;
   stats_.bytes_from_host += report.bytes_from_host;
-  stats_.prefetch_seconds += report.seconds;
-  return report;
+  stats_.bytes_from_disk += report.bytes_from_disk;
+  stats_.source_bytes_read += report.source_bytes_read;
+  if (prefetch) {
+    stats_.prefetch_loads += report.misses;
+    stats_.prefetch_seconds += report.seconds;
+  } else {
+    stats_.stall_seconds += report.seconds;
+  }
 }
 
 void ExpertStore::record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step) {

@@ -186,6 +186,9 @@ class ExpertStore {
   // is counted as skipped) and returns the copies it needs.
   std::vector<CopyJob> admit_list(Layer& state, int64_t layer, const std::vector<int64_t>& experts,
                                   int64_t step, ExpertLoadReport& report);
+  // Folds one ensure_resident's or prefetch's report into stats_: its seconds count as stall time, or
+  // as prefetch time and its misses as prefetch loads.
+  void add_to_stats(const ExpertLoadReport& report, bool prefetch);
 
   ModelConfig config_;  // a copy: the caller's may go
   WeightSource& source_;

@@ -8,6 +8,7 @@
 
 #include "kernels/error.h"
 #include "worker/moe_block.h"
+#include "worker/routing_policy.h"
 
 namespace epic {
 
@@ -63,33 +64,27 @@ void OffloadingMoeExecutor::prefetch_next_layer(int64_t layer, const Tensor& rou
   backend_.linear(router_input, moe.router, logits);
   std::vector<float> host(static_cast<size_t>(rows * experts));
   backend_.copy_to_host(logits, 0, host.data(), host.size() * sizeof(float));
-  std::vector<uint8_t> routable = moe.present;
-  if (routing() != nullptr)
-    for (int64_t e : routing()->removed(next)) routable[e] = 0;
+  const std::vector<uint8_t> routable = routable_host_mask(moe, routing(), next);
   const int64_t top_k = routed_top_k(config_);
   std::vector<double> mass(static_cast<size_t>(experts), 0.0);
   std::vector<int64_t> order(static_cast<size_t>(experts));
   for (int64_t t = 0; t < rows; ++t) {
     const float* row = host.data() + t * experts;
-    float max = -INFINITY;
-    for (int64_t e = 0; e < experts; ++e)
-      if (routable[e]) max = std::max(max, row[e]);
-    double total = 0;
-    for (int64_t e = 0; e < experts; ++e) total += routable[e] ? std::exp(double(row[e] - max)) : 0.0;
+    const RoutableSoftmaxSum softmax = routable_softmax_sum(row, routable);
     for (int64_t e = 0; e < experts; ++e) order[e] = e;
     std::partial_sort(order.begin(), order.begin() + top_k, order.end(), [&](int64_t a, int64_t b) {
       const float la = routable[a] ? row[a] : -INFINITY, lb = routable[b] ? row[b] : -INFINITY;
       return la != lb ? la > lb : a < b;
     });
     for (int64_t j = 0; j < top_k; ++j)
-      if (routable[order[j]]) mass[order[j]] += std::exp(double(row[order[j]] - max)) / total;
+      if (routable[order[j]]) mass[order[j]] += std::exp(double(row[order[j]] - softmax.max)) / softmax.total;
   }
   std::vector<int64_t> wanted;
   for (int64_t e = 0; e < experts; ++e)
     if (mass[e] > 0 && store_.layer_weights(next).hosts(e)) wanted.push_back(e);
   std::stable_sort(wanted.begin(), wanted.end(), [&](int64_t a, int64_t b) { return mass[a] > mass[b]; });
   if (wanted.empty()) return;
-  stats_.prefetched += store_.prefetch(next, wanted, step_).misses;
+  stats_.prefetched += store_.prefetch(next, wanted, resident_ffn_.step()).misses;
 }
 
 OffloadingMoeExecutor::OffloadingMoeExecutor(const ModelConfig& config, const ModelWeights& weights,
@@ -122,14 +117,14 @@ bool OffloadingMoeExecutor::capturable() const {
 
 void OffloadingMoeExecutor::begin_step(int64_t max_rows_on_any_rank) {
   if (on_miss_ != OnMiss::kRead) return;
-  ++step_;
+  ++read_step_;
   step_rows_ = max_rows_on_any_rank;
 }
 
 void OffloadingMoeExecutor::note_pick(int64_t layer, int32_t expert, float weight,
                                       std::map<int64_t, std::map<int64_t, double>>& missed) {
   ++stats_.picks;
-  store_.record_use(layer, expert, weight, step_);
+  store_.record_use(layer, expert, weight, read_step_);
   if (store_.resident(layer, expert)) {
     ++stats_.demand_hits;
   } else {
@@ -168,7 +163,7 @@ void OffloadingMoeExecutor::finish_step() {
     stats_.read_in_place += static_cast<int64_t>(experts.size());
     stats_.bytes_read_in_place += experts.size() * store_.expert_bytes();
   }
-  if (!wanted.empty()) stats_.prefetched += store_.admit_in_background(wanted, step_).misses;
+  if (!wanted.empty()) stats_.prefetched += store_.admit_in_background(wanted, read_step_).misses;
 }
 
 void OffloadingMoeExecutor::forward_in_place(int64_t layer, const Tensor& hidden, const Tensor& router_input,
@@ -224,9 +219,7 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
                                                               const Tensor& logits, std::vector<int32_t>& ids,
                                                               std::vector<float>& weights) {
   const int64_t num_experts = moe.num_experts;
-  std::vector<uint8_t> routable = moe.present;
-  if (routing() != nullptr)
-    for (int64_t e : routing()->removed(layer)) routable[e] = 0;
+  const std::vector<uint8_t> routable = routable_host_mask(moe, routing(), layer);
   std::vector<float> logit_rows(static_cast<size_t>(rows * num_experts));
   backend_.copy_to_host(logits, 0, logit_rows.data(), logit_rows.size() * sizeof(float));
   std::map<int64_t, double> missed_weight;  // expert -> routing weight it lost, for the fetch order
@@ -237,13 +230,7 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
     for (int64_t j = 0; j < top_k; ++j) any_missing |= !store_.resident(layer, ids[t * top_k + j]);
     if (!any_missing) continue;
     // The router's fp32 probabilities over the routable experts (as route_top_k computes them).
-    const float* row = logit_rows.data() + t * num_experts;
-    float max = -INFINITY;
-    for (int64_t e = 0; e < num_experts; ++e)
-      if (routable[e]) max = std::max(max, row[e]);
-    float total = 0;
-    for (int64_t e = 0; e < num_experts; ++e) total += probs[e] = routable[e] ? std::exp(row[e] - max) : 0.0f;
-    for (int64_t e = 0; e < num_experts; ++e) probs[e] /= total;
+    routable_softmax(logit_rows.data() + t * num_experts, routable, probs);
     std::vector<int64_t> excluded;
     for (int64_t j = 0; j < top_k; ++j) excluded.push_back(ids[t * top_k + j]);
     for (int64_t e = 0; e < num_experts; ++e)
@@ -283,8 +270,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
     forward_in_place(layer, hidden, router_input, out, workspace);
     return;
   }
-  if (layer <= last_layer_) ++step_;  // a new forward pass
-  last_layer_ = layer;
+  const int64_t step = resident_ffn_.begin_layer(layer);
   ++stats_.calls;
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
@@ -297,7 +283,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
   backend_.copy_to_host(routed.expert_ids, 0, ids.data(), ids.size() * sizeof(int32_t));
   backend_.copy_to_host(routed.weights, 0, route_weights.data(), route_weights.size() * sizeof(float));
   stats_.picks += slots;
-  for (int64_t s = 0; s < slots; ++s) store_.record_use(layer, ids[s], route_weights[s], step_);
+  for (int64_t s = 0; s < slots; ++s) store_.record_use(layer, ids[s], route_weights[s], step);
   if (prefetch_ == Prefetch::kNextLayer) prefetch_next_layer(layer, router_input);
 
   std::vector<int64_t> fetch_after;
@@ -317,10 +303,10 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
       workspace.get(kSlotExpertIntermediate, hidden.type, {slots, config_.moe_intermediate_size});
   std::vector<int32_t> offsets(static_cast<size_t>(num_experts + 1));
   backend_.copy_to_host(grouped.expert_offsets, 0, offsets.data(), offsets.size() * sizeof(int32_t));
-  stats_.expert_groups += resident_ffn_.run(layer, step_, sorted, offsets, intermediate, expert_out);
+  stats_.expert_groups += resident_ffn_.run(layer, step, sorted, offsets, intermediate, expert_out);
   backend_.combine_top_k(expert_out, grouped.sorted_position, routed.weights, out);
   // Substitution served this layer from what was resident; fetch what it missed for the tokens to come.
-  if (!fetch_after.empty()) store_.prefetch(layer, fetch_after, step_);
+  if (!fetch_after.empty()) store_.prefetch(layer, fetch_after, step);
 }
 
 }  // namespace epic

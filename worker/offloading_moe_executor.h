@@ -98,8 +98,6 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   OwnedTensor prefetch_logits_;  // the next layer's router over this layer's rows
   // Loads the next MoE layer's likely experts after `layer`'s routing (Prefetch::kNextLayer).
   void prefetch_next_layer(int64_t layer, const Tensor& router_input);
-  int64_t step_ = 0;
-  int64_t last_layer_ = -1;
 
   // OnMiss::kRead.
   void forward_in_place(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
@@ -113,10 +111,11 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   // step's routed_moe; never reallocated, so a captured step keeps writing where finish_step reads.
   OwnedTensor routing_log_;
   int64_t step_rows_ = -1;  // begin_step's rows; -1 outside a step
+  int64_t read_step_ = 0;   // the store's step, counted by begin_step (forward is not called in a replay)
   // Picks of steps too large for the log (read back in forward), for finish_step.
   std::vector<std::tuple<int64_t, int32_t, float>> unlogged_picks_;
 
-  ResidentExpertFfn resident_ffn_;
+  ResidentExpertFfn resident_ffn_;  // and the store's step for wait and substitute: one per forward pass
   OffloadStats stats_;
 };
 

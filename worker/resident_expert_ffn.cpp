@@ -14,6 +14,12 @@ ResidentExpertFfn::ResidentExpertFfn(const ModelConfig& config, Backend& backend
       max_experts_ = std::max(max_experts_, store.layer_weights(layer).num_experts);
 }
 
+int64_t ResidentExpertFfn::begin_layer(int64_t layer) {
+  if (layer <= last_layer_) ++step_;  // a new forward pass
+  last_layer_ = layer;
+  return step_;
+}
+
 int64_t ResidentExpertFfn::run(int64_t layer, int64_t step, const Tensor& sorted,
                                const std::vector<int32_t>& offsets, const Tensor& intermediate,
                                const Tensor& expert_out) {

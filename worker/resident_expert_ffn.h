@@ -31,6 +31,12 @@ class ResidentExpertFfn {
                            const Tensor& sorted, const Tensor& computed, const Tensor& y,
                            Workspace& workspace);
 
+  // The store's step for a forward call on `layer`: one step per forward pass, a pass being a run of
+  // calls with rising layers (a call on a layer at or below the previous call's starts the next pass).
+  // Call once per layer call, before the store sees the step; returns step().
+  int64_t begin_layer(int64_t layer);
+  int64_t step() const { return step_; }
+
   ExpertStore& store() { return store_; }
   // What the FFN's own ensure_resident calls found (prefetches not counted): its hit rate is the one
   // that decides the stalls.
@@ -47,6 +53,8 @@ class ResidentExpertFfn {
   int64_t max_experts_ = 0;                 // the most router rows of any MoE layer
   std::vector<OwnedTensor> group_offsets_;  // per group of a step: its rows' offsets
   Demand demand_;
+  int64_t step_ = 0;
+  int64_t last_layer_ = -1;
 };
 
 }  // namespace epic

@@ -2,6 +2,7 @@
 #include "worker/routing_policy.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels/error.h"
 
@@ -86,6 +87,42 @@ int64_t RoutingPolicy::num_removed() const {
   int64_t total = 0;
   for (const auto& [layer, experts] : removed_) total += static_cast<int64_t>(experts.size());
   return total;
+}
+
+std::vector<uint8_t> routable_host_mask(const MoeLayerWeights& moe, const RoutingPolicy* policy,
+                                        int64_t layer) {
+  std::vector<uint8_t> routable = moe.present;
+  if (policy != nullptr)
+    for (int64_t e : policy->removed(layer)) routable[e] = 0;
+  return routable;
+}
+
+namespace {
+
+float routable_max(const float* row, const std::vector<uint8_t>& routable) {
+  float max = -INFINITY;
+  for (size_t e = 0; e < routable.size(); ++e)
+    if (routable[e]) max = std::max(max, row[e]);
+  return max;
+}
+
+}  // namespace
+
+void routable_softmax(const float* row, const std::vector<uint8_t>& routable, std::vector<float>& probs) {
+  const size_t num_experts = routable.size();
+  probs.resize(num_experts);
+  const float max = routable_max(row, routable);
+  float total = 0;
+  for (size_t e = 0; e < num_experts; ++e) total += probs[e] = routable[e] ? std::exp(row[e] - max) : 0.0f;
+  for (size_t e = 0; e < num_experts; ++e) probs[e] /= total;
+}
+
+RoutableSoftmaxSum routable_softmax_sum(const float* row, const std::vector<uint8_t>& routable) {
+  RoutableSoftmaxSum sum;
+  sum.max = routable_max(row, routable);
+  for (size_t e = 0; e < routable.size(); ++e)
+    sum.total += routable[e] ? std::exp(double(row[e] - sum.max)) : 0.0;
+  return sum;
 }
 
 }  // namespace epic

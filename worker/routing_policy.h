@@ -53,4 +53,21 @@ class RoutingPolicy {
   std::map<int64_t, std::vector<int64_t>> removed_;
 };
 
+// The host copy of the mask route_top_k reads for `layer` (one entry per expert): the layer's present
+// experts less those the policy removed there; policy null: the model as trained.
+std::vector<uint8_t> routable_host_mask(const MoeLayerWeights& moe, const RoutingPolicy* policy,
+                                        int64_t layer);
+
+// One token's router softmax over the routable experts on the host; row holds routable.size() logits.
+// probs = exp(row[e] - max) / total for a routable expert, 0 for the others, all in fp32 as route_top_k
+// computes them (probs is resized to one entry per expert).
+void routable_softmax(const float* row, const std::vector<uint8_t>& routable, std::vector<float>& probs);
+// The largest routable logit and the sum of exp(double(row[e] - max)) over the routable experts, for a
+// caller that wants a few experts' probabilities in double: exp(double(row[e] - max)) / total.
+struct RoutableSoftmaxSum {
+  float max = 0;
+  double total = 0;
+};
+RoutableSoftmaxSum routable_softmax_sum(const float* row, const std::vector<uint8_t>& routable);
+
 }  // namespace epic

@@ -81,5 +81,36 @@ TEST(ExpertBudget, ResidentShareOfTheHottestExperts) {
   EXPECT_NE(residency_estimate_table(estimate, "1").find("mean share"), std::string::npos);
 }
 
+// The options every command builds its store from: each flag lands in its field, the budget is
+// counted over the inventory given (the worker's own experts), and hosts_expert is the one passed.
+TEST(ExpertBudget, StoreOptionsFromTheFlags) {
+  const ExpertInventory layers = inventory({8, 6}, 8);
+  const ExpertStoreOptions options =
+      expert_store_options({"50%", "disk", "usefulness", "wait", 0.5, "none"}, layers, ScalarType::kBF16,
+                           /*allow_missing_experts=*/true, /*allow_nonfinite_weights=*/true,
+                           [](int64_t layer, int64_t expert) { return layer == 2 && expert == 5; });
+  EXPECT_EQ(options.tier, ExpertTier::kDisk);
+  EXPECT_EQ(options.policy, EvictionPolicy::kUsefulness);
+  EXPECT_EQ(options.usefulness_decay, 0.5);
+  EXPECT_EQ(options.budget.slots_by_layer, (std::map<int64_t, int64_t>{{0, 4}, {2, 3}}));
+  EXPECT_EQ(options.weight_type, ScalarType::kBF16);
+  EXPECT_TRUE(options.allow_missing_experts);
+  EXPECT_TRUE(options.allow_nonfinite_weights);
+  ASSERT_TRUE(options.hosts_expert);
+  EXPECT_TRUE(options.hosts_expert(2, 5));
+  EXPECT_FALSE(options.hosts_expert(0, 5));
+
+  // Left unset: every present expert hosted, the source's weight type, the strict load checks.
+  const ExpertStoreOptions plain = expert_store_options({"2"}, layers, std::nullopt, false, false);
+  EXPECT_EQ(plain.tier, ExpertTier::kHost);
+  EXPECT_EQ(plain.policy, EvictionPolicy::kLru);
+  EXPECT_EQ(plain.usefulness_decay, ExpertStoreOptions{}.usefulness_decay);
+  EXPECT_EQ(plain.budget.slots_by_layer, (std::map<int64_t, int64_t>{{0, 2}, {2, 2}}));
+  EXPECT_FALSE(plain.weight_type.has_value());
+  EXPECT_FALSE(plain.allow_missing_experts);
+  EXPECT_FALSE(plain.allow_nonfinite_weights);
+  EXPECT_FALSE(plain.hosts_expert);
+}
+
 }  // namespace
 }  // namespace epic::cli

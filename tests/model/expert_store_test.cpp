@@ -19,6 +19,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/error.h"
@@ -27,6 +28,7 @@
 #include "tests/checkpoint/test_files.h"
 #include "tests/support/expect_error.h"
 #include "worker/moe_block.h"
+#include "worker/resident_expert_ffn.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -501,6 +503,23 @@ TEST(ExpertStore, AsynchronousCopiesHaveFinishedWhenEnsureResidentReturns) {
       EXPECT_EQ(device.num_pending_copies(), 0u) << "ensure_resident returned before its copies ran";
       expect_slots_hold_reference(device, store, *model.backend, model.reference.layers[3].moe, 3, needed);
     }
+  }
+}
+
+// The store's step as both executors count it through their ResidentExpertFfn: a call on a layer at or
+// below the previous one starts the next forward pass (a decode step with one MoE layer included).
+TEST(ExpertStore, ResidentExpertFfnCountsOneStepPerForwardPass) {
+  Checkpointed model(DType::kBF16, std::nullopt);
+  SCOPED_TRACE("seed " + std::to_string(model.seed));
+  ExpertStore store(model.config, *model.store_source, *model.backend,
+                    model.store_options(ExpertTier::kHost, std::nullopt));
+  ResidentExpertFfn ffn(model.config, *model.backend, store);
+  EXPECT_EQ(ffn.step(), 0);
+  const std::vector<std::pair<int64_t, int64_t>> layer_then_step = {{0, 0}, {2, 0}, {3, 0}, {0, 1}, {2, 1},
+                                                                    {3, 1}, {3, 2}, {0, 3}, {0, 4}, {2, 4}};
+  for (const auto& [layer, step] : layer_then_step) {
+    EXPECT_EQ(ffn.begin_layer(layer), step) << "layer " << layer;
+    EXPECT_EQ(ffn.step(), step);
   }
 }
 

@@ -180,6 +180,15 @@ class MoeBlock : public ::testing::Test {
     return c;
   }
 
+  // A model whose layer 0 is the fixture's MoE layer; the layers after it are dense.
+  ModelWeights one_moe_layer(Backend& backend, int64_t num_layers = 1) const {
+    ModelWeights weights;
+    weights.layers.resize(static_cast<size_t>(num_layers));
+    weights.layers[0].is_moe = true;
+    weights.layers[0].moe = make_moe_layer(backend, kHidden, kInter, router_, present_, experts_);
+    return weights;
+  }
+
   static void expect_near(const std::vector<float>& actual, const std::vector<double>& expected) {
     ASSERT_EQ(actual.size(), expected.size());
     for (size_t k = 0; k < expected.size(); ++k)
@@ -204,10 +213,7 @@ TEST_F(MoeBlock, TheMaskedExpertWouldBeChosenWithoutItsMask) {
 
 TEST_F(MoeBlock, LocalExecutorEqualsTheDirectFormula) {
   const auto backend = make_cpu_backend();
-  ModelWeights weights;
-  weights.layers.resize(1);
-  weights.layers[0].is_moe = true;
-  weights.layers[0].moe = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
+  const ModelWeights weights = one_moe_layer(*backend);
   EXPECT_EQ(weights.layers[0].moe.hosted, (std::vector<int64_t>{0, 1, 3, 4, 5, 6}));
   const OwnedTensor hidden = upload(*backend, ScalarType::kF32, {kTokens, kHidden}, tokens_);
   for (bool normalize : {false, true}) {
@@ -232,10 +238,7 @@ TEST_F(MoeBlock, LocalExecutorEqualsTheDirectFormula) {
 // those experts disallowed and top-k lowered; the policy is dropped again with null.
 TEST_F(MoeBlock, RoutingPolicyNarrowsTheChoiceOfEveryExecutor) {
   const auto backend = make_cpu_backend();
-  ModelWeights weights;
-  weights.layers.resize(1);
-  weights.layers[0].is_moe = true;
-  weights.layers[0].moe = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
+  const ModelWeights weights = one_moe_layer(*backend);
   const OwnedTensor hidden = upload(*backend, ScalarType::kF32, {kTokens, kHidden}, tokens_);
   SelfCommunicator comm;
   ExpertRoutingTable table;
@@ -278,10 +281,7 @@ TEST_F(MoeBlock, RoutingPolicyNarrowsTheChoiceOfEveryExecutor) {
 
 TEST_F(MoeBlock, RoutingPolicyRefusesWhatCannotBeRouted) {
   const auto backend = make_cpu_backend();
-  ModelWeights weights;
-  weights.layers.resize(2);  // layer 1 is dense
-  weights.layers[0].is_moe = true;
-  weights.layers[0].moe = make_moe_layer(*backend, kHidden, kInter, router_, present_, experts_);
+  const ModelWeights weights = one_moe_layer(*backend, /*num_layers=*/2);  // layer 1 is dense
   const ModelConfig c = config(true);
   const auto refuses = [&](int64_t top_k, const std::map<int64_t, std::vector<int64_t>>& removed,
                            const std::string& message) {
@@ -302,6 +302,45 @@ TEST_F(MoeBlock, RoutingPolicyRefusesWhatCannotBeRouted) {
   EXPECT_NO_THROW(RoutingPolicy::make(c, weights, *backend, 2, {{0, {0, 1, 3, 4}}}));
   EXPECT_EQ(RoutingPolicy::make(c, weights, *backend, 2, {{0, {4, 0, 4}}})->removed(0),
             (std::vector<int64_t>{0, 4}));
+}
+
+// The host mirror of the routing (the offloading executor's substitution and prefetch): the mask is the
+// present experts less the removed ones, and the softmax runs over the routable experts only, so a
+// removed expert with the largest logit neither takes probability nor sets the max.
+TEST_F(MoeBlock, RoutableHostMaskAndSoftmaxSkipTheRemovedExperts) {
+  const auto backend = make_cpu_backend();
+  const ModelWeights weights = one_moe_layer(*backend);
+  const MoeLayerWeights& moe = weights.layers[0].moe;
+  const auto policy = RoutingPolicy::make(config(true), weights, *backend, 2, {{0, {0, 4}}});
+  std::vector<uint8_t> expected_mask = present_;
+  expected_mask[0] = expected_mask[4] = 0;
+  const std::vector<uint8_t> mask = routable_host_mask(moe, policy.get(), 0);
+  EXPECT_EQ(mask, expected_mask);
+  EXPECT_EQ(routable_host_mask(moe, nullptr, 0), present_);
+
+  std::vector<float> row(kNumExperts);
+  for (int64_t e = 0; e < kNumExperts; ++e) row[e] = 0.25f * static_cast<float>(e) - 0.5f;
+  row[0] = 40.0f;  // removed, and far above every routable logit
+  double max = -INFINITY, total = 0;
+  for (int64_t e = 0; e < kNumExperts; ++e)
+    if (mask[e]) max = std::max(max, double(row[e]));
+  for (int64_t e = 0; e < kNumExperts; ++e)
+    if (mask[e]) total += std::exp(double(row[e]) - max);
+  std::vector<float> probs;
+  routable_softmax(row.data(), mask, probs);
+  ASSERT_EQ(probs.size(), static_cast<size_t>(kNumExperts));
+  const RoutableSoftmaxSum sum = routable_softmax_sum(row.data(), mask);
+  EXPECT_EQ(sum.max, static_cast<float>(max));
+  EXPECT_NEAR(sum.total, total, 1e-12 * total);
+  for (int64_t e = 0; e < kNumExperts; ++e) {
+    if (!mask[e]) {
+      EXPECT_EQ(probs[e], 0.0f) << "expert " << e;
+      continue;
+    }
+    // fp32 exp and sum over at most 7 experts: a few ulps.
+    const double expected = std::exp(double(row[e]) - max) / total;
+    EXPECT_NEAR(probs[e], expected, 1e-6) << "expert " << e;
+  }
 }
 
 TEST_F(MoeBlock, StepsOneByOneEqualTheDirectFormula) {
