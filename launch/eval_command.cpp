@@ -359,9 +359,11 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
                                          {variant.offload->budget, args.expert_tier, args.eviction,
                                           variant.offload->on_miss, 0.9, args.prefetch});
       resident = store_report["resident_bytes"].get<double>();
-      // The experts this variant read are the ones copied into its slots (every pick a row).
-      job.expert_bytes_read =
-          store_report["bytes_from_host"].get<double>() + store_report["bytes_from_disk"].get<double>();
+      // The experts this variant read are the ones copied into its slots (every pick a row), and with
+      // --on-miss read those computed in place from host memory (each at least once per layer and step).
+      job.expert_bytes_read = store_report["bytes_from_host"].get<double>() +
+                              store_report["bytes_from_disk"].get<double>() +
+                              store_report["bytes_read_in_place"].get<double>();
       job.expert_rows_computed = variant.offload->executor->stats().picks;
     }
     const TokenQuality quality{job.nll_sum, job.kl_sum, job.agreements, job.scored};

@@ -36,6 +36,14 @@ epic=$build/epic
 variants=(--top-k 6,4,2,1 --prune 10,25,50 --calibration-file "$calibration")
 run_eval fp32 "$epic" eval --backend cuda --precision fp32 --max-tokens "$max" --windows-per-step 16 "${variants[@]}"
 run_eval bf16 "$epic" eval --backend cuda --precision bf16 --max-tokens "$max" --windows-per-step 16 "${variants[@]}"
+# --on-miss read computes every expert (resident or read in place from pinned host memory), so a budget must
+# give the full model's figures exactly; wait the same through copies. Both against the same run's full model.
+run_eval budget "$epic" eval --backend cuda --precision bf16 --max-tokens "$max" --windows-per-step 16 \
+  --expert-budget 50%,25% --on-miss read,wait
+# With the scoring on the GPU (Backend::score_rows) the whole held-out text fits a call: EVAL_FULL_TEXT=1.
+if [ "${EVAL_FULL_TEXT:-0}" = 1 ]; then
+  run_eval full_bf16 "$epic" eval --backend cuda --precision bf16 --windows-per-step 64 "${variants[@]}"
+fi
 run_eval layer3 "$epic" eval --backend cuda --precision fp32 --max-tokens "$max" --windows-per-step 16 \
   --prune 10,25,50 --prune-layers 3 --calibration-file "$calibration"
 run_eval fp32_part "$epic" eval --backend cuda --precision fp32 --max-tokens "${EVAL_RANKS_TOKENS:-8192}" --windows-per-step 8 --top-k 4 \
@@ -72,6 +80,16 @@ for mode in ("fp32", "bf16"):
         print(f"eval {mode} top-{row['experts_per_token']}: epic {row['perplexity']:.5f} transformers "
               f"{theirs['perplexity']:.5f} relative {rel:+.2e} (bar {bar:g}) scored {row['scored_tokens']}/"
               f"{theirs['scored_tokens']} {'ok' if good else 'MISMATCH'}")
+budget = load("eval_budget.json")
+if budget:
+    top8 = budget["variants"][0]  # the model as trained, every expert resident, in the same run
+    for row in budget["variants"]:
+        if "budget" not in row["variant"]:
+            continue
+        same = row["perplexity"] == top8["perplexity"] and row["scored_tokens"] == top8["scored_tokens"]
+        ok &= same
+        print(f"eval bf16 {row['variant']}: perplexity {row['perplexity']:.6f} against every expert resident "
+              f"{top8['perplexity']:.6f}: {'the same' if same else 'DIFFERENT'}")
 one, two = load("eval_fp32_part.json"), load("eval_fp32_part_ep2.json")
 if one and two:
     for a, b in zip(one["variants"], two["variants"]):
