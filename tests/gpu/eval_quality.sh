@@ -36,8 +36,10 @@ epic=$build/epic
 variants=(--top-k 6,4,2,1 --prune 10,25,50 --calibration-file "$calibration")
 run_eval fp32 "$epic" eval --backend cuda --precision fp32 --max-tokens "$max" --windows-per-step 16 "${variants[@]}"
 run_eval bf16 "$epic" eval --backend cuda --precision bf16 --max-tokens "$max" --windows-per-step 16 "${variants[@]}"
-# --on-miss read computes every expert (resident or read in place from pinned host memory), so a budget must
-# give the full model's figures exactly; wait the same through copies. Both against the same run's full model.
+# A budget computes every expert the router picks (read: resident or in place from pinned host memory; wait:
+# copied in first), so it gives the full model's figures; in bf16 up to the rounding of the expert FFN kernel
+# a call's row count picks (the full model's 4096-row windows go to cuBLAS above 8192 rows, an addressed or
+# grouped call to the device-scheduled kernels): within 1e-3 relative. Against the same run's full model.
 run_eval budget "$epic" eval --backend cuda --precision bf16 --max-tokens "$max" --windows-per-step 16 \
   --expert-budget 50%,25% --on-miss read,wait
 # With the scoring on the GPU (Backend::score_rows) the whole held-out text fits a call: EVAL_FULL_TEXT=1.
@@ -86,10 +88,11 @@ if budget:
     for row in budget["variants"]:
         if "budget" not in row["variant"]:
             continue
-        same = row["perplexity"] == top8["perplexity"] and row["scored_tokens"] == top8["scored_tokens"]
+        rel = row["perplexity"] / top8["perplexity"] - 1
+        same = abs(rel) <= 1e-3 and row["scored_tokens"] == top8["scored_tokens"]
         ok &= same
         print(f"eval bf16 {row['variant']}: perplexity {row['perplexity']:.6f} against every expert resident "
-              f"{top8['perplexity']:.6f}: {'the same' if same else 'DIFFERENT'}")
+              f"{top8['perplexity']:.6f}: relative {rel:+.2e} (bar 1e-3) {'ok' if same else 'DIFFERENT'}")
 one, two = load("eval_fp32_part.json"), load("eval_fp32_part_ep2.json")
 if one and two:
     for a, b in zip(one["variants"], two["variants"]):
