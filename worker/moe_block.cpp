@@ -47,21 +47,26 @@ void run_experts_in_row_order(Backend& backend, const ModelConfig& config, const
   backend.gather_rows(computed, grouped.sorted_position, y);
 }
 
+RoutedMoeScratch routed_moe_scratch(const ModelConfig& config, int64_t num_experts, int64_t rows,
+                                    int64_t top_k, ScalarType activation_type, Workspace& workspace) {
+  const int64_t slots = rows * top_k, hidden_size = config.hidden_size, inter = config.moe_intermediate_size;
+  return RoutedMoeScratch{workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, num_experts}),
+                          workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k}),
+                          workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k}),
+                          workspace.get(kSlotExpertOffsets, ScalarType::kI32, {num_experts + 1}),
+                          workspace.get(kSlotSourceRow, ScalarType::kI32, {slots}),
+                          workspace.get(kSlotSortedPosition, ScalarType::kI32, {slots}),
+                          workspace.get(kSlotSortedRows, activation_type, {slots, hidden_size}),
+                          workspace.get(kSlotExpertIntermediate, activation_type, {slots, inter}),
+                          workspace.get(kSlotExpertOut, activation_type, {slots, hidden_size})};
+}
+
 void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                                const Tensor& out, Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
-  const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
-  const int64_t hidden_size = config_.hidden_size, inter = config_.moe_intermediate_size;
   // One op, so a backend can fuse the block (Backend::routed_moe); the scratch is the unfused form's.
-  const RoutedMoeScratch scratch{workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, moe.num_experts}),
-                                 workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k}),
-                                 workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k}),
-                                 workspace.get(kSlotExpertOffsets, ScalarType::kI32, {moe.num_experts + 1}),
-                                 workspace.get(kSlotSourceRow, ScalarType::kI32, {slots}),
-                                 workspace.get(kSlotSortedPosition, ScalarType::kI32, {slots}),
-                                 workspace.get(kSlotSortedRows, hidden.type, {slots, hidden_size}),
-                                 workspace.get(kSlotExpertIntermediate, hidden.type, {slots, inter}),
-                                 workspace.get(kSlotExpertOut, hidden.type, {slots, hidden_size})};
+  const RoutedMoeScratch scratch = routed_moe_scratch(config_, moe.num_experts, hidden.dim(0),
+                                                      routed_top_k(config_), hidden.type, workspace);
   backend_.routed_moe(router_input, hidden,
                       RoutedMoeWeights{moe.router, routable_mask(layer, moe), moe.gate_up, moe.down,
                                        moe.local_index, config_.norm_topk_prob, Tensor{}, ScalarType::kBF16},

@@ -22,6 +22,11 @@ struct RoutedTokens {
 
 // router_input: F32 [rows, hidden] (see MoeExecutor::forward). Each row takes top_k experts among those
 // `routable` (U8 [num_experts]: the layer's present mask, or a RoutingPolicy's narrower one).
+// Backend::routed_moe's scratch for `rows` tokens of a layer with num_experts router rows, from the
+// workspace's MoE slots.
+RoutedMoeScratch routed_moe_scratch(const ModelConfig& config, int64_t num_experts, int64_t rows, int64_t top_k,
+                                    ScalarType activation_type, Workspace& workspace);
+
 RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
                           const Tensor& routable, int64_t top_k, const Tensor& router_input,
                           Workspace& workspace);

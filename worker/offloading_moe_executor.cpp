@@ -170,31 +170,22 @@ void OffloadingMoeExecutor::forward_in_place(int64_t layer, const Tensor& hidden
                                              const Tensor& out, Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
-  const int64_t hidden_size = config_.hidden_size, inter = config_.moe_intermediate_size;
   if (rows == 0) return;
   // The routing goes into the log where it fits (read back once, in finish_step), else into the
   // workspace and back to the host now (a large step, never captured).
+  RoutedMoeScratch scratch =
+      routed_moe_scratch(config_, moe.num_experts, rows, top_k, hidden.type, workspace);
   const bool logged = slots <= log_slots_;
-  Tensor expert_ids, route_weights;
   if (logged) {
     const int64_t index = moe_index_.at(layer), layers = static_cast<int64_t>(moe_index_.size());
     auto* base = static_cast<int32_t*>(routing_log_.view().data);
-    expert_ids = Tensor(base + index * log_slots_, ScalarType::kI32, backend_.memory_space(), {rows, top_k});
-    route_weights = Tensor(base + (layers + index) * log_slots_, ScalarType::kF32, backend_.memory_space(),
-                           {rows, top_k});
-  } else {
-    expert_ids = workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k});
-    route_weights = workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k});
+    scratch.expert_ids =
+        Tensor(base + index * log_slots_, ScalarType::kI32, backend_.memory_space(), {rows, top_k});
+    scratch.weights = Tensor(base + (layers + index) * log_slots_, ScalarType::kF32, backend_.memory_space(),
+                             {rows, top_k});
   }
-  const RoutedMoeScratch scratch{workspace.get(kSlotRouterLogits, ScalarType::kF32, {rows, moe.num_experts}),
-                                 expert_ids,
-                                 route_weights,
-                                 workspace.get(kSlotExpertOffsets, ScalarType::kI32, {moe.num_experts + 1}),
-                                 workspace.get(kSlotSourceRow, ScalarType::kI32, {slots}),
-                                 workspace.get(kSlotSortedPosition, ScalarType::kI32, {slots}),
-                                 workspace.get(kSlotSortedRows, hidden.type, {slots, hidden_size}),
-                                 workspace.get(kSlotExpertIntermediate, hidden.type, {slots, inter}),
-                                 workspace.get(kSlotExpertOut, hidden.type, {slots, hidden_size})};
+  const Tensor& expert_ids = scratch.expert_ids;
+  const Tensor& route_weights = scratch.weights;
   // Every expert at the address the store's table gives it: its slot, or its host-tier bytes.
   const RoutedMoeWeights weights{moe.router,
                                  routable_mask(layer, moe),
