@@ -1,6 +1,6 @@
 // epic run with a budget of resident experts (--expert-budget, launch/expert_budget.h) on the trained
-// model: waiting for a missing expert gives, bitwise, the tokens and logits of the run with every expert
-// loaded, whatever the budget, tier and eviction policy; substituting reports what it substituted; bad
+// model: waiting for a missing expert, or reading it in place (--on-miss read), gives, bitwise, the tokens
+// and logits of the run with every expert loaded, whatever the budget, tier and eviction policy; substituting reports what it substituted; bad
 // flags get clear errors.
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -32,7 +32,8 @@ TEST_F(Cli, ExpertBudgetWithWaitGivesTheFullModelsTokensAndLogits) {
   int index = 0;
   for (const std::string budget :
        {"--expert-budget 1", "--expert-budget 25% --eviction usefulness",
-        "--expert-budget total:40 --expert-tier disk --eviction lfu", "--expert-budget 100%"}) {
+        "--expert-budget total:40 --expert-tier disk --eviction lfu", "--expert-budget 100%",
+        "--expert-budget 25% --on-miss read", "--expert-budget 1 --on-miss read --eviction usefulness"}) {
     SCOPED_TRACE(budget);
     const fs::path logits = scratch() / ("budget" + std::to_string(index++) + ".npy");
     const Outcome run =
@@ -102,6 +103,7 @@ TEST_F(Cli, ExpertStoreFlagsAreChecked) {
       {" --expert-budget 4 --eviction fifo", "fifo"},
       {" --expert-budget 4 --on-miss skip", "--on-miss 'skip'"},
       {" --on-miss substitute", "add --expert-budget"},
+      {" --expert-budget 4 --on-miss read --expert-tier disk", "--on-miss read computes a missing expert"},
       {" --expert-budget 4 --usefulness-decay 0", "--usefulness-decay"},
       {" --expert-budget 4 --prefetch always", "--prefetch 'always'"},
       {" --prefetch none", "add --expert-budget"},
