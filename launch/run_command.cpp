@@ -296,6 +296,18 @@ void print_results(const RunArgs& args, const ResultPrinter& printer, size_t num
 
 int run_on_cluster(const RunArgs& args, Communicator& communicator);
 
+// Under mpirun the host exchange computes the received rows through the store: its per-row hits and
+// misses (each row a pick of its expert) in the report's demand figures.
+OffloadStats exchange_store_stats(const ExpertParallelMoeExecutor& executor, const ExpertStore& store) {
+  OffloadStats stats;
+  stats.demand_hits = executor.store_hits();
+  stats.demand_misses = executor.store_misses();
+  stats.picks = stats.demand_hits + stats.demand_misses;
+  stats.read_in_place = executor.store_read_in_place();
+  stats.bytes_read_in_place = static_cast<uint64_t>(stats.read_in_place) * store.expert_bytes();
+  return stats;
+}
+
 // This process's host name (a node of the cluster), "?" when the system does not say.
 std::string host_name() {
   char name[256] = {};
@@ -373,10 +385,6 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
           ErrorCode::kInvalidArgument,
           "--on-miss substitute runs on one process for now (under mpirun the router's choice is made on "
           "the sending worker, the residency on the hosting one): use --on-miss wait");
-    if (comm->size() > 1 && parse_on_miss(args.expert_store.on_miss) == OnMiss::kRead)
-      throw Error(ErrorCode::kInvalidArgument,
-                  "--on-miss read runs on one process for now (the expert-parallel exchange computes the "
-                  "received rows with the store's slots): use --on-miss wait under mpirun");
     // Under mpirun each worker's store holds its shard of the experts; the budget counts those.
     ExpertInventory hosted = inspect_experts(model.config, *model.source, plan.allow_missing_experts);
     for (auto& [layer, experts] : hosted)
@@ -473,7 +481,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     if (moe_executor != &executor)
       throw Error(ErrorCode::kInvalidArgument,
                   "--expert-budget under mpirun works with the host exchange: add --ep-transport host");
-    executor.set_expert_store(&*store);
+    executor.set_expert_store(&*store, parse_on_miss(args.expert_store.on_miss) == OnMiss::kRead);
   }
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {
@@ -520,7 +528,8 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     std::fprintf(
         stderr, "rank %d %s", comm->rank(),
         expert_store_summary(
-            expert_store_report(*store, offloading ? offloading->stats() : OffloadStats{}, args.expert_store))
+            expert_store_report(*store, offloading ? offloading->stats() : exchange_store_stats(executor, *store),
+                                args.expert_store))
             .c_str());
 
   wire::WorkerReport report;

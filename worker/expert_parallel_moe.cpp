@@ -2,6 +2,7 @@
 // expert FFN are backend ops; the rows travel through host buffers around each all-to-all.
 #include "worker/expert_parallel_moe.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <utility>
@@ -50,8 +51,26 @@ ExpertParallelMoeExecutor::ExpertParallelMoeExecutor(const ModelConfig& config, 
              ErrorCode::kInternal, "the routing table's node list does not match the job's ranks");
 }
 
-void ExpertParallelMoeExecutor::set_expert_store(ExpertStore* store) {
+void ExpertParallelMoeExecutor::set_expert_store(ExpertStore* store, bool read_in_place) {
   resident_ffn_ = store != nullptr ? std::make_unique<ResidentExpertFfn>(config_, backend_, *store) : nullptr;
+  EPIC_CHECK(
+      !read_in_place || store == nullptr || store->reads_in_place(), ErrorCode::kInvalidArgument,
+      "--on-miss read computes a missing expert from host memory in place: it needs --expert-tier host");
+  read_in_place_ = read_in_place && store != nullptr;
+}
+
+void ExpertParallelMoeExecutor::finish_step() {
+  if (!read_in_place_ || step_misses_.empty()) return;
+  std::map<int64_t, std::vector<int64_t>> wanted;  // most rows first
+  for (const auto& [layer, experts] : step_misses_) {
+    store_read_in_place_ += static_cast<int64_t>(experts.size());
+    std::vector<std::pair<int64_t, int64_t>> order;
+    for (const auto& [expert, rows] : experts) order.push_back({-rows, expert});
+    std::sort(order.begin(), order.end());
+    for (const auto& [rows, expert] : order) wanted[layer].push_back(expert);
+  }
+  step_misses_.clear();
+  resident_ffn_->store().admit_in_background(wanted, resident_ffn_->step());
 }
 
 bool ExpertParallelMoeExecutor::hosts(int64_t layer, int64_t expert) const {
@@ -68,8 +87,21 @@ void ExpertParallelMoeExecutor::compute_rows(int64_t layer, const std::vector<in
     return;
   }
   const int64_t step = resident_ffn_->step();
-  for (int32_t expert : experts_host) resident_ffn_->store().record_use(layer, expert, 1.0f, step);
-  resident_ffn_->run_in_row_order(layer, step, rows, experts, sorted, computed, y, workspace);
+  ExpertStore& store = resident_ffn_->store();
+  for (int32_t expert : experts_host) {
+    store.record_use(layer, expert, 1.0f, step);
+    if (store.resident(layer, expert)) {
+      ++store_hits_;
+    } else {
+      ++store_misses_;
+      if (read_in_place_) ++step_misses_[layer][expert];
+    }
+  }
+  if (read_in_place_) {
+    resident_ffn_->run_in_place(layer, rows, experts, sorted, computed, y, workspace);
+  } else {
+    resident_ffn_->run_in_row_order(layer, step, rows, experts, sorted, computed, y, workspace);
+  }
 }
 
 void ExpertParallelMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,

@@ -70,8 +70,18 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   // Compute the received rows with this worker's experts from a store (a budget of them resident, the
   // rest in a lower tier; worker/expert_store.h) instead of the weights' own experts, which are then
   // absent. Each received row counts as a use of its expert with weight 1 (the routing weights stay
-  // with the sender). Before the first step; the store outlives the executor.
-  void set_expert_store(ExpertStore* store);
+  // with the sender). Before the first step; the store outlives the executor. read_in_place (a host-tier
+  // store: --on-miss read): the received rows are computed through the store's address table
+  // (Backend::expert_ffn_addressed: a missing expert read from host memory in place, no wait), and
+  // finish_step admits the step's misses behind it; otherwise the missing experts are copied in first.
+  void set_expert_store(ExpertStore* store, bool read_in_place = false);
+  // read_in_place: after the step, its misses admitted with copies beside the next step.
+  void finish_step() override;
+  // With a store: received rows whose expert was resident (hits) or not (misses), per row.
+  int64_t store_hits() const { return store_hits_; }
+  int64_t store_misses() const { return store_misses_; }
+  // read_in_place: (layer, expert) pairs of a step computed from host memory (each read at least once).
+  int64_t store_read_in_place() const { return store_read_in_place_; }
 
  private:
   void forward_flat(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
@@ -91,6 +101,9 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   MoePhaseStats stats_;
   std::map<int64_t, std::vector<int64_t>> expert_rows_;
   std::unique_ptr<ResidentExpertFfn> resident_ffn_;  // with an expert store (it counts the store's steps)
+  bool read_in_place_ = false;
+  std::map<int64_t, std::map<int64_t, int64_t>> step_misses_;  // read_in_place: layer -> expert -> rows
+  int64_t store_hits_ = 0, store_misses_ = 0, store_read_in_place_ = 0;
   // y[i] = the FFN of experts[i] over rows[i] (moe_block.h), from the store when there is one.
   void compute_rows(int64_t layer, const std::vector<int32_t>& experts_host, const Tensor& rows,
                     const Tensor& experts, const Tensor& sorted, const Tensor& computed, const Tensor& y,

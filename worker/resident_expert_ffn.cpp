@@ -71,4 +71,18 @@ int64_t ResidentExpertFfn::run_in_row_order(int64_t layer, int64_t step, const T
   return groups;
 }
 
+void ResidentExpertFfn::run_in_place(int64_t layer, const Tensor& rows, const Tensor& experts,
+                                     const Tensor& sorted, const Tensor& computed, const Tensor& y,
+                                     Workspace& workspace) {
+  const int64_t num_rows = rows.dim(0), num_experts = store_.layer_weights(layer).num_experts;
+  if (num_rows == 0) return;
+  const GroupedRows grouped = group_rows(backend_, experts, num_experts, 1, workspace);
+  backend_.gather_rows(rows, grouped.source_row, sorted);
+  const Tensor intermediate =
+      workspace.get(kSlotExpertIntermediate, rows.type, {num_rows, config_.moe_intermediate_size});
+  backend_.expert_ffn_addressed(sorted, grouped.expert_offsets, store_.address_table(layer),
+                                store_.weight_type(), intermediate, computed);
+  backend_.gather_rows(computed, grouped.sorted_position, y);
+}
+
 }  // namespace epic

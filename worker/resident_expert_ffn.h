@@ -37,6 +37,11 @@ class ResidentExpertFfn {
   int64_t begin_layer(int64_t layer);
   int64_t step() const { return step_; }
 
+  // As run_in_row_order through the store's address table (ExpertStore::address_table, a host-tier store):
+  // every expert computed where it is, resident or in host memory, with no residency change and no wait.
+  void run_in_place(int64_t layer, const Tensor& rows, const Tensor& experts, const Tensor& sorted,
+                    const Tensor& computed, const Tensor& y, Workspace& workspace);
+
   ExpertStore& store() { return store_; }
   // What the FFN's own ensure_resident calls found (prefetches not counted): its hit rate is the one
   // that decides the stalls.

@@ -82,6 +82,12 @@ TEST_P(ClusterMatchesOneProcess, SameTokensAndBitwiseLogits) {
   EXPECT_EQ(many.out, one.out);
   EXPECT_EQ(read_file(temp.path() / "many/logits.npy"), read_file(temp.path() / "one/logits.npy"))
       << "prompt logits differ from the single-process run";
+  // A budget's store reports on every worker, with the miss path asked for.
+  if (c.cluster_args.find("--on-miss read") != std::string::npos) {
+    EXPECT_NE(many.err.find("on miss read"), std::string::npos) << many.err;
+    EXPECT_EQ(many.err.find(" 0.00 MB read in place"), std::string::npos)
+        << "no expert was read in place: " << many.err;
+  }
   std::ifstream report_file(temp.path() / "many/report.json");
   const json report = json::parse(report_file);
   ASSERT_EQ(report["workers"].size(), static_cast<size_t>(workers));
@@ -121,6 +127,11 @@ const std::vector<ClusterCase> kCases = {
     {"ExpertBudgetDiskTierMaskedExperts", "missing_experts",
      "--prompt-ids 8,6,7,5,3,0,9 --max-new-tokens 5 --allow-missing-experts",
      "--expert-budget 50% --expert-tier disk --eviction usefulness"},
+    // --on-miss read: each worker computes its received rows through its store's address table (a missing
+    // expert read from host memory in place) and admits the misses after the step.
+    {"ExpertBudgetReadInPlace", "qwen3_moe_f32",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 5",
+     "--expert-budget 1 --on-miss read --eviction usefulness"},
 };
 
 INSTANTIATE_TEST_SUITE_P(Golden, ClusterMatchesOneProcess,
