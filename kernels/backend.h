@@ -60,7 +60,21 @@ struct RoutedMoeWeights {
   bool normalize = true;
   Tensor addresses;
   ScalarType addressed_weight_type = ScalarType::kBF16;
+  Tensor row_top_k;  // optional: each token's own experts per token (Backend::route_top_k)
 };
+
+// Whether slot j of a token's routing (ids: its top_k expert ids) is route_top_k's padding past the
+// token's own k: a repeat of its first choice, which a real choice never is (the k choices are
+// distinct experts). Statistics of what was routed skip these slots.
+inline bool is_padding_slot(const int32_t* token_expert_ids, int64_t j) {
+  return j > 0 && token_expert_ids[j] == token_expert_ids[0];
+}
+// The token's own k: its slots before the first padding one (top_k when it has none).
+inline int64_t own_top_k(const int32_t* token_expert_ids, int64_t top_k) {
+  int64_t k = 1;
+  while (k < top_k && !is_padding_slot(token_expert_ids, k)) ++k;
+  return k;
+}
 
 // One copy of Backend::copy_from_host_scattered / enqueue_side_copies: dst bytes [dst_offset, dst_offset +
 // bytes) <- host src.
@@ -228,8 +242,13 @@ class Backend {
   // probability (ties: lower expert id first), renormalised to sum 1 when normalize. Writes
   // expert_ids I32 [tokens, k] in descending probability and weights F32 [tokens, k]. The caller
   // guarantees 1 <= k <= the number of present experts (checked once at load).
+  // With row_top_k (I32 [tokens], each in [1, k]: a residency state per request) token t takes
+  // k_t = row_top_k[t] experts: its slots j < k_t are exactly what k = k_t would write (the first k_t
+  // choices are the same; the renormalisation sums only them), and its slots j >= k_t are padding: the
+  // token's first choice again with weight 0, so every later op runs unchanged and the combine adds an
+  // exact zero (is_padding_slot tells them apart). The values are the caller's to keep in range.
   virtual void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
-                           const Tensor& weights, bool normalize) = 0;
+                           const Tensor& weights, bool normalize, const Tensor& row_top_k = Tensor{}) = 0;
 
   // The permutation that groups (token, slot) rows by expert: sorts the slots s = t * k + j of
   // expert_ids I32 [slots] by expert, stable (slot order within an expert). Writes
@@ -244,10 +263,10 @@ class Backend {
   // for rows r in [offsets[e], offsets[e + 1]): y[r] = down_e(silu(gate_e x[r]) * up_e x[r]).
   // x, y [rows, H]; expert_offsets I32 [E + 1] with offsets[E] == rows (CUDA also takes offsets[E] <
   // rows, an upper-bound shape: rows from offsets[E] on are not computed, their y unspecified);
-  // gate_up [L, 2I, H] (gate rows first, as transformers' fused experts) and down [L, H, I] hold the L hosted experts;
-  // local_index I32 [E] maps an expert to its slot in them, -1 when not hosted (such an expert
-  // must have no rows). intermediate [rows, I] (activation type) is the caller's scratch for
-  // silu(gate x) * up x. Each row is computed alone, so its result does not depend on the others.
+  // gate_up [L, 2I, H] (gate rows first, as transformers' fused experts) and down [L, H, I] hold the L hosted
+  // experts; local_index I32 [E] maps an expert to its slot in them, -1 when not hosted (such an expert must
+  // have no rows). intermediate [rows, I] (activation type) is the caller's scratch for silu(gate x) * up x.
+  // Each row is computed alone, so its result does not depend on the others.
   virtual void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up,
                           const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
                           const Tensor& y) = 0;

@@ -360,7 +360,7 @@ void check_score_rows(MemorySpace space, const Tensor& logits, const Tensor& tar
 }
 
 void check_route_top_k(MemorySpace space, const Tensor& logits, const Tensor& present,
-                       const Tensor& expert_ids, const Tensor& weights) {
+                       const Tensor& expert_ids, const Tensor& weights, const Tensor& row_top_k) {
   const OpCheck check("route_top_k", space);
   check.tensor("logits", logits, 2, "[tokens, num_experts]", Types::kActivation);
   check.tensor("present", present, 1, "[num_experts]", Types::kU8);
@@ -375,6 +375,10 @@ void check_route_top_k(MemorySpace space, const Tensor& logits, const Tensor& pr
     check.fail_pair(
         "expert_ids", expert_ids, "logits", logits,
         "top_k = " + std::to_string(top_k) + " exceeds the " + std::to_string(logits.dim(1)) + " experts");
+  }
+  if (!is_absent(row_top_k)) {
+    check.tensor("row_top_k", row_top_k, 1, "[tokens]", Types::kI32);
+    check.same_dim("row_top_k", row_top_k, 0, "logits", logits, 0, "the token count");
   }
 }
 
@@ -511,7 +515,9 @@ void check_routed_moe(MemorySpace space, const Tensor& router_input, const Tenso
   };
   const RoutedMoeScratch& s = scratch;
   step("router", [&] { check_linear(space, router_input, weights.router, s.logits); });
-  step("route", [&] { check_route_top_k(space, s.logits, weights.present, s.expert_ids, s.weights); });
+  step("route", [&] {
+    check_route_top_k(space, s.logits, weights.present, s.expert_ids, s.weights, weights.row_top_k);
+  });
   const int64_t top_k = s.expert_ids.dim(1);
   if (top_k < 1) {
     throw Error(ErrorCode::kInvalidArgument, "routed_moe: expert_ids is " + s.expert_ids.describe() +

@@ -51,7 +51,7 @@ void check_score_rows(MemorySpace space, const Tensor& logits, const Tensor& tar
 
 // ---- MoE ops ----
 void check_route_top_k(MemorySpace space, const Tensor& logits, const Tensor& present,
-                       const Tensor& expert_ids, const Tensor& weights);
+                       const Tensor& expert_ids, const Tensor& weights, const Tensor& row_top_k = Tensor{});
 void check_group_by_expert(MemorySpace space, const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
                            const Tensor& expert_offsets, const Tensor& source_row,
                            const Tensor& sorted_position);

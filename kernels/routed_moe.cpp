@@ -16,7 +16,7 @@ void Backend::run_routed_moe_ops(const Tensor& router_input, const Tensor& x, co
   const RoutedMoeScratch& s = scratch;
   const int64_t top_k = s.expert_ids.dim(1);
   linear(router_input, weights.router, s.logits);
-  route_top_k(s.logits, weights.present, s.expert_ids, s.weights, weights.normalize);
+  route_top_k(s.logits, weights.present, s.expert_ids, s.weights, weights.normalize, weights.row_top_k);
   group_by_expert(s.expert_ids.reshaped({s.expert_ids.numel()}), weights.router.dim(0), top_k,
                   s.expert_offsets, s.source_row, s.sorted_position);
   gather_rows(x, s.source_row, s.sorted_rows);

@@ -169,7 +169,8 @@ int main(int argc, char** argv) {
   run->add_option(
          "--residency-state", run_args.residency_state,
          "focus: the trained experts per token; wake: 4 per token (fewer expert reads, lower quality: "
-         "epic eval --top-k 4 measures it)")
+         "epic eval --top-k 4 measures it); or one state per prompt, comma-separated (wake,focus,...): each "
+         "sequence then routes its own experts per token within the same batch")
       ->capture_default_str();
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
@@ -367,7 +368,8 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--expert-tier", decode_args.expert_tier, "host or disk")->capture_default_str();
   bench_decode->add_option("--eviction", decode_args.eviction, "lru, lfu or usefulness")
       ->capture_default_str();
-  bench_decode->add_option("--on-miss", decode_args.on_miss, "wait, substitute or read")->capture_default_str();
+  bench_decode->add_option("--on-miss", decode_args.on_miss, "wait, substitute or read")
+      ->capture_default_str();
   bench_decode->add_option("--prefetch", decode_args.prefetch, "next-layer or none")->capture_default_str();
   bench_decode->add_flag("--allow-missing-experts", decode_args.allow_missing_experts,
                          "Mask experts the checkpoint lacks out of routing instead of failing");

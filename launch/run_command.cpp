@@ -159,7 +159,7 @@ void check_flags(const RunArgs& args) {
   check_model_source_flags(model_source_flags(args));
   check_backend_flags(backend_flags(args));
   check_ep_transport_flag(args.ep_transport, args.backend);
-  parse_residency_state(args.residency_state);  // a clear error before MPI starts
+  parse_residency_states(args.residency_state);  // a clear error before MPI starts
   check_expert_store_flags(args.expert_store);
 }
 
@@ -201,6 +201,12 @@ CoordinatorOutput plan_run(const RunArgs& args, const NodeTopology& topology, co
   CoordinatorOutput output;
   check_coordinator_files(args);
   output.prompts = read_prompts(args, config, tokenizer, model_dir);
+  const std::vector<ResidencyState> states = parse_residency_states(args.residency_state);
+  if (states.size() > 1 && states.size() != output.prompts.size())
+    throw Error(ErrorCode::kInvalidArgument,
+                "--residency-state lists " + std::to_string(states.size()) + " states for " +
+                    std::to_string(output.prompts.size()) +
+                    " prompts: give one state for every prompt, or a single state for the whole run");
   const ExpertInventory inventory = inspect_experts(config, source, args.allow_missing_experts);
   // --budget-bytes counts experts as the workers will keep them (bf16 when the checkpoint stores
   // bf16 or the run computes in bf16, else f32).
@@ -227,6 +233,9 @@ CoordinatorOutput plan_run(const RunArgs& args, const NodeTopology& topology, co
     sequence.temperature = args.temperature;
     sequence.top_p = args.top_p;
     sequence.seed = args.seed;
+    // A list of states: each sequence routes its own experts per token (ModelRunner's SequenceChunk);
+    // one state is the whole run's routing policy.
+    if (states.size() > 1) sequence.top_k = experts_per_token(states[i], config);
     output.plan.sequences.push_back(sequence);
   }
   return output;
@@ -416,8 +425,12 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   std::vector<SequenceRequest> mine;
   for (const wire::Sequence& s : plan.sequences) {
     if (s.worker != comm->rank()) continue;
-    mine.push_back(
-        {s.sequence_id, s.prompt, s.max_new_tokens, s.want_prompt_logits, {s.temperature, s.top_p, s.seed}});
+    mine.push_back({s.sequence_id,
+                    s.prompt,
+                    s.max_new_tokens,
+                    s.want_prompt_logits,
+                    {s.temperature, s.top_p, s.seed},
+                    s.top_k});
   }
   Backend& backend = *chosen.backend;
   const HostExchangeOptions exchange{parse_ep_dispatch(args.ep_dispatch), topology};
@@ -458,7 +471,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
         "--ep-transport nccl: this build has no NCCL communicator (configure with the CUDA backend and "
         "NCCL found, EPIC_ENABLE_NCCL=ON), use --ep-transport host");
 #endif
-  const ResidencyState residency = parse_residency_state(args.residency_state);
+  const std::vector<ResidencyState> residency = parse_residency_states(args.residency_state);
   RunnerOptions runner_options;
   runner_options.activation_type = chosen.activation_type;
   runner_options.max_sequences = args.max_active_sequences;
@@ -488,9 +501,10 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     runner.emplace(model.config, weights, backend, runner_options,
                    local_moe && !store ? nullptr : moe_executor);
     // WAKE routes fewer experts per token (worker/routing_policy.h); FOCUS is the model as trained.
-    if (residency == ResidencyState::kWake)
+    // A list gives each sequence its own state instead (the plan's Sequence::top_k).
+    if (residency.size() == 1 && residency[0] == ResidencyState::kWake)
       runner->set_routing(RoutingPolicy::make(model.config, weights, backend,
-                                              experts_per_token(residency, model.config), {}));
+                                              experts_per_token(residency[0], model.config), {}));
   });
   if (coordinator)
     std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());
@@ -525,12 +539,12 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   }
   const double run_seconds = seconds_since(run_start);
   if (store)
-    std::fprintf(
-        stderr, "rank %d %s", comm->rank(),
-        expert_store_summary(
-            expert_store_report(*store, offloading ? offloading->stats() : exchange_store_stats(executor, *store),
-                                args.expert_store))
-            .c_str());
+    std::fprintf(stderr, "rank %d %s", comm->rank(),
+                 expert_store_summary(expert_store_report(*store,
+                                                          offloading ? offloading->stats()
+                                                                     : exchange_store_stats(executor, *store),
+                                                          args.expert_store))
+                     .c_str());
 
   wire::WorkerReport report;
   report.rank = comm->rank();

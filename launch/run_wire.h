@@ -20,7 +20,7 @@
 
 namespace epic::wire {
 
-constexpr uint32_t kRunPlanVersion = 1;
+constexpr uint32_t kRunPlanVersion = 2;       // 2: a residency state per sequence
 constexpr uint32_t kWorkerReportVersion = 3;  // 2: results stream out during the run; 3: the host name
 
 struct Sequence {
@@ -31,9 +31,10 @@ struct Sequence {
   bool want_prompt_logits = false;
   double temperature = 0, top_p = 1;
   uint64_t seed = 0;
+  int64_t top_k = 0;  // experts per token of this sequence's residency state; 0: the run's
   template <class Archive>
   void serialize(Archive& ar) {
-    ar(sequence_id, worker, prompt, max_new_tokens, want_prompt_logits, temperature, top_p, seed);
+    ar(sequence_id, worker, prompt, max_new_tokens, want_prompt_logits, temperature, top_p, seed, top_k);
   }
 };
 

@@ -135,7 +135,7 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   RoutedTokens routed;
   if (num_tokens > 0) {
     routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe), routed_top_k(config_),
-                          router_input, workspace);
+                          router_input, workspace, step_row_top_k());
     const Tensor offsets = buffers.get(kLlOccurrenceOffsets, ScalarType::kI32, {num_experts + 1});
     const Tensor source =
         buffers.get(kLlOccurrenceSource, ScalarType::kI32, {capacity * top_k}).rows_view(0, num_slots);

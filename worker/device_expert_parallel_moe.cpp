@@ -189,7 +189,7 @@ Tensor DeviceExpertParallelMoeExecutor::route_and_place(int64_t layer, const Ten
   const Tensor destination = buffers_.get(kEpDestination, ScalarType::kI32, {at_least_one(num_slots)});
   if (num_tokens > 0) {
     routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe), routed_top_k(config_),
-                          router_input, workspace);
+                          router_input, workspace, step_row_top_k());
     const Tensor offsets = buffers_.get(kEpOccurrenceOffsets, ScalarType::kI32, {num_experts + 1});
     const Tensor source = buffers_.get(kEpOccurrenceSource, ScalarType::kI32, {num_slots});
     const Tensor position = buffers_.get(kEpOccurrencePosition, ScalarType::kI32, {num_slots});

@@ -99,7 +99,7 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
   // ---- Route; each slot's worker as the flat scheme picks it. ------------------------------------
   auto start = clock::now();
   const RoutedTokens routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe),
-                                           routed_top_k(config_), router_input, workspace);
+                                           routed_top_k(config_), router_input, workspace, step_row_top_k());
   const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
   const std::vector<float> route_weights = download<float>(backend_, routed.weights);
   std::vector<int> destination(num_slots);

@@ -136,14 +136,19 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   // Route: every worker holds the router, so routing needs no communication.
   auto start = clock::now();
   const RoutedTokens routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe),
-                                           routed_top_k(config_), router_input, workspace);
+                                           routed_top_k(config_), router_input, workspace, step_row_top_k());
   const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
   // Destination of every slot. Occurrences of one expert rotate over its replicas, starting at an
-  // offset given by this rank, so replicas share the rows evenly across the whole cluster.
-  std::vector<int> destination(num_slots);
+  // offset given by this rank, so replicas share the rows evenly across the whole cluster. A padding
+  // slot (a row in a state of fewer experts per token: Backend::route_top_k) is not sent: it combines
+  // its row's first output again, with weight zero, as computing it again would.
+  std::vector<int> destination(num_slots, -1);
   std::vector<uint64_t> occurrences(moe.num_experts, 0);
   std::vector<int64_t> send_counts(num_workers, 0);
+  int64_t num_sent = 0;
   for (int64_t slot = 0; slot < num_slots; ++slot) {
+    if (is_padding_slot(expert_ids.data() + slot / top_k * top_k, slot % top_k)) continue;
+    ++num_sent;
     const int64_t expert = expert_ids[slot];
     destination[slot] =
         table_.worker_for_sender(layer, expert, occurrences[expert]++ + static_cast<uint64_t>(rank), rank);
@@ -153,10 +158,14 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   // the inverse (where each slot's output comes back).
   std::vector<int64_t> send_offsets(num_workers + 1, 0);
   for (int w = 0; w < num_workers; ++w) send_offsets[w + 1] = send_offsets[w] + send_counts[w];
-  std::vector<int32_t> send_source_row(num_slots), returned_position(num_slots), send_experts(num_slots);
+  std::vector<int32_t> send_source_row(num_sent), returned_position(num_slots), send_experts(num_sent);
   {
     std::vector<int64_t> cursor(send_offsets.begin(), send_offsets.end() - 1);
     for (int64_t slot = 0; slot < num_slots; ++slot) {
+      if (destination[slot] < 0) {  // padding: its row's first slot, placed already
+        returned_position[slot] = returned_position[slot / top_k * top_k];
+        continue;
+      }
       const int64_t i = cursor[destination[slot]]++;
       send_source_row[i] = static_cast<int32_t>(slot / top_k);
       send_experts[i] = expert_ids[slot];
@@ -164,14 +173,14 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
     }
   }
   // The rows to send, gathered on the backend in send order and brought to the host.
-  const Tensor send_index = workspace.get(kSlotSourceRow, ScalarType::kI32, {num_slots});
+  const Tensor send_index = workspace.get(kSlotSourceRow, ScalarType::kI32, {num_sent});
   backend_.copy_from_host(send_index, 0, send_source_row.data(), send_index.bytes());
-  const Tensor send_rows_device = workspace.get(kSlotSortedRows, act, {num_slots, hidden_size});
+  const Tensor send_rows_device = workspace.get(kSlotSortedRows, act, {num_sent, hidden_size});
   backend_.gather_rows(hidden, send_index, send_rows_device);
   std::vector<char> send_rows(send_rows_device.bytes());
   backend_.copy_to_host(send_rows_device, 0, send_rows.data(), send_rows.size());
   stats_.route_seconds += seconds_since(start);
-  stats_.rows_sent += num_slots;
+  stats_.rows_sent += num_sent;
 
   // Dispatch: counts, then the expert id of each row, then the rows.
   start = clock::now();
@@ -230,6 +239,8 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
     const Communicator::Activity activity(comm_, "MoE layer " + std::to_string(layer) + " combine");
     comm_.all_to_all_v(computed.data(), recv_bytes, recv_at, returned.data(), send_bytes, send_at);
   }
+  // combine_top_k takes a row per slot; the padding slots point at sent ones, so rows past num_sent
+  // are never read.
   const Tensor returned_rows = workspace.get(kSlotSortedRows, act, {num_slots, hidden_size});
   backend_.copy_from_host(returned_rows, 0, returned.data(), returned.size());
   const Tensor positions = workspace.get(kSlotSortedPosition, ScalarType::kI32, {num_slots});

@@ -67,8 +67,8 @@ class ForwardingBackend : public Backend {
   }
 
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
-                   const Tensor& weights, bool normalize) override {
-    inner_.route_top_k(logits, present, expert_ids, weights, normalize);
+                   const Tensor& weights, bool normalize, const Tensor& row_top_k) override {
+    inner_.route_top_k(logits, present, expert_ids, weights, normalize, row_top_k);
   }
   void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
                        const Tensor& expert_offsets, const Tensor& source_row,
@@ -90,7 +90,9 @@ class ForwardingBackend : public Backend {
   void copy_from_host_scattered(const std::vector<HostCopy>& copies) override {
     inner_.copy_from_host_scattered(copies);
   }
-  void enqueue_side_copies(const std::vector<HostCopy>& copies) override { inner_.enqueue_side_copies(copies); }
+  void enqueue_side_copies(const std::vector<HostCopy>& copies) override {
+    inner_.enqueue_side_copies(copies);
+  }
   void wait_side_copies() override { inner_.wait_side_copies(); }
 
  protected:

@@ -43,6 +43,8 @@ struct StepStatus {
   int64_t rows = 0;            // token rows
   int64_t decode_only = 0;     // 1: decode-only or empty
   uint64_t graph_buckets = 0;  // ModelRunner::current_graph_buckets
+  // The fewest and most experts per token among the step's rows (0: no rows): StepAgreement::top_k.
+  int64_t fewest_top_k = 0, most_top_k = 0;
 };
 
 // Results on the wire: per result its id, then the ids and the logits, each count first.
@@ -106,8 +108,9 @@ class ResultReader {
 // in the last step to the root (a gather: every other rank sends only to the root, the root to
 // nobody). Returns the sequences unfinished on all workers together.
 // Also agrees on the coming step's shape (`mine`: this rank's part; its result_bytes is filled here).
-int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine, std::vector<SequenceResult>& finished,
-                          const ResultSink& sink, StepAgreement& agreement) {
+int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine,
+                          std::vector<SequenceResult>& finished, const ResultSink& sink,
+                          StepAgreement& agreement) {
   const bool is_root = comm.rank() == root;
   std::vector<char> packed;
   if (!is_root)
@@ -116,13 +119,18 @@ int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine, std::ve
   const std::vector<StepStatus> all = comm.all_gather_value(mine);
   int64_t total_unfinished = 0, total_bytes = 0;
   agreement = StepAgreement{0, true, ~uint64_t{0}};
+  int64_t fewest_top_k = 0;
   for (const StepStatus& status : all) {
     total_unfinished += status.unfinished;
     total_bytes += status.result_bytes;
     agreement.max_rows = std::max(agreement.max_rows, status.rows);
     agreement.every_rank_decode = agreement.every_rank_decode && status.decode_only != 0;
     agreement.common_graph_buckets &= status.graph_buckets;
+    agreement.top_k.top_k = std::max(agreement.top_k.top_k, status.most_top_k);
+    if (status.fewest_top_k > 0)
+      fewest_top_k = fewest_top_k == 0 ? status.fewest_top_k : std::min(fewest_top_k, status.fewest_top_k);
   }
+  agreement.top_k.mixed = fewest_top_k > 0 && fewest_top_k < agreement.top_k.top_k;
   if (is_root) {
     for (SequenceResult& result : finished) sink(std::move(result));
   }
@@ -198,7 +206,8 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
       live.done = true;
       return;
     }
-    const int32_t next = live.request->sampling.temperature == 0.0 ? greedy_id : live.sampler.sample(logits->last_row(chunk));
+    const int32_t next =
+        live.request->sampling.temperature == 0.0 ? greedy_id : live.sampler.sample(logits->last_row(chunk));
     result.new_ids.push_back(next);
     const bool eos = std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
                      config.eos_token_ids.end();
@@ -215,12 +224,20 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
     // sequences admitted below feed their prompts.
     StepStatus mine;
     mine.unfinished = unfinished;
-    const size_t admitting = std::min(sequences.size() - next_waiting,
-                                      static_cast<size_t>(std::max<int64_t>(
-                                          options.max_active_sequences - static_cast<int64_t>(live.size()), 0)));
+    const size_t admitting =
+        std::min(sequences.size() - next_waiting,
+                 static_cast<size_t>(
+                     std::max<int64_t>(options.max_active_sequences - static_cast<int64_t>(live.size()), 0)));
     mine.rows = static_cast<int64_t>(live.size());
     for (size_t i = next_waiting; i < next_waiting + admitting; ++i)
       mine.rows += static_cast<int64_t>(sequences[i].prompt.size());
+    const auto note_top_k = [&](const SequenceRequest& request) {
+      const int64_t k = runner.experts_per_token(SequenceChunk{.top_k = request.top_k});
+      mine.fewest_top_k = mine.fewest_top_k == 0 ? k : std::min(mine.fewest_top_k, k);
+      mine.most_top_k = std::max(mine.most_top_k, k);
+    };
+    for (const auto& sequence : live) note_top_k(*sequence->request);
+    for (size_t i = next_waiting; i < next_waiting + admitting; ++i) note_top_k(sequences[i]);
     mine.decode_only = admitting == 0 ? 1 : 0;
     mine.graph_buckets = runner.current_graph_buckets();
     StepAgreement agreement;
@@ -239,11 +256,11 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
       want_logits = want_logits || sequence->request->sampling.temperature != 0.0 ||
                     (!sequence->prefilled && sequence->request->want_prompt_logits);
       if (sequence->prefilled) {
-        chunks.push_back(
-            {&sequence->cache, std::span<const int32_t>(&sequence->result.new_ids.back(), 1), false});
+        chunks.push_back({&sequence->cache, std::span<const int32_t>(&sequence->result.new_ids.back(), 1),
+                          false, sequence->request->top_k});
       } else {
-        chunks.push_back(
-            {&sequence->cache, sequence->request->prompt, sequence->request->want_prompt_logits});
+        chunks.push_back({&sequence->cache, sequence->request->prompt, sequence->request->want_prompt_logits,
+                          sequence->request->top_k});
       }
       stats.tokens_processed += static_cast<int64_t>(chunks.back().tokens.size());
     }
@@ -256,7 +273,8 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
                "step " + std::to_string(stats.steps + 1) + ": " + std::to_string(rows) +
                    " token rows built, " + std::to_string(mine.rows) + " announced to the other ranks");
     // Several ranks: the agreed step shape (the MoE exchange and decode graphs must match on every rank).
-    StepOutput output = runner.forward_batch(chunks, want_logits || poison, comm.size() > 1 ? &agreement : nullptr);
+    StepOutput output =
+        runner.forward_batch(chunks, want_logits || poison, comm.size() > 1 ? &agreement : nullptr);
     if (poison) poison_logits(output);
     const BatchLogits* logits = output.logits.values.empty() ? nullptr : &output.logits;
     for (size_t c = 0; c < live.size(); ++c) {

@@ -25,6 +25,9 @@ struct SequenceRequest {
   int64_t max_new_tokens = 0;
   bool want_prompt_logits = false;
   SamplingOptions sampling;  // seed is mixed with sequence_id, so results do not depend on placement
+  // Experts per token of this sequence (its residency state: ModelRunner's SequenceChunk::top_k);
+  // 0: the routing policy's.
+  int64_t top_k = 0;
 };
 
 struct SequenceResult {

@@ -22,8 +22,8 @@ void IdentityExpertBackend::expert_ffn(const Tensor& x, const Tensor& expert_off
 }
 
 void IdentityExpertBackend::route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
-                                        const Tensor& weights, bool normalize) {
-  inner().route_top_k(logits, present, expert_ids, weights, normalize);
+                                        const Tensor& weights, bool normalize, const Tensor& row_top_k) {
+  inner().route_top_k(logits, present, expert_ids, weights, normalize, row_top_k);
   routed_expert_ids_.resize(static_cast<size_t>(expert_ids.numel()));
   routed_weights_.resize(static_cast<size_t>(weights.numel()));
   inner().copy_to_host(expert_ids, 0, routed_expert_ids_.data(), expert_ids.bytes());

@@ -24,7 +24,7 @@ class IdentityExpertBackend final : public ForwardingBackend {
                   const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override;
   // Forwards, then keeps the routing on the host: the weights the expected output is made of.
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
-                   const Tensor& weights, bool normalize) override;
+                   const Tensor& weights, bool normalize, const Tensor& row_top_k) override;
 
   // The routing of the last route_top_k call: [tokens * top_k], slot s = token * top_k + j.
   const std::vector<int32_t>& routed_expert_ids() const { return routed_expert_ids_; }

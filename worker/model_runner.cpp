@@ -29,10 +29,13 @@ struct ModelRunner::StepShape {
   int64_t wanted = 0;     // rows whose logits / argmax are computed
   int64_t max_blocks = 0;
   bool decode_only = false;  // one row per sequence, its newest position (padding rows: their own sequence)
+  // The experts per token of the step's rows (StepTopK); row_top_k is uploaded only when mixed.
+  StepTopK top_k;
   // Views into the table tensor (I32): ids, positions, row_sequence, slot_mapping [rows];
-  // wanted_rows [wanted]; block_tables [sequences, max_blocks].
-  Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables;
-  int64_t table_elements() const { return 4 * rows + wanted + sequences * max_blocks; }
+  // wanted_rows [wanted]; block_tables [sequences, max_blocks]; row_top_k [rows] (last, so the views
+  // a decode graph holds do not move with it).
+  Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables, row_top_k;
+  int64_t table_elements() const { return 5 * rows + wanted + sequences * max_blocks; }
 };
 
 ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
@@ -62,6 +65,7 @@ void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, cons
   int32_t* slot_mapping = row_sequence + shape.rows;
   int32_t* wanted_rows = slot_mapping + shape.rows;
   int32_t* block_tables = wanted_rows + shape.wanted;
+  int32_t* row_top_k = block_tables + shape.sequences * shape.max_blocks;
   const int32_t padding_slot = kv_pool_->padding_block() * static_cast<int32_t>(kKvBlockSize);
   int64_t row = 0, wanted = 0;
   for (size_t c = 0; c < chunks.size(); ++c) {
@@ -76,6 +80,7 @@ void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, cons
       slot_mapping[row] = sequence.blocks[position / kKvBlockSize] * static_cast<int32_t>(kKvBlockSize) +
                           static_cast<int32_t>(position % kKvBlockSize);
       if (chunks[c].all_positions || t == count - 1) wanted_rows[wanted++] = static_cast<int32_t>(row);
+      row_top_k[row] = static_cast<int32_t>(experts_per_token(chunks[c]));
     }
     int32_t* table_row = block_tables + c * shape.max_blocks;
     for (int64_t b = 0; b < shape.max_blocks; ++b)
@@ -91,6 +96,7 @@ void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, cons
     row_sequence[row] = static_cast<int32_t>(std::min<int64_t>(row, shape.sequences - 1));
     slot_mapping[row] = padding_slot;
     wanted_rows[wanted++] = static_cast<int32_t>(row);
+    row_top_k[row] = static_cast<int32_t>(shape.top_k.top_k);
   }
   EPIC_CHECK(wanted == shape.wanted, ErrorCode::kInternal, "step tables: wanted rows miscounted");
   backend_.copy_from_host(shape.tables, 0, table_staging_->data(), bytes);
@@ -178,6 +184,29 @@ int bucket_bit(int64_t bucket) {
 
 }  // namespace
 
+int64_t ModelRunner::experts_per_token(const SequenceChunk& chunk) const {
+  if (chunk.top_k == 0) return routing() != nullptr ? routing()->top_k() : config_.num_experts_per_tok;
+  EPIC_CHECK(chunk.top_k >= 1 && chunk.top_k <= config_.num_experts_per_tok, ErrorCode::kInvalidArgument,
+             "a sequence asks for " + std::to_string(chunk.top_k) +
+                 " experts per token; this model routes 1 to " + std::to_string(config_.num_experts_per_tok) +
+                 " (FOCUS: " + std::to_string(config_.num_experts_per_tok) + ", WAKE: " +
+                 std::to_string(std::min(kWakeExpertsPerToken, config_.num_experts_per_tok)) + ")");
+  return chunk.top_k;
+}
+
+StepTopK ModelRunner::step_top_k(std::span<const SequenceChunk> chunks) const {
+  StepTopK step;
+  int64_t fewest = 0;
+  for (const SequenceChunk& chunk : chunks) {
+    const int64_t k = experts_per_token(chunk);
+    step.top_k = std::max(step.top_k, k);
+    fewest = fewest == 0 ? k : std::min(fewest, k);
+  }
+  if (chunks.empty()) step.top_k = experts_per_token(SequenceChunk{});
+  step.mixed = fewest > 0 && fewest < step.top_k;
+  return step;
+}
+
 void ModelRunner::set_routing(std::shared_ptr<const RoutingPolicy> policy) {
   executor_->set_routing(std::move(policy));
   decode_graphs_.clear();
@@ -220,6 +249,8 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   // the bucket of the most rows any rank runs, on every rank (an empty rank too, all padding).
   // One process: its own rows (an executor that keeps state per step, like the offloading one's
   // routing log, needs the bracket too).
+  // The step's experts per token: agreed by every rank of an exchange, else this rank's rows'.
+  shape.top_k = agreement != nullptr && agreement->top_k.top_k > 0 ? agreement->top_k : step_top_k(chunks);
   executor_->begin_step(agreement != nullptr ? agreement->max_rows : shape.rows);
   int64_t bucket = 0;
   const bool graph_step = agreement != nullptr ? agreement->every_rank_decode : decode_only;
@@ -244,12 +275,20 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   shape.slot_mapping = take(shape.rows);
   shape.wanted_rows = take(shape.wanted);
   shape.block_tables = take(shape.sequences * shape.max_blocks).reshaped({shape.sequences, shape.max_blocks});
+  shape.row_top_k = take(shape.rows);
   upload_step_tables(chunks, shape);
+  executor_->set_step_top_k(shape.top_k.top_k, shape.top_k.mixed ? shape.row_top_k : Tensor{});
 
   if (bucket > 0) {
     // The tables view starts at the slot's base, so a bucket's views are the same every step; a
     // grown workspace moves buffers, which makes every graph stale.
     if (graphs_generation_ != workspace_.generation()) decode_graphs_.clear();
+    // A graph routes the slots per row it was captured with (under an agreement every rank drops
+    // its graphs at the same step: the step's top_k is agreed).
+    if (graphs_top_k_ != shape.top_k) {
+      decode_graphs_.clear();
+      graphs_top_k_ = shape.top_k;
+    }
     auto graph = decode_graphs_.find(bucket);
     // Agreed: replay only where every rank holds the bucket's graph, else every rank captures it anew.
     if (agreement != nullptr && graph != decode_graphs_.end() &&

@@ -27,6 +27,18 @@ struct SequenceChunk {
   KvSequence* sequence = nullptr;
   std::span<const int32_t> tokens;
   bool all_positions = false;  // logits of every token, else of the last only
+  // Experts per token of these rows: the sequence's own residency state (e.g. WAKE's 4 in a batch of
+  // FOCUS sequences), in [1, the model's top-k]; 0: the routing policy's.
+  int64_t top_k = 0;
+};
+
+// The experts per token of one step's rows: top_k slots per row, every row taking all of them, or
+// (mixed) each row its own k <= top_k (Backend::route_top_k's row_top_k: a row's result is bitwise
+// what it would be in a step of its own k; the slots past it are computed and weighted by zero).
+struct StepTopK {
+  int64_t top_k = 0;
+  bool mixed = false;
+  bool operator==(const StepTopK&) const = default;
 };
 
 // The logits of a batch in one host buffer (no copy per chunk), chunk after chunk.
@@ -56,6 +68,10 @@ struct StepAgreement {
   int64_t max_rows = 0;               // the most token rows any rank runs in the step
   bool every_rank_decode = false;     // every rank's step is decode-only (one token per sequence) or empty
   uint64_t common_graph_buckets = 0;  // bit b: every rank holds a current decode graph of 2^b rows
+  // The largest experts per token of any rank's rows, mixed when some row takes fewer (the dispatch
+  // records of an exchange carry top_k slots per row, so every rank routes the same slots); top_k 0:
+  // every rank's rows take the routing policy's.
+  StepTopK top_k;
 };
 
 struct RunnerOptions {
@@ -96,6 +112,11 @@ class ModelRunner {
   // In an expert-parallel job every rank sets the same policy before the same step.
   void set_routing(std::shared_ptr<const RoutingPolicy> policy);
   const RoutingPolicy* routing() const { return executor_->routing(); }
+  // Experts per token of a chunk's rows (its own, else the policy's); Error(kInvalidArgument) when its
+  // own is outside [1, the model's top-k].
+  int64_t experts_per_token(const SequenceChunk& chunk) const;
+  // The step's experts per token on this rank alone: the largest of its chunks', mixed when they differ.
+  StepTopK step_top_k(std::span<const SequenceChunk> chunks) const;
 
   // The last step's logits where the backend computed them, F32 [rows, vocab]: chunk after chunk, every
   // position's rows of a chunk with all_positions, else its last row's (StepOutput::logits' layout),
@@ -130,6 +151,7 @@ class ModelRunner {
   std::unique_ptr<Buffer> table_staging_;                    // host copy of the step tables (pinned for cuda)
   std::map<int64_t, std::unique_ptr<Graph>> decode_graphs_;  // by bucket (rows)
   uint64_t graphs_generation_ = 0;                           // the workspace generation they were made at
+  StepTopK graphs_top_k_;                                    // the experts per token they route
   int64_t graph_replays_ = 0;
   Tensor step_logits_;  // the last step's real rows (no bucket padding)
 };

@@ -8,7 +8,7 @@ namespace epic {
 
 RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
                           const Tensor& routable, int64_t top_k, const Tensor& router_input,
-                          Workspace& workspace) {
+                          Workspace& workspace, const Tensor& row_top_k) {
   const int64_t rows = router_input.dim(0);
   // fp32 rows in, fp32 logits out, whatever the activation type: the softmax and top-k choice are
   // the most rounding-sensitive step of the block.
@@ -16,7 +16,7 @@ RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const Moe
   backend.linear(router_input, layer.router, logits);
   RoutedTokens routed{workspace.get(kSlotExpertIds, ScalarType::kI32, {rows, top_k}),
                       workspace.get(kSlotRouteWeights, ScalarType::kF32, {rows, top_k})};
-  backend.route_top_k(logits, routable, routed.expert_ids, routed.weights, config.norm_topk_prob);
+  backend.route_top_k(logits, routable, routed.expert_ids, routed.weights, config.norm_topk_prob, row_top_k);
   return routed;
 }
 
@@ -67,10 +67,11 @@ void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor
   // One op, so a backend can fuse the block (Backend::routed_moe); the scratch is the unfused form's.
   const RoutedMoeScratch scratch = routed_moe_scratch(config_, moe.num_experts, hidden.dim(0),
                                                       routed_top_k(config_), hidden.type, workspace);
-  backend_.routed_moe(router_input, hidden,
-                      RoutedMoeWeights{moe.router, routable_mask(layer, moe), moe.gate_up, moe.down,
-                                       moe.local_index, config_.norm_topk_prob, Tensor{}, ScalarType::kBF16},
-                      scratch, out);
+  backend_.routed_moe(
+      router_input, hidden,
+      RoutedMoeWeights{moe.router, routable_mask(layer, moe), moe.gate_up, moe.down, moe.local_index,
+                       config_.norm_topk_prob, Tensor{}, ScalarType::kBF16, step_row_top_k()},
+      scratch, out);
 }
 
 }  // namespace epic

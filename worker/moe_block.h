@@ -24,12 +24,13 @@ struct RoutedTokens {
 // `routable` (U8 [num_experts]: the layer's present mask, or a RoutingPolicy's narrower one).
 // Backend::routed_moe's scratch for `rows` tokens of a layer with num_experts router rows, from the
 // workspace's MoE slots.
-RoutedMoeScratch routed_moe_scratch(const ModelConfig& config, int64_t num_experts, int64_t rows, int64_t top_k,
-                                    ScalarType activation_type, Workspace& workspace);
+RoutedMoeScratch routed_moe_scratch(const ModelConfig& config, int64_t num_experts, int64_t rows,
+                                    int64_t top_k, ScalarType activation_type, Workspace& workspace);
 
+// row_top_k: optional, each row's own k (Backend::route_top_k; MoeExecutor::step_row_top_k).
 RoutedTokens route_tokens(Backend& backend, const ModelConfig& config, const MoeLayerWeights& layer,
                           const Tensor& routable, int64_t top_k, const Tensor& router_input,
-                          Workspace& workspace);
+                          Workspace& workspace, const Tensor& row_top_k);
 
 // The rows of `expert_ids` (I32 [slots]) grouped by expert: offsets I32 [E + 1], the source row of
 // each sorted row (slot / top_k) and where each slot went.

@@ -41,9 +41,22 @@ class MoeExecutor {
   void set_routing(std::shared_ptr<const RoutingPolicy> policy) { routing_ = std::move(policy); }
   const RoutingPolicy* routing() const { return routing_.get(); }
 
+  // The experts per token of the coming step, for a step whose rows are in other residency states than
+  // the policy's (a state per request; set by the runner before begin_step, never inside a step):
+  // top_k for every row (0: the policy's), and with row_top_k (I32 [rows] on the backend, each in
+  // [1, top_k]) each row its own k (Backend::route_top_k: past a row's k its slots are padding that
+  // adds exactly zero). Every rank of an expert-parallel job sets the same top_k for a step.
+  void set_step_top_k(int64_t top_k, const Tensor& row_top_k) {
+    step_top_k_ = top_k;
+    step_row_top_k_ = row_top_k;
+  }
+  const Tensor& step_row_top_k() const { return step_row_top_k_; }
+
  protected:
-  // Experts per token and the routable experts of a layer under the current policy.
+  // Experts per token (the step's slots per row) and the routable experts of a layer under the current
+  // policy.
   int64_t routed_top_k(const ModelConfig& config) const {
+    if (step_top_k_ > 0) return step_top_k_;
     return routing_ ? routing_->top_k() : config.num_experts_per_tok;
   }
   const Tensor& routable_mask(int64_t layer, const MoeLayerWeights& moe) const {
@@ -52,6 +65,8 @@ class MoeExecutor {
 
  private:
   std::shared_ptr<const RoutingPolicy> routing_;
+  int64_t step_top_k_ = 0;
+  Tensor step_row_top_k_;
 };
 
 class LocalMoeExecutor final : public MoeExecutor {

@@ -149,7 +149,8 @@ void OffloadingMoeExecutor::finish_step() {
       const auto* weights = reinterpret_cast<const float*>(log.data() + (layers + index) * log_slots_);
       const int64_t num_experts = weights_.layers[layer].moe.num_experts;
       for (int64_t s = 0; s < rows * top_k; ++s)
-        if (ids[s] >= 0 && ids[s] < num_experts) note_pick(layer, ids[s], weights[s], missed);
+        if (ids[s] >= 0 && ids[s] < num_experts && !is_padding_slot(ids + s / top_k * top_k, s % top_k))
+          note_pick(layer, ids[s], weights[s], missed);
     }
   }
   for (const auto& [layer, expert, weight] : unlogged_picks_) note_pick(layer, expert, weight, missed);
@@ -194,7 +195,8 @@ void OffloadingMoeExecutor::forward_in_place(int64_t layer, const Tensor& hidden
                                  Tensor{},
                                  config_.norm_topk_prob,
                                  store_.address_table(layer),
-                                 store_.weight_type()};
+                                 store_.weight_type(),
+                                 step_row_top_k()};
   backend_.routed_moe(router_input, hidden, weights, scratch, out);
   if (logged || step_rows_ < 0) return;  // outside begin/finish_step nothing reads the picks
   std::vector<int32_t> ids(static_cast<size_t>(slots));
@@ -202,7 +204,9 @@ void OffloadingMoeExecutor::forward_in_place(int64_t layer, const Tensor& hidden
   backend_.copy_to_host(expert_ids, 0, ids.data(), ids.size() * sizeof(int32_t));
   backend_.copy_to_host(route_weights, 0, picked.data(), picked.size() * sizeof(float));
   for (int64_t s = 0; s < slots; ++s)
-    if (ids[s] >= 0 && ids[s] < moe.num_experts) unlogged_picks_.emplace_back(layer, ids[s], picked[s]);
+    if (ids[s] >= 0 && ids[s] < moe.num_experts &&
+        !is_padding_slot(ids.data() + s / top_k * top_k, s % top_k))
+      unlogged_picks_.emplace_back(layer, ids[s], picked[s]);
 }
 
 std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, const MoeLayerWeights& moe,
@@ -217,16 +221,18 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
   std::vector<float> probs(static_cast<size_t>(num_experts));
   std::vector<int64_t> chosen(static_cast<size_t>(top_k));
   for (int64_t t = 0; t < rows; ++t) {
+    // The row's own k (the step's other slots are padding: its first choice, weight 0).
+    const int64_t own_k = own_top_k(ids.data() + t * top_k, top_k);
     bool any_missing = false;
-    for (int64_t j = 0; j < top_k; ++j) any_missing |= !store_.resident(layer, ids[t * top_k + j]);
+    for (int64_t j = 0; j < own_k; ++j) any_missing |= !store_.resident(layer, ids[t * top_k + j]);
     if (!any_missing) continue;
     // The router's fp32 probabilities over the routable experts (as route_top_k computes them).
     routable_softmax(logit_rows.data() + t * num_experts, routable, probs);
     std::vector<int64_t> excluded;
-    for (int64_t j = 0; j < top_k; ++j) excluded.push_back(ids[t * top_k + j]);
+    for (int64_t j = 0; j < own_k; ++j) excluded.push_back(ids[t * top_k + j]);
     for (int64_t e = 0; e < num_experts; ++e)
       if (!routable[e]) excluded.push_back(e);
-    for (int64_t j = 0; j < top_k; ++j) {
+    for (int64_t j = 0; j < own_k; ++j) {
       const int64_t expert = ids[t * top_k + j];
       chosen[j] = expert;
       if (store_.resident(layer, expert)) continue;
@@ -238,10 +244,11 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
       ++stats_.substituted;
     }
     float chosen_mass = 0;
-    for (int64_t j = 0; j < top_k; ++j) chosen_mass += probs[chosen[j]];
-    for (int64_t j = 0; j < top_k; ++j) {
-      ids[t * top_k + j] = static_cast<int32_t>(chosen[j]);
-      weights[t * top_k + j] = config_.norm_topk_prob ? probs[chosen[j]] / chosen_mass : probs[chosen[j]];
+    for (int64_t j = 0; j < own_k; ++j) chosen_mass += probs[chosen[j]];
+    for (int64_t j = 0; j < top_k; ++j) {  // padding follows the first choice, still weighted zero
+      ids[t * top_k + j] = static_cast<int32_t>(chosen[j < own_k ? j : 0]);
+      if (j < own_k)
+        weights[t * top_k + j] = config_.norm_topk_prob ? probs[chosen[j]] / chosen_mass : probs[chosen[j]];
     }
   }
   std::vector<std::pair<double, int64_t>> order;
@@ -266,15 +273,18 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   const int64_t rows = hidden.dim(0), top_k = routed_top_k(config_), slots = rows * top_k;
   const int64_t hidden_size = config_.hidden_size, num_experts = moe.num_experts;
-  const RoutedTokens routed =
-      route_tokens(backend_, config_, moe, routable_mask(layer, moe), top_k, router_input, workspace);
+  const RoutedTokens routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe), top_k,
+                                           router_input, workspace, step_row_top_k());
   if (rows == 0) return;
   std::vector<int32_t> ids(static_cast<size_t>(slots));
   std::vector<float> route_weights(static_cast<size_t>(slots));
   backend_.copy_to_host(routed.expert_ids, 0, ids.data(), ids.size() * sizeof(int32_t));
   backend_.copy_to_host(routed.weights, 0, route_weights.data(), route_weights.size() * sizeof(float));
-  stats_.picks += slots;
-  for (int64_t s = 0; s < slots; ++s) store_.record_use(layer, ids[s], route_weights[s], step);
+  for (int64_t s = 0; s < slots; ++s) {
+    if (is_padding_slot(ids.data() + s / top_k * top_k, s % top_k)) continue;  // another row's k
+    ++stats_.picks;
+    store_.record_use(layer, ids[s], route_weights[s], step);
+  }
   if (prefetch_ == Prefetch::kNextLayer) prefetch_next_layer(layer, router_input);
 
   std::vector<int64_t> fetch_after;

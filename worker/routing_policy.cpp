@@ -16,6 +16,22 @@ ResidencyState parse_residency_state(const std::string& name) {
                                                std::to_string(kWakeExpertsPerToken) + " experts per token)");
 }
 
+std::vector<ResidencyState> parse_residency_states(const std::string& list) {
+  std::vector<ResidencyState> states;
+  size_t begin = 0;
+  while (true) {
+    const size_t end = list.find(',', begin);
+    const std::string name = list.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+    if (name.empty())
+      throw Error(ErrorCode::kInvalidArgument,
+                  "residency states '" + list + "': entry " + std::to_string(states.size() + 1) +
+                      " is empty; give focus or wake, or a comma-separated list of them without blanks");
+    states.push_back(parse_residency_state(name));
+    if (end == std::string::npos) return states;
+    begin = end + 1;
+  }
+}
+
 const char* residency_state_name(ResidencyState state) {
   return state == ResidencyState::kFocus ? "focus" : "wake";
 }

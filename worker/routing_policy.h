@@ -24,6 +24,9 @@ enum class ResidencyState { kFocus, kWake };
 constexpr int64_t kWakeExpertsPerToken = 4;
 // "focus" or "wake" -> the state; anything else -> Error(kInvalidArgument) naming the valid names.
 ResidencyState parse_residency_state(const std::string& name);
+// "wake" or "wake,focus,wake": one state, or a comma-separated list of them (one per request);
+// Error(kInvalidArgument) naming the bad entry.
+std::vector<ResidencyState> parse_residency_states(const std::string& list);
 const char* residency_state_name(ResidencyState state);
 int64_t experts_per_token(ResidencyState state, const ModelConfig& config);
 

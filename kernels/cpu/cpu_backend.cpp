@@ -166,10 +166,10 @@ class CpuBackend final : public Backend {
 
   // ---- MoE ops ----
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
-                   const Tensor& weights, bool normalize) override {
-    backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);
+                   const Tensor& weights, bool normalize, const Tensor& row_top_k) override {
+    backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights, row_top_k);
     require_f32("route_top_k", "logits", logits);
-    cpu::route_top_k(logits, present, expert_ids, weights, normalize);
+    cpu::route_top_k(logits, present, expert_ids, weights, normalize, row_top_k);
   }
 
   void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
@@ -189,8 +189,8 @@ class CpuBackend final : public Backend {
 
   void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
                             ScalarType weight_type, const Tensor& intermediate, const Tensor& y) override {
-    backend_checks::check_expert_ffn_addressed(kSpace, x, expert_offsets, addresses, weight_type, intermediate,
-                                               y);
+    backend_checks::check_expert_ffn_addressed(kSpace, x, expert_offsets, addresses, weight_type,
+                                               intermediate, y);
     require_f32("expert_ffn_addressed", "x", x);
     cpu::expert_ffn_addressed(x, expert_offsets, addresses, weight_type, intermediate, y, num_threads_);
   }

@@ -13,7 +13,7 @@ namespace epic::cpu {
 // fp32 throughout, sums in ascending expert id (the denominator) or selection order (the
 // renormalisation), so a backend computing the same expressions gets the same bits.
 void route_top_k(const Tensor& logits, const Tensor& present_mask, const Tensor& expert_ids,
-                 const Tensor& weights, bool normalize) {
+                 const Tensor& weights, bool normalize, const Tensor& row_top_k) {
   const int64_t num_tokens = logits.dim(0), num_experts = logits.dim(1), top_k = expert_ids.dim(1);
   const uint8_t* present = present_mask.as<const uint8_t>();
   std::vector<int32_t> present_ids;
@@ -42,14 +42,24 @@ void route_top_k(const Tensor& logits, const Tensor& present_mask, const Tensor&
     });
     int32_t* ids_row = expert_ids.as<int32_t>() + token * top_k;
     float* weights_row = weights.as<float>() + token * top_k;
+    // The token's own k: its first k choices, renormalised over them alone; the rest padding.
+    const int64_t own_k = is_absent(row_top_k) ? top_k : row_top_k.as<const int32_t>()[token];
+    if (own_k < 1 || own_k > top_k) {
+      fail_value("route_top_k", "row_top_k[" + std::to_string(token) + "] = " + std::to_string(own_k) +
+                                    " is outside [1, top_k = " + std::to_string(top_k) + "]");
+    }
     float selected_sum = 0.0f;
-    for (int64_t j = 0; j < top_k; ++j) {
+    for (int64_t j = 0; j < own_k; ++j) {
       ids_row[j] = order[j];
       weights_row[j] = probabilities[order[j]];
       selected_sum += weights_row[j];
     }
     if (normalize) {
-      for (int64_t j = 0; j < top_k; ++j) weights_row[j] /= selected_sum;
+      for (int64_t j = 0; j < own_k; ++j) weights_row[j] /= selected_sum;
+    }
+    for (int64_t j = own_k; j < top_k; ++j) {
+      ids_row[j] = order[0];
+      weights_row[j] = 0.0f;
     }
   }
 }

@@ -81,14 +81,15 @@ void score_rows(const Tensor& logits, const Tensor& targets, const Tensor& refer
 
 // ---- cpu_moe_ops.cpp ----------------------------------------------------------------------------
 void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids, const Tensor& weights,
-                 bool normalize);
+                 bool normalize, const Tensor& row_top_k);
 void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
                      const Tensor& expert_offsets, const Tensor& source_row, const Tensor& sorted_position);
 void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                 const Tensor& local_index, const Tensor& intermediate, const Tensor& y, int num_threads);
 // As expert_ffn with each expert's gate_up and down at the host addresses of addresses I64 [E, 2].
 void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
-                          ScalarType weight_type, const Tensor& intermediate, const Tensor& y, int num_threads);
+                          ScalarType weight_type, const Tensor& intermediate, const Tensor& y,
+                          int num_threads);
 void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                    const Tensor& out);
 

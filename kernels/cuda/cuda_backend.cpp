@@ -2,8 +2,6 @@
 // captured in graphs) and the device memory it hands out; validates every op on the host
 // (backend_checks) and enqueues the kernels of cuda_kernels.h.
 #include "kernels/cuda/cuda_backend.h"
-#include "kernels/cuda/cuda_backend_access.h"
-#include "kernels/cuda/host_copy_kernel.h"
 
 #include <algorithm>
 #include <climits>
@@ -16,9 +14,11 @@
 #include "kernels/backend_checks.h"
 #include "kernels/cuda/ab_switch.h"
 #include "kernels/cuda/cublas_gemm.h"
+#include "kernels/cuda/cuda_backend_access.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/gemm_lanes.h"
+#include "kernels/cuda/host_copy_kernel.h"
 #include "kernels/cuda/op_timing.h"
 #include "kernels/cuda/routed_moe_fused.h"
 #include "kernels/error.h"
@@ -288,7 +288,8 @@ class CudaBackend final : public Backend {
       if (copy.bytes == 0) continue;
       char* dst = static_cast<char*>(copy.dst.data) + copy.dst_offset;
       if (copy.bytes < cuda_kernels::kKernelCopyMaxBytes) {
-        descriptors[next++] = {reinterpret_cast<uint64_t>(dst), reinterpret_cast<uint64_t>(copy.src), copy.bytes};
+        descriptors[next++] = {reinterpret_cast<uint64_t>(dst), reinterpret_cast<uint64_t>(copy.src),
+                               copy.bytes};
       } else {
         EPIC_CUDA_CHECK(cudaMemcpyAsync(dst, copy.src, copy.bytes, cudaMemcpyHostToDevice, stream));
       }
@@ -541,14 +542,14 @@ class CudaBackend final : public Backend {
   }
 
   void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expert_ids,
-                   const Tensor& weights, bool normalize) override {
-    backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights);
+                   const Tensor& weights, bool normalize, const Tensor& row_top_k) override {
+    backend_checks::check_route_top_k(kSpace, logits, present, expert_ids, weights, row_top_k);
     if (logits.dim(0) == 0) return;
     DeviceScope scope(device_);
     const auto timing = time_op("route_top_k", logits.dim(0));
     cuda_kernels::route_top_k(logits.data, logits.type, present.as<uint8_t>(), expert_ids.as<int32_t>(),
                               weights.as<float>(), logits.dim(0), logits.dim(1), expert_ids.dim(1), normalize,
-                              stream_);
+                              is_absent(row_top_k) ? nullptr : row_top_k.as<int32_t>(), stream_);
   }
 
   void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
@@ -635,8 +636,8 @@ class CudaBackend final : public Backend {
   // of the weight stack.
   void expert_ffn_addressed(const Tensor& x, const Tensor& expert_offsets, const Tensor& addresses,
                             ScalarType weight_type, const Tensor& intermediate, const Tensor& y) override {
-    backend_checks::check_expert_ffn_addressed(kSpace, x, expert_offsets, addresses, weight_type, intermediate,
-                                               y);
+    backend_checks::check_expert_ffn_addressed(kSpace, x, expert_offsets, addresses, weight_type,
+                                               intermediate, y);
     if (x.dim(0) == 0) return;
     DeviceScope scope(device_);
     const auto timing = time_op("expert_ffn_addressed", x.dim(0));
@@ -700,11 +701,14 @@ class CudaBackend final : public Backend {
     args.num_experts = weights.router.dim(0);
     args.top_k = scratch.expert_ids.dim(1);
     args.normalize = weights.normalize;
-    const bool bf16 = router_input.type == ScalarType::kF32 && x.type == ScalarType::kBF16 &&
-                      weights.router.type == ScalarType::kBF16 &&
-                      (addressed ? weights.addressed_weight_type : weights.gate_up.type) == ScalarType::kBF16 &&
-                      scratch.intermediate.type == ScalarType::kBF16;
-    if (!fused_enabled || !bf16 || !cuda_kernels::routed_moe_fused_supported(args)) {
+    const bool bf16 =
+        router_input.type == ScalarType::kF32 && x.type == ScalarType::kBF16 &&
+        weights.router.type == ScalarType::kBF16 &&
+        (addressed ? weights.addressed_weight_type : weights.gate_up.type) == ScalarType::kBF16 &&
+        scratch.intermediate.type == ScalarType::kBF16;
+    // A per-token k (row_top_k) comes only with tokens of different states, never with one token.
+    if (!fused_enabled || !bf16 || !is_absent(weights.row_top_k) ||
+        !cuda_kernels::routed_moe_fused_supported(args)) {
       run_routed_moe_ops(router_input, x, weights, scratch, out);  // checked above
       return;
     }

@@ -98,7 +98,7 @@ void attention(const void* qkv, ScalarType type, const void* key_pool, const voi
 // ---- moe_routing_kernels.cu (helper A) ---------------------------------------------------------
 void route_top_k(const void* logits, ScalarType type, const uint8_t* present, int32_t* expert_ids,
                  float* weights, int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
-                 cudaStream_t stream);
+                 const int32_t* row_top_k, cudaStream_t stream);  // row_top_k: null, or [tokens]
 // Stable counting sort of slots by expert; uses only its outputs as scratch.
 // From kManyBlockGroupMinSlots slots (and up to 1024 experts) the sort runs over many blocks if
 // given scratch of group_by_expert_scratch_bytes (0: the one-block kernel, no scratch needed);
@@ -149,8 +149,8 @@ struct ExpertFfnArgs {
   // Device-scheduled only: an address table I64 [num_experts, 2] (Backend::expert_ffn_addressed) in place
   // of gate_up, down and local_index (null), whose addresses must be 16-byte aligned for bf16.
   const int64_t* addresses = nullptr;
-  void* intermediate = nullptr;             // [rows, inter] of act_type, scratch
-  void* y = nullptr;                        // [rows, hidden] of act_type
+  void* intermediate = nullptr;  // [rows, inter] of act_type, scratch
+  void* y = nullptr;             // [rows, hidden] of act_type
   int64_t rows = 0, num_experts = 0, num_local = 0, hidden = 0, inter = 0;
   ScalarType act_type = ScalarType::kBF16;
   ScalarType weight_type = ScalarType::kBF16;

@@ -33,15 +33,18 @@ constexpr int64_t kMaxRouteTopK = kWarpSize;
 template <class T, int kExpertsPerLane>
 __global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int32_t* expert_ids,
                                    float* weights, int64_t tokens, int64_t num_experts, int64_t top_k,
-                                   bool normalize) {
+                                   bool normalize, const int32_t* row_top_k) {
   dependent::wait_for_previous();  // dependent_launch.cuh: before any global access
   dependent::release_next();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t token = static_cast<int64_t>(blockIdx.x) * kRouteWarps + threadIdx.x / kWarpSize;
   if (token >= tokens) return;  // the whole warp
   const T* row = logits + token * num_experts;
+  // Out-of-range entries clamp to [1, top_k] (the host checks them; the CPU reference names them).
+  const int64_t asked = row_top_k == nullptr ? top_k : row_top_k[token];
+  const int64_t own_k = asked < 1 ? 1 : (asked > top_k ? top_k : asked);
   const Choice mine = route_in_warp<kExpertsPerLane>([row](int64_t e) { return access::to_float(row[e]); },
-                                                     present, num_experts, top_k, normalize);
+                                                     present, num_experts, top_k, normalize, own_k);
   if (lane < top_k) {
     expert_ids[token * top_k + lane] = mine.expert;
     weights[token * top_k + lane] = mine.probability;
@@ -51,11 +54,11 @@ __global__ void route_top_k_kernel(const T* logits, const uint8_t* present, int3
 template <class T, int kExpertsPerLane>
 void launch_route_top_k(const void* logits, const uint8_t* present, int32_t* expert_ids, float* weights,
                         int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
-                        cudaStream_t stream) {
+                        const int32_t* row_top_k, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>((tokens + kRouteWarps - 1) / kRouteWarps);
   dependent::launch(route_top_k_kernel<T, kExpertsPerLane>, dim3(blocks), dim3(kRouteWarps * kWarpSize), 0,
                     stream, static_cast<const T*>(logits), present, expert_ids, weights, tokens, num_experts,
-                    top_k, normalize);
+                    top_k, normalize, row_top_k);
 }
 
 // ---- group_by_expert ---------------------------------------------------------------------------
@@ -337,7 +340,7 @@ constexpr int kCombineThreads = 256;
 
 void route_top_k(const void* logits, ScalarType type, const uint8_t* present, int32_t* expert_ids,
                  float* weights, int64_t tokens, int64_t num_experts, int64_t top_k, bool normalize,
-                 cudaStream_t stream) {
+                 const int32_t* row_top_k, cudaStream_t stream) {
   if (tokens == 0) return;
   EPIC_CHECK(num_experts >= 1 && num_experts <= kMaxRouteExperts && top_k >= 1 && top_k <= kMaxRouteTopK,
              ErrorCode::kUnsupported,
@@ -347,8 +350,8 @@ void route_top_k(const void* logits, ScalarType type, const uint8_t* present, in
   access::dispatch_float_type(type, "route_top_k", [&](auto type_tag) {
     using T = typename decltype(type_tag)::type;
     const auto launch = [&](auto experts_per_lane) {
-      launch_route_top_k<T, decltype(experts_per_lane)::value>(logits, present, expert_ids, weights, tokens,
-                                                               num_experts, top_k, normalize, stream);
+      launch_route_top_k<T, decltype(experts_per_lane)::value>(
+          logits, present, expert_ids, weights, tokens, num_experts, top_k, normalize, row_top_k, stream);
     };
     if (num_experts <= 1 * kWarpSize) {
       launch(std::integral_constant<int, 1>{});

@@ -23,13 +23,15 @@ struct Choice {
 // is max-subtracted fp32 over the present experts with the reference's expression
 // exp(logit - max) / denominator; then top_k (<= 32) rounds each take the first remaining expert in
 // the selection order and retire it. Lane j < top_k returns the j-th choice, its probability
-// renormalised over the chosen ones when normalize; other lanes return {0, -1}.
+// renormalised over the chosen ones when normalize; other lanes return {0, -1}. With own_k < top_k
+// (Backend::route_top_k's row_top_k) only the first own_k choices are the token's: the sum that
+// renormalises them stops there, and lanes own_k..top_k-1 return the padding {0, first choice}.
 // A round is two warp reductions in hardware (redux.sync, sm_80+) rather than a shuffle tree: the
 // largest probability (a probability is >= +0, so its bits order as the values do; +1 keeps 0 for
 // "no candidate"), then the lowest expert id among the lanes holding it.
 template <int kExpertsPerLane, class LogitOf>
 __device__ __forceinline__ Choice route_in_warp(LogitOf logit, const uint8_t* present, int64_t num_experts,
-                                                int64_t top_k, bool normalize) {
+                                                int64_t top_k, bool normalize, int64_t own_k) {
   constexpr int kWarp = access::kWarpSize;
   const int lane = threadIdx.x % kWarp;
   float probability[kExpertsPerLane];
@@ -81,9 +83,11 @@ __device__ __forceinline__ Choice route_in_warp(LogitOf logit, const uint8_t* pr
         best_key == 0 ? Choice{-1.0f, -1} : Choice{__uint_as_float(best_key - 1u), best_expert};
     if (best.expert >= 0 && best.expert % kWarp == lane) remaining &= ~(1u << (best.expert / kWarp));
     if (lane == j) mine = best;
-    selected_sum = __fadd_rn(selected_sum, best.probability);  // in selection order, as the reference
+    if (j < own_k) selected_sum = __fadd_rn(selected_sum, best.probability);  // in selection order
   }
-  if (normalize && lane < top_k) mine.probability = __fdiv_rn(mine.probability, selected_sum);
+  if (normalize && lane < own_k) mine.probability = __fdiv_rn(mine.probability, selected_sum);
+  const int32_t first_choice = __shfl_sync(access::kFullWarpMask, mine.expert, 0);
+  if (lane >= own_k && lane < top_k) mine = Choice{0.0f, first_choice};
   return mine;
 }
 

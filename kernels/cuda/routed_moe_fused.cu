@@ -137,7 +137,7 @@ __device__ void route_token_in_block(const RoutedMoeFusedArgs& args, int64_t tok
     const float* row = args.logits + token * args.num_experts;
     const Choice mine =
         route_in_warp<kExpertsPerLane>([row](int64_t e) { return __ldcg(row + e); }, args.present,
-                                       args.num_experts, args.top_k, args.normalize);
+                                       args.num_experts, args.top_k, args.normalize, args.top_k);
     const int owner = mine.expert >= 0 ? mine.expert % 32 : 0;
     int32_t my_local = -1;
 #pragma unroll

@@ -103,7 +103,7 @@ class HostMemoryBackend final : public Backend {
   void score_rows(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) override {
     no_math("score_rows");
   }
-  void route_top_k(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool) override {
+  void route_top_k(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, const Tensor&) override {
     no_math("route_top_k");
   }
   void group_by_expert(const Tensor&, int64_t, int64_t, const Tensor&, const Tensor&,

@@ -1,7 +1,7 @@
 // epic run with a budget of resident experts (--expert-budget, launch/expert_budget.h) on the trained
 // model: waiting for a missing expert, or reading it in place (--on-miss read), gives, bitwise, the tokens
-// and logits of the run with every expert loaded, whatever the budget, tier and eviction policy; substituting reports what it substituted; bad
-// flags get clear errors.
+// and logits of the run with every expert loaded, whatever the budget, tier and eviction policy; substituting
+// reports what it substituted; bad flags get clear errors.
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -89,6 +89,62 @@ TEST_F(Cli, BenchDecodeComparesEachBudgetWithEveryExpertResident) {
   // total:20 over 8 layers is less than half of 245 experts.
   EXPECT_LT(decode[2]["residency"]["resident_expert_bytes"].get<double>(),
             decode[1]["residency"]["resident_expert_bytes"].get<double>());
+}
+
+// A residency state per prompt (--residency-state wake,focus,...): the prompts share every step, yet each
+// gets, bitwise, the tokens and prompt logits of a run where every prompt is in its state; with a budget
+// read in place as well. A list of the wrong length or with an unknown state is refused.
+TEST_F(Cli, ResidencyStatePerPromptGivesEachPromptTheResultOfItsState) {
+  const fs::path prompts = scratch() / "prompts.txt";
+  std::ofstream(prompts) << "785,6171,1483,553,279\n2747,4688,13,198\n1483,553,279,2747,4688,13,785\n";
+  const std::string run = "run --model " + trained_model().string() + " --prompt-ids-file " +
+                          prompts.string() + " --max-new-tokens 6 --precision fp32 --allow-missing-experts";
+  const auto outcome_of = [&](const std::string& flags, const std::string& name) {
+    const fs::path logits = scratch() / (name + ".npy");
+    const Outcome outcome = run_epic(run + flags + " --logits-out " + logits.string(), scratch());
+    EXPECT_EQ(outcome.exit_code, 0) << flags << ": " << outcome.err;
+    std::vector<std::string> lines;
+    std::stringstream text(outcome.out);
+    for (std::string line; std::getline(text, line);) lines.push_back(line);
+    return std::make_pair(lines, outcome.exit_code == 0 ? read_npy_f32(logits) : NpyArray{});
+  };
+  const auto wake = outcome_of(" --residency-state wake", "wake");
+  const auto focus = outcome_of(" --residency-state focus", "focus");
+  ASSERT_EQ(wake.first.size(), 3u);
+  ASSERT_EQ(focus.first.size(), 3u);
+  ASSERT_NE(wake.second.values, focus.second.values) << "wake must route differently from focus";
+  const int64_t vocab = wake.second.shape.at(1);
+  const int64_t first_row[] = {0, 5, 9, 16};  // the prompts' rows in the logits file
+  for (const std::string budget : {"", " --expert-budget 25% --on-miss read"}) {
+    for (const std::vector<std::string> states : {std::vector<std::string>{"wake", "focus", "wake"},
+                                                  std::vector<std::string>{"focus", "focus", "wake"}}) {
+      const std::string list = states[0] + "," + states[1] + "," + states[2];
+      SCOPED_TRACE(list + budget);
+      const auto mixed = outcome_of(" --residency-state " + list + budget, "mixed");
+      ASSERT_EQ(mixed.first.size(), 3u);
+      ASSERT_EQ(mixed.second.shape, wake.second.shape);
+      for (int p = 0; p < 3; ++p) {
+        const auto& alike = states[p] == "wake" ? wake : focus;
+        EXPECT_EQ(mixed.first[p], alike.first[p]) << "prompt " << p;
+        const auto rows = [&](const NpyArray& a) {
+          return std::vector<float>(a.values.begin() + first_row[p] * vocab,
+                                    a.values.begin() + first_row[p + 1] * vocab);
+        };
+        EXPECT_TRUE(rows(mixed.second) == rows(alike.second)) << "prompt " << p << " logits";
+        ASSERT_FALSE(rows(wake.second) == rows(focus.second)) << "prompt " << p << ": the states must differ";
+      }
+    }
+  }
+  const std::pair<std::string, std::string> refused[] = {
+      {" --residency-state wake,focus", "--residency-state lists 2 states for 3 prompts"},
+      {" --residency-state wake,,focus", "entry 2 is empty"},
+      {" --residency-state wake,sleep,focus", "residency state 'sleep'"},
+  };
+  for (const auto& [flags, message] : refused) {
+    const Outcome outcome = run_epic(run + flags, scratch(), 120);
+    EXPECT_EQ(outcome.exit_code, 2) << flags;
+    EXPECT_NE(outcome.err.find(message), std::string::npos) << flags << ": " << outcome.err;
+  }
 }
 
 TEST_F(Cli, ExpertStoreFlagsAreChecked) {

@@ -132,6 +132,16 @@ const std::vector<ClusterCase> kCases = {
     {"ExpertBudgetReadInPlace", "qwen3_moe_f32",
      "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 5",
      "--expert-budget 1 --on-miss read --eviction usefulness"},
+    // A residency state per prompt on the trained top-8 model (WAKE: 4 experts per token): the ranks agree
+    // on 8 slots per row, a WAKE row's last 4 are padding the exchange does not send; with a budget too.
+    {"ResidencyStatePerPrompt", "../../../configs/models/qwen3-moe-python-small",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4 --allow-missing-experts "
+                                          "--residency-state wake,focus,wake,wake,focus",
+     ""},
+    {"ResidencyStatePerPromptBudgetRead", "../../../configs/models/qwen3-moe-python-small",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4 --allow-missing-experts "
+                                          "--residency-state focus,wake,wake,focus,wake",
+     "--expert-budget 25% --on-miss read --max-active-sequences 2"},
 };
 
 INSTANTIATE_TEST_SUITE_P(Golden, ClusterMatchesOneProcess,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The residency states over NCCL: `epic run --residency-state wake|focus` on the trained model (WAKE = 4 of
-# its 8 experts per token, worker/routing_policy.h) under mpirun -np 2 with the NCCL executor, normal and
+# The residency states over NCCL: `epic run --residency-state wake|focus|<one per prompt>` on the trained model
+# (WAKE = 4 of its 8 experts per token, worker/routing_policy.h) under mpirun -np 2 with the NCCL executor, normal and
 # low-latency modes, against one GPU: fp32, prompt logits within 1e-5 relative L2 and the same generated
 # text; and WAKE must differ from FOCUS (the policy reached the routers).
 #   bash tests/gpu/ep_wake_check.sh BUILD_DIR OUT_DIR      (from tests/gpu/run_gpu_tests.sh nccl, 2+ GPUs)
@@ -11,7 +11,9 @@ status=0
 source tests/gpu/trained_model_dir.sh  # $model
 head -c 3000 "$model/heldout.txt" | grep -v '^\s*$' | head -6 > "$out/prompts.txt"
 common=(--model "$model" --allow-missing-experts --prompts-file "$out/prompts.txt" --max-new-tokens 12 --precision fp32)
-for state in wake focus; do
+# wake, focus, and a state per prompt (the ranks agree on 8 slots per row; a WAKE row's last 4 are padding).
+per_prompt=$(awk '{ printf "%s%s", (NR > 1 ? "," : ""), (NR % 3 == 1 ? "focus" : "wake") }' "$out/prompts.txt")
+for state in wake focus "$per_prompt"; do
   timeout 120 "$build/epic" run "${common[@]}" --residency-state "$state" --logits-out "$out/one_$state.npy" \
     > "$out/one_$state.txt" 2> "$out/one_$state.err" || { echo "ep-wake: one GPU $state failed"; status=1; continue; }
   for mode in normal low-latency; do

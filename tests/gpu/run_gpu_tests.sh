@@ -10,7 +10,8 @@
 #     golden: regenerate the golden fixtures' bf16_reference.json (transformers' own bf16 error, the
 #             bar of the cuda bf16 golden mode) with tests/golden/make_golden.py, before the tests
 #     tests:  build with CUDA, run the kernel op table, golden, model and checkpoint suites (CUDA
-#             rows included); ctest: the whole ctest suite
+#             rows included), then a residency state per prompt (tests/gpu/residency_state_check.sh);
+#             ctest: the whole ctest suite
 #     bench:  the expert FFN micro-benchmark, bench-moe and bench-decode; baselines: the
 #             torch/transformers figures of the same card (launch/bench/run_gpu_bench.sh)
 #     profile: where the time goes: the prefill-size expert FFN paths, per-op device times
@@ -125,6 +126,10 @@ if wants tests; then
     tail -4 "$OUT/$(basename "$suite").log" | tee -a "$OUT/summary.log"
     grep -E "^\[  FAILED|Failure|error" "$OUT/$(basename "$suite").log" | head -20 | tee -a "$OUT/summary.log"
   done
+  log "test: a residency state per prompt on one GPU (tests/gpu/residency_state_check.sh)"
+  bash tests/gpu/residency_state_check.sh "$BUILD" "$OUT/residency" > "$OUT/residency.log" 2>&1 || status=1
+  grep -E "^residency" "$OUT/residency.log" | grep -v " -- ok$" | tee -a "$OUT/summary.log"
+  grep -cE " -- ok$" "$OUT/residency.log" | sed 's/^/residency: prompts matching their state: /' | tee -a "$OUT/summary.log"
 fi
 if wants scoring; then
   log "scoring: log_softmax and score_rows on CUDA against the CPU backend (epic_kernels_test)"

@@ -1051,6 +1051,7 @@ void add_route_cases(std::vector<OpCase>& cases) {
     Present present;
     Logits logits;
     const char* what;
+    bool per_row_k = false;  // row_top_k: each token its own k in [1, top_k] (a residency state per request)
   };
   const std::vector<Shape> shapes = {
       {1, 1, 1, true, Present::kAll, Logits::kSeparated, "one_expert"},
@@ -1063,6 +1064,9 @@ void add_route_cases(std::vector<OpCase>& cases) {
       {2, 130, 1, false, Present::kEveryThirdAbsent, Logits::kAllEqual, "ties_absent"},
       // The CUDA router keeps a token's choices in one warp: top_k up to 32.
       {1, 32, 32, true, Present::kAll, Logits::kSeparated, "k_is_all"},
+      {9, 128, 8, true, Present::kAll, Logits::kSeparated, "per_row_k", true},
+      {7, 60, 4, false, Present::kRandomHalf, Logits::kSeparated, "per_row_k", true},
+      {5, 128, 8, true, Present::kAll, Logits::kAllEqual, "per_row_k_ties", true},
   };
   for (const Shape s : shapes) {
     cases.push_back(OpCase{
@@ -1105,16 +1109,42 @@ void add_route_cases(std::vector<OpCase>& cases) {
           present_tensor.bytes = present;
           HostTensor weights =
               floats("weights", Role::kF32, {s.tokens, s.top_k}, nan_filled(s.tokens * s.top_k), true);
-          return HostTensors{floats("logits", Role::kF32, {s.tokens, s.experts}, logits), present_tensor,
-                             i32_out("expert_ids", {s.tokens, s.top_k}), weights};
+          HostTensors tensors{floats("logits", Role::kF32, {s.tokens, s.experts}, logits), present_tensor,
+                              i32_out("expert_ids", {s.tokens, s.top_k}), weights};
+          if (s.per_row_k) {
+            // Every k from 1 to top_k among the tokens (the first two: 1 and top_k), the rest random.
+            std::vector<int32_t> row_k(static_cast<size_t>(s.tokens));
+            std::uniform_int_distribution<int32_t> pick(1, static_cast<int32_t>(s.top_k));
+            for (int64_t t = 0; t < s.tokens; ++t)
+              row_k[t] = t == 0 ? 1 : t == 1 ? static_cast<int32_t>(s.top_k) : pick(g);
+            tensors.push_back(i32_in("row_top_k", {s.tokens}, row_k));
+          }
+          return tensors;
         },
-        [s](Backend& b, const Tensors& t) { b.route_top_k(t[0], t[1], t[2], t[3], s.normalize); },
+        [s](Backend& b, const Tensors& t) {
+          b.route_top_k(t[0], t[1], t[2], t[3], s.normalize, s.per_row_k ? t[4] : Tensor{});
+        },
         [s](const HostTensors& t) {
           std::vector<Expected> out(2);
           out[0].ints.resize(static_cast<size_t>(s.tokens * s.top_k));
           out[1].values.resize(out[0].ints.size());
-          reference_route_top_k(t[0].values.data(), t[1].bytes.data(), s.tokens, s.experts, s.top_k,
-                                s.normalize, out[0].ints.data(), out[1].values.data());
+          if (!s.per_row_k) {
+            reference_route_top_k(t[0].values.data(), t[1].bytes.data(), s.tokens, s.experts, s.top_k,
+                                  s.normalize, out[0].ints.data(), out[1].values.data());
+          } else {
+            // Token t as route_top_k with k = row_top_k[t] alone, then padding: its first choice, weight 0.
+            for (int64_t token = 0; token < s.tokens; ++token) {
+              const int64_t own_k = t[4].ints[token];
+              std::vector<int32_t> ids(static_cast<size_t>(own_k));
+              std::vector<double> weights(ids.size());
+              reference_route_top_k(t[0].values.data() + token * s.experts, t[1].bytes.data(), 1, s.experts,
+                                    own_k, s.normalize, ids.data(), weights.data());
+              for (int64_t j = 0; j < s.top_k; ++j) {
+                out[0].ints[token * s.top_k + j] = j < own_k ? ids[j] : ids[0];
+                out[1].values[token * s.top_k + j] = j < own_k ? weights[j] : 0.0;
+              }
+            }
+          }
           out[1].scale = absolute(out[1].values);
           return out;
         }});

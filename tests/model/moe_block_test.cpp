@@ -352,8 +352,8 @@ TEST_F(MoeBlock, StepsOneByOneEqualTheDirectFormula) {
     SCOPED_TRACE(normalize ? "norm_topk_prob" : "no renormalisation");
     const ModelConfig c = config(normalize);
     Workspace workspace(*backend);
-    const RoutedTokens routed =
-        route_tokens(*backend, c, layer, layer.present_mask, c.num_experts_per_tok, hidden, workspace);
+    const RoutedTokens routed = route_tokens(*backend, c, layer, layer.present_mask, c.num_experts_per_tok,
+                                             hidden, workspace, Tensor{});
     std::vector<int32_t> expert_ids(slots);
     backend->copy_to_host(routed.expert_ids, 0, expert_ids.data(), expert_ids.size() * sizeof(int32_t));
     for (int64_t t = 0; t < kTokens; ++t) {
