@@ -44,6 +44,15 @@ ExpertTier parse_expert_tier(std::string_view text) {
 
 std::string_view expert_tier_name(ExpertTier tier) { return tier == ExpertTier::kDisk ? "disk" : "host"; }
 
+std::vector<int64_t> most_wanted_first(const std::map<int64_t, double>& wanted) {
+  std::vector<std::pair<double, int64_t>> order;
+  for (const auto& [expert, amount] : wanted) order.push_back({-amount, expert});
+  std::sort(order.begin(), order.end());
+  std::vector<int64_t> experts;
+  for (const auto& [amount, expert] : order) experts.push_back(expert);
+  return experts;
+}
+
 struct ExpertStore::Layer {
   MoeLayerWeights weights;            // gate_up/down: the slots; local_index: published slots
   std::vector<int32_t> hosted_index;  // [num_experts]: position in weights.hosted, -1 when not hosted

@@ -73,6 +73,11 @@ struct ExpertStoreStats {
   uint64_t host_tier_bytes = 0;  // host bytes of the host tier (0 for disk)
 };
 
+// The order prefetch and admit_in_background take, most wanted first: the experts of `wanted` (expert
+// -> how much the step wanted it: the routing weight or the rows its misses had) by that amount,
+// descending, ties to the lower expert id.
+std::vector<int64_t> most_wanted_first(const std::map<int64_t, double>& wanted);
+
 // Not thread-safe; one per worker, used on the thread that drives its backend. The source must
 // outlive a disk-tier store.
 class ExpertStore {

@@ -156,10 +156,7 @@ void OffloadingMoeExecutor::finish_step() {
   unlogged_picks_.clear();
   std::map<int64_t, std::vector<int64_t>> wanted;
   for (const auto& [layer, experts] : missed) {
-    std::vector<std::pair<double, int64_t>> order;
-    for (const auto& [expert, weight] : experts) order.push_back({-weight, expert});
-    std::sort(order.begin(), order.end());
-    for (const auto& [weight, expert] : order) wanted[layer].push_back(expert);
+    wanted[layer] = most_wanted_first(experts);
     stats_.read_in_place += static_cast<int64_t>(experts.size());
     stats_.bytes_read_in_place += experts.size() * store_.expert_bytes();
   }
@@ -244,12 +241,7 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
       weights[t * top_k + j] = config_.norm_topk_prob ? probs[chosen[j]] / chosen_mass : probs[chosen[j]];
     }
   }
-  std::vector<std::pair<double, int64_t>> order;
-  for (const auto& [expert, weight] : missed_weight) order.push_back({-weight, expert});
-  std::sort(order.begin(), order.end());
-  std::vector<int64_t> missed;
-  for (const auto& [weight, expert] : order) missed.push_back(expert);
-  return missed;
+  return most_wanted_first(missed_weight);
 }
 
 void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
