@@ -137,6 +137,8 @@ void OffloadingMoeExecutor::finish_step() {
   if (on_miss_ != OnMiss::kRead || step_rows_ < 0) return;
   const int64_t rows = step_rows_;
   step_rows_ = -1;
+  // Every MoE layer ran once this step (each has a row of the routing log), through forward or not.
+  stats_.calls += static_cast<int64_t>(moe_index_.size());
   std::map<int64_t, std::map<int64_t, double>> missed;  // layer -> expert -> routing weight lost
   const int64_t top_k = routed_top_k(config_);
   if (rows > 0 && rows <= kLoggedRows && !routing_log_.empty()) {
@@ -249,7 +251,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
   EPIC_CHECK(store_.is_moe_layer(layer), ErrorCode::kInternal,
              "offloading executor: layer " + std::to_string(layer) + " has no experts in the store");
   if (on_miss_ == OnMiss::kRead) {
-    ++stats_.calls;
+    if (step_rows_ < 0) ++stats_.calls;  // within a step finish_step counts the calls
     forward_in_place(layer, hidden, router_input, out, workspace);
     return;
   }
