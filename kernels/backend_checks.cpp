@@ -144,6 +144,21 @@ class OpCheck {
            "(num_heads + 2 * num_kv_heads) * head_dim of the attention shape");
   }
 
+  // What the expert FFN ops (expert_ffn, expert_ffn_addressed) ask of their rows, whatever holds the
+  // weights: x [rows, hidden] grouped by expert_offsets, intermediate with x's rows and y with x's shape,
+  // both of x's activation type.
+  void expert_ffn_rows(const Tensor& x, const Tensor& expert_offsets, const Tensor& intermediate,
+                       const Tensor& y) const {
+    tensor("x", x, 2, "[rows, hidden]", Types::kActivation);
+    tensor("expert_offsets", expert_offsets, 1, "[num_experts + 1]", Types::kI32);
+    tensor("intermediate", intermediate, 2, "[rows, intermediate]", Types::kActivation);
+    tensor("y", y, 2, "[rows, hidden]", Types::kActivation);
+    same_dim("intermediate", intermediate, 0, "x", x, 0, "the row count");
+    same_type("intermediate", intermediate, "x", x, "one activation type");
+    same_shape("y", y, "x", x);
+    same_type("y", y, "x", x, "one activation type");
+  }
+
   // Row-aligned I32 vector: one entry per row of `rows_of`.
   void per_row(const char* name, const Tensor& t, const char* rows_name, const Tensor& rows_of) const {
     tensor(name, t, 1, "[rows]", Types::kI32);
@@ -411,13 +426,10 @@ void check_expert_ffn(MemorySpace space, const Tensor& x, const Tensor& expert_o
                       const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
                       const Tensor& y) {
   const OpCheck check("expert_ffn", space);
-  check.tensor("x", x, 2, "[rows, hidden]", Types::kActivation);
-  check.tensor("expert_offsets", expert_offsets, 1, "[num_experts + 1]", Types::kI32);
+  check.expert_ffn_rows(x, expert_offsets, intermediate, y);
   check.tensor("gate_up", gate_up, 3, "[hosted experts, 2 * intermediate, hidden]", Types::kWeight);
   check.tensor("down", down, 3, "[hosted experts, hidden, intermediate]", Types::kWeight);
   check.tensor("local_index", local_index, 1, "[num_experts]", Types::kI32);
-  check.tensor("intermediate", intermediate, 2, "[rows, intermediate]", Types::kActivation);
-  check.tensor("y", y, 2, "[rows, hidden]", Types::kActivation);
   if (expert_offsets.dim(0) != local_index.dim(0) + 1) {
     check.fail_pair("expert_offsets", expert_offsets, "local_index", local_index,
                     "expert_offsets needs num_experts + 1 entries for local_index's num_experts");
@@ -433,11 +445,7 @@ void check_expert_ffn(MemorySpace space, const Tensor& x, const Tensor& expert_o
     check.fail_pair("down", down, "gate_up", gate_up,
                     "the intermediate size differs (down's I, gate_up's 2I)");
   }
-  check.same_dim("intermediate", intermediate, 0, "x", x, 0, "the row count");
   check.same_dim("intermediate", intermediate, 1, "down", down, 2, "the intermediate size");
-  check.same_type("intermediate", intermediate, "x", x, "one activation type");
-  check.same_shape("y", y, "x", x);
-  check.same_type("y", y, "x", x, "one activation type");
 }
 
 void check_combine_top_k(MemorySpace space, const Tensor& expert_out, const Tensor& sorted_position,
@@ -485,11 +493,8 @@ void check_expert_ffn_addressed(MemorySpace space, const Tensor& x, const Tensor
                                 const Tensor& addresses, ScalarType weight_type, const Tensor& intermediate,
                                 const Tensor& y) {
   const OpCheck check("expert_ffn_addressed", space);
-  check.tensor("x", x, 2, "[rows, hidden]", Types::kActivation);
-  check.tensor("expert_offsets", expert_offsets, 1, "[num_experts + 1]", Types::kI32);
+  check.expert_ffn_rows(x, expert_offsets, intermediate, y);
   check.tensor("addresses", addresses, 2, "[num_experts, 2] (gate_up and down of each expert)", Types::kI64);
-  check.tensor("intermediate", intermediate, 2, "[rows, intermediate]", Types::kActivation);
-  check.tensor("y", y, 2, "[rows, hidden]", Types::kActivation);
   if (addresses.dim(1) != 2)
     check.fail("addresses is " + addresses.describe() + ": dimension 1 must be 2 (gate_up, then down)");
   if (expert_offsets.dim(0) != addresses.dim(0) + 1) {
@@ -498,10 +503,6 @@ void check_expert_ffn_addressed(MemorySpace space, const Tensor& x, const Tensor
   }
   if (weight_type != ScalarType::kF32 && weight_type != ScalarType::kBF16)
     check.fail(std::string("the weight type is ") + scalar_name(weight_type) + "; it must be f32 or bf16");
-  check.same_dim("intermediate", intermediate, 0, "x", x, 0, "the row count");
-  check.same_type("intermediate", intermediate, "x", x, "one activation type");
-  check.same_shape("y", y, "x", x);
-  check.same_type("y", y, "x", x, "one activation type");
 }
 
 void check_routed_moe(MemorySpace space, const Tensor& router_input, const Tensor& x,

@@ -64,10 +64,8 @@ void ExpertParallelMoeExecutor::finish_step() {
   std::map<int64_t, std::vector<int64_t>> wanted;  // most rows first
   for (const auto& [layer, experts] : step_misses_) {
     store_read_in_place_ += static_cast<int64_t>(experts.size());
-    std::vector<std::pair<int64_t, int64_t>> order;
-    for (const auto& [expert, rows] : experts) order.push_back({-rows, expert});
-    std::sort(order.begin(), order.end());
-    for (const auto& [rows, expert] : order) wanted[layer].push_back(expert);
+    // Row counts are exact in a double.
+    wanted[layer] = most_wanted_first(std::map<int64_t, double>(experts.begin(), experts.end()));
   }
   step_misses_.clear();
   resident_ffn_->store().admit_in_background(wanted, resident_ffn_->step());

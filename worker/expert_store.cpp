@@ -44,6 +44,15 @@ ExpertTier parse_expert_tier(std::string_view text) {
 
 std::string_view expert_tier_name(ExpertTier tier) { return tier == ExpertTier::kDisk ? "disk" : "host"; }
 
+std::vector<int64_t> most_wanted_first(const std::map<int64_t, double>& wanted) {
+  std::vector<std::pair<double, int64_t>> order;
+  for (const auto& [expert, amount] : wanted) order.push_back({-amount, expert});
+  std::sort(order.begin(), order.end());
+  std::vector<int64_t> experts;
+  for (const auto& [amount, expert] : order) experts.push_back(expert);
+  return experts;
+}
+
 struct ExpertStore::Layer {
   MoeLayerWeights weights;            // gate_up/down: the slots; local_index: published slots
   std::vector<int32_t> hosted_index;  // [num_experts]: position in weights.hosted, -1 when not hosted
@@ -84,6 +93,9 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
   EPIC_CHECK(weight_type_ == ScalarType::kF32 || weight_type_ == ScalarType::kBF16,
              ErrorCode::kInvalidArgument,
              std::string("expert store: weights are kept as f32 or bf16, not ") + scalar_name(weight_type_));
+  const int64_t hidden = config.hidden_size, inter = config.moe_intermediate_size;
+  gate_up_bytes_ = static_cast<size_t>(2 * inter * hidden) * scalar_size(weight_type_);
+  down_bytes_ = static_cast<size_t>(hidden * inter) * scalar_size(weight_type_);
 
   std::vector<int64_t> moe_layers;
   for (const auto& [layer, experts] : inventory) moe_layers.push_back(layer);
@@ -96,10 +108,6 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
                    std::to_string(slots) + " slots; a budget counts experts and cannot be negative");
   }
 
-  const int64_t hidden = config.hidden_size, inter = config.moe_intermediate_size;
-  const size_t element = scalar_size(weight_type_);
-  const size_t gate_up_bytes = static_cast<size_t>(2 * inter * hidden) * element;
-  const size_t down_bytes = static_cast<size_t>(hidden * inter) * element;
   ResidencyBudget capped;
   std::vector<TensorLoad> host_loads;
   for (const auto& [layer, experts] : inventory) {
@@ -156,19 +164,19 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
       }
     }
     if (tier_ == ExpertTier::kHost && num_hosted > 0) {
-      state->host_gate_up = backend.allocate_staging(static_cast<size_t>(num_hosted) * gate_up_bytes);
-      state->host_down = backend.allocate_staging(static_cast<size_t>(num_hosted) * down_bytes);
+      state->host_gate_up = backend.allocate_staging(static_cast<size_t>(num_hosted) * gate_up_bytes());
+      state->host_down = backend.allocate_staging(static_cast<size_t>(num_hosted) * down_bytes());
       const Tensor gate_up_tier(state->host_gate_up->data(), weight_type_, MemorySpace::kHost,
                                 {num_hosted, 2 * inter, hidden});
       const Tensor down_tier(state->host_down->data(), weight_type_, MemorySpace::kHost,
                              {num_hosted, hidden, inter});
       for (int64_t position = 0; position < num_hosted; ++position) {
         const std::vector<std::string> names = expert_tensor_names(config, layer, weights.hosted[position]);
-        const size_t gate_up_offset = static_cast<size_t>(position) * gate_up_bytes;
+        const size_t gate_up_offset = static_cast<size_t>(position) * gate_up_bytes();
         host_loads.push_back({names[0], {inter, hidden}, gate_up_tier, gate_up_offset});
-        host_loads.push_back({names[1], {inter, hidden}, gate_up_tier, gate_up_offset + gate_up_bytes / 2});
+        host_loads.push_back({names[1], {inter, hidden}, gate_up_tier, gate_up_offset + gate_up_bytes() / 2});
         host_loads.push_back(
-            {names[2], {hidden, inter}, down_tier, static_cast<size_t>(position) * down_bytes});
+            {names[2], {hidden, inter}, down_tier, static_cast<size_t>(position) * down_bytes()});
       }
     }
     if (tier_ == ExpertTier::kHost) {
@@ -195,24 +203,18 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
 }
 
 void ExpertStore::point_at_host_tier(Layer& state, int64_t expert_id) const {
-  const size_t gate_up_bytes = static_cast<size_t>(2 * config_.moe_intermediate_size * config_.hidden_size) *
-                               scalar_size(weight_type_);
-  const size_t down_bytes = expert_bytes() - gate_up_bytes;
   const auto position = static_cast<size_t>(state.hosted_index[expert_id]);
-  state.mirror()[2 * expert_id] =
-      reinterpret_cast<int64_t>(static_cast<uint8_t*>(state.host_gate_up->data()) + position * gate_up_bytes);
+  state.mirror()[2 * expert_id] = reinterpret_cast<int64_t>(
+      static_cast<uint8_t*>(state.host_gate_up->data()) + position * gate_up_bytes());
   state.mirror()[2 * expert_id + 1] =
-      reinterpret_cast<int64_t>(static_cast<uint8_t*>(state.host_down->data()) + position * down_bytes);
+      reinterpret_cast<int64_t>(static_cast<uint8_t*>(state.host_down->data()) + position * down_bytes());
 }
 
 void ExpertStore::point_at_slot(Layer& state, int64_t expert_id, int64_t slot) const {
-  const size_t gate_up_bytes = static_cast<size_t>(2 * config_.moe_intermediate_size * config_.hidden_size) *
-                               scalar_size(weight_type_);
-  const size_t down_bytes = expert_bytes() - gate_up_bytes;
   state.mirror()[2 * expert_id] = reinterpret_cast<int64_t>(
-      static_cast<uint8_t*>(state.weights.gate_up.view().data) + static_cast<size_t>(slot) * gate_up_bytes);
+      static_cast<uint8_t*>(state.weights.gate_up.view().data) + static_cast<size_t>(slot) * gate_up_bytes());
   state.mirror()[2 * expert_id + 1] = reinterpret_cast<int64_t>(
-      static_cast<uint8_t*>(state.weights.down.view().data) + static_cast<size_t>(slot) * down_bytes);
+      static_cast<uint8_t*>(state.weights.down.view().data) + static_cast<size_t>(slot) * down_bytes());
 }
 
 const Tensor& ExpertStore::address_table(int64_t layer) const {
@@ -224,11 +226,6 @@ const Tensor& ExpertStore::address_table(int64_t layer) const {
 }
 
 ExpertStore::~ExpertStore() = default;
-
-uint64_t ExpertStore::expert_bytes() const {
-  return static_cast<uint64_t>(3 * config_.moe_intermediate_size * config_.hidden_size) *
-         scalar_size(weight_type_);
-}
 
 ExpertStore::Layer& ExpertStore::layer_state(int64_t layer, const char* operation) {
   return const_cast<Layer&>(static_cast<const ExpertStore&>(*this).layer_state(layer, operation));
@@ -310,8 +307,6 @@ bool ExpertStore::admit(Layer& state, int64_t layer, int64_t expert_id, int64_t 
 void ExpertStore::copy_from_disk(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
                                  ExpertLoadReport& report) {
   const int64_t hidden = config_.hidden_size, inter = config_.moe_intermediate_size;
-  const size_t gate_up_bytes = static_cast<size_t>(2 * inter * hidden) * scalar_size(weight_type_);
-  const size_t down_bytes = expert_bytes() - gate_up_bytes;
   const Tensor staging(disk_staging_->data(), weight_type_, MemorySpace::kHost,
                        {staging_experts_, static_cast<int64_t>(expert_bytes() / scalar_size(weight_type_))});
   HostTierBackend host_tier(backend_);
@@ -325,17 +320,17 @@ void ExpertStore::copy_from_disk(Layer& state, int64_t layer, const std::vector<
       const std::vector<std::string> names = expert_tensor_names(config_, layer, jobs[first + k].expert_id);
       const size_t base = k * expert_bytes();
       loads.push_back({names[0], {inter, hidden}, staging, base});
-      loads.push_back({names[1], {inter, hidden}, staging, base + gate_up_bytes / 2});
-      loads.push_back({names[2], {hidden, inter}, staging, base + gate_up_bytes});
+      loads.push_back({names[1], {inter, hidden}, staging, base + gate_up_bytes() / 2});
+      loads.push_back({names[2], {hidden, inter}, staging, base + gate_up_bytes()});
     }
     report.source_bytes_read += load_tensors(source_, host_tier, loads, load_options).bytes_read;
     const auto* bytes = static_cast<const uint8_t*>(disk_staging_->data());
     for (size_t k = 0; k < count; ++k) {
       const size_t slot = static_cast<size_t>(jobs[first + k].slot);
-      backend_.copy_from_host(state.weights.gate_up, slot * gate_up_bytes, bytes + k * expert_bytes(),
-                              gate_up_bytes);
-      backend_.copy_from_host(state.weights.down, slot * down_bytes,
-                              bytes + k * expert_bytes() + gate_up_bytes, down_bytes);
+      backend_.copy_from_host(state.weights.gate_up, slot * gate_up_bytes(), bytes + k * expert_bytes(),
+                              gate_up_bytes());
+      backend_.copy_from_host(state.weights.down, slot * down_bytes(),
+                              bytes + k * expert_bytes() + gate_up_bytes(), down_bytes());
       report.bytes_from_disk += expert_bytes();
     }
     backend_.synchronize();  // the next batch refills the staging buffer
@@ -352,19 +347,15 @@ void ExpertStore::copy_in(Layer& state, int64_t layer, const std::vector<CopyJob
   };
   try {
     if (tier_ == ExpertTier::kHost) {
-      const size_t gate_up_bytes =
-          static_cast<size_t>(2 * config_.moe_intermediate_size * config_.hidden_size) *
-          scalar_size(weight_type_);
-      const size_t down_bytes = expert_bytes() - gate_up_bytes;
       const auto* host_gate_up = static_cast<const uint8_t*>(state.host_gate_up->data());
       const auto* host_down = static_cast<const uint8_t*>(state.host_down->data());
       for (const CopyJob& job : jobs) {
         const size_t position = static_cast<size_t>(state.hosted_index[job.expert_id]);
         const size_t slot = static_cast<size_t>(job.slot);
-        backend_.copy_from_host(state.weights.gate_up, slot * gate_up_bytes,
-                                host_gate_up + position * gate_up_bytes, gate_up_bytes);
-        backend_.copy_from_host(state.weights.down, slot * down_bytes, host_down + position * down_bytes,
-                                down_bytes);
+        backend_.copy_from_host(state.weights.gate_up, slot * gate_up_bytes(),
+                                host_gate_up + position * gate_up_bytes(), gate_up_bytes());
+        backend_.copy_from_host(state.weights.down, slot * down_bytes(), host_down + position * down_bytes(),
+                                down_bytes());
         report.bytes_from_host += expert_bytes();
       }
     } else {
@@ -504,9 +495,6 @@ ExpertLoadReport ExpertStore::admit_in_background(
   check_step(step, "admit_in_background");
   latest_step_ = step;
   backend_.wait_side_copies();  // the mirror entries below may be read by the previous batch's uploads
-  const size_t gate_up_bytes = static_cast<size_t>(2 * config_.moe_intermediate_size * config_.hidden_size) *
-                               scalar_size(weight_type_);
-  const size_t down_bytes = expert_bytes() - gate_up_bytes;
   constexpr size_t kEntryBytes = 2 * sizeof(int64_t);
   ExpertLoadReport report;
   // Three batches, each one call: the evicted experts' entries back to the host tier on the stream (before
@@ -519,8 +507,8 @@ ExpertLoadReport ExpertStore::admit_in_background(
     const std::vector<CopyJob> jobs = admit_list(state, layer, experts, step, report);
     for (size_t v = evicted_before; v < report.evicted.size(); ++v) {
       const int64_t victim = report.evicted[v];
-      evictions.push_back({state.addresses, static_cast<size_t>(victim) * kEntryBytes, state.mirror() + 2 * victim,
-                           kEntryBytes});
+      evictions.push_back({state.addresses, static_cast<size_t>(victim) * kEntryBytes,
+                           state.mirror() + 2 * victim, kEntryBytes});
       evictions.push_back({state.weights.local_index, static_cast<size_t>(victim) * sizeof(int32_t),
                            state.published() + victim, sizeof(int32_t)});
     }
@@ -529,9 +517,10 @@ ExpertLoadReport ExpertStore::admit_in_background(
     for (const CopyJob& job : jobs) {
       const auto position = static_cast<size_t>(state.hosted_index[job.expert_id]);
       const auto slot = static_cast<size_t>(job.slot);
-      bytes.push_back({state.weights.gate_up, slot * gate_up_bytes, host_gate_up + position * gate_up_bytes,
-                       gate_up_bytes});
-      bytes.push_back({state.weights.down, slot * down_bytes, host_down + position * down_bytes, down_bytes});
+      bytes.push_back({state.weights.gate_up, slot * gate_up_bytes(),
+                       host_gate_up + position * gate_up_bytes(), gate_up_bytes()});
+      bytes.push_back(
+          {state.weights.down, slot * down_bytes(), host_down + position * down_bytes(), down_bytes()});
       // A kernel reading an entry while it changes sees either address, and both hold the expert's bytes.
       point_at_slot(state, job.expert_id, job.slot);
       state.published()[job.expert_id] = static_cast<int32_t>(job.slot);  // resident() from now on

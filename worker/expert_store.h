@@ -73,6 +73,11 @@ struct ExpertStoreStats {
   uint64_t host_tier_bytes = 0;  // host bytes of the host tier (0 for disk)
 };
 
+// The order prefetch and admit_in_background take, most wanted first: the experts of `wanted` (expert
+// -> how much the step wanted it: the routing weight or the rows its misses had) by that amount,
+// descending, ties to the lower expert id.
+std::vector<int64_t> most_wanted_first(const std::map<int64_t, double>& wanted);
+
 // Not thread-safe; one per worker, used on the thread that drives its backend. The source must
 // outlive a disk-tier store.
 class ExpertStore {
@@ -153,7 +158,10 @@ class ExpertStore {
   int64_t capacity(int64_t layer) const;                       // slots
   ScalarType weight_type() const { return weight_type_; }
   ExpertTier tier() const { return tier_; }
-  uint64_t expert_bytes() const;  // one expert's gate_up and down in the weight type
+  // One expert's bytes in the weight type: its gate_up [2I, H], its down [H, I], and both.
+  size_t gate_up_bytes() const { return gate_up_bytes_; }
+  size_t down_bytes() const { return down_bytes_; }
+  uint64_t expert_bytes() const { return gate_up_bytes_ + down_bytes_; }
   ExpertStoreStats stats() const;
   const ExpertResidencySet& residency() const { return *residency_; }
 
@@ -195,6 +203,7 @@ class ExpertStore {
   Backend& backend_;
   ExpertTier tier_;
   ScalarType weight_type_;
+  size_t gate_up_bytes_ = 0, down_bytes_ = 0;  // set with weight_type_, before anything uses them
   bool allow_nonfinite_weights_;
   int reader_threads_;
   int64_t staging_experts_;

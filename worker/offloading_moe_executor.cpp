@@ -137,6 +137,8 @@ void OffloadingMoeExecutor::finish_step() {
   if (on_miss_ != OnMiss::kRead || step_rows_ < 0) return;
   const int64_t rows = step_rows_;
   step_rows_ = -1;
+  // Every MoE layer ran once this step (each has a row of the routing log), through forward or not.
+  stats_.calls += static_cast<int64_t>(moe_index_.size());
   std::map<int64_t, std::map<int64_t, double>> missed;  // layer -> expert -> routing weight lost
   const int64_t top_k = routed_top_k(config_);
   if (rows > 0 && rows <= kLoggedRows && !routing_log_.empty()) {
@@ -157,10 +159,7 @@ void OffloadingMoeExecutor::finish_step() {
   unlogged_picks_.clear();
   std::map<int64_t, std::vector<int64_t>> wanted;
   for (const auto& [layer, experts] : missed) {
-    std::vector<std::pair<double, int64_t>> order;
-    for (const auto& [expert, weight] : experts) order.push_back({-weight, expert});
-    std::sort(order.begin(), order.end());
-    for (const auto& [weight, expert] : order) wanted[layer].push_back(expert);
+    wanted[layer] = most_wanted_first(experts);
     stats_.read_in_place += static_cast<int64_t>(experts.size());
     stats_.bytes_read_in_place += experts.size() * store_.expert_bytes();
   }
@@ -251,12 +250,7 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
         weights[t * top_k + j] = config_.norm_topk_prob ? probs[chosen[j]] / chosen_mass : probs[chosen[j]];
     }
   }
-  std::vector<std::pair<double, int64_t>> order;
-  for (const auto& [expert, weight] : missed_weight) order.push_back({-weight, expert});
-  std::sort(order.begin(), order.end());
-  std::vector<int64_t> missed;
-  for (const auto& [weight, expert] : order) missed.push_back(expert);
-  return missed;
+  return most_wanted_first(missed_weight);
 }
 
 void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor& router_input,
@@ -264,7 +258,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
   EPIC_CHECK(store_.is_moe_layer(layer), ErrorCode::kInternal,
              "offloading executor: layer " + std::to_string(layer) + " has no experts in the store");
   if (on_miss_ == OnMiss::kRead) {
-    ++stats_.calls;
+    if (step_rows_ < 0) ++stats_.calls;  // within a step finish_step counts the calls
     forward_in_place(layer, hidden, router_input, out, workspace);
     return;
   }

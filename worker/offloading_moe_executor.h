@@ -49,7 +49,9 @@ enum class Prefetch {
 Prefetch parse_prefetch(const std::string& name);  // "none" or "next-layer"
 
 struct OffloadStats {
-  int64_t calls = 0;          // forward calls (layers x steps)
+  // MoE layer calls (layers x steps). OnMiss::kRead counts each step's in finish_step: a step replayed
+  // from a graph never calls forward, and the step that captures one calls it twice.
+  int64_t calls = 0;
   int64_t picks = 0;          // (token, slot) routing picks
   int64_t substituted = 0;    // picks routed to a resident expert instead (kSubstitute)
   int64_t expert_groups = 0;  // expert FFN calls (more than calls when a step needed more experts than slots)

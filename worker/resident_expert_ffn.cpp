@@ -55,34 +55,42 @@ int64_t ResidentExpertFfn::run(int64_t layer, int64_t step, const Tensor& sorted
   return groups;
 }
 
+template <typename GroupFfn>
+void ResidentExpertFfn::in_row_order(int64_t layer, const Tensor& rows, const Tensor& experts,
+                                     const Tensor& sorted, const Tensor& computed, const Tensor& y,
+                                     Workspace& workspace, const GroupFfn& group_ffn) {
+  const int64_t num_rows = rows.dim(0), num_experts = store_.layer_weights(layer).num_experts;
+  if (num_rows == 0) return;
+  const GroupedRows grouped = group_rows(backend_, experts, num_experts, 1, workspace);
+  backend_.gather_rows(rows, grouped.source_row, sorted);
+  group_ffn(grouped);
+  backend_.gather_rows(computed, grouped.sorted_position, y);
+}
+
 int64_t ResidentExpertFfn::run_in_row_order(int64_t layer, int64_t step, const Tensor& rows,
                                             const Tensor& experts, const Tensor& sorted,
                                             const Tensor& computed, const Tensor& y, Workspace& workspace) {
-  const int64_t num_rows = rows.dim(0), num_experts = store_.layer_weights(layer).num_experts;
-  if (num_rows == 0) return 0;
-  const GroupedRows grouped = group_rows(backend_, experts, num_experts, 1, workspace);
-  backend_.gather_rows(rows, grouped.source_row, sorted);
-  std::vector<int32_t> offsets(static_cast<size_t>(num_experts + 1));
-  backend_.copy_to_host(grouped.expert_offsets, 0, offsets.data(), offsets.size() * sizeof(int32_t));
-  const Tensor intermediate =
-      workspace.get(kSlotExpertIntermediate, rows.type, {num_rows, config_.moe_intermediate_size});
-  const int64_t groups = run(layer, step, sorted, offsets, intermediate, computed);
-  backend_.gather_rows(computed, grouped.sorted_position, y);
+  int64_t groups = 0;
+  in_row_order(layer, rows, experts, sorted, computed, y, workspace, [&](const GroupedRows& grouped) {
+    // run makes the experts resident group by group: it needs the offsets on the host.
+    std::vector<int32_t> offsets(static_cast<size_t>(grouped.expert_offsets.numel()));
+    backend_.copy_to_host(grouped.expert_offsets, 0, offsets.data(), offsets.size() * sizeof(int32_t));
+    const Tensor intermediate =
+        workspace.get(kSlotExpertIntermediate, rows.type, {rows.dim(0), config_.moe_intermediate_size});
+    groups = run(layer, step, sorted, offsets, intermediate, computed);
+  });
   return groups;
 }
 
 void ResidentExpertFfn::run_in_place(int64_t layer, const Tensor& rows, const Tensor& experts,
                                      const Tensor& sorted, const Tensor& computed, const Tensor& y,
                                      Workspace& workspace) {
-  const int64_t num_rows = rows.dim(0), num_experts = store_.layer_weights(layer).num_experts;
-  if (num_rows == 0) return;
-  const GroupedRows grouped = group_rows(backend_, experts, num_experts, 1, workspace);
-  backend_.gather_rows(rows, grouped.source_row, sorted);
-  const Tensor intermediate =
-      workspace.get(kSlotExpertIntermediate, rows.type, {num_rows, config_.moe_intermediate_size});
-  backend_.expert_ffn_addressed(sorted, grouped.expert_offsets, store_.address_table(layer),
-                                store_.weight_type(), intermediate, computed);
-  backend_.gather_rows(computed, grouped.sorted_position, y);
+  in_row_order(layer, rows, experts, sorted, computed, y, workspace, [&](const GroupedRows& grouped) {
+    const Tensor intermediate =
+        workspace.get(kSlotExpertIntermediate, rows.type, {rows.dim(0), config_.moe_intermediate_size});
+    backend_.expert_ffn_addressed(sorted, grouped.expert_offsets, store_.address_table(layer),
+                                  store_.weight_type(), intermediate, computed);
+  });
 }
 
 }  // namespace epic

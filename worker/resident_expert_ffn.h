@@ -52,6 +52,13 @@ class ResidentExpertFfn {
   const Demand& demand() const { return demand_; }
 
  private:
+  // What run_in_row_order and run_in_place share: the rows grouped by expert into `sorted`, then
+  // group_ffn(grouped) (moe_block.h's GroupedRows; the part where they differ) computes the groups into
+  // `computed`, then the outputs go back to row order in y. Nothing at all for no rows.
+  template <typename GroupFfn>
+  void in_row_order(int64_t layer, const Tensor& rows, const Tensor& experts, const Tensor& sorted,
+                    const Tensor& computed, const Tensor& y, Workspace& workspace, const GroupFfn& group_ffn);
+
   const ModelConfig& config_;
   Backend& backend_;
   ExpertStore& store_;

@@ -267,6 +267,9 @@ TEST(OffloadingMoeExecutor, ReadGivesTheFullModelsLogitsAndAdmitsMissesBehindThe
         for (const LayerWeights& layer : routers.layers) moe_layers += layer.is_moe ? 1 : 0;
         // Every row of the prompt and of the 4 decode steps, top-k picks in every MoE layer.
         EXPECT_EQ(stats.picks, (prompt_length + 4) * config.num_experts_per_tok * moe_layers);
+        // One call per MoE layer of each of the 5 steps, counted per step by finish_step (on cuda a
+        // replayed step calls no forward, the one that captures calls it twice).
+        EXPECT_EQ(stats.calls, 5 * moe_layers);
         EXPECT_EQ(stats.demand_hits + stats.demand_misses, stats.picks);
         EXPECT_GT(stats.read_in_place, 0);  // the first step finds nothing resident
         EXPECT_EQ(stats.bytes_read_in_place,
