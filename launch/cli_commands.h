@@ -53,7 +53,9 @@ struct RunArgs {
   bool cuda_graphs = true;
   // The MoE exchange of a multi-rank GPU run: "nccl" (device buffers, worker/device_expert_parallel_moe.h),
   // "host" (MPI through host memory, worker/expert_parallel_moe.h), "auto": nccl where the backend is cuda,
-  // NCCL is built, there are several ranks and no load profile is recorded (it needs per-expert rows).
+  // NCCL is built, there are several ranks, no load profile is recorded (it needs per-expert rows) and no
+  // --expert-budget waits or substitutes on a miss (over NCCL a budget reads misses in place: --on-miss
+  // read).
   std::string ep_transport = "auto";
   // The NCCL exchange's mode (worker/ep_mode.h): "auto" (fixed-size low-latency blocks for steps of at
   // most ep_low_latency_max_tokens rows per rank, capturable in decode graphs; the normal mode beyond),

@@ -145,7 +145,8 @@ int main(int argc, char** argv) {
   run->add_option(
          "--ep-transport", run_args.ep_transport,
          "MoE exchange between GPU workers: nccl (device buffers), host (MPI through host memory) or "
-         "auto (nccl with --backend cuda, several ranks and NCCL built)")
+         "auto (nccl with --backend cuda, several ranks and NCCL built; host for an --expert-budget that "
+         "waits or substitutes on a miss)")
       ->check(CLI::IsMember({"auto", "nccl", "host"}))
       ->capture_default_str();
   run->add_option(

@@ -317,6 +317,21 @@ OffloadStats exchange_store_stats(const ExpertParallelMoeExecutor& executor, con
   return stats;
 }
 
+#ifdef EPIC_HAVE_NCCL_EP
+// The NCCL exchange's figures of the same (its received rows through the store's address table).
+OffloadStats device_exchange_store_stats(const DeviceExpertParallelMoeExecutor& executor,
+                                         const ExpertStore& store) {
+  const DeviceExpertParallelMoeExecutor::StoreCounts& counts = executor.store_counts();
+  OffloadStats stats;
+  stats.demand_hits = counts.hits;
+  stats.demand_misses = counts.misses;
+  stats.picks = counts.hits + counts.misses;
+  stats.read_in_place = counts.read_in_place;
+  stats.bytes_read_in_place = static_cast<uint64_t>(counts.read_in_place) * store.expert_bytes();
+  return stats;
+}
+#endif
+
 // This process's host name (a node of the cluster), "?" when the system does not say.
 std::string host_name() {
   char name[256] = {};
@@ -444,9 +459,12 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   // is on the GPU the backend chose (node-local rank, or --device) by construction.
   std::unique_ptr<NcclCommunicator> nccl;
   std::optional<DeviceExpertParallelMoeExecutor> device_executor;
+  // auto: not with a budget whose misses wait or substitute (the NCCL exchange reads them in place only).
+  const bool budget_without_read =
+      args.expert_store.enabled() && parse_on_miss(args.expert_store.on_miss) != OnMiss::kRead;
   const bool use_nccl =
-      on_device && (args.ep_transport == "nccl" ||
-                    (args.ep_transport == "auto" && comm->size() > 1 && args.load_profile_out.empty()));
+      on_device && (args.ep_transport == "nccl" || (args.ep_transport == "auto" && comm->size() > 1 &&
+                                                    args.load_profile_out.empty() && !budget_without_read));
   check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, use_nccl);
   check_ep_overlap_flag(args.ep_overlap, parse_ep_mode(args.ep_mode), use_nccl);
   if (use_nccl && exchange.dispatch != EpDispatch::kFlat)
@@ -491,10 +509,22 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
                        parse_prefetch(args.expert_store.prefetch));
     moe_executor = &*offloading;
   } else if (store) {
-    if (moe_executor != &executor)
-      throw Error(ErrorCode::kInvalidArgument,
-                  "--expert-budget under mpirun works with the host exchange: add --ep-transport host");
-    executor.set_expert_store(&*store, parse_on_miss(args.expert_store.on_miss) == OnMiss::kRead);
+#ifdef EPIC_HAVE_NCCL_EP
+    // The NCCL exchange reads a missing expert in place (set_expert_store refuses other miss paths alike on
+    // every rank).
+    if (device_executor)
+      run_on_all_ranks(*comm, [&] {
+        if (parse_on_miss(args.expert_store.on_miss) != OnMiss::kRead)
+          throw Error(
+              ErrorCode::kInvalidArgument,
+              "--expert-budget with the NCCL exchange needs --on-miss read (a missing expert is read in "
+              "place from host memory inside the step); for --on-miss " +
+                  args.expert_store.on_miss + " use --ep-transport host");
+        device_executor->set_expert_store(&*store);
+      });
+#endif
+    if (moe_executor == &executor)
+      executor.set_expert_store(&*store, parse_on_miss(args.expert_store.on_miss) == OnMiss::kRead);
   }
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {
@@ -538,13 +568,14 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     stats = generate();
   }
   const double run_seconds = seconds_since(run_start);
-  if (store)
+  if (store) {
+    OffloadStats store_stats = offloading ? offloading->stats() : exchange_store_stats(executor, *store);
+#ifdef EPIC_HAVE_NCCL_EP
+    if (device_executor) store_stats = device_exchange_store_stats(*device_executor, *store);
+#endif
     std::fprintf(stderr, "rank %d %s", comm->rank(),
-                 expert_store_summary(expert_store_report(*store,
-                                                          offloading ? offloading->stats()
-                                                                     : exchange_store_stats(executor, *store),
-                                                          args.expert_store))
-                     .c_str());
+                 expert_store_summary(expert_store_report(*store, store_stats, args.expert_store)).c_str());
+  }
 
   wire::WorkerReport report;
   report.rank = comm->rank();

@@ -65,12 +65,16 @@ void DeviceExpertParallelMoeExecutor::finish_step() {
   const int64_t block_tokens = step_tokens();
   in_step_ = false;
   step_tokens_ = 0;
-  if (block_tokens == 0) return;
+  if (block_tokens == 0) {
+    admit_step_misses();
+    return;
+  }
   nccl_.synchronize();
   // Counted per step, not per forward() call: a step replayed from a graph calls forward() not at all, and
   // the step that captures it calls it twice.
   for (const LayerWeights& layer : weights_.layers)
     if (layer.is_moe) count_low_latency_call(block_tokens);
+  admit_step_misses();
 }
 
 void DeviceExpertParallelMoeExecutor::count_low_latency_call(int64_t block_tokens) {
@@ -195,8 +199,8 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
                                       stream_);
   // offsets[0 .. E] of the E + 1 groups: rows past offsets[E] belong to no computed expert, so expert_ffn's
   // device-scheduled kernels leave them alone (Backend::expert_ffn computes [offsets[e], offsets[e + 1])).
-  run_experts(backend_, config_, moe, sorted_rows, group_offsets.rows_view(0, num_experts + 1), expert_out,
-              workspace);
+  run_received_experts(layer, sorted_rows, group_offsets.rows_view(0, num_experts + 1), expert_out,
+                       workspace);
   const Tensor partial = buffers.get(kLlPartial, ScalarType::kF32, {num_ranks * capacity, hidden_size});
   ep_kernels::partial_sums(expert_out.data, act, recv_ids.as<int32_t>(), unused_expert,
                            group_position.as<int32_t>(), recv_weights.as<float>(), places, top_k, hidden_size,

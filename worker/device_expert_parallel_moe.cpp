@@ -290,7 +290,10 @@ void DeviceExpertParallelMoeExecutor::dispatch(const Exchange& exchange, cudaStr
 
 void DeviceExpertParallelMoeExecutor::compute(Exchange& exchange, int64_t layer, ScalarType act,
                                               int64_t record_bytes, Workspace& workspace) {
-  if (exchange.total_received == 0) return;
+  if (exchange.total_received == 0) {
+    log_no_rows(layer);
+    return;
+  }
   // The received (token, slot) pairs grouped by expert; slots served elsewhere get the id num_experts, so
   // the stable sort puts them after every real group (the first total_pairs rows).
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
@@ -314,8 +317,10 @@ void DeviceExpertParallelMoeExecutor::compute(Exchange& exchange, int64_t layer,
     ep_kernels::gather_record_rows(exchange.recv_records.data, record_bytes, row_bytes,
                                    group_source.as<int32_t>(), pairs, sorted_rows.data, stream_);
     // offsets[0 .. E] of the E + 1 groups: offsets[E] == total_pairs, the rows expert_ffn sees.
-    run_experts(backend_, config_, moe, sorted_rows.rows_view(0, pairs),
-                group_offsets.rows_view(0, num_experts + 1), expert_out.rows_view(0, pairs), workspace);
+    run_received_experts(layer, sorted_rows.rows_view(0, pairs), group_offsets.rows_view(0, num_experts + 1),
+                         expert_out.rows_view(0, pairs), workspace);
+  } else {
+    log_no_rows(layer);
   }
   ep_kernels::partial_sums(expert_out.data, act, recv_ids.as<int32_t>(), unused_expert,
                            group_position.as<int32_t>(), recv_weights.as<float>(), received, top_k,

@@ -32,6 +32,7 @@
 #include "worker/ep_mode.h"
 #include "worker/expert_parallel_moe.h"
 #include "worker/expert_routing_table.h"
+#include "worker/expert_store.h"
 #include "worker/moe_block.h"
 #include "worker/moe_executor.h"
 #include "worker/workspace.h"
@@ -120,10 +121,34 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
 
   const DeviceMoeStats& stats() const { return stats_; }
   void reset_stats() { stats_ = {}; }  // e.g. after a benchmark's warm-up
+
+  // With an expert store (--expert-budget with --on-miss read under mpirun;
+  // device_expert_parallel_store.cpp): this worker's shard of the experts lives in `store`, a budget of them
+  // resident, the rest in pinned host memory. Each layer's received groups are computed through the store's
+  // address table (Backend::expert_ffn_addressed: a missing expert is read over PCIe in place, no host wait,
+  // so steps stay capturable); each layer writes its rows per expert into a log on the device, and
+  // finish_step reads the log once, records every expert's use (one per row) and admits the step's misses
+  // behind the next step (ExpertStore::admit_in_background). The store must read in place (a host tier:
+  // Error(kInvalidArgument) otherwise) and outlive the executor. Before the first step.
+  void set_expert_store(ExpertStore* store);
+  struct StoreCounts {
+    int64_t hits = 0, misses = 0;  // received rows whose expert was resident / read from host memory
+    int64_t read_in_place = 0;     // (layer, expert) pairs of a step read from host memory
+  };
+  const StoreCounts& store_counts() const { return store_counts_; }
   // The last call's exchange sizes of each layer called so far.
   const std::map<int64_t, DeviceExchangeSizes>& exchange_sizes() const { return exchange_sizes_; }
 
  private:
+  // The received rows grouped by `offsets` (I32 [E + 1]) through the layer's expert FFN: the weights, or the
+  // store's address table; with a store, offsets also go to the layer's row of the log.
+  void run_received_experts(int64_t layer, const Tensor& rows, const Tensor& offsets, const Tensor& out,
+                            Workspace& workspace);
+  // With a store: the layer received nothing this step (its log row is zeroed).
+  void log_no_rows(int64_t layer);
+  // With a store, after the step: the log's uses and misses into the store (finish_step).
+  void admit_step_misses();
+
   struct DeviceReplicas {
     OwnedTensor offsets;  // I32 [E + 1]
     OwnedTensor workers;  // I32 [max(1, replicas)]
@@ -220,6 +245,14 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   // meaning: OrderEvent in device_expert_parallel_overlap.cpp).
   cudaStream_t comm_stream_ = nullptr;
   std::vector<cudaEvent_t> order_events_;
+  // set_expert_store: the store, each MoE layer's row of the log (I32 [MoE layers, stride]: the layer's
+  // group offsets [E + 1]), the step count the store's policies see, and the counts reported.
+  ExpertStore* store_ = nullptr;
+  std::map<int64_t, int64_t> store_log_row_;
+  int64_t store_log_stride_ = 0;
+  OwnedTensor store_log_;
+  int64_t store_step_ = 0;
+  StoreCounts store_counts_;
 };
 
 }  // namespace epic

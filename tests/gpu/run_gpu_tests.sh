@@ -28,7 +28,8 @@
 #             visible, then the NCCL expert-parallel executor test (tests/cluster/device_expert_parallel_test.cpp:
 #             layout kernels against the host plan, executor against one GPU) the same way, then epic run
 #             under mpirun with the NCCL executor against one GPU on every golden fixture
-#             (tests/gpu/ep_golden_check.sh), WAKE/FOCUS over NCCL (tests/gpu/ep_wake_check.sh), and faults
+#             (tests/gpu/ep_golden_check.sh), WAKE/FOCUS over NCCL (tests/gpu/ep_wake_check.sh), a budget of
+#             resident experts over NCCL (tests/gpu/ep_budget_check.sh), and faults
 #             under it (tests/gpu/ep_fault_check.sh); alone it
 #             builds only those two tests and epic
 #     ep-bench: bench-moe with the NCCL executor (qwen3-30b-a3b, bf16, 2 layers) under mpirun -np 2 (and 4
@@ -185,6 +186,9 @@ if wants nccl; then
   if [ "$num_gpus" -ge 2 ] && [ "${NCCL_FAULTS:-1}" = 1 ]; then
     log "nccl: residency states (WAKE/FOCUS) over NCCL against one GPU (tests/gpu/ep_wake_check.sh)"
     bash tests/gpu/ep_wake_check.sh "$BUILD" "$OUT/ep_wake" 2>&1 | tee -a "$OUT/summary.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    log "nccl: a budget of resident experts over NCCL, read in place (tests/gpu/ep_budget_check.sh)"
+    bash tests/gpu/ep_budget_check.sh "$BUILD" "$OUT/ep_budget" 2>&1 | tee -a "$OUT/summary.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     log "nccl: faults under the NCCL executor (a rank that throws, stops, dies, or gets NaN logits)"
     bash tests/gpu/ep_fault_check.sh "$BUILD" "$OUT/ep_fault" 2>&1 | tee -a "$OUT/summary.log"

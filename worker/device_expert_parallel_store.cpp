@@ -1,0 +1,92 @@
+// DeviceExpertParallelMoeExecutor with an expert store (device_expert_parallel_moe.h, set_expert_store):
+// the received groups computed through the store's address table, their rows per expert logged on the
+// device (capturable: a copy on the stream), and the step's uses and misses handed to the store after it.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/error.h"
+#include "worker/device_expert_parallel_moe.h"
+
+namespace epic {
+
+void DeviceExpertParallelMoeExecutor::set_expert_store(ExpertStore* store) {
+  EPIC_CHECK(store == nullptr || store->reads_in_place(), ErrorCode::kInvalidArgument,
+             "the NCCL exchange computes a missing expert in place from host memory: with --expert-budget it "
+             "needs --on-miss read and --expert-tier host (or use --ep-transport host)");
+  EPIC_CHECK(store == nullptr || !options_.overlap, ErrorCode::kInvalidArgument,
+             "--ep-overlap with --expert-budget is not supported yet (each layer's two micro-batches would "
+             "share one row of the expert log): leave out --ep-overlap");
+  store_ = store;
+  store_log_row_.clear();
+  store_log_ = OwnedTensor{};
+  if (store_ == nullptr) return;
+  int64_t most_experts = 0;
+  for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+    if (!weights_.layers[layer].is_moe) continue;
+    const int64_t row = static_cast<int64_t>(store_log_row_.size());
+    store_log_row_[layer] = row;
+    most_experts = std::max(most_experts, weights_.layers[layer].moe.num_experts);
+  }
+  store_log_stride_ = most_experts + 1;
+  const int64_t entries = static_cast<int64_t>(store_log_row_.size()) * store_log_stride_;
+  if (entries == 0) return;
+  store_log_ = backend_.new_tensor(ScalarType::kI32, {entries});
+  // Zero rows until each layer logs its first step (a row of zeros: no rows received).
+  EPIC_CUDA_CHECK(cudaMemsetAsync(store_log_.view().data, 0, store_log_.view().bytes(), stream_));
+}
+
+void DeviceExpertParallelMoeExecutor::run_received_experts(int64_t layer, const Tensor& rows,
+                                                           const Tensor& offsets, const Tensor& out,
+                                                           Workspace& workspace) {
+  const MoeLayerWeights& moe = weights_.layers[layer].moe;
+  if (store_ == nullptr) {
+    run_experts(backend_, config_, moe, rows, offsets, out, workspace);
+    return;
+  }
+  int32_t* log_row =
+      static_cast<int32_t*>(store_log_.view().data) + store_log_row_.at(layer) * store_log_stride_;
+  EPIC_CUDA_CHECK(cudaMemcpyAsync(log_row, offsets.data, offsets.bytes(), cudaMemcpyDeviceToDevice, stream_));
+  const Tensor intermediate =
+      workspace.get(kSlotExpertIntermediate, rows.type, {rows.dim(0), config_.moe_intermediate_size});
+  backend_.expert_ffn_addressed(rows, offsets, store_->address_table(layer), store_->weight_type(),
+                                intermediate, out);
+}
+
+void DeviceExpertParallelMoeExecutor::log_no_rows(int64_t layer) {
+  if (store_ == nullptr) return;
+  int32_t* log_row =
+      static_cast<int32_t*>(store_log_.view().data) + store_log_row_.at(layer) * store_log_stride_;
+  EPIC_CUDA_CHECK(
+      cudaMemsetAsync(log_row, 0, static_cast<size_t>(store_log_stride_) * sizeof(int32_t), stream_));
+}
+
+void DeviceExpertParallelMoeExecutor::admit_step_misses() {
+  if (store_ == nullptr || store_log_.empty()) return;
+  ++store_step_;
+  // Every MoE layer logged this step's groups (replayed from a graph or not): one copy back.
+  std::vector<int32_t> log(static_cast<size_t>(store_log_.view().numel()));
+  backend_.copy_to_host(store_log_.view(), 0, log.data(), log.size() * sizeof(int32_t));
+  std::map<int64_t, std::vector<int64_t>> wanted;
+  for (const auto& [layer, row] : store_log_row_) {
+    const int32_t* offsets = log.data() + row * store_log_stride_;
+    const int64_t num_experts = weights_.layers[layer].moe.num_experts;
+    std::map<int64_t, double> missed;  // expert -> rows computed from host memory (exact in a double)
+    for (int64_t expert = 0; expert < num_experts; ++expert) {
+      const int64_t rows = offsets[expert + 1] - offsets[expert];
+      if (rows <= 0) continue;
+      const bool resident = store_->resident(layer, expert);
+      // One use per row, as the host exchange records them (the hosting worker sees rows, not weights).
+      for (int64_t r = 0; r < rows; ++r) store_->record_use(layer, expert, 1.0f, store_step_);
+      (resident ? store_counts_.hits : store_counts_.misses) += rows;
+      if (!resident) missed[expert] = static_cast<double>(rows);
+    }
+    if (missed.empty()) continue;
+    store_counts_.read_in_place += static_cast<int64_t>(missed.size());
+    wanted[layer] = most_wanted_first(missed);
+  }
+  if (!wanted.empty()) store_->admit_in_background(wanted, store_step_);
+}
+
+}  // namespace epic
