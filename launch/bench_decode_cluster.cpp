@@ -5,6 +5,7 @@
 #include <optional>
 #include <vector>
 
+#include "launch/expert_budget.h"
 #include "launch/placement_setup.h"
 #include "worker/expert_parallel_moe.h"
 #ifdef EPIC_HAVE_NCCL_EP
@@ -19,6 +20,7 @@ struct DecodeCluster::Parts {
 #ifdef EPIC_HAVE_NCCL_EP
   std::unique_ptr<NcclCommunicator> nccl;
   std::optional<DeviceExpertParallelMoeExecutor> device_executor;
+  DeviceMoeOptions device_options;
 #endif
 };
 
@@ -52,9 +54,8 @@ MoeExecutor& DecodeCluster::start_executor(const ModelConfig& config, const Mode
 #ifdef EPIC_HAVE_NCCL_EP
   if (backend.memory_space() == MemorySpace::kDevice && !options.host_exchange) {
     parts_->nccl = make_backend_nccl_communicator(comm_, CommOptions{options.comm_timeout_seconds}, backend);
-    DeviceMoeOptions device_options;
-    device_options.overlap = options.overlap;
-    parts_->device_executor.emplace(config, weights, backend, *parts_->nccl, table_, device_options);
+    parts_->device_options.overlap = options.overlap;
+    parts_->device_executor.emplace(config, weights, backend, *parts_->nccl, table_, parts_->device_options);
     transport_ = "nccl";
     return *parts_->device_executor;
   }
@@ -68,6 +69,37 @@ MoeExecutor& DecodeCluster::start_executor(const ModelConfig& config, const Mode
 
 const ExpertParallelMoeExecutor* DecodeCluster::host_executor() const {
   return parts_->host_executor ? &*parts_->host_executor : nullptr;
+}
+
+DecodeCluster::StoreExecutor DecodeCluster::store_executor(const ModelConfig& config,
+                                                           const ModelWeights& weights, Backend& backend,
+                                                           ExpertStore& store, OnMiss on_miss) {
+  StoreExecutor made;
+#ifdef EPIC_HAVE_NCCL_EP
+  if (parts_->device_executor) {
+    EPIC_CHECK(
+        on_miss == OnMiss::kRead, ErrorCode::kInvalidArgument,
+        "--expert-budget with the NCCL exchange needs --on-miss read (a missing expert is read in place "
+        "from host memory inside the step)");
+    auto device = std::make_unique<DeviceExpertParallelMoeExecutor>(config, weights, backend, *parts_->nccl,
+                                                                    table_, parts_->device_options);
+    device->set_expert_store(&store);
+    const DeviceExpertParallelMoeExecutor* view = device.get();
+    made.stats = [view, &store] { return device_exchange_store_stats(*view, store); };
+    made.executor = std::move(device);
+    return made;
+  }
+#endif
+  EPIC_CHECK(
+      on_miss != OnMiss::kSubstitute, ErrorCode::kInvalidArgument,
+      "--on-miss substitute runs on one process for now (under mpirun the router's choice is made on the "
+      "sending worker, the residency on the hosting one): use wait or read");
+  auto host = std::make_unique<ExpertParallelMoeExecutor>(config, weights, backend, comm_, table_);
+  host->set_expert_store(&store, on_miss == OnMiss::kRead);
+  const ExpertParallelMoeExecutor* view = host.get();
+  made.stats = [view, &store] { return host_exchange_store_stats(*view, store); };
+  made.executor = std::move(host);
+  return made;
 }
 
 StepAgreement DecodeCluster::agree(ModelRunner& runner, int64_t rows, bool decode_only) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "comm/communicator.h"
@@ -17,6 +18,7 @@
 #include "worker/model_runner.h"
 #include "worker/model_weights.h"
 #include "worker/moe_executor.h"
+#include "worker/offloading_moe_executor.h"
 
 namespace epic::cli {
 
@@ -38,11 +40,24 @@ class DecodeCluster {
 
   // For LoadOptions::hosts_expert: the experts this rank reads.
   bool hosts(int64_t layer, int64_t expert) const;
+  // The placement's routing table (for another executor over the same workers, e.g. epic eval's budget
+  // variants).
+  const ExpertRoutingTable& table() const { return table_; }
   // After loading: the executor for the runner (a collective: the NCCL communicator starts here).
   MoeExecutor& start_executor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
                               const DecodeClusterOptions& options);
   // The host exchange's executor when start_executor chose it (its per-expert row counts), else null.
   const ExpertParallelMoeExecutor* host_executor() const;
+  // After start_executor: another executor of the chosen exchange whose experts are this rank's shard in
+  // `store` (a budget of them resident; store outlives it): over NCCL a miss is read in place (on_miss must
+  // be kRead), over the host exchange it waits or is read in place; substitute is refused (the router's
+  // choice is made on the sending worker, the residency on the hosting one). stats: its store figures.
+  struct StoreExecutor {
+    std::unique_ptr<MoeExecutor> executor;
+    std::function<OffloadStats()> stats;
+  };
+  StoreExecutor store_executor(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
+                               ExpertStore& store, OnMiss on_miss);
   // "nccl" or "mpi": which exchange start_executor chose.
   const char* transport() const { return transport_; }
   // The agreement of the coming step (a collective): this rank's rows and whether it is decode-only.

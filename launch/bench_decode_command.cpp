@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -162,26 +163,47 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
     EPIC_CHECK(static_cast<int64_t>(text_tokens.size()) > args.prompt_tokens, ErrorCode::kInvalidArgument,
                "--prompts-from " + args.prompts_from + ": fewer tokens than --prompt-tokens");
   }
-  // The expert budgets to compare with every expert resident (one process): each its own store.
+  // The expert budgets to compare with every expert resident: each its own store (under mpirun each rank's
+  // holds its shard, behind the same exchange as the all-resident runs) and executor.
   struct Budget {
     std::string name;  // "" = every expert resident
     std::unique_ptr<ExpertStore> store;
-    std::unique_ptr<OffloadingMoeExecutor> offloading;
+    std::unique_ptr<MoeExecutor> executor;
+    std::function<OffloadStats()> stats;
   };
   std::vector<Budget> budgets;
-  budgets.push_back({"", nullptr, nullptr});
-  EPIC_CHECK(args.expert_budgets.empty() || !cluster, ErrorCode::kInvalidArgument,
-             "bench-decode --expert-budget times one process: run it without mpirun");
+  budgets.push_back({"", nullptr, nullptr, {}});
+  ExpertInventory hosted;
+  if (!args.expert_budgets.empty()) {
+    hosted = inspect_experts(config, *model.source, args.allow_missing_experts);
+    if (cluster)
+      for (auto& [layer, experts] : hosted)
+        for (int64_t e = 0; e < experts.num_experts; ++e)
+          experts.present[e] = experts.present[e] && cluster->hosts(layer, e) ? 1 : 0;
+  }
   for (const std::string& name : args.expert_budgets) {
+    std::function<bool(int64_t, int64_t)> hosts_expert;
+    if (cluster) hosts_expert = [&](int64_t layer, int64_t expert) { return cluster->hosts(layer, expert); };
     ExpertStoreOptions store_options = expert_store_options(
-        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch},
-        inspect_experts(config, *model.source, args.allow_missing_experts), weights.weight_type,
-        args.allow_missing_experts, /*allow_nonfinite_weights=*/false);
+        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch}, hosted,
+        weights.weight_type, args.allow_missing_experts, /*allow_nonfinite_weights=*/false, hosts_expert);
     Budget budget{name,
                   std::make_unique<ExpertStore>(config, *model.source, backend, std::move(store_options)),
-                  nullptr};
-    budget.offloading = std::make_unique<OffloadingMoeExecutor>(
-        config, weights, backend, *budget.store, parse_on_miss(args.on_miss), parse_prefetch(args.prefetch));
+                  nullptr,
+                  {}};
+    if (cluster) {
+      DecodeCluster::StoreExecutor made =
+          cluster->store_executor(config, weights, backend, *budget.store, parse_on_miss(args.on_miss));
+      budget.executor = std::move(made.executor);
+      budget.stats = std::move(made.stats);
+    } else {
+      auto offloading =
+          std::make_unique<OffloadingMoeExecutor>(config, weights, backend, *budget.store,
+                                                  parse_on_miss(args.on_miss), parse_prefetch(args.prefetch));
+      const OffloadingMoeExecutor* view = offloading.get();
+      budget.stats = [view] { return view->stats(); };
+      budget.executor = std::move(offloading);
+    }
     budgets.push_back(std::move(budget));
   }
   std::map<int64_t, double> all_resident_tokens_per_s;  // by batch
@@ -202,7 +224,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
       options.use_graphs = args.cuda_graphs;
       options.max_graph_batch = std::max<int64_t>(512, batch);
       ModelRunner runner(config, weights, backend, options,
-                         budget.offloading ? budget.offloading.get() : executor);
+                         budget.executor ? budget.executor.get() : executor);
       std::vector<std::vector<int32_t>> prompts;
       std::vector<KvSequence> sequences;
       for (int64_t s = 0; s < batch; ++s) {
@@ -238,7 +260,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
         }
         if (i == 2) {
           comm.barrier();  // the timed steps start together
-          if (budget.offloading) offload_before = budget.offloading->stats();
+          if (budget.stats) offload_before = budget.stats();
         }
         const auto step_start = clock_type::now();
         output = step(batch, true);
@@ -264,29 +286,32 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
         // The executor's own count over the timed decode steps: each routing pick against what was
         // resident when its step ran (with --on-miss read the store is asked only about misses, so its own
         // hit rate says nothing).
-        const OffloadStats offload = budget.offloading->stats();
+        const OffloadStats offload = budget.stats();
         const int64_t pick_hits = offload.demand_hits - offload_before.demand_hits;
         const int64_t pick_misses = offload.demand_misses - offload_before.demand_misses;
         const double read_in_place = double(offload.bytes_read_in_place - offload_before.bytes_read_in_place);
-        residency = {{"expert_budget", budget.name},
-                     {"tier", args.expert_tier},
-                     {"eviction", args.eviction},
-                     {"on_miss", args.on_miss},
-                     {"prefetch", args.prefetch},
-                     {"resident_expert_bytes", after.resident_bytes},
-                     {"host_tier_bytes", after.host_tier_bytes},
-                     {"hit_rate", asked > 0 ? double(after.hits - before.hits) / double(asked) : 1.0},
-                     {"misses", after.misses - before.misses},
-                     {"bytes_moved", moved},
-                     {"stall_seconds", stalled},
-                     {"copy_gb_per_s_while_stalled", stalled > 0 ? moved / stalled / 1e9 : 0.0},
-                     {"pick_hit_rate",
-                      pick_hits + pick_misses > 0 ? double(pick_hits) / double(pick_hits + pick_misses) : 1.0},
-                     {"bytes_read_in_place_decode", read_in_place},
-                     // Bytes copied into slots over the batch's wall time (prefill and decode); the bytes
-                     // read in place (at least once per expert and step) come on top.
-                     {"bus_gb_per_s", moved / batch_seconds / 1e9},
-                     {"tokens_per_s_vs_all_resident", tokens_per_s / all_resident_tokens_per_s[batch]}};
+        residency = {
+            {"expert_budget", budget.name},
+            // Under mpirun the store figures are rank 0's (its shard); the speed is the job's.
+            {"store_of_rank", comm.rank()},
+            {"tier", args.expert_tier},
+            {"eviction", args.eviction},
+            {"on_miss", args.on_miss},
+            {"prefetch", args.prefetch},
+            {"resident_expert_bytes", after.resident_bytes},
+            {"host_tier_bytes", after.host_tier_bytes},
+            {"hit_rate", asked > 0 ? double(after.hits - before.hits) / double(asked) : 1.0},
+            {"misses", after.misses - before.misses},
+            {"bytes_moved", moved},
+            {"stall_seconds", stalled},
+            {"copy_gb_per_s_while_stalled", stalled > 0 ? moved / stalled / 1e9 : 0.0},
+            {"pick_hit_rate",
+             pick_hits + pick_misses > 0 ? double(pick_hits) / double(pick_hits + pick_misses) : 1.0},
+            {"bytes_read_in_place_decode", read_in_place},
+            // Bytes copied into slots over the batch's wall time (prefill and decode); the bytes
+            // read in place (at least once per expert and step) come on top.
+            {"bus_gb_per_s", moved / batch_seconds / 1e9},
+            {"tokens_per_s_vs_all_resident", tokens_per_s / all_resident_tokens_per_s[batch]}};
       }
       emit({{"name", "decode"},
             {"expert_budget", budget.name.empty() ? "all" : budget.name},

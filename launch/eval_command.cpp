@@ -287,12 +287,20 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
   }
 
   // Budget variants: the model as trained, with only a budget of experts resident (worker/expert_store.h).
+  // Under mpirun each worker's store holds its shard (the budget counts those) and the host exchange
+  // computes the rows it receives through it, as epic run does.
   run_on_all_ranks(comm, [&] {
     if (args.expert_budgets.empty()) return;
-    if (comm.size() > 1)
-      throw Error(ErrorCode::kInvalidArgument,
-                  "--expert-budget runs on one process for now: run epic eval without mpirun, or without it");
-    const ExpertInventory inventory = inspect_experts(config, *model.source, args.allow_missing_experts);
+    const bool cluster_run = comm.size() > 1;
+    for (const std::string& on_miss : args.on_miss)
+      if (cluster_run && parse_on_miss(on_miss) == OnMiss::kSubstitute)
+        throw Error(ErrorCode::kInvalidArgument,
+                    "--on-miss substitute runs on one process for now (under mpirun the router's choice is "
+                    "made on the sending worker, the residency on the hosting one): use wait or read");
+    ExpertInventory hosted = inspect_experts(config, *model.source, args.allow_missing_experts);
+    for (auto& [layer, experts] : hosted)
+      for (int64_t e = 0; e < experts.num_experts; ++e)
+        experts.present[e] = experts.present[e] && cluster->hosts(layer, e) ? 1 : 0;
     for (const std::string& budget : args.expert_budgets) {
       for (const std::string& on_miss : args.on_miss) {
         auto offload = std::make_shared<Variant::Offload>();
@@ -301,13 +309,23 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
         offload->store = std::make_unique<ExpertStore>(
             config, *model.source, *chosen.backend,
             expert_store_options({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch},
-                                 inventory, weights.weight_type, args.allow_missing_experts,
-                                 /*allow_nonfinite_weights=*/false));
-        offload->executor =
-            std::make_unique<OffloadingMoeExecutor>(config, weights, *chosen.backend, *offload->store,
-                                                    parse_on_miss(on_miss), parse_prefetch(args.prefetch));
-        offload->runner =
-            std::make_unique<ModelRunner>(config, weights, *chosen.backend, options, offload->executor.get());
+                                 hosted, weights.weight_type, args.allow_missing_experts,
+                                 /*allow_nonfinite_weights=*/false, [&](int64_t layer, int64_t expert) {
+                                   return cluster->hosts(layer, expert);
+                                 }));
+        MoeExecutor* executor = nullptr;
+        if (cluster_run) {
+          offload->exchange = std::make_unique<ExpertParallelMoeExecutor>(config, weights, *chosen.backend,
+                                                                          comm, cluster->table());
+          offload->exchange->set_expert_store(offload->store.get(), parse_on_miss(on_miss) == OnMiss::kRead);
+          executor = offload->exchange.get();
+        } else {
+          offload->executor =
+              std::make_unique<OffloadingMoeExecutor>(config, weights, *chosen.backend, *offload->store,
+                                                      parse_on_miss(on_miss), parse_prefetch(args.prefetch));
+          executor = offload->executor.get();
+        }
+        offload->runner = std::make_unique<ModelRunner>(config, weights, *chosen.backend, options, executor);
         Variant variant;
         variant.name = "budget " + budget + " (" + on_miss + ")";
         variant.top_k = config.num_experts_per_tok;
@@ -355,16 +373,29 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
     double resident = static_cast<double>(routable) * static_cast<double>(expert_bytes);
     nlohmann::json store_report;
     if (variant.offload) {
-      store_report = expert_store_report(*variant.offload->store, variant.offload->executor->stats(),
+      store_report = expert_store_report(*variant.offload->store, variant.offload->stats(),
                                          {variant.offload->budget, args.expert_tier, args.eviction,
                                           variant.offload->on_miss, 0.9, args.prefetch});
-      resident = store_report["resident_bytes"].get<double>();
+      // Under mpirun every worker's store holds its shard: the job's figures are the sums of every rank's
+      // report, which the JSON keeps too (rank order).
+      const std::string text = store_report.dump();
+      std::vector<nlohmann::json> reports;
+      for (const std::vector<char>& rank_text : comm.all_gather_v<char>(std::span<const char>(text)))
+        reports.push_back(nlohmann::json::parse(rank_text.begin(), rank_text.end()));
+      const auto job_sum = [&](const char* key) {
+        double sum = 0;
+        for (const nlohmann::json& report : reports) sum += report[key].get<double>();
+        return sum;
+      };
+      resident = job_sum("resident_bytes");
       // The experts this variant read are the ones copied into its slots (every pick a row), and with
       // --on-miss read those computed in place from host memory (each at least once per layer and step).
-      job.expert_bytes_read = store_report["bytes_from_host"].get<double>() +
-                              store_report["bytes_from_disk"].get<double>() +
-                              store_report["bytes_read_in_place"].get<double>();
-      job.expert_rows_computed = variant.offload->executor->stats().picks;
+      job.expert_bytes_read =
+          job_sum("bytes_from_host") + job_sum("bytes_from_disk") + job_sum("bytes_read_in_place");
+      job.expert_rows_computed = 0;
+      for (int64_t picks : comm.all_gather_value(variant.offload->stats().picks))
+        job.expert_rows_computed += picks;
+      if (reports.size() > 1) store_report["ranks"] = reports;
     }
     const TokenQuality quality{job.nll_sum, job.kl_sum, job.agreements, job.scored};
     rows.push_back({{"variant", variant.name},
@@ -397,10 +428,18 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
                 row["perplexity"].get<double>(), row["kl_vs_reference"].get<double>(),
                 row["top1_agreement"].get<double>(), row["expert_bytes_resident"].get<double>() / 1e6,
                 row["expert_bytes_read_per_token"].get<double>(), row["tokens_per_s"].get<double>());
-  for (const nlohmann::json& row : rows)
-    if (row.contains("expert_store"))
-      std::printf("%s: %s", row["variant"].get<std::string>().c_str(),
-                  expert_store_summary(row["expert_store"]).c_str());
+  // One line per worker's store (under mpirun each holds its shard).
+  for (const nlohmann::json& row : rows) {
+    if (!row.contains("expert_store")) continue;
+    const nlohmann::json& store = row["expert_store"];
+    if (!store.contains("ranks")) {
+      std::printf("%s: %s", row["variant"].get<std::string>().c_str(), expert_store_summary(store).c_str());
+      continue;
+    }
+    for (size_t r = 0; r < store["ranks"].size(); ++r)
+      std::printf("%s, rank %zu: %s", row["variant"].get<std::string>().c_str(), r,
+                  expert_store_summary(store["ranks"][r]).c_str());
+  }
   std::printf("%lld tokens scored in %zu windows of %lld (stride %lld) on %d rank(s); %s; %s\n",
               static_cast<long long>(rows[0]["scored_tokens"].get<int64_t>()), windows.size(),
               static_cast<long long>(args.window), static_cast<long long>(stride), comm.size(),

@@ -13,6 +13,7 @@
 
 #include "comm/communicator.h"
 #include "launch/bench_decode_cluster.h"
+#include "launch/expert_budget.h"
 #include "worker/expert_store.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
@@ -30,12 +31,19 @@ struct Variant {
   std::map<int64_t, std::vector<int64_t>> removed;  // per layer, by least use on the calibration text
   std::shared_ptr<const RoutingPolicy> policy;
   // A budget of resident experts (--expert-budget): the variant runs on its own runner over an
-  // OffloadingMoeExecutor; null for the others (the main runner, every expert loaded).
+  // OffloadingMoeExecutor (one process) or, under mpirun, the host exchange over each worker's store of
+  // its shard (ExpertParallelMoeExecutor::set_expert_store); null for the others (the main runner, every
+  // expert loaded).
   struct Offload {
     std::string budget, on_miss;
     std::unique_ptr<ExpertStore> store;
-    std::unique_ptr<OffloadingMoeExecutor> executor;
+    std::unique_ptr<OffloadingMoeExecutor> executor;      // one process
+    std::unique_ptr<ExpertParallelMoeExecutor> exchange;  // under mpirun
     std::unique_ptr<ModelRunner> runner;
+    // This rank's figures (the exchange's per-row hits and misses under mpirun).
+    OffloadStats stats() const {
+      return executor ? executor->stats() : host_exchange_store_stats(*exchange, *store);
+    }
   };
   std::shared_ptr<Offload> offload;
 };

@@ -1,6 +1,10 @@
 // --expert-budget and the expert store's flags (expert_budget.h).
 #include "launch/expert_budget.h"
 
+#ifdef EPIC_HAVE_NCCL_EP
+#include "worker/device_expert_parallel_moe.h"
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -224,10 +228,34 @@ std::string expert_store_summary(const nlohmann::json& r) {
       static_cast<long long>(r["evictions"].get<int64_t>()), r["demand_hit_rate"].get<double>(),
       static_cast<long long>(r["prefetched"].get<int64_t>()), r["bytes_from_host"].get<double>() / 1e6,
       r["bytes_from_disk"].get<double>() / 1e6, r["bytes_read_in_place"].get<double>() / 1e6,
-      r["stall_seconds"].get<double>(),
-      r["prefetch_seconds"].get<double>(), static_cast<long long>(r["substituted_picks"].get<int64_t>()),
+      r["stall_seconds"].get<double>(), r["prefetch_seconds"].get<double>(),
+      static_cast<long long>(r["substituted_picks"].get<int64_t>()),
       static_cast<long long>(r["picks"].get<int64_t>()));
   return line;
 }
+
+OffloadStats host_exchange_store_stats(const ExpertParallelMoeExecutor& executor, const ExpertStore& store) {
+  OffloadStats stats;
+  stats.demand_hits = executor.store_hits();
+  stats.demand_misses = executor.store_misses();
+  stats.picks = stats.demand_hits + stats.demand_misses;
+  stats.read_in_place = executor.store_read_in_place();
+  stats.bytes_read_in_place = static_cast<uint64_t>(stats.read_in_place) * store.expert_bytes();
+  return stats;
+}
+
+#ifdef EPIC_HAVE_NCCL_EP
+OffloadStats device_exchange_store_stats(const DeviceExpertParallelMoeExecutor& executor,
+                                         const ExpertStore& store) {
+  const DeviceExpertParallelMoeExecutor::StoreCounts& counts = executor.store_counts();
+  OffloadStats stats;
+  stats.demand_hits = counts.hits;
+  stats.demand_misses = counts.misses;
+  stats.picks = counts.hits + counts.misses;
+  stats.read_in_place = counts.read_in_place;
+  stats.bytes_read_in_place = static_cast<uint64_t>(counts.read_in_place) * store.expert_bytes();
+  return stats;
+}
+#endif
 
 }  // namespace epic::cli

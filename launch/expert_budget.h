@@ -9,9 +9,14 @@
 #include <string>
 
 #include "coordinator/placement.h"
+#include "worker/expert_parallel_moe.h"
 #include "worker/expert_store.h"
 #include "worker/model_weights.h"
 #include "worker/offloading_moe_executor.h"
+
+namespace epic {
+class DeviceExpertParallelMoeExecutor;  // worker/device_expert_parallel_moe.h (NCCL builds)
+}  // namespace epic
 
 namespace epic::cli {
 
@@ -63,5 +68,12 @@ std::string residency_estimate_table(const std::vector<LayerResidencyEstimate>& 
 nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats& offload,
                                    const ExpertStoreFlags& flags);
 std::string expert_store_summary(const nlohmann::json& report);
+
+// Under mpirun the host exchange computes the received rows through the store: its per-row hits and
+// misses (each row a pick of its expert) as the report's demand figures.
+OffloadStats host_exchange_store_stats(const ExpertParallelMoeExecutor& executor, const ExpertStore& store);
+// The NCCL exchange's figures of the same (NCCL builds only: its received rows through the store).
+OffloadStats device_exchange_store_stats(const DeviceExpertParallelMoeExecutor& executor,
+                                         const ExpertStore& store);
 
 }  // namespace epic::cli

@@ -305,33 +305,6 @@ void print_results(const RunArgs& args, const ResultPrinter& printer, size_t num
 
 int run_on_cluster(const RunArgs& args, Communicator& communicator);
 
-// Under mpirun the host exchange computes the received rows through the store: its per-row hits and
-// misses (each row a pick of its expert) in the report's demand figures.
-OffloadStats exchange_store_stats(const ExpertParallelMoeExecutor& executor, const ExpertStore& store) {
-  OffloadStats stats;
-  stats.demand_hits = executor.store_hits();
-  stats.demand_misses = executor.store_misses();
-  stats.picks = stats.demand_hits + stats.demand_misses;
-  stats.read_in_place = executor.store_read_in_place();
-  stats.bytes_read_in_place = static_cast<uint64_t>(stats.read_in_place) * store.expert_bytes();
-  return stats;
-}
-
-#ifdef EPIC_HAVE_NCCL_EP
-// The NCCL exchange's figures of the same (its received rows through the store's address table).
-OffloadStats device_exchange_store_stats(const DeviceExpertParallelMoeExecutor& executor,
-                                         const ExpertStore& store) {
-  const DeviceExpertParallelMoeExecutor::StoreCounts& counts = executor.store_counts();
-  OffloadStats stats;
-  stats.demand_hits = counts.hits;
-  stats.demand_misses = counts.misses;
-  stats.picks = counts.hits + counts.misses;
-  stats.read_in_place = counts.read_in_place;
-  stats.bytes_read_in_place = static_cast<uint64_t>(counts.read_in_place) * store.expert_bytes();
-  return stats;
-}
-#endif
-
 // This process's host name (a node of the cluster), "?" when the system does not say.
 std::string host_name() {
   char name[256] = {};
@@ -569,7 +542,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   }
   const double run_seconds = seconds_since(run_start);
   if (store) {
-    OffloadStats store_stats = offloading ? offloading->stats() : exchange_store_stats(executor, *store);
+    OffloadStats store_stats = offloading ? offloading->stats() : host_exchange_store_stats(executor, *store);
 #ifdef EPIC_HAVE_NCCL_EP
     if (device_executor) store_stats = device_exchange_store_stats(*device_executor, *store);
 #endif

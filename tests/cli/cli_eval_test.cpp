@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli_support.h"
+#include "tests/support/mpi_test_environment.h"
 #include "worker/npy_file.h"
 
 namespace epic {
@@ -229,6 +230,50 @@ TEST_F(CliEval, BudgetVariantsWaitIsTheReferenceSubstituteIsMeasured) {
   EXPECT_GT(substitute["expert_store"]["substituted_picks"].get<int64_t>(), 0);
   EXPECT_GT(substitute["kl_vs_reference"].get<double>(), 0.0);
   EXPECT_NE(eval.out.find("picks substituted"), std::string::npos) << eval.out;
+}
+
+// Under mpirun each worker's store holds its shard of the experts and the host exchange computes the rows it
+// receives through it: a budget that waits or reads in place is still the reference exactly, at 2 and 3
+// ranks as on one, and the job's store figures are the sums of every rank's (each rank's report kept).
+TEST_F(CliEval, BudgetVariantsUnderMpirunAreTheReferenceExactly) {
+  [[maybe_unused]] static const bool mpi_environment = testing::set_mpi_test_environment();
+  const std::string common =
+      "eval --model " + tiny().string() + " --text-file " + text_.string() +
+      " --window 32 --stride 16 --precision fp32 --expert-budget 1 --on-miss wait,read";
+  const fs::path one_json = scratch() / "eval_budget_one.json";
+  const Outcome one = run_epic(common + " --json " + one_json.string(), scratch());
+  ASSERT_EQ(one.exit_code, 0) << one.err;
+  const nlohmann::json alone = read_json(one_json)["variants"];
+  ASSERT_EQ(alone.size(), 3u);
+  for (const int ranks : {2, 3}) {
+    SCOPED_TRACE(std::to_string(ranks) + " ranks");
+    const fs::path json = scratch() / ("eval_budget_np" + std::to_string(ranks) + ".json");
+    const Outcome many = run_epic(common + " --json " + json.string(), scratch(), 300,
+                                  std::string(EPIC_MPIEXEC) + " -np " + std::to_string(ranks) + " ");
+    ASSERT_EQ(many.exit_code, 0) << many.err;
+    const nlohmann::json variants = read_json(json)["variants"];
+    ASSERT_EQ(variants.size(), 3u);
+    for (int v = 0; v < 3; ++v) {
+      EXPECT_EQ(variants[v]["variant"], alone[v]["variant"]);
+      EXPECT_EQ(variants[v]["perplexity"].get<double>(), alone[0]["perplexity"].get<double>()) << v;
+      EXPECT_EQ(variants[v]["top1_agreement"].get<double>(), 1.0) << v;
+    }
+    for (int v = 1; v < 3; ++v) {
+      const nlohmann::json& store = variants[v]["expert_store"];
+      ASSERT_EQ(store["ranks"].size(), static_cast<size_t>(ranks)) << v;
+      double resident = 0;
+      int64_t misses = 0;
+      for (const nlohmann::json& rank : store["ranks"]) {
+        resident += rank["resident_bytes"].get<double>();
+        misses += rank["misses"].get<int64_t>();
+      }
+      EXPECT_EQ(variants[v]["expert_bytes_resident"].get<double>(), resident) << v;
+      EXPECT_GT(misses, 0) << v;
+    }
+    EXPECT_GT(variants[2]["expert_store"]["ranks"][0]["bytes_read_in_place"].get<double>() +
+                  variants[2]["expert_store"]["ranks"][1]["bytes_read_in_place"].get<double>(),
+              0.0);
+  }
 }
 
 // --decode scores token by token through the KV cache: the same perplexity as whole windows (to float

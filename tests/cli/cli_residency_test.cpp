@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cli_support.h"
+#include "tests/support/mpi_test_environment.h"
 #include "worker/npy_file.h"
 
 namespace epic {
@@ -145,6 +146,44 @@ TEST_F(Cli, ResidencyStatePerPromptGivesEachPromptTheResultOfItsState) {
     EXPECT_EQ(outcome.exit_code, 2) << flags;
     EXPECT_NE(outcome.err.find(message), std::string::npos) << flags << ": " << outcome.err;
   }
+}
+
+// bench-decode --expert-budget under mpirun: each rank's store holds its shard behind the same exchange as
+// the all-resident lines (the host exchange on the cpu backend), waiting or reading a miss in place;
+// substitute is refused naming the miss paths that work.
+TEST_F(Cli, BenchDecodeWithABudgetUnderMpirun) {
+  [[maybe_unused]] static const bool mpi_environment = testing::set_mpi_test_environment();
+  const std::string bench =
+      "bench-decode --model " + trained_model().string() +
+      " --allow-missing-experts --backend cpu --batch 1 --prompt-tokens 8 --new-tokens 6 "
+      "--expert-budget 50%,total:20";
+  const std::string mpirun = std::string(EPIC_MPIEXEC) + " -np 2 ";
+  for (const std::string on_miss : {"wait", "read"}) {
+    SCOPED_TRACE(on_miss);
+    const Outcome outcome = run_epic(bench + " --on-miss " + on_miss, scratch(), 300, mpirun);
+    ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
+    std::vector<nlohmann::json> decode;
+    std::stringstream lines(outcome.out);
+    for (std::string line; std::getline(lines, line);) {
+      const nlohmann::json item = nlohmann::json::parse(line);
+      if (item["name"] == "decode") decode.push_back(item);
+    }
+    ASSERT_EQ(decode.size(), 3u) << outcome.out;
+    EXPECT_EQ(decode[0]["expert_budget"], "all");
+    for (int b = 1; b < 3; ++b) {
+      EXPECT_EQ(decode[b]["ranks"], 2);
+      EXPECT_EQ(decode[b]["ep_transport"], "mpi");
+      const nlohmann::json& residency = decode[b]["residency"];
+      EXPECT_EQ(residency["on_miss"], on_miss);
+      EXPECT_GT(residency["pick_hit_rate"].get<double>(), 0.0);
+      EXPECT_LT(residency["pick_hit_rate"].get<double>(), 1.0) << "half or fewer of the experts are resident";
+      EXPECT_GT(decode[b]["tokens_per_s"].get<double>(), 0.0);
+    }
+  }
+  const Outcome refused = run_epic(bench + " --on-miss substitute", scratch(), 300, mpirun);
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.err.find("--on-miss substitute runs on one process for now"), std::string::npos)
+      << refused.err;
 }
 
 TEST_F(Cli, ExpertStoreFlagsAreChecked) {

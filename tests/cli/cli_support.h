@@ -24,11 +24,13 @@ struct Outcome {
 
 // Runs `epic ARGS` with stdout and stderr captured to files in dir. With timeout_seconds > 0 it runs
 // under `timeout`, so a test of something that must not block fails (exit 124) instead of hanging.
-inline Outcome run_epic(const std::string& args, const fs::path& dir, int timeout_seconds = 0) {
+// launcher: what goes before the binary (e.g. "mpirun -np 2 ").
+inline Outcome run_epic(const std::string& args, const fs::path& dir, int timeout_seconds = 0,
+                        const std::string& launcher = "") {
   const fs::path out = dir / "stdout.txt", err = dir / "stderr.txt";
   const std::string limit = timeout_seconds > 0 ? "timeout " + std::to_string(timeout_seconds) + " " : "";
   const std::string command =
-      limit + std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
+      limit + launcher + std::string(EPIC_BINARY) + " " + args + " >" + out.string() + " 2>" + err.string();
   const int status = std::system(command.c_str());
   Outcome outcome;
   outcome.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
@@ -84,6 +86,5 @@ inline std::string expand_placeholders(std::string args, const fs::path& tiny) {
   for (size_t at; (at = args.find("{golden}")) != std::string::npos;) args.replace(at, 8, EPIC_GOLDEN_DIR);
   return args;
 }
-
 
 }  // namespace epic

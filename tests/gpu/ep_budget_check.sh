@@ -55,6 +55,26 @@ if grep -q "NCCL exchange needs --on-miss read" "$out/wait.err"; then
 else
   echo "ep-budget: --on-miss wait over NCCL was not refused with the expected message"; status=1
 fi
+# bench-decode under mpirun over NCCL: decode with half and a quarter of each worker's shard resident against all
+# resident, in the same run (tokens/s of the job, the pick hit rate of rank 0's store).
+if timeout 200 mpirun --allow-run-as-root -np 2 -x NCCL_NVLS_ENABLE=0 -x LD_LIBRARY_PATH "$build/epic" bench-decode \
+     --model "$model" --allow-missing-experts --prompts-from "$model/heldout.txt" --batch 1,8 --prompt-tokens 64 \
+     --new-tokens 64 --expert-budget 50%,25% --on-miss read > "$out/bench.jsonl" 2> "$out/bench.err"; then
+  python3 - "$out/bench.jsonl" << 'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d.get("name") != "decode":
+        continue
+    r = d.get("residency") or {}
+    print(f"ep-budget bench-decode np2 {d['ep_transport']} batch {d['batch']} budget {d['expert_budget']}: "
+          f"{d['tokens_per_s']:.0f} tokens/s"
+          + (f", {r['tokens_per_s_vs_all_resident']:.2f} of all resident, pick hit rate {r['pick_hit_rate']:.2f}"
+             if r else ""))
+PY
+else
+  echo "ep-budget bench-decode failed: $(grep -m2 -i error "$out/bench.err")"; status=1
+fi
 # With --ep-transport auto the same budget waits on a miss through the host exchange instead.
 if "${base[@]}" --expert-budget 25% --on-miss wait > "$out/auto_wait.txt" 2> "$out/auto_wait.err" &&
    grep -q "on miss wait" "$out/auto_wait.err"; then
