@@ -82,9 +82,9 @@ int bench_decode_command(const BenchDecodeArgs& args) {
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_model_source_flags({args.model_dir, args.random_weights, args.layers, args.weights_seed});
   for (const std::string& budget : args.expert_budgets)
-    check_expert_store_flags({budget, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch});
+    check_expert_store_flags({budget, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
   if (args.expert_budgets.empty())
-    check_expert_store_flags({"", args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch});
+    check_expert_store_flags({"", args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   if (comm->size() == 1) return run_bench_decode(args, *comm);
   try {
@@ -185,7 +185,7 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
     std::function<bool(int64_t, int64_t)> hosts_expert;
     if (cluster) hosts_expert = [&](int64_t layer, int64_t expert) { return cluster->hosts(layer, expert); };
     ExpertStoreOptions store_options = expert_store_options(
-        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch}, hosted,
+        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step}, hosted,
         weights.weight_type, args.allow_missing_experts, /*allow_nonfinite_weights=*/false, hosts_expert);
     Budget budget{name,
                   std::make_unique<ExpertStore>(config, *model.source, backend, std::move(store_options)),

@@ -167,6 +167,7 @@ struct BenchDecodeArgs {
   std::string eviction = "lru";
   std::string on_miss = "wait";
   std::string prefetch = "next-layer";
+  int64_t admit_per_step = 0;  // --on-miss read: experts copied in per layer and step (0: every miss)
   std::string prompts_from;
   bool allow_missing_experts = false;
 };
@@ -192,6 +193,7 @@ struct EvalArgs {
   std::string expert_tier = "host";
   std::string eviction = "lru";
   std::string prefetch = "next-layer";
+  int64_t admit_per_step = 0;  // --on-miss read: experts copied in per layer and step (0: every miss)
   bool allow_missing_experts = false;
   std::string backend = "auto";
   std::optional<int> device;

@@ -79,6 +79,11 @@ void add_expert_store_flags(CLI::App& command, ExpertStoreFlags& flags) {
       ->capture_default_str();
   command.add_option("--usefulness-decay", flags.usefulness_decay, "Per step, of the usefulness score")
       ->capture_default_str();
+  command
+      .add_option("--admit-per-step", flags.admit_per_step,
+                  "With --on-miss read: copy at most N of a layer's missed experts into its slots after each "
+                  "step, the most wanted (0: every miss); fewer copies when the bus is the limit")
+      ->capture_default_str();
 }
 
 void add_topology_flags(CLI::App& command, std::string& ep_dispatch, int& ranks_per_node) {
@@ -372,6 +377,10 @@ int main(int argc, char** argv) {
   bench_decode->add_option("--on-miss", decode_args.on_miss, "wait, substitute or read")
       ->capture_default_str();
   bench_decode->add_option("--prefetch", decode_args.prefetch, "next-layer or none")->capture_default_str();
+  bench_decode
+      ->add_option("--admit-per-step", decode_args.admit_per_step,
+                   "With --on-miss read: at most N of a layer's missed experts copied in per step (0: all)")
+      ->capture_default_str();
   bench_decode->add_flag("--allow-missing-experts", decode_args.allow_missing_experts,
                          "Mask experts the checkpoint lacks out of routing instead of failing");
   bench_decode->add_option(
@@ -424,6 +433,9 @@ int main(int argc, char** argv) {
   eval->add_option("--expert-tier", eval_args.expert_tier, "For the budget variants: host or disk")
       ->capture_default_str();
   eval->add_option("--prefetch", eval_args.prefetch, "For the budget variants: next-layer or none")
+      ->capture_default_str();
+  eval->add_option("--admit-per-step", eval_args.admit_per_step,
+                   "For the read budget variants: at most N of a layer's missed experts copied in per step (0: all)")
       ->capture_default_str();
   eval->add_option("--eviction", eval_args.eviction, "For the budget variants: lru, lfu or usefulness")
       ->capture_default_str();

@@ -157,10 +157,16 @@ void check_eval_flags(const EvalArgs& args) {
     throw Error(ErrorCode::kInvalidArgument, "--on-miss: give wait, substitute or both (wait,substitute)");
   for (const std::string& on_miss : args.on_miss) {
     if (args.expert_budgets.empty())
-      check_expert_store_flags({"", args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch});
+      check_expert_store_flags({"", args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
+                                 on_miss == "read" ? args.admit_per_step : 0});
     for (const std::string& budget : args.expert_budgets)
-      check_expert_store_flags({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch});
+      check_expert_store_flags({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
+                                 on_miss == "read" ? args.admit_per_step : 0});
   }
+  if (args.admit_per_step != 0 &&
+      std::find(args.on_miss.begin(), args.on_miss.end(), "read") == args.on_miss.end())
+    throw Error(ErrorCode::kInvalidArgument,
+                "--admit-per-step limits what the read variants copy in behind a step: add read to --on-miss");
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
   check_backend_flags({args.backend, args.device, args.precision});
@@ -308,7 +314,8 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
         offload->on_miss = on_miss;
         offload->store = std::make_unique<ExpertStore>(
             config, *model.source, *chosen.backend,
-            expert_store_options({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch},
+            expert_store_options({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
+                                 on_miss == "read" ? args.admit_per_step : 0},
                                  hosted, weights.weight_type, args.allow_missing_experts,
                                  /*allow_nonfinite_weights=*/false, [&](int64_t layer, int64_t expert) {
                                    return cluster->hosts(layer, expert);
@@ -375,7 +382,8 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
     if (variant.offload) {
       store_report = expert_store_report(*variant.offload->store, variant.offload->stats(),
                                          {variant.offload->budget, args.expert_tier, args.eviction,
-                                          variant.offload->on_miss, 0.9, args.prefetch});
+                                          variant.offload->on_miss, 0.9, args.prefetch,
+                                          variant.offload->on_miss == "read" ? args.admit_per_step : 0});
       // Under mpirun every worker's store holds its shard: the job's figures are the sums of every rank's
       // report, which the JSON keeps too (rank order).
       const std::string text = store_report.dump();

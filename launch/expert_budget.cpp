@@ -45,10 +45,11 @@ double percent_of(const std::string& budget) {
 void check_expert_store_flags(const ExpertStoreFlags& flags) {
   if (!flags.enabled()) {
     if (flags.tier != "host" || flags.eviction != "lru" || flags.on_miss != "wait" ||
-        flags.prefetch != "next-layer")
+        flags.prefetch != "next-layer" || flags.admit_per_step != 0)
       throw Error(
           ErrorCode::kInvalidArgument,
-          "--expert-tier, --eviction, --on-miss and --prefetch choose how a budget of resident experts is "
+          "--expert-tier, --eviction, --on-miss, --prefetch and --admit-per-step choose how a budget of resident "
+          "experts is "
           "kept: "
           "add --expert-budget");
     return;
@@ -64,6 +65,13 @@ void check_expert_store_flags(const ExpertStoreFlags& flags) {
   parse_eviction_policy(flags.eviction);
   const OnMiss on_miss = parse_on_miss(flags.on_miss);
   parse_prefetch(flags.prefetch);
+  if (flags.admit_per_step < 0)
+    throw Error(ErrorCode::kInvalidArgument, "--admit-per-step " + std::to_string(flags.admit_per_step) +
+                                                 ": give 0 (admit every miss) or a positive count");
+  if (flags.admit_per_step > 0 && on_miss != OnMiss::kRead)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--admit-per-step limits the experts --on-miss read copies in behind a step; with --on-miss " +
+                    flags.on_miss + " a miss is loaded when it is needed: drop --admit-per-step");
   if (on_miss == OnMiss::kRead && parse_expert_tier(flags.tier) != ExpertTier::kHost)
     throw Error(ErrorCode::kInvalidArgument,
                 "--on-miss read computes a missing expert from host memory in place: use --expert-tier host "
@@ -103,6 +111,7 @@ ExpertStoreOptions expert_store_options(const ExpertStoreFlags& flags, const Exp
   options.weight_type = weight_type;
   options.allow_missing_experts = allow_missing_experts;
   options.allow_nonfinite_weights = allow_nonfinite_weights;
+  options.admit_per_layer = flags.admit_per_step;
   return options;
 }
 
@@ -196,7 +205,10 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
           {"stall_seconds", stats.stall_seconds},
           {"prefetch_seconds", stats.prefetch_seconds},
           // --on-miss read admits each step's misses behind it (asynchronous copies) instead.
-          {"prefetch", flags.on_miss == "read" ? std::string("behind the step") : flags.prefetch},
+          {"prefetch", flags.on_miss != "read"       ? flags.prefetch
+                       : flags.admit_per_step > 0 ? "behind the step, at most " + std::to_string(flags.admit_per_step) +
+                                                        " per layer"
+                                                  : std::string("behind the step")},
           {"demand_hits", offload.demand_hits},
           {"demand_misses", offload.demand_misses},
           {"demand_hit_rate",

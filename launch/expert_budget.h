@@ -27,6 +27,9 @@ struct ExpertStoreFlags {
   std::string on_miss = "wait";   // wait | substitute | read (worker/offloading_moe_executor.h)
   double usefulness_decay = 0.9;  // per step, of the usefulness score
   std::string prefetch = "next-layer";  // next-layer | none (worker/offloading_moe_executor.h)
+  // --on-miss read: at most this many of a layer's missed experts copied into its slots after a step (the
+  // most wanted); 0: every miss (ExpertStoreOptions::admit_per_layer).
+  int64_t admit_per_step = 0;
 
   bool enabled() const { return !budget.empty(); }
 };

@@ -84,7 +84,10 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
       tier_(options.tier),
       allow_nonfinite_weights_(options.allow_nonfinite_weights),
       reader_threads_(options.reader_threads),
-      staging_experts_(options.staging_experts) {
+      staging_experts_(options.staging_experts),
+      admit_per_layer_(options.admit_per_layer) {
+  EPIC_CHECK(admit_per_layer_ >= 0, ErrorCode::kInvalidArgument,
+             "expert store: admit_per_layer is " + std::to_string(admit_per_layer_) + "; give 0 (all) or more");
   EPIC_CHECK(staging_experts_ >= 1, ErrorCode::kInvalidArgument,
              "expert store: staging_experts is " + std::to_string(staging_experts_) +
                  "; the disk tier needs room to stage at least one expert");
@@ -502,7 +505,9 @@ ExpertLoadReport ExpertStore::admit_in_background(
   std::vector<HostCopy> evictions, bytes, entries;
   for (const auto& [layer, wanted] : experts_by_layer) {
     Layer& state = layer_state(layer, "admit_in_background");
-    const std::vector<int64_t> experts = distinct_hosted(state, layer, wanted, "admit_in_background");
+    std::vector<int64_t> experts = distinct_hosted(state, layer, wanted, "admit_in_background");
+    if (admit_per_layer_ > 0 && static_cast<int64_t>(experts.size()) > admit_per_layer_)
+      experts.resize(static_cast<size_t>(admit_per_layer_));  // the most wanted: they come first
     const size_t evicted_before = report.evicted.size();
     const std::vector<CopyJob> jobs = admit_list(state, layer, experts, step, report);
     for (size_t v = evicted_before; v < report.evicted.size(); ++v) {

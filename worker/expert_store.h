@@ -47,6 +47,10 @@ struct ExpertStoreOptions {
   int reader_threads = 0;  // the loader's threads; <= 0: its default
   // Disk tier: experts read and converted per batch, the size of the pinned staging buffer.
   int64_t staging_experts = 4;
+  // admit_in_background: at most this many of a layer's experts per call, the most wanted first (0: all).
+  // When the bus is the limit (--on-miss read), every admitted expert crosses it twice in its step (read in
+  // place, then copied into a slot); admitting fewer keeps the copies to the experts that stay wanted.
+  int64_t admit_per_layer = 0;
 };
 
 // What one ensure_resident or prefetch did.
@@ -207,6 +211,7 @@ class ExpertStore {
   bool allow_nonfinite_weights_;
   int reader_threads_;
   int64_t staging_experts_;
+  int64_t admit_per_layer_;  // ExpertStoreOptions::admit_per_layer
   std::map<int64_t, std::unique_ptr<Layer>> layers_;
   std::unique_ptr<ExpertResidencySet> residency_;
   std::map<int64_t, std::vector<int64_t>> pinned_by_layer_;  // the last ensure_resident's experts

@@ -34,7 +34,8 @@ TEST_F(Cli, ExpertBudgetWithWaitGivesTheFullModelsTokensAndLogits) {
   for (const std::string budget :
        {"--expert-budget 1", "--expert-budget 25% --eviction usefulness",
         "--expert-budget total:40 --expert-tier disk --eviction lfu", "--expert-budget 100%",
-        "--expert-budget 25% --on-miss read", "--expert-budget 1 --on-miss read --eviction usefulness"}) {
+        "--expert-budget 25% --on-miss read", "--expert-budget 1 --on-miss read --eviction usefulness",
+        "--expert-budget 50% --on-miss read --admit-per-step 1"}) {
     SCOPED_TRACE(budget);
     const fs::path logits = scratch() / ("budget" + std::to_string(index++) + ".npy");
     const Outcome run =
@@ -202,6 +203,9 @@ TEST_F(Cli, ExpertStoreFlagsAreChecked) {
       {" --expert-budget 4 --usefulness-decay 0", "--usefulness-decay"},
       {" --expert-budget 4 --prefetch always", "--prefetch 'always'"},
       {" --prefetch none", "add --expert-budget"},
+      {" --admit-per-step 2", "add --expert-budget"},
+      {" --expert-budget 4 --admit-per-step 2", "with --on-miss wait a miss is loaded when it is needed"},
+      {" --expert-budget 4 --on-miss read --admit-per-step -1", "--admit-per-step -1"},
   };
   for (const auto& [flags, message] : cases) {
     SCOPED_TRACE(flags);

@@ -4,7 +4,8 @@
 # its held-out text (its own routing statistics), then the Qwen3-30B-A3B shape (random bf16 weights in
 # memory, a few of its layers; random routing is the worst case for a cache).
 #   bash tests/gpu/offload_bench.sh BUILD_DIR OUT_DIR      (from tests/gpu/run_gpu_tests.sh offload)
-# Knobs: OFFLOAD_LAYERS (default 4) of the 30B shape, OFFLOAD_BUDGETS (default 50%,25%).
+# Knobs: OFFLOAD_LAYERS (default 4) of the 30B shape, OFFLOAD_BUDGETS (default 50%,25%), OFFLOAD_ADMIT (default
+# "1 2": the --admit-per-step values of the read runs with admission control).
 set -uo pipefail
 build=$1 out=$2
 status=0
@@ -55,6 +56,14 @@ for on_miss in wait read; do
   done
   run "q30b_${on_miss}_lru" --random-weights qwen3-30b-a3b --layers "${OFFLOAD_LAYERS:-4}" --batch 1,8 \
     --prompt-tokens 32 --new-tokens 32 --expert-budget "$budgets" --on-miss "$on_miss"
+done
+# read with admission control: at most N of a layer's misses copied in behind each step (--admit-per-step), so
+# fewer experts cross the bus twice in their step where the bus is the limit.
+for admit in ${OFFLOAD_ADMIT:-1 2}; do
+  run "trained_read_admit$admit" --model "$model" --allow-missing-experts --prompts-from "$model/heldout.txt" \
+    --batch 1,8 --prompt-tokens 64 --new-tokens 64 --expert-budget "$budgets" --on-miss read --admit-per-step "$admit"
+  run "q30b_read_admit$admit" --random-weights qwen3-30b-a3b --layers "${OFFLOAD_LAYERS:-4}" --batch 1,8 \
+    --prompt-tokens 32 --new-tokens 32 --expert-budget "$budgets" --on-miss read --admit-per-step "$admit"
 done
 python3 - "$out" <<'PY'
 import glob, json, os, sys

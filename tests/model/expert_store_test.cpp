@@ -486,6 +486,26 @@ TEST(ExpertStore, RefusesABudgetThatDoesNotMatchTheMoeLayersAndCapsSlotsAtHosted
 // On a backend whose copies run only at synchronize (as a GPU's asynchronous ones), ensure_resident
 // returns with every copy done, and the disk tier does not refill its staging buffer (one expert) before
 // the copies out of it ran: three misses through one staging slot still land three different experts.
+// admit_per_layer: a background admission copies at most that many of a layer's experts, the first of the
+// list (the most wanted), and each admitted expert's slot holds its weights.
+TEST(ExpertStore, AdmitInBackgroundTakesAtMostAdmitPerLayerOfEachLayer) {
+  Checkpointed model(DType::kBF16, std::nullopt);
+  SCOPED_TRACE("seed " + std::to_string(model.seed));
+  ExpertStoreOptions options = model.store_options(ExpertTier::kHost, std::nullopt);
+  options.admit_per_layer = 2;
+  ExpertStore store(model.config, *model.store_source, *model.backend, options);
+  const std::vector<int64_t> h2 = model.hosted_list(2), h3 = model.hosted_list(3);
+  const ExpertLoadReport report = store.admit_in_background({{2, {h2[3], h2[0], h2[1]}}, {3, {h3[2]}}}, 1);
+  model.backend->wait_side_copies();
+  model.backend->synchronize();
+  EXPECT_EQ(report.loaded, (std::vector<int64_t>{h2[3], h2[0], h3[2]}));
+  EXPECT_FALSE(store.resident(2, h2[1])) << "the third of layer 2's list is past the limit";
+  expect_slots_hold_reference(*model.backend, store, *model.backend, model.reference.layers[2].moe, 2,
+                              {h2[3], h2[0]});
+  options.admit_per_layer = -1;
+  EXPECT_THROW(ExpertStore(model.config, *model.store_source, *model.backend, options), Error);
+}
+
 TEST(ExpertStore, AsynchronousCopiesHaveFinishedWhenEnsureResidentReturns) {
   Checkpointed model(DType::kBF16, std::nullopt);
   SCOPED_TRACE("seed " + std::to_string(model.seed));
