@@ -232,6 +232,7 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
   start = clock::now();
   const int64_t num_records = at_worker.total();
   std::vector<int32_t> expert_source, expert_of_row;
+  std::vector<float> weight_of_row;  // each row's routing weight (the store's policies)
   std::vector<int32_t> positions(static_cast<size_t>(num_records * top_k));
   std::vector<float> weights(static_cast<size_t>(num_records * top_k), 0.0f);
   for (int64_t record = 0; record < num_records; ++record) {
@@ -247,6 +248,7 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
       weights[record * top_k + k] = weight_of(meta[2 + 2 * k]);
       expert_source.push_back(static_cast<int32_t>(record));
       expert_of_row.push_back(expert);
+      weight_of_row.push_back(weights[record * top_k + k]);
     }
   }
   const int64_t num_rows = static_cast<int64_t>(expert_of_row.size());
@@ -268,7 +270,7 @@ void ExpertParallelMoeExecutor::forward_hierarchical(int64_t layer, const Tensor
     // The outputs in row order in a [records * top_k] table (combine_top_k's shape), whose row num_rows,
     // when there is one (some slot is not on this rank), is zero: every absent slot points there.
     const Tensor with_zero = scratch_.get(kExpertOut, act, {num_records * top_k, hidden_size});
-    compute_rows(layer, expert_of_row, rows, experts,
+    compute_rows(layer, expert_of_row, weight_of_row, rows, experts,
                  scratch_.get(kExpertSorted, act, {num_rows, hidden_size}),
                  workspace.get(kSlotExpertOut, act, {num_rows, hidden_size}),
                  with_zero.rows_view(0, num_rows), workspace);

@@ -77,7 +77,8 @@ bool ExpertParallelMoeExecutor::hosts(int64_t layer, int64_t expert) const {
 }
 
 void ExpertParallelMoeExecutor::compute_rows(int64_t layer, const std::vector<int32_t>& experts_host,
-                                             const Tensor& rows, const Tensor& experts, const Tensor& sorted,
+                                             const std::vector<float>& weights_host, const Tensor& rows,
+                                             const Tensor& experts, const Tensor& sorted,
                                              const Tensor& computed, const Tensor& y, Workspace& workspace) {
   if (!resident_ffn_) {
     run_experts_in_row_order(backend_, config_, weights_.layers[layer].moe, rows, experts, sorted, computed,
@@ -86,8 +87,12 @@ void ExpertParallelMoeExecutor::compute_rows(int64_t layer, const std::vector<in
   }
   const int64_t step = resident_ffn_->step();
   ExpertStore& store = resident_ffn_->store();
-  for (int32_t expert : experts_host) {
-    store.record_use(layer, expert, 1.0f, step);
+  EPIC_CHECK(weights_host.size() == experts_host.size(), ErrorCode::kInternal,
+             "compute_rows: " + std::to_string(weights_host.size()) + " routing weights for " +
+                 std::to_string(experts_host.size()) + " rows");
+  for (size_t i = 0; i < experts_host.size(); ++i) {
+    const int32_t expert = experts_host[i];
+    store.record_use(layer, expert, weights_host[i], step);
     if (store.resident(layer, expert)) {
       ++store_hits_;
     } else {
@@ -136,6 +141,9 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   const RoutedTokens routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe),
                                            routed_top_k(config_), router_input, workspace, step_row_top_k());
   const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
+  // With a store the hosting worker's policies want each row's routing weight: it travels with the row.
+  std::vector<float> route_weights;
+  if (resident_ffn_) route_weights = download<float>(backend_, routed.weights);
   // Destination of every slot. Occurrences of one expert rotate over its replicas, starting at an
   // offset given by this rank, so replicas share the rows evenly across the whole cluster. A padding
   // slot (a row in a state of fewer experts per token: Backend::route_top_k) is not sent: it combines
@@ -157,6 +165,7 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   std::vector<int64_t> send_offsets(num_workers + 1, 0);
   for (int w = 0; w < num_workers; ++w) send_offsets[w + 1] = send_offsets[w] + send_counts[w];
   std::vector<int32_t> send_source_row(num_sent), returned_position(num_slots), send_experts(num_sent);
+  std::vector<float> send_weights(resident_ffn_ ? num_sent : 0);
   {
     std::vector<int64_t> cursor(send_offsets.begin(), send_offsets.end() - 1);
     for (int64_t slot = 0; slot < num_slots; ++slot) {
@@ -167,6 +176,7 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
       const int64_t i = cursor[destination[slot]]++;
       send_source_row[i] = static_cast<int32_t>(slot / top_k);
       send_experts[i] = expert_ids[slot];
+      if (resident_ffn_) send_weights[i] = route_weights[slot];
       returned_position[slot] = static_cast<int32_t>(i);
     }
   }
@@ -187,11 +197,15 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
       recv_at(num_workers);
   std::vector<char> recv_rows;
   std::vector<int32_t> recv_experts;
+  std::vector<float> recv_weights;
   {
     // Names the collectives in timeout and dead-peer messages.
     const Communicator::Activity activity(comm_, "MoE layer " + std::to_string(layer) + " dispatch");
     recv_experts =
         comm_.all_to_all_v<int32_t>(std::span<const int32_t>(send_experts), send_counts, &recv_counts);
+    if (resident_ffn_)  // every rank has a store or none: the same collectives everywhere
+      recv_weights =
+          comm_.all_to_all_v_known<float>(std::span<const float>(send_weights), send_counts, recv_counts);
     int64_t sent = 0, received = 0;
     for (int w = 0; w < num_workers; ++w) {
       send_bytes[w] = send_counts[w] * static_cast<int64_t>(row_bytes);
@@ -222,7 +236,7 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   const Tensor received_rows = workspace.get(kSlotReceivedRows, act, {num_received, hidden_size});
   backend_.copy_from_host(received_rows, 0, recv_rows.data(), received_rows.bytes());
   // Each row's expert output, in the order the rows came in (back into received_rows).
-  compute_rows(layer, recv_experts, received_rows, received_experts,
+  compute_rows(layer, recv_experts, recv_weights, received_rows, received_experts,
                workspace.get(kSlotSortedRows, act, {num_received, hidden_size}),
                workspace.get(kSlotExpertOut, act, {num_received, hidden_size}), received_rows, workspace);
   std::vector<char> computed(received_rows.bytes());

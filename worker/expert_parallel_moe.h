@@ -104,10 +104,11 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   bool read_in_place_ = false;
   std::map<int64_t, std::map<int64_t, int64_t>> step_misses_;  // read_in_place: layer -> expert -> rows
   int64_t store_hits_ = 0, store_misses_ = 0, store_read_in_place_ = 0;
-  // y[i] = the FFN of experts[i] over rows[i] (moe_block.h), from the store when there is one.
-  void compute_rows(int64_t layer, const std::vector<int32_t>& experts_host, const Tensor& rows,
-                    const Tensor& experts, const Tensor& sorted, const Tensor& computed, const Tensor& y,
-                    Workspace& workspace);
+  // y[i] = the FFN of experts[i] over rows[i] (moe_block.h), from the store when there is one; with a
+  // store, weights_host[i] is row i's routing weight (the sender's), its use in the store's policies.
+  void compute_rows(int64_t layer, const std::vector<int32_t>& experts_host,
+                    const std::vector<float>& weights_host, const Tensor& rows, const Tensor& experts,
+                    const Tensor& sorted, const Tensor& computed, const Tensor& y, Workspace& workspace);
   bool hosts(int64_t layer, int64_t expert) const;  // by the weights, or by the store
 };
 

@@ -86,8 +86,9 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
       reader_threads_(options.reader_threads),
       staging_experts_(options.staging_experts),
       admit_per_layer_(options.admit_per_layer) {
-  EPIC_CHECK(admit_per_layer_ >= 0, ErrorCode::kInvalidArgument,
-             "expert store: admit_per_layer is " + std::to_string(admit_per_layer_) + "; give 0 (all) or more");
+  EPIC_CHECK(
+      admit_per_layer_ >= 0, ErrorCode::kInvalidArgument,
+      "expert store: admit_per_layer is " + std::to_string(admit_per_layer_) + "; give 0 (all) or more");
   EPIC_CHECK(staging_experts_ >= 1, ErrorCode::kInvalidArgument,
              "expert store: staging_experts is " + std::to_string(staging_experts_) +
                  "; the disk tier needs room to stage at least one expert");
@@ -598,6 +599,10 @@ const MoeLayerWeights& ExpertStore::layer_weights(int64_t layer) const {
 }
 
 bool ExpertStore::is_moe_layer(int64_t layer) const { return layers_.count(layer) != 0; }
+
+double ExpertStore::usefulness(int64_t layer, int64_t expert_id) const {
+  return residency_->usefulness(layer, expert_id, latest_step_);
+}
 
 bool ExpertStore::resident(int64_t layer, int64_t expert_id) const {
   const Layer& state = layer_state(layer, "resident");

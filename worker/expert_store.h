@@ -157,7 +157,9 @@ class ExpertStore {
   const MoeLayerWeights& layer_weights(int64_t layer) const;
 
   bool is_moe_layer(int64_t layer) const;
-  bool resident(int64_t layer, int64_t expert_id) const;       // and its bytes in the slot
+  bool resident(int64_t layer, int64_t expert_id) const;  // and its bytes in the slot
+  // The expert's usefulness score as the policies see it at the latest step (ExpertResidencySet).
+  double usefulness(int64_t layer, int64_t expert_id) const;
   std::vector<int64_t> resident_experts(int64_t layer) const;  // ascending
   int64_t capacity(int64_t layer) const;                       // slots
   ScalarType weight_type() const { return weight_type_; }
