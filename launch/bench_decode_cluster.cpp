@@ -90,12 +90,8 @@ DecodeCluster::StoreExecutor DecodeCluster::store_executor(const ModelConfig& co
     return made;
   }
 #endif
-  EPIC_CHECK(
-      on_miss != OnMiss::kSubstitute, ErrorCode::kInvalidArgument,
-      "--on-miss substitute runs on one process for now (under mpirun the router's choice is made on the "
-      "sending worker, the residency on the hosting one): use wait or read");
   auto host = std::make_unique<ExpertParallelMoeExecutor>(config, weights, backend, comm_, table_);
-  host->set_expert_store(&store, on_miss == OnMiss::kRead);
+  host->set_expert_store(&store, on_miss);
   const ExpertParallelMoeExecutor* view = host.get();
   made.stats = [view, &store] { return host_exchange_store_stats(*view, store); };
   made.executor = std::move(host);

@@ -158,15 +158,16 @@ void check_eval_flags(const EvalArgs& args) {
   for (const std::string& on_miss : args.on_miss) {
     if (args.expert_budgets.empty())
       check_expert_store_flags({"", args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
-                                 on_miss == "read" ? args.admit_per_step : 0});
+                                on_miss == "read" ? args.admit_per_step : 0});
     for (const std::string& budget : args.expert_budgets)
       check_expert_store_flags({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
-                                 on_miss == "read" ? args.admit_per_step : 0});
+                                on_miss == "read" ? args.admit_per_step : 0});
   }
   if (args.admit_per_step != 0 &&
       std::find(args.on_miss.begin(), args.on_miss.end(), "read") == args.on_miss.end())
-    throw Error(ErrorCode::kInvalidArgument,
-                "--admit-per-step limits what the read variants copy in behind a step: add read to --on-miss");
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        "--admit-per-step limits what the read variants copy in behind a step: add read to --on-miss");
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
   check_backend_flags({args.backend, args.device, args.precision});
@@ -298,11 +299,6 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
   run_on_all_ranks(comm, [&] {
     if (args.expert_budgets.empty()) return;
     const bool cluster_run = comm.size() > 1;
-    for (const std::string& on_miss : args.on_miss)
-      if (cluster_run && parse_on_miss(on_miss) == OnMiss::kSubstitute)
-        throw Error(ErrorCode::kInvalidArgument,
-                    "--on-miss substitute runs on one process for now (under mpirun the router's choice is "
-                    "made on the sending worker, the residency on the hosting one): use wait or read");
     ExpertInventory hosted = inspect_experts(config, *model.source, args.allow_missing_experts);
     for (auto& [layer, experts] : hosted)
       for (int64_t e = 0; e < experts.num_experts; ++e)
@@ -315,7 +311,7 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
         offload->store = std::make_unique<ExpertStore>(
             config, *model.source, *chosen.backend,
             expert_store_options({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
-                                 on_miss == "read" ? args.admit_per_step : 0},
+                                  on_miss == "read" ? args.admit_per_step : 0},
                                  hosted, weights.weight_type, args.allow_missing_experts,
                                  /*allow_nonfinite_weights=*/false, [&](int64_t layer, int64_t expert) {
                                    return cluster->hosts(layer, expert);
@@ -324,7 +320,7 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
         if (cluster_run) {
           offload->exchange = std::make_unique<ExpertParallelMoeExecutor>(config, weights, *chosen.backend,
                                                                           comm, cluster->table());
-          offload->exchange->set_expert_store(offload->store.get(), parse_on_miss(on_miss) == OnMiss::kRead);
+          offload->exchange->set_expert_store(offload->store.get(), parse_on_miss(on_miss));
           executor = offload->exchange.get();
         } else {
           offload->executor =
@@ -380,10 +376,10 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
     double resident = static_cast<double>(routable) * static_cast<double>(expert_bytes);
     nlohmann::json store_report;
     if (variant.offload) {
-      store_report = expert_store_report(*variant.offload->store, variant.offload->stats(),
-                                         {variant.offload->budget, args.expert_tier, args.eviction,
-                                          variant.offload->on_miss, 0.9, args.prefetch,
-                                          variant.offload->on_miss == "read" ? args.admit_per_step : 0});
+      store_report = expert_store_report(
+          *variant.offload->store, variant.offload->stats(),
+          {variant.offload->budget, args.expert_tier, args.eviction, variant.offload->on_miss, 0.9,
+           args.prefetch, variant.offload->on_miss == "read" ? args.admit_per_step : 0});
       // Under mpirun every worker's store holds its shard: the job's figures are the sums of every rank's
       // report, which the JSON keeps too (rank order).
       const std::string text = store_report.dump();

@@ -253,6 +253,7 @@ OffloadStats host_exchange_store_stats(const ExpertParallelMoeExecutor& executor
   stats.picks = stats.demand_hits + stats.demand_misses;
   stats.read_in_place = executor.store_read_in_place();
   stats.bytes_read_in_place = static_cast<uint64_t>(stats.read_in_place) * store.expert_bytes();
+  stats.substituted = executor.store_substituted();
   return stats;
 }
 

@@ -377,11 +377,6 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     weights = load_model_weights(model.config, *model.source, *chosen.backend, options);
     // In the same phase (no collective of its own: the job's collectives keep their numbers).
     if (!args.expert_store.enabled()) return;
-    if (comm->size() > 1 && parse_on_miss(args.expert_store.on_miss) == OnMiss::kSubstitute)
-      throw Error(
-          ErrorCode::kInvalidArgument,
-          "--on-miss substitute runs on one process for now (under mpirun the router's choice is made on "
-          "the sending worker, the residency on the hosting one): use --on-miss wait");
     // Under mpirun each worker's store holds its shard of the experts; the budget counts those.
     ExpertInventory hosted = inspect_experts(model.config, *model.source, plan.allow_missing_experts);
     for (auto& [layer, experts] : hosted)
@@ -496,8 +491,9 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
         device_executor->set_expert_store(&*store);
       });
 #endif
-    if (moe_executor == &executor)
-      executor.set_expert_store(&*store, parse_on_miss(args.expert_store.on_miss) == OnMiss::kRead);
+    if (moe_executor == &executor)  // refusals (substitute with hierarchical dispatch) alike on every rank
+      run_on_all_ranks(*comm,
+                       [&] { executor.set_expert_store(&*store, parse_on_miss(args.expert_store.on_miss)); });
   }
   std::optional<ModelRunner> runner;
   run_on_all_ranks(*comm, [&] {

@@ -51,12 +51,17 @@ ExpertParallelMoeExecutor::ExpertParallelMoeExecutor(const ModelConfig& config, 
              ErrorCode::kInternal, "the routing table's node list does not match the job's ranks");
 }
 
-void ExpertParallelMoeExecutor::set_expert_store(ExpertStore* store, bool read_in_place) {
+void ExpertParallelMoeExecutor::set_expert_store(ExpertStore* store, OnMiss on_miss) {
   resident_ffn_ = store != nullptr ? std::make_unique<ResidentExpertFfn>(config_, backend_, *store) : nullptr;
   EPIC_CHECK(
-      !read_in_place || store == nullptr || store->reads_in_place(), ErrorCode::kInvalidArgument,
+      on_miss != OnMiss::kRead || store == nullptr || store->reads_in_place(), ErrorCode::kInvalidArgument,
       "--on-miss read computes a missing expert from host memory in place: it needs --expert-tier host");
-  read_in_place_ = read_in_place && store != nullptr;
+  EPIC_CHECK(on_miss != OnMiss::kSubstitute || options_.dispatch == EpDispatch::kFlat,
+             ErrorCode::kInvalidArgument,
+             "--on-miss substitute under mpirun routes on the sender with the flat dispatch: drop "
+             "--ep-dispatch hierarchical, or use --on-miss wait");
+  read_in_place_ = on_miss == OnMiss::kRead && store != nullptr;
+  substitute_ = on_miss == OnMiss::kSubstitute && store != nullptr;
 }
 
 void ExpertParallelMoeExecutor::finish_step() {
@@ -140,7 +145,8 @@ void ExpertParallelMoeExecutor::forward_flat(int64_t layer, const Tensor& hidden
   auto start = clock::now();
   const RoutedTokens routed = route_tokens(backend_, config_, moe, routable_mask(layer, moe),
                                            routed_top_k(config_), router_input, workspace, step_row_top_k());
-  const std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
+  std::vector<int32_t> expert_ids = download<int32_t>(backend_, routed.expert_ids);
+  if (substitute_) substitute_misses(layer, routed, expert_ids, workspace);
   // With a store the hosting worker's policies want each row's routing weight: it travels with the row.
   std::vector<float> route_weights;
   if (resident_ffn_) route_weights = download<float>(backend_, routed.weights);

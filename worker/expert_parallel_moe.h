@@ -20,7 +20,9 @@
 #include "comm/node_topology.h"
 #include "kernels/backend.h"
 #include "worker/expert_routing_table.h"
+#include "worker/moe_block.h"
 #include "worker/moe_executor.h"
+#include "worker/offloading_moe_executor.h"
 #include "worker/resident_expert_ffn.h"
 #include "worker/workspace.h"
 
@@ -69,19 +71,28 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   const std::map<int64_t, std::vector<int64_t>>& expert_rows() const { return expert_rows_; }
   // Compute the received rows with this worker's experts from a store (a budget of them resident, the
   // rest in a lower tier; worker/expert_store.h) instead of the weights' own experts, which are then
-  // absent. Each received row counts as a use of its expert with weight 1 (the routing weights stay
-  // with the sender). Before the first step; the store outlives the executor. read_in_place (a host-tier
-  // store: --on-miss read): the received rows are computed through the store's address table
-  // (Backend::expert_ffn_addressed: a missing expert read from host memory in place, no wait), and
-  // finish_step admits the step's misses behind it; otherwise the missing experts are copied in first.
-  void set_expert_store(ExpertStore* store, bool read_in_place = false);
-  // read_in_place: after the step, its misses admitted with copies beside the next step.
+  // absent. Each received row counts as a use of its expert with its routing weight (sent with the row).
+  // Before the first step; the store outlives the executor. The miss path (every rank the same):
+  //   kWait: the missing experts are copied in before the rows are computed;
+  //   kRead (a host-tier store): the received rows are computed through the store's address table
+  //     (Backend::expert_ffn_addressed: a missing expert read from host memory in place, no wait), and
+  //     finish_step admits the step's misses behind it;
+  //   kSubstitute (flat dispatch; expert_parallel_substitute.cpp): begin_step gathers every worker's
+  //     resident experts, and the sender routes a token's pick of an expert that is not resident on every
+  //     worker hosting it to the most probable routable expert that is, as the one-process executor does
+  //     with its own store; a miss with nothing to take its place waits.
+  void set_expert_store(ExpertStore* store, OnMiss on_miss = OnMiss::kWait);
+  // kSubstitute: every rank's resident experts, gathered (a collective: every rank calls it each step).
+  void begin_step(int64_t max_rows_on_any_rank) override;
+  // kRead: after the step, its misses admitted with copies beside the next step.
   void finish_step() override;
   // With a store: received rows whose expert was resident (hits) or not (misses), per row.
   int64_t store_hits() const { return store_hits_; }
   int64_t store_misses() const { return store_misses_; }
   // read_in_place: (layer, expert) pairs of a step computed from host memory (each read at least once).
   int64_t store_read_in_place() const { return store_read_in_place_; }
+  // kSubstitute: this worker's tokens' picks routed to a resident expert instead.
+  int64_t store_substituted() const { return store_substituted_; }
 
  private:
   void forward_flat(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
@@ -90,6 +101,10 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   void forward_hierarchical(int64_t layer, const Tensor& hidden, const Tensor& router_input,
                             const Tensor& out, Workspace& workspace);
   void count_expert_rows(int64_t layer, const std::vector<int32_t>& experts);
+  // kSubstitute: rewrites the misses among the routing's own picks (host ids and weights, then the routed
+  // tensors), from the router logits in the workspace.
+  void substitute_misses(int64_t layer, const RoutedTokens& routed, std::vector<int32_t>& expert_ids,
+                         Workspace& workspace);
 
   const ModelConfig& config_;
   const ModelWeights& weights_;
@@ -103,7 +118,10 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   std::unique_ptr<ResidentExpertFfn> resident_ffn_;  // with an expert store (it counts the store's steps)
   bool read_in_place_ = false;
   std::map<int64_t, std::map<int64_t, int64_t>> step_misses_;  // read_in_place: layer -> expert -> rows
-  int64_t store_hits_ = 0, store_misses_ = 0, store_read_in_place_ = 0;
+  int64_t store_hits_ = 0, store_misses_ = 0, store_read_in_place_ = 0, store_substituted_ = 0;
+  bool substitute_ = false;
+  // kSubstitute, per MoE layer and expert: resident on every worker hosting it at the step's start.
+  std::map<int64_t, std::vector<uint8_t>> resident_everywhere_;
   // y[i] = the FFN of experts[i] over rows[i] (moe_block.h), from the store when there is one; with a
   // store, weights_host[i] is row i's routing weight (the sender's), its use in the store's policies.
   void compute_rows(int64_t layer, const std::vector<int32_t>& experts_host,

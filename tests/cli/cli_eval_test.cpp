@@ -234,7 +234,8 @@ TEST_F(CliEval, BudgetVariantsWaitIsTheReferenceSubstituteIsMeasured) {
 
 // Under mpirun each worker's store holds its shard of the experts and the host exchange computes the rows it
 // receives through it: a budget that waits or reads in place is still the reference exactly, at 2 and 3
-// ranks as on one, and the job's store figures are the sums of every rank's (each rank's report kept).
+// ranks as on one, and the job's store figures are the sums of every rank's (each rank's report kept); one
+// that substitutes is measured (its KL against the reference is above 0).
 TEST_F(CliEval, BudgetVariantsUnderMpirunAreTheReferenceExactly) {
   [[maybe_unused]] static const bool mpi_environment = testing::set_mpi_test_environment();
   const std::string common =
@@ -274,6 +275,22 @@ TEST_F(CliEval, BudgetVariantsUnderMpirunAreTheReferenceExactly) {
                   variants[2]["expert_store"]["ranks"][1]["bytes_read_in_place"].get<double>(),
               0.0);
   }
+  // Substituting under mpirun changes the routing (some picks go to a resident expert): measured, not equal.
+  // One window a step: a step substitutes from the residency the steps before it left.
+  const fs::path json = scratch() / "eval_substitute_np2.json";
+  const Outcome substitute =
+      run_epic("eval --model " + tiny().string() + " --text-file " + text_.string() +
+                   " --window 32 --stride 16 --windows-per-step 1 --precision fp32 --expert-budget 1 "
+                   "--on-miss substitute --json " +
+                   json.string(),
+               scratch(), 300, std::string(EPIC_MPIEXEC) + " -np 2 ");
+  ASSERT_EQ(substitute.exit_code, 0) << substitute.err;
+  const nlohmann::json variant = read_json(json)["variants"][1];
+  int64_t substituted = 0;
+  for (const nlohmann::json& rank : variant["expert_store"]["ranks"])
+    substituted += rank["substituted_picks"].get<int64_t>();
+  EXPECT_GT(substituted, 0);
+  EXPECT_GT(variant["kl_vs_reference"].get<double>(), 0.0);
 }
 
 // --decode scores token by token through the KV cache: the same perplexity as whole windows (to float

@@ -136,11 +136,11 @@ const std::vector<ClusterCase> kCases = {
     // on 8 slots per row, a WAKE row's last 4 are padding the exchange does not send; with a budget too.
     {"ResidencyStatePerPrompt", "../../../configs/models/qwen3-moe-python-small",
      "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4 --allow-missing-experts "
-                                          "--residency-state wake,focus,wake,wake,focus",
+     "--residency-state wake,focus,wake,wake,focus",
      ""},
     {"ResidencyStatePerPromptBudgetRead", "../../../configs/models/qwen3-moe-python-small",
      "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4 --allow-missing-experts "
-                                          "--residency-state focus,wake,wake,focus,wake",
+     "--residency-state focus,wake,wake,focus,wake",
      "--expert-budget 25% --on-miss read --max-active-sequences 2"},
 };
 
@@ -176,6 +176,41 @@ TEST(Cluster, PayloadsInSmallPiecesGiveTheSameOutput) {
   const Outcome refused = run_epic(2, common, temp.path(), "EPIC_TEST_MPI_MESSAGE_BYTES=0 ");
   EXPECT_NE(refused.exit_code, 0);
   EXPECT_NE(refused.err.find("EPIC_TEST_MPI_MESSAGE_BYTES=\"0\""), std::string::npos) << refused.err;
+}
+
+// --on-miss substitute under mpirun: every step starts by gathering each worker's resident experts, and the
+// sender routes a pick whose expert is not resident everywhere it is hosted to the most probable one that is.
+// The same job twice gives the same output and substitutions (the residency evolves deterministically), some
+// picks are substituted, and the hierarchical dispatch refuses it naming the flat one.
+TEST(Cluster, SubstituteUnderMpirunIsDeterministicAndSubstitutes) {
+  testing::TempDir temp;
+  const std::string common =
+      "run --model " +
+      (fs::path(EPIC_GOLDEN_DIR) / "../../../configs/models/qwen3-moe-python-small").string() +
+      " --allow-missing-experts --prompt-ids-file " EPIC_GOLDEN_DIR
+      "/../prompts_ids.txt --max-new-tokens 6 --expert-budget 25% --on-miss substitute";
+  std::vector<std::string> outputs;
+  for (int run = 0; run < 2; ++run) {
+    const fs::path dir = temp.path() / ("run" + std::to_string(run));
+    fs::create_directories(dir);
+    const Outcome outcome = run_epic(3, common, dir);
+    ASSERT_EQ(outcome.exit_code, 0) << outcome.err;
+    outputs.push_back(outcome.out);
+    // "rank R experts: ... N of M picks substituted" per rank: some rank substituted.
+    int64_t substituted = 0;
+    for (size_t at = outcome.err.find(" picks substituted"); at != std::string::npos;
+         at = outcome.err.find(" picks substituted", at + 1)) {
+      const size_t of = outcome.err.rfind(" of ", at);
+      const size_t start = outcome.err.rfind(' ', of - 1) + 1;
+      substituted += std::stoll(outcome.err.substr(start, of - start));
+    }
+    EXPECT_GT(substituted, 0) << outcome.err;
+  }
+  EXPECT_EQ(outputs[0], outputs[1]);
+  const Outcome refused = run_epic(2, common + " --ep-dispatch hierarchical --ranks-per-node 1", temp.path());
+  EXPECT_EQ(refused.exit_code, 2) << refused.err;
+  EXPECT_NE(refused.err.find("routes on the sender with the flat dispatch"), std::string::npos)
+      << refused.err;
 }
 
 TEST(Cluster, EachWorkerReadsOnlyItsExperts) {
