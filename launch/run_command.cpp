@@ -606,6 +606,22 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
                  "expected max/mean load %.3f in the worst layer (epic plan prints every layer)\n",
                  placement.layers.size(), placement.num_workers, static_cast<long long>(max_slots),
                  worst_balance);
+    if (args.expert_store.enabled()) {
+      // The planner's view of the budget beside the stores' measured figures above: the share of a worker's
+      // expected load its hottest resident experts would serve (a static cache's hit rate).
+      double lowest = 1.0, mean = 0;
+      const std::vector<LayerResidencyEstimate> estimates =
+          expected_resident_share(placement, args.expert_store.budget);
+      for (const LayerResidencyEstimate& e : estimates) {
+        lowest = std::min(lowest, e.min_resident_share);
+        mean += e.mean_resident_share / static_cast<double>(estimates.size());
+      }
+      std::fprintf(stderr,
+                   "placement with --expert-budget %s: a worker's hottest resident experts serve %.3f of its "
+                   "expected load on average (%.3f in the worst worker and layer; epic plan --expert-budget "
+                   "prints every layer)\n",
+                   args.expert_store.budget.c_str(), mean, lowest);
+    }
     if (topology.num_nodes() > 1) {
       // Measured over the whole run against the plan's expectation for the rows alone.
       double crossed = 0, tokens = 0;

@@ -82,6 +82,10 @@ TEST_P(ClusterMatchesOneProcess, SameTokensAndBitwiseLogits) {
   EXPECT_EQ(many.out, one.out);
   EXPECT_EQ(read_file(temp.path() / "many/logits.npy"), read_file(temp.path() / "one/logits.npy"))
       << "prompt logits differ from the single-process run";
+  // The planner's view of a budget comes with the run (the share of each worker's load its hottest resident
+  // experts would serve).
+  if (c.cluster_args.find("--expert-budget") != std::string::npos)
+    EXPECT_NE(many.err.find("placement with --expert-budget"), std::string::npos) << many.err;
   // A budget's store reports on every worker, with the miss path asked for.
   if (c.cluster_args.find("--on-miss read") != std::string::npos) {
     EXPECT_NE(many.err.find("on miss read"), std::string::npos) << many.err;
