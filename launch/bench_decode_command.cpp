@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -82,9 +83,11 @@ int bench_decode_command(const BenchDecodeArgs& args) {
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_model_source_flags({args.model_dir, args.random_weights, args.layers, args.weights_seed});
   for (const std::string& budget : args.expert_budgets)
-    check_expert_store_flags({budget, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
+    check_expert_store_flags(
+        {budget, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
   if (args.expert_budgets.empty())
-    check_expert_store_flags({"", args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
+    check_expert_store_flags(
+        {"", args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   if (comm->size() == 1) return run_bench_decode(args, *comm);
   try {
@@ -97,6 +100,25 @@ int bench_decode_command(const BenchDecodeArgs& args) {
 }
 
 namespace {
+
+// The host-to-device link's rate as the expert store uses it: pinned staging memory copied into backend
+// memory, 256 MiB at a time, one warm-up copy then the best of five (GB/s).
+double measured_link_gb_per_s(Backend& backend) {
+  constexpr size_t kBytes = size_t{256} << 20;
+  const std::unique_ptr<Buffer> staging = backend.allocate_staging(kBytes);
+  std::memset(staging->data(), 1, kBytes);
+  const OwnedTensor device = backend.new_tensor(ScalarType::kU8, {static_cast<int64_t>(kBytes)});
+  backend.copy_from_host(device.view(), 0, staging->data(), kBytes);
+  backend.synchronize();
+  double best = 0;
+  for (int i = 0; i < 5; ++i) {
+    const auto start = clock_type::now();
+    backend.copy_from_host(device.view(), 0, staging->data(), kBytes);
+    backend.synchronize();
+    best = std::max(best, static_cast<double>(kBytes) / seconds_since(start) / 1e9);
+  }
+  return best;
+}
 
 int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
   const bool cluster_run = comm.size() > 1, root = comm.rank() == 0;
@@ -185,8 +207,9 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
     std::function<bool(int64_t, int64_t)> hosts_expert;
     if (cluster) hosts_expert = [&](int64_t layer, int64_t expert) { return cluster->hosts(layer, expert); };
     ExpertStoreOptions store_options = expert_store_options(
-        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step}, hosted,
-        weights.weight_type, args.allow_missing_experts, /*allow_nonfinite_weights=*/false, hosts_expert);
+        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step},
+        hosted, weights.weight_type, args.allow_missing_experts, /*allow_nonfinite_weights=*/false,
+        hosts_expert);
     Budget budget{name,
                   std::make_unique<ExpertStore>(config, *model.source, backend, std::move(store_options)),
                   nullptr,
@@ -205,6 +228,13 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
       budget.executor = std::move(offloading);
     }
     budgets.push_back(std::move(budget));
+  }
+  // What the bus a budget's misses cross can carry, measured here (the budgets' bus figures are shares of
+  // it).
+  double link_gb_per_s = 0;
+  if (budgets.size() > 1 && backend.memory_space() == MemorySpace::kDevice) {
+    link_gb_per_s = measured_link_gb_per_s(backend);
+    emit({{"name", "link"}, {"host_to_device_gb_per_s", link_gb_per_s}, {"bytes", 256 << 20}});
   }
   std::map<int64_t, double> all_resident_tokens_per_s;  // by batch
   for (Budget& budget : budgets)
@@ -311,6 +341,14 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
             // Bytes copied into slots over the batch's wall time (prefill and decode); the bytes
             // read in place (at least once per expert and step) come on top.
             {"bus_gb_per_s", moved / batch_seconds / 1e9},
+            // The decode steps' reads in place as a rate (at least once per expert and step), and both
+            // rates as shares of the link measured in this run (0 without a device).
+            {"read_in_place_gb_per_s_decode", timed_seconds > 0 ? read_in_place / timed_seconds / 1e9 : 0.0},
+            {"link_gb_per_s", link_gb_per_s},
+            {"copy_share_of_link", link_gb_per_s > 0 ? moved / batch_seconds / 1e9 / link_gb_per_s : 0.0},
+            {"read_share_of_link", link_gb_per_s > 0 && timed_seconds > 0
+                                       ? read_in_place / timed_seconds / 1e9 / link_gb_per_s
+                                       : 0.0},
             {"tokens_per_s_vs_all_resident", tokens_per_s / all_resident_tokens_per_s[batch]}};
       }
       emit({{"name", "decode"},

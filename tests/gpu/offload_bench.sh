@@ -77,6 +77,8 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "offload_*.json"))):
               (f", {r['tokens_per_s_vs_all_resident']:.3f} of all resident, decode picks resident {r['pick_hit_rate']:.3f}, "
                f"{r['bytes_moved'] / 1e6:.1f} MB copied ({r['copy_gb_per_s_while_stalled']:.1f} GB/s while stalled), "
                f"{r['bytes_read_in_place_decode'] / 1e6:.1f} MB read in place in decode, copies {r['bus_gb_per_s']:.2f} GB/s, "
-               f"{r['resident_expert_bytes'] / 1e6:.1f} MB of experts resident" if r else ""))
+               f"{r['resident_expert_bytes'] / 1e6:.1f} MB of experts resident, "
+               f"link {r.get('link_gb_per_s', 0):.1f} GB/s: copies {r.get('copy_share_of_link', 0):.2f} and decode reads "
+               f"in place {r.get('read_share_of_link', 0):.2f} of it" if r else ""))
 PY
 exit $status
