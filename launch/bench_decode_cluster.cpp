@@ -101,7 +101,7 @@ DecodeCluster::StoreExecutor DecodeCluster::store_executor(const ModelConfig& co
 StepAgreement DecodeCluster::agree(ModelRunner& runner, int64_t rows, bool decode_only) {
   const std::vector<StepShare> all =
       comm_.all_gather_value(StepShare{rows, decode_only ? 1 : 0, runner.current_graph_buckets()});
-  StepAgreement agreement{0, true, ~uint64_t{0}};
+  StepAgreement agreement{0, true, ~uint64_t{0}, {}};
   for (const StepShare& share : all) {
     agreement.max_rows = std::max(agreement.max_rows, share.rows);
     agreement.every_rank_decode = agreement.every_rank_decode && share.decode_only != 0;

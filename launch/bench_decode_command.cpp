@@ -83,11 +83,11 @@ int bench_decode_command(const BenchDecodeArgs& args) {
   if (!args.json_out.empty()) check_output_flag(args.json_out, "--json");
   check_model_source_flags({args.model_dir, args.random_weights, args.layers, args.weights_seed});
   for (const std::string& budget : args.expert_budgets)
-    check_expert_store_flags(
-        {budget, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
+    check_expert_store_flags({budget, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch,
+                              args.admit_per_step, args.host_budget});
   if (args.expert_budgets.empty())
-    check_expert_store_flags(
-        {"", args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step});
+    check_expert_store_flags({"", args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch,
+                              args.admit_per_step, args.host_budget});
   std::unique_ptr<Communicator> comm = make_communicator(CommOptions{args.comm_timeout_seconds});
   if (comm->size() == 1) return run_bench_decode(args, *comm);
   try {
@@ -206,10 +206,11 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
   for (const std::string& name : args.expert_budgets) {
     std::function<bool(int64_t, int64_t)> hosts_expert;
     if (cluster) hosts_expert = [&](int64_t layer, int64_t expert) { return cluster->hosts(layer, expert); };
-    ExpertStoreOptions store_options = expert_store_options(
-        {name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch, args.admit_per_step},
-        hosted, weights.weight_type, args.allow_missing_experts, /*allow_nonfinite_weights=*/false,
-        hosts_expert);
+    ExpertStoreOptions store_options =
+        expert_store_options({name, args.expert_tier, args.eviction, args.on_miss, 0.9, args.prefetch,
+                              args.admit_per_step, args.host_budget},
+                             hosted, weights.weight_type, args.allow_missing_experts,
+                             /*allow_nonfinite_weights=*/false, hosts_expert);
     Budget budget{name,
                   std::make_unique<ExpertStore>(config, *model.source, backend, std::move(store_options)),
                   nullptr,
@@ -330,6 +331,9 @@ int run_bench_decode(const BenchDecodeArgs& args, Communicator& comm) {
             {"prefetch", args.prefetch},
             {"resident_expert_bytes", after.resident_bytes},
             {"host_tier_bytes", after.host_tier_bytes},
+            {"host_budget", args.host_budget},
+            {"host_cache_hits", after.host_cache_hits - before.host_cache_hits},
+            {"host_cache_misses", after.host_cache_misses - before.host_cache_misses},
             {"hit_rate", asked > 0 ? double(after.hits - before.hits) / double(asked) : 1.0},
             {"misses", after.misses - before.misses},
             {"bytes_moved", moved},

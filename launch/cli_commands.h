@@ -168,6 +168,7 @@ struct BenchDecodeArgs {
   std::string on_miss = "wait";
   std::string prefetch = "next-layer";
   int64_t admit_per_step = 0;  // --on-miss read: experts copied in per layer and step (0: every miss)
+  std::string host_budget;     // --expert-tier disk: a pinned host cache of this budget ("" none)
   std::string prompts_from;
   bool allow_missing_experts = false;
 };
@@ -194,6 +195,7 @@ struct EvalArgs {
   std::string eviction = "lru";
   std::string prefetch = "next-layer";
   int64_t admit_per_step = 0;  // --on-miss read: experts copied in per layer and step (0: every miss)
+  std::string host_budget;     // --expert-tier disk: a pinned host cache of this budget ("" none)
   bool allow_missing_experts = false;
   std::string backend = "auto";
   std::optional<int> device;

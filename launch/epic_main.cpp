@@ -65,6 +65,11 @@ void add_expert_store_flags(CLI::App& command, ExpertStoreFlags& flags) {
       .add_option("--expert-tier", flags.tier,
                   "Where the other experts wait: host (memory) or disk (the checkpoint)")
       ->capture_default_str();
+  command
+      .add_option("--host-budget", flags.host_budget,
+                  "With --expert-tier disk: a pinned host cache of N experts per MoE layer, P% or total:N "
+                  "(at least --expert-budget) between the resident experts and the checkpoint")
+      ->capture_default_str();
   command.add_option("--eviction", flags.eviction, "lru, lfu or usefulness (decayed routing weights)")
       ->capture_default_str();
   command
@@ -372,6 +377,11 @@ int main(int argc, char** argv) {
           "each against every expert resident")
       ->delimiter(',');
   bench_decode->add_option("--expert-tier", decode_args.expert_tier, "host or disk")->capture_default_str();
+  bench_decode
+      ->add_option(
+          "--host-budget", decode_args.host_budget,
+          "With --expert-tier disk: a pinned host cache of N, P% or total:N experts (at least the budget)")
+      ->capture_default_str();
   bench_decode->add_option("--eviction", decode_args.eviction, "lru, lfu or usefulness")
       ->capture_default_str();
   bench_decode->add_option("--on-miss", decode_args.on_miss, "wait, substitute or read")
@@ -434,8 +444,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   eval->add_option("--prefetch", eval_args.prefetch, "For the budget variants: next-layer or none")
       ->capture_default_str();
-  eval->add_option("--admit-per-step", eval_args.admit_per_step,
-                   "For the read budget variants: at most N of a layer's missed experts copied in per step (0: all)")
+  eval->add_option(
+          "--admit-per-step", eval_args.admit_per_step,
+          "For the read budget variants: at most N of a layer's missed experts copied in per step (0: all)")
+      ->capture_default_str();
+  eval->add_option(
+          "--host-budget", eval_args.host_budget,
+          "For the budget variants with --expert-tier disk: a pinned host cache of N, P% or total:N experts")
       ->capture_default_str();
   eval->add_option("--eviction", eval_args.eviction, "For the budget variants: lru, lfu or usefulness")
       ->capture_default_str();

@@ -158,10 +158,10 @@ void check_eval_flags(const EvalArgs& args) {
   for (const std::string& on_miss : args.on_miss) {
     if (args.expert_budgets.empty())
       check_expert_store_flags({"", args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
-                                on_miss == "read" ? args.admit_per_step : 0});
+                                on_miss == "read" ? args.admit_per_step : 0, args.host_budget});
     for (const std::string& budget : args.expert_budgets)
       check_expert_store_flags({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
-                                on_miss == "read" ? args.admit_per_step : 0});
+                                on_miss == "read" ? args.admit_per_step : 0, args.host_budget});
   }
   if (args.admit_per_step != 0 &&
       std::find(args.on_miss.begin(), args.on_miss.end(), "read") == args.on_miss.end())
@@ -311,7 +311,7 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
         offload->store = std::make_unique<ExpertStore>(
             config, *model.source, *chosen.backend,
             expert_store_options({budget, args.expert_tier, args.eviction, on_miss, 0.9, args.prefetch,
-                                  on_miss == "read" ? args.admit_per_step : 0},
+                                  on_miss == "read" ? args.admit_per_step : 0, args.host_budget},
                                  hosted, weights.weight_type, args.allow_missing_experts,
                                  /*allow_nonfinite_weights=*/false, [&](int64_t layer, int64_t expert) {
                                    return cluster->hosts(layer, expert);
@@ -379,7 +379,7 @@ int run_eval(const EvalArgs& args, Communicator& comm) {
       store_report = expert_store_report(
           *variant.offload->store, variant.offload->stats(),
           {variant.offload->budget, args.expert_tier, args.eviction, variant.offload->on_miss, 0.9,
-           args.prefetch, variant.offload->on_miss == "read" ? args.admit_per_step : 0});
+           args.prefetch, variant.offload->on_miss == "read" ? args.admit_per_step : 0, args.host_budget});
       // Under mpirun every worker's store holds its shard: the job's figures are the sums of every rank's
       // report, which the JSON keeps too (rank order).
       const std::string text = store_report.dump();

@@ -22,22 +22,32 @@ const char* kBudgetHelp =
     "give N (experts per MoE layer), P% (percent of each layer's experts, above 0 and at most 100) or "
     "total:N (N experts over all layers, split by the layers' expert counts)";
 
-// A whole number >= 1 or an Error naming the budget.
-int64_t positive_count(const std::string& text, const std::string& budget) {
+// A whole number >= 1 or an Error naming the flag and the budget.
+int64_t positive_count(const std::string& text, const std::string& budget, const std::string& flag) {
   char* end = nullptr;
   const long long value = std::strtoll(text.c_str(), &end, 10);
   if (text.empty() || end == nullptr || *end != '\0' || value < 1)
-    throw Error(ErrorCode::kInvalidArgument, "--expert-budget '" + budget + "': " + kBudgetHelp);
+    throw Error(ErrorCode::kInvalidArgument, flag + " '" + budget + "': " + kBudgetHelp);
   return value;
 }
 
-double percent_of(const std::string& budget) {
+double percent_of(const std::string& budget, const std::string& flag) {
   const std::string number = budget.substr(0, budget.size() - 1);
   char* end = nullptr;
   const double value = std::strtod(number.c_str(), &end);
   if (number.empty() || end == nullptr || *end != '\0' || !(value > 0 && value <= 100))
-    throw Error(ErrorCode::kInvalidArgument, "--expert-budget '" + budget + "': " + kBudgetHelp);
+    throw Error(ErrorCode::kInvalidArgument, flag + " '" + budget + "': " + kBudgetHelp);
   return value;
+}
+
+void check_budget_grammar(const std::string& budget, const std::string& flag) {
+  if (budget.rfind("total:", 0) == 0) {
+    positive_count(budget.substr(6), budget, flag);
+  } else if (!budget.empty() && budget.back() == '%') {
+    percent_of(budget, flag);
+  } else {
+    positive_count(budget, budget, flag);
+  }
 }
 
 }  // namespace
@@ -45,23 +55,24 @@ double percent_of(const std::string& budget) {
 void check_expert_store_flags(const ExpertStoreFlags& flags) {
   if (!flags.enabled()) {
     if (flags.tier != "host" || flags.eviction != "lru" || flags.on_miss != "wait" ||
-        flags.prefetch != "next-layer" || flags.admit_per_step != 0)
+        flags.prefetch != "next-layer" || flags.admit_per_step != 0 || !flags.host_budget.empty())
       throw Error(
           ErrorCode::kInvalidArgument,
-          "--expert-tier, --eviction, --on-miss, --prefetch and --admit-per-step choose how a budget of resident "
-          "experts is "
-          "kept: "
-          "add --expert-budget");
+          "--expert-tier, --host-budget, --eviction, --on-miss, --prefetch and --admit-per-step choose "
+          "how a budget of resident experts is kept: add --expert-budget");
     return;
   }
-  if (flags.budget.rfind("total:", 0) == 0) {
-    positive_count(flags.budget.substr(6), flags.budget);
-  } else if (!flags.budget.empty() && flags.budget.back() == '%') {
-    percent_of(flags.budget);
-  } else {
-    positive_count(flags.budget, flags.budget);
+  check_budget_grammar(flags.budget, "--expert-budget");
+  const ExpertTier tier = parse_expert_tier(flags.tier);
+  if (!flags.host_budget.empty()) {
+    check_budget_grammar(flags.host_budget, "--host-budget");
+    if (tier != ExpertTier::kDisk)
+      throw Error(
+          ErrorCode::kInvalidArgument,
+          "--host-budget caps a pinned host cache in front of the checkpoint on disk, but --expert-tier " +
+              flags.tier +
+              " keeps every expert in host memory already: add --expert-tier disk (or drop --host-budget)");
   }
-  parse_expert_tier(flags.tier);
   parse_eviction_policy(flags.eviction);
   const OnMiss on_miss = parse_on_miss(flags.on_miss);
   parse_prefetch(flags.prefetch);
@@ -69,9 +80,10 @@ void check_expert_store_flags(const ExpertStoreFlags& flags) {
     throw Error(ErrorCode::kInvalidArgument, "--admit-per-step " + std::to_string(flags.admit_per_step) +
                                                  ": give 0 (admit every miss) or a positive count");
   if (flags.admit_per_step > 0 && on_miss != OnMiss::kRead)
-    throw Error(ErrorCode::kInvalidArgument,
-                "--admit-per-step limits the experts --on-miss read copies in behind a step; with --on-miss " +
-                    flags.on_miss + " a miss is loaded when it is needed: drop --admit-per-step");
+    throw Error(
+        ErrorCode::kInvalidArgument,
+        "--admit-per-step limits the experts --on-miss read copies in behind a step; with --on-miss " +
+            flags.on_miss + " a miss is loaded when it is needed: drop --admit-per-step");
   if (on_miss == OnMiss::kRead && parse_expert_tier(flags.tier) != ExpertTier::kHost)
     throw Error(ErrorCode::kInvalidArgument,
                 "--on-miss read computes a missing expert from host memory in place: use --expert-tier host "
@@ -80,15 +92,16 @@ void check_expert_store_flags(const ExpertStoreFlags& flags) {
     throw Error(ErrorCode::kInvalidArgument, "--usefulness-decay must be above 0 and at most 1");
 }
 
-ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory) {
+ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory,
+                                    const std::string& flag) {
   std::map<int64_t, std::vector<uint8_t>> present;
   for (const auto& [layer, experts] : inventory) present[layer] = experts.present;
   if (budget.rfind("total:", 0) == 0)
-    return split_residency_budget(positive_count(budget.substr(6), budget), present);
+    return split_residency_budget(positive_count(budget.substr(6), budget, flag), present);
   ResidencyBudget slots;
   const bool percent = !budget.empty() && budget.back() == '%';
-  const double fraction = percent ? percent_of(budget) / 100.0 : 0.0;
-  const int64_t per_layer = percent ? 0 : positive_count(budget, budget);
+  const double fraction = percent ? percent_of(budget, flag) / 100.0 : 0.0;
+  const int64_t per_layer = percent ? 0 : positive_count(budget, budget, flag);
   for (const auto& [layer, experts] : inventory) {
     const int64_t count = experts.num_present();
     const int64_t wanted =
@@ -112,6 +125,20 @@ ExpertStoreOptions expert_store_options(const ExpertStoreFlags& flags, const Exp
   options.allow_missing_experts = allow_missing_experts;
   options.allow_nonfinite_weights = allow_nonfinite_weights;
   options.admit_per_layer = flags.admit_per_step;
+  if (!flags.host_budget.empty()) {
+    options.host_budget = expert_budget_slots(flags.host_budget, hosted, "--host-budget");
+    for (const auto& [layer, slots] : options.budget.slots_by_layer) {
+      const int64_t cached = options.host_budget.slots_by_layer.at(layer);
+      if (cached < slots)
+        throw Error(
+            ErrorCode::kInvalidArgument,
+            "--host-budget " + flags.host_budget + " gives MoE layer " + std::to_string(layer) + " " +
+                std::to_string(cached) + " cached experts, fewer than the " + std::to_string(slots) +
+                " resident ones --expert-budget " + flags.budget +
+                " gives it; every resident expert passes through the host cache, so give --host-budget "
+                "at least --expert-budget");
+    }
+  }
   return options;
 }
 
@@ -189,6 +216,7 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
   const int64_t asked = stats.hits + stats.misses;
   return {{"budget", flags.budget},
           {"tier", flags.tier},
+          {"host_budget", flags.host_budget},
           {"eviction", flags.eviction},
           {"on_miss", flags.on_miss},
           {"expert_bytes", store.expert_bytes()},
@@ -202,13 +230,17 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
           {"bytes_from_host", stats.bytes_from_host},
           {"bytes_from_disk", stats.bytes_from_disk},
           {"checkpoint_bytes_read", stats.source_bytes_read},
+          // --host-budget: of the misses, those the host cache held and those read into it from disk.
+          {"host_cache_hits", stats.host_cache_hits},
+          {"host_cache_misses", stats.host_cache_misses},
+          {"host_cache_evictions", stats.host_cache_evictions},
           {"stall_seconds", stats.stall_seconds},
           {"prefetch_seconds", stats.prefetch_seconds},
           // --on-miss read admits each step's misses behind it (asynchronous copies) instead.
-          {"prefetch", flags.on_miss != "read"       ? flags.prefetch
-                       : flags.admit_per_step > 0 ? "behind the step, at most " + std::to_string(flags.admit_per_step) +
-                                                        " per layer"
-                                                  : std::string("behind the step")},
+          {"prefetch", flags.on_miss != "read" ? flags.prefetch
+                       : flags.admit_per_step > 0
+                           ? "behind the step, at most " + std::to_string(flags.admit_per_step) + " per layer"
+                           : std::string("behind the step")},
           {"demand_hits", offload.demand_hits},
           {"demand_misses", offload.demand_misses},
           {"demand_hit_rate",
@@ -243,7 +275,19 @@ std::string expert_store_summary(const nlohmann::json& r) {
       r["stall_seconds"].get<double>(), r["prefetch_seconds"].get<double>(),
       static_cast<long long>(r["substituted_picks"].get<int64_t>()),
       static_cast<long long>(r["picks"].get<int64_t>()));
-  return line;
+  std::string text = line;
+  if (r.contains("host_budget") && !r["host_budget"].get<std::string>().empty()) {
+    std::snprintf(
+        line, sizeof(line),
+        "experts: host cache %s (%.2f MB pinned): %lld misses found there, %lld read from disk into "
+        "it, %lld evictions\n",
+        r["host_budget"].get<std::string>().c_str(), r["host_tier_bytes"].get<double>() / 1e6,
+        static_cast<long long>(r["host_cache_hits"].get<int64_t>()),
+        static_cast<long long>(r["host_cache_misses"].get<int64_t>()),
+        static_cast<long long>(r["host_cache_evictions"].get<int64_t>()));
+    text += line;
+  }
+  return text;
 }
 
 OffloadStats host_exchange_store_stats(const ExpertParallelMoeExecutor& executor, const ExpertStore& store) {

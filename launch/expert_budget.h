@@ -30,6 +30,9 @@ struct ExpertStoreFlags {
   // --on-miss read: at most this many of a layer's missed experts copied into its slots after a step (the
   // most wanted); 0: every miss (ExpertStoreOptions::admit_per_layer).
   int64_t admit_per_step = 0;
+  // --host-budget (with --expert-tier disk): a pinned host cache of this many of each layer's experts
+  // between the resident ones and the checkpoint, in --expert-budget's grammar; "" for none.
+  std::string host_budget{};
 
   bool enabled() const { return !budget.empty(); }
 };
@@ -41,12 +44,14 @@ void check_expert_store_flags(const ExpertStoreFlags& flags);
 // The per-layer slots of the budget over the layers' present experts: "N" = N per layer (capped at the
 // layer's experts), "P%" = P percent of each layer's present experts rounded to nearest (at least 1),
 // "total:N" = N split in proportion to the layers' present experts (split_residency_budget).
-ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory);
+// `flag` names the budget's flag in errors.
+ResidencyBudget expert_budget_slots(const std::string& budget, const ExpertInventory& inventory,
+                                    const std::string& flag = "--expert-budget");
 
 // The store's options from its flags (checked by check_expert_store_flags): the tier, the budget's slots
 // over `hosted` (the experts this worker keeps, as inspect_experts reports them), the eviction policy and
-// its decay; and, as LoadOptions has them, the weight type, the missing and non-finite policies and which
-// experts this worker hosts (every present one when hosts_expert is empty).
+// its decay, the host cache's budget; and, as LoadOptions has them, the weight type, the missing and
+// non-finite policies and which experts this worker hosts (every present one when hosts_expert is empty).
 ExpertStoreOptions expert_store_options(
     const ExpertStoreFlags& flags, const ExpertInventory& hosted, std::optional<ScalarType> weight_type,
     bool allow_missing_experts, bool allow_nonfinite_weights,

@@ -258,25 +258,29 @@ void print_results(const RunArgs& args, const ResultPrinter& printer, size_t num
   if (!args.report_out.empty()) {
     nlohmann::json workers = nlohmann::json::array();
     for (const wire::WorkerReport& r : reports) {
-      workers.push_back({{"rank", r.rank},
-                         {"host", r.host},
-                         {"sequences", r.sequences},
-                         {"tokens_processed", r.tokens_processed},
-                         {"steps", r.steps},
-                         {"most_active_sequences", r.most_active_sequences},
-                         {"experts_hosted", r.experts_hosted},
-                         {"bytes_read", r.bytes_read},
-                         {"resident_bytes", r.resident_bytes},
-                         {"peak_resident_bytes", r.peak_resident_bytes},
-                         {"load_seconds", r.load_seconds},
-                         {"run_seconds", r.run_seconds},
-                         {"route_seconds", r.route_seconds},
-                         {"dispatch_seconds", r.dispatch_seconds},
-                         {"expert_seconds", r.expert_seconds},
-                         {"combine_seconds", r.combine_seconds},
-                         {"bytes_sent", r.bytes_sent},
-                         {"bytes_received", r.bytes_received},
-                         {"rows_computed", r.rows_computed}});
+      workers.push_back(
+          {{"rank", r.rank},
+           {"host", r.host},
+           {"sequences", r.sequences},
+           {"tokens_processed", r.tokens_processed},
+           {"steps", r.steps},
+           {"most_active_sequences", r.most_active_sequences},
+           {"experts_hosted", r.experts_hosted},
+           {"bytes_read", r.bytes_read},
+           {"resident_bytes", r.resident_bytes},
+           {"peak_resident_bytes", r.peak_resident_bytes},
+           {"load_seconds", r.load_seconds},
+           {"run_seconds", r.run_seconds},
+           {"route_seconds", r.route_seconds},
+           {"dispatch_seconds", r.dispatch_seconds},
+           {"expert_seconds", r.expert_seconds},
+           {"combine_seconds", r.combine_seconds},
+           {"bytes_sent", r.bytes_sent},
+           {"bytes_received", r.bytes_received},
+           {"rows_computed", r.rows_computed},
+           // --expert-budget: hits, misses, bytes per tier, stalls (null without a budget)
+           {"expert_store", r.expert_store.empty() ? nlohmann::json(nullptr)
+                                                   : nlohmann::json::parse(r.expert_store, nullptr, false)}});
     }
     nlohmann::json report = {{"format", "epic-run-report-v1"},
                              {"workers", workers},
@@ -537,13 +541,14 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     stats = generate();
   }
   const double run_seconds = seconds_since(run_start);
+  nlohmann::json store_report;
   if (store) {
     OffloadStats store_stats = offloading ? offloading->stats() : host_exchange_store_stats(executor, *store);
 #ifdef EPIC_HAVE_NCCL_EP
     if (device_executor) store_stats = device_exchange_store_stats(*device_executor, *store);
 #endif
-    std::fprintf(stderr, "rank %d %s", comm->rank(),
-                 expert_store_summary(expert_store_report(*store, store_stats, args.expert_store)).c_str());
+    store_report = expert_store_report(*store, store_stats, args.expert_store);
+    std::fprintf(stderr, "rank %d %s", comm->rank(), expert_store_summary(store_report).c_str());
   }
 
   wire::WorkerReport report;
@@ -563,6 +568,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       report.experts_hosted += experts.num_present();
   }
   report.sequences = static_cast<int64_t>(mine.size());
+  if (store) report.expert_store = store_report.dump();
   report.steps = stats.steps;
   report.tokens_processed = stats.tokens_processed;
   report.most_active_sequences = stats.most_active_sequences;

@@ -21,7 +21,8 @@
 namespace epic::wire {
 
 constexpr uint32_t kRunPlanVersion = 2;       // 2: a residency state per sequence
-constexpr uint32_t kWorkerReportVersion = 3;  // 2: results stream out during the run; 3: the host name
+constexpr uint32_t kWorkerReportVersion = 4;  // 2: results stream out during the run; 3: the host name;
+                                              // 4: the expert store's report
 
 struct Sequence {
   int64_t sequence_id = 0;
@@ -62,11 +63,13 @@ struct WorkerReport {
   uint64_t bytes_sent = 0, bytes_received = 0;
   int64_t rows_computed = 0;
   std::map<int64_t, std::vector<int64_t>> expert_rows;  // layer -> rows per expert computed here
+  std::string
+      expert_store;  // with --expert-budget: the store's report as JSON (expert_store_report); else ""
   template <class Archive>
   void serialize(Archive& ar) {
     ar(version, rank, host, bytes_read, resident_bytes, peak_resident_bytes, experts_hosted, sequences, steps,
        tokens_processed, most_active_sequences, load_seconds, run_seconds, route_seconds, dispatch_seconds,
-       expert_seconds, combine_seconds, bytes_sent, bytes_received, rows_computed, expert_rows);
+       expert_seconds, combine_seconds, bytes_sent, bytes_received, rows_computed, expert_rows, expert_store);
   }
 };
 

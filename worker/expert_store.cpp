@@ -14,15 +14,6 @@
 namespace epic {
 namespace {
 
-// The loader writes into host memory without the backend (memory_space kHost) and through staging
-// buffers with it; the lower tiers are host memory of any backend (pinned for cuda), so they are
-// filled through this view of the backend that says "host". Only memory_space differs.
-class HostTierBackend final : public ForwardingBackend {
- public:
-  explicit HostTierBackend(Backend& inner) : ForwardingBackend(inner) {}
-  MemorySpace memory_space() const override { return MemorySpace::kHost; }
-};
-
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
@@ -194,14 +185,43 @@ ExpertStore::ExpertStore(const ModelConfig& config, WeightSource& source, Backen
     layers_[layer] = std::move(state);
   }
   residency_ = std::make_unique<ExpertResidencySet>(capped, options.policy, options.usefulness_decay);
+  if (!options.host_budget.slots_by_layer.empty()) {
+    EPIC_CHECK(tier_ == ExpertTier::kDisk, ErrorCode::kInvalidArgument,
+               "expert store: a host budget caps a cache in front of the disk tier, but the host tier keeps "
+               "every hosted expert in host memory already; use the disk tier or no host budget");
+    std::map<int64_t, std::vector<int64_t>> hosted_by_layer;
+    for (const auto& [layer, state] : layers_) {
+      hosted_by_layer[layer] = state->weights.hosted;
+      const auto host = options.host_budget.slots_by_layer.find(layer);
+      EPIC_CHECK(host != options.host_budget.slots_by_layer.end(), ErrorCode::kInvalidArgument,
+                 "expert store: the host budget has no entry for MoE layer " + std::to_string(layer) +
+                     "; budget every MoE layer");
+      const int64_t hosted = static_cast<int64_t>(state->weights.hosted.size());
+      const int64_t slots = capped.slots_by_layer.at(layer);
+      // Every expert a step copies into the slots passes through the cache, all of them at once.
+      EPIC_CHECK(std::min(host->second, hosted) >= slots, ErrorCode::kInvalidArgument,
+                 "expert store: the host budget gives layer " + std::to_string(layer) + " " +
+                     std::to_string(host->second) + " experts, fewer than its " + std::to_string(slots) +
+                     " backend slots; the host cache holds what the slots hold and more, so give it at "
+                     "least the slots' budget");
+    }
+    HostExpertCacheOptions cache;
+    cache.budget = options.host_budget;
+    cache.policy = options.policy;
+    cache.usefulness_decay = options.usefulness_decay;
+    cache.weight_type = weight_type_;
+    cache.allow_nonfinite_weights = allow_nonfinite_weights_;
+    cache.reader_threads = reader_threads_;
+    host_cache_ = std::make_unique<HostExpertCache>(config, source, backend, hosted_by_layer, cache);
+  }
   if (!host_loads.empty()) {
-    HostTierBackend host_tier(backend);
+    HostMemoryView host_tier(backend);
     WeightLoadOptions load_options;
     load_options.allow_nonfinite_weights = allow_nonfinite_weights_;
     load_options.num_threads = reader_threads_;
     load_tensors(source, host_tier, host_loads, load_options);
   }
-  if (tier_ == ExpertTier::kDisk)
+  if (tier_ == ExpertTier::kDisk && !host_cache_)
     disk_staging_ = backend.allocate_staging(static_cast<size_t>(staging_experts_) * expert_bytes());
   backend.synchronize();  // the local_index and address uploads read their staging buffers
 }
@@ -313,7 +333,7 @@ void ExpertStore::copy_from_disk(Layer& state, int64_t layer, const std::vector<
   const int64_t hidden = config_.hidden_size, inter = config_.moe_intermediate_size;
   const Tensor staging(disk_staging_->data(), weight_type_, MemorySpace::kHost,
                        {staging_experts_, static_cast<int64_t>(expert_bytes() / scalar_size(weight_type_))});
-  HostTierBackend host_tier(backend_);
+  HostMemoryView host_tier(backend_);
   WeightLoadOptions load_options;
   load_options.allow_nonfinite_weights = allow_nonfinite_weights_;
   load_options.num_threads = reader_threads_;
@@ -341,6 +361,25 @@ void ExpertStore::copy_from_disk(Layer& state, int64_t layer, const std::vector<
   }
 }
 
+void ExpertStore::copy_through_host_cache(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
+                                          ExpertLoadReport& report) {
+  std::vector<int64_t> experts;
+  for (const CopyJob& job : jobs) experts.push_back(job.expert_id);
+  const HostCacheFetch fetched = host_cache_->fetch(layer, experts, latest_step_);
+  report.host_cache_hits += fetched.hits;
+  report.host_cache_misses += fetched.misses;
+  report.host_cache_evictions += fetched.evictions;
+  report.source_bytes_read += fetched.source_bytes_read;
+  for (size_t k = 0; k < jobs.size(); ++k) {
+    const size_t slot = static_cast<size_t>(jobs[k].slot);
+    backend_.copy_from_host(state.weights.gate_up, slot * gate_up_bytes(), fetched.bytes[k], gate_up_bytes());
+    backend_.copy_from_host(state.weights.down, slot * down_bytes(), fetched.bytes[k] + gate_up_bytes(),
+                            down_bytes());
+    (fetched.was_cached[k] ? report.bytes_from_host : report.bytes_from_disk) += expert_bytes();
+  }
+  backend_.synchronize();  // the cache's slots may be refilled by the next fetch
+}
+
 void ExpertStore::copy_in(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
                           ExpertLoadReport& report) {
   if (jobs.empty()) return;  // an eviction always comes with the copy of its replacement
@@ -362,6 +401,8 @@ void ExpertStore::copy_in(Layer& state, int64_t layer, const std::vector<CopyJob
                                 down_bytes());
         report.bytes_from_host += expert_bytes();
       }
+    } else if (host_cache_) {
+      copy_through_host_cache(state, layer, jobs, report);
     } else {
       copy_from_disk(state, layer, jobs, report);
     }
@@ -552,6 +593,9 @@ void ExpertStore::add_to_stats(const ExpertLoadReport& report, bool prefetch) {
   stats_.bytes_from_host += report.bytes_from_host;
   stats_.bytes_from_disk += report.bytes_from_disk;
   stats_.source_bytes_read += report.source_bytes_read;
+  stats_.host_cache_hits += report.host_cache_hits;
+  stats_.host_cache_misses += report.host_cache_misses;
+  stats_.host_cache_evictions += report.host_cache_evictions;
   if (prefetch) {
     stats_.prefetch_loads += report.misses;
     stats_.prefetch_seconds += report.seconds;
@@ -565,6 +609,7 @@ void ExpertStore::record_use(int64_t layer, int64_t expert_id, float routing_wei
   distinct_hosted(state, layer, {expert_id}, "record_use");
   check_step(step, "record_use");
   residency_->record_use(layer, expert_id, routing_weight, step);
+  if (host_cache_) host_cache_->record_use(layer, expert_id, routing_weight, step);
   latest_step_ = step;
 }
 
@@ -604,6 +649,16 @@ double ExpertStore::usefulness(int64_t layer, int64_t expert_id) const {
   return residency_->usefulness(layer, expert_id, latest_step_);
 }
 
+bool ExpertStore::host_cached(int64_t layer, int64_t expert_id) const {
+  layer_state(layer, "host_cached");
+  return host_cache_ && host_cache_->cached(layer, expert_id);
+}
+
+int64_t ExpertStore::host_cache_capacity(int64_t layer) const {
+  layer_state(layer, "host_cache_capacity");
+  return host_cache_ ? host_cache_->capacity(layer) : 0;
+}
+
 bool ExpertStore::resident(int64_t layer, int64_t expert_id) const {
   const Layer& state = layer_state(layer, "resident");
   return expert_id >= 0 && expert_id < state.weights.num_experts && state.loaded(expert_id);
@@ -630,6 +685,7 @@ ExpertStoreStats ExpertStore::stats() const {
     for (const std::unique_ptr<Buffer>* tier : {&state->host_gate_up, &state->host_down})
       if (*tier) stats.host_tier_bytes += (*tier)->size();
   }
+  if (host_cache_) stats.host_tier_bytes += host_cache_->bytes();
   return stats;
 }
 

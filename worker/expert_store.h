@@ -13,6 +13,7 @@
 
 #include "kernels/backend.h"
 #include "worker/expert_residency_policy.h"
+#include "worker/host_expert_cache.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
 #include "worker/weight_source.h"
@@ -24,7 +25,9 @@ namespace epic {
 //   (pinned on cuda, so a miss is one asynchronous copy per tensor); costs the hosted experts' size
 //   in host memory, read once at construction.
 // kDisk: nothing kept; a miss reads the expert's three tensors from the WeightSource by offset and
-//   converts them (the loader's load_tensors, through a small pinned staging buffer).
+//   converts them (the loader's load_tensors, through a small pinned staging buffer), or, with a host
+//   budget, a pinned cache of that many experts per layer sits between (worker/host_expert_cache.h):
+//   a miss it holds is one copy, one it does not is read into it first.
 enum class ExpertTier { kHost, kDisk };
 
 // "host", "disk"; anything else throws Error(kInvalidArgument) listing them.
@@ -36,6 +39,9 @@ struct ExpertStoreOptions {
   // Slots of every MoE layer (split_residency_budget makes one); a layer's slots are capped at the
   // experts it hosts. Every MoE layer needs an entry, and only MoE layers may have one.
   ResidencyBudget budget;
+  // Disk tier only: the pinned host cache's experts per MoE layer (capped at the layer's hosted experts;
+  // each layer's at least its slots, so one step's experts fit). Empty: no cache.
+  ResidencyBudget host_budget;
   EvictionPolicy policy = EvictionPolicy::kLru;
   double usefulness_decay = 0.9;  // see ExpertResidencySet
   // As LoadOptions: which experts this worker hosts (every present one when empty), the weight type
@@ -64,17 +70,21 @@ struct ExpertLoadReport {
   uint64_t bytes_from_host = 0;    // bytes written into slots from the host tier (misses x expert_bytes)
   uint64_t bytes_from_disk = 0;    // bytes written into slots from the disk tier (misses x expert_bytes)
   uint64_t source_bytes_read = 0;  // disk tier: stored bytes read from the WeightSource
-  double seconds = 0;              // wall time of the call, copies finished
+  // Disk tier with a host cache: of the misses, those the cache held (their bytes count as from host)
+  // and those read into it from disk first; the cache's experts that made room.
+  int64_t host_cache_hits = 0, host_cache_misses = 0, host_cache_evictions = 0;
+  double seconds = 0;  // wall time of the call, copies finished
 };
 
 struct ExpertStoreStats {
   int64_t hits = 0, misses = 0, evictions = 0;  // ensure_resident and prefetch together
   int64_t prefetch_loads = 0;                   // of the misses, those loaded by prefetch
   uint64_t bytes_from_host = 0, bytes_from_disk = 0, source_bytes_read = 0;
+  int64_t host_cache_hits = 0, host_cache_misses = 0, host_cache_evictions = 0;  // see ExpertLoadReport
   double stall_seconds = 0;      // wall time inside ensure_resident
   double prefetch_seconds = 0;   // wall time inside prefetch
   uint64_t resident_bytes = 0;   // backend bytes of the slot tensors (measured from their buffers)
-  uint64_t host_tier_bytes = 0;  // host bytes of the host tier (0 for disk)
+  uint64_t host_tier_bytes = 0;  // host bytes of the host tier or the disk tier's cache (measured)
 };
 
 // The order prefetch and admit_in_background take, most wanted first: the experts of `wanted` (expert
@@ -158,6 +168,10 @@ class ExpertStore {
 
   bool is_moe_layer(int64_t layer) const;
   bool resident(int64_t layer, int64_t expert_id) const;  // and its bytes in the slot
+  // Disk tier with a host budget: whether the host cache holds the expert's bytes (false without one).
+  bool host_cached(int64_t layer, int64_t expert_id) const;
+  bool has_host_cache() const { return host_cache_ != nullptr; }
+  int64_t host_cache_capacity(int64_t layer) const;  // 0 without a cache
   // The expert's usefulness score as the policies see it at the latest step (ExpertResidencySet).
   double usefulness(int64_t layer, int64_t expert_id) const;
   std::vector<int64_t> resident_experts(int64_t layer) const;  // ascending
@@ -193,6 +207,8 @@ class ExpertStore {
   void copy_in(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs, ExpertLoadReport& report);
   void copy_from_disk(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
                       ExpertLoadReport& report);
+  void copy_through_host_cache(Layer& state, int64_t layer, const std::vector<CopyJob>& jobs,
+                               ExpertLoadReport& report);
   // The address table's host mirror entries of an expert: its host-tier bytes, or its slot's.
   void point_at_host_tier(Layer& state, int64_t expert_id) const;
   void point_at_slot(Layer& state, int64_t expert_id, int64_t slot) const;
@@ -218,6 +234,7 @@ class ExpertStore {
   std::unique_ptr<ExpertResidencySet> residency_;
   std::map<int64_t, std::vector<int64_t>> pinned_by_layer_;  // the last ensure_resident's experts
   std::unique_ptr<Buffer> disk_staging_;                     // pinned, staging_experts experts
+  std::unique_ptr<HostExpertCache> host_cache_;              // disk tier with a host budget
   int64_t latest_step_ = 0;
   ExpertStoreStats stats_;
 };

@@ -102,4 +102,13 @@ class ForwardingBackend : public Backend {
   Backend& inner_;
 };
 
+// The loader writes into host memory without the backend (memory_space kHost) and through staging
+// buffers with it; the expert store's lower tiers are host memory of any backend (pinned for cuda), so
+// they are filled through this view of the backend that says "host". Only memory_space differs.
+class HostMemoryView final : public ForwardingBackend {
+ public:
+  explicit HostMemoryView(Backend& inner) : ForwardingBackend(inner) {}
+  MemorySpace memory_space() const override { return MemorySpace::kHost; }
+};
+
 }  // namespace epic

@@ -35,7 +35,9 @@ TEST_F(Cli, ExpertBudgetWithWaitGivesTheFullModelsTokensAndLogits) {
        {"--expert-budget 1", "--expert-budget 25% --eviction usefulness",
         "--expert-budget total:40 --expert-tier disk --eviction lfu", "--expert-budget 100%",
         "--expert-budget 25% --on-miss read", "--expert-budget 1 --on-miss read --eviction usefulness",
-        "--expert-budget 50% --on-miss read --admit-per-step 1"}) {
+        "--expert-budget 50% --on-miss read --admit-per-step 1",
+        "--expert-budget 1 --expert-tier disk --host-budget 3 --eviction lfu",
+        "--expert-budget 25% --expert-tier disk --host-budget 50%"}) {
     SCOPED_TRACE(budget);
     const fs::path logits = scratch() / ("budget" + std::to_string(index++) + ".npy");
     const Outcome run =
@@ -61,6 +63,45 @@ TEST_F(Cli, ExpertBudgetWithSubstituteReportsTheSubstitutions) {
   const size_t of = run.err.rfind(" of ", at);
   const size_t start = run.err.rfind(' ', of - 1) + 1;
   EXPECT_GT(std::stoll(run.err.substr(start, of - start)), 0) << run.err;
+}
+
+// --host-budget: a pinned host cache between the resident experts and the checkpoint. The report counts the
+// misses it served and those read from disk into it, the bytes from each tier add up to the misses, and its
+// pinned bytes are the budget's (measured from its buffers), between nothing (the disk tier) and every
+// expert.
+TEST_F(Cli, HostBudgetServesMissesFromAPinnedCacheOfThatSize) {
+  const auto report_of = [&](const std::string& flags, const std::string& name) {
+    const fs::path report = scratch() / (name + ".json");
+    const Outcome run = run_epic(
+        "run --model " + trained_model().string() + kPrompt + flags + " --report-out " + report.string(),
+        scratch());
+    EXPECT_EQ(run.exit_code, 0) << run.err;
+    std::ifstream in(report);
+    const nlohmann::json parsed = nlohmann::json::parse(in);
+    return std::make_pair(parsed["workers"][0]["expert_store"], run.err);
+  };
+  const auto [cached, cached_err] =
+      report_of(" --expert-budget 2 --expert-tier disk --host-budget 4", "cached");
+  const auto [disk, disk_err] = report_of(" --expert-budget 2 --expert-tier disk", "disk");
+  const auto [host, host_err] = report_of(" --expert-budget 2", "host");
+  ASSERT_TRUE(cached.is_object()) << cached_err;
+  EXPECT_NE(cached_err.find("experts: host cache 4"), std::string::npos) << cached_err;
+  const int64_t misses = cached["misses"].get<int64_t>();
+  const int64_t cache_hits = cached["host_cache_hits"].get<int64_t>();
+  const int64_t cache_misses = cached["host_cache_misses"].get<int64_t>();
+  const double expert_bytes = cached["expert_bytes"].get<double>();
+  EXPECT_EQ(cache_hits + cache_misses, misses);
+  EXPECT_GT(cache_hits, 0) << "a cache twice the slots never served a miss";
+  EXPECT_GT(cached["host_cache_evictions"].get<int64_t>(), 0) << "4 of ~30 experts a layer never evicted";
+  EXPECT_EQ(cached["bytes_from_host"].get<double>(), double(cache_hits) * expert_bytes);
+  EXPECT_EQ(cached["bytes_from_disk"].get<double>(), double(cache_misses) * expert_bytes);
+  // The same device-side decisions as without the cache: only where the bytes come from differs.
+  EXPECT_EQ(misses, disk["misses"].get<int64_t>());
+  EXPECT_LT(cached["checkpoint_bytes_read"].get<double>(), disk["checkpoint_bytes_read"].get<double>());
+  // 8 MoE layers x 4 cached experts, against none (disk) and every expert (host).
+  EXPECT_EQ(cached["host_tier_bytes"].get<double>(), 8 * 4 * expert_bytes);
+  EXPECT_EQ(disk["host_tier_bytes"].get<double>(), 0.0);
+  EXPECT_GT(host["host_tier_bytes"].get<double>(), cached["host_tier_bytes"].get<double>());
 }
 
 // bench-decode --expert-budget: every budget's decode line next to the all-resident one of the same run.
@@ -179,7 +220,8 @@ TEST_F(Cli, BenchDecodeWithABudgetUnderMpirun) {
       EXPECT_GT(residency["pick_hit_rate"].get<double>(), 0.0);
       // Substituted picks arrive at a resident expert, so only wait and read see misses.
       if (on_miss != "substitute")
-        EXPECT_LT(residency["pick_hit_rate"].get<double>(), 1.0) << "half or fewer of the experts are resident";
+        EXPECT_LT(residency["pick_hit_rate"].get<double>(), 1.0)
+            << "half or fewer of the experts are resident";
       EXPECT_GT(decode[b]["tokens_per_s"].get<double>(), 0.0);
     }
   }
@@ -204,6 +246,11 @@ TEST_F(Cli, ExpertStoreFlagsAreChecked) {
       {" --admit-per-step 2", "add --expert-budget"},
       {" --expert-budget 4 --admit-per-step 2", "with --on-miss wait a miss is loaded when it is needed"},
       {" --expert-budget 4 --on-miss read --admit-per-step -1", "--admit-per-step -1"},
+      {" --host-budget 8", "add --expert-budget"},
+      {" --expert-budget 4 --host-budget 8", "add --expert-tier disk"},
+      {" --expert-budget 4 --expert-tier disk --host-budget 0", "--host-budget '0'"},
+      {" --expert-budget 4 --expert-tier disk --host-budget 2",
+       "give --host-budget at least --expert-budget"},
   };
   for (const auto& [flags, message] : cases) {
     SCOPED_TRACE(flags);

@@ -110,6 +110,30 @@ TEST(ExpertBudget, StoreOptionsFromTheFlags) {
   EXPECT_FALSE(plain.allow_missing_experts);
   EXPECT_FALSE(plain.allow_nonfinite_weights);
   EXPECT_FALSE(plain.hosts_expert);
+  EXPECT_TRUE(plain.host_budget.slots_by_layer.empty());
+}
+
+// --host-budget is counted over the same inventory as --expert-budget, and must give every layer at least
+// the slots the device budget gives it.
+TEST(ExpertBudget, HostBudgetFromItsFlag) {
+  const ExpertInventory layers = inventory({8, 6}, 8);
+  ExpertStoreFlags flags;
+  flags.budget = "2";
+  flags.tier = "disk";
+  flags.host_budget = "75%";
+  check_expert_store_flags(flags);
+  const ExpertStoreOptions options = expert_store_options(flags, layers, std::nullopt, false, false);
+  EXPECT_EQ(options.host_budget.slots_by_layer, (std::map<int64_t, int64_t>{{0, 6}, {2, 5}}));
+  flags.host_budget = "total:5";  // 3 + 2: layer 2 gets as many as its slots
+  EXPECT_EQ(expert_store_options(flags, layers, std::nullopt, false, false).host_budget.slots_by_layer,
+            (std::map<int64_t, int64_t>{{0, 3}, {2, 2}}));
+  flags.host_budget = "total:3";  // 2 + 1: layer 2 below its 2 slots
+  EXPECT_THROW(expert_store_options(flags, layers, std::nullopt, false, false), Error);
+  flags.host_budget = "1";
+  EXPECT_THROW(expert_store_options(flags, layers, std::nullopt, false, false), Error);
+  flags.tier = "host";
+  flags.host_budget = "4";
+  EXPECT_THROW(check_expert_store_flags(flags), Error);
 }
 
 }  // namespace

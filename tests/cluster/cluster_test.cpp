@@ -131,6 +131,10 @@ const std::vector<ClusterCase> kCases = {
     {"ExpertBudgetDiskTierMaskedExperts", "missing_experts",
      "--prompt-ids 8,6,7,5,3,0,9 --max-new-tokens 5 --allow-missing-experts",
      "--expert-budget 50% --expert-tier disk --eviction usefulness"},
+    // ... and the disk tier behind a pinned host cache of two experts a layer on each worker.
+    {"ExpertBudgetHostCache", "qwen3_moe_f32",
+     "--prompt-ids-file " EPIC_GOLDEN_DIR "/../prompts_ids.txt --max-new-tokens 4",
+     "--expert-budget 1 --expert-tier disk --host-budget 2 --eviction lfu"},
     // --on-miss read: each worker computes its received rows through its store's address table (a missing
     // expert read from host memory in place) and admits the misses after the step.
     {"ExpertBudgetReadInPlace", "qwen3_moe_f32",

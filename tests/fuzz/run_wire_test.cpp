@@ -73,8 +73,9 @@ TEST(RunWire, RefusesAMapKeyTwiceInsteadOfDroppingOneEntry) {
   WorkerReport report;
   report.expert_rows = {{1, {3}}, {2, {4}}};
   std::string bytes = to_bytes(report);
-  // Each entry is key (8 bytes), count (8), one row (8); turn the second key (2) into 1.
-  const size_t second_key = bytes.size() - 24;
+  // Each entry is key (8 bytes), count (8), one row (8), and the empty expert_store string (its length, 8)
+  // follows the map; turn the second key (2) into 1.
+  const size_t second_key = bytes.size() - 8 - 24;
   ASSERT_EQ(bytes[second_key], '\x02');
   bytes[second_key] = '\x01';
   expect_corrupt<WorkerReport>(bytes, kWorkerReportVersion, "not the encoding");

@@ -3,7 +3,8 @@
 # own experts per token in shared steps, worker/model_runner.h SequenceChunk::top_k) on the trained model:
 # each prompt's logits and generated text against the runs where every prompt is in its state, in fp32 and in
 # bf16 (decode steps replayed from CUDA graphs that hold the per-row table), and with half the experts
-# resident and read in place (--expert-budget 50% --on-miss read) against the same list with all resident.
+# resident and read in place (--expert-budget 50% --on-miss read) against the same list with all resident,
+# and with a quarter resident behind a pinned host cache of half (--expert-tier disk --host-budget 50%).
 #   bash tests/gpu/residency_state_check.sh BUILD_DIR OUT_DIR      (from tests/gpu/run_gpu_tests.sh tests)
 set -uo pipefail
 build=$1 out=$2
@@ -52,6 +53,22 @@ if run budget_read --precision bf16 --residency-state "$states" --expert-budget 
     echo "residency bf16, 50% resident read in place: generated text DIFFERENT"; status=1
   fi
   grep -m1 "experts: budget" "$out/budget_read.err"
+else
+  status=1
+fi
+# A quarter resident, the checkpoint on disk behind a pinned host cache of half the experts
+# (--host-budget): misses wait for a copy from the cache or a read from disk into it; the same bits again.
+if run budget_host_cache --precision bf16 --residency-state "$states" --expert-budget 25% --expert-tier disk \
+    --host-budget 50%; then
+  python3 tests/support/npy_relative_l2.py "$out/mixed_bf16.npy" "$out/budget_host_cache.npy" 0 \
+    "residency bf16, 25% resident, disk behind a 50% host cache, against all resident" || status=1
+  if cmp -s "$out/mixed_bf16.txt" "$out/budget_host_cache.txt"; then
+    echo "residency bf16, 25% resident behind a host cache: the same generated text"
+  else
+    echo "residency bf16, 25% resident behind a host cache: generated text DIFFERENT"; status=1
+  fi
+  grep -m1 "experts: budget" "$out/budget_host_cache.err"
+  grep -m1 "experts: host cache" "$out/budget_host_cache.err" || { echo "no host cache line"; status=1; }
 else
   status=1
 fi

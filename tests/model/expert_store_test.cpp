@@ -78,10 +78,14 @@ struct Checkpointed {
     return {hosted.at(layer).begin(), hosted.at(layer).end()};
   }
 
-  ExpertStoreOptions store_options(ExpertTier tier, std::optional<ScalarType> weight_type) const {
+  // host_slots > 0: the disk tier with a host cache of that many experts per layer.
+  ExpertStoreOptions store_options(ExpertTier tier, std::optional<ScalarType> weight_type,
+                                   int64_t host_slots = 0) const {
     ExpertStoreOptions options;
     options.tier = tier;
     for (const auto& [layer, experts] : hosted) options.budget.slots_by_layer[layer] = kSlots;
+    if (host_slots > 0)
+      for (const auto& [layer, experts] : hosted) options.host_budget.slots_by_layer[layer] = host_slots;
     options.hosts_expert = hosts();
     options.weight_type = weight_type;
     options.staging_experts = 2;  // three misses take two batches
@@ -176,6 +180,7 @@ struct StoreCase {
   ExpertTier tier;
   DType storage;
   std::optional<ScalarType> weight_type;
+  int64_t host_slots = 0;  // disk tier: a host cache of this many experts per layer
 };
 
 void PrintTo(const StoreCase& store_case, std::ostream* out) { *out << store_case.name; }
@@ -188,7 +193,8 @@ TEST_P(ExpertStoreTest, ComputesLikeTheFullyLoadedWeightsAndCountsExactly) {
   SCOPED_TRACE("seed " + std::to_string(model.seed));
   Backend& backend = *model.backend;
   WeightSource& source = *model.store_source;
-  ExpertStore store(model.config, source, backend, model.store_options(param.tier, param.weight_type));
+  ExpertStore store(model.config, source, backend,
+                    model.store_options(param.tier, param.weight_type, param.host_slots));
   EXPECT_EQ(store.weight_type(), model.reference.weight_type);
   const uint64_t expert_bytes = store.expert_bytes();
   EXPECT_EQ(expert_bytes,
@@ -201,14 +207,14 @@ TEST_P(ExpertStoreTest, ComputesLikeTheFullyLoadedWeightsAndCountsExactly) {
   EXPECT_EQ(source.bytes_read(), param.tier == ExpertTier::kHost ? all_hosted_stored_bytes : 0u);
   const ExpertStoreStats initial = store.stats();
   EXPECT_EQ(initial.resident_bytes, static_cast<uint64_t>(kSlots * 3) * expert_bytes);
-  EXPECT_EQ(initial.host_tier_bytes,
-            param.tier == ExpertTier::kHost ? static_cast<uint64_t>(kHostedPerLayer * 3) * expert_bytes : 0u);
+  const int64_t host_tier_experts = param.tier == ExpertTier::kHost ? kHostedPerLayer : param.host_slots;
+  EXPECT_EQ(initial.host_tier_bytes, static_cast<uint64_t>(host_tier_experts * 3) * expert_bytes);
   EXPECT_EQ(initial.misses, 0);
 
   std::mt19937_64 random(model.seed ^ 0x5709E);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_real_distribution<float> routing_weight(0.0f, 1.0f);
-  int64_t requested = 0, hits = 0, misses = 0, evictions = 0;
+  int64_t requested = 0, hits = 0, misses = 0, evictions = 0, cache_hits = 0;
   bool reference_nonzero = false;
   for (int64_t step = 0; step < 30; ++step) {
     for (const auto& [layer, hosted_set] : model.hosted) {
@@ -223,6 +229,10 @@ TEST_P(ExpertStoreTest, ComputesLikeTheFullyLoadedWeightsAndCountsExactly) {
       const std::vector<int64_t> resident_list = store.resident_experts(layer);
       const std::set<int64_t> resident_before(resident_list.begin(), resident_list.end());
       const uint64_t read_before = source.bytes_read();
+      std::set<int64_t> cached_before;
+      for (int64_t expert : distinct)
+        if (store.host_cached(layer, expert)) cached_before.insert(expert);
+      if (param.host_slots == 0) EXPECT_TRUE(cached_before.empty());
 
       const ExpertLoadReport report = store.ensure_resident(layer, needed, step);
       requested += num_needed;
@@ -234,13 +244,28 @@ TEST_P(ExpertStoreTest, ComputesLikeTheFullyLoadedWeightsAndCountsExactly) {
       for (int64_t expert : distinct) expected_hits += resident_before.count(expert);
       EXPECT_EQ(report.hits, expected_hits);
       ASSERT_EQ(static_cast<int64_t>(report.loaded.size()), report.misses);
+      // A miss the host cache held is copied from it; the others come from disk (through the cache).
+      int64_t loaded_cached = 0;
+      for (int64_t expert : report.loaded) loaded_cached += cached_before.count(expert);
+      EXPECT_EQ(report.host_cache_hits, loaded_cached);
+      EXPECT_EQ(report.host_cache_misses, param.host_slots > 0 ? report.misses - loaded_cached : 0);
+      cache_hits += report.host_cache_hits;
       const uint64_t moved = static_cast<uint64_t>(report.misses) * expert_bytes;
-      EXPECT_EQ(report.bytes_from_host, param.tier == ExpertTier::kHost ? moved : 0u);
-      EXPECT_EQ(report.bytes_from_disk, param.tier == ExpertTier::kDisk ? moved : 0u);
-      // The disk tier reads exactly the stored bytes of the experts it loads, the host tier nothing.
+      const uint64_t from_cache = static_cast<uint64_t>(loaded_cached) * expert_bytes;
+      EXPECT_EQ(report.bytes_from_host, param.tier == ExpertTier::kHost ? moved : from_cache);
+      EXPECT_EQ(report.bytes_from_disk, param.tier == ExpertTier::kDisk ? moved - from_cache : 0u);
+      // The disk tier reads exactly the stored bytes of the experts it loads and the cache did not hold,
+      // the host tier nothing.
       uint64_t expected_read = 0;
       if (param.tier == ExpertTier::kDisk)
-        for (int64_t expert : report.loaded) expected_read += model.stored_expert_bytes(layer, expert);
+        for (int64_t expert : report.loaded)
+          if (!cached_before.count(expert)) expected_read += model.stored_expert_bytes(layer, expert);
+      if (param.host_slots > 0) {
+        for (int64_t expert : report.loaded) EXPECT_TRUE(store.host_cached(layer, expert)) << expert;
+        int64_t cached_now = 0;
+        for (int64_t expert : hosted) cached_now += store.host_cached(layer, expert);
+        EXPECT_LE(cached_now, param.host_slots);
+      }
       EXPECT_EQ(source.bytes_read() - read_before, expected_read);
       EXPECT_EQ(report.source_bytes_read, expected_read);
       for (int64_t victim : report.evicted) {
@@ -280,8 +305,15 @@ TEST_P(ExpertStoreTest, ComputesLikeTheFullyLoadedWeightsAndCountsExactly) {
   EXPECT_EQ(stats.evictions, evictions);
   EXPECT_EQ(stats.prefetch_loads, 0);
   const uint64_t moved = static_cast<uint64_t>(misses) * expert_bytes;
-  EXPECT_EQ(stats.bytes_from_host, param.tier == ExpertTier::kHost ? moved : 0u);
-  EXPECT_EQ(stats.bytes_from_disk, param.tier == ExpertTier::kDisk ? moved : 0u);
+  const uint64_t from_cache = static_cast<uint64_t>(cache_hits) * expert_bytes;
+  EXPECT_EQ(stats.bytes_from_host, param.tier == ExpertTier::kHost ? moved : from_cache);
+  EXPECT_EQ(stats.bytes_from_disk, param.tier == ExpertTier::kDisk ? moved - from_cache : 0u);
+  EXPECT_EQ(stats.host_cache_hits, cache_hits);
+  if (param.host_slots > 0) {
+    EXPECT_GT(cache_hits, 0) << "the host cache never served a miss: the sequence tests nothing of it";
+    EXPECT_GT(stats.host_cache_evictions, 0);
+    EXPECT_EQ(stats.host_cache_hits + stats.host_cache_misses, misses);
+  }
   EXPECT_GT(stats.stall_seconds, 0.0);
   EXPECT_EQ(stats.resident_bytes, static_cast<uint64_t>(kSlots * 3) * expert_bytes);
   // Every miss filled a free slot or replaced an evicted expert.
@@ -298,7 +330,10 @@ INSTANTIATE_TEST_SUITE_P(
                       StoreCase{"disk_f32", ExpertTier::kDisk, DType::kF32, std::nullopt},
                       StoreCase{"disk_f16_as_f32", ExpertTier::kDisk, DType::kF16, std::nullopt},
                       StoreCase{"host_f32_as_bf16", ExpertTier::kHost, DType::kF32, ScalarType::kBF16},
-                      StoreCase{"disk_f32_as_bf16", ExpertTier::kDisk, DType::kF32, ScalarType::kBF16}),
+                      StoreCase{"disk_f32_as_bf16", ExpertTier::kDisk, DType::kF32, ScalarType::kBF16},
+                      StoreCase{"disk_cache_bf16", ExpertTier::kDisk, DType::kBF16, std::nullopt, 4},
+                      StoreCase{"disk_cache_f32_as_bf16", ExpertTier::kDisk, DType::kF32, ScalarType::kBF16,
+                                5}),
     [](const auto& info) { return std::string(info.param.name); });
 
 // Hand-worked LRU on layer 0 with 3 slots; experts a..f are the first six hosted ids.
@@ -369,6 +404,79 @@ TEST(ExpertStore, PrefetchNeverEvictsThePinnedExpertsNorItsOwnList) {
   EXPECT_GE(stats.prefetch_seconds, 0.0);
   expect_slots_hold_reference(*model.backend, store, *model.backend, model.reference.layers[2].moe, 2,
                               {c, d, e});
+}
+
+// Hand-worked LRU on layer 0 with 3 slots and a host cache of 4; experts a..f are the first six hosted ids.
+// A miss the cache holds reads nothing from the checkpoint; the cache evicts its own least recent expert
+// (picks recorded through record_use count, as the executors record every pick).
+TEST(ExpertStore, AHostCacheServesMissesItHoldsAndEvictsItsLeastRecent) {
+  Checkpointed model(DType::kBF16, std::nullopt);
+  SCOPED_TRACE("seed " + std::to_string(model.seed));
+  ExpertStore store(model.config, *model.store_source, *model.backend,
+                    model.store_options(ExpertTier::kDisk, std::nullopt, 4));
+  EXPECT_TRUE(store.has_host_cache());
+  EXPECT_EQ(store.host_cache_capacity(0), 4);
+  const std::vector<int64_t> h = model.hosted_list(0);
+  const int64_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4];
+  using Experts = std::vector<int64_t>;
+  const uint64_t eb = store.expert_bytes();
+
+  ExpertLoadReport report = store.ensure_resident(0, {a, b, c}, 0);  // all from disk, into the cache
+  EXPECT_EQ(report.host_cache_misses, 3);
+  EXPECT_EQ(report.bytes_from_disk, 3 * eb);
+  report = store.ensure_resident(0, {d}, 1);  // slots evict a; the cache takes d in its free place
+  EXPECT_EQ(report.evicted, (Experts{a}));
+  EXPECT_EQ(report.host_cache_misses, 1);
+  EXPECT_EQ(report.host_cache_evictions, 0);
+  EXPECT_TRUE(store.host_cached(0, a)) << "evicted from the slots, but still in the cache";
+
+  store.record_use(0, a, 0.5f, 2);  // cache recency now b < c < d < a
+  const uint64_t read_before = model.store_source->bytes_read();
+  report = store.ensure_resident(0, {a}, 2);  // slots evict b; a comes from the cache
+  EXPECT_EQ(report.evicted, (Experts{b}));
+  EXPECT_EQ(report.host_cache_hits, 1);
+  EXPECT_EQ(report.bytes_from_host, eb);
+  EXPECT_EQ(report.bytes_from_disk, 0u);
+  EXPECT_EQ(model.store_source->bytes_read(), read_before) << "a cached expert was read from disk";
+  expect_slots_hold_reference(*model.backend, store, *model.backend, model.reference.layers[0].moe, 0,
+                              {a, c, d});
+
+  report = store.ensure_resident(0, {e}, 3);  // the cache is full: its least recent, b, makes room
+  EXPECT_EQ(report.host_cache_misses, 1);
+  EXPECT_EQ(report.host_cache_evictions, 1);
+  EXPECT_FALSE(store.host_cached(0, b));
+  for (int64_t expert : {a, c, d, e}) EXPECT_TRUE(store.host_cached(0, expert)) << expert;
+  report = store.ensure_resident(0, {b}, 4);  // b now from disk again
+  EXPECT_EQ(report.host_cache_misses, 1);
+  EXPECT_EQ(report.bytes_from_disk, eb);
+  expect_slots_hold_reference(*model.backend, store, *model.backend, model.reference.layers[0].moe, 0,
+                              store.resident_experts(0));
+  const ExpertStoreStats stats = store.stats();
+  EXPECT_EQ(stats.host_cache_hits, 1);
+  EXPECT_EQ(stats.host_cache_misses, 6);
+  EXPECT_EQ(stats.host_cache_evictions, 2);  // b, then the least recent of the rest for b
+  EXPECT_EQ(stats.host_tier_bytes, 3 * 4 * eb);
+}
+
+TEST(ExpertStore, RefusesAHostBudgetOnTheHostTierOrBelowTheSlots) {
+  Checkpointed model(DType::kBF16, std::nullopt);
+  SCOPED_TRACE("seed " + std::to_string(model.seed));
+  ExpertStoreOptions options = model.store_options(ExpertTier::kDisk, std::nullopt, 4);
+  options.tier = ExpertTier::kHost;
+  expect_error([&] { ExpertStore(model.config, *model.store_source, *model.backend, options); },
+               ErrorCode::kInvalidArgument, {"host budget", "disk tier"});
+  options = model.store_options(ExpertTier::kDisk, std::nullopt, 4);
+  options.host_budget.slots_by_layer[2] = kSlots - 1;
+  expect_error([&] { ExpertStore(model.config, *model.store_source, *model.backend, options); },
+               ErrorCode::kInvalidArgument, {"layer 2", "2 experts", "fewer than its 3"});
+  options = model.store_options(ExpertTier::kDisk, std::nullopt, 4);
+  options.host_budget.slots_by_layer.erase(3);
+  expect_error([&] { ExpertStore(model.config, *model.store_source, *model.backend, options); },
+               ErrorCode::kInvalidArgument, {"host budget has no entry for MoE layer 3"});
+  // A host budget above the hosted experts is capped at them, like the slots.
+  options = model.store_options(ExpertTier::kDisk, std::nullopt, 100);
+  ExpertStore store(model.config, *model.store_source, *model.backend, options);
+  EXPECT_EQ(store.host_cache_capacity(0), kHostedPerLayer);
 }
 
 TEST(ExpertStore, ACpuFfnRefusesRowsOfAnExpertThatIsNotResident) {
@@ -509,10 +617,11 @@ TEST(ExpertStore, AdmitInBackgroundTakesAtMostAdmitPerLayerOfEachLayer) {
 TEST(ExpertStore, AsynchronousCopiesHaveFinishedWhenEnsureResidentReturns) {
   Checkpointed model(DType::kBF16, std::nullopt);
   SCOPED_TRACE("seed " + std::to_string(model.seed));
-  for (ExpertTier tier : {ExpertTier::kHost, ExpertTier::kDisk}) {
-    SCOPED_TRACE(std::string(expert_tier_name(tier)));
+  for (const auto& [tier, host_slots] :
+       {std::pair{ExpertTier::kHost, 0}, std::pair{ExpertTier::kDisk, 0}, std::pair{ExpertTier::kDisk, 4}}) {
+    SCOPED_TRACE(std::string(expert_tier_name(tier)) + " host cache " + std::to_string(host_slots));
     testing::HostMemoryBackend device(MemorySpace::kDevice);
-    ExpertStoreOptions options = model.store_options(tier, std::nullopt);
+    ExpertStoreOptions options = model.store_options(tier, std::nullopt, host_slots);
     options.staging_experts = 1;
     ExpertStore store(model.config, *model.store_source, device, options);
     EXPECT_EQ(device.num_pending_copies(), 0u);

@@ -171,7 +171,7 @@ TEST_F(ResidencyPerRequest, AnExpertStoreUnderABudgetGivesTheSameLogitsAndCounts
 TEST_F(ResidencyPerRequest, AnAgreedStepRoutesTheAgreedSlotsAndKeepsEachRowsResult) {
   const std::vector<Logits> expected = expected_alone();
   ModelRunner runner(model_->config, model_->full, *backend_, options_);
-  StepAgreement agreement{64, false, 0};
+  StepAgreement agreement{64, false, 0, {}};
   agreement.top_k = StepTopK{6, true};  // another rank runs FOCUS rows
   const std::vector<Sequence> wake_only = {sequences_[0], sequences_[2]};
   const std::vector<Logits> padded = run_together(runner, wake_only, &agreement);
