@@ -200,7 +200,7 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
   // offsets[0 .. E] of the E + 1 groups: rows past offsets[E] belong to no computed expert, so expert_ffn's
   // device-scheduled kernels leave them alone (Backend::expert_ffn computes [offsets[e], offsets[e + 1])).
   run_received_experts(layer, sorted_rows, group_offsets.rows_view(0, num_experts + 1), expert_out,
-                       workspace);
+                       {recv_ids, recv_weights, group_position}, workspace);
   const Tensor partial = buffers.get(kLlPartial, ScalarType::kF32, {num_ranks * capacity, hidden_size});
   ep_kernels::partial_sums(expert_out.data, act, recv_ids.as<int32_t>(), unused_expert,
                            group_position.as<int32_t>(), recv_weights.as<float>(), places, top_k, hidden_size,

@@ -318,7 +318,7 @@ void DeviceExpertParallelMoeExecutor::compute(Exchange& exchange, int64_t layer,
                                    group_source.as<int32_t>(), pairs, sorted_rows.data, stream_);
     // offsets[0 .. E] of the E + 1 groups: offsets[E] == total_pairs, the rows expert_ffn sees.
     run_received_experts(layer, sorted_rows.rows_view(0, pairs), group_offsets.rows_view(0, num_experts + 1),
-                         expert_out.rows_view(0, pairs), workspace);
+                         expert_out.rows_view(0, pairs), {recv_ids, recv_weights, group_position}, workspace);
   } else {
     log_no_rows(layer);
   }

@@ -126,13 +126,15 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   // device_expert_parallel_store.cpp): this worker's shard of the experts lives in `store`, a budget of them
   // resident, the rest in pinned host memory. Each layer's received groups are computed through the store's
   // address table (Backend::expert_ffn_addressed: a missing expert is read over PCIe in place, no host wait,
-  // so steps stay capturable); each layer writes its rows per expert into a log on the device, and
-  // finish_step reads the log once, records every expert's use (one per row) and admits the step's misses
-  // behind the next step (ExpertStore::admit_in_background). The store must read in place (a host tier:
-  // Error(kInvalidArgument) otherwise) and outlive the executor. Before the first step.
+  // so steps stay capturable); each layer writes its received picks per expert and their routing weights'
+  // sum into a log on the device (ep_kernels::expert_use_sums), and finish_step reads the log once, records
+  // every expert's uses with their weights (the usefulness score the host exchange gives too) and admits
+  // the step's misses, the heaviest first, behind the next step (ExpertStore::admit_in_background). The store
+  // must read in place (a host tier: Error(kInvalidArgument) otherwise) and outlive the executor. Before the
+  // first step.
   void set_expert_store(ExpertStore* store);
   struct StoreCounts {
-    int64_t hits = 0, misses = 0;  // received rows whose expert was resident / read from host memory
+    int64_t hits = 0, misses = 0;  // received picks whose expert was resident / read from host memory
     int64_t read_in_place = 0;     // (layer, expert) pairs of a step read from host memory
   };
   const StoreCounts& store_counts() const { return store_counts_; }
@@ -140,10 +142,17 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   const std::map<int64_t, DeviceExchangeSizes>& exchange_sizes() const { return exchange_sizes_; }
 
  private:
+  // The received slots as unpacked: expert ids (E for a slot served elsewhere), routing weights, and where
+  // group_by_expert put each slot; [slots] each.
+  struct ReceivedSlots {
+    const Tensor& expert_ids;
+    const Tensor& weights;
+    const Tensor& sorted_position;
+  };
   // The received rows grouped by `offsets` (I32 [E + 1]) through the layer's expert FFN: the weights, or the
-  // store's address table; with a store, offsets also go to the layer's row of the log.
+  // store's address table; with a store, the slots' uses and weights per expert go to the layer's log row.
   void run_received_experts(int64_t layer, const Tensor& rows, const Tensor& offsets, const Tensor& out,
-                            Workspace& workspace);
+                            const ReceivedSlots& slots, Workspace& workspace);
   // With a store: the layer received nothing this step (its log row is zeroed).
   void log_no_rows(int64_t layer);
   // With a store, after the step: the log's uses and misses into the store (finish_step).
@@ -245,12 +254,13 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   // meaning: OrderEvent in device_expert_parallel_overlap.cpp).
   cudaStream_t comm_stream_ = nullptr;
   std::vector<cudaEvent_t> order_events_;
-  // set_expert_store: the store, each MoE layer's row of the log (I32 [MoE layers, stride]: the layer's
-  // group offsets [E + 1]), the step count the store's policies see, and the counts reported.
+  // set_expert_store: the store, each MoE layer's row of the logs ([MoE layers, stride]: the layer's picks
+  // per expert, I32, and their weights' sums, F32), the step count the store's policies see, and the counts
+  // reported.
   ExpertStore* store_ = nullptr;
   std::map<int64_t, int64_t> store_log_row_;
   int64_t store_log_stride_ = 0;
-  OwnedTensor store_log_;
+  OwnedTensor store_uses_log_, store_weight_log_;
   int64_t store_step_ = 0;
   StoreCounts store_counts_;
 };

@@ -1,11 +1,13 @@
 // DeviceExpertParallelMoeExecutor with an expert store (device_expert_parallel_moe.h, set_expert_store):
-// the received groups computed through the store's address table, their rows per expert logged on the
-// device (capturable: a copy on the stream), and the step's uses and misses handed to the store after it.
+// the received groups computed through the store's address table, their picks and routing weights per
+// expert logged on the device (capturable: two kernels on the stream), and the step's uses and misses
+// handed to the store after it.
 #include <algorithm>
 #include <string>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ep_dispatch_kernels.h"
 #include "kernels/error.h"
 #include "worker/device_expert_parallel_moe.h"
 
@@ -20,7 +22,8 @@ void DeviceExpertParallelMoeExecutor::set_expert_store(ExpertStore* store) {
              "share one row of the expert log): leave out --ep-overlap");
   store_ = store;
   store_log_row_.clear();
-  store_log_ = OwnedTensor{};
+  store_uses_log_ = OwnedTensor{};
+  store_weight_log_ = OwnedTensor{};
   if (store_ == nullptr) return;
   int64_t most_experts = 0;
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
@@ -29,25 +32,34 @@ void DeviceExpertParallelMoeExecutor::set_expert_store(ExpertStore* store) {
     store_log_row_[layer] = row;
     most_experts = std::max(most_experts, weights_.layers[layer].moe.num_experts);
   }
-  store_log_stride_ = most_experts + 1;
+  store_log_stride_ = most_experts;
   const int64_t entries = static_cast<int64_t>(store_log_row_.size()) * store_log_stride_;
   if (entries == 0) return;
-  store_log_ = backend_.new_tensor(ScalarType::kI32, {entries});
-  // Zero rows until each layer logs its first step (a row of zeros: no rows received).
-  EPIC_CUDA_CHECK(cudaMemsetAsync(store_log_.view().data, 0, store_log_.view().bytes(), stream_));
+  store_uses_log_ = backend_.new_tensor(ScalarType::kI32, {entries});
+  store_weight_log_ = backend_.new_tensor(ScalarType::kF32, {entries});
+  // Zero rows until each layer logs its first step (no picks received).
+  EPIC_CUDA_CHECK(cudaMemsetAsync(store_uses_log_.view().data, 0, store_uses_log_.view().bytes(), stream_));
+  EPIC_CUDA_CHECK(
+      cudaMemsetAsync(store_weight_log_.view().data, 0, store_weight_log_.view().bytes(), stream_));
 }
 
 void DeviceExpertParallelMoeExecutor::run_received_experts(int64_t layer, const Tensor& rows,
                                                            const Tensor& offsets, const Tensor& out,
-                                                           Workspace& workspace) {
+                                                           const ReceivedSlots& slots, Workspace& workspace) {
   const MoeLayerWeights& moe = weights_.layers[layer].moe;
   if (store_ == nullptr) {
     run_experts(backend_, config_, moe, rows, offsets, out, workspace);
     return;
   }
-  int32_t* log_row =
-      static_cast<int32_t*>(store_log_.view().data) + store_log_row_.at(layer) * store_log_stride_;
-  EPIC_CUDA_CHECK(cudaMemcpyAsync(log_row, offsets.data, offsets.bytes(), cudaMemcpyDeviceToDevice, stream_));
+  const int64_t log_offset = store_log_row_.at(layer) * store_log_stride_;
+  const int64_t num_slots = slots.expert_ids.numel();
+  const Tensor sorted_weights =
+      workspace.get(kSlotReceivedUseWeights, ScalarType::kF32, {std::max<int64_t>(1, num_slots)});
+  ep_kernels::expert_use_sums(slots.expert_ids.as<int32_t>(), slots.weights.as<float>(),
+                              slots.sorted_position.as<int32_t>(), offsets.as<int32_t>(), num_slots,
+                              moe.num_experts, sorted_weights.as<float>(),
+                              static_cast<int32_t*>(store_uses_log_.view().data) + log_offset,
+                              static_cast<float*>(store_weight_log_.view().data) + log_offset, stream_);
   const Tensor intermediate =
       workspace.get(kSlotExpertIntermediate, rows.type, {rows.dim(0), config_.moe_intermediate_size});
   backend_.expert_ffn_addressed(rows, offsets, store_->address_table(layer), store_->weight_type(),
@@ -56,31 +68,34 @@ void DeviceExpertParallelMoeExecutor::run_received_experts(int64_t layer, const 
 
 void DeviceExpertParallelMoeExecutor::log_no_rows(int64_t layer) {
   if (store_ == nullptr) return;
-  int32_t* log_row =
-      static_cast<int32_t*>(store_log_.view().data) + store_log_row_.at(layer) * store_log_stride_;
+  const int64_t log_offset = store_log_row_.at(layer) * store_log_stride_;
+  const size_t bytes = static_cast<size_t>(store_log_stride_) * sizeof(int32_t);
   EPIC_CUDA_CHECK(
-      cudaMemsetAsync(log_row, 0, static_cast<size_t>(store_log_stride_) * sizeof(int32_t), stream_));
+      cudaMemsetAsync(static_cast<int32_t*>(store_uses_log_.view().data) + log_offset, 0, bytes, stream_));
+  EPIC_CUDA_CHECK(
+      cudaMemsetAsync(static_cast<float*>(store_weight_log_.view().data) + log_offset, 0, bytes, stream_));
 }
 
 void DeviceExpertParallelMoeExecutor::admit_step_misses() {
-  if (store_ == nullptr || store_log_.empty()) return;
+  if (store_ == nullptr || store_uses_log_.empty()) return;
   ++store_step_;
-  // Every MoE layer logged this step's groups (replayed from a graph or not): one copy back.
-  std::vector<int32_t> log(static_cast<size_t>(store_log_.view().numel()));
-  backend_.copy_to_host(store_log_.view(), 0, log.data(), log.size() * sizeof(int32_t));
+  // Every MoE layer logged this step's picks (replayed from a graph or not): one copy back of each log.
+  std::vector<int32_t> uses(static_cast<size_t>(store_uses_log_.view().numel()));
+  std::vector<float> weight_sums(uses.size());
+  backend_.copy_to_host(store_uses_log_.view(), 0, uses.data(), uses.size() * sizeof(int32_t));
+  backend_.copy_to_host(store_weight_log_.view(), 0, weight_sums.data(), weight_sums.size() * sizeof(float));
   std::map<int64_t, std::vector<int64_t>> wanted;
   for (const auto& [layer, row] : store_log_row_) {
-    const int32_t* offsets = log.data() + row * store_log_stride_;
     const int64_t num_experts = weights_.layers[layer].moe.num_experts;
-    std::map<int64_t, double> missed;  // expert -> rows computed from host memory (exact in a double)
+    std::map<int64_t, double> missed;  // expert -> its picks' routing weight, as the host exchange ranks them
     for (int64_t expert = 0; expert < num_experts; ++expert) {
-      const int64_t rows = offsets[expert + 1] - offsets[expert];
-      if (rows <= 0) continue;
+      const int64_t picks = uses[row * store_log_stride_ + expert];
+      if (picks <= 0) continue;
+      const double weight = weight_sums[row * store_log_stride_ + expert];
       const bool resident = store_->resident(layer, expert);
-      // One use per row, as the host exchange records them (the hosting worker sees rows, not weights).
-      for (int64_t r = 0; r < rows; ++r) store_->record_use(layer, expert, 1.0f, store_step_);
-      (resident ? store_counts_.hits : store_counts_.misses) += rows;
-      if (!resident) missed[expert] = static_cast<double>(rows);
+      store_->record_uses(layer, expert, picks, weight, store_step_);
+      (resident ? store_counts_.hits : store_counts_.misses) += picks;
+      if (!resident) missed[expert] = weight;
     }
     if (missed.empty()) continue;
     store_counts_.read_in_place += static_cast<int64_t>(missed.size());

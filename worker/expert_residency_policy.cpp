@@ -181,19 +181,27 @@ std::vector<int64_t> ExpertResidencySet::resident_experts(int64_t layer) const {
 }
 
 void ExpertResidencySet::record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step) {
+  record_uses(layer, expert_id, 1, routing_weight, step);
+}
+
+void ExpertResidencySet::record_uses(int64_t layer, int64_t expert_id, int64_t uses, double weight_sum,
+                                     int64_t step) {
   LayerState& state = layer_state(layer, expert_id, "record_use");
   check_step(step, "record_use");
+  EPIC_CHECK(uses >= 1, ErrorCode::kInvalidArgument,
+             "record_uses: layer " + std::to_string(layer) + " expert " + std::to_string(expert_id) +
+                 " got " + std::to_string(uses) + " uses; record at least one");
   // A NaN would stay in the score forever and make every comparison false.
-  EPIC_CHECK(std::isfinite(routing_weight) && routing_weight >= 0.0f, ErrorCode::kInvalidArgument,
+  EPIC_CHECK(std::isfinite(weight_sum) && weight_sum >= 0.0, ErrorCode::kInvalidArgument,
              "record_use: layer " + std::to_string(layer) + " expert " + std::to_string(expert_id) +
-                 " has routing weight " + std::to_string(routing_weight) +
+                 " has routing weight " + std::to_string(weight_sum) +
                  "; routing weights must be finite and >= 0");
   latest_step_ = step;
-  ++(state.resident.count(expert_id) != 0 ? state.counters.hits : state.counters.misses);
+  (state.resident.count(expert_id) != 0 ? state.counters.hits : state.counters.misses) += uses;
   ExpertUsage& usage = state.usage[expert_id];
-  usage.use_count += 1;
+  usage.use_count += uses;
   usage.last_touch = ++touch_clock_;
-  usage.score = decayed_score(usage, step) + routing_weight;
+  usage.score = decayed_score(usage, step) + weight_sum;
   usage.score_step = step;
 }
 

@@ -80,6 +80,10 @@ class ExpertResidencySet {
   // or a miss, and the expert's recency, use count and usefulness. O(log experts), no scan: it runs
   // for every (token, slot) of every layer.
   void record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step);
+  // `uses` picks (>= 1) of one expert in one step whose routing weights sum to weight_sum (finite, >= 0):
+  // what that many record_use calls do, the score up to the order of the sum (an exchange that sums on the
+  // device).
+  void record_uses(int64_t layer, int64_t expert_id, int64_t uses, double weight_sum, int64_t step);
 
   // Makes the expert resident, evicting the policy's victim among the layer's unpinned residents when
   // the layer is full (a scan of the residents, once per miss). Already resident: nothing changes.

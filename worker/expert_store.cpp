@@ -605,11 +605,16 @@ void ExpertStore::add_to_stats(const ExpertLoadReport& report, bool prefetch) {
 }
 
 void ExpertStore::record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step) {
+  record_uses(layer, expert_id, 1, routing_weight, step);
+}
+
+void ExpertStore::record_uses(int64_t layer, int64_t expert_id, int64_t uses, double weight_sum,
+                              int64_t step) {
   const Layer& state = layer_state(layer, "record_use");
   distinct_hosted(state, layer, {expert_id}, "record_use");
   check_step(step, "record_use");
-  residency_->record_use(layer, expert_id, routing_weight, step);
-  if (host_cache_) host_cache_->record_use(layer, expert_id, routing_weight, step);
+  residency_->record_uses(layer, expert_id, uses, weight_sum, step);
+  if (host_cache_) host_cache_->record_uses(layer, expert_id, uses, weight_sum, step);
   latest_step_ = step;
 }
 

@@ -125,6 +125,8 @@ class ExpertStore {
   // One router pick of a hosted expert with its routing weight: the policy's recency, count and
   // usefulness (ExpertResidencySet::record_use).
   void record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step);
+  // `uses` picks of one expert in one step, their weights summed (ExpertResidencySet::record_uses).
+  void record_uses(int64_t layer, int64_t expert_id, int64_t uses, double weight_sum, int64_t step);
 
   // For --on-miss substitute: the resident expert with the highest router probability among those not
   // in `chosen` (the token's other picks), ties to the lower id; nullopt when there is none.

@@ -118,7 +118,7 @@ int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine,
   mine.result_bytes = static_cast<int64_t>(packed.size());
   const std::vector<StepStatus> all = comm.all_gather_value(mine);
   int64_t total_unfinished = 0, total_bytes = 0;
-  agreement = StepAgreement{0, true, ~uint64_t{0}};
+  agreement = StepAgreement{0, true, ~uint64_t{0}, {}};
   int64_t fewest_top_k = 0;
   for (const StepStatus& status : all) {
     total_unfinished += status.unfinished;
@@ -232,7 +232,9 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
     for (size_t i = next_waiting; i < next_waiting + admitting; ++i)
       mine.rows += static_cast<int64_t>(sequences[i].prompt.size());
     const auto note_top_k = [&](const SequenceRequest& request) {
-      const int64_t k = runner.experts_per_token(SequenceChunk{.top_k = request.top_k});
+      SequenceChunk chunk;
+      chunk.top_k = request.top_k;
+      const int64_t k = runner.experts_per_token(chunk);
       mine.fewest_top_k = mine.fewest_top_k == 0 ? k : std::min(mine.fewest_top_k, k);
       mine.most_top_k = std::max(mine.most_top_k, k);
     };

@@ -131,8 +131,9 @@ HostCacheFetch HostExpertCache::fetch(int64_t layer, const std::vector<int64_t>&
   return result;
 }
 
-void HostExpertCache::record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step) {
-  residency_->record_use(layer, expert_id, routing_weight, step);
+void HostExpertCache::record_uses(int64_t layer, int64_t expert_id, int64_t uses, double weight_sum,
+                                  int64_t step) {
+  residency_->record_uses(layer, expert_id, uses, weight_sum, step);
 }
 
 bool HostExpertCache::cached(int64_t layer, int64_t expert_id) const {

@@ -65,7 +65,7 @@ class HostExpertCache {
   HostCacheFetch fetch(int64_t layer, const std::vector<int64_t>& experts, int64_t step);
 
   // One router pick, as ExpertResidencySet::record_use: the cache ranks its experts by the same history.
-  void record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step);
+  void record_uses(int64_t layer, int64_t expert_id, int64_t uses, double weight_sum, int64_t step);
 
   bool cached(int64_t layer, int64_t expert_id) const;       // and its bytes there
   std::vector<int64_t> cached_experts(int64_t layer) const;  // ascending

@@ -39,6 +39,7 @@ enum WorkspaceSlot : int {
   kSlotExpertOut,
   kSlotReceivedRows,
   kSlotReceivedExperts,
+  kSlotReceivedUseWeights,  // an expert store's log under the NCCL exchange: the slots' weights, sorted
   kNumWorkspaceSlots,
 };
 

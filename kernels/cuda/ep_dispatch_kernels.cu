@@ -177,6 +177,53 @@ bool aligned16(const void* p, int64_t stride) {
   return cuda_kernels::access::aligned16(p) && stride % 16 == 0;
 }
 
+// sorted_weights[sorted_position[s]] = weights[s] for the slots of real experts (those sort first).
+__global__ void scatter_slot_weights_kernel(const int32_t* expert_ids, const float* weights,
+                                            const int32_t* sorted_position, int64_t num_slots,
+                                            int64_t num_experts, float* sorted_weights) {
+  for (int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; s < num_slots;
+       s += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int32_t expert = expert_ids[s];
+    if (expert >= 0 && expert < num_experts) sorted_weights[sorted_position[s]] = weights[s];
+  }
+}
+
+constexpr int kUseSumThreads = 128;
+
+// One block per expert over its group [offsets[e], offsets[e + 1]): each thread a strided partial, then a
+// shared-memory tree; the order depends only on the group's size, so the sum is the same every run.
+__global__ void expert_use_sums_kernel(const float* sorted_weights, const int32_t* expert_offsets,
+                                       int64_t num_slots, int32_t* uses, float* weight_sums) {
+  __shared__ float partial_weight[kUseSumThreads];
+  __shared__ int32_t partial_uses[kUseSumThreads];
+  const int64_t expert = blockIdx.x;
+  const int64_t begin = expert_offsets[expert];
+  const int64_t end = min(static_cast<int64_t>(expert_offsets[expert + 1]), num_slots);
+  float weight = 0.0f;
+  int32_t count = 0;
+  for (int64_t p = begin + threadIdx.x; p < end; p += kUseSumThreads) {
+    const float w = sorted_weights[p];
+    if (w > 0.0f) {
+      weight += w;
+      count += 1;
+    }
+  }
+  partial_weight[threadIdx.x] = weight;
+  partial_uses[threadIdx.x] = count;
+  __syncthreads();
+  for (int half = kUseSumThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) {
+      partial_weight[threadIdx.x] += partial_weight[threadIdx.x + half];
+      partial_uses[threadIdx.x] += partial_uses[threadIdx.x + half];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    weight_sums[expert] = partial_weight[0];
+    uses[expert] = partial_uses[0];
+  }
+}
+
 }  // namespace
 
 int64_t dispatch_record_bytes(int64_t hidden, ScalarType act, int64_t top_k) {
@@ -220,6 +267,20 @@ void pack_dispatch(const void* hidden, ScalarType act, const int32_t* expert_ids
     pack_dispatch_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(
         source, expert_ids, weights, destination, send_position, send_counts, num_tokens, top_k, row_bytes,
         num_ranks, record_bytes, target);
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void expert_use_sums(const int32_t* expert_ids, const float* weights, const int32_t* sorted_position,
+                     const int32_t* expert_offsets, int64_t num_slots, int64_t num_experts,
+                     float* sorted_weights, int32_t* uses, float* weight_sums, cudaStream_t stream) {
+  if (num_experts == 0) return;
+  if (num_slots > 0) {
+    scatter_slot_weights_kernel<<<capped_blocks(num_slots, kThreads), kThreads, 0, stream>>>(
+        expert_ids, weights, sorted_position, num_slots, num_experts, sorted_weights);
+    EPIC_CUDA_CHECK_LAUNCH();
+  }
+  expert_use_sums_kernel<<<static_cast<unsigned>(num_experts), kUseSumThreads, 0, stream>>>(
+      sorted_weights, expert_offsets, num_slots, uses, weight_sums);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 

@@ -257,6 +257,53 @@ TEST_F(DeviceExpertParallel, LayoutKernelsMatchTheHostPlan) {
   }
 }
 
+// The expert store's log under the NCCL exchange (ep_kernels::expert_use_sums) against host sums: received
+// slots with ids of real experts, of slots served elsewhere (E) and padding (weight 0), at several sizes.
+// Uses exactly; the weight sums within 1e-5 relative of a double sum (fp32 over at most 8000 positive terms
+// in a tree: the bound is ~log2(n) roundings). Every entry is written (NaN and -1 before).
+TEST_F(DeviceExpertParallel, ExpertUseSumsMatchTheHostSums) {
+  Backend& backend = *backend_;
+  for (int64_t num_received : {1, 7, 300, 2000}) {
+    SCOPED_TRACE("received " + std::to_string(num_received));
+    const int64_t num_slots = num_received * kTopK;
+    std::vector<int32_t> ids(num_slots);
+    std::vector<float> weights(num_slots);
+    std::uniform_real_distribution<float> weight(0.01f, 1.0f);
+    std::vector<int64_t> expected_uses(kNumExperts, 0);
+    std::vector<double> expected_sums(kNumExperts, 0.0);
+    for (int64_t s = 0; s < num_slots; ++s) {
+      const uint64_t kind = own_() % 5;  // 0: served elsewhere, 1: padding, else a pick
+      ids[s] = kind == 0 ? static_cast<int32_t>(kNumExperts) : static_cast<int32_t>(own_() % kNumExperts);
+      weights[s] = kind <= 1 ? 0.0f : weight(own_);
+      if (kind >= 2) {
+        expected_uses[ids[s]] += 1;
+        expected_sums[ids[s]] += weights[s];
+      }
+    }
+    const OwnedTensor expert_ids = upload(backend, ScalarType::kI32, {num_slots}, ids);
+    const OwnedTensor slot_weights = upload(backend, ScalarType::kF32, {num_slots}, weights);
+    const OwnedTensor offsets = backend.new_tensor(ScalarType::kI32, {kNumExperts + 2});
+    const OwnedTensor source = backend.new_tensor(ScalarType::kI32, {num_slots});
+    const OwnedTensor position = backend.new_tensor(ScalarType::kI32, {num_slots});
+    backend.group_by_expert(expert_ids, kNumExperts + 1, kTopK, offsets, source, position);
+    const OwnedTensor sorted = backend.new_tensor(ScalarType::kF32, {num_slots});
+    const OwnedTensor uses =
+        upload(backend, ScalarType::kI32, {kNumExperts}, std::vector<int32_t>(kNumExperts, -1));
+    const OwnedTensor sums = upload(backend, ScalarType::kF32, {kNumExperts},
+                                    std::vector<float>(kNumExperts, std::numeric_limits<float>::quiet_NaN()));
+    ep_kernels::expert_use_sums(expert_ids.view().as<int32_t>(), slot_weights.view().as<float>(),
+                                position.view().as<int32_t>(), offsets.view().as<int32_t>(), num_slots,
+                                kNumExperts, sorted.view().as<float>(), uses.view().as<int32_t>(),
+                                sums.view().as<float>(), cuda_backend_stream(backend));
+    const std::vector<int32_t> got_uses = download<int32_t>(backend, uses, kNumExperts);
+    const std::vector<float> got_sums = download<float>(backend, sums, kNumExperts);
+    for (int64_t e = 0; e < kNumExperts; ++e) {
+      EXPECT_EQ(got_uses[e], expected_uses[e]) << "expert " << e;
+      EXPECT_NEAR(got_sums[e], expected_sums[e], 1e-5 * std::max(1.0, expected_sums[e])) << "expert " << e;
+    }
+  }
+}
+
 // The normal mode (with `options`) against LocalMoeExecutor holding every expert, on this rank's GPU, over
 // rounds of a few tokens (most experts unpicked), many, and the last rank without tokens.
 void run_rounds_against_one_gpu(Backend& backend, NcclCommunicator& nccl, std::mt19937_64& shared,

@@ -4,7 +4,8 @@
 # and the rest read in place from pinned host memory (--expert-budget 25% --on-miss read), normal and
 # low-latency modes (the latter replays decode graphs holding the expert log's copies), fp32 and bf16, a
 # residency state per prompt too: prompt logits and text against the same NCCL run with every expert
-# resident (fp32 within 1e-5, bf16 bitwise); experts must have been read in place; --on-miss wait is
+# resident (fp32 within 1e-5, bf16 bitwise; LRU in the normal mode, usefulness from the device log's routing
+# weights in the low-latency one); experts must have been read in place; --on-miss wait is
 # refused with a message naming --on-miss read.
 #   bash tests/gpu/ep_budget_check.sh BUILD_DIR OUT_DIR      (from tests/gpu/run_gpu_tests.sh nccl, 2+ GPUs)
 set -uo pipefail
@@ -25,7 +26,9 @@ for precision in fp32 bf16; do
       ok=1
       for budget in all 25; do
         flags=()
-        [ "$budget" = all ] || flags=(--expert-budget 25% --on-miss read)
+        # The low-latency runs evict by usefulness: the routing weights the device log sums.
+        [ "$budget" = all ] || flags=(--expert-budget 25% --on-miss read
+                                      --eviction "$([ "$mode" = normal ] && echo lru || echo usefulness)")
         if ! "${mpi[@]}" --precision "$precision" --ep-mode "$mode" --residency-state "$state" "${flags[@]}" \
              --logits-out "$out/${name}_$budget.npy" > "$out/${name}_$budget.txt" 2> "$out/${name}_$budget.err"; then
           echo "ep-budget $name ($budget): failed: $(grep -m2 -i error "$out/${name}_$budget.err")"; status=1; ok=0

@@ -142,6 +142,22 @@ TEST(ExpertResidencySet, UsefulnessIsADecayedSumOfRoutingWeights) {
   EXPECT_EQ(0.0, halving.usefulness(kLayer, kB, 3));  // never picked
 }
 
+// record_uses(n, sum) is n record_use calls whose weights sum to `sum` (exactly here: powers of two), and a
+// count of zero or a bad sum is refused.
+TEST(ExpertResidencySet, RecordUsesIsThatManyPicksWithTheirWeightsSummed) {
+  ExpertResidencySet one_by_one(one_layer(4), EvictionPolicy::kUsefulness, 0.5);
+  ExpertResidencySet summed(one_layer(4), EvictionPolicy::kUsefulness, 0.5);
+  for (float weight : {0.5f, 0.25f, 0.125f}) one_by_one.record_use(kLayer, kA, weight, 2);
+  summed.record_uses(kLayer, kA, 3, 0.875, 2);
+  EXPECT_EQ(summed.use_count(kLayer, kA), one_by_one.use_count(kLayer, kA));
+  EXPECT_DOUBLE_EQ(summed.usefulness(kLayer, kA, 4), one_by_one.usefulness(kLayer, kA, 4));
+  EXPECT_EQ(summed.counters().misses, 3);
+  expect_error([&] { summed.record_uses(kLayer, kA, 0, 0.5, 2); }, ErrorCode::kInvalidArgument,
+               {"0 uses", "at least one"});
+  expect_error([&] { summed.record_uses(kLayer, kA, 2, -1.0, 2); }, ErrorCode::kInvalidArgument,
+               {"finite and >= 0"});
+}
+
 // LRU, capacity 2: a b resident, a the least recent. With a pinned, c evicts b. With a and c pinned
 // there is no room for d: refused, nothing changes. After unpin_all, d evicts a (least recent).
 TEST(ExpertResidencySet, PinnedExpertsAreNeverEvicted) {
