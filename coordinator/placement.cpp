@@ -10,6 +10,7 @@
 #include <set>
 #include <sstream>
 
+#include "coordinator/placement_residency.h"
 #include "coordinator/placement_rules.h"
 #include "kernels/error.h"
 
@@ -57,6 +58,9 @@ std::vector<LayerExperts> checked_layers(const PlacementRequest& request) {
         fail_request("worker_node holds node " + std::to_string(node) + ", outside [0, " +
                      std::to_string(request.num_workers) + ")");
   }
+  if (!(std::isfinite(request.miss_cost) && request.miss_cost >= 1.0))
+    fail_request("miss_cost is " + std::to_string(request.miss_cost) +
+                 "; a miss costs at least what a resident pick does (>= 1, finite)");
   std::vector<LayerExperts> layers = request.layers;
   std::stable_sort(layers.begin(), layers.end(),
                    [](const LayerExperts& a, const LayerExperts& b) { return a.layer < b.layer; });
@@ -297,6 +301,36 @@ std::vector<std::vector<int64_t>> pack_replicas(const std::vector<double>& load,
   return hosted;
 }
 
+// Each worker's resident experts per layer from the request's budget (over what the packing gave it), then
+// per layer the cost pass of placement_residency.h.
+void balance_for_budget(const PlacementRequest& request, PlacementPlan& plan) {
+  std::vector<std::map<int64_t, int64_t>> resident(static_cast<size_t>(request.num_workers));
+  for (int worker = 0; worker < request.num_workers; ++worker) {
+    std::map<int64_t, int64_t> hosted;
+    for (const LayerPlacement& layer : plan.layers)
+      hosted[layer.layer] = static_cast<int64_t>(layer.worker_experts[worker].size());
+    resident[worker] = request.resident_slots(hosted);
+  }
+  for (LayerPlacement& layer : plan.layers) {
+    std::vector<int64_t> replicas(static_cast<size_t>(layer.num_experts), 0);
+    for (const std::vector<int64_t>& experts : layer.worker_experts)
+      for (int64_t expert : experts) ++replicas[expert];
+    std::vector<double> weight(static_cast<size_t>(layer.num_experts), 0.0);
+    for (int64_t expert = 0; expert < layer.num_experts; ++expert)
+      if (replicas[expert] > 0)
+        weight[expert] = layer.expert_load[expert] / static_cast<double>(replicas[expert]);
+    std::vector<int64_t> layer_resident(static_cast<size_t>(request.num_workers), 0);
+    for (int worker = 0; worker < request.num_workers; ++worker) {
+      const auto found = resident[worker].find(layer.layer);
+      layer_resident[worker] = found == resident[worker].end() ? 0 : found->second;
+    }
+    // Each swap strictly lowers the sorted costs, so the pass ends; the cap bounds its time.
+    const int64_t max_swaps = 4 * layer.slots_per_worker * request.num_workers;
+    balance_budget_cost(layer.worker_experts, weight, layer_resident, request.worker_node, request.miss_cost,
+                        max_swaps);
+  }
+}
+
 // A planner bug must not reach the workers: check the finished layer with the reader's rules.
 void self_check(const LayerPlacement& layer, const LayerExperts& experts, int num_workers) {
   try {
@@ -371,9 +405,12 @@ PlacementPlan plan_placement(const PlacementRequest& request) {
         replica_counts(experts, placement.expert_load, request.num_workers, slots[i]);
     placement.worker_experts =
         pack_replicas(placement.expert_load, replicas, request.num_workers, slots[i], request.worker_node);
-    self_check(placement, experts, request.num_workers);
-    placement_rules::derive_layer_figures(placement, request.num_workers);
     plan.layers.push_back(std::move(placement));
+  }
+  if (request.resident_slots) balance_for_budget(request, plan);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    self_check(plan.layers[i], layers[i], request.num_workers);
+    placement_rules::derive_layer_figures(plan.layers[i], request.num_workers);
   }
   return plan;
 }

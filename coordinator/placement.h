@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -51,6 +52,16 @@ struct PlacementRequest {
   // hot experts itself, and the plan reports the expected bytes that cross between nodes.
   std::vector<int> worker_node;
   int64_t experts_per_token = 0;  // the model's top-k, for the traffic figures (0: not reported)
+  // With an expert budget (--expert-budget): given one worker's hosted experts per MoE layer, how many of
+  // each layer it keeps resident. The planner then also evens out, per layer, each worker's expected time
+  // with the load past its resident experts (its hottest: the misses of a static cache) costing miss_cost
+  // times a resident pick, by swapping experts between workers (coordinator/placement_residency.h). Empty:
+  // no budget, and load alone decides.
+  std::function<std::map<int64_t, int64_t>(const std::map<int64_t, int64_t>& hosted_by_layer)> resident_slots;
+  // A miss against a hit: a decode step reads a resident expert from device memory (3.3-4.8 TB/s on an
+  // H100/H200) and a missing one over the host link (55 GB/s measured on the H100), so far more than 16x
+  // where bandwidth rules; 16 leaves room for the compute and the copies that overlap it.
+  double miss_cost = 16.0;
 };
 
 struct LayerPlacement {

@@ -142,6 +142,20 @@ ExpertStoreOptions expert_store_options(const ExpertStoreFlags& flags, const Exp
   return options;
 }
 
+std::function<std::map<int64_t, int64_t>(const std::map<int64_t, int64_t>&)> budget_resident_slots(
+    const std::string& budget) {
+  return [budget](const std::map<int64_t, int64_t>& hosted_by_layer) {
+    ExpertInventory hosted;  // the worker's experts as an inventory, for the budget's rules
+    for (const auto& [layer, count] : hosted_by_layer) {
+      LayerExpertInventory& experts = hosted[layer];
+      experts.num_experts = std::max<int64_t>(count, 1);
+      experts.present.assign(static_cast<size_t>(experts.num_experts), 0);
+      std::fill(experts.present.begin(), experts.present.begin() + count, uint8_t{1});
+    }
+    return expert_budget_slots(budget, hosted).slots_by_layer;
+  };
+}
+
 std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan& plan,
                                                             const std::string& budget) {
   std::vector<LayerResidencyEstimate> estimates;
@@ -160,8 +174,9 @@ std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan&
     LayerResidencyEstimate estimate;
     estimate.layer = layer.layer;
     estimate.min_slots = INT64_MAX;
-    double share_sum = 0;
+    double share_sum = 0, layer_load = 0, max_cost = 0;
     int workers_with_experts = 0;
+    const double miss_cost = PlacementRequest{}.miss_cost;
     for (int w = 0; w < plan.num_workers; ++w) {
       const std::vector<int64_t>& experts = layer.worker_experts[w];
       if (experts.empty()) continue;
@@ -177,6 +192,8 @@ std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan&
         if (static_cast<int64_t>(i) < budget_slots) resident += load[i];
       }
       const double share = total > 0 ? resident / total : 1.0;
+      layer_load += total;
+      max_cost = std::max(max_cost, total + (miss_cost - 1.0) * (total - resident));
       estimate.min_resident_share = std::min(estimate.min_resident_share, share);
       share_sum += share;
       ++workers_with_experts;
@@ -185,27 +202,41 @@ std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan&
     }
     if (workers_with_experts == 0) estimate.min_slots = 0;
     estimate.mean_resident_share = workers_with_experts > 0 ? share_sum / workers_with_experts : 1.0;
+    const double mean_load = layer_load / static_cast<double>(plan.num_workers);
+    estimate.max_cost_over_resident = mean_load > 0 ? max_cost / mean_load : 1.0;
     estimates.push_back(estimate);
   }
   return estimates;
 }
 
 std::string residency_estimate_table(const std::vector<LayerResidencyEstimate>& estimates,
-                                     const std::string& budget) {
+                                     const std::string& budget,
+                                     const std::vector<LayerResidencyEstimate>* load_only) {
   std::string out =
       "expert budget " + budget +
-      ": per layer, resident slots per worker and the share of each worker's expected load its "
-      "hottest experts serve (a static cache's hit rate; the load is the profile's, or uniform)\n";
-  char line[160];
-  std::snprintf(line, sizeof(line), "%6s %12s %18s %18s\n", "layer", "slots", "min share", "mean share");
+      ": per layer, resident slots per worker, the share of each worker's expected load its hottest experts "
+      "serve (a static cache's hit rate; the load is the profile's, or uniform), and the costliest worker's "
+      "expected time over all resident (a miss at " +
+      std::to_string(static_cast<int>(PlacementRequest{}.miss_cost)) + "x a hit)" +
+      (load_only ? "; beside them the plan made for load alone" : "") + "\n";
+  char line[240];
+  std::snprintf(line, sizeof(line), "%6s %12s %12s %12s %12s%s\n", "layer", "slots", "min share",
+                "mean share", "max cost", load_only ? "   load-only: min share, max cost" : "");
   out += line;
-  for (const LayerResidencyEstimate& e : estimates) {
+  for (size_t i = 0; i < estimates.size(); ++i) {
+    const LayerResidencyEstimate& e = estimates[i];
     const std::string slots = e.min_slots == e.max_slots
                                   ? std::to_string(e.min_slots)
                                   : std::to_string(e.min_slots) + "-" + std::to_string(e.max_slots);
-    std::snprintf(line, sizeof(line), "%6lld %12s %18.3f %18.3f\n", static_cast<long long>(e.layer),
-                  slots.c_str(), e.min_resident_share, e.mean_resident_share);
+    std::snprintf(line, sizeof(line), "%6lld %12s %12.3f %12.3f %12.2f", static_cast<long long>(e.layer),
+                  slots.c_str(), e.min_resident_share, e.mean_resident_share, e.max_cost_over_resident);
     out += line;
+    if (load_only && i < load_only->size()) {
+      std::snprintf(line, sizeof(line), " %20.3f %12.2f", (*load_only)[i].min_resident_share,
+                    (*load_only)[i].max_cost_over_resident);
+      out += line;
+    }
+    out += "\n";
   }
   return out;
 }

@@ -57,6 +57,11 @@ ExpertStoreOptions expert_store_options(
     bool allow_missing_experts, bool allow_nonfinite_weights,
     std::function<bool(int64_t layer, int64_t expert_id)> hosts_expert = {});
 
+// The planner's input for a budget (PlacementRequest::resident_slots): from one worker's hosted experts per
+// MoE layer, the slots expert_budget_slots gives each layer over them.
+std::function<std::map<int64_t, int64_t>(const std::map<int64_t, int64_t>&)> budget_resident_slots(
+    const std::string& budget);
+
 // The planner's view of a budget: per worker and MoE layer, the slots the budget gives the experts the plan
 // places there, and the share of the worker's expected load (the plan's expert_load, a replica's share
 // split evenly) that its hottest experts would serve if they stayed resident: the demand hit rate a
@@ -65,11 +70,17 @@ struct LayerResidencyEstimate {
   int64_t layer = 0;
   int64_t min_slots = 0, max_slots = 0;
   double min_resident_share = 1.0, mean_resident_share = 1.0;
+  // The costliest worker's expected time (its load, each pick past its resident experts at miss_cost, as the
+  // planner weighs them: PlacementRequest::miss_cost) over the mean worker's load with every expert
+  // resident: 1 for a balanced layer that never misses. What the budget-aware plan lowers.
+  double max_cost_over_resident = 1.0;
 };
 std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan& plan,
                                                             const std::string& budget);
+// load_only: the same figures for the plan made without the budget (a column beside each layer's), or null.
 std::string residency_estimate_table(const std::vector<LayerResidencyEstimate>& estimates,
-                                     const std::string& budget);
+                                     const std::string& budget,
+                                     const std::vector<LayerResidencyEstimate>* load_only = nullptr);
 
 // What the store did over a run, as JSON (hits, misses, evictions, bytes moved per tier, seconds stalled,
 // substituted picks, resident bytes measured) and as one line for stderr.

@@ -8,6 +8,7 @@
 
 #include "coordinator/placement_traffic.h"
 #include "kernels/error.h"
+#include "launch/expert_budget.h"
 #include "launch/flag_checks.h"
 
 namespace epic::cli {
@@ -38,6 +39,7 @@ PlacementPlan make_placement(const ModelConfig& config, const ExpertInventory& i
   for (const auto& [layer, experts] : inventory)
     request.layers.push_back({layer, experts.num_experts, experts.present});
   if (!flags.load_profile.empty()) request.profile = LoadProfile::load_file(flags.load_profile);
+  if (!flags.expert_budget.empty()) request.resident_slots = budget_resident_slots(flags.expert_budget);
   return plan_placement(request);
 }
 

@@ -21,6 +21,9 @@ struct PlacementFlags {
   ScalarType weight_type = ScalarType::kF32;  // how a worker keeps expert weights (see model_weights.h)
   std::vector<int> worker_node =
       {};  // the node of each worker (comm/node_topology.h); empty or all 0: one node
+  // --expert-budget (checked): plan for that budget of resident experts per worker as well
+  // (PlacementRequest::resident_slots); "" for none.
+  std::string expert_budget = {};
 };
 
 // Bytes one expert occupies on a worker when its weights are kept as `weight_type` (the

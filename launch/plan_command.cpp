@@ -29,6 +29,7 @@ int plan_command(const PlanArgs& args) {
   // --precision bf16` also converts f32 checkpoints, which this estimate does not assume).
   const ScalarType weight_type = stored_weight_type(config, *checkpoint);
   PlacementFlags flags{args.workers, args.slots, args.budget_bytes, args.load_profile, weight_type};
+  flags.expert_budget = args.expert_budget;
   if (args.ranks_per_node != 0) {
     check_int_flag("--ranks-per-node", args.ranks_per_node, 1, kMaxWorkers);
     flags.worker_node = NodeTopology::from_ranks_per_node(args.workers, args.ranks_per_node).node_of_rank();
@@ -43,11 +44,17 @@ int plan_command(const PlanArgs& args) {
                // Rows travel in the activation type: bf16 when serving on GPUs (fp32 on the cpu backend
                // doubles these bytes).
                balance_table(plan, static_cast<uint64_t>(config.hidden_size) * 2).c_str());
-  if (!args.expert_budget.empty())
-    std::fprintf(
-        stderr, "%s",
-        residency_estimate_table(expected_resident_share(plan, args.expert_budget), args.expert_budget)
-            .c_str());
+  if (!args.expert_budget.empty()) {
+    // The plan above is made for the budget; beside it, what packing for load alone would give.
+    PlacementFlags load_only_flags = flags;
+    load_only_flags.expert_budget.clear();
+    const std::vector<LayerResidencyEstimate> load_only =
+        expected_resident_share(make_placement(config, inventory, load_only_flags), args.expert_budget);
+    std::fprintf(stderr, "%s",
+                 residency_estimate_table(expected_resident_share(plan, args.expert_budget),
+                                          args.expert_budget, &load_only)
+                     .c_str());
+  }
   return 0;
 }
 

@@ -213,7 +213,8 @@ CoordinatorOutput plan_run(const RunArgs& args, const NodeTopology& topology, co
   const ScalarType weight_type =
       required_weight_type(activation_type).value_or(stored_weight_type(config, source));
   PlacementFlags placement_flags{num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type};
-  placement_flags.worker_node = topology.node_of_rank();  // make_placement ignores a single node
+  placement_flags.worker_node = topology.node_of_rank();     // make_placement ignores a single node
+  placement_flags.expert_budget = args.expert_store.budget;  // checked already; "" without a budget
   const PlacementPlan placement = make_placement(config, inventory, placement_flags);
   if (!args.placement_out.empty())
     files::write_file_atomically(args.placement_out, placement.to_json_text(), "--placement-out");

@@ -104,6 +104,39 @@ TEST_F(Cli, HostBudgetServesMissesFromAPinnedCacheOfThatSize) {
   EXPECT_GT(host["host_tier_bytes"].get<double>(), cached["host_tier_bytes"].get<double>());
 }
 
+// epic plan --expert-budget plans for the budget: on a profile recorded from the trained model, each layer's
+// costliest worker (misses at the planner's miss cost) is no costlier than in the plan made for load alone,
+// printed beside it, and the plan is a valid plan (epic plan checks what it writes).
+TEST_F(Cli, PlanForABudgetLowersTheCostliestWorker) {
+  const fs::path profile = scratch() / "profile.json";
+  const Outcome run = run_epic(
+      "run --model " + trained_model().string() + kPrompt + " --load-profile-out " + profile.string(),
+      scratch());
+  ASSERT_EQ(run.exit_code, 0) << run.err;
+  const Outcome plan = run_epic("plan --model " + trained_model().string() +
+                                    " --allow-missing-experts --workers 4 --expert-budget 2 --load-profile " +
+                                    profile.string(),
+                                scratch());
+  ASSERT_EQ(plan.exit_code, 0) << plan.err;
+  const size_t header = plan.err.find("load-only: min share, max cost");
+  ASSERT_NE(header, std::string::npos) << plan.err;
+  std::stringstream rows(plan.err.substr(plan.err.find('\n', header) + 1));
+  int layers = 0;
+  bool lower_somewhere = false;
+  for (std::string line; std::getline(rows, line) && !line.empty();) {
+    std::stringstream fields(line);
+    double layer, slots, min_share, mean_share, cost, load_only_share, load_only_cost;
+    ASSERT_TRUE(fields >> layer >> slots >> min_share >> mean_share >> cost >> load_only_share >>
+                load_only_cost)
+        << line;
+    EXPECT_LE(cost, load_only_cost + 1e-2) << line;  // printed to 2 decimals
+    lower_somewhere |= cost < load_only_cost;
+    ++layers;
+  }
+  EXPECT_EQ(layers, 8);
+  EXPECT_TRUE(lower_somewhere) << "the budget changed no layer's costliest worker:\n" << plan.err;
+}
+
 // bench-decode --expert-budget: every budget's decode line next to the all-resident one of the same run.
 TEST_F(Cli, BenchDecodeComparesEachBudgetWithEveryExpertResident) {
   const Outcome bench =

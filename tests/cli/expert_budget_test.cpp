@@ -69,6 +69,8 @@ TEST(ExpertBudget, ResidentShareOfTheHottestExperts) {
   estimate = expected_resident_share(two, "1");
   EXPECT_NEAR(estimate[0].min_resident_share, 4.0 / 7.0, 1e-12);
   EXPECT_NEAR(estimate[0].mean_resident_share, (4.0 / 7.0 + 2.0 / 3.0) / 2, 1e-12);
+  // The costlier is worker 0: load 7, a miss of 3 at 16x: 7 + 15 x 3 = 52, over the mean load 5.
+  EXPECT_NEAR(estimate[0].max_cost_over_resident, 52.0 / 5.0, 1e-12);
 
   // Expert 0 replicated on both: each replica serves half its load (2). Worker 0 {0, 1}: 3 of 5;
   // worker 1 {0, 2, 3}: 2 of 5 (its hottest is expert 0's half or expert 2, both 2).
@@ -79,6 +81,14 @@ TEST(ExpertBudget, ResidentShareOfTheHottestExperts) {
   EXPECT_NEAR(estimate[0].min_resident_share, 2.0 / 5.0, 1e-12);
   EXPECT_NEAR(estimate[0].mean_resident_share, 0.5, 1e-12);
   EXPECT_NE(residency_estimate_table(estimate, "1").find("mean share"), std::string::npos);
+}
+
+// The planner's budget input: a worker's hosted experts per layer to its resident slots, by the budget's
+// rules.
+TEST(ExpertBudget, ResidentSlotsForThePlanner) {
+  const auto slots = budget_resident_slots("50%");
+  EXPECT_EQ(slots({{0, 8}, {2, 5}, {3, 0}}), (std::map<int64_t, int64_t>{{0, 4}, {2, 3}, {3, 0}}));
+  EXPECT_EQ(budget_resident_slots("3")({{0, 8}, {2, 2}}), (std::map<int64_t, int64_t>{{0, 3}, {2, 2}}));
 }
 
 // The options every command builds its store from: each flag lands in its field, the budget is
