@@ -85,7 +85,7 @@ DecodeCluster::StoreExecutor DecodeCluster::store_executor(const ModelConfig& co
                                                                     table_, parts_->device_options);
     device->set_expert_store(&store);
     const DeviceExpertParallelMoeExecutor* view = device.get();
-    made.stats = [view, &store] { return device_exchange_store_stats(*view, store); };
+    made.stats = [view, &store] { return exchange_store_stats(view->store_demand(), store); };
     made.executor = std::move(device);
     return made;
   }
@@ -93,7 +93,7 @@ DecodeCluster::StoreExecutor DecodeCluster::store_executor(const ModelConfig& co
   auto host = std::make_unique<ExpertParallelMoeExecutor>(config, weights, backend, comm_, table_);
   host->set_expert_store(&store, on_miss);
   const ExpertParallelMoeExecutor* view = host.get();
-  made.stats = [view, &store] { return host_exchange_store_stats(*view, store); };
+  made.stats = [view, &store] { return exchange_store_stats(view->store_demand(), store); };
   made.executor = std::move(host);
   return made;
 }

@@ -42,7 +42,7 @@ struct Variant {
     std::unique_ptr<ModelRunner> runner;
     // This rank's figures (the exchange's per-row hits and misses under mpirun).
     OffloadStats stats() const {
-      return executor ? executor->stats() : host_exchange_store_stats(*exchange, *store);
+      return executor ? executor->stats() : exchange_store_stats(exchange->store_demand(), *store);
     }
   };
   std::shared_ptr<Offload> offload;

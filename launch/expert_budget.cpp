@@ -1,10 +1,6 @@
 // --expert-budget and the expert store's flags (expert_budget.h).
 #include "launch/expert_budget.h"
 
-#ifdef EPIC_HAVE_NCCL_EP
-#include "worker/device_expert_parallel_moe.h"
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -321,29 +317,15 @@ std::string expert_store_summary(const nlohmann::json& r) {
   return text;
 }
 
-OffloadStats host_exchange_store_stats(const ExpertParallelMoeExecutor& executor, const ExpertStore& store) {
+OffloadStats exchange_store_stats(const StoreDemandCounts& demand, const ExpertStore& store) {
   OffloadStats stats;
-  stats.demand_hits = executor.store_hits();
-  stats.demand_misses = executor.store_misses();
-  stats.picks = stats.demand_hits + stats.demand_misses;
-  stats.read_in_place = executor.store_read_in_place();
-  stats.bytes_read_in_place = static_cast<uint64_t>(stats.read_in_place) * store.expert_bytes();
-  stats.substituted = executor.store_substituted();
+  stats.demand_hits = demand.hits;
+  stats.demand_misses = demand.misses;
+  stats.picks = demand.hits + demand.misses;
+  stats.read_in_place = demand.read_in_place;
+  stats.bytes_read_in_place = static_cast<uint64_t>(demand.read_in_place) * store.expert_bytes();
+  stats.substituted = demand.substituted;
   return stats;
 }
-
-#ifdef EPIC_HAVE_NCCL_EP
-OffloadStats device_exchange_store_stats(const DeviceExpertParallelMoeExecutor& executor,
-                                         const ExpertStore& store) {
-  const DeviceExpertParallelMoeExecutor::StoreCounts& counts = executor.store_counts();
-  OffloadStats stats;
-  stats.demand_hits = counts.hits;
-  stats.demand_misses = counts.misses;
-  stats.picks = counts.hits + counts.misses;
-  stats.read_in_place = counts.read_in_place;
-  stats.bytes_read_in_place = static_cast<uint64_t>(counts.read_in_place) * store.expert_bytes();
-  return stats;
-}
-#endif
 
 }  // namespace epic::cli

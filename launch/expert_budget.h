@@ -9,14 +9,10 @@
 #include <string>
 
 #include "coordinator/placement.h"
-#include "worker/expert_parallel_moe.h"
 #include "worker/expert_store.h"
 #include "worker/model_weights.h"
 #include "worker/offloading_moe_executor.h"
-
-namespace epic {
-class DeviceExpertParallelMoeExecutor;  // worker/device_expert_parallel_moe.h (NCCL builds)
-}  // namespace epic
+#include "worker/step_demand.h"
 
 namespace epic::cli {
 
@@ -88,11 +84,8 @@ nlohmann::json expert_store_report(const ExpertStore& store, const OffloadStats&
                                    const ExpertStoreFlags& flags);
 std::string expert_store_summary(const nlohmann::json& report);
 
-// Under mpirun the host exchange computes the received rows through the store: its per-row hits and
-// misses (each row a pick of its expert) as the report's demand figures.
-OffloadStats host_exchange_store_stats(const ExpertParallelMoeExecutor& executor, const ExpertStore& store);
-// The NCCL exchange's figures of the same (NCCL builds only: its received rows through the store).
-OffloadStats device_exchange_store_stats(const DeviceExpertParallelMoeExecutor& executor,
-                                         const ExpertStore& store);
+// Under mpirun the exchanges (host or NCCL) compute the received rows through the store: their demand
+// counts (each received pick a hit or a miss) as the report's demand figures.
+OffloadStats exchange_store_stats(const StoreDemandCounts& demand, const ExpertStore& store);
 
 }  // namespace epic::cli

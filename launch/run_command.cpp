@@ -544,9 +544,10 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   const double run_seconds = seconds_since(run_start);
   nlohmann::json store_report;
   if (store) {
-    OffloadStats store_stats = offloading ? offloading->stats() : host_exchange_store_stats(executor, *store);
+    OffloadStats store_stats =
+        offloading ? offloading->stats() : exchange_store_stats(executor.store_demand(), *store);
 #ifdef EPIC_HAVE_NCCL_EP
-    if (device_executor) store_stats = device_exchange_store_stats(*device_executor, *store);
+    if (device_executor) store_stats = exchange_store_stats(device_executor->store_demand(), *store);
 #endif
     store_report = expert_store_report(*store, store_stats, args.expert_store);
     std::fprintf(stderr, "rank %d %s", comm->rank(), expert_store_summary(store_report).c_str());

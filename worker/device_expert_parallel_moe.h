@@ -35,6 +35,7 @@
 #include "worker/expert_store.h"
 #include "worker/moe_block.h"
 #include "worker/moe_executor.h"
+#include "worker/step_demand.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -133,11 +134,9 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   // must read in place (a host tier: Error(kInvalidArgument) otherwise) and outlive the executor. Before the
   // first step.
   void set_expert_store(ExpertStore* store);
-  struct StoreCounts {
-    int64_t hits = 0, misses = 0;  // received picks whose expert was resident / read from host memory
-    int64_t read_in_place = 0;     // (layer, expert) pairs of a step read from host memory
-  };
-  const StoreCounts& store_counts() const { return store_counts_; }
+  // Received picks whose expert was resident / read from host memory; (layer, expert) pairs of a step read
+  // from host memory.
+  const StoreDemandCounts& store_demand() const { return demand_.counts(); }
   // The last call's exchange sizes of each layer called so far.
   const std::map<int64_t, DeviceExchangeSizes>& exchange_sizes() const { return exchange_sizes_; }
 
@@ -262,7 +261,7 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   int64_t store_log_stride_ = 0;
   OwnedTensor store_uses_log_, store_weight_log_;
   int64_t store_step_ = 0;
-  StoreCounts store_counts_;
+  StepDemand demand_;
 };
 
 }  // namespace epic

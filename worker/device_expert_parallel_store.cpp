@@ -84,24 +84,16 @@ void DeviceExpertParallelMoeExecutor::admit_step_misses() {
   std::vector<float> weight_sums(uses.size());
   backend_.copy_to_host(store_uses_log_.view(), 0, uses.data(), uses.size() * sizeof(int32_t));
   backend_.copy_to_host(store_weight_log_.view(), 0, weight_sums.data(), weight_sums.size() * sizeof(float));
-  std::map<int64_t, std::vector<int64_t>> wanted;
   for (const auto& [layer, row] : store_log_row_) {
     const int64_t num_experts = weights_.layers[layer].moe.num_experts;
-    std::map<int64_t, double> missed;  // expert -> its picks' routing weight, as the host exchange ranks them
     for (int64_t expert = 0; expert < num_experts; ++expert) {
       const int64_t picks = uses[row * store_log_stride_ + expert];
-      if (picks <= 0) continue;
-      const double weight = weight_sums[row * store_log_stride_ + expert];
-      const bool resident = store_->resident(layer, expert);
-      store_->record_uses(layer, expert, picks, weight, store_step_);
-      (resident ? store_counts_.hits : store_counts_.misses) += picks;
-      if (!resident) missed[expert] = weight;
+      if (picks > 0)
+        demand_.note(*store_, layer, expert, picks, weight_sums[row * store_log_stride_ + expert],
+                     store_step_);
     }
-    if (missed.empty()) continue;
-    store_counts_.read_in_place += static_cast<int64_t>(missed.size());
-    wanted[layer] = most_wanted_first(missed);
   }
-  if (!wanted.empty()) store_->admit_in_background(wanted, store_step_);
+  demand_.admit_misses(*store_, store_step_);
 }
 
 }  // namespace epic

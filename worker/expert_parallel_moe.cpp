@@ -65,15 +65,12 @@ void ExpertParallelMoeExecutor::set_expert_store(ExpertStore* store, OnMiss on_m
 }
 
 void ExpertParallelMoeExecutor::finish_step() {
-  if (!read_in_place_ || step_misses_.empty()) return;
-  std::map<int64_t, std::vector<int64_t>> wanted;  // most rows first
-  for (const auto& [layer, experts] : step_misses_) {
-    store_read_in_place_ += static_cast<int64_t>(experts.size());
-    // Row counts are exact in a double.
-    wanted[layer] = most_wanted_first(std::map<int64_t, double>(experts.begin(), experts.end()));
+  if (!resident_ffn_) return;
+  if (read_in_place_) {
+    demand_.admit_misses(resident_ffn_->store(), resident_ffn_->step());
+  } else {
+    demand_.clear_misses();  // waited for when they were needed
   }
-  step_misses_.clear();
-  resident_ffn_->store().admit_in_background(wanted, resident_ffn_->step());
 }
 
 bool ExpertParallelMoeExecutor::hosts(int64_t layer, int64_t expert) const {
@@ -97,13 +94,7 @@ void ExpertParallelMoeExecutor::compute_rows(int64_t layer, const std::vector<in
                  std::to_string(experts_host.size()) + " rows");
   for (size_t i = 0; i < experts_host.size(); ++i) {
     const int32_t expert = experts_host[i];
-    store.record_use(layer, expert, weights_host[i], step);
-    if (store.resident(layer, expert)) {
-      ++store_hits_;
-    } else {
-      ++store_misses_;
-      if (read_in_place_) ++step_misses_[layer][expert];
-    }
+    demand_.note(store, layer, expert, 1, weights_host[i], step);
   }
   if (read_in_place_) {
     resident_ffn_->run_in_place(layer, rows, experts, sorted, computed, y, workspace);

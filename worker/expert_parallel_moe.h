@@ -24,6 +24,7 @@
 #include "worker/moe_executor.h"
 #include "worker/offloading_moe_executor.h"
 #include "worker/resident_expert_ffn.h"
+#include "worker/step_demand.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -86,13 +87,10 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   void begin_step(int64_t max_rows_on_any_rank) override;
   // kRead: after the step, its misses admitted with copies beside the next step.
   void finish_step() override;
-  // With a store: received rows whose expert was resident (hits) or not (misses), per row.
-  int64_t store_hits() const { return store_hits_; }
-  int64_t store_misses() const { return store_misses_; }
-  // read_in_place: (layer, expert) pairs of a step computed from host memory (each read at least once).
-  int64_t store_read_in_place() const { return store_read_in_place_; }
-  // kSubstitute: this worker's tokens' picks routed to a resident expert instead.
-  int64_t store_substituted() const { return store_substituted_; }
+  // With a store: received rows whose expert was resident (hits) or not (misses); with read_in_place the
+  // (layer, expert) pairs of a step computed from host memory; with kSubstitute this worker's tokens' picks
+  // routed to a resident expert instead.
+  const StoreDemandCounts& store_demand() const { return demand_.counts(); }
 
  private:
   void forward_flat(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
@@ -117,8 +115,7 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   std::map<int64_t, std::vector<int64_t>> expert_rows_;
   std::unique_ptr<ResidentExpertFfn> resident_ffn_;  // with an expert store (it counts the store's steps)
   bool read_in_place_ = false;
-  std::map<int64_t, std::map<int64_t, int64_t>> step_misses_;  // read_in_place: layer -> expert -> rows
-  int64_t store_hits_ = 0, store_misses_ = 0, store_read_in_place_ = 0, store_substituted_ = 0;
+  StepDemand demand_;
   bool substitute_ = false;
   // kSubstitute, per MoE layer and expert: resident on every worker hosting it at the step's start.
   std::map<int64_t, std::vector<uint8_t>> resident_everywhere_;

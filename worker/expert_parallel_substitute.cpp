@@ -2,13 +2,15 @@
 // the sending worker, the residency lives on the hosting one, so every step starts by gathering which experts
 // are resident where; a sender then replaces a token's pick of an expert that is not resident on every worker
 // hosting it (any replica may receive the row) by the most probable routable expert that is, with the
-// router's weights of the final choice, as OffloadingMoeExecutor::substitute_misses does on one process.
+// router's weights of the final choice (substitute_missing_picks, as the one-process executor).
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
 #include "kernels/error.h"
 #include "worker/expert_parallel_moe.h"
+#include "worker/missing_expert_substitution.h"
 #include "worker/routing_policy.h"
 #include "worker/workspace.h"
 
@@ -51,14 +53,12 @@ void ExpertParallelMoeExecutor::substitute_misses(int64_t layer, const RoutedTok
              "--on-miss substitute: layer " + std::to_string(layer) +
                  " has no residency view (begin_step must run before the step's layers)");
   const std::vector<uint8_t>& resident = found->second;
-  const auto is_resident = [&](int64_t expert) {
+  const std::function<bool(int64_t)> is_resident = [&](int64_t expert) {
     return expert >= 0 && expert < num_experts && resident[expert];
   };
   bool any_missing = false;
-  for (int64_t t = 0; t < num_tokens && !any_missing; ++t) {
-    const int64_t own_k = own_top_k(expert_ids.data() + t * top_k, top_k);
-    for (int64_t j = 0; j < own_k; ++j) any_missing = any_missing || !is_resident(expert_ids[t * top_k + j]);
-  }
+  for (int64_t t = 0; t < num_tokens && !any_missing; ++t)
+    any_missing = own_pick_missing(expert_ids.data() + t * top_k, top_k, is_resident);
   if (!any_missing) return;  // the usual case once the caches are warm: no logits read back
   std::vector<float> logits(static_cast<size_t>(num_tokens * num_experts));
   backend_.copy_to_host(workspace.get(kSlotRouterLogits, ScalarType::kF32, {num_tokens, num_experts}), 0,
@@ -67,37 +67,12 @@ void ExpertParallelMoeExecutor::substitute_misses(int64_t layer, const RoutedTok
   backend_.copy_to_host(routed.weights, 0, weights.data(), weights.size() * sizeof(float));
   const std::vector<uint8_t> routable = routable_host_mask(moe, routing(), layer);
   std::vector<float> probs(static_cast<size_t>(num_experts));
-  std::vector<int64_t> chosen(static_cast<size_t>(top_k));
-  std::vector<uint8_t> taken(static_cast<size_t>(num_experts));
   for (int64_t t = 0; t < num_tokens; ++t) {
     int32_t* ids = expert_ids.data() + t * top_k;
-    const int64_t own_k = own_top_k(ids, top_k);
-    bool missing = false;
-    for (int64_t j = 0; j < own_k; ++j) missing = missing || !is_resident(ids[j]);
-    if (!missing) continue;
+    if (!own_pick_missing(ids, top_k, is_resident)) continue;
     routable_softmax(logits.data() + t * num_experts, routable, probs);
-    std::fill(taken.begin(), taken.end(), 0);
-    for (int64_t j = 0; j < own_k; ++j) taken[ids[j]] = 1;
-    for (int64_t j = 0; j < own_k; ++j) {
-      chosen[j] = ids[j];
-      if (is_resident(ids[j])) continue;
-      // The most probable routable expert resident everywhere and not yet taken, ties to the lower id.
-      int64_t best = -1;
-      for (int64_t e = 0; e < num_experts; ++e)
-        if (routable[e] && !taken[e] && is_resident(e) && (best < 0 || probs[e] > probs[best])) best = e;
-      if (best < 0) continue;  // nothing resident to take its place: this pick waits on its worker
-      chosen[j] = best;
-      taken[best] = 1;
-      ++store_substituted_;
-    }
-    float chosen_mass = 0;
-    for (int64_t j = 0; j < own_k; ++j) chosen_mass += probs[chosen[j]];
-    float* row_weights = weights.data() + t * top_k;
-    for (int64_t j = 0; j < top_k; ++j) {  // padding follows the first choice, still weighted zero
-      ids[j] = static_cast<int32_t>(chosen[j < own_k ? j : 0]);
-      if (j < own_k)
-        row_weights[j] = config_.norm_topk_prob ? probs[chosen[j]] / chosen_mass : probs[chosen[j]];
-    }
+    demand_.add_substituted(substitute_missing_picks(ids, weights.data() + t * top_k, top_k, probs, routable,
+                                                     is_resident, config_.norm_topk_prob));
   }
   backend_.copy_from_host(routed.expert_ids, 0, expert_ids.data(), expert_ids.size() * sizeof(int32_t));
   backend_.copy_from_host(routed.weights, 0, weights.data(), weights.size() * sizeof(float));

@@ -251,30 +251,6 @@ bool ExpertResidencySet::pinned(int64_t layer, int64_t expert_id) const {
   return layer_state(layer, expert_id, "pinned").pinned.count(expert_id) != 0;
 }
 
-std::optional<int64_t> ExpertResidencySet::best_resident_substitute(
-    int64_t layer, const std::vector<float>& router_probs, const std::vector<uint8_t>& exclude) const {
-  const LayerState& state = layer_state(layer, 0, "best_resident_substitute");
-  EPIC_CHECK(router_probs.size() == exclude.size(), ErrorCode::kInvalidArgument,
-             "best_resident_substitute: layer " + std::to_string(layer) + " has " +
-                 std::to_string(router_probs.size()) + " router probabilities but " +
-                 std::to_string(exclude.size()) + " exclude flags; pass one of each per expert");
-  std::optional<int64_t> best;
-  for (int64_t candidate : state.resident) {
-    EPIC_CHECK(candidate < static_cast<int64_t>(router_probs.size()), ErrorCode::kInvalidArgument,
-               "best_resident_substitute: layer " + std::to_string(layer) + " has resident expert " +
-                   std::to_string(candidate) + " but only " + std::to_string(router_probs.size()) +
-                   " router probabilities; pass the probabilities of every expert of the layer");
-    if (exclude[candidate] != 0) continue;
-    const float probability = router_probs[candidate];
-    EPIC_CHECK(std::isfinite(probability), ErrorCode::kInvalidArgument,
-               "best_resident_substitute: layer " + std::to_string(layer) + " expert " +
-                   std::to_string(candidate) + " has router probability " + std::to_string(probability) +
-                   "; a non-finite probability cannot rank a substitute");
-    if (!best || probability > router_probs[*best]) best = candidate;
-  }
-  return best;
-}
-
 int64_t ExpertResidencySet::use_count(int64_t layer, int64_t expert_id) const {
   const LayerState& state = layer_state(layer, expert_id, "use_count");
   auto it = state.usage.find(expert_id);

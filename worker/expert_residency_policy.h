@@ -95,13 +95,6 @@ class ExpertResidencySet {
   void unpin_all();
   bool pinned(int64_t layer, int64_t expert_id) const;
 
-  // For --on-miss substitute: the resident expert with the highest router probability that is not
-  // excluded (already chosen for the token), ties to the lower id; nullopt when there is none.
-  // router_probs and exclude are indexed by expert id and must have the same size, covering every
-  // resident expert; a non-finite probability of a candidate is an Error(kInvalidArgument).
-  std::optional<int64_t> best_resident_substitute(int64_t layer, const std::vector<float>& router_probs,
-                                                  const std::vector<uint8_t>& exclude) const;
-
   // The history the policies rank by (0 for an expert never picked); usefulness decayed to `step`.
   int64_t use_count(int64_t layer, int64_t expert_id) const;
   double usefulness(int64_t layer, int64_t expert_id, int64_t step) const;

@@ -618,27 +618,6 @@ void ExpertStore::record_uses(int64_t layer, int64_t expert_id, int64_t uses, do
   latest_step_ = step;
 }
 
-std::optional<int64_t> ExpertStore::substitute(int64_t layer, const std::vector<float>& router_probs,
-                                               const std::vector<int64_t>& chosen) const {
-  const Layer& state = layer_state(layer, "substitute");
-  const int64_t num_experts = state.weights.num_experts;
-  EPIC_CHECK(static_cast<int64_t>(router_probs.size()) == num_experts, ErrorCode::kInvalidArgument,
-             "expert store substitute: layer " + std::to_string(layer) + " has " +
-                 std::to_string(num_experts) + " experts but " + std::to_string(router_probs.size()) +
-                 " router probabilities were given; pass one per expert");
-  std::vector<uint8_t> exclude(static_cast<size_t>(num_experts), 0);
-  for (int64_t expert : chosen) {
-    EPIC_CHECK(expert >= 0 && expert < num_experts, ErrorCode::kInvalidArgument,
-               "expert store substitute: layer " + std::to_string(layer) + " has experts 0.." +
-                   std::to_string(num_experts - 1) + ", not chosen expert " + std::to_string(expert));
-    exclude[expert] = 1;
-  }
-  // A resident expert whose copy failed has no bytes to compute with.
-  for (int64_t expert = 0; expert < num_experts; ++expert)
-    if (state.slot_of[expert] >= 0 && !state.loaded(expert)) exclude[expert] = 1;
-  return residency_->best_resident_substitute(layer, router_probs, exclude);
-}
-
 void ExpertStore::unpin_all() {
   pinned_by_layer_.clear();
   residency_->unpin_all();

@@ -110,10 +110,10 @@ class ExpertStore {
   // copies their bytes from the lower tier, and uploads the layer's local_index once. More distinct
   // experts than the layer has slots is Error(kInvalidArgument) naming the layer, the count and the
   // budget, with nothing changed: the caller then splits the step's rows into groups that fit (each
-  // ensure_resident + expert FFN in turn) or substitutes (substitute()). Also Error(kInvalidArgument)
-  // for a layer that is not MoE, an expert id outside the layer, an expert this worker does not host,
-  // or a step before the latest one seen. Synchronous: the copies have finished when it returns (on
-  // cuda it synchronises the backend's stream, waiting for the ops enqueued before too).
+  // ensure_resident + expert FFN in turn) or substitutes (substitute_missing_picks). Also
+  // Error(kInvalidArgument) for a layer that is not MoE, an expert id outside the layer, an expert this
+  // worker does not host, or a step before the latest one seen. Synchronous: the copies have finished when it
+  // returns (on cuda it synchronises the backend's stream, waiting for the ops enqueued before too).
   ExpertLoadReport ensure_resident(int64_t layer, const std::vector<int64_t>& experts_needed, int64_t step);
 
   // Loads experts ahead of need, in the order given (most wanted first), into slots that are free or
@@ -127,12 +127,6 @@ class ExpertStore {
   void record_use(int64_t layer, int64_t expert_id, float routing_weight, int64_t step);
   // `uses` picks of one expert in one step, their weights summed (ExpertResidencySet::record_uses).
   void record_uses(int64_t layer, int64_t expert_id, int64_t uses, double weight_sum, int64_t step);
-
-  // For --on-miss substitute: the resident expert with the highest router probability among those not
-  // in `chosen` (the token's other picks), ties to the lower id; nullopt when there is none.
-  // router_probs has one entry per expert of the layer.
-  std::optional<int64_t> substitute(int64_t layer, const std::vector<float>& router_probs,
-                                    const std::vector<int64_t>& chosen) const;
 
   // Releases every pin (end of a step).
   void unpin_all();

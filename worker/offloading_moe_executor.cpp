@@ -3,10 +3,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <utility>
 
 #include "kernels/error.h"
+#include "worker/missing_expert_substitution.h"
 #include "worker/moe_block.h"
 #include "worker/routing_policy.h"
 
@@ -121,16 +123,10 @@ void OffloadingMoeExecutor::begin_step(int64_t max_rows_on_any_rank) {
   step_rows_ = max_rows_on_any_rank;
 }
 
-void OffloadingMoeExecutor::note_pick(int64_t layer, int32_t expert, float weight,
-                                      std::map<int64_t, std::map<int64_t, double>>& missed) {
+void OffloadingMoeExecutor::note_pick(int64_t layer, int32_t expert, float weight) {
   ++stats_.picks;
-  store_.record_use(layer, expert, weight, read_step_);
-  if (store_.resident(layer, expert)) {
-    ++stats_.demand_hits;
-  } else {
-    ++stats_.demand_misses;
-    missed[layer][expert] += weight;
-  }
+  ++(read_demand_.note(store_, layer, expert, 1, weight, read_step_) ? stats_.demand_hits
+                                                                     : stats_.demand_misses);
 }
 
 void OffloadingMoeExecutor::finish_step() {
@@ -139,7 +135,6 @@ void OffloadingMoeExecutor::finish_step() {
   step_rows_ = -1;
   // Every MoE layer ran once this step (each has a row of the routing log), through forward or not.
   stats_.calls += static_cast<int64_t>(moe_index_.size());
-  std::map<int64_t, std::map<int64_t, double>> missed;  // layer -> expert -> routing weight lost
   const int64_t top_k = routed_top_k(config_);
   if (rows > 0 && rows <= kLoggedRows && !routing_log_.empty()) {
     // Every MoE layer wrote its picks into the log (replayed from a graph or not): one copy back.
@@ -152,18 +147,16 @@ void OffloadingMoeExecutor::finish_step() {
       const int64_t num_experts = weights_.layers[layer].moe.num_experts;
       for (int64_t s = 0; s < rows * top_k; ++s)
         if (ids[s] >= 0 && ids[s] < num_experts && !is_padding_slot(ids + s / top_k * top_k, s % top_k))
-          note_pick(layer, ids[s], weights[s], missed);
+          note_pick(layer, ids[s], weights[s]);
     }
   }
-  for (const auto& [layer, expert, weight] : unlogged_picks_) note_pick(layer, expert, weight, missed);
+  for (const auto& [layer, expert, weight] : unlogged_picks_) note_pick(layer, expert, weight);
   unlogged_picks_.clear();
-  std::map<int64_t, std::vector<int64_t>> wanted;
-  for (const auto& [layer, experts] : missed) {
-    wanted[layer] = most_wanted_first(experts);
-    stats_.read_in_place += static_cast<int64_t>(experts.size());
-    stats_.bytes_read_in_place += experts.size() * store_.expert_bytes();
-  }
-  if (!wanted.empty()) stats_.prefetched += store_.admit_in_background(wanted, read_step_).misses;
+  const int64_t read_before = read_demand_.counts().read_in_place;
+  stats_.prefetched += read_demand_.admit_misses(store_, read_step_);
+  const int64_t read = read_demand_.counts().read_in_place - read_before;
+  stats_.read_in_place += read;
+  stats_.bytes_read_in_place += static_cast<uint64_t>(read) * store_.expert_bytes();
 }
 
 void OffloadingMoeExecutor::forward_in_place(int64_t layer, const Tensor& hidden, const Tensor& router_input,
@@ -218,37 +211,16 @@ std::vector<int64_t> OffloadingMoeExecutor::substitute_misses(int64_t layer, con
   backend_.copy_to_host(logits, 0, logit_rows.data(), logit_rows.size() * sizeof(float));
   std::map<int64_t, double> missed_weight;  // expert -> routing weight it lost, for the fetch order
   std::vector<float> probs(static_cast<size_t>(num_experts));
-  std::vector<int64_t> chosen(static_cast<size_t>(top_k));
+  const std::function<bool(int64_t)> resident = [&](int64_t expert) {
+    return store_.resident(layer, expert);
+  };
+  const auto note = [&](int64_t expert, float weight) { missed_weight[expert] += weight; };
   for (int64_t t = 0; t < rows; ++t) {
-    // The row's own k (the step's other slots are padding: its first choice, weight 0).
-    const int64_t own_k = own_top_k(ids.data() + t * top_k, top_k);
-    bool any_missing = false;
-    for (int64_t j = 0; j < own_k; ++j) any_missing |= !store_.resident(layer, ids[t * top_k + j]);
-    if (!any_missing) continue;
+    if (!own_pick_missing(ids.data() + t * top_k, top_k, resident)) continue;
     // The router's fp32 probabilities over the routable experts (as route_top_k computes them).
     routable_softmax(logit_rows.data() + t * num_experts, routable, probs);
-    std::vector<int64_t> excluded;
-    for (int64_t j = 0; j < own_k; ++j) excluded.push_back(ids[t * top_k + j]);
-    for (int64_t e = 0; e < num_experts; ++e)
-      if (!routable[e]) excluded.push_back(e);
-    for (int64_t j = 0; j < own_k; ++j) {
-      const int64_t expert = ids[t * top_k + j];
-      chosen[j] = expert;
-      if (store_.resident(layer, expert)) continue;
-      const std::optional<int64_t> replacement = store_.substitute(layer, probs, excluded);
-      if (!replacement) continue;  // nothing resident to take its place: this pick waits
-      missed_weight[expert] += weights[t * top_k + j];
-      chosen[j] = *replacement;
-      excluded.push_back(*replacement);
-      ++stats_.substituted;
-    }
-    float chosen_mass = 0;
-    for (int64_t j = 0; j < own_k; ++j) chosen_mass += probs[chosen[j]];
-    for (int64_t j = 0; j < top_k; ++j) {  // padding follows the first choice, still weighted zero
-      ids[t * top_k + j] = static_cast<int32_t>(chosen[j < own_k ? j : 0]);
-      if (j < own_k)
-        weights[t * top_k + j] = config_.norm_topk_prob ? probs[chosen[j]] / chosen_mass : probs[chosen[j]];
-    }
+    stats_.substituted += substitute_missing_picks(ids.data() + t * top_k, weights.data() + t * top_k, top_k,
+                                                   probs, routable, resident, config_.norm_topk_prob, note);
   }
   return most_wanted_first(missed_weight);
 }

@@ -20,6 +20,7 @@
 #include "worker/model_weights.h"
 #include "worker/moe_executor.h"
 #include "worker/resident_expert_ffn.h"
+#include "worker/step_demand.h"
 #include "worker/workspace.h"
 
 namespace epic {
@@ -105,8 +106,7 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   void forward_in_place(int64_t layer, const Tensor& hidden, const Tensor& router_input, const Tensor& out,
                         Workspace& workspace);
   // One routing pick of the step: the policy's use, the hit or miss, the miss's weight.
-  void note_pick(int64_t layer, int32_t expert, float weight,
-                 std::map<int64_t, std::map<int64_t, double>>& missed);
+  void note_pick(int64_t layer, int32_t expert, float weight);
   std::map<int64_t, int64_t> moe_index_;  // MoE layer -> its row of the routing log
   int64_t log_slots_ = 0;                 // picks a layer's log holds (kLoggedRows x the model's top-k)
   // I32 [2, MoE layers, log_slots_]: each layer's expert ids, then (as F32) their weights, written by the
@@ -116,6 +116,7 @@ class OffloadingMoeExecutor final : public MoeExecutor {
   int64_t read_step_ = 0;   // the store's step, counted by begin_step (forward is not called in a replay)
   // Picks of steps too large for the log (read back in forward), for finish_step.
   std::vector<std::tuple<int64_t, int32_t, float>> unlogged_picks_;
+  StepDemand read_demand_;  // read mode: each step's picks against the store, its misses admitted behind it
 
   ResidentExpertFfn resident_ffn_;  // and the store's step for wait and substitute: one per forward pass
   OffloadStats stats_;

@@ -43,33 +43,23 @@ for precision in fp32 bf16; do
   same_lines "$out/mixed_$precision.txt" "$out/wake_$precision.txt" "$out/focus_$precision.txt" \
     "residency $precision" || status=1
 done
-# Half the experts resident, the rest read in place over PCIe: the same bits as everything resident.
-if run budget_read --precision bf16 --residency-state "$states" --expert-budget 50% --on-miss read; then
-  python3 tests/support/npy_relative_l2.py "$out/mixed_bf16.npy" "$out/budget_read.npy" 0 \
-    "residency bf16, 50% resident read in place, against all resident" || status=1
-  if cmp -s "$out/mixed_bf16.txt" "$out/budget_read.txt"; then
-    echo "residency bf16, 50% resident read in place: the same generated text"
-  else
-    echo "residency bf16, 50% resident read in place: generated text DIFFERENT"; status=1
+# A budget variant of the bf16 mixed run: prompt logits bitwise and the same text as everything resident.
+same_as_all_resident() {  # NAME LABEL FLAGS...
+  local name=$1 label=$2; shift 2
+  run "$name" --precision bf16 --residency-state "$states" "$@" || return 1
+  python3 tests/support/npy_relative_l2.py "$out/mixed_bf16.npy" "$out/$name.npy" 0 \
+    "residency bf16, $label, against all resident" || return 1
+  if ! cmp -s "$out/mixed_bf16.txt" "$out/$name.txt"; then
+    echo "residency bf16, $label: generated text DIFFERENT"; return 1
   fi
-  grep -m1 "experts: budget" "$out/budget_read.err"
-else
-  status=1
-fi
+  echo "residency bf16, $label: the same generated text"
+  grep -m1 "experts: budget" "$out/$name.err"
+}
+# Half the experts resident, the rest read in place over PCIe.
+same_as_all_resident budget_read "50% resident read in place" --expert-budget 50% --on-miss read || status=1
 # A quarter resident, the checkpoint on disk behind a pinned host cache of half the experts
-# (--host-budget): misses wait for a copy from the cache or a read from disk into it; the same bits again.
-if run budget_host_cache --precision bf16 --residency-state "$states" --expert-budget 25% --expert-tier disk \
-    --host-budget 50%; then
-  python3 tests/support/npy_relative_l2.py "$out/mixed_bf16.npy" "$out/budget_host_cache.npy" 0 \
-    "residency bf16, 25% resident, disk behind a 50% host cache, against all resident" || status=1
-  if cmp -s "$out/mixed_bf16.txt" "$out/budget_host_cache.txt"; then
-    echo "residency bf16, 25% resident behind a host cache: the same generated text"
-  else
-    echo "residency bf16, 25% resident behind a host cache: generated text DIFFERENT"; status=1
-  fi
-  grep -m1 "experts: budget" "$out/budget_host_cache.err"
-  grep -m1 "experts: host cache" "$out/budget_host_cache.err" || { echo "no host cache line"; status=1; }
-else
-  status=1
-fi
+# (--host-budget): misses wait for a copy from the cache or a read from disk into it.
+same_as_all_resident budget_host_cache "25% resident, disk behind a 50% host cache" --expert-budget 25% \
+  --expert-tier disk --host-budget 50% || status=1
+grep -m1 "experts: host cache" "$out/budget_host_cache.err" || { echo "no host cache line"; status=1; }
 exit $status

@@ -95,7 +95,7 @@ TEST_F(ExpertParallelStore, EachRowsRoutingWeightReachesTheUsefulnessScore) {
   // Each row's own picks, once: 2 for the first prompt's tokens, 6 for the second's.
   const int64_t own_picks =
       2 * static_cast<int64_t>(first_.size()) + 6 * static_cast<int64_t>(second_.size());
-  EXPECT_EQ(exchange.store_hits() + exchange.store_misses(), own_picks * moe_layers);
+  EXPECT_EQ(exchange.store_demand().hits + exchange.store_demand().misses, own_picks * moe_layers);
 }
 
 // The same warm stores: in a step, a layer's residency when it routes is the step's start (no prefetch, the
@@ -118,7 +118,7 @@ TEST_F(ExpertParallelStore, SubstituteEqualsTheOneProcessExecutorFromTheSameResi
                            actual = prefill(&exchange, routers_, 0, 2);
   EXPECT_TRUE(actual == expected) << "the exchange's substitution differs from the one-process executor's";
   EXPECT_GT(one.stats().substituted, 0);
-  EXPECT_EQ(exchange.store_substituted(), one.stats().substituted);
+  EXPECT_EQ(exchange.store_demand().substituted, one.stats().substituted);
 }
 
 }  // namespace

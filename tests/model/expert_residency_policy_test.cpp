@@ -1,5 +1,5 @@
 // The expert cache's residency bookkeeping: hand-worked eviction sequences for each policy, pinning,
-// counters, substitutes, the total -> per-layer budget split on uneven layers, bad input, and random
+// counters, the total -> per-layer budget split on uneven layers, bad input, and random
 // access streams checked against reference models (a std::list for LRU, full histories for all).
 #include "worker/expert_residency_policy.h"
 
@@ -240,38 +240,6 @@ TEST(ExpertResidencySet, CountsHitsMissesAndEvictionsPerLayer) {
   EXPECT_EQ(0, total.refused_admissions);
   EXPECT_EQ((std::vector<int64_t>{kA, kC}), set.resident_experts(1));
   EXPECT_EQ(std::vector<int64_t>{kB}, set.resident_experts(2));
-}
-
-// Residents 1, 4, 6 of 8 experts; the token already chose 0 and 2 (not resident). 4 and 6 tie at
-// 0.10 above 1's 0.05: the lower id, 4, wins; then 6, then 1, then none.
-TEST(ExpertResidencySet, BestResidentSubstituteIsTheMostProbableUnchosenResident) {
-  ExpertResidencySet set(one_layer(3), EvictionPolicy::kLru, 1.0);
-  std::vector<float> probs = {0.30f, 0.05f, 0.20f, 0.10f, 0.10f, 0.05f, 0.10f, 0.10f};
-  std::vector<uint8_t> exclude = {1, 0, 1, 0, 0, 0, 0, 0};
-  EXPECT_EQ(std::nullopt, set.best_resident_substitute(kLayer, probs, exclude));  // nothing resident
-  for (int64_t expert_id : {1, 4, 6}) ASSERT_TRUE(set.admit(kLayer, expert_id, 0).resident);
-  EXPECT_EQ(4, set.best_resident_substitute(kLayer, probs, exclude).value_or(-1));
-  exclude[4] = 1;
-  EXPECT_EQ(6, set.best_resident_substitute(kLayer, probs, exclude).value_or(-1));
-  exclude[6] = 1;
-  EXPECT_EQ(1, set.best_resident_substitute(kLayer, probs, exclude).value_or(-1));
-  exclude[1] = 1;
-  EXPECT_EQ(std::nullopt, set.best_resident_substitute(kLayer, probs, exclude));
-
-  // An excluded resident's probability is never read, so its NaN is no error; a candidate's is.
-  probs[4] = std::numeric_limits<float>::quiet_NaN();
-  exclude = {0, 0, 0, 0, 1, 0, 0, 0};
-  EXPECT_EQ(6, set.best_resident_substitute(kLayer, probs, exclude).value_or(-1));
-  exclude[4] = 0;
-  expect_error([&] { (void)set.best_resident_substitute(kLayer, probs, exclude); },
-               ErrorCode::kInvalidArgument, {"layer 3", "expert 4", "non-finite"});
-  expect_error([&] { (void)set.best_resident_substitute(kLayer, probs, std::vector<uint8_t>(7, 0)); },
-               ErrorCode::kInvalidArgument, {"8 router probabilities", "7 exclude"});
-  expect_error(
-      [&] {
-        (void)set.best_resident_substitute(kLayer, std::vector<float>(5, 0.2f), std::vector<uint8_t>(5, 0));
-      },
-      ErrorCode::kInvalidArgument, {"resident expert 6", "only 5"});
 }
 
 std::map<int64_t, std::vector<uint8_t>> layers_with_present_counts(const std::map<int64_t, int64_t>& counts,

@@ -494,27 +494,6 @@ TEST(ExpertStore, ACpuFfnRefusesRowsOfAnExpertThatIsNotResident) {
       ErrorCode::kInvalidArgument, {"expert_ffn", "expert " + std::to_string(h[3]), "not hosted here"});
 }
 
-TEST(ExpertStore, SubstituteIsTheMostProbableResidentNotChosen) {
-  Checkpointed model(DType::kBF16, std::nullopt);
-  const uint64_t seed = testing::fresh_seed();
-  SCOPED_TRACE("seeds " + std::to_string(model.seed) + " " + std::to_string(seed));
-  ExpertStore store(model.config, *model.store_source, *model.backend,
-                    model.store_options(ExpertTier::kHost, std::nullopt));
-  const std::vector<int64_t> h = model.hosted_list(0);
-  store.ensure_resident(0, {h[0], h[1], h[2]}, 0);
-  std::mt19937_64 random(seed);
-  std::vector<float> probs(static_cast<size_t>(model.config.num_experts));
-  for (float& p : probs) p = std::uniform_real_distribution<float>(0.0f, 1.0f)(random);
-  std::vector<int64_t> resident = {h[0], h[1], h[2]};
-  std::sort(resident.begin(), resident.end(), [&](int64_t x, int64_t y) { return probs[x] > probs[y]; });
-  EXPECT_EQ(store.substitute(0, probs, {resident[0]}), resident[1]);
-  EXPECT_EQ(store.substitute(0, probs, {resident[0], resident[1]}), resident[2]);
-  EXPECT_EQ(store.substitute(0, probs, {}), resident[0]);
-  EXPECT_EQ(store.substitute(0, probs, resident), std::nullopt);
-  expect_error([&] { store.substitute(0, std::vector<float>(3, 0.5f), {}); }, ErrorCode::kInvalidArgument,
-               {"layer 0", "8 experts", "3 router probabilities"});
-}
-
 TEST(ExpertStore, RefusesWhatItCannotDoAndChangesNothing) {
   Checkpointed model(DType::kBF16, std::nullopt);
   SCOPED_TRACE("seed " + std::to_string(model.seed));
