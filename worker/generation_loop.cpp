@@ -11,28 +11,11 @@
 
 #include "comm/fault_injection.h"
 #include "kernels/error.h"
+#include "worker/generation_engine.h"
 #include "worker/random_values.h"
 
 namespace epic {
 namespace {
-
-// One live sequence: its cache and sampler exist only while it is admitted.
-struct LiveSequence {
-  const SequenceRequest* request;
-  KvSequence cache;
-  Sampler sampler;
-  SequenceResult result;
-  bool prefilled = false;
-  bool done = false;
-  LiveSequence(const SequenceRequest& sequence, ModelRunner& runner)
-      : request(&sequence), cache(runner.new_sequence()), sampler([&] {
-          SamplingOptions sampling = sequence.sampling;
-          sampling.seed = sequence_seed(sampling.seed, sequence.sequence_id);
-          return sampling;
-        }()) {
-    result.sequence_id = sequence.sequence_id;
-  }
-};
 
 // What every worker tells every other at the start of a step: sequences it has not finished yet
 // (live or waiting), and the bytes of finished results it sends the root in this step.
@@ -161,17 +144,6 @@ int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine,
   return total_unfinished;
 }
 
-// Test-only (EPIC_TEST_STEP_FAULT ... nan): every chunk's last logits row gets a NaN and no greedy id, as
-// non-finite logits from the model would, so the loop's own check raises the error it raises for those.
-void poison_logits(StepOutput& output) {
-  BatchLogits& logits = output.logits;
-  for (size_t c = 0; c + 1 < logits.first_row.size(); ++c) {
-    logits.values[static_cast<size_t>((logits.first_row[c + 1] - 1) * logits.vocab)] =
-        std::numeric_limits<float>::quiet_NaN();
-    output.greedy_ids[c] = -1;
-  }
-}
-
 }  // namespace
 
 uint64_t sequence_seed(uint64_t seed, int64_t sequence_id) {
@@ -180,121 +152,33 @@ uint64_t sequence_seed(uint64_t seed, int64_t sequence_id) {
 
 GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequest> sequences,
                                Communicator& comm, const GenerationOptions& options, const ResultSink& sink) {
-  const ModelConfig& config = runner.config();
-  EPIC_CHECK(options.max_active_sequences >= 1 && options.max_active_sequences <= kMaxActiveSequencesBound,
-             ErrorCode::kInvalidArgument,
-             "--max-active-sequences must be in [1, " + std::to_string(kMaxActiveSequencesBound) + "], got " +
-                 std::to_string(options.max_active_sequences));
   EPIC_CHECK(options.result_root >= 0 && options.result_root < comm.size(), ErrorCode::kInvalidArgument,
              "result root " + std::to_string(options.result_root) + " is not a rank of this " +
                  std::to_string(comm.size()) + "-rank job");
-  for (const SequenceRequest& sequence : sequences)
-    EPIC_CHECK(!sequence.prompt.empty(), ErrorCode::kInvalidArgument,
-               "sequence " + std::to_string(sequence.sequence_id) + " has an empty prompt");
+  GenerationEngine engine(runner, options.max_active_sequences);
+  for (const SequenceRequest& sequence : sequences) engine.admit(sequence);
 
-  // Picks the next token of a live sequence (the device's greedy choice, or sampled from its last
-  // logits when it samples); marks it done when finished. A greedy id of -1 means the logits were
-  // not finite: they are fetched to name the first bad one.
-  auto advance = [&](LiveSequence& live, int32_t greedy_id, const BatchLogits* logits, size_t chunk) {
-    const int64_t step = static_cast<int64_t>(live.result.new_ids.size());
-    if (logits != nullptr) check_logits_finite(logits->last_row(chunk), live.request->sequence_id, step);
-    EPIC_CHECK(greedy_id >= 0, ErrorCode::kInternal,
-               "sequence " + std::to_string(live.request->sequence_id) + " step " + std::to_string(step) +
-                   ": the logits are not finite but were not fetched to report it");
-    SequenceResult& result = live.result;
-    if (static_cast<int64_t>(result.new_ids.size()) >= live.request->max_new_tokens) {
-      live.done = true;
-      return;
-    }
-    const int32_t next =
-        live.request->sampling.temperature == 0.0 ? greedy_id : live.sampler.sample(logits->last_row(chunk));
-    result.new_ids.push_back(next);
-    const bool eos = std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
-                     config.eos_token_ids.end();
-    live.done = eos || static_cast<int64_t>(result.new_ids.size()) >= live.request->max_new_tokens;
-  };
-
-  GenerationStats stats;
-  std::vector<std::unique_ptr<LiveSequence>> live;  // in admission order
-  size_t next_waiting = 0;
   std::vector<SequenceResult> finished;  // in the last step, not yet at the root
   while (true) {
-    const int64_t unfinished = static_cast<int64_t>(live.size() + (sequences.size() - next_waiting));
-    // The coming step, known before it is built: every live sequence is prefilled (one row each), and the
-    // sequences admitted below feed their prompts.
+    // The coming step, known before it is built, agreed with every other rank.
+    const PlannedStep plan = engine.next_step();
     StepStatus mine;
-    mine.unfinished = unfinished;
-    const size_t admitting =
-        std::min(sequences.size() - next_waiting,
-                 static_cast<size_t>(
-                     std::max<int64_t>(options.max_active_sequences - static_cast<int64_t>(live.size()), 0)));
-    mine.rows = static_cast<int64_t>(live.size());
-    for (size_t i = next_waiting; i < next_waiting + admitting; ++i)
-      mine.rows += static_cast<int64_t>(sequences[i].prompt.size());
-    const auto note_top_k = [&](const SequenceRequest& request) {
-      SequenceChunk chunk;
-      chunk.top_k = request.top_k;
-      const int64_t k = runner.experts_per_token(chunk);
-      mine.fewest_top_k = mine.fewest_top_k == 0 ? k : std::min(mine.fewest_top_k, k);
-      mine.most_top_k = std::max(mine.most_top_k, k);
-    };
-    for (const auto& sequence : live) note_top_k(*sequence->request);
-    for (size_t i = next_waiting; i < next_waiting + admitting; ++i) note_top_k(sequences[i]);
-    mine.decode_only = admitting == 0 ? 1 : 0;
+    mine.unfinished = plan.unfinished;
+    mine.rows = plan.rows;
+    mine.decode_only = plan.decode_only ? 1 : 0;
+    mine.fewest_top_k = plan.fewest_top_k;
+    mine.most_top_k = plan.most_top_k;
     mine.graph_buckets = runner.current_graph_buckets();
     StepAgreement agreement;
     if (agree_and_deliver(comm, options.result_root, mine, finished, sink, agreement) == 0) break;
-
-    while (static_cast<int64_t>(live.size()) < options.max_active_sequences &&
-           next_waiting < sequences.size())
-      live.push_back(std::make_unique<LiveSequence>(sequences[next_waiting++], runner));
-    stats.most_active_sequences = std::max(stats.most_active_sequences, static_cast<int64_t>(live.size()));
-
-    // A new sequence feeds its whole prompt, a prefilled one its last token.
-    std::vector<SequenceChunk> chunks;
-    chunks.reserve(live.size());
-    bool want_logits = false;  // only sampling and prompt logits need them on the host
-    for (const auto& sequence : live) {
-      want_logits = want_logits || sequence->request->sampling.temperature != 0.0 ||
-                    (!sequence->prefilled && sequence->request->want_prompt_logits);
-      if (sequence->prefilled) {
-        chunks.push_back({&sequence->cache, std::span<const int32_t>(&sequence->result.new_ids.back(), 1),
-                          false, sequence->request->top_k});
-      } else {
-        chunks.push_back({&sequence->cache, sequence->request->prompt, sequence->request->want_prompt_logits,
-                          sequence->request->top_k});
-      }
-      stats.tokens_processed += static_cast<int64_t>(chunks.back().tokens.size());
-    }
     // An error raised here, or anywhere in the step, on this rank alone ends the job from where it is
     // caught (epic run: one message, then MPI_Abort): the peers are not told through another collective.
-    const bool poison = inject_test_step_fault(comm.rank(), stats.steps + 1);
-    int64_t rows = 0;
-    for (const SequenceChunk& chunk : chunks) rows += static_cast<int64_t>(chunk.tokens.size());
-    EPIC_CHECK(rows == mine.rows, ErrorCode::kInternal,
-               "step " + std::to_string(stats.steps + 1) + ": " + std::to_string(rows) +
-                   " token rows built, " + std::to_string(mine.rows) + " announced to the other ranks");
+    const bool poison = inject_test_step_fault(comm.rank(), engine.stats().steps + 1);
     // Several ranks: the agreed step shape (the MoE exchange and decode graphs must match on every rank).
-    StepOutput output =
-        runner.forward_batch(chunks, want_logits || poison, comm.size() > 1 ? &agreement : nullptr);
-    if (poison) poison_logits(output);
-    const BatchLogits* logits = output.logits.values.empty() ? nullptr : &output.logits;
-    for (size_t c = 0; c < live.size(); ++c) {
-      LiveSequence& sequence = *live[c];
-      if (!sequence.prefilled && sequence.request->want_prompt_logits) {
-        const std::span<const float> rows = logits->of_chunk(c);
-        sequence.result.prompt_logits.assign(rows.begin(), rows.end());
-      }
-      sequence.prefilled = true;
-      advance(sequence, output.greedy_ids[c], logits, c);
-    }
-    // Finished sequences leave now: their caches are freed, their results wait for the next step.
-    for (auto& sequence : live)
-      if (sequence->done) finished.push_back(std::move(sequence->result));
-    std::erase_if(live, [](const std::unique_ptr<LiveSequence>& sequence) { return sequence->done; });
-    ++stats.steps;
+    for (SequenceStepEvent& event : engine.step(comm.size() > 1 ? &agreement : nullptr, poison))
+      if (event.finished) finished.push_back(std::move(*event.finished));
   }
-  return stats;
+  return engine.stats();
 }
 
 std::vector<SequenceResult> run_generation(ModelRunner& runner, const std::vector<SequenceRequest>& sequences,

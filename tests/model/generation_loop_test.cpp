@@ -11,6 +11,7 @@
 #include "comm/communicator.h"
 #include "kernels/backend.h"
 #include "kernels/error.h"
+#include "tests/model/cpu_fixture_model.h"
 #include "worker/kv_cache.h"
 #include "worker/model_config.h"
 #include "worker/model_runner.h"
@@ -20,23 +21,9 @@
 namespace epic {
 namespace {
 
-namespace fs = std::filesystem;
 
-class GenerationLoop : public ::testing::Test {
+class GenerationLoop : public testing::CpuFixtureModelTest {
  protected:
-  static void SetUpTestSuite() {
-    const fs::path dir = fs::path(EPIC_GOLDEN_DIR) / "qwen3_moe_f32";
-    config_ = new ModelConfig(ModelConfig::load(dir));
-    backend_ = make_cpu_backend().release();
-    const std::unique_ptr<WeightSource> source = open_checkpoint_source(dir);
-    weights_ = new ModelWeights(load_model_weights(*config_, *source, *backend_, LoadOptions{}));
-  }
-  static void TearDownTestSuite() {
-    delete weights_;
-    delete backend_;
-    delete config_;
-  }
-
   // Room for every test's sequences: 7 live at once, prompts + new tokens well under 64 positions.
   static RunnerOptions runner_options() {
     RunnerOptions options;
@@ -75,14 +62,7 @@ class GenerationLoop : public ::testing::Test {
                                [&](SequenceResult&& result) { out.results.push_back(std::move(result)); });
     return out;
   }
-
-  static ModelConfig* config_;
-  static Backend* backend_;  // the weights live in its memory
-  static ModelWeights* weights_;
 };
-ModelConfig* GenerationLoop::config_ = nullptr;
-Backend* GenerationLoop::backend_ = nullptr;
-ModelWeights* GenerationLoop::weights_ = nullptr;
 
 TEST_F(GenerationLoop, AnyBoundOnLiveSequencesGivesBitwiseTheSameResults) {
   const std::vector<SequenceRequest> sequences = requests();

@@ -1,0 +1,181 @@
+// A worker's sequences advanced one step at a time (generation_engine.h).
+#include "worker/generation_engine.h"
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <utility>
+
+#include "kernels/error.h"
+#include "worker/sampler.h"
+
+namespace epic {
+
+// One live sequence: its cache and sampler exist only while it is admitted.
+struct GenerationEngine::LiveSequence {
+  SequenceRequest request;
+  KvSequence cache;
+  Sampler sampler;
+  SequenceResult result;
+  bool prefilled = false;
+  bool done = false;
+  LiveSequence(SequenceRequest&& sequence, ModelRunner& runner)
+      : request(std::move(sequence)), cache(runner.new_sequence()), sampler([&] {
+          SamplingOptions sampling = request.sampling;
+          sampling.seed = sequence_seed(sampling.seed, request.sequence_id);
+          return sampling;
+        }()) {
+    result.sequence_id = request.sequence_id;
+  }
+};
+
+namespace {
+
+// Test-only (EPIC_TEST_STEP_FAULT ... nan): every chunk's last logits row gets a NaN and no greedy id, as
+// non-finite logits from the model would, so the engine's own check raises the error it raises for those.
+void poison_logits(StepOutput& output) {
+  BatchLogits& logits = output.logits;
+  for (size_t c = 0; c + 1 < logits.first_row.size(); ++c) {
+    logits.values[static_cast<size_t>((logits.first_row[c + 1] - 1) * logits.vocab)] =
+        std::numeric_limits<float>::quiet_NaN();
+    output.greedy_ids[c] = -1;
+  }
+}
+
+}  // namespace
+
+GenerationEngine::GenerationEngine(ModelRunner& runner, int64_t max_active_sequences)
+    : runner_(runner), max_active_sequences_(max_active_sequences) {
+  EPIC_CHECK(max_active_sequences >= 1 && max_active_sequences <= kMaxActiveSequencesBound,
+             ErrorCode::kInvalidArgument,
+             "--max-active-sequences must be in [1, " + std::to_string(kMaxActiveSequencesBound) + "], got " +
+                 std::to_string(max_active_sequences));
+}
+
+GenerationEngine::~GenerationEngine() = default;
+
+void GenerationEngine::admit(SequenceRequest request) {
+  EPIC_CHECK(!request.prompt.empty(), ErrorCode::kInvalidArgument,
+             "sequence " + std::to_string(request.sequence_id) + " has an empty prompt");
+  const int64_t id = request.sequence_id;
+  EPIC_CHECK(known_ids_.insert(id).second, ErrorCode::kInvalidArgument,
+             "sequence " + std::to_string(id) + " is already admitted; give every sequence its own id");
+  waiting_.push_back(std::move(request));
+}
+
+bool GenerationEngine::cancel(int64_t sequence_id) {
+  const auto waiting = std::find_if(waiting_.begin(), waiting_.end(),
+                                    [&](const SequenceRequest& w) { return w.sequence_id == sequence_id; });
+  if (waiting != waiting_.end()) {
+    waiting_.erase(waiting);
+    known_ids_.erase(sequence_id);
+    return true;
+  }
+  const auto live = std::find_if(live_.begin(), live_.end(),
+                                 [&](const auto& l) { return l->request.sequence_id == sequence_id; });
+  if (live == live_.end()) return false;
+  live_.erase(live);  // its KV cache goes with it
+  known_ids_.erase(sequence_id);
+  return true;
+}
+
+PlannedStep GenerationEngine::next_step() const {
+  PlannedStep plan;
+  plan.unfinished = static_cast<int64_t>(live_.size() + waiting_.size());
+  plan.joining = std::min(static_cast<int64_t>(waiting_.size()),
+                          std::max<int64_t>(max_active_sequences_ - static_cast<int64_t>(live_.size()), 0));
+  plan.decode_only = plan.joining == 0;
+  plan.rows = static_cast<int64_t>(live_.size());
+  const auto note_top_k = [&](const SequenceRequest& request) {
+    SequenceChunk chunk;
+    chunk.top_k = request.top_k;
+    const int64_t k = runner_.experts_per_token(chunk);
+    plan.fewest_top_k = plan.fewest_top_k == 0 ? k : std::min(plan.fewest_top_k, k);
+    plan.most_top_k = std::max(plan.most_top_k, k);
+  };
+  for (const auto& sequence : live_) note_top_k(sequence->request);
+  for (int64_t i = 0; i < plan.joining; ++i) {
+    plan.rows += static_cast<int64_t>(waiting_[i].prompt.size());
+    note_top_k(waiting_[i]);
+  }
+  return plan;
+}
+
+std::vector<SequenceStepEvent> GenerationEngine::step(const StepAgreement* agreement, bool poison) {
+  const ModelConfig& config = runner_.config();
+  const PlannedStep plan = next_step();
+  for (int64_t i = 0; i < plan.joining; ++i) {
+    live_.push_back(std::make_unique<LiveSequence>(std::move(waiting_.front()), runner_));
+    waiting_.pop_front();
+  }
+  stats_.most_active_sequences = std::max(stats_.most_active_sequences, static_cast<int64_t>(live_.size()));
+
+  // A new sequence feeds its whole prompt, a prefilled one its last token.
+  std::vector<SequenceChunk> chunks;
+  chunks.reserve(live_.size());
+  bool want_logits = false;  // only sampling and prompt logits need them on the host
+  for (const auto& sequence : live_) {
+    const SequenceRequest& request = sequence->request;
+    want_logits = want_logits || request.sampling.temperature != 0.0 ||
+                  (!sequence->prefilled && request.want_prompt_logits);
+    if (sequence->prefilled) {
+      chunks.push_back({&sequence->cache, std::span<const int32_t>(&sequence->result.new_ids.back(), 1),
+                        false, request.top_k});
+    } else {
+      chunks.push_back({&sequence->cache, request.prompt, request.want_prompt_logits, request.top_k});
+    }
+    stats_.tokens_processed += static_cast<int64_t>(chunks.back().tokens.size());
+  }
+  int64_t rows = 0;
+  for (const SequenceChunk& chunk : chunks) rows += static_cast<int64_t>(chunk.tokens.size());
+  EPIC_CHECK(rows == plan.rows, ErrorCode::kInternal,
+             "step " + std::to_string(stats_.steps + 1) + ": " + std::to_string(rows) +
+                 " token rows built, " + std::to_string(plan.rows) + " planned");
+  StepOutput output = runner_.forward_batch(chunks, want_logits || poison, agreement);
+  if (poison) poison_logits(output);
+  const BatchLogits* logits = output.logits.values.empty() ? nullptr : &output.logits;
+
+  std::vector<SequenceStepEvent> events;
+  events.reserve(live_.size());
+  for (size_t c = 0; c < live_.size(); ++c) {
+    LiveSequence& sequence = *live_[c];
+    const SequenceRequest& request = sequence.request;
+    SequenceResult& result = sequence.result;
+    if (!sequence.prefilled && request.want_prompt_logits) {
+      const std::span<const float> prompt_rows = logits->of_chunk(c);
+      result.prompt_logits.assign(prompt_rows.begin(), prompt_rows.end());
+    }
+    sequence.prefilled = true;
+    // The next token: the device's greedy choice, or sampled from the last logits. A greedy id of -1 means
+    // the logits were not finite: they are fetched to name the first bad one.
+    const int64_t produced = static_cast<int64_t>(result.new_ids.size());
+    if (logits != nullptr) check_logits_finite(logits->last_row(c), request.sequence_id, produced);
+    EPIC_CHECK(output.greedy_ids[c] >= 0, ErrorCode::kInternal,
+               "sequence " + std::to_string(request.sequence_id) + " step " + std::to_string(produced) +
+                   ": the logits are not finite but were not fetched to report it");
+    SequenceStepEvent event;
+    event.sequence_id = request.sequence_id;
+    if (produced >= request.max_new_tokens) {
+      sequence.done = true;
+    } else {
+      const int32_t next = request.sampling.temperature == 0.0 ? output.greedy_ids[c]
+                                                               : sequence.sampler.sample(logits->last_row(c));
+      result.new_ids.push_back(next);
+      event.token = next;
+      const bool eos = std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), next) !=
+                       config.eos_token_ids.end();
+      sequence.done = eos || static_cast<int64_t>(result.new_ids.size()) >= request.max_new_tokens;
+    }
+    if (sequence.done) {
+      known_ids_.erase(request.sequence_id);
+      event.finished = std::move(result);
+    }
+    events.push_back(std::move(event));
+  }
+  // Finished sequences leave now: their caches are freed.
+  std::erase_if(live_, [](const std::unique_ptr<LiveSequence>& sequence) { return sequence->done; });
+  ++stats_.steps;
+  return events;
+}
+
+}  // namespace epic
