@@ -327,6 +327,10 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text) const {
 }
 
 std::string Tokenizer::decode(std::span<const int32_t> ids) const {
+  return unicode::utf8_lossy(decode_bytes(ids));
+}
+
+std::string Tokenizer::decode_bytes(std::span<const int32_t> ids) const {
   std::string bytes;
   for (size_t i = 0; i < ids.size(); ++i) {
     const int32_t id = ids[i];
@@ -341,7 +345,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids) const {
     if (static_cast<size_t>(id) >= impl_->has_token.size() || !impl_->has_token[id]) continue;
     bytes += impl_->id_to_bytes[id];
   }
-  return unicode::utf8_lossy(bytes);
+  return bytes;
 }
 
 int64_t Tokenizer::vocab_size() const { return static_cast<int64_t>(impl_->has_token.size()); }

@@ -33,6 +33,9 @@ class Tokenizer {
   // are not valid UTF-8 decode to U+FFFD. A negative id -> Error(kInvalidArgument) naming it;
   // whether ids fit the model's vocabulary is the caller's check.
   std::string decode(std::span<const int32_t> ids) const;
+  // The same bytes before the UTF-8 cleanup: a character split across tokens stays split, so a stream
+  // can hold its first bytes back until the rest arrive (coordinator/completion_text.h).
+  std::string decode_bytes(std::span<const int32_t> ids) const;
 
   // One past the largest token id (regular vocabulary and added tokens).
   int64_t vocab_size() const;
