@@ -209,6 +209,27 @@ int make_model_command(const MakeModelArgs& args);
 int run_command(const RunArgs& args);
 int plan_command(const PlanArgs& args);
 int tokenize_command(const TokenizeArgs& args);
+
+// epic serve (launch/serve_command.cpp): an OpenAI-compatible HTTP server over the model in this process.
+struct ServeArgs {
+  std::string model_dir;
+  std::string served_model_name;  // "" -> the model folder's name
+  std::string host = "127.0.0.1";
+  int64_t port = 8000;
+  int workers = 1;      // the worker job over mpirun: not wired yet (refused above 1)
+  bool attach = false;  // a separately started worker job: not wired yet
+  int64_t max_active_sequences = 64;
+  int64_t max_context = 4096;
+  int64_t max_queued = 256;
+  int64_t default_max_tokens = 256;
+  int64_t max_body_bytes = int64_t{1} << 20;
+  double shutdown_grace_seconds = 10;
+  bool allow_missing_experts = false;
+  std::string backend = "auto";
+  std::optional<int> device;
+  std::string precision = "auto";
+};
+int serve_command(const ServeArgs& args);
 int detokenize_command(const DetokenizeArgs& args);
 
 }  // namespace epic::cli

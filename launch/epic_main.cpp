@@ -464,6 +464,51 @@ int main(int argc, char** argv) {
   eval->add_option("--comm-timeout", eval_args.comm_timeout_seconds, comm_timeout_help)
       ->capture_default_str();
 
+  ServeArgs serve_args;
+  CLI::App* serve = app.add_subcommand("serve", "Serve the model over an OpenAI-compatible HTTP API");
+  serve->add_option("--model", serve_args.model_dir, "Hugging Face model directory (with tokenizer.json)")
+      ->required();
+  serve->add_option("--served-model-name", serve_args.served_model_name,
+                    "The name requests give as \"model\" (default: the folder's name)");
+  serve->add_option("--host", serve_args.host, "Address to listen on")->capture_default_str();
+  serve->add_option("--port", serve_args.port, "Port (0: any free one)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve
+      ->add_option("--workers", serve_args.workers,
+                   "Worker ranks (1 for now: the model runs in this process)")
+      ->capture_default_str();
+  serve->add_flag("--attach", serve_args.attach, "Wait for a worker job started apart (not wired yet)");
+  serve
+      ->add_option("--max-active-sequences", serve_args.max_active_sequences,
+                   "Sequences in the running batch at once; more wait")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve->add_option("--max-context", serve_args.max_context, "Positions per sequence (prompt + completion)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve->add_option("--max-queued", serve_args.max_queued, "Requests waiting beyond those; more get 429")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve
+      ->add_option("--default-max-tokens", serve_args.default_max_tokens,
+                   "max_tokens of a request that gives none (capped to the context left)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve->add_option("--max-body-bytes", serve_args.max_body_bytes, "Largest request body (413 past it)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve
+      ->add_option("--shutdown-grace", serve_args.shutdown_grace_seconds,
+                   "On SIGTERM/SIGINT, seconds running requests may take to finish")
+      ->capture_default_str();
+  serve->add_flag("--allow-missing-experts", serve_args.allow_missing_experts,
+                  "Mask experts absent from the checkpoint out of routing instead of failing");
+  serve->add_option("--backend", serve_args.backend, "auto, cpu or cuda")->capture_default_str();
+  serve->add_option("--device", serve_args.device, "CUDA device")->transform(strict_integer<int>());
+  serve->add_option("--precision", serve_args.precision, "fp32 or bf16 (auto: bf16 on cuda)")
+      ->capture_default_str();
+
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
   tokenize->add_option("--model", tokenize_args.model_dir, "Directory holding tokenizer.json")->required();
@@ -492,6 +537,7 @@ int main(int argc, char** argv) {
     if (*bench_decode) return bench_decode_command(decode_args);
     if (*eval) return eval_command(eval_args);
     if (*tokenize) return tokenize_command(tokenize_args);
+    if (*serve) return serve_command(serve_args);
     if (*detokenize) return detokenize_command(detokenize_args);
   } catch (const SilentFailure& failure) {
     return failure.exit_code;  // rank 0 reports an error that every rank raised

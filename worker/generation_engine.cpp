@@ -22,7 +22,7 @@ struct GenerationEngine::LiveSequence {
   LiveSequence(SequenceRequest&& sequence, ModelRunner& runner)
       : request(std::move(sequence)), cache(runner.new_sequence()), sampler([&] {
           SamplingOptions sampling = request.sampling;
-          sampling.seed = sequence_seed(sampling.seed, request.sequence_id);
+          sampling.seed = sequence_seed(sampling.seed, request.seed_id.value_or(request.sequence_id));
           return sampling;
         }()) {
     result.sequence_id = request.sequence_id;
