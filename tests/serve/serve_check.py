@@ -47,8 +47,12 @@ NAME = "qwen3-moe-python-small"
 common = ["--model", model, "--allow-missing-experts", "--backend", "cpu"]
 
 server = subprocess.Popen([epic, "serve", *common, "--served-model-name", NAME, "--port", "0", "--max-context", "256",
-                           "--max-active-sequences", "4", "--max-body-bytes", "4096", "--shutdown-grace", "5"],
-                          stderr=subprocess.PIPE, text=True)
+                           "--max-active-sequences", "4", "--max-body-bytes", "4096", "--shutdown-grace", "5",
+                           "--default-max-tokens", "8"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+# Never leave the server behind, whatever ends this script.
+import atexit
+atexit.register(lambda: server.poll() is None and server.kill())
 port = None
 for line in server.stderr:
     print("serve: " + line.rstrip(), flush=True)
@@ -271,7 +275,7 @@ for i in range(300):
                rng.choice([b"Transfer-Encoding: chunked\r\n", b"X: " + b"y" * 10000 + b"\r\n", b""]) + b"\r\n{}")
     else:  # random JSON values in the fields
         fields = {"model": rng.choice([NAME, 1, None, [], "x"]), "prompt": rng.choice(["", "a", 5, [1, -2], [[1]], None]),
-                  "max_tokens": rng.choice([1, 0, -1, 2.5, "3", None, 10**30]),
+                  "max_tokens": rng.choice([1, 0, -1, 2.5, "3", 10**30]),
                   "temperature": rng.choice([0, 1e308, -1, "x", None]), "stream": rng.choice([True, False, 1]),
                   "stop": rng.choice([None, "", ["a"] * 5, [1], "x"])}
         body = json.dumps(fields).encode()
@@ -283,8 +287,8 @@ for i in range(300):
             answer = fuzz.recv(64)
             if answer and not answer.startswith(b"HTTP/1.1 "):
                 crashed += 1
-    except (ConnectionError, socket.timeout):
-        pass  # a closed connection is a fine answer to garbage
+    except OSError:  # reset, not connected, timed out: a closed connection is a fine answer to garbage
+        pass
     if server.poll() is not None:
         crashed += 1
         break
