@@ -62,6 +62,10 @@ for line in server.stderr:
 if port is None:
     print("FAIL epic serve did not start")
     sys.exit(1)
+# The rest of the server's stderr, as it comes (a pipe nobody reads would block the server).
+import threading
+threading.Thread(target=lambda: [print("serve: " + line.rstrip(), flush=True) for line in server.stderr],
+                 daemon=True).start()
 base = f"http://127.0.0.1:{port}"
 
 
