@@ -26,12 +26,12 @@ struct SequenceRequest {
   int64_t max_new_tokens = 0;
   bool want_prompt_logits = false;
   SamplingOptions sampling;  // seed is mixed with sequence_id, so results do not depend on placement
-  // The id mixed into the seed instead of sequence_id (epic serve: 0, so a request samples what `epic run`
-  // samples for a single prompt with the same seed).
-  std::optional<int64_t> seed_id;
   // Experts per token of this sequence (its residency state: ModelRunner's SequenceChunk::top_k);
   // 0: the routing policy's.
   int64_t top_k = 0;
+  // The id mixed into the seed instead of sequence_id (epic serve: 0, so a request samples what `epic run`
+  // samples for a single prompt with the same seed). Last: callers fill the fields above positionally.
+  std::optional<int64_t> seed_id = std::nullopt;
 };
 
 struct SequenceResult {
