@@ -23,6 +23,7 @@
 #include "kernels/error.h"
 #include "kernels/file_io.h"
 #include "launch/backend_choice.h"
+#include "launch/cluster_model.h"
 #include "launch/cli_commands.h"
 #include "launch/cpu_threads.h"
 #include "launch/ep_transport.h"
@@ -334,22 +335,14 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   Communicator* comm = &communicator;
   const bool coordinator = comm->rank() == 0;
 
-  // Every rank reads config.json and the checkpoint index (small; shard headers are read on first
-  // use and kept), or the preset; only the coordinator reads prompts and the tokenizer.
-  OpenedModel model;
+  // Every rank opens the model and its backend and learns the job's nodes; only the coordinator reads
+  // prompts and the tokenizer, and plans.
+  ClusterModel cluster;
+  open_cluster_model(args, *comm, cluster);
+  const OpenedModel& model = cluster.model;
+  const ChosenBackend& chosen = cluster.chosen;
+  const NodeTopology& topology = cluster.topology;
   std::optional<Tokenizer> tokenizer;
-  ChosenBackend chosen;
-  run_on_all_ranks(*comm, [&] {
-    model = open_model(model_source_flags(args));
-    chosen = choose_backend(backend_flags(args), launcher_local_rank(), default_cpu_threads());
-  });
-  // The nodes of the job (host names, or --ranks-per-node): placement spreads replicas over them and
-  // the host exchange prefers a replica on the sender's node; hierarchical dispatch needs them.
-  NodeTopology topology;
-  run_on_all_ranks(*comm, [&] {
-    check_int_flag("--ranks-per-node", args.ranks_per_node, 0, kMaxWorkers);
-    topology = node_topology_for_job(*comm, args.ranks_per_node);
-  });
   CoordinatorOutput coordinator_output;
   const std::string plan_bytes = broadcast_from_root(*comm, 0, [&] {
     if (model.model_dir && fs::exists(*model.model_dir / "tokenizer.json"))
@@ -359,42 +352,26 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     return wire::to_bytes(coordinator_output.plan);
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");
-  PlacementPlan placement = PlacementPlan::from_cereal_bytes(plan.placement);
-  if (topology.num_nodes() > 1) {  // not carried in the plan's bytes: every rank knows the topology
-    placement.worker_node = topology.node_of_rank();
-    placement.experts_per_token = model.config.num_experts_per_tok;
-  }
-  const ExpertRoutingTable table = routing_table_from_plan(placement);
 
+  std::vector<SequenceRequest> mine;
+  int64_t max_context = 1;
+  for (const wire::Sequence& s : plan.sequences) {
+    if (s.worker != comm->rank()) continue;
+    mine.push_back({s.sequence_id,
+                    s.prompt,
+                    s.max_new_tokens,
+                    s.want_prompt_logits,
+                    {s.temperature, s.top_p, s.seed},
+                    s.top_k});
+    max_context = std::max<int64_t>(max_context, static_cast<int64_t>(s.prompt.size()) + s.max_new_tokens);
+  }
   // Each worker reads the dense weights and only the experts the plan gives it.
-  const auto load_start = clock_type::now();
-  ModelWeights weights;
-  std::optional<ExpertStore> store;  // with --expert-budget: the experts, a budget of them resident
-  run_on_all_ranks(*comm, [&] {
-    LoadOptions options;
-    options.allow_missing_experts = plan.allow_missing_experts;
-    options.allow_nonfinite_weights = args.allow_nonfinite_weights;  // every rank parses the same flags
-    const int rank = comm->rank();
-    options.hosts_expert = [&](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); };
-    // With --expert-budget the experts live in the store, a budget of them in backend memory.
-    if (args.expert_store.enabled()) options.hosts_expert = [](int64_t, int64_t) { return false; };
-    options.weight_type = required_weight_type(chosen.activation_type);
-    weights = load_model_weights(model.config, *model.source, *chosen.backend, options);
-    // In the same phase (no collective of its own: the job's collectives keep their numbers).
-    if (!args.expert_store.enabled()) return;
-    // Under mpirun each worker's store holds its shard of the experts; the budget counts those.
-    ExpertInventory hosted = inspect_experts(model.config, *model.source, plan.allow_missing_experts);
-    for (auto& [layer, experts] : hosted)
-      for (int64_t e = 0; e < experts.num_experts; ++e)
-        experts.present[e] = experts.present[e] && table.hosts(rank, layer, e) ? 1 : 0;
-    store.emplace(
-        model.config, *model.source, *chosen.backend,
-        expert_store_options(
-            args.expert_store, hosted, required_weight_type(chosen.activation_type),
-            plan.allow_missing_experts, args.allow_nonfinite_weights,
-            [&table, rank](int64_t layer, int64_t expert) { return table.hosts(rank, layer, expert); }));
-  });
-  const double load_seconds = seconds_since(load_start);
+  load_cluster_model(args, *comm, plan, max_context, cluster);
+  const PlacementPlan& placement = cluster.placement;
+  const ModelWeights& weights = cluster.weights;
+  const std::optional<ExpertStore>& store = cluster.store;
+  ModelRunner* runner = &*cluster.runner;
+  const double load_seconds = cluster.load_seconds;
 
   // Rank 0 prints each result as soon as every earlier prompt's is printed and writes its logits
   // rows at once; it holds only results waiting for an earlier prompt (ids, never logits).
@@ -409,107 +386,6 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
     printer.emplace(prompt_lengths, one_line_per_prompt, tokenizer ? &*tokenizer : nullptr, args.logits_out,
                     model.config.vocab_size);
   });
-
-  std::vector<SequenceRequest> mine;
-  for (const wire::Sequence& s : plan.sequences) {
-    if (s.worker != comm->rank()) continue;
-    mine.push_back({s.sequence_id,
-                    s.prompt,
-                    s.max_new_tokens,
-                    s.want_prompt_logits,
-                    {s.temperature, s.top_p, s.seed},
-                    s.top_k});
-  }
-  Backend& backend = *chosen.backend;
-  const HostExchangeOptions exchange{parse_ep_dispatch(args.ep_dispatch), topology};
-  ExpertParallelMoeExecutor executor(model.config, weights, backend, *comm, table, exchange);
-  MoeExecutor* moe_executor = &executor;
-  const bool on_device = backend.memory_space() == MemorySpace::kDevice;
-  if (args.ep_transport == "nccl" && !on_device)
-    throw Error(ErrorCode::kInvalidArgument, "--ep-transport nccl needs --backend cuda (device buffers)");
-#ifdef EPIC_HAVE_NCCL_EP
-  // The NCCL communicator takes the backend's device and stream (make_backend_nccl_communicator), so it
-  // is on the GPU the backend chose (node-local rank, or --device) by construction.
-  std::unique_ptr<NcclCommunicator> nccl;
-  std::optional<DeviceExpertParallelMoeExecutor> device_executor;
-  // auto: not with a budget whose misses wait or substitute (the NCCL exchange reads them in place only).
-  const bool budget_without_read =
-      args.expert_store.enabled() && parse_on_miss(args.expert_store.on_miss) != OnMiss::kRead;
-  const bool use_nccl =
-      on_device && (args.ep_transport == "nccl" || (args.ep_transport == "auto" && comm->size() > 1 &&
-                                                    args.load_profile_out.empty() && !budget_without_read));
-  check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, use_nccl);
-  check_ep_overlap_flag(args.ep_overlap, parse_ep_mode(args.ep_mode), use_nccl);
-  if (use_nccl && exchange.dispatch != EpDispatch::kFlat)
-    throw Error(
-        ErrorCode::kInvalidArgument,
-        "--ep-dispatch hierarchical is a scheme of the host exchange; add --ep-transport host (the NCCL "
-        "exchange sends each token once per destination rank)");
-  if (use_nccl)
-    run_on_all_ranks(*comm, [&] {
-      nccl = make_backend_nccl_communicator(*comm, CommOptions{args.comm_timeout_seconds}, backend);
-      device_executor.emplace(
-          model.config, weights, backend, *nccl, table,
-          DeviceMoeOptions{parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, args.ep_overlap});
-      moe_executor = &*device_executor;
-    });
-#else
-  check_ep_mode_flags(parse_ep_mode(args.ep_mode), args.ep_low_latency_max_tokens, false);
-  check_ep_overlap_flag(args.ep_overlap, parse_ep_mode(args.ep_mode), false);
-  if (args.ep_transport == "nccl")
-    throw Error(
-        ErrorCode::kInvalidArgument,
-        "--ep-transport nccl: this build has no NCCL communicator (configure with the CUDA backend and "
-        "NCCL found, EPIC_ENABLE_NCCL=ON), use --ep-transport host");
-#endif
-  const std::vector<ResidencyState> residency = parse_residency_states(args.residency_state);
-  RunnerOptions runner_options;
-  runner_options.activation_type = chosen.activation_type;
-  runner_options.max_sequences = args.max_active_sequences;
-  runner_options.max_context = 1;
-  for (const SequenceRequest& sequence : mine)
-    runner_options.max_context = std::max<int64_t>(
-        runner_options.max_context, static_cast<int64_t>(sequence.prompt.size()) + sequence.max_new_tokens);
-  runner_options.use_graphs = args.cuda_graphs;
-  // One GPU worker computes its MoE blocks locally: device ops only, so decode steps can be captured
-  // as graphs. Otherwise (several workers, the cpu reference, or a load profile to record, which
-  // needs the per-expert row counts) the expert-parallel executor runs them.
-  const bool local_moe =
-      comm->size() == 1 && backend.memory_space() == MemorySpace::kDevice && args.load_profile_out.empty();
-  std::optional<OffloadingMoeExecutor> offloading;
-  if (store && comm->size() == 1) {
-    offloading.emplace(model.config, weights, backend, *store, parse_on_miss(args.expert_store.on_miss),
-                       parse_prefetch(args.expert_store.prefetch));
-    moe_executor = &*offloading;
-  } else if (store) {
-#ifdef EPIC_HAVE_NCCL_EP
-    // The NCCL exchange reads a missing expert in place (set_expert_store refuses other miss paths alike on
-    // every rank).
-    if (device_executor)
-      run_on_all_ranks(*comm, [&] {
-        if (parse_on_miss(args.expert_store.on_miss) != OnMiss::kRead)
-          throw Error(
-              ErrorCode::kInvalidArgument,
-              "--expert-budget with the NCCL exchange needs --on-miss read (a missing expert is read in "
-              "place from host memory inside the step); for --on-miss " +
-                  args.expert_store.on_miss + " use --ep-transport host");
-        device_executor->set_expert_store(&*store);
-      });
-#endif
-    if (moe_executor == &executor)  // refusals (substitute with hierarchical dispatch) alike on every rank
-      run_on_all_ranks(*comm,
-                       [&] { executor.set_expert_store(&*store, parse_on_miss(args.expert_store.on_miss)); });
-  }
-  std::optional<ModelRunner> runner;
-  run_on_all_ranks(*comm, [&] {
-    runner.emplace(model.config, weights, backend, runner_options,
-                   local_moe && !store ? nullptr : moe_executor);
-    // WAKE routes fewer experts per token (worker/routing_policy.h); FOCUS is the model as trained.
-    // A list gives each sequence its own state instead (the plan's Sequence::top_k).
-    if (residency.size() == 1 && residency[0] == ResidencyState::kWake)
-      runner->set_routing(RoutingPolicy::make(model.config, weights, backend,
-                                              experts_per_token(residency[0], model.config), {}));
-  });
   if (coordinator)
     std::fprintf(stderr, "epic run: %s, backend %s\n", model.description.c_str(), chosen.description.c_str());
   comm->barrier();  // time the generation alone, from a common start
@@ -523,7 +399,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
                           [&](SequenceResult&& result) { printer->add(std::move(result)); });
   };
   GenerationStats stats;
-  if (moe_executor != &executor && comm->size() > 1) {
+  if (cluster.ends_job_on_rank_error(*comm)) {
     // The NCCL executor: an error raised on this rank alone ends the job here, before unwinding. The
     // destructors on the way out (device buffers, the NCCL communicator, the backend's stream) wait on the
     // device, where NCCL kernels may still wait for a peer that is gone or stuck: on 2 x H200 a rank that
@@ -544,12 +420,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   const double run_seconds = seconds_since(run_start);
   nlohmann::json store_report;
   if (store) {
-    OffloadStats store_stats =
-        offloading ? offloading->stats() : exchange_store_stats(executor.store_demand(), *store);
-#ifdef EPIC_HAVE_NCCL_EP
-    if (device_executor) store_stats = exchange_store_stats(device_executor->store_demand(), *store);
-#endif
-    store_report = expert_store_report(*store, store_stats, args.expert_store);
+    store_report = cluster.store_report(args.expert_store);
     std::fprintf(stderr, "rank %d %s", comm->rank(), expert_store_summary(store_report).c_str());
   }
 
@@ -576,11 +447,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.most_active_sequences = stats.most_active_sequences;
   report.load_seconds = load_seconds;
   report.run_seconds = run_seconds;
-  MoePhaseStats phases = executor.stats();
-#ifdef EPIC_HAVE_NCCL_EP
-  // The NCCL executor ran the MoE layers: its figures, device time per phase.
-  if (device_executor) phases = to_phase_stats(device_executor->stats());
-#endif
+  const MoePhaseStats phases = cluster.phase_stats();
   report.route_seconds = phases.route_seconds;
   report.dispatch_seconds = phases.dispatch_seconds;
   report.expert_seconds = phases.expert_seconds;
@@ -588,7 +455,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   report.bytes_sent = phases.bytes_sent;
   report.bytes_received = phases.bytes_received;
   report.rows_computed = phases.rows_computed;
-  report.expert_rows = executor.expert_rows();
+  report.expert_rows = cluster.executor->expert_rows();
   const double inter_node_sent = static_cast<double>(phases.inter_node_bytes_sent);
   const std::vector<std::vector<double>> inter_node_bytes =
       comm->all_gather_v<double>(std::span<const double>(&inter_node_sent, 1));
@@ -638,12 +505,12 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
       const InterNodeBytes expected_bytes = expected_inter_node_bytes(
           placement, static_cast<uint64_t>(model.config.hidden_size) * scalar_size(chosen.activation_type));
       const double expected =
-          exchange.dispatch == EpDispatch::kHierarchical ? expected_bytes.hierarchical : expected_bytes.flat;
+          cluster.exchange.dispatch == EpDispatch::kHierarchical ? expected_bytes.hierarchical : expected_bytes.flat;
       std::fprintf(
           stderr,
           "nodes: %s; %s dispatch; %.0f bytes crossed between nodes per token through all MoE layers, "
           "rows and their metadata (the plan expects %.0f for the rows alone)\n",
-          topology.describe().c_str(), ep_dispatch_name(exchange.dispatch),
+          topology.describe().c_str(), ep_dispatch_name(cluster.exchange.dispatch),
           tokens > 0 ? crossed / tokens : 0.0, expected);
     }
   }
