@@ -216,8 +216,19 @@ struct ServeArgs {
   std::string served_model_name;  // "" -> the model folder's name
   std::string host = "127.0.0.1";
   int64_t port = 8000;
-  int workers = 1;      // the worker job over mpirun: not wired yet (refused above 1)
-  bool attach = false;  // a separately started worker job: not wired yet
+  // The model in a worker job of this many ranks (launched with mpirun, or srun inside a Slurm
+  // allocation) instead of in this process (0); or, with attach, a worker job started apart that
+  // connects to worker_host:worker_port.
+  int workers = 0;
+  bool attach = false;
+  std::string worker_launcher = "auto";  // auto (srun inside an allocation, else mpirun), mpirun, srun
+  std::string worker_host = "127.0.0.1";  // where the coordinator listens for its workers
+  int64_t worker_port = 0;                // 0: any free port (not with attach)
+  double worker_start_timeout_seconds = 600;  // launch to every rank's hello, loading included
+  double worker_step_timeout_seconds = 300;   // a step (or a ping) past this: the job is dead
+  double heartbeat_seconds = 1;               // pings while idle
+  int max_worker_restarts = 5;                // in a row without a step that went through
+  std::vector<std::string> worker_flags;      // after `--`: passed to every `epic worker`
   int64_t max_active_sequences = 64;
   int64_t max_context = 4096;
   int64_t max_queued = 256;
@@ -230,6 +241,16 @@ struct ServeArgs {
   std::string precision = "auto";
 };
 int serve_command(const ServeArgs& args);
+
+// `epic worker`: one rank of the worker job `epic serve` drives (launched by it, or started apart for
+// --attach); the model and cluster flags are epic run's.
+struct WorkerArgs {
+  RunArgs run;                 // model, backend, exchange, placement flags; no prompts
+  std::string coordinator;     // HOST:PORT
+  int64_t max_context = 4096;  // positions per sequence (prompt + completion): epic serve's --max-context
+  double connect_timeout_seconds = 60;
+};
+int worker_command(const WorkerArgs& args);
 int detokenize_command(const DetokenizeArgs& args);
 
 }  // namespace epic::cli

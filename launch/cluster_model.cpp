@@ -53,6 +53,15 @@ nlohmann::json ClusterModel::store_report(const ExpertStoreFlags& flags) const {
   return expert_store_report(*store, stats, flags);
 }
 
+void check_cluster_flags(const RunArgs& args) {
+  check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
+  check_model_source_flags({args.model_dir, args.random_weights, args.layers, args.weights_seed});
+  check_backend_flags({args.backend, args.device, args.precision});
+  check_ep_transport_flag(args.ep_transport, args.backend);
+  parse_residency_states(args.residency_state);  // a clear error before MPI starts
+  check_expert_store_flags(args.expert_store);
+}
+
 void open_cluster_model(const RunArgs& args, Communicator& comm, ClusterModel& cluster) {
   // Every rank reads config.json and the checkpoint index (small; shard headers are read on first
   // use and kept), or the preset.
@@ -67,6 +76,19 @@ void open_cluster_model(const RunArgs& args, Communicator& comm, ClusterModel& c
     check_int_flag("--ranks-per-node", args.ranks_per_node, 0, kMaxWorkers);
     cluster.topology = node_topology_for_job(comm, args.ranks_per_node);
   });
+}
+
+PlacementPlan plan_job_placement(const RunArgs& args, const ClusterModel& cluster) {
+  const ModelConfig& config = cluster.model.config;
+  const ExpertInventory inventory = inspect_experts(config, *cluster.model.source, args.allow_missing_experts);
+  // --budget-bytes counts experts as the workers will keep them (bf16 when the checkpoint stores
+  // bf16 or the run computes in bf16, else f32).
+  const ScalarType weight_type = required_weight_type(cluster.chosen.activation_type)
+                                     .value_or(stored_weight_type(config, *cluster.model.source));
+  PlacementFlags flags{cluster.topology.world_size(), args.slots, args.budget_bytes, args.load_profile, weight_type};
+  flags.worker_node = cluster.topology.node_of_rank();  // make_placement ignores a single node
+  flags.expert_budget = args.expert_store.budget;       // checked already; "" without a budget
+  return make_placement(config, inventory, flags);
 }
 
 void load_cluster_model(const RunArgs& args, Communicator& comm, const wire::RunPlan& plan, int64_t max_context,

@@ -60,8 +60,16 @@ struct ClusterModel {
   nlohmann::json store_report(const ExpertStoreFlags& flags) const;
 };
 
+// The model, backend, exchange and store flags every rank can check alike before MPI starts (no file
+// touched): Error(kInvalidArgument) naming the flag.
+void check_cluster_flags(const RunArgs& args);
+
 // Every rank, agreed (run_on_all_ranks): the model source and backend, then the job's nodes.
 void open_cluster_model(const RunArgs& args, Communicator& comm, ClusterModel& cluster);
+
+// The coordinator (rank 0): the expert placement over the job's ranks from the placement flags (--slots,
+// --budget-bytes, --load-profile, --expert-budget) and the nodes.
+PlacementPlan plan_job_placement(const RunArgs& args, const ClusterModel& cluster);
 
 // Every rank, agreed, after the plan reached every rank: reads the dense weights and only this rank's
 // experts (or opens its expert store), builds the MoE executor and a runner for up to

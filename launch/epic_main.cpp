@@ -106,6 +106,79 @@ void add_topology_flags(CLI::App& command, std::string& ep_dispatch, int& ranks_
       ->transform(strict_integer<int>());
 }
 
+// The model, backend, exchange, placement and store flags of a worker job's rank: epic run's, and
+// epic worker's (the same meaning in both).
+void add_cluster_flags(CLI::App& command, RunArgs& args) {
+  const std::string comm_timeout_help = "Seconds any wait between ranks may take, in (0, " +
+                                        std::to_string(static_cast<int64_t>(kMaxCommTimeoutSeconds)) + "]";
+  command.add_option("--model", args.model_dir, "Hugging Face model directory (or --random-weights)");
+  command.add_option("--random-weights", args.random_weights,
+                  "Random weights of a preset (configs/presets), drawn in memory as make-model writes them");
+  command.add_option("--layers", args.layers, "With --random-weights: keep the preset's first N layers")
+      ->transform(strict_integer<int64_t>());
+  command.add_option("--weights-seed", args.weights_seed, "With --random-weights: make-model's --seed")
+      ->capture_default_str()
+      ->transform(strict_integer<uint64_t>());
+  command.add_option("--backend", args.backend, "cpu or cuda (default: cuda where a GPU is visible)")
+      ->capture_default_str();
+  command.add_option("--device", args.device, "CUDA device (default: the local rank's)")
+      ->transform(strict_integer<int>());
+  command.add_option("--precision", args.precision,
+                  "fp32 (verification; the cpu backend's only mode) or bf16 (serving; default on cuda)")
+      ->capture_default_str();
+  command.add_flag("--cuda-graphs,!--no-cuda-graphs", args.cuda_graphs,
+                "Replay decode steps from captured CUDA graphs (default on)");
+  command.add_option(
+         "--ep-transport", args.ep_transport,
+         "MoE exchange between GPU workers: nccl (device buffers), host (MPI through host memory) or "
+         "auto (nccl with --backend cuda, several ranks and NCCL built; host for an --expert-budget that "
+         "waits or substitutes on a miss)")
+      ->check(CLI::IsMember({"auto", "nccl", "host"}))
+      ->capture_default_str();
+  command.add_option(
+         "--ep-mode", args.ep_mode,
+         "NCCL MoE exchange: low-latency (fixed-size blocks, no host read, decode steps captured in "
+         "CUDA graphs; every step), normal (counts read on the host each layer), or auto (low-latency "
+         "for steps within --ep-low-latency-max-tokens rows per rank, normal beyond)")
+      ->check(CLI::IsMember({"auto", "normal", "low-latency"}))
+      ->capture_default_str();
+  command.add_option("--ep-low-latency-max-tokens", args.ep_low_latency_max_tokens,
+                  "The most token rows per rank a low-latency step holds (its buffers are sized for the next "
+                  "power of two)")
+      ->transform(strict_integer<int64_t>())
+      ->capture_default_str();
+  command.add_flag(
+      "--ep-overlap,!--no-ep-overlap", args.ep_overlap,
+      "NCCL normal mode: split each MoE layer's tokens into two micro-batches so one's exchange runs "
+      "while the other's experts compute (two-batch overlap; default off)");
+  add_topology_flags(command, args.ep_dispatch, args.ranks_per_node);
+  add_expert_store_flags(command, args.expert_store);
+  command.add_option(
+         "--residency-state", args.residency_state,
+         "focus: the trained experts per token; wake: 4 per token (fewer expert reads, lower quality: "
+         "epic eval --top-k 4 measures it); or one state per prompt, comma-separated (wake,focus,...): each "
+         "sequence then routes its own experts per token within the same batch")
+      ->capture_default_str();
+  command.add_flag("--allow-missing-experts", args.allow_missing_experts,
+                "Mask experts absent from the checkpoint out of routing instead of failing");
+  command.add_flag("--allow-nonfinite-weights", args.allow_nonfinite_weights,
+                "Load weights holding NaN or Inf instead of failing (the run stops at non-finite logits)");
+  command.add_option("--slots", args.slots,
+                  "Expert slots per worker per MoE layer (spare slots hold replicas)")
+      ->transform(strict_integer<int64_t>());
+  command.add_option("--budget-bytes", args.budget_bytes, "Expert memory per worker, instead of --slots")
+      ->transform(strict_integer<uint64_t>());
+  command.add_option("--load-profile", args.load_profile,
+                  "Plan the placement from this load profile (JSON)");
+  command.add_option("--comm-timeout", args.comm_timeout_seconds, comm_timeout_help)->capture_default_str();
+  command.add_option("--max-active-sequences", args.max_active_sequences,
+                  "Sequences each worker prefills/decodes at once; the rest wait (bounds KV cache memory)")
+      ->transform(strict_integer<int64_t>())
+      ->capture_default_str();
+
+
+}
+
 }  // namespace
 }  // namespace epic::cli
 
@@ -135,54 +208,7 @@ int main(int argc, char** argv) {
 
   RunArgs run_args;
   CLI::App* run = app.add_subcommand("run", "Generate from a prompt (one-shot job)");
-  run->add_option("--model", run_args.model_dir, "Hugging Face model directory (or --random-weights)");
-  run->add_option("--random-weights", run_args.random_weights,
-                  "Random weights of a preset (configs/presets), drawn in memory as make-model writes them");
-  run->add_option("--layers", run_args.layers, "With --random-weights: keep the preset's first N layers")
-      ->transform(strict_integer<int64_t>());
-  run->add_option("--weights-seed", run_args.weights_seed, "With --random-weights: make-model's --seed")
-      ->capture_default_str()
-      ->transform(strict_integer<uint64_t>());
-  run->add_option("--backend", run_args.backend, "cpu or cuda (default: cuda where a GPU is visible)")
-      ->capture_default_str();
-  run->add_option("--device", run_args.device, "CUDA device (default: the local rank's)")
-      ->transform(strict_integer<int>());
-  run->add_option("--precision", run_args.precision,
-                  "fp32 (verification; the cpu backend's only mode) or bf16 (serving; default on cuda)")
-      ->capture_default_str();
-  run->add_flag("--cuda-graphs,!--no-cuda-graphs", run_args.cuda_graphs,
-                "Replay decode steps from captured CUDA graphs (default on)");
-  run->add_option(
-         "--ep-transport", run_args.ep_transport,
-         "MoE exchange between GPU workers: nccl (device buffers), host (MPI through host memory) or "
-         "auto (nccl with --backend cuda, several ranks and NCCL built; host for an --expert-budget that "
-         "waits or substitutes on a miss)")
-      ->check(CLI::IsMember({"auto", "nccl", "host"}))
-      ->capture_default_str();
-  run->add_option(
-         "--ep-mode", run_args.ep_mode,
-         "NCCL MoE exchange: low-latency (fixed-size blocks, no host read, decode steps captured in "
-         "CUDA graphs; every step), normal (counts read on the host each layer), or auto (low-latency "
-         "for steps within --ep-low-latency-max-tokens rows per rank, normal beyond)")
-      ->check(CLI::IsMember({"auto", "normal", "low-latency"}))
-      ->capture_default_str();
-  run->add_option("--ep-low-latency-max-tokens", run_args.ep_low_latency_max_tokens,
-                  "The most token rows per rank a low-latency step holds (its buffers are sized for the next "
-                  "power of two)")
-      ->transform(strict_integer<int64_t>())
-      ->capture_default_str();
-  run->add_flag(
-      "--ep-overlap,!--no-ep-overlap", run_args.ep_overlap,
-      "NCCL normal mode: split each MoE layer's tokens into two micro-batches so one's exchange runs "
-      "while the other's experts compute (two-batch overlap; default off)");
-  add_topology_flags(*run, run_args.ep_dispatch, run_args.ranks_per_node);
-  add_expert_store_flags(*run, run_args.expert_store);
-  run->add_option(
-         "--residency-state", run_args.residency_state,
-         "focus: the trained experts per token; wake: 4 per token (fewer expert reads, lower quality: "
-         "epic eval --top-k 4 measures it); or one state per prompt, comma-separated (wake,focus,...): each "
-         "sequence then routes its own experts per token within the same batch")
-      ->capture_default_str();
+  add_cluster_flags(*run, run_args);
   auto* prompt = run->add_option("--prompt", run_args.prompt, "Prompt text (needs DIR/tokenizer.json)");
   auto* prompt_ids = run->add_option("--prompt-ids", run_args.prompt_ids, "Prompt token ids, e.g. 1,2,3");
   auto* prompts_file =
@@ -203,26 +229,21 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   run->add_option("--logits-out", run_args.logits_out,
                   "Write prompt logits [prompt_len, vocab] as float32 .npy");
-  run->add_flag("--allow-missing-experts", run_args.allow_missing_experts,
-                "Mask experts absent from the checkpoint out of routing instead of failing");
-  run->add_flag("--allow-nonfinite-weights", run_args.allow_nonfinite_weights,
-                "Load weights holding NaN or Inf instead of failing (the run stops at non-finite logits)");
-  run->add_option("--slots", run_args.slots,
-                  "Expert slots per worker per MoE layer (spare slots hold replicas)")
-      ->transform(strict_integer<int64_t>());
-  run->add_option("--budget-bytes", run_args.budget_bytes, "Expert memory per worker, instead of --slots")
-      ->transform(strict_integer<uint64_t>());
-  run->add_option("--load-profile", run_args.load_profile,
-                  "Plan the placement from this load profile (JSON)");
   run->add_option("--load-profile-out", run_args.load_profile_out,
                   "Write tokens per (layer, expert) as JSON");
   run->add_option("--placement-out", run_args.placement_out, "Write the placement plan used, as JSON");
   run->add_option("--report-out", run_args.report_out,
-                  "Write the per-worker report (bytes, phase times) as JSON");
-  run->add_option("--comm-timeout", run_args.comm_timeout_seconds, comm_timeout_help)->capture_default_str();
-  run->add_option("--max-active-sequences", run_args.max_active_sequences,
-                  "Sequences each worker prefills/decodes at once; the rest wait (bounds KV cache memory)")
-      ->transform(strict_integer<int64_t>())
+                  "Write the per-worker report (bytes, phase times) as JSON");  WorkerArgs worker_args;
+  CLI::App* worker = app.add_subcommand(
+      "worker", "One rank of the worker job epic serve drives (started by epic serve, or apart for --attach)");
+  add_cluster_flags(*worker, worker_args.run);
+  worker->add_option("--coordinator", worker_args.coordinator, "HOST:PORT where epic serve listens for workers")
+      ->required();
+  worker->add_option("--max-context", worker_args.max_context, "Positions per sequence (epic serve's --max-context)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  worker->add_option("--connect-timeout", worker_args.connect_timeout_seconds,
+                     "Seconds to keep trying to reach the coordinator")
       ->capture_default_str();
 
   PlanArgs plan_args;
@@ -476,9 +497,37 @@ int main(int argc, char** argv) {
       ->transform(strict_integer<int64_t>());
   serve
       ->add_option("--workers", serve_args.workers,
-                   "Worker ranks (1 for now: the model runs in this process)")
+                   "Run the model in a worker job of N ranks (mpirun, or srun in a Slurm allocation) that is "
+                   "restarted if it dies; 0: in this process")
+      ->capture_default_str()
+      ->transform(strict_integer<int>());
+  serve->add_flag("--attach", serve_args.attach,
+                  "Wait for a worker job started apart (`epic worker --coordinator HOST:PORT ...` under srun or "
+                  "mpirun) to connect to --worker-host:--worker-port");
+  serve->add_option("--worker-launcher", serve_args.worker_launcher,
+                    "How --workers starts the job: mpirun, srun, or auto (srun inside a Slurm allocation); "
+                    "extra options from EPIC_MPIRUN_ARGS / EPIC_SRUN_ARGS")
+      ->check(CLI::IsMember({"auto", "mpirun", "srun"}))
       ->capture_default_str();
-  serve->add_flag("--attach", serve_args.attach, "Wait for a worker job started apart (not wired yet)");
+  serve->add_option("--worker-host", serve_args.worker_host, "Address the coordinator listens on for its workers")
+      ->capture_default_str();
+  serve->add_option("--worker-port", serve_args.worker_port, "Port for the workers (0: any free one; --attach needs one)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve->add_option("--worker-start-timeout", serve_args.worker_start_timeout_seconds,
+                    "Seconds from starting the worker job to every rank connected (loading included)")
+      ->capture_default_str();
+  serve->add_option("--worker-step-timeout", serve_args.worker_step_timeout_seconds,
+                    "Seconds a step or a heartbeat may take before the worker job counts as dead")
+      ->capture_default_str();
+  serve->add_option("--heartbeat", serve_args.heartbeat_seconds, "Seconds between pings of an idle worker job")
+      ->capture_default_str();
+  serve->add_option("--max-worker-restarts", serve_args.max_worker_restarts,
+                    "Restarts in a row without a completed step before the server gives up")
+      ->capture_default_str()
+      ->transform(strict_integer<int>());
+  serve->add_option("worker_flags", serve_args.worker_flags,
+                    "After --: flags for every `epic worker` (epic run's model, exchange and placement flags)");
   serve
       ->add_option("--max-active-sequences", serve_args.max_active_sequences,
                    "Sequences in the running batch at once; more wait")
@@ -538,6 +587,7 @@ int main(int argc, char** argv) {
     if (*eval) return eval_command(eval_args);
     if (*tokenize) return tokenize_command(tokenize_args);
     if (*serve) return serve_command(serve_args);
+    if (*worker) return worker_command(worker_args);
     if (*detokenize) return detokenize_command(detokenize_args);
   } catch (const SilentFailure& failure) {
     return failure.exit_code;  // rank 0 reports an error that every rank raised

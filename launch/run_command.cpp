@@ -156,12 +156,7 @@ void check_flags(const RunArgs& args) {
     throw Error(ErrorCode::kInvalidArgument,
                 "--max-new-tokens must be >= 0, got " + std::to_string(args.max_new_tokens));
   Sampler check({args.temperature, args.top_p, args.seed});  // validates the sampling flags
-  check_comm_timeout("--comm-timeout", args.comm_timeout_seconds);
-  check_model_source_flags(model_source_flags(args));
-  check_backend_flags(backend_flags(args));
-  check_ep_transport_flag(args.ep_transport, args.backend);
-  parse_residency_states(args.residency_state);  // a clear error before MPI starts
-  check_expert_store_flags(args.expert_store);
+  check_cluster_flags(args);
 }
 
 // Rank 0, before any weight is read: every output path can be written atomically (absent or a
@@ -193,10 +188,9 @@ struct CoordinatorOutput {
 };
 
 // Rank 0: prompts -> ids, placement plan, sequence assignment.
-CoordinatorOutput plan_run(const RunArgs& args, const NodeTopology& topology, const ModelConfig& config,
-                           const std::optional<Tokenizer>& tokenizer, WeightSource& source,
-                           ScalarType activation_type) {
-  const int num_workers = topology.world_size();
+CoordinatorOutput plan_run(const RunArgs& args, const ClusterModel& cluster, const std::optional<Tokenizer>& tokenizer) {
+  const ModelConfig& config = cluster.model.config;
+  const int num_workers = cluster.topology.world_size();
   const fs::path model_dir =
       args.model_dir.empty() ? fs::path("--random-weights " + args.random_weights) : fs::path(args.model_dir);
   CoordinatorOutput output;
@@ -208,15 +202,7 @@ CoordinatorOutput plan_run(const RunArgs& args, const NodeTopology& topology, co
                 "--residency-state lists " + std::to_string(states.size()) + " states for " +
                     std::to_string(output.prompts.size()) +
                     " prompts: give one state for every prompt, or a single state for the whole run");
-  const ExpertInventory inventory = inspect_experts(config, source, args.allow_missing_experts);
-  // --budget-bytes counts experts as the workers will keep them (bf16 when the checkpoint stores
-  // bf16 or the run computes in bf16, else f32).
-  const ScalarType weight_type =
-      required_weight_type(activation_type).value_or(stored_weight_type(config, source));
-  PlacementFlags placement_flags{num_workers, args.slots, args.budget_bytes, args.load_profile, weight_type};
-  placement_flags.worker_node = topology.node_of_rank();     // make_placement ignores a single node
-  placement_flags.expert_budget = args.expert_store.budget;  // checked already; "" without a budget
-  const PlacementPlan placement = make_placement(config, inventory, placement_flags);
+  const PlacementPlan placement = plan_job_placement(args, cluster);
   if (!args.placement_out.empty())
     files::write_file_atomically(args.placement_out, placement.to_json_text(), "--placement-out");
   std::vector<int64_t> costs;
@@ -347,8 +333,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   const std::string plan_bytes = broadcast_from_root(*comm, 0, [&] {
     if (model.model_dir && fs::exists(*model.model_dir / "tokenizer.json"))
       tokenizer = Tokenizer::load(*model.model_dir / "tokenizer.json");
-    coordinator_output =
-        plan_run(args, topology, model.config, tokenizer, *model.source, chosen.activation_type);
+    coordinator_output = plan_run(args, cluster, tokenizer);
     return wire::to_bytes(coordinator_output.plan);
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");

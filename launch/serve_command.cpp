@@ -1,7 +1,8 @@
-// epic serve (issue 11, first form): the model loaded in this process, an OpenAI-compatible HTTP server in
-// front of it (coordinator/http_server.h, coordinator/openai_api.h) and the scheduler driving the engine
-// (launch/serve_scheduler.h). SIGINT/SIGTERM: new requests get 503, running ones may finish within
-// --shutdown-grace, then the server exits 0.
+// epic serve (issue 11): an OpenAI-compatible HTTP server (coordinator/http_server.h,
+// coordinator/openai_api.h) and the scheduler (coordinator/serve_scheduler.h) driving the model, either
+// loaded in this process or in a worker job over TCP (--workers N: launched here and restarted if it dies;
+// --attach: started apart; coordinator/remote_step_engine.h). SIGINT/SIGTERM: new requests get 503,
+// running ones may finish within --shutdown-grace, then the worker job is stopped and the server exits 0.
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
@@ -13,10 +14,14 @@
 #include <ctime>
 #include <filesystem>
 #include <optional>
+#include <sstream>
 #include <thread>
 
 #include "coordinator/http_server.h"
 #include "coordinator/openai_api.h"
+#include "coordinator/remote_step_engine.h"
+#include "coordinator/serve_scheduler.h"
+#include "coordinator/worker_job.h"
 #include "coordinator/tokenizer.h"
 #include "kernels/error.h"
 #include "launch/backend_choice.h"
@@ -24,7 +29,7 @@
 #include "launch/cpu_threads.h"
 #include "launch/flag_checks.h"
 #include "launch/model_source.h"
-#include "launch/serve_scheduler.h"
+#include "launch/local_step_engine.h"
 #include "worker/generation_engine.h"
 #include "worker/model_runner.h"
 #include "worker/model_weights.h"
@@ -32,18 +37,30 @@
 namespace epic::cli {
 namespace {
 
+bool uses_worker_job(const ServeArgs& args) { return args.workers > 0 || args.attach; }
+
 void check_serve_flags(const ServeArgs& args) {
-  if (args.workers != 1)
-    throw Error(
-        ErrorCode::kUnsupported,
-        "--workers " + std::to_string(args.workers) +
-            ": epic serve runs the model in its own process for now (one worker); the worker job over "
-            "mpirun is not wired to the server yet. Leave out --workers");
-  if (args.attach)
-    throw Error(
-        ErrorCode::kUnsupported,
-        "--attach: a separately started worker job is not wired to the server yet; leave out --attach");
+  check_int_flag("--workers", args.workers, 0, kMaxWorkers);
   check_int_flag("--port", args.port, 0, 65535);
+  check_int_flag("--worker-port", args.worker_port, 0, 65535);
+  if (args.attach && args.worker_port == 0)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--attach needs --worker-port PORT: the worker job started apart connects there "
+                "(epic worker --coordinator HOST:PORT)");
+  if (args.attach && !args.worker_flags.empty())
+    throw Error(ErrorCode::kInvalidArgument,
+                "flags after -- are passed to the worker job epic serve starts; with --attach the job is "
+                "started apart: give them to its `epic worker` command instead");
+  if (!uses_worker_job(args) && !args.worker_flags.empty())
+    throw Error(ErrorCode::kInvalidArgument,
+                "flags after -- go to the worker job; add --workers N (or leave them out to run the model in "
+                "this process)");
+  for (const auto& [flag, seconds] : {std::pair<const char*, double>{"--worker-start-timeout", args.worker_start_timeout_seconds},
+                                      {"--worker-step-timeout", args.worker_step_timeout_seconds},
+                                      {"--heartbeat", args.heartbeat_seconds}})
+    if (!(seconds > 0 && seconds <= 7 * 24 * 3600))
+      throw Error(ErrorCode::kInvalidArgument, std::string(flag) + " must be in (0, 604800] seconds");
+  check_int_flag("--max-worker-restarts", args.max_worker_restarts, 0, 1000000);
   check_int_flag("--max-active-sequences", args.max_active_sequences, 1, kMaxActiveSequencesBound);
   check_int_flag("--max-context", args.max_context, 2, int64_t{1} << 20);
   check_int_flag("--max-queued", args.max_queued, 1, int64_t{1} << 20);
@@ -55,6 +72,58 @@ void check_serve_flags(const ServeArgs& args) {
 }
 
 std::string json_error(const ApiError& error) { return error.to_json().dump(); }
+
+std::vector<std::string> split_words(const char* text) {
+  std::vector<std::string> words;
+  std::istringstream in(text != nullptr ? text : "");
+  for (std::string word; in >> word;) words.push_back(word);
+  return words;
+}
+
+// mpirun or srun, with the job's size and what every launch of epic needs (see launch/epic_mpirun.sh).
+std::vector<std::string> launcher_argv(const ServeArgs& args) {
+  std::string kind = args.worker_launcher;
+  if (kind == "auto") kind = std::getenv("SLURM_JOB_ID") != nullptr ? "srun" : "mpirun";
+  const std::string ranks = std::to_string(args.workers);
+  std::vector<std::string> argv;
+  if (kind == "srun") {
+    argv = {"srun", "--ntasks=" + ranks, "--kill-on-bad-exit=1", "--export=ALL,NCCL_NVLS_ENABLE=0"};
+    for (std::string& word : split_words(std::getenv("EPIC_SRUN_ARGS"))) argv.push_back(word);
+  } else {
+    argv = {"mpirun", "-np", ranks, "--bind-to", "none", "-x", "NCCL_NVLS_ENABLE=0"};
+    if (geteuid() == 0) argv.push_back("--allow-run-as-root");
+    for (std::string& word : split_words(std::getenv("EPIC_MPIRUN_ARGS"))) argv.push_back(word);
+  }
+  return argv;
+}
+
+std::string this_executable() {
+  std::error_code error;
+  const std::filesystem::path self = std::filesystem::read_symlink("/proc/self/exe", error);
+  EPIC_CHECK(!error, ErrorCode::kInternal, "cannot find this executable (/proc/self/exe): " + error.message());
+  return self.string();
+}
+
+WorkerJobOptions worker_job_options(const ServeArgs& args, const ModelConfig& config) {
+  WorkerJobOptions options;
+  if (!args.attach) {
+    options.launcher = launcher_argv(args);
+    options.executable = this_executable();
+    options.worker_args = {"--model", args.model_dir, "--backend", args.backend, "--precision", args.precision,
+                           "--max-active-sequences", std::to_string(args.max_active_sequences),
+                           "--max-context", std::to_string(args.max_context)};
+    if (args.device) options.worker_args.insert(options.worker_args.end(), {"--device", std::to_string(*args.device)});
+    if (args.allow_missing_experts) options.worker_args.push_back("--allow-missing-experts");
+    options.worker_args.insert(options.worker_args.end(), args.worker_flags.begin(), args.worker_flags.end());
+  }
+  options.ranks = args.workers;
+  options.listen_host = args.worker_host;
+  options.listen_port = static_cast<uint16_t>(args.worker_port);
+  options.start_timeout = std::chrono::seconds(static_cast<int64_t>(args.worker_start_timeout_seconds));
+  options.vocab_size = config.vocab_size;
+  options.min_context = args.max_context;
+  return options;
+}
 
 }  // namespace
 
@@ -88,6 +157,7 @@ int serve_command(const ServeArgs& args) {
   // The HTTP server comes up first: /health says 503 until the weights are loaded.
   std::atomic<bool> ready{false};
   std::atomic<ServeScheduler*> scheduler{nullptr};  // set once ready (read by the I/O thread)
+  std::atomic<StepEngine*> engine{nullptr};         // likewise
   HttpServerOptions server_options;
   server_options.host = args.host;
   server_options.port = static_cast<uint16_t>(args.port);
@@ -97,10 +167,13 @@ int serve_command(const ServeArgs& args) {
     const std::string path = request.target.substr(0, request.target.find('?'));
     const bool completions = path == "/v1/completions", chat = path == "/v1/chat/completions";
     if (path == "/health") {
-      if (ready)
+      StepEngine* current_engine = engine;
+      if (ready && current_engine != nullptr && current_engine->ready())
         exchange->respond(200, "application/json", R"({"status":"ready"})");
       else
-        exchange->respond(503, "application/json", R"({"status":"loading"})", {{"Retry-After", "5"}});
+        exchange->respond(503, "application/json",
+                          ready ? R"({"status":"restarting workers"})" : R"({"status":"loading"})",
+                          {{"Retry-After", "5"}});
       return;
     }
     if (path == "/v1/models" && request.method == "GET") {
@@ -147,23 +220,54 @@ int serve_command(const ServeArgs& args) {
   std::fprintf(stderr, "epic serve: listening on http://%s:%u (model '%s'; loading)\n", args.host.c_str(),
                static_cast<unsigned>(server.port()), limits.model_name.c_str());
 
-  ChosenBackend chosen =
-      choose_backend({args.backend, args.device, args.precision}, 0, default_cpu_threads());
-  LoadOptions load_options;
-  load_options.allow_missing_experts = args.allow_missing_experts;
-  load_options.weight_type = required_weight_type(chosen.activation_type);
-  const ModelWeights weights = load_model_weights(model.config, *model.source, *chosen.backend, load_options);
-  RunnerOptions runner_options;
-  runner_options.activation_type = chosen.activation_type;
-  runner_options.max_sequences = args.max_active_sequences;
-  runner_options.max_context = args.max_context;
-  ModelRunner runner(model.config, weights, *chosen.backend, runner_options);
-  GenerationEngine engine(runner, args.max_active_sequences);
+  // The model: in this process, or in a worker job (its ranks load it; this process keeps only the
+  // tokenizer and the config).
+  ChosenBackend chosen;
+  ModelWeights weights;
+  std::optional<ModelRunner> runner;
+  std::optional<GenerationEngine> generation;
+  std::optional<LocalStepEngine> local;
+  std::optional<WorkerJob> job;
+  std::optional<RemoteStepEngine> remote;
+  std::string description;
+  if (!uses_worker_job(args)) {
+    chosen = choose_backend({args.backend, args.device, args.precision}, 0, default_cpu_threads());
+    LoadOptions load_options;
+    load_options.allow_missing_experts = args.allow_missing_experts;
+    load_options.weight_type = required_weight_type(chosen.activation_type);
+    weights = load_model_weights(model.config, *model.source, *chosen.backend, load_options);
+    RunnerOptions runner_options;
+    runner_options.activation_type = chosen.activation_type;
+    runner_options.max_sequences = args.max_active_sequences;
+    runner_options.max_context = args.max_context;
+    runner.emplace(model.config, weights, *chosen.backend, runner_options);
+    generation.emplace(*runner, args.max_active_sequences);
+    local.emplace(*generation);
+    engine = &*local;
+    description = chosen.description;
+  } else {
+    job.emplace(worker_job_options(args, model.config));
+    if (args.attach)
+      std::fprintf(stderr,
+                   "epic serve: start the worker job with: epic worker --coordinator %s --model %s "
+                   "--max-context %lld [flags]\n",
+                   job->address().c_str(), args.model_dir.c_str(), static_cast<long long>(args.max_context));
+    job->start();
+    RemoteEngineOptions remote_options;
+    const auto millis = [](double seconds) { return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000)); };
+    remote_options.step_timeout = millis(args.worker_step_timeout_seconds);
+    remote_options.ping_timeout = millis(args.worker_step_timeout_seconds);
+    remote_options.heartbeat_interval = millis(args.heartbeat_seconds);
+    remote_options.max_restarts = args.max_worker_restarts;
+    remote.emplace(*job, remote_options);
+    engine = &*remote;
+    description = "worker job of " + std::to_string(job->ranks()) + " rank(s)";
+  }
   // A completion ends at the model's end-of-sequence ids and at the chat format's end of turn.
   std::vector<int32_t> end_ids(model.config.eos_token_ids.begin(), model.config.eos_token_ids.end());
   for (const char* special : {"<|im_end|>", "<|endoftext|>"})
     if (const std::optional<int32_t> id = tokenizer.token_to_id(special)) end_ids.push_back(*id);
-  ServeScheduler scheduler_instance(engine, tokenizer, end_ids, args.max_queued);
+  ServeScheduler scheduler_instance(*engine, tokenizer, end_ids, args.max_queued);
   scheduler = &scheduler_instance;
   std::exception_ptr engine_error;
   std::thread loop([&] {
@@ -176,7 +280,7 @@ int serve_command(const ServeArgs& args) {
   });
   ready = true;
   std::fprintf(stderr, "epic serve: ready (%s; %lld live sequences at most, context %lld)\n",
-               chosen.description.c_str(), static_cast<long long>(args.max_active_sequences),
+               description.c_str(), static_cast<long long>(args.max_active_sequences),
                static_cast<long long>(args.max_context));
 
   int signal_number = 0;
@@ -187,6 +291,7 @@ int serve_command(const ServeArgs& args) {
   scheduler_instance.stop(
       std::chrono::milliseconds(static_cast<int64_t>(args.shutdown_grace_seconds * 1000)));
   loop.join();
+  if (job) job->stop(std::chrono::seconds(10));  // the ranks leave their loop and exit
   server.stop();
   if (engine_error) std::rethrow_exception(engine_error);
   std::fprintf(stderr, "epic serve: stopped\n");

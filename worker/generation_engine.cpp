@@ -17,6 +17,7 @@ struct GenerationEngine::LiveSequence {
   KvSequence cache;
   Sampler sampler;
   SequenceResult result;
+  std::vector<int32_t> prefill;  // prompt then resumed tokens (when any were resumed)
   bool prefilled = false;
   bool done = false;
   LiveSequence(SequenceRequest&& sequence, ModelRunner& runner)
@@ -26,6 +27,15 @@ struct GenerationEngine::LiveSequence {
           return sampling;
         }()) {
     result.sequence_id = request.sequence_id;
+    if (!request.resumed_ids.empty()) {
+      prefill = request.prompt;
+      prefill.insert(prefill.end(), request.resumed_ids.begin(), request.resumed_ids.end());
+      result.new_ids = request.resumed_ids;
+      sampler.skip_samples(static_cast<int64_t>(request.resumed_ids.size()));
+    }
+  }
+  std::span<const int32_t> prefill_tokens() const {
+    return prefill.empty() ? std::span<const int32_t>(request.prompt) : std::span<const int32_t>(prefill);
   }
 };
 
@@ -79,6 +89,12 @@ bool GenerationEngine::cancel(int64_t sequence_id) {
   return true;
 }
 
+int64_t GenerationEngine::kv_positions() const {
+  int64_t positions = 0;
+  for (const auto& sequence : live_) positions += sequence->cache.length;
+  return positions;
+}
+
 PlannedStep GenerationEngine::next_step() const {
   PlannedStep plan;
   plan.unfinished = static_cast<int64_t>(live_.size() + waiting_.size());
@@ -95,7 +111,7 @@ PlannedStep GenerationEngine::next_step() const {
   };
   for (const auto& sequence : live_) note_top_k(sequence->request);
   for (int64_t i = 0; i < plan.joining; ++i) {
-    plan.rows += static_cast<int64_t>(waiting_[i].prompt.size());
+    plan.rows += static_cast<int64_t>(waiting_[i].prompt.size() + waiting_[i].resumed_ids.size());
     note_top_k(waiting_[i]);
   }
   return plan;
@@ -122,7 +138,7 @@ std::vector<SequenceStepEvent> GenerationEngine::step(const StepAgreement* agree
       chunks.push_back({&sequence->cache, std::span<const int32_t>(&sequence->result.new_ids.back(), 1),
                         false, request.top_k});
     } else {
-      chunks.push_back({&sequence->cache, request.prompt, request.want_prompt_logits, request.top_k});
+      chunks.push_back({&sequence->cache, sequence->prefill_tokens(), request.want_prompt_logits, request.top_k});
     }
     stats_.tokens_processed += static_cast<int64_t>(chunks.back().tokens.size());
   }

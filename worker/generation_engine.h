@@ -40,6 +40,13 @@ struct SequenceStepEvent {
   std::optional<SequenceResult> finished;
 };
 
+// The shape every rank's coming step agrees on (one all-gather of each rank's plan), for an engine driven
+// from outside (epic worker: the coordinator sends every rank each step). run_generation agrees the same
+// way, with its results in the same collective.
+// `unfinished_everywhere`: the sequences left on all ranks together (0: no step to run).
+StepAgreement agree_on_step(Communicator& comm, const PlannedStep& plan, uint64_t graph_buckets,
+                            int64_t& unfinished_everywhere);
+
 class GenerationEngine {
  public:
   // max_active_sequences in [1, kMaxActiveSequencesBound] (Error(kInvalidArgument) otherwise). The runner
@@ -65,6 +72,8 @@ class GenerationEngine {
   bool idle() const { return live_.empty() && waiting_.empty(); }
   int64_t live_sequences() const { return static_cast<int64_t>(live_.size()); }
   int64_t waiting_sequences() const { return static_cast<int64_t>(waiting_.size()); }
+  // Positions held in the live sequences' KV caches.
+  int64_t kv_positions() const;
   const GenerationStats& stats() const { return stats_; }
 
  private:

@@ -87,6 +87,34 @@ class ResultReader {
   size_t at_ = 0;
 };
 
+// This rank's part of the step agreement.
+StepStatus status_of(const PlannedStep& plan, uint64_t graph_buckets) {
+  StepStatus mine;
+  mine.unfinished = plan.unfinished;
+  mine.rows = plan.rows;
+  mine.decode_only = plan.decode_only ? 1 : 0;
+  mine.fewest_top_k = plan.fewest_top_k;
+  mine.most_top_k = plan.most_top_k;
+  mine.graph_buckets = graph_buckets;
+  return mine;
+}
+
+// Every rank's status folded into the step's agreed shape.
+StepAgreement fold_agreement(const std::vector<StepStatus>& all) {
+  StepAgreement agreement{0, true, ~uint64_t{0}, {}};
+  int64_t fewest_top_k = 0;
+  for (const StepStatus& status : all) {
+    agreement.max_rows = std::max(agreement.max_rows, status.rows);
+    agreement.every_rank_decode = agreement.every_rank_decode && status.decode_only != 0;
+    agreement.common_graph_buckets &= status.graph_buckets;
+    agreement.top_k.top_k = std::max(agreement.top_k.top_k, status.most_top_k);
+    if (status.fewest_top_k > 0)
+      fewest_top_k = fewest_top_k == 0 ? status.fewest_top_k : std::min(fewest_top_k, status.fewest_top_k);
+  }
+  agreement.top_k.mixed = fewest_top_k > 0 && fewest_top_k < agreement.top_k.top_k;
+  return agreement;
+}
+
 // One collective per step, on every rank: agrees on the work left and moves the results finished
 // in the last step to the root (a gather: every other rank sends only to the root, the root to
 // nobody). Returns the sequences unfinished on all workers together.
@@ -101,19 +129,11 @@ int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine,
   mine.result_bytes = static_cast<int64_t>(packed.size());
   const std::vector<StepStatus> all = comm.all_gather_value(mine);
   int64_t total_unfinished = 0, total_bytes = 0;
-  agreement = StepAgreement{0, true, ~uint64_t{0}, {}};
-  int64_t fewest_top_k = 0;
   for (const StepStatus& status : all) {
     total_unfinished += status.unfinished;
     total_bytes += status.result_bytes;
-    agreement.max_rows = std::max(agreement.max_rows, status.rows);
-    agreement.every_rank_decode = agreement.every_rank_decode && status.decode_only != 0;
-    agreement.common_graph_buckets &= status.graph_buckets;
-    agreement.top_k.top_k = std::max(agreement.top_k.top_k, status.most_top_k);
-    if (status.fewest_top_k > 0)
-      fewest_top_k = fewest_top_k == 0 ? status.fewest_top_k : std::min(fewest_top_k, status.fewest_top_k);
   }
-  agreement.top_k.mixed = fewest_top_k > 0 && fewest_top_k < agreement.top_k.top_k;
+  agreement = fold_agreement(all);
   if (is_root) {
     for (SequenceResult& result : finished) sink(std::move(result));
   }
@@ -146,6 +166,14 @@ int64_t agree_and_deliver(Communicator& comm, int root, StepStatus mine,
 
 }  // namespace
 
+StepAgreement agree_on_step(Communicator& comm, const PlannedStep& plan, uint64_t graph_buckets,
+                            int64_t& unfinished_everywhere) {
+  const std::vector<StepStatus> all = comm.all_gather_value(status_of(plan, graph_buckets));
+  unfinished_everywhere = 0;
+  for (const StepStatus& status : all) unfinished_everywhere += status.unfinished;
+  return fold_agreement(all);
+}
+
 uint64_t sequence_seed(uint64_t seed, int64_t sequence_id) {
   return splitmix64(seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(sequence_id));
 }
@@ -161,16 +189,10 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
   std::vector<SequenceResult> finished;  // in the last step, not yet at the root
   while (true) {
     // The coming step, known before it is built, agreed with every other rank.
-    const PlannedStep plan = engine.next_step();
-    StepStatus mine;
-    mine.unfinished = plan.unfinished;
-    mine.rows = plan.rows;
-    mine.decode_only = plan.decode_only ? 1 : 0;
-    mine.fewest_top_k = plan.fewest_top_k;
-    mine.most_top_k = plan.most_top_k;
-    mine.graph_buckets = runner.current_graph_buckets();
     StepAgreement agreement;
-    if (agree_and_deliver(comm, options.result_root, mine, finished, sink, agreement) == 0) break;
+    if (agree_and_deliver(comm, options.result_root, status_of(engine.next_step(), runner.current_graph_buckets()),
+                          finished, sink, agreement) == 0)
+      break;
     // An error raised here, or anywhere in the step, on this rank alone ends the job from where it is
     // caught (epic run: one message, then MPI_Abort): the peers are not told through another collective.
     const bool poison = inject_test_step_fault(comm.rank(), engine.stats().steps + 1);

@@ -32,6 +32,10 @@ struct SequenceRequest {
   // The id mixed into the seed instead of sequence_id (epic serve: 0, so a request samples what `epic run`
   // samples for a single prompt with the same seed). Last: callers fill the fields above positionally.
   std::optional<int64_t> seed_id = std::nullopt;
+  // Tokens this sequence produced before (epic serve resuming it after its worker job was restarted): they
+  // are prefilled after the prompt, count towards max_new_tokens, are not reported again, and the sampler
+  // skips the draws that produced them, so the tokens after them are the ones an uninterrupted run gives.
+  std::vector<int32_t> resumed_ids = {};
 };
 
 struct SequenceResult {

@@ -60,6 +60,14 @@ Sampler::Sampler(const SamplingOptions& options) : options_(options), generator_
                 "--top-p must be in (0, 1], got " + std::to_string(options.top_p));
 }
 
+void Sampler::skip_samples(int64_t count) {
+  if (options_.temperature == 0.0) return;
+  // The same distribution type as sample() draws from: its bounds scale the number, not how many the
+  // generator gives.
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  for (int64_t i = 0; i < count; ++i) (void)uniform(generator_);
+}
+
 int32_t Sampler::sample(std::span<const float> logits) {
   const std::string problem = describe_non_finite(logits);
   if (!problem.empty())

@@ -21,6 +21,10 @@ class Sampler {
   // Throws Error(kInvalidCheckpoint) for logits holding NaN or Inf (an argmax over NaN would
   // silently pick token 0); callers that know the sequence and step check first, to name them.
   int32_t sample(std::span<const float> logits);
+  // Advances the generator past `count` samples at a temperature above 0 (each draws one number), as if
+  // they had been taken: a sequence resumed after `count` sampled tokens goes on with the draws it would
+  // have had. Greedy sampling draws nothing, so there it changes nothing.
+  void skip_samples(int64_t count);
 
  private:
   SamplingOptions options_;

@@ -1,9 +1,10 @@
-// The scheduler of `epic serve` (issue 11, first form: one process, the engine in it): requests checked by
-// the HTTP thread join a GenerationEngine at the next step boundary (continuous batching), every step's
+// The scheduler of `epic serve` (issue 11): requests checked by the HTTP thread join the engine
+// (coordinator/step_engine.h: the model in this process, or a worker job over TCP) at the next step
+// boundary (continuous batching), every step's
 // tokens go out to their clients as they come (server-sent events, whole UTF-8 characters, stop strings
 // held back), a client that leaves has its sequence cancelled, and a full queue is refused with 429. Its
 // loop runs on its own thread; submit/cancel/metrics are safe from any thread.
-// (Once the worker job runs apart from the coordinator, this drives it over TCP instead of in-process.)
+// While nothing runs it gives the engine its heartbeat (a remote engine notices a dead worker job then).
 #pragma once
 
 #include <chrono>
@@ -21,9 +22,9 @@
 #include "coordinator/http_server.h"
 #include "coordinator/openai_api.h"
 #include "coordinator/tokenizer.h"
-#include "worker/generation_engine.h"
+#include "coordinator/step_engine.h"
 
-namespace epic::cli {
+namespace epic {
 
 // A Prometheus histogram of seconds: cumulative counts per upper bound, their sum and count.
 struct LatencyHistogram {
@@ -47,7 +48,7 @@ struct ServeCounters {
 class ServeScheduler {
  public:
   // max_queued: requests waiting beyond the engine's live ones; more is a 429.
-  ServeScheduler(GenerationEngine& engine, const Tokenizer& tokenizer, std::vector<int32_t> end_ids,
+  ServeScheduler(StepEngine& engine, const Tokenizer& tokenizer, std::vector<int32_t> end_ids,
                  int64_t max_queued);
   ~ServeScheduler();
 
@@ -60,7 +61,7 @@ class ServeScheduler {
   // Stops taking requests; running ones may finish for `grace`, then are cancelled (their clients told).
   void stop(std::chrono::milliseconds grace);
   ServeCounters counters() const;
-  // /metrics: the counters in Prometheus' text format.
+  // /metrics: the counters in Prometheus' text format, then the engine's own lines.
   std::string metrics_text() const;
 
  private:
@@ -68,7 +69,7 @@ class ServeScheduler {
   void finish(Active& active, const std::string& reason);
   void fail(Active& active, const std::string& message);
 
-  GenerationEngine& engine_;
+  StepEngine& engine_;
   const Tokenizer& tokenizer_;
   std::vector<int32_t> end_ids_;  // tokens that end a completion (never shown): the model's eos, <|im_end|>
   int64_t max_queued_;
@@ -83,4 +84,4 @@ class ServeScheduler {
   ServeCounters counters_;
 };
 
-}  // namespace epic::cli
+}  // namespace epic

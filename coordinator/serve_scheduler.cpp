@@ -1,5 +1,5 @@
 // epic serve's scheduler (serve_scheduler.h).
-#include "launch/serve_scheduler.h"
+#include "coordinator/serve_scheduler.h"
 
 #include <algorithm>
 #include <cstdio>
@@ -8,7 +8,7 @@
 
 #include "kernels/error.h"
 
-namespace epic::cli {
+namespace epic {
 
 using clock_type = std::chrono::steady_clock;
 
@@ -37,7 +37,7 @@ void LatencyHistogram::observe(double seconds) {
   sum += seconds;
 }
 
-ServeScheduler::ServeScheduler(GenerationEngine& engine, const Tokenizer& tokenizer,
+ServeScheduler::ServeScheduler(StepEngine& engine, const Tokenizer& tokenizer,
                                std::vector<int32_t> end_ids, int64_t max_queued)
     : engine_(engine), tokenizer_(tokenizer), end_ids_(std::move(end_ids)), max_queued_(max_queued) {}
 
@@ -146,7 +146,7 @@ std::string ServeScheduler::metrics_text() const {
   histogram("epic_time_to_first_token_seconds", "From a request's arrival to its first token.",
             c.first_token);
   histogram("epic_inter_token_latency_seconds", "Between a request's successive tokens.", c.inter_token);
-  return text;
+  return text + engine_.metrics_text();
 }
 
 void ServeScheduler::finish(Active& active, const std::string& reason) {
@@ -193,8 +193,15 @@ void ServeScheduler::run() {
     bool stopping = false, past_grace = false;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock,
-                 [&] { return !inbox_.empty() || !cancelled_.empty() || !engine_.idle() || stopping_; });
+      const auto has_work = [&] { return !inbox_.empty() || !cancelled_.empty() || !engine_.idle() || stopping_; };
+      const std::chrono::milliseconds heartbeat = engine_.heartbeat_interval();
+      if (heartbeat.count() == 0) {
+        wake_.wait(lock, has_work);
+      } else if (!wake_.wait_for(lock, heartbeat, has_work)) {
+        lock.unlock();
+        engine_.heartbeat();  // idle for a heartbeat: the engine checks its workers (may restart them)
+        continue;
+      }
       for (auto& active : inbox_) joining.push_back(std::move(active));
       inbox_.clear();
       leaving.swap(cancelled_);
@@ -203,13 +210,13 @@ void ServeScheduler::run() {
     }
     const auto loop_start = clock_type::now();
     for (auto& active : joining) {
-      SequenceRequest sequence;
-      sequence.sequence_id = active->id;
-      sequence.seed_id = 0;
+      EngineSequence sequence;
+      sequence.id = active->id;
       sequence.prompt = active->prompt;
       sequence.max_new_tokens = active->max_tokens;
-      sequence.sampling = {active->request.temperature, active->request.top_p,
-                           active->request.seed.value_or(0)};
+      sequence.temperature = active->request.temperature;
+      sequence.top_p = active->request.top_p;
+      sequence.seed = active->request.seed.value_or(0);
       engine_.admit(std::move(sequence));
       std::lock_guard<std::mutex> lock(mutex_);
       counters_.prompt_tokens += static_cast<int64_t>(active->prompt.size());
@@ -231,7 +238,7 @@ void ServeScheduler::run() {
     if (stopping && engine_.idle()) return;
     if (engine_.idle()) continue;
 
-    std::vector<SequenceStepEvent> events;
+    std::vector<EngineEvent> events;
     const auto step_start = clock_type::now();
     try {
       events = engine_.step();
@@ -242,8 +249,8 @@ void ServeScheduler::run() {
       throw;
     }
     const auto step_end = clock_type::now();
-    for (SequenceStepEvent& event : events) {
-      const auto found = active_.find(event.sequence_id);
+    for (const EngineEvent& event : events) {
+      const auto found = active_.find(event.id);
       if (found == active_.end()) continue;
       Active& active = *found->second;
       bool ended_by_token = false;
@@ -276,7 +283,7 @@ void ServeScheduler::run() {
       }
       const bool stopped = active.text.stopped();
       if (ended_by_token || stopped || event.finished) {
-        if (!event.finished) engine_.cancel(event.sequence_id);  // a stop string or <|im_end|> before the eos
+        if (!event.finished) engine_.cancel(event.id);  // a stop string or <|im_end|> before the eos
         finish(active, ended_by_token || stopped ? "stop" : "length");
         active_.erase(found);
       }
@@ -292,4 +299,4 @@ void ServeScheduler::run() {
   }
 }
 
-}  // namespace epic::cli
+}  // namespace epic

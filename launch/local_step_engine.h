@@ -1,0 +1,28 @@
+// The serve scheduler's engine when the model runs in the coordinator's own process (`epic serve` without
+// --workers): a GenerationEngine behind the StepEngine interface. A request's seed is mixed with id 0, so
+// it samples what `epic run` samples for one prompt with the same seed, wherever it lands in the batch.
+#pragma once
+
+#include "coordinator/step_engine.h"
+#include "worker/generation_engine.h"
+
+namespace epic::cli {
+
+// The request the worker's engine takes for one the scheduler hands over (shared with `epic worker`).
+SequenceRequest to_sequence_request(const EngineSequence& sequence);
+
+class LocalStepEngine final : public StepEngine {
+ public:
+  explicit LocalStepEngine(GenerationEngine& engine) : engine_(engine) {}
+  void admit(EngineSequence sequence) override { engine_.admit(to_sequence_request(sequence)); }
+  bool cancel(int64_t id) override { return engine_.cancel(id); }
+  bool idle() const override { return engine_.idle(); }
+  std::vector<EngineEvent> step() override;
+  int64_t live_sequences() const override { return engine_.live_sequences(); }
+  int64_t waiting_sequences() const override { return engine_.waiting_sequences(); }
+
+ private:
+  GenerationEngine& engine_;
+};
+
+}  // namespace epic::cli
