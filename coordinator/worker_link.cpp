@@ -235,7 +235,6 @@ std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& o
     return all || failed >= 0;
   };
   const bool in_time = s.run_until(settled, deadline);
-  s.drain();  // pending writes and reads are cancelled before `frames` and `replies` go
   if (failed < 0 && !in_time) {
     for (int r = 0; r < n; ++r)
       if (!replies[r]->done) {
@@ -244,6 +243,7 @@ std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& o
         break;
       }
   }
+  s.drain();  // pending writes and reads are cancelled (their handlers run) before `frames` and `replies` go
   if (failed >= 0)
     throw Error(ErrorCode::kCommunication, "worker rank " + std::to_string(failed) + " " + why);
   std::vector<wp::Message> messages;

@@ -2,12 +2,14 @@
 // backend: sequences admitted between steps, while others decode, get bitwise the tokens and prompt logits
 // they get alone (greedy and sampled); the tokens a step reports join up to each result; a sequence ends
 // exactly once; cancelling a live or waiting sequence drops it (its cache freed: the slot serves the next);
-// the live bound holds; bad admissions are refused.
+// the live bound holds; bad admissions are refused; a sequence resumed with the tokens it already produced
+// (epic serve after a worker job restart) goes on with exactly the tokens an uninterrupted run gives.
 #include "worker/generation_engine.h"
 
 #include <gtest/gtest.h>
 
 #include <map>
+#include <optional>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -118,6 +120,43 @@ TEST_F(Engine, CancelDropsALiveOrWaitingSequenceAndFreesItsSlot) {
   // An id may come back once its sequence is gone.
   engine.admit(request(1));
   EXPECT_TRUE(engine.cancel(1));
+}
+
+// epic serve resumes a sequence after its worker job died with the tokens it already streamed: they are
+// prefilled after the prompt, not reported again, and the sampler skips their draws. The tokens after them
+// must be bitwise those of an uninterrupted run, greedy and sampled.
+TEST_F(Engine, ResumedSequenceGoesOnAsIfUninterrupted) {
+  for (const double temperature : {0.0, 0.9}) {
+    SequenceRequest whole = request(4);
+    whole.want_prompt_logits = false;
+    whole.max_new_tokens = 10;
+    whole.sampling = {temperature, 0.95, 23};
+    const SequenceResult reference = alone(whole);
+    ASSERT_GE(reference.new_ids.size(), 3u);
+    for (const size_t already : {size_t{1}, reference.new_ids.size() - 1}) {
+      SCOPED_TRACE("temperature " + std::to_string(temperature) + ", resumed after " + std::to_string(already));
+      ModelRunner runner(*config_, *weights_, *backend_, runner_options(2));
+      GenerationEngine engine(runner, 2);
+      SequenceRequest resumed = whole;
+      resumed.resumed_ids.assign(reference.new_ids.begin(), reference.new_ids.begin() + already);
+      engine.admit(resumed);
+      engine.admit(request(2));  // company in the batch changes nothing
+      const PlannedStep plan = engine.next_step();
+      EXPECT_EQ(plan.rows, static_cast<int64_t>(whole.prompt.size() + already + request(2).prompt.size()));
+      std::vector<int32_t> reported;
+      std::optional<SequenceResult> finished;
+      while (!engine.idle())
+        for (SequenceStepEvent& event : engine.step()) {
+          if (event.sequence_id != whole.sequence_id) continue;
+          if (event.token) reported.push_back(*event.token);
+          if (event.finished) finished = std::move(event.finished);
+        }
+      const std::vector<int32_t> rest(reference.new_ids.begin() + already, reference.new_ids.end());
+      EXPECT_EQ(reported, rest);
+      ASSERT_TRUE(finished.has_value());
+      EXPECT_EQ(finished->new_ids, reference.new_ids);
+    }
+  }
 }
 
 TEST_F(Engine, RefusesBadAdmissions) {
