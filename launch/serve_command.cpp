@@ -87,7 +87,8 @@ std::vector<std::string> launcher_argv(const ServeArgs& args) {
   const std::string ranks = std::to_string(args.workers);
   std::vector<std::string> argv;
   if (kind == "srun") {
-    argv = {"srun", "--ntasks=" + ranks, "--kill-on-bad-exit=1", "--export=ALL,NCCL_NVLS_ENABLE=0"};
+    // pmix: Debian's and most distributions' OpenMPI speak PMIx only (launch/slurm/epic_run.sbatch).
+    argv = {"srun", "--mpi=pmix", "--ntasks=" + ranks, "--kill-on-bad-exit=1", "--export=ALL,NCCL_NVLS_ENABLE=0"};
     for (std::string& word : split_words(std::getenv("EPIC_SRUN_ARGS"))) argv.push_back(word);
   } else {
     argv = {"mpirun", "-np", ranks, "--bind-to", "none", "-x", "NCCL_NVLS_ENABLE=0"};

