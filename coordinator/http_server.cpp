@@ -77,6 +77,7 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
                                        body = std::move(body), headers = std::move(headers)]() mutable {
       if (self->answered_ || self->closed_) return;
       self->answered_ = true;
+      self->stop_watching();  // the answer's writes, then the next request's reads, take the socket
       self->write(self->head(status, content_type, headers, body.size(), self->keep_alive_) + body,
                   /*last=*/true);
     });
@@ -88,7 +89,7 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
       self->streaming_ = true;
       self->keep_alive_ = false;  // a stream ends its connection
       self->write(self->head(200, content_type, {{"Cache-Control", "no-cache"}}, std::nullopt, false), false);
-      self->watch_for_disconnect();
+      if (!self->watching_) self->watch_for_disconnect();
     });
   }
   void send(std::string chunk) override {
@@ -140,6 +141,9 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
     } catch (const std::exception& e) {
       respond(500, "application/json", error_body(std::string("internal error: ") + e.what()), {});
     }
+    // Until the answer starts (its respond() or start_stream() is posted behind this), a client that goes
+    // away is noticed too: a whole (non-streamed) completion is cancelled instead of computed for nobody.
+    if (!answered_ && !closed_) watch_for_disconnect();
   }
 
   void fail(int status, const std::string& message) {
@@ -188,13 +192,27 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
                      });
   }
 
-  // While a stream waits for tokens, a read on the socket ends as soon as the client goes away.
+  // While a request waits for its answer or a stream for tokens, a read on the socket ends as soon as the
+  // client goes away. A byte that does arrive (a pipelined next request) is kept for the next read, and the
+  // watch ends there.
   void watch_for_disconnect() {
-    stream_.socket().async_read_some(net::buffer(watch_byte_),
-                                     [self = shared_from_this()](beast::error_code error, size_t) {
-                                       if (error) return self->gone();
-                                       if (!self->ended_ && !self->closed_) self->watch_for_disconnect();
-                                     });
+    watching_ = true;
+    stream_.socket().async_read_some(
+        net::buffer(watch_byte_), [self = shared_from_this()](beast::error_code error, size_t bytes) {
+          self->watching_ = false;
+          if (error == net::error::operation_aborted && !self->closed_) return;  // stop_watching()
+          if (error) return self->gone();
+          if (bytes > 0 && !self->streaming_) {
+            self->buffer_.commit(net::buffer_copy(self->buffer_.prepare(bytes), net::buffer(self->watch_byte_, bytes)));
+            return;
+          }
+          if (!self->ended_ && !self->closed_) self->watch_for_disconnect();
+        });
+  }
+  void stop_watching() {
+    if (!watching_) return;
+    beast::error_code ignored;
+    stream_.socket().cancel(ignored);
   }
   void gone() {
     if (closed_) return;
@@ -218,6 +236,7 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
   std::deque<std::pair<std::string, bool>> queue_;
   std::function<void()> on_close_;
   char watch_byte_[1] = {0};
+  bool watching_ = false;  // a watch_for_disconnect read is pending
 };
 
 }  // namespace

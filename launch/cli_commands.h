@@ -73,6 +73,11 @@ struct RunArgs {
   std::string residency_state = "focus";
   // A budget of resident experts and how the rest are kept (launch/expert_budget.h); one process.
   ExpertStoreFlags expert_store;
+  // Prompt tokens a step feeds at most over all prefilling sequences (worker/generation_engine.h); 0: each
+  // prompt in one step.
+  int64_t prefill_chunk_tokens = 0;
+  // Positions the KV cache holds per worker for all live sequences together; 0: max-active x context.
+  int64_t kv_cache_tokens = 0;
 };
 
 struct PlanArgs {
@@ -229,6 +234,8 @@ struct ServeArgs {
   double heartbeat_seconds = 1;               // pings while idle
   int max_worker_restarts = 5;                // in a row without a step that went through
   std::vector<std::string> worker_flags;      // after `--`: passed to every `epic worker`
+  int64_t prefill_chunk_tokens = 512;  // a long prompt is fed over steps of this many tokens
+  int64_t kv_cache_tokens = 0;         // per worker; 0: max-active-sequences x max-context
   int64_t max_active_sequences = 64;
   int64_t max_context = 4096;
   int64_t max_queued = 256;

@@ -60,6 +60,8 @@ void check_cluster_flags(const RunArgs& args) {
   check_ep_transport_flag(args.ep_transport, args.backend);
   parse_residency_states(args.residency_state);  // a clear error before MPI starts
   check_expert_store_flags(args.expert_store);
+  check_int_flag("--prefill-chunk", args.prefill_chunk_tokens, 0, int64_t{1} << 30);
+  check_int_flag("--kv-cache-tokens", args.kv_cache_tokens, 0, int64_t{1} << 40);
 }
 
 void open_cluster_model(const RunArgs& args, Communicator& comm, ClusterModel& cluster) {
@@ -178,6 +180,7 @@ void load_cluster_model(const RunArgs& args, Communicator& comm, const wire::Run
   runner_options.max_sequences = args.max_active_sequences;
   runner_options.max_context = std::max<int64_t>(max_context, 1);
   runner_options.use_graphs = args.cuda_graphs;
+  runner_options.kv_cache_tokens = args.kv_cache_tokens;
   // One GPU worker computes its MoE blocks locally: device ops only, so decode steps can be captured
   // as graphs. Otherwise (several workers, the cpu reference, or a load profile to record, which
   // needs the per-expert row counts) the expert-parallel executor runs them.

@@ -177,6 +177,16 @@ void add_cluster_flags(CLI::App& command, RunArgs& args) {
       ->capture_default_str();
 
 
+  command.add_option("--prefill-chunk", args.prefill_chunk_tokens,
+                     "Prompt tokens a step feeds at most over all prefilling sequences, so long prompts do not "
+                     "stall running decodes (0: each prompt in one step)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  command.add_option("--kv-cache-tokens", args.kv_cache_tokens,
+                     "Positions each worker's KV cache holds for all live sequences together; a sequence joins "
+                     "only when its longest possible cache fits (0: max-active-sequences x the context)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
 }
 
 }  // namespace
@@ -237,6 +247,7 @@ int main(int argc, char** argv) {
   CLI::App* worker = app.add_subcommand(
       "worker", "One rank of the worker job epic serve drives (started by epic serve, or apart for --attach)");
   add_cluster_flags(*worker, worker_args.run);
+  worker_args.run.prefill_chunk_tokens = 512;  // a server's default (epic serve passes its own)
   worker->add_option("--coordinator", worker_args.coordinator, "HOST:PORT where epic serve listens for workers")
       ->required();
   worker->add_option("--max-context", worker_args.max_context, "Positions per sequence (epic serve's --max-context)")
@@ -526,6 +537,15 @@ int main(int argc, char** argv) {
                     "Restarts in a row without a completed step before the server gives up")
       ->capture_default_str()
       ->transform(strict_integer<int>());
+  serve->add_option("--prefill-chunk", serve_args.prefill_chunk_tokens,
+                    "Prompt tokens a step feeds at most, so long prompts do not stall running streams (0: whole)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  serve->add_option("--kv-cache-tokens", serve_args.kv_cache_tokens,
+                    "Positions each worker's KV cache holds for all live sequences; requests wait for room "
+                    "(0: max-active-sequences x max-context)")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
   serve->add_option("worker_flags", serve_args.worker_flags,
                     "After --: flags for every `epic worker` (epic run's model, exchange and placement flags)");
   serve

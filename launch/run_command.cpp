@@ -378,6 +378,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
   GenerationOptions generation;
   generation.max_active_sequences = args.max_active_sequences;
   generation.result_root = 0;
+  generation.prefill_chunk_tokens = args.prefill_chunk_tokens;
   // The sink runs on rank 0 only, the one rank with a printer.
   const auto generate = [&] {
     return run_generation(*runner, mine, *comm, generation,

@@ -61,6 +61,12 @@ void check_serve_flags(const ServeArgs& args) {
     if (!(seconds > 0 && seconds <= 7 * 24 * 3600))
       throw Error(ErrorCode::kInvalidArgument, std::string(flag) + " must be in (0, 604800] seconds");
   check_int_flag("--max-worker-restarts", args.max_worker_restarts, 0, 1000000);
+  check_int_flag("--prefill-chunk", args.prefill_chunk_tokens, 0, int64_t{1} << 30);
+  if (args.kv_cache_tokens != 0 && args.kv_cache_tokens < args.max_context)
+    throw Error(ErrorCode::kInvalidArgument,
+                "--kv-cache-tokens " + std::to_string(args.kv_cache_tokens) + " is below --max-context " +
+                    std::to_string(args.max_context) +
+                    ": a request of the full context could never run; give at least --max-context (or 0)");
   check_int_flag("--max-active-sequences", args.max_active_sequences, 1, kMaxActiveSequencesBound);
   check_int_flag("--max-context", args.max_context, 2, int64_t{1} << 20);
   check_int_flag("--max-queued", args.max_queued, 1, int64_t{1} << 20);
@@ -112,7 +118,9 @@ WorkerJobOptions worker_job_options(const ServeArgs& args, const ModelConfig& co
     options.executable = this_executable();
     options.worker_args = {"--model", args.model_dir, "--backend", args.backend, "--precision", args.precision,
                            "--max-active-sequences", std::to_string(args.max_active_sequences),
-                           "--max-context", std::to_string(args.max_context)};
+                           "--max-context", std::to_string(args.max_context), "--prefill-chunk",
+                           std::to_string(args.prefill_chunk_tokens), "--kv-cache-tokens",
+                           std::to_string(args.kv_cache_tokens)};
     if (args.device) options.worker_args.insert(options.worker_args.end(), {"--device", std::to_string(*args.device)});
     if (args.allow_missing_experts) options.worker_args.push_back("--allow-missing-experts");
     options.worker_args.insert(options.worker_args.end(), args.worker_flags.begin(), args.worker_flags.end());
@@ -241,8 +249,9 @@ int serve_command(const ServeArgs& args) {
     runner_options.activation_type = chosen.activation_type;
     runner_options.max_sequences = args.max_active_sequences;
     runner_options.max_context = args.max_context;
+    runner_options.kv_cache_tokens = args.kv_cache_tokens;
     runner.emplace(model.config, weights, *chosen.backend, runner_options);
-    generation.emplace(*runner, args.max_active_sequences);
+    generation.emplace(*runner, args.max_active_sequences, args.prefill_chunk_tokens);
     local.emplace(*generation);
     engine = &*local;
     description = chosen.description;

@@ -71,7 +71,7 @@ int serve_as_worker(const WorkerArgs& args, Communicator& comm) {
   });
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");
   load_cluster_model(run, comm, plan, args.max_context, cluster);
-  GenerationEngine engine(*cluster.runner, run.max_active_sequences);
+  GenerationEngine engine(*cluster.runner, run.max_active_sequences, run.prefill_chunk_tokens);
 
   const auto [host, port] = parse_host_port(args.coordinator, "--coordinator");
   std::unique_ptr<CoordinatorLink> link;

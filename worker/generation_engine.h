@@ -1,8 +1,11 @@
 // One worker's sequences as an engine its driver advances a step at a time (issue 11: the coordinator
 // drives the step loop instead of running a closed one). Sequences are admitted at any time and wait in
 // order; each step first lets waiting sequences join the running batch (up to max_active_sequences live,
-// each with its KV cache), prefills the ones that joined and decodes the rest, and reports every token
-// produced, so a server can stream them; a sequence that ends (an end-of-sequence id or max_new_tokens)
+// and only while the KV cache can hold the longest each may grow to), prefills the ones that joined and
+// decodes the rest, and reports every token produced, so a server can stream them. With a prefill chunk,
+// a step feeds at most that many prompt tokens over all prefilling sequences (a long prompt is fed over
+// several steps) while every decoding sequence still takes its one token, so a long prompt never stalls
+// the running decodes; a sequence that ends (an end-of-sequence id or max_new_tokens)
 // leaves with its result and its cache freed at once, and one can be cancelled between steps. Every row is
 // computed on its own, so what else is in the batch never changes a sequence's tokens.
 //
@@ -49,15 +52,16 @@ StepAgreement agree_on_step(Communicator& comm, const PlannedStep& plan, uint64_
 
 class GenerationEngine {
  public:
-  // max_active_sequences in [1, kMaxActiveSequencesBound] (Error(kInvalidArgument) otherwise). The runner
-  // must outlive the engine.
-  GenerationEngine(ModelRunner& runner, int64_t max_active_sequences);
+  // max_active_sequences in [1, kMaxActiveSequencesBound], prefill_chunk_tokens >= 0 (0: a prompt in one
+  // step) (Error(kInvalidArgument) otherwise). The runner must outlive the engine.
+  GenerationEngine(ModelRunner& runner, int64_t max_active_sequences, int64_t prefill_chunk_tokens = 0);
   ~GenerationEngine();
   GenerationEngine(const GenerationEngine&) = delete;
   GenerationEngine& operator=(const GenerationEngine&) = delete;
 
-  // Queues a sequence behind those waiting. Error(kInvalidArgument) for an empty prompt or a sequence id
-  // that is waiting or live already (results are told apart by id).
+  // Queues a sequence behind those waiting. Error(kInvalidArgument) for an empty prompt, a sequence id
+  // that is waiting or live already (results are told apart by id), or one whose prompt plus
+  // max_new_tokens exceeds the whole KV cache (it could never join).
   void admit(SequenceRequest request);
   // Drops a waiting or live sequence (its cache freed, no result); false when the id is neither.
   bool cancel(int64_t sequence_id);
@@ -78,9 +82,19 @@ class GenerationEngine {
 
  private:
   struct LiveSequence;
+  // The coming step: how many waiting sequences join, and the rows each live then joining sequence feeds
+  // (0: it sits the step out, its prompt waiting for the chunk budget).
+  struct Layout {
+    int64_t joining = 0;
+    std::vector<int64_t> rows;
+  };
+  Layout layout() const;
+  // Blocks of the KV cache a sequence may come to hold (prompt and every new token).
+  static int64_t blocks_needed(const SequenceRequest& request);
 
   ModelRunner& runner_;
   int64_t max_active_sequences_;
+  int64_t prefill_chunk_tokens_;
   std::deque<SequenceRequest> waiting_;
   std::vector<std::unique_ptr<LiveSequence>> live_;  // in admission order
   std::unordered_set<int64_t> known_ids_;            // waiting or live

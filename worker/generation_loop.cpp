@@ -183,7 +183,7 @@ GenerationStats run_generation(ModelRunner& runner, std::span<const SequenceRequ
   EPIC_CHECK(options.result_root >= 0 && options.result_root < comm.size(), ErrorCode::kInvalidArgument,
              "result root " + std::to_string(options.result_root) + " is not a rank of this " +
                  std::to_string(comm.size()) + "-rank job");
-  GenerationEngine engine(runner, options.max_active_sequences);
+  GenerationEngine engine(runner, options.max_active_sequences, options.prefill_chunk_tokens);
   for (const SequenceRequest& sequence : sequences) engine.admit(sequence);
 
   std::vector<SequenceResult> finished;  // in the last step, not yet at the root

@@ -60,6 +60,7 @@ constexpr int64_t kMaxActiveSequencesBound = int64_t{1} << 20;
 struct GenerationOptions {
   int64_t max_active_sequences = kDefaultMaxActiveSequences;  // in [1, kMaxActiveSequencesBound], per worker
   int result_root = 0;                                        // the rank whose sink receives results
+  int64_t prefill_chunk_tokens = 0;  // prompt tokens a step feeds at most (GenerationEngine); 0: whole prompts
 };
 
 // Receives, on the result root only, each finished sequence of every worker, one step after the

@@ -45,10 +45,12 @@ ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights,
              "the model runner needs at least one sequence of at least one position");
   if (executor == nullptr) local_executor_ = std::make_unique<LocalMoeExecutor>(config, weights, backend);
   executor_ = executor != nullptr ? executor : local_executor_.get();
-  // Every live sequence at the longest context, plus the padding block.
-  const int64_t blocks = options.max_sequences * KvCachePool::blocks_for(options.max_context) + 1;
-  kv_pool_ =
-      std::make_unique<KvCachePool>(backend, config, options.activation_type, std::max<int64_t>(blocks, 2));
+  EPIC_CHECK(options.kv_cache_tokens >= 0, ErrorCode::kInvalidArgument, "--kv-cache-tokens must be >= 0");
+  // Every live sequence at the longest context (or the given budget), plus the padding block.
+  kv_cache_blocks_ = options.kv_cache_tokens > 0 ? KvCachePool::blocks_for(options.kv_cache_tokens)
+                                                 : options.max_sequences * KvCachePool::blocks_for(options.max_context);
+  kv_cache_blocks_ = std::max<int64_t>(kv_cache_blocks_, 1);
+  kv_pool_ = std::make_unique<KvCachePool>(backend, config, options.activation_type, kv_cache_blocks_ + 1);
 }
 
 ModelRunner::~ModelRunner() = default;

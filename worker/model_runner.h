@@ -80,6 +80,10 @@ struct RunnerOptions {
   int64_t max_context = 4096;                     // positions per sequence (prompt + new tokens)
   bool use_graphs = true;                         // capture decode steps where the backend can
   int64_t max_graph_batch = 512;                  // the largest decode batch captured
+  // Positions the KV cache holds for all live sequences together (rounded up to whole blocks); 0: every
+  // live sequence at max_context. A smaller pool serves many short sequences in the memory of a few long
+  // ones; GenerationEngine admits a sequence only when its longest possible cache fits what is left.
+  int64_t kv_cache_tokens = 0;
 };
 
 class ModelRunner {
@@ -131,6 +135,8 @@ class ModelRunner {
   const ModelConfig& config() const { return config_; }
   const RunnerOptions& options() const { return options_; }
   size_t kv_cache_bytes() const { return kv_pool_->bytes(); }
+  // Blocks of kKvBlockSize positions the live sequences can hold together (the padding block excluded).
+  int64_t kv_cache_blocks() const { return kv_cache_blocks_; }
   size_t workspace_bytes() const { return workspace_.bytes(); }
   int64_t graph_replays() const { return graph_replays_; }
 
@@ -146,6 +152,7 @@ class ModelRunner {
   RunnerOptions options_;
   std::unique_ptr<MoeExecutor> local_executor_;
   MoeExecutor* executor_;
+  int64_t kv_cache_blocks_ = 0;
   std::unique_ptr<KvCachePool> kv_pool_;
   Workspace workspace_;
   std::unique_ptr<Buffer> table_staging_;                    // host copy of the step tables (pinned for cuda)

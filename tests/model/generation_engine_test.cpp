@@ -159,6 +159,77 @@ TEST_F(Engine, ResumedSequenceGoesOnAsIfUninterrupted) {
   }
 }
 
+// A long prompt fed in chunks of a few tokens a step: its tokens and prompt logits are bitwise those of a
+// prompt fed at once, and a sequence already decoding gets its token every step meanwhile (no stall).
+TEST_F(Engine, ChunkedPrefillKeepsResultsAndNeverStallsDecodes) {
+  SequenceRequest long_prompt = request(8);
+  long_prompt.prompt.clear();
+  for (int32_t t = 0; t < 11; ++t) long_prompt.prompt.push_back(static_cast<int32_t>(13 * t + 5));
+  long_prompt.want_prompt_logits = true;
+  long_prompt.max_new_tokens = 4;
+  SequenceRequest short_prompt = request(3);
+  short_prompt.max_new_tokens = 12;
+  const SequenceResult long_alone = alone(long_prompt), short_alone = alone(short_prompt);
+
+  ModelRunner runner(*config_, *weights_, *backend_, runner_options(2));
+  GenerationEngine engine(runner, 2, /*prefill_chunk_tokens=*/4);
+  engine.admit(short_prompt);
+  std::map<int64_t, std::vector<int32_t>> streamed;
+  std::map<int64_t, SequenceResult> results;
+  const auto run_step = [&] {
+    std::map<int64_t, bool> got_token;
+    for (SequenceStepEvent& event : engine.step()) {
+      if (event.token) streamed[event.sequence_id].push_back(*event.token), got_token[event.sequence_id] = true;
+      if (event.finished) results[event.sequence_id] = std::move(*event.finished);
+    }
+    return got_token;
+  };
+  ASSERT_LE(short_prompt.prompt.size(), 4u);
+  run_step();  // the short prompt's prefill (within the chunk)
+  engine.admit(long_prompt);
+  // 11 prompt tokens at 4 a step: 3 steps of prefill, the first token at the 3rd; the short sequence decodes
+  // in each of them.
+  for (int step = 1; step <= 3; ++step) {
+    const PlannedStep plan = engine.next_step();
+    EXPECT_EQ(plan.rows, 1 + (step < 3 ? 4 : 3)) << "step " << step;
+    EXPECT_FALSE(plan.decode_only);
+    const auto got = run_step();
+    EXPECT_TRUE(got.count(short_prompt.sequence_id)) << "the decoding sequence stalled at step " << step;
+    EXPECT_EQ(got.count(long_prompt.sequence_id), step == 3 ? 1u : 0u) << "step " << step;
+  }
+  while (!engine.idle()) run_step();
+  EXPECT_EQ(results.at(long_prompt.sequence_id).new_ids, long_alone.new_ids);
+  EXPECT_EQ(results.at(long_prompt.sequence_id).prompt_logits, long_alone.prompt_logits);
+  EXPECT_EQ(results.at(short_prompt.sequence_id).new_ids, short_alone.new_ids);
+  EXPECT_EQ(streamed[long_prompt.sequence_id], long_alone.new_ids);
+}
+
+// A KV cache of a few blocks: sequences join only while their longest caches fit together, the rest wait
+// (and then run to the same tokens); one that could never fit is refused at admission.
+TEST_F(Engine, KvCacheBudgetHoldsSequencesBackUntilTheyFit) {
+  RunnerOptions options = runner_options(4);
+  options.kv_cache_tokens = 2 * kKvBlockSize;  // two sequences of at most one block each
+  ModelRunner runner(*config_, *weights_, *backend_, options);
+  GenerationEngine engine(runner, 4);
+  std::map<int64_t, SequenceResult> expected;
+  for (int64_t id = 0; id < 5; ++id) {
+    SequenceRequest sequence = request(id);
+    sequence.want_prompt_logits = false;
+    engine.admit(sequence);
+    expected[id] = alone(sequence);
+  }
+  std::map<int64_t, SequenceResult> results;
+  for (int guard = 0; !engine.idle() && guard < 200; ++guard)
+    for (SequenceStepEvent& event : engine.step())
+      if (event.finished) results[event.sequence_id] = std::move(*event.finished);
+  EXPECT_EQ(engine.stats().most_active_sequences, 2);
+  for (auto& [id, result] : expected) EXPECT_EQ(results.at(id).new_ids, result.new_ids) << "sequence " << id;
+  SequenceRequest too_long = request(9);
+  too_long.max_new_tokens = 3 * kKvBlockSize;
+  EXPECT_THROW(engine.admit(too_long), Error);
+  EXPECT_THROW(GenerationEngine(runner, 2, -1), Error);
+}
+
 TEST_F(Engine, RefusesBadAdmissions) {
   ModelRunner runner(*config_, *weights_, *backend_, runner_options(2));
   GenerationEngine engine(runner, 2);

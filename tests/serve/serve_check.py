@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_harness import (NAME, Server, check, finish, prompt_ids_file, run_texts, trained_model)  # noqa: E402
+from serve_harness import (NAME, Server, check, report, prompt_ids_file, run_texts, trained_model)  # noqa: E402
 
 epic, repo = sys.argv[1], sys.argv[2]
 work, model = trained_model(repo)
@@ -216,6 +216,24 @@ for _ in range(100):
         break
     time.sleep(0.1)
 check(cancelled, "a client leaving mid-stream is cancelled (counted in /metrics)")
+
+# A client that leaves while its whole (non-streamed) completion is computed: cancelled too.
+cancelled_before = cancelled_count()
+sock = socket.create_connection(("127.0.0.1", port))
+payload = json.dumps({"model": NAME, "prompt": prompts[0], "max_tokens": 200, "temperature": 0.9, "seed": 2}).encode()
+sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " +
+             str(len(payload)).encode() + b"\r\n\r\n" + payload)
+time.sleep(0.2)  # the request is in the batch
+sock.close()
+cancelled = False
+for _ in range(100):
+    if cancelled_count() > cancelled_before:
+        cancelled = True
+        break
+    time.sleep(0.1)
+check(cancelled, "a client leaving before its whole completion is cancelled (counted in /metrics)")
+status, body = complete(prompts[1], temperature=0)
+check(status == 200 and body["choices"][0]["text"] == greedy[1], "keep-alive requests still answered after that")
 _, headers, metrics = request("GET", "/metrics")
 check("epic_time_to_first_token_seconds_bucket" in metrics and "epic_generation_tokens_total" in metrics,
       "/metrics has the request, token and latency figures")
@@ -231,4 +249,4 @@ else:
 code = server.stop()
 check(code == 0, f"SIGTERM: exit 0 (got {code})")
 shutil.rmtree(work, ignore_errors=True)
-finish("serve check")
+report("serve check")

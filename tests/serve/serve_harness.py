@@ -23,7 +23,7 @@ def check(condition, what):
         failures.append(what)
 
 
-def finish(name):
+def report(name):
     print(f"{name}: " + ("PASSED" if not failures else f"FAILED ({len(failures)}): " + "; ".join(failures)))
     sys.exit(1 if failures else 0)
 

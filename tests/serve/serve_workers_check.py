@@ -26,7 +26,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from serve_harness import (NAME, Server, check, finish, prompt_ids_file, run_texts, trained_model)  # noqa: E402
+from serve_harness import (NAME, Server, check, report, prompt_ids_file, run_texts, trained_model)  # noqa: E402
 
 epic, repo = sys.argv[1], sys.argv[2]
 if shutil.which("mpirun") is None:
@@ -40,7 +40,8 @@ if os.geteuid() == 0:
 work, model = trained_model(repo)
 common = ["--model", model, "--allow-missing-experts", "--backend", "cpu"]
 serve_flags = [*common, "--served-model-name", NAME, "--port", "0", "--max-context", "256",
-               "--max-active-sequences", "4", "--heartbeat", "0.5", "--worker-step-timeout", "60"]
+               "--max-active-sequences", "4", "--heartbeat", "0.5", "--worker-step-timeout", "60",
+               "--prefill-chunk", "3", "--kv-cache-tokens", "512"]
 
 prompts = ["def main():", "import os\n", "class Node:"]
 ids_file, ids = prompt_ids_file(epic, model, work, prompts)
@@ -235,4 +236,4 @@ refused(["--workers", "2", "--worker-start-timeout", "60", "--", "--no-such-flag
 refused(["--workers", "-1"], 2, "--workers", "--workers -1")
 
 shutil.rmtree(work, ignore_errors=True)
-finish("serve workers check")
+report("serve workers check")
