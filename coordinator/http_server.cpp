@@ -35,11 +35,31 @@ std::string error_body(const std::string& message) {
 
 class Session;
 
-// The open connections, for stop(); shared so that a session ending late still finds it.
+// One call on an HttpExchange, queued in the order the calls were made.
+struct AnswerOp {
+  enum Kind { kRespond, kStartStream, kSend, kEnd } kind = kSend;
+  int status = 0;
+  std::string content_type;
+  std::string body;  // a response's body, or a stream's chunk
+  std::vector<std::pair<std::string, std::string>> headers;
+};
+using QueuedOps = std::vector<std::pair<std::shared_ptr<Session>, AnswerOp>>;
+
+// The open connections, for stop(); shared so that a session ending late still finds it. Also the outbox:
+// every exchange call from any thread, in call order, applied by one posted drain (a step that sends a
+// token to every stream wakes the I/O thread once, not once per stream).
 struct Registry {
   std::mutex mutex;
   std::set<Session*> sessions;
+  std::mutex outbox_mutex;
+  QueuedOps outbox;
+  bool drain_posted = false;
 };
+
+void drain_outbox(const std::shared_ptr<Registry>& registry);
+
+// The calls an HttpSendBatch on this thread holds back until it ends.
+thread_local QueuedOps* batch_ops = nullptr;
 
 class Session : public HttpExchange, public std::enable_shared_from_this<Session> {
  public:
@@ -70,44 +90,35 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
     stream_.socket().close(ignored);
   }
 
-  // ---- HttpExchange (any thread: everything is posted to the I/O thread) ----
+  // ---- HttpExchange (any thread) ----
+  // Every call goes into the session's outbox, in call order, and the I/O thread applies the outbox in that
+  // order. (Posting each call to the io_context instead loses the order across threads: Asio runs what the
+  // I/O thread posts for itself, e.g. start_stream from the handler, only after the current handler, while a
+  // post from the scheduler thread in between goes straight into the queue: an end() could overtake its
+  // stream's start and be dropped, leaving the client waiting forever.)
   void respond(int status, const std::string& content_type, std::string body,
                std::vector<std::pair<std::string, std::string>> headers) override {
-    net::post(stream_.get_executor(), [self = shared_from_this(), status, content_type,
-                                       body = std::move(body), headers = std::move(headers)]() mutable {
-      if (self->answered_ || self->closed_) return;
-      self->answered_ = true;
-      self->stop_watching();  // the answer's writes, then the next request's reads, take the socket
-      self->write(self->head(status, content_type, headers, body.size(), self->keep_alive_) + body,
-                  /*last=*/true);
-    });
+    enqueue({AnswerOp::kRespond, status, content_type, std::move(body), std::move(headers)});
   }
   void start_stream(const std::string& content_type) override {
-    net::post(stream_.get_executor(), [self = shared_from_this(), content_type] {
-      if (self->answered_ || self->closed_) return;
-      self->answered_ = true;
-      self->streaming_ = true;
-      self->keep_alive_ = false;  // a stream ends its connection
-      self->write(self->head(200, content_type, {{"Cache-Control", "no-cache"}}, std::nullopt, false), false);
-      if (!self->watching_) self->watch_for_disconnect();
-    });
+    enqueue({AnswerOp::kStartStream, 200, content_type, {}, {}});
   }
   void send(std::string chunk) override {
     if (chunk.empty()) return;  // an empty chunk would end the stream
-    net::post(stream_.get_executor(), [self = shared_from_this(), chunk = std::move(chunk)] {
-      if (!self->streaming_ || self->ended_ || self->closed_) return;
-      std::ostringstream size;
-      size << std::hex << chunk.size();
-      self->write(size.str() + "\r\n" + chunk + "\r\n", false);
-    });
+    enqueue({AnswerOp::kSend, 0, {}, std::move(chunk), {}});
   }
-  void end() override {
-    net::post(stream_.get_executor(), [self = shared_from_this()] {
-      if (!self->streaming_ || self->ended_ || self->closed_) return;
-      self->ended_ = true;
-      self->write("0\r\n\r\n", true);
-    });
+  void end() override { enqueue({AnswerOp::kEnd, 0, {}, {}, {}}); }
+
+  // On the I/O thread: one queued call.
+  void apply(AnswerOp& op) {
+    switch (op.kind) {
+      case AnswerOp::kRespond: apply_respond(op); break;
+      case AnswerOp::kStartStream: apply_start_stream(op.content_type); break;
+      case AnswerOp::kSend: apply_send(op.body); break;
+      case AnswerOp::kEnd: apply_end(); break;
+    }
   }
+
   bool closed() const override { return closed_; }
   void on_close(std::function<void()> callback) override {
     net::post(stream_.get_executor(), [self = shared_from_this(), callback = std::move(callback)]() mutable {
@@ -120,6 +131,66 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
   }
 
  private:
+  void enqueue(AnswerOp op) {
+    if (batch_ops != nullptr) {  // an HttpSendBatch is open on this thread: handed over when it ends
+      batch_ops->emplace_back(shared_from_this(), std::move(op));
+      return;
+    }
+    QueuedOps one;
+    one.emplace_back(shared_from_this(), std::move(op));
+    hand_over(registry_, one);
+  }
+
+ public:
+  // Appends `ops` to the outbox (one lock) and posts the drain unless one is pending.
+  static void hand_over(const std::shared_ptr<Registry>& registry, QueuedOps& ops) {
+    if (ops.empty()) return;
+    net::any_io_executor executor = ops.front().first->stream_.get_executor();
+    bool post = false;
+    {
+      std::lock_guard<std::mutex> lock(registry->outbox_mutex);
+      for (auto& op : ops) registry->outbox.push_back(std::move(op));
+      post = !registry->drain_posted;
+      registry->drain_posted = true;
+    }
+    ops.clear();
+    if (post) net::post(executor, [registry] { drain_outbox(registry); });
+  }
+  const std::shared_ptr<Registry>& registry() const { return registry_; }
+
+ private:
+  void apply_respond(AnswerOp& op) {
+    if (answered_ || closed_) return;
+    answered_ = true;
+    stop_watching();  // the answer's writes, then the next request's reads, take the socket
+    write(head(op.status, op.content_type, op.headers, op.body.size(), keep_alive_) + op.body, /*last=*/true);
+  }
+  void apply_start_stream(const std::string& content_type) {
+    if (answered_ || closed_) return;
+    answered_ = true;
+    streaming_ = true;
+    keep_alive_ = false;  // a stream ends its connection
+    write(head(200, content_type, {{"Cache-Control", "no-cache"}}, std::nullopt, false), false);
+    if (!watching_) watch_for_disconnect();
+  }
+  // One chunk of the stream, in HTTP chunked encoding.
+  void apply_send(const std::string& chunk) {
+    if (!streaming_ || ended_ || closed_) return;
+    char size[24];
+    const int length = std::snprintf(size, sizeof(size), "%zx\r\n", chunk.size());
+    std::string bytes;
+    bytes.reserve(static_cast<size_t>(length) + chunk.size() + 2);
+    bytes.append(size, static_cast<size_t>(length));
+    bytes += chunk;
+    bytes += "\r\n";
+    write(std::move(bytes), false);
+  }
+  void apply_end() {
+    if (!streaming_ || ended_ || closed_) return;
+    ended_ = true;
+    write("0\r\n\r\n", true);
+  }
+
   void on_read(beast::error_code error) {
     if (error == http::error::end_of_stream || error == net::error::eof || closed_) return close_now();
     if (error == http::error::body_limit)
@@ -165,9 +236,15 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
     return text + "\r\n";
   }
 
-  // Queues bytes; `last`: the answer is complete after them (then read the next request or close).
+  // Queues bytes; `last`: the answer is complete after them (then read the next request or close). Bytes
+  // behind the write in flight join one buffer, so a slow client gets one write for what piled up.
   void write(std::string bytes, bool last) {
-    queue_.push_back({std::move(bytes), last});
+    if (queue_.size() > 1 && !queue_.back().second) {
+      queue_.back().first += bytes;
+      queue_.back().second = last;
+    } else {
+      queue_.push_back({std::move(bytes), last});
+    }
     if (!writing_) write_next();
   }
   void write_next() {
@@ -237,9 +314,42 @@ class Session : public HttpExchange, public std::enable_shared_from_this<Session
   std::function<void()> on_close_;
   char watch_byte_[1] = {0};
   bool watching_ = false;  // a watch_for_disconnect read is pending
+
 };
 
+void drain_outbox(const std::shared_ptr<Registry>& registry) {
+  QueuedOps ops;
+  {
+    std::lock_guard<std::mutex> lock(registry->outbox_mutex);
+    ops.swap(registry->outbox);
+    registry->drain_posted = false;
+  }
+  for (auto& [session, op] : ops) session->apply(op);
+}
+
 }  // namespace
+
+HttpSendBatch::HttpSendBatch() {
+  if (batch_ops == nullptr) {
+    ops_ = new QueuedOps;
+    batch_ops = static_cast<QueuedOps*>(ops_);
+  }
+}
+
+HttpSendBatch::~HttpSendBatch() {
+  if (ops_ == nullptr) return;  // an inner batch: the outer one hands over
+  auto* ops = static_cast<QueuedOps*>(ops_);
+  batch_ops = nullptr;
+  // Calls on several servers' exchanges: each server's own outbox, in order within each.
+  while (!ops->empty()) {
+    const std::shared_ptr<Registry> registry = ops->front().first->registry();
+    QueuedOps mine, others;
+    for (auto& op : *ops) (op.first->registry() == registry ? mine : others).push_back(std::move(op));
+    Session::hand_over(registry, mine);
+    ops->swap(others);
+  }
+  delete ops;
+}
 
 struct HttpServer::Impl {
   HttpServerOptions options;

@@ -42,6 +42,20 @@ class HttpExchange {
 
 using HttpHandler = std::function<void(const HttpRequest& request, std::shared_ptr<HttpExchange> exchange)>;
 
+// While one is alive on a thread, the HttpExchange calls that thread makes are held back and handed to the
+// I/O thread together when it ends (one lock, one wake-up), still in call order: the scheduler opens one
+// around each step's tokens. Nested batches hand over with the outermost.
+class HttpSendBatch {
+ public:
+  HttpSendBatch();
+  ~HttpSendBatch();
+  HttpSendBatch(const HttpSendBatch&) = delete;
+  HttpSendBatch& operator=(const HttpSendBatch&) = delete;
+
+ private:
+  void* ops_ = nullptr;  // the calls held back (owned by the outermost batch)
+};
+
 struct HttpServerOptions {
   std::string host = "127.0.0.1";
   uint16_t port = 8000;  // 0: any free port (port() says which)

@@ -323,6 +323,16 @@ std::string render_qwen_chat(const std::vector<ChatMessage>& messages) {
   return text + "<|im_start|>assistant\n";
 }
 
+namespace {
+
+json usage_json(const Usage& usage) {
+  return {{"prompt_tokens", usage.prompt_tokens},
+          {"completion_tokens", usage.completion_tokens},
+          {"total_tokens", usage.prompt_tokens + usage.completion_tokens}};
+}
+
+}  // namespace
+
 json completion_response(const CompletionRequest& request, const std::string& id, int64_t created,
                          const std::string& text, const std::string& finish_reason, const Usage& usage) {
   json choice = {{"index", 0}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
@@ -336,10 +346,7 @@ json completion_response(const CompletionRequest& request, const std::string& id
           {"created", created},
           {"model", request.model},
           {"choices", json::array({choice})},
-          {"usage",
-           {{"prompt_tokens", usage.prompt_tokens},
-            {"completion_tokens", usage.completion_tokens},
-            {"total_tokens", usage.prompt_tokens + usage.completion_tokens}}}};
+          {"usage", usage_json(usage)}};
 }
 
 json completion_chunk(const CompletionRequest& request, const std::string& id, int64_t created,
@@ -369,10 +376,56 @@ json usage_chunk(const CompletionRequest& request, const std::string& id, int64_
           {"created", created},
           {"model", request.model},
           {"choices", json::array()},
-          {"usage",
-           {{"prompt_tokens", usage.prompt_tokens},
-            {"completion_tokens", usage.completion_tokens},
-            {"total_tokens", usage.prompt_tokens + usage.completion_tokens}}}};
+          {"usage", usage_json(usage)}};
+}
+
+void append_json_escaped(std::string& out, std::string_view text) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  for (const char c : text) {
+    const auto byte = static_cast<unsigned char>(c);
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        if (byte < 0x20) {
+          out += "\\u00";
+          out += kHex[byte >> 4];
+          out += kHex[byte & 15];
+        } else {
+          out += c;
+        }
+    }
+  }
+}
+
+StreamChunkFormat::StreamChunkFormat(const CompletionRequest& request, const std::string& id, int64_t created) {
+  const std::string head = "data: {\"id\":" + json(id).dump() + ",\"object\":\"" +
+                           (request.chat ? "chat.completion.chunk" : "text_completion") +
+                           "\",\"created\":" + std::to_string(created) + ",\"model\":" + json(request.model).dump() +
+                           ",\"choices\":[{\"index\":0,\"logprobs\":null,\"finish_reason\":null,";
+  if (request.chat) {
+    prefix_ = head + "\"delta\":{\"content\":\"";
+    first_prefix_ = head + "\"delta\":{\"role\":\"assistant\",\"content\":\"";
+    suffix_ = "\"}}]}\n\n";
+  } else {
+    prefix_ = first_prefix_ = head + "\"text\":\"";
+    suffix_ = "\"}]}\n\n";
+  }
+}
+
+std::string StreamChunkFormat::event(std::string_view text, bool first) const {
+  const std::string& prefix = first ? first_prefix_ : prefix_;
+  std::string out;
+  out.reserve(prefix.size() + text.size() + 8 + suffix_.size());
+  out += prefix;
+  append_json_escaped(out, text);
+  out += suffix_;
+  return out;
 }
 
 std::string sse_event(const json& data) { return "data: " + data.dump() + "\n\n"; }

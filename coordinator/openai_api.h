@@ -97,6 +97,23 @@ nlohmann::json completion_chunk(const CompletionRequest& request, const std::str
                                 bool first);
 nlohmann::json usage_chunk(const CompletionRequest& request, const std::string& id, int64_t created,
                            const Usage& usage);
+// A streamed request's token chunks, rendered without building JSON objects: the JSON around the text is
+// the same for every chunk of a request, so it is rendered once and only the text is escaped per token (the
+// hot path of a stream). Each event equals completion_chunk(request, id, created, text, nullopt, first) as
+// JSON (the keys in another order).
+class StreamChunkFormat {
+ public:
+  StreamChunkFormat(const CompletionRequest& request, const std::string& id, int64_t created);
+  // "data: {...}\n\n" of one chunk carrying `text` (valid UTF-8), finish_reason null.
+  std::string event(std::string_view text, bool first) const;
+
+ private:
+  std::string prefix_, first_prefix_, suffix_;
+};
+// `text` as the inside of a JSON string: quote, backslash and control characters escaped; other bytes as
+// they are (the text is valid UTF-8).
+void append_json_escaped(std::string& out, std::string_view text);
+
 // "data: {json}\n\n"; the end of a stream is sse_done() = "data: [DONE]\n\n".
 std::string sse_event(const nlohmann::json& data);
 std::string sse_done();

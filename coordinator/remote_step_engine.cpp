@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "coordinator/prometheus_text.h"
 #include "kernels/error.h"
 
 namespace epic {
@@ -15,7 +16,37 @@ RemoteStepEngine::RemoteStepEngine(WorkerJob& job, RemoteEngineOptions options)
   EPIC_CHECK(job_.ranks() > 0, ErrorCode::kInternal, "RemoteStepEngine needs a started worker job");
   pending_admit_.resize(job_.ranks());
   pending_cancel_.resize(job_.ranks());
-  load_.resize(job_.ranks());
+  reset_rank_views();
+}
+
+void RemoteStepEngine::reset_rank_views() {
+  std::lock_guard<std::mutex> lock(load_mutex_);
+  load_.assign(job_.ranks(), {});
+  expert_load_.assign(job_.ranks(), {});
+  kv_capacity_.clear();
+  for (const wp::Hello& hello : job_.hellos()) kv_capacity_.push_back(hello.kv_capacity_tokens);
+}
+
+void RemoteStepEngine::note_expert_rows(int rank, const std::map<int64_t, std::vector<int64_t>>& cumulative) {
+  const auto now = std::chrono::steady_clock::now();
+  std::lock_guard<std::mutex> lock(load_mutex_);
+  ExpertLoad& load = expert_load_[rank];
+  if (load.at != std::chrono::steady_clock::time_point{}) {
+    load.window.clear();
+    for (const auto& [layer, rows] : cumulative) {
+      std::vector<int64_t>& window = load.window[layer];
+      window.assign(rows.size(), 0);
+      const auto before = load.cumulative.find(layer);
+      for (size_t e = 0; e < rows.size(); ++e) {
+        const int64_t earlier =
+            before != load.cumulative.end() && e < before->second.size() ? before->second[e] : 0;
+        window[e] = std::max<int64_t>(rows[e] - earlier, 0);
+      }
+    }
+    load.window_seconds = std::chrono::duration<double>(now - load.at).count();
+  }
+  load.at = now;
+  load.cumulative = cumulative;
 }
 
 int RemoteStepEngine::least_loaded_rank() const {
@@ -108,6 +139,7 @@ std::vector<EngineEvent> RemoteStepEngine::step() {
       return events;
     }
     load[r] = {done.live, done.waiting, done.kv_tokens, done.live + done.waiting};
+    if (!done.expert_rows.empty()) note_expert_rows(r, done.expert_rows);
     for (const wp::Token& token : done.tokens) {
       const auto found = tracked_.find(token.id);
       if (found == tracked_.end()) continue;  // cancelled since
@@ -171,34 +203,52 @@ void RemoteStepEngine::recover(const std::string& why) {
     sequences_resumed_ += tracked.sequence.resumed.empty() ? 0 : 1;
     admit(std::move(tracked.sequence));
   }
-  {
-    std::lock_guard<std::mutex> lock(load_mutex_);
-    load_.assign(ranks, {});
-  }
+  reset_rank_views();
   ready_ = true;
 }
 
 std::string RemoteStepEngine::metrics_text() const {
-  std::string text;
-  text += "# HELP epic_worker_restarts_total Worker jobs started again after one failed.\n";
-  text += "# TYPE epic_worker_restarts_total counter\n";
-  text += "epic_worker_restarts_total " + std::to_string(restarts_.load()) + "\n";
-  text += "# HELP epic_workers_ready 1 while the worker job is up, 0 while it starts again.\n";
-  text += "# TYPE epic_workers_ready gauge\n";
-  text += std::string("epic_workers_ready ") + (ready_ ? "1" : "0") + "\n";
-  text += "# HELP epic_sequences_resumed_total Sequences admitted again with their reported tokens after a restart.\n";
-  text += "# TYPE epic_sequences_resumed_total counter\n";
-  text += "epic_sequences_resumed_total " + std::to_string(sequences_resumed_.load()) + "\n";
+  PrometheusText out;
+  out.single("epic_worker_restarts_total", "counter", "Worker jobs started again after one failed.",
+             double(restarts_.load()));
+  out.single("epic_workers_ready", "gauge", "1 while the worker job is up, 0 while it starts again.",
+             ready_ ? 1.0 : 0.0);
+  out.single("epic_sequences_resumed_total", "counter",
+             "Sequences admitted again with their reported tokens after a restart.",
+             double(sequences_resumed_.load()));
   std::lock_guard<std::mutex> lock(load_mutex_);
-  text += "# HELP epic_worker_sequences Sequences on each worker rank after the last step (live and waiting).\n";
-  text += "# TYPE epic_worker_sequences gauge\n";
-  for (size_t r = 0; r < load_.size(); ++r)
-    text += "epic_worker_sequences{rank=\"" + std::to_string(r) + "\"} " + std::to_string(load_[r].sequences) + "\n";
-  text += "# HELP epic_kv_cache_tokens Positions held in each worker rank's KV caches after the last step.\n";
-  text += "# TYPE epic_kv_cache_tokens gauge\n";
-  for (size_t r = 0; r < load_.size(); ++r)
-    text += "epic_kv_cache_tokens{rank=\"" + std::to_string(r) + "\"} " + std::to_string(load_[r].kv_tokens) + "\n";
-  return text;
+  const auto rank = [](size_t r) { return prometheus_label("rank", std::to_string(r)); };
+  out.family("epic_worker_sequences", "gauge", "Sequences on each worker rank after the last step (live and waiting).");
+  for (size_t r = 0; r < load_.size(); ++r) out.sample("epic_worker_sequences", rank(r), double(load_[r].sequences));
+  std::vector<int64_t> kv_tokens;
+  for (const RankLoad& load : load_) kv_tokens.push_back(load.kv_tokens);
+  append_kv_cache_metrics(out, kv_tokens, kv_capacity_);
+  // Per-expert and per-worker load of the last window (about a second; where the exchange counts rows).
+  std::map<int64_t, std::vector<int64_t>> by_expert;
+  std::vector<std::pair<size_t, int64_t>> by_rank;
+  double window_seconds = 0;
+  for (size_t r = 0; r < expert_load_.size(); ++r) {
+    if (expert_load_[r].window.empty()) continue;
+    int64_t rank_rows = 0;
+    for (const auto& [layer, rows] : expert_load_[r].window) {
+      std::vector<int64_t>& total = by_expert[layer];
+      total.resize(std::max(total.size(), rows.size()), 0);
+      for (size_t e = 0; e < rows.size(); ++e) total[e] += rows[e], rank_rows += rows[e];
+    }
+    window_seconds = std::max(window_seconds, expert_load_[r].window_seconds);
+    by_rank.emplace_back(r, rank_rows);
+  }
+  if (by_expert.empty()) return out.take();
+  out.single("epic_load_window_seconds", "gauge", "The window the per-expert and per-worker rows below cover.",
+             window_seconds);
+  out.family("epic_worker_expert_rows_window", "gauge", "Token rows each worker rank's experts computed in the window.");
+  for (const auto& [r, rows] : by_rank) out.sample("epic_worker_expert_rows_window", rank(r), double(rows));
+  out.family("epic_expert_rows_window", "gauge", "Token rows each (MoE layer, expert) computed in the window, all ranks.");
+  for (const auto& [layer, rows] : by_expert)
+    for (size_t e = 0; e < rows.size(); ++e)
+      out.sample("epic_expert_rows_window",
+                 "{layer=\"" + std::to_string(layer) + "\",expert=\"" + std::to_string(e) + "\"}", double(rows[e]));
+  return out.take();
 }
 
 }  // namespace epic

@@ -55,6 +55,14 @@ class RemoteStepEngine final : public StepEngine {
   struct RankLoad {
     int64_t live = 0, waiting = 0, kv_tokens = 0, sequences = 0;
   };
+  // A rank's expert rows: the last cumulative report, and the rows of the window before it.
+  struct ExpertLoad {
+    std::chrono::steady_clock::time_point at{};
+    std::map<int64_t, std::vector<int64_t>> cumulative, window;
+    double window_seconds = 0;
+  };
+  void note_expert_rows(int rank, const std::map<int64_t, std::vector<int64_t>>& cumulative);
+  void reset_rank_views();  // after a (re)start: as many ranks as the job has, nothing known yet
   int least_loaded_rank() const;
   // The job failed (`why`): ends it, starts a new one, and queues every tracked sequence again with its
   // reported tokens as resumed ones. Error when max_restarts restarts in a row did not bring a step through.
@@ -70,6 +78,8 @@ class RemoteStepEngine final : public StepEngine {
   int failures_in_a_row_ = 0;
   mutable std::mutex load_mutex_;  // the metrics' view, read from the HTTP thread
   std::vector<RankLoad> load_;
+  std::vector<int64_t> kv_capacity_;       // per rank, from its hello
+  std::vector<ExpertLoad> expert_load_;    // per rank
   std::atomic<int64_t> sequences_resumed_{0};
 };
 

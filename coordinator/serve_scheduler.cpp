@@ -6,6 +6,7 @@
 #include <ctime>
 #include <utility>
 
+#include "coordinator/prometheus_text.h"
 #include "kernels/error.h"
 
 namespace epic {
@@ -26,6 +27,7 @@ struct ServeScheduler::Active {
   bool first_chunk = true;
   clock_type::time_point submitted, last_token;
   bool seen_token = false;
+  std::optional<StreamChunkFormat> chunks;  // a stream's token chunks, pre-rendered
 
   explicit Active(std::vector<std::string> stops) : text(std::move(stops)) {}
 };
@@ -82,7 +84,10 @@ bool ServeScheduler::submit(CompletionRequest request, std::vector<int32_t> prom
       cancelled_.push_back(id);
       wake_.notify_all();
     });
-    if (active->request.stream) exchange->start_stream("text/event-stream");
+    if (active->request.stream) {
+      active->chunks.emplace(active->request, active->response_id, active->created);
+      exchange->start_stream("text/event-stream");
+    }
     inbox_.push_back(std::move(active));
   }
   wake_.notify_all();
@@ -103,50 +108,45 @@ ServeCounters ServeScheduler::counters() const {
 
 std::string ServeScheduler::metrics_text() const {
   const ServeCounters c = counters();
-  std::string text;
-  const auto metric = [&](const std::string& name, const std::string& type, const std::string& help,
-                          const std::vector<std::pair<std::string, double>>& samples) {
-    text += "# HELP " + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
-    for (const auto& [labels, value] : samples) {
-      char number[64];
-      std::snprintf(number, sizeof(number), "%.17g", value);
-      text += name + labels + " " + number + "\n";
-    }
-  };
-  metric("epic_requests_total", "counter", "Completion requests by how they ended.",
-         {{"{status=\"ok\"}", double(c.requests_ok)},
-          {"{status=\"cancelled\"}", double(c.requests_cancelled)},
-          {"{status=\"failed\"}", double(c.requests_failed)}});
-  metric("epic_prompt_tokens_total", "counter", "Prompt tokens admitted.", {{"", double(c.prompt_tokens)}});
-  metric("epic_generation_tokens_total", "counter", "Tokens generated.", {{"", double(c.completion_tokens)}});
-  metric("epic_running_sequences", "gauge", "Sequences in the running batch.", {{"", double(c.running)}});
-  metric("epic_queued_sequences", "gauge", "Sequences waiting to join the batch.", {{"", double(c.queued)}});
-  metric("epic_engine_steps_total", "counter", "Engine steps run.", {{"", double(c.steps)}});
-  metric("epic_engine_step_seconds_total", "counter", "Wall time inside engine steps.",
-         {{"", c.step_seconds}});
-  metric("epic_scheduling_seconds_total", "counter", "The scheduler's own time around the steps.",
-         {{"", c.scheduling_seconds}});
+  PrometheusText out;
+  out.family("epic_requests_total", "counter", "Completion requests by how they ended.");
+  out.sample("epic_requests_total", prometheus_label("status", "ok"), double(c.requests_ok));
+  out.sample("epic_requests_total", prometheus_label("status", "cancelled"), double(c.requests_cancelled));
+  out.sample("epic_requests_total", prometheus_label("status", "failed"), double(c.requests_failed));
+  out.single("epic_prompt_tokens_total", "counter", "Prompt tokens admitted.", double(c.prompt_tokens));
+  out.single("epic_generation_tokens_total", "counter", "Tokens generated.", double(c.completion_tokens));
+  out.single("epic_running_sequences", "gauge", "Sequences in the running batch.", double(c.running));
+  out.single("epic_queued_sequences", "gauge", "Sequences waiting to join the batch.", double(c.queued));
+  out.single("epic_engine_steps_total", "counter", "Engine steps run.", double(c.steps));
+  out.single("epic_generation_tokens_per_second", "gauge",
+             "Tokens generated per second over the last " + std::to_string(kRateWindow.count()) + " s.",
+             tokens_per_second());
+  out.single("epic_engine_step_seconds_total", "counter", "Wall time inside engine steps.", c.step_seconds);
+  out.single("epic_scheduling_seconds_total", "counter", "The scheduler's own time around the steps.",
+             c.scheduling_seconds);
   const auto histogram = [&](const std::string& name, const std::string& help, const LatencyHistogram& h) {
-    std::vector<std::pair<std::string, double>> samples;
+    out.family(name, "histogram", help);
     for (size_t b = 0; b < sizeof(LatencyHistogram::kBounds) / sizeof(double); ++b) {
       char bound[32];
       std::snprintf(bound, sizeof(bound), "%g", LatencyHistogram::kBounds[b]);
-      samples.push_back({"_bucket{le=\"" + std::string(bound) + "\"}", double(h.counts[b])});
+      out.sample(name + "_bucket", prometheus_label("le", bound), double(h.counts[b]));
     }
-    samples.push_back({"_bucket{le=\"+Inf\"}", double(h.count)});
-    samples.push_back({"_sum", h.sum});
-    samples.push_back({"_count", double(h.count)});
-    text += "# HELP " + name + " " + help + "\n# TYPE " + name + " histogram\n";
-    for (const auto& [suffix, value] : samples) {
-      char number[64];
-      std::snprintf(number, sizeof(number), "%.17g", value);
-      text += name + suffix + " " + number + "\n";
-    }
+    out.sample(name + "_bucket", prometheus_label("le", "+Inf"), double(h.count));
+    out.sample(name + "_sum", "", h.sum);
+    out.sample(name + "_count", "", double(h.count));
   };
-  histogram("epic_time_to_first_token_seconds", "From a request's arrival to its first token.",
-            c.first_token);
+  histogram("epic_time_to_first_token_seconds", "From a request's arrival to its first token.", c.first_token);
   histogram("epic_inter_token_latency_seconds", "Between a request's successive tokens.", c.inter_token);
-  return text + engine_.metrics_text();
+  return out.take() + engine_.metrics_text();
+}
+
+double ServeScheduler::tokens_per_second() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto now = clock_type::now();
+  int64_t tokens = 0;
+  for (const auto& [at, count] : recent_tokens_)
+    if (now - at <= kRateWindow) tokens += count;
+  return static_cast<double>(tokens) / std::chrono::duration<double>(kRateWindow).count();
 }
 
 void ServeScheduler::finish(Active& active, const std::string& reason) {
@@ -249,6 +249,9 @@ void ServeScheduler::run() {
       throw;
     }
     const auto step_end = clock_type::now();
+    // Latencies observed in this step, added to the histograms under one lock at its end.
+    std::vector<double> first_token_seconds, inter_token_seconds;
+    std::optional<HttpSendBatch> sends(std::in_place);  // the step's chunks go to the I/O thread together
     for (const EngineEvent& event : events) {
       const auto found = active_.find(event.id);
       if (found == active_.end()) continue;
@@ -257,23 +260,18 @@ void ServeScheduler::run() {
       if (event.token) {
         const int32_t token = *event.token;
         ++active.completion_tokens;
-        if (active.seen_token) {
-          std::lock_guard<std::mutex> lock(mutex_);
-          counters_.inter_token.observe(std::chrono::duration<double>(step_end - active.last_token).count());
-        } else {
-          std::lock_guard<std::mutex> lock(mutex_);
-          counters_.first_token.observe(std::chrono::duration<double>(step_end - active.submitted).count());
-        }
+        if (active.seen_token)
+          inter_token_seconds.push_back(std::chrono::duration<double>(step_end - active.last_token).count());
+        else
+          first_token_seconds.push_back(std::chrono::duration<double>(step_end - active.submitted).count());
         active.seen_token = true;
         active.last_token = step_end;
         ended_by_token = std::find(end_ids_.begin(), end_ids_.end(), token) != end_ids_.end();
         if (!ended_by_token) {
-          const std::string piece = active.text.push(tokenizer_.decode_bytes(std::vector<int32_t>{token}));
+          const std::string piece = active.text.push(tokenizer_.decode_bytes(std::span<const int32_t>(&token, 1)));
           if (!piece.empty()) {
             if (active.request.stream) {
-              active.exchange->send(
-                  sse_event(completion_chunk(active.request, active.response_id, active.created, piece,
-                                             std::nullopt, active.first_chunk)));
+              active.exchange->send(active.chunks->event(piece, active.first_chunk));
               active.first_chunk = false;
             } else {
               active.whole += piece;
@@ -288,8 +286,16 @@ void ServeScheduler::run() {
         active_.erase(found);
       }
     }
+    sends.reset();
     const auto loop_end = clock_type::now();
     std::lock_guard<std::mutex> lock(mutex_);
+    for (const double seconds : first_token_seconds) counters_.first_token.observe(seconds);
+    for (const double seconds : inter_token_seconds) counters_.inter_token.observe(seconds);
+    int64_t step_tokens = 0;
+    for (const EngineEvent& event : events) step_tokens += event.token ? 1 : 0;
+    recent_tokens_.emplace_back(step_end, step_tokens);
+    while (!recent_tokens_.empty() && step_end - recent_tokens_.front().first > kRateWindow)
+      recent_tokens_.pop_front();
     ++counters_.steps;
     counters_.step_seconds += std::chrono::duration<double>(step_end - step_start).count();
     counters_.scheduling_seconds +=

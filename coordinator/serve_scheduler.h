@@ -63,6 +63,8 @@ class ServeScheduler {
   ServeCounters counters() const;
   // /metrics: the counters in Prometheus' text format, then the engine's own lines.
   std::string metrics_text() const;
+  // Tokens generated per second over the last kRateWindow.
+  double tokens_per_second() const;
 
  private:
   struct Active;
@@ -82,6 +84,9 @@ class ServeScheduler {
   std::map<int64_t, std::unique_ptr<Active>> active_;  // the loop's own
   int64_t next_id_ = 0;
   ServeCounters counters_;
+  // Tokens generated per step over the last kRateWindow (the tokens/s gauge).
+  static constexpr std::chrono::seconds kRateWindow{10};
+  std::deque<std::pair<std::chrono::steady_clock::time_point, int64_t>> recent_tokens_;
 };
 
 }  // namespace epic

@@ -2,6 +2,7 @@
 #include "coordinator/worker_protocol.h"
 
 #include <cereal/archives/binary.hpp>
+#include <cereal/types/map.hpp>
 #include <cereal/types/string.hpp>
 #include <cereal/types/vector.hpp>
 #include <cstring>
@@ -13,7 +14,8 @@ namespace epic::worker_protocol {
 
 template <class Archive>
 void serialize(Archive& ar, Hello& m) {
-  ar(m.version, m.rank, m.world, m.pid, m.host, m.max_active_sequences, m.max_context, m.vocab_size, m.backend);
+  ar(m.version, m.rank, m.world, m.pid, m.host, m.max_active_sequences, m.max_context, m.vocab_size, m.backend,
+     m.kv_capacity_tokens);
 }
 template <class Archive>
 void serialize(Archive& ar, Sequence& m) {
@@ -29,7 +31,7 @@ void serialize(Archive& ar, Token& m) {
 }
 template <class Archive>
 void serialize(Archive& ar, StepDone& m) {
-  ar(m.tokens, m.live, m.waiting, m.kv_tokens, m.step_seconds);
+  ar(m.tokens, m.live, m.waiting, m.kv_tokens, m.step_seconds, m.expert_rows);
 }
 
 namespace {

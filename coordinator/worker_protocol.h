@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,7 +35,8 @@ struct Hello {
   int64_t pid = 0;
   std::string host;
   int64_t max_active_sequences = 0, max_context = 0, vocab_size = 0;
-  std::string backend;  // ChosenBackend::description
+  std::string backend;             // ChosenBackend::description
+  int64_t kv_capacity_tokens = 0;  // positions its KV cache holds for all live sequences together
 };
 
 struct Sequence {
@@ -61,6 +63,9 @@ struct StepDone {
   int64_t live = 0, waiting = 0;
   int64_t kv_tokens = 0;  // positions held in this rank's KV caches after the step
   double step_seconds = 0;
+  // Rows each (MoE layer, expert) hosted here has computed since the job started, where the MoE exchange
+  // counts them (the host exchange; not the NCCL one): sent at most about once a second, empty otherwise.
+  std::map<int64_t, std::vector<int64_t>> expert_rows;
 };
 
 struct Message {

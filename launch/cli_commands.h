@@ -258,6 +258,16 @@ struct WorkerArgs {
   double connect_timeout_seconds = 60;
 };
 int worker_command(const WorkerArgs& args);
+
+// `epic bench-scheduler`: the serve scheduler's cost per step against an instant fake engine over real
+// HTTP streams (launch/bench_scheduler_command.cpp).
+struct BenchSchedulerArgs {
+  std::string tokenizer_json;
+  std::string streams = "64,256";  // concurrent streaming requests, one measurement each
+  int64_t tokens = 200;            // tokens per stream
+  std::string json_out;
+};
+int bench_scheduler_command(const BenchSchedulerArgs& args);
 int detokenize_command(const DetokenizeArgs& args);
 
 }  // namespace epic::cli

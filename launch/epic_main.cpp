@@ -578,6 +578,17 @@ int main(int argc, char** argv) {
   serve->add_option("--precision", serve_args.precision, "fp32 or bf16 (auto: bf16 on cuda)")
       ->capture_default_str();
 
+  BenchSchedulerArgs scheduler_args;
+  CLI::App* bench_scheduler = app.add_subcommand(
+      "bench-scheduler", "Time epic serve's scheduler a step over real HTTP streams, the engine an instant fake");
+  bench_scheduler->add_option("--tokenizer", scheduler_args.tokenizer_json, "A tokenizer.json")->required();
+  bench_scheduler->add_option("--streams", scheduler_args.streams, "Concurrent streams, e.g. 64,256")
+      ->capture_default_str();
+  bench_scheduler->add_option("--tokens", scheduler_args.tokens, "Tokens per stream")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  bench_scheduler->add_option("--json", scheduler_args.json_out, "Also write the figures as JSON");
+
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
   tokenize->add_option("--model", tokenize_args.model_dir, "Directory holding tokenizer.json")->required();
@@ -608,6 +619,7 @@ int main(int argc, char** argv) {
     if (*tokenize) return tokenize_command(tokenize_args);
     if (*serve) return serve_command(serve_args);
     if (*worker) return worker_command(worker_args);
+    if (*bench_scheduler) return bench_scheduler_command(scheduler_args);
     if (*detokenize) return detokenize_command(detokenize_args);
   } catch (const SilentFailure& failure) {
     return failure.exit_code;  // rank 0 reports an error that every rank raised

@@ -3,6 +3,8 @@
 // it samples what `epic run` samples for one prompt with the same seed, wherever it lands in the batch.
 #pragma once
 
+#include <atomic>
+
 #include "coordinator/step_engine.h"
 #include "worker/generation_engine.h"
 
@@ -13,16 +15,21 @@ SequenceRequest to_sequence_request(const EngineSequence& sequence);
 
 class LocalStepEngine final : public StepEngine {
  public:
-  explicit LocalStepEngine(GenerationEngine& engine) : engine_(engine) {}
+  // kv_capacity_tokens: what the runner's KV cache holds (for /metrics).
+  LocalStepEngine(GenerationEngine& engine, int64_t kv_capacity_tokens)
+      : engine_(engine), kv_capacity_tokens_(kv_capacity_tokens) {}
   void admit(EngineSequence sequence) override { engine_.admit(to_sequence_request(sequence)); }
   bool cancel(int64_t id) override { return engine_.cancel(id); }
   bool idle() const override { return engine_.idle(); }
   std::vector<EngineEvent> step() override;
   int64_t live_sequences() const override { return engine_.live_sequences(); }
   int64_t waiting_sequences() const override { return engine_.waiting_sequences(); }
+  std::string metrics_text() const override;  // KV cache usage
 
  private:
   GenerationEngine& engine_;
+  int64_t kv_capacity_tokens_;
+  std::atomic<int64_t> kv_tokens_{0};  // after the last step (read by the HTTP thread)
 };
 
 }  // namespace epic::cli

@@ -20,6 +20,7 @@
 #include "coordinator/http_server.h"
 #include "coordinator/openai_api.h"
 #include "coordinator/remote_step_engine.h"
+#include "coordinator/serve_api.h"
 #include "coordinator/serve_scheduler.h"
 #include "coordinator/worker_job.h"
 #include "coordinator/tokenizer.h"
@@ -76,8 +77,6 @@ void check_serve_flags(const ServeArgs& args) {
     throw Error(ErrorCode::kInvalidArgument, "--shutdown-grace must be between 0 and 3600 seconds");
   check_backend_flags({args.backend, args.device, args.precision});
 }
-
-std::string json_error(const ApiError& error) { return error.to_json().dump(); }
 
 std::vector<std::string> split_words(const char* text) {
   std::vector<std::string> words;
@@ -164,67 +163,15 @@ int serve_command(const ServeArgs& args) {
   limits.vocab_size = model.config.vocab_size;
 
   // The HTTP server comes up first: /health says 503 until the weights are loaded.
-  std::atomic<bool> ready{false};
-  std::atomic<ServeScheduler*> scheduler{nullptr};  // set once ready (read by the I/O thread)
-  std::atomic<StepEngine*> engine{nullptr};         // likewise
+  ServeApi api;
+  api.limits = limits;
+  api.tokenizer = &tokenizer;
+  api.created = static_cast<int64_t>(std::time(nullptr));
   HttpServerOptions server_options;
   server_options.host = args.host;
   server_options.port = static_cast<uint16_t>(args.port);
   server_options.max_body_bytes = static_cast<uint64_t>(args.max_body_bytes);
-  const auto created = static_cast<int64_t>(std::time(nullptr));
-  HttpServer server(server_options, [&](const HttpRequest& request, std::shared_ptr<HttpExchange> exchange) {
-    const std::string path = request.target.substr(0, request.target.find('?'));
-    const bool completions = path == "/v1/completions", chat = path == "/v1/chat/completions";
-    if (path == "/health") {
-      StepEngine* current_engine = engine;
-      if (ready && current_engine != nullptr && current_engine->ready())
-        exchange->respond(200, "application/json", R"({"status":"ready"})");
-      else
-        exchange->respond(503, "application/json",
-                          ready ? R"({"status":"restarting workers"})" : R"({"status":"loading"})",
-                          {{"Retry-After", "5"}});
-      return;
-    }
-    if (path == "/v1/models" && request.method == "GET") {
-      exchange->respond(200, "application/json", models_response(limits.model_name, created).dump());
-      return;
-    }
-    if (path == "/metrics" && request.method == "GET") {
-      ServeScheduler* current = scheduler;
-      exchange->respond(200, "text/plain; version=0.0.4", current != nullptr ? current->metrics_text() : "");
-      return;
-    }
-    if (!completions && !chat) {
-      exchange->respond(
-          404, "application/json",
-          json_error(ApiError(404, "", "not_found",
-                              "no route " + request.method + " " + path +
-                                  "; epic serves /v1/completions, /v1/chat/completions, /v1/models, "
-                                  "/health and /metrics")));
-      return;
-    }
-    if (request.method != "POST") {
-      exchange->respond(405, "application/json",
-                        json_error(ApiError(405, "", "method_not_allowed", path + " takes POST")));
-      return;
-    }
-    ServeScheduler* current = scheduler;
-    if (!ready || current == nullptr) {
-      exchange->respond(503, "application/json",
-                        json_error(ApiError(503, "", "loading", "the model is still loading; retry shortly",
-                                            "server_error")),
-                        {{"Retry-After", "5"}});
-      return;
-    }
-    try {
-      CompletionRequest parsed = parse_completion_request(request.body, chat, limits);
-      std::vector<int32_t> prompt = parsed.prompt_ids ? *parsed.prompt_ids : tokenizer.encode(parsed.prompt);
-      const int64_t max_tokens = fit_to_context(parsed, static_cast<int64_t>(prompt.size()), limits);
-      current->submit(std::move(parsed), std::move(prompt), max_tokens, exchange);
-    } catch (const ApiError& error) {
-      exchange->respond(error.status(), "application/json", json_error(error));
-    }
-  });
+  HttpServer server(server_options, serve_api_handler(api));
   server.start();
   std::fprintf(stderr, "epic serve: listening on http://%s:%u (model '%s'; loading)\n", args.host.c_str(),
                static_cast<unsigned>(server.port()), limits.model_name.c_str());
@@ -252,8 +199,8 @@ int serve_command(const ServeArgs& args) {
     runner_options.kv_cache_tokens = args.kv_cache_tokens;
     runner.emplace(model.config, weights, *chosen.backend, runner_options);
     generation.emplace(*runner, args.max_active_sequences, args.prefill_chunk_tokens);
-    local.emplace(*generation);
-    engine = &*local;
+    local.emplace(*generation, runner->kv_cache_blocks() * kKvBlockSize);
+    api.engine = &*local;
     description = chosen.description;
   } else {
     job.emplace(worker_job_options(args, model.config));
@@ -270,15 +217,15 @@ int serve_command(const ServeArgs& args) {
     remote_options.heartbeat_interval = millis(args.heartbeat_seconds);
     remote_options.max_restarts = args.max_worker_restarts;
     remote.emplace(*job, remote_options);
-    engine = &*remote;
+    api.engine = &*remote;
     description = "worker job of " + std::to_string(job->ranks()) + " rank(s)";
   }
   // A completion ends at the model's end-of-sequence ids and at the chat format's end of turn.
   std::vector<int32_t> end_ids(model.config.eos_token_ids.begin(), model.config.eos_token_ids.end());
   for (const char* special : {"<|im_end|>", "<|endoftext|>"})
     if (const std::optional<int32_t> id = tokenizer.token_to_id(special)) end_ids.push_back(*id);
-  ServeScheduler scheduler_instance(*engine, tokenizer, end_ids, args.max_queued);
-  scheduler = &scheduler_instance;
+  ServeScheduler scheduler_instance(*api.engine, tokenizer, end_ids, args.max_queued);
+  api.scheduler = &scheduler_instance;
   std::exception_ptr engine_error;
   std::thread loop([&] {
     try {
@@ -288,7 +235,7 @@ int serve_command(const ServeArgs& args) {
       kill(getpid(), SIGTERM);  // wake the main thread: the server cannot go on
     }
   });
-  ready = true;
+  api.ready = true;
   std::fprintf(stderr, "epic serve: ready (%s; %lld live sequences at most, context %lld)\n",
                description.c_str(), static_cast<long long>(args.max_active_sequences),
                static_cast<long long>(args.max_context));
@@ -297,7 +244,7 @@ int serve_command(const ServeArgs& args) {
   sigwait(&signals, &signal_number);
   std::fprintf(stderr, "epic serve: %s, finishing running requests (grace %.0f s)\n",
                signal_number == SIGINT ? "SIGINT" : "SIGTERM", args.shutdown_grace_seconds);
-  ready = false;
+  api.ready = false;
   scheduler_instance.stop(
       std::chrono::milliseconds(static_cast<int64_t>(args.shutdown_grace_seconds * 1000)));
   loop.join();

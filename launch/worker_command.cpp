@@ -35,8 +35,22 @@ std::string this_host() {
 }
 
 // One step as the coordinator asked: cancels, then admissions, then the agreed step on every rank.
+// The expert rows the host exchange counted, at most about once a second (the coordinator's per-expert
+// load of the last window comes from the differences).
+struct ExpertLoadReporter {
+  const ExpertParallelMoeExecutor* executor = nullptr;
+  clock_type::time_point last{};
+  void fill(wp::StepDone& done) {
+    if (executor == nullptr || executor->expert_rows().empty()) return;
+    const auto now = clock_type::now();
+    if (now - last < std::chrono::seconds(1)) return;
+    last = now;
+    done.expert_rows = executor->expert_rows();
+  }
+};
+
 wp::StepDone run_step(const wp::StepCommand& command, GenerationEngine& engine, ModelRunner& runner,
-                      Communicator& comm, int64_t& steps) {
+                      Communicator& comm, int64_t& steps, ExpertLoadReporter& expert_load) {
   const auto start = clock_type::now();
   for (int64_t id : command.cancel) engine.cancel(id);  // an id that already finished is no error
   for (const wp::Sequence& s : command.admit)
@@ -55,6 +69,7 @@ wp::StepDone run_step(const wp::StepCommand& command, GenerationEngine& engine, 
   done.live = engine.live_sequences();
   done.waiting = engine.waiting_sequences();
   done.kv_tokens = engine.kv_positions();
+  expert_load.fill(done);
   done.step_seconds = std::chrono::duration<double>(clock_type::now() - start).count();
   return done;
 }
@@ -88,6 +103,7 @@ int serve_as_worker(const WorkerArgs& args, Communicator& comm) {
     hello.hello.max_context = args.max_context;
     hello.hello.vocab_size = cluster.model.config.vocab_size;
     hello.hello.backend = cluster.chosen.description;
+    hello.hello.kv_capacity_tokens = cluster.runner->kv_cache_blocks() * kKvBlockSize;
     link->send(hello);
   });
   if (comm.rank() == 0)
@@ -95,6 +111,8 @@ int serve_as_worker(const WorkerArgs& args, Communicator& comm) {
                  cluster.chosen.description.c_str());
 
   int64_t steps = 0;
+  ExpertLoadReporter expert_load;
+  if (cluster.moe_executor == &*cluster.executor) expert_load.executor = &*cluster.executor;
   const auto serve = [&] {
     while (true) {
       const wp::Message message = link->receive();
@@ -104,7 +122,7 @@ int serve_as_worker(const WorkerArgs& args, Communicator& comm) {
         case wp::Kind::kPing: reply.kind = wp::Kind::kPong; break;
         case wp::Kind::kStep:
           reply.kind = wp::Kind::kStepDone;
-          reply.done = run_step(message.command, engine, *cluster.runner, comm, steps);
+          reply.done = run_step(message.command, engine, *cluster.runner, comm, steps, expert_load);
           break;
         default:
           throw Error(ErrorCode::kCommunication,

@@ -52,6 +52,16 @@ class HttpServerTest : public ::testing::Test {
         for (int i = 0; i < 3; ++i) exchange->send("data: " + std::to_string(i) + "\n\n");
         exchange->end();
       });
+    } else if (request.target == "/race") {
+      // The whole stream sent and ended from another thread while this handler still runs (a fast engine):
+      // the answer must still come in call order, start first (Asio runs what this I/O thread posts only
+      // after the handler, while the other thread's posts go straight into the queue).
+      exchange->start_stream("text/event-stream");
+      std::thread fast([exchange] {
+        for (int i = 0; i < 3; ++i) exchange->send("data: " + std::to_string(i) + "\n\n");
+        exchange->end();
+      });
+      fast.join();
     } else if (request.target == "/hold") {  // a stream that waits: the client leaves before it ends
       exchange->start_stream("text/event-stream");
       exchange->send("data: first\n\n");
@@ -113,6 +123,26 @@ TEST_F(HttpServerTest, StreamsChunksWrittenFromAnotherThread) {
   EXPECT_TRUE(response.chunked());
   EXPECT_EQ(response.body(), "data: 0\n\ndata: 1\n\ndata: 2\n\n");
   EXPECT_FALSE(response.keep_alive());
+}
+
+TEST_F(HttpServerTest, AStreamEndedFromAnotherThreadBeforeTheHandlerReturnsStillArrivesWhole) {
+  for (int round = 0; round < 20; ++round) {
+    beast::tcp_stream stream(io_);
+    stream.connect(tcp::endpoint(net::ip::make_address("127.0.0.1"), server_->port()));
+    http::request<http::string_body> request(http::verb::get, "/race", 11);
+    request.set(http::field::host, "127.0.0.1");
+    http::write(stream, request);
+    beast::flat_buffer buffer;
+    http::response<http::string_body> response;
+    stream.expires_after(std::chrono::seconds(5));  // a lost end() would leave the client waiting
+    std::promise<beast::error_code> done;
+    http::async_read(stream, buffer, response, [&](beast::error_code error, size_t) { done.set_value(error); });
+    io_.restart();
+    io_.run();
+    const beast::error_code error = done.get_future().get();
+    ASSERT_FALSE(error) << "round " << round << ": " << error.message();
+    EXPECT_EQ(response.body(), "data: 0\n\ndata: 1\n\ndata: 2\n\n");
+  }
 }
 
 TEST_F(HttpServerTest, RefusesABodyOverTheLimitAndMalformedRequests) {

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <random>
 #include <string>
 #include <vector>
 
@@ -211,6 +212,31 @@ TEST(OpenAiApi, ResponseBodiesHaveTheFieldsClientsRead) {
   EXPECT_EQ(sse_event(json{{"a", 1}}), "data: {\"a\":1}\n\n");
   EXPECT_EQ(sse_done(), "data: [DONE]\n\n");
   EXPECT_EQ(models_response("m", 5)["data"][0]["id"], "m");
+}
+
+// The pre-rendered stream chunks (the hot path of a stream) are the chunks completion_chunk builds, as
+// JSON, for texts of every kind of character: quotes, backslashes, control bytes, multi-byte UTF-8.
+TEST(OpenAiApi, PreRenderedStreamChunksEqualTheBuiltOnes) {
+  std::mt19937_64 rng(std::random_device{}());
+  const std::vector<std::string> pieces = {"a", "\"", "\\", "\n", "\t", std::string(1, '\x01'), "\x1f", "\xc3\xa9",
+                                           "\xe2\x82\xac", "\xf0\x9f\x98\x80", " ", "</script>", "{}", "\u007f"};
+  for (const bool chat : {false, true}) {
+    CompletionRequest request;
+    request.chat = chat;
+    request.model = "model \"quoted\" \xc3\xa9";
+    const StreamChunkFormat format(request, "cmpl-\"7", 1795829890);
+    for (int round = 0; round < 200; ++round) {
+      std::string text;
+      for (int p = static_cast<int>(rng() % 6) + 1; p > 0; --p) text += pieces[rng() % pieces.size()];
+      const bool first = rng() % 2 == 0;
+      const std::string event = format.event(text, first);
+      ASSERT_EQ(event.rfind("data: ", 0), 0u);
+      ASSERT_EQ(event.substr(event.size() - 2), "\n\n");
+      const nlohmann::json parsed = nlohmann::json::parse(event.substr(6, event.size() - 8));
+      EXPECT_EQ(parsed, completion_chunk(request, "cmpl-\"7", 1795829890, text, std::nullopt, first))
+          << "text " << nlohmann::json(text).dump() << (chat ? " chat" : " completion") << (first ? " first" : "");
+    }
+  }
 }
 
 }  // namespace

@@ -1,0 +1,181 @@
+// `epic bench-scheduler`: the serve scheduler's own cost per step, without a model (issue 11's speed
+// target: under 100 us a step at 256 streams). A real HTTP server and the real scheduler and API handler
+// serve S streaming completions over loopback TCP to a client that reads and discards them; the engine is
+// an instant fake (every live sequence gets its next token at once), so what is timed is everything around
+// a step: detokenizing, stop-string checks, rendering every token's SSE chunk and handing it to the I/O
+// thread, finishing streams. Every step carries all S streams (the engine starts once all are in). Prints,
+// per stream count: steps, the scheduler's microseconds a step (its counters, the engine's step excluded),
+// nanoseconds a token, and tokens/s end to end (the client reading every byte included).
+#include <utility>  // before Asio: its awaitable.hpp uses std::exchange without it
+
+#include <array>
+#include <boost/asio.hpp>
+#include <chrono>
+#include <functional>
+#include <cstdio>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "coordinator/http_server.h"
+#include "coordinator/serve_api.h"
+#include "coordinator/serve_scheduler.h"
+#include "coordinator/step_engine.h"
+#include "coordinator/tokenizer.h"
+#include "kernels/error.h"
+#include "kernels/file_io.h"
+#include "launch/cli_commands.h"
+#include "launch/flag_checks.h"
+#include "launch/id_list.h"
+
+namespace epic::cli {
+namespace {
+
+namespace net = boost::asio;
+using tcp = net::ip::tcp;
+using clock_type = std::chrono::steady_clock;
+
+// Every live sequence's next token at once, from a cycle of ordinary tokens; never an end token. It holds
+// its first step until all `streams` sequences are in, so every step measured carries all of them.
+class InstantEngine final : public StepEngine {
+ public:
+  InstantEngine(std::vector<int32_t> cycle, int64_t streams) : cycle_(std::move(cycle)), streams_(streams) {}
+  void admit(EngineSequence sequence) override {
+    live_[sequence.id] = {0, sequence.max_new_tokens};
+    ++admitted_;
+  }
+  bool cancel(int64_t id) override { return live_.erase(id) > 0; }
+  bool idle() const override { return live_.empty() || admitted_ < streams_; }
+  std::vector<EngineEvent> step() override {
+    std::vector<EngineEvent> events;
+    events.reserve(live_.size());
+    for (auto it = live_.begin(); it != live_.end();) {
+      auto& [produced, most] = it->second;
+      EngineEvent event;
+      event.id = it->first;
+      event.token = cycle_[static_cast<size_t>(it->first + produced) % cycle_.size()];
+      event.finished = ++produced >= most;
+      events.push_back(event);
+      it = event.finished ? live_.erase(it) : std::next(it);
+    }
+    return events;
+  }
+  int64_t live_sequences() const override { return static_cast<int64_t>(live_.size()); }
+  int64_t waiting_sequences() const override { return 0; }
+
+ private:
+  std::vector<int32_t> cycle_;
+  int64_t streams_, admitted_ = 0;
+  std::map<int64_t, std::pair<int64_t, int64_t>> live_;
+};
+
+// S streaming requests at once from one thread; each connection read to its end and discarded.
+double run_clients(uint16_t port, int64_t streams, int64_t tokens, int64_t& bytes_received) {
+  net::io_context io;
+  const std::string body = R"({"model":"bench","prompt":[1,2,3],"stream":true,"temperature":0,"max_tokens":)" +
+                           std::to_string(tokens) + "}";
+  const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                              "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  struct Client {
+    tcp::socket socket;
+    std::array<char, 65536> buffer{};
+    explicit Client(net::io_context& context) : socket(context) {}
+  };
+  std::vector<std::unique_ptr<Client>> clients;
+  int64_t open = streams;
+  bytes_received = 0;
+  std::function<void(Client&)> read = [&](Client& client) {
+    client.socket.async_read_some(net::buffer(client.buffer), [&, c = &client](boost::system::error_code error, size_t n) {
+      bytes_received += static_cast<int64_t>(n);
+      if (error) {
+        --open;
+        return;
+      }
+      read(*c);
+    });
+  };
+  const auto start = clock_type::now();
+  for (int64_t s = 0; s < streams; ++s) {
+    clients.push_back(std::make_unique<Client>(io));
+    Client& client = *clients.back();
+    client.socket.connect({net::ip::make_address("127.0.0.1"), port});
+    net::write(client.socket, net::buffer(request));
+    read(client);
+  }
+  io.run_for(std::chrono::seconds(60));
+  EPIC_CHECK(open == 0, ErrorCode::kInternal,
+             "bench-scheduler: " + std::to_string(open) + " of " + std::to_string(streams) +
+                 " streams did not end within 60 s");
+  return std::chrono::duration<double>(clock_type::now() - start).count();
+}
+
+}  // namespace
+
+int bench_scheduler_command(const BenchSchedulerArgs& args) {
+  check_int_flag("--tokens", args.tokens, 1, 100000);
+  const std::vector<int32_t> stream_counts = parse_id_list(args.streams, "--streams");
+  for (int32_t s : stream_counts) check_int_flag("--streams", s, 1, 4096);
+  const Tokenizer tokenizer = Tokenizer::load(args.tokenizer_json);
+  // Ordinary text tokens, as a model would produce them.
+  std::vector<int32_t> cycle = tokenizer.encode(
+      "The coordinator routes tokens to the experts of every worker and gathers the outputs back, "
+      "one step at a time, while clients read their streams.");
+  ServeApi api;
+  api.tokenizer = &tokenizer;
+  api.limits.model_name = "bench";
+  api.limits.max_context = args.tokens + 16;
+  api.limits.max_tokens_limit = args.tokens;
+  api.limits.vocab_size = tokenizer.vocab_size();
+  HttpServer server(HttpServerOptions{"127.0.0.1", 0, uint64_t{1} << 20, std::chrono::milliseconds(10000)},
+                    serve_api_handler(api));
+  server.start();
+  nlohmann::json results = nlohmann::json::array();
+  std::printf("%8s %8s %10s %16s %14s %14s %8s\n", "streams", "tokens", "steps", "scheduler us/step",
+              "ns/token", "tokens/s", "wall s");
+  for (const int32_t streams : stream_counts) {
+    InstantEngine engine(cycle, streams);
+    ServeScheduler scheduler(engine, tokenizer, {}, streams + 1);
+    api.scheduler = &scheduler;
+    api.engine = &engine;
+    api.ready = true;
+    std::thread loop([&] { scheduler.run(); });
+    int64_t bytes = 0;
+    double wall = 0;
+    try {
+      wall = run_clients(server.port(), streams, args.tokens, bytes);
+    } catch (...) {
+      scheduler.stop(std::chrono::milliseconds(0));
+      loop.join();
+      throw;
+    }
+    scheduler.stop(std::chrono::milliseconds(0));
+    loop.join();
+    api.ready = false;
+    api.scheduler = nullptr;
+    const ServeCounters c = scheduler.counters();
+    const double per_step_us = c.steps > 0 ? c.scheduling_seconds / static_cast<double>(c.steps) * 1e6 : 0;
+    const double per_token_ns =
+        c.completion_tokens > 0 ? c.scheduling_seconds / static_cast<double>(c.completion_tokens) * 1e9 : 0;
+    const double tokens_per_second = static_cast<double>(c.completion_tokens) / wall;
+    std::printf("%8d %8lld %10lld %16.1f %14.0f %14.0f %8.3f\n", streams, static_cast<long long>(args.tokens),
+                static_cast<long long>(c.steps), per_step_us, per_token_ns, tokens_per_second, wall);
+    EPIC_CHECK(c.completion_tokens == static_cast<int64_t>(streams) * args.tokens && c.requests_ok == streams,
+               ErrorCode::kInternal,
+               "bench-scheduler: " + std::to_string(c.completion_tokens) + " tokens and " +
+                   std::to_string(c.requests_ok) + " completed streams, expected " +
+                   std::to_string(int64_t{streams} * args.tokens) + " and " + std::to_string(streams));
+    results.push_back({{"streams", streams},
+                       {"tokens_per_stream", args.tokens},
+                       {"steps", c.steps},
+                       {"scheduler_us_per_step", per_step_us},
+                       {"scheduler_ns_per_token", per_token_ns},
+                       {"tokens_per_second", tokens_per_second},
+                       {"bytes_received", bytes},
+                       {"wall_seconds", wall}});
+  }
+  server.stop();
+  if (!args.json_out.empty()) files::write_file_atomically(args.json_out, results.dump(2) + "\n", "--json");
+  return 0;
+}
+
+}  // namespace epic::cli
