@@ -6,12 +6,7 @@
 // thread, finishing streams. Every step carries all S streams (the engine starts once all are in). Prints,
 // per stream count: steps, the scheduler's microseconds a step (its counters, the engine's step excluded),
 // nanoseconds a token, and tokens/s end to end (the client reading every byte included).
-#include <utility>  // before Asio: its awaitable.hpp uses std::exchange without it
-
-#include <array>
-#include <boost/asio.hpp>
 #include <chrono>
-#include <functional>
 #include <cstdio>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -27,12 +22,11 @@
 #include "launch/cli_commands.h"
 #include "launch/flag_checks.h"
 #include "launch/id_list.h"
+#include "launch/serve_load_client.h"
 
 namespace epic::cli {
 namespace {
 
-namespace net = boost::asio;
-using tcp = net::ip::tcp;
 using clock_type = std::chrono::steady_clock;
 
 // Every live sequence's next token at once, from a cycle of ordinary tokens; never an end token. It holds
@@ -69,46 +63,6 @@ class InstantEngine final : public StepEngine {
   std::map<int64_t, std::pair<int64_t, int64_t>> live_;
 };
 
-// S streaming requests at once from one thread; each connection read to its end and discarded.
-double run_clients(uint16_t port, int64_t streams, int64_t tokens, int64_t& bytes_received) {
-  net::io_context io;
-  const std::string body = R"({"model":"bench","prompt":[1,2,3],"stream":true,"temperature":0,"max_tokens":)" +
-                           std::to_string(tokens) + "}";
-  const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                              "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
-  struct Client {
-    tcp::socket socket;
-    std::array<char, 65536> buffer{};
-    explicit Client(net::io_context& context) : socket(context) {}
-  };
-  std::vector<std::unique_ptr<Client>> clients;
-  int64_t open = streams;
-  bytes_received = 0;
-  std::function<void(Client&)> read = [&](Client& client) {
-    client.socket.async_read_some(net::buffer(client.buffer), [&, c = &client](boost::system::error_code error, size_t n) {
-      bytes_received += static_cast<int64_t>(n);
-      if (error) {
-        --open;
-        return;
-      }
-      read(*c);
-    });
-  };
-  const auto start = clock_type::now();
-  for (int64_t s = 0; s < streams; ++s) {
-    clients.push_back(std::make_unique<Client>(io));
-    Client& client = *clients.back();
-    client.socket.connect({net::ip::make_address("127.0.0.1"), port});
-    net::write(client.socket, net::buffer(request));
-    read(client);
-  }
-  io.run_for(std::chrono::seconds(60));
-  EPIC_CHECK(open == 0, ErrorCode::kInternal,
-             "bench-scheduler: " + std::to_string(open) + " of " + std::to_string(streams) +
-                 " streams did not end within 60 s");
-  return std::chrono::duration<double>(clock_type::now() - start).count();
-}
-
 }  // namespace
 
 int bench_scheduler_command(const BenchSchedulerArgs& args) {
@@ -139,15 +93,16 @@ int bench_scheduler_command(const BenchSchedulerArgs& args) {
     api.engine = &engine;
     api.ready = true;
     std::thread loop([&] { scheduler.run(); });
-    int64_t bytes = 0;
-    double wall = 0;
-    try {
-      wall = run_clients(server.port(), streams, args.tokens, bytes);
-    } catch (...) {
-      scheduler.stop(std::chrono::milliseconds(0));
-      loop.join();
-      throw;
-    }
+    ServeLoadOptions load;
+    load.port = server.port();
+    load.model = "bench";
+    load.clients = streams;
+    load.requests_per_client = 1;
+    load.max_tokens = args.tokens;
+    load.prompts = {{1, 2, 3}};
+    load.timeout = std::chrono::seconds(120);
+    const ServeLoadResult clients = run_serve_load(load);
+    const double wall = clients.wall_seconds;
     scheduler.stop(std::chrono::milliseconds(0));
     loop.join();
     api.ready = false;
@@ -159,9 +114,12 @@ int bench_scheduler_command(const BenchSchedulerArgs& args) {
     const double tokens_per_second = static_cast<double>(c.completion_tokens) / wall;
     std::printf("%8d %8lld %10lld %16.1f %14.0f %14.0f %8.3f\n", streams, static_cast<long long>(args.tokens),
                 static_cast<long long>(c.steps), per_step_us, per_token_ns, tokens_per_second, wall);
-    EPIC_CHECK(c.completion_tokens == static_cast<int64_t>(streams) * args.tokens && c.requests_ok == streams,
+    EPIC_CHECK(clients.errors == 0 && c.completion_tokens == static_cast<int64_t>(streams) * args.tokens &&
+                   c.requests_ok == streams,
                ErrorCode::kInternal,
-               "bench-scheduler: " + std::to_string(c.completion_tokens) + " tokens and " +
+               "bench-scheduler: " + std::to_string(clients.errors) + " client errors (" +
+                   (clients.error_samples.empty() ? std::string("none") : clients.error_samples[0]) + "), " +
+                   std::to_string(c.completion_tokens) + " tokens and " +
                    std::to_string(c.requests_ok) + " completed streams, expected " +
                    std::to_string(int64_t{streams} * args.tokens) + " and " + std::to_string(streams));
     results.push_back({{"streams", streams},
@@ -170,7 +128,7 @@ int bench_scheduler_command(const BenchSchedulerArgs& args) {
                        {"scheduler_us_per_step", per_step_us},
                        {"scheduler_ns_per_token", per_token_ns},
                        {"tokens_per_second", tokens_per_second},
-                       {"bytes_received", bytes},
+                       {"client_errors", clients.errors},
                        {"wall_seconds", wall}});
   }
   server.stop();

@@ -268,6 +268,20 @@ struct BenchSchedulerArgs {
   std::string json_out;
 };
 int bench_scheduler_command(const BenchSchedulerArgs& args);
+
+// `epic bench-serve`: concurrent streaming clients against a running epic serve
+// (launch/bench_serve_command.cpp).
+struct BenchServeArgs {
+  std::string url = "http://127.0.0.1:8000";
+  std::string model_name = "model";  // the request's "model" (the server's --served-model-name)
+  std::string prompt_ids_file;       // one prompt a line, as token ids
+  int64_t clients = 64;
+  int64_t requests_per_client = 4;
+  int64_t max_tokens = 64;
+  double temperature = 0;
+  std::string json_out;
+};
+int bench_serve_command(const BenchServeArgs& args);
 int detokenize_command(const DetokenizeArgs& args);
 
 }  // namespace epic::cli

@@ -589,6 +589,26 @@ int main(int argc, char** argv) {
       ->transform(strict_integer<int64_t>());
   bench_scheduler->add_option("--json", scheduler_args.json_out, "Also write the figures as JSON");
 
+  BenchServeArgs bench_serve_args;
+  CLI::App* bench_serve =
+      app.add_subcommand("bench-serve", "Load a running epic serve with concurrent streaming clients");
+  bench_serve->add_option("--url", bench_serve_args.url, "The server")->capture_default_str();
+  bench_serve->add_option("--model-name", bench_serve_args.model_name, "The served model's name")
+      ->capture_default_str();
+  bench_serve->add_option("--prompt-ids-file", bench_serve_args.prompt_ids_file, "One id list (1,2,3) a line")
+      ->required();
+  bench_serve->add_option("--clients", bench_serve_args.clients, "Concurrent streaming clients")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  bench_serve->add_option("--requests", bench_serve_args.requests_per_client, "Requests each client sends")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  bench_serve->add_option("--max-tokens", bench_serve_args.max_tokens, "max_tokens of every request")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
+  bench_serve->add_option("--temperature", bench_serve_args.temperature, "0 = greedy")->capture_default_str();
+  bench_serve->add_option("--json", bench_serve_args.json_out, "Also write the figures as JSON");
+
   TokenizeArgs tokenize_args;
   CLI::App* tokenize = app.add_subcommand("tokenize", "Print the token ids of a text");
   tokenize->add_option("--model", tokenize_args.model_dir, "Directory holding tokenizer.json")->required();
@@ -620,6 +640,7 @@ int main(int argc, char** argv) {
     if (*serve) return serve_command(serve_args);
     if (*worker) return worker_command(worker_args);
     if (*bench_scheduler) return bench_scheduler_command(scheduler_args);
+    if (*bench_serve) return bench_serve_command(bench_serve_args);
     if (*detokenize) return detokenize_command(detokenize_args);
   } catch (const SilentFailure& failure) {
     return failure.exit_code;  // rank 0 reports an error that every rank raised

@@ -49,6 +49,10 @@
 #     scoring: epic eval's scoring ops (Backend::log_softmax and score_rows: kernels/cuda/scoring_kernels.cu)
 #             against the CPU backend, from the kernel op table, and their argument checks; alone it builds
 #             only tests/kernels/epic_kernels_test (tests runs the same rows with the whole table)
+#     serve:  epic serve on the GPU (issue 11): bench-scheduler (the scheduler's cost a step at 64 and 256
+#             streams, an instant engine), then launch/bench/serve_load.py on the trained model, cuda bf16, 64
+#             streaming clients (epic bench-serve) against epic run on the same prompts: in process, and
+#             over a worker job of SERVE_WORKERS ranks (default 1; 2 where 2 GPUs); alone it builds only epic
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -97,7 +101,7 @@ if wants golden; then
 fi
 
 needs_build=0
-for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode eval offload scoring; do
+for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe nccl ep-bench ep-decode eval offload scoring serve; do
   wants "$mode" && needs_build=1
 done
 # nccl alone needs one test binary, not the whole tree (device time).
@@ -105,7 +109,7 @@ only_nccl=1
 for mode in tests ctest bench baselines profile ab ffn ncu moe-ab ncu-moe; do wants "$mode" && only_nccl=0; done
 build_targets=()
 wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic_nccl_comm_test epic_device_ep_test epic)
-{ wants ep-bench || wants ep-decode || wants eval || wants offload; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
+{ wants ep-bench || wants ep-decode || wants eval || wants offload || wants serve; } && ! wants nccl && [ "$only_nccl" = 1 ] && build_targets=(--target epic)
 # scoring alone needs the kernel test only.
 if wants scoring && [ ${#modes[@]} -eq 1 ]; then build_targets=(--target epic_kernels_test); fi
 if [ "$needs_build" = 1 ]; then
@@ -158,6 +162,21 @@ if wants offload; then
   log "offload: decode with a budget of experts resident (tests/gpu/offload_bench.sh)"
   bash tests/gpu/offload_bench.sh "$BUILD" "$OUT" > "$OUT/offload.log" 2>&1 || status=1
   grep -E "^offload" "$OUT/offload.log" | tee -a "$OUT/summary.log"
+fi
+
+if wants serve; then
+  source tests/gpu/trained_model_dir.sh
+  log "serve: bench-scheduler, $(nproc) cores"
+  "$BUILD/epic" bench-scheduler --tokenizer "$model/tokenizer.json" --streams 64,256 --tokens 400 \
+    --json "$OUT/bench_scheduler.json" 2>&1 | tee -a "$OUT/summary.log" || status=1
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  for workers in 0 ${SERVE_WORKERS:-1}; do
+    log "serve: 64 streaming clients, ${workers} worker job ranks (0: in process), cuda bf16"
+    timeout 300 python3 launch/bench/serve_load.py --epic "$BUILD/epic" --model "$model" --text "$model/heldout.txt" \
+      --clients 64 --requests 4 --max-tokens 128 --workers "$workers" --json "$OUT/serve_load_w$workers.json" \
+      -- --backend cuda --precision bf16 > "$OUT/serve_load_w$workers.log" 2>&1 || status=1
+    grep -vE "^serve:" "$OUT/serve_load_w$workers.log" | tail -8 | tee -a "$OUT/summary.log"
+  done
 fi
 
 if wants nccl; then
