@@ -2,6 +2,9 @@
 #include "coordinator/serve_scheduler.h"
 
 #include <algorithm>
+#include <span>
+#include <thread>
+#include <unordered_set>
 #include <cstdio>
 #include <ctime>
 #include <utility>
@@ -122,8 +125,12 @@ std::string ServeScheduler::metrics_text() const {
              "Tokens generated per second over the last " + std::to_string(kRateWindow.count()) + " s.",
              tokens_per_second());
   out.single("epic_engine_step_seconds_total", "counter", "Wall time inside engine steps.", c.step_seconds);
-  out.single("epic_scheduling_seconds_total", "counter", "The scheduler's own time around the steps.",
+  out.single("epic_scheduling_seconds_total", "counter",
+             "The scheduler's own time around the steps, on their critical path (admissions, cancels, hand-off).",
              c.scheduling_seconds);
+  out.single("epic_output_seconds_total", "counter",
+             "Time turning steps' tokens into answers (detokenizing, stop strings, chunks), beside the next step.",
+             c.output_seconds);
   const auto histogram = [&](const std::string& name, const std::string& help, const LatencyHistogram& h) {
     out.family(name, "histogram", help);
     for (size_t b = 0; b < sizeof(LatencyHistogram::kBounds) / sizeof(double); ++b) {
@@ -186,79 +193,98 @@ void ServeScheduler::fail(Active& active, const std::string& message) {
   ++counters_.requests_failed;
 }
 
-void ServeScheduler::run() {
-  while (true) {
-    std::vector<std::unique_ptr<Active>> joining;
-    std::vector<int64_t> leaving;
-    bool stopping = false, past_grace = false;
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      const auto has_work = [&] { return !inbox_.empty() || !cancelled_.empty() || !engine_.idle() || stopping_; };
-      const std::chrono::milliseconds heartbeat = engine_.heartbeat_interval();
-      if (heartbeat.count() == 0) {
-        wake_.wait(lock, has_work);
-      } else if (!wake_.wait_for(lock, heartbeat, has_work)) {
-        lock.unlock();
-        engine_.heartbeat();  // idle for a heartbeat: the engine checks its workers (may restart them)
-        continue;
-      }
-      for (auto& active : inbox_) joining.push_back(std::move(active));
-      inbox_.clear();
-      leaving.swap(cancelled_);
-      stopping = stopping_;
-      past_grace = stopping_ && clock_type::now() >= stop_deadline_;
-    }
-    const auto loop_start = clock_type::now();
-    for (auto& active : joining) {
-      EngineSequence sequence;
-      sequence.id = active->id;
-      sequence.prompt = active->prompt;
-      sequence.max_new_tokens = active->max_tokens;
-      sequence.temperature = active->request.temperature;
-      sequence.top_p = active->request.top_p;
-      sequence.seed = active->request.seed.value_or(0);
-      engine_.admit(std::move(sequence));
-      std::lock_guard<std::mutex> lock(mutex_);
-      counters_.prompt_tokens += static_cast<int64_t>(active->prompt.size());
-      active_[active->id] = std::move(active);
-    }
-    for (int64_t id : leaving) {
-      if (!engine_.cancel(id)) continue;
-      active_.erase(id);
-      std::lock_guard<std::mutex> lock(mutex_);
-      ++counters_.requests_cancelled;
-    }
-    if (past_grace) {  // the grace is over: every request left is cancelled, its client told
-      for (auto& [id, active] : active_) {
-        engine_.cancel(id);
-        fail(*active, "the server shut down before this request finished");
-      }
-      active_.clear();
-    }
-    if (stopping && engine_.idle()) return;
-    if (engine_.idle()) continue;
+// What the loop thread hands the output thread, in order: a request that joined the engine, a step's
+// events, a request whose client left (cancelled in the engine), every request failed, the end.
+struct ServeScheduler::OutputItem {
+  enum Kind { kJoined, kEvents, kCancelled, kFailAll, kQuit } kind = kQuit;
+  std::unique_ptr<Active> active;  // kJoined
+  std::vector<EngineEvent> events;  // kEvents
+  clock_type::time_point step_end;  // kEvents
+  int64_t id = 0;                   // kCancelled
+  std::string message;              // kFailAll
+};
 
-    std::vector<EngineEvent> events;
-    const auto step_start = clock_type::now();
-    try {
-      events = engine_.step();
-    } catch (const std::exception& e) {
-      // The engine cannot go on (e.g. non-finite logits): every request is told, none hangs.
-      for (auto& [id, active] : active_) fail(*active, std::string("the engine failed: ") + e.what());
-      active_.clear();
-      throw;
+void ServeScheduler::hand_to_output(OutputItem item) {
+  std::unique_lock<std::mutex> lock(output_mutex_);
+  if (item.kind == OutputItem::kEvents) {
+    // At most kOutputStepsAhead steps' tokens wait for the output thread: a slow client side slows the
+    // engine instead of piling up tokens.
+    output_room_.wait(lock, [&] { return output_steps_pending_ < kOutputStepsAhead; });
+    ++output_steps_pending_;
+  }
+  output_queue_.push_back(std::move(item));
+  output_wake_.notify_one();
+}
+
+void ServeScheduler::run_output() {
+  while (true) {
+    OutputItem item;
+    {
+      std::unique_lock<std::mutex> lock(output_mutex_);
+      output_wake_.wait(lock, [&] { return !output_queue_.empty(); });
+      item = std::move(output_queue_.front());
+      output_queue_.pop_front();
     }
-    const auto step_end = clock_type::now();
-    // Latencies observed in this step, added to the histograms under one lock at its end.
-    std::vector<double> first_token_seconds, inter_token_seconds;
-    std::optional<HttpSendBatch> sends(std::in_place);  // the step's chunks go to the I/O thread together
+    switch (item.kind) {
+      case OutputItem::kJoined: {
+        const int64_t id = item.active->id;
+        active_[id] = std::move(item.active);
+        break;
+      }
+      case OutputItem::kCancelled:
+        if (active_.erase(item.id) > 0) {
+          std::lock_guard<std::mutex> lock(mutex_);
+          ++counters_.requests_cancelled;
+        }
+        break;
+      case OutputItem::kFailAll:
+        for (auto& [id, active] : active_) fail(*active, item.message);
+        active_.clear();
+        break;
+      case OutputItem::kEvents: {
+        const auto start = clock_type::now();
+        try {
+          deliver(item.events, item.step_end);
+        } catch (const std::exception& e) {
+          // A token that cannot be turned into text (a bug or a bad model): its requests are told, none hangs.
+          for (auto& [id, active] : active_) {
+            fail(*active, std::string("the server could not answer: ") + e.what());
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopped_.push_back(id);
+          }
+          active_.clear();
+          wake_.notify_all();
+        }
+        const double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+        {
+          std::lock_guard<std::mutex> lock(output_mutex_);
+          --output_steps_pending_;
+          output_room_.notify_one();
+        }
+        std::lock_guard<std::mutex> lock(mutex_);
+        counters_.output_seconds += seconds;
+        break;
+      }
+      case OutputItem::kQuit: return;
+    }
+  }
+}
+
+void ServeScheduler::deliver(const std::vector<EngineEvent>& events, clock_type::time_point step_end) {
+  // Latencies observed in this step, added to the histograms under one lock at its end.
+  std::vector<double> first_token_seconds, inter_token_seconds;
+  std::vector<int64_t> stopped;  // ended here before the engine knew (stop string, chat end of turn)
+  int64_t step_tokens = 0;
+  {
+    HttpSendBatch sends;  // the step's chunks go to the I/O thread together
     for (const EngineEvent& event : events) {
       const auto found = active_.find(event.id);
-      if (found == active_.end()) continue;
+      if (found == active_.end()) continue;  // cancelled or stopped since
       Active& active = *found->second;
       bool ended_by_token = false;
       if (event.token) {
         const int32_t token = *event.token;
+        ++step_tokens;
         ++active.completion_tokens;
         if (active.seen_token)
           inter_token_seconds.push_back(std::chrono::duration<double>(step_end - active.last_token).count());
@@ -279,23 +305,126 @@ void ServeScheduler::run() {
           }
         }
       }
-      const bool stopped = active.text.stopped();
-      if (ended_by_token || stopped || event.finished) {
-        if (!event.finished) engine_.cancel(event.id);  // a stop string or <|im_end|> before the eos
-        finish(active, ended_by_token || stopped ? "stop" : "length");
+      const bool stopped_by_text = active.text.stopped();
+      if (ended_by_token || stopped_by_text || event.finished) {
+        if (!event.finished) stopped.push_back(event.id);
+        finish(active, ended_by_token || stopped_by_text ? "stop" : "length");
         active_.erase(found);
       }
     }
-    sends.reset();
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const double seconds : first_token_seconds) counters_.first_token.observe(seconds);
+  for (const double seconds : inter_token_seconds) counters_.inter_token.observe(seconds);
+  recent_tokens_.emplace_back(step_end, step_tokens);
+  while (!recent_tokens_.empty() && step_end - recent_tokens_.front().first > kRateWindow) recent_tokens_.pop_front();
+  if (!stopped.empty()) {
+    stopped_.insert(stopped_.end(), stopped.begin(), stopped.end());
+    wake_.notify_all();
+  }
+}
+
+void ServeScheduler::run() {
+  std::thread output([this] { run_output(); });
+  std::unordered_set<int64_t> in_engine;  // admitted and not seen to finish or be cancelled
+  const auto end_output = [&] {
+    hand_to_output(OutputItem{});  // kQuit, behind everything handed over before
+    output.join();
+  };
+  while (true) {
+    std::vector<std::unique_ptr<Active>> joining;
+    std::vector<int64_t> leaving, stopped;
+    bool stopping = false, past_grace = false;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      const auto has_work = [&] {
+        return !inbox_.empty() || !cancelled_.empty() || !stopped_.empty() || !engine_.idle() || stopping_;
+      };
+      const std::chrono::milliseconds heartbeat = engine_.heartbeat_interval();
+      if (heartbeat.count() == 0) {
+        wake_.wait(lock, has_work);
+      } else if (!wake_.wait_for(lock, heartbeat, has_work)) {
+        lock.unlock();
+        engine_.heartbeat();  // idle for a heartbeat: the engine checks its workers (may restart them)
+        continue;
+      }
+      for (auto& active : inbox_) joining.push_back(std::move(active));
+      inbox_.clear();
+      leaving.swap(cancelled_);
+      stopped.swap(stopped_);
+      stopping = stopping_;
+      past_grace = stopping_ && clock_type::now() >= stop_deadline_;
+    }
+    const auto loop_start = clock_type::now();
+    int64_t prompt_tokens = 0;
+    for (auto& active : joining) {
+      EngineSequence sequence;
+      sequence.id = active->id;
+      sequence.prompt = active->prompt;
+      sequence.max_new_tokens = active->max_tokens;
+      sequence.temperature = active->request.temperature;
+      sequence.top_p = active->request.top_p;
+      sequence.seed = active->request.seed.value_or(0);
+      engine_.admit(std::move(sequence));
+      in_engine.insert(active->id);
+      prompt_tokens += static_cast<int64_t>(active->prompt.size());
+      OutputItem joined;
+      joined.kind = OutputItem::kJoined;
+      joined.active = std::move(active);
+      hand_to_output(std::move(joined));
+    }
+    for (int64_t id : leaving) {  // clients that left: their sequences go, and their requests are counted
+      if (!engine_.cancel(id)) continue;  // finished already: the output thread ends it as usual
+      in_engine.erase(id);
+      OutputItem cancelled;
+      cancelled.kind = OutputItem::kCancelled;
+      cancelled.id = id;
+      hand_to_output(std::move(cancelled));
+    }
+    for (int64_t id : stopped) {  // answered already (a stop string): the engine stops computing them
+      engine_.cancel(id);
+      in_engine.erase(id);
+    }
+    if (past_grace) {  // the grace is over: every request left is cancelled, its client told
+      for (int64_t id : in_engine) engine_.cancel(id);
+      in_engine.clear();
+      OutputItem fail_all;
+      fail_all.kind = OutputItem::kFailAll;
+      fail_all.message = "the server shut down before this request finished";
+      hand_to_output(std::move(fail_all));
+    }
+    if (stopping && engine_.idle()) return end_output();
+    if (engine_.idle()) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      counters_.prompt_tokens += prompt_tokens;
+      continue;
+    }
+
+    OutputItem step;
+    step.kind = OutputItem::kEvents;
+    const auto step_start = clock_type::now();
+    try {
+      step.events = engine_.step();
+    } catch (const std::exception& e) {
+      // The engine cannot go on (e.g. non-finite logits, the worker job gone for good): every request is
+      // told, none hangs.
+      OutputItem fail_all;
+      fail_all.kind = OutputItem::kFailAll;
+      fail_all.message = std::string("the engine failed: ") + e.what();
+      hand_to_output(std::move(fail_all));
+      end_output();
+      throw;
+    }
+    step.step_end = clock_type::now();
+    for (const EngineEvent& event : step.events)
+      if (event.finished) in_engine.erase(event.id);
+    const auto step_end = step.step_end;
+    // The tokens go out on the output thread while the next step runs: detokenizing, stop strings and
+    // writing every stream are off the step's critical path.
+    hand_to_output(std::move(step));
     const auto loop_end = clock_type::now();
     std::lock_guard<std::mutex> lock(mutex_);
-    for (const double seconds : first_token_seconds) counters_.first_token.observe(seconds);
-    for (const double seconds : inter_token_seconds) counters_.inter_token.observe(seconds);
-    int64_t step_tokens = 0;
-    for (const EngineEvent& event : events) step_tokens += event.token ? 1 : 0;
-    recent_tokens_.emplace_back(step_end, step_tokens);
-    while (!recent_tokens_.empty() && step_end - recent_tokens_.front().first > kRateWindow)
-      recent_tokens_.pop_front();
+    counters_.prompt_tokens += prompt_tokens;
     ++counters_.steps;
     counters_.step_seconds += std::chrono::duration<double>(step_end - step_start).count();
     counters_.scheduling_seconds +=

@@ -4,7 +4,10 @@
 // tokens go out to their clients as they come (server-sent events, whole UTF-8 characters, stop strings
 // held back), a client that leaves has its sequence cancelled, and a full queue is refused with 429. Its
 // loop runs on its own thread; submit/cancel/metrics are safe from any thread.
-// While nothing runs it gives the engine its heartbeat (a remote engine notices a dead worker job then).
+// The tokens of a step go out on an output thread while the engine runs the next step (detokenizing, stop
+// strings and every stream's chunk off the step's critical path); a sequence a stop string ends there is
+// taken out of the engine at the next boundary (its one extra token is dropped). While nothing runs the
+// loop gives the engine its heartbeat (a remote engine notices a dead worker job then).
 #pragma once
 
 #include <chrono>
@@ -41,7 +44,8 @@ struct ServeCounters {
   int64_t running = 0, queued = 0;
   int64_t steps = 0;
   double step_seconds = 0;                    // wall time inside engine steps
-  double scheduling_seconds = 0;              // the loop's own work around them (admission, tokens out)
+  double scheduling_seconds = 0;  // the loop's own work around them (admissions, cancels, hand-off)
+  double output_seconds = 0;      // the output thread's: tokens into answers, beside the next step
   LatencyHistogram first_token, inter_token;  // seconds from submission to the first token; between tokens
 };
 
@@ -68,8 +72,12 @@ class ServeScheduler {
 
  private:
   struct Active;
+  struct OutputItem;
   void finish(Active& active, const std::string& reason);
   void fail(Active& active, const std::string& message);
+  void hand_to_output(OutputItem item);
+  void run_output();  // the output thread
+  void deliver(const std::vector<EngineEvent>& events, std::chrono::steady_clock::time_point step_end);
 
   StepEngine& engine_;
   const Tokenizer& tokenizer_;
@@ -79,9 +87,16 @@ class ServeScheduler {
   std::condition_variable wake_;
   std::deque<std::unique_ptr<Active>> inbox_;
   std::vector<int64_t> cancelled_;  // ids whose clients left
+  std::vector<int64_t> stopped_;    // ids the output thread ended (a stop string): out of the engine next
   bool stopping_ = false;
   std::chrono::steady_clock::time_point stop_deadline_;
-  std::map<int64_t, std::unique_ptr<Active>> active_;  // the loop's own
+  std::map<int64_t, std::unique_ptr<Active>> active_;  // the output thread's own
+  // The loop thread -> output thread queue; at most kOutputStepsAhead steps of tokens wait in it.
+  static constexpr int64_t kOutputStepsAhead = 2;
+  std::mutex output_mutex_;
+  std::condition_variable output_wake_, output_room_;
+  std::deque<OutputItem> output_queue_;
+  int64_t output_steps_pending_ = 0;
   int64_t next_id_ = 0;
   ServeCounters counters_;
   // Tokens generated per step over the last kRateWindow (the tokens/s gauge).

@@ -31,7 +31,13 @@ int bench_serve_command(const BenchServeArgs& args) {
   options.requests_per_client = args.requests_per_client;
   options.max_tokens = args.max_tokens;
   options.temperature = args.temperature;
-  const std::string text = files::read_file(args.prompt_ids_file, "--prompt-ids-file", uint64_t{1} << 30);
+  // Prompts: one a line, text (--prompts-file) or token ids such as 1,2,3 (--prompt-ids-file).
+  const bool ids = !args.prompt_ids_file.empty();
+  EPIC_CHECK(ids != !args.prompts_file.empty(), ErrorCode::kInvalidArgument,
+             "give one of --prompts-file (text, one prompt a line) or --prompt-ids-file (1,2,3 a line)");
+  const std::string& path = ids ? args.prompt_ids_file : args.prompts_file;
+  const std::string flag = ids ? "--prompt-ids-file" : "--prompts-file";
+  const std::string text = files::read_file(path, flag, uint64_t{1} << 30);
   size_t line_number = 0;
   for (size_t start = 0; start < text.size();) {
     size_t end = text.find('\n', start);
@@ -39,17 +45,18 @@ int bench_serve_command(const BenchServeArgs& args) {
     const std::string line = text.substr(start, end - start);
     ++line_number;
     if (!line.empty())
-      options.prompts.push_back(parse_id_list(line, "--prompt-ids-file line " + std::to_string(line_number)));
+      options.prompts_json.push_back(
+          ids ? nlohmann::json(parse_id_list(line, flag + " line " + std::to_string(line_number))).dump()
+              : nlohmann::json(line).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
     start = end + 1;
   }
-  EPIC_CHECK(!options.prompts.empty(), ErrorCode::kInvalidArgument,
-             "--prompt-ids-file " + args.prompt_ids_file + " holds no prompts (one id list such as 1,2,3 a line)");
+  EPIC_CHECK(!options.prompts_json.empty(), ErrorCode::kInvalidArgument, flag + " " + path + " holds no prompts");
   const ServeLoadResult result = run_serve_load(options);
   const double p50_ttft = quantile(result.first_token_seconds, 0.5), p99_ttft = quantile(result.first_token_seconds, 0.99);
   const double p50_itl = quantile(result.inter_token_seconds, 0.5), p99_itl = quantile(result.inter_token_seconds, 0.99);
   std::printf("epic bench-serve: %lld clients x %lld requests, max_tokens %lld, %zu prompts\n",
               static_cast<long long>(args.clients), static_cast<long long>(args.requests_per_client),
-              static_cast<long long>(args.max_tokens), options.prompts.size());
+              static_cast<long long>(args.max_tokens), options.prompts_json.size());
   std::printf("  %lld requests in %.3f s: %.2f requests/s, %.1f tokens/s, %lld errors\n",
               static_cast<long long>(result.requests), result.wall_seconds,
               static_cast<double>(result.requests) / result.wall_seconds,

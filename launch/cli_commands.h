@@ -265,6 +265,7 @@ struct BenchSchedulerArgs {
   std::string tokenizer_json;
   std::string streams = "64,256";  // concurrent streaming requests, one measurement each
   int64_t tokens = 200;            // tokens per stream
+  int64_t step_us = 1000;          // how long the fake engine's step takes (a decode step of a real model)
   std::string json_out;
 };
 int bench_scheduler_command(const BenchSchedulerArgs& args);
@@ -274,7 +275,8 @@ int bench_scheduler_command(const BenchSchedulerArgs& args);
 struct BenchServeArgs {
   std::string url = "http://127.0.0.1:8000";
   std::string model_name = "model";  // the request's "model" (the server's --served-model-name)
-  std::string prompt_ids_file;       // one prompt a line, as token ids
+  std::string prompts_file;          // one text prompt a line
+  std::string prompt_ids_file;       // or one a line as token ids
   int64_t clients = 64;
   int64_t requests_per_client = 4;
   int64_t max_tokens = 64;

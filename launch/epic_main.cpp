@@ -587,6 +587,9 @@ int main(int argc, char** argv) {
   bench_scheduler->add_option("--tokens", scheduler_args.tokens, "Tokens per stream")
       ->capture_default_str()
       ->transform(strict_integer<int64_t>());
+  bench_scheduler->add_option("--step-us", scheduler_args.step_us, "How long each fake engine step takes")
+      ->capture_default_str()
+      ->transform(strict_integer<int64_t>());
   bench_scheduler->add_option("--json", scheduler_args.json_out, "Also write the figures as JSON");
 
   BenchServeArgs bench_serve_args;
@@ -595,8 +598,8 @@ int main(int argc, char** argv) {
   bench_serve->add_option("--url", bench_serve_args.url, "The server")->capture_default_str();
   bench_serve->add_option("--model-name", bench_serve_args.model_name, "The served model's name")
       ->capture_default_str();
-  bench_serve->add_option("--prompt-ids-file", bench_serve_args.prompt_ids_file, "One id list (1,2,3) a line")
-      ->required();
+  bench_serve->add_option("--prompts-file", bench_serve_args.prompts_file, "One text prompt a line");
+  bench_serve->add_option("--prompt-ids-file", bench_serve_args.prompt_ids_file, "One id list (1,2,3) a line");
   bench_serve->add_option("--clients", bench_serve_args.clients, "Concurrent streaming clients")
       ->capture_default_str()
       ->transform(strict_integer<int64_t>());

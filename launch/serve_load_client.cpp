@@ -40,10 +40,10 @@ class LoadClient : public std::enable_shared_from_this<LoadClient> {
   void next() {
     if (done_requests_ == options_.requests_per_client) return;
     ++done_requests_;
-    const std::vector<int32_t>& prompt =
-        options_.prompts[static_cast<size_t>(next_request_++) % options_.prompts.size()];
+    const std::string& prompt =
+        options_.prompts_json[static_cast<size_t>(next_request_++) % options_.prompts_json.size()];
     const nlohmann::json body = {{"model", options_.model},
-                                 {"prompt", prompt},
+                                 {"prompt", nlohmann::json::parse(prompt)},
                                  {"max_tokens", options_.max_tokens},
                                  {"temperature", options_.temperature},
                                  {"stream", true},
@@ -142,7 +142,7 @@ class LoadClient : public std::enable_shared_from_this<LoadClient> {
 
 ServeLoadResult run_serve_load(const ServeLoadOptions& options) {
   ServeLoadResult result;
-  if (options.prompts.empty() || options.clients <= 0) return result;
+  if (options.prompts_json.empty() || options.clients <= 0) return result;
   net::io_context io;
   const auto start = clock_type::now();
   for (int c = 0; c < options.clients; ++c)

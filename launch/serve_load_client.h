@@ -20,7 +20,8 @@ struct ServeLoadOptions {
   int64_t requests_per_client = 4;
   int64_t max_tokens = 64;
   double temperature = 0;
-  std::vector<std::vector<int32_t>> prompts;  // request i sends prompts[i % size] (as token ids)
+  // Request i sends prompts[i % size]: "text", or token ids as a JSON array.
+  std::vector<std::string> prompts_json;
   std::chrono::seconds timeout{600};          // the whole run; past it the open requests count as errors
 };
 

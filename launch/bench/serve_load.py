@@ -43,12 +43,12 @@ prompts = [text[i * step: i * step + args.prompt_chars] for i in range(total)]
 prompts = [p if p.strip() else "def main():" for p in prompts]
 
 work = tempfile.mkdtemp(prefix="epic-serve-load-")
-ids_file = os.path.join(work, "ids.txt")
-with open(ids_file, "w") as f:
-    for p in prompts:
-        out = subprocess.run([args.epic, "tokenize", "--model", args.model, "--text", p], capture_output=True,
-                             text=True, check=True)
-        f.write(out.stdout.strip() + "\n")
+# One prompt a line (newlines inside a prompt become spaces): epic run --prompts-file and the server tokenize
+# the same text.
+prompts = [" ".join(p.split()) or "def main():" for p in prompts]
+prompts_file = os.path.join(work, "prompts.txt")
+with open(prompts_file, "w") as f:
+    f.write("\n".join(prompts) + "\n")
 
 worker_flags = ["--workers", str(args.workers)] if args.workers else []
 server = subprocess.Popen([args.epic, "serve", "--model", args.model, "--port", "0", "--served-model-name", "m",
@@ -66,7 +66,7 @@ threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).star
 base = f"http://127.0.0.1:{port}"
 
 load_json = os.path.join(work, "load.json")
-load = subprocess.run([args.epic, "bench-serve", "--url", base, "--model-name", "m", "--prompt-ids-file", ids_file,
+load = subprocess.run([args.epic, "bench-serve", "--url", base, "--model-name", "m", "--prompts-file", prompts_file,
                        "--clients", str(args.clients), "--requests", str(args.requests), "--max-tokens",
                        str(args.max_tokens), "--json", load_json], capture_output=True, text=True)
 print(load.stdout.rstrip())
@@ -97,7 +97,7 @@ print(f"  engine: {steps:.0f} steps, {metric('epic_engine_step_seconds_total') /
 launcher = ["mpirun", "-np", str(args.workers), "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0
                                                                        else []) if args.workers else []
 start = time.perf_counter()
-out = subprocess.run([*launcher, args.epic, "run", "--model", args.model, "--prompt-ids-file", ids_file,
+out = subprocess.run([*launcher, args.epic, "run", "--model", args.model, "--prompts-file", prompts_file,
                       "--max-new-tokens", str(args.max_tokens), "--max-active-sequences", str(args.clients),
                       "--allow-missing-experts", *args.extra], capture_output=True, text=True)
 run_wall = time.perf_counter() - start
