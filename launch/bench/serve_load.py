@@ -93,12 +93,14 @@ print(f"epic serve: {args.clients} concurrent streaming clients x {args.requests
 print(f"  engine: {steps:.0f} steps, {metric('epic_engine_step_seconds_total') / max(steps, 1) * 1e3:.3f} ms a step; "
       f"the scheduler's own time {sched / max(steps, 1) * 1e6:.1f} us a step")
 
-# epic run on the same prompts, as many live at once as the server had clients (per worker).
+# epic run on the same prompts.
 launcher = ["mpirun", "-np", str(args.workers), "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0
                                                                        else []) if args.workers else []
 start = time.perf_counter()
+# As many sequences live at once over the job as the server had clients: CLIENTS / N per rank.
+run_active = -(-args.clients // max(args.workers, 1))
 out = subprocess.run([*launcher, args.epic, "run", "--model", args.model, "--prompts-file", prompts_file,
-                      "--max-new-tokens", str(args.max_tokens), "--max-active-sequences", str(args.clients),
+                      "--max-new-tokens", str(args.max_tokens), "--max-active-sequences", str(run_active),
                       "--allow-missing-experts", *args.extra], capture_output=True, text=True)
 run_wall = time.perf_counter() - start
 if out.returncode != 0:
@@ -109,7 +111,7 @@ run_tokens = sum(len(json.loads(line)["ids"]) for line in out.stdout.splitlines(
 generated = [l for l in out.stderr.splitlines() if "generated in" in l]
 run_seconds = float(generated[0].split("generated in")[1].split()[0]) if generated else run_wall
 run_tps = run_tokens / run_seconds
-print(f"epic run, same prompts, --max-active-sequences {args.clients}: {run_tokens} tokens in {run_seconds:.2f} s = "
+print(f"epic run, same prompts, --max-active-sequences {run_active} on each of {max(args.workers, 1)} rank(s): {run_tokens} tokens in {run_seconds:.2f} s = "
       f"{run_tps:.1f} tokens/s (wall with loading {run_wall:.2f} s)")
 print(f"serve / run tokens/s: {serve_tps / run_tps:.3f} (target >= 0.95)")
 if args.json:
