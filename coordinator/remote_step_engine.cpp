@@ -22,7 +22,10 @@ RemoteStepEngine::RemoteStepEngine(WorkerJob& job, RemoteEngineOptions options)
 void RemoteStepEngine::reset_rank_views() {
   std::lock_guard<std::mutex> lock(load_mutex_);
   load_.assign(job_.ranks(), {});
-  expert_load_.assign(job_.ranks(), {});
+  // A new job counts expert rows from zero: its first report's window starts now.
+  ExpertLoad fresh;
+  fresh.at = std::chrono::steady_clock::now();
+  expert_load_.assign(job_.ranks(), fresh);
   kv_capacity_.clear();
   for (const wp::Hello& hello : job_.hellos()) kv_capacity_.push_back(hello.kv_capacity_tokens);
 }
@@ -31,7 +34,7 @@ void RemoteStepEngine::note_expert_rows(int rank, const std::map<int64_t, std::v
   const auto now = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> lock(load_mutex_);
   ExpertLoad& load = expert_load_[rank];
-  if (load.at != std::chrono::steady_clock::time_point{}) {
+  {
     load.window.clear();
     for (const auto& [layer, rows] : cumulative) {
       std::vector<int64_t>& window = load.window[layer];

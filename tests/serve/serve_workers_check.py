@@ -180,6 +180,19 @@ for _ in range(100):
     time.sleep(0.1)
 check(freed, "a client leaving mid-stream: cancelled, and no KV positions held on either rank")
 
+# /metrics of the worker job: restarts, KV use and capacity per rank, and (the host exchange counts rows) the
+# per-expert and per-worker load of the last window; promtool accepts the whole page where installed.
+_, _, metrics = server.request("GET", "/metrics")
+for family in ("epic_worker_restarts_total", "epic_kv_cache_capacity_tokens", "epic_generation_tokens_per_second",
+               "epic_expert_rows_window", "epic_worker_expert_rows_window", "epic_output_seconds_total"):
+    check(f"# TYPE {family} " in metrics, f"/metrics has {family}")
+check((server.metric('epic_kv_cache_capacity_tokens{rank="1"}') or 0) >= 512, "KV capacity per rank as configured")
+expert_rows = sum(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("epic_expert_rows_window{"))
+check(expert_rows > 0, f"per-expert rows of the last window add up to a load ({expert_rows:.0f} rows)")
+if shutil.which("promtool"):
+    out = subprocess.run(["promtool", "check", "metrics"], input=metrics, capture_output=True, text=True)
+    check(out.returncode == 0, "promtool check metrics (worker job): " + (out.stdout + out.stderr).strip())
+
 last_pids = worker_pids(server)
 code = server.stop()
 check(code == 0, f"SIGTERM: exit 0 (got {code})")
