@@ -1,6 +1,8 @@
 // --expert-budget and the expert store's flags (expert_budget.h).
 #include "launch/expert_budget.h"
 
+#include "coordinator/placement_residency.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -154,42 +156,38 @@ std::function<std::map<int64_t, int64_t>(const std::map<int64_t, int64_t>&)> bud
 
 std::vector<LayerResidencyEstimate> expected_resident_share(const PlacementPlan& plan,
                                                             const std::string& budget) {
-  std::vector<LayerResidencyEstimate> estimates;
-  std::vector<ResidencyBudget> slots(static_cast<size_t>(plan.num_workers));
+  // Each worker's slots by the planner's own rule (budget_resident_slots over its hosted counts), and its
+  // miss load and cost by the planner's own formulas (coordinator/placement_residency.h).
+  const auto resident_slots = budget_resident_slots(budget);
+  std::vector<std::map<int64_t, int64_t>> slots(static_cast<size_t>(plan.num_workers));
   for (int w = 0; w < plan.num_workers; ++w) {
-    ExpertInventory hosted;  // this worker's experts as an inventory, for the budget's rules
-    for (const LayerPlacement& layer : plan.layers) {
-      LayerExpertInventory& experts = hosted[layer.layer];
-      experts.num_experts = layer.num_experts;
-      experts.present.assign(static_cast<size_t>(layer.num_experts), 0);
-      for (int64_t e : layer.worker_experts[w]) experts.present[e] = 1;
-    }
-    slots[w] = expert_budget_slots(budget, hosted);
+    std::map<int64_t, int64_t> hosted_by_layer;
+    for (const LayerPlacement& layer : plan.layers)
+      hosted_by_layer[layer.layer] = static_cast<int64_t>(layer.worker_experts[w].size());
+    slots[w] = resident_slots(hosted_by_layer);
   }
+  const double miss_cost = PlacementRequest{}.miss_cost;
+  std::vector<LayerResidencyEstimate> estimates;
   for (const LayerPlacement& layer : plan.layers) {
+    // The load one replica of an expert serves.
+    std::vector<double> weight(static_cast<size_t>(layer.num_experts), 0.0);
+    for (int64_t e = 0; e < layer.num_experts; ++e)
+      weight[e] = layer.expert_load[e] / static_cast<double>(std::max<size_t>(1, layer.expert_workers[e].size()));
     LayerResidencyEstimate estimate;
     estimate.layer = layer.layer;
     estimate.min_slots = INT64_MAX;
     double share_sum = 0, layer_load = 0, max_cost = 0;
     int workers_with_experts = 0;
-    const double miss_cost = PlacementRequest{}.miss_cost;
     for (int w = 0; w < plan.num_workers; ++w) {
       const std::vector<int64_t>& experts = layer.worker_experts[w];
       if (experts.empty()) continue;
-      std::vector<double> load;
-      for (int64_t e : experts)
-        load.push_back(layer.expert_load[e] /
-                       static_cast<double>(std::max<size_t>(1, layer.expert_workers[e].size())));
-      std::sort(load.begin(), load.end(), std::greater<>());
-      const int64_t budget_slots = slots[w].slots_by_layer.at(layer.layer);
-      double total = 0, resident = 0;
-      for (size_t i = 0; i < load.size(); ++i) {
-        total += load[i];
-        if (static_cast<int64_t>(i) < budget_slots) resident += load[i];
-      }
-      const double share = total > 0 ? resident / total : 1.0;
+      const int64_t budget_slots = slots[w].at(layer.layer);
+      double total = 0;
+      for (int64_t e : experts) total += weight[e];
+      const double miss = expected_miss_load(experts, weight, budget_slots);
+      const double share = total > 0 ? (total - miss) / total : 1.0;
       layer_load += total;
-      max_cost = std::max(max_cost, total + (miss_cost - 1.0) * (total - resident));
+      max_cost = std::max(max_cost, expected_budget_cost(experts, weight, budget_slots, miss_cost));
       estimate.min_resident_share = std::min(estimate.min_resident_share, share);
       share_sum += share;
       ++workers_with_experts;
