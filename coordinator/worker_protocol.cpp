@@ -8,6 +8,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "coordinator/checked_binary_archive.h"
 #include "kernels/error.h"
 
 namespace epic::worker_protocol {
@@ -87,8 +88,9 @@ uint64_t payload_length(std::string_view header, const std::string& peer) {
 Message decode(std::string_view payload, const std::string& peer) {
   Message message;
   try {
-    std::istringstream in{std::string(payload)};
-    cereal::BinaryInputArchive archive(in);
+    // Counts are checked against the bytes left (a corrupt or hostile frame cannot make the coordinator
+    // allocate what it claims), bools must be 0 or 1.
+    wire::CheckedBinaryInputArchive archive(payload);
     uint8_t kind = 0;
     archive(kind);
     if (kind < static_cast<uint8_t>(Kind::kHello) || kind > static_cast<uint8_t>(Kind::kError))
@@ -103,8 +105,7 @@ Message decode(std::string_view payload, const std::string& peer) {
       case Kind::kPong:
       case Kind::kShutdown: break;
     }
-    if (in.peek() != std::char_traits<char>::eof())
-      throw Error(ErrorCode::kCommunication, "bytes left after the message");
+    if (archive.bytes_left() != 0) throw Error(ErrorCode::kCommunication, "bytes left after the message");
   } catch (const Error& e) {
     throw Error(ErrorCode::kCommunication, peer + " sent a malformed message (" + e.what() +
                                                "); coordinator and workers must be the same epic build");

@@ -1,5 +1,5 @@
 // Writes the seed inputs of the coordinator-side fuzz targets with epic's own writers: placement
-// plans (JSON and cereal bytes), load profiles, and run plan / worker report messages.
+// plans (JSON and cereal bytes), load profiles, run plan / worker report messages, and worker protocol frames.
 // Usage: make_seed_messages CORPUS_DIR   (tests/fuzz/make_corpus.sh runs it)
 #include <cstdio>
 #include <filesystem>
@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "coordinator/placement.h"
+#include "coordinator/worker_protocol.h"
 #include "launch/run_wire.h"
 
 namespace {
@@ -90,5 +91,31 @@ int main(int argc, char** argv) {
   report.expert_rows = {{1, {3, 0, 5, 1}}, {3, {2, 2, 0, 4}}};
   report.run_seconds = 1.5;
   write(corpus / "run_wire" / "worker_report.bin", std::string(1, '\1') + epic::wire::to_bytes(report));
+
+  // The worker protocol's frames: one of each kind (coordinator/worker_protocol.h).
+  namespace wp = epic::worker_protocol;
+  wp::Message hello;
+  hello.kind = wp::Kind::kHello;
+  hello.hello = {wp::kVersion, 1, 2, 4242, "node1", 64, 4096, 151936, "cpu, fp32", 262144};
+  write(corpus / "worker_protocol" / "hello.bin", wp::encode(hello));
+  wp::Message step;
+  step.kind = wp::Kind::kStep;
+  step.command.admit.push_back({7, {9707, 1879}, {11, 12}, 32, 0.7, 0.9, 5});
+  step.command.cancel = {3, 4};
+  write(corpus / "worker_protocol" / "step.bin", wp::encode(step));
+  wp::Message done;
+  done.kind = wp::Kind::kStepDone;
+  done.done.tokens = {{7, 13, false}, {8, -1, true}};
+  done.done.live = 1;
+  done.done.kv_tokens = 35;
+  done.done.expert_rows = {{1, {3, 0, 5, 1}}};
+  write(corpus / "worker_protocol" / "step_done.bin", wp::encode(done));
+  wp::Message error;
+  error.kind = wp::Kind::kError;
+  error.error = "rank 1: out of memory";
+  write(corpus / "worker_protocol" / "error.bin", wp::encode(error));
+  wp::Message ping;
+  ping.kind = wp::Kind::kPing;
+  write(corpus / "worker_protocol" / "ping.bin", wp::encode(ping));
   return 0;
 }

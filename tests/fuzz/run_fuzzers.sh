@@ -15,7 +15,7 @@ shift
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   targets=(safetensors_header checkpoint_index model_config tokenizer load_profile placement_plan_json
-           placement_plan_cereal run_wire openai_request)
+           placement_plan_cereal run_wire openai_request worker_protocol)
 fi
 seconds="${EPIC_FUZZ_SECONDS:-60}"
 work="$build_dir/fuzz-work"  # grown corpora and artifacts; the committed corpus is only read
