@@ -75,9 +75,16 @@ std::string NodeTopology::describe() const {
   return text + ")";
 }
 
-NodeTopology discover_node_topology(Communicator& comm) {
+std::string this_host_name() {
   std::array<char, 256> name{};
-  if (gethostname(name.data(), name.size() - 1) != 0 || name[0] == '\0') std::strcpy(name.data(), "?");
+  if (gethostname(name.data(), name.size() - 1) != 0 || name[0] == '\0') return "?";
+  return name.data();
+}
+
+NodeTopology discover_node_topology(Communicator& comm) {
+  std::array<char, 256> name{};  // fixed size for the all-gather; the name fits (gethostname's own bound)
+  const std::string host = this_host_name();
+  std::strncpy(name.data(), host.c_str(), name.size() - 1);
   std::vector<char> all(name.size() * static_cast<size_t>(comm.size()));
   comm.all_gather(name.data(), static_cast<int64_t>(name.size()), all.data());
   std::vector<std::string> names(comm.size());

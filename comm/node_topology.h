@@ -44,6 +44,8 @@ class NodeTopology {
   std::vector<std::string> node_names_ = {"local"};
 };
 
+// This process's host name (its node of the cluster), "?" when the system does not say.
+std::string this_host_name();
 // Every rank's host name, gathered (a collective: every rank calls it).
 NodeTopology discover_node_topology(Communicator& comm);
 // ranks_per_node > 0: the declared topology; 0: discover_node_topology.

@@ -3,6 +3,8 @@
 // open/read/close/write, no allocation, no stdio.
 #include "comm/peer_monitor.h"
 
+#include "comm/node_topology.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
@@ -20,6 +22,8 @@
 #include <random>
 #include <sstream>
 #include <thread>
+
+#include "comm/node_topology.h"
 
 namespace epic {
 
@@ -175,7 +179,7 @@ void add_position(FixedText& text, const RankSlot& slot, const char* waiting_pre
 PeerIdentity PeerMonitor::my_identity() {
   PeerIdentity identity;
   identity.pid = static_cast<int32_t>(getpid());
-  if (gethostname(identity.host, sizeof(identity.host) - 1) != 0) std::strcpy(identity.host, "?");
+  std::strncpy(identity.host, this_host_name().c_str(), sizeof(identity.host) - 1);
   identity.probe = liveness_endpoint(liveness_listener());
   std::random_device random;
   identity.nonce = (static_cast<uint64_t>(random()) << 32) ^ random() ^ static_cast<uint64_t>(monotonic_ns());

@@ -23,33 +23,9 @@ void RemoteStepEngine::reset_rank_views() {
   std::lock_guard<std::mutex> lock(load_mutex_);
   load_.assign(job_.ranks(), {});
   // A new job counts expert rows from zero: its first report's window starts now.
-  ExpertLoad fresh;
-  fresh.at = std::chrono::steady_clock::now();
-  expert_load_.assign(job_.ranks(), fresh);
+  expert_load_.reset(job_.ranks());
   kv_capacity_.clear();
   for (const wp::Hello& hello : job_.hellos()) kv_capacity_.push_back(hello.kv_capacity_tokens);
-}
-
-void RemoteStepEngine::note_expert_rows(int rank, const std::map<int64_t, std::vector<int64_t>>& cumulative) {
-  const auto now = std::chrono::steady_clock::now();
-  std::lock_guard<std::mutex> lock(load_mutex_);
-  ExpertLoad& load = expert_load_[rank];
-  {
-    load.window.clear();
-    for (const auto& [layer, rows] : cumulative) {
-      std::vector<int64_t>& window = load.window[layer];
-      window.assign(rows.size(), 0);
-      const auto before = load.cumulative.find(layer);
-      for (size_t e = 0; e < rows.size(); ++e) {
-        const int64_t earlier =
-            before != load.cumulative.end() && e < before->second.size() ? before->second[e] : 0;
-        window[e] = std::max<int64_t>(rows[e] - earlier, 0);
-      }
-    }
-    load.window_seconds = std::chrono::duration<double>(now - load.at).count();
-  }
-  load.at = now;
-  load.cumulative = cumulative;
 }
 
 int RemoteStepEngine::least_loaded_rank() const {
@@ -94,7 +70,7 @@ bool RemoteStepEngine::cancel(int64_t id) {
 }
 
 bool RemoteStepEngine::idle() const {
-  if (!tracked_.empty()) return false;
+  if (!tracked_.empty() || steps_in_flight_ > 0) return false;
   for (const auto& cancels : pending_cancel_)
     if (!cancels.empty()) return false;
   return true;
@@ -114,24 +90,40 @@ int64_t RemoteStepEngine::waiting_sequences() const {
   return waiting;
 }
 
-std::vector<EngineEvent> RemoteStepEngine::step() {
+std::vector<wp::Message> RemoteStepEngine::take_step_commands() {
   const int ranks = static_cast<int>(pending_admit_.size());
   std::vector<wp::Message> out(ranks);
   for (int r = 0; r < ranks; ++r) {
     out[r].kind = wp::Kind::kStep;
     for (const EngineSequence& s : pending_admit_[r])
       out[r].command.admit.push_back({s.id, s.prompt, s.resumed, s.max_new_tokens, s.temperature, s.top_p, s.seed});
-    out[r].command.cancel = pending_cancel_[r];
+    out[r].command.cancel = std::move(pending_cancel_[r]);
+    pending_admit_[r].clear();
+    pending_cancel_[r].clear();
   }
+  return out;
+}
+
+std::vector<EngineEvent> RemoteStepEngine::step() {
+  const int ranks = static_cast<int>(pending_admit_.size());
+  // Pipelined: the next step's command goes out before the answer of the step in flight is read, so a rank
+  // finds it waiting when it finishes a step instead of idling through a round trip to this process.
+  // Admissions and cancels do not depend on the answers: a cancel lands one step later (the extra token is
+  // dropped below, as a finished sequence's would be), and a failure re-admits every tracked sequence from
+  // what it reported, so a command lost in flight loses nothing.
   std::vector<wp::Message> replies;
   try {
-    replies = job_.exchange(out, options_.step_timeout);
+    if (steps_in_flight_ == 0) {
+      job_.exchange(take_step_commands(), options_.step_timeout, /*read_replies=*/false);
+      steps_in_flight_ = 1;
+    }
+    const bool another = !tracked_.empty();  // sequences left: the next step will have work
+    replies = job_.exchange(another ? take_step_commands() : std::vector<wp::Message>{}, options_.step_timeout);
+    steps_in_flight_ = another ? 1 : 0;
   } catch (const Error& e) {
     recover(e.what());
     return {};
   }
-  for (auto& queued : pending_admit_) queued.clear();
-  for (auto& queued : pending_cancel_) queued.clear();
   failures_in_a_row_ = 0;
   std::vector<EngineEvent> events;
   std::vector<RankLoad> load(ranks);
@@ -142,7 +134,8 @@ std::vector<EngineEvent> RemoteStepEngine::step() {
       return events;
     }
     load[r] = {done.live, done.waiting, done.kv_tokens, done.live + done.waiting};
-    if (!done.expert_rows.empty()) note_expert_rows(r, done.expert_rows);
+    if (!done.expert_rows.empty() || !done.rows_per_rank.empty())
+      expert_load_.note(r, done.expert_rows, done.rows_per_rank);
     for (const wp::Token& token : done.tokens) {
       const auto found = tracked_.find(token.id);
       if (found == tracked_.end()) continue;  // cancelled since
@@ -163,7 +156,7 @@ std::vector<EngineEvent> RemoteStepEngine::step() {
 }
 
 void RemoteStepEngine::heartbeat() {
-  if (!tracked_.empty()) return;  // steps show the job's health while it works
+  if (!tracked_.empty() || steps_in_flight_ > 0) return;  // steps show the job's health while it works
   std::vector<wp::Message> pings(job_.ranks());
   for (wp::Message& ping : pings) ping.kind = wp::Kind::kPing;
   try {
@@ -178,6 +171,7 @@ void RemoteStepEngine::heartbeat() {
 
 void RemoteStepEngine::recover(const std::string& why) {
   ready_ = false;
+  steps_in_flight_ = 0;  // lost with the job
   std::fprintf(stderr, "epic serve: the worker job failed: %s; restarting it (%zu request(s) in flight resume)\n",
                why.c_str(), tracked_.size());
   job_.kill();
@@ -226,31 +220,7 @@ std::string RemoteStepEngine::metrics_text() const {
   std::vector<int64_t> kv_tokens;
   for (const RankLoad& load : load_) kv_tokens.push_back(load.kv_tokens);
   append_kv_cache_metrics(out, kv_tokens, kv_capacity_);
-  // Per-expert and per-worker load of the last window (about a second; where the exchange counts rows).
-  std::map<int64_t, std::vector<int64_t>> by_expert;
-  std::vector<std::pair<size_t, int64_t>> by_rank;
-  double window_seconds = 0;
-  for (size_t r = 0; r < expert_load_.size(); ++r) {
-    if (expert_load_[r].window.empty()) continue;
-    int64_t rank_rows = 0;
-    for (const auto& [layer, rows] : expert_load_[r].window) {
-      std::vector<int64_t>& total = by_expert[layer];
-      total.resize(std::max(total.size(), rows.size()), 0);
-      for (size_t e = 0; e < rows.size(); ++e) total[e] += rows[e], rank_rows += rows[e];
-    }
-    window_seconds = std::max(window_seconds, expert_load_[r].window_seconds);
-    by_rank.emplace_back(r, rank_rows);
-  }
-  if (by_expert.empty()) return out.take();
-  out.single("epic_load_window_seconds", "gauge", "The window the per-expert and per-worker rows below cover.",
-             window_seconds);
-  out.family("epic_worker_expert_rows_window", "gauge", "Token rows each worker rank's experts computed in the window.");
-  for (const auto& [r, rows] : by_rank) out.sample("epic_worker_expert_rows_window", rank(r), double(rows));
-  out.family("epic_expert_rows_window", "gauge", "Token rows each (MoE layer, expert) computed in the window, all ranks.");
-  for (const auto& [layer, rows] : by_expert)
-    for (size_t e = 0; e < rows.size(); ++e)
-      out.sample("epic_expert_rows_window",
-                 "{layer=\"" + std::to_string(layer) + "\",expert=\"" + std::to_string(e) + "\"}", double(rows[e]));
+  expert_load_.append_metrics(out);  // per-expert and per-worker load of the last window
   return out.take();
 }
 

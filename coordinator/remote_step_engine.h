@@ -1,7 +1,8 @@
 // The serve scheduler's engine when the model runs in a worker job (issue 11): sequences are placed on
 // the job's ranks by load (attention is data parallel: each rank holds its sequences' KV caches), every
 // step is one message to and from every rank (the ranks step together through their own MPI/NCCL
-// collectives), and a job that dies is replaced without losing a request: the coordinator keeps every
+// collectives; the next step's message goes out before the last one's answer is read, so the ranks never wait
+// for a round trip), and a job that dies is replaced without losing a request: the coordinator keeps every
 // in-flight sequence's prompt and the tokens it already reported, starts a new job, and admits each
 // sequence again with those tokens as resumed ones (the worker prefills them and its sampler skips their
 // draws), so the tokens that follow are the ones an uninterrupted run gives and none is reported twice.
@@ -15,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "coordinator/expert_load_window.h"
 #include "coordinator/step_engine.h"
 #include "coordinator/worker_job.h"
 
@@ -35,7 +37,7 @@ class RemoteStepEngine final : public StepEngine {
 
   void admit(EngineSequence sequence) override;
   bool cancel(int64_t id) override;
-  // Cancels not yet sent keep it busy: the next step carries them to the job.
+  // Cancels not yet sent, and a step whose answer is not read yet, keep it busy.
   bool idle() const override;
   std::vector<EngineEvent> step() override;
   int64_t live_sequences() const override;
@@ -55,14 +57,9 @@ class RemoteStepEngine final : public StepEngine {
   struct RankLoad {
     int64_t live = 0, waiting = 0, kv_tokens = 0, sequences = 0;
   };
-  // A rank's expert rows: the last cumulative report, and the rows of the window before it.
-  struct ExpertLoad {
-    std::chrono::steady_clock::time_point at{};
-    std::map<int64_t, std::vector<int64_t>> cumulative, window;
-    double window_seconds = 0;
-  };
-  void note_expert_rows(int rank, const std::map<int64_t, std::vector<int64_t>>& cumulative);
   void reset_rank_views();  // after a (re)start: as many ranks as the job has, nothing known yet
+  // Every rank's kStep with its pending admissions and cancels (taken: they are on their way).
+  std::vector<worker_protocol::Message> take_step_commands();
   int least_loaded_rank() const;
   // The job failed (`why`): ends it, starts a new one, and queues every tracked sequence again with its
   // reported tokens as resumed ones. Error when max_restarts restarts in a row did not bring a step through.
@@ -76,10 +73,11 @@ class RemoteStepEngine final : public StepEngine {
   std::atomic<bool> ready_{true};
   std::atomic<int64_t> restarts_{0};
   int failures_in_a_row_ = 0;
+  int steps_in_flight_ = 0;  // 0 or 1: a step sent whose answer is not read yet (step() keeps one ahead)
   mutable std::mutex load_mutex_;  // the metrics' view, read from the HTTP thread
   std::vector<RankLoad> load_;
   std::vector<int64_t> kv_capacity_;       // per rank, from its hello
-  std::vector<ExpertLoad> expert_load_;    // per rank
+  ExpertLoadWindow expert_load_;
   std::atomic<int64_t> sequences_resumed_{0};
 };
 

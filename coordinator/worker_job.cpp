@@ -145,11 +145,12 @@ void WorkerJob::kill() {
   }
 }
 
-std::vector<wp::Message> WorkerJob::exchange(const std::vector<wp::Message>& out, std::chrono::milliseconds timeout) {
+std::vector<wp::Message> WorkerJob::exchange(const std::vector<wp::Message>& out, std::chrono::milliseconds timeout,
+                                             bool read_replies) {
   if (!launcher_running())
     throw Error(ErrorCode::kCommunication, "the worker job's launcher exited (status " +
                                                std::to_string(launcher_status_) + ")");
-  return links_.exchange(out, clock_type::now() + timeout);
+  return links_.exchange(out, clock_type::now() + timeout, read_replies);
 }
 
 }  // namespace epic

@@ -57,10 +57,10 @@ class WorkerJob {
   std::string address() const;  // HOST:PORT the ranks connect to
   bool attached() const { return options_.launcher.empty(); }
 
-  // One message to and from every rank under a deadline (WorkerLinks::exchange); also an error when the
-  // launcher has exited.
+  // One message to (none when out is empty) and, with read_replies, from every rank under a deadline
+  // (WorkerLinks::exchange); also an error when the launcher has exited.
   std::vector<worker_protocol::Message> exchange(const std::vector<worker_protocol::Message>& out,
-                                                 std::chrono::milliseconds timeout);
+                                                 std::chrono::milliseconds timeout, bool read_replies = true);
 
  private:
   void launch();

@@ -203,22 +203,27 @@ std::vector<wp::Hello> WorkerLinks::accept_job(int expected, clock_type::time_po
   return ordered;
 }
 
-std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& out,
-                                               clock_type::time_point deadline) {
+std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& out, clock_type::time_point deadline,
+                                               bool read_replies) {
   State& s = *state_;
   const int n = ranks();
-  EPIC_CHECK(static_cast<int>(out.size()) == n, ErrorCode::kInternal, "one message per rank");
+  const bool writing = !out.empty();
+  EPIC_CHECK(!writing || static_cast<int>(out.size()) == n, ErrorCode::kInternal, "one message per rank");
   std::vector<std::string> frames(n);
   std::vector<std::string> write_errors(n);
+  std::vector<char> written(n, writing ? 0 : 1);
   std::vector<std::shared_ptr<Incoming>> replies(n);
   for (int r = 0; r < n; ++r) {
-    frames[r] = wp::encode(out[r]);
-    asio::async_write(*s.sockets[r], asio::buffer(frames[r]),
-                      [&write_errors, r](const boost::system::error_code& ec, size_t) {
-                        if (ec) write_errors[r] = ec.message();
-                      });
+    if (writing) {
+      frames[r] = wp::encode(out[r]);
+      asio::async_write(*s.sockets[r], asio::buffer(frames[r]),
+                        [&write_errors, &written, r](const boost::system::error_code& ec, size_t) {
+                          if (ec) write_errors[r] = ec.message();
+                          written[r] = 1;
+                        });
+    }
     replies[r] = std::make_shared<Incoming>();
-    read_message(*s.sockets[r], replies[r], "worker rank " + std::to_string(r));
+    if (read_replies) read_message(*s.sockets[r], replies[r], "worker rank " + std::to_string(r));
   }
   int failed = -1;
   std::string why;
@@ -230,16 +235,16 @@ std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& o
       if (replies[r]->done && replies[r]->error.empty() && replies[r]->message.kind == wp::Kind::kError &&
           failed < 0)
         failed = r, why = "failed: " + replies[r]->message.error;
-      all = all && replies[r]->done;
+      all = all && (read_replies ? replies[r]->done : written[r] != 0);
     }
     return all || failed >= 0;
   };
   const bool in_time = s.run_until(settled, deadline);
   if (failed < 0 && !in_time) {
     for (int r = 0; r < n; ++r)
-      if (!replies[r]->done) {
+      if (read_replies ? !replies[r]->done : !written[r]) {
         failed = r;
-        why = "did not answer in time";
+        why = read_replies ? "did not answer in time" : "could not be written to in time";
         break;
       }
   }
@@ -247,7 +252,8 @@ std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& o
   if (failed >= 0)
     throw Error(ErrorCode::kCommunication, "worker rank " + std::to_string(failed) + " " + why);
   std::vector<wp::Message> messages;
-  for (auto& reply : replies) messages.push_back(std::move(reply->message));
+  if (read_replies)
+    for (auto& reply : replies) messages.push_back(std::move(reply->message));
   return messages;
 }
 

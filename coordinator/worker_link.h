@@ -32,10 +32,12 @@ class WorkerLinks {
   std::vector<worker_protocol::Hello> accept_job(int expected, clock_type::time_point deadline,
                                                   const std::function<bool()>& gone);
   int ranks() const;
-  // Sends out[r] to rank r, all at once, then reads one message from every rank. Error(kCommunication)
-  // naming the rank for a connection closed or failed, a kError message (its text), or the deadline.
+  // Sends out[r] to rank r, all at once (none when out is empty), and with read_replies reads one message
+  // from every rank (the oldest unread: a pipelined step's answer arrives in order), else waits for the
+  // writes alone and returns nothing. Error(kCommunication) naming the rank for a connection closed or
+  // failed, a kError message (its text), or the deadline.
   std::vector<worker_protocol::Message> exchange(const std::vector<worker_protocol::Message>& out,
-                                                 clock_type::time_point deadline);
+                                                 clock_type::time_point deadline, bool read_replies = true);
   // Best effort (shutdown): sends `message` to every rank, waiting at most until the deadline.
   void send_all(const worker_protocol::Message& message, clock_type::time_point deadline);
   // Closes every rank's connection (the listener stays).

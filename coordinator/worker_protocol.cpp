@@ -32,7 +32,7 @@ void serialize(Archive& ar, Token& m) {
 }
 template <class Archive>
 void serialize(Archive& ar, StepDone& m) {
-  ar(m.tokens, m.live, m.waiting, m.kv_tokens, m.step_seconds, m.expert_rows);
+  ar(m.tokens, m.live, m.waiting, m.kv_tokens, m.step_seconds, m.expert_rows, m.rows_per_rank);
 }
 
 namespace {

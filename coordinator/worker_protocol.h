@@ -13,8 +13,9 @@
 
 namespace epic::worker_protocol {
 
-// 1: the first version. Both sides refuse a hello of another version (they must be the same build).
-constexpr uint32_t kVersion = 1;
+// 1: the first version. 2: StepDone::rows_per_rank. Both sides refuse a hello of another version (they
+// must be the same build).
+constexpr uint32_t kVersion = 2;
 constexpr uint32_t kFrameMagic = 0x4B574550;  // "PEWK" in memory order
 constexpr uint64_t kMaxFrameBytes = uint64_t{1} << 30;
 constexpr size_t kFrameHeaderBytes = 12;  // magic (4) + payload length (8), little-endian
@@ -63,9 +64,13 @@ struct StepDone {
   int64_t live = 0, waiting = 0;
   int64_t kv_tokens = 0;  // positions held in this rank's KV caches after the step
   double step_seconds = 0;
-  // Rows each (MoE layer, expert) hosted here has computed since the job started, where the MoE exchange
-  // counts them (the host exchange; not the NCCL one): sent at most about once a second, empty otherwise.
+  // The per-expert load since the job started (worker/expert_load_counter.h), sent at most about once a
+  // second, empty otherwise. expert_rows: rows per (MoE layer, expert), summed over the ranks the rows each
+  // expert computed: with the host exchange what this rank's experts computed, else what this rank's
+  // tokens routed. rows_per_rank: the rows this rank's tokens sent to each rank's experts (all layers), or
+  // empty where expert_rows is what this rank computed.
   std::map<int64_t, std::vector<int64_t>> expert_rows;
+  std::vector<int64_t> rows_per_rank;
 };
 
 struct Message {

@@ -259,6 +259,17 @@ class Backend {
                                const Tensor& expert_offsets, const Tensor& source_row,
                                const Tensor& sorted_position) = 0;
 
+  // Tallies routed slots for statistics (the per-expert load /metrics reports): for each token
+  // t < real_tokens and each slot j of it that is not padding (is_padding_slot),
+  // expert_counts[expert_ids[t, j]] += 1 and, with keys, key_counts[keys[t, j]] += 1 (e.g. the rank the
+  // slot is sent to). real_tokens: I32 [1] on the backend, the step's tokens before a graph bucket's
+  // padding rows (absent: every token of expert_ids; a value past the tokens counts them all). Ids and
+  // keys outside [0, their counts' length) are skipped. expert_ids and keys I32 [tokens, top_k]; the
+  // counts I64, added to (integer adds, exact in any order). Only enqueued (capturable): read the counts
+  // after synchronize().
+  virtual void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens,
+                                  const Tensor& expert_counts, const Tensor& keys, const Tensor& key_counts) = 0;
+
   // The SwiGLU FFN of every hosted expert over its group of rows, all experts in one call:
   // for rows r in [offsets[e], offsets[e + 1]): y[r] = down_e(silu(gate_e x[r]) * up_e x[r]).
   // x, y [rows, H]; expert_offsets I32 [E + 1] with offsets[E] == rows (CUDA also takes offsets[E] <

@@ -422,6 +422,25 @@ void check_group_by_expert(MemorySpace space, const Tensor& expert_ids, int64_t 
   check.dim_is("sorted_position", sorted_position, 0, slots, "one entry per slot of expert_ids");
 }
 
+void check_count_routed_slots(MemorySpace space, const Tensor& expert_ids, const Tensor& real_tokens,
+                              const Tensor& expert_counts, const Tensor& keys, const Tensor& key_counts) {
+  const OpCheck check("count_routed_slots", space);
+  check.tensor("expert_ids", expert_ids, 2, "[tokens, top_k]", Types::kI32);
+  if (!is_absent(real_tokens)) {
+    check.tensor("real_tokens", real_tokens, 1, "[1]", Types::kI32);
+    check.dim_is("real_tokens", real_tokens, 0, 1, "one count");
+  }
+  check.tensor("expert_counts", expert_counts, 1, "[num_experts]", Types::kI64);
+  if (is_absent(keys) != is_absent(key_counts))
+    check.fail("keys and key_counts come together (both or neither): keys is " + keys.describe() +
+               ", key_counts is " + key_counts.describe());
+  if (!is_absent(keys)) {
+    check.tensor("keys", keys, 2, "[tokens, top_k]", Types::kI32);
+    check.same_shape("keys", keys, "expert_ids", expert_ids);
+    check.tensor("key_counts", key_counts, 1, "[keys]", Types::kI64);
+  }
+}
+
 void check_expert_ffn(MemorySpace space, const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up,
                       const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
                       const Tensor& y) {

@@ -58,6 +58,8 @@ void check_group_by_expert(MemorySpace space, const Tensor& expert_ids, int64_t 
 void check_expert_ffn(MemorySpace space, const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up,
                       const Tensor& down, const Tensor& local_index, const Tensor& intermediate,
                       const Tensor& y);
+void check_count_routed_slots(MemorySpace space, const Tensor& expert_ids, const Tensor& real_tokens,
+                              const Tensor& expert_counts, const Tensor& keys, const Tensor& key_counts);
 void check_combine_top_k(MemorySpace space, const Tensor& expert_out, const Tensor& sorted_position,
                          const Tensor& weights, const Tensor& out);
 // Backend::expert_ffn_addressed's shapes and types (the addresses themselves are the caller's).

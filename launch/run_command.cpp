@@ -142,12 +142,6 @@ std::vector<std::vector<int32_t>> read_prompts(const RunArgs& args, const ModelC
   return prompts;
 }
 
-ModelSourceFlags model_source_flags(const RunArgs& args) {
-  return {args.model_dir, args.random_weights, args.layers, args.weights_seed};
-}
-
-BackendFlags backend_flags(const RunArgs& args) { return {args.backend, args.device, args.precision}; }
-
 // The flags every rank can check alike before anything starts (no file is touched here: output
 // and input paths are the coordinator's, checked first thing in plan_run, so a path that exists
 // only on rank 0's node is no error and the message is printed once).
@@ -297,13 +291,6 @@ void print_results(const RunArgs& args, const ResultPrinter& printer, size_t num
 
 int run_on_cluster(const RunArgs& args, Communicator& communicator);
 
-// This process's host name (a node of the cluster), "?" when the system does not say.
-std::string host_name() {
-  char name[256] = {};
-  if (gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return "?";
-  return name;
-}
-
 }  // namespace
 
 int run_command(const RunArgs& args) {
@@ -412,7 +399,7 @@ int run_on_cluster(const RunArgs& args, Communicator& communicator) {
 
   wire::WorkerReport report;
   report.rank = comm->rank();
-  report.host = host_name();
+  report.host = this_host_name();
   report.bytes_read = weights.bytes_read;
   report.resident_bytes = weights.resident_bytes + runner->kv_cache_bytes() + runner->workspace_bytes();
   report.peak_resident_bytes = peak_resident_bytes();

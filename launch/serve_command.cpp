@@ -199,7 +199,8 @@ int serve_command(const ServeArgs& args) {
     runner_options.kv_cache_tokens = args.kv_cache_tokens;
     runner.emplace(model.config, weights, *chosen.backend, runner_options);
     generation.emplace(*runner, args.max_active_sequences, args.prefill_chunk_tokens);
-    local.emplace(*generation, runner->kv_cache_blocks() * kKvBlockSize);
+    runner->moe_executor().count_expert_load(*chosen.backend, weights);  // /metrics' per-expert load
+    local.emplace(*generation, runner->kv_cache_blocks() * kKvBlockSize, &runner->moe_executor());
     api.engine = &*local;
     description = chosen.description;
   } else {

@@ -13,6 +13,7 @@
 #include "coordinator/worker_link.h"
 #include "coordinator/worker_protocol.h"
 #include "comm/fault_injection.h"
+#include "comm/node_topology.h"
 #include "kernels/error.h"
 #include "launch/cli_commands.h"
 #include "launch/cluster_model.h"
@@ -28,27 +29,26 @@ namespace {
 namespace wp = worker_protocol;
 using clock_type = std::chrono::steady_clock;
 
-std::string this_host() {
-  char name[256] = {};
-  if (gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return "?";
-  return name;
-}
-
-// One step as the coordinator asked: cancels, then admissions, then the agreed step on every rank.
-// The expert rows the host exchange counted, at most about once a second (the coordinator's per-expert
-// load of the last window comes from the differences).
+// The per-expert load since the job started, at most about once a second, and once more when a step leaves
+// this rank idle, so a burst shorter than a second shows too (the coordinator's load of the last window
+// comes from the differences; reading it waits for the device).
 struct ExpertLoadReporter {
-  const ExpertParallelMoeExecutor* executor = nullptr;
-  clock_type::time_point last{};
-  void fill(wp::StepDone& done) {
-    if (executor == nullptr || executor->expert_rows().empty()) return;
+  MoeExecutor* executor = nullptr;
+  clock_type::time_point last = clock_type::now();
+  bool stepped_since = false;
+  void fill(wp::StepDone& done, bool stepped, bool idle) {
+    stepped_since = stepped_since || stepped;
     const auto now = clock_type::now();
-    if (now - last < std::chrono::seconds(1)) return;
+    if (executor == nullptr || !stepped_since || (now - last < std::chrono::seconds(1) && !idle)) return;
     last = now;
-    done.expert_rows = executor->expert_rows();
+    stepped_since = false;
+    ExpertLoad load = executor->read_expert_load();
+    done.expert_rows = std::move(load.rows_per_expert);
+    done.rows_per_rank = std::move(load.rows_per_rank);
   }
 };
 
+// One step as the coordinator asked: cancels, then admissions, then the agreed step on every rank.
 wp::StepDone run_step(const wp::StepCommand& command, GenerationEngine& engine, ModelRunner& runner,
                       Communicator& comm, int64_t& steps, ExpertLoadReporter& expert_load) {
   const auto start = clock_type::now();
@@ -69,7 +69,7 @@ wp::StepDone run_step(const wp::StepCommand& command, GenerationEngine& engine, 
   done.live = engine.live_sequences();
   done.waiting = engine.waiting_sequences();
   done.kv_tokens = engine.kv_positions();
-  expert_load.fill(done);
+  expert_load.fill(done, unfinished_everywhere > 0, engine.idle());
   done.step_seconds = std::chrono::duration<double>(clock_type::now() - start).count();
   return done;
 }
@@ -87,6 +87,8 @@ int serve_as_worker(const WorkerArgs& args, Communicator& comm) {
   const wire::RunPlan plan = wire::from_bytes<wire::RunPlan>(plan_bytes, wire::kRunPlanVersion, "run plan");
   load_cluster_model(run, comm, plan, args.max_context, cluster);
   GenerationEngine engine(*cluster.runner, run.max_active_sequences, run.prefill_chunk_tokens);
+  // The per-expert load /metrics reports (the host exchange counts its rows anyway).
+  cluster.runner->moe_executor().count_expert_load(*cluster.chosen.backend, cluster.weights);
 
   const auto [host, port] = parse_host_port(args.coordinator, "--coordinator");
   std::unique_ptr<CoordinatorLink> link;
@@ -98,7 +100,7 @@ int serve_as_worker(const WorkerArgs& args, Communicator& comm) {
     hello.hello.rank = comm.rank();
     hello.hello.world = comm.size();
     hello.hello.pid = getpid();
-    hello.hello.host = this_host();
+    hello.hello.host = this_host_name();
     hello.hello.max_active_sequences = run.max_active_sequences;
     hello.hello.max_context = args.max_context;
     hello.hello.vocab_size = cluster.model.config.vocab_size;
@@ -111,8 +113,7 @@ int serve_as_worker(const WorkerArgs& args, Communicator& comm) {
                  cluster.chosen.description.c_str());
 
   int64_t steps = 0;
-  ExpertLoadReporter expert_load;
-  if (cluster.moe_executor == &*cluster.executor) expert_load.executor = &*cluster.executor;
+  ExpertLoadReporter expert_load{&cluster.runner->moe_executor()};
   const auto serve = [&] {
     while (true) {
       const wp::Message message = link->receive();

@@ -151,6 +151,7 @@ void DeviceExpertParallelMoeExecutor::forward_low_latency(int64_t layer, const T
                                   offsets.as<int32_t>(), replicas.offsets.view().as<int32_t>(),
                                   replicas.workers.view().as<int32_t>(), num_slots, rank,
                                   destination.as<int32_t>(), stream_);
+    count_routed(layer, routed.expert_ids, destination.rows_view(0, num_slots).reshaped({num_tokens, top_k}));
   }
   const Tensor send_position = buffers.get(kLlSendPosition, ScalarType::kI32, {num_ranks * capacity});
   const Tensor counts = buffers.get(kLlCounts, ScalarType::kI32, {4 * static_cast<int64_t>(num_ranks)});

@@ -199,6 +199,7 @@ Tensor DeviceExpertParallelMoeExecutor::route_and_place(int64_t layer, const Ten
                                   offsets.as<int32_t>(), replicas.offsets.view().as<int32_t>(),
                                   replicas.workers.view().as<int32_t>(), num_slots, nccl_.rank(),
                                   destination.as<int32_t>(), stream_);
+    count_routed(layer, routed.expert_ids, destination.rows_view(0, num_slots).reshaped({num_tokens, top_k}));
   }
   return destination;
 }

@@ -141,6 +141,7 @@ class DeviceExpertParallelMoeExecutor final : public MoeExecutor {
   const std::map<int64_t, DeviceExchangeSizes>& exchange_sizes() const { return exchange_sizes_; }
 
  private:
+  int load_destination_ranks() const override { return nccl_.size(); }
   // The received slots as unpacked: expert ids (E for a slot served elsewhere), routing weights, and where
   // group_by_expert put each slot; [slots] each.
   struct ReceivedSlots {

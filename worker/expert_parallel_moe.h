@@ -70,6 +70,7 @@ class ExpertParallelMoeExecutor final : public MoeExecutor {
   const MoePhaseStats& stats() const { return stats_; }
   // Rows each hosted (layer, expert) of this worker computed: its load, for the next plan.
   const std::map<int64_t, std::vector<int64_t>>& expert_rows() const { return expert_rows_; }
+  ExpertLoad read_expert_load() override { return ExpertLoad{expert_rows_, {}}; }
   // Compute the received rows with this worker's experts from a store (a budget of them resident, the
   // rest in a lower tier; worker/expert_store.h) instead of the weights' own experts, which are then
   // absent. Each received row counts as a use of its expert with its routing weight (sent with the row).

@@ -83,6 +83,10 @@ class ForwardingBackend : public Backend {
                             ScalarType weight_type, const Tensor& intermediate, const Tensor& y) override {
     inner_.expert_ffn_addressed(x, expert_offsets, addresses, weight_type, intermediate, y);
   }
+  void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& expert_counts,
+                          const Tensor& keys, const Tensor& key_counts) override {
+    inner_.count_routed_slots(expert_ids, real_tokens, expert_counts, keys, key_counts);
+  }
   void combine_top_k(const Tensor& expert_out, const Tensor& sorted_position, const Tensor& weights,
                      const Tensor& out) override {
     inner_.combine_top_k(expert_out, sorted_position, weights, out);

@@ -32,10 +32,10 @@ struct ModelRunner::StepShape {
   // The experts per token of the step's rows (StepTopK); row_top_k is uploaded only when mixed.
   StepTopK top_k;
   // Views into the table tensor (I32): ids, positions, row_sequence, slot_mapping [rows];
-  // wanted_rows [wanted]; block_tables [sequences, max_blocks]; row_top_k [rows] (last, so the views
-  // a decode graph holds do not move with it).
-  Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables, row_top_k;
-  int64_t table_elements() const { return 5 * rows + wanted + sequences * max_blocks; }
+  // wanted_rows [wanted]; block_tables [sequences, max_blocks]; row_top_k [rows] (after those, so the
+  // views a decode graph holds do not move with it); real_tokens [1]: the rows before the padding ones.
+  Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables, row_top_k, real_tokens;
+  int64_t table_elements() const { return 5 * rows + wanted + sequences * max_blocks + 1; }
 };
 
 ModelRunner::ModelRunner(const ModelConfig& config, const ModelWeights& weights, Backend& backend,
@@ -68,6 +68,7 @@ void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, cons
   int32_t* wanted_rows = slot_mapping + shape.rows;
   int32_t* block_tables = wanted_rows + shape.wanted;
   int32_t* row_top_k = block_tables + shape.sequences * shape.max_blocks;
+  int32_t* real_tokens = row_top_k + shape.rows;
   const int32_t padding_slot = kv_pool_->padding_block() * static_cast<int32_t>(kKvBlockSize);
   int64_t row = 0, wanted = 0;
   for (size_t c = 0; c < chunks.size(); ++c) {
@@ -92,6 +93,7 @@ void ModelRunner::upload_step_tables(std::span<const SequenceChunk> chunks, cons
   for (int64_t s = static_cast<int64_t>(chunks.size()); s < shape.sequences; ++s)
     for (int64_t b = 0; b < shape.max_blocks; ++b)
       block_tables[s * shape.max_blocks + b] = kv_pool_->padding_block();
+  *real_tokens = static_cast<int32_t>(row);
   for (; row < shape.rows; ++row) {  // padding rows: their own (empty) sequence, position 0
     ids[row] = 0;
     positions[row] = 0;
@@ -278,8 +280,10 @@ StepOutput ModelRunner::forward_batch(std::span<const SequenceChunk> chunks, boo
   shape.wanted_rows = take(shape.wanted);
   shape.block_tables = take(shape.sequences * shape.max_blocks).reshaped({shape.sequences, shape.max_blocks});
   shape.row_top_k = take(shape.rows);
+  shape.real_tokens = take(1);
   upload_step_tables(chunks, shape);
   executor_->set_step_top_k(shape.top_k.top_k, shape.top_k.mixed ? shape.row_top_k : Tensor{});
+  executor_->set_step_tokens(shape.real_tokens);
 
   if (bucket > 0) {
     // The tables view starts at the slot's base, so a bucket's views are the same every step; a

@@ -116,6 +116,10 @@ class ModelRunner {
   // In an expert-parallel job every rank sets the same policy before the same step.
   void set_routing(std::shared_ptr<const RoutingPolicy> policy);
   const RoutingPolicy* routing() const { return executor_->routing(); }
+  // Who runs the MoE blocks (the runner's own local executor when it was given none), e.g. to count the
+  // per-expert load (MoeExecutor::count_expert_load, before the first step: captured graphs keep the ops
+  // they were captured with).
+  MoeExecutor& moe_executor() { return *executor_; }
   // Experts per token of a chunk's rows (its own, else the policy's); Error(kInvalidArgument) when its
   // own is outside [1, the model's top-k].
   int64_t experts_per_token(const SequenceChunk& chunk) const;

@@ -72,6 +72,7 @@ void LocalMoeExecutor::forward(int64_t layer, const Tensor& hidden, const Tensor
       RoutedMoeWeights{moe.router, routable_mask(layer, moe), moe.gate_up, moe.down, moe.local_index,
                        config_.norm_topk_prob, Tensor{}, ScalarType::kBF16, step_row_top_k()},
       scratch, out);
+  count_routed(layer, scratch.expert_ids);  // written by the fused form too
 }
 
 }  // namespace epic

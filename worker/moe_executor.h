@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "kernels/backend.h"
+#include "worker/expert_load_counter.h"
 #include "worker/model_config.h"
 #include "worker/model_weights.h"
 #include "worker/routing_policy.h"
@@ -51,8 +52,28 @@ class MoeExecutor {
     step_row_top_k_ = row_top_k;
   }
   const Tensor& step_row_top_k() const { return step_row_top_k_; }
+  // The step's real tokens (I32 [1] on the backend: the rows before a graph bucket's padding rows), set by
+  // the runner beside set_step_top_k; absent outside a runner's step (every row is real).
+  void set_step_tokens(const Tensor& real_tokens) { step_real_tokens_ = real_tokens; }
+
+  // Per-expert load (/metrics): from here on every forward tallies its routed slots on `backend`
+  // (expert_load_counter.h: one small op per layer, no host wait, capturable). Before the first step.
+  void count_expert_load(Backend& backend, const ModelWeights& weights) {
+    load_counter_ = std::make_unique<ExpertLoadCounter>(backend, weights, load_destination_ranks());
+  }
+  // Rows routed per (layer, expert) since count_expert_load, on this rank's tokens (a host wait; empty
+  // before). The host exchange answers with the rows its own experts computed, which it always counts.
+  virtual ExpertLoad read_expert_load() { return load_counter_ ? load_counter_->read() : ExpertLoad{}; }
 
  protected:
+  // With count_expert_load: tallies one layer's routing (expert_ids I32 [tokens, top_k]); an exchange passes
+  // each slot's destination rank (the same shape) and answers load_destination_ranks() with the job's size.
+  void count_routed(int64_t layer, const Tensor& expert_ids, const Tensor& destinations = {}) {
+    if (load_counter_ && expert_ids.dim(0) > 0)
+      load_counter_->count(layer, expert_ids, step_real_tokens_, destinations);
+  }
+  virtual int load_destination_ranks() const { return 0; }
+
   // Experts per token (the step's slots per row) and the routable experts of a layer under the current
   // policy.
   int64_t routed_top_k(const ModelConfig& config) const {
@@ -67,6 +88,8 @@ class MoeExecutor {
   std::shared_ptr<const RoutingPolicy> routing_;
   int64_t step_top_k_ = 0;
   Tensor step_row_top_k_;
+  Tensor step_real_tokens_;
+  std::unique_ptr<ExpertLoadCounter> load_counter_;
 };
 
 class LocalMoeExecutor final : public MoeExecutor {

@@ -190,6 +190,7 @@ void OffloadingMoeExecutor::forward_in_place(int64_t layer, const Tensor& hidden
                                  store_.weight_type(),
                                  step_row_top_k()};
   backend_.routed_moe(router_input, hidden, weights, scratch, out);
+  count_routed(layer, expert_ids);
   if (logged || step_rows_ < 0) return;  // outside begin/finish_step nothing reads the picks
   std::vector<int32_t> ids(static_cast<size_t>(slots));
   std::vector<float> picked(static_cast<size_t>(slots));
@@ -261,6 +262,7 @@ void OffloadingMoeExecutor::forward(int64_t layer, const Tensor& hidden, const T
     backend_.copy_from_host(routed.weights, 0, route_weights.data(), route_weights.size() * sizeof(float));
   }
 
+  count_routed(layer, routed.expert_ids);  // what is computed (after any substitution)
   // Rows grouped by expert; the expert FFN in groups of experts that fit the layer's slots.
   const GroupedRows grouped = group_rows(backend_, routed.expert_ids, num_experts, top_k, workspace);
   const Tensor sorted = workspace.get(kSlotSortedRows, hidden.type, {slots, hidden_size});

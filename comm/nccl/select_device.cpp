@@ -10,17 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "comm/node_topology.h"
 #include "kernels/error.h"
 
 namespace epic {
 
 namespace {
-
-std::string host_name() {
-  char name[HOST_NAME_MAX + 1] = {};
-  if (gethostname(name, sizeof(name) - 1) != 0) return "?";
-  return name;
-}
 
 std::vector<std::string> all_gather_strings(Communicator& host, const std::string& text) {
   const std::vector<std::vector<char>> gathered = host.all_gather_v<char>(std::span<const char>(text));
@@ -59,7 +54,7 @@ std::string encode_failure(const Error& error) {
 }  // namespace
 
 SelectedDevice select_device(Communicator& host, std::optional<int> device_override) {
-  const std::vector<std::string> hosts = all_gather_strings(host, host_name());
+  const std::vector<std::string> hosts = all_gather_strings(host, this_host_name());
   SelectedDevice selected;
   std::string outcome;
   try {

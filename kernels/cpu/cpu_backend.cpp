@@ -180,6 +180,12 @@ class CpuBackend final : public Backend {
     cpu::group_by_expert(expert_ids, num_experts, top_k, expert_offsets, source_row, sorted_position);
   }
 
+  void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& expert_counts,
+                          const Tensor& keys, const Tensor& key_counts) override {
+    backend_checks::check_count_routed_slots(kSpace, expert_ids, real_tokens, expert_counts, keys, key_counts);
+    cpu::count_routed_slots(expert_ids, real_tokens, expert_counts, keys, key_counts);
+  }
+
   void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                   const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override {
     backend_checks::check_expert_ffn(kSpace, x, expert_offsets, gate_up, down, local_index, intermediate, y);

@@ -138,6 +138,26 @@ static void expert_group_ffn(const Tensor& x, int64_t begin, int64_t num_rows, c
          num_threads);
 }
 
+void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& expert_counts,
+                        const Tensor& keys, const Tensor& key_counts) {
+  const int64_t top_k = expert_ids.dim(1);
+  int64_t tokens = expert_ids.dim(0);
+  if (!is_absent(real_tokens)) tokens = std::clamp<int64_t>(real_tokens.as<const int32_t>()[0], 0, tokens);
+  const int32_t* ids = expert_ids.as<const int32_t>();
+  const int32_t* key = is_absent(keys) ? nullptr : keys.as<const int32_t>();
+  auto* counts = expert_counts.as<int64_t>();
+  auto* per_key = is_absent(key_counts) ? nullptr : key_counts.as<int64_t>();
+  const int64_t num_experts = expert_counts.numel(), num_keys = per_key != nullptr ? key_counts.numel() : 0;
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t s = t * top_k + j;
+      if (is_padding_slot(ids + t * top_k, j)) continue;
+      if (ids[s] >= 0 && ids[s] < num_experts) ++counts[ids[s]];
+      if (key != nullptr && key[s] >= 0 && key[s] < num_keys) ++per_key[key[s]];
+    }
+  }
+}
+
 void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                 const Tensor& local_index, const Tensor& intermediate, const Tensor& y, int num_threads) {
   const int64_t rows = x.dim(0), hidden = x.dim(1), inter = down.dim(2), num_experts = local_index.dim(0);

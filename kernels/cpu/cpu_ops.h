@@ -84,6 +84,8 @@ void route_top_k(const Tensor& logits, const Tensor& present, const Tensor& expe
                  bool normalize, const Tensor& row_top_k);
 void group_by_expert(const Tensor& expert_ids, int64_t num_experts, int64_t top_k,
                      const Tensor& expert_offsets, const Tensor& source_row, const Tensor& sorted_position);
+void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& expert_counts,
+                        const Tensor& keys, const Tensor& key_counts);
 void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                 const Tensor& local_index, const Tensor& intermediate, const Tensor& y, int num_threads);
 // As expert_ffn with each expert's gate_up and down at the host addresses of addresses I64 [E, 2].

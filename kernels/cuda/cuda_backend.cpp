@@ -570,6 +570,18 @@ class CudaBackend final : public Backend {
                                   sorted_position.as<int32_t>(), scratch, stream_);
   }
 
+  void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& expert_counts,
+                          const Tensor& keys, const Tensor& key_counts) override {
+    backend_checks::check_count_routed_slots(kSpace, expert_ids, real_tokens, expert_counts, keys, key_counts);
+    DeviceScope scope(device_);
+    const bool keyed = !is_absent(keys);
+    cuda_kernels::count_routed_slots(expert_ids.as<int32_t>(), expert_ids.dim(0), expert_ids.dim(1),
+                                     is_absent(real_tokens) ? nullptr : real_tokens.as<int32_t>(),
+                                     expert_counts.as<int64_t>(), expert_counts.numel(),
+                                     keyed ? keys.as<int32_t>() : nullptr, keyed ? key_counts.as<int64_t>() : nullptr,
+                                     keyed ? key_counts.numel() : 0, stream_);
+  }
+
   void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
                   const Tensor& local_index, const Tensor& intermediate, const Tensor& y) override {
     backend_checks::check_expert_ffn(kSpace, x, expert_offsets, gate_up, down, local_index, intermediate, y);

@@ -108,6 +108,10 @@ int64_t group_by_expert_scratch_bytes(int64_t slots, int64_t num_experts);
 void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_experts, int64_t top_k,
                      int32_t* expert_offsets, int32_t* source_row, int32_t* sorted_position, int32_t* scratch,
                      cudaStream_t stream);
+// Backend::count_routed_slots: real_tokens may be null (every token), keys and key_counts null together.
+void count_routed_slots(const int32_t* expert_ids, int64_t tokens, int64_t top_k, const int32_t* real_tokens,
+                        int64_t* expert_counts, int64_t num_experts, const int32_t* keys, int64_t* key_counts,
+                        int64_t num_keys, cudaStream_t stream);
 void combine_top_k(const void* expert_out, ScalarType type, const int32_t* sorted_position,
                    const float* weights, int64_t tokens, int64_t top_k, int64_t hidden, void* out,
                    ScalarType out_type, cudaStream_t stream);

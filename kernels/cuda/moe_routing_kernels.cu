@@ -336,6 +336,25 @@ __global__ void combine_top_k_kernel(const T* expert_out, const int32_t* sorted_
 
 constexpr int kCombineThreads = 256;
 
+// ---- count_routed_slots -------------------------------------------------------------------------
+
+constexpr int kCountThreads = 256;
+
+// One thread per slot: integer atomics, so the tallies are exact whatever the order.
+__global__ void count_routed_slots_kernel(const int32_t* expert_ids, int64_t tokens, int64_t top_k,
+                                          const int32_t* real_tokens, unsigned long long* expert_counts,
+                                          int64_t num_experts, const int32_t* keys,
+                                          unsigned long long* key_counts, int64_t num_keys) {
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t token = slot / top_k, j = slot % top_k;
+  const int64_t counted = real_tokens != nullptr ? min(static_cast<int64_t>(*real_tokens), tokens) : tokens;
+  if (slot >= tokens * top_k || token >= counted) return;
+  const int32_t id = expert_ids[slot];
+  if (j > 0 && id == expert_ids[token * top_k]) return;  // is_padding_slot (kernels/backend.h)
+  if (id >= 0 && id < num_experts) atomicAdd(expert_counts + id, 1ULL);
+  if (keys != nullptr && keys[slot] >= 0 && keys[slot] < num_keys) atomicAdd(key_counts + keys[slot], 1ULL);
+}
+
 }  // namespace
 
 void route_top_k(const void* logits, ScalarType type, const uint8_t* present, int32_t* expert_ids,
@@ -416,6 +435,19 @@ void group_by_expert(const int32_t* expert_ids, int64_t slots, int64_t num_exper
   dependent::launch(group_by_expert_kernel, dim3(1), dim3(kGroupThreads), shared_bytes, stream, expert_ids,
                     slots, static_cast<int32_t>(num_experts), top_k, num_segments, expert_offsets, source_row,
                     sorted_position);
+  EPIC_CUDA_CHECK_LAUNCH();
+}
+
+void count_routed_slots(const int32_t* expert_ids, int64_t tokens, int64_t top_k, const int32_t* real_tokens,
+                        int64_t* expert_counts, int64_t num_experts, const int32_t* keys, int64_t* key_counts,
+                        int64_t num_keys, cudaStream_t stream) {
+  const int64_t slots = tokens * top_k;
+  if (slots == 0) return;
+  static_assert(sizeof(unsigned long long) == sizeof(int64_t), "64-bit atomics on the I64 counts");
+  const auto blocks = static_cast<unsigned>((slots + kCountThreads - 1) / kCountThreads);
+  count_routed_slots_kernel<<<blocks, kCountThreads, 0, stream>>>(
+      expert_ids, tokens, top_k, real_tokens, reinterpret_cast<unsigned long long*>(expert_counts), num_experts,
+      keys, reinterpret_cast<unsigned long long*>(key_counts), num_keys);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 

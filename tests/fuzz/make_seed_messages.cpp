@@ -109,6 +109,7 @@ int main(int argc, char** argv) {
   done.done.live = 1;
   done.done.kv_tokens = 35;
   done.done.expert_rows = {{1, {3, 0, 5, 1}}};
+  done.done.rows_per_rank = {6, 3};
   write(corpus / "worker_protocol" / "step_done.bin", wp::encode(done));
   wp::Message error;
   error.kind = wp::Kind::kError;

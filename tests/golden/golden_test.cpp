@@ -92,6 +92,14 @@ class GoldenCase : public ::testing::TestWithParam<std::tuple<std::string, Mode>
     return golden.contains("model_dir") ? dir() / golden["model_dir"].get<std::string>() : dir();
   }
   Mode mode() const { return std::get<1>(GetParam()); }
+  // The fixture's weights on `backend` as the mode takes them (bf16 for the bf16 mode).
+  ModelWeights load_weights(const ModelConfig& config, const json& golden, Backend& backend) const {
+    const std::unique_ptr<WeightSource> source = open_checkpoint_source(model_dir(golden));
+    LoadOptions options;
+    options.allow_missing_experts = golden["needs_allow_missing_experts"].get<bool>();
+    if (mode() == Mode::kCudaBf16) options.weight_type = ScalarType::kBF16;
+    return load_model_weights(config, *source, backend, options);
+  }
 };
 
 TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
@@ -107,11 +115,7 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
     bf16_reference = read_json(dir() / "bf16_reference.json");
   }
   const ModelConfig config = ModelConfig::load(model_dir(golden));
-  const std::unique_ptr<WeightSource> source = open_checkpoint_source(model_dir(golden));
-  LoadOptions options;
-  options.allow_missing_experts = golden["needs_allow_missing_experts"].get<bool>();
-  if (bf16) options.weight_type = ScalarType::kBF16;
-  const ModelWeights weights = load_model_weights(config, *source, *backend, options);
+  const ModelWeights weights = load_weights(config, golden, *backend);
 
   // The uneven per-layer expert counts must come out of the checkpoint as the fixture says.
   for (const auto& [layer, rows] : golden["pruned_router_rows"].items())
@@ -209,6 +213,57 @@ TEST_P(GoldenCase, LogitsAndGreedyTokensMatchTransformers) {
              "same fixture, over the positions before routing near ties";
     }
   }
+}
+
+// The per-expert load /metrics reports (MoeExecutor::count_expert_load) on every backend: prompts of
+// different lengths generated together, so decode steps of 3, 2 and 1 live sequences run from graphs of
+// buckets 4, 2 and 1 on CUDA (padding rows the counts must leave out). Every MoE layer counts each row the
+// model ran (a prompt's tokens and every generated token but the last, which is never fed back) times the
+// experts per token, whatever the backend routed.
+TEST_P(GoldenCase, ExpertLoadCountsEveryRowTheModelRanOnce) {
+  std::string skip_reason;
+  std::unique_ptr<Backend> backend = backend_for(mode(), &skip_reason);
+  if (!backend) GTEST_SKIP() << skip_reason;
+  const bool bf16 = mode() == Mode::kCudaBf16;
+  const json golden = read_json(dir() / "golden.json");
+  const ModelConfig config = ModelConfig::load(model_dir(golden));
+  const ModelWeights weights = load_weights(config, golden, *backend);
+  RunnerOptions runner_options;
+  runner_options.activation_type = bf16 ? ScalarType::kBF16 : ScalarType::kF32;
+  runner_options.max_sequences = 4;
+  runner_options.max_context = 256;
+  ModelRunner runner(config, weights, *backend, runner_options);
+  runner.moe_executor().count_expert_load(*backend, weights);
+  std::vector<SequenceRequest> requests;
+  for (int i = 0; i < 3; ++i) {
+    SequenceRequest request;
+    request.sequence_id = i;
+    request.prompt = golden["prompts"][0]["ids"].get<std::vector<int32_t>>();
+    request.prompt.resize(std::min<size_t>(request.prompt.size(), static_cast<size_t>(3 + 2 * i)));
+    request.max_new_tokens = 4 + 3 * i;  // the sequences end at different steps
+    requests.push_back(request);
+  }
+  const auto comm = make_self_communicator();
+  const std::vector<SequenceResult> results = run_generation(runner, requests, *comm);
+  int64_t rows = 0;
+  for (size_t i = 0; i < results.size(); ++i)
+    rows += static_cast<int64_t>(requests[i].prompt.size()) + std::max<int64_t>(std::ssize(results[i].new_ids) - 1, 0);
+  const ExpertLoad load = runner.moe_executor().read_expert_load();
+  SCOPED_TRACE(std::string(mode_name(mode())) + ": " + std::to_string(rows) + " rows run");
+  int64_t moe_layers = 0;
+  for (size_t layer = 0; layer < weights.layers.size(); ++layer) {
+    if (!weights.layers[layer].is_moe) continue;
+    ++moe_layers;
+    const auto counted = load.rows_per_expert.find(static_cast<int64_t>(layer));
+    ASSERT_NE(counted, load.rows_per_expert.end()) << "layer " << layer;
+    int64_t total = 0;
+    for (size_t e = 0; e < counted->second.size(); ++e) {
+      total += counted->second[e];
+      if (!weights.layers[layer].moe.present[e]) EXPECT_EQ(counted->second[e], 0) << "missing expert " << e;
+    }
+    EXPECT_EQ(total, rows * config.num_experts_per_tok) << "layer " << layer;
+  }
+  EXPECT_GT(moe_layers, 0);
 }
 
 std::vector<std::string> golden_cases() {

@@ -52,7 +52,8 @@
 #     serve:  epic serve on the GPU (issue 11): bench-scheduler (the scheduler's cost a step at 64 and 256
 #             streams, an instant engine), then launch/bench/serve_load.py on the trained model, cuda bf16, 64
 #             streaming clients (epic bench-serve) against epic run on the same prompts: in process, and
-#             over a worker job of SERVE_WORKERS ranks (default 1; 2 where 2 GPUs); alone it builds only epic
+#             over a worker job of SERVE_WORKERS ranks (default 1; 2 where 2 GPUs; the NCCL exchange), each
+#             also checking /metrics' per-expert load of the last window; alone it builds only epic
 #     ab:     8-layer decode steps from graphs with each switch in AB_SWITCHES (default: EPIC_CUDA_PDL,
 #             programmatic dependent launch) at 0 and at 1, everything else equal
 # cereal and ICU's headers are not installed on the GPU machine: carry .device/include (a copy of
@@ -124,8 +125,8 @@ if [ "$needs_build" = 1 ]; then
 fi
 
 if wants tests; then
-  for suite in tests/kernels/epic_kernels_test tests/golden/golden_test tests/model/model_test \
-               tests/checkpoint/epic_weight_loader_tests; do
+  for suite in tests/kernels/epic_kernels_test tests/kernels/epic_count_routed_slots_test tests/golden/golden_test \
+               tests/model/model_test tests/checkpoint/epic_weight_loader_tests; do
     log "test: $suite"
     if ! timeout 240 "$BUILD/$suite" --gtest_brief=1 > "$OUT/$(basename "$suite").log" 2>&1; then status=1; fi
     tail -4 "$OUT/$(basename "$suite").log" | tee -a "$OUT/summary.log"
@@ -173,9 +174,9 @@ if wants serve; then
   for workers in 0 ${SERVE_WORKERS:-1}; do
     log "serve: 64 streaming clients, ${workers} worker job ranks (0: in process), cuda bf16"
     timeout 300 python3 launch/bench/serve_load.py --epic "$BUILD/epic" --model "$model" --text "$model/heldout.txt" \
-      --clients 64 --requests 4 --max-tokens 128 --workers "$workers" --json "$OUT/serve_load_w$workers.json" \
+      --clients 64 --requests ${SERVE_REQUESTS:-12} --rounds ${SERVE_ROUNDS:-3} --max-tokens 128 --workers "$workers" --json "$OUT/serve_load_w$workers.json" \
       -- --backend cuda --precision bf16 > "$OUT/serve_load_w$workers.log" 2>&1 || status=1
-    grep -vE "^serve:" "$OUT/serve_load_w$workers.log" | tail -8 | tee -a "$OUT/summary.log"
+    grep -vE "^serve:" "$OUT/serve_load_w$workers.log" | tail -16 | tee -a "$OUT/summary.log"
   done
 fi
 

@@ -236,6 +236,46 @@ TEST_F(RunnerOnGolden, AgreedStepsPadToTheCommonBucketAndKeepTheLogits) {
   EXPECT_EQ(executor.finished, 5);
 }
 
+// The per-expert load (MoeExecutor::count_expert_load, read for /metrics) counts only a step's real rows:
+// an agreed decode step padded to a bucket of 8 with one real row, and a step of padding alone, add what
+// the same tokens add unpadded, and every MoE layer's counts sum to tokens x experts per token.
+TEST_F(RunnerOnGolden, ExpertLoadCountsTheRealRowsOfAPaddedStepOnly) {
+  ModelRunner padded(*config_, *weights_, *backend_, runner_options(4, 64));
+  ModelRunner plain(*config_, *weights_, *backend_, runner_options(4, 64));
+  EXPECT_TRUE(padded.moe_executor().read_expert_load().rows_per_expert.empty()) << "nothing before counting";
+  padded.moe_executor().count_expert_load(*backend_, *weights_);
+  plain.moe_executor().count_expert_load(*backend_, *weights_);
+  const Ids prompt = random_ids(6), next = random_ids(3);
+  KvSequence padded_sequence = padded.new_sequence(), plain_sequence = plain.new_sequence();
+  const StepAgreement all_padding{3, true, 0};
+  padded.forward_batch({}, false, &all_padding);
+  const StepAgreement prefill_step{9, false, 0};
+  padded.forward_batch(std::vector<SequenceChunk>{chunk(padded_sequence, prompt, true)}, false, &prefill_step);
+  run_step(plain, {chunk(plain_sequence, prompt, true)}, false);
+  for (size_t d = 0; d < next.size(); ++d) {
+    const StepAgreement decode_step{5, true, 0};  // bucket 8: one real row, seven padding
+    padded.forward_batch(std::vector<SequenceChunk>{chunk(padded_sequence, std::span(&next[d], 1), false)}, false,
+                         &decode_step);
+    run_step(plain, {chunk(plain_sequence, std::span(&next[d], 1), false)}, false);
+  }
+  const ExpertLoad counted = padded.moe_executor().read_expert_load();
+  EXPECT_TRUE(counted.rows_per_rank.empty()) << "a local executor sends nothing to other ranks";
+  int64_t moe_layers = 0;
+  for (size_t layer = 0; layer < weights_->layers.size(); ++layer) {
+    if (!weights_->layers[layer].is_moe) continue;
+    ++moe_layers;
+    ASSERT_TRUE(counted.rows_per_expert.count(static_cast<int64_t>(layer))) << "layer " << layer;
+    const std::vector<int64_t>& rows = counted.rows_per_expert.at(static_cast<int64_t>(layer));
+    EXPECT_EQ(static_cast<int64_t>(rows.size()), weights_->layers[layer].moe.num_experts);
+    int64_t total = 0;
+    for (int64_t n : rows) total += n;
+    EXPECT_EQ(total, static_cast<int64_t>(prompt.size() + next.size()) * config_->num_experts_per_tok)
+        << "layer " << layer;
+  }
+  EXPECT_EQ(static_cast<int64_t>(counted.rows_per_expert.size()), moe_layers);
+  EXPECT_EQ(counted.rows_per_expert, plain.moe_executor().read_expert_load().rows_per_expert);
+}
+
 TEST_F(RunnerOnGolden, PrefillInOneChunkOrTokenByTokenGivesBitwiseTheSameLogits) {
   ModelRunner runner(*config_, *weights_, *backend_, runner_options(2, 64));
   const Ids prompt = random_ids(21);  // crosses a KV block boundary (16)

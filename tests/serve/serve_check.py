@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -232,6 +233,20 @@ check(status == 200 and body["choices"][0]["text"] == greedy[1], "keep-alive req
 _, headers, metrics = request("GET", "/metrics")
 check("epic_time_to_first_token_seconds_bucket" in metrics and "epic_generation_tokens_total" in metrics,
       "/metrics has the request, token and latency figures")
+# The per-expert load of the last window (the in-process engine tallies its routed rows on the backend): every
+# MoE layer saw the same tokens, each routed to num_experts_per_tok experts, and the one worker computed all.
+rows_by_layer = {}
+for line in metrics.splitlines():
+    if line.startswith("epic_expert_rows_window{"):
+        layer = re.search(r'layer="(\d+)"', line).group(1)
+        rows_by_layer[layer] = rows_by_layer.get(layer, 0.0) + float(line.split()[1])
+top_k = json.load(open(os.path.join(model, "config.json")))["num_experts_per_tok"]
+layer_totals = set(rows_by_layer.values())
+check(len(rows_by_layer) > 0 and len(layer_totals) == 1 and min(layer_totals) > 0 and min(layer_totals) % top_k == 0,
+      f"per-expert rows of the last window: every MoE layer the same multiple of top-k {top_k} ({sorted(layer_totals)})")
+worker_rows = sum(float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("epic_worker_expert_rows_window{"))
+check(worker_rows == sum(rows_by_layer.values()), "the worker's rows of the window are all the experts' rows")
 promtool = shutil.which("promtool")
 if promtool:
     out = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, text=True)

@@ -65,6 +65,10 @@ TEST(WorkerProtocol, EveryKindComesBackAsItWent) {
                                   rng() % 2 == 0});
     done.done.live = 3;
     done.done.kv_tokens = static_cast<int64_t>(rng() % 100000);
+    for (int layer = 0; layer < static_cast<int>(rng() % 3); ++layer)
+      for (int e = 0; e < 4; ++e) done.done.expert_rows[layer * 2 + 1].push_back(static_cast<int64_t>(rng() % 5000));
+    for (int r = 0; r < static_cast<int>(rng() % 4); ++r)
+      done.done.rows_per_rank.push_back(static_cast<int64_t>(rng() % 90000));
     const wp::Message done_back = decode_frame(wp::encode(done));
     ASSERT_EQ(done_back.done.tokens.size(), done.done.tokens.size());
     for (size_t t = 0; t < done.done.tokens.size(); ++t) {
@@ -72,6 +76,8 @@ TEST(WorkerProtocol, EveryKindComesBackAsItWent) {
       EXPECT_EQ(done_back.done.tokens[t].finished, done.done.tokens[t].finished);
     }
     EXPECT_EQ(done_back.done.kv_tokens, done.done.kv_tokens);
+    EXPECT_EQ(done_back.done.expert_rows, done.done.expert_rows);
+    EXPECT_EQ(done_back.done.rows_per_rank, done.done.rows_per_rank);
   }
   wp::Message error;
   error.kind = wp::Kind::kError;
