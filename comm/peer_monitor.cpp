@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -191,8 +192,14 @@ PeerMonitor* PeerMonitor::instance() { return g_monitor.load(std::memory_order_a
 PeerMonitor* PeerMonitor::create(int rank, const std::vector<PeerIdentity>& identities) {
   if (instance() != nullptr || identities.empty()) return instance();
   const int num_ranks = static_cast<int>(identities.size());
+  // One table per job and host. The host name is in it because hosts may share /dev/shm (emulated nodes are
+  // network namespaces of one machine): a shared table would let a rank on a cut-off node claim the one
+  // report for every host, and its line never reaches the launcher.
   std::ostringstream name;
-  name << "/epic-" << identities[0].pid << "-" << std::hex << identities[0].nonce;
+  name << "/epic-" << identities[0].pid << "-" << std::hex << identities[0].nonce << "-";
+  const char* host = identities[rank].host;
+  for (size_t i = 0; i < sizeof(PeerIdentity::host) && host[i] != '\0'; ++i)
+    name << (std::isalnum(static_cast<unsigned char>(host[i])) || host[i] == '.' || host[i] == '-' ? host[i] : '_');
   const size_t bytes = Table::bytes_for(num_ranks);
   const int fd = shm_open(name.str().c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0) return nullptr;

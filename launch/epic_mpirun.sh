@@ -15,6 +15,8 @@ environment:
   EPIC_OVERSUBSCRIBE=1   allow more ranks than cores (mpirun --oversubscribe); off by default
                          because an oversubscribed rank is slow, not wrong, and hides mistakes
   EPIC_MPIRUN_ARGS=...   extra mpirun options, split at whitespace (e.g. "--hostfile hosts")
+  EPIC_MPIRUN_END_GRACE=S  end mpirun S seconds (default 30) after epic reported the job's error, if
+                         it still runs then (it can wait without bound for a node it cannot reach)
 Always set: --bind-to none, -x NCCL_NVLS_ENABLE=0, and --allow-run-as-root when run as root.
 EOF
 }
@@ -62,5 +64,61 @@ if [[ -n "${EPIC_MPIRUN_ARGS:-}" ]]; then
   mpirun_args+=("${extra_args[@]}")
 fi
 
+grace="${EPIC_MPIRUN_END_GRACE:-30}"
+[[ "$grace" =~ ^[1-9][0-9]*$ ]] ||
+  die_usage "EPIC_MPIRUN_END_GRACE must be a positive number of seconds, got '$grace'"
+
 echo "epic_mpirun: mpirun ${mpirun_args[*]} $epic_binary $*" >&2
-exec mpirun "${mpirun_args[@]}" "$epic_binary" "$@"
+# mpirun has no bound on waiting for a node it cannot reach any more (a cut link): after epic has reported
+# the job's error and called MPI_Abort, mpirun may wait minutes for that node's daemon. So mpirun runs as a
+# child whose stderr passes through here: EPIC_MPIRUN_END_GRACE seconds after the first "epic: error" line
+# (or mpirun's own "MPI_ABORT was invoked", should epic's line not arrive), an mpirun still running is ended
+# (SIGTERM, then SIGKILL) with a note, and this script exits 1. Ctrl-C / SIGTERM go to mpirun.
+fifo_dir="$(mktemp -d "${TMPDIR:-/tmp}/epic-mpirun.XXXXXX")"
+mkfifo "$fifo_dir/stderr"
+mpirun "${mpirun_args[@]}" "$epic_binary" "$@" 2>"$fifo_dir/stderr" &
+mpirun_pid=$!
+
+# Passes mpirun's stderr through, line by line; the first error line arms the watchdog.
+relay_stderr() {
+  local line armed=0
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    printf '%s\n' "$line" >&2
+    if ((armed == 0)) && [[ "$line" == *"epic: error"* || "$line" == *"MPI_ABORT was invoked"* ]]; then
+      armed=1
+      (
+        sleep "$grace"
+        kill -0 "$mpirun_pid" 2>/dev/null || exit 0
+        echo "epic_mpirun: mpirun still runs ${grace} s after the job's error above (it waits for a node" \
+          "it cannot reach); ending it (EPIC_MPIRUN_END_GRACE sets the wait)" >&2
+        : >"$fifo_dir/ended"
+        kill -TERM "$mpirun_pid" 2>/dev/null
+        sleep 5
+        kill -KILL "$mpirun_pid" 2>/dev/null
+      ) &
+    fi
+  done
+}
+relay_stderr <"$fifo_dir/stderr" &
+relay_pid=$!
+
+# Ctrl-C / SIGTERM go to mpirun; `wait` returns early for a trapped signal, so wait again until it is gone.
+trap 'kill -TERM "$mpirun_pid" 2>/dev/null || true' INT TERM
+status=0
+while :; do
+  status=0
+  wait "$mpirun_pid" 2>/dev/null || status=$?  # (quiet: mpirun may crash on the way out when ended)
+  kill -0 "$mpirun_pid" 2>/dev/null || break
+done
+# mpirun is gone. Processes it left on a node it could not reach may hold the pipe open for ever: give the
+# relay a moment to pass on what is written, then stop it and its watchdog.
+for _ in $(seq 1 20); do
+  kill -0 "$relay_pid" 2>/dev/null || break
+  sleep 0.1
+done
+pkill -P "$relay_pid" 2>/dev/null || true
+kill "$relay_pid" 2>/dev/null || true
+# Ended here: the job failed as reported above, whatever mpirun's own status on the way out.
+[[ -e "$fifo_dir/ended" ]] && status=1
+rm -rf "$fifo_dir"
+exit "$status"

@@ -5,7 +5,10 @@
 # processes all killed (SIGKILL, its daemon too: a crash) while the job waits for them at step 3; the job
 # must end within a bound, non-zero, with exactly one epic message naming host node2 (the first live
 # host's report, from asking the other hosts' ranks whether they are alive). Between the two, the same run
-# with hierarchical dispatch (--ep-dispatch hierarchical): the same output, logits within 1e-5. Exit 77 (ctest: skipped,
+# with hierarchical dispatch (--ep-dispatch hierarchical): the same output, logits within 1e-5. Last, a
+# network partition through launch/epic_mpirun.sh: node 2's link cut while the job waits for it; epic names
+# node2 as not answering within --comm-timeout, and the wrapper ends mpirun, which would wait for the
+# unreachable node without bound. Exit 77 (ctest: skipped,
 # with the reason printed) where this machine cannot make network namespaces; everything it made is
 # removed by name on every exit path.
 # Usage: tests/multinode/emulated_nodes_test.sh EPIC_BINARY NODES SUBNET
@@ -106,3 +109,32 @@ if [[ $rc -eq 0 || $rc -eq 124 || $elapsed -gt 60 || "$named" != 1 ]]; then
   fail "node 2 killed: exit $rc after ${elapsed}s, epic messages naming host node2: $named (want non-zero, <= 60 s, exactly 1)"
 fi
 log "PASS: node 2 killed: the job ended in ${elapsed}s (exit $rc) with one message: $(grep "host node2 is gone" "$work_dir/crash.err")"
+
+# A network partition, through the launcher wrapper: rank 2 stops at step 3 again (node 2 was restarted
+# by nothing: its namespace and link remain, and mpirun starts new daemons there), then node 2's link is cut.
+start=$SECONDS
+EPIC_TEST_STEP_FAULT="2:3:stop" EPIC_BINARY="$epic_binary" EPIC_MPIRUN_END_GRACE=5 \
+  EPIC_MPIRUN_ARGS="$(paste -sd ' ' "$nodes_dir/mpirun_args") -x EPIC_TEST_STEP_FAULT" \
+  timeout 120 bash "$multinode_here/../../launch/epic_mpirun.sh" -n "$num_ranks" run --model "$model_dir" \
+  "${epic_run_args[@]}" --backend cpu --comm-timeout 5 > "$work_dir/cut.out" 2> "$work_dir/cut.err" &
+job=$!
+stopped=""
+for _ in $(seq 1 300); do
+  for pid in $(ip netns pids "$node2_ns" 2> /dev/null); do
+    [[ "$(cat "/proc/$pid/comm" 2> /dev/null)" == epic && "$(awk '{print $3}' "/proc/$pid/stat" 2> /dev/null)" == T ]] &&
+      stopped=$pid
+  done
+  [[ -n "$stopped" ]] && break
+  sleep 0.1
+done
+[[ -n "$stopped" ]] || { kill "$job" 2> /dev/null || true; cat "$work_dir/cut.err" >&2; fail "rank 2 never stopped at step 3 (partition run)"; }
+ip link set "$(awk '$1 == "node2" { print $4 }' "$nodes_dir/nodes")" down
+rc=0
+wait "$job" || rc=$?
+elapsed=$((SECONDS - start))
+if [[ $rc -eq 0 || $rc -eq 124 || $elapsed -gt 60 ]] || ! grep -q "host node2: does not answer" "$work_dir/cut.err"; then
+  cat "$work_dir/cut.err" >&2
+  fail "node 2 cut off: exit $rc after ${elapsed}s (want non-zero within 60 s, naming host node2 as not answering)"
+fi
+log "PASS: node 2 cut off: the job ended in ${elapsed}s (exit $rc): $(grep -o "on other hosts.*answer[^,;]*" "$work_dir/cut.err" | head -1)"
+grep -E "^epic|epic_mpirun" "$work_dir/cut.err" | sed 's/^/    /' >&2

@@ -120,6 +120,29 @@ CONF
   log "slurmctld and $nodes slurmd up: $(sinfo -h -N -o '%N=%T' | paste -sd ' ')"
 }
 
+# A test's scratch folder in $work_dir (world-readable: the job steps run from it) and the traps that stop the
+# cluster and remove the folder on every exit path (EPIC_KEEP_SLURM_DIR=1 keeps the folder to look at).
+# Usage: emulated_slurm_scratch NAME_PREFIX
+emulated_slurm_scratch() {
+  work_dir="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
+  chmod 755 "$work_dir"
+  trap emulated_slurm_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+emulated_slurm_cleanup() {
+  emulated_slurm_stop
+  if [[ "${EPIC_KEEP_SLURM_DIR:-0}" == 1 ]]; then log "kept $work_dir"; else rm -rf "$work_dir"; fi
+}
+
+# OpenMPI over TCP between the emulated nodes, on the test network only (srun passes the environment to the
+# tasks). Usage: emulated_slurm_mpi_env SUBNET
+emulated_slurm_mpi_env() {
+  export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader,tcp
+  export OMPI_MCA_btl_tcp_if_include="$1.0/24" OMPI_MCA_oob_tcp_if_include="$1.0/24"
+  export OMPI_MCA_btl_vader_single_copy_mechanism=none
+}
+
 emulated_slurm_stop() {
   local - # the caller's `set -e` must not cut the clean-up short
   set +e

@@ -31,15 +31,7 @@ num_tasks=$((num_nodes * ranks_per_node))
 has_driver=0
 [[ ! -e /dev/nvidiactl ]] || has_driver=1
 
-work_dir="$(mktemp -d "${TMPDIR:-/tmp}/epic-slurm-templates.XXXXXX")"
-chmod 755 "$work_dir"
-cleanup() {
-  emulated_slurm_stop
-  if [[ "${EPIC_KEEP_SLURM_DIR:-0}" == 1 ]]; then log "kept $work_dir"; else rm -rf "$work_dir"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+emulated_slurm_scratch epic-slurm-templates
 start_seconds=$SECONDS
 
 # Outside Slurm the template refuses at once (no cluster needed).
@@ -54,10 +46,8 @@ log "PASS: outside a Slurm job the template exits 2: $(tail -1 "$work_dir/outsid
 make_reference_run "$work_dir" "$epic_binary"
 emulated_slurm_start "$work_dir" "$num_nodes" "$subnet" "$ranks_per_node" "$fake_gpus_per_node"
 
-# OpenMPI over TCP between the nodes (the test network only); srun passes the environment to the tasks.
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader,tcp
-export OMPI_MCA_btl_tcp_if_include="$subnet.0/24" OMPI_MCA_oob_tcp_if_include="$subnet.0/24"
-export OMPI_MCA_btl_vader_single_copy_mechanism=none
+# OpenMPI between the nodes as the template runs it (srun passes the environment to the tasks).
+emulated_slurm_mpi_env "$subnet"
 # The template splits EPIC_ARGS like a shell line: quote every word (paths may hold spaces).
 quote_words() {
   local line="" word

@@ -18,23 +18,13 @@ source "$here/emulated_slurm.sh"
 multinode_setup emulated_slurm_test "$@"
 job_timeout_s=120
 
-work_dir="$(mktemp -d "${TMPDIR:-/tmp}/epic-slurm-nodes.XXXXXX")"
-chmod 755 "$work_dir"
-cleanup() {
-  emulated_slurm_stop
-  if [[ "${EPIC_KEEP_SLURM_DIR:-0}" == 1 ]]; then log "kept $work_dir"; else rm -rf "$work_dir"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+emulated_slurm_scratch epic-slurm-nodes
 
 make_reference_run "$work_dir" "$epic_binary"
 emulated_slurm_start "$work_dir" "$num_nodes" "$subnet" "$ranks_per_node"
 
 # The template, as a user would submit it: OpenMPI over TCP between the nodes (the test network only).
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader,tcp
-export OMPI_MCA_btl_tcp_if_include="$subnet.0/24" OMPI_MCA_oob_tcp_if_include="$subnet.0/24"
-export OMPI_MCA_btl_vader_single_copy_mechanism=none
+emulated_slurm_mpi_env "$subnet"
 epic_args_line=""
 for arg in "${epic_run_args[@]}" --report-out "$work_dir/report.json"; do epic_args_line+=" '$arg'"; done
 submit_output="$(cd "$work_dir" && EPIC_BINARY="$epic_binary" MODEL_DIR="$model_dir" EPIC_ARGS="$epic_args_line" \
