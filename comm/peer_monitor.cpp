@@ -3,8 +3,6 @@
 // open/read/close/write, no allocation, no stdio.
 #include "comm/peer_monitor.h"
 
-#include "comm/node_topology.h"
-
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/mman.h>
@@ -199,7 +197,8 @@ PeerMonitor* PeerMonitor::create(int rank, const std::vector<PeerIdentity>& iden
   name << "/epic-" << identities[0].pid << "-" << std::hex << identities[0].nonce << "-";
   const char* host = identities[rank].host;
   for (size_t i = 0; i < sizeof(PeerIdentity::host) && host[i] != '\0'; ++i)
-    name << (std::isalnum(static_cast<unsigned char>(host[i])) || host[i] == '.' || host[i] == '-' ? host[i] : '_');
+    name << (std::isalnum(static_cast<unsigned char>(host[i])) || host[i] == '.' || host[i] == '-' ? host[i]
+                                                                                                   : '_');
   const size_t bytes = Table::bytes_for(num_ranks);
   const int fd = shm_open(name.str().c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0) return nullptr;

@@ -72,16 +72,20 @@ void ExpertLoadWindow::append_metrics(PrometheusText& out) const {
     sent_to_rank.resize(ranks_.size(), 0);
     by_rank = sent_to_rank;
   }
-  out.single("epic_load_window_seconds", "gauge", "The window the per-expert and per-worker rows below cover.",
-             window_seconds);
-  out.family("epic_worker_expert_rows_window", "gauge", "Token rows each worker rank's experts computed in the window.");
+  out.single("epic_load_window_seconds", "gauge",
+             "The window the per-expert and per-worker rows below cover.", window_seconds);
+  out.family("epic_worker_expert_rows_window", "gauge",
+             "Token rows each worker rank's experts computed in the window.");
   for (size_t r = 0; r < by_rank.size(); ++r)
-    out.sample("epic_worker_expert_rows_window", prometheus_label("rank", std::to_string(r)), double(by_rank[r]));
-  out.family("epic_expert_rows_window", "gauge", "Token rows each (MoE layer, expert) computed in the window, all ranks.");
+    out.sample("epic_worker_expert_rows_window", prometheus_label("rank", std::to_string(r)),
+               double(by_rank[r]));
+  out.family("epic_expert_rows_window", "gauge",
+             "Token rows each (MoE layer, expert) computed in the window, all ranks.");
   for (const auto& [layer, rows] : by_expert)
     for (size_t e = 0; e < rows.size(); ++e)
       out.sample("epic_expert_rows_window",
-                 "{layer=\"" + std::to_string(layer) + "\",expert=\"" + std::to_string(e) + "\"}", double(rows[e]));
+                 "{layer=\"" + std::to_string(layer) + "\",expert=\"" + std::to_string(e) + "\"}",
+                 double(rows[e]));
 }
 
 }  // namespace epic

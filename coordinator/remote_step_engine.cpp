@@ -118,7 +118,8 @@ std::vector<EngineEvent> RemoteStepEngine::step() {
       steps_in_flight_ = 1;
     }
     const bool another = !tracked_.empty();  // sequences left: the next step will have work
-    replies = job_.exchange(another ? take_step_commands() : std::vector<wp::Message>{}, options_.step_timeout);
+    replies =
+        job_.exchange(another ? take_step_commands() : std::vector<wp::Message>{}, options_.step_timeout);
     steps_in_flight_ = another ? 1 : 0;
   } catch (const Error& e) {
     recover(e.what());

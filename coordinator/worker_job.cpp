@@ -145,8 +145,8 @@ void WorkerJob::kill() {
   }
 }
 
-std::vector<wp::Message> WorkerJob::exchange(const std::vector<wp::Message>& out, std::chrono::milliseconds timeout,
-                                             bool read_replies) {
+std::vector<wp::Message> WorkerJob::exchange(const std::vector<wp::Message>& out,
+                                             std::chrono::milliseconds timeout, bool read_replies) {
   if (!launcher_running())
     throw Error(ErrorCode::kCommunication, "the worker job's launcher exited (status " +
                                                std::to_string(launcher_status_) + ")");

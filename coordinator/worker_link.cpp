@@ -203,8 +203,8 @@ std::vector<wp::Hello> WorkerLinks::accept_job(int expected, clock_type::time_po
   return ordered;
 }
 
-std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& out, clock_type::time_point deadline,
-                                               bool read_replies) {
+std::vector<wp::Message> WorkerLinks::exchange(const std::vector<wp::Message>& out,
+                                               clock_type::time_point deadline, bool read_replies) {
   State& s = *state_;
   const int n = ranks();
   const bool writing = !out.empty();

@@ -268,7 +268,8 @@ class Backend {
   // counts I64, added to (integer adds, exact in any order). Only enqueued (capturable): read the counts
   // after synchronize().
   virtual void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens,
-                                  const Tensor& expert_counts, const Tensor& keys, const Tensor& key_counts) = 0;
+                                  const Tensor& expert_counts, const Tensor& keys,
+                                  const Tensor& key_counts) = 0;
 
   // The SwiGLU FFN of every hosted expert over its group of rows, all experts in one call:
   // for rows r in [offsets[e], offsets[e + 1]): y[r] = down_e(silu(gate_e x[r]) * up_e x[r]).

@@ -16,7 +16,8 @@ SequenceRequest to_sequence_request(const EngineSequence& sequence) {
   return request;
 }
 
-LocalStepEngine::LocalStepEngine(GenerationEngine& engine, int64_t kv_capacity_tokens, MoeExecutor* expert_load)
+LocalStepEngine::LocalStepEngine(GenerationEngine& engine, int64_t kv_capacity_tokens,
+                                 MoeExecutor* expert_load)
     : engine_(engine), kv_capacity_tokens_(kv_capacity_tokens), expert_load_(expert_load) {
   load_read_at_ = std::chrono::steady_clock::now();
   load_window_.reset(1, load_read_at_);

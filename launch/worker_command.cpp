@@ -10,10 +10,10 @@
 #include <chrono>
 #include <cstdio>
 
-#include "coordinator/worker_link.h"
-#include "coordinator/worker_protocol.h"
 #include "comm/fault_injection.h"
 #include "comm/node_topology.h"
+#include "coordinator/worker_link.h"
+#include "coordinator/worker_protocol.h"
 #include "kernels/error.h"
 #include "launch/cli_commands.h"
 #include "launch/cluster_model.h"

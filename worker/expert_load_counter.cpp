@@ -26,7 +26,8 @@ ExpertLoadCounter::ExpertLoadCounter(Backend& backend, const ModelWeights& weigh
   for (size_t layer = 0; layer < weights.layers.size(); ++layer) {
     const LayerWeights& weights_of_layer = weights.layers[layer];
     if (weights_of_layer.is_moe && weights_of_layer.moe.num_experts > 0)
-      per_layer_.emplace(static_cast<int64_t>(layer), zeroed_counts(backend, weights_of_layer.moe.num_experts));
+      per_layer_.emplace(static_cast<int64_t>(layer),
+                         zeroed_counts(backend, weights_of_layer.moe.num_experts));
   }
   if (num_ranks > 0) per_rank_ = zeroed_counts(backend, num_ranks);
 }

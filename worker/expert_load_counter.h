@@ -28,8 +28,10 @@ class ExpertLoadCounter {
   // when num_ranks > 0.
   ExpertLoadCounter(Backend& backend, const ModelWeights& weights, int num_ranks);
   // Enqueues the tally of one layer's routing (expert_ids I32 [tokens, top_k]); destinations (the same
-  // shape: each slot's rank) only with num_ranks > 0, else absent. real_tokens as Backend::count_routed_slots.
-  void count(int64_t layer, const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& destinations = {});
+  // shape: each slot's rank) only with num_ranks > 0, else absent. real_tokens as
+  // Backend::count_routed_slots.
+  void count(int64_t layer, const Tensor& expert_ids, const Tensor& real_tokens,
+             const Tensor& destinations = {});
   // Waits for the backend and reads every tally.
   ExpertLoad read();
 

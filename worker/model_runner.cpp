@@ -34,7 +34,8 @@ struct ModelRunner::StepShape {
   // Views into the table tensor (I32): ids, positions, row_sequence, slot_mapping [rows];
   // wanted_rows [wanted]; block_tables [sequences, max_blocks]; row_top_k [rows] (after those, so the
   // views a decode graph holds do not move with it); real_tokens [1]: the rows before the padding ones.
-  Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables, row_top_k, real_tokens;
+  Tensor tables, ids, positions, row_sequence, slot_mapping, wanted_rows, block_tables, row_top_k,
+      real_tokens;
   int64_t table_elements() const { return 5 * rows + wanted + sequences * max_blocks + 1; }
 };
 

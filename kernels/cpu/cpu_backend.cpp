@@ -182,7 +182,8 @@ class CpuBackend final : public Backend {
 
   void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& expert_counts,
                           const Tensor& keys, const Tensor& key_counts) override {
-    backend_checks::check_count_routed_slots(kSpace, expert_ids, real_tokens, expert_counts, keys, key_counts);
+    backend_checks::check_count_routed_slots(kSpace, expert_ids, real_tokens, expert_counts, keys,
+                                             key_counts);
     cpu::count_routed_slots(expert_ids, real_tokens, expert_counts, keys, key_counts);
   }
 

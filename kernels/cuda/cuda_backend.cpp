@@ -572,14 +572,15 @@ class CudaBackend final : public Backend {
 
   void count_routed_slots(const Tensor& expert_ids, const Tensor& real_tokens, const Tensor& expert_counts,
                           const Tensor& keys, const Tensor& key_counts) override {
-    backend_checks::check_count_routed_slots(kSpace, expert_ids, real_tokens, expert_counts, keys, key_counts);
+    backend_checks::check_count_routed_slots(kSpace, expert_ids, real_tokens, expert_counts, keys,
+                                             key_counts);
     DeviceScope scope(device_);
     const bool keyed = !is_absent(keys);
-    cuda_kernels::count_routed_slots(expert_ids.as<int32_t>(), expert_ids.dim(0), expert_ids.dim(1),
-                                     is_absent(real_tokens) ? nullptr : real_tokens.as<int32_t>(),
-                                     expert_counts.as<int64_t>(), expert_counts.numel(),
-                                     keyed ? keys.as<int32_t>() : nullptr, keyed ? key_counts.as<int64_t>() : nullptr,
-                                     keyed ? key_counts.numel() : 0, stream_);
+    cuda_kernels::count_routed_slots(
+        expert_ids.as<int32_t>(), expert_ids.dim(0), expert_ids.dim(1),
+        is_absent(real_tokens) ? nullptr : real_tokens.as<int32_t>(), expert_counts.as<int64_t>(),
+        expert_counts.numel(), keyed ? keys.as<int32_t>() : nullptr,
+        keyed ? key_counts.as<int64_t>() : nullptr, keyed ? key_counts.numel() : 0, stream_);
   }
 
   void expert_ffn(const Tensor& x, const Tensor& expert_offsets, const Tensor& gate_up, const Tensor& down,
@@ -748,14 +749,13 @@ class CudaBackend final : public Backend {
     cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
     EPIC_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
     void* data = nullptr;
-    const cudaError_t status = cudaMalloc(&data, size);
-    cudaThreadExchangeStreamCaptureMode(&mode);
-    if (status != cudaSuccess) {
-      cudaGetLastError();
-      throw Error(ErrorCode::kUnsupported, "cuda device " + std::to_string(device_) + ": cannot allocate " +
-                                               gib_text(size) + " of scratch for " + purpose + " (" +
-                                               cudaGetErrorString(status) + "); use fewer tokens per step");
+    try {
+      data = allocate_scratch(size, purpose);
+    } catch (...) {
+      cudaThreadExchangeStreamCaptureMode(&mode);
+      throw;
     }
+    cudaThreadExchangeStreamCaptureMode(&mode);
     op_scratch_.push_back(data);
     op_scratch_bytes_ = size;
     return data;
@@ -768,16 +768,22 @@ class CudaBackend final : public Backend {
     if (batched_scratch_ != nullptr) EPIC_CUDA_CHECK(cudaFree(batched_scratch_));  // waits for the device
     batched_scratch_ = nullptr;
     batched_scratch_bytes_ = 0;
-    const cudaError_t status = cudaMalloc(&batched_scratch_, bytes);
-    if (status != cudaSuccess) {
-      cudaGetLastError();
-      batched_scratch_ = nullptr;
-      throw Error(ErrorCode::kUnsupported, "cuda device " + std::to_string(device_) + ": cannot allocate " +
-                                               gib_text(bytes) + " of scratch for the expert FFN (" +
-                                               cudaGetErrorString(status) + "); use fewer tokens per step");
-    }
+    batched_scratch_ = allocate_scratch(bytes, "the expert FFN");
     batched_scratch_bytes_ = bytes;
     return batched_scratch_;
+  }
+
+  // cudaMalloc of `bytes`, or Error(kUnsupported) naming the size and what it was for.
+  void* allocate_scratch(size_t bytes, const char* purpose) {
+    void* data = nullptr;
+    const cudaError_t status = cudaMalloc(&data, bytes);
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      throw Error(ErrorCode::kUnsupported, "cuda device " + std::to_string(device_) + ": cannot allocate " +
+                                               gib_text(bytes) + " of scratch for " + purpose + " (" +
+                                               cudaGetErrorString(status) + "); use fewer tokens per step");
+    }
+    return data;
   }
 
   // The op's device time under EPIC_CUDA_OP_TIMING (op_timing.h), keyed by op, size and detail

@@ -92,6 +92,45 @@ void check_cublas(cublasStatus_t status, const char* what) {
   }
 }
 
+// The matrix pointers both plans stage for cuBLAS: six arrays of `count` slots each, in this order, so a
+// pass's weight, act and out arrays (batched_gemm_nt's A, B, C) follow each other. The same layout on the
+// host (filled by set) and on the device (after stage_pointers' copy).
+enum FfnArray : int { kGateUpWeight, kGateUpAct, kGateUpOut, kDownWeight, kDownAct, kDownOut, kFfnArrays };
+struct FfnPointers {
+  void** base = nullptr;
+  int64_t count = 0;
+  void** array(int which) const { return base + which * count; }
+  // Slot `slot` (one expert's batch entry) of every array.
+  void set(int64_t slot, const bf16* gate_up_weight, const bf16* gate_up_act, bf16* gate_up_out,
+           const bf16* down_weight, const bf16* down_act, bf16* down_out) const {
+    // cuBLAS only reads A and B; the arrays' element type is void* either way.
+    array(kGateUpWeight)[slot] = const_cast<bf16*>(gate_up_weight);
+    array(kGateUpAct)[slot] = const_cast<bf16*>(gate_up_act);
+    array(kGateUpOut)[slot] = gate_up_out;
+    array(kDownWeight)[slot] = const_cast<bf16*>(down_weight);
+    array(kDownAct)[slot] = const_cast<bf16*>(down_act);
+    array(kDownOut)[slot] = down_out;
+  }
+  // Itself at `offset` slots into every array ([offset, offset + slots) of each), e.g. a bucket's.
+  FfnPointers slice(int64_t offset) const { return FfnPointers{base + offset, count}; }
+};
+
+// The first `slots` staged host pointers to the device (one copy on the stream).
+void stage_pointers(const ExpertFfnArgs& args, int64_t slots, cudaStream_t stream) {
+  EPIC_CUDA_CHECK(cudaMemcpyAsync(args.device_pointers, args.host_pointers,
+                                  static_cast<size_t>(slots) * sizeof(void*), cudaMemcpyHostToDevice,
+                                  stream));
+}
+
+// One pass (first = kGateUpWeight or kDownWeight) of `batch` experts over `rows` rows each: out[rows, n] =
+// act[rows, k] * weight[n, k]^T, the arrays at `device` (a slice, or the plan's whole staging).
+void gemm_pass(cublasHandle_t cublas, const FfnPointers& device, int first, int64_t n, int64_t k,
+               int64_t rows, int64_t batch, const char* what) {
+  check_cublas(batched_gemm_nt(cublas, n, k, rows, device.array(first), k, device.array(first + 1), k,
+                               device.array(first + 2), n, batch),
+               what);
+}
+
 // The windows plan: no padding at all where the experts' counts lie in [c_min, c_max] with
 // c_max - c_min <= c_min and the rest rows (below) at most a quarter of the main rows (near-uniform
 // routing). Each GEMM pass is two batched calls over the rows in
@@ -130,7 +169,7 @@ bool expert_ffn_windows(const ExpertFfnArgs& args, const int32_t* host_offsets,
   }
   const auto active = static_cast<int64_t>(experts.size());
   const auto rest = static_cast<int64_t>(rest_experts.size());
-  const int64_t pointer_slots = 6 * (active + rest);
+  const int64_t pointer_slots = kFfnArrays * (active + rest);
   if (pointer_slots > args.pointer_capacity) return false;
 
   // G [rows, 2I] in y's memory where it fits (y is written only by the down pass, after G is used).
@@ -143,46 +182,33 @@ bool expert_ffn_windows(const ExpertFfnArgs& args, const int32_t* host_offsets,
   const auto* down = static_cast<const bf16*>(args.down);
   auto* y = static_cast<bf16*>(args.y);
 
-  // Staging: [rest | main] x [gate_up weight, act, out, down weight, act, out].
-  void** host = args.host_pointers;
-  const auto stage = [&](void** base, int64_t count, int64_t slot, int64_t e, int64_t first_row) {
+  // Staging: the rest call's six arrays, then the main call's.
+  const FfnPointers rest_host{args.host_pointers, rest},
+      main_host{args.host_pointers + kFfnArrays * rest, active};
+  const auto stage = [&](const FfnPointers& base, int64_t slot, int64_t e, int64_t first_row) {
     const int64_t local = host_local_index[e];
-    base[slot] = const_cast<bf16*>(gate_up + local * 2 * inter * hidden);
-    base[count + slot] = const_cast<bf16*>(x + first_row * hidden);
-    base[2 * count + slot] = g + first_row * 2 * inter;
-    base[3 * count + slot] = const_cast<bf16*>(down + local * hidden * inter);
-    base[4 * count + slot] = h + first_row * inter;
-    base[5 * count + slot] = y + first_row * hidden;
+    base.set(slot, gate_up + local * 2 * inter * hidden, x + first_row * hidden, g + first_row * 2 * inter,
+             down + local * hidden * inter, h + first_row * inter, y + first_row * hidden);
   };
   for (int64_t i = 0; i < rest; ++i) {
     const int64_t e = rest_experts[static_cast<size_t>(i)];
-    stage(host, rest, i, e, std::min<int64_t>(host_offsets[e] + main_rows, rows - rest_rows));
+    stage(rest_host, i, e, std::min<int64_t>(host_offsets[e] + main_rows, rows - rest_rows));
   }
   for (int64_t i = 0; i < active; ++i) {
     const int64_t e = experts[static_cast<size_t>(i)];
-    stage(host + 6 * rest, active, i, e, host_offsets[e]);
+    stage(main_host, i, e, host_offsets[e]);
   }
-  EPIC_CUDA_CHECK(cudaMemcpyAsync(args.device_pointers, args.host_pointers,
-                                  static_cast<size_t>(pointer_slots) * sizeof(void*), cudaMemcpyHostToDevice,
-                                  stream));
-  void** rest_device = args.device_pointers;
-  void** main_device = args.device_pointers + 6 * rest;
-  const auto pass = [&](int first_array, int64_t n, int64_t k, const char* what) {
+  stage_pointers(args, pointer_slots, stream);
+  const FfnPointers rest_device{args.device_pointers, rest};
+  const FfnPointers main_device{args.device_pointers + kFfnArrays * rest, active};
+  const auto pass = [&](int first, int64_t n, int64_t k, const char* what) {
     // The rest call first: the main call then overwrites whatever it wrote past its expert's rows.
-    if (rest > 0) {
-      check_cublas(batched_gemm_nt(cublas, n, k, rest_rows, rest_device + first_array * rest, k,
-                                   rest_device + (first_array + 1) * rest, k,
-                                   rest_device + (first_array + 2) * rest, n, rest),
-                   what);
-    }
-    check_cublas(batched_gemm_nt(cublas, n, k, main_rows, main_device + first_array * active, k,
-                                 main_device + (first_array + 1) * active, k,
-                                 main_device + (first_array + 2) * active, n, active),
-                 what);
+    if (rest > 0) gemm_pass(cublas, rest_device, first, n, k, rest_rows, rest, what);
+    gemm_pass(cublas, main_device, first, n, k, main_rows, active, what);
   };
-  pass(0, 2 * inter, hidden, "gate_up");
+  pass(kGateUpWeight, 2 * inter, hidden, "gate_up");
   silu_mul(g, h, ScalarType::kBF16, rows, inter, stream);  // the dense MLP's op: the same rounding
-  pass(3, hidden, inter, "down");
+  pass(kDownWeight, hidden, inter, "down");
   return true;
 }
 
@@ -229,7 +255,7 @@ bool expert_ffn_batched(const ExpertFfnArgs& args, const int32_t* host_offsets,
 
   // Pointer staging: per expert A, B, C of gate_up and of down, then delta[num_experts] (int64).
   const auto active = static_cast<int64_t>(experts.size());
-  const int64_t pointer_slots = 6 * active + args.num_experts;
+  const int64_t pointer_slots = kFfnArrays * active + args.num_experts;
   if (pointer_slots > args.pointer_capacity) return false;
 
   const size_t wide = static_cast<size_t>(std::max(2 * inter, hidden));
@@ -242,14 +268,8 @@ bool expert_ffn_batched(const ExpertFfnArgs& args, const int32_t* host_offsets,
   const auto* gate_up = static_cast<const bf16*>(args.gate_up);
   const auto* down = static_cast<const bf16*>(args.down);
 
-  void** host = args.host_pointers;
-  void** gate_up_weight = host;
-  void** gate_up_act = host + active;
-  void** gate_up_out = host + 2 * active;
-  void** down_weight = host + 3 * active;
-  void** down_act = host + 4 * active;
-  void** down_out = host + 5 * active;
-  auto* delta = reinterpret_cast<int64_t*>(host + 6 * active);
+  const FfnPointers host{args.host_pointers, active};
+  auto* delta = reinterpret_cast<int64_t*>(args.host_pointers + kFfnArrays * active);
   static_assert(sizeof(int64_t) == sizeof(void*), "delta shares the pointer staging");
   std::fill(delta, delta + args.num_experts, int64_t{0});
   for (const Bucket& bucket : buckets) {
@@ -260,37 +280,24 @@ bool expert_ffn_batched(const ExpertFfnArgs& args, const int32_t* host_offsets,
       const int64_t begin = host_offsets[e];
       const int64_t window = std::min(begin, rows - bucket.m);  // M rows of x from here stay inside x
       const int64_t padded_first = bucket.padded_begin + i * bucket.m;
-      gate_up_weight[slot] = const_cast<bf16*>(gate_up + local * 2 * inter * hidden);
-      gate_up_act[slot] = const_cast<bf16*>(x + window * hidden);
-      gate_up_out[slot] = g + padded_first * 2 * inter;
-      down_weight[slot] = const_cast<bf16*>(down + local * hidden * inter);
-      down_act[slot] = h + padded_first * inter;
-      down_out[slot] = g + padded_first * hidden;
+      host.set(slot, gate_up + local * 2 * inter * hidden, x + window * hidden, g + padded_first * 2 * inter,
+               down + local * hidden * inter, h + padded_first * inter, g + padded_first * hidden);
       // Sorted row r of e sits at padded row padded_first + (r - window).
       delta[e] = padded_first - window;
     }
   }
-  EPIC_CUDA_CHECK(cudaMemcpyAsync(args.device_pointers, args.host_pointers,
-                                  static_cast<size_t>(pointer_slots) * sizeof(void*), cudaMemcpyHostToDevice,
-                                  stream));
-  void** device = args.device_pointers;
-  for (const Bucket& bucket : buckets) {
-    check_cublas(batched_gemm_nt(cublas, 2 * inter, hidden, bucket.m, device + bucket.first, hidden,
-                                 device + active + bucket.first, hidden, device + 2 * active + bucket.first,
-                                 2 * inter, bucket.count),
-                 "gate_up");
-  }
+  stage_pointers(args, pointer_slots, stream);
+  const FfnPointers device{args.device_pointers, active};
+  for (const Bucket& bucket : buckets)
+    gemm_pass(cublas, device.slice(bucket.first), kGateUpWeight, 2 * inter, hidden, bucket.m, bucket.count,
+              "gate_up");
   silu_mul(g, h, ScalarType::kBF16, padded_rows, inter, stream);
-  for (const Bucket& bucket : buckets) {
-    check_cublas(batched_gemm_nt(cublas, hidden, inter, bucket.m, device + 3 * active + bucket.first, inter,
-                                 device + 4 * active + bucket.first, inter,
-                                 device + 5 * active + bucket.first, hidden, bucket.count),
-                 "down");
-  }
+  for (const Bucket& bucket : buckets)
+    gemm_pass(cublas, device.slice(bucket.first), kDownWeight, hidden, inter, bucket.m, bucket.count, "down");
   const int64_t units = hidden * static_cast<int64_t>(sizeof(bf16)) / 16;
   unpad_rows_kernel<<<access::capped_blocks(rows * rows::kCopyWarpSize, kThreads), kThreads, 0, stream>>>(
       reinterpret_cast<const uint4*>(g), args.expert_offsets, static_cast<int>(args.num_experts),
-      reinterpret_cast<const int64_t*>(device + 6 * active), static_cast<uint4*>(args.y), rows, units);
+      reinterpret_cast<const int64_t*>(device.array(kFfnArrays)), static_cast<uint4*>(args.y), rows, units);
   EPIC_CUDA_CHECK_LAUNCH();
   return true;
 }

@@ -446,8 +446,8 @@ void count_routed_slots(const int32_t* expert_ids, int64_t tokens, int64_t top_k
   static_assert(sizeof(unsigned long long) == sizeof(int64_t), "64-bit atomics on the I64 counts");
   const auto blocks = static_cast<unsigned>((slots + kCountThreads - 1) / kCountThreads);
   count_routed_slots_kernel<<<blocks, kCountThreads, 0, stream>>>(
-      expert_ids, tokens, top_k, real_tokens, reinterpret_cast<unsigned long long*>(expert_counts), num_experts,
-      keys, reinterpret_cast<unsigned long long*>(key_counts), num_keys);
+      expert_ids, tokens, top_k, real_tokens, reinterpret_cast<unsigned long long*>(expert_counts),
+      num_experts, keys, reinterpret_cast<unsigned long long*>(key_counts), num_keys);
   EPIC_CUDA_CHECK_LAUNCH();
 }
 

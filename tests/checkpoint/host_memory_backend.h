@@ -114,7 +114,8 @@ class HostMemoryBackend final : public Backend {
                   const Tensor&) override {
     no_math("expert_ffn");
   }
-  void count_routed_slots(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) override {
+  void count_routed_slots(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                          const Tensor&) override {
     no_math("count_routed_slots");
   }
   void combine_top_k(const Tensor&, const Tensor&, const Tensor&, const Tensor&) override {

@@ -247,7 +247,8 @@ TEST_P(GoldenCase, ExpertLoadCountsEveryRowTheModelRanOnce) {
   const std::vector<SequenceResult> results = run_generation(runner, requests, *comm);
   int64_t rows = 0;
   for (size_t i = 0; i < results.size(); ++i)
-    rows += static_cast<int64_t>(requests[i].prompt.size()) + std::max<int64_t>(std::ssize(results[i].new_ids) - 1, 0);
+    rows += static_cast<int64_t>(requests[i].prompt.size()) +
+            std::max<int64_t>(std::ssize(results[i].new_ids) - 1, 0);
   const ExpertLoad load = runner.moe_executor().read_expert_load();
   SCOPED_TRACE(std::string(mode_name(mode())) + ": " + std::to_string(rows) + " rows run");
   int64_t moe_layers = 0;

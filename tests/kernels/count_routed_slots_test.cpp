@@ -112,7 +112,8 @@ TEST_P(CountRoutedSlots, EqualsAPlainCountOfTheRealTokensNonPaddingSlots) {
     int64_t tokens, top_k, experts, keys;
   };
   uint64_t index = 0;
-  for (const Shape s : {Shape{1, 1, 4, 2}, Shape{7, 8, 128, 4}, Shape{300, 4, 60, 3}, Shape{4096, 8, 128, 8}}) {
+  for (const Shape s :
+       {Shape{1, 1, 4, 2}, Shape{7, 8, 128, 4}, Shape{300, 4, 60, 3}, Shape{4096, 8, 128, 8}}) {
     std::mt19937_64 g = case_generator(++index);
     const Routing r = random_routing(g, s.tokens, s.top_k, s.experts, s.keys);
     std::uniform_int_distribution<int64_t> below(0, s.tokens - 1);
@@ -143,8 +144,10 @@ TEST_P(CountRoutedSlots, BadTensorsAreRejectedNamingTheOp) {
   const std::unique_ptr<Backend> backend = backend_or_skip_reason(GetParam(), missing);
   if (backend == nullptr) GTEST_SKIP() << GetParam() << " skipped: " << missing;
   Backend& b = *backend;
-  const OwnedTensor ids = b.new_tensor(ScalarType::kI32, {3, 2}), counts = b.new_tensor(ScalarType::kI64, {8});
-  const OwnedTensor counts32 = b.new_tensor(ScalarType::kI32, {8}), real = b.new_tensor(ScalarType::kI32, {2});
+  const OwnedTensor ids = b.new_tensor(ScalarType::kI32, {3, 2}),
+                    counts = b.new_tensor(ScalarType::kI64, {8});
+  const OwnedTensor counts32 = b.new_tensor(ScalarType::kI32, {8}),
+                    real = b.new_tensor(ScalarType::kI32, {2});
   const OwnedTensor keys = b.new_tensor(ScalarType::kI32, {3, 1});
   const auto message = [&](const std::function<void()>& call) {
     try {
@@ -155,8 +158,9 @@ TEST_P(CountRoutedSlots, BadTensorsAreRejectedNamingTheOp) {
     }
     return std::string("(no error)");
   };
-  EXPECT_NE(message([&] { b.count_routed_slots(ids, Tensor{}, counts32, Tensor{}, Tensor{}); })
-                .find("count_routed_slots"),
+  EXPECT_NE(message([&] {
+              b.count_routed_slots(ids, Tensor{}, counts32, Tensor{}, Tensor{});
+            }).find("count_routed_slots"),
             std::string::npos);
   EXPECT_NE(message([&] { b.count_routed_slots(ids, real, counts, Tensor{}, Tensor{}); }).find("real_tokens"),
             std::string::npos);
@@ -175,14 +179,15 @@ TEST(CountRoutedSlotsGraph, EachReplayAddsTheRealTokensOfThatReplay) {
 #ifndef EPIC_HAVE_CUDA
   GTEST_SKIP() << "this build has no CUDA backend (EPIC_ENABLE_CUDA=OFF or no nvcc)";
 #else
-  if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: graph capture is only checked on a GPU machine";
+  if (cuda_device_count() == 0)
+    GTEST_SKIP() << "no CUDA device: graph capture is only checked on a GPU machine";
   const std::unique_ptr<Backend> backend = make_cuda_backend(0);
   std::mt19937_64 g = case_generator(99);
   const Routing r = random_routing(g, 64, 8, 128, 4);
   OnBackend t = upload(*backend, r, 64);
   backend->synchronize();
-  const std::unique_ptr<Graph> graph =
-      backend->capture([&] { backend->count_routed_slots(t.ids, t.real, t.expert_counts, t.keys, t.key_counts); });
+  const std::unique_ptr<Graph> graph = backend->capture(
+      [&] { backend->count_routed_slots(t.ids, t.real, t.expert_counts, t.keys, t.key_counts); });
   ASSERT_NE(graph, nullptr);
   std::vector<int64_t> experts = r.expert_counts, keys = r.key_counts;
   for (const int32_t real : {64, 17, 0, 3}) {

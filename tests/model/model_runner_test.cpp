@@ -250,12 +250,13 @@ TEST_F(RunnerOnGolden, ExpertLoadCountsTheRealRowsOfAPaddedStepOnly) {
   const StepAgreement all_padding{3, true, 0};
   padded.forward_batch({}, false, &all_padding);
   const StepAgreement prefill_step{9, false, 0};
-  padded.forward_batch(std::vector<SequenceChunk>{chunk(padded_sequence, prompt, true)}, false, &prefill_step);
+  padded.forward_batch(std::vector<SequenceChunk>{chunk(padded_sequence, prompt, true)}, false,
+                       &prefill_step);
   run_step(plain, {chunk(plain_sequence, prompt, true)}, false);
   for (size_t d = 0; d < next.size(); ++d) {
     const StepAgreement decode_step{5, true, 0};  // bucket 8: one real row, seven padding
-    padded.forward_batch(std::vector<SequenceChunk>{chunk(padded_sequence, std::span(&next[d], 1), false)}, false,
-                         &decode_step);
+    padded.forward_batch(std::vector<SequenceChunk>{chunk(padded_sequence, std::span(&next[d], 1), false)},
+                         false, &decode_step);
     run_step(plain, {chunk(plain_sequence, std::span(&next[d], 1), false)}, false);
   }
   const ExpertLoad counted = padded.moe_executor().read_expert_load();

@@ -66,7 +66,8 @@ TEST(WorkerProtocol, EveryKindComesBackAsItWent) {
     done.done.live = 3;
     done.done.kv_tokens = static_cast<int64_t>(rng() % 100000);
     for (int layer = 0; layer < static_cast<int>(rng() % 3); ++layer)
-      for (int e = 0; e < 4; ++e) done.done.expert_rows[layer * 2 + 1].push_back(static_cast<int64_t>(rng() % 5000));
+      for (int e = 0; e < 4; ++e)
+        done.done.expert_rows[layer * 2 + 1].push_back(static_cast<int64_t>(rng() % 5000));
     for (int r = 0; r < static_cast<int>(rng() % 4); ++r)
       done.done.rows_per_rank.push_back(static_cast<int64_t>(rng() % 90000));
     const wp::Message done_back = decode_frame(wp::encode(done));
