@@ -84,21 +84,27 @@ log "PASS: hierarchical dispatch: same output as one process; $(grep '^nodes:' "
 # A node-level failure: rank 2 (node 2's first) stops at step 3, so every other rank waits for it; then
 # everything in node 2's namespace is killed at once.
 node2_ns=$(awk '$1 == "node2" { print $2 }' "$nodes_dir/nodes")
+# Waits up to 30 s for rank 2 (EPIC_TEST_STEP_FAULT=2:3:stop) to stop in node 2; fails the test (printing
+# the job's stderr, ERR_FILE) when it does not. Usage: wait_for_rank2_stopped ERR_FILE WHICH_RUN
+wait_for_rank2_stopped() {
+  local pid _
+  for _ in $(seq 1 300); do
+    for pid in $(ip netns pids "$node2_ns" 2> /dev/null); do
+      [[ "$(cat "/proc/$pid/comm" 2> /dev/null)" == epic &&
+        "$(awk '{print $3}' "/proc/$pid/stat" 2> /dev/null)" == T ]] && return 0
+    done
+    sleep 0.1
+  done
+  kill "$job" 2> /dev/null || true
+  cat "$1" >&2
+  fail "rank 2 never stopped at step 3 ($2)"
+}
 start=$SECONDS
 EPIC_TEST_STEP_FAULT="2:3:stop" timeout 120 mpirun -np "$num_ranks" "${mpirun_args[@]}" -x EPIC_TEST_STEP_FAULT \
   "$epic_binary" run --model "$model_dir" "${epic_run_args[@]}" --backend cpu --comm-timeout 60 \
   > "$work_dir/crash.out" 2> "$work_dir/crash.err" &
 job=$!
-stopped=""
-for _ in $(seq 1 300); do  # up to 30 s for rank 2 to reach step 3 and stop
-  for pid in $(ip netns pids "$node2_ns" 2> /dev/null); do
-    [[ "$(cat "/proc/$pid/comm" 2> /dev/null)" == epic && "$(awk '{print $3}' "/proc/$pid/stat" 2> /dev/null)" == T ]] &&
-      stopped=$pid
-  done
-  [[ -n "$stopped" ]] && break
-  sleep 0.1
-done
-[[ -n "$stopped" ]] || { kill "$job" 2> /dev/null || true; cat "$work_dir/crash.err" >&2; fail "rank 2 never stopped at step 3"; }
+wait_for_rank2_stopped "$work_dir/crash.err" "the crash run"
 ip netns pids "$node2_ns" | xargs -r kill -9
 rc=0
 wait "$job" || rc=$?
@@ -118,16 +124,7 @@ EPIC_TEST_STEP_FAULT="2:3:stop" EPIC_BINARY="$epic_binary" EPIC_MPIRUN_END_GRACE
   timeout 120 bash "$multinode_here/../../launch/epic_mpirun.sh" -n "$num_ranks" run --model "$model_dir" \
   "${epic_run_args[@]}" --backend cpu --comm-timeout 5 > "$work_dir/cut.out" 2> "$work_dir/cut.err" &
 job=$!
-stopped=""
-for _ in $(seq 1 300); do
-  for pid in $(ip netns pids "$node2_ns" 2> /dev/null); do
-    [[ "$(cat "/proc/$pid/comm" 2> /dev/null)" == epic && "$(awk '{print $3}' "/proc/$pid/stat" 2> /dev/null)" == T ]] &&
-      stopped=$pid
-  done
-  [[ -n "$stopped" ]] && break
-  sleep 0.1
-done
-[[ -n "$stopped" ]] || { kill "$job" 2> /dev/null || true; cat "$work_dir/cut.err" >&2; fail "rank 2 never stopped at step 3 (partition run)"; }
+wait_for_rank2_stopped "$work_dir/cut.err" "the partition run"
 ip link set "$(awk '$1 == "node2" { print $4 }' "$nodes_dir/nodes")" down
 rc=0
 wait "$job" || rc=$?
