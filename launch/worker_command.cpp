@@ -30,18 +30,22 @@ namespace wp = worker_protocol;
 using clock_type = std::chrono::steady_clock;
 
 // The per-expert load since the job started, at most about once a second, and once more when a step leaves
-// this rank idle, so a burst shorter than a second shows too (the coordinator's load of the last window
-// comes from the differences; reading it waits for the device).
+// this rank idle (once, not every step its peers still run), so a burst shorter than a second shows too (the
+// coordinator's load of the last window comes from the differences; reading it waits for the device).
 struct ExpertLoadReporter {
   MoeExecutor* executor = nullptr;
   clock_type::time_point last = clock_type::now();
-  bool stepped_since = false;
+  bool stepped_since = false;  // a step ran since the last report
+  bool reported_idle = false;  // this rank's idle spell is reported
   void fill(wp::StepDone& done, bool stepped, bool idle) {
     stepped_since = stepped_since || stepped;
+    if (!idle) reported_idle = false;
     const auto now = clock_type::now();
-    if (executor == nullptr || !stepped_since || (now - last < std::chrono::seconds(1) && !idle)) return;
+    const bool due = now - last >= std::chrono::seconds(1) || (idle && !reported_idle);
+    if (executor == nullptr || !stepped_since || !due) return;
     last = now;
     stepped_since = false;
+    reported_idle = idle;
     ExpertLoad load = executor->read_expert_load();
     done.expert_rows = std::move(load.rows_per_expert);
     done.rows_per_rank = std::move(load.rows_per_rank);
